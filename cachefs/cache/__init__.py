@@ -1,0 +1,1 @@
+"""The local cache: LMDB index and content files."""

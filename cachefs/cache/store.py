@@ -1,0 +1,455 @@
+"""The persistent store: one LMDB environment plus sparse content files.
+
+Owns: the on-disk layout of the cache directory, the record formats, the schema
+version, and the exclusive lock that keeps two mounts off one cache.
+Must not touch: the network, trio, FUSE. All methods are short, synchronous and safe
+to call from the trio thread; a write transaction begins and commits inside one method.
+
+Layout of ``CACHE_DIR`` (mode 0700)::
+
+    lock            flock()ed by the mount that uses the cache
+    index/          the LMDB environment (data.mdb, lock.mdb)
+    data/<ino>      sparse content file of node <ino> (mode 0600)
+    mount.log       the daemon's log when not in the foreground
+
+Sub-databases (all keys big-endian so cursors iterate in numeric order):
+
+    meta      b"schema" -> b"1"; b"next_ino" -> u64; b"remote" -> the address text;
+              b"connected" -> b"1" once the remote was reached (the cache is usable offline)
+    nodes     ino u64 -> Node record (see ``Node``)
+    entries   parent u64 + name -> child ino u64   (the directory tree)
+    ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
+    journal   seq u64 -> operation (written by the sync manager's journal; empty until then)
+    conflicts id u64 -> conflict record
+
+Node records are ``struct`` packed with a leading record version so a cache written by
+another release is refused with a clear message instead of being misread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat as stat_mod
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from . import ranges as rangeset
+
+log = logging.getLogger(__name__)
+
+SCHEMA = b"1"
+ROOT_INO = 1
+FIRST_INO = 16  # 2..15 are reserved for the virtual .cachefs files
+
+_U64 = struct.Struct(">Q")
+
+# Node flags
+LISTED = 1 << 0  # directory: the entries db holds its complete listing
+FULL = 1 << 1  # file: the whole content is in data/<ino>
+PINNED = 1 << 2  # available offline: fetched whole, never evicted
+DIRTY = 1 << 3  # has changes that are not on the remote yet
+CONFLICT = 1 << 4
+TARGET = 1 << 5  # symlink: ``target`` is known
+
+
+class StoreError(Exception):
+    """The cache directory cannot be used (locked, corrupt, other schema, unsafe mode)."""
+
+
+@dataclass(slots=True)
+class Node:
+    ino: int
+    parent: int
+    name: bytes
+    mode: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    flags: int = 0
+    base: tuple[int, int, int] | None = None  # remote (size, mtime_ns, kind) we agree with
+    last_use: float = 0.0
+    target: bytes = b""
+
+    _HEAD = struct.Struct("<BHIIIIQqqqQqqIdHI")
+    _VERSION = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat_mod.S_ISLNK(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.mode)
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    def pack(self) -> bytes:
+        base = self.base or (-1, 0, 0)
+        head = self._HEAD.pack(
+            self._VERSION, self.flags, self.mode, self.uid, self.gid, self.nlink,
+            self.size, self.mtime_ns, self.atime_ns, self.ctime_ns, self.parent,
+            base[0], base[1], base[2], self.last_use, len(self.name), len(self.target),
+        )
+        return head + self.name + self.target
+
+    @classmethod
+    def unpack(cls, ino: int, data: bytes) -> "Node":
+        if not data or data[0] != cls._VERSION:
+            raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
+        (_v, flags, mode, uid, gid, nlink, size, mtime, atime, ctime, parent,
+         bsize, bmtime, bkind, last_use, name_len, target_len) = cls._HEAD.unpack_from(data)
+        off = cls._HEAD.size
+        name = bytes(data[off:off + name_len])
+        target = bytes(data[off + name_len:off + name_len + target_len])
+        if len(name) != name_len or len(target) != target_len:
+            raise StoreError(f"node {ino}: truncated record")
+        return cls(ino=ino, parent=parent, name=name, mode=mode, size=size, mtime_ns=mtime,
+                   atime_ns=atime, ctime_ns=ctime, uid=uid, gid=gid, nlink=nlink, flags=flags,
+                   base=None if bsize < 0 else (bsize, bmtime, bkind), last_use=last_use,
+                   target=target)
+
+
+def _key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def _entry_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def check_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700, or refuse one that others may write to."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_mode & 0o022:
+        raise StoreError(
+            f"cache directory {path} is writable by group or others (mode {stat_mod.S_IMODE(st.st_mode):o}); "
+            f"run 'chmod 700 {path}' or choose another --cache-dir"
+        )
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"cache directory {path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+class Store:
+    """The cache directory: index, content files, lock."""
+
+    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 1 << 30) -> None:
+        self.dir = cache_dir
+        check_private_dir(cache_dir)
+        self._lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
+        self.data_dir = cache_dir / "data"
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
+        try:
+            # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
+            # programs), not one fsync per commit; a process crash loses nothing.
+            self.env = lmdb.open(str(cache_dir / "index"), map_size=map_size, max_dbs=8,
+                                 subdir=True, sync=False, metasync=False, mode=0o600,
+                                 readahead=False)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the cache index in {cache_dir}/index: {exc}") from exc
+        self.meta = self.env.open_db(b"meta")
+        self.nodes = self.env.open_db(b"nodes")
+        self.entries = self.env.open_db(b"entries")
+        self.ranges_db = self.env.open_db(b"ranges")
+        self.journal = self.env.open_db(b"journal")
+        self.conflicts = self.env.open_db(b"conflicts")
+        self._check_schema(remote_text)
+
+    # -- set-up -----------------------------------------------------------------------
+    def _check_schema(self, remote_text: str) -> None:
+        with self.env.begin(write=True) as txn:
+            schema = txn.get(b"schema", db=self.meta)
+            if schema is None:
+                if txn.stat(self.nodes)["entries"]:
+                    raise StoreError(f"cache in {self.dir} has no schema mark: refusing to guess")
+                txn.put(b"schema", SCHEMA, db=self.meta)
+                txn.put(b"next_ino", _U64.pack(FIRST_INO), db=self.meta)
+                txn.put(b"remote", remote_text.encode(), db=self.meta)
+                now = time.time_ns()
+                root = Node(ROOT_INO, ROOT_INO, b"", stat_mod.S_IFDIR | 0o755, 0, now, now, now, nlink=2)
+                txn.put(_key(ROOT_INO), root.pack(), db=self.nodes)
+            elif schema != SCHEMA:
+                raise StoreError(
+                    f"cache in {self.dir} has schema {schema.decode(errors='replace')}, this release "
+                    f"reads schema {SCHEMA.decode()}; use another --cache-dir or remove that one"
+                )
+            else:
+                stored = txn.get(b"remote", db=self.meta, default=b"").decode(errors="replace")
+                if stored != remote_text:
+                    raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+        os.close(self._lock_fd)
+
+    def run_write(self, fn) -> object:
+        """Run ``fn(txn)`` in one write transaction, growing the map once if it is full."""
+        for attempt in range(2):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                if attempt:
+                    raise
+                new = self.env.info()["map_size"] * 2
+                log.info("cache index full: growing the map to %d MiB", new >> 20)
+                self.env.set_mapsize(new)
+        raise AssertionError("unreachable")
+
+    # -- meta -------------------------------------------------------------------------
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key, db=self.meta)
+
+    def set_meta(self, key: bytes, value: bytes) -> None:
+        self.run_write(lambda txn: txn.put(key, value, db=self.meta))
+
+    def _new_ino(self, txn) -> int:
+        ino = _U64.unpack(txn.get(b"next_ino", db=self.meta))[0]
+        txn.put(b"next_ino", _U64.pack(ino + 1), db=self.meta)
+        return ino
+
+    # -- nodes ------------------------------------------------------------------------
+    def get(self, ino: int) -> Node | None:
+        with self.env.begin() as txn:
+            data = txn.get(_key(ino), db=self.nodes)
+        return None if data is None else Node.unpack(ino, data)
+
+    def child_ino(self, parent: int, name: bytes) -> int | None:
+        with self.env.begin() as txn:
+            data = txn.get(_entry_key(parent, name), db=self.entries)
+        return None if data is None else _U64.unpack(data)[0]
+
+    def child(self, parent: int, name: bytes) -> Node | None:
+        with self.env.begin() as txn:
+            data = txn.get(_entry_key(parent, name), db=self.entries)
+            if data is None:
+                return None
+            rec = txn.get(data, db=self.nodes)
+        return None if rec is None else Node.unpack(_U64.unpack(data)[0], rec)
+
+    def children(self, parent: int) -> list[Node]:
+        """The cached entries of a folder, sorted by name."""
+        prefix = _U64.pack(parent)
+        out: list[Node] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.entries)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    rec = txn.get(value, db=self.nodes)
+                    if rec is not None:
+                        out.append(Node.unpack(_U64.unpack(value)[0], rec))
+        return out
+
+    def put(self, node: Node) -> None:
+        self.run_write(lambda txn: txn.put(_key(node.ino), node.pack(), db=self.nodes))
+
+    def path_of(self, ino: int) -> bytes:
+        """The share-relative path of a node, walking up its parents."""
+        parts: list[bytes] = []
+        with self.env.begin() as txn:
+            while ino != ROOT_INO:
+                data = txn.get(_key(ino), db=self.nodes)
+                if data is None:
+                    raise KeyError(ino)
+                node = Node.unpack(ino, data)
+                parts.append(node.name)
+                ino = node.parent
+        return b"/".join(reversed(parts))
+
+    def apply_listing(self, parent: int, listing: list[tuple[bytes, "object"]], make_node) -> "ListingDelta":
+        """Make the cached entries of ``parent`` equal ``listing`` in one transaction.
+
+        ``make_node(ino, parent, name, remote_stat, old_node)`` returns the node record to
+        store (``old_node`` is None for a new name). Entries gone from the remote are
+        removed unless dirty. Returns what changed so the caller can drop content and
+        invalidate kernel caches.
+        """
+        delta = ListingDelta()
+
+        def txn_fn(txn) -> None:
+            prefix = _U64.pack(parent)
+            existing: dict[bytes, int] = {}
+            cur = txn.cursor(db=self.entries)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    existing[bytes(key[8:])] = _U64.unpack(value)[0]
+            for name, rstat in listing:
+                ino = existing.pop(name, None)
+                old = None
+                if ino is not None:
+                    data = txn.get(_key(ino), db=self.nodes)
+                    old = Node.unpack(ino, data) if data is not None else None
+                    if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
+                        # A different kind of object under the same name: a new node.
+                        delta.removed.append(old)
+                        self._drop_node(txn, old)
+                        ino, old = None, None
+                if ino is None:
+                    ino = self._new_ino(txn)
+                    txn.put(_entry_key(parent, name), _key(ino), db=self.entries)
+                node = make_node(ino, parent, name, rstat, old)
+                if old is not None and old.base is not None and node.base != old.base:
+                    delta.changed.append(node)
+                txn.put(_key(ino), node.pack(), db=self.nodes)
+            for name, ino in existing.items():
+                data = txn.get(_key(ino), db=self.nodes)
+                node = Node.unpack(ino, data) if data is not None else None
+                if node is not None and node.has(DIRTY):
+                    continue
+                txn.delete(_entry_key(parent, name), db=self.entries)
+                if node is not None:
+                    delta.removed.append(node)
+                    self._drop_node(txn, node)
+            pdata = txn.get(_key(parent), db=self.nodes)
+            if pdata is not None:
+                pnode = Node.unpack(parent, pdata)
+                if not pnode.has(LISTED):
+                    pnode.flags |= LISTED
+                    txn.put(_key(parent), pnode.pack(), db=self.nodes)
+
+        self.run_write(txn_fn)
+        return delta
+
+    def _drop_node(self, txn, node: Node) -> None:
+        """Forget a node and, for a folder, everything under it (content files too)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n.is_dir:
+                prefix = _U64.pack(n.ino)
+                cur = txn.cursor(db=self.entries)
+                keys = []
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        if not key.startswith(prefix):
+                            break
+                        keys.append(bytes(key))
+                        data = txn.get(value, db=self.nodes)
+                        if data is not None:
+                            stack.append(Node.unpack(_U64.unpack(value)[0], data))
+                for key in keys:
+                    txn.delete(key, db=self.entries)
+            txn.delete(_key(n.ino), db=self.nodes)
+            txn.delete(_key(n.ino), db=self.ranges_db)
+            self.remove_content_file(n.ino)
+
+    def drop_content(self, ino: int) -> None:
+        """Forget cached content of a clean file (remote changed, or eviction)."""
+        def txn_fn(txn) -> None:
+            txn.delete(_key(ino), db=self.ranges_db)
+            data = txn.get(_key(ino), db=self.nodes)
+            if data is not None:
+                node = Node.unpack(ino, data)
+                node.flags &= ~FULL
+                txn.put(_key(ino), node.pack(), db=self.nodes)
+        self.run_write(txn_fn)
+        # Truncate rather than unlink: open handles keep reading the same file.
+        try:
+            os.truncate(self.content_path(ino), 0)
+        except FileNotFoundError:
+            pass
+
+    # -- content ----------------------------------------------------------------------
+    def content_path(self, ino: int) -> str:
+        return str(self.data_dir / str(ino))
+
+    def remove_content_file(self, ino: int) -> None:
+        try:
+            os.unlink(self.content_path(ino))
+        except FileNotFoundError:
+            pass
+
+    def get_ranges(self, ino: int) -> rangeset.Ranges:
+        with self.env.begin() as txn:
+            data = txn.get(_key(ino), db=self.ranges_db)
+        return [] if data is None else rangeset.decode(data)
+
+    def save_ranges(self, updates: dict[int, rangeset.Ranges], full: set[int]) -> None:
+        """Record content now present (after it was synced to disk)."""
+        def txn_fn(txn) -> None:
+            for ino, rs in updates.items():
+                data = txn.get(_key(ino), db=self.nodes)
+                if data is None:
+                    continue  # the node went away meanwhile
+                txn.put(_key(ino), rangeset.encode(rs), db=self.ranges_db)
+                if ino in full:
+                    node = Node.unpack(ino, data)
+                    if not node.has(FULL):
+                        node.flags |= FULL
+                        txn.put(_key(ino), node.pack(), db=self.nodes)
+        self.run_write(txn_fn)
+
+    def cached_bytes(self) -> int:
+        total = 0
+        with self.env.begin() as txn:
+            for _key_, value in txn.cursor(db=self.ranges_db):
+                total += rangeset.total(rangeset.decode(value))
+        return total
+
+    def count(self, db) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(db)["entries"]
+
+    def sync(self) -> None:
+        """Make every commit so far durable (fsync of the index)."""
+        self.env.sync(True)
+
+
+@dataclass
+class ListingDelta:
+    changed: list[Node] = field(default_factory=list)  # base version differs from before
+    removed: list[Node] = field(default_factory=list)
+
+
+def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None) -> Node:
+    """The record for a remote object; keeps local flags and content when unchanged."""
+    base = rstat.version()
+    flags = 0
+    target = b""
+    if old is not None:
+        flags = old.flags
+        target = old.target
+        if old.base != base and not stat_mod.S_ISDIR(rstat.mode):
+            # The remote content changed: what we cached of it is stale.
+            flags &= ~(FULL | TARGET)
+            target = b""
+    nlink = rstat.nlink if rstat.nlink else 1
+    if stat_mod.S_ISDIR(rstat.mode):
+        nlink = max(nlink, 2)
+    return Node(
+        ino=ino, parent=parent, name=name, mode=rstat.mode, size=rstat.size,
+        mtime_ns=rstat.mtime_ns, atime_ns=rstat.atime_ns, ctime_ns=rstat.mtime_ns,
+        uid=rstat.uid, gid=rstat.gid, nlink=nlink, flags=flags, base=base,
+        last_use=old.last_use if old else 0.0, target=target,
+    )
+
+

@@ -1,0 +1,192 @@
+"""Running a mount: open the cache, reach the remote, mount, serve, tear down.
+
+Owns: the order of start-up and teardown, daemonizing (the parent exits 0 once the mount
+is up, or non-zero with the reason), signals, and logging set-up.
+Must not touch: request handling (``cachefs.fs``) or remote protocol details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .address import RemoteAddress
+from .cache.cache import Cache, CacheConfig
+from .cache.store import Store, StoreError
+from .control import Control
+from .fs import KernelNotifier, Operations
+from .remote import ConnectOptions, RemoteRefused, open_remote
+from .sync.connectivity import Connectivity
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """The mount cannot start; the message tells the user why and what to do."""
+
+
+@dataclass
+class MountConfig:
+    address: RemoteAddress
+    mountpoint: Path
+    cache_dir: Path
+    connect: ConnectOptions
+    foreground: bool = False
+    verbose: bool = False
+    attr_timeout: float = 3.0
+    heartbeat: float = 10.0
+    fuse_options: list[str] = field(default_factory=list)
+
+
+def setup_logging(verbose: bool, logfile: Path | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if logfile is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
+        os.chmod(logfile, 0o600)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def check_mountpoint(path: Path) -> None:
+    if not path.is_dir():
+        raise MountError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already a mount point (stale? try: cachefs unmount {path})")
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions
+    opts.add("fsname=cachefs")
+    opts.add("subtype=cachefs")
+    for text in config.fuse_options:
+        for opt in text.split(","):
+            if opt:
+                opts.add(opt)
+    return opts
+
+
+def run(config: MountConfig) -> int:
+    """Mount and serve until unmounted. Returns the process exit status."""
+    check_mountpoint(config.mountpoint)
+    if config.foreground:
+        setup_logging(config.verbose, None)
+        return _serve(config, ready=None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:  # the parent reports the outcome and leaves
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("ok"):
+            return 0
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = f"mount process ended unexpectedly (status {status})"
+        print(f"cachefs: {message.strip()}", file=sys.stderr)
+        return 1
+    os.close(read_fd)
+    os.setsid()
+    try:
+        config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        setup_logging(config.verbose, config.cache_dir / "mount.log")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.chdir("/")
+    except OSError as exc:
+        os.write(write_fd, f"cannot start: {exc}".encode())
+        os._exit(1)
+    status = _serve(config, ready=write_fd)
+    os._exit(status)
+
+
+def _serve(config: MountConfig, ready: int | None) -> int:
+    def report(message: str) -> None:
+        if ready is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready, message.encode())
+                os.close(ready)
+        elif not message.startswith("ok"):
+            print(f"cachefs: {message}", file=sys.stderr)
+
+    try:
+        return trio.run(_main, config, report)
+    except MountError as exc:
+        log.error("%s", exc)
+        report(str(exc))
+        return 1
+
+
+async def _main(config: MountConfig, report) -> int:
+    try:
+        store = Store(config.cache_dir, config.address.display())
+    except StoreError as exc:
+        raise MountError(str(exc)) from exc
+    remote = open_remote(config.address, config.connect)
+    try:
+        conn = Connectivity(remote, heartbeat=config.heartbeat)
+        try:
+            await conn.first_connect()
+        except RemoteRefused as exc:
+            raise MountError(str(exc)) from exc
+        if conn.online:
+            store.set_meta(b"connected", b"1")
+        elif store.get_meta(b"connected") is None:
+            raise MountError(
+                f"cannot reach {remote.description}: {conn.last_error}; "
+                "the cache is empty, so there is nothing to serve offline yet"
+            )
+        else:
+            log.warning("cannot reach %s (%s): mounting offline from the cache",
+                        remote.description, conn.last_error)
+        kernel = KernelNotifier()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
+                                               dir_timeout=config.attr_timeout), kernel)
+        controls = Control(cache, config.mountpoint, config.cache_dir)
+        ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {config.mountpoint}: {exc} (see the log above)") from exc
+        try:
+            log.info("mounted %s on %s (cache %s, %s)", remote.description, config.mountpoint,
+                     config.cache_dir, conn.state.value)
+            report("ok")
+            async with trio.open_nursery() as nursery:
+                kernel.nursery = nursery
+                await nursery.start(cache.run)
+                nursery.start_soon(conn.run)
+                nursery.start_soon(_signals, nursery.cancel_scope)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+        log.info("unmounted %s", config.mountpoint)
+        return 0
+    finally:
+        remote.close()
+        store.close()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

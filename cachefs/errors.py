@@ -1,0 +1,48 @@
+"""Domain errors raised below the FUSE layer; ``cachefs.fs`` maps them to errno in one table.
+
+``RemoteError`` (the remote answered with an errno) and ``Unavailable`` (the remote cannot
+be reached now) come from ``cachefs.remote`` and ``cachefs.sync.connectivity``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from .remote.base import RemoteError
+from .sync.connectivity import Unavailable
+
+#: The errno a program sees when it needs content that was never cached while offline.
+OFFLINE_ERRNO = errno.EHOSTDOWN
+
+
+class CacheError(Exception):
+    """A request the cache refuses, with the errno a local filesystem would give."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(self.errno, ""))
+
+
+class NotFound(CacheError):
+    errno = errno.ENOENT
+
+
+class NotADirectory(CacheError):
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(CacheError):
+    errno = errno.EISDIR
+
+
+class ReadOnly(CacheError):
+    errno = errno.EROFS
+
+
+class InvalidArgument(CacheError):
+    errno = errno.EINVAL
+
+
+__all__ = ["CacheError", "NotFound", "NotADirectory", "IsADirectory", "ReadOnly",
+           "InvalidArgument", "RemoteError", "Unavailable", "OFFLINE_ERRNO"]

@@ -1,0 +1,314 @@
+"""The FUSE layer: kernel requests in, cache calls out, errno back.
+
+Owns: inode/handle bookkeeping for the kernel (lookup counts, open handles, directory
+snapshots), the translation of nodes to ``EntryAttributes``, and the one table that
+maps domain errors to errno (``_errno_of``).
+Must not touch: the remote, LMDB. Only ``FUSEError`` may leave a handler: anything else
+would end the mount, so the ``translate`` decorator turns every exception into one.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as stat_mod
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from . import control
+from .cache import cache as cache_mod
+from .cache.cache import Cache, OpenFile
+from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node
+from .control import Control
+from .errors import OFFLINE_ERRNO, CacheError, RemoteError, Unavailable
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+STATE_XATTR = b"user.cachefs.state"
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The errno a program sees for a domain error. The one table of the mount."""
+    if isinstance(exc, FUSEError):
+        return exc.errno
+    if isinstance(exc, CacheError):
+        return exc.errno
+    if isinstance(exc, Unavailable):
+        return OFFLINE_ERRNO
+    if isinstance(exc, RemoteError):
+        return exc.errno or errno.EIO
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno  # local disk: ENOSPC, EIO ...
+    return errno.EIO
+
+
+def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except (CacheError, Unavailable, RemoteError) as exc:
+            log.debug("%s: %s", fn.__name__, exc)
+            raise FUSEError(_errno_of(exc)) from None
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            err = _errno_of(exc)
+            if isinstance(exc, OSError):
+                log.warning("%s failed: %s", fn.__name__, exc)
+            else:
+                log.exception("unexpected error in %s", fn.__name__)
+            raise FUSEError(err) from None
+    return wrapper
+
+
+class KernelNotifier(cache_mod.Kernel):
+    """Tells the kernel about stale data from worker threads (the calls may block)."""
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+
+    def invalidate_inode(self, ino: int) -> None:
+        self._spawn(pyfuse3.invalidate_inode, ino)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self._spawn(pyfuse3.invalidate_entry, parent, name)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self._call, fn, *args)
+
+    @staticmethod
+    async def _call(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await trio.to_thread.run_sync(fn, *args)
+        except OSError as exc:  # ENOENT: the kernel had forgotten it anyway
+            log.debug("kernel invalidation %s%r: %s", fn.__name__, args, exc)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float) -> None:
+        super().__init__()
+        self.cache = cache
+        self.control = control_files
+        self.attr_timeout = attr_timeout
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._handles: dict[int, OpenFile | bytes] = {}
+        self._dirs: dict[int, list[tuple[bytes, EntryFactory]]] = {}
+        self._next_fh = 1
+        self._lookups: dict[int, int] = {}
+
+    # -- attributes ---------------------------------------------------------------------
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_size = node.size
+        a.st_blksize = 4096
+        a.st_blocks = (node.size + 511) // 512
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        return a
+
+    def _virtual_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        v = control.attrs(ino)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = v.mode
+        a.st_nlink = v.nlink
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_size = 0
+        a.st_blksize = 4096
+        t = int(self.control.started * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
+
+    def _count_lookup(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    # -- namespace ----------------------------------------------------------------------
+    @translate
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.debug("lookup %d %r", parent_inode, name)
+        if parent_inode == ROOT_INO and name == cache_mod.CONTROL_NAME:
+            attrs = self._virtual_attrs(control.DIR_INO)
+        elif parent_inode == control.DIR_INO:
+            ino = control.NAMES.get(name)
+            if ino is None:
+                raise FUSEError(errno.ENOENT)
+            attrs = self._virtual_attrs(ino)
+        else:
+            attrs = self._attrs(await self.cache.lookup(parent_inode, name))
+        self._count_lookup(attrs.st_ino)
+        return attrs
+
+    @translate
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if control.is_virtual(inode):
+            return self._virtual_attrs(inode)
+        return self._attrs(self.cache.node(inode))
+
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+
+    @translate
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.cache.readlink(inode)
+
+    @translate
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        # A snapshot per handle, so that readdir's offsets stay valid while the folder changes.
+        entries: list[tuple[bytes, EntryFactory]] = []
+        if inode == control.DIR_INO:
+            for name, ino in sorted(control.NAMES.items()):
+                entries.append((name, functools.partial(self._virtual_attrs, ino)))
+        else:
+            nodes = await self.cache.listdir(inode)
+            if inode == ROOT_INO:
+                entries.append((cache_mod.CONTROL_NAME, functools.partial(self._virtual_attrs, control.DIR_INO)))
+            entries.extend((n.name, functools.partial(self._attrs, n)) for n in nodes)
+        fh = self._new_fh()
+        self._dirs[fh] = entries
+        return fh
+
+    @translate
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, make_attrs = entries[index]
+            attrs = make_attrs()
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                break
+            self._count_lookup(attrs.st_ino)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------------
+    @translate
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        log.debug("open %d flags %o", inode, flags)
+        if control.is_virtual(inode):
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise FUSEError(errno.EACCES)
+            fh = self._new_fh()
+            self._handles[fh] = self.control.read(inode)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        handle = await self.cache.open(inode)
+        fh = self._new_fh()
+        self._handles[fh] = handle
+        # The cache invalidates the kernel's pages itself when the remote changed, so the
+        # kernel may keep them across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @translate
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if isinstance(handle, bytes):
+            return handle[off:off + size]
+        return await self.cache.read(handle, off, size)
+
+    @translate
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, OpenFile):
+            self.cache.release(handle)
+
+    @translate
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        space = await self.cache.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = space.block_size
+        s.f_frsize = space.block_size
+        s.f_blocks = space.blocks
+        s.f_bfree = space.blocks_free
+        s.f_bavail = space.blocks_avail
+        s.f_files = space.files
+        s.f_ffree = space.files_free
+        s.f_favail = space.files_free
+        s.f_namemax = space.name_max
+        return s
+
+    @translate
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if control.is_virtual(inode):
+            return not mode & os.W_OK
+        node = self.cache.node(inode)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(node.mode & 0o111) or node.is_dir
+        perms = (node.mode >> 6) & 7  # every file is shown as the mounting user's
+        return (mode & perms) == mode
+
+    # -- extended attributes --------------------------------------------------------------
+    def _state(self, inode: int) -> bytes:
+        node = self.cache.node(inode)
+        if node.has(CONFLICT):
+            return b"conflict"
+        if node.has(DIRTY):
+            return b"dirty"
+        if node.has(PINNED):
+            return b"pinned"
+        if node.is_dir:
+            return b"cached" if node.has(cache_mod.LISTED) else b"remote"
+        if node.is_symlink:
+            return b"cached"
+        return self.cache.content_state(node).encode()
+
+    @translate
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == STATE_XATTR and not control.is_virtual(inode):
+            return self._state(inode)
+        raise FUSEError(pyfuse3.ENOATTR)
+
+    @translate
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return [] if control.is_virtual(inode) else [STATE_XATTR]
+
+    # -- writing: the next stage (the journal); refused for now --------------------------
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    setattr = create = mkdir = mknod = unlink = rmdir = rename = symlink = link = _read_only
+    setxattr = removexattr = _read_only
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise FUSEError(errno.EBADF)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+
+EntryFactory = Callable[[], pyfuse3.EntryAttributes]

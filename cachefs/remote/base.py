@@ -1,0 +1,173 @@
+"""The remote backend interface: what cachefs asks of a share.
+
+Owns: the contract every backend (``sftp``, ``local``) fulfils, the remote attribute
+record (``RemoteStat``) and the exceptions that cross the backend boundary.
+Must not touch: the cache, LMDB, trio or FUSE. Backends are plain blocking code; the
+callers run them in worker threads (see ``cachefs.sync.connectivity``), so every method
+must be safe to call from several threads at once and must return or raise within the
+backend's ``timeout`` (a network that vanishes silently must not hang a thread forever).
+
+Paths are ``bytes`` relative to the share root, components joined by ``b"/"``; the root
+itself is ``b""``. File names are bytes end to end: a name need not be UTF-8.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat as stat_mod
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStat:
+    """Attributes of one remote object, as ``lstat`` gives them (symlinks not followed)."""
+
+    mode: int  # full st_mode, file type bits included
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1  # SFTP v3 does not report it; the local backend does
+
+    @property
+    def kind(self) -> int:
+        return stat_mod.S_IFMT(self.mode)
+
+    def version(self) -> tuple[int, int, int]:
+        """The base version: what identifies this content on the remote.
+
+        Size, mtime (SFTP v3 gives whole seconds; the local backend nanoseconds) and the
+        file type. Equal versions mean the cached copy may be kept.
+        """
+        return (self.size, self.mtime_ns, self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceInfo:
+    """What ``statfs`` reports: sizes in blocks of ``block_size`` bytes."""
+
+    block_size: int
+    blocks: int
+    blocks_free: int
+    blocks_avail: int
+    files: int
+    files_free: int
+    name_max: int = 255
+
+
+class RemoteError(OSError):
+    """The remote answered, with an error that maps to ``errno`` (ENOENT, EACCES, ...)."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(err, message or errno.errorcode.get(err, "remote error"))
+
+
+class RemoteUnreachable(Exception):
+    """The remote could not be reached or stopped answering (refused, reset, timeout).
+
+    Transient: the caller moves the mount offline and probes until it comes back.
+    """
+
+
+class RemoteRefused(Exception):
+    """The remote must not be used: unknown or changed host key, failed authentication,
+    a share path that does not exist or is not a directory. Permanent until the user acts;
+    the message says what to do.
+    """
+
+
+class Remote(ABC):
+    """One share. Blocking, thread-safe; every call bounded by ``timeout`` seconds."""
+
+    #: Human description for status and logs, without secrets ("sftp://alice@host:22/p").
+    description: str
+    #: Seconds a single remote operation may take before it counts as unreachable.
+    timeout: float
+
+    # -- connection ----------------------------------------------------------------
+    @abstractmethod
+    def connect(self) -> None:
+        """Reach the remote and check the share root is a directory.
+
+        Raises ``RemoteUnreachable`` (try later) or ``RemoteRefused`` (never works as is).
+        Safe to call again after a failure: it reconnects.
+        """
+
+    @abstractmethod
+    def ping(self) -> None:
+        """A cheap round trip (a stat of the root), reconnecting if needed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    # -- reading -------------------------------------------------------------------
+    @abstractmethod
+    def stat(self, path: bytes) -> RemoteStat:
+        """``lstat`` of ``path``."""
+
+    @abstractmethod
+    def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
+        """Entries of a folder with their ``lstat`` attributes, without ``.`` and ``..``."""
+
+    @abstractmethod
+    def readlink(self, path: bytes) -> bytes:
+        """Target of a symlink, as stored (not resolved)."""
+
+    @abstractmethod
+    def read(self, path: bytes, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; shorter only at end of file.
+
+        Backends pipeline large reads (several requests in flight).
+        """
+
+    @abstractmethod
+    def statvfs(self) -> SpaceInfo:
+        """Space on the share (a plausible fixed answer when the protocol cannot tell)."""
+
+    # -- writing (used only by the sync manager's replay) ---------------------------
+    @abstractmethod
+    def upload(self, path: bytes, source_path: str, mode: int, temp_name: bytes) -> RemoteStat:
+        """Atomically replace ``path`` with the content of local file ``source_path``.
+
+        Writes ``temp_name`` (a name in the same remote folder) first, then renames it
+        over ``path`` (posix-rename where available), so nobody sees half a file. Returns
+        the new remote attributes.
+        """
+
+    @abstractmethod
+    def mkdir(self, path: bytes, mode: int) -> None: ...
+
+    @abstractmethod
+    def rmdir(self, path: bytes) -> None: ...
+
+    @abstractmethod
+    def unlink(self, path: bytes) -> None: ...
+
+    @abstractmethod
+    def rename(self, src: bytes, dst: bytes) -> None:
+        """Rename, replacing ``dst`` if it exists (POSIX semantics)."""
+
+    @abstractmethod
+    def symlink(self, target: bytes, path: bytes) -> None:
+        """Create symlink ``path`` pointing at ``target`` (argument order as in os.symlink)."""
+
+    @abstractmethod
+    def link(self, src: bytes, dst: bytes) -> None:
+        """Hard link; ``RemoteError(EXDEV/ENOTSUP)`` when the server cannot."""
+
+    @abstractmethod
+    def chmod(self, path: bytes, mode: int) -> None: ...
+
+    @abstractmethod
+    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None: ...
+
+    @abstractmethod
+    def truncate(self, path: bytes, size: int) -> None: ...
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """Join a share-relative folder path and a name."""
+    return name if not parent else parent + b"/" + name

@@ -1,0 +1,1 @@
+"""The synchronization manager: connectivity, and (next) replay of the journal."""

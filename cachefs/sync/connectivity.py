@@ -1,0 +1,166 @@
+"""Connectivity: whether the remote may be used now, and the only road to it.
+
+Owns: the connectivity state (online, offline detected, offline by request), the worker
+threads that run blocking backend calls, the heartbeat that notices a silently vanished
+network, and the probe that brings the mount back online with backoff.
+Must not touch: the cache, LMDB, FUSE. Callers get ``Unavailable`` at once while offline,
+so nothing that the cache can answer ever waits for the network.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+import trio
+
+from ..remote import Remote, RemoteRefused, RemoteUnreachable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class State(enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # detected: the remote did not answer
+    WORK_OFFLINE = "offline-by-request"  # the user asked (the control file's "offline")
+
+
+class Unavailable(Exception):
+    """The remote cannot be used now (offline, or it just failed)."""
+
+
+class Connectivity:
+    """Runs remote calls in threads, bounded in time, and tracks whether they work."""
+
+    def __init__(self, remote: Remote, *, heartbeat: float = 10.0, max_backoff: float = 30.0,
+                 threads: int = 8) -> None:
+        self.remote = remote
+        self.timeout = remote.timeout
+        self.heartbeat = heartbeat
+        self.max_backoff = max_backoff
+        self.limiter = trio.CapacityLimiter(threads)
+        self.state = State.OFFLINE
+        self.last_error: str | None = None
+        self.last_online: float | None = None  # wall-clock time the remote last answered
+        self._wake_probe = trio.Event()
+        self._went_online: list[Callable[[], None]] = []
+
+    @property
+    def online(self) -> bool:
+        return self.state is State.ONLINE
+
+    def on_online(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the trio thread) each time the remote comes back."""
+        self._went_online.append(callback)
+
+    # -- calls ------------------------------------------------------------------------
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking backend call in a worker thread.
+
+        Raises ``Unavailable`` at once when offline, and when the call fails for
+        network reasons (which also moves the mount offline). ``RemoteError`` (the remote
+        answered with an errno) passes through.
+        """
+        if self.state is not State.ONLINE:
+            raise Unavailable(self.last_error or "remote is offline")
+        return await self._run(fn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        # The backend bounds each call by its timeout; the trio deadline is a second
+        # line of defence (the thread is then abandoned, and ends when its socket times out).
+        try:
+            with trio.fail_after(self.timeout * 2 + 1):
+                return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.report_failure(f"remote did not answer within {self.timeout:g} s")
+            raise Unavailable(self.last_error) from None
+        except RemoteUnreachable as exc:
+            self.report_failure(str(exc) or type(exc).__name__)
+            raise Unavailable(self.last_error) from exc
+
+    def report_failure(self, reason: str) -> None:
+        """A network failure seen anywhere: go offline and let the probe work."""
+        self.last_error = reason
+        if self.state is State.ONLINE:
+            log.warning("remote unreachable (%s): working offline", reason)
+            self.state = State.OFFLINE
+            self._wake_probe.set()
+
+    def _set_online(self) -> None:
+        if self.state is not State.ONLINE:
+            log.info("remote %s reachable: online", self.remote.description)
+        self.state = State.ONLINE
+        self.last_online = time.time()
+        for callback in self._went_online:
+            callback()
+
+    # -- work offline on request --------------------------------------------------------
+    def work_offline(self) -> None:
+        self.state = State.WORK_OFFLINE
+        self.last_error = None
+        log.info("working offline by request")
+
+    def work_online(self) -> None:
+        if self.state is State.WORK_OFFLINE:
+            self.state = State.OFFLINE
+        self._wake_probe.set()
+
+    # -- start-up -----------------------------------------------------------------------
+    async def first_connect(self) -> None:
+        """Connect at mount time. ``RemoteRefused`` propagates (the mount must fail);
+        a network failure leaves the state offline for the probe to retry."""
+        try:
+            await self._run(self.remote.connect)
+        except Unavailable:
+            return
+        self._set_online()
+
+    # -- background ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Heartbeat while online, probe with backoff while offline. Runs until cancelled."""
+        backoff = 1.0
+        while True:
+            if self.state is State.ONLINE:
+                backoff = 1.0
+                with trio.move_on_after(self.heartbeat):
+                    await self._wake_probe.wait()
+                self._wake_probe = trio.Event()
+                if self.state is State.ONLINE:
+                    try:
+                        await self._run(self.remote.ping)
+                        self.last_online = time.time()
+                    except Unavailable:
+                        pass  # report_failure already moved us offline
+                    except OSError as exc:  # the remote answered, with an error: still online
+                        log.debug("heartbeat answered with %s", exc)
+                continue
+            if self.state is State.WORK_OFFLINE:
+                await self._wake_probe.wait()
+                self._wake_probe = trio.Event()
+                continue
+            try:
+                await self._run(self.remote.connect)
+            except Unavailable:
+                pass
+            except RemoteRefused as exc:
+                self.last_error = str(exc)
+                log.error("remote refused: %s", exc)
+                backoff = self.max_backoff
+            else:
+                self._set_online()
+                continue
+            with trio.move_on_after(backoff):
+                await self._wake_probe.wait()
+            self._wake_probe = trio.Event()
+            backoff = min(self.max_backoff, backoff * 2 if math.isfinite(backoff) else 1.0)
+
+    def probe_now(self) -> None:
+        """Ask the probe (or heartbeat) to check the remote at once."""
+        self._wake_probe.set()
