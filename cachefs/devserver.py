@@ -1,0 +1,262 @@
+"""A real OpenSSH ``sshd`` on 127.0.0.1 for tests, the demo and benchmarks.
+
+Owns: one private sshd (its config, host key, a user key pair, authorized_keys and a
+known_hosts file, all inside ``workdir``) and the child process that runs it.
+Must not touch: the system's sshd, ``/etc/ssh``, the user's ``~/.ssh`` or any process it
+did not start. Processes are stopped by their PID only.
+
+``stop()`` also ends the per-connection sshd processes the server forked, so that a
+stopped server looks to clients like a server that went away (connections are reset),
+not like a listener that merely stopped accepting.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote_from_bytes
+
+log = logging.getLogger(__name__)
+
+SSHD = "/usr/sbin/sshd"
+SSH_KEYGEN_CANDIDATES = ("/usr/bin/ssh-keygen", "/bin/ssh-keygen")
+SFTP_SERVER_CANDIDATES = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/lib/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
+START_TIMEOUT = 10.0
+
+
+def _find(candidates: tuple[str, ...], what: str) -> str:
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(f"{what} not found (looked in {', '.join(candidates)})")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    result: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return result
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # the process ended meanwhile
+        # the command name is in parentheses and may contain spaces: parse after the last ')'
+        fields = data[data.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            result.append(int(entry))
+    return result
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class SshServer:
+    """A throw-away OpenSSH server sharing ``share`` to the current user over SFTP."""
+
+    def __init__(self, workdir: Path, share: Path | None = None, port: int = 0) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.share = Path(share).absolute() if share is not None else self.workdir / "share"
+        self.share.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or _free_port()
+        self.user = getpass.getuser()
+        self.host_key = self.workdir / "ssh_host_ed25519_key"
+        self.host_key_pub = self.workdir / "ssh_host_ed25519_key.pub"
+        self.identity = self.workdir / "id_ed25519"
+        self.authorized_keys = self.workdir / "authorized_keys"
+        self.known_hosts = self.workdir / "known_hosts"
+        self.config = self.workdir / "sshd_config"
+        self.pid_file = self.workdir / "sshd.pid"
+        self.log_file = self.workdir / "sshd.log"
+        self._keygen = _find(SSH_KEYGEN_CANDIDATES, "ssh-keygen")
+        self._sftp_server = _find(SFTP_SERVER_CANDIDATES, "sftp-server")
+        self._process: subprocess.Popen[bytes] | None = None
+
+        if not self.host_key.exists():
+            self._generate_key(self.host_key, "cachefs-devserver-host")
+        if not self.identity.exists():
+            self._generate_key(self.identity, "cachefs-devserver-user")
+        shutil.copyfile(self.identity.with_suffix(".pub"), self.authorized_keys)
+        os.chmod(self.authorized_keys, 0o600)
+        self._write_known_hosts()
+        self._write_config()
+
+    # -- setup ----------------------------------------------------------------------
+    def _generate_key(self, path: Path, comment: str) -> None:
+        for stale in (path, path.with_suffix(".pub")):
+            stale.unlink(missing_ok=True)
+        subprocess.run(
+            [self._keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+
+    def _write_known_hosts(self) -> None:
+        key_type, key_b64 = self.host_key_pub.read_text().split()[:2]
+        self.known_hosts.write_text(f"[{self.host}]:{self.port} {key_type} {key_b64}\n")
+        os.chmod(self.known_hosts, 0o600)
+
+    def _write_config(self) -> None:
+        lines = [
+            f"ListenAddress {self.host}",
+            f"Port {self.port}",
+            f"HostKey {self.host_key}",
+            f"PidFile {self.pid_file}",
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "StrictModes no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "PermitRootLogin prohibit-password",
+            "UseDNS no",
+            "X11Forwarding no",
+            "PrintMotd no",
+            "MaxStartups 100",
+            "MaxSessions 100",
+            f"Subsystem sftp {self._sftp_server}",
+            "LogLevel ERROR",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+        # OpenSSH >= 9.8 penalises clients that disconnect before authenticating (as the
+        # host key tests do); switch that off where the option exists.
+        with_penalties = self.config.read_text() + "PerSourcePenalties no\n"
+        probe = self.workdir / "sshd_config.probe"
+        probe.write_text(with_penalties)
+        if self._config_valid(probe):
+            self.config.write_text(with_penalties)
+        probe.unlink()
+
+    def _config_valid(self, config: Path) -> bool:
+        self._ensure_privsep_dir()
+        result = subprocess.run(
+            [SSHD, "-t", "-f", str(config)], stdin=subprocess.DEVNULL, capture_output=True
+        )
+        return result.returncode == 0
+
+    @staticmethod
+    def _ensure_privsep_dir() -> None:
+        if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        self._ensure_privsep_dir()
+        log_handle = open(self.log_file, "ab")
+        try:
+            self._process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=log_handle,
+            )
+        finally:
+            log_handle.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"sshd exited with status {self._process.returncode}: {self._log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"sshd did not accept connections on {self.host}:{self.port} within "
+                        f"{START_TIMEOUT:.0f} s: {self._log_tail()}"
+                    ) from None
+                time.sleep(0.02)
+        log.debug("sshd pid %d listening on %s:%d", self._process.pid, self.host, self.port)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:].strip() or "(no output)"
+        except OSError:
+            return "(no output)"
+
+    def stop(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        self._process = None
+        if process.poll() is None:
+            # the per-connection children first, so that clients see their connections end
+            sessions = _descendants(process.pid)
+            process.send_signal(signal.SIGTERM)
+            for pid in sessions:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.pid_file.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> SshServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- helpers for tests and the demo ---------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def address(self) -> str:
+        path = quote_from_bytes(os.fsencode(self.share), safe="/~!$&'()*+,;=:@-._")
+        return f"sftp://{self.user}@{self.host}:{self.port}{path}"
+
+    def regenerate_host_key(self) -> None:
+        """A new host key, used from the next start; known_hosts keeps the old one."""
+        self._generate_key(self.host_key, "cachefs-devserver-host")

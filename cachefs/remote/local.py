@@ -1,0 +1,254 @@
+"""The local backend: a directory as the share (a plain folder, or an NFS/SMB mount).
+
+Owns: mapping the ``Remote`` contract onto ``os`` calls with bytes paths under ``root``,
+and the errno → ``RemoteError`` / ``RemoteUnreachable`` translation for them.
+Must not touch: the cache, LMDB, trio, FUSE.
+
+A hung network filesystem blocks a syscall in the kernel and no Python code can interrupt
+it, so every operation runs on a small private thread pool and the caller waits at most
+``timeout`` seconds: on expiry it gets ``RemoteUnreachable`` and the stuck thread is left
+behind (if the share stays hung the pool fills and every call times out, which is the
+truth). Operations are cheap enough that the thread hop does not matter.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import logging
+import os
+import stat as stat_mod
+from collections.abc import Callable
+from typing import TypeVar
+
+from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: errno values that mean "the share went away", not "this object has a problem".
+UNREACHABLE_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.ENOTCONN,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ENODEV,
+        errno.ENXIO,
+    }
+)
+COPY_CHUNK = 1 << 20
+POOL_THREADS = 8
+
+
+def _to_stat(st: os.stat_result) -> RemoteStat:
+    return RemoteStat(
+        mode=st.st_mode,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        atime_ns=st.st_atime_ns,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        nlink=st.st_nlink,
+    )
+
+
+class LocalRemote(Remote):
+    """A directory as the share. Thread-safe: it holds no per-call state."""
+
+    def __init__(self, root: str, timeout: float) -> None:
+        self.root = os.path.abspath(root)
+        self._root_b = os.fsencode(self.root)
+        self.timeout = timeout
+        self.description = "file://" + self.root
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- plumbing -------------------------------------------------------------------
+    def _path(self, path: bytes) -> bytes:
+        if path.startswith(b"/") or b"\0" in path:
+            raise RemoteError(errno.EINVAL, f"not a share-relative path: {path!r}")
+        return self._root_b if not path else self._root_b + b"/" + path
+
+    def _root_present(self) -> bool:
+        try:
+            return stat_mod.S_ISDIR(os.stat(self._root_b).st_mode)
+        except OSError:
+            return False
+
+    def _call(self, function: Callable[[], T]) -> T:
+        """Run ``function`` bounded by the timeout, translating OSError for the caller."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=POOL_THREADS, thread_name_prefix="cachefs-local"
+            )
+        future = self._pool.submit(self._translated, function)
+        try:
+            return future.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RemoteUnreachable(f"{self.root}: no answer within {self.timeout:g} s") from None
+
+    def _translated(self, function: Callable[[], T]) -> T:
+        try:
+            return function()
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code in UNREACHABLE_ERRNOS:
+                raise RemoteUnreachable(f"{self.root}: {os.strerror(code)}") from exc
+            if code == errno.ENOENT and not self._root_present():
+                raise RemoteUnreachable(f"{self.root}: the share folder is gone") from exc
+            raise RemoteError(code, exc.strerror or os.strerror(code)) from exc
+
+    # -- connection -----------------------------------------------------------------
+    def connect(self) -> None:
+        def check() -> None:
+            try:
+                st = os.stat(self._root_b)
+            except FileNotFoundError:
+                raise RemoteUnreachable(f"{self.root} does not exist (not mounted yet?)") from None
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise RemoteRefused(f"{self.root} is not a directory")
+
+        self._call(check)
+        log.debug("local share %s ready", self.root)
+
+    def ping(self) -> None:
+        self.stat(b"")
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- reading --------------------------------------------------------------------
+    def stat(self, path: bytes) -> RemoteStat:
+        full = self._path(path)
+        return self._call(lambda: _to_stat(os.lstat(full)))
+
+    def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
+        full = self._path(path)
+
+        def scan() -> list[tuple[bytes, RemoteStat]]:
+            entries: list[tuple[bytes, RemoteStat]] = []
+            with os.scandir(full) as it:
+                for entry in it:
+                    try:
+                        entries.append((entry.name, _to_stat(entry.stat(follow_symlinks=False))))
+                    except FileNotFoundError:
+                        continue  # removed while we listed
+            return entries
+
+        return self._call(scan)
+
+    def readlink(self, path: bytes) -> bytes:
+        full = self._path(path)
+        return self._call(lambda: os.readlink(full))
+
+    def read(self, path: bytes, offset: int, length: int) -> bytes:
+        full = self._path(path)
+
+        def read_range() -> bytes:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                parts: list[bytes] = []
+                done = 0
+                while done < length:
+                    data = os.pread(fd, length - done, offset + done)
+                    if not data:
+                        break
+                    parts.append(data)
+                    done += len(data)
+                return b"".join(parts)
+            finally:
+                os.close(fd)
+
+        return self._call(read_range)
+
+    def statvfs(self) -> SpaceInfo:
+        def space() -> SpaceInfo:
+            st = os.statvfs(self._root_b)
+            return SpaceInfo(
+                block_size=st.f_frsize or st.f_bsize,
+                blocks=st.f_blocks,
+                blocks_free=st.f_bfree,
+                blocks_avail=st.f_bavail,
+                files=st.f_files,
+                files_free=st.f_ffree,
+                name_max=st.f_namemax or 255,
+            )
+
+        return self._call(space)
+
+    # -- writing --------------------------------------------------------------------
+    def upload(self, path: bytes, source_path: str, mode: int, temp_name: bytes) -> RemoteStat:
+        full = self._path(path)
+        parent = os.path.dirname(full)
+        temp = os.path.join(parent, temp_name) if parent else temp_name
+
+        def copy_and_rename() -> RemoteStat:
+            out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    with open(source_path, "rb") as source:
+                        while chunk := source.read(COPY_CHUNK):
+                            view = memoryview(chunk)
+                            while view:
+                                view = view[os.write(out, view) :]
+                    os.fchmod(out, stat_mod.S_IMODE(mode))
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+                os.rename(temp, full)
+            except BaseException:
+                try:
+                    os.unlink(temp)
+                except OSError as cleanup_error:
+                    log.debug("could not remove temp file %r: %s", temp, cleanup_error)
+                raise
+            return _to_stat(os.lstat(full))
+
+        return self._call(copy_and_rename)
+
+    def mkdir(self, path: bytes, mode: int) -> None:
+        full = self._path(path)
+        self._call(lambda: os.mkdir(full, stat_mod.S_IMODE(mode)))
+
+    def rmdir(self, path: bytes) -> None:
+        full = self._path(path)
+        self._call(lambda: os.rmdir(full))
+
+    def unlink(self, path: bytes) -> None:
+        full = self._path(path)
+        self._call(lambda: os.unlink(full))
+
+    def rename(self, src: bytes, dst: bytes) -> None:
+        full_src, full_dst = self._path(src), self._path(dst)
+        self._call(lambda: os.rename(full_src, full_dst))
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        full = self._path(path)
+        self._call(lambda: os.symlink(target, full))
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        full_src, full_dst = self._path(src), self._path(dst)
+        self._call(lambda: os.link(full_src, full_dst, follow_symlinks=False))
+
+    def chmod(self, path: bytes, mode: int) -> None:
+        full = self._path(path)
+        self._call(lambda: os.chmod(full, stat_mod.S_IMODE(mode)))
+
+    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None:
+        full = self._path(path)
+        self._call(lambda: os.utime(full, ns=(atime_ns, mtime_ns), follow_symlinks=False))
+
+    def truncate(self, path: bytes, size: int) -> None:
+        full = self._path(path)
+        self._call(lambda: os.truncate(full, size))
