@@ -1,13 +1,16 @@
 """The ``.cachefs/`` folder at the mount root: virtual files to watch and steer the mount.
 
-Owns: the virtual inode numbers, the names in ``.cachefs/``, and the content of
-``status``. Must not touch: the remote (commands become sync-manager requests) or FUSE
-details (``cachefs.fs`` serves these files).
+Owns: the virtual inode numbers, the names in ``.cachefs/``, the content of ``status``,
+and the command language of ``control`` (one command per write; see
+docs/control-file.md). Must not touch: the remote (commands become sync-manager requests)
+or FUSE details (``cachefs.fs`` serves these files).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import stat as stat_mod
 import time
@@ -16,11 +19,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .cache.cache import Cache
+from .sync.manager import SyncFailed, SyncManager
+
+log = logging.getLogger(__name__)
 
 DIR_INO = 2
 STATUS_INO = 3
+CONTROL_INO = 4
+CONFLICTS_INO = 5
 
-NAMES: dict[bytes, int] = {b"status": STATUS_INO}
+NAMES: dict[bytes, int] = {b"status": STATUS_INO, b"control": CONTROL_INO, b"conflicts": CONFLICTS_INO}
+MAX_COMMAND = 4096
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,9 @@ def is_virtual(ino: int) -> bool:
 
 def attrs(ino: int) -> VirtualAttrs:
     if ino == DIR_INO:
-        return VirtualAttrs(stat_mod.S_IFDIR | 0o555, 2)
+        return VirtualAttrs(stat_mod.S_IFDIR | 0o755, 2)
+    if ino == CONTROL_INO:
+        return VirtualAttrs(stat_mod.S_IFREG | 0o200, 1)
     return VirtualAttrs(stat_mod.S_IFREG | 0o444, 1)
 
 
@@ -45,27 +56,39 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
+class CommandError(Exception):
+    """A malformed, unknown or refused command: the write fails with ``errno``."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
 class Control:
-    def __init__(self, cache: Cache, mountpoint: Path, cache_dir: Path) -> None:
+    def __init__(self, cache: Cache, sync: SyncManager, mountpoint: Path, cache_dir: Path) -> None:
         self.cache = cache
+        self.sync = sync
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
         self.started = time.time()
-        self.last_sync: float | None = None
+        self.last_error: str | None = None
 
+    # -- reading --------------------------------------------------------------------------
     def status(self) -> dict:
         conn = self.cache.conn
         store = self.cache.store
+        state = "syncing" if self.sync.syncing else ("online" if conn.online else "offline")
         return {
-            "state": "online" if conn.online else "offline",
+            "state": state,
             "connectivity": conn.state.value,
             "remote": conn.remote.description,
-            "pending": store.count(store.journal),
+            "pending": self.sync.pending(),
             "conflicts": store.count(store.conflicts),
-            "cache_bytes": store.cached_bytes(),
-            "last_sync": _iso(self.last_sync),
+            "progress": self.sync.progress.as_dict() if self.sync.syncing else None,
+            "cache_bytes": self.cache.cached_bytes(),
+            "last_sync": _iso(self.sync.last_sync),
             "last_online": _iso(conn.last_online),
-            "last_error": conn.last_error,
+            "last_error": self.last_error or self.sync.last_error or conn.last_error,
             "mountpoint": str(self.mountpoint),
             "cache_dir": str(self.cache_dir),
             "pid": os.getpid(),
@@ -74,4 +97,52 @@ class Control:
     def read(self, ino: int) -> bytes:
         if ino == STATUS_INO:
             return (json.dumps(self.status(), indent=2) + "\n").encode()
+        if ino == CONFLICTS_INO:
+            return (json.dumps(self.cache.store.conflict_records(), indent=2) + "\n").encode()
         raise KeyError(ino)
+
+    # -- commands -------------------------------------------------------------------------
+    async def command(self, data: bytes) -> None:
+        """Run one command; raises ``CommandError`` or ``SyncFailed`` (the write fails)."""
+        try:
+            words = self._parse(data)
+            await self._run(words)
+        except (CommandError, SyncFailed) as exc:
+            self.last_error = str(exc)
+            log.warning("control command failed: %s", exc)
+            raise
+        self.last_error = None
+
+    @staticmethod
+    def _parse(data: bytes) -> list[str]:
+        if len(data) > MAX_COMMAND:
+            raise CommandError(f"command too long ({len(data)} bytes; at most {MAX_COMMAND})")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError("command is not UTF-8 text") from None
+        text = text.strip()
+        if "\n" in text or "\0" in text:
+            raise CommandError("one command per write")
+        if not text:
+            raise CommandError("empty command")
+        return text.split(" ", 1)
+
+    async def _run(self, words: list[str]) -> None:
+        verb = words[0]
+        if verb == "sync":
+            self._no_argument(words)
+            await self.sync.request_sync()
+        elif verb == "offline":
+            self._no_argument(words)
+            self.cache.conn.work_offline()
+        elif verb == "online":
+            self._no_argument(words)
+            self.cache.conn.work_online()
+        else:
+            raise CommandError(f"unknown command {verb[:40]!r}")
+
+    @staticmethod
+    def _no_argument(words: list[str]) -> None:
+        if len(words) > 1:
+            raise CommandError(f"{words[0]} takes no argument")

@@ -26,6 +26,7 @@ from .control import Control
 from .fs import KernelNotifier, Operations
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .sync.connectivity import Connectivity
+from .sync.manager import SyncManager
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ async def _main(config: MountConfig, report) -> int:
         kernel = KernelNotifier()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout), kernel)
-        controls = Control(cache, config.mountpoint, config.cache_dir)
+        sync = SyncManager(store, cache, conn)
+        controls = Control(cache, sync, config.mountpoint, config.cache_dir)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
@@ -171,8 +173,10 @@ async def _main(config: MountConfig, report) -> int:
                 kernel.nursery = nursery
                 await nursery.start(cache.run)
                 nursery.start_soon(conn.run)
+                nursery.start_soon(sync.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
                 await pyfuse3.main()
+                await sync.flush_at_unmount()
                 nursery.cancel_scope.cancel()
         finally:
             with contextlib.suppress(Exception):

@@ -44,5 +44,21 @@ class InvalidArgument(CacheError):
     errno = errno.EINVAL
 
 
+class Exists(CacheError):
+    errno = errno.EEXIST
+
+
+class NotEmpty(CacheError):
+    errno = errno.ENOTEMPTY
+
+
+class NameTooLong(CacheError):
+    errno = errno.ENAMETOOLONG
+
+
+class PermissionDenied(CacheError):
+    errno = errno.EPERM
+
+
 __all__ = ["CacheError", "NotFound", "NotADirectory", "IsADirectory", "ReadOnly",
-           "InvalidArgument", "RemoteError", "Unavailable", "OFFLINE_ERRNO"]
+           "InvalidArgument", "Exists", "NotEmpty", "NameTooLong", "PermissionDenied", "RemoteError", "Unavailable", "OFFLINE_ERRNO"]

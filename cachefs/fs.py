@@ -27,6 +27,8 @@ from .cache.cache import Cache, OpenFile
 from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, RemoteError, Unavailable
+from .control import CommandError
+from .sync.manager import SyncFailed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ def _errno_of(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, Unavailable):
         return OFFLINE_ERRNO
+    if isinstance(exc, (SyncFailed, CommandError)):
+        return exc.errno
     if isinstance(exc, RemoteError):
         return exc.errno or errno.EIO
     if isinstance(exc, OSError) and exc.errno:
@@ -58,7 +62,7 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
         except FUSEError:
             raise
-        except (CacheError, Unavailable, RemoteError) as exc:
+        except (CacheError, Unavailable, RemoteError, SyncFailed, CommandError) as exc:
             log.debug("%s: %s", fn.__name__, exc)
             raise FUSEError(_errno_of(exc)) from None
         except trio.Cancelled:
@@ -218,14 +222,19 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags %o", inode, flags)
         if control.is_virtual(inode):
-            if flags & os.O_ACCMODE != os.O_RDONLY:
-                raise FUSEError(errno.EACCES)
             fh = self._new_fh()
-            self._handles[fh] = self.control.read(inode)
+            if inode == control.CONTROL_INO:
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    raise FUSEError(errno.EACCES)
+                if ctx.uid not in (0, self.uid):
+                    raise FUSEError(errno.EACCES)
+                self._handles[fh] = ControlWrite()
+            elif flags & os.O_ACCMODE != os.O_RDONLY:
+                raise FUSEError(errno.EACCES)
+            else:
+                self._handles[fh] = self.control.read(inode)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise FUSEError(errno.EROFS)
-        handle = await self.cache.open(inode)
+        handle = await self.cache.open(inode, flags)
         fh = self._new_fh()
         self._handles[fh] = handle
         # The cache invalidates the kernel's pages itself when the remote changed, so the
@@ -235,15 +244,138 @@ class Operations(pyfuse3.Operations):
     @translate
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        if isinstance(handle, bytes):
-            return handle[off:off + size]
+        if isinstance(handle, (bytes, ControlWrite)):
+            return bytes(handle)[off:off + size]
         return await self.cache.read(handle, off, size)
+
+    @translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        if isinstance(handle, ControlWrite):
+            # One command per write(2); the write returns when the command is done.
+            await self.control.command(buf)
+            return len(buf)
+        if isinstance(handle, bytes) or not handle.writable:
+            raise FUSEError(errno.EBADF)
+        return self.cache.write(handle, off, buf)
 
     @translate
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenFile):
             self.cache.release(handle)
+
+    @translate
+    async def flush(self, fh: int) -> None:
+        pass  # data is in the local cache already; write-back starts at release
+
+    @translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        await self.cache.fsync(handle if isinstance(handle, OpenFile) else None)
+
+    @translate
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.cache.fsync(None)
+
+    # -- changes ----------------------------------------------------------------------------
+    def _no_virtual(self, *inodes: int) -> None:
+        for ino in inodes:
+            if control.is_virtual(ino):
+                raise FUSEError(errno.EPERM)
+
+    def _entry_in(self, parent: int, name: bytes) -> None:
+        self._no_virtual(parent)
+        if parent == ROOT_INO and name == cache_mod.CONTROL_NAME:
+            raise FUSEError(errno.EEXIST)
+
+    @translate
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._entry_in(parent_inode, name)
+        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, flags)
+        fh = self._new_fh()
+        self._handles[fh] = handle
+        attrs = self._attrs(node)
+        self._count_lookup(node.ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
+
+    @translate
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not stat_mod.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # fifos, sockets, devices mean nothing on a share
+        self._entry_in(parent_inode, name)
+        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, 0)
+        self.cache.release(handle)
+        self._count_lookup(node.ino)
+        return self._attrs(node)
+
+    @translate
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._entry_in(parent_inode, name)
+        node = await self.cache.mkdir(parent_inode, name, mode & ~ctx.umask)
+        self._count_lookup(node.ino)
+        return self._attrs(node)
+
+    @translate
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._entry_in(parent_inode, name)
+        node = await self.cache.symlink(parent_inode, name, target)
+        self._count_lookup(node.ino)
+        return self._attrs(node)
+
+    @translate
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._no_virtual(inode)
+        self._entry_in(new_parent_inode, new_name)
+        node = await self.cache.link(inode, new_parent_inode, new_name)
+        self._count_lookup(node.ino)
+        return self._attrs(node)
+
+    @translate
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._entry_in(parent_inode, name)
+        await self.cache.unlink(parent_inode, name)
+
+    @translate
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._entry_in(parent_inode, name)
+        await self.cache.rmdir(parent_inode, name)
+
+    @translate
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._entry_in(parent_inode_old, name_old)
+        self._entry_in(parent_inode_new, name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)  # no remote offers an atomic exchange
+        await self.cache.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    @translate
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if control.is_virtual(inode):
+            if fields.update_size:  # "echo sync > control" opens with O_TRUNC
+                return self._virtual_attrs(inode)
+            raise FUSEError(errno.EPERM)
+        if (fields.update_uid and attr.st_uid != self.uid) or (fields.update_gid and attr.st_gid != self.gid):
+            raise FUSEError(errno.EPERM)  # every file belongs to the mounting user
+        handle = self._handles.get(fh) if fh is not None else None
+        now = None
+        node = await self.cache.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else now,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else now,
+            handle=handle if isinstance(handle, OpenFile) else None,
+        )
+        return self._attrs(node)
 
     @translate
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -263,7 +395,7 @@ class Operations(pyfuse3.Operations):
     @translate
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if control.is_virtual(inode):
-            return not mode & os.W_OK
+            return inode == control.CONTROL_INO or not mode & os.W_OK
         node = self.cache.node(inode)
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(node.mode & 0o111) or node.is_dir
@@ -295,15 +427,11 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return [] if control.is_virtual(inode) else [STATE_XATTR]
 
-    # -- writing: the next stage (the journal); refused for now --------------------------
-    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise FUSEError(errno.EROFS)
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FUSEError(errno.ENOTSUP)  # SFTP carries no extended attributes
 
-    setattr = create = mkdir = mknod = unlink = rmdir = rename = symlink = link = _read_only
-    setxattr = removexattr = _read_only
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise FUSEError(errno.EBADF)
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FUSEError(pyfuse3.ENOATTR)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -312,3 +440,7 @@ class Operations(pyfuse3.Operations):
 
 
 EntryFactory = Callable[[], pyfuse3.EntryAttributes]
+
+
+class ControlWrite(bytes):
+    """An open handle of the control file: commands arrive as writes."""

@@ -20,15 +20,20 @@ import logging
 import os
 import stat as stat_mod
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from ..errors import InvalidArgument, IsADirectory, NotADirectory, NotFound, RemoteError, Unavailable
+from ..errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
+                      NotFound, PermissionDenied, RemoteError, Unavailable)
+from ..remote.base import join as _join
+from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import FULL, LISTED, ROOT_INO, TARGET, Node, Store, node_from_remote
+from .store import (ATTR_DIRTY, DIRTY, FULL, LISTED, ORPHAN, ROOT_INO, TARGET, Node, Store,
+                    Txn, node_from_remote)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,11 @@ class Cache:
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._nursery: trio.Nursery | None = None
+        self.writers: dict[int, int] = {}  # ino -> handles open for writing
+        #: folders with journaled changes: their listing is local truth until replayed
+        self.local_dirs: dict[int, int] = {}
+        #: called after every journal append (the sync manager's write-back trigger)
+        self.changed: Callable[[], None] = lambda: None
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -140,7 +150,8 @@ class Cache:
 
     async def _ensure_listing(self, node: Node) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout."""
-        if self._fresh(self._listed_at, node.ino, self.config.dir_timeout):
+        if self._fresh(self._listed_at, node.ino, self.config.dir_timeout) \
+                or self.local_dirs.get(node.ino):
             return
         if not self.conn.online:
             if node.has(LISTED):
@@ -215,26 +226,46 @@ class Cache:
         return at is not None and time.monotonic() - at < ttl
 
     # -- files -------------------------------------------------------------------------
-    async def open(self, ino: int) -> "OpenFile":
-        """Close-to-open: revalidate attributes older than attr_timeout."""
+    async def open(self, ino: int, flags: int = os.O_RDONLY) -> "OpenFile":
+        """Close-to-open: revalidate attributes older than attr_timeout.
+
+        A file opened for writing is made whole in the cache first (its upload will be
+        the whole file), unless it is being truncated to nothing.
+        """
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory()
-        if self.conn.online and not self._fresh(self._checked_at, ino, self.config.attr_timeout):
+        if not node.has(DIRTY) and self.conn.online \
+                and not self._fresh(self._checked_at, ino, self.config.attr_timeout):
             node = await self._revalidate(node)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable and not flags & os.O_TRUNC and not node.has(FULL) and node.size:
+            await self._ensure_present(node, 0, node.size)
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        handle = OpenFile(ino, fd, writable)
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
-        return OpenFile(node, fd)
+        if writable:
+            self.writers[ino] = self.writers.get(ino, 0) + 1
+            if flags & os.O_TRUNC and node.size:
+                self.truncate(handle, 0)
+            elif not node.has(FULL):
+                self._mark_full(ino)
+        return handle
 
     def release(self, handle: "OpenFile") -> None:
         os.close(handle.fd)
-        ino = handle.node.ino
-        count = self._open_count.get(ino, 0) - 1
-        if count > 0:
-            self._open_count[ino] = count
-        else:
-            self._open_count.pop(ino, None)
+        ino = handle.ino
+        _decrement(self._open_count, ino)
+        if handle.writable:
+            _decrement(self.writers, ino)
+            if handle.wrote:
+                self.changed()
+        if ino not in self._open_count:
             self._last_read_end.pop(ino, None)
+            node = self.store.get(ino)
+            if node is not None and node.has(ORPHAN):
+                self.store.transact(lambda t: t.delete_node(ino))
+                self.store.remove_content_file(ino)
 
     async def _revalidate(self, node: Node) -> Node:
         path = self.store.path_of(node.ino)
@@ -278,13 +309,20 @@ class Cache:
         The pread runs on the trio thread: it is served from the page cache or a local
         disk, and a thread hop would cost more than the read itself.
         """
-        node = handle.node
+        node = self.node(handle.ino)
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
         if not node.has(FULL):
             await self._ensure_present(node, offset, end)
         return os.pread(handle.fd, end - offset, offset)
+
+    def cached_bytes(self) -> int:
+        """Content bytes in the cache, counting fetches not yet checkpointed."""
+        total = self.store.cached_bytes()
+        for ino in self._unsaved:
+            total += rangeset.total(self._ranges.get(ino, [])) - rangeset.total(self.store.get_ranges(ino))
+        return total
 
     def content_state(self, node: Node) -> str:
         """'cached', 'partial' or 'remote' for a file (what of it is here)."""
@@ -309,7 +347,7 @@ class Cache:
             return
         chunk = self.config.chunk_size
         first, last = start // chunk, (end - 1) // chunk
-        sequential = self._last_read_end.get(ino) == start or start == 0
+        sequential = self._last_read_end.get(ino) == start
         self._last_read_end[ino] = end
         path = self.store.path_of(ino)
         wanted = list(range(first, last + 1))
@@ -375,6 +413,365 @@ class Cache:
             self._inflight.pop(key, None)
             ev.set()
 
+    # -- changes: each updates the cache and appends to the journal in one transaction --
+    def _journal(self, t: Txn, op: Op) -> None:
+        t.append(op)
+        for folder in op.folders():
+            self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
+
+    def op_done(self, op: Op) -> None:
+        """The sync manager replayed or dropped ``op``: its folders may be listed again."""
+        for folder in op.folders():
+            _decrement(self.local_dirs, folder)
+            self._listed_at.pop(folder, None)
+
+    def rebuild_local_dirs(self) -> None:
+        self.local_dirs.clear()
+        for op in self.store.journal_ops():
+            for folder in op.folders():
+                self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
+
+    async def _folder_for_change(self, parent: int) -> Node:
+        """A folder whose listing is known (so names can be checked), for a change in it."""
+        pnode = self.node(parent)
+        if not pnode.is_dir:
+            raise NotADirectory()
+        await self._ensure_listing(pnode)
+        return pnode
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > 255:
+            raise NameTooLong()
+        if not _valid_name(name):
+            raise InvalidArgument("bad name")
+        if name == CONTROL_NAME:
+            raise PermissionDenied("the name .cachefs is reserved")
+
+    def _touch_dir(self, t: Txn, parent: int, now: int) -> None:
+        pnode = t.node(parent)
+        if pnode is not None:
+            pnode.mtime_ns = pnode.ctime_ns = now
+            t.put(pnode)
+
+    def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int, **kw) -> Node:
+        ino = t.new_ino()
+        node = Node(ino=ino, parent=parent, name=name, mode=mode, size=0, mtime_ns=now,
+                    atime_ns=now, ctime_ns=now, **kw)
+        t.put(node)
+        t.set_entry(parent, name, ino)
+        self._touch_dir(t, parent, now)
+        return node
+
+    def _new_child(self, parent: int, name: bytes, build) -> Node:
+        self._check_name(name)
+        if self.store.child(parent, name) is not None:
+            raise Exists()
+        node = self.store.transact(build)
+        self.changed()
+        return node
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int) -> tuple[Node, "OpenFile"]:
+        await self._folder_for_change(parent)
+        now = time.time_ns()
+
+        def build(t: Txn) -> Node:
+            node = self._new_node(t, parent, name, stat_mod.S_IFREG | (mode & 0o7777), now,
+                                  flags=FULL | DIRTY, gen=1)
+            self._journal(t, Op("create", node.ino, t.path_of(node.ino), parent=parent,
+                                mode=node.mode))
+            return node
+
+        node = self._new_child(parent, name, build)
+        fd = os.open(self.store.content_path(node.ino),
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._open_count[node.ino] = self._open_count.get(node.ino, 0) + 1
+        self.writers[node.ino] = self.writers.get(node.ino, 0) + 1
+        return node, OpenFile(node.ino, fd, writable=True, wrote=True)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int) -> Node:
+        await self._folder_for_change(parent)
+        now = time.time_ns()
+
+        def build(t: Txn) -> Node:
+            node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now,
+                                  flags=LISTED, nlink=2)
+            self._journal(t, Op("mkdir", node.ino, t.path_of(node.ino), parent=parent,
+                                mode=node.mode))
+            return node
+
+        node = self._new_child(parent, name, build)
+        self._listed_at[node.ino] = time.monotonic()
+        return node
+
+    async def symlink(self, parent: int, name: bytes, target: bytes) -> Node:
+        await self._folder_for_change(parent)
+        now = time.time_ns()
+
+        def build(t: Txn) -> Node:
+            node = self._new_node(t, parent, name, stat_mod.S_IFLNK | 0o777, now,
+                                  flags=TARGET, target=target)
+            node.size = len(target)
+            t.put(node)
+            self._journal(t, Op("symlink", node.ino, t.path_of(node.ino), parent=parent,
+                                target=target))
+            return node
+
+        return self._new_child(parent, name, build)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Node:
+        await self._folder_for_change(new_parent)
+        node = self.node(ino)
+        if node.is_dir:
+            raise PermissionDenied("hard links to folders are not allowed")
+        now = time.time_ns()
+
+        def build(t: Txn) -> Node:
+            n = t.node(ino)
+            n.nlink += 1
+            n.ctime_ns = now
+            t.put(n)
+            t.set_entry(new_parent, new_name, ino)
+            self._touch_dir(t, new_parent, now)
+            self._journal(t, Op("link", ino, t.path_of(ino), base=n.base,
+                                dst=_join(t.path_of(new_parent), new_name), dst_parent=new_parent))
+            return n
+
+        return self._new_child(new_parent, new_name, build)
+
+    def write(self, handle: "OpenFile", offset: int, data: bytes) -> int:
+        written = os.pwrite(handle.fd, data, offset)
+        now = time.time_ns()
+
+        def change(t: Txn) -> None:
+            node = t.node(handle.ino)
+            if node is None:
+                return
+            node.size = max(node.size, offset + written)
+            node.mtime_ns = node.ctime_ns = now
+            node.mode &= ~(stat_mod.S_ISUID | stat_mod.S_ISGID)  # as a local filesystem does
+            self._content_changed(t, node)
+
+        self.store.transact(change)
+        handle.wrote = True
+        return written
+
+    def _content_changed(self, t: Txn, node: Node) -> None:
+        node.gen += 1
+        if not node.has(DIRTY) and not node.has(ORPHAN):
+            node.flags |= DIRTY
+            self._journal(t, Op("store", node.ino, t.path_of(node.ino), base=node.base,
+                                parent=node.parent))
+        t.put(node)
+
+    def truncate(self, handle: "OpenFile | None", size: int, ino: int = 0) -> None:
+        ino = handle.ino if handle else ino
+        path = self.store.content_path(ino)
+        if handle:
+            os.ftruncate(handle.fd, size)
+        else:
+            with open(path, "ab") as f:
+                f.truncate(size)
+        now = time.time_ns()
+
+        def change(t: Txn) -> None:
+            node = t.node(ino)
+            node.size = size
+            node.mtime_ns = node.ctime_ns = now
+            node.flags |= FULL
+            self._content_changed(t, node)
+
+        self.store.transact(change)
+        self._ranges.pop(ino, None)
+        if handle:
+            handle.wrote = True
+        self.changed()
+
+    def _mark_full(self, ino: int) -> None:
+        def change(t: Txn) -> None:
+            node = t.node(ino)
+            node.flags |= FULL
+            t.put(node)
+        self.store.transact(change)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      handle: "OpenFile | None" = None) -> Node:
+        node = self.node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise IsADirectory()
+            if not node.has(FULL) and size and node.size:
+                await self._ensure_present(node, 0, min(size, node.size))
+            self.truncate(handle, size, ino)
+        if mode is None and atime_ns is None and mtime_ns is None:
+            return self.node(ino)
+        now = time.time_ns()
+
+        def change(t: Txn) -> Node:
+            n = t.node(ino)
+            if mode is not None:
+                n.mode = stat_mod.S_IFMT(n.mode) | (mode & 0o7777)
+            if atime_ns is not None:
+                n.atime_ns = atime_ns
+            if mtime_ns is not None:
+                n.mtime_ns = mtime_ns
+            n.ctime_ns = now
+            if n.is_symlink:
+                t.put(n)  # symlink times stay local: SFTP cannot set them
+                return n
+            if not n.has(ATTR_DIRTY) and not (n.has(DIRTY) and mode is None):
+                n.flags |= ATTR_DIRTY
+                self._journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
+            t.put(n)
+            return n
+
+        node = self.store.transact(change)
+        self.changed()
+        return node
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._folder_for_change(parent)
+        node = self.store.child(parent, name)
+        if node is None:
+            raise NotFound()
+        if node.is_dir:
+            raise IsADirectory()
+        now = time.time_ns()
+
+        def change(t: Txn) -> None:
+            self._journal(t, Op("unlink", node.ino, t.path_of(node.ino), base=node.base,
+                                parent=parent))
+            t.delete_entry(parent, name)
+            self._drop_link(t, node, parent, name, now)
+            self._touch_dir(t, parent, now)
+
+        self.store.transact(change)
+        self.changed()
+
+    def _drop_link(self, t: Txn, node: Node, parent: int, name: bytes, now: int) -> None:
+        """One name of ``node`` is gone (its entry already deleted)."""
+        node = t.node(node.ino) or node
+        node.nlink = max(0, node.nlink - 1) if not node.is_dir else 0
+        node.ctime_ns = now
+        if node.nlink > 0 and not node.is_dir:
+            if (node.parent, node.name) == (parent, name):
+                others = t.names_of(node.ino)
+                if others:
+                    node.parent, node.name = others[0]
+            t.put(node)
+            return
+        if self._open_count.get(node.ino):
+            node.flags |= ORPHAN
+            node.parent = 0
+            t.put(node)
+        else:
+            t.delete_node(node.ino)
+            self.store.remove_content_file(node.ino)
+        self._forget_content(node.ino)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._folder_for_change(parent)
+        node = self.store.child(parent, name)
+        if node is None:
+            raise NotFound()
+        if not node.is_dir:
+            raise NotADirectory()
+        await self._ensure_listing(node)
+        now = time.time_ns()
+
+        def change(t: Txn) -> None:
+            if t.has_children(node.ino):
+                raise NotEmpty()
+            self._journal(t, Op("rmdir", node.ino, t.path_of(node.ino), base=node.base,
+                                parent=parent))
+            t.delete_entry(parent, name)
+            t.delete_node(node.ino)
+            self._touch_dir(t, parent, now)
+
+        self.store.transact(change)
+        self._listed_at.pop(node.ino, None)
+        self.changed()
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+                     noreplace: bool = False) -> None:
+        self._check_name(new_name)
+        await self._folder_for_change(parent)
+        await self._folder_for_change(new_parent)
+        src = self.store.child(parent, name)
+        if src is None:
+            raise NotFound()
+        dst = self.store.child(new_parent, new_name)
+        if dst is not None and dst.ino == src.ino:
+            return  # same object: rename(2) does nothing
+        if src.is_dir:
+            ancestor = new_parent
+            while ancestor != ROOT_INO:
+                if ancestor == src.ino:
+                    raise InvalidArgument("cannot move a folder into itself")
+                ancestor = self.node(ancestor).parent
+        if dst is not None:
+            if noreplace:
+                raise Exists()
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory()
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory()
+            if dst.is_dir:
+                await self._ensure_listing(dst)
+        now = time.time_ns()
+
+        def change(t: Txn) -> None:
+            if dst is not None and dst.is_dir and t.has_children(dst.ino):
+                raise NotEmpty()
+            self._journal(t, Op("rename", src.ino, t.path_of(src.ino), base=src.base,
+                                parent=parent, dst=_join(t.path_of(new_parent), new_name),
+                                dst_parent=new_parent, replaced=dst.ino if dst else 0,
+                                replaced_base=dst.base if dst else None))
+            t.delete_entry(parent, name)
+            if dst is not None:
+                t.delete_entry(new_parent, new_name)
+                self._drop_link(t, dst, new_parent, new_name, now)
+            node = t.node(src.ino)
+            if (node.parent, node.name) == (parent, name):
+                node.parent, node.name = new_parent, new_name
+            node.ctime_ns = now
+            t.put(node)
+            t.set_entry(new_parent, new_name, src.ino)
+            self._touch_dir(t, parent, now)
+            self._touch_dir(t, new_parent, now)
+
+        self.store.transact(change)
+        self.changed()
+
+    def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False) -> None:
+        """The sync manager changed the remote under this node in a way the cache cannot
+        follow by itself (a conflict): list the folder again, drop stale content; a node
+        moved aside on the remote is forgotten here so the listing brings both back."""
+        self._listed_at.pop(parent_ino, None)
+        self._checked_at.pop(ino, None)
+        if moved_aside:
+            node = self.store.get(ino)
+            if node is not None:
+                def change(t: Txn) -> None:
+                    if t.child_ino(node.parent, node.name) == ino:
+                        t.delete_entry(node.parent, node.name)
+                    t.delete_node(ino)
+                self.store.transact(change)
+                self.store.remove_content_file(ino)
+                self._forget_content(ino)
+                self.kernel.invalidate_entry(node.parent, node.name)
+            return
+        self._forget_content(ino)
+        self.store.drop_content(ino)
+        self.kernel.invalidate_inode(ino)
+
+    async def fsync(self, handle: "OpenFile | None") -> None:
+        """Make written data and the index durable on local disk."""
+        if handle is not None:
+            await trio.to_thread.run_sync(os.fsync, handle.fd)
+        await trio.to_thread.run_sync(self.store.sync)
+
     # -- the share ---------------------------------------------------------------------
     async def statfs(self) -> SpaceInfo:
         if self.conn.online and (self._space is None or time.monotonic() - self._space_at > 30):
@@ -390,10 +787,20 @@ class Cache:
 
 @dataclass
 class OpenFile:
-    """One open() of a file: the node as revalidated then, and the content file."""
+    """One open() of a file: its node and the content file."""
 
-    node: Node
+    ino: int
     fd: int
+    writable: bool = False
+    wrote: bool = False
+
+
+def _decrement(table: dict[int, int], key: int) -> None:
+    count = table.get(key, 0) - 1
+    if count > 0:
+        table[key] = count
+    else:
+        table.pop(key, None)
 
 
 def _fetch_into(remote: Remote, path: bytes, content_path: str, offset: int, length: int) -> int:

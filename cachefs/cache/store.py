@@ -29,17 +29,24 @@ another release is refused with a clear message instead of being misread.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import stat as stat_mod
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
+from ..sync import journal
+from ..sync.journal import Op
 from . import ranges as rangeset
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ PINNED = 1 << 2  # available offline: fetched whole, never evicted
 DIRTY = 1 << 3  # has changes that are not on the remote yet
 CONFLICT = 1 << 4
 TARGET = 1 << 5  # symlink: ``target`` is known
+ORPHAN = 1 << 6  # unlinked here while still open: removed at the last release
+ATTR_DIRTY = 1 << 7  # mode or times changed here, not yet on the remote
 
 
 class StoreError(Exception):
@@ -79,8 +88,10 @@ class Node:
     base: tuple[int, int, int] | None = None  # remote (size, mtime_ns, kind) we agree with
     last_use: float = 0.0
     target: bytes = b""
+    gen: int = 0  # content generation: +1 at each local change of content
+    synced_gen: int = 0  # the generation last uploaded to the remote
 
-    _HEAD = struct.Struct("<BHIIIIQqqqQqqIdHI")
+    _HEAD = struct.Struct("<BHIIIIQqqqQqqIdHIQQ")
     _VERSION = 1
 
     @property
@@ -104,6 +115,7 @@ class Node:
             self._VERSION, self.flags, self.mode, self.uid, self.gid, self.nlink,
             self.size, self.mtime_ns, self.atime_ns, self.ctime_ns, self.parent,
             base[0], base[1], base[2], self.last_use, len(self.name), len(self.target),
+            self.gen, self.synced_gen,
         )
         return head + self.name + self.target
 
@@ -112,7 +124,7 @@ class Node:
         if not data or data[0] != cls._VERSION:
             raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
         (_v, flags, mode, uid, gid, nlink, size, mtime, atime, ctime, parent,
-         bsize, bmtime, bkind, last_use, name_len, target_len) = cls._HEAD.unpack_from(data)
+         bsize, bmtime, bkind, last_use, name_len, target_len, gen, synced_gen) = cls._HEAD.unpack_from(data)
         off = cls._HEAD.size
         name = bytes(data[off:off + name_len])
         target = bytes(data[off + name_len:off + name_len + target_len])
@@ -121,7 +133,7 @@ class Node:
         return cls(ino=ino, parent=parent, name=name, mode=mode, size=size, mtime_ns=mtime,
                    atime_ns=atime, ctime_ns=ctime, uid=uid, gid=gid, nlink=nlink, flags=flags,
                    base=None if bsize < 0 else (bsize, bmtime, bkind), last_use=last_use,
-                   target=target)
+                   target=target, gen=gen, synced_gen=synced_gen)
 
 
 def _key(ino: int) -> bytes:
@@ -220,6 +232,15 @@ class Store:
                 self.env.set_mapsize(new)
         raise AssertionError("unreachable")
 
+    def transact(self, fn: Callable[["Txn"], T]) -> T:
+        """Run ``fn(Txn)`` in one write transaction: a change to the namespace and its
+        journal entry commit together or not at all."""
+        return self.run_write(lambda txn: fn(Txn(self, txn)))  # type: ignore[return-value]
+
+    def journal_ops(self) -> list[Op]:
+        with self.env.begin() as txn:
+            return [Op.decode(journal.seq_of(k), v) for k, v in txn.cursor(db=self.journal)]
+
     # -- meta -------------------------------------------------------------------------
     def get_meta(self, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
@@ -308,6 +329,8 @@ class Store:
                 if ino is not None:
                     data = txn.get(_key(ino), db=self.nodes)
                     old = Node.unpack(ino, data) if data is not None else None
+                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY):
+                        continue  # local changes win until they are replayed
                     if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
                         # A different kind of object under the same name: a new node.
                         delta.removed.append(old)
@@ -419,9 +442,102 @@ class Store:
         with self.env.begin() as txn:
             return txn.stat(db)["entries"]
 
+    def conflict_records(self) -> list[dict]:
+        with self.env.begin() as txn:
+            return [json.loads(v) for _k, v in txn.cursor(db=self.conflicts)]
+
+    def delete_conflict(self, cid: int) -> None:
+        self.run_write(lambda txn: txn.delete(_key(cid), db=self.conflicts))
+
     def sync(self) -> None:
         """Make every commit so far durable (fsync of the index)."""
         self.env.sync(True)
+
+
+class Txn:
+    """Namespace and journal operations inside one write transaction."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+
+    def node(self, ino: int) -> Node | None:
+        data = self.txn.get(_key(ino), db=self.store.nodes)
+        return None if data is None else Node.unpack(ino, data)
+
+    def put(self, node: Node) -> None:
+        self.txn.put(_key(node.ino), node.pack(), db=self.store.nodes)
+
+    def delete_node(self, ino: int) -> None:
+        self.txn.delete(_key(ino), db=self.store.nodes)
+        self.txn.delete(_key(ino), db=self.store.ranges_db)
+
+    def child_ino(self, parent: int, name: bytes) -> int | None:
+        data = self.txn.get(_entry_key(parent, name), db=self.store.entries)
+        return None if data is None else _U64.unpack(data)[0]
+
+    def child(self, parent: int, name: bytes) -> Node | None:
+        ino = self.child_ino(parent, name)
+        return None if ino is None else self.node(ino)
+
+    def set_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.txn.put(_entry_key(parent, name), _key(ino), db=self.store.entries)
+
+    def delete_entry(self, parent: int, name: bytes) -> None:
+        self.txn.delete(_entry_key(parent, name), db=self.store.entries)
+
+    def entries_of(self, parent: int) -> list[tuple[bytes, int]]:
+        prefix = _U64.pack(parent)
+        out = []
+        cur = self.txn.cursor(db=self.store.entries)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                out.append((bytes(k[8:]), _U64.unpack(v)[0]))
+        return out
+
+    def has_children(self, parent: int) -> bool:
+        prefix = _U64.pack(parent)
+        cur = self.txn.cursor(db=self.store.entries)
+        return bool(cur.set_range(prefix)) and bytes(cur.key()).startswith(prefix)
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """Every (parent, name) that leads to ``ino`` (hard links); a full scan, so rare."""
+        target = _key(ino)
+        return [(_U64.unpack(k[:8])[0], bytes(k[8:]))
+                for k, v in self.txn.cursor(db=self.store.entries) if v == target]
+
+    def new_ino(self) -> int:
+        return self.store._new_ino(self.txn)
+
+    def path_of(self, ino: int) -> bytes:
+        parts: list[bytes] = []
+        while ino != ROOT_INO:
+            node = self.node(ino)
+            if node is None:
+                raise KeyError(ino)
+            parts.append(node.name)
+            ino = node.parent
+        return b"/".join(reversed(parts))
+
+    def append(self, op: Op) -> int:
+        """Add an operation at the end of the journal; its sequence number."""
+        cur = self.txn.cursor(db=self.store.journal)
+        seq = journal.seq_of(cur.key()) + 1 if cur.last() else 1
+        op.seq = seq
+        self.txn.put(journal.key(seq), op.encode(), db=self.store.journal)
+        return seq
+
+    def delete_op(self, seq: int) -> None:
+        self.txn.delete(journal.key(seq), db=self.store.journal)
+
+    def add_conflict(self, record: dict) -> int:
+        cur = self.txn.cursor(db=self.store.conflicts)
+        cid = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
+        record["id"] = cid
+        self.txn.put(_key(cid), json.dumps(record).encode(), db=self.store.conflicts)
+        return cid
 
 
 @dataclass

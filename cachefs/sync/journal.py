@@ -1,0 +1,119 @@
+"""The journal: the ordered log of changes not yet on the remote (Coda's CML).
+
+Owns: the operation record (``Op``), its encoding in the store's ``journal`` database,
+and the optimisation applied before replay. Pure logic: no I/O, no LMDB transactions of
+its own (callers append inside their own write transaction), no remote.
+
+What each operation means at replay time:
+
+``create``   a file made here: upload the node's content *as it is at replay time* to
+             ``path`` (so successive writes become one upload of the final content)
+``store``    content changed here: upload the node's current content to ``path``
+``setattr``  mode or times changed here: apply the node's current mode and mtime
+``mkdir``, ``symlink``, ``link``, ``unlink``, ``rmdir``, ``rename``: as their names say.
+
+Every operation carries the **base version** of what it changes (``base``: the remote's
+``(size, mtime_ns, kind)`` when the cache last agreed with it, or None for something
+created here), which the replay compares with the remote to find conflicts.
+"""
+
+from __future__ import annotations
+
+import json
+import stat as stat_mod
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_U64 = struct.Struct(">Q")
+
+CONTENT_OPS = {"create", "store"}
+KINDS = {"create", "store", "setattr", "mkdir", "symlink", "link", "unlink", "rmdir", "rename"}
+
+
+def _text(path: bytes) -> str:
+    # Names are bytes; JSON is text. surrogateescape keeps every byte (and json escapes
+    # lone surrogates as \\udcXX), so the round trip is exact.
+    return path.decode("utf-8", "surrogateescape")
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class Op:
+    kind: str
+    ino: int  # the node the operation is about (for rename: the moved node)
+    path: bytes  # remote path at the time of the operation
+    base: tuple[int, int, int] | None = None
+    parent: int = 0  # folder whose listing this changes
+    dst: bytes = b""  # rename, link: the new name
+    dst_parent: int = 0
+    replaced: int = 0  # rename: node that was at dst (0: none)
+    replaced_base: tuple[int, int, int] | None = None
+    target: bytes = b""  # symlink
+    mode: int = 0
+    seq: int = 0  # the journal key; set when read back
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        record = {k: v for k, v in asdict(self).items() if k != "seq" and v not in (b"", 0, None, {})}
+        record["kind"] = self.kind
+        for key in ("path", "dst", "target"):
+            if key in record:
+                record[key] = _text(record[key])
+        record["v"] = 1
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, seq: int, data: bytes) -> "Op":
+        record = json.loads(data)
+        if record.pop("v", None) != 1 or record.get("kind") not in KINDS:
+            raise ValueError(f"journal entry {seq} is not one this release reads")
+        for key in ("path", "dst", "target"):
+            if key in record:
+                record[key] = _bytes(record[key])
+        for key in ("base", "replaced_base"):
+            if record.get(key) is not None:
+                record[key] = tuple(record[key])
+        return cls(seq=seq, **record)
+
+    def folders(self) -> set[int]:
+        """Folders whose listing this operation changes (kept local until replayed)."""
+        return {p for p in (self.parent, self.dst_parent) if p}
+
+
+def key(seq: int) -> bytes:
+    return _U64.pack(seq)
+
+
+def seq_of(key_bytes: bytes) -> int:
+    return _U64.unpack(key_bytes)[0]
+
+
+def optimise(ops: list[Op], alive: set[int]) -> tuple[list[Op], list[Op]]:
+    """Drop what need never reach the remote; returns (kept, dropped).
+
+    Objects created here and deleted again (their node is not in ``alive``) vanish from
+    the log with every operation about them: a file created and deleted offline never
+    reaches the remote. A rename of such an object that replaced a remote object becomes
+    an unlink of that object, so the replaced version still goes away as it did here.
+    Repeated stores and attribute changes need no rewriting: replay uploads the current
+    content and attributes once and skips the rest (see ``cachefs.sync.manager``).
+    """
+    created_here = {op.ino for op in ops if op.kind in ("create", "mkdir", "symlink")}
+    doomed = {ino for ino in created_here if ino not in alive}
+    kept: list[Op] = []
+    dropped: list[Op] = []
+    for op in ops:
+        if op.ino in doomed and op.kind != "link":
+            if op.kind == "rename" and op.replaced and op.replaced_base is not None:
+                kind = "rmdir" if stat_mod.S_ISDIR(op.replaced_base[2]) else "unlink"
+                kept.append(Op(kind, op.replaced, op.dst, base=op.replaced_base,
+                               parent=op.dst_parent, seq=op.seq))
+            else:
+                dropped.append(op)
+            continue
+        kept.append(op)
+    return kept, dropped

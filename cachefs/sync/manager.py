@@ -1,0 +1,515 @@
+"""The synchronization manager: replays the journal onto the remote (Coda's reintegration).
+
+Owns: when to reconcile (write-back after a change, on reconnect, on request, on a
+schedule), the replay of each journaled operation with conflict detection, conflict
+records, and the progress shown in status.
+Must not touch: FUSE. It is the only component that changes the remote.
+
+Every replayed operation is idempotent or recognises that it already happened, so a
+crash or a dropped connection at any point resumes cleanly:
+- an upload goes to a temporary name and is renamed over the target, then the remote
+  mtime is set to the local one; a retry that finds the remote already equal to the
+  local (size, mtime) knows its upload landed;
+- removals that find nothing to remove, and folders that already exist, count as done;
+- the journal entry is deleted, and the node's new base version recorded, in one
+  transaction after the remote change.
+
+A conflict never loses a version: the remote keeps the name, the local version is
+uploaded beside it as ``NAME (conflict YYYY-MM-DD HHMMSS HOST).EXT``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import socket
+import stat as stat_mod
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import trio
+
+from ..cache.cache import Cache
+from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn
+from ..remote import Remote, RemoteError, RemoteStat
+from ..remote.base import join
+from .connectivity import Connectivity, Unavailable
+from .journal import CONTENT_OPS, Op, optimise
+from .journal import key as journal_key
+
+log = logging.getLogger(__name__)
+
+
+class SyncFailed(Exception):
+    """A requested reconciliation did not complete; the message says why."""
+
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+def conflict_name(name: bytes, when: float, host: str) -> bytes:
+    """``NAME (conflict YYYY-MM-DD HHMMSS HOST).EXT`` (the extension kept last)."""
+    stamp = datetime.fromtimestamp(when).strftime("%Y-%m-%d %H%M%S")
+    tag = f" (conflict {stamp} {host})".encode()
+    dot = name.rfind(b".")
+    if dot > 0:
+        stem, ext = name[:dot], name[dot:]
+    else:
+        stem, ext = name, b""
+    room = 255 - len(tag) - len(ext)
+    return stem[:max(1, room)] + tag + ext
+
+
+def _same_second(a_ns: int, b_ns: int) -> bool:
+    return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
+
+
+@dataclass
+class Progress:
+    ops_done: int = 0
+    ops_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"ops_done": self.ops_done, "ops_total": self.ops_total,
+                "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
+
+
+@dataclass
+class PassResult:
+    complete: bool
+    reason: str | None = None
+    conflicts: list[dict] = field(default_factory=list)
+
+
+class SyncManager:
+    def __init__(self, store: Store, cache: Cache, conn: Connectivity, *,
+                 writeback_delay: float = 0.3, interval: float = 300.0,
+                 flush_timeout: float = 30.0) -> None:
+        self.store = store
+        self.cache = cache
+        self.conn = conn
+        self.remote: Remote = conn.remote
+        self.writeback_delay = writeback_delay
+        self.interval = interval
+        self.flush_timeout = flush_timeout
+        self.host = socket.gethostname().split(".")[0] or "host"
+        self.syncing = False
+        self.progress = Progress()
+        self.last_sync: float | None = None
+        self.last_error: str | None = None
+        self._wake = trio.Event()
+        self._pass_lock = trio.Lock()
+        self._blocked_on: int | None = None  # ino whose open writer holds the queue
+        cache.changed = self.poke
+        conn.on_online(self.poke)
+        cache.rebuild_local_dirs()
+
+    # -- triggers -------------------------------------------------------------------------
+    def poke(self) -> None:
+        """Something changed (journal append, release, reconnect): reconcile soon."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await trio.sleep(self.writeback_delay)  # let a burst of changes settle
+            if self.conn.online and self.pending():
+                await self.reintegrate()
+
+    def pending(self) -> int:
+        return self.store.count(self.store.journal)
+
+    async def request_sync(self) -> None:
+        """One full pass now (joining one under way); raises ``SyncFailed`` unless the
+        journal is empty and the remote reachable afterwards."""
+        if not self.conn.online:
+            self.conn.probe_now()
+            with trio.move_on_after(min(self.conn.timeout, 5)):
+                while not self.conn.online:
+                    await trio.sleep(0.05)
+                    if self.conn.state.value == "offline-by-request":
+                        break
+        if not self.conn.online:
+            raise SyncFailed(f"remote is offline: {self.conn.last_error or 'not reachable'}",
+                             errno.EHOSTDOWN)
+        result = await self.reintegrate()
+        if not result.complete:
+            raise SyncFailed(result.reason or "reconciliation did not complete")
+        self.last_sync = time.time()
+
+    async def flush_at_unmount(self) -> None:
+        """Like SyncMgr's sync at logoff: drain the journal, bounded by a timeout."""
+        if not self.conn.online or not self.pending():
+            return
+        log.info("unmounting: replaying %d pending changes (at most %g s)",
+                 self.pending(), self.flush_timeout)
+        with trio.move_on_after(self.flush_timeout):
+            await self.reintegrate()
+        if self.pending():
+            log.warning("%d changes still pending: they will be replayed by the next mount",
+                        self.pending())
+
+    # -- a pass ---------------------------------------------------------------------------
+    async def reintegrate(self) -> PassResult:
+        async with self._pass_lock:
+            self.syncing = True
+            try:
+                result = await self._pass()
+            finally:
+                self.syncing = False
+            if result.complete:
+                self.last_sync = time.time()
+                self.last_error = None
+            else:
+                self.last_error = result.reason
+            return result
+
+    async def _pass(self) -> PassResult:
+        ops = self.store.journal_ops()
+        if not ops:
+            return PassResult(True)
+        alive = set()
+        for ino in {op.ino for op in ops}:
+            node = self.store.get(ino)
+            if node is not None and not node.has(ORPHAN):
+                alive.add(ino)
+        kept, dropped = optimise(ops, alive)
+        if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
+            self._rewrite(ops, kept, dropped)
+        self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
+        for op in kept:
+            if op.kind in CONTENT_OPS and self.cache.writers.get(op.ino):
+                return PassResult(False, f"{op.path!r} is still open for writing")
+            try:
+                sent = await self._replay(op)
+            except Unavailable as exc:
+                return PassResult(False, f"remote is offline: {exc}")
+            except RemoteError as exc:
+                # The remote refuses this change for good (permission, quota...): keep the
+                # local version, record it, and go on with the rest.
+                log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
+                self._finish(op, conflict=self._record(op, "error", error=str(exc)))
+            else:
+                self.progress.bytes_done += sent
+            self.progress.ops_done += 1
+        return PassResult(True)
+
+    def _rewrite(self, ops: list[Op], kept: list[Op], dropped: list[Op]) -> None:
+        kept_by_seq = {op.seq: op for op in kept}
+
+        def change(t: Txn) -> None:
+            for op in ops:
+                new = kept_by_seq.get(op.seq)
+                if new is None:
+                    t.delete_op(op.seq)
+                elif new is not op:
+                    t.txn.put(journal_key(op.seq), new.encode(), db=self.store.journal)
+
+        self.store.transact(change)
+        for op in dropped:
+            self.cache.op_done(op)
+
+    def _bytes_to_send(self, ops: list[Op]) -> int:
+        total = 0
+        for op in ops:
+            if op.kind in CONTENT_OPS:
+                node = self.store.get(op.ino)
+                if node is not None and node.gen != node.synced_gen:
+                    total += node.size
+        return total
+
+    def _finish(self, op: Op, update=None, conflict: dict | None = None) -> None:
+        """The op is on the remote (or settled): drop it from the journal, and record
+        what the node now agrees with, in one transaction."""
+        def change(t: Txn) -> None:
+            t.delete_op(op.seq)
+            if update is not None:
+                update(t)
+            if conflict is not None:
+                t.add_conflict(conflict)
+
+        self.store.transact(change)
+        self.cache.op_done(op)
+
+    def _record(self, op: Op, kind: str, **details) -> dict:
+        record = {"kind": kind, "path": op.path.decode("utf-8", "surrogateescape"),
+                  "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "ino": op.ino, **details}
+        log.warning("conflict (%s) on %r", kind, op.path)
+        return record
+
+    # -- remote helpers -------------------------------------------------------------------
+    async def _stat(self, path: bytes) -> RemoteStat | None:
+        try:
+            return await self.conn.call(self.remote.stat, path)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    async def _make_parents(self, path: bytes) -> bool:
+        """Re-create missing folders above ``path``; True if any was missing."""
+        parts = path.split(b"/")[:-1]
+        made = False
+        for i in range(1, len(parts) + 1):
+            folder = b"/".join(parts[:i])
+            st = await self._stat(folder)
+            if st is None:
+                await self.conn.call(self.remote.mkdir, folder, 0o755)
+                made = True
+        return made
+
+    async def _same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:
+        if remote.size != node.size or not stat_mod.S_ISREG(remote.mode):
+            return False
+        if node.size > 64 << 20:
+            return False  # too costly to compare: treat as a conflict (both kept)
+        theirs = await self.conn.call(self.remote.read, path, 0, node.size + 1)
+        ours = await trio.to_thread.run_sync(_read_file, self.store.content_path(node.ino))
+        return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
+
+    async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
+        name = path.rsplit(b"/", 1)[-1]
+        temp = b"." + name[:200] + b".cachefs-tmp-" + str(seq).encode()  # beside the target
+        return await self.conn.call(_upload_file, self.remote, path, self.store.content_path(node.ino),
+                                    stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns)
+
+    # -- one operation ----------------------------------------------------------------------
+    async def _replay(self, op: Op) -> int:
+        """Apply one journaled operation to the remote; bytes sent."""
+        handler = getattr(self, f"_replay_{op.kind}")
+        return await handler(op)
+
+    async def _replay_create(self, op: Op) -> int:
+        return await self._replay_content(op, created=True)
+
+    async def _replay_store(self, op: Op) -> int:
+        return await self._replay_content(op, created=False)
+
+    async def _replay_content(self, op: Op, created: bool) -> int:
+        node = self.store.get(op.ino)
+        if node is None or node.has(ORPHAN):
+            self._finish(op)
+            return 0
+        if node.gen == node.synced_gen and not created:
+            self._finish(op)  # an earlier operation already uploaded this content
+            return 0
+        gen = node.gen
+        remote = await self._stat(op.path)
+        conflict = None
+        if remote is None:
+            if not created and node.base is not None:
+                conflict = self._record(op, "deleted-remote-changed-local")
+            if await self._make_parents(op.path):
+                conflict = conflict or self._record(op, "folder-recreated")
+        elif created or remote.version() != node.base:
+            ours = stat_mod.S_ISREG(remote.mode) and remote.size == node.size \
+                and _same_second(remote.mtime_ns, node.mtime_ns)
+            # ``ours``: our own upload landed just before a crash or a cut connection.
+            if ours or await self._same_content(node, op.path, remote):
+                self._finish(op, self._agree(op.ino, remote, gen))
+                return 0
+            return await self._keep_both(op, node, remote, gen)
+        new = await self._upload(node, op.path, op.seq)
+        self._finish(op, self._agree(op.ino, new, gen), conflict)
+        return node.size
+
+    def _agree(self, ino: int, remote: RemoteStat, gen: int | None):
+        """An update that records ``remote`` as the node's base version."""
+        def update(t: Txn) -> None:
+            n = t.node(ino)
+            if n is None:
+                return
+            n.base = remote.version()
+            if gen is not None:
+                n.synced_gen = gen
+                if n.gen == gen:
+                    n.flags &= ~DIRTY
+                else:  # written again during the upload: one more upload to come
+                    t.append(Op("store", ino, t.path_of(ino), base=n.base, parent=n.parent))
+            t.put(n)
+        return update
+
+    async def _keep_both(self, op: Op, node: Node, remote: RemoteStat, gen: int) -> int:
+        """Changed on both sides: the remote keeps the name, ours goes beside it."""
+        parent, _, name = op.path.rpartition(b"/")
+        copy = join(parent, conflict_name(name, time.time(), self.host))
+        await self._upload(node, copy, op.seq)
+        record = self._record(op, "changed-both", conflict_path=copy.decode("utf-8", "surrogateescape"),
+                              local={"size": node.size, "mtime_ns": node.mtime_ns},
+                              remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
+
+        def update(t: Txn) -> None:
+            n = t.node(op.ino)
+            if n is None:
+                return
+            n.base = None  # nothing cached agrees with the remote: refetch on next use
+            n.flags &= ~(DIRTY | FULL | ATTR_DIRTY)
+            n.flags |= CONFLICT
+            n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
+            n.synced_gen = n.gen = gen
+            t.put(n)
+
+        self._finish(op, update, record)
+        self.cache.remote_changed(op.ino, parent_ino=op.parent)
+        return node.size
+
+    async def _replay_setattr(self, op: Op) -> int:
+        node = self.store.get(op.ino)
+        if node is None or node.has(ORPHAN):
+            self._finish(op)
+            return 0
+        try:
+            await self.conn.call(_apply_attrs, self.remote, op.path, stat_mod.S_IMODE(node.mode),
+                                 node.atime_ns, node.mtime_ns, node.is_dir)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self._finish(op, conflict=self._record(op, "attributes-of-deleted"))
+            return 0
+
+        def update(t: Txn) -> None:
+            n = t.node(op.ino)
+            if n is not None:
+                n.flags &= ~ATTR_DIRTY
+                t.put(n)
+
+        self._finish(op, update)
+        return 0
+
+    async def _replay_mkdir(self, op: Op) -> int:
+        remote = await self._stat(op.path)
+        if remote is not None and not stat_mod.S_ISDIR(remote.mode):
+            return await self._rename_local_aside(op, remote)
+        if remote is None:
+            try:
+                await self.conn.call(self.remote.mkdir, op.path, stat_mod.S_IMODE(op.mode) or 0o755)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                await self._make_parents(op.path)
+                await self.conn.call(self.remote.mkdir, op.path, stat_mod.S_IMODE(op.mode) or 0o755)
+            remote = await self._stat(op.path)
+        self._finish(op, self._agree(op.ino, remote, None) if remote else None)
+        return 0
+
+    async def _rename_local_aside(self, op: Op, remote: RemoteStat) -> int:
+        """A folder or symlink made here collides with another kind of object there:
+        ours is created under a conflict name."""
+        parent, _, name = op.path.rpartition(b"/")
+        copy = join(parent, conflict_name(name, time.time(), self.host))
+        if op.kind == "mkdir":
+            await self.conn.call(self.remote.mkdir, copy, stat_mod.S_IMODE(op.mode) or 0o755)
+        else:
+            await self.conn.call(self.remote.symlink, op.target, copy)
+        self._finish(op, conflict=self._record(op, "created-both",
+                                               conflict_path=copy.decode("utf-8", "surrogateescape")))
+        self.cache.remote_changed(op.ino, parent_ino=op.parent, moved_aside=True)
+        return 0
+
+    async def _replay_symlink(self, op: Op) -> int:
+        remote = await self._stat(op.path)
+        if remote is not None:
+            if stat_mod.S_ISLNK(remote.mode):
+                target = await self.conn.call(self.remote.readlink, op.path)
+                if target == op.target:
+                    self._finish(op, self._agree(op.ino, remote, None))
+                    return 0
+            return await self._rename_local_aside(op, remote)
+        await self._make_parents(op.path)
+        await self.conn.call(self.remote.symlink, op.target, op.path)
+        remote = await self._stat(op.path)
+        self._finish(op, self._agree(op.ino, remote, None) if remote else None)
+        return 0
+
+    async def _replay_link(self, op: Op) -> int:
+        remote = await self._stat(op.dst)
+        if remote is None:
+            await self.conn.call(self.remote.link, op.path, op.dst)
+        self._finish(op)
+        return 0
+
+    async def _replay_unlink(self, op: Op) -> int:
+        remote = await self._stat(op.path)
+        if remote is None:
+            self._finish(op)
+            return 0
+        if op.base is not None and remote.version() != op.base:
+            # Deleted here, changed there: the changed version survives.
+            self._finish(op, conflict=self._record(op, "deleted-local-changed-remote"))
+            return 0
+        if stat_mod.S_ISDIR(remote.mode):
+            return await self._replay_rmdir(op)
+        await self.conn.call(self.remote.unlink, op.path)
+        self._finish(op)
+        return 0
+
+    async def _replay_rmdir(self, op: Op) -> int:
+        remote = await self._stat(op.path)
+        if remote is None:
+            self._finish(op)
+            return 0
+        try:
+            await self.conn.call(self.remote.rmdir, op.path)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or exc.errno == errno.EIO:
+                # New entries appeared there: nothing that changed there is deleted.
+                entries = await self.conn.call(self.remote.listdir, op.path)
+                if entries:
+                    self._finish(op, conflict=self._record(op, "folder-not-empty-remote"))
+                    return 0
+            raise
+        self._finish(op)
+        return 0
+
+    async def _replay_rename(self, op: Op) -> int:
+        src = await self._stat(op.path)
+        dst = await self._stat(op.dst)
+        if src is None:
+            # Already moved (a crash after the rename), or moved/deleted there.
+            if dst is None:
+                self._finish(op, conflict=self._record(op, "renamed-missing-remote"))
+            else:
+                self._finish(op)
+            return 0
+        target = op.dst
+        conflict = None
+        if dst is not None and (op.replaced_base is None or dst.version() != op.replaced_base):
+            # A name that appeared there (or changed there): ours becomes a conflict copy.
+            parent, _, name = op.dst.rpartition(b"/")
+            target = join(parent, conflict_name(name, time.time(), self.host))
+            conflict = self._record(op, "renamed-onto-new-remote",
+                                    conflict_path=target.decode("utf-8", "surrogateescape"))
+        await self._make_parents(target)
+        await self.conn.call(self.remote.rename, op.path, target)
+        self._finish(op, conflict=conflict)
+        if conflict is not None:
+            self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
+        return 0
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _upload_file(remote: Remote, path: bytes, content_path: str, mode: int, temp: bytes,
+                 atime_ns: int, mtime_ns: int) -> RemoteStat:
+    """Worker thread: atomic upload, then the local times, then the new remote version."""
+    remote.upload(path, content_path, mode, temp)
+    remote.utime(path, atime_ns, mtime_ns)
+    return remote.stat(path)
+
+
+def _apply_attrs(remote: Remote, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                 is_dir: bool) -> None:
+    remote.chmod(path, mode)
+    remote.utime(path, atime_ns, mtime_ns)
