@@ -14,11 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from . import __version__
 from .address import RemoteAddress, parse_remote
+from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
+from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
 
 DEFAULT_TIMEOUT = 10.0
@@ -67,14 +70,69 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    help="how often an idle mount checks that the remote still answers (default: 10)")
     p.add_argument("--connections", type=int, default=4, metavar="N",
                    help="SSH connections used in parallel (default: 4)")
+    p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                   help="content kept in the cache before the least recently used clean, "
+                        "unpinned files are evicted, e.g. 500M, 20G (default: 10G)")
+    p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
+                   help="how often a full sync runs (pinned folders refreshed, pending "
+                        "changes replayed) besides on change and on reconnect (default: 300)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (e.g. allow_other)")
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: -o options that are cachefs's own (as in an /etc/fstab line): name -> argument dest
+OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": "known_hosts",
+               "accept_new_host_key": "accept_new_host_key", "port": "port", "timeout": "timeout",
+               "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
+               "cache_size": "cache_size", "sync_interval": "sync_interval", "verbose": "verbose"}
+#: options handed to the kernel's FUSE mount
+FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
+                "max_read", "blksize", "fsname", "subtype"}
+#: options meant for mount(8) or systemd only
+MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner",
+              "group", "sync", "async", "comment"}
+
+
+def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Sort ``-o a,b=c`` into cachefs's own settings and FUSE options (fstab support)."""
+    fuse: list[str] = []
+    for text in args.fuse_options:
+        for opt in filter(None, text.split(",")):
+            key, eq, value = opt.partition("=")
+            key_u = key.replace("-", "_")
+            if key_u in OWN_OPTIONS:
+                action = next(a for a in parser._actions if a.dest == OWN_OPTIONS[key_u])
+                if action.nargs == 0:  # a flag
+                    setattr(args, action.dest, True)
+                else:
+                    if not eq:
+                        parser.error(f"-o {key} needs a value ({key}=...)")
+                    try:
+                        setattr(args, action.dest, action.type(value) if action.type else value)
+                    except (ValueError, argparse.ArgumentTypeError) as exc:
+                        parser.error(f"-o {opt}: {exc}")
+            elif key in FUSE_OPTIONS:
+                fuse.append(opt)
+            elif key in MOUNT_ONLY or key.startswith("x-"):
+                continue
+            else:
+                parser.error(f"unknown mount option -o {opt}")
+    args.fuse_options = fuse
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import MountConfig, MountError, run
 
+    apply_dash_o(args, args.parser)
     try:
         address = parse_remote(args.remote, port=args.port)
     except ValueError as exc:
@@ -97,6 +155,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         attr_timeout=args.attr_timeout,
         heartbeat=args.heartbeat,
+        cache_size=args.cache_size,
+        sync_interval=args.sync_interval,
         fuse_options=args.fuse_options,
     )
     try:
@@ -155,10 +215,113 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    width = max(len(k) for k in status)
-    for key, value in status.items():
-        print(f"{key:<{width}}  {value if value is not None else '-'}")
+    limit = status.get("cache_limit") or 0
+    used = status.get("cache_bytes") or 0
+    rows = [
+        ("state", status.get("state")),
+        ("remote", status.get("remote")),
+        ("mount point", str(root)),
+        ("pending changes", status.get("pending")),
+        ("conflicts", status.get("conflicts")),
+        ("cache use", f"{human_bytes(used)} of {human_bytes(limit)}"
+                      + (" (pinned and changed files alone exceed the limit)"
+                         if status.get("over_limit_pinned") else "")),
+        ("pinned", ", ".join(status.get("pinned") or []) or "-"),
+        ("last sync", status.get("last_sync") or "never"),
+        ("last error", status.get("last_error") or "-"),
+        ("cache dir", status.get("cache_dir")),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<17}{value}")
     return 0
+
+
+def _relative(root: Path, target: Path) -> str:
+    rel = os.path.relpath(os.path.abspath(target.expanduser()), root)
+    if rel == ".":
+        return "."
+    if rel.startswith(".."):
+        raise SystemExit(f"cachefs: {target} is not inside the mount {root}")
+    return rel
+
+
+def send_command(root: Path, command: str, label: str | None = None) -> int:
+    """Write one command to the control file; with ``label``, show progress meanwhile."""
+    result: dict[str, BaseException | None] = {"error": None}
+
+    def write() -> None:
+        try:
+            fd = os.open(root / ".cachefs" / "control", os.O_WRONLY)
+            try:
+                os.write(fd, command.encode("utf-8", "surrogateescape"))
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # reported below, in the main thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=write, daemon=True)
+    worker.start()
+    view = ProgressView(label) if label else None
+    while worker.is_alive():
+        worker.join(0.2)
+        if view is not None:
+            try:
+                view.update(read_status(root).get("progress"))
+            except (OSError, ValueError):
+                pass
+    error = result["error"]
+    if error is None:
+        if view is not None:
+            view.finish(f"{label}: done")
+        return 0
+    reason = None
+    try:
+        reason = read_status(root).get("last_error")
+    except (OSError, ValueError):
+        pass
+    if view is not None:
+        view.finish(f"{label}: failed")
+    message = reason or (os.strerror(error.errno) if isinstance(error, OSError) and error.errno else str(error))
+    return _fail(f"{command.split()[0]}: {message}")
+
+
+def cmd_simple(args: argparse.Namespace) -> int:
+    root = find_mount_root(Path(args.path))
+    label = "sync" if args.command == "sync" else None
+    return send_command(root, args.command, label)
+
+
+def cmd_paths(args: argparse.Namespace) -> int:
+    status = 0
+    for target in args.paths:
+        root = find_mount_root(Path(target))
+        rel = _relative(root, Path(target))
+        label = f"pin {target}" if args.command == "pin" else None
+        status |= send_command(root, f"{args.command} {rel}", label)
+    return status
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    root = find_mount_root(Path(args.path))
+    records = json.loads((root / ".cachefs" / "conflicts").read_text())
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print("no conflicts")
+        return 0
+    for r in records:
+        line = f"{r.get('time', '')}  {r.get('kind')}  /{r.get('path')}"
+        if r.get("conflict_path"):
+            line += f"  (other version: /{r['conflict_path']})"
+        print(line)
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    root = find_mount_root(Path(args.path))
+    rel = _relative(root, Path(args.path))
+    return send_command(root, f"resolve {rel} {args.keep}")
 
 
 def _fail(message: str) -> int:
@@ -175,7 +338,7 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
 
     p = sub.add_parser("mount", help="mount a remote folder", description="Mount REMOTE on MOUNTPOINT.")
     add_mount_arguments(p)
-    p.set_defaults(func=cmd_mount)
+    p.set_defaults(func=cmd_mount, parser=p)
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount cleanly",
                        description="Unmount a cachefs mount and wait for its process to finish.")
@@ -185,25 +348,72 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
                    help="how long to wait for the mount process to finish (default: 60)")
     p.set_defaults(func=cmd_unmount)
 
+    where = "the mount point or a path inside it (default: the current folder)"
     p = sub.add_parser("status", help="show the state of a mount",
-                       description="Show the state of the mount holding PATH.")
-    p.add_argument("path", metavar="PATH", nargs="?", default=".",
-                   help="the mount point or a path inside it (default: the current folder)")
+                       description="Show the state of the mount holding PATH: connectivity, "
+                                   "remote, pending changes, conflicts, cache use, pinned "
+                                   "folders, last sync and last error.")
+    p.add_argument("path", metavar="PATH", nargs="?", default=".", help=where)
     p.add_argument("--json", action="store_true", help="print the raw JSON status")
     p.set_defaults(func=cmd_status)
+
+    for name, text in [
+        ("sync", "reconcile now: replay pending changes and refresh pinned folders; "
+                 "shows progress; exits non-zero with the reason if it did not complete"),
+        ("offline", "work offline on purpose: no remote access, changes are journaled"),
+        ("online", "return to automatic mode: use the remote when it answers"),
+    ]:
+        p = sub.add_parser(name, help=text.split(":")[0], description=text[0].upper() + text[1:] + ".")
+        p.add_argument("path", metavar="PATH", nargs="?", default=".", help=where)
+        p.set_defaults(func=cmd_simple)
+
+    for name, text in [
+        ("pin", "make files or folders available offline: fetched whole now and kept "
+                "(folders include what appears in them later); shows progress"),
+        ("unpin", "make pinned files or folders evictable again"),
+        ("evict", "drop cached content under PATH that is already on the server "
+                  "(changes not yet on the server and pinned files are kept)"),
+    ]:
+        p = sub.add_parser(name, help=text.split(":")[0].split(" (")[0], description=text[0].upper() + text[1:] + ".")
+        p.add_argument("paths", metavar="PATH", nargs="+", help="a file or folder inside a cachefs mount")
+        p.set_defaults(func=cmd_paths)
+
+    p = sub.add_parser("conflicts", help="list recorded conflicts",
+                       description="List the conflicts recorded by the mount holding PATH.")
+    p.add_argument("path", metavar="PATH", nargs="?", default=".", help=where)
+    p.add_argument("--json", action="store_true", help="print the raw JSON list")
+    p.set_defaults(func=cmd_conflicts)
+
+    p = sub.add_parser("resolve", help="settle a conflict",
+                       description="Settle the conflict recorded for PATH (the file or its "
+                                   "conflict copy): keep the local version, the remote one, or both.")
+    p.add_argument("path", metavar="PATH", help="the file (or its conflict copy) inside the mount")
+    p.add_argument("--keep", required=True, choices=["local", "remote", "both"],
+                   help="local: this machine's version takes the name; remote: the server's "
+                        "version stays and the other copy is deleted; both: keep both files")
+    p.set_defaults(func=cmd_resolve)
     return parser
 
 
+COMMANDS = {"mount", "unmount", "umount", "status", "sync", "offline", "online", "pin", "unpin",
+            "evict", "conflicts", "resolve"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
+        return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)
     return args.func(args)
 
 
-def mount_main(argv: list[str] | None = None) -> int:
+def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     """``python mount.py REMOTE MOUNTPOINT [options]``: the same as ``cachefs mount``."""
-    parser = argparse.ArgumentParser(prog="mount.py", description="Mount REMOTE on MOUNTPOINT "
+    parser = argparse.ArgumentParser(prog=prog, description="Mount REMOTE on MOUNTPOINT "
                                      "(the same as 'cachefs mount').")
     add_mount_arguments(parser)
+    parser.set_defaults(parser=parser)
     return cmd_mount(parser.parse_args(argv))
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .cache.cache import Cache
+from .errors import CacheError, Unavailable
 from .sync.manager import SyncFailed, SyncManager
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,25 @@ class Control:
         conn = self.cache.conn
         store = self.cache.store
         state = "syncing" if self.sync.syncing else ("online" if conn.online else "offline")
+        hoard = self.sync.hoard
+        progress = None
+        if self.sync.syncing:
+            progress = {"task": "sync", **self.sync.progress.as_dict()}
+        elif hoard.progress is not None:
+            p = hoard.progress
+            progress = {"task": "pin", "ops_done": p.items_done, "ops_total": p.items_total,
+                        "bytes_done": p.bytes_done, "bytes_total": p.bytes_total}
         return {
             "state": state,
             "connectivity": conn.state.value,
             "remote": conn.remote.description,
             "pending": self.sync.pending(),
             "conflicts": store.count(store.conflicts),
-            "progress": self.sync.progress.as_dict() if self.sync.syncing else None,
+            "progress": progress,
             "cache_bytes": self.cache.cached_bytes(),
+            "cache_limit": hoard.limit,
+            "over_limit_pinned": hoard.over_limit_pinned,
+            "pinned": hoard.root_paths(),
             "last_sync": _iso(self.sync.last_sync),
             "last_online": _iso(conn.last_online),
             "last_error": self.last_error or self.sync.last_error or conn.last_error,
@@ -139,8 +151,59 @@ class Control:
         elif verb == "online":
             self._no_argument(words)
             self.cache.conn.work_online()
+        elif verb in ("pin", "unpin", "evict"):
+            node = await self._node(self._path_argument(words))
+            if verb == "pin":
+                try:
+                    await self.sync.hoard.pin(node.ino)
+                except Unavailable as exc:
+                    raise CommandError(f"pin: remote is offline ({exc}); what is cached stays pinned",
+                                       errno.EHOSTDOWN) from exc
+            elif verb == "unpin":
+                self.sync.hoard.unpin(node.ino)
+            else:
+                self.sync.hoard.evict(node.ino)
+        elif verb == "resolve":
+            rest = self._path_argument(words)
+            path, _, keep = rest.rpartition(b" ")
+            if keep not in (b"local", b"remote", b"both") or not path:
+                raise CommandError("usage: resolve PATH local|remote|both")
+            await self.sync.resolve(self._clean_path(path), keep.decode())
         else:
             raise CommandError(f"unknown command {verb[:40]!r}")
+
+    def _path_argument(self, words: list[str]) -> bytes:
+        if len(words) < 2 or not words[1].strip():
+            raise CommandError(f"{words[0]} needs a PATH (relative to the mount root)")
+        return self._clean_path(words[1].encode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _clean_path(path: bytes) -> bytes:
+        """A mount-relative path, normalised; absolute paths and escapes are refused."""
+        if path.startswith(b"/"):
+            raise CommandError("paths are relative to the mount root, not absolute")
+        parts: list[bytes] = []
+        for part in path.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if not parts:
+                    raise CommandError("path escapes the mount root")
+                parts.pop()
+                continue
+            parts.append(part)
+        if parts and parts[0] == b".cachefs":
+            raise CommandError("the .cachefs folder is not part of the share")
+        return b"/".join(parts)
+
+    async def _node(self, path: bytes):
+        try:
+            return await self.cache.resolve_path(path)
+        except Unavailable as exc:
+            raise CommandError(f"{path.decode(errors='replace')}: not cached and the remote is offline",
+                               errno.EHOSTDOWN) from exc
+        except CacheError as exc:
+            raise CommandError(f"{path.decode(errors='replace')}: {exc}", exc.errno) from exc
 
     @staticmethod
     def _no_argument(words: list[str]) -> None:

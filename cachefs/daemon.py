@@ -21,6 +21,7 @@ import trio
 
 from .address import RemoteAddress
 from .cache.cache import Cache, CacheConfig
+from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
@@ -45,6 +46,8 @@ class MountConfig:
     verbose: bool = False
     attr_timeout: float = 3.0
     heartbeat: float = 10.0
+    cache_size: int = DEFAULT_CACHE_SIZE
+    sync_interval: float = 300.0
     fuse_options: list[str] = field(default_factory=list)
 
 
@@ -158,7 +161,8 @@ async def _main(config: MountConfig, report) -> int:
         kernel = KernelNotifier()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout), kernel)
-        sync = SyncManager(store, cache, conn)
+        hoard = Hoard(cache, config.cache_size)
+        sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
         controls = Control(cache, sync, config.mountpoint, config.cache_dir)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
         try:

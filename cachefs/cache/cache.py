@@ -32,8 +32,8 @@ from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import (ATTR_DIRTY, DIRTY, FULL, LISTED, ORPHAN, ROOT_INO, TARGET, Node, Store,
-                    Txn, node_from_remote)
+from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, Node,
+                    Store, Txn, node_from_remote)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ class Cache:
         self.local_dirs: dict[int, int] = {}
         #: called after every journal append (the sync manager's write-back trigger)
         self.changed: Callable[[], None] = lambda: None
+        #: called after each checkpoint (the hoard's cache-size limit)
+        self.after_checkpoint: Callable[[], None] = lambda: None
+        self._usage = store.usage()  # content bytes in the cache, kept as a running count
+        self._last_use: dict[int, float] = {}
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -119,6 +123,7 @@ class Cache:
         for ino in todo:
             if not self._open_count.get(ino) and ino not in self._unsaved:
                 self._ranges.pop(ino, None)
+        self.after_checkpoint()
 
     def _covers_all(self, ino: int, rs: rangeset.Ranges) -> bool:
         node = self.store.get(ino)
@@ -141,10 +146,12 @@ class Cache:
             raise NotFound()
         return child
 
-    async def listdir(self, ino: int) -> list[Node]:
+    async def listdir(self, ino: int, refresh: bool = False) -> list[Node]:
         node = self.node(ino)
         if not node.is_dir:
             raise NotADirectory()
+        if refresh and self.conn.online:
+            self._listed_at.pop(ino, None)
         await self._ensure_listing(node)
         return self.store.children(ino)
 
@@ -212,6 +219,9 @@ class Cache:
 
     def _stale(self, ino: int) -> None:
         """The remote content changed: drop what we cached of it and tell the kernel."""
+        node = self.store.get(ino)
+        if node is not None:
+            self._usage -= rangeset.total(self.store.get_ranges(ino))
         self._forget_content(ino)
         self.store.drop_content(ino)
         self.kernel.invalidate_inode(ino)
@@ -242,8 +252,9 @@ class Cache:
         if writable and not flags & os.O_TRUNC and not node.has(FULL) and node.size:
             await self._ensure_present(node, 0, node.size)
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        handle = OpenFile(ino, fd, writable)
+        handle = OpenFile(ino, fd, writable, size_at_open=node.size)
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
+        self._last_use[ino] = time.time()
         if writable:
             self.writers[ino] = self.writers.get(ino, 0) + 1
             if flags & os.O_TRUNC and node.size:
@@ -259,6 +270,9 @@ class Cache:
         if handle.writable:
             _decrement(self.writers, ino)
             if handle.wrote:
+                node = self.store.get(ino)
+                if node is not None:
+                    self._usage += node.size - handle.size_at_open
                 self.changed()
         if ino not in self._open_count:
             self._last_read_end.pop(ino, None)
@@ -318,11 +332,37 @@ class Cache:
         return os.pread(handle.fd, end - offset, offset)
 
     def cached_bytes(self) -> int:
-        """Content bytes in the cache, counting fetches not yet checkpointed."""
-        total = self.store.cached_bytes()
-        for ino in self._unsaved:
-            total += rangeset.total(self._ranges.get(ino, [])) - rangeset.total(self.store.get_ranges(ino))
-        return total
+        """Content bytes in the cache (a running count; exact after a restart)."""
+        return max(0, self._usage)
+
+    def is_open(self, ino: int) -> bool:
+        return bool(self._open_count.get(ino))
+
+    def last_use(self, node: Node) -> float:
+        return self._last_use.get(node.ino, node.last_use)
+
+    def evict_content(self, node: Node) -> int:
+        """Drop the cached content of a clean, unpinned, closed file; bytes freed."""
+        node = self.store.get(node.ino)
+        if node is None or not node.is_file or node.flags & (DIRTY | PINNED) or self.is_open(node.ino):
+            return 0
+        freed = self.store.content_bytes(node)
+        if freed or node.has(FULL):
+            self._forget_content(node.ino)
+            self.store.drop_content(node.ino)
+            self._usage -= freed
+        return freed
+
+    async def fetch_whole(self, node: Node) -> None:
+        """All of a file's content into the cache (pinning), a window of chunks at a time."""
+        node = self.node(node.ino)
+        if not node.is_file or node.has(FULL):
+            return
+        window = self.config.chunk_size * 16
+        for start in range(0, node.size, window):
+            await self._ensure_present(node, start, min(node.size, start + window), readahead=False)
+        if node.size == 0:
+            self._mark_full(node.ino)
 
     def content_state(self, node: Node) -> str:
         """'cached', 'partial' or 'remote' for a file (what of it is here)."""
@@ -341,13 +381,13 @@ class Cache:
             rs = self._ranges[ino] = self.store.get_ranges(ino)
         return rs
 
-    async def _ensure_present(self, node: Node, start: int, end: int) -> None:
+    async def _ensure_present(self, node: Node, start: int, end: int, readahead: bool = True) -> None:
         ino = node.ino
         if rangeset.covers(self._known_ranges(ino), start, end):
             return
         chunk = self.config.chunk_size
         first, last = start // chunk, (end - 1) // chunk
-        sequential = self._last_read_end.get(ino) == start
+        sequential = readahead and self._last_read_end.get(ino) == start
         self._last_read_end[ino] = end
         path = self.store.path_of(ino)
         wanted = list(range(first, last + 1))
@@ -405,6 +445,7 @@ class Cache:
                 if got:
                     self._ranges[ino] = rangeset.add(self._known_ranges(ino), gap_start, gap_start + got)
                     self._unsaved.add(ino)
+                    self._usage += got
                 if got < gap_end - gap_start:
                     break
         except (Unavailable, RemoteError, OSError) as exc:
@@ -766,6 +807,41 @@ class Cache:
         self.store.drop_content(ino)
         self.kernel.invalidate_inode(ino)
 
+    # -- paths (the control file speaks in paths relative to the mount root) ----------------
+    async def resolve_path(self, path: bytes) -> Node:
+        node = self.node(ROOT_INO)
+        for name in [p for p in path.split(b"/") if p]:
+            node = await self.lookup(node.ino, name)
+        return node
+
+    async def _parent_and_name(self, path: bytes) -> tuple[int, bytes]:
+        head, _, name = path.rstrip(b"/").rpartition(b"/")
+        parent = await self.resolve_path(head)
+        return parent.ino, name
+
+    async def rename_path(self, src: bytes, dst: bytes) -> None:
+        sp, sn = await self._parent_and_name(src)
+        dp, dn = await self._parent_and_name(dst)
+        await self.rename(sp, sn, dp, dn)
+
+    async def unlink_path(self, path: bytes) -> None:
+        parent, name = await self._parent_and_name(path)
+        node = await self.lookup(parent, name)
+        if node.is_dir:
+            await self.rmdir(parent, name)
+        else:
+            await self.unlink(parent, name)
+
+    def clear_conflict(self, path: bytes) -> None:
+        head, _, name = path.rpartition(b"/")
+        ino = ROOT_INO
+        for part in [p for p in head.split(b"/") if p]:
+            ino = self.store.child_ino(ino, part) or 0
+        node = self.store.child(ino, name) if ino else None
+        if node is not None and node.has(CONFLICT):
+            node.flags &= ~CONFLICT
+            self.store.put(node)
+
     async def fsync(self, handle: "OpenFile | None") -> None:
         """Make written data and the index durable on local disk."""
         if handle is not None:
@@ -793,6 +869,7 @@ class OpenFile:
     fd: int
     writable: bool = False
     wrote: bool = False
+    size_at_open: int = 0
 
 
 def _decrement(table: dict[int, int], key: int) -> None:

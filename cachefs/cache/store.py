@@ -438,6 +438,25 @@ class Store:
                 total += rangeset.total(rangeset.decode(value))
         return total
 
+    def nodes_with_content(self) -> list[Node]:
+        """Files with some content in the cache (fetched ranges, or whole)."""
+        out = []
+        with self.env.begin() as txn:
+            for key, data in txn.cursor(db=self.nodes):
+                node = Node.unpack(_U64.unpack(key)[0], data)
+                if node.is_file and (node.has(FULL) or txn.get(key, db=self.ranges_db)):
+                    out.append(node)
+        return out
+
+    def content_bytes(self, node: Node) -> int:
+        if node.has(FULL):
+            return node.size
+        return rangeset.total(self.get_ranges(node.ino))
+
+    def usage(self) -> int:
+        """Bytes of content in the cache (one scan; callers keep a running count)."""
+        return sum(self.content_bytes(n) for n in self.nodes_with_content())
+
     def count(self, db) -> int:
         with self.env.begin() as txn:
             return txn.stat(db)["entries"]

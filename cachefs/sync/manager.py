@@ -32,6 +32,7 @@ from datetime import datetime
 import trio
 
 from ..cache.cache import Cache
+from ..cache.hoard import Hoard
 from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn
 from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import join
@@ -88,11 +89,12 @@ class PassResult:
 
 
 class SyncManager:
-    def __init__(self, store: Store, cache: Cache, conn: Connectivity, *,
+    def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
                  writeback_delay: float = 0.3, interval: float = 300.0,
                  flush_timeout: float = 30.0) -> None:
         self.store = store
         self.cache = cache
+        self.hoard = hoard or Hoard(cache)
         self.conn = conn
         self.remote: Remote = conn.remote
         self.writeback_delay = writeback_delay
@@ -116,13 +118,37 @@ class SyncManager:
         self._wake.set()
 
     async def run(self) -> None:
+        """Write-back after changes and on reconnect; a full pass on the schedule."""
         while True:
+            scheduled = True
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
+                scheduled = False
             self._wake = trio.Event()
+            if not self.conn.online:
+                continue
+            if scheduled:
+                try:
+                    await self.full_pass()
+                except SyncFailed as exc:
+                    log.info("scheduled sync incomplete: %s", exc)
+                continue
             await trio.sleep(self.writeback_delay)  # let a burst of changes settle
-            if self.conn.online and self.pending():
+            if self.pending():
                 await self.reintegrate()
+
+    async def full_pass(self) -> None:
+        """Replay the journal and refresh pinned trees; ``SyncFailed`` if incomplete."""
+        result = await self.reintegrate()
+        if not result.complete:
+            raise SyncFailed(result.reason or "reconciliation did not complete")
+        try:
+            await self.hoard.refresh()
+        except Unavailable as exc:
+            raise SyncFailed(f"remote is offline: {exc}", errno.EHOSTDOWN) from exc
+        except RemoteError as exc:
+            raise SyncFailed(f"refreshing pinned folders failed: {exc}", exc.errno or errno.EIO) from exc
+        self.last_sync = time.time()
 
     def pending(self) -> int:
         return self.store.count(self.store.journal)
@@ -137,13 +163,13 @@ class SyncManager:
                     await trio.sleep(0.05)
                     if self.conn.state.value == "offline-by-request":
                         break
+        if self.conn.state.value == "offline-by-request":
+            raise SyncFailed("working offline by request ('cachefs online' or "
+                             "'echo online > .cachefs/control' to reconnect)", errno.EHOSTDOWN)
         if not self.conn.online:
             raise SyncFailed(f"remote is offline: {self.conn.last_error or 'not reachable'}",
                              errno.EHOSTDOWN)
-        result = await self.reintegrate()
-        if not result.complete:
-            raise SyncFailed(result.reason or "reconciliation did not complete")
-        self.last_sync = time.time()
+        await self.full_pass()
 
     async def flush_at_unmount(self) -> None:
         """Like SyncMgr's sync at logoff: drain the journal, bounded by a timeout."""
@@ -157,8 +183,40 @@ class SyncManager:
             log.warning("%d changes still pending: they will be replayed by the next mount",
                         self.pending())
 
+    # -- conflicts ---------------------------------------------------------------------------
+    def conflicts(self) -> list[dict]:
+        return self.store.conflict_records()
+
+    async def resolve(self, path: bytes, keep: str) -> None:
+        """Settle the conflicts recorded for ``path`` (the original or the copy's path):
+        ``local`` keeps this machine's version under the name, ``remote`` the server's,
+        ``both`` keeps both files as they are. The changes go through the journal."""
+        text = path.decode("utf-8", "surrogateescape")
+        records = [r for r in self.conflicts() if text in (r.get("path"), r.get("conflict_path"))]
+        if not records:
+            raise SyncFailed(f"no conflict recorded for {text!r}", errno.ENOENT)
+        for record in records:
+            original = record["path"].encode("utf-8", "surrogateescape")
+            copy = record.get("conflict_path")
+            copy = copy.encode("utf-8", "surrogateescape") if copy else None
+            kind = record["kind"]
+            if copy is not None:
+                if keep == "local":
+                    await self.cache.rename_path(copy, original)
+                elif keep == "remote":
+                    await self.cache.unlink_path(copy)
+            elif kind == "deleted-local-changed-remote" and keep == "local":
+                await self.cache.unlink_path(original)
+            elif kind == "deleted-remote-changed-local" and keep == "remote":
+                await self.cache.unlink_path(original)
+            self.store.delete_conflict(record["id"])
+            self.cache.clear_conflict(original)
+        self.poke()
+
     # -- a pass ---------------------------------------------------------------------------
     async def reintegrate(self) -> PassResult:
+        """One replay of the journal; a request during a pass waits for it and runs next
+        (so it sees every change made before it was asked)."""
         async with self._pass_lock:
             self.syncing = True
             try:
