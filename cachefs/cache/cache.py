@@ -44,7 +44,7 @@ CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to 
 class CacheConfig:
     attr_timeout: float = 3.0  # seconds before open() revalidates attributes
     dir_timeout: float = 3.0  # seconds before a listing is fetched again
-    chunk_size: int = 1 << 20  # unit of content fetches
+    chunk_size: int = 2 << 20  # unit of content fetches
     readahead: int = 8  # chunks fetched ahead of a sequential reader
     checkpoint_interval: float = 1.0
 
@@ -80,7 +80,6 @@ class Cache:
         self._inflight: dict[tuple[int, int], trio.Event] = {}
         self._fetch_errors: dict[tuple[int, int], BaseException] = {}
         self._open_count: dict[int, int] = {}
-        self._last_read_end: dict[int, int] = {}
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._nursery: trio.Nursery | None = None
@@ -275,7 +274,6 @@ class Cache:
                     self._usage += node.size - handle.size_at_open
                 self.changed()
         if ino not in self._open_count:
-            self._last_read_end.pop(ino, None)
             node = self.store.get(ino)
             if node is not None and node.has(ORPHAN):
                 self.store.transact(lambda t: t.delete_node(ino))
@@ -387,8 +385,10 @@ class Cache:
             return
         chunk = self.config.chunk_size
         first, last = start // chunk, (end - 1) // chunk
-        sequential = readahead and self._last_read_end.get(ino) == start
-        self._last_read_end[ino] = end
+        # A reader that starts at 0 or goes on where the cached bytes end is reading
+        # sequentially: fetch ahead of it.
+        known = self._known_ranges(ino)
+        sequential = readahead and (start == 0 or rangeset.covers(known, start - 1, start))
         path = self.store.path_of(ino)
         wanted = list(range(first, last + 1))
         events = [self._start_fetch(node, path, idx) for idx in wanted]

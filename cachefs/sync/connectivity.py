@@ -97,6 +97,7 @@ class Connectivity:
         if self.state is not State.ONLINE:
             log.info("remote %s reachable: online", self.remote.description)
         self.state = State.ONLINE
+        self.last_error = None
         self.last_online = time.time()
         for callback in self._went_online:
             callback()
