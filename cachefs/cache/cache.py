@@ -37,6 +37,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 
 log = logging.getLogger(__name__)
 
+WILLNEED_AHEAD = 32 << 20  # bytes of the content file the kernel is asked to read ahead
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
 
 
@@ -327,6 +328,11 @@ class Cache:
             return b""
         if not node.has(FULL):
             await self._ensure_present(node, offset, end)
+        if offset >= handle.advised_to - WILLNEED_AHEAD // 2:
+            # Ask the kernel to read the content file ahead of us, so that the pread
+            # below finds the page cache warm even after it was dropped.
+            os.posix_fadvise(handle.fd, offset, WILLNEED_AHEAD, os.POSIX_FADV_WILLNEED)
+            handle.advised_to = offset + WILLNEED_AHEAD
         return os.pread(handle.fd, end - offset, offset)
 
     def cached_bytes(self) -> int:
@@ -870,6 +876,7 @@ class OpenFile:
     writable: bool = False
     wrote: bool = False
     size_at_open: int = 0
+    advised_to: int = 0  # content file offset up to which read-ahead was requested
 
 
 def _decrement(table: dict[int, int], key: int) -> None:

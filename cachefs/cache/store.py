@@ -461,6 +461,10 @@ class Store:
         with self.env.begin() as txn:
             return txn.stat(db)["entries"]
 
+    def produced(self, ino: int) -> tuple[int, int, int] | None:
+        data = self.get_meta(b"v:" + _key(ino))
+        return tuple(json.loads(data)) if data else None  # type: ignore[return-value]
+
     def conflict_records(self) -> list[dict]:
         with self.env.begin() as txn:
             return [json.loads(v) for _k, v in txn.cursor(db=self.conflicts)]
@@ -550,6 +554,23 @@ class Txn:
 
     def delete_op(self, seq: int) -> None:
         self.txn.delete(journal.key(seq), db=self.store.journal)
+
+    # Versions produced on the remote by replay, by node: later journal entries recorded
+    # an older base for the same node (or for the object they replace), and must compare
+    # the remote with what the replay itself made. Cleared when the journal is empty.
+    def set_produced(self, ino: int, version: tuple[int, int, int]) -> None:
+        self.txn.put(b"v:" + _key(ino), json.dumps(version).encode(), db=self.store.meta)
+
+    def clear_produced(self) -> None:
+        cur = self.txn.cursor(db=self.store.meta)
+        keys = []
+        if cur.set_range(b"v:"):
+            for k, _v in cur:
+                if not k.startswith(b"v:"):
+                    break
+                keys.append(bytes(k))
+        for k in keys:
+            self.txn.delete(k, db=self.store.meta)
 
     def add_conflict(self, record: dict) -> int:
         cur = self.txn.cursor(db=self.store.conflicts)

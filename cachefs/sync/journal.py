@@ -107,7 +107,7 @@ def optimise(ops: list[Op], alive: set[int]) -> tuple[list[Op], list[Op]]:
     kept: list[Op] = []
     dropped: list[Op] = []
     for op in ops:
-        if op.ino in doomed and op.kind != "link":
+        if op.ino in doomed:
             if op.kind == "rename" and op.replaced and op.replaced_base is not None:
                 kind = "rmdir" if stat_mod.S_ISDIR(op.replaced_base[2]) else "unlink"
                 kept.append(Op(kind, op.replaced, op.dst, base=op.replaced_base,

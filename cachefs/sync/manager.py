@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import socket
 import stat as stat_mod
 import time
@@ -107,7 +108,7 @@ class SyncManager:
         self.last_error: str | None = None
         self._wake = trio.Event()
         self._pass_lock = trio.Lock()
-        self._blocked_on: int | None = None  # ino whose open writer holds the queue
+        self._gone: set[int] = set()  # created here and deleted again during this pass
         cache.changed = self.poke
         conn.on_online(self.poke)
         cache.rebuild_local_dirs()
@@ -243,9 +244,15 @@ class SyncManager:
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
+        self._gone: set[int] = set()
         for op in kept:
             if op.kind in CONTENT_OPS and self.cache.writers.get(op.ino):
                 return PassResult(False, f"{op.path!r} is still open for writing")
+            if op.ino in self._gone:
+                # Created here, then deleted here during this pass before its creation
+                # reached the remote: the rest of its story need not reach it either.
+                self._finish(op)
+                continue
             try:
                 sent = await self._replay(op)
             except Unavailable as exc:
@@ -255,9 +262,16 @@ class SyncManager:
                 # local version, record it, and go on with the rest.
                 log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
                 self._finish(op, conflict=self._record(op, "error", error=str(exc)))
+            except (OSError, ValueError, KeyError) as exc:
+                # A local failure (disk, a record that went away): stop here, the entry
+                # stays in the journal and the next pass retries it.
+                log.exception("replay of %s %r failed", op.kind, op.path)
+                return PassResult(False, f"replay of {op.path!r} failed: {exc}")
             else:
                 self.progress.bytes_done += sent
             self.progress.ops_done += 1
+        if not self.pending():
+            self.store.transact(lambda t: t.clear_produced())
         return PassResult(True)
 
     def _rewrite(self, ops: list[Op], kept: list[Op], dropped: list[Op]) -> None:
@@ -343,6 +357,7 @@ class SyncManager:
     # -- one operation ----------------------------------------------------------------------
     async def _replay(self, op: Op) -> int:
         """Apply one journaled operation to the remote; bytes sent."""
+        log.debug("replay %d %s %r%s", op.seq, op.kind, op.path, f" -> {op.dst!r}" if op.dst else "")
         handler = getattr(self, f"_replay_{op.kind}")
         return await handler(op)
 
@@ -355,6 +370,8 @@ class SyncManager:
     async def _replay_content(self, op: Op, created: bool) -> int:
         node = self.store.get(op.ino)
         if node is None or node.has(ORPHAN):
+            if created:
+                self._gone.add(op.ino)
             self._finish(op)
             return 0
         if node.gen == node.synced_gen and not created:
@@ -376,13 +393,20 @@ class SyncManager:
                 self._finish(op, self._agree(op.ino, remote, gen))
                 return 0
             return await self._keep_both(op, node, remote, gen)
-        new = await self._upload(node, op.path, op.seq)
+        try:
+            new = await self._upload(node, op.path, op.seq)
+        except LocalGone:
+            if created:
+                self._gone.add(op.ino)
+            self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
+            return 0
         self._finish(op, self._agree(op.ino, new, gen), conflict)
         return node.size
 
     def _agree(self, ino: int, remote: RemoteStat, gen: int | None):
         """An update that records ``remote`` as the node's base version."""
         def update(t: Txn) -> None:
+            t.set_produced(ino, remote.version())
             n = t.node(ino)
             if n is None:
                 return
@@ -495,12 +519,18 @@ class SyncManager:
         self._finish(op)
         return 0
 
+    def _base(self, ino: int, recorded: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        """The version a journal entry should expect: what the replay itself produced for
+        that node, if it did, else what was recorded with the entry."""
+        return self.store.produced(ino) or recorded
+
     async def _replay_unlink(self, op: Op) -> int:
         remote = await self._stat(op.path)
         if remote is None:
             self._finish(op)
             return 0
-        if op.base is not None and remote.version() != op.base:
+        base = self._base(op.ino, op.base)
+        if base is not None and remote.version() != base:
             # Deleted here, changed there: the changed version survives.
             self._finish(op, conflict=self._record(op, "deleted-local-changed-remote"))
             return 0
@@ -540,7 +570,8 @@ class SyncManager:
             return 0
         target = op.dst
         conflict = None
-        if dst is not None and (op.replaced_base is None or dst.version() != op.replaced_base):
+        replaced_base = self._base(op.replaced, op.replaced_base) if op.replaced else None
+        if dst is not None and (replaced_base is None or dst.version() != replaced_base):
             # A name that appeared there (or changed there): ours becomes a conflict copy.
             parent, _, name = op.dst.rpartition(b"/")
             target = join(parent, conflict_name(name, time.time(), self.host))
@@ -554,6 +585,10 @@ class SyncManager:
         return 0
 
 
+class LocalGone(Exception):
+    """The node's content file was removed (the node deleted here) before its upload."""
+
+
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -561,8 +596,18 @@ def _read_file(path: str) -> bytes:
 
 def _upload_file(remote: Remote, path: bytes, content_path: str, mode: int, temp: bytes,
                  atime_ns: int, mtime_ns: int) -> RemoteStat:
-    """Worker thread: atomic upload, then the local times, then the new remote version."""
-    remote.upload(path, content_path, mode, temp)
+    """Worker thread: atomic upload, then the local times, then the new remote version.
+
+    The content file is opened here and read through /proc/self/fd, so a deletion of the
+    node during the upload cannot pull the file away half way."""
+    try:
+        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LocalGone(content_path) from None
+    try:
+        remote.upload(path, f"/proc/self/fd/{fd}", mode, temp)
+    finally:
+        os.close(fd)
     remote.utime(path, atime_ns, mtime_ns)
     return remote.stat(path)
 
