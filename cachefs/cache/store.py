@@ -171,6 +171,16 @@ class Store:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
+        try:
+            self._open(cache_dir, remote_text, map_size)
+        except BaseException:
+            if getattr(self, "env", None) is not None:
+                self.env.close()
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
+        self.env = None
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)

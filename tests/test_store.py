@@ -1,0 +1,160 @@
+"""The store and byte-range logic, in-process (no FUSE, no network)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cachefs.cache import ranges as rangeset
+from cachefs.cache.hoard import parse_size
+from cachefs.cache.store import DIRTY, FULL, ROOT_INO, Node, Store, StoreError, node_from_remote
+from cachefs.remote.base import RemoteStat
+from cachefs.sync.journal import Op
+
+
+# -- ranges ---------------------------------------------------------------------------------
+def test_add_merges_overlapping_and_adjacent() -> None:
+    rs = rangeset.add([], 10, 20)
+    rs = rangeset.add(rs, 30, 40)
+    assert rs == [(10, 20), (30, 40)]
+    assert rangeset.add(rs, 20, 30) == [(10, 40)]
+    assert rangeset.add(rs, 0, 5) == [(0, 5), (10, 20), (30, 40)]
+    assert rangeset.add(rs, 15, 35) == [(10, 40)]
+
+
+def test_missing_and_covers() -> None:
+    rs = [(0, 10), (20, 30)]
+    assert rangeset.missing(rs, 0, 30) == [(10, 20)]
+    assert rangeset.missing(rs, 5, 25) == [(10, 20)]
+    assert rangeset.missing(rs, 25, 40) == [(30, 40)]
+    assert rangeset.covers(rs, 21, 29)
+    assert not rangeset.covers(rs, 9, 11)
+    assert rangeset.clip(rs, 25) == [(0, 10), (20, 25)]
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 60)), max_size=20),
+       st.integers(0, 250), st.integers(0, 60))
+def test_ranges_agree_with_a_set_of_bytes(spans: list[tuple[int, int]], start: int, length: int) -> None:
+    rs: rangeset.Ranges = []
+    present: set[int] = set()
+    for s, n in spans:
+        rs = rangeset.add(rs, s, s + n)
+        present.update(range(s, s + n))
+    assert rangeset.total(rs) == len(present)
+    assert all(a < b for a, b in rs) and all(rs[i][1] < rs[i + 1][0] for i in range(len(rs) - 1))
+    gaps = rangeset.missing(rs, start, start + length)
+    assert {i for a, b in gaps for i in range(a, b)} == set(range(start, start + length)) - present
+    assert rangeset.decode(rangeset.encode(rs)) == rs
+
+
+def test_parse_size() -> None:
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    assert parse_size("4096") == 4096
+    for bad in ("", "lots", "-1M", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# -- records --------------------------------------------------------------------------------
+def test_node_record_round_trip_keeps_bytes_names() -> None:
+    node = Node(ino=99, parent=1, name=b"caf\xe9\nx", mode=stat.S_IFLNK | 0o777, size=3,
+                mtime_ns=1_700_000_000_123_456_789, atime_ns=1, ctime_ns=2, uid=5, gid=6,
+                nlink=1, flags=FULL | DIRTY, base=(3, 1_700_000_000_000_000_000, stat.S_IFLNK),
+                last_use=12.5, target=b"../t\xff", gen=7, synced_gen=4)
+    assert Node.unpack(99, node.pack()) == node
+
+
+def test_unknown_record_version_is_refused() -> None:
+    data = bytearray(Node(2, 1, b"x", stat.S_IFREG, 0, 0, 0, 0).pack())
+    data[0] = 9
+    with pytest.raises(StoreError, match="record version"):
+        Node.unpack(2, bytes(data))
+
+
+def test_journal_op_round_trip() -> None:
+    op = Op("rename", 17, b"a/caf\xe9", base=(1, 2, stat.S_IFREG), parent=3, dst=b"b/new\nname",
+            dst_parent=4, replaced=9, replaced_base=(5, 6, stat.S_IFREG))
+    back = Op.decode(42, op.encode())
+    assert back.seq == 42
+    back.seq = 0
+    assert back == op
+
+
+# -- the store ------------------------------------------------------------------------------
+def _rstat(kind: int, size: int = 0, mtime: int = 1) -> RemoteStat:
+    return RemoteStat(mode=kind | 0o644, size=size, mtime_ns=mtime * 10**9, atime_ns=0)
+
+
+def test_store_creates_private_dir_and_refuses_a_second_user(tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    store = Store(d, "file:///x")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    with pytest.raises(StoreError, match="in use"):
+        Store(d, "file:///x")
+    store.close()
+    Store(d, "file:///x").close()  # reopens once released
+
+
+def test_store_refuses_a_cache_of_another_remote_or_schema(tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    Store(d, "file:///x").close()
+    with pytest.raises(StoreError, match="belongs to remote"):
+        Store(d, "file:///y")
+    store = Store(d, "file:///x")
+    store.set_meta(b"schema", b"999")
+    store.close()
+    with pytest.raises(StoreError, match="schema 999"):
+        Store(d, "file:///x")
+
+
+def test_store_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        Store(d, "file:///x")
+
+
+def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c", "file:///x")
+    store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))],
+                        node_from_remote)
+    a = store.child(ROOT_INO, b"a")
+    assert a is not None and a.size == 5 and a.base == (5, 10**9, stat.S_IFREG)
+    assert [n.name for n in store.children(ROOT_INO)] == [b"a", b"d"]
+    assert store.path_of(store.child(ROOT_INO, b"d").ino) == b"d"
+
+    delta = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2))], node_from_remote)
+    assert [n.ino for n in delta.changed] == [a.ino]
+    assert [n.name for n in delta.removed] == [b"d"]
+    assert store.child(ROOT_INO, b"a").size == 7
+    assert store.child(ROOT_INO, b"d") is None
+
+    # A node with local changes is not overwritten nor removed by a listing.
+    node = store.child(ROOT_INO, b"a")
+    node.flags |= DIRTY
+    node.size = 100
+    store.put(node)
+    store.apply_listing(ROOT_INO, [], node_from_remote)
+    kept = store.child(ROOT_INO, b"a")
+    assert kept is not None and kept.size == 100
+    store.close()
+
+
+def test_journal_append_is_ordered_and_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c", "file:///x")
+    for i in range(5):
+        store.transact(lambda t, i=i: t.append(Op("mkdir", 100 + i, b"d%d" % i, parent=1)))
+    store.close()
+    store = Store(tmp_path / "c", "file:///x")
+    ops = store.journal_ops()
+    assert [op.path for op in ops] == [b"d0", b"d1", b"d2", b"d3", b"d4"]
+    assert [op.seq for op in ops] == sorted(op.seq for op in ops)
+    store.close()
