@@ -33,3 +33,37 @@ def sshd(tmp_path: Path, share: Path) -> Iterator[SshServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- writes (test_writes) ---
+# `mount_factory` makes real mounts of the `sshd` share (or of any remote address given),
+# with short timeouts so that going offline and coming back are quick. Every mount made is
+# stopped after the test, even when it fails.
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, sshd: SshServer) -> Iterator:
+    from tests.fixtures.mount import Mount
+
+    made: list[Mount] = []
+
+    def make(*extra: str, remote: str | None = None, known_hosts: Path | None = None,
+             name: str = "mnt", cache: str = "cache", allowed_errors=(), check_log: bool = True,
+             timeout: str = "2", attr_timeout: str = "1", heartbeat: str = "1") -> Mount:
+        mount = Mount(
+            remote or sshd.address(), tmp_path / name, tmp_path / cache,
+            "--identity", str(sshd.identity),
+            "--known-hosts", str(known_hosts or sshd.known_hosts),
+            "--timeout", timeout, "--attr-timeout", attr_timeout, "--heartbeat", heartbeat,
+            "-v", *extra,
+            allowed_errors=allowed_errors, check_log=check_log,
+        )
+        made.append(mount)
+        return mount
+
+    yield make
+    for mount in made:
+        try:
+            mount.stop(grace=5)
+        except Exception:  # the test's own failure matters more
+            pass

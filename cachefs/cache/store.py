@@ -611,11 +611,21 @@ def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None
     nlink = rstat.nlink if rstat.nlink else 1
     if stat_mod.S_ISDIR(rstat.mode):
         nlink = max(nlink, 2)
+    mtime, atime, ctime = rstat.mtime_ns, rstat.atime_ns, rstat.mtime_ns
+    if old is not None and old.base == base and _same_second(old.mtime_ns, mtime):
+        # Unchanged, and SFTP gives whole seconds: keep the finer times we know locally,
+        # so build tools and git do not see files change under them.
+        mtime, atime, ctime = old.mtime_ns, old.atime_ns, old.ctime_ns
     return Node(
         ino=ino, parent=parent, name=name, mode=rstat.mode, size=rstat.size,
-        mtime_ns=rstat.mtime_ns, atime_ns=rstat.atime_ns, ctime_ns=rstat.mtime_ns,
+        mtime_ns=mtime, atime_ns=atime, ctime_ns=ctime,
         uid=rstat.uid, gid=rstat.gid, nlink=nlink, flags=flags, base=base,
-        last_use=old.last_use if old else 0.0, target=target,
+        last_use=old.last_use if old else 0.0, target=target, gen=old.gen if old else 0,
+        synced_gen=old.synced_gen if old else 0,
     )
+
+
+def _same_second(a_ns: int, b_ns: int) -> bool:
+    return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
 
 
