@@ -199,14 +199,21 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     if pid is not None:
         deadline = time.monotonic() + args.wait
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _running(pid):
                 break
             time.sleep(0.05)
         else:
             return _fail(f"unmounted, but the mount process {pid} is still running after {args.wait:g} s")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def cmd_status(args: argparse.Namespace) -> int:

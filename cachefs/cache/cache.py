@@ -100,6 +100,7 @@ class Cache:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            nursery.start_soon(self._list_root)
             try:
                 while True:
                     await trio.sleep(self.config.checkpoint_interval)
@@ -107,6 +108,19 @@ class Cache:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.checkpoint()
+
+    async def _list_root(self) -> None:
+        """List the root at start, so that a user who goes offline at once can still
+        create files in it."""
+        try:
+            rstat = await self.conn.call(self.remote.stat, b"")
+            root = self.node(ROOT_INO)
+            root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
+            root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
+            self.store.put(root)
+            await self.listdir(ROOT_INO)
+        except (Unavailable, RemoteError, NotFound) as exc:
+            log.debug("root listing at start: %s", exc)
 
     async def checkpoint(self) -> None:
         """Make fetched content durable, then record it in the index (in that order,
@@ -387,21 +401,16 @@ class Cache:
 
     async def _ensure_present(self, node: Node, start: int, end: int, readahead: bool = True) -> None:
         ino = node.ino
-        if rangeset.covers(self._known_ranges(ino), start, end):
-            return
-        chunk = self.config.chunk_size
-        first, last = start // chunk, (end - 1) // chunk
-        # A reader that starts at 0 or goes on where the cached bytes end is reading
-        # sequentially: fetch ahead of it.
         known = self._known_ranges(ino)
-        sequential = readahead and (start == 0 or rangeset.covers(known, start - 1, start))
+        chunk = self.config.chunk_size
+        if readahead and self._nursery is not None and self.conn.online:
+            self._read_ahead(node, known, start, end)
+        if rangeset.covers(known, start, end):
+            return
+        first, last = start // chunk, (end - 1) // chunk
         path = self.store.path_of(ino)
         wanted = list(range(first, last + 1))
         events = [self._start_fetch(node, path, idx) for idx in wanted]
-        if sequential and self._nursery is not None:
-            limit = (node.size - 1) // chunk
-            for idx in range(last + 1, min(last + 1 + self.config.readahead, limit + 1)):
-                self._start_fetch(node, path, idx)
         for ev in events:
             if ev is not None:
                 await ev.wait()
@@ -416,6 +425,30 @@ class Cache:
         # The remote file is shorter than we were told: it changed under us.
         self._checked_at.pop(ino, None)
         raise RemoteError(errno.EIO, "remote file changed while being read")
+
+    def _read_ahead(self, node: Node, known: rangeset.Ranges, start: int, end: int) -> None:
+        """A reader that starts at 0 or goes on where cached bytes end reads sequentially:
+        keep chunks in flight ahead of it, a window that grows with the run it has read
+        (so a program that reads one kilobyte of a huge file fetches one chunk or two)."""
+        chunk = self.config.chunk_size
+        if start == 0:
+            run = 0
+        else:
+            before = next(((s, e) for s, e in known if s < start <= e), None)
+            if before is None:
+                return
+            run = start - before[0]
+        window = min(self.config.readahead, 1 + run // chunk)
+        first = (end - 1) // chunk + 1
+        last = min((node.size - 1) // chunk, first + window - 1)
+        path = b""
+        for idx in range(first, last + 1):
+            if (node.ino, idx) in self._inflight:
+                continue
+            if rangeset.covers(known, idx * chunk, min(node.size, (idx + 1) * chunk)):
+                continue
+            path = path or self.store.path_of(node.ino)
+            self._start_fetch(node, path, idx)
 
     def _start_fetch(self, node: Node, path: bytes, idx: int) -> trio.Event | None:
         """Fetch chunk ``idx`` unless present or already on its way; its done-event."""

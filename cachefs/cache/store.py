@@ -284,7 +284,8 @@ class Store:
         return None if rec is None else Node.unpack(_U64.unpack(data)[0], rec)
 
     def children(self, parent: int) -> list[Node]:
-        """The cached entries of a folder, sorted by name."""
+        """The cached entries of a folder, sorted by name (``name`` and ``parent`` are the
+        entry's: for a hard-linked node they may differ from its stored primary name)."""
         prefix = _U64.pack(parent)
         out: list[Node] = []
         with self.env.begin() as txn:
@@ -295,7 +296,10 @@ class Store:
                         break
                     rec = txn.get(value, db=self.nodes)
                     if rec is not None:
-                        out.append(Node.unpack(_U64.unpack(value)[0], rec))
+                        node = Node.unpack(_U64.unpack(value)[0], rec)
+                        # A hard-linked node is listed under each of its names.
+                        node.parent, node.name = parent, bytes(key[8:])
+                        out.append(node)
         return out
 
     def put(self, node: Node) -> None:

@@ -123,6 +123,22 @@ class Connectivity:
             return
         self._set_online()
 
+    async def try_connect(self) -> bool:
+        """One attempt to (re)connect now, unless offline by request; True if online."""
+        if self.state is State.ONLINE:
+            return True
+        if self.state is State.WORK_OFFLINE:
+            return False
+        try:
+            await self._run(self.remote.connect)
+        except Unavailable:
+            return False
+        except RemoteRefused as exc:
+            self.last_error = str(exc)
+            return False
+        self._set_online()
+        return True
+
     # -- background ---------------------------------------------------------------------
     async def run(self) -> None:
         """Heartbeat while online, probe with backoff while offline. Runs until cancelled."""

@@ -57,12 +57,10 @@ def conflict_name(name: bytes, when: float, host: str) -> bytes:
     stamp = datetime.fromtimestamp(when).strftime("%Y-%m-%d %H%M%S")
     tag = f" (conflict {stamp} {host})".encode()
     dot = name.rfind(b".")
-    if dot > 0:
-        stem, ext = name[:dot], name[dot:]
-    else:
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
+    if 255 - len(tag) - len(ext) < 1:  # an "extension" too long to keep whole
         stem, ext = name, b""
-    room = 255 - len(tag) - len(ext)
-    return stem[:max(1, room)] + tag + ext
+    return stem[:255 - len(tag) - len(ext)] + tag + ext
 
 
 def _same_second(a_ns: int, b_ns: int) -> bool:
@@ -157,13 +155,7 @@ class SyncManager:
     async def request_sync(self) -> None:
         """One full pass now (joining one under way); raises ``SyncFailed`` unless the
         journal is empty and the remote reachable afterwards."""
-        if not self.conn.online:
-            self.conn.probe_now()
-            with trio.move_on_after(min(self.conn.timeout, 5)):
-                while not self.conn.online:
-                    await trio.sleep(0.05)
-                    if self.conn.state.value == "offline-by-request":
-                        break
+        await self.conn.try_connect()
         if self.conn.state.value == "offline-by-request":
             raise SyncFailed("working offline by request ('cachefs online' or "
                              "'echo online > .cachefs/control' to reconnect)", errno.EHOSTDOWN)
@@ -174,7 +166,7 @@ class SyncManager:
 
     async def flush_at_unmount(self) -> None:
         """Like SyncMgr's sync at logoff: drain the journal, bounded by a timeout."""
-        if not self.conn.online or not self.pending():
+        if not self.pending() or not await self.conn.try_connect():
             return
         log.info("unmounting: replaying %d pending changes (at most %g s)",
                  self.pending(), self.flush_timeout)

@@ -1,0 +1,198 @@
+"""Every conflict case of the replay, end to end: what the server holds afterwards, what the
+mount shows (after its listing refresh, ``--attr-timeout 1``), and what status and
+``.cachefs/conflicts`` report. The remote keeps the name; the local version is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tests.fixtures.mount import _run_with_timeout, status
+from tests.test_writes import control, go_offline, read_all, sync, wait_for, wait_state, write_file
+
+CONFLICT_RE = re.compile(r"^(?P<stem>.*) \(conflict \d{4}-\d\d-\d\d \d{6} [^)]+\)(?P<ext>.*)$")
+REFRESH = 6.0  # bound on waiting for the mount's view (attr timeout is 1 s)
+LATER = 10**9 * 100  # a remote change also moves the mtime well away from the cached one
+
+
+def conflict_records(mnt: Path) -> list[dict]:
+    path = mnt / ".cachefs" / "conflicts"
+    return json.loads(_run_with_timeout(path.read_text, 10, "reading conflicts"))
+
+
+def copies_of(folder: Path, name: str) -> list[str]:
+    stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+    ext = dot + ext
+    out = []
+    for entry in os.listdir(folder):
+        match = CONFLICT_RE.match(entry)
+        if match and match["stem"] == stem and match["ext"] == ext:
+            out.append(entry)
+    return out
+
+
+def change_on_server(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + LATER))
+
+
+def assert_recorded(mnt: Path, path: str, kind: str | None = None) -> dict:
+    assert status(mnt)["conflicts"] >= 1, status(mnt)
+    records = [r for r in conflict_records(mnt) if r.get("path") == path]
+    assert records, f"no conflict recorded for {path}: {conflict_records(mnt)}"
+    if kind is not None:
+        assert any(r.get("kind") == kind for r in records), records
+    return records[0]
+
+
+def mount_shows(mnt: Path, expected: dict[str, bytes], folder: str = "") -> None:
+    """Wait until the mount lists and reads ``expected`` (name -> bytes) in ``folder``."""
+    def ok() -> bool:
+        here = mnt / folder
+        names = os.listdir(here)
+        for name, data in expected.items():
+            if name not in names or (here / name).read_bytes() != data:
+                return False
+        return True
+
+    try:
+        wait_for(ok, REFRESH, f"the mount to show {sorted(expected)}", interval=0.2)
+    except AssertionError:
+        here = mnt / folder
+        seen = {n: (here / n).read_bytes()[:60] for n in os.listdir(here)
+                if n != ".cachefs" and (here / n).is_file()}
+        raise AssertionError(f"the mount shows {seen}, expected {expected}") from None
+
+
+def test_changed_on_both_sides(mount_factory, share: Path) -> None:
+    (share / "report.txt").write_bytes(b"base version")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "report.txt", b"local version, longer")
+        change_on_server(share / "report.txt", b"remote version")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "report.txt").read_bytes() == b"remote version"
+        copies = copies_of(share, "report.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"local version, longer"
+        record = assert_recorded(mnt, "report.txt", "changed-both")
+        assert record.get("conflict_path") == copies[0]
+        assert status(mnt)["pending"] == 0
+        mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
+        assert sorted(os.listdir(mnt)) == sorted([".cachefs", "report.txt", copies[0]])
+
+
+def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
+    """Offline because the server went away (sshd stopped)."""
+    (share / "notes.txt").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        sshd.stop()
+        wait_state(mnt, "offline")
+        os.unlink(mnt / "notes.txt")
+        change_on_server(share / "notes.txt", b"changed there")
+        sshd.start()
+        wait_state(mnt, "online")
+        sync(mnt)
+        assert (share / "notes.txt").read_bytes() == b"changed there"
+        assert copies_of(share, "notes.txt") == []
+        assert_recorded(mnt, "notes.txt")
+        mount_shows(mnt, {"notes.txt": b"changed there"})
+
+
+def test_changed_here_deleted_there(mount_factory, share: Path) -> None:
+    (share / "draft.md").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "draft.md", b"changed here")
+        (share / "draft.md").unlink()
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "draft.md").read_bytes() == b"changed here"
+        assert_recorded(mnt, "draft.md")
+        mount_shows(mnt, {"draft.md": b"changed here"})
+
+
+def test_created_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        write_file(mnt / "new.txt", b"made here")
+        (share / "new.txt").write_bytes(b"made there!")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "new.txt").read_bytes() == b"made there!"
+        copies = copies_of(share, "new.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"made here"
+        assert_recorded(mnt, "new.txt")
+        mount_shows(mnt, {"new.txt": b"made there!", copies[0]: b"made here"})
+
+
+def test_renamed_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
+    (share / "a.txt").write_bytes(b"content of a")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        os.rename(mnt / "a.txt", mnt / "b.txt")
+        (share / "b.txt").write_bytes(b"b made there")
+        control(mnt, "online")
+        sync(mnt)
+        assert not (share / "a.txt").exists()
+        assert (share / "b.txt").read_bytes() == b"b made there"
+        copies = copies_of(share, "b.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"content of a"
+        assert status(mnt)["conflicts"] >= 1
+        assert any(r.get("conflict_path") == copies[0] for r in conflict_records(mnt)), \
+            conflict_records(mnt)
+        mount_shows(mnt, {"b.txt": b"b made there", copies[0]: b"content of a"})
+        wait_for(lambda: "a.txt" not in os.listdir(mnt), REFRESH, "a.txt gone from the mount")
+
+
+def test_created_in_folder_removed_there(mount_factory, share: Path) -> None:
+    (share / "project" / "old").mkdir(parents=True)
+    (share / "project" / "old" / "x.txt").write_bytes(b"x")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "project" / "old" / "fresh.txt", b"written offline")
+        shutil.rmtree(share / "project")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "project" / "old").is_dir()
+        assert (share / "project" / "old" / "fresh.txt").read_bytes() == b"written offline"
+        assert status(mnt)["pending"] == 0
+        mount_shows(mnt, {"fresh.txt": b"written offline"}, folder="project/old")
+
+
+def test_identical_content_is_no_conflict(mount_factory, share: Path) -> None:
+    (share / "same.txt").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "same.txt", b"the same new bytes")
+        write_file(mnt / "twin.txt", b"twin")
+        change_on_server(share / "same.txt", b"the same new bytes")
+        (share / "twin.txt").write_bytes(b"twin")
+        control(mnt, "online")
+        sync(mnt)
+        assert status(mnt)["conflicts"] == 0, conflict_records(mnt)
+        assert conflict_records(mnt) == []
+        assert sorted(os.listdir(share)) == ["same.txt", "twin.txt"]
+        assert (share / "same.txt").read_bytes() == b"the same new bytes"
+        mount_shows(mnt, {"same.txt": b"the same new bytes", "twin.txt": b"twin"})

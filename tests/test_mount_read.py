@@ -1,0 +1,575 @@
+"""End-to-end reads through real mounts: ``mount.py`` in a subprocess, a real sshd, real FUSE.
+
+Owns: the reading side of a mount as a user meets it — online reads, partial caching,
+offline after a stopped server or a silently stalled network (through ``TcpProxy``),
+remounting offline, revalidation, host key checks, the local-directory backend, hostile
+names, and unmounting / daemon mode.
+Must not touch: cachefs internals. Only the command line, the mount point, the files in
+``.cachefs/``, the ``user.cachefs.state`` xattr and the cache directory's ``data/`` files
+(for how many bytes are stored) are looked at.
+
+Every operation on the mount runs in a thread with a deadline, so a hung mount fails the
+test instead of blocking it; every mount is taken down by its context manager.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachefs.devserver import SshServer
+from tests.fixtures.mount import MOUNT_SCRIPT, REPO, Mount, fusermount_unmount, is_mounted, status
+from tests.fixtures.proxy import TcpProxy
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+HEARTBEAT = 1.0
+TIMEOUT = 2.0
+ATTR_TIMEOUT = 1.0
+SLACK = 3.0  # scheduling, one retry of a probe, a loaded 2-core machine
+OP_DEADLINE = 15.0  # an operation still blocked after this is a hang
+STATE_XATTR = "user.cachefs.state"
+# Expected while the remote is away: the mount reports the network error it met.
+OFFLINE_LOG = [r"(?i)unreachable|offline|timed? ?out|connection|EOF|reset|refused|socket|ssh"]
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+class Hung(AssertionError):
+    """An operation on the mount did not return before its deadline."""
+
+
+def timed(function: Callable[[], Any], deadline: float = OP_DEADLINE) -> tuple[Any, float]:
+    """Run ``function`` in a thread; return (its value or the exception it raised, seconds).
+
+    A thread stuck in a FUSE request cannot be stopped; it is left behind as a daemon and
+    released when the mount is torn down.
+    """
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed back to the test
+            outcome["value"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(deadline)
+    elapsed = time.monotonic() - started
+    if thread.is_alive():
+        raise Hung(f"{function!r} did not return within {deadline} s (the mount hangs)")
+    return outcome["value"], elapsed
+
+
+def ok(function: Callable[[], Any], deadline: float = OP_DEADLINE) -> Any:
+    """The value of ``function`` run with a deadline; its exception is re-raised."""
+    value, _ = timed(function, deadline)
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def read(path: Path, deadline: float = OP_DEADLINE) -> bytes:
+    return ok(path.read_bytes, deadline)
+
+
+def assert_offline_error(path: Path, within: float) -> None:
+    """Reading ``path`` fails with EHOSTDOWN, and does so within ``within`` seconds."""
+    value, elapsed = timed(path.read_bytes)
+    assert isinstance(value, OSError), f"reading {path} offline gave {value!r:.200}, not an error"
+    assert value.errno == errno.EHOSTDOWN, f"reading {path} offline: {value!r}, want EHOSTDOWN"
+    assert elapsed < within, f"reading {path} offline took {elapsed:.2f} s (limit {within} s)"
+
+
+def wait_for_state(mountpoint: Path, state: str, within: float) -> float:
+    """Wait until the status says ``state``; returns the seconds it took."""
+    started = time.monotonic()
+    last: dict[str, Any] = {}
+    while True:
+        last = status(mountpoint)
+        if last.get("state") == state:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise AssertionError(f"status not {state!r} within {within} s; last status: {last}")
+        time.sleep(0.1)
+
+
+def xattr_state(path: Path) -> str:
+    return ok(lambda: os.getxattr(path, STATE_XATTR)).decode().strip()
+
+
+def sftp_args(sshd: SshServer, known_hosts: Path | None = None) -> list[str]:
+    return [
+        "--identity", str(sshd.identity),
+        "--known-hosts", str(known_hosts or sshd.known_hosts),
+        "--attr-timeout", str(ATTR_TIMEOUT),
+    ]
+
+
+OFFLINE_ARGS = ["--heartbeat", str(HEARTBEAT), "--timeout", str(TIMEOUT)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cached_bytes(cache_dir: Path) -> int:
+    """Bytes really stored in the cache's content files (sparse holes not counted)."""
+    total = 0
+    for path in (cache_dir / "data").rglob("*"):
+        if path.is_file():
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def run_mount_command(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python mount.py ARGS`` (daemon mode unless told otherwise), as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(MOUNT_SCRIPT), *args],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def cachefs_command() -> list[str]:
+    script = Path(sys.executable).with_name("cachefs")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cachefs.cli"]
+
+
+def make_tree(share: Path) -> dict[str, bytes]:
+    """Files of several kinds under ``share``; returns relative path → content."""
+    files = {
+        "big.bin": os.urandom(3 * 1024 * 1024 + 123),
+        "empty": b"",
+        "hello.txt": b"hello, world\n",
+        "a/one.txt": b"one\n" * 1000,
+        "a/b/c/deep.txt": b"deep down\n",
+        "a/b/two.bin": os.urandom(70_000),
+        "later.txt": b"never read while online\n",
+        "a/later.bin": os.urandom(20_000),
+    }
+    for relative, data in files.items():
+        path = share / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    os.chmod(share / "hello.txt", 0o640)
+    os.chmod(share / "a/b/c/deep.txt", 0o755)
+    os.chmod(share / "a/b", 0o750)
+    os.utime(share / "a/one.txt", (1_500_000_000, 1_500_000_000))
+    os.utime(share / "empty", (1_234_567_890, 1_234_567_890))
+    os.symlink("a/b/c/deep.txt", share / "link")
+    os.symlink("../nowhere/at all", share / "a/dangling")
+    (share / "emptydir").mkdir()
+    return files
+
+
+# -- 1. online ------------------------------------------------------------------------------
+
+
+def test_online_reads_equal_the_server(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    files = make_tree(share)
+    os.chmod(share, 0o750)
+    os.utime(share, (1_400_000_000, 1_400_000_000))
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd)):
+        assert status(mnt)["state"] == "online"
+        for relative, data in files.items():
+            assert sha(read(mnt / relative)) == sha(data), relative
+
+        for server_dir, dirs, names in os.walk(share):
+            relative = Path(server_dir).relative_to(share)
+            mounted_dir = mnt / relative
+            expected = set(dirs) | set(names)
+            listed = set(ok(lambda d=mounted_dir: os.listdir(d)))
+            if relative == Path("."):
+                listed.discard(".cachefs")
+            assert listed == expected, f"listing of {relative}"
+            for name in expected:
+                server_stat = os.lstat(share / relative / name)
+                mounted_stat = ok(lambda p=mounted_dir / name: os.lstat(p))
+                where = relative / name
+                assert stat.S_IFMT(mounted_stat.st_mode) == stat.S_IFMT(server_stat.st_mode), where
+                if not stat.S_ISLNK(server_stat.st_mode):
+                    assert stat.S_IMODE(mounted_stat.st_mode) == stat.S_IMODE(server_stat.st_mode), where
+                    assert int(mounted_stat.st_mtime) == int(server_stat.st_mtime), where
+                if stat.S_ISREG(server_stat.st_mode):
+                    assert mounted_stat.st_size == server_stat.st_size, where
+                if stat.S_ISDIR(server_stat.st_mode):
+                    assert mounted_stat.st_nlink >= 2, where
+                if stat.S_ISLNK(server_stat.st_mode):
+                    target = ok(lambda p=mounted_dir / name: os.readlink(p))
+                    assert target == os.readlink(share / relative / name), where
+        # Following the symlink through the mount gives the target's bytes.
+        assert read(mnt / "link") == files["a/b/c/deep.txt"]
+        assert xattr_state(mnt / "big.bin") == "cached"
+
+        # The mount root stands for the share's root folder: the same mode and mtime.
+        root = ok(lambda: os.stat(mnt))
+        assert root.st_nlink >= 2
+        assert (oct(stat.S_IMODE(root.st_mode)), int(root.st_mtime)) == (oct(0o750), 1_400_000_000), \
+            "the mount root does not show the attributes of the share's root folder"
+
+
+# -- 2. partial reads -----------------------------------------------------------------------
+
+
+def test_partial_read_caches_only_part(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    size = 200 * 1024 * 1024
+    head = os.urandom(1024 * 1024)
+    middle = os.urandom(256 * 1024)
+    big = share / "sparse.bin"
+    with open(big, "wb") as f:
+        f.truncate(size)
+        f.write(head)
+        f.seek(size // 2)
+        f.write(middle)
+    expected = sha(big.read_bytes())
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with Mount(sshd.address(), mnt, cache, *sftp_args(sshd)):
+        first = ok(lambda: _pread(mnt / "sparse.bin", 1024, 0))
+        assert first == head[:1024]
+        stored = cached_bytes(cache)
+        assert stored < 16 * 1024 * 1024, f"a 1 KiB read stored {stored} bytes of a {size} byte file"
+        assert xattr_state(mnt / "sparse.bin") == "partial"
+
+        whole = read(mnt / "sparse.bin", deadline=60)
+        assert len(whole) == size
+        assert sha(whole) == expected
+        assert xattr_state(mnt / "sparse.bin") == "cached"
+
+
+def _pread(path: Path, length: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+# -- 3. offline: stopped server -------------------------------------------------------------
+
+
+def test_offline_after_server_stops(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    files = make_tree(share)
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd), *OFFLINE_ARGS,
+               allowed_errors=OFFLINE_LOG):
+        for relative in ("big.bin", "hello.txt", "a/one.txt", "a/b/c/deep.txt"):
+            read(mnt / relative)
+        listed_root = set(ok(lambda: os.listdir(mnt)))
+        listed_a = set(ok(lambda: os.listdir(mnt / "a")))
+
+        stopped = time.monotonic()
+        sshd.stop()
+        # Right away, before the mount has noticed anything.
+        assert_offline_error(mnt / "later.txt", within=2.0)
+        for relative in ("big.bin", "hello.txt", "a/one.txt", "a/b/c/deep.txt"):
+            assert sha(read(mnt / relative, deadline=TIMEOUT + SLACK)) == sha(files[relative]), relative
+        wait_for_state(mnt, "offline", within=HEARTBEAT + TIMEOUT + SLACK - (time.monotonic() - stopped))
+
+        time.sleep(ATTR_TIMEOUT + 0.2)  # past the attribute timeout: no remote to ask
+        for relative in ("big.bin", "a/b/c/deep.txt"):
+            value, elapsed = timed(lambda r=relative: (mnt / r).read_bytes())
+            assert value == files[relative], f"{relative}: {value!r:.100}"
+            assert elapsed < 2.0, f"cached read of {relative} offline took {elapsed:.2f} s"
+        assert_offline_error(mnt / "later.txt", within=2.0)
+        assert_offline_error(mnt / "a/later.bin", within=2.0)
+        assert set(ok(lambda: os.listdir(mnt))) == listed_root
+        assert set(ok(lambda: os.listdir(mnt / "a"))) == listed_a
+        assert ok(lambda: os.stat(mnt / "a/later.bin")).st_size == len(files["a/later.bin"])
+        assert status(mnt)["last_error"]
+
+
+# -- 4. offline: silent network loss --------------------------------------------------------
+
+
+def proxied_known_hosts(sshd: SshServer, proxy: TcpProxy, tmp_path: Path) -> Path:
+    """known_hosts that names the server's key under the proxy's port."""
+    key = " ".join(sshd.host_key_pub.read_text().split()[:2])
+    path = tmp_path / "known_hosts_proxy"
+    path.write_text(f"[127.0.0.1]:{proxy.port} {key}\n")
+    return path
+
+
+def test_offline_after_silent_network_loss(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    files = make_tree(share)
+    mnt = tmp_path / "mnt"
+    with TcpProxy("127.0.0.1", sshd.port) as proxy:
+        remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/")
+        known_hosts = proxied_known_hosts(sshd, proxy, tmp_path)
+        with Mount(remote, mnt, tmp_path / "cache", *sftp_args(sshd, known_hosts), *OFFLINE_ARGS,
+                   allowed_errors=OFFLINE_LOG) as mount:
+            for relative in ("big.bin", "hello.txt", "a/one.txt"):
+                assert read(mnt / relative) == files[relative]
+            ok(lambda: os.listdir(mnt / "a"))
+            time.sleep(ATTR_TIMEOUT + 0.2)  # so that the next open asks the (stalled) remote
+
+            stalled = time.monotonic()
+            proxy.stall()
+            for relative in ("hello.txt", "big.bin", "a/one.txt"):
+                value, elapsed = timed(lambda r=relative: (mnt / r).read_bytes())
+                assert value == files[relative], f"{relative} after the stall: {value!r:.200}"
+                assert elapsed < TIMEOUT + SLACK, f"cached read of {relative} took {elapsed:.2f} s"
+            assert_offline_error(mnt / "later.txt", within=TIMEOUT + SLACK)
+            assert_offline_error(mnt / "a/later.bin", within=TIMEOUT + SLACK)
+            wait_for_state(mnt, "offline",
+                           within=HEARTBEAT + TIMEOUT + SLACK - (time.monotonic() - stalled))
+
+            proxy.resume()
+            wait_for_state(mnt, "online", within=HEARTBEAT + TIMEOUT + 2 * SLACK)
+            assert read(mnt / "later.txt", deadline=TIMEOUT + SLACK) == files["later.txt"]
+            assert mount.process is not None and mount.process.poll() is None
+
+
+# -- 5. remount while the server is down ----------------------------------------------------
+
+
+def test_remount_while_server_down(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    files = make_tree(share)
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    args = [*sftp_args(sshd), *OFFLINE_ARGS]
+    with Mount(sshd.address(), mnt, cache, *args) as first:
+        for relative in ("big.bin", "a/b/c/deep.txt"):
+            read(mnt / relative)
+        ok(lambda: os.listdir(mnt / "a"))
+    assert first.process is not None and first.process.returncode == 0
+
+    sshd.stop()
+    with Mount(sshd.address(), mnt, cache, *args, allowed_errors=OFFLINE_LOG):
+        assert status(mnt)["state"] == "offline"
+        for relative in ("big.bin", "a/b/c/deep.txt"):
+            assert read(mnt / relative, deadline=TIMEOUT + SLACK) == files[relative], relative
+        assert "one.txt" in ok(lambda: os.listdir(mnt / "a"))
+        assert_offline_error(mnt / "later.txt", within=2.0)
+
+        sshd.start()
+        wait_for_state(mnt, "online", within=HEARTBEAT + TIMEOUT + 2 * SLACK)
+        assert read(mnt / "later.txt") == files["later.txt"]
+
+
+# -- 6. first mount with nothing cached and no server ---------------------------------------
+
+
+def test_fresh_mount_with_server_down_fails_clearly(tmp_path: Path, sshd: SshServer) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sshd.stop()
+    try:
+        result = run_mount_command(sshd.address(), str(mnt), "--cache-dir", str(tmp_path / "cache"),
+                                   *sftp_args(sshd), "--timeout", str(TIMEOUT))
+        assert result.returncode != 0, f"mount succeeded with no server: {result}"
+        assert not is_mounted(mnt)
+        message = result.stderr
+        assert "cannot reach" in message and "127.0.0.1" in message, message
+        assert "empty" in message, message  # says why it cannot mount offline either
+        assert "Traceback" not in message, message
+    finally:
+        fusermount_unmount(mnt)
+
+
+# -- 7. revalidation ------------------------------------------------------------------------
+
+
+def test_server_side_changes_are_seen(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    target = share / "doc.txt"
+    target.write_bytes(b"version one\n")
+    os.utime(target, (1_600_000_000, 1_600_000_000))
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd)):
+        assert read(mnt / "doc.txt") == b"version one\n"
+        assert xattr_state(mnt / "doc.txt") == "cached"
+
+        target.write_bytes(b"version two, longer\n")  # another size
+        time.sleep(ATTR_TIMEOUT + 0.5)
+        assert read(mnt / "doc.txt") == b"version two, longer\n"
+        assert ok(lambda: os.stat(mnt / "doc.txt")).st_size == len(b"version two, longer\n")
+
+        target.write_bytes(b"VERSION TWO, LONGER\n")  # the same size, another mtime
+        os.utime(target, (1_700_000_000, 1_700_000_000))
+        time.sleep(ATTR_TIMEOUT + 0.5)
+        assert read(mnt / "doc.txt") == b"VERSION TWO, LONGER\n"
+        assert int(ok(lambda: os.stat(mnt / "doc.txt")).st_mtime) == 1_700_000_000
+
+        (share / "new.txt").write_bytes(b"appeared\n")  # listings are refreshed too
+        time.sleep(ATTR_TIMEOUT + 0.5)
+        assert "new.txt" in ok(lambda: os.listdir(mnt))
+        assert read(mnt / "new.txt") == b"appeared\n"
+
+
+# -- 8. host keys ---------------------------------------------------------------------------
+
+
+def test_host_key_checks(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"data\n")
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    known_hosts = tmp_path / "known_hosts_empty"
+    known_hosts.write_text("")
+    args = [*sftp_args(sshd, known_hosts), "--timeout", str(TIMEOUT)]
+    try:
+        refused = run_mount_command(sshd.address(), str(mnt), "--cache-dir", str(cache), *args)
+        assert refused.returncode != 0, f"mounted with an unknown host key: {refused}"
+        assert not is_mounted(mnt)
+        assert "127.0.0.1" in refused.stderr and "--accept-new-host-key" in refused.stderr, refused.stderr
+        assert known_hosts.read_text() == ""
+    finally:
+        fusermount_unmount(mnt)
+
+    with Mount(sshd.address(), mnt, cache, *args, "--accept-new-host-key"):
+        assert read(mnt / "f.txt") == b"data\n"
+    key_b64 = sshd.host_key_pub.read_text().split()[1]
+    recorded = known_hosts.read_text()
+    assert key_b64 in recorded and "127.0.0.1" in recorded, recorded
+
+    sshd.regenerate_host_key()
+    sshd.restart()
+    try:
+        changed = run_mount_command(sshd.address(), str(mnt), "--cache-dir", str(cache), *args,
+                                    "--accept-new-host-key")
+        assert changed.returncode != 0, f"mounted although the host key changed: {changed}"
+        assert not is_mounted(mnt)
+        assert "127.0.0.1" in changed.stderr and "host key" in changed.stderr.lower(), changed.stderr
+        assert known_hosts.read_text() == recorded  # the old key is not replaced
+    finally:
+        fusermount_unmount(mnt)
+
+
+# -- 9. the local-directory backend ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+def test_local_directory_backend(tmp_path: Path, share: Path, form: str) -> None:
+    files = make_tree(share)
+    remote = str(share) if form == "path" else share.as_uri()
+    mnt = tmp_path / "mnt"
+    with Mount(remote, mnt, tmp_path / "cache", "--attr-timeout", str(ATTR_TIMEOUT), *OFFLINE_ARGS,
+               allowed_errors=OFFLINE_LOG):
+        assert status(mnt)["state"] == "online"
+        for relative in ("big.bin", "hello.txt", "a/one.txt", "empty"):
+            assert read(mnt / relative) == files[relative], relative
+        ok(lambda: os.listdir(mnt / "a"))
+        assert ok(lambda: os.readlink(mnt / "link")) == "a/b/c/deep.txt"
+
+        share.rename(tmp_path / "share-gone")
+        wait_for_state(mnt, "offline", within=HEARTBEAT + TIMEOUT + SLACK)
+        time.sleep(ATTR_TIMEOUT + 0.2)
+        for relative in ("big.bin", "hello.txt", "a/one.txt", "empty"):
+            assert read(mnt / relative, deadline=TIMEOUT + SLACK) == files[relative], relative
+        assert_offline_error(mnt / "later.txt", within=2.0)
+        assert "one.txt" in ok(lambda: os.listdir(mnt / "a"))
+
+
+# -- 10. hostile names ----------------------------------------------------------------------
+
+
+HOSTILE = {
+    b"with  spaces ": b"spaces\n",
+    b"new\nline": b"newline\n",
+    b"caf\xe9": b"latin-1\n",
+    b"n" * 255: b"long name\n",
+    b"-leading-dash": b"dash\n",
+    "\u00e9t\u00e9 \U0001f600".encode(): b"utf-8\n",
+}
+
+
+def test_hostile_names(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    share_b = os.fsencode(share)
+    for name, data in HOSTILE.items():
+        with open(os.path.join(share_b, name), "wb") as f:
+            f.write(data)
+    impostor = os.path.join(share_b, b".cachefs")
+    os.mkdir(impostor)
+    with open(os.path.join(impostor, b"status"), "wb") as f:
+        f.write(b"I am the server's file\n")
+
+    mnt = tmp_path / "mnt"
+    mnt_b = os.fsencode(mnt)
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd)):
+        listed = ok(lambda: os.listdir(mnt_b))
+        assert sorted(listed) == sorted([*HOSTILE, b".cachefs"])
+        assert listed.count(b".cachefs") == 1
+        for name, data in HOSTILE.items():
+            assert ok(lambda n=name: open(os.path.join(mnt_b, n), "rb").read()) == data, name
+        # .cachefs is the mount's own folder, not the server's.
+        assert status(mnt)["state"] == "online"
+        assert b"I am the server" not in ok(lambda: (mnt / ".cachefs" / "status").read_bytes())
+
+
+# -- 11. unmount and daemon mode ------------------------------------------------------------
+
+
+def test_cachefs_unmount_command(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"data\n")
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd)) as mount:
+        assert read(mnt / "f.txt") == b"data\n"
+        assert mount.process is not None
+        # The mount process is our child: reap it while the command waits for it to end
+        # (an unreaped zombie would still answer kill(pid, 0)).
+        unmount = subprocess.Popen([*cachefs_command(), "unmount", "--wait", "20", str(mnt)],
+                                   cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            assert mount.process.wait(20) == 0
+            _, stderr = unmount.communicate(timeout=20)
+        finally:
+            if unmount.poll() is None:
+                unmount.kill()
+                unmount.wait()
+        assert unmount.returncode == 0, stderr
+        assert not is_mounted(mnt)
+        assert "unmounted" in mount.log_text()
+
+
+def test_daemon_mode(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"data\n")
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    pid = None
+    try:
+        result = run_mount_command(sshd.address(), str(mnt), "--cache-dir", str(cache), *sftp_args(sshd))
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt), "mount.py returned 0 but nothing is mounted"
+        assert read(mnt / "f.txt") == b"data\n"
+        current = status(mnt)
+        pid = int(current["pid"])
+        assert current["state"] == "online"
+
+        result = subprocess.run([*cachefs_command(), "unmount", str(mnt)], cwd=REPO,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mnt)
+        assert not _alive(pid), f"the mount process {pid} is still running after unmount"
+        log_text = (cache / "mount.log").read_text(errors="replace")
+        bad = [line for line in log_text.splitlines() if "Traceback" in line or " ERROR " in line]
+        assert not bad, log_text
+    finally:
+        fusermount_unmount(mnt)
+        if pid is not None and _alive(pid):
+            os.kill(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive; it is not our child, but check its state anyway.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

@@ -1,0 +1,595 @@
+"""The write side end to end: real sshd, real mounts (``mount.py --foreground``).
+
+Each change made in the mount is also made to a plain local folder (the model); after
+``sync`` the server's tree must equal the model. Going offline is done both by the
+control file (``offline``) and by stopping the sshd. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import itertools
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.mount import _run_with_timeout, status
+from tests.fixtures.proxy import TcpProxy
+
+CONTROL_TIMEOUT = 60.0
+A_NS = 1_500_000_000_123_456_789
+M_NS = 1_600_000_000_987_654_321
+
+
+# -- helpers (also used by test_conflicts) -----------------------------------------------
+
+def control(mnt: Path, command: str, timeout: float = CONTROL_TIMEOUT) -> None:
+    """One command to ``.cachefs/control``; raises OSError as the write does."""
+    path = Path(mnt) / ".cachefs" / "control"
+
+    def write() -> None:
+        with open(path, "w") as f:
+            f.write(command + "\n")
+
+    _run_with_timeout(write, timeout, f"control {command}")
+
+
+def go_offline(mnt: Path) -> None:
+    """Work offline on purpose, after listing the root: a folder never listed cannot be
+    changed offline (the mount cannot tell which names exist there; EHOSTDOWN)."""
+    os.listdir(mnt)
+    control(mnt, "offline")
+
+
+def sync(mnt: Path) -> None:
+    control(mnt, "sync")
+
+
+def sync_until_done(mnt: Path, deadline_s: float = 30.0) -> None:
+    """``sync`` until it succeeds (the mount may still be coming back online)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            sync(mnt)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll until ``predicate()``; seconds taken. AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while True:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except OSError:
+            pass
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_state(mnt: Path, state: str, timeout: float = 15.0) -> None:
+    wait_for(lambda: status(mnt)["state"] == state, timeout, f"state {state}")
+
+
+def snapshot(root: Path, skip_control: bool = True) -> dict[str, tuple]:
+    """Everything a user can see of a tree: kinds, modes, sizes, contents, link targets."""
+    result: dict[str, tuple] = {}
+
+    def walk(folder: Path, rel: str) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name = rel + entry.name
+            if skip_control and name == ".cachefs":
+                continue
+            st_ = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st_.st_mode):
+                result[name] = ("link", os.readlink(entry.path))
+            elif stat.S_ISDIR(st_.st_mode):
+                result[name] = ("dir", oct(stat.S_IMODE(st_.st_mode)))
+                walk(Path(entry.path), name + "/")
+            else:
+                with open(entry.path, "rb") as f:
+                    data = f.read()
+                content = data if len(data) <= 4096 else hashlib.sha256(data).hexdigest()
+                result[name] = ("file", oct(stat.S_IMODE(st_.st_mode)), len(data), content)
+
+    walk(Path(root), "")
+    return result
+
+
+def tree_problems(actual: Path, model: Path, what: str = "tree") -> list[str]:
+    got, want = snapshot(actual), snapshot(model)
+    names_got = sorted(listing_names(actual))
+    names_want = sorted(listing_names(model))
+    problems = []
+    if names_got != names_want:
+        problems.append(f"{what}: listings differ from the model: got {names_got}, want {names_want}")
+    if got != want:
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        differ = {k: (got[k], want[k]) for k in sorted(set(got) & set(want)) if got[k] != want[k]}
+        problems.append(f"{what} differs from the model: missing {missing}, extra {extra}, "
+                        f"different (got, want) {differ}")
+    return problems
+
+
+def listing_names(root: Path) -> list[str]:
+    """Every name as readdir gives it (duplicates kept)."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d != ".cachefs"]
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+    return out
+
+
+def assert_same_tree(actual: Path, model: Path, what: str = "tree") -> None:
+    problems = tree_problems(actual, model, what)
+    assert not problems, "\n".join(problems)
+
+
+def read_all(root: Path) -> None:
+    """Read every file of the mount (online) so that all of it is in the cache."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".cachefs"]
+        for name in files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                with open(p, "rb") as f:
+                    f.read()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    if not hasattr(_libc, "renameat2"):
+        pytest.skip("libc has no renameat2")
+    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src))
+
+
+def errno_of(action: Callable[[], object]) -> int:
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def write_file(path: Path, data: bytes, fsync: bool = False) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def no_temp_leftovers(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in files + dirs
+            if ".cachefs-tmp-" in n]
+
+
+# -- each operation offline, then sync ----------------------------------------------------
+
+def _prepare_share(share: Path) -> None:
+    (share / "keep.txt").write_bytes(b"keep me\n")
+    (share / "edit.txt").write_bytes(b"0123456789")
+    (share / "append.txt").write_bytes(b"start")
+    (share / "grow.txt").write_bytes(b"abc")
+    (share / "shrink.txt").write_bytes(b"abcdefghij" * 10)
+    (share / "mode.txt").write_bytes(b"m")
+    (share / "times.txt").write_bytes(b"t")
+    (share / "gone.txt").write_bytes(b"bye")
+    (share / "old.txt").write_bytes(b"old name")
+    (share / "over_src.txt").write_bytes(b"source")
+    (share / "over_dst.txt").write_bytes(b"destination to be replaced")
+    (share / "emptydir").mkdir()
+    (share / "tree" / "sub").mkdir(parents=True)
+    (share / "tree" / "top.txt").write_bytes(b"top")
+    (share / "tree" / "sub" / "deep.txt").write_bytes(b"deep")
+    (share / "linksrc.txt").write_bytes(b"linked")
+    (share / "nr_src.txt").write_bytes(b"noreplace")
+    (share / "nr_taken.txt").write_bytes(b"taken")
+
+
+def _apply_offline_ops(root: Path) -> None:
+    write_file(root / "new.txt", b"brand new\n" * 3)
+    os.chmod(root / "new.txt", 0o640)
+    os.mkdir(root / "newdir")
+    write_file(root / "newdir" / "inner.txt", b"inner")
+    with open(root / "edit.txt", "r+b") as f:
+        f.seek(3)
+        f.write(b"XYZ")
+    with open(root / "append.txt", "ab") as f:
+        f.write(b"+more")
+    os.truncate(root / "grow.txt", 1000)
+    os.truncate(root / "shrink.txt", 7)
+    os.chmod(root / "mode.txt", 0o600)
+    os.utime(root / "times.txt", ns=(A_NS, M_NS))
+    write_file(root / "new_times.txt", b"with times")
+    os.utime(root / "new_times.txt", ns=(A_NS, M_NS + 10**9))
+    os.rmdir(root / "emptydir")
+    os.unlink(root / "gone.txt")
+    os.rename(root / "old.txt", root / "renamed.txt")
+    os.rename(root / "over_src.txt", root / "over_dst.txt")
+    os.rename(root / "tree", root / "moved_tree")
+    rename_noreplace(root / "nr_src.txt", root / "nr_new.txt")
+    with pytest.raises(OSError) as info:
+        rename_noreplace(root / "nr_new.txt", root / "nr_taken.txt")
+    assert info.value.errno == errno.EEXIST
+    os.symlink("moved_tree/top.txt", root / "sym")
+    os.link(root / "linksrc.txt", root / "hard.txt")
+
+
+def test_each_operation_offline_then_sync(mount_factory, share: Path, tmp_path: Path) -> None:
+    _prepare_share(share)
+    model = tmp_path / "model"
+    shutil.copytree(share, model, symlinks=True)
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        assert status(mnt)["state"] == "offline"
+        _apply_offline_ops(mnt)
+        _apply_offline_ops(model)
+        problems = []  # gathered, so that one difference does not hide the others
+        problems += tree_problems(mnt, model, "the mount (offline)")
+        assert status(mnt)["pending"] > 0
+        assert (share / "old.txt").exists() and not (share / "new.txt").exists()  # untouched
+        control(mnt, "online")
+        sync(mnt)
+        st_ = status(mnt)
+        assert st_["pending"] == 0 and st_["conflicts"] == 0, st_
+        problems += tree_problems(share, model, "the server")
+        problems += tree_problems(mnt, model, "the mount (after sync)")
+        for name in ("times.txt", "new_times.txt"):
+            if os.stat(share / name).st_mtime_ns // 10**9 != os.stat(model / name).st_mtime_ns // 10**9:
+                problems.append(f"server mtime of {name}: {os.stat(share / name).st_mtime}")
+        if os.stat(share / "hard.txt").st_ino != os.stat(share / "linksrc.txt").st_ino:
+            problems.append("hard.txt and linksrc.txt are not one file on the server")
+        if no_temp_leftovers(share):
+            problems.append(f"leftovers {no_temp_leftovers(share)}")
+        assert not problems, "\n".join(problems)
+
+
+# -- write-back while online ----------------------------------------------------------------
+
+def test_write_back_online_within_two_seconds(mount_factory, share: Path) -> None:
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        data = b"written online\n" * 100
+        write_file(mnt / "wb.txt", data)
+        taken = wait_for(lambda: (share / "wb.txt").read_bytes() == data, 5.0,
+                         "the written file on the server")
+        assert taken < 2.5, f"write-back took {taken:.2f} s"
+        wait_for(lambda: status(mnt)["pending"] == 0, 5.0, "an empty journal")
+        assert no_temp_leftovers(share) == []
+
+
+# -- POSIX errors ----------------------------------------------------------------------------
+
+def _error_cases(root: Path) -> dict[str, Callable[[], object]]:
+    return {
+        "O_EXCL existing": lambda: os.close(os.open(root / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY)),
+        "mkdir existing dir": lambda: os.mkdir(root / "d"),
+        "mkdir existing file": lambda: os.mkdir(root / "f"),
+        "open missing": lambda: open(root / "missing", "rb"),
+        "unlink missing": lambda: os.unlink(root / "missing"),
+        "rmdir missing": lambda: os.rmdir(root / "missing"),
+        "rename missing": lambda: os.rename(root / "missing", root / "x"),
+        "create in missing dir": lambda: open(root / "nodir" / "x", "wb"),
+        "open under file": lambda: open(root / "f" / "x", "rb"),
+        "create under file": lambda: open(root / "f" / "x", "wb"),
+        "mkdir under file": lambda: os.mkdir(root / "f" / "x"),
+        "rmdir file": lambda: os.rmdir(root / "f"),
+        "open dir for write": lambda: os.open(root / "d", os.O_WRONLY),
+        "unlink dir": lambda: os.unlink(root / "d"),
+        "rename file over dir": lambda: os.rename(root / "f", root / "d"),
+        "rename dir over file": lambda: os.rename(root / "d", root / "f"),
+        "rmdir non-empty": lambda: os.rmdir(root / "full"),
+        "rename dir over non-empty dir": lambda: os.rename(root / "d", root / "full"),
+        "rename dir into itself": lambda: os.rename(root / "full", root / "full" / "sub" / "x"),
+        "rename dir onto own child": lambda: os.rename(root / "full", root / "full" / "sub"),
+        "truncate dir": lambda: os.truncate(root / "d", 0),
+    }
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "online"])
+def test_posix_errors_match_a_local_filesystem(mount_factory, share: Path, tmp_path: Path,
+                                               offline: bool) -> None:
+    for root in (share, tmp_path / "model"):
+        root.mkdir(exist_ok=True)
+        (root / "f").write_bytes(b"file")
+        (root / "d").mkdir()
+        (root / "full" / "sub").mkdir(parents=True)
+        (root / "full" / "x.txt").write_bytes(b"x")
+    model = tmp_path / "model"
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        if offline:
+            go_offline(mnt)
+        want = {name: errno_of(case) for name, case in _error_cases(model).items()}
+        got = {name: errno_of(case) for name, case in _error_cases(mnt).items()}
+        assert all(want.values()), want  # every case is an error on ext4
+        diff = {k: (errno.errorcode.get(got[k]), errno.errorcode.get(want[k]))
+                for k in want if got[k] != want[k]}
+        assert not diff, f"(mount, local) errno differ: {diff}"
+        assert status(mnt)["pending"] == 0  # no failed call left anything in the journal
+        assert_same_tree(mnt, model, "the mount")
+        if offline:
+            control(mnt, "online")
+        sync(mnt)
+        assert_same_tree(share, model, "the server")
+
+
+# -- unlink of an open file ----------------------------------------------------------------
+
+def test_unlink_open_file_offline(mount_factory, share: Path) -> None:
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        with open(mnt / "open.txt", "w+b") as f:
+            f.write(b"hello")
+            f.flush()
+            os.unlink(mnt / "open.txt")
+            assert "open.txt" not in os.listdir(mnt)
+            f.seek(0)
+            assert f.read() == b"hello"
+            f.write(b" world")
+            f.flush()
+            f.seek(0)
+            assert f.read() == b"hello world"
+            assert os.fstat(f.fileno()).st_size == 11
+        assert "open.txt" not in os.listdir(mnt)
+        control(mnt, "online")
+        sync(mnt)
+        assert not (share / "open.txt").exists()
+        assert sorted(os.listdir(share)) == []
+        assert status(mnt)["pending"] == 0
+
+
+def test_unlink_open_file_online(mount_factory, share: Path) -> None:
+    (share / "served.txt").write_bytes(b"from the server")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        with open(mnt / "served.txt", "r+b") as f:
+            assert f.read() == b"from the server"
+            os.unlink(mnt / "served.txt")
+            sync(mnt)
+            assert not (share / "served.txt").exists()
+            f.seek(0)
+            assert f.read() == b"from the server"
+            f.write(b"!")
+            f.flush()
+            f.seek(0)
+            assert f.read() == b"from the server!"
+        sync(mnt)
+        assert sorted(os.listdir(share)) == []
+        assert "served.txt" not in os.listdir(mnt)
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+def test_kill9_during_offline_writes(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    """Offline because the server stopped; the mount is killed; everything survives."""
+    (share / "existing.txt").write_bytes(b"old content")
+    model = tmp_path / "model"
+    shutil.copytree(share, model)
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    read_all(mnt)
+    sshd.stop()
+    wait_state(mnt, "offline")
+
+    def work(root: Path) -> None:
+        for i in range(8):
+            write_file(root / f"f{i}.bin", bytes([i]) * (1000 * (i + 1)), fsync=i % 2 == 0)
+        os.mkdir(root / "sub")
+        write_file(root / "sub" / "inner.txt", b"inner", fsync=True)
+        with open(root / "existing.txt", "ab") as f:
+            f.write(b" + appended")
+
+    work(mnt)
+    work(model)
+    mount.kill9()
+    assert "Traceback" not in mount.log_text()
+    assert not (share / "f0.bin").exists()
+    sshd.start()
+    with mount_factory(name="mnt", allowed_errors=()) as again:
+        control(again.mountpoint, "online")
+        sync_until_done(again.mountpoint)
+        assert status(again.mountpoint)["pending"] == 0
+        assert_same_tree(share, model, "the server")
+        assert_same_tree(again.mountpoint, model, "the mount")
+    assert no_temp_leftovers(share) == []
+
+
+def test_kill9_during_replay(mount_factory, share: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    count = 300
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    go_offline(mnt)
+    for root in (mnt, model):
+        os.mkdir(root / "many")
+        for i in range(count):
+            write_file(root / "many" / f"n{i:03d}.txt", f"file {i}\n".encode() * (i % 7 + 1))
+    start_pending = status(mnt)["pending"]
+    assert start_pending >= count
+    control(mnt, "online")
+    began = time.monotonic()
+    seen = start_pending
+    while time.monotonic() - began < 10:
+        seen = status(mnt)["pending"]
+        if 0 < seen < start_pending - 20 or (time.monotonic() - began > 0.2 and seen < start_pending):
+            break
+        time.sleep(0.01)
+    mount.kill9()
+    on_server = len(os.listdir(share / "many")) if (share / "many").exists() else 0
+    assert on_server < count, "the replay finished before the kill: the test proves nothing"
+    with mount_factory(name="mnt") as again:
+        sync_until_done(again.mountpoint)
+        assert status(again.mountpoint)["pending"] == 0
+        assert_same_tree(share, model, "the server")
+        assert_same_tree(again.mountpoint, model, "the mount")
+    assert no_temp_leftovers(share) == []
+
+
+def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path,
+                                                tmp_path: Path) -> None:
+    size = 50 << 20
+    data = os.urandom(1 << 20) * 50
+    digest = hashlib.sha256(data).hexdigest()
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        known_hosts = tmp_path / "known_hosts_proxy"
+        key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
+        known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
+        remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
+        mount = mount_factory(remote=remote, known_hosts=known_hosts, check_log=False)
+        with mount:
+            mnt = mount.mountpoint
+            go_offline(mnt)
+            write_file(mnt / "big.bin", data)
+            control(mnt, "online")
+            # wait until the upload is under way (the temporary file grows), then stall
+            wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
+                                 for n in os.listdir(share)), 15, "the upload to start",
+                     interval=0.005)
+            proxy.stall()
+            try:
+                seen_partial = []
+                end = time.monotonic() + 4
+                while time.monotonic() < end:
+                    try:
+                        got = (share / "big.bin").stat().st_size
+                    except FileNotFoundError:
+                        got = None
+                    if got is not None and got != size:
+                        seen_partial.append(got)
+                    time.sleep(0.02)
+                assert not seen_partial, f"big.bin seen with partial sizes {seen_partial[:5]}"
+                if (share / "big.bin").exists():
+                    assert hashlib.sha256((share / "big.bin").read_bytes()).hexdigest() == digest
+            finally:
+                proxy.resume()
+            sync_until_done(mnt, 60)
+            assert (share / "big.bin").stat().st_size == size
+            assert hashlib.sha256((share / "big.bin").read_bytes()).hexdigest() == digest
+            assert status(mnt)["pending"] == 0
+            assert no_temp_leftovers(share) == [], "temporary upload files left on the server"
+
+
+def test_unmount_online_flushes_journal(mount_factory, share: Path) -> None:
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    go_offline(mnt)
+    write_file(mnt / "flushed.txt", b"must reach the server")
+    os.mkdir(mnt / "flushed_dir")
+    control(mnt, "online")
+    mount.stop()
+    assert mount.process is not None and mount.process.poll() is not None
+    assert (share / "flushed.txt").read_bytes() == b"must reach the server"
+    assert (share / "flushed_dir").is_dir()
+    mount.assert_clean_log()
+
+
+# -- property test: random offline sequences replay to the model ---------------------------
+
+NAMES = ["a", "b", "c.txt"]
+DIRS = ["d", "e"]
+PATHS = [*NAMES, *DIRS, *(f"{d}/{n}" for d in DIRS for n in NAMES + DIRS)]
+
+step = st.one_of(
+    st.tuples(st.just("create"), st.sampled_from(PATHS), st.binary(max_size=300)),
+    st.tuples(st.just("write"), st.sampled_from(PATHS), st.integers(0, 400), st.binary(min_size=1, max_size=100)),
+    st.tuples(st.just("append"), st.sampled_from(PATHS), st.binary(min_size=1, max_size=100)),
+    st.tuples(st.just("truncate"), st.sampled_from(PATHS), st.integers(0, 500)),
+    st.tuples(st.just("mkdir"), st.sampled_from(PATHS)),
+    st.tuples(st.just("unlink"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rmdir"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rename"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    st.tuples(st.just("chmod"), st.sampled_from(PATHS), st.sampled_from([0o600, 0o644, 0o755])),
+)
+
+
+def _apply_step(root: Path, s: tuple) -> int:
+    kind, path = s[0], root / s[1]
+
+    def run() -> None:
+        if kind == "create":
+            write_file(path, s[2])
+        elif kind == "write":
+            with open(path, "r+b") as f:
+                f.seek(s[2])
+                f.write(s[3])
+        elif kind == "append":
+            with open(path, "ab") as f:
+                f.write(s[2])
+        elif kind == "truncate":
+            os.truncate(path, s[2])
+        elif kind == "mkdir":
+            os.mkdir(path, 0o755)
+        elif kind == "unlink":
+            os.unlink(path)
+        elif kind == "rmdir":
+            os.rmdir(path)
+        elif kind == "rename":
+            os.rename(path, root / s[2])
+        elif kind == "chmod":
+            os.chmod(path, s[2])
+
+    return errno_of(run)
+
+
+def test_random_offline_sequences_replay_to_model(mount_factory, share: Path, tmp_path: Path) -> None:
+    counter = itertools.count()
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+
+        @settings(max_examples=15, deadline=None, database=None, derandomize=False,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(steps=st.lists(step, min_size=5, max_size=25))
+        def check(steps: list[tuple]) -> None:
+            sub = f"ex{next(counter)}"
+            model = tmp_path / "models" / sub
+            model.mkdir(parents=True)
+            go_offline(mnt)
+            os.mkdir(mnt / sub)
+            for s in steps:
+                want = _apply_step(model, s)
+                got = _apply_step(mnt / sub, s)
+                assert got == want, f"{s[:2]}: mount {errno.errorcode.get(got)}, " \
+                                    f"local {errno.errorcode.get(want)}"
+            assert_same_tree(mnt / sub, model, "the mount (offline)")
+            control(mnt, "online")
+            sync(mnt)
+            assert_same_tree(share / sub, model, "the server")
+            assert_same_tree(mnt / sub, model, "the mount (after sync)")
+
+        check()
+        assert next(counter) >= 10, "hypothesis ran too few examples"
+        assert status(mnt)["conflicts"] == 0
+        assert no_temp_leftovers(share) == []
