@@ -8,6 +8,7 @@ Must not touch: request handling (``cachefs.fs``) or remote protocol details.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -90,6 +91,7 @@ def run(config: MountConfig) -> int:
     if config.foreground:
         setup_logging(config.verbose, None)
         return _serve(config, ready=None)
+    _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:  # the parent reports the outcome and leaves
@@ -117,6 +119,19 @@ def run(config: MountConfig) -> int:
         os._exit(1)
     status = _serve(config, ready=write_fd)
     os._exit(status)
+
+
+def _check_cache_free(cache_dir: Path) -> None:
+    try:
+        fd = os.open(cache_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # a new cache: nothing holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MountError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
+    finally:
+        os.close(fd)
 
 
 def _serve(config: MountConfig, ready: int | None) -> int:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import lmdb
 import trio
 
 from ..errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
@@ -104,7 +105,11 @@ class Cache:
             try:
                 while True:
                     await trio.sleep(self.config.checkpoint_interval)
-                    await self.checkpoint()
+                    try:
+                        await self.checkpoint()
+                        self.after_checkpoint()
+                    except (OSError, lmdb.Error) as exc:  # a full disk: retried next time
+                        log.error("checkpoint failed (retrying): %s", exc)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.checkpoint()
@@ -137,7 +142,6 @@ class Cache:
         for ino in todo:
             if not self._open_count.get(ino) and ino not in self._unsaved:
                 self._ranges.pop(ino, None)
-        self.after_checkpoint()
 
     def _covers_all(self, ino: int, rs: rangeset.Ranges) -> bool:
         node = self.store.get(ino)
@@ -362,9 +366,10 @@ class Cache:
     def evict_content(self, node: Node) -> int:
         """Drop the cached content of a clean, unpinned, closed file; bytes freed."""
         node = self.store.get(node.ino)
-        if node is None or not node.is_file or node.flags & (DIRTY | PINNED) or self.is_open(node.ino):
+        if node is None or not node.is_file or node.flags & (DIRTY | PINNED | CONFLICT) \
+                or self.is_open(node.ino):
             return 0
-        freed = self.store.content_bytes(node)
+        freed = node.size if node.has(FULL) else rangeset.total(self._known_ranges(node.ino))
         if freed or node.has(FULL):
             self._forget_content(node.ino)
             self.store.drop_content(node.ino)
@@ -859,9 +864,12 @@ class Cache:
         return parent.ino, name
 
     async def rename_path(self, src: bytes, dst: bytes) -> None:
+        """A rename asked for by the control file (not by the kernel, so tell it)."""
         sp, sn = await self._parent_and_name(src)
         dp, dn = await self._parent_and_name(dst)
         await self.rename(sp, sn, dp, dn)
+        self.kernel.invalidate_entry(sp, sn)
+        self.kernel.invalidate_entry(dp, dn)
 
     async def unlink_path(self, path: bytes) -> None:
         parent, name = await self._parent_and_name(path)
@@ -870,6 +878,7 @@ class Cache:
             await self.rmdir(parent, name)
         else:
             await self.unlink(parent, name)
+        self.kernel.invalidate_entry(parent, name)
 
     def clear_conflict(self, path: bytes) -> None:
         head, _, name = path.rpartition(b"/")

@@ -17,7 +17,7 @@ import trio
 
 from ..errors import RemoteError, Unavailable
 from .cache import Cache
-from .store import DIRTY, PINNED, Node, Txn
+from .store import CONFLICT, DIRTY, PINNED, Node, Txn
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Hoard:
         goal = int(self.limit * 0.9)
         candidates = []
         for node in self.store.nodes_with_content():
-            if node.flags & (PINNED | DIRTY) or self.cache.is_open(node.ino):
+            if node.flags & (PINNED | DIRTY | CONFLICT) or self.cache.is_open(node.ino):
                 continue
             candidates.append((self.cache.last_use(node), node))
         candidates.sort(key=lambda pair: pair[0])

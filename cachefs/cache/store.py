@@ -475,6 +475,9 @@ class Store:
         with self.env.begin() as txn:
             return txn.stat(db)["entries"]
 
+    def upload_started(self, seq: int) -> bool:
+        return self.get_meta(b"u:" + _key(seq)) is not None
+
     def produced(self, ino: int) -> tuple[int, int, int] | None:
         data = self.get_meta(b"v:" + _key(ino))
         return tuple(json.loads(data)) if data else None  # type: ignore[return-value]
@@ -568,6 +571,14 @@ class Txn:
 
     def delete_op(self, seq: int) -> None:
         self.txn.delete(journal.key(seq), db=self.store.journal)
+
+    # An upload under way for journal entry ``seq``: after a crash, a remote file with
+    # our size and mtime is recognised as that upload, not as someone else's change.
+    def mark_upload(self, seq: int) -> None:
+        self.txn.put(b"u:" + _key(seq), b"1", db=self.store.meta)
+
+    def clear_upload(self, seq: int) -> None:
+        self.txn.delete(b"u:" + _key(seq), db=self.store.meta)
 
     # Versions produced on the remote by replay, by node: later journal entries recorded
     # an older base for the same node (or for the object they replace), and must compare

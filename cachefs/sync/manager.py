@@ -138,6 +138,10 @@ class SyncManager:
 
     async def full_pass(self) -> None:
         """Replay the journal and refresh pinned trees; ``SyncFailed`` if incomplete."""
+        try:  # a round trip even when there is nothing to send: "synced" means reachable
+            await self.conn.call(self.remote.ping)
+        except Unavailable as exc:
+            raise SyncFailed(f"remote is offline: {exc}", errno.EHOSTDOWN) from exc
         result = await self.reintegrate()
         if not result.complete:
             raise SyncFailed(result.reason or "reconciliation did not complete")
@@ -253,7 +257,7 @@ class SyncManager:
                 # The remote refuses this change for good (permission, quota...): keep the
                 # local version, record it, and go on with the rest.
                 log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-                self._finish(op, conflict=self._record(op, "error", error=str(exc)))
+                self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc)))
             except (OSError, ValueError, KeyError) as exc:
                 # A local failure (disk, a record that went away): stop here, the entry
                 # stays in the journal and the next pass retries it.
@@ -295,6 +299,7 @@ class SyncManager:
         what the node now agrees with, in one transaction."""
         def change(t: Txn) -> None:
             t.delete_op(op.seq)
+            t.clear_upload(op.seq)
             if update is not None:
                 update(t)
             if conflict is not None:
@@ -378,14 +383,16 @@ class SyncManager:
             if await self._make_parents(op.path):
                 conflict = conflict or self._record(op, "folder-recreated")
         elif created or remote.version() != node.base:
-            ours = stat_mod.S_ISREG(remote.mode) and remote.size == node.size \
-                and _same_second(remote.mtime_ns, node.mtime_ns)
-            # ``ours``: our own upload landed just before a crash or a cut connection.
+            # ``ours``: this very upload was under way when a crash or a cut connection
+            # stopped it, and it had landed (its size and our mtime are there).
+            ours = self.store.upload_started(op.seq) and stat_mod.S_ISREG(remote.mode) \
+                and remote.size == node.size and _same_second(remote.mtime_ns, node.mtime_ns)
             if ours or await self._same_content(node, op.path, remote):
                 self._finish(op, self._agree(op.ino, remote, gen))
                 return 0
             return await self._keep_both(op, node, remote, gen)
         try:
+            self.store.transact(lambda t: t.mark_upload(op.seq))
             new = await self._upload(node, op.path, op.seq)
         except LocalGone:
             if created:
@@ -394,6 +401,17 @@ class SyncManager:
             return 0
         self._finish(op, self._agree(op.ino, new, gen), conflict)
         return node.size
+
+    @staticmethod
+    def _refused(ino: int):
+        """An update for a change the remote refused: the local version stays cached,
+        marked as a conflict (never evicted), and later changes are journaled anew."""
+        def update(t: Txn) -> None:
+            n = t.node(ino)
+            if n is not None:
+                n.flags = (n.flags & ~(DIRTY | ATTR_DIRTY)) | CONFLICT
+                t.put(n)
+        return update
 
     def _agree(self, ino: int, remote: RemoteStat, gen: int | None):
         """An update that records ``remote`` as the node's base version."""
@@ -415,17 +433,28 @@ class SyncManager:
     async def _keep_both(self, op: Op, node: Node, remote: RemoteStat, gen: int) -> int:
         """Changed on both sides: the remote keeps the name, ours goes beside it."""
         parent, _, name = op.path.rpartition(b"/")
-        copy = join(parent, conflict_name(name, time.time(), self.host))
-        await self._upload(node, copy, op.seq)
+        copy_name = conflict_name(name, time.time(), self.host)
+        copy = join(parent, copy_name)
+        copy_stat = await self._upload(node, copy, op.seq)
         record = self._record(op, "changed-both", conflict_path=copy.decode("utf-8", "surrogateescape"),
                               local={"size": node.size, "mtime_ns": node.mtime_ns},
                               remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
+        moved: list[int] = []
 
         def update(t: Txn) -> None:
             n = t.node(op.ino)
             if n is None:
                 return
-            n.base = None  # nothing cached agrees with the remote: refetch on next use
+            if t.node(op.parent) is not None and t.child_ino(op.parent, copy_name) is None:
+                # Our version, now the conflict copy, stays cached under its new name.
+                ino = t.new_ino()
+                t.put(Node(ino=ino, parent=op.parent, name=copy_name, mode=n.mode, size=n.size,
+                           mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
+                           flags=FULL, base=copy_stat.version(), gen=gen, synced_gen=gen))
+                t.set_entry(op.parent, copy_name, ino)
+                moved.append(ino)
+            # The name now shows the server's version, fetched on next use.
+            n.base = remote.version()
             n.flags &= ~(DIRTY | FULL | ATTR_DIRTY)
             n.flags |= CONFLICT
             n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
@@ -433,6 +462,8 @@ class SyncManager:
             t.put(n)
 
         self._finish(op, update, record)
+        if moved:
+            os.rename(self.store.content_path(op.ino), self.store.content_path(moved[0]))
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
 

@@ -1,0 +1,363 @@
+"""The ``cachefs`` command against real mounts: every sub-command as a user types it
+(``.venv/bin/cachefs`` in a subprocess), its output, its exit status, progress on a
+terminal and off one, and the fstab / ``mount -t fuse.cachefs`` forms. Every wait is bounded
+and every mount is taken down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.mount import REPO, fusermount_unmount, is_mounted, status
+from tests.test_control import (
+    MiB, change_on_server, conflict_copies, go_offline, read, state, wait_for, write,
+)
+
+CACHEFS = str(Path(sys.executable).with_name("cachefs"))
+RUN_TIMEOUT = 60.0
+SUBCOMMANDS = {
+    "mount": ["--cache-dir", "--identity", "--cache-size", "--sync-interval", "-o"],
+    "unmount": ["--lazy", "--wait"],
+    "status": ["--json"],
+    "sync": ["PATH"],
+    "offline": ["PATH"],
+    "online": ["PATH"],
+    "pin": ["PATH"],
+    "unpin": ["PATH"],
+    "evict": ["PATH"],
+    "conflicts": ["--json"],
+    "resolve": ["--keep", "local", "remote", "both"],
+}
+
+
+def cachefs(*args: str, cwd: Path | str = REPO, env: dict | None = None,
+            timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CACHEFS, *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"{result.args}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def failed_with_reason(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Non-zero exit, no traceback, and one ``cachefs: ...`` line that names the reason."""
+    assert result.returncode != 0, f"{result.args} succeeded:\n{result.stdout}{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    reasons = [line for line in result.stderr.splitlines() if line.startswith("cachefs:")]
+    assert len(reasons) == 1, f"expected one 'cachefs: reason' line:\n{result.stderr}"
+    for word in words:
+        assert word in reasons[0], reasons[0]
+    return reasons[0]
+
+
+def run_on_pty(args: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
+    """Run a command with stdout and stderr on a pseudo-terminal; (exit status, output)."""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                                   close_fds=True, env=dict(os.environ, COLUMNS="100"))
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{args} did not finish within {timeout} s: {b''.join(chunks)!r}")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side is closed
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif process.poll() is not None:
+                break
+        return process.wait(10), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# -- status ---------------------------------------------------------------------------------
+
+def test_status_human_and_json(mount_factory, share: Path) -> None:
+    (share / "sub").mkdir()
+    (share / "sub" / "f.txt").write_bytes(b"f")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        text = ok(cachefs("status", str(mnt))).stdout
+        for label in ("state:", "remote:", "pending changes:", "conflicts:", "cache use:",
+                      "pinned:", "last sync:", "last error:"):
+            assert any(line.startswith(label) for line in text.splitlines()), f"no {label!r} line:\n{text}"
+        assert "online" in text and "sftp://" in text
+        # From a folder inside the mount, without a PATH.
+        assert ok(cachefs("status", cwd=mnt / "sub")).stdout == text
+        parsed = json.loads(ok(cachefs("status", "--json", str(mnt / "sub" / "f.txt"))).stdout)
+        assert parsed["state"] == "online" and parsed["pending"] == 0
+        assert parsed["pid"] == mount.pid
+
+        outside = failed_with_reason(cachefs("status", str(share)), "not inside a cachefs mount")
+        assert str(share) in outside
+
+
+# -- sync, offline, online -----------------------------------------------------------------
+
+def test_sync_offline_online(mount_factory, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        ok(cachefs("sync", str(mnt)))
+        assert status(mnt)["last_sync"]
+        read(mnt / "f.txt")
+
+        ok(cachefs("offline", str(mnt)))
+        assert status(mnt)["connectivity"] == "offline-by-request"
+        write(mnt / "f.txt", b"changed offline")
+        failed_with_reason(cachefs("sync", str(mnt)), "sync:", "offline")
+        assert (share / "f.txt").read_bytes() == b"base"
+
+        ok(cachefs("online", cwd=mnt))
+        wait_for(lambda: status(mnt)["state"] == "online", 15, "online")
+        ok(cachefs("sync", cwd=mnt))
+        assert (share / "f.txt").read_bytes() == b"changed offline"
+        assert status(mnt)["pending"] == 0
+
+
+# -- pin, unpin, evict ---------------------------------------------------------------------
+
+def test_pin_unpin_evict_relative_and_absolute(mount_factory, share: Path) -> None:
+    (share / "docs" / "deep").mkdir(parents=True)
+    (share / "docs" / "deep" / "a.txt").write_bytes(b"a" * 1000)
+    (share / "docs" / "b.txt").write_bytes(b"b" * 1000)
+    (share / "c.txt").write_bytes(b"c" * 1000)
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        docs = mnt / "docs"
+        ok(cachefs("pin", "deep", cwd=docs))  # relative to the current folder
+        assert status(mnt)["pinned"] == ["/docs/deep"]
+        assert state(docs / "deep" / "a.txt") == "pinned"
+        ok(cachefs("pin", str(mnt / "c.txt"), "../b.txt", cwd=docs / "deep"))  # absolute and ../
+        assert sorted(status(mnt)["pinned"]) == ["/c.txt", "/docs/b.txt", "/docs/deep"]
+        assert state(mnt / "c.txt") == "pinned" and state(docs / "b.txt") == "pinned"
+
+        ok(cachefs("unpin", "deep/a.txt", "b.txt", cwd=docs))  # a.txt is under a pinned root
+        assert state(docs / "b.txt") == "cached"
+        ok(cachefs("unpin", str(docs / "deep"), str(mnt / "c.txt")))
+        assert status(mnt)["pinned"] == []
+        time.sleep(1.5)  # past the cache's checkpoint
+        ok(cachefs("evict", ".", cwd=docs))
+        assert state(docs / "b.txt") == "remote"
+        assert state(docs / "deep" / "a.txt") == "remote"
+        assert state(mnt / "c.txt") == "cached"  # outside docs
+        ok(cachefs("evict", str(mnt / "c.txt")))
+        assert state(mnt / "c.txt") == "remote"
+
+        failed_with_reason(cachefs("pin", "no-such-file", cwd=mnt), "pin:")
+        failed_with_reason(cachefs("pin", str(share / "c.txt")), "not inside a cachefs mount")
+        assert status(mnt)["state"] == "online"
+
+
+# -- conflicts and resolve -----------------------------------------------------------------
+
+def test_conflicts_and_resolve(mount_factory, share: Path) -> None:
+    (share / "r.txt").write_bytes(b"base")
+    (share / "k.txt").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        assert ok(cachefs("conflicts", str(mnt))).stdout.strip() == "no conflicts"
+        read(mnt / "r.txt")
+        read(mnt / "k.txt")
+        go_offline(mnt)
+        write(mnt / "r.txt", b"local r")
+        write(mnt / "k.txt", b"local k")
+        change_on_server(share / "r.txt", b"remote r")
+        change_on_server(share / "k.txt", b"remote k")
+        ok(cachefs("online", str(mnt)))
+        wait_for(lambda: cachefs("sync", str(mnt)).returncode == 0, 20, "sync")
+
+        records = json.loads(ok(cachefs("conflicts", "--json", cwd=mnt)).stdout)
+        assert {r["path"] for r in records} == {"r.txt", "k.txt"}, records
+        human = ok(cachefs("conflicts", str(mnt))).stdout
+        assert "/r.txt" in human and "changed-both" in human and "other version" in human
+
+        failed_with_reason(cachefs("resolve", "nothing.txt", "--keep", "local", cwd=mnt), "resolve:")
+        bad = cachefs("resolve", "r.txt", "--keep", "mine", cwd=mnt)
+        assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+        ok(cachefs("resolve", "r.txt", "--keep", "remote", cwd=mnt))
+        ok(cachefs("resolve", str(mnt / "k.txt"), "--keep", "local"))
+        assert ok(cachefs("conflicts", str(mnt))).stdout.strip() == "no conflicts"
+        assert status(mnt)["conflicts"] == 0
+        ok(cachefs("sync", str(mnt)))
+        assert (share / "r.txt").read_bytes() == b"remote r" and conflict_copies(share, "r.txt") == []
+        assert (share / "k.txt").read_bytes() == b"local k" and conflict_copies(share, "k.txt") == []
+
+
+# -- help -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sub", sorted(SUBCOMMANDS))
+def test_help_of_every_subcommand(sub: str) -> None:
+    text = ok(cachefs(sub, "--help")).stdout
+    assert text.startswith("usage: cachefs " + sub), text
+    for word in SUBCOMMANDS[sub]:
+        assert word in text, f"cachefs {sub} --help does not mention {word}:\n{text}"
+
+
+def test_top_level_help_lists_every_subcommand() -> None:
+    text = ok(cachefs("--help")).stdout
+    for sub in SUBCOMMANDS:
+        assert sub in text, sub
+
+
+# -- progress --------------------------------------------------------------------------------
+
+@pytest.fixture
+def big_share(share: Path) -> Path:
+    folder = share / "big"
+    folder.mkdir()
+    chunk = os.urandom(MiB)
+    for i in range(8):  # 40 MiB over 8 files
+        (folder / f"part{i}.bin").write_bytes(chunk * 5 + bytes([i]))
+    return folder
+
+
+def test_pin_progress_on_a_terminal(mount_factory, big_share: Path) -> None:
+    with mount_factory(timeout="5") as mount:
+        mnt = mount.mountpoint
+        code, output = run_on_pty([CACHEFS, "pin", "big"], cwd=mnt)
+        assert code == 0, output
+        assert "Traceback" not in output, output
+        assert "\r" in output and "[" in output and "#" in output, f"no progress bar: {output!r}"
+        assert "/8 items" in output, output
+        assert "pin big: done" in output, output
+        for i in range(8):
+            assert state(mnt / "big" / f"part{i}.bin") == "pinned"
+
+
+def test_pin_progress_off_a_terminal_is_plain_lines(mount_factory, big_share: Path) -> None:
+    with mount_factory(timeout="5") as mount:
+        mnt = mount.mountpoint
+        result = ok(cachefs("pin", "big", cwd=mnt))
+        output = result.stdout + result.stderr
+        assert "\r" not in output and "\x1b" not in output, repr(output)
+        assert "pin big: done" in output, output
+        assert status(mnt)["pinned"] == ["/big"]
+
+
+# -- mounting: fstab form, -o errors, mount -t fuse.cachefs ---------------------------------
+
+def _stop_daemon(mnt: Path) -> None:
+    """Clean up after a daemonized mount: unmount, then make sure its process is gone."""
+    pid = None
+    if is_mounted(mnt):
+        try:
+            pid = int(status(mnt, timeout=5)["pid"])
+        except Exception:
+            pass
+    fusermount_unmount(mnt)
+    if pid is not None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(pid, 9)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError as exc:
+        return str(exc)
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that is not us."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return _proc_state(pid).rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def test_fstab_form_daemonizes_and_unmounts(tmp_path: Path, sshd, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"fstab\n")
+    mnt, cache = tmp_path / "fmnt", tmp_path / "fcache"
+    mnt.mkdir()
+    try:
+        options = f"cache_dir={cache},identity={sshd.identity},known_hosts={sshd.known_hosts},noauto,attr_timeout=1"
+        ok(cachefs(sshd.address(), str(mnt), "-o", options))
+        assert is_mounted(mnt), "cachefs returned 0 but nothing is mounted"
+        assert read(mnt / "f.txt") == b"fstab\n"
+        assert status(mnt)["cache_dir"] == str(cache)
+        pid = int(status(mnt)["pid"])
+        ok(cachefs("unmount", str(mnt)))
+        assert not is_mounted(mnt)
+        assert not _alive(pid), f"mount process {pid} still running: {_proc_state(pid)}"
+    finally:
+        _stop_daemon(mnt)
+
+
+def test_unknown_dash_o_option_is_refused_clearly(tmp_path: Path, sshd) -> None:
+    mnt = tmp_path / "bmnt"
+    mnt.mkdir()
+    try:
+        result = cachefs(sshd.address(), str(mnt), "-o", f"cache_dir={tmp_path / 'c'},bogus")
+        assert result.returncode != 0
+        assert "unknown mount option -o bogus" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not is_mounted(mnt)
+        result = cachefs(sshd.address(), str(mnt), "-o", "cache_size=lots")
+        assert result.returncode != 0 and "cache_size=lots" in result.stderr, result.stderr
+    finally:
+        _stop_daemon(mnt)
+
+
+@pytest.mark.skipif(not Path("/sbin/mount.fuse3").exists() or os.geteuid() != 0,
+                    reason="needs /sbin/mount.fuse3 and root for mount(8)")
+def test_mount_t_fuse_cachefs(tmp_path: Path, sshd, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"via mount(8)\n")
+    mnt, cache = tmp_path / "tmnt", tmp_path / "tcache"
+    mnt.mkdir()
+    env = dict(os.environ, PATH=f"{Path(CACHEFS).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    mount_cmd = shutil.which("mount", path=env["PATH"]) or "/bin/mount"
+    options = f"cache_dir={cache},identity={sshd.identity},known_hosts={sshd.known_hosts}"
+    # mount(8) runs helpers with its own safe PATH, so "-t fuse.cachefs" finds cachefs only
+    # when it is installed system-wide; otherwise name the program: "-t fuse PROG#REMOTE".
+    if shutil.which("cachefs", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"):
+        how = ["-t", "fuse.cachefs", sshd.address()]
+    else:
+        how = ["-t", "fuse", f"{CACHEFS}#{sshd.address()}"]
+    try:
+        result = subprocess.run([mount_cmd, *how[:2], "-o", options, how[2], str(mnt)],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=RUN_TIMEOUT, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert is_mounted(mnt)
+        assert read(mnt / "f.txt") == b"via mount(8)\n"
+        assert status(mnt)["state"] == "online"
+        ok(cachefs("unmount", str(mnt)))
+        assert not is_mounted(mnt)
+    finally:
+        _stop_daemon(mnt)
