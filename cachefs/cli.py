@@ -7,6 +7,7 @@ its ``.cachefs/`` files and to the kernel through ``fusermount3``.
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
 import json
 import os
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from . import __version__
 from .address import RemoteAddress, parse_remote
+from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
+from .cache.store import StoreError, check_private_dir
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
 
@@ -76,6 +79,12 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
                    help="how often a full sync runs (pinned folders refreshed, pending "
                         "changes replayed) besides on change and on reconnect (default: 300)")
+    p.add_argument("--encrypt-cache", action="store_true",
+                   help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
+                        "key comes from --cache-key-file, or the passphrase in "
+                        "$CACHEFS_CACHE_PASSPHRASE, or is asked on the terminal")
+    p.add_argument("--cache-key-file", metavar="FILE", type=Path,
+                   help="a file whose content is the cache key (implies --encrypt-cache)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (e.g. allow_other)")
@@ -92,7 +101,8 @@ def _size(text: str) -> int:
 OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": "known_hosts",
                "accept_new_host_key": "accept_new_host_key", "port": "port", "timeout": "timeout",
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
-               "cache_size": "cache_size", "sync_interval": "sync_interval", "verbose": "verbose"}
+               "cache_size": "cache_size", "sync_interval": "sync_interval", "verbose": "verbose",
+               "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                 "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
@@ -129,6 +139,29 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     args.fuse_options = fuse
 
 
+def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
+    """The key of an encrypted cache (None for a plain one), checked against the cache."""
+    secret: bytes | None = None
+    if args.cache_key_file is not None:
+        secret = args.cache_key_file.expanduser().read_bytes()
+        if not secret.strip():
+            raise CryptoError(f"{args.cache_key_file} is empty")
+    elif args.encrypt_cache:
+        text = os.environ.get("CACHEFS_CACHE_PASSPHRASE")
+        if text is None:
+            if not sys.stdin.isatty():
+                raise CryptoError("--encrypt-cache needs a key: --cache-key-file FILE, "
+                                  "CACHEFS_CACHE_PASSPHRASE, or a terminal to ask on")
+            text = getpass.getpass("cache passphrase: ")
+        if not text:
+            raise CryptoError("the cache passphrase is empty")
+        secret = text.encode()
+    if secret is None and not (cache_dir / "crypt.json").exists():
+        return None
+    check_private_dir(cache_dir)
+    return open_key(cache_dir, secret)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import MountConfig, MountError, run
 
@@ -140,6 +173,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.connections < 1:
         return _fail("--connections must be at least 1")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
+    try:
+        key = cache_key(args, cache_dir)
+    except (CryptoError, StoreError, OSError) as exc:
+        return _fail(str(exc))
     config = MountConfig(
         address=address,
         mountpoint=Path(args.mountpoint).expanduser().absolute(),
@@ -158,6 +195,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         sync_interval=args.sync_interval,
         fuse_options=args.fuse_options,
+        cache_key=key,
     )
     try:
         return run(config)

@@ -50,6 +50,7 @@ class MountConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     sync_interval: float = 300.0
     fuse_options: list[str] = field(default_factory=list)
+    cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
 
 def setup_logging(verbose: bool, logfile: Path | None) -> None:
@@ -153,7 +154,7 @@ def _serve(config: MountConfig, ready: int | None) -> int:
 
 async def _main(config: MountConfig, report) -> int:
     try:
-        store = Store(config.cache_dir, config.address.display())
+        store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
     except StoreError as exc:
         raise MountError(str(exc)) from exc
     remote = open_remote(config.address, config.connect)

@@ -351,7 +351,7 @@ class Cache:
             # below finds the page cache warm even after it was dropped.
             os.posix_fadvise(handle.fd, offset, WILLNEED_AHEAD, os.POSIX_FADV_WILLNEED)
             handle.advised_to = offset + WILLNEED_AHEAD
-        return os.pread(handle.fd, end - offset, offset)
+        return self.store.content.pread(handle.fd, end - offset, offset)
 
     def cached_bytes(self) -> int:
         """Content bytes in the cache (a running count; exact after a restart)."""
@@ -481,7 +481,7 @@ class Cache:
         key = (ino, idx)
         try:
             for gap_start, gap_end in rangeset.missing(self._known_ranges(ino), cstart, cend):
-                got = await self.conn.call(_fetch_into, self.remote, path,
+                got = await self.conn.call(_fetch_into, self.remote, self.store.content, path,
                                            self.store.content_path(ino), gap_start, gap_end - gap_start)
                 if self.store.get(ino) is None:
                     self.store.remove_content_file(ino)
@@ -625,7 +625,7 @@ class Cache:
         return self._new_child(new_parent, new_name, build)
 
     def write(self, handle: "OpenFile", offset: int, data: bytes) -> int:
-        written = os.pwrite(handle.fd, data, offset)
+        written = self.store.content.pwrite(handle.fd, data, offset)
         now = time.time_ns()
 
         def change(t: Txn) -> None:
@@ -651,12 +651,14 @@ class Cache:
 
     def truncate(self, handle: "OpenFile | None", size: int, ino: int = 0) -> None:
         ino = handle.ino if handle else ino
-        path = self.store.content_path(ino)
         if handle:
-            os.ftruncate(handle.fd, size)
+            self.store.content.truncate(handle.fd, size)
         else:
-            with open(path, "ab") as f:
-                f.truncate(size)
+            fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.store.content.truncate(fd, size)
+            finally:
+                os.close(fd)
         now = time.time_ns()
 
         def change(t: Txn) -> None:
@@ -929,17 +931,15 @@ def _decrement(table: dict[int, int], key: int) -> None:
         table.pop(key, None)
 
 
-def _fetch_into(remote: Remote, path: bytes, content_path: str, offset: int, length: int) -> int:
+def _fetch_into(remote: Remote, content, path: bytes, content_path: str, offset: int,
+                length: int) -> int:
     """Worker thread: read a range from the remote into the content file; bytes written."""
     data = remote.read(path, offset, length)
     if not data:
         return 0
-    fd = os.open(content_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
-            pos += os.pwrite(fd, view[pos:], offset + pos)
+        content.pwrite(fd, data, offset)
     finally:
         os.close(fd)
     return len(data)

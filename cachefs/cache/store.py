@@ -44,6 +44,7 @@ import lmdb
 
 from ..sync import journal
 from ..sync.journal import Op
+from . import crypto
 from . import ranges as rangeset
 
 T = TypeVar("T")
@@ -140,10 +141,6 @@ def _key(ino: int) -> bytes:
     return _U64.pack(ino)
 
 
-def _entry_key(parent: int, name: bytes) -> bytes:
-    return _U64.pack(parent) + name
-
-
 def check_private_dir(path: Path) -> None:
     """Create ``path`` with mode 0700, or refuse one that others may write to."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -162,9 +159,15 @@ def check_private_dir(path: Path) -> None:
 class Store:
     """The cache directory: index, content files, lock."""
 
-    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 1 << 30) -> None:
+    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 1 << 30,
+                 key: bytes | None = None) -> None:
+        """``key``: the cache key of an encrypted cache (see ``crypto.open_key``)."""
         self.dir = cache_dir
         check_private_dir(cache_dir)
+        if key is None and (cache_dir / "crypt.json").exists():
+            raise StoreError(f"the cache in {cache_dir} is encrypted: mount with --encrypt-cache")
+        self.codec = crypto.SealedCodec(key) if key else crypto.PlainCodec()
+        self.content = crypto.SealedContent(key) if key else crypto.PlainContent()
         self._lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,6 +176,10 @@ class Store:
             raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
         try:
             self._open(cache_dir, remote_text, map_size)
+        except crypto.CryptoError as exc:
+            self.env.close()
+            os.close(self._lock_fd)
+            raise StoreError(str(exc)) from exc
         except BaseException:
             if getattr(self, "env", None) is not None:
                 self.env.close()
@@ -200,6 +207,24 @@ class Store:
         self.conflicts = self.env.open_db(b"conflicts")
         self._check_schema(remote_text)
 
+    # -- record encoding (sealed when the cache is encrypted) ------------------------------
+    def _pack(self, node: Node) -> bytes:
+        return self.codec.seal(node.pack())
+
+    def _unpack(self, ino: int, data: bytes) -> Node:
+        return Node.unpack(ino, self.codec.open(data))
+
+    def _ekey(self, parent: int, name: bytes) -> bytes:
+        return _U64.pack(parent) + self.codec.name_key(name)
+
+    def _evalue(self, ino: int, name: bytes) -> bytes:
+        # Plain: the name is the key's tail. Sealed: the key holds a keyed hash of the
+        # name, so the name itself travels sealed in the value.
+        return _U64.pack(ino) + (self.codec.seal(name) if self.codec.encrypted else b"")
+
+    def _entry_name(self, key: bytes, value: bytes) -> bytes:
+        return self.codec.open(value[8:]) if self.codec.encrypted else bytes(key[8:])
+
     # -- set-up -----------------------------------------------------------------------
     def _check_schema(self, remote_text: str) -> None:
         with self.env.begin(write=True) as txn:
@@ -209,17 +234,17 @@ class Store:
                     raise StoreError(f"cache in {self.dir} has no schema mark: refusing to guess")
                 txn.put(b"schema", SCHEMA, db=self.meta)
                 txn.put(b"next_ino", _U64.pack(FIRST_INO), db=self.meta)
-                txn.put(b"remote", remote_text.encode(), db=self.meta)
+                txn.put(b"remote", self.codec.seal(remote_text.encode()), db=self.meta)
                 now = time.time_ns()
                 root = Node(ROOT_INO, ROOT_INO, b"", stat_mod.S_IFDIR | 0o755, 0, now, now, now, nlink=2)
-                txn.put(_key(ROOT_INO), root.pack(), db=self.nodes)
+                txn.put(_key(ROOT_INO), self._pack(root), db=self.nodes)
             elif schema != SCHEMA:
                 raise StoreError(
                     f"cache in {self.dir} has schema {schema.decode(errors='replace')}, this release "
                     f"reads schema {SCHEMA.decode()}; use another --cache-dir or remove that one"
                 )
             else:
-                stored = txn.get(b"remote", db=self.meta, default=b"").decode(errors="replace")
+                stored = self.codec.open(txn.get(b"remote", db=self.meta, default=b"")).decode(errors="replace")
                 if stored != remote_text:
                     raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
 
@@ -249,7 +274,7 @@ class Store:
 
     def journal_ops(self) -> list[Op]:
         with self.env.begin() as txn:
-            return [Op.decode(journal.seq_of(k), v) for k, v in txn.cursor(db=self.journal)]
+            return [Op.decode(journal.seq_of(k), self.codec.open(v)) for k, v in txn.cursor(db=self.journal)]
 
     # -- meta -------------------------------------------------------------------------
     def get_meta(self, key: bytes) -> bytes | None:
@@ -268,20 +293,20 @@ class Store:
     def get(self, ino: int) -> Node | None:
         with self.env.begin() as txn:
             data = txn.get(_key(ino), db=self.nodes)
-        return None if data is None else Node.unpack(ino, data)
+        return None if data is None else self._unpack(ino, data)
 
     def child_ino(self, parent: int, name: bytes) -> int | None:
         with self.env.begin() as txn:
-            data = txn.get(_entry_key(parent, name), db=self.entries)
-        return None if data is None else _U64.unpack(data)[0]
+            data = txn.get(self._ekey(parent, name), db=self.entries)
+        return None if data is None else _U64.unpack(data[:8])[0]
 
     def child(self, parent: int, name: bytes) -> Node | None:
         with self.env.begin() as txn:
-            data = txn.get(_entry_key(parent, name), db=self.entries)
+            data = txn.get(self._ekey(parent, name), db=self.entries)
             if data is None:
                 return None
-            rec = txn.get(data, db=self.nodes)
-        return None if rec is None else Node.unpack(_U64.unpack(data)[0], rec)
+            rec = txn.get(data[:8], db=self.nodes)
+        return None if rec is None else self._unpack(_U64.unpack(data[:8])[0], rec)
 
     def children(self, parent: int) -> list[Node]:
         """The cached entries of a folder, sorted by name (``name`` and ``parent`` are the
@@ -294,16 +319,16 @@ class Store:
                 for key, value in cur:
                     if not key.startswith(prefix):
                         break
-                    rec = txn.get(value, db=self.nodes)
+                    rec = txn.get(value[:8], db=self.nodes)
                     if rec is not None:
-                        node = Node.unpack(_U64.unpack(value)[0], rec)
+                        node = self._unpack(_U64.unpack(value[:8])[0], rec)
                         # A hard-linked node is listed under each of its names.
-                        node.parent, node.name = parent, bytes(key[8:])
+                        node.parent, node.name = parent, self._entry_name(key, value)
                         out.append(node)
         return out
 
     def put(self, node: Node) -> None:
-        self.run_write(lambda txn: txn.put(_key(node.ino), node.pack(), db=self.nodes))
+        self.run_write(lambda txn: txn.put(_key(node.ino), self._pack(node), db=self.nodes))
 
     def path_of(self, ino: int) -> bytes:
         """The share-relative path of a node, walking up its parents."""
@@ -313,7 +338,7 @@ class Store:
                 data = txn.get(_key(ino), db=self.nodes)
                 if data is None:
                     raise KeyError(ino)
-                node = Node.unpack(ino, data)
+                node = self._unpack(ino, data)
                 parts.append(node.name)
                 ino = node.parent
         return b"/".join(reversed(parts))
@@ -336,13 +361,13 @@ class Store:
                 for key, value in cur:
                     if not key.startswith(prefix):
                         break
-                    existing[bytes(key[8:])] = _U64.unpack(value)[0]
+                    existing[self._entry_name(key, value)] = _U64.unpack(value[:8])[0]
             for name, rstat in listing:
                 ino = existing.pop(name, None)
                 old = None
                 if ino is not None:
                     data = txn.get(_key(ino), db=self.nodes)
-                    old = Node.unpack(ino, data) if data is not None else None
+                    old = self._unpack(ino, data) if data is not None else None
                     if old is not None and old.flags & (DIRTY | ATTR_DIRTY):
                         continue  # local changes win until they are replayed
                     if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
@@ -352,26 +377,26 @@ class Store:
                         ino, old = None, None
                 if ino is None:
                     ino = self._new_ino(txn)
-                    txn.put(_entry_key(parent, name), _key(ino), db=self.entries)
+                    txn.put(self._ekey(parent, name), self._evalue(ino, name), db=self.entries)
                 node = make_node(ino, parent, name, rstat, old)
                 if old is not None and old.base is not None and node.base != old.base:
                     delta.changed.append(node)
-                txn.put(_key(ino), node.pack(), db=self.nodes)
+                txn.put(_key(ino), self._pack(node), db=self.nodes)
             for name, ino in existing.items():
                 data = txn.get(_key(ino), db=self.nodes)
-                node = Node.unpack(ino, data) if data is not None else None
+                node = self._unpack(ino, data) if data is not None else None
                 if node is not None and node.has(DIRTY):
                     continue
-                txn.delete(_entry_key(parent, name), db=self.entries)
+                txn.delete(self._ekey(parent, name), db=self.entries)
                 if node is not None:
                     delta.removed.append(node)
                     self._drop_node(txn, node)
             pdata = txn.get(_key(parent), db=self.nodes)
             if pdata is not None:
-                pnode = Node.unpack(parent, pdata)
+                pnode = self._unpack(parent, pdata)
                 if not pnode.has(LISTED):
                     pnode.flags |= LISTED
-                    txn.put(_key(parent), pnode.pack(), db=self.nodes)
+                    txn.put(_key(parent), self._pack(pnode), db=self.nodes)
 
         self.run_write(txn_fn)
         return delta
@@ -390,9 +415,9 @@ class Store:
                         if not key.startswith(prefix):
                             break
                         keys.append(bytes(key))
-                        data = txn.get(value, db=self.nodes)
+                        data = txn.get(value[:8], db=self.nodes)
                         if data is not None:
-                            stack.append(Node.unpack(_U64.unpack(value)[0], data))
+                            stack.append(self._unpack(_U64.unpack(value[:8])[0], data))
                 for key in keys:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
@@ -405,9 +430,9 @@ class Store:
             txn.delete(_key(ino), db=self.ranges_db)
             data = txn.get(_key(ino), db=self.nodes)
             if data is not None:
-                node = Node.unpack(ino, data)
+                node = self._unpack(ino, data)
                 node.flags &= ~FULL
-                txn.put(_key(ino), node.pack(), db=self.nodes)
+                txn.put(_key(ino), self._pack(node), db=self.nodes)
         self.run_write(txn_fn)
         # Truncate rather than unlink: open handles keep reading the same file.
         try:
@@ -439,10 +464,10 @@ class Store:
                     continue  # the node went away meanwhile
                 txn.put(_key(ino), rangeset.encode(rs), db=self.ranges_db)
                 if ino in full:
-                    node = Node.unpack(ino, data)
+                    node = self._unpack(ino, data)
                     if not node.has(FULL):
                         node.flags |= FULL
-                        txn.put(_key(ino), node.pack(), db=self.nodes)
+                        txn.put(_key(ino), self._pack(node), db=self.nodes)
         self.run_write(txn_fn)
 
     def cached_bytes(self) -> int:
@@ -457,7 +482,7 @@ class Store:
         out = []
         with self.env.begin() as txn:
             for key, data in txn.cursor(db=self.nodes):
-                node = Node.unpack(_U64.unpack(key)[0], data)
+                node = self._unpack(_U64.unpack(key)[0], data)
                 if node.is_file and (node.has(FULL) or txn.get(key, db=self.ranges_db)):
                     out.append(node)
         return out
@@ -484,7 +509,7 @@ class Store:
 
     def conflict_records(self) -> list[dict]:
         with self.env.begin() as txn:
-            return [json.loads(v) for _k, v in txn.cursor(db=self.conflicts)]
+            return [json.loads(self.codec.open(v)) for _k, v in txn.cursor(db=self.conflicts)]
 
     def delete_conflict(self, cid: int) -> None:
         self.run_write(lambda txn: txn.delete(_key(cid), db=self.conflicts))
@@ -503,28 +528,28 @@ class Txn:
 
     def node(self, ino: int) -> Node | None:
         data = self.txn.get(_key(ino), db=self.store.nodes)
-        return None if data is None else Node.unpack(ino, data)
+        return None if data is None else self.store._unpack(ino, data)
 
     def put(self, node: Node) -> None:
-        self.txn.put(_key(node.ino), node.pack(), db=self.store.nodes)
+        self.txn.put(_key(node.ino), self.store._pack(node), db=self.store.nodes)
 
     def delete_node(self, ino: int) -> None:
         self.txn.delete(_key(ino), db=self.store.nodes)
         self.txn.delete(_key(ino), db=self.store.ranges_db)
 
     def child_ino(self, parent: int, name: bytes) -> int | None:
-        data = self.txn.get(_entry_key(parent, name), db=self.store.entries)
-        return None if data is None else _U64.unpack(data)[0]
+        data = self.txn.get(self.store._ekey(parent, name), db=self.store.entries)
+        return None if data is None else _U64.unpack(data[:8])[0]
 
     def child(self, parent: int, name: bytes) -> Node | None:
         ino = self.child_ino(parent, name)
         return None if ino is None else self.node(ino)
 
     def set_entry(self, parent: int, name: bytes, ino: int) -> None:
-        self.txn.put(_entry_key(parent, name), _key(ino), db=self.store.entries)
+        self.txn.put(self.store._ekey(parent, name), self.store._evalue(ino, name), db=self.store.entries)
 
     def delete_entry(self, parent: int, name: bytes) -> None:
-        self.txn.delete(_entry_key(parent, name), db=self.store.entries)
+        self.txn.delete(self.store._ekey(parent, name), db=self.store.entries)
 
     def entries_of(self, parent: int) -> list[tuple[bytes, int]]:
         prefix = _U64.pack(parent)
@@ -534,7 +559,7 @@ class Txn:
             for k, v in cur:
                 if not k.startswith(prefix):
                     break
-                out.append((bytes(k[8:]), _U64.unpack(v)[0]))
+                out.append((self.store._entry_name(k, v), _U64.unpack(v[:8])[0]))
         return out
 
     def has_children(self, parent: int) -> bool:
@@ -545,8 +570,8 @@ class Txn:
     def names_of(self, ino: int) -> list[tuple[int, bytes]]:
         """Every (parent, name) that leads to ``ino`` (hard links); a full scan, so rare."""
         target = _key(ino)
-        return [(_U64.unpack(k[:8])[0], bytes(k[8:]))
-                for k, v in self.txn.cursor(db=self.store.entries) if v == target]
+        return [(_U64.unpack(k[:8])[0], self.store._entry_name(k, v))
+                for k, v in self.txn.cursor(db=self.store.entries) if v[:8] == target]
 
     def new_ino(self) -> int:
         return self.store._new_ino(self.txn)
@@ -566,7 +591,7 @@ class Txn:
         cur = self.txn.cursor(db=self.store.journal)
         seq = journal.seq_of(cur.key()) + 1 if cur.last() else 1
         op.seq = seq
-        self.txn.put(journal.key(seq), op.encode(), db=self.store.journal)
+        self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
         return seq
 
     def delete_op(self, seq: int) -> None:
@@ -601,7 +626,7 @@ class Txn:
         cur = self.txn.cursor(db=self.store.conflicts)
         cid = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         record["id"] = cid
-        self.txn.put(_key(cid), json.dumps(record).encode(), db=self.store.conflicts)
+        self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode()), db=self.store.conflicts)
         return cid
 
 

@@ -14,7 +14,10 @@ itself is ``b""``. File names are bytes end to end: a name need not be UTF-8.
 from __future__ import annotations
 
 import errno
+import os
 import stat as stat_mod
+from collections.abc import Callable
+from typing import BinaryIO
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -129,8 +132,9 @@ class Remote(ABC):
 
     # -- writing (used only by the sync manager's replay) ---------------------------
     @abstractmethod
-    def upload(self, path: bytes, source_path: str, mode: int, temp_name: bytes) -> RemoteStat:
-        """Atomically replace ``path`` with the content of local file ``source_path``.
+    def upload(self, path: bytes, source: "Source", mode: int, temp_name: bytes) -> RemoteStat:
+        """Atomically replace ``path`` with the content of ``source`` (a local file path,
+        or a function returning a readable binary stream; see ``open_source``).
 
         Writes ``temp_name`` (a name in the same remote folder) first, then renames it
         over ``path`` (posix-rename where available), so nobody sees half a file. Returns
@@ -166,6 +170,16 @@ class Remote(ABC):
 
     @abstractmethod
     def truncate(self, path: bytes, size: int) -> None: ...
+
+
+Source = "str | os.PathLike[str] | Callable[[], BinaryIO]"
+
+
+def open_source(source) -> BinaryIO:
+    """A fresh readable stream of an upload's content (a retry opens it again)."""
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return open(source, "rb")
+    return source()
 
 
 def join(parent: bytes, name: bytes) -> bytes:

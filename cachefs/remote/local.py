@@ -21,7 +21,8 @@ import stat as stat_mod
 from collections.abc import Callable
 from typing import TypeVar
 
-from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
+from .base import (Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Source,
+                   SpaceInfo, open_source)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class LocalRemote(Remote):
         return self._call(space)
 
     # -- writing --------------------------------------------------------------------
-    def upload(self, path: bytes, source_path: str, mode: int, temp_name: bytes) -> RemoteStat:
+    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes) -> RemoteStat:
         full = self._path(path)
         parent = os.path.dirname(full)
         temp = os.path.join(parent, temp_name) if parent else temp_name
@@ -197,8 +198,8 @@ class LocalRemote(Remote):
             out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 try:
-                    with open(source_path, "rb") as source:
-                        while chunk := source.read(COPY_CHUNK):
+                    with open_source(source) as stream:
+                        while chunk := stream.read(COPY_CHUNK):
                             view = memoryview(chunk)
                             while view:
                                 view = view[os.write(out, view) :]

@@ -79,7 +79,8 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from ..address import RemoteAddress
-from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
+from .base import (Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Source,
+                   SpaceInfo, open_source)
 from .options import ConnectOptions
 
 log = logging.getLogger(__name__)
@@ -867,7 +868,7 @@ class SftpRemote(Remote):
                     raise
             sftp._request(CMD_RENAME, src, dst)
 
-    def upload(self, path: bytes, source_path: str, mode: int, temp_name: bytes) -> RemoteStat:
+    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes) -> RemoteStat:
         self._ensure_root()
         full = self._path(path)
         parent, _, _ = full.rpartition(b"/")
@@ -876,9 +877,9 @@ class SftpRemote(Remote):
 
         def put(sftp: _SftpSession) -> RemoteStat:
             try:
-                with open(source_path, "rb") as source, sftp.open(temp, "wb") as out:
+                with open_source(source) as stream, sftp.open(temp, "wb") as out:
                     out.set_pipelined(True)
-                    while chunk := source.read(WRITE_CHUNK * 32):
+                    while chunk := stream.read(WRITE_CHUNK * 32):
                         out.write(chunk)
                     out.flush()
                     out.chmod(stat_mod.S_IMODE(mode))

@@ -342,13 +342,15 @@ class SyncManager:
         if node.size > 64 << 20:
             return False  # too costly to compare: treat as a conflict (both kept)
         theirs = await self.conn.call(self.remote.read, path, 0, node.size + 1)
-        ours = await trio.to_thread.run_sync(_read_file, self.store.content_path(node.ino))
+        ours = await trio.to_thread.run_sync(_read_content, self.store.content,
+                                             self.store.content_path(node.ino), node.size)
         return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
 
     async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
         name = path.rsplit(b"/", 1)[-1]
         temp = b"." + name[:200] + b".cachefs-tmp-" + str(seq).encode()  # beside the target
-        return await self.conn.call(_upload_file, self.remote, path, self.store.content_path(node.ino),
+        return await self.conn.call(_upload_file, self.remote, self.store.content, node.size,
+                                    path, self.store.content_path(node.ino),
                                     stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns)
 
     # -- one operation ----------------------------------------------------------------------
@@ -612,23 +614,27 @@ class LocalGone(Exception):
     """The node's content file was removed (the node deleted here) before its upload."""
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _read_content(content, content_path: str, size: int) -> bytes:
+    fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with content.reader(fd, size) as stream:
+            return stream.read(size)
+    finally:
+        os.close(fd)
 
 
-def _upload_file(remote: Remote, path: bytes, content_path: str, mode: int, temp: bytes,
-                 atime_ns: int, mtime_ns: int) -> RemoteStat:
+def _upload_file(remote: Remote, content, size: int, path: bytes, content_path: str, mode: int,
+                 temp: bytes, atime_ns: int, mtime_ns: int) -> RemoteStat:
     """Worker thread: atomic upload, then the local times, then the new remote version.
 
-    The content file is opened here and read through /proc/self/fd, so a deletion of the
-    node during the upload cannot pull the file away half way."""
+    The content file is opened here and the upload reads that descriptor, so a deletion
+    of the node during the upload cannot pull the file away half way."""
     try:
         fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise LocalGone(content_path) from None
     try:
-        remote.upload(path, f"/proc/self/fd/{fd}", mode, temp)
+        remote.upload(path, lambda: content.reader(fd, size), mode, temp)
     finally:
         os.close(fd)
     remote.utime(path, atime_ns, mtime_ns)

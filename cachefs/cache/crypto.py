@@ -1,0 +1,232 @@
+"""Encryption of the cache at rest (``--encrypt-cache``), and plain content I/O.
+
+Owns: the key (derived with scrypt from a passphrase or a key file, checked against
+``CACHE_DIR/crypt.json``), the sealing of index records and names (AES-256-GCM), and the
+format of content files: plain, or sealed in blocks.
+Must not touch: what the records mean (``store``), the network, FUSE.
+
+Sealed content files hold fixed-size slots, one per 64 KiB block of the file::
+
+    slot i at offset i * (28 + 65536):  nonce (12) | GCM tag (16) | ciphertext (<= 65536)
+
+A slot that is all zeros (a hole in the sparse file) holds no data. Every write of a
+block re-encrypts it with a fresh random nonce; the block number is the associated data,
+so blocks cannot be swapped around unnoticed. Names in the index are sealed too; lookups
+by name use a keyed hash of it (HMAC-SHA256), so no name is stored in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+BLOCK = 64 << 10
+HEAD = 28  # nonce + tag
+SLOT = HEAD + BLOCK
+_CHECK = b"cachefs key check"
+_BLOCK_AAD = struct.Struct(">Q")
+
+
+class CryptoError(Exception):
+    """Wrong key, or a cache that is (or is not) encrypted when the user says otherwise."""
+
+
+# -- index records ------------------------------------------------------------------------
+class PlainCodec:
+    encrypted = False
+
+    def seal(self, data: bytes) -> bytes:
+        return data
+
+    def open(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def name_key(self, name: bytes) -> bytes:
+        return name
+
+
+class SealedCodec(PlainCodec):
+    encrypted = True
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(hashlib.sha256(b"records" + key).digest())
+        self._names = hashlib.sha256(b"names" + key).digest()
+
+    def seal(self, data: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, bytes(data), None)
+
+    def open(self, data: bytes) -> bytes:
+        data = bytes(data)
+        try:
+            return self._aead.decrypt(data[:12], data[12:], None)
+        except InvalidTag:
+            raise CryptoError("a cache record does not decrypt: wrong key, or a corrupted cache") from None
+
+    def name_key(self, name: bytes) -> bytes:
+        return hmac.new(self._names, name, hashlib.sha256).digest()[:20]
+
+
+# -- content files ----------------------------------------------------------------------------
+class PlainContent:
+    """Content files holding the bytes as they are (sparse where not fetched)."""
+
+    encrypted = False
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        return done
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def reader(self, fd: int, size: int) -> BinaryIO:
+        """A readable stream of the plain content (the caller keeps ``fd`` open)."""
+        return open(f"/proc/self/fd/{fd}", "rb")
+
+
+class SealedContent(PlainContent):
+    encrypted = True
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(hashlib.sha256(b"content" + key).digest())
+
+    def _read_block(self, fd: int, index: int) -> bytearray:
+        slot = os.pread(fd, SLOT, index * SLOT)
+        if len(slot) <= HEAD or not any(slot[:HEAD]):
+            return bytearray()  # a hole: never written
+        try:
+            return bytearray(self._aead.decrypt(slot[:12], slot[12:], _BLOCK_AAD.pack(index)))
+        except InvalidTag:
+            raise OSError(5, "cache content does not decrypt (corrupted or wrong key)") from None
+
+    def _write_block(self, fd: int, index: int, plain: bytes) -> None:
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, bytes(plain), _BLOCK_AAD.pack(index))
+        super().pwrite(fd, nonce + sealed, index * SLOT)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        out = bytearray()
+        end = offset + size
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, BLOCK)
+            block = self._read_block(fd, index)
+            want = min(BLOCK - within, end - pos)
+            piece = block[within:within + want]
+            piece += bytes(want - len(piece))  # holes read as zeros; the caller bounds size
+            out += piece
+            pos += want
+        return bytes(out)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        pos = 0
+        while pos < len(data):
+            index, within = divmod(offset + pos, BLOCK)
+            take = min(BLOCK - within, len(data) - pos)
+            if within == 0 and take == BLOCK:
+                block = bytearray(data[pos:pos + take])
+            else:
+                block = self._read_block(fd, index)
+                if len(block) < within + take:
+                    block += bytes(within + take - len(block))
+                block[within:within + take] = data[pos:pos + take]
+            self._write_block(fd, index, block)
+            pos += take
+        return len(data)
+
+    def truncate(self, fd: int, size: int) -> None:
+        index, within = divmod(size, BLOCK)
+        if within:
+            block = self._read_block(fd, index)
+            if block:
+                self._write_block(fd, index, block[:within] + bytes(max(0, within - len(block))))
+            os.ftruncate(fd, index * SLOT + HEAD + within)
+        else:
+            os.ftruncate(fd, index * SLOT)
+
+    def reader(self, fd: int, size: int) -> BinaryIO:
+        return _SealedReader(self, fd, size)
+
+
+class _SealedReader(io.RawIOBase):
+    def __init__(self, content: SealedContent, fd: int, size: int) -> None:
+        self._content, self._fd, self._size, self._pos = content, fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._size - self._pos
+        n = min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        data = self._content.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+# -- the key ------------------------------------------------------------------------------------
+def _derive(secret: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
+
+
+def open_key(cache_dir: Path, secret: bytes | None) -> bytes | None:
+    """The cache key, created on first use and checked afterwards.
+
+    ``secret`` is the passphrase or key-file content, or None for a plain cache. Raises
+    ``CryptoError`` for a wrong secret, or a mismatch between the cache and the request.
+    """
+    meta = cache_dir / "crypt.json"
+    has_index = (cache_dir / "index" / "data.mdb").exists()
+    if secret is None:
+        if meta.exists():
+            raise CryptoError(f"the cache in {cache_dir} is encrypted: mount with --encrypt-cache "
+                            "(and --cache-key-file FILE or CACHEFS_CACHE_PASSPHRASE)")
+        return None
+    if not meta.exists():
+        if has_index:
+            raise CryptoError(f"the cache in {cache_dir} is not encrypted: use another --cache-dir "
+                            "for an encrypted cache")
+        salt = os.urandom(16)
+        params = {"n": 1 << 15, "r": 8, "p": 1}
+        key = _derive(secret, salt, **params)
+        check = SealedCodec(key).seal(_CHECK)
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "kdf": "scrypt", "salt": salt.hex(), **params,
+                       "cipher": "AES-256-GCM", "check": check.hex()}, f)
+        return key
+    try:
+        info = json.loads(meta.read_text())
+        key = _derive(secret, bytes.fromhex(info["salt"]), info["n"], info["r"], info["p"])
+        if SealedCodec(key).open(bytes.fromhex(info["check"])) != _CHECK:
+            raise CryptoError("wrong key")
+    except CryptoError:
+        raise CryptoError(f"wrong key for the encrypted cache in {cache_dir}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CryptoError(f"{meta} is damaged ({exc}); the cache cannot be opened") from exc
+    return key
