@@ -7,9 +7,9 @@ Must not touch: what the records mean (``store``), the network, FUSE.
 
 Sealed content files hold fixed-size slots, one per 64 KiB block of the file::
 
-    slot i at offset i * (28 + 65536):  nonce (12) | GCM tag (16) | ciphertext (<= 65536)
+    slot i at offset i * (32 + 65536):  length (4) | nonce (12) | GCM tag (16) | ciphertext
 
-A slot that is all zeros (a hole in the sparse file) holds no data. Every write of a
+A slot whose length is zero (a hole in the sparse file) holds no data and reads as zeros. Every write of a
 block re-encrypts it with a fresh random nonce; the block number is the associated data,
 so blocks cannot be swapped around unnoticed. Names in the index are sealed too; lookups
 by name use a keyed hash of it (HMAC-SHA256), so no name is stored in clear.
@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 BLOCK = 64 << 10
-HEAD = 28  # nonce + tag
+HEAD = 32  # length + nonce + tag
 SLOT = HEAD + BLOCK
+_LEN = struct.Struct(">I")
 _CHECK = b"cachefs key check"
 _BLOCK_AAD = struct.Struct(">Q")
 
@@ -109,17 +110,21 @@ class SealedContent(PlainContent):
 
     def _read_block(self, fd: int, index: int) -> bytearray:
         slot = os.pread(fd, SLOT, index * SLOT)
-        if len(slot) <= HEAD or not any(slot[:HEAD]):
+        length = _LEN.unpack_from(slot)[0] if len(slot) >= HEAD else 0
+        if length == 0:
             return bytearray()  # a hole: never written
+        if length > BLOCK or len(slot) < HEAD + length:
+            raise OSError(5, "cache content is damaged (a block is cut short)")
         try:
-            return bytearray(self._aead.decrypt(slot[:12], slot[12:], _BLOCK_AAD.pack(index)))
+            return bytearray(self._aead.decrypt(slot[4:16], slot[16:HEAD + length],
+                                                _BLOCK_AAD.pack(index)))
         except InvalidTag:
             raise OSError(5, "cache content does not decrypt (corrupted or wrong key)") from None
 
     def _write_block(self, fd: int, index: int, plain: bytes) -> None:
         nonce = os.urandom(12)
         sealed = self._aead.encrypt(nonce, bytes(plain), _BLOCK_AAD.pack(index))
-        super().pwrite(fd, nonce + sealed, index * SLOT)
+        super().pwrite(fd, _LEN.pack(len(plain)) + nonce + sealed, index * SLOT)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         out = bytearray()
@@ -157,7 +162,9 @@ class SealedContent(PlainContent):
             block = self._read_block(fd, index)
             if block:
                 self._write_block(fd, index, block[:within] + bytes(max(0, within - len(block))))
-            os.ftruncate(fd, index * SLOT + HEAD + within)
+                os.ftruncate(fd, index * SLOT + HEAD + within)
+            else:
+                os.ftruncate(fd, index * SLOT)  # the last block is a hole: nothing stored
         else:
             os.ftruncate(fd, index * SLOT)
 
