@@ -17,6 +17,7 @@ import stat as stat_mod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+import lmdb
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
@@ -52,6 +53,8 @@ def _errno_of(exc: BaseException) -> int:
         return exc.errno or errno.EIO
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno  # local disk: ENOSPC, EIO ...
+    if isinstance(exc, lmdb.Error) and "No space left" in str(exc):
+        return errno.ENOSPC  # the index could not grow: the cache's disk is full
     return errno.EIO
 
 
@@ -69,7 +72,7 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise
         except Exception as exc:
             err = _errno_of(exc)
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) or err == errno.ENOSPC:
                 log.warning("%s failed: %s", fn.__name__, exc)
             else:
                 log.exception("unexpected error in %s", fn.__name__)
@@ -330,6 +333,7 @@ class Operations(pyfuse3.Operations):
     @translate
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.debug("link %d -> %d %r", inode, new_parent_inode, new_name)
         self._no_virtual(inode)
         self._entry_in(new_parent_inode, new_name)
         node = await self.cache.link(inode, new_parent_inode, new_name)
@@ -338,6 +342,7 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        log.debug("unlink %d %r", parent_inode, name)
         self._entry_in(parent_inode, name)
         await self.cache.unlink(parent_inode, name)
 
@@ -349,6 +354,8 @@ class Operations(pyfuse3.Operations):
     @translate
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        log.debug("rename %d %r -> %d %r (flags %d)", parent_inode_old, name_old, parent_inode_new,
+                  name_new, flags)
         self._entry_in(parent_inode_old, name_old)
         self._entry_in(parent_inode_new, name_new)
         if flags & pyfuse3.RENAME_EXCHANGE:

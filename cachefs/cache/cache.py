@@ -88,6 +88,7 @@ class Cache:
         self.writers: dict[int, int] = {}  # ino -> handles open for writing
         #: folders with journaled changes: their listing is local truth until replayed
         self.local_dirs: dict[int, int] = {}
+        self._dir_gen: dict[int, int] = {}  # bumped at each change of a folder's pending work
         #: called after every journal append (the sync manager's write-back trigger)
         self.changed: Callable[[], None] = lambda: None
         #: called after each checkpoint (the hoard's cache-size limit)
@@ -108,6 +109,7 @@ class Cache:
                     try:
                         await self.checkpoint()
                         self.after_checkpoint()
+                        self.store.reserve()
                     except (OSError, lmdb.Error) as exc:  # a full disk: retried next time
                         log.error("checkpoint failed (retrying): %s", exc)
             finally:
@@ -120,6 +122,8 @@ class Cache:
         try:
             rstat = await self.conn.call(self.remote.stat, b"")
             root = self.node(ROOT_INO)
+            if root.flags & (DIRTY | ATTR_DIRTY):
+                return await self.listdir(ROOT_INO)  # a local change of the root is pending
             root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
             root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
             self.store.put(root)
@@ -155,6 +159,8 @@ class Cache:
         return node
 
     async def lookup(self, parent: int, name: bytes) -> Node:
+        if len(name) > 255:
+            raise NameTooLong()
         pnode = self.node(parent)
         if not pnode.is_dir:
             raise NotADirectory()
@@ -187,6 +193,7 @@ class Cache:
             if self._fresh(self._listed_at, node.ino, self.config.dir_timeout):
                 return
             path = self.store.path_of(node.ino)
+            generation = self._dir_gen.get(node.ino, 0)
             try:
                 listing = await self.conn.call(self.remote.listdir, path)
             except Unavailable:
@@ -200,6 +207,10 @@ class Cache:
                 raise
             finally:
                 self._listing_locks.pop(node.ino, None)
+            if self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
+                # The folder changed here while the listing was on its way: the listing
+                # may predate that change, and the local entries are the truth for now.
+                return
             self._apply_listing(node.ino, listing)
 
     def _apply_listing(self, ino: int, listing: list) -> None:
@@ -237,6 +248,7 @@ class Cache:
 
     def _stale(self, ino: int) -> None:
         """The remote content changed: drop what we cached of it and tell the kernel."""
+        log.debug("stale content dropped: inode %d", ino)
         node = self.store.get(ino)
         if node is not None:
             self._usage -= rangeset.total(self.store.get_ranges(ino))
@@ -481,8 +493,9 @@ class Cache:
         key = (ino, idx)
         try:
             for gap_start, gap_end in rangeset.missing(self._known_ranges(ino), cstart, cend):
-                got = await self.conn.call(_fetch_into, self.remote, self.store.content, path,
-                                           self.store.content_path(ino), gap_start, gap_end - gap_start)
+                got = await self.conn.call(_fetch_into, self.remote, self.store.content, node.base, path,
+                                           self.store.content_path(ino), gap_start, gap_end - gap_start,
+                                           bulk=True)
                 if self.store.get(ino) is None:
                     self.store.remove_content_file(ino)
                     return  # the node went away meanwhile
@@ -492,6 +505,13 @@ class Cache:
                     self._usage += got
                 if got < gap_end - gap_start:
                     break
+        except RemoteChanged:
+            # The remote file changed under the fetch: what we have of it may mix two
+            # versions. Drop it all; the next open sees the new version.
+            log.info("remote %r changed while being read: cached content dropped", path)
+            self._stale(ino)
+            self._checked_at.pop(ino, None)
+            self._fetch_errors[key] = RemoteError(errno.EIO, "remote file changed while being read")
         except (Unavailable, RemoteError, OSError) as exc:
             self._fetch_errors[key] = exc
         finally:
@@ -503,11 +523,13 @@ class Cache:
         t.append(op)
         for folder in op.folders():
             self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
+            self._dir_gen[folder] = self._dir_gen.get(folder, 0) + 1
 
     def op_done(self, op: Op) -> None:
         """The sync manager replayed or dropped ``op``: its folders may be listed again."""
         for folder in op.folders():
             _decrement(self.local_dirs, folder)
+            self._dir_gen[folder] = self._dir_gen.get(folder, 0) + 1
             self._listed_at.pop(folder, None)
 
     def rebuild_local_dirs(self) -> None:
@@ -533,10 +555,13 @@ class Cache:
         if name == CONTROL_NAME:
             raise PermissionDenied("the name .cachefs is reserved")
 
-    def _touch_dir(self, t: Txn, parent: int, now: int) -> None:
+    def _touch_dir(self, t: Txn, parent: int, now: int, links: int = 0) -> None:
+        """A folder's entries changed: its times, and its link count when subfolders
+        came (``links`` > 0) or went."""
         pnode = t.node(parent)
         if pnode is not None:
             pnode.mtime_ns = pnode.ctime_ns = now
+            pnode.nlink = max(2, pnode.nlink + links)
             t.put(pnode)
 
     def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int, **kw) -> Node:
@@ -581,6 +606,7 @@ class Cache:
         def build(t: Txn) -> Node:
             node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now,
                                   flags=LISTED, nlink=2)
+            self._touch_dir(t, parent, now, links=1)
             self._journal(t, Op("mkdir", node.ino, t.path_of(node.ino), parent=parent,
                                 mode=node.mode))
             return node
@@ -634,7 +660,7 @@ class Cache:
                 return
             node.size = max(node.size, offset + written)
             node.mtime_ns = node.ctime_ns = now
-            node.mode &= ~(stat_mod.S_ISUID | stat_mod.S_ISGID)  # as a local filesystem does
+            # (setuid/setgid are cleared by the kernel, which knows who writes)
             self._content_changed(t, node)
 
         self.store.transact(change)
@@ -651,6 +677,7 @@ class Cache:
 
     def truncate(self, handle: "OpenFile | None", size: int, ino: int = 0) -> None:
         ino = handle.ino if handle else ino
+        log.debug("truncate inode %d to %d", ino, size)
         if handle:
             self.store.content.truncate(handle.fd, size)
         else:
@@ -704,8 +731,8 @@ class Cache:
             if mtime_ns is not None:
                 n.mtime_ns = mtime_ns
             n.ctime_ns = now
-            if n.is_symlink:
-                t.put(n)  # symlink times stay local: SFTP cannot set them
+            if n.is_symlink or n.has(ORPHAN):
+                t.put(n)  # symlink times stay local (SFTP cannot set them); orphans never go
                 return n
             if not n.has(ATTR_DIRTY) and not (n.has(DIRTY) and mode is None):
                 n.flags |= ATTR_DIRTY
@@ -754,7 +781,7 @@ class Cache:
             t.put(node)
         else:
             t.delete_node(node.ino)
-            self.store.remove_content_file(node.ino)
+            self.store.remove_after_commit(node.ino)
         self._forget_content(node.ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -774,7 +801,7 @@ class Cache:
                                 parent=parent))
             t.delete_entry(parent, name)
             t.delete_node(node.ino)
-            self._touch_dir(t, parent, now)
+            self._touch_dir(t, parent, now, links=-1)
 
         self.store.transact(change)
         self._listed_at.pop(node.ino, None)
@@ -825,8 +852,10 @@ class Cache:
             node.ctime_ns = now
             t.put(node)
             t.set_entry(new_parent, new_name, src.ino)
-            self._touch_dir(t, parent, now)
-            self._touch_dir(t, new_parent, now)
+            moved_dir = 1 if src.is_dir else 0
+            replaced_dir = 1 if dst is not None and dst.is_dir else 0
+            self._touch_dir(t, parent, now, links=-moved_dir)
+            self._touch_dir(t, new_parent, now, links=moved_dir - replaced_dir)
 
         self.store.transact(change)
         self.changed()
@@ -931,10 +960,19 @@ def _decrement(table: dict[int, int], key: int) -> None:
         table.pop(key, None)
 
 
-def _fetch_into(remote: Remote, content, path: bytes, content_path: str, offset: int,
-                length: int) -> int:
-    """Worker thread: read a range from the remote into the content file; bytes written."""
+class RemoteChanged(Exception):
+    """The remote file's version changed while its content was being fetched."""
+
+
+def _fetch_into(remote: Remote, content, expected: tuple[int, int, int] | None, path: bytes,
+                content_path: str, offset: int, length: int) -> int:
+    """Worker thread: read a range from the remote into the content file; bytes written.
+
+    The remote version is checked after the read, so bytes of a file rewritten meanwhile
+    are never stored as part of the version the cache believes it has."""
     data = remote.read(path, offset, length)
+    if expected is not None and remote.stat(path).version() != expected:
+        raise RemoteChanged(path)
     if not data:
         return 0
     fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

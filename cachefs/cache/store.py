@@ -28,6 +28,7 @@ another release is refused with a clear message instead of being misread.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -176,9 +177,14 @@ class Store:
             raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
         try:
             self._open(cache_dir, remote_text, map_size)
-        except crypto.CryptoError as exc:
-            self.env.close()
+        except (crypto.CryptoError, lmdb.Error, ValueError, TypeError) as exc:
+            if getattr(self, "env", None) is not None:
+                self.env.close()
             os.close(self._lock_fd)
+            if not isinstance(exc, crypto.CryptoError):
+                raise StoreError(f"the cache index in {cache_dir}/index is damaged ({exc}); "
+                                 "move that cache directory away (changes not yet on the "
+                                 "server are in its data/ folder) or use another --cache-dir") from exc
             raise StoreError(str(exc)) from exc
         except BaseException:
             if getattr(self, "env", None) is not None:
@@ -188,6 +194,7 @@ class Store:
 
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
         self.env = None
+        self._removals: list[int] = []
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
@@ -206,6 +213,20 @@ class Store:
         self.journal = self.env.open_db(b"journal")
         self.conflicts = self.env.open_db(b"conflicts")
         self._check_schema(remote_text)
+        self._check_integrity()
+        self.reserve()
+
+    def _check_integrity(self) -> None:
+        """Read every record once: a damaged page shows up now, as a clear refusal,
+        instead of in the middle of serving a request."""
+        with self.env.begin() as txn:
+            for db in (self.meta, self.entries, self.ranges_db, self.conflicts):
+                for _k, _v in txn.cursor(db=db):
+                    pass
+            for key, value in txn.cursor(db=self.nodes):
+                self._unpack(_U64.unpack(key)[0], value)
+            for key, value in txn.cursor(db=self.journal):
+                Op.decode(journal.seq_of(key), self.codec.open(value))
 
     # -- record encoding (sealed when the cache is encrypted) ------------------------------
     def _pack(self, node: Node) -> bytes:
@@ -254,18 +275,64 @@ class Store:
         os.close(self._lock_fd)
 
     def run_write(self, fn) -> object:
-        """Run ``fn(txn)`` in one write transaction, growing the map once if it is full."""
+        """Run ``fn(txn)`` in one write transaction, growing the map once if it is full.
+
+        Content files that the transaction removes (``remove_after_commit``) go only once
+        it has committed: a crash in between must not leave a node without its content.
+        """
         for attempt in range(2):
+            self._removals = []
             try:
                 with self.env.begin(write=True) as txn:
-                    return fn(txn)
+                    result = fn(txn)
             except lmdb.MapFullError:
                 if attempt:
                     raise
                 new = self.env.info()["map_size"] * 2
                 log.info("cache index full: growing the map to %d MiB", new >> 20)
                 self.env.set_mapsize(new)
+                continue
+            except lmdb.Error as exc:
+                # LMDB reports a short write on a full disk as EIO: tell which it was.
+                if self._disk_full():
+                    raise OSError(errno.ENOSPC, f"the cache's disk is full ({self.dir})") from exc
+                raise
+            finally:
+                removals, self._removals = self._removals, []
+            for ino in removals:
+                self.remove_content_file(ino)
+            return result
         raise AssertionError("unreachable")
+
+    INDEX_RESERVE = 16 << 20
+
+    def reserve(self) -> None:
+        """Keep disk blocks allocated ahead of the index's use, so that on a full disk a
+        commit that frees space (an unlink, an eviction) can still be written."""
+        path = self.dir / "index" / "data.mdb"
+        try:
+            info, stat = self.env.info(), self.env.stat()
+            want = (info["last_pgno"] + 1) * stat["psize"] + self.INDEX_RESERVE
+            st = os.stat(path)
+            if st.st_blocks * 512 >= want:
+                return
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, want)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.debug("could not reserve index space: %s", exc)
+
+    def _disk_full(self) -> bool:
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < (4 << 20)
+
+    def remove_after_commit(self, ino: int) -> None:
+        self._removals.append(ino)
 
     def transact(self, fn: Callable[["Txn"], T]) -> T:
         """Run ``fn(Txn)`` in one write transaction: a change to the namespace and its
@@ -388,14 +455,24 @@ class Store:
                 if node is not None and node.has(DIRTY):
                     continue
                 txn.delete(self._ekey(parent, name), db=self.entries)
-                if node is not None:
+                if node is not None and node.nlink > 1 and not node.is_dir:
+                    # One name of a hard-linked file went away; the node lives on.
+                    node.nlink -= 1
+                    if (node.parent, node.name) == (parent, name):
+                        others = Txn(self, txn).names_of(ino)
+                        if others:
+                            node.parent, node.name = others[0]
+                    txn.put(_key(ino), self._pack(node), db=self.nodes)
+                elif node is not None:
                     delta.removed.append(node)
                     self._drop_node(txn, node)
             pdata = txn.get(_key(parent), db=self.nodes)
             if pdata is not None:
                 pnode = self._unpack(parent, pdata)
-                if not pnode.has(LISTED):
+                subdirs = sum(1 for _name, rstat in listing if stat_mod.S_ISDIR(rstat.mode))
+                if not pnode.has(LISTED) or pnode.nlink != 2 + subdirs:
                     pnode.flags |= LISTED
+                    pnode.nlink = 2 + subdirs  # as a local filesystem counts them
                     txn.put(_key(parent), self._pack(pnode), db=self.nodes)
 
         self.run_write(txn_fn)
@@ -422,7 +499,7 @@ class Store:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
             txn.delete(_key(n.ino), db=self.ranges_db)
-            self.remove_content_file(n.ino)
+            self.remove_after_commit(n.ino)
 
     def drop_content(self, ino: int) -> None:
         """Forget cached content of a clean file (remote changed, or eviction)."""
@@ -588,8 +665,12 @@ class Txn:
 
     def append(self, op: Op) -> int:
         """Add an operation at the end of the journal; its sequence number."""
+        # Sequence numbers only grow (never reused when the journal empties): marks kept
+        # by sequence number, such as an upload under way, must never match a newer entry.
+        last = self.txn.get(b"last_seq", db=self.store.meta)
         cur = self.txn.cursor(db=self.store.journal)
-        seq = journal.seq_of(cur.key()) + 1 if cur.last() else 1
+        seq = max(_U64.unpack(last)[0] if last else 0, journal.seq_of(cur.key()) if cur.last() else 0) + 1
+        self.txn.put(b"last_seq", _U64.pack(seq), db=self.store.meta)
         op.seq = seq
         self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
         return seq
@@ -649,8 +730,11 @@ def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None
             flags &= ~(FULL | TARGET)
             target = b""
     nlink = rstat.nlink if rstat.nlink else 1
+    if old is not None and not old.is_dir and nlink <= 1:
+        nlink = old.nlink  # SFTP does not report link counts: keep the one we know
     if stat_mod.S_ISDIR(rstat.mode):
-        nlink = max(nlink, 2)
+        # A folder's count is kept by its own listing (SFTP does not report it).
+        nlink = old.nlink if old is not None and old.is_dir else max(nlink, 2)
     mtime, atime, ctime = rstat.mtime_ns, rstat.atime_ns, rstat.mtime_ns
     if old is not None and old.base == base and _same_second(old.mtime_ns, mtime):
         # Unchanged, and SFTP gives whole seconds: keep the finer times we know locally,

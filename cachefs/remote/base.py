@@ -86,8 +86,12 @@ class Remote(ABC):
 
     #: Human description for status and logs, without secrets ("sftp://alice@host:22/p").
     description: str
-    #: Seconds a single remote operation may take before it counts as unreachable.
+    #: Seconds a single remote operation may take before it counts as unreachable. For
+    #: transfers (``read``, ``upload``) it bounds progress, not the whole transfer: a
+    #: large file on a slow link may take long, as long as bytes keep moving.
     timeout: float
+    #: How many calls may usefully run at once (connections in the pool).
+    parallelism: int = 4
 
     # -- connection ----------------------------------------------------------------
     @abstractmethod
@@ -132,9 +136,11 @@ class Remote(ABC):
 
     # -- writing (used only by the sync manager's replay) ---------------------------
     @abstractmethod
-    def upload(self, path: bytes, source: "Source", mode: int, temp_name: bytes) -> RemoteStat:
+    def upload(self, path: bytes, source: "Source", mode: int, temp_name: bytes,
+               times: tuple[int, int] | None = None) -> RemoteStat:
         """Atomically replace ``path`` with the content of ``source`` (a local file path,
-        or a function returning a readable binary stream; see ``open_source``).
+        or a function returning a readable binary stream; see ``open_source``), with
+        ``mode`` and, when given, ``times`` = (atime_ns, mtime_ns) set before it appears.
 
         Writes ``temp_name`` (a name in the same remote folder) first, then renames it
         over ``path`` (posix-rename where available), so nobody sees half a file. Returns

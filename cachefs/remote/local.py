@@ -17,6 +17,7 @@ import concurrent.futures
 import errno
 import logging
 import os
+import time
 import stat as stat_mod
 from collections.abc import Callable
 from typing import TypeVar
@@ -69,6 +70,7 @@ class LocalRemote(Remote):
         self.root = os.path.abspath(root)
         self._root_b = os.fsencode(self.root)
         self.timeout = timeout
+        self.parallelism = POOL_THREADS
         self.description = "file://" + self.root
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -84,7 +86,7 @@ class LocalRemote(Remote):
         except OSError:
             return False
 
-    def _call(self, function: Callable[[], T]) -> T:
+    def _call(self, function: Callable[[], T], progress: list[float] | None = None) -> T:
         """Run ``function`` bounded by the timeout, translating OSError for the caller."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -92,7 +94,14 @@ class LocalRemote(Remote):
             )
         future = self._pool.submit(self._translated, function)
         try:
-            return future.result(timeout=self.timeout)
+            if progress is None:
+                return future.result(timeout=self.timeout)
+            while True:  # a transfer: bounded by the time since it last moved
+                try:
+                    return future.result(timeout=min(1.0, self.timeout))
+                except concurrent.futures.TimeoutError:
+                    if time.monotonic() - progress[0] > self.timeout:
+                        raise
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RemoteUnreachable(f"{self.root}: no answer within {self.timeout:g} s") from None
@@ -189,7 +198,8 @@ class LocalRemote(Remote):
         return self._call(space)
 
     # -- writing --------------------------------------------------------------------
-    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes) -> RemoteStat:
+    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
+               times: tuple[int, int] | None = None) -> RemoteStat:
         full = self._path(path)
         parent = os.path.dirname(full)
         temp = os.path.join(parent, temp_name) if parent else temp_name
@@ -203,7 +213,10 @@ class LocalRemote(Remote):
                             view = memoryview(chunk)
                             while view:
                                 view = view[os.write(out, view) :]
+                            progress[0] = time.monotonic()
                     os.fchmod(out, stat_mod.S_IMODE(mode))
+                    if times is not None:
+                        os.utime(out, ns=times)
                     os.fsync(out)
                 finally:
                     os.close(out)
@@ -216,7 +229,8 @@ class LocalRemote(Remote):
                 raise
             return _to_stat(os.lstat(full))
 
-        return self._call(copy_and_rename)
+        progress = [time.monotonic()]
+        return self._call(copy_and_rename, progress)
 
     def mkdir(self, path: bytes, mode: int) -> None:
         full = self._path(path)

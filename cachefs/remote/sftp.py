@@ -400,6 +400,7 @@ class SftpRemote(Remote):
         self.address = address
         self.options = options
         self.timeout = options.timeout
+        self.parallelism = max(1, options.connections)
         self._resolve_config()
         path = address.path
         shown_path = path if path.startswith("/") else ("/~/" + path if path else "/~")
@@ -666,8 +667,11 @@ class SftpRemote(Remote):
 
     # -- the pool -------------------------------------------------------------------
     def _checkout(self) -> tuple[_Connection, bool]:
-        """A connection for this thread alone, and whether it was reused from the pool."""
-        deadline = time.monotonic() + self.timeout
+        """A connection for this thread alone, and whether it was reused from the pool.
+
+        Waiting for a busy pool is not a sign of a dead network (the busy connections
+        are bounded by their own timeouts), so the wait here is long."""
+        deadline = time.monotonic() + max(300.0, self.timeout * 30)
         with self._lock:
             while True:
                 if self._closed:
@@ -683,7 +687,7 @@ class SftpRemote(Remote):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RemoteUnreachable(f"{self.description}: no connection free within {self.timeout:g} s")
+                    raise RemoteUnreachable(f"{self.description}: no connection came free")
                 self._lock.wait(remaining)
         conn: _Connection | None = None
         try:
@@ -868,7 +872,8 @@ class SftpRemote(Remote):
                     raise
             sftp._request(CMD_RENAME, src, dst)
 
-    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes) -> RemoteStat:
+    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
+               times: tuple[int, int] | None = None) -> RemoteStat:
         self._ensure_root()
         full = self._path(path)
         parent, _, _ = full.rpartition(b"/")
@@ -882,7 +887,11 @@ class SftpRemote(Remote):
                     while chunk := stream.read(WRITE_CHUNK * 32):
                         out.write(chunk)
                     out.flush()
-                    out.chmod(stat_mod.S_IMODE(mode))
+                    attrs = paramiko.SFTPAttributes()  # mode and times in one request
+                    attrs.st_mode = stat_mod.S_IMODE(mode)
+                    if times is not None:
+                        attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
+                    sftp._request(paramiko.sftp.CMD_FSETSTAT, out.handle, attrs)
                     if fsync:
                         sftp.extended(b"fsync@openssh.com", out.handle)
                 self._rename_over(sftp, temp, full)

@@ -44,7 +44,11 @@ class Connectivity:
         self.timeout = remote.timeout
         self.heartbeat = heartbeat
         self.max_backoff = max_backoff
-        self.limiter = trio.CapacityLimiter(threads)
+        parallel = max(1, getattr(remote, "parallelism", threads))
+        self.limiter = trio.CapacityLimiter(parallel)
+        # Transfers get all connections but one, so short calls (lookups, listings)
+        # always find one free behind them.
+        self.bulk_limiter = trio.CapacityLimiter(max(1, parallel - 1))
         self.state = State.OFFLINE
         self.last_error: str | None = None
         self.last_online: float | None = None  # wall-clock time the remote last answered
@@ -60,24 +64,27 @@ class Connectivity:
         self._went_online.append(callback)
 
     # -- calls ------------------------------------------------------------------------
-    async def call(self, fn: Callable[..., T], *args: object) -> T:
+    async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False) -> T:
         """Run a blocking backend call in a worker thread.
 
         Raises ``Unavailable`` at once when offline, and when the call fails for
         network reasons (which also moves the mount offline). ``RemoteError`` (the remote
-        answered with an errno) passes through.
+        answered with an errno) passes through. ``bulk``: a transfer, which may take as
+        long as it keeps moving (the backend bounds its progress, not its length).
         """
         if self.state is not State.ONLINE:
             raise Unavailable(self.last_error or "remote is offline")
-        return await self._run(fn, *args)
+        return await self._run(fn, *args, bulk=bulk)
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        # The backend bounds each call by its timeout; the trio deadline is a second
-        # line of defence (the thread is then abandoned, and ends when its socket times out).
+    async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False) -> T:
+        # The backend bounds each call by its timeout; for short calls the trio deadline
+        # is a second line of defence (the thread is then abandoned, and ends when its
+        # socket times out). Waiting for a free slot does not count against it.
+        limiter = self.bulk_limiter if bulk else self.limiter
         try:
-            with trio.fail_after(self.timeout * 2 + 1):
-                return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter,
-                                                     abandon_on_cancel=True)
+            async with limiter:
+                with trio.fail_after(math.inf if bulk else self.timeout * 2 + 1):
+                    return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
         except trio.TooSlowError:
             self.report_failure(f"remote did not answer within {self.timeout:g} s")
             raise Unavailable(self.last_error) from None

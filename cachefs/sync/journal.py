@@ -59,7 +59,7 @@ class Op:
 
     def encode(self) -> bytes:
         record = {k: v for k, v in asdict(self).items() if k != "seq" and v not in (b"", 0, None, {})}
-        record["kind"] = self.kind
+        record["kind"], record["ino"], record["path"] = self.kind, self.ino, self.path  # b"" is the root
         for key in ("path", "dst", "target"):
             if key in record:
                 record[key] = _text(record[key])
@@ -80,8 +80,11 @@ class Op:
         return cls(seq=seq, **record)
 
     def folders(self) -> set[int]:
-        """Folders whose listing this operation changes (kept local until replayed)."""
-        return {p for p in (self.parent, self.dst_parent) if p}
+        """Folders whose listing is local truth until this operation is replayed: those
+        it changes, and a folder it creates or moves (the remote has no listing for it
+        under that name yet)."""
+        own = {self.ino} if self.kind in ("mkdir", "rename") else set()
+        return own | {p for p in (self.parent, self.dst_parent) if p}
 
 
 def key(seq: int) -> bytes:

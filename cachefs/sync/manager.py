@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import lmdb
 import trio
 
 from ..cache.cache import Cache
@@ -90,13 +91,14 @@ class PassResult:
 class SyncManager:
     def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
                  writeback_delay: float = 0.3, interval: float = 300.0,
-                 flush_timeout: float = 30.0) -> None:
+                 flush_timeout: float = 30.0, parallel: int = 8) -> None:
         self.store = store
         self.cache = cache
         self.hoard = hoard or Hoard(cache)
         self.conn = conn
         self.remote: Remote = conn.remote
         self.writeback_delay = writeback_delay
+        self.parallel = parallel  # independent operations replayed at once
         self.interval = interval
         self.flush_timeout = flush_timeout
         self.host = socket.gethostname().split(".")[0] or "host"
@@ -106,7 +108,9 @@ class SyncManager:
         self.last_error: str | None = None
         self._wake = trio.Event()
         self._pass_lock = trio.Lock()
-        self._gone: set[int] = set()  # created here and deleted again during this pass
+        # Created here and deleted again before their creation reached the remote (kept
+        # for the mount's life: inode numbers are never reused).
+        self._gone: set[int] = set()
         cache.changed = self.poke
         conn.on_online(self.poke)
         cache.rebuild_local_dirs()
@@ -240,35 +244,50 @@ class SyncManager:
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
-        self._gone: set[int] = set()
-        for op in kept:
-            if op.kind in CONTENT_OPS and self.cache.writers.get(op.ino):
-                return PassResult(False, f"{op.path!r} is still open for writing")
-            if op.ino in self._gone:
-                # Created here, then deleted here during this pass before its creation
-                # reached the remote: the rest of its story need not reach it either.
-                self._finish(op)
-                continue
-            try:
-                sent = await self._replay(op)
-            except Unavailable as exc:
-                return PassResult(False, f"remote is offline: {exc}")
-            except RemoteError as exc:
-                # The remote refuses this change for good (permission, quota...): keep the
-                # local version, record it, and go on with the rest.
-                log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-                self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc)))
-            except (OSError, ValueError, KeyError) as exc:
-                # A local failure (disk, a record that went away): stop here, the entry
-                # stays in the journal and the next pass retries it.
-                log.exception("replay of %s %r failed", op.kind, op.path)
-                return PassResult(False, f"replay of {op.path!r} failed: {exc}")
+        for batch in _batches(kept, self.parallel):
+            if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
+                # Replay stops at a file still open for writing (close-to-open: its content
+                # is not final); release() starts the next pass.
+                return PassResult(False, "a file is still open for writing")
+            failures: list[str] = []
+            if len(batch) == 1:
+                await self._replay_one(batch[0], failures)
             else:
-                self.progress.bytes_done += sent
-            self.progress.ops_done += 1
+                async with trio.open_nursery() as nursery:
+                    for op in batch:
+                        nursery.start_soon(self._replay_one, op, failures)
+            if failures:
+                return PassResult(False, failures[0])
         if not self.pending():
             self.store.transact(lambda t: t.clear_produced())
         return PassResult(True)
+
+    async def _replay_one(self, op: Op, failures: list[str]) -> None:
+        """Replay ``op``; a reason is added to ``failures`` when the pass must stop."""
+        if op.ino in self._gone:
+            # Created here, then deleted here during this pass before its creation
+            # reached the remote: the rest of its story need not reach it either.
+            self._finish(op)
+            return
+        try:
+            sent = await self._replay(op)
+        except Unavailable as exc:
+            failures.append(f"remote is offline: {exc}")
+            return
+        except RemoteError as exc:
+            # The remote refuses this change for good (permission, quota...): keep the
+            # local version, record it, and go on with the rest.
+            log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
+            self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc)))
+        except (OSError, ValueError, KeyError, lmdb.Error) as exc:
+            # A local failure (disk, a record that went away): stop here, the entry
+            # stays in the journal and the next pass retries it.
+            log.exception("replay of %s %r failed", op.kind, op.path)
+            failures.append(f"replay of {op.path!r} failed: {exc}")
+            return
+        else:
+            self.progress.bytes_done += sent
+        self.progress.ops_done += 1
 
     def _rewrite(self, ops: list[Op], kept: list[Op], dropped: list[Op]) -> None:
         kept_by_seq = {op.seq: op for op in kept}
@@ -341,7 +360,7 @@ class SyncManager:
             return False
         if node.size > 64 << 20:
             return False  # too costly to compare: treat as a conflict (both kept)
-        theirs = await self.conn.call(self.remote.read, path, 0, node.size + 1)
+        theirs = await self.conn.call(self.remote.read, path, 0, node.size + 1, bulk=True)
         ours = await trio.to_thread.run_sync(_read_content, self.store.content,
                                              self.store.content_path(node.ino), node.size)
         return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
@@ -351,7 +370,8 @@ class SyncManager:
         temp = b"." + name[:200] + b".cachefs-tmp-" + str(seq).encode()  # beside the target
         return await self.conn.call(_upload_file, self.remote, self.store.content, node.size,
                                     path, self.store.content_path(node.ino),
-                                    stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns)
+                                    stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns,
+                                    bulk=True)
 
     # -- one operation ----------------------------------------------------------------------
     async def _replay(self, op: Op) -> int:
@@ -382,8 +402,6 @@ class SyncManager:
         if remote is None:
             if not created and node.base is not None:
                 conflict = self._record(op, "deleted-remote-changed-local")
-            if await self._make_parents(op.path):
-                conflict = conflict or self._record(op, "folder-recreated")
         elif created or remote.version() != node.base:
             # ``ours``: this very upload was under way when a crash or a cut connection
             # stopped it, and it had landed (its size and our mtime are there).
@@ -395,7 +413,14 @@ class SyncManager:
             return await self._keep_both(op, node, remote, gen)
         try:
             self.store.transact(lambda t: t.mark_upload(op.seq))
-            new = await self._upload(node, op.path, op.seq)
+            try:
+                new = await self._upload(node, op.path, op.seq)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT or not await self._make_parents(op.path):
+                    raise
+                # Created here inside a folder that was removed there: re-create it.
+                conflict = conflict or self._record(op, "folder-recreated")
+                new = await self._upload(node, op.path, op.seq)
         except LocalGone:
             if created:
                 self._gone.add(op.ino)
@@ -540,9 +565,18 @@ class SyncManager:
     async def _replay_link(self, op: Op) -> int:
         remote = await self._stat(op.dst)
         if remote is None:
-            await self.conn.call(self.remote.link, op.path, op.dst)
+            try:
+                await self.conn.call(self.remote.link, op.path, op.dst)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT or not self._gone_here(op.ino):
+                    raise
+                # The source never reached the remote and is deleted here: nothing to link.
         self._finish(op)
         return 0
+
+    def _gone_here(self, ino: int) -> bool:
+        node = self.store.get(ino)
+        return node is None or node.has(ORPHAN)
 
     def _base(self, ino: int, recorded: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
         """The version a journal entry should expect: what the replay itself produced for
@@ -588,7 +622,9 @@ class SyncManager:
         dst = await self._stat(op.dst)
         if src is None:
             # Already moved (a crash after the rename), or moved/deleted there.
-            if dst is None:
+            if dst is None and self._gone_here(op.ino):
+                self._finish(op)  # never reached the remote, and deleted here since
+            elif dst is None:
                 self._finish(op, conflict=self._record(op, "renamed-missing-remote"))
             else:
                 self._finish(op)
@@ -608,6 +644,31 @@ class SyncManager:
         if conflict is not None:
             self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
         return 0
+
+
+#: operations that touch one object only and may be replayed side by side
+_INDEPENDENT = {"create", "store", "setattr"}
+
+
+def _batches(ops: list[Op], width: int):
+    """Journal order, cut into groups that may run concurrently: runs of independent
+    operations on distinct objects, and every namespace change alone (a barrier)."""
+    batch: list[Op] = []
+    seen: set[int] = set()
+    for op in ops:
+        if op.kind in _INDEPENDENT and op.ino not in seen and len(batch) < width:
+            batch.append(op)
+            seen.add(op.ino)
+            continue
+        if batch:
+            yield batch
+        if op.kind in _INDEPENDENT:
+            batch, seen = [op], {op.ino}
+        else:
+            batch, seen = [], set()
+            yield [op]
+    if batch:
+        yield batch
 
 
 class LocalGone(Exception):
@@ -634,11 +695,9 @@ def _upload_file(remote: Remote, content, size: int, path: bytes, content_path: 
     except FileNotFoundError:
         raise LocalGone(content_path) from None
     try:
-        remote.upload(path, lambda: content.reader(fd, size), mode, temp)
+        return remote.upload(path, lambda: content.reader(fd, size), mode, temp, (atime_ns, mtime_ns))
     finally:
         os.close(fd)
-    remote.utime(path, atime_ns, mtime_ns)
-    return remote.stat(path)
 
 
 def _apply_attrs(remote: Remote, path: bytes, mode: int, atime_ns: int, mtime_ns: int,

@@ -1,0 +1,476 @@
+"""Faults a user meets, injected at their edge: a TCP proxy that cuts or stalls, a server
+restarted mid-transfer, a full cache disk, a cache from another release or corrupted,
+and a hostile or misbehaving server.
+
+The rule for reads under faults: a read returns the right bytes or fails with an errno
+(EHOSTDOWN, EIO, ETIMEDOUT), never wrong bytes, and the file reads whole once the server
+is back. The rule for uploads: nobody sees half a file under its real name.
+
+Not covered: a bandwidth-limited trickle (``TcpProxy`` can only forward, stall or cut).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from cachefs.devserver import SshServer
+from tests.fixtures.mount import MountError, run_with_timeout, status
+from tests.fixtures.proxy import TcpProxy
+from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,
+                               wait_for, wait_state, write_file)
+
+READ_ERRNOS = {errno.EHOSTDOWN, errno.EIO, errno.ETIMEDOUT}
+CHUNK = 1 << 20
+
+
+def proxied(mount_factory, sshd: SshServer, proxy: TcpProxy, tmp_path: Path, **kw):
+    known_hosts = tmp_path / "known_hosts_proxy"
+    key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
+    remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
+    return mount_factory(remote=remote, known_hosts=known_hosts, **kw)
+
+
+class ChunkReader(threading.Thread):
+    """Reads ``path`` chunk by chunk, comparing each chunk with ``expected``; pauses after
+    the first chunk until ``go`` is set. Records wrong bytes and unexpected errnos."""
+
+    def __init__(self, path: Path, expected: bytes) -> None:
+        super().__init__(daemon=True, name="chunk-reader")
+        self.path = path
+        self.expected = expected
+        self.first = threading.Event()
+        self.go = threading.Event()
+        self.wrong: list[str] = []
+        self.errnos: list[int] = []
+        self.good_chunks = 0
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                offset = 0
+                while offset < len(self.expected):
+                    try:
+                        data = f.read(CHUNK)
+                    except OSError as exc:
+                        self.errnos.append(exc.errno)
+                        offset += CHUNK
+                        f.seek(offset)
+                        if len(self.errnos) > 3:
+                            return
+                        continue
+                    finally:
+                        if not self.first.is_set():
+                            self.first.set()
+                            self.go.wait(30)
+                    if data != self.expected[offset:offset + len(data)]:
+                        self.wrong.append(f"wrong bytes at {offset} (+{len(data)})")
+                    if not data:
+                        self.wrong.append(f"early end of file at {offset}")
+                        return
+                    self.good_chunks += 1
+                    offset += len(data)
+        except OSError as exc:
+            self.errnos.append(exc.errno)
+        finally:
+            self.first.set()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_whole_eventually(path: Path, expected: bytes, timeout: float = 30.0) -> None:
+    """Once the server is back the whole file reads correctly (retrying while reconnecting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = run_with_timeout(path.read_bytes, 30, f"reading {path}")
+            assert sha(data) == sha(expected), f"{path}: {len(data)} bytes, wrong content"
+            return
+        except OSError as exc:
+            assert exc.errno in READ_ERRNOS, f"reading {path}: {exc!r}"
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def check_reader(reader: ChunkReader) -> None:
+    reader.join(60)
+    assert not reader.is_alive(), "a read hung"
+    assert not reader.wrong, reader.wrong
+    unexpected = [errno.errorcode.get(e, e) for e in reader.errnos if e not in READ_ERRNOS]
+    assert not unexpected, f"reads failed with unexpected errnos {unexpected}"
+
+
+# -- the network -----------------------------------------------------------------------------
+
+def test_cut_mid_read_of_large_file(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    data = os.urandom(40 << 20)
+    (share / "big.bin").write_bytes(data)
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
+            mnt = mount.mountpoint
+            reader = ChunkReader(mnt / "big.bin", data)
+            reader.start()
+            assert reader.first.wait(30)
+            proxy.cut()
+            reader.go.set()
+            check_reader(reader)
+            proxy.resume()
+            read_whole_eventually(mnt / "big.bin", data)
+            assert status(mnt)["state"] in ("online", "syncing")
+            assert "Traceback" not in mount.log_text()
+
+
+def test_stall_during_replay(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    files = {f"up{i}.bin": os.urandom(6 << 20) for i in range(4)}
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
+            mnt = mount.mountpoint
+            go_offline(mnt)
+            for name, data in files.items():
+                write_file(mnt / name, data)
+            control(mnt, "online")
+            wait_for(lambda: any(".cachefs-tmp-" in n for n in os.listdir(share)), 15,
+                     "the replay to start uploading", interval=0.005)
+            proxy.stall()
+            try:
+                partial = []
+                end = time.monotonic() + 4
+                while time.monotonic() < end:
+                    for name, data in files.items():
+                        try:
+                            size = (share / name).stat().st_size
+                        except FileNotFoundError:
+                            continue
+                        if size != len(data):
+                            partial.append((name, size))
+                    time.sleep(0.02)
+                assert not partial, f"partial files under their real names: {partial[:5]}"
+                assert status(mnt)["pending"] > 0, "the replay finished before the stall"
+            finally:
+                proxy.resume()
+            sync_until_done(mnt, 60)
+            for name, data in files.items():
+                assert sha((share / name).read_bytes()) == sha(data), name
+            assert status(mnt)["pending"] == 0
+            assert no_temp_leftovers(share) == []
+
+
+def test_server_restart_mid_read(mount_factory, sshd, share: Path) -> None:
+    data = os.urandom(40 << 20)
+    (share / "big.bin").write_bytes(data)
+    with mount_factory(check_log=False) as mount:
+        mnt = mount.mountpoint
+        reader = ChunkReader(mnt / "big.bin", data)
+        reader.start()
+        assert reader.first.wait(30)
+        sshd.restart()
+        reader.go.set()
+        check_reader(reader)
+        read_whole_eventually(mnt / "big.bin", data)
+        assert "Traceback" not in mount.log_text()
+
+
+def test_server_restart_mid_upload(mount_factory, sshd, share: Path) -> None:
+    data = os.urandom(60 << 20)
+    with mount_factory(check_log=False) as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        write_file(mnt / "big.bin", data)
+        control(mnt, "online")
+        wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
+                             for n in os.listdir(share)), 15, "the upload to start", interval=0.005)
+        sshd.restart()
+        if (share / "big.bin").exists():
+            assert sha((share / "big.bin").read_bytes()) == sha(data), "a partial big.bin"
+        sync_until_done(mnt, 60)
+        assert sha((share / "big.bin").read_bytes()) == sha(data)
+        assert status(mnt)["pending"] == 0
+        assert no_temp_leftovers(share) == []
+        assert "Traceback" not in mount.log_text()
+
+
+# -- a full cache disk -----------------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(path)],
+                   check=True, timeout=10)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], timeout=10)
+
+
+def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:
+    mount = mount_factory(cache="tmpfs", check_log=False)  # cache dir = the tmpfs root
+    with mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        written: dict[str, bytes] = {}
+        failure = None
+        for i in range(20):
+            data = os.urandom(2 << 20)
+            try:
+                write_file(mnt / f"fill{i}.bin", data)
+            except OSError as exc:
+                failure = exc
+                break
+            written[f"fill{i}.bin"] = data
+        assert failure is not None, "20 x 2 MiB fitted in a 20 MiB cache"
+        assert failure.errno == errno.ENOSPC, f"a write beyond the space failed with {failure!r}"
+        assert written, "nothing fitted at all"
+        st_ = status(mnt)
+        assert st_["state"] == "offline", st_
+        for name, data in written.items():
+            assert (mnt / name).read_bytes() == data, f"{name} reads wrong after the disk filled"
+        # many small files on a full disk: each fails cleanly or works, the mount stays up
+        small_errors = set()
+        for i in range(200):
+            try:
+                write_file(mnt / f"small{i}.txt", b"s" * 100)
+            except OSError as exc:
+                small_errors.add(exc.errno)
+        assert small_errors <= {errno.ENOSPC}, small_errors
+        status(mnt)
+        for name in list(written)[: max(1, len(written) // 2) + 1]:
+            os.unlink(mnt / name)
+            del written[name]
+        for i in range(200):
+            (mnt / f"small{i}.txt").unlink(missing_ok=True)
+        again = os.urandom(2 << 20)
+        write_file(mnt / "after.bin", again)  # space came back
+        assert (mnt / "after.bin").read_bytes() == again
+        for name, data in written.items():
+            assert (mnt / name).read_bytes() == data
+        assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
+
+
+def test_many_small_files_grow_the_index(mount_factory, share: Path, tmp_path: Path) -> None:
+    """The LMDB map is fixed at 1 GiB by the store and no option lowers it, so growth of the
+    map cannot be forced from outside; this checks the index takes thousands of entries."""
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        os.mkdir(mnt / "many")
+        for i in range(3000):
+            write_file(mnt / "many" / f"n{i:05d}-{'x' * 150}", b"%d" % i)
+        assert len(os.listdir(mnt / "many")) == 3000
+        control(mnt, "online")
+        sync_until_done(mnt, 90)
+        assert len(os.listdir(share / "many")) == 3000
+
+
+# -- caches the mount must refuse ------------------------------------------------------------
+
+def _prime_cache(mount_factory, share: Path, files: int = 50) -> None:
+    for i in range(files):
+        (share / f"p{i}.txt").write_bytes(b"%d" % i * 100)
+    with mount_factory(name="prime") as mount:
+        read_all(mount.mountpoint)
+
+
+def _refused(mount) -> str:
+    with pytest.raises(MountError):
+        mount.start()
+    code = mount.process.returncode
+    text = mount.log_text()
+    assert code not in (None, 0), code
+    assert code > 0, f"the mount died from signal {-code}"
+    assert "Traceback" not in text, text[-5000:]
+    return text
+
+
+def test_cache_of_other_schema_refused(mount_factory, share: Path, tmp_path: Path) -> None:
+    _prime_cache(mount_factory, share)
+    env = lmdb.open(str(tmp_path / "cache" / "index"), max_dbs=8, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"999", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    text = _refused(mount_factory(check_log=False))
+    assert "schema" in text and "999" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("where", ["start", "middle"])
+def test_corrupt_index_refused(mount_factory, share: Path, tmp_path: Path, where: str) -> None:
+    _prime_cache(mount_factory, share, files=300)
+    data_mdb = tmp_path / "cache" / "index" / "data.mdb"
+    size = data_mdb.stat().st_size
+    with open(data_mdb, "r+b") as f:
+        if where == "start":
+            f.write(b"\xde\xad\xbe\xef" * 1024)
+        else:
+            f.seek(size // 4)
+            f.write(os.urandom(size // 2))
+    text = _refused(mount_factory(check_log=False))
+    assert "cache" in text.lower() and ("corrupt" in text.lower() or "index" in text.lower()), text[-2000:]
+
+
+# -- a hostile or misbehaving server --------------------------------------------------------
+
+HOSTILE = [b"new\nline", b"ctl\x01\x07\x1b[31mred", b"bad\xff\xfeutf8", b"tab\tand space ",
+           b"n" * 251 + b".txt", b"-rf", b"\xe2\x80\xaeevil"]
+
+
+def test_hostile_names(mount_factory, share: Path) -> None:
+    for i, name in enumerate(HOSTILE):
+        with open(os.path.join(os.fsencode(share), name), "wb") as f:
+            f.write(b"content %d" % i)
+    with mount_factory(allowed_errors=[r"cannot|invalid|name"]) as mount:
+        mnt = os.fsencode(mount.mountpoint)
+        listed = set(os.listdir(mnt)) - {b".cachefs"}
+        assert listed == set(HOSTILE), f"listed {sorted(listed)}"
+        for i, name in enumerate(HOSTILE):
+            with open(os.path.join(mnt, name), "rb") as f:
+                assert f.read() == b"content %d" % i, name
+        status(mount.mountpoint)
+        # and writing them back through the mount reaches the server unchanged
+        for i, name in enumerate(HOSTILE):
+            with open(os.path.join(mnt, name), "ab") as f:
+                f.write(b"!")
+        sync_until_done(mount.mountpoint)
+        for i, name in enumerate(HOSTILE):
+            with open(os.path.join(os.fsencode(share), name), "rb") as f:
+                assert f.read() == b"content %d!" % i, name
+
+
+LINKS = {"abs": "/etc/passwd", "up": "../../..", "loop1": "loop2", "loop2": "loop1",
+         "self": "self", "dangling": "no/such/thing", "etcdir": "/etc", "rootdir": "/"}
+
+
+def test_symlinks_shown_never_followed(mount_factory, share: Path, tmp_path: Path) -> None:
+    (share / "links").mkdir()
+    for name, target in LINKS.items():
+        os.symlink(target, share / "links" / name)
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        assert sorted(os.listdir(mnt / "links")) == sorted(LINKS)
+        for name, target in LINKS.items():
+            assert os.path.islink(mnt / "links" / name), name
+            assert os.readlink(mnt / "links" / name) == target, name
+        with pytest.raises(OSError) as info:
+            (mnt / "links" / "loop1").read_bytes()
+        assert info.value.errno == errno.ELOOP
+        control(mnt, "pin links")  # a pin walk must not follow the links either
+        control(mnt, "pin .")
+        st_ = status(mnt)
+        assert st_["state"] in ("online", "syncing"), st_
+    passwd_head = Path("/etc/passwd").read_bytes()[:40]
+    leaked = []
+    for folder, _dirs, files in os.walk(tmp_path / "cache"):
+        for f in files:
+            if passwd_head in Path(folder, f).read_bytes():
+                leaked.append(os.path.join(folder, f))
+    assert not leaked, f"/etc/passwd content in the cache: {leaked}"
+
+
+def test_file_growing_while_read_never_mixed(mount_factory, share: Path) -> None:
+    old = os.urandom(8 << 20)
+    extra = os.urandom(2 << 20)
+    (share / "grow.bin").write_bytes(old)
+    with mount_factory(check_log=False) as mount:
+        mnt = mount.mountpoint
+        results = []
+        for attempt in range(3):
+            (share / "grow.bin").write_bytes(old)
+            os.utime(share / "grow.bin", (time.time() - 100 - attempt, time.time() - 100 - attempt))
+            time.sleep(1.2)  # past the attribute timeout: the next open revalidates
+            got = bytearray()
+            try:
+                with open(mnt / "grow.bin", "rb", buffering=0) as f:
+                    got += f.read(CHUNK)
+                    with open(share / "grow.bin", "ab") as w:  # the server appends meanwhile
+                        w.write(extra)
+                    while True:
+                        piece = f.read(CHUNK)
+                        if not piece:
+                            break
+                        got += piece
+                        time.sleep(0.01)
+            except OSError as exc:
+                assert exc.errno in READ_ERRNOS | {errno.ESTALE}, exc
+                results.append("error")
+                continue
+            assert bytes(got) in (old, old + extra), \
+                f"a read served {len(got)} bytes that are neither the old nor the new file"
+            results.append("old" if bytes(got) == old else "new")
+        wait_for(lambda: (mnt / "grow.bin").read_bytes() == old + extra, 10, "the appended file")
+        assert "Traceback" not in mount.log_text()
+
+
+def test_file_rewritten_while_read_never_mixed(mount_factory, share: Path) -> None:
+    old = os.urandom(8 << 20)
+    new = os.urandom(8 << 20)
+    (share / "swap.bin").write_bytes(old)
+    with mount_factory(check_log=False) as mount:
+        mnt = mount.mountpoint
+        got = bytearray()
+        try:
+            with open(mnt / "swap.bin", "rb", buffering=0) as f:
+                got += f.read(CHUNK)
+                with open(share / "swap.bin", "r+b") as w:  # rewritten in place on the server
+                    w.write(new)
+                while True:
+                    piece = f.read(CHUNK)
+                    if not piece:
+                        break
+                    got += piece
+        except OSError as exc:
+            assert exc.errno in READ_ERRNOS | {errno.ESTALE}, exc
+        else:
+            assert bytes(got) in (old, new), \
+                "a read served a mix of the old and the rewritten file as one complete file"
+
+
+@pytest.fixture
+def sshd_without_dac_override(tmp_path: Path, share: Path) -> Iterator[SshServer]:
+    """An sshd whose sftp-server runs as root without CAP_DAC_OVERRIDE/READ_SEARCH, so that
+    file modes bind it as they would bind an ordinary user's server."""
+    server = SshServer(tmp_path / "sshd-nodac", share=share)
+    lines = []
+    for line in server.config.read_text().splitlines():
+        if line.startswith("Subsystem sftp "):
+            line = ("Subsystem sftp /usr/bin/setpriv --bounding-set -dac_override,-dac_read_search "
+                    "-- " + line.split(" ", 2)[2])
+        lines.append(line)
+    server.config.write_text("\n".join(lines) + "\n")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_server_permission_error_is_eacces(mount_factory, sshd_without_dac_override, share: Path,
+                                           tmp_path: Path) -> None:
+    server = sshd_without_dac_override
+    (share / "secret.txt").write_bytes(b"secret")
+    (share / "open.txt").write_bytes(b"open")
+    os.chmod(share / "secret.txt", 0)
+    try:
+        with mount_factory("--identity", str(server.identity), remote=server.address(),
+                           known_hosts=server.known_hosts, check_log=False) as mount:
+            mnt = mount.mountpoint
+            assert (mnt / "open.txt").read_bytes() == b"open"
+            with pytest.raises(OSError) as info:
+                run_with_timeout((mnt / "secret.txt").read_bytes, 20, "reading secret.txt")
+            assert info.value.errno == errno.EACCES, info.value
+            st_ = status(mnt)
+            assert st_["state"] in ("online", "syncing"), f"a permission error took the mount offline: {st_}"
+            assert "Traceback" not in mount.log_text()
+    finally:
+        os.chmod(share / "secret.txt", 0o600)

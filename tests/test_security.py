@@ -1,0 +1,286 @@
+"""Security hardening, end to end: host keys, the cache's modes, secrets in logs, who may
+reach the mount and its control file, a fuzzed control file, and the encrypted cache.
+
+Tests that act as another user run ``su nobody`` on a mount point in a folder that
+``nobody`` may traverse (pytest's own tmp folders are 0700: a refusal there would prove
+nothing), and first check that ``nobody`` can reach the bare folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb  # noqa: F401  (the cache format these tests look into)
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.mount import MountError, run_with_timeout, status
+from tests.test_writes import control, read_all, sync, wait_for, write_file
+
+SU_TIMEOUT = 15.0
+FUZZ_ALLOWED = {errno.EINVAL, errno.ENOENT, errno.EHOSTDOWN}
+VERBS = ["sync", "offline", "online", "pin", "unpin", "evict", "resolve"]
+
+
+def as_nobody(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", command],
+                          capture_output=True, text=True, timeout=SU_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder under /tmp that every user may traverse, for mount points."""
+    path = Path(tempfile.mkdtemp(prefix="cachefs-sec-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_refused(mount) -> str:
+    """Start ``mount``, which must refuse; returns its log. Checks: non-zero exit, no traceback."""
+    with pytest.raises(MountError):
+        mount.start()
+    assert mount.process is not None and mount.process.returncode not in (None, 0)
+    text = mount.log_text()
+    assert "Traceback" not in text, text
+    return text
+
+
+# -- host keys -------------------------------------------------------------------------------
+
+def test_unknown_host_key_refused_unless_accept_new(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    (share / "hello.txt").write_bytes(b"hello")
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+    text = _start_refused(mount_factory(known_hosts=empty, name="m1", cache="c1", check_log=False))
+    assert "host key" in text.lower() or "known_hosts" in text, text[-2000:]
+    assert empty.read_text() == "", "a refused key was recorded anyway"
+
+    with mount_factory("--accept-new-host-key", known_hosts=empty, name="m2", cache="c2") as mount:
+        assert (mount.mountpoint / "hello.txt").read_bytes() == b"hello"
+    key_b64 = sshd.host_key_pub.read_text().split()[1]
+    assert key_b64 in empty.read_text(), "the accepted key was not recorded in known_hosts"
+
+
+@pytest.mark.parametrize("accept_new", [False, True], ids=["strict", "accept-new"])
+def test_changed_host_key_always_refused(mount_factory, sshd, share: Path, tmp_path: Path,
+                                         accept_new: bool) -> None:
+    known = tmp_path / "known_hosts_old"
+    shutil.copyfile(sshd.known_hosts, known)
+    sshd.regenerate_host_key()
+    sshd.restart()
+    extra = ("--accept-new-host-key",) if accept_new else ()
+    text = _start_refused(mount_factory(*extra, known_hosts=known, check_log=False))
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in text, text[-3000:]
+    new_b64 = sshd.host_key_pub.read_text().split()[1]
+    assert new_b64 not in known.read_text(), "the changed key was written to known_hosts"
+
+
+# -- the cache directory ---------------------------------------------------------------------
+
+def test_cache_dir_private_after_use(mount_factory, share: Path, tmp_path: Path) -> None:
+    (share / "sub").mkdir()
+    for i in range(5):
+        (share / "sub" / f"r{i}.bin").write_bytes(os.urandom(50_000))
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        write_file(mnt / "written.txt", b"local data")
+        control(mnt, "pin sub")
+        control(mnt, "offline")
+        write_file(mnt / "offline.txt", b"journaled")
+        control(mnt, "online")
+        sync(mnt)
+    cache = tmp_path / "cache"
+    loose = []
+    for folder, dirs, files in os.walk(cache):
+        for name in dirs + files + ([] if folder != str(cache) else ["."]):
+            path = os.path.join(folder, name)
+            st_ = os.lstat(path)
+            if st_.st_mode & 0o077:
+                loose.append(f"{os.path.relpath(path, cache)} {stat.filemode(st_.st_mode)}")
+    assert not loose, f"readable or writable by group/others in the cache: {loose}"
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+
+
+def test_cache_dir_writable_by_others_refused(mount_factory, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    text = _start_refused(mount_factory(check_log=False))
+    assert "writable by group or others" in text, text[-2000:]
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o777  # refused, not silently changed
+
+
+def test_no_key_material_in_logs(mount_factory, sshd, share: Path) -> None:
+    (share / "a.txt").write_bytes(b"a")
+    with mount_factory() as mount:  # -v: debug logging
+        mnt = mount.mountpoint
+        read_all(mnt)
+        write_file(mnt / "b.txt", b"b")
+        sync(mnt)
+        control(mnt, "offline")
+        control(mnt, "online")
+        sync(mnt)
+        text = mount.log_text()
+    key_lines = [line for line in sshd.identity.read_text().splitlines()
+                 if line and not line.startswith("-----")]
+    body = "".join(key_lines)
+    assert "PRIVATE KEY" not in text
+    leaked = [line for line in key_lines if len(line) >= 16 and line in text]
+    assert not leaked, f"private key lines in the log: {leaked}"
+    assert body[:40] not in text and body[-40:] not in text
+    assert "DEBUG" in text, "the log has no debug lines: -v was not in effect, the check proves little"
+
+
+# -- who may reach the mount -----------------------------------------------------------------
+
+def test_allow_other_off_by_default(mount_factory, open_dir: Path, share: Path) -> None:
+    mnt = open_dir / "mnt"
+    mnt.mkdir()
+    os.chmod(mnt, 0o755)
+    before = as_nobody(f"stat {mnt}")
+    assert before.returncode == 0, f"nobody cannot reach the bare folder: {before.stderr}"
+    with mount_factory(name=str(mnt)):
+        result = as_nobody(f"stat {mnt}")
+        assert result.returncode != 0 and "Permission denied" in result.stderr, \
+            (result.returncode, result.stdout, result.stderr)
+        assert status(mnt)["state"] == "online"
+
+
+def test_control_file_refuses_other_users(mount_factory, open_dir: Path, share: Path) -> None:
+    (share / "x.txt").write_bytes(b"x")
+    mnt = open_dir / "mnt"
+    mnt.mkdir()
+    with mount_factory("-o", "allow_other", name=str(mnt)) as mount:
+        reach = as_nobody(f"cat {mnt}/x.txt")
+        assert reach.returncode == 0 and reach.stdout == "x", \
+            f"with allow_other nobody should read the share: {reach.stderr}"
+        for command in ("sync", "offline"):
+            result = as_nobody(f"echo {command} > {mnt}/.cachefs/control")
+            assert result.returncode != 0, f"nobody could write {command!r} to the control file"
+            assert ("Permission denied" in result.stderr
+                    or "Operation not permitted" in result.stderr), result.stderr
+        assert status(mnt)["state"] == "online", "nobody's 'offline' took effect"
+        control(mount.mountpoint, "sync")  # the mounting user still may
+
+
+# -- fuzzed control file -----------------------------------------------------------------
+
+_text_commands = st.one_of(
+    st.tuples(st.sampled_from(VERBS + ["SYNC", "pinn", "", " ", "sync sync"]),
+              st.one_of(st.just(""), st.text(max_size=60),
+                        st.sampled_from([" x.txt", " ../..", " /etc", " .cachefs", " sub/..", " nope",
+                                         " x.txt local", " x.txt bogus", " \x00", "\n", " x.txt\nsync"]))
+              ).map(lambda t: (t[0] + t[1]).encode("utf-8", "surrogatepass")),
+    st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
+)
+_payloads = st.one_of(st.binary(min_size=1, max_size=8192), _text_commands.filter(bool))
+
+
+def _write_control(mnt: Path, payload: bytes) -> int:
+    def write() -> int:
+        fd = os.open(mnt / ".cachefs" / "control", os.O_WRONLY)
+        try:
+            os.write(fd, payload)
+        except OSError as exc:
+            return exc.errno
+        finally:
+            os.close(fd)
+        return 0
+    return run_with_timeout(write, 30, f"control write {payload[:40]!r}")
+
+
+def _is_valid(payload: bytes) -> bool:
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+    if not text or "\n" in text or "\0" in text:
+        return False
+    verb = text.split(" ", 1)[0]
+    return verb in VERBS
+
+
+def test_control_file_fuzzed(mount_factory, share: Path) -> None:
+    (share / "x.txt").write_bytes(b"x")
+    (share / "sub").mkdir()
+    with mount_factory(allowed_errors=[r"control command failed"]) as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        seen = {"ok": 0, "failed": 0}
+
+        @settings(max_examples=200, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(payload=_payloads)
+        def check(payload: bytes) -> None:
+            err = _write_control(mnt, payload)
+            st_ = status(mnt)  # the mount still answers
+            if err == 0:
+                seen["ok"] += 1
+                assert _is_valid(payload), f"{payload[:80]!r} was accepted"
+            else:
+                seen["failed"] += 1
+                assert err in FUZZ_ALLOWED, f"{payload[:80]!r}: errno {errno.errorcode.get(err, err)}"
+                assert st_["last_error"], f"no last_error after {payload[:80]!r} failed: {st_}"
+
+        check()
+        assert seen["failed"] > 50, seen
+        control(mnt, "online")
+        wait_for(lambda: status(mnt)["state"] in ("online", "syncing"), 15, "online again")
+        assert (mnt / "x.txt").read_bytes() == b"x"
+
+
+# -- encrypted cache at rest ------------------------------------------------------------------
+
+def test_encrypted_cache_at_rest(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    """Needs ``--encrypt-cache`` / ``--cache-key-file`` (being added): fails until then."""
+    help_text = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "mount.py"), "--help"],
+                               capture_output=True, text=True, timeout=30).stdout
+    assert "--encrypt-cache" in help_text and "--cache-key-file" in help_text, \
+        "mount.py has no --encrypt-cache / --cache-key-file yet"
+    key = tmp_path / "cache.key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(32))
+    os.chmod(wrong, 0o600)
+    name = "zq-unique-name-8c1f3e.txt"
+    content = b"zq-unique-content-5d9a0b7e " * 100
+    (share / "served-7f2e.txt").write_bytes(b"zq-served-content-41a8 " * 50)
+    with mount_factory("--encrypt-cache", "--cache-key-file", str(key)) as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        write_file(mnt / name, content)
+        sync(mnt)
+        control(mnt, "offline")
+    cache = tmp_path / "cache"
+    needles = [content[:26], name.encode(), b"zq-served-content-41a8", b"served-7f2e"]
+    found = []
+    for folder, _dirs, files in os.walk(cache):
+        for f in files:
+            data = Path(folder, f).read_bytes()
+            found += [f"{needle!r} in {os.path.relpath(os.path.join(folder, f), cache)}"
+                      for needle in needles if needle in data]
+    assert not found, f"plain text in the encrypted cache: {found}"
+
+    text = _start_refused(mount_factory("--encrypt-cache", "--cache-key-file", str(wrong),
+                                        name="mnt2", check_log=False))
+    assert "key" in text.lower(), text[-2000:]
+
+    sshd.stop()
+    with mount_factory("--encrypt-cache", "--cache-key-file", str(key), name="mnt3",
+                       allowed_errors=[r"cannot reach", r"offline"]) as again:
+        assert (again.mountpoint / name).read_bytes() == content
+        assert (again.mountpoint / "served-7f2e.txt").read_bytes() == b"zq-served-content-41a8 " * 50
