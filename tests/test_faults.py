@@ -309,7 +309,10 @@ def test_cache_of_other_schema_refused(mount_factory, share: Path, tmp_path: Pat
 def test_corrupt_index_refused(mount_factory, share: Path, tmp_path: Path, where: str) -> None:
     _prime_cache(mount_factory, share, files=300)
     data_mdb = tmp_path / "cache" / "index" / "data.mdb"
-    size = data_mdb.stat().st_size
+    # The part of the file in use (the store keeps unused space reserved beyond it).
+    env = lmdb.open(str(data_mdb.parent), readonly=True, lock=False, max_dbs=8)
+    size = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    env.close()
     with open(data_mdb, "r+b") as f:
         if where == "start":
             f.write(b"\xde\xad\xbe\xef" * 1024)

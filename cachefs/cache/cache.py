@@ -514,6 +514,9 @@ class Cache:
             self._fetch_errors[key] = RemoteError(errno.EIO, "remote file changed while being read")
         except (Unavailable, RemoteError, OSError) as exc:
             self._fetch_errors[key] = exc
+        except Exception as exc:  # a background task must never end the mount
+            log.exception("fetch of %r failed", path)
+            self._fetch_errors[key] = RemoteError(errno.EIO, f"fetch failed: {exc}")
         finally:
             self._inflight.pop(key, None)
             ev.set()

@@ -76,7 +76,8 @@ class Connectivity:
             raise Unavailable(self.last_error or "remote is offline")
         return await self._run(fn, *args, bulk=bulk)
 
-    async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False) -> T:
+    async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False,
+                   refusals: bool = False) -> T:
         # The backend bounds each call by its timeout; for short calls the trio deadline
         # is a second line of defence (the thread is then abandoned, and ends when its
         # socket times out). Waiting for a free slot does not count against it.
@@ -90,6 +91,13 @@ class Connectivity:
             raise Unavailable(self.last_error) from None
         except RemoteUnreachable as exc:
             self.report_failure(str(exc) or type(exc).__name__)
+            raise Unavailable(self.last_error) from exc
+        except RemoteRefused as exc:
+            if refusals:  # connecting: the caller decides (a mount refuses to start)
+                raise
+            # A refusal while reconnecting under way (a server restarting, a key removed):
+            # offline, and the probe keeps trying and reports it.
+            self.report_failure(str(exc))
             raise Unavailable(self.last_error) from exc
 
     def report_failure(self, reason: str) -> None:
@@ -125,7 +133,7 @@ class Connectivity:
         """Connect at mount time. ``RemoteRefused`` propagates (the mount must fail);
         a network failure leaves the state offline for the probe to retry."""
         try:
-            await self._run(self.remote.connect)
+            await self._run(self.remote.connect, refusals=True)
         except Unavailable:
             return
         self._set_online()
@@ -137,7 +145,7 @@ class Connectivity:
         if self.state is State.WORK_OFFLINE:
             return False
         try:
-            await self._run(self.remote.connect)
+            await self._run(self.remote.connect, refusals=True)
         except Unavailable:
             return False
         except RemoteRefused as exc:
@@ -170,7 +178,7 @@ class Connectivity:
                 self._wake_probe = trio.Event()
                 continue
             try:
-                await self._run(self.remote.connect)
+                await self._run(self.remote.connect, refusals=True)
             except Unavailable:
                 pass
             except RemoteRefused as exc:

@@ -130,15 +130,18 @@ class SyncManager:
             self._wake = trio.Event()
             if not self.conn.online:
                 continue
-            if scheduled:
-                try:
+            try:
+                if scheduled:
                     await self.full_pass()
-                except SyncFailed as exc:
-                    log.info("scheduled sync incomplete: %s", exc)
-                continue
-            await trio.sleep(self.writeback_delay)  # let a burst of changes settle
-            if self.pending():
-                await self.reintegrate()
+                    continue
+                await trio.sleep(self.writeback_delay)  # let a burst of changes settle
+                if self.pending():
+                    await self.reintegrate()
+            except SyncFailed as exc:
+                log.info("scheduled sync incomplete: %s", exc)
+            except Exception:  # write-back must go on; the journal keeps the work
+                log.exception("reconciliation pass failed")
+                await trio.sleep(self.writeback_delay * 10)
 
     async def full_pass(self) -> None:
         """Replay the journal and refresh pinned trees; ``SyncFailed`` if incomplete."""
