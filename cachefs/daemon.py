@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -27,6 +28,7 @@ from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
 from .remote import ConnectOptions, RemoteRefused, open_remote
+from .remote.fetch import FetchPool
 from .sync.connectivity import Connectivity
 from .sync.manager import SyncManager
 
@@ -97,8 +99,10 @@ def run(config: MountConfig) -> int:
     pid = os.fork()
     if pid:  # the parent reports the outcome and leaves
         os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
+        # One message (written in one go, so it arrives whole); not "until EOF": the
+        # daemon's fetch processes may hold the pipe open too.
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            message = pipe.read(4096).decode(errors="replace")
         if message.startswith("ok"):
             return 0
         if not message:
@@ -144,20 +148,31 @@ def _serve(config: MountConfig, ready: int | None) -> int:
         elif not message.startswith("ok"):
             print(f"cachefs: {message}", file=sys.stderr)
 
+    fetch_pool = None
+    if config.address.scheme == "sftp" and config.connect.connections > 1:
+        # Large reads go to processes of their own (paramiko is GIL-bound in threads),
+        # forked now, while this process has a single thread and nothing open.
+        fetch_pool = FetchPool(config.address, config.connect, config.cache_key,
+                               config.connect.connections - 1)
+        fetch_pool.start()
     try:
-        return trio.run(_main, config, report)
+        return trio.run(_main, config, report, fetch_pool)
     except MountError as exc:
         log.error("%s", exc)
         report(str(exc))
         return 1
+    finally:
+        if fetch_pool is not None:
+            fetch_pool.close()
 
 
-async def _main(config: MountConfig, report) -> int:
+async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None) -> int:
     try:
         store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
     except StoreError as exc:
         raise MountError(str(exc)) from exc
     remote = open_remote(config.address, config.connect)
+    closers: list = []
     try:
         conn = Connectivity(remote, heartbeat=config.heartbeat)
         try:
@@ -177,6 +192,9 @@ async def _main(config: MountConfig, report) -> int:
         kernel = KernelNotifier()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout), kernel)
+        if fetch_pool is not None:
+            cache.fetcher = partial(fetch_pool.fetch, remote, store.content)
+            cache.batch_fetcher = partial(fetch_pool.fetch_many, remote, store.content)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
         controls = Control(cache, sync, config.mountpoint, config.cache_dir)
@@ -192,6 +210,9 @@ async def _main(config: MountConfig, report) -> int:
             async with trio.open_nursery() as nursery:
                 kernel.nursery = nursery
                 await nursery.start(cache.run)
+                if fetch_pool is not None and conn.online:
+                    nursery.start_soon(partial(trio.to_thread.run_sync, fetch_pool.warm,
+                                               abandon_on_cancel=True))
                 nursery.start_soon(conn.run)
                 nursery.start_soon(sync.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
@@ -204,6 +225,8 @@ async def _main(config: MountConfig, report) -> int:
         log.info("unmounted %s", config.mountpoint)
         return 0
     finally:
+        for close in closers:
+            close()
         remote.close()
         store.close()
 

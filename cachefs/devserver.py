@@ -148,7 +148,9 @@ class SshServer:
             "PrintMotd no",
             "MaxStartups 100",
             "MaxSessions 100",
-            f"Subsystem sftp {self._sftp_server}",
+            # internal-sftp: served inside sshd, without starting the user's login shell
+            # (whose start-up files can be slow or hang, and are none of a test's business).
+            "Subsystem sftp internal-sftp",
             "LogLevel ERROR",
         ]
         self.config.write_text("\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ from .cache import cache as cache_mod
 from .cache.cache import Cache, OpenFile
 from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node
 from .control import Control
-from .errors import OFFLINE_ERRNO, CacheError, RemoteError, Unavailable
+from .errors import OFFLINE_ERRNO, CacheError, NotFound, RemoteError, Unavailable
 from .control import CommandError
 from .sync.manager import SyncFailed
 
@@ -169,7 +169,15 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOENT)
             attrs = self._virtual_attrs(ino)
         else:
-            attrs = self._attrs(await self.cache.lookup(parent_inode, name))
+            try:
+                attrs = self._attrs(await self.cache.lookup(parent_inode, name))
+            except NotFound:
+                # A negative entry the kernel may keep for the attribute timeout: programs
+                # (git, compilers, shells) look up many names that do not exist.
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = self.attr_timeout
+                return negative
         self._count_lookup(attrs.st_ino)
         return attrs
 

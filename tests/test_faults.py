@@ -448,7 +448,7 @@ def sshd_without_dac_override(tmp_path: Path, share: Path) -> Iterator[SshServer
     for line in server.config.read_text().splitlines():
         if line.startswith("Subsystem sftp "):
             line = ("Subsystem sftp /usr/bin/setpriv --bounding-set -dac_override,-dac_read_search "
-                    "-- " + line.split(" ", 2)[2])
+                    "-- " + server._sftp_server)
         lines.append(line)
     server.config.write_text("\n".join(lines) + "\n")
     server.start()

@@ -22,6 +22,7 @@ import stat as stat_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import lmdb
 import trio
@@ -29,6 +30,7 @@ import trio
 from ..errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
                       NotFound, PermissionDenied, RemoteError, Unavailable)
 from ..remote.base import join as _join
+from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into
 from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
@@ -38,6 +40,9 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 
 log = logging.getLogger(__name__)
 
+SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
+PREFETCH_FILES = 2000  # at most this many files ...
+PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
 WILLNEED_AHEAD = 32 << 20  # bytes of the content file the kernel is asked to read ahead
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
 
@@ -46,7 +51,7 @@ CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to 
 class CacheConfig:
     attr_timeout: float = 3.0  # seconds before open() revalidates attributes
     dir_timeout: float = 3.0  # seconds before a listing is fetched again
-    chunk_size: int = 2 << 20  # unit of content fetches
+    chunk_size: int = 4 << 20  # unit of content fetches
     readahead: int = 8  # chunks fetched ahead of a sequential reader
     checkpoint_interval: float = 1.0
 
@@ -94,6 +99,13 @@ class Cache:
         #: called after each checkpoint (the hoard's cache-size limit)
         self.after_checkpoint: Callable[[], None] = lambda: None
         self._usage = store.usage()  # content bytes in the cache, kept as a running count
+        #: blocking (expected version, path, content path, offset, length) -> bytes fetched;
+        #: in a worker thread, or handed on to a worker process (see ``remote.fetch``)
+        self.fetcher: Callable[..., int] = partial(fetch_into, self.remote, store.content)
+        #: blocking [(expected, path, content path, size)] -> [bytes fetched or None]
+        self.batch_fetcher: Callable[..., list] = partial(fetch_many_into, self.remote, store.content)
+        self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
+        self._prefetched: set[int] = set()  # folders whose small files were prefetched
         self._last_use: dict[int, float] = {}
 
     # -- life cycle --------------------------------------------------------------------
@@ -230,6 +242,8 @@ class Cache:
         self._listed_at[ino] = now
         for child in self.store.children(ino):
             self._checked_at[child.ino] = now
+        self._prefetched.discard(ino)
+        self._small_reads.pop(ino, None)
         for node in delta.changed:
             self._stale(node.ino)
         for node in delta.removed:
@@ -416,7 +430,8 @@ class Cache:
             rs = self._ranges[ino] = self.store.get_ranges(ino)
         return rs
 
-    async def _ensure_present(self, node: Node, start: int, end: int, readahead: bool = True) -> None:
+    async def _ensure_present(self, node: Node, start: int, end: int, readahead: bool = True,
+                              retry: bool = True) -> None:
         ino = node.ino
         known = self._known_ranges(ino)
         chunk = self.config.chunk_size
@@ -439,6 +454,8 @@ class Cache:
                 raise exc
         if not self.conn.online:
             raise Unavailable("content not cached")
+        if retry:  # a prefetch that could not bring it: fetch it the ordinary way
+            return await self._ensure_present(node, start, end, readahead, retry=False)
         # The remote file is shorter than we were told: it changed under us.
         self._checked_at.pop(ino, None)
         raise RemoteError(errno.EIO, "remote file changed while being read")
@@ -493,9 +510,14 @@ class Cache:
         key = (ino, idx)
         try:
             for gap_start, gap_end in rangeset.missing(self._known_ranges(ino), cstart, cend):
-                got = await self.conn.call(_fetch_into, self.remote, self.store.content, node.base, path,
-                                           self.store.content_path(ino), gap_start, gap_end - gap_start,
-                                           bulk=True)
+                if gap_start == 0 and gap_end == node.size <= SMALL_FILE:
+                    # A small file whole: two round trips in this process beat a hop to a
+                    # fetch process.
+                    got = await self.conn.call(fetch_small_into, self.remote, self.store.content,
+                                               node.base, path, self.store.content_path(ino), node.size)
+                else:
+                    got = await self.conn.call(self.fetcher, node.base, path, self.store.content_path(ino),
+                                               gap_start, gap_end - gap_start, bulk=True)
                 if self.store.get(ino) is None:
                     self.store.remove_content_file(ino)
                     return  # the node went away meanwhile
@@ -505,6 +527,8 @@ class Cache:
                     self._usage += got
                 if got < gap_end - gap_start:
                     break
+            if cstart == 0 and node.size <= SMALL_FILE:
+                self._note_small_read(node.parent)
         except RemoteChanged:
             # The remote file changed under the fetch: what we have of it may mix two
             # versions. Drop it all; the next open sees the new version.
@@ -519,6 +543,61 @@ class Cache:
             self._fetch_errors[key] = RemoteError(errno.EIO, f"fetch failed: {exc}")
         finally:
             self._inflight.pop(key, None)
+            ev.set()
+
+    # -- prefetching a folder's small files ------------------------------------------------
+    def _note_small_read(self, folder: int) -> None:
+        """A second small file read whole in a folder looks like a program going through
+        its files (a build, grep -r, tar): fetch the rest of its small files at once."""
+        count = self._small_reads[folder] = self._small_reads.get(folder, 0) + 1
+        if count == 2 and folder not in self._prefetched and self._nursery is not None:
+            self._prefetched.add(folder)
+            self._nursery.start_soon(self._prefetch_folder, folder)
+
+    async def _prefetch_folder(self, folder: int) -> None:
+        try:
+            folder_path = self.store.path_of(folder)
+        except KeyError:
+            return
+        chosen: list[Node] = []
+        total = 0
+        for child in self.store.children(folder):
+            if not child.is_file or not 0 < child.size <= SMALL_FILE or child.flags & (FULL | DIRTY):
+                continue
+            if (child.ino, 0) in self._inflight or child.ino in self._ranges or self.store.get_ranges(child.ino):
+                continue
+            chosen.append(child)
+            total += child.size
+            if len(chosen) >= PREFETCH_FILES or total >= PREFETCH_BYTES:
+                break
+        if not chosen:
+            return
+        lanes = max(1, int(self.conn.bulk_limiter.total_tokens))
+        size = max(1, min(200, -(-len(chosen) // lanes)))
+        for i in range(0, len(chosen), size):
+            batch = chosen[i:i + size]
+            events = []
+            for child in batch:
+                ev = self._inflight[(child.ino, 0)] = trio.Event()
+                events.append(ev)
+            self._nursery.start_soon(self._fetch_batch, folder_path, batch, events)
+
+    async def _fetch_batch(self, folder_path: bytes, batch: list[Node], events: list[trio.Event]) -> None:
+        items = [(n.base, _join(folder_path, n.name), self.store.content_path(n.ino), n.size) for n in batch]
+        try:
+            results = await self.conn.call(self.batch_fetcher, items, bulk=True)
+        except Exception as exc:  # noqa: BLE001 - a prefetch only helps; readers fetch themselves
+            log.debug("prefetch in %r failed: %s", folder_path, exc)
+            results = [None] * len(batch)
+        finally:
+            for node, ev in zip(batch, events):
+                self._inflight.pop((node.ino, 0), None)
+        for node, got in zip(batch, results):
+            if got and self.store.get(node.ino) is not None:
+                self._ranges[node.ino] = rangeset.add(self._known_ranges(node.ino), 0, got)
+                self._unsaved.add(node.ino)
+                self._usage += got
+        for ev in events:
             ev.set()
 
     # -- changes: each updates the cache and appends to the journal in one transaction --
@@ -961,29 +1040,6 @@ def _decrement(table: dict[int, int], key: int) -> None:
         table[key] = count
     else:
         table.pop(key, None)
-
-
-class RemoteChanged(Exception):
-    """The remote file's version changed while its content was being fetched."""
-
-
-def _fetch_into(remote: Remote, content, expected: tuple[int, int, int] | None, path: bytes,
-                content_path: str, offset: int, length: int) -> int:
-    """Worker thread: read a range from the remote into the content file; bytes written.
-
-    The remote version is checked after the read, so bytes of a file rewritten meanwhile
-    are never stored as part of the version the cache believes it has."""
-    data = remote.read(path, offset, length)
-    if expected is not None and remote.stat(path).version() != expected:
-        raise RemoteChanged(path)
-    if not data:
-        return 0
-    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        content.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-    return len(data)
 
 
 def _fdatasync_all(paths: list[str]) -> None:

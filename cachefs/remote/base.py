@@ -130,6 +130,18 @@ class Remote(ABC):
         Backends pipeline large reads (several requests in flight).
         """
 
+    def read_many(self, items: list[tuple[bytes, int]]) -> list:
+        """Several small files whole, for prefetching: for each (path, size) either
+        (content, RemoteStat as read) or a ``RemoteError``. Backends that can pipeline
+        requests do it in a few round trips for the lot."""
+        out: list = []
+        for path, size in items:
+            try:
+                out.append((self.read(path, 0, max(1, size)), self.stat(path)))
+            except RemoteError as exc:
+                out.append(exc)
+        return out
+
     @abstractmethod
     def statvfs(self) -> SpaceInfo:
         """Space on the share (a plausible fixed answer when the protocol cannot tell)."""

@@ -50,6 +50,7 @@ from paramiko.sftp import (
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSTAT,
     CMD_HANDLE,
     CMD_INIT,
     CMD_LSTAT,
@@ -243,6 +244,64 @@ class _SftpSession(paramiko.SFTPClient):
             return self._read_pipelined(handle, offset, length, request_size)
         finally:
             self._request(CMD_CLOSE, handle)
+
+    def read_small_files(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, SFTPAttributes] | _StatusError]:
+        """Whole small files in two round trips for the lot: every OPEN is sent at once,
+        then for each handle a READ, an FSTAT and a CLOSE. Per file: (content, attributes
+        when read) or the error the server gave."""
+        collector = _Collector()
+        opens = {self._async_request(collector, CMD_OPEN, path, SFTP_FLAG_READ, SFTPAttributes()): i
+                 for i, (path, _size) in enumerate(items)}
+        results: list = [None] * len(items)
+        handles: dict[int, bytes] = {}
+        self._collect(collector, len(opens))
+        for num, (t, msg) in collector.replies.items():
+            i = opens[num]
+            if t == CMD_HANDLE:
+                handles[i] = msg.get_binary()
+            else:
+                results[i] = self._status_error(t, msg)
+        collector.replies.clear()
+        reads, stats = {}, {}
+        for i, handle in handles.items():
+            size = max(1, items[i][1])
+            reads[self._async_request(collector, CMD_READ, handle, int64(0), size)] = i
+            stats[self._async_request(collector, CMD_FSTAT, handle)] = i
+            self._async_request(collector, CMD_CLOSE, handle)
+        self._collect(collector, 3 * len(handles))
+        data: dict[int, bytes] = {}
+        attrs: dict[int, SFTPAttributes] = {}
+        for num, (t, msg) in collector.replies.items():
+            if num in reads:
+                i = reads[num]
+                if t == CMD_DATA:
+                    data[i] = bytes(msg.get_string())
+                else:
+                    error = self._status_error(t, msg)
+                    if error.code == SFTP_EOF:
+                        data[i] = b""  # an empty file
+                    else:
+                        results[i] = error
+            elif num in stats and t == CMD_ATTRS:
+                attrs[stats[num]] = SFTPAttributes._from_msg(msg)
+        for i in handles:
+            if results[i] is None:
+                if i in data and i in attrs:
+                    results[i] = (data[i], attrs[i])
+                else:
+                    results[i] = _StatusError(SFTP_FAILURE, "incomplete reply")
+        return results
+
+    def _collect(self, collector: "_Collector", count: int) -> None:
+        while len(collector.replies) < count:
+            self._read_response()
+
+    @staticmethod
+    def _status_error(t: int, msg: Message) -> "_StatusError":
+        if t != CMD_STATUS:
+            return _StatusError(SFTP_FAILURE, "unexpected reply")
+        code = msg.get_int()
+        return _StatusError(code, msg.get_string().decode("utf-8", "replace"))
 
     def _read_pipelined(self, handle: bytes, offset: int, length: int, request_size: int) -> bytes:
         collector = _Collector()
@@ -833,6 +892,14 @@ class SftpRemote(Remote):
             return b""
         size = self._read_size
         return self._run("read", lambda sftp: sftp.read_range(full, offset, length, size), retry=True)
+
+    def read_many(self, items: list[tuple[bytes, int]]) -> list:
+        """Small whole files at once; per file (content, RemoteStat) or a RemoteError."""
+        self._ensure_root()
+        full = [(self._path(path), size) for path, size in items]
+        raw = self._run("read_many", lambda sftp: sftp.read_small_files(full))
+        return [RemoteError(r.errno or errno.EIO, str(r)) if isinstance(r, Exception)
+                else (r[0], _to_stat(r[1])) for r in raw]
 
     def statvfs(self) -> SpaceInfo:
         self._ensure_root()

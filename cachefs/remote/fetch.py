@@ -1,0 +1,198 @@
+"""Fetching content into the cache's files, in worker threads or worker processes.
+
+Owns: the one blocking function that reads a byte range from the remote and writes it
+into a content file (``fetch_into``), and ``FetchPool``, a small pool of processes that
+run it with SSH connections of their own. paramiko does its cryptography in Python
+threads under the GIL, so one process tops out near 130 MB/s however many threads it
+has; several processes read a large file at the speed of the link.
+Must not touch: the index (the caller records what was fetched), trio, FUSE.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from .base import Remote, RemoteUnreachable
+
+log = logging.getLogger(__name__)
+
+
+class RemoteChanged(Exception):
+    """The remote file's version changed while its content was being fetched."""
+
+
+def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None, path: bytes,
+               content_path: str, offset: int, length: int) -> int:
+    """Read a range from the remote into the content file; the bytes written.
+
+    The remote version is checked after the read, so bytes of a file rewritten meanwhile
+    are never stored as part of the version the cache believes it has."""
+    data = remote.read(path, offset, length)
+    if expected is not None and remote.stat(path).version() != expected:
+        raise RemoteChanged(path)
+    if not data:
+        return 0
+    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        content.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def fetch_small_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None,
+                     path: bytes, content_path: str, size: int) -> int:
+    """A small file whole in two round trips (``read_many`` of one); the bytes written."""
+    answer = remote.read_many([(path, size)])[0]
+    if isinstance(answer, Exception):
+        raise answer
+    data, rstat = answer
+    if expected is not None and rstat.version() != expected:
+        raise RemoteChanged(path)
+    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if data:
+            content.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def fetch_many_into(remote: Remote, content: Any, items: list[tuple[Any, bytes, str, int]]) -> list[int | None]:
+    """Small whole files at once (prefetching a folder): for each (expected version,
+    path, content path, size) the bytes written, or None when it could not be had as
+    that version (changed, gone, refused): the reader then fetches it the ordinary way."""
+    answers = remote.read_many([(path, size) for _exp, path, _cp, size in items])
+    out: list[int | None] = []
+    for (expected, _path, content_path, size), answer in zip(items, answers):
+        if isinstance(answer, Exception) or (expected is not None and answer[1].version() != expected):
+            out.append(None)
+            continue
+        data = answer[0]
+        fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if data:
+                content.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+        out.append(len(data))
+    return out
+
+
+# -- worker processes ---------------------------------------------------------------------------
+_worker: tuple[Remote, Any] | None = None
+
+
+def _die_with_parent() -> None:
+    """Linux: end this process when the mount process ends, even by kill -9 (a worker
+    forked with the pipe's both ends would otherwise wait for work forever)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent is already gone
+            os._exit(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(address: Any, options: Any, key: bytes | None) -> None:
+    from ..cache import crypto
+    from . import open_remote
+
+    global _worker
+    _die_with_parent()
+    remote = open_remote(address, options)
+    _worker = (remote, crypto.SealedContent(key) if key else crypto.PlainContent())
+
+
+def _run_in_worker(expected, path: bytes, content_path: str, offset: int, length: int) -> int:
+    assert _worker is not None
+    remote, content = _worker
+    return fetch_into(remote, content, expected, path, content_path, offset, length)
+
+
+def _run_many_in_worker(items) -> list[int | None]:
+    assert _worker is not None
+    remote, content = _worker
+    return fetch_many_into(remote, content, items)
+
+
+def _noop() -> None:
+    pass
+
+
+def _ping() -> None:
+    assert _worker is not None
+    _worker[0].ping()
+
+
+class FetchPool:
+    """Processes that fetch content, each with one SSH connection (opened on first use)."""
+
+    def __init__(self, address: Any, options: Any, key: bytes | None, processes: int) -> None:
+        from dataclasses import replace
+
+        self._args = (address, replace(options, connections=1), key)
+        self.processes = max(1, processes)
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Fork the processes now. Call it while the caller has one thread and no open
+        index or connection (before trio starts): the children inherit nothing shared."""
+        self._pool("fork")
+        futures = [self._executor.submit(_noop) for _ in range(self.processes)]
+        concurrent.futures.wait(futures, timeout=30)
+
+    def _pool(self, method: str = "spawn") -> concurrent.futures.ProcessPoolExecutor:
+        if self._executor is None:
+            # Started later (after a broken pool): spawn, a fresh interpreter, since the
+            # caller has threads by then.
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context(method),
+                initializer=_init_worker, initargs=self._args)
+        return self._executor
+
+    def warm(self) -> None:
+        """Blocking: start the processes and their SSH connections ahead of the first read
+        (a cold read should not wait for interpreters to start)."""
+        try:
+            pool = self._pool()
+            for future in [pool.submit(_ping) for _ in range(self.processes)]:
+                future.result()
+        except Exception as exc:  # offline now: they connect on first use instead
+            log.debug("fetch processes not warmed: %s", exc)
+
+    def fetch(self, remote: Remote, content: Any, expected, path: bytes, content_path: str,
+              offset: int, length: int) -> int:
+        """Blocking (run it in a worker thread): ``fetch_into`` in a worker process."""
+        try:
+            return self._pool().submit(_run_in_worker, expected, path, content_path,
+                                       offset, length).result()
+        except BrokenProcessPool as exc:
+            log.warning("a fetch process died (%s): starting new ones", exc)
+            self.close()
+            raise RemoteUnreachable("fetch process died") from exc
+
+    def fetch_many(self, remote: Remote, content: Any, items) -> list[int | None]:
+        """Blocking: ``fetch_many_into`` in a worker process."""
+        try:
+            return self._pool().submit(_run_many_in_worker, items).result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise RemoteUnreachable("fetch process died") from exc
+
+    def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            processes = list(getattr(executor, "_processes", {}).values())
+            executor.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
