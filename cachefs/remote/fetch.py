@@ -192,7 +192,9 @@ class FetchPool:
     def close(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
-            processes = list(getattr(executor, "_processes", {}).values())
-            executor.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
+            # Stop the workers first (a fetch under way is abandoned: its chunk is simply
+            # not recorded), then let the executor's own thread see them gone and end, so
+            # that nothing of it is left for the interpreter's exit.
+            for process in list(getattr(executor, "_processes", {}).values()):
                 process.terminate()
+            executor.shutdown(wait=True, cancel_futures=True)
