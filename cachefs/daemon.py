@@ -197,6 +197,9 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
             cache.batch_fetcher = partial(fetch_pool.fetch_many, remote, store.content)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
+        if fetch_pool is not None:
+            sync.uploader = partial(fetch_pool.upload, remote, store.content)
+            sync.replayer = partial(fetch_pool.replay_upload, remote, store.content)
         controls = Control(cache, sync, config.mountpoint, config.cache_dir)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
         try:

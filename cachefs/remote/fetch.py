@@ -26,6 +26,26 @@ class RemoteChanged(Exception):
     """The remote file's version changed while its content was being fetched."""
 
 
+class LocalGone(Exception):
+    """The node's content file was removed (the node deleted here) before its upload."""
+
+
+def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_path: str, mode: int,
+                temp: bytes, atime_ns: int, mtime_ns: int):
+    """Atomic upload of a content file with its mode and times; the new remote version.
+
+    The content file is opened here and the upload reads that descriptor, so a deletion
+    of the node during the upload cannot pull the file away half way."""
+    try:
+        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LocalGone(content_path) from None
+    try:
+        return remote.upload(path, lambda: content.reader(fd, size), mode, temp, (atime_ns, mtime_ns))
+    finally:
+        os.close(fd)
+
+
 def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None, path: bytes,
                content_path: str, offset: int, length: int) -> int:
     """Read a range from the remote into the content file; the bytes written.
@@ -119,6 +139,40 @@ def _run_in_worker(expected, path: bytes, content_path: str, offset: int, length
     return fetch_into(remote, content, expected, path, content_path, offset, length)
 
 
+def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *args: Any):
+    """Replay of a content change in one job: look at the remote, and upload only when it
+    is as expected (absent for a file created here, at ``base`` for a changed one).
+    ("uploaded", new version), or ("changed", what is there) / ("gone", None) for the
+    caller to settle (a conflict, a re-created file)."""
+    import errno as _errno
+
+    from .base import RemoteError
+
+    try:
+        current = remote.stat(args[1])
+    except RemoteError as exc:
+        if exc.errno not in (_errno.ENOENT, _errno.ENOTDIR):
+            raise
+        current = None
+    if current is not None and (created or current.version() != base):
+        return ("changed", current)
+    if current is None and not created and base is not None:
+        return ("gone", None)
+    return ("uploaded", upload_file(remote, content, *args))
+
+
+def _replay_in_worker(*args) -> Any:
+    assert _worker is not None
+    remote, content = _worker
+    return upload_unless_changed(remote, content, *args)
+
+
+def _upload_in_worker(*args) -> Any:
+    assert _worker is not None
+    remote, content = _worker
+    return upload_file(remote, content, *args)
+
+
 def _run_many_in_worker(items) -> list[int | None]:
     assert _worker is not None
     remote, content = _worker
@@ -180,6 +234,22 @@ class FetchPool:
             log.warning("a fetch process died (%s): starting new ones", exc)
             self.close()
             raise RemoteUnreachable("fetch process died") from exc
+
+    def replay_upload(self, remote: Remote, content: Any, *args: Any) -> Any:
+        """Blocking: ``upload_unless_changed`` in a worker process."""
+        try:
+            return self._pool().submit(_replay_in_worker, *args).result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise RemoteUnreachable("transfer process died") from exc
+
+    def upload(self, remote: Remote, content: Any, *args: Any) -> Any:
+        """Blocking: ``upload_file`` in a worker process."""
+        try:
+            return self._pool().submit(_upload_in_worker, *args).result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise RemoteUnreachable("transfer process died") from exc
 
     def fetch_many(self, remote: Remote, content: Any, items) -> list[int | None]:
         """Blocking: ``fetch_many_into`` in a worker process."""

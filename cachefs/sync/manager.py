@@ -29,6 +29,7 @@ import stat as stat_mod
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 import lmdb
 import trio
@@ -39,6 +40,7 @@ from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store
 from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import join
 from .connectivity import Connectivity, Unavailable
+from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, optimise
 from .journal import key as journal_key
 
@@ -99,6 +101,10 @@ class SyncManager:
         self.remote: Remote = conn.remote
         self.writeback_delay = writeback_delay
         self.parallel = parallel  # independent operations replayed at once
+        #: blocking (size, path, content path, mode, temp name, atime, mtime) -> RemoteStat;
+        #: in a worker thread, or handed on to a worker process (see ``remote.fetch``)
+        self.uploader = partial(upload_file, self.remote, store.content)
+        self.replayer = partial(upload_unless_changed, self.remote, store.content)
         self.interval = interval
         self.flush_timeout = flush_timeout
         self.host = socket.gethostname().split(".")[0] or "host"
@@ -369,10 +375,8 @@ class SyncManager:
         return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
 
     async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
-        name = path.rsplit(b"/", 1)[-1]
-        temp = b"." + name[:200] + b".cachefs-tmp-" + str(seq).encode()  # beside the target
-        return await self.conn.call(_upload_file, self.remote, self.store.content, node.size,
-                                    path, self.store.content_path(node.ino),
+        temp = _temp_name(path, seq)
+        return await self.conn.call(self.uploader, node.size, path, self.store.content_path(node.ino),
                                     stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns,
                                     bulk=True)
 
@@ -400,15 +404,36 @@ class SyncManager:
             self._finish(op)  # an earlier operation already uploaded this content
             return 0
         gen = node.gen
-        remote = await self._stat(op.path)
         conflict = None
+        # Was an upload of this entry started before (a crash or a cut connection since)?
+        resumed = self.store.upload_started(op.seq)
+        # The common case in one job: the remote is as expected, upload.
+        self.store.transact(lambda t: t.mark_upload(op.seq))
+        try:
+            outcome, found = await self.conn.call(
+                self.replayer, created, node.base, node.size, op.path,
+                self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
+                _temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, bulk=True)
+        except LocalGone:
+            if created:
+                self._gone.add(op.ino)
+            self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
+            return 0
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            outcome, found = "gone", None  # a folder above is missing: the slow path
+        if outcome == "uploaded":
+            self._finish(op, self._agree(op.ino, found, gen))
+            return node.size
+        remote = found if outcome == "changed" else await self._stat(op.path)
         if remote is None:
             if not created and node.base is not None:
                 conflict = self._record(op, "deleted-remote-changed-local")
         elif created or remote.version() != node.base:
             # ``ours``: this very upload was under way when a crash or a cut connection
             # stopped it, and it had landed (its size and our mtime are there).
-            ours = self.store.upload_started(op.seq) and stat_mod.S_ISREG(remote.mode) \
+            ours = resumed and stat_mod.S_ISREG(remote.mode) \
                 and remote.size == node.size and _same_second(remote.mtime_ns, node.mtime_ns)
             if ours or await self._same_content(node, op.path, remote):
                 self._finish(op, self._agree(op.ino, remote, gen))
@@ -674,8 +699,9 @@ def _batches(ops: list[Op], width: int):
         yield batch
 
 
-class LocalGone(Exception):
-    """The node's content file was removed (the node deleted here) before its upload."""
+def _temp_name(path: bytes, seq: int) -> bytes:
+    """The upload's temporary name, beside its target."""
+    return b"." + path.rsplit(b"/", 1)[-1][:200] + b".cachefs-tmp-" + str(seq).encode()
 
 
 def _read_content(content, content_path: str, size: int) -> bytes:
@@ -683,22 +709,6 @@ def _read_content(content, content_path: str, size: int) -> bytes:
     try:
         with content.reader(fd, size) as stream:
             return stream.read(size)
-    finally:
-        os.close(fd)
-
-
-def _upload_file(remote: Remote, content, size: int, path: bytes, content_path: str, mode: int,
-                 temp: bytes, atime_ns: int, mtime_ns: int) -> RemoteStat:
-    """Worker thread: atomic upload, then the local times, then the new remote version.
-
-    The content file is opened here and the upload reads that descriptor, so a deletion
-    of the node during the upload cannot pull the file away half way."""
-    try:
-        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise LocalGone(content_path) from None
-    try:
-        return remote.upload(path, lambda: content.reader(fd, size), mode, temp, (atime_ns, mtime_ns))
     finally:
         os.close(fd)
 
