@@ -68,6 +68,15 @@ def setup_logging(verbose: bool, logfile: Path | None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("paramiko.transport").addFilter(_expected_disconnects)
+
+
+def _expected_disconnects(record: logging.LogRecord) -> bool:
+    """paramiko logs a dropped connection as an ERROR; for cachefs it is an outage it
+    handles (offline, then the probe), so it is told as a warning."""
+    if record.levelno >= logging.ERROR and str(record.msg).startswith(("Socket exception", "EOF in transport")):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def check_mountpoint(path: Path) -> None:

@@ -207,7 +207,7 @@ class Operations(pyfuse3.Operations):
             for name, ino in sorted(control.NAMES.items()):
                 entries.append((name, functools.partial(self._virtual_attrs, ino)))
         else:
-            nodes = await self.cache.listdir(inode)
+            nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
             if inode == ROOT_INO:
                 entries.append((cache_mod.CONTROL_NAME, functools.partial(self._virtual_attrs, control.DIR_INO)))
             entries.extend((n.name, functools.partial(self._attrs, n)) for n in nodes)

@@ -27,7 +27,7 @@ from functools import partial
 import lmdb
 import trio
 
-from ..errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
+from ..errors import (CacheError, Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
                       NotFound, PermissionDenied, RemoteError, Unavailable)
 from ..remote.base import join as _join
 from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into
@@ -40,6 +40,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 
 log = logging.getLogger(__name__)
 
+SUBFOLDER_PREFETCH = 64  # subfolders listed ahead when a folder is read
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
@@ -105,6 +106,8 @@ class Cache:
         #: blocking [(expected, path, content path, size)] -> [bytes fetched or None]
         self.batch_fetcher: Callable[..., list] = partial(fetch_many_into, self.remote, store.content)
         self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
+        self._prefetching: set[int] = set()  # folders being listed ahead of a reader
+        self._listing_slots = trio.CapacityLimiter(max(1, int(conn.limiter.total_tokens) - 1))
         self._prefetched: set[int] = set()  # folders whose small files were prefetched
         self._last_use: dict[int, float] = {}
 
@@ -182,14 +185,33 @@ class Cache:
             raise NotFound()
         return child
 
-    async def listdir(self, ino: int, refresh: bool = False) -> list[Node]:
+    async def listdir(self, ino: int, refresh: bool = False,
+                      prefetch_subfolders: bool = False) -> list[Node]:
         node = self.node(ino)
         if not node.is_dir:
             raise NotADirectory()
         if refresh and self.conn.online:
             self._listed_at.pop(ino, None)
         await self._ensure_listing(node)
-        return self.store.children(ino)
+        children = self.store.children(ino)
+        if prefetch_subfolders and self.conn.online and self._nursery is not None:
+            # A program reading a folder (ls -R, find, du, a build) usually goes on into
+            # its subfolders: list the stale ones now, side by side, in the background.
+            stale = [c for c in children if c.is_dir and c.ino not in self._prefetching
+                     and not self._fresh(self._listed_at, c.ino, self.config.dir_timeout)]
+            for child in stale[:SUBFOLDER_PREFETCH]:
+                self._prefetching.add(child.ino)
+                self._nursery.start_soon(self._prefetch_listing, child)
+        return children
+
+    async def _prefetch_listing(self, node: Node) -> None:
+        try:
+            async with self._listing_slots:
+                await self._ensure_listing(node)
+        except (Unavailable, RemoteError, NotFound, CacheError):
+            pass  # only a head start: the real lookup reports its own error
+        finally:
+            self._prefetching.discard(node.ino)
 
     async def _ensure_listing(self, node: Node) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout."""
