@@ -50,7 +50,8 @@ from cachefs.devserver import SshServer  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = MiB
-PEERS = ("cachefs", "sshfs", "rclone", "share")
+PEERS = ("cachefs", "sshfs", "rclone", "share", "cachefs-enc")
+# cachefs-enc: cachefs with --encrypt-cache, to show what encryption at rest costs.
 WORKLOADS = ("paramiko", "seqread", "seqwrite", "tree", "smallread", "create", "git",
              "statloop", "offline", "rss")
 MOUNT_TIMEOUT = 30.0
@@ -251,10 +252,11 @@ class Mount:
     def command(self) -> list[str]:
         b = self.bench
         srv = b.server
-        if self.peer == "cachefs":
+        if self.peer in ("cachefs", "cachefs-enc"):
+            extra = ["--encrypt-cache"] if self.peer == "cachefs-enc" else []
             return [sys.executable, str(REPO / "mount.py"), srv.address(), str(self.mnt),
                     "--cache-dir", str(self.cache_dir), "--identity", str(srv.identity),
-                    "--known-hosts", str(srv.known_hosts), "--foreground"]
+                    "--known-hosts", str(srv.known_hosts), "--foreground", *extra]
         if self.peer == "sshfs":
             return ["sshfs", "-f", f"{srv.user}@{srv.host}:{srv.share}", str(self.mnt),
                     "-p", str(srv.port), "-o",
@@ -276,8 +278,9 @@ class Mount:
         self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as logf:
+            env = dict(os.environ, CACHEFS_CACHE_PASSPHRASE="benchmark passphrase")
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT, cwd=str(REPO))
+                                         stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
         b.live_mounts.append(self)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(self.mnt):
@@ -843,7 +846,7 @@ class Bench:
         hwm = proc_status(pids[0], "VmHWM") if pids else None
         if hwm:
             out["rss_peak"] = hwm / MiB
-        if m.peer == "cachefs" and m.cache_dir is not None:
+        if m.peer.startswith("cachefs") and m.cache_dir is not None:
             out["cache_per_file"] = du_bytes(m.cache_dir) / n
         return out
 

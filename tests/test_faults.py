@@ -6,7 +6,8 @@ The rule for reads under faults: a read returns the right bytes or fails with an
 (EHOSTDOWN, EIO, ETIMEDOUT), never wrong bytes, and the file reads whole once the server
 is back. The rule for uploads: nobody sees half a file under its real name.
 
-Not covered: a bandwidth-limited trickle (``TcpProxy`` can only forward, stall or cut).
+A slow link is a ``TcpProxy`` throttled to a trickle: transfers longer than ``--timeout``
+must complete, since the timeout bounds progress, not the length of a transfer.
 """
 
 from __future__ import annotations
@@ -131,6 +132,47 @@ def test_cut_mid_read_of_large_file(mount_factory, sshd, share: Path, tmp_path: 
             read_whole_eventually(mnt / "big.bin", data)
             assert status(mnt)["state"] in ("online", "syncing")
             assert "Traceback" not in mount.log_text()
+
+
+def test_trickle_link_transfers_complete_and_stay_online(mount_factory, sshd, share: Path,
+                                                          tmp_path: Path) -> None:
+    """A link of 1 MB/s: reading 4 MiB and uploading 3 MiB each take longer than the
+    2-second timeout; both complete, correct, and the mount never goes offline."""
+    big = os.urandom(4 << 20)
+    (share / "slow-read.bin").write_bytes(big)
+    upload = os.urandom(3 << 20)
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
+            mnt = mount.mountpoint
+            os.listdir(mnt)
+            go_offline(mnt)
+            write_file(mnt / "slow-write.bin", upload)
+            control(mnt, "online")
+            wait_for(lambda: status(mnt)["connectivity"] == "online", 15, "the mount to reconnect")
+            proxy.throttle(1_000_000)
+            states = []
+            stop = threading.Event()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    states.append(status(mnt)["connectivity"])
+                    time.sleep(0.25)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            try:
+                start = time.monotonic()
+                got = run_with_timeout(lambda: (mnt / "slow-read.bin").read_bytes(), 60, "a slow read")
+                took = time.monotonic() - start
+                assert sha(got) == sha(big)
+                assert took > 2, f"the read took {took:.1f} s: the link was not slow"
+                sync_until_done(mnt, 60)
+            finally:
+                stop.set()
+                watcher.join(5)
+                proxy.throttle(None)
+            assert sha((share / "slow-write.bin").read_bytes()) == sha(upload)
+            assert set(states) == {"online"}, f"went offline on a slow link: {states}"
 
 
 def test_stall_during_replay(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
