@@ -1153,6 +1153,7 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001
                 log(f"stopping {m.tag} failed: {exc}")
         server.stop()
+    args.output = args.output.resolve()
     text = write_report(bench, metrics, started, args.output)
     table, ref, errs = build_tables(bench, metrics)
     print()
