@@ -84,9 +84,7 @@ class Control:
         if self.sync.syncing:
             progress = {"task": "sync", **self.sync.progress.as_dict()}
         elif hoard.progress is not None:
-            p = hoard.progress
-            progress = {"task": "pin", "ops_done": p.items_done, "ops_total": p.items_total,
-                        "bytes_done": p.bytes_done, "bytes_total": p.bytes_total}
+            progress = {"task": "pin", **hoard.progress.as_dict()}
         return {
             "state": state,
             "connectivity": conn.state.value,

@@ -28,7 +28,7 @@ from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
 from .remote import ConnectOptions, RemoteRefused, open_remote
-from .remote.fetch import FetchPool
+from .remote.fetch import FetchPool, fetch_into, fetch_many_into, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
 from .sync.manager import SyncManager
 
@@ -202,13 +202,13 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout), kernel)
         if fetch_pool is not None:
-            cache.fetcher = partial(fetch_pool.fetch, remote, store.content)
-            cache.batch_fetcher = partial(fetch_pool.fetch_many, remote, store.content)
+            cache.fetcher = fetch_pool.bind(fetch_into)
+            cache.batch_fetcher = fetch_pool.bind(fetch_many_into)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
         if fetch_pool is not None:
-            sync.uploader = partial(fetch_pool.upload, remote, store.content)
-            sync.replayer = partial(fetch_pool.replay_upload, remote, store.content)
+            sync.uploader = fetch_pool.bind(upload_file)
+            sync.replayer = fetch_pool.bind(upload_unless_changed)
         controls = Control(cache, sync, config.mountpoint, config.cache_dir)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
         try:

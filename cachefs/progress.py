@@ -1,6 +1,5 @@
-"""Progress display for long commands (sync, pin): a bar on a terminal, lines otherwise.
-
-Owns: formatting only. The numbers come from the mount's status (``progress``).
+"""Progress of long work (sync, pin): the counts kept by the mount, and their display by
+the ``cachefs`` command, a bar on a terminal and plain lines otherwise.
 """
 
 from __future__ import annotations
@@ -8,7 +7,23 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import TextIO
+
+
+@dataclass
+class Progress:
+    """Items and bytes of a long piece of work (a sync pass, a pin walk), for status."""
+
+    ops_done: int = 0
+    ops_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    started: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"ops_done": self.ops_done, "ops_total": self.ops_total,
+                "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
 
 
 def human_bytes(n: float) -> str:

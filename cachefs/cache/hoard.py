@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import trio
 
 from ..errors import RemoteError, Unavailable
 from .cache import Cache
+from ..progress import Progress
 from .store import CONFLICT, DIRTY, PINNED, Node, Txn
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 10 << 30  # 10 GiB
-
-
-@dataclass
-class WalkProgress:
-    """Items and bytes of a pin walk, for status and the progress bar."""
-
-    items_done: int = 0
-    items_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
 
 
 class Hoard:
@@ -40,7 +30,7 @@ class Hoard:
         self.store = cache.store
         self.limit = limit
         self.over_limit_pinned = False  # pinned + dirty content alone exceeds the limit
-        self.progress: WalkProgress | None = None
+        self.progress: Progress | None = None
         cache.after_checkpoint = self.enforce_limit
 
     # -- pinned roots ----------------------------------------------------------------------
@@ -74,7 +64,7 @@ class Hoard:
         """Walk pinned trees: list folders again, mark new entries, fetch what is missing.
         Raises ``Unavailable`` when the remote is needed and offline."""
         roots = self.roots() if roots is None else roots
-        self.progress = progress = WalkProgress()
+        self.progress = progress = Progress()
         try:
             files: list[Node] = []
             for root in roots:
@@ -83,7 +73,7 @@ class Hoard:
                     self._set_roots([r for r in self.roots() if r != root])
                     continue
                 await self._collect(node, files, progress)
-            progress.items_total = len(files)
+            progress.ops_total = len(files)
             progress.bytes_total = sum(n.size for n in files)
             limiter = trio.CapacityLimiter(4)
             errors: list[BaseException] = []
@@ -94,7 +84,7 @@ class Hoard:
                         await self.cache.fetch_whole(node)
                     except (Unavailable, RemoteError) as exc:
                         errors.append(exc)
-                progress.items_done += 1
+                progress.ops_done += 1
                 progress.bytes_done += node.size
 
             async with trio.open_nursery() as nursery:
@@ -105,7 +95,7 @@ class Hoard:
         finally:
             self.progress = None
 
-    async def _collect(self, root: Node, files: list[Node], progress: WalkProgress) -> None:
+    async def _collect(self, root: Node, files: list[Node], progress: Progress) -> None:
         stack = [root]
         while stack:
             node = stack.pop()

@@ -15,11 +15,14 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 from .base import Remote, RemoteUnreachable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RemoteChanged(Exception):
@@ -133,12 +136,6 @@ def _init_worker(address: Any, options: Any, key: bytes | None) -> None:
     _worker = (remote, crypto.SealedContent(key) if key else crypto.PlainContent())
 
 
-def _run_in_worker(expected, path: bytes, content_path: str, offset: int, length: int) -> int:
-    assert _worker is not None
-    remote, content = _worker
-    return fetch_into(remote, content, expected, path, content_path, offset, length)
-
-
 def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *args: Any):
     """Replay of a content change in one job: look at the remote, and upload only when it
     is as expected (absent for a file created here, at ``base`` for a changed one).
@@ -161,22 +158,10 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *ar
     return ("uploaded", upload_file(remote, content, *args))
 
 
-def _replay_in_worker(*args) -> Any:
+def _call_in_worker(job: Callable[..., T], *args: Any) -> T:
     assert _worker is not None
     remote, content = _worker
-    return upload_unless_changed(remote, content, *args)
-
-
-def _upload_in_worker(*args) -> Any:
-    assert _worker is not None
-    remote, content = _worker
-    return upload_file(remote, content, *args)
-
-
-def _run_many_in_worker(items) -> list[int | None]:
-    assert _worker is not None
-    remote, content = _worker
-    return fetch_many_into(remote, content, items)
+    return job(remote, content, *args)
 
 
 def _noop() -> None:
@@ -224,40 +209,20 @@ class FetchPool:
         except Exception as exc:  # offline now: they connect on first use instead
             log.debug("fetch processes not warmed: %s", exc)
 
-    def fetch(self, remote: Remote, content: Any, expected, path: bytes, content_path: str,
-              offset: int, length: int) -> int:
-        """Blocking (run it in a worker thread): ``fetch_into`` in a worker process."""
+    def run(self, job: Callable[..., T], *args: Any) -> T:
+        """Blocking (call it from a worker thread): ``job(remote, content, *args)`` in a
+        worker process, with that process's own connection and content codec. ``job`` is
+        one of this module's functions."""
         try:
-            return self._pool().submit(_run_in_worker, expected, path, content_path,
-                                       offset, length).result()
+            return self._pool().submit(_call_in_worker, job, *args).result()
         except BrokenProcessPool as exc:
-            log.warning("a fetch process died (%s): starting new ones", exc)
-            self.close()
-            raise RemoteUnreachable("fetch process died") from exc
-
-    def replay_upload(self, remote: Remote, content: Any, *args: Any) -> Any:
-        """Blocking: ``upload_unless_changed`` in a worker process."""
-        try:
-            return self._pool().submit(_replay_in_worker, *args).result()
-        except BrokenProcessPool as exc:
+            log.warning("a transfer process died (%s): starting new ones", exc)
             self.close()
             raise RemoteUnreachable("transfer process died") from exc
 
-    def upload(self, remote: Remote, content: Any, *args: Any) -> Any:
-        """Blocking: ``upload_file`` in a worker process."""
-        try:
-            return self._pool().submit(_upload_in_worker, *args).result()
-        except BrokenProcessPool as exc:
-            self.close()
-            raise RemoteUnreachable("transfer process died") from exc
-
-    def fetch_many(self, remote: Remote, content: Any, items) -> list[int | None]:
-        """Blocking: ``fetch_many_into`` in a worker process."""
-        try:
-            return self._pool().submit(_run_many_in_worker, items).result()
-        except BrokenProcessPool as exc:
-            self.close()
-            raise RemoteUnreachable("fetch process died") from exc
+    def bind(self, job: Callable[..., T]) -> Callable[..., T]:
+        """``job`` run in the pool, called as the in-thread ``partial(job, remote, content)``."""
+        return partial(self.run, job)
 
     def close(self) -> None:
         executor, self._executor = self._executor, None

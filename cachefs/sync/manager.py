@@ -36,6 +36,7 @@ import trio
 
 from ..cache.cache import Cache
 from ..cache.hoard import Hoard
+from ..progress import Progress
 from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn
 from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import join
@@ -68,19 +69,6 @@ def conflict_name(name: bytes, when: float, host: str) -> bytes:
 
 def _same_second(a_ns: int, b_ns: int) -> bool:
     return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
-
-
-@dataclass
-class Progress:
-    ops_done: int = 0
-    ops_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    started: float | None = None
-
-    def as_dict(self) -> dict:
-        return {"ops_done": self.ops_done, "ops_total": self.ops_total,
-                "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
 
 
 @dataclass
