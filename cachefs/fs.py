@@ -102,6 +102,8 @@ class KernelNotifier(cache_mod.Kernel):
             await trio.to_thread.run_sync(fn, *args)
         except OSError as exc:  # ENOENT: the kernel had forgotten it anyway
             log.debug("kernel invalidation %s%r: %s", fn.__name__, args, exc)
+        except Exception as exc:  # a hint to the kernel must never end the mount
+            log.warning("kernel invalidation %s failed: %s", fn.__name__, exc)
 
 
 class Operations(pyfuse3.Operations):

@@ -50,9 +50,6 @@ class Hoard:
     def _set_roots(self, roots: list[int]) -> None:
         self.store.set_meta(b"pinned", json.dumps(sorted(set(roots))).encode())
 
-    def is_pinned(self, node: Node) -> bool:
-        return node.has(PINNED)
-
     async def pin(self, ino: int) -> None:
         """Mark the tree under ``ino`` pinned and fetch all of it."""
         roots = self.roots()

@@ -628,17 +628,6 @@ class Txn:
     def delete_entry(self, parent: int, name: bytes) -> None:
         self.txn.delete(self.store._ekey(parent, name), db=self.store.entries)
 
-    def entries_of(self, parent: int) -> list[tuple[bytes, int]]:
-        prefix = _U64.pack(parent)
-        out = []
-        cur = self.txn.cursor(db=self.store.entries)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if not k.startswith(prefix):
-                    break
-                out.append((self.store._entry_name(k, v), _U64.unpack(v[:8])[0]))
-        return out
-
     def has_children(self, parent: int) -> bool:
         prefix = _U64.pack(parent)
         cur = self.txn.cursor(db=self.store.entries)

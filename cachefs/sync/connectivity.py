@@ -192,7 +192,3 @@ class Connectivity:
                 await self._wake_probe.wait()
             self._wake_probe = trio.Event()
             backoff = min(self.max_backoff, backoff * 2 if math.isfinite(backoff) else 1.0)
-
-    def probe_now(self) -> None:
-        """Ask the probe (or heartbeat) to check the remote at once."""
-        self._wake_probe.set()
