@@ -858,7 +858,7 @@ class Cache:
         now = time.time_ns()
 
         def change(t: Txn) -> None:
-            self._journal(t, Op("unlink", node.ino, t.path_of(node.ino), base=node.base,
+            self._journal(t, Op("unlink", node.ino, _join(t.path_of(parent), name), base=node.base,
                                 parent=parent))
             t.delete_entry(parent, name)
             self._drop_link(t, node, parent, name, now)
@@ -901,7 +901,7 @@ class Cache:
         def change(t: Txn) -> None:
             if t.has_children(node.ino):
                 raise NotEmpty()
-            self._journal(t, Op("rmdir", node.ino, t.path_of(node.ino), base=node.base,
+            self._journal(t, Op("rmdir", node.ino, _join(t.path_of(parent), name), base=node.base,
                                 parent=parent))
             t.delete_entry(parent, name)
             t.delete_node(node.ino)
@@ -942,7 +942,7 @@ class Cache:
         def change(t: Txn) -> None:
             if dst is not None and dst.is_dir and t.has_children(dst.ino):
                 raise NotEmpty()
-            self._journal(t, Op("rename", src.ino, t.path_of(src.ino), base=src.base,
+            self._journal(t, Op("rename", src.ino, _join(t.path_of(parent), name), base=src.base,
                                 parent=parent, dst=_join(t.path_of(new_parent), new_name),
                                 dst_parent=new_parent, replaced=dst.ino if dst else 0,
                                 replaced_base=dst.base if dst else None))
