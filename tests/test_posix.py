@@ -252,8 +252,8 @@ def test_exdev_across_filesystems(pair: Pair, tmp_path: Path) -> None:
     shm.mkdir(exist_ok=True)
     try:
         (shm / "outside.txt").write_bytes(b"outside")
-        if os.stat(shm).st_dev == os.stat(pair.ref).st_dev:
-            pytest.skip("/dev/shm is on the same filesystem as the temp folder")
+        assert os.stat(shm).st_dev != os.stat(pair.ref).st_dev, \
+            "/dev/shm is on the same filesystem as the temp folder: no cross-device reference"
 
         def cases(root: Path, other: Path) -> dict:
             (root / "inside.txt").write_bytes(b"inside")

@@ -336,10 +336,12 @@ def test_editor_saves(session: Session) -> None:
     os.chmod(doc, 0o640)
     assert (mnt / "doc.txt~").read_bytes() == old
     os.unlink(mnt / "doc.txt~")
-    # and real vim, when present, with the same strategy
-    if shutil.which("vim"):
+    # and real vim (scripts/run installs vim-tiny), with the same strategy
+    vim = shutil.which("vim") or shutil.which("vim.tiny")
+    assert vim is not None, "no vim: scripts/run setup installs vim-tiny"
+    if vim:
         (mnt / "v.txt").write_text("aaa\nbbb\n")
-        run("vim", "-u", "NONE", "-N", "-n", "-es", "-c", "set backup backupcopy=no writebackup",
+        run(vim, "-u", "NONE", "-N", "-n", "-es", "-c", "set backup backupcopy=no writebackup",
             "-c", "%s/a/z/g", "-c", "wq", mnt / "v.txt", timeout=30)
         assert (mnt / "v.txt").read_text() == "zzz\nbbb\n"
         assert not (mnt / "v.txt~").exists() or (mnt / "v.txt~").read_text() == "aaa\nbbb\n"

@@ -159,8 +159,7 @@ RENAME_NOREPLACE = 1
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
-    if not hasattr(_libc, "renameat2"):
-        pytest.skip("libc has no renameat2")
+    assert hasattr(_libc, "renameat2"), "libc has no renameat2 (glibc >= 2.28 has it)"
     if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(src))
