@@ -577,8 +577,16 @@ class Store:
         with self.env.begin() as txn:
             return txn.stat(db)["entries"]
 
-    def upload_started(self, seq: int) -> bool:
-        return self.get_meta(b"u:" + _key(seq)) is not None
+    def upload_mark(self, seq: int) -> tuple[int, int] | None:
+        """(size, mtime) of an upload started for ``seq`` and not known to have finished."""
+        data = self.get_meta(b"u:" + _key(seq))
+        if data is None:
+            return None
+        try:
+            size, mtime = json.loads(data)
+            return int(size), int(mtime)
+        except (ValueError, TypeError):
+            return None
 
     def produced(self, ino: int) -> tuple[int, int, int] | None:
         data = self.get_meta(b"v:" + _key(ino))
@@ -669,8 +677,9 @@ class Txn:
 
     # An upload under way for journal entry ``seq``: after a crash, a remote file with
     # our size and mtime is recognised as that upload, not as someone else's change.
-    def mark_upload(self, seq: int) -> None:
-        self.txn.put(b"u:" + _key(seq), b"1", db=self.store.meta)
+    def mark_upload(self, seq: int, size: int, mtime_ns: int) -> None:
+        """Record (size, mtime) of the content being uploaded for ``seq``."""
+        self.txn.put(b"u:" + _key(seq), json.dumps([size, mtime_ns]).encode(), db=self.store.meta)
 
     def clear_upload(self, seq: int) -> None:
         self.txn.delete(b"u:" + _key(seq), db=self.store.meta)

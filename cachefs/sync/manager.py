@@ -394,9 +394,10 @@ class SyncManager:
         gen = node.gen
         conflict = None
         # Was an upload of this entry started before (a crash or a cut connection since)?
-        resumed = self.store.upload_started(op.seq)
+        # Then (size, mtime) of what it was sending.
+        earlier = self.store.upload_mark(op.seq)
         # The common case in one job: the remote is as expected, upload.
-        self.store.transact(lambda t: t.mark_upload(op.seq))
+        self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
         try:
             outcome, found = await self.conn.call(
                 self.replayer, created, node.base, node.size, op.path,
@@ -419,16 +420,18 @@ class SyncManager:
             if not created and node.base is not None:
                 conflict = self._record(op, "deleted-remote-changed-local")
         elif created or remote.version() != node.base:
-            # ``ours``: this very upload was under way when a crash or a cut connection
-            # stopped it, and it had landed (its size and our mtime are there).
-            ours = resumed and stat_mod.S_ISREG(remote.mode) \
-                and remote.size == node.size and _same_second(remote.mtime_ns, node.mtime_ns)
-            if ours or await self._same_content(node, op.path, remote):
+            # ``ours``: an earlier upload of this entry was under way when a crash or a cut
+            # connection stopped it, and it had landed (its size and mtime are there).
+            ours = earlier is not None and stat_mod.S_ISREG(remote.mode) \
+                and remote.size == earlier[0] and _same_second(remote.mtime_ns, earlier[1])
+            if ours and (node.size, node.mtime_ns // 10**9) != (earlier[0], earlier[1] // 10**9):
+                pass  # our older upload is there, and the file changed here since: send it again
+            elif ours or await self._same_content(node, op.path, remote):
                 self._finish(op, self._agree(op.ino, remote, gen))
                 return 0
-            return await self._keep_both(op, node, remote, gen)
+            else:
+                return await self._keep_both(op, node, remote, gen)
         try:
-            self.store.transact(lambda t: t.mark_upload(op.seq))
             try:
                 new = await self._upload(node, op.path, op.seq)
             except RemoteError as exc:
