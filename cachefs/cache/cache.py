@@ -216,7 +216,7 @@ class Cache:
     async def _ensure_listing(self, node: Node) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout."""
         if self._fresh(self._listed_at, node.ino, self.config.dir_timeout) \
-                or self.local_dirs.get(node.ino):
+                or self.local_dirs.get(node.ino) or (node.has(LISTED) and self._path_pending(node)):
             return
         if not self.conn.online:
             if node.has(LISTED):
@@ -282,6 +282,22 @@ class Cache:
             except (Unavailable, RemoteError, NotFound):
                 pass
 
+    def _path_pending(self, node: Node) -> bool:
+        """Whether a folder on the node's path has journaled changes: the remote may not
+        have the node under this path yet (a rename not yet replayed), so asking the
+        remote about it now would wrongly say it is gone."""
+        ino = node.parent if node.ino != ROOT_INO else ROOT_INO
+        for _ in range(4096):
+            if self.local_dirs.get(ino):
+                return True
+            if ino == ROOT_INO:
+                return False
+            parent = self.store.get(ino)
+            if parent is None:
+                return False
+            ino = parent.parent
+        return False
+
     def _stale(self, ino: int) -> None:
         """The remote content changed: drop what we cached of it and tell the kernel."""
         log.debug("stale content dropped: inode %d", ino)
@@ -312,11 +328,14 @@ class Cache:
         if node.is_dir:
             raise IsADirectory()
         if not node.has(DIRTY) and self.conn.online \
-                and not self._fresh(self._checked_at, ino, self.config.attr_timeout):
+                and not self._fresh(self._checked_at, ino, self.config.attr_timeout) \
+                and not self._path_pending(node):
             node = await self._revalidate(node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable and not flags & os.O_TRUNC and not node.has(FULL) and node.size:
             await self._ensure_present(node, 0, node.size)
+        if writable and flags & os.O_TRUNC:
+            await self._settle_fetches(ino)  # no fetch may land after the truncation
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         handle = OpenFile(ino, fd, writable, size_at_open=node.size)
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
@@ -482,6 +501,16 @@ class Cache:
         self._checked_at.pop(ino, None)
         raise RemoteError(errno.EIO, "remote file changed while being read")
 
+    async def _settle_fetches(self, ino: int) -> None:
+        """Wait for fetches of ``ino`` under way (read-ahead, a folder's prefetch): they
+        write into the content file, and a local change must come after them."""
+        while True:
+            pending = [ev for (i, _idx), ev in self._inflight.items() if i == ino]
+            if not pending:
+                return
+            for ev in pending:
+                await ev.wait()
+
     def _read_ahead(self, node: Node, known: rangeset.Ranges, start: int, end: int) -> None:
         """A reader that starts at 0 or goes on where cached bytes end reads sequentially:
         keep chunks in flight ahead of it, a window that grows with the run it has read
@@ -594,6 +623,8 @@ class Cache:
                 break
         if not chosen:
             return
+        log.debug("prefetching %d small files in %r: %r", len(chosen), folder_path,
+                  [c.name for c in chosen[:8]])
         lanes = max(1, int(self.conn.bulk_limiter.total_tokens))
         size = max(1, min(200, -(-len(chosen) // lanes)))
         for i in range(0, len(chosen), size):
@@ -821,6 +852,7 @@ class Cache:
                 raise IsADirectory()
             if not node.has(FULL) and size and node.size:
                 await self._ensure_present(node, 0, min(size, node.size))
+            await self._settle_fetches(ino)
             self.truncate(handle, size, ino)
         if mode is None and atime_ns is None and mtime_ns is None:
             return self.node(ino)
