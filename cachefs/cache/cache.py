@@ -286,6 +286,8 @@ class Cache:
         """Whether a folder on the node's path has journaled changes: the remote may not
         have the node under this path yet (a rename not yet replayed), so asking the
         remote about it now would wrongly say it is gone."""
+        if not self.local_dirs:
+            return False  # nothing journaled: the common case, no walk
         ino = node.parent if node.ino != ROOT_INO else ROOT_INO
         for _ in range(4096):
             if self.local_dirs.get(ino):
