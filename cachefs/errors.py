@@ -36,10 +36,6 @@ class IsADirectory(CacheError):
     errno = errno.EISDIR
 
 
-class ReadOnly(CacheError):
-    errno = errno.EROFS
-
-
 class InvalidArgument(CacheError):
     errno = errno.EINVAL
 
@@ -60,5 +56,5 @@ class PermissionDenied(CacheError):
     errno = errno.EPERM
 
 
-__all__ = ["CacheError", "NotFound", "NotADirectory", "IsADirectory", "ReadOnly",
+__all__ = ["CacheError", "NotFound", "NotADirectory", "IsADirectory",
            "InvalidArgument", "Exists", "NotEmpty", "NameTooLong", "PermissionDenied", "RemoteError", "Unavailable", "OFFLINE_ERRNO"]

@@ -547,13 +547,6 @@ class Store:
                         txn.put(_key(ino), self._pack(node), db=self.nodes)
         self.run_write(txn_fn)
 
-    def cached_bytes(self) -> int:
-        total = 0
-        with self.env.begin() as txn:
-            for _key_, value in txn.cursor(db=self.ranges_db):
-                total += rangeset.total(rangeset.decode(value))
-        return total
-
     def nodes_with_content(self) -> list[Node]:
         """Files with some content in the cache (fetched ranges, or whole)."""
         out = []

@@ -49,6 +49,17 @@ def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_pa
         os.close(fd)
 
 
+def _store(content: Any, content_path: str, data: bytes, offset: int) -> int:
+    """Write fetched bytes into a content file (sealed when the cache is encrypted)."""
+    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if data:
+            content.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+    return len(data)
+
+
 def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None, path: bytes,
                content_path: str, offset: int, length: int) -> int:
     """Read a range from the remote into the content file; the bytes written.
@@ -58,14 +69,7 @@ def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | No
     data = remote.read(path, offset, length)
     if expected is not None and remote.stat(path).version() != expected:
         raise RemoteChanged(path)
-    if not data:
-        return 0
-    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        content.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-    return len(data)
+    return _store(content, content_path, data, offset)
 
 
 def fetch_small_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None,
@@ -77,13 +81,7 @@ def fetch_small_into(remote: Remote, content: Any, expected: tuple[int, int, int
     data, rstat = answer
     if expected is not None and rstat.version() != expected:
         raise RemoteChanged(path)
-    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if data:
-            content.pwrite(fd, data, 0)
-    finally:
-        os.close(fd)
-    return len(data)
+    return _store(content, content_path, data, 0)
 
 
 def fetch_many_into(remote: Remote, content: Any, items: list[tuple[Any, bytes, str, int]]) -> list[int | None]:
@@ -96,14 +94,7 @@ def fetch_many_into(remote: Remote, content: Any, items: list[tuple[Any, bytes, 
         if isinstance(answer, Exception) or (expected is not None and answer[1].version() != expected):
             out.append(None)
             continue
-        data = answer[0]
-        fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if data:
-                content.pwrite(fd, data, 0)
-        finally:
-            os.close(fd)
-        out.append(len(data))
+        out.append(_store(content, content_path, answer[0], 0))
     return out
 
 
