@@ -47,6 +47,7 @@ from ..sync import journal
 from ..sync.journal import Op
 from . import crypto
 from . import ranges as rangeset
+from .spares import SparePool
 
 T = TypeVar("T")
 
@@ -194,6 +195,7 @@ class Store:
 
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
         self.env = None
+        self._spares: SparePool | None = None
         self._removals: list[int] = []
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -270,6 +272,8 @@ class Store:
                     raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
 
     def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
         self.env.sync(True)
         self.env.close()
         os.close(self._lock_fd)
@@ -520,6 +524,16 @@ class Store:
     # -- content ----------------------------------------------------------------------
     def content_path(self, ino: int) -> str:
         return str(self.data_dir / str(ino))
+
+    def start_spares(self) -> None:
+        """Keep empty content files ready for creates (a mount calls it; commands need not)."""
+        if self._spares is None:
+            self._spares = SparePool(self.data_dir)
+
+    def new_content_file(self, ino: int) -> int:
+        """A new, empty content file for ``ino``, opened read-write."""
+        self.start_spares()
+        return self._spares.take(self.content_path(ino))
 
     def remove_content_file(self, ino: int) -> None:
         try:
