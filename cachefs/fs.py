@@ -121,6 +121,11 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, EntryFactory]]] = {}
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
+        self.initialized = False  # the kernel's FUSE_INIT is answered (once a handler runs)
+
+    def init(self) -> None:
+        # Called while pyfuse3 answers FUSE_INIT; the reply goes before trio runs again.
+        self.initialized = True
 
     # -- attributes ---------------------------------------------------------------------
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -278,9 +283,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(handle, OpenFile):
             self.cache.release(handle)
 
-    @translate
     async def flush(self, fh: int) -> None:
-        pass  # data is in the local cache already; write-back starts at release
+        # Nothing to do at close(2): data is in the local cache already and write-back
+        # starts at release. ENOSYS tells the kernel to stop sending flush requests, one
+        # round trip through pyfuse3 (~90 us here) less for every close.
+        raise FUSEError(errno.ENOSYS)
 
     @translate
     async def fsync(self, fh: int, datasync: bool) -> None:
