@@ -80,14 +80,16 @@ class PassResult:
 
 class SyncManager:
     def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
-                 writeback_delay: float = 0.3, interval: float = 300.0,
-                 flush_timeout: float = 30.0, parallel: int = 8) -> None:
+                 writeback_delay: float = 0.3, writeback_hold: float = 2.0,
+                 interval: float = 300.0, flush_timeout: float = 30.0, parallel: int = 8) -> None:
         self.store = store
         self.cache = cache
         self.hoard = hoard or Hoard(cache)
         self.conn = conn
         self.remote: Remote = conn.remote
-        self.writeback_delay = writeback_delay
+        self.writeback_delay = writeback_delay  # quiet time that ends a burst of changes
+        self.writeback_hold = writeback_hold  # longest a burst holds write-back back
+        self._pokes = 0
         self.parallel = parallel  # independent operations replayed at once
         #: blocking (size, path, content path, mode, temp name, atime, mtime) -> RemoteStat;
         #: in a worker thread, or handed on to a worker process (see ``remote.fetch``)
@@ -112,7 +114,19 @@ class SyncManager:
     # -- triggers -------------------------------------------------------------------------
     def poke(self) -> None:
         """Something changed (journal append, release, reconnect): reconcile soon."""
+        self._pokes += 1
         self._wake.set()
+
+    async def _settle(self) -> None:
+        """Wait until changes stop coming for ``writeback_delay``, at most
+        ``writeback_hold``: a burst (an untar, a build, a git commit) runs with the CPU to
+        itself and is replayed as one batch, instead of every few files."""
+        deadline = trio.current_time() + self.writeback_hold
+        while True:
+            seen = self._pokes
+            await trio.sleep(max(0.0, min(self.writeback_delay, deadline - trio.current_time())))
+            if self._pokes == seen or trio.current_time() >= deadline:
+                return
 
     async def run(self) -> None:
         """Write-back after changes and on reconnect; a full pass on the schedule."""
@@ -128,7 +142,7 @@ class SyncManager:
                 if scheduled:
                     await self.full_pass()
                     continue
-                await trio.sleep(self.writeback_delay)  # let a burst of changes settle
+                await self._settle()
                 if self.pending():
                     await self.reintegrate()
             except SyncFailed as exc:
