@@ -23,6 +23,8 @@ from . import __version__
 from .address import RemoteAddress, parse_remote
 from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
+
+DEFAULT_READAHEAD = 1 << 20  # the largest request FUSE sends (max_pages 256)
 from .cache.store import StoreError, check_private_dir
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
@@ -76,6 +78,9 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="content kept in the cache before the least recently used clean, "
                         "unpinned files are evicted, e.g. 500M, 20G (default: 10G)")
+    p.add_argument("--readahead", type=_size, default=DEFAULT_READAHEAD, metavar="SIZE",
+                   help="kernel readahead of the mount, e.g. 128K, 4M: larger means fewer, "
+                        "larger reads through FUSE (set when allowed: root; default: 1M)")
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
                    help="how often a full sync runs (pinned folders refreshed, pending "
                         "changes replayed) besides on change and on reconnect (default: 300)")
@@ -101,8 +106,8 @@ def _size(text: str) -> int:
 OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": "known_hosts",
                "accept_new_host_key": "accept_new_host_key", "port": "port", "timeout": "timeout",
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
-               "cache_size": "cache_size", "sync_interval": "sync_interval", "verbose": "verbose",
-               "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
+               "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
+               "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                 "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
@@ -194,6 +199,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         cache_size=args.cache_size,
         sync_interval=args.sync_interval,
+        readahead=args.readahead,
         fuse_options=args.fuse_options,
         cache_key=key,
     )

@@ -87,6 +87,34 @@ class PlainContent:
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
 
+    _buffer = bytearray(0)
+
+    def pread_cached(self, fd: int, size: int, offset: int) -> bytes | memoryview | None:
+        """The bytes if the page cache holds them all, else None (without waiting for the
+        disk: RWF_NOWAIT), so that only reads that must wait go to a thread.
+
+        The view is into one buffer reused by every call (a fresh buffer costs a page
+        fault per 4 KiB): use it before the next call, without yielding to trio between.
+        """
+        if len(self._buffer) < size:
+            self._buffer = bytearray(max(size, 128 * 1024))
+        view = memoryview(self._buffer)[:size]
+        try:
+            done = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+        except (BlockingIOError, OSError):  # EAGAIN; EOPNOTSUPP on filesystems without it
+            return None
+        return view if done == size else None
+
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """Blocking: fill ``view`` from ``offset`` (short only at the end of the file)."""
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         view = memoryview(data)
         done = 0
@@ -104,6 +132,14 @@ class PlainContent:
 
 class SealedContent(PlainContent):
     encrypted = True
+
+    def pread_cached(self, fd: int, size: int, offset: int) -> bytes:
+        return self.pread(fd, size, offset)  # decrypted here; blocks alike
+
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        data = self.pread(fd, len(view), offset)
+        view[:len(data)] = data
+        return len(data)
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(hashlib.sha256(b"content" + key).digest())
