@@ -251,6 +251,28 @@ def test_partial_read_caches_only_part(tmp_path: Path, sshd: SshServer, share: P
         assert xattr_state(mnt / "sparse.bin") == "cached"
 
 
+
+def _bdi_readahead_kb(mnt: Path) -> int:
+    dev = os.stat(mnt).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text())
+
+
+@pytest.mark.parametrize("option,expect_kb", [((), 1024), (("--readahead", "4M"), 4096)],
+                         ids=["default", "4M"])
+def test_readahead_of_the_mount(tmp_path: Path, sshd: SshServer, share: Path, option, expect_kb) -> None:
+    """The mount's readahead (the largest FUSE read request) is set after FUSE_INIT, which
+    would cap it at the kernel's 128 KiB; reads through it stay exact."""
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (share / "ra.bin").write_bytes(data)
+    mnt = tmp_path / "mnt"
+    assert os.geteuid() == 0, "the suite runs as root (FUSE, sshd); readahead needs it too"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd), *option):
+        assert read(mnt / "ra.bin") == data
+        assert _bdi_readahead_kb(mnt) == expect_kb
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert read(mnt / "ra.bin") == data  # served from the cache's content file
+
+
 def _pread(path: Path, length: int, offset: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -158,3 +158,51 @@ def test_journal_append_is_ordered_and_survives_reopen(tmp_path: Path) -> None:
     assert [op.path for op in ops] == [b"d0", b"d1", b"d2", b"d3", b"d4"]
     assert [op.seq for op in ops] == sorted(op.seq for op in ops)
     store.close()
+
+
+# -- spare content files ---------------------------------------------------------------------
+
+def _spares(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".spare-"))
+
+
+def _wait(predicate, what: str, timeout: float = 10.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_spare_pool_hands_out_empty_files_and_refills(tmp_path: Path) -> None:
+    from cachefs.cache.spares import SparePool
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "7").write_bytes(b"old content of a reused name")
+    pool = SparePool(folder, size=8)
+    try:
+        _wait(lambda: len(_spares(folder)) == 8, "the pool filled to 8")
+        fds = []
+        for ino in range(5, 15):  # more than the pool holds: the rest are created directly
+            fd = pool.take(str(folder / str(ino)))
+            fds.append(fd)
+            assert os.fstat(fd).st_size == 0
+            assert os.pwrite(fd, b"ino %d" % ino, 0) == len(b"ino %d" % ino)
+        for ino, fd in zip(range(5, 15), fds):
+            os.close(fd)
+            assert (folder / str(ino)).read_bytes() == b"ino %d" % ino
+            assert stat.S_IMODE((folder / str(ino)).stat().st_mode) == 0o600
+        _wait(lambda: len(_spares(folder)) == 8, "the pool refilled")
+    finally:
+        pool.close()
+    left = _spares(folder)
+    assert len(left) == 8, "spares stay for the next mount"
+    again = SparePool(folder, size=8)  # adopts them, numbering on after the highest
+    try:
+        for ino in range(20, 25):  # below half: the thread refills
+            os.close(again.take(str(folder / str(ino))))
+            assert (folder / str(ino)).read_bytes() == b""
+        _wait(lambda: len(_spares(folder)) == 8, "the adopted pool refilled")
+        assert set(left) - set(_spares(folder)), "a kept spare was used"
+    finally:
+        again.close()
