@@ -797,6 +797,8 @@ class Cache:
             n.ctime_ns = now
             t.put(n)
             t.set_entry(new_parent, new_name, ino)
+            t.add_link_name(ino, n.parent, n.name)
+            t.add_link_name(ino, new_parent, new_name)
             self._touch_dir(t, new_parent, now)
             self._journal(t, Op("link", ino, t.path_of(ino), base=n.base,
                                 dst=_join(t.path_of(new_parent), new_name), dst_parent=new_parent))
@@ -1007,6 +1009,8 @@ class Cache:
             node.ctime_ns = now
             t.put(node)
             t.set_entry(new_parent, new_name, src.ino)
+            if node.nlink > 1 and not node.is_dir:
+                t.add_link_name(src.ino, new_parent, new_name)
             moved_dir = 1 if src.is_dir else 0
             replaced_dir = 1 if dst is not None and dst.is_dir else 0
             self._touch_dir(t, parent, now, links=-moved_dir)

@@ -214,6 +214,9 @@ class Store:
         self.ranges_db = self.env.open_db(b"ranges")
         self.journal = self.env.open_db(b"journal")
         self.conflicts = self.env.open_db(b"conflicts")
+        #: the names of hard-linked files: _key(ino) + entry key -> b"" (may hold stale names;
+        #: readers check them against ``entries``)
+        self.links = self.env.open_db(b"links")
         self._check_schema(remote_text)
         self._check_integrity()
         self.reserve()
@@ -628,6 +631,10 @@ class Txn:
     def delete_node(self, ino: int) -> None:
         self.txn.delete(_key(ino), db=self.store.nodes)
         self.txn.delete(_key(ino), db=self.store.ranges_db)
+        target = _key(ino)
+        cur = self.txn.cursor(db=self.store.links)
+        while cur.set_range(target) and cur.key().startswith(target):
+            cur.delete()
 
     def child_ino(self, parent: int, name: bytes) -> int | None:
         data = self.txn.get(self.store._ekey(parent, name), db=self.store.entries)
@@ -648,9 +655,27 @@ class Txn:
         cur = self.txn.cursor(db=self.store.entries)
         return bool(cur.set_range(prefix)) and bytes(cur.key()).startswith(prefix)
 
+    def add_link_name(self, ino: int, parent: int, name: bytes) -> None:
+        """Record a name of a hard-linked file, for ``names_of``."""
+        self.txn.put(_key(ino) + self.store._ekey(parent, name), b"", db=self.store.links)
+
     def names_of(self, ino: int) -> list[tuple[int, bytes]]:
-        """Every (parent, name) that leads to ``ino`` (hard links); a full scan, so rare."""
+        """Every (parent, name) that leads to ``ino`` (hard links). git links and unlinks
+        every object it writes: the names recorded by ``add_link_name`` spare a scan of
+        every entry, which only links made before that record existed still need."""
         target = _key(ino)
+        found = []
+        cur = self.txn.cursor(db=self.store.links)
+        if cur.set_range(target):
+            for key, _ in cur:
+                if not key.startswith(target):
+                    break
+                ekey = bytes(key[8:])
+                value = self.txn.get(ekey, db=self.store.entries)
+                if value is not None and value[:8] == target:
+                    found.append((_U64.unpack(ekey[:8])[0], self.store._entry_name(ekey, value)))
+        if found:
+            return found
         return [(_U64.unpack(k[:8])[0], self.store._entry_name(k, v))
                 for k, v in self.txn.cursor(db=self.store.entries) if v[:8] == target]
 
