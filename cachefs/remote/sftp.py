@@ -92,6 +92,13 @@ DEFAULT_READ_SIZE = 32 * 1024  # what every SFTP server accepts
 MAX_READ_SIZE = 256 * 1024  # upper bound even if limits@openssh.com offers more
 READ_WINDOW_BYTES = 2 * 1024 * 1024  # bytes of read requests in flight (measured: more is no faster)
 CHANNEL_WINDOW = 8 * 1024 * 1024  # SSH channel window: must exceed READ_WINDOW_BYTES
+CHANNEL_MAX_PACKET = 32768  # largest SSH data packet we ask the server to send
+#: Ciphers and MACs put first, best first; the rest of paramiko's list stays acceptable
+#: after them. AES-GCM needs no separate MAC, which paramiko computes in Python per
+#: packet (measured: a quarter faster than aes128-ctr with hmac-sha2-256); where the
+#: server has no GCM, encrypt-then-MAC (also the safer construction).
+PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+PREFERRED_MACS: tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 WRITE_CHUNK = 32 * 1024
 DEFAULT_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
 #: Returned when the server lacks statvfs@openssh.com: 1 TiB free, plausible and harmless.
@@ -432,6 +439,16 @@ def _base_key_type(name: str) -> str:
     return "ssh-rsa" if name.startswith("rsa-sha2-") else name
 
 
+def _prefer_algorithms(transport: paramiko.Transport) -> None:
+    """Put the fast ciphers and MACs first; what else paramiko offers stays acceptable."""
+    options = transport.get_security_options()
+    for attr, preferred in (("ciphers", PREFERRED_CIPHERS), ("digests", PREFERRED_MACS)):
+        offered = list(getattr(options, attr))
+        first = [name for name in preferred if name in offered]
+        if first:
+            setattr(options, attr, first + [name for name in offered if name not in first])
+
+
 # -- the backend ---------------------------------------------------------------------
 @dataclass
 class _Connection:
@@ -551,12 +568,13 @@ class SftpRemote(Remote):
         try:
             known = _known_keys(self.known_hosts_files + self.read_only_known_hosts, self.host_key_name)
             self._prefer_known_key_types(transport, known)
+            _prefer_algorithms(transport)
             transport.start_client(timeout=self.timeout)
             self._check_host_key(transport.get_remote_server_key(), known)
             self._authenticate(transport)
             transport.set_keepalive(max(1, int(self.options.keepalive)))
             channel = transport.open_session(
-                window_size=CHANNEL_WINDOW, max_packet_size=32768, timeout=self.timeout
+                window_size=CHANNEL_WINDOW, max_packet_size=CHANNEL_MAX_PACKET, timeout=self.timeout
             )
             channel.settimeout(self.timeout)
             channel.invoke_subsystem("sftp")
