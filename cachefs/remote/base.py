@@ -130,6 +130,17 @@ class Remote(ABC):
         Backends pipeline large reads (several requests in flight).
         """
 
+    def read_into(self, path: bytes, offset: int, length: int,
+                  sink: Callable[[int, bytes], object]) -> int:
+        """``read`` without assembling the bytes: each piece goes to ``sink(position,
+        bytes)`` as it arrives (in any order; after an end of file met early, some may
+        lie beyond the count returned). The count of bytes from ``offset`` on.
+        ``sink`` must not raise: an exception from it would pass for a failed transfer."""
+        data = self.read(path, offset, length)
+        if data:
+            sink(offset, data)
+        return len(data)
+
     def read_many(self, items: list[tuple[bytes, int]]) -> list:
         """Several small files whole, for prefetching: for each (path, size) either
         (content, RemoteStat as read) or a ``RemoteError``. Backends that can pipeline

@@ -64,12 +64,30 @@ def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | No
                content_path: str, offset: int, length: int) -> int:
     """Read a range from the remote into the content file; the bytes written.
 
-    The remote version is checked after the read, so bytes of a file rewritten meanwhile
-    are never stored as part of the version the cache believes it has."""
-    data = remote.read(path, offset, length)
+    Each reply is written as it arrives (assembling the range first cost a fifth of the
+    cold read speed: a fresh 4 MiB buffer per chunk, copied, then freed). The remote
+    version is checked after the read, so bytes of a file rewritten meanwhile are never
+    counted as part of the version the cache believes it has: they are in the content
+    file but outside the ranges the caller records, and RemoteChanged makes it drop them."""
+    failed: list[OSError] = []
+
+    def write(pos: int, piece: bytes) -> None:
+        if not failed:  # after a failed write the rest is read and dropped (at most a chunk)
+            try:
+                content.pwrite(fd, piece, pos)
+            except OSError as exc:  # a local error (disk full): not the connection's
+                failed.append(exc)
+
+    fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        got = remote.read_into(path, offset, length, write)
+    finally:
+        os.close(fd)
+    if failed:
+        raise failed[0]
     if expected is not None and remote.stat(path).version() != expected:
         raise RemoteChanged(path)
-    return _store(content, content_path, data, offset)
+    return got
 
 
 def fetch_small_into(remote: Remote, content: Any, expected: tuple[int, int, int] | None,

@@ -241,14 +241,17 @@ class _SftpSession(paramiko.SFTPClient):
             return DEFAULT_READ_SIZE
         return max(DEFAULT_READ_SIZE, min(MAX_READ_SIZE, max_read))
 
-    def read_range(self, path: bytes, offset: int, length: int, request_size: int) -> bytes:
-        """Read with many READ requests in flight (one round trip per request is too slow)."""
+    def read_range(self, path: bytes, offset: int, length: int, request_size: int,
+                   sink: Callable[[int, bytes], object]) -> int:
+        """Read with many READ requests in flight (one round trip per request is too slow),
+        each reply handed to ``sink(position, bytes)`` as it comes; the count of bytes
+        read from ``offset`` on without a gap (see ``_read_pipelined``)."""
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_READ, SFTPAttributes())
         if t != CMD_HANDLE:
             raise SFTPError("unexpected reply to OPEN")
         handle = msg.get_binary()
         try:
-            return self._read_pipelined(handle, offset, length, request_size)
+            return self._read_pipelined(handle, offset, length, request_size, sink)
         finally:
             self._request(CMD_CLOSE, handle)
 
@@ -310,7 +313,10 @@ class _SftpSession(paramiko.SFTPClient):
         code = msg.get_int()
         return _StatusError(code, msg.get_string().decode("utf-8", "replace"))
 
-    def _read_pipelined(self, handle: bytes, offset: int, length: int, request_size: int) -> bytes:
+    def _read_pipelined(self, handle: bytes, offset: int, length: int, request_size: int,
+                        sink: Callable[[int, bytes], object]) -> int:
+        """Replies go to ``sink`` in the order they come, not necessarily in file order,
+        and past an end of file met early some may lie beyond the count returned."""
         collector = _Collector()
         todo: deque[tuple[int, int]] = deque(
             (pos, min(request_size, offset + length - pos))
@@ -318,7 +324,7 @@ class _SftpSession(paramiko.SFTPClient):
         )
         window = max(2, READ_WINDOW_BYTES // request_size)
         in_flight: dict[int, tuple[int, int]] = {}
-        pieces: dict[int, bytes] = {}
+        received: dict[int, int] = {}  # position -> bytes
         eof_at = offset + length
         error: BaseException | None = None
         while todo or in_flight:
@@ -340,7 +346,8 @@ class _SftpSession(paramiko.SFTPClient):
                     if not data:
                         eof_at = min(eof_at, pos)
                         continue
-                    pieces[pos] = data
+                    sink(pos, data)
+                    received[pos] = len(data)
                     if len(data) < size:  # a short read: ask again for the rest
                         todo.appendleft((pos + len(data), size - len(data)))
                 elif t == CMD_STATUS:
@@ -354,12 +361,10 @@ class _SftpSession(paramiko.SFTPClient):
                     error = SFTPError(f"unexpected reply {t} to READ")
         if error is not None:
             raise error
-        parts: list[bytes] = []
         pos = offset
-        while pos < eof_at and pos in pieces:
-            parts.append(pieces[pos])
-            pos += len(pieces[pos])
-        return b"".join(parts)[:length]
+        while pos < eof_at and pos in received:
+            pos += received[pos]
+        return min(pos, offset + length) - offset
 
 
 def _unpack_string(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -911,12 +916,23 @@ class SftpRemote(Remote):
         return self._run("readlink", lambda sftp: sftp.readlink_raw(full), retry=True)
 
     def read(self, path: bytes, offset: int, length: int) -> bytes:
+        pieces: dict[int, bytes] = {}
+        got = self.read_into(path, offset, length, pieces.__setitem__)
+        parts: list[bytes] = []
+        pos, end = offset, offset + got
+        while pos < end:
+            parts.append(pieces[pos])
+            pos += len(pieces[pos])
+        return b"".join(parts)[:got]
+
+    def read_into(self, path: bytes, offset: int, length: int,
+                  sink: Callable[[int, bytes], object]) -> int:
         self._ensure_root()
         full = self._path(path)
         if length <= 0:
-            return b""
+            return 0
         size = self._read_size
-        return self._run("read", lambda sftp: sftp.read_range(full, offset, length, size), retry=True)
+        return self._run("read", lambda sftp: sftp.read_range(full, offset, length, size, sink), retry=True)
 
     def read_many(self, items: list[tuple[bytes, int]]) -> list:
         """Small whole files at once; per file (content, RemoteStat) or a RemoteError."""
