@@ -225,7 +225,6 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
         store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
     except StoreError as exc:
         raise MountError(str(exc)) from exc
-    store.start_spares()
     remote = open_remote(config.address, config.connect)
     closers: list = []
     try:

@@ -47,7 +47,6 @@ from ..sync import journal
 from ..sync.journal import Op
 from . import crypto
 from . import ranges as rangeset
-from .spares import SparePool
 
 T = TypeVar("T")
 
@@ -195,7 +194,6 @@ class Store:
 
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
         self.env = None
-        self._spares: SparePool | None = None
         self._removals: list[int] = []
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -275,8 +273,6 @@ class Store:
                     raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
 
     def close(self) -> None:
-        if self._spares is not None:
-            self._spares.close()
         self.env.sync(True)
         self.env.close()
         os.close(self._lock_fd)
@@ -528,15 +524,9 @@ class Store:
     def content_path(self, ino: int) -> str:
         return str(self.data_dir / str(ino))
 
-    def start_spares(self) -> None:
-        """Keep empty content files ready for creates (a mount calls it; commands need not)."""
-        if self._spares is None:
-            self._spares = SparePool(self.data_dir)
-
     def new_content_file(self, ino: int) -> int:
         """A new, empty content file for ``ino``, opened read-write."""
-        self.start_spares()
-        return self._spares.take(self.content_path(ino))
+        return os.open(self.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
     def remove_content_file(self, ino: int) -> None:
         try:
