@@ -113,9 +113,11 @@ class SyncManager:
 
     # -- triggers -------------------------------------------------------------------------
     def poke(self) -> None:
-        """Something changed (journal append, release, reconnect): reconcile soon."""
+        """Something changed (journal append, release, reconnect): reconcile soon.
+        Offline, changes only wait for the reconnect, which pokes again."""
         self._pokes += 1
-        self._wake.set()
+        if self.conn.online:
+            self._wake.set()
 
     async def _settle(self) -> None:
         """Wait until changes stop coming for ``writeback_delay``, at most
