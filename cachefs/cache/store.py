@@ -196,6 +196,7 @@ class Store:
         self.env = None
         self._removals: list[int] = []
         self.data_dir = cache_dir / "data"
+        self._data_prefix = f"{self.data_dir}/"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
         try:
@@ -522,7 +523,7 @@ class Store:
 
     # -- content ----------------------------------------------------------------------
     def content_path(self, ino: int) -> str:
-        return str(self.data_dir / str(ino))
+        return f"{self._data_prefix}{ino}"  # (not pathlib: this runs for every create and open)
 
     def new_content_file(self, ino: int) -> int:
         """A new, empty content file for ``ino``, opened read-write."""
