@@ -1,0 +1,153 @@
+"""The floor under every cachefs figure that is counted in FUSE requests.
+
+A filesystem that does nothing but answer, written with the same pyfuse3 + trio and mounted
+with the same options as cachefs (default_permissions, keep_cache, the state xattr's
+getxattr, flush answered ENOSYS), runs the request-bound workloads of bench/run.py:
+
+- one getattr round trip (``os.stat`` with attributes never cached), in microseconds;
+- creating 2,000 files of 4 KiB (lookup, create, getxattr, write, release, and the
+  parent's getattr that default_permissions needs after each change);
+- opening, reading and closing 10,000 small files whose pages the kernel keeps
+  (open and release each cross into the daemon).
+
+No cache, no index, no network: nothing cachefs could do in its handlers goes faster.
+
+    .venv/bin/python bench/fuse_floor.py [--files N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyfuse3
+import trio
+
+ROOT = pyfuse3.ROOT_INODE
+DATA = os.urandom(4096)
+
+
+class NullFs(pyfuse3.Operations):
+    """Names live in a dict; content is never kept (reads return a fixed page)."""
+
+    def __init__(self, small_files: int) -> None:
+        super().__init__()
+        self.names: dict[bytes, int] = {b"f%05d" % i: 100 + i for i in range(small_files)}
+        self.next_ino = 100 + small_files
+        self.fh = 0
+
+    def _attrs(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = (stat.S_IFDIR | 0o755) if ino == ROOT else (stat.S_IFREG | 0o644)
+        a.st_nlink = 2 if ino == ROOT else 1
+        a.st_uid, a.st_gid = os.getuid(), os.getgid()
+        a.st_size = 0 if ino in (ROOT, 2) else len(DATA)
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = 1_700_000_000 * 10**9
+        a.attr_timeout = 0 if ino == 2 else timeout  # inode 2: the stat loop's file
+        a.entry_timeout = timeout
+        return a
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode, 60)
+
+    async def lookup(self, parent, name, ctx=None):
+        if name == b"stat":
+            return self._attrs(2, 60)
+        ino = self.names.get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(ino, 60)
+
+    async def create(self, parent, name, mode, flags, ctx):
+        self.names[name] = self.next_ino
+        self.next_ino += 1
+        self.fh += 1
+        return pyfuse3.FileInfo(fh=self.fh, keep_cache=True), self._attrs(self.names[name], 60)
+
+    async def open(self, inode, flags, ctx):
+        self.fh += 1
+        return pyfuse3.FileInfo(fh=self.fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return DATA[off:off + size]
+
+    async def write(self, fh, off, buf):
+        return len(buf)
+
+    async def flush(self, fh):
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh):
+        pass
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+
+def serve(mnt: str, small_files: int) -> None:
+    pyfuse3.init(NullFs(small_files), mnt, set(pyfuse3.default_options) | {"fsname=nullfs"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def measure(mnt: str, files: int) -> None:
+    n = 20000
+    t = time.perf_counter()
+    for _ in range(n):
+        os.stat(os.path.join(mnt, "stat"))
+    print(f"getattr round trip (os.stat, attributes not cached): {(time.perf_counter() - t) / n * 1e6:.0f} us")
+
+    t = time.perf_counter()
+    for i in range(2000):
+        with open(os.path.join(mnt, "new%05d" % i), "wb") as f:
+            f.write(DATA)
+    print(f"create 2000 x 4 KiB files: {2000 / (time.perf_counter() - t):,.0f} files/s")
+
+    names = [os.path.join(mnt, "f%05d" % i) for i in range(files)]
+    for rep in ("first", "warm"):
+        t = time.perf_counter()
+        for path in names:
+            with open(path, "rb") as f:
+                f.read()
+        print(f"read {files} x 4 KiB files, {rep}: {files / (time.perf_counter() - t):,.0f} files/s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=10000, help="small files to read (default 10000)")
+    args = p.parse_args()
+    mnt = tempfile.mkdtemp(prefix="fuse-floor-")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            serve(mnt, args.files)
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline:
+                print("the null filesystem did not mount", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        print(f"pyfuse3 {pyfuse3.__version__ if hasattr(pyfuse3, '__version__') else ''}, "
+              f"{os.cpu_count()} CPUs; a filesystem that does nothing:")
+        measure(mnt, args.files)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+        os.waitpid(pid, 0)
+        os.rmdir(mnt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
