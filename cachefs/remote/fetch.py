@@ -2,9 +2,9 @@
 
 Owns: the one blocking function that reads a byte range from the remote and writes it
 into a content file (``fetch_into``), and ``FetchPool``, a small pool of processes that
-run it with SSH connections of their own. paramiko does its cryptography in Python
-threads under the GIL, so one process tops out near 130 MB/s however many threads it
-has; several processes read a large file at the speed of the link.
+run it with SSH connections of their own. paramiko handles its packets in Python under
+the GIL, so threads of one process do not add up (one process: 280-350 MiB/s with
+AES-GCM here); several processes read a large file at the speed of the link.
 Must not touch: the index (the caller records what was fetched), trio, FUSE.
 """
 
