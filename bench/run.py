@@ -474,9 +474,6 @@ class Bench:
         os.sync()
         log(f"share filled in {time.perf_counter() - t0:.1f} s ({du_bytes(share) / MiB:.0f} MiB)")
 
-    def cleanup_scratch(self, rel: str) -> None:
-        shutil.rmtree(self.server.share / rel, ignore_errors=True)
-
     # -- running ----------------------------------------------------------------------
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -514,7 +511,9 @@ class Bench:
             for k in keys:
                 self.error(k, peer, msg)
         finally:
-            self.cleanup_scratch(self.scratch(tag))
+            # Scratch folders stay until the work folder goes at the end: on an ext4 without
+            # a journal (this project's VM) the allocator skips inodes freed in the last
+            # minutes, so deleting one measurement's files made the next one's creates pay.
             if peer != "share" and mount.log_path.exists():
                 text = mount.log_path.read_text(errors="replace")
                 if "Traceback" in text or " ERROR " in text:
@@ -1020,6 +1019,9 @@ Peers: {versions()}.
   empty `--cache-dir`; sshfs `-f`; `rclone mount --vfs-cache-mode full` with an empty cache;
   `share` is the directory itself, the physical limit) and unmounts it (`fusermount3 -u -z`).
   "Cold" also drops the kernel page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`).
+  Each measurement writes in a folder of its own, removed only with the whole work folder at
+  the end: on an ext4 without a journal (this project's VM) the inode allocator skips inodes
+  freed in the last minutes, so a clean-up made the next measurement's file creates slower.
 - Each figure is the median of {b.args.repeats} runs (peers interleaved per run); a figure
   with fewer good runs shows `(good/total)`. Ratios are cachefs/peer of the medians: for ↑
   figures >1 means cachefs is faster, for ↓ figures (times) <1 means cachefs is faster.
