@@ -50,6 +50,7 @@ from paramiko.sftp import (
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSETSTAT,
     CMD_FSTAT,
     CMD_HANDLE,
     CMD_INIT,
@@ -64,11 +65,15 @@ from paramiko.sftp import (
     CMD_RENAME,
     CMD_STATUS,
     CMD_VERSION,
+    CMD_WRITE,
     SFTP_BAD_MESSAGE,
     SFTP_CONNECTION_LOST,
     SFTP_EOF,
     SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
     SFTP_FLAG_READ,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
     SFTP_NO_CONNECTION,
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
@@ -100,6 +105,7 @@ CHANNEL_MAX_PACKET = 32768  # largest SSH data packet we ask the server to send
 PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 PREFERRED_MACS: tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 WRITE_CHUNK = 32 * 1024
+SMALL_UPLOAD = 256 * 1024  # files up to this size are uploaded in two round trips
 DEFAULT_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
 #: Returned when the server lacks statvfs@openssh.com: 1 TiB free, plausible and harmless.
 FALLBACK_SPACE = SpaceInfo(
@@ -302,6 +308,49 @@ class _SftpSession(paramiko.SFTPClient):
                     results[i] = _StatusError(SFTP_FAILURE, "incomplete reply")
         return results
 
+    def write_small_file(self, temp: bytes, final: bytes, data: bytes, attrs: SFTPAttributes,
+                         fsync: bool) -> SFTPAttributes:
+        """A whole small file in three round trips: OPEN; then the WRITEs, FSETSTAT, the
+        fsync and CLOSE sent at once (the server runs one channel's requests in order);
+        then, only if all of them succeeded, a posix-rename of ``temp`` over ``final`` with
+        an LSTAT of it. The first error is raised; the caller removes ``temp``."""
+        handle = self._open_for_write(temp)
+        collector = _Collector()
+        steps = [self._async_request(collector, CMD_WRITE, handle, int64(off), data[off:off + WRITE_CHUNK])
+                 for off in range(0, len(data), WRITE_CHUNK)]
+        steps.append(self._async_request(collector, CMD_FSETSTAT, handle, attrs))
+        if fsync:
+            steps.append(self._async_request(collector, CMD_EXTENDED, b"fsync@openssh.com", handle))
+        steps.append(self._async_request(collector, CMD_CLOSE, handle))
+        self._collect(collector, len(steps))
+        self._check_statuses(collector, steps)
+        collector.replies.clear()
+        rename = self._async_request(collector, CMD_EXTENDED, b"posix-rename@openssh.com", temp, final)
+        lstat = self._async_request(collector, CMD_LSTAT, final)
+        self._collect(collector, 2)
+        self._check_statuses(collector, [rename])
+        t, msg = collector.replies[lstat]
+        if t != CMD_ATTRS:
+            raise self._status_error(t, msg)
+        return SFTPAttributes._from_msg(msg)
+
+    def _check_statuses(self, collector: "_Collector", nums: list[int]) -> None:
+        """Raise the first error among these requests' STATUS replies (in sending order)."""
+        for num in nums:
+            t, msg = collector.replies[num]
+            if t != CMD_STATUS:
+                raise _StatusError(SFTP_FAILURE, "unexpected reply")
+            code = msg.get_int()
+            if code != SFTP_OK:
+                raise _StatusError(code, msg.get_string().decode("utf-8", "replace"))
+
+    def _open_for_write(self, path: bytes) -> bytes:
+        t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
+                               SFTPAttributes())
+        if t != CMD_HANDLE:
+            raise SFTPError("expected a handle")
+        return msg.get_binary()
+
     def _collect(self, collector: "_Collector", count: int) -> None:
         while len(collector.replies) < count:
             self._read_response()
@@ -365,6 +414,15 @@ class _SftpSession(paramiko.SFTPClient):
         while pos < eof_at and pos in received:
             pos += received[pos]
         return min(pos, offset + length) - offset
+
+
+def _read_upto(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``stream``: fewer only at its end."""
+    parts, got = [], 0
+    while got < limit and (chunk := stream.read(limit - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _unpack_string(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -990,6 +1048,14 @@ class SftpRemote(Remote):
 
         def put(sftp: _SftpSession) -> RemoteStat:
             try:
+                with open_source(source) as stream:
+                    data = _read_upto(stream, SMALL_UPLOAD + 1)
+                if len(data) <= SMALL_UPLOAD and self._has(b"posix-rename@openssh.com"):
+                    attrs = paramiko.SFTPAttributes()
+                    attrs.st_mode = stat_mod.S_IMODE(mode)
+                    if times is not None:
+                        attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
+                    return _to_stat(sftp.write_small_file(temp, full, data, attrs, fsync))
                 with open_source(source) as stream, sftp.open(temp, "wb") as out:
                     out.set_pipelined(True)
                     while chunk := stream.read(WRITE_CHUNK * 32):
