@@ -21,6 +21,8 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
     ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
     journal   seq u64 -> operation (written by the sync manager's journal; empty until then)
     conflicts id u64 -> conflict record
+    links     ino u64 + entry key -> b""   (the names of hard-linked files; may hold
+              stale names, which readers check against entries)
 
 Node records are ``struct`` packed with a leading record version so a cache written by
 another release is refused with a clear message instead of being misread.
