@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.mount import REPO, fusermount_unmount, is_mounted, status
+from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_control import (
     MiB, change_on_server, conflict_copies, go_offline, read, state, wait_for, write,
 )
@@ -239,8 +240,11 @@ def big_share(share: Path) -> Path:
     return folder
 
 
-def test_pin_progress_on_a_terminal(mount_factory, big_share: Path) -> None:
-    with mount_factory(timeout="5") as mount:
+def test_pin_progress_on_a_terminal(mount_factory, sshd, big_share: Path, tmp_path: Path) -> None:
+    # Through a link of 8 MB/s a connection, so that the pin lasts long enough to draw.
+    with TcpProxy(sshd.host, sshd.port) as proxy, \
+            proxied(mount_factory, sshd, proxy, tmp_path, timeout="5") as mount:
+        proxy.throttle(8e6)
         mnt = mount.mountpoint
         code, output = run_on_pty([CACHEFS, "pin", "big"], cwd=mnt)
         assert code == 0, output

@@ -26,20 +26,12 @@ import pytest
 
 from cachefs.devserver import SshServer
 from tests.fixtures.mount import MountError, run_with_timeout, status
-from tests.fixtures.proxy import TcpProxy
+from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,
                                wait_for, wait_state, write_file)
 
 READ_ERRNOS = {errno.EHOSTDOWN, errno.EIO, errno.ETIMEDOUT}
 CHUNK = 1 << 20
-
-
-def proxied(mount_factory, sshd: SshServer, proxy: TcpProxy, tmp_path: Path, **kw):
-    known_hosts = tmp_path / "known_hosts_proxy"
-    key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
-    known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
-    remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
-    return mount_factory(remote=remote, known_hosts=known_hosts, **kw)
 
 
 class ChunkReader(threading.Thread):
