@@ -613,3 +613,33 @@ def test_random_offline_sequences_replay_to_model(mount_factory, share: Path, tm
         assert next(counter) >= 10, "hypothesis ran too few examples"
         assert status(mnt)["conflicts"] == 0
         assert no_temp_leftovers(share) == []
+
+
+def test_listings_show_current_sizes_after_changes_here_and_there(mount_factory, share: Path) -> None:
+    """Folder listings are kept between walks while nothing changed: a change made here
+    (a write, a create) or on the server must show in the next walk's sizes and names."""
+    (share / "d").mkdir()
+    for i in range(5):
+        (share / "d" / f"f{i}").write_bytes(b"x" * 10)
+
+    def sizes(folder: Path) -> dict[str, int]:
+        with os.scandir(folder) as it:
+            return {e.name: e.stat(follow_symlinks=False).st_size for e in it}
+
+    with mount_factory() as mount:
+        d = mount.mountpoint / "d"
+        assert sizes(d) == {f"f{i}": 10 for i in range(5)}
+        assert sizes(d) == {f"f{i}": 10 for i in range(5)}  # the kept listing
+        with open(d / "f1", "ab") as f:  # here
+            f.write(b"y" * 90)
+        write_file(d / "new", b"z" * 7)
+        time.sleep(1.5)  # past the attribute timeout: the kernel asks again
+        want = {f"f{i}": 10 for i in range(5)} | {"f1": 100, "new": 7}
+        assert sizes(d) == want
+        wait_for(lambda: status(mount.mountpoint)["pending"] == 0, 10.0, "the changes on the server")
+        (share / "d" / "f3").write_bytes(b"w" * 33)  # there
+        (share / "d" / "f4").unlink()
+        time.sleep(1.5)
+        want = want | {"f3": 33}
+        del want["f4"]
+        assert sizes(d) == want

@@ -90,6 +90,9 @@ class Cache:
         self._fetch_errors: dict[tuple[int, int], BaseException] = {}
         self._open_count: dict[int, int] = {}
         self._read_buffers: list[bytearray] = []  # free buffers of large reads
+        #: folder -> (its listing generation, children) (see _children)
+        self._children_memo: dict[int, tuple[int, list[Node]]] = {}
+        self._children_gen = -1
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._nursery: trio.Nursery | None = None
@@ -195,7 +198,7 @@ class Cache:
         if refresh and self.conn.online:
             self._listed_at.pop(ino, None)
         await self._ensure_listing(node)
-        children = self.store.children(ino)
+        children = self._children(ino)
         if prefetch_subfolders and self.conn.online and self._nursery is not None:
             # A program reading a folder (ls -R, find, du, a build) usually goes on into
             # its subfolders: list the stale ones now, side by side, in the background.
@@ -204,6 +207,23 @@ class Cache:
             for child in stale[:SUBFOLDER_PREFETCH]:
                 self._prefetching.add(child.ino)
                 self._nursery.start_soon(self._prefetch_listing, child)
+        return children
+
+    def _children(self, ino: int) -> list[Node]:
+        """``store.children``, kept while nothing that could change it was written since:
+        no write transaction but the refresh of other folders' listings (a program that
+        walks a tree again, find or make, lists the same folders: reading and unpacking
+        every entry was most of an opendir). Callers must not change the nodes."""
+        if self._children_gen != self.store.generation:
+            self._children_memo.clear()
+            self._children_gen = self.store.generation
+        folder_gen = self.store.folder_generation.get(ino, 0)
+        kept = self._children_memo.get(ino)
+        if kept is not None and kept[0] == folder_gen:
+            return kept[1]
+        children = self.store.children(ino)
+        if len(children) <= 4096 and len(self._children_memo) < 512:
+            self._children_memo[ino] = (folder_gen, children)
         return children
 
     async def _prefetch_listing(self, node: Node) -> None:

@@ -197,6 +197,10 @@ class Store:
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
         self.env = None
         self._removals: list[int] = []
+        #: bumped by every write transaction: what was read before is still true while
+        #: it has not moved (``Cache`` keeps folder listings on that condition)
+        self.generation = 0
+        self.folder_generation: dict[int, int] = {}
         self.data_dir = cache_dir / "data"
         self._data_prefix = f"{self.data_dir}/"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -280,17 +284,28 @@ class Store:
         self.env.close()
         os.close(self._lock_fd)
 
-    def run_write(self, fn) -> object:
+    def run_write(self, fn, folders: Callable[[], set[int] | None] | None = None) -> object:
         """Run ``fn(txn)`` in one write transaction, growing the map once if it is full.
 
         Content files that the transaction removes (``remove_after_commit``) go only once
         it has committed: a crash in between must not leave a node without its content.
+
+        ``folders()``, asked after the commit: the only folders whose listings (entries, or
+        the nodes listed in them) the transaction changed, if the caller knows
+        (``apply_listing``); otherwise (None) every listing read before counts as changed
+        (``generation``).
         """
         for attempt in range(2):
             self._removals = []
             try:
                 with self.env.begin(write=True) as txn:
                     result = fn(txn)
+                touched = folders() if folders is not None else None
+                if touched is None:
+                    self.generation += 1
+                else:
+                    for folder in touched:
+                        self.folder_generation[folder] = self.folder_generation.get(folder, 0) + 1
             except lmdb.MapFullError:
                 if attempt:
                     raise
@@ -425,8 +440,13 @@ class Store:
         invalidate kernel caches.
         """
         delta = ListingDelta()
+        # Listings this changes: the folder's, its parent's (the folder's own node), and
+        # any folder dropped with its subtree; a hard-linked node, listed elsewhere too,
+        # makes it "all" (None).
+        folders: set[int] | None = {parent}
 
         def txn_fn(txn) -> None:
+            nonlocal folders
             prefix = _U64.pack(parent)
             existing: dict[bytes, int] = {}
             cur = txn.cursor(db=self.entries)
@@ -452,6 +472,8 @@ class Store:
                     ino = self._new_ino(txn)
                     txn.put(self._ekey(parent, name), self._evalue(ino, name), db=self.entries)
                 node = make_node(ino, parent, name, rstat, old)
+                if old is not None and old.nlink > 1 and not old.is_dir:
+                    folders = None
                 if old is not None and old.base is not None and node.base != old.base:
                     delta.changed.append(node)
                 txn.put(_key(ino), self._pack(node), db=self.nodes)
@@ -463,6 +485,7 @@ class Store:
                 txn.delete(self._ekey(parent, name), db=self.entries)
                 if node is not None and node.nlink > 1 and not node.is_dir:
                     # One name of a hard-linked file went away; the node lives on.
+                    folders = None
                     node.nlink -= 1
                     if (node.parent, node.name) == (parent, name):
                         others = Txn(self, txn).names_of(ino)
@@ -472,16 +495,20 @@ class Store:
                 elif node is not None:
                     delta.removed.append(node)
                     self._drop_node(txn, node)
+            if folders is not None:
+                folders.update(n.ino for n in delta.removed if n.is_dir)
             pdata = txn.get(_key(parent), db=self.nodes)
             if pdata is not None:
                 pnode = self._unpack(parent, pdata)
+                if folders is not None:
+                    folders.add(pnode.parent)
                 subdirs = sum(1 for _name, rstat in listing if stat_mod.S_ISDIR(rstat.mode))
                 if not pnode.has(LISTED) or pnode.nlink != 2 + subdirs:
                     pnode.flags |= LISTED
                     pnode.nlink = 2 + subdirs  # as a local filesystem counts them
                     txn.put(_key(parent), self._pack(pnode), db=self.nodes)
 
-        self.run_write(txn_fn)
+        self.run_write(txn_fn, folders=lambda: folders)
         return delta
 
     def _drop_node(self, txn, node: Node) -> None:
