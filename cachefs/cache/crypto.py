@@ -126,8 +126,10 @@ class PlainContent:
         os.ftruncate(fd, size)
 
     def reader(self, fd: int, size: int) -> BinaryIO:
-        """A readable stream of the plain content (the caller keeps ``fd`` open)."""
-        return open(f"/proc/self/fd/{fd}", "rb")
+        """A readable stream of the first ``size`` bytes (the caller keeps ``fd`` open).
+        The file may be longer: a kill -9 between a write's pwrite and the commit of the
+        node's new size leaves bytes the index never recorded, and they must not be sent."""
+        return _PlainReader(fd, size)  # type: ignore[return-value]
 
 
 class SealedContent(PlainContent):
@@ -206,6 +208,22 @@ class SealedContent(PlainContent):
 
     def reader(self, fd: int, size: int) -> BinaryIO:
         return _SealedReader(self, fd, size)
+
+
+class _PlainReader(io.RawIOBase):
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._pos)
+        self._pos += got
+        return got
 
 
 class _SealedReader(io.RawIOBase):
