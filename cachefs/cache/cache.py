@@ -44,6 +44,7 @@ SUBFOLDER_PREFETCH = 64  # subfolders listed ahead when a folder is read
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
+MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see _children)
 THREAD_READ = 256 << 10  # reads at least this large copy in a worker thread
 READ_BUFFER = 1 << 20  # the largest read FUSE sends (max_pages 256)
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
@@ -93,6 +94,7 @@ class Cache:
         #: folder -> (its listing generation, children) (see _children)
         self._children_memo: dict[int, tuple[int, list[Node]]] = {}
         self._children_gen = -1
+        self._children_kept = 0  # nodes held in _children_memo
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._nursery: trio.Nursery | None = None
@@ -216,13 +218,15 @@ class Cache:
         every entry was most of an opendir). Callers must not change the nodes."""
         if self._children_gen != self.store.generation:
             self._children_memo.clear()
+            self._children_kept = 0
             self._children_gen = self.store.generation
         folder_gen = self.store.folder_generation.get(ino, 0)
         kept = self._children_memo.get(ino)
         if kept is not None and kept[0] == folder_gen:
             return kept[1]
         children = self.store.children(ino)
-        if len(children) <= 4096 and len(self._children_memo) < 512:
+        if self._children_kept + len(children) <= MEMO_NODES:
+            self._children_kept += len(children) - (len(kept[1]) if kept else 0)
             self._children_memo[ino] = (folder_gen, children)
         return children
 
