@@ -1010,6 +1010,9 @@ Produced by `{command}` (README: `scripts/run bench`) on {_dt.datetime.now().str
 in {(time.monotonic() - started) / 60:.1f} min.
 Machine: {machine_line()}. A shared, noisy machine: treat differences under ~20 % as noise.
 Peers: {versions()}.
+The targets of issue 6, where each stands and what bounds it: [performance-targets.md](performance-targets.md)
+(`bench/fuse_floor.py` measures a do-nothing pyfuse3 filesystem, the floor under the
+figures counted in FUSE requests).
 
 ## Method
 - One private OpenSSH `sshd` on 127.0.0.1 (`cachefs.devserver.SshServer`) serves a share in a
