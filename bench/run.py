@@ -937,7 +937,7 @@ def chart(b: Bench, metrics: list[Metric], path: Path) -> str:
             for mt in chosen:
                 c = statistics.median(b.samples[mt.key]["cachefs"])
                 o = b.samples[mt.key].get(p)
-                if not o:
+                if not o or statistics.median(o) <= 1e-3:  # as the table: no ratio to ~0
                     vals.append(0)
                     continue
                 o = statistics.median(o)
