@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import os
 import platform
 import random
@@ -46,7 +45,9 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cachefs.devserver import SshServer  # noqa: E402
+from cachefs.cli import read_status  # noqa: E402
+from cachefs.devserver import SshServer, descendants  # noqa: E402
+from cachefs.mounts import is_mounted  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = MiB
@@ -61,43 +62,6 @@ STOP_TIMEOUT = 40.0  # cachefs replays pending changes for up to 30 s on unmount
 # -- small helpers ------------------------------------------------------------------------
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _unescape(field_: str) -> str:
-    import re
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and _unescape(parts[4]) == target:
-                return True
-    return False
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2:].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def proc_status(pid: int, key: str) -> int | None:
@@ -149,10 +113,6 @@ def write_control(mnt: Path, command: str) -> None:
         os.write(fd, command.encode())
     finally:
         os.close(fd)
-
-
-def read_status(mnt: Path) -> dict:
-    return json.loads((mnt / ".cachefs" / "status").read_text())
 
 
 class Skip(Exception):

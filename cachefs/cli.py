@@ -23,9 +23,8 @@ from . import __version__
 from .address import RemoteAddress, parse_remote
 from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
-
-DEFAULT_READAHEAD = 1 << 20  # the largest request FUSE sends (max_pages 256)
 from .cache.store import StoreError, check_private_dir
+from .mounts import DEFAULT_READAHEAD
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
 

@@ -12,7 +12,6 @@ import fcntl
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
+from .mounts import DEFAULT_READAHEAD, set_readahead
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
@@ -52,7 +52,7 @@ class MountConfig:
     heartbeat: float = 10.0
     cache_size: int = DEFAULT_CACHE_SIZE
     sync_interval: float = 300.0
-    readahead: int = 1 << 20  # the largest request FUSE sends (max_pages 256)
+    readahead: int = DEFAULT_READAHEAD
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
@@ -99,46 +99,9 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    """"major:minor" of the filesystem mounted on ``mountpoint``, from mountinfo (a stat
-    of the mount point would ask this very process, which is not serving yet)."""
-    want = str(mountpoint)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4 and _unescape(fields[4]) == want:
-            found = fields[2]  # the last mount on that path is ours
-    return found
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def set_readahead(mountpoint: Path, size: int) -> None:
-    """The kernel reads a FUSE file ahead in requests of at most its bdi's readahead
-    (128 KiB by default): with 1 MiB, a sequential read costs 8 times fewer round trips
-    through pyfuse3. Only root may change it; others keep the default."""
-    device = _mount_device(mountpoint)
-    if device is None:
-        return
-    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
-    try:
-        path.write_text(str(max(4, size // 1024)))
-    except OSError as exc:
-        log.debug("readahead left at the kernel's default (%s: %s)", path, exc.strerror)
-    else:
-        log.debug("readahead of %s set to %d KiB", mountpoint, size // 1024)
-
-
 async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
     # The kernel caps the readahead when it gets the reply to FUSE_INIT: set it after.
-    while not ops.initialized:
-        await trio.sleep(0.01)
+    await ops.initialized.wait()
     set_readahead(config.mountpoint, config.readahead)
 
 
@@ -226,7 +189,6 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
     except StoreError as exc:
         raise MountError(str(exc)) from exc
     remote = open_remote(config.address, config.connect)
-    closers: list = []
     try:
         conn = Connectivity(remote, heartbeat=config.heartbeat)
         try:
@@ -283,8 +245,6 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
         log.info("unmounted %s", config.mountpoint)
         return 0
     finally:
-        for close in closers:
-            close()
         remote.close()
         store.close()
 

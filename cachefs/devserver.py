@@ -72,7 +72,8 @@ def _children(pid: int) -> list[int]:
     return result
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """PIDs below ``pid``: its children, theirs, and so on."""
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -220,7 +221,7 @@ class SshServer:
         self._process = None
         if process.poll() is None:
             # the per-connection children first, so that clients see their connections end
-            sessions = _descendants(process.pid)
+            sessions = descendants(process.pid)
             process.send_signal(signal.SIGTERM)
             for pid in sessions:
                 try:

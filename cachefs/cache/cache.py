@@ -288,7 +288,7 @@ class Cache:
         delta = self.store.apply_listing(ino, kept, node_from_remote)
         now = time.monotonic()
         self._listed_at[ino] = now
-        for child in self.store.children(ino):
+        for child in self._children(ino):  # (kept: the opendir that asked reads it next)
             self._checked_at[child.ino] = now
         self._prefetched.discard(ino)
         self._small_reads.pop(ino, None)
@@ -656,7 +656,7 @@ class Cache:
             return
         chosen: list[Node] = []
         total = 0
-        for child in self.store.children(folder):
+        for child in self._children(folder):
             if not child.is_file or not 0 < child.size <= SMALL_FILE or child.flags & (FULL | DIRTY):
                 continue
             if (child.ino, 0) in self._inflight or child.ino in self._ranges or self.store.get_ranges(child.ino):

@@ -101,19 +101,13 @@ class PlainContent:
         view = memoryview(self._buffer)[:size]
         try:
             done = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
-        except (BlockingIOError, OSError):  # EAGAIN; EOPNOTSUPP on filesystems without it
-            return None
+        except OSError:  # EAGAIN; EOPNOTSUPP where there is no RWF_NOWAIT; a real error
+            return None  # shows again in the thread's pread
         return view if done == size else None
 
     def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
         """Blocking: fill ``view`` from ``offset`` (short only at the end of the file)."""
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-        return done
+        return _pread_fill(fd, view, offset)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         view = memoryview(data)
@@ -210,6 +204,16 @@ class SealedContent(PlainContent):
         return _SealedReader(self, fd, size)
 
 
+def _pread_fill(fd: int, view: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
+
+
 class _PlainReader(io.RawIOBase):
     def __init__(self, fd: int, size: int) -> None:
         self._fd, self._size, self._pos = fd, size, 0
@@ -218,12 +222,11 @@ class _PlainReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._pos)
-        self._pos += got
-        return got
+        """Fills ``buffer`` up to the size, short only at the file's end (callers such as
+        ``_read_content`` read once, and one preadv stops at 2 GiB)."""
+        done = _pread_fill(self._fd, memoryview(buffer)[:max(0, self._size - self._pos)], self._pos)
+        self._pos += done
+        return done
 
 
 class _SealedReader(io.RawIOBase):

@@ -11,15 +11,17 @@ Must not touch: the index (the caller records what was fetched), trio, FUSE.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
 import multiprocessing
 import os
-from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from .base import Remote, RemoteUnreachable
+from .base import Remote, RemoteError, RemoteUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,14 +152,10 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *ar
     is as expected (absent for a file created here, at ``base`` for a changed one).
     ("uploaded", new version), or ("changed", what is there) / ("gone", None) for the
     caller to settle (a conflict, a re-created file)."""
-    import errno as _errno
-
-    from .base import RemoteError
-
     try:
         current = remote.stat(args[1])
     except RemoteError as exc:
-        if exc.errno not in (_errno.ENOENT, _errno.ENOTDIR):
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
         current = None
     if current is not None and (created or current.version() != base):
@@ -186,8 +184,6 @@ class FetchPool:
     """Processes that fetch content, each with one SSH connection (opened on first use)."""
 
     def __init__(self, address: Any, options: Any, key: bytes | None, processes: int) -> None:
-        from dataclasses import replace
-
         self._args = (address, replace(options, connections=1), key)
         self.processes = max(1, processes)
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None

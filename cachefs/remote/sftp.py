@@ -105,7 +105,7 @@ CHANNEL_MAX_PACKET = 32768  # largest SSH data packet we ask the server to send
 PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 PREFERRED_MACS: tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 WRITE_CHUNK = 32 * 1024
-SMALL_UPLOAD = 256 * 1024  # files up to this size are uploaded in two round trips
+SMALL_UPLOAD = 256 * 1024  # files up to this size are uploaded in three round trips
 DEFAULT_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
 #: Returned when the server lacks statvfs@openssh.com: 1 TiB free, plausible and harmless.
 FALLBACK_SPACE = SpaceInfo(
@@ -1048,26 +1048,24 @@ class SftpRemote(Remote):
 
         def put(sftp: _SftpSession) -> RemoteStat:
             try:
+                attrs = paramiko.SFTPAttributes()  # mode and times in one request
+                attrs.st_mode = stat_mod.S_IMODE(mode)
+                if times is not None:
+                    attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
                 with open_source(source) as stream:
-                    data = _read_upto(stream, SMALL_UPLOAD + 1)
-                if len(data) <= SMALL_UPLOAD and self._has(b"posix-rename@openssh.com"):
-                    attrs = paramiko.SFTPAttributes()
-                    attrs.st_mode = stat_mod.S_IMODE(mode)
-                    if times is not None:
-                        attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
-                    return _to_stat(sftp.write_small_file(temp, full, data, attrs, fsync))
-                with open_source(source) as stream, sftp.open(temp, "wb") as out:
-                    out.set_pipelined(True)
-                    while chunk := stream.read(WRITE_CHUNK * 32):
-                        out.write(chunk)
-                    out.flush()
-                    attrs = paramiko.SFTPAttributes()  # mode and times in one request
-                    attrs.st_mode = stat_mod.S_IMODE(mode)
-                    if times is not None:
-                        attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
-                    sftp._request(paramiko.sftp.CMD_FSETSTAT, out.handle, attrs)
-                    if fsync:
-                        sftp.extended(b"fsync@openssh.com", out.handle)
+                    head = _read_upto(stream, SMALL_UPLOAD + 1)
+                    if len(head) <= SMALL_UPLOAD and self._has(b"posix-rename@openssh.com"):
+                        return _to_stat(sftp.write_small_file(temp, full, head, attrs, fsync))
+                    with sftp.open(temp, "wb") as out:
+                        out.set_pipelined(True)
+                        chunk = head
+                        while chunk:
+                            out.write(chunk)
+                            chunk = stream.read(WRITE_CHUNK * 32)
+                        out.flush()
+                        sftp._request(CMD_FSETSTAT, out.handle, attrs)
+                        if fsync:
+                            sftp.extended(b"fsync@openssh.com", out.handle)
                 self._rename_over(sftp, temp, full)
             except _StatusError:
                 try:

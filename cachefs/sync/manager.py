@@ -440,12 +440,12 @@ class SyncManager:
             # connection stopped it, and it had landed (its size and mtime are there).
             ours = earlier is not None and stat_mod.S_ISREG(remote.mode) \
                 and remote.size == earlier[0] and _same_second(remote.mtime_ns, earlier[1])
-            if ours and (node.size, node.mtime_ns // 10**9) != (earlier[0], earlier[1] // 10**9):
-                pass  # our older upload is there, and the file changed here since: send it again
-            elif ours or await self._same_content(node, op.path, remote):
-                self._finish(op, self._agree(op.ino, remote, gen))
-                return 0
-            else:
+            # Our older upload is there but the file changed here since: send it again.
+            resend = ours and (node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))
+            if not resend:
+                if ours or await self._same_content(node, op.path, remote):
+                    self._finish(op, self._agree(op.ino, remote, gen))
+                    return 0
                 return await self._keep_both(op, node, remote, gen)
         try:
             try:

@@ -1,0 +1,67 @@
+"""What the kernel says about mounts, and the one setting cachefs makes on its own.
+
+Owns: reading ``/proc/self/mountinfo`` (never a stat of the mount point: that would ask
+the mount's daemon, which may be this very process not serving yet, or a stuck one), and
+the readahead of a FUSE mount's bdi. Imports nothing of FUSE, so the ``cachefs`` command
+and the benchmark use it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READAHEAD = 1 << 20  # the largest request FUSE sends (max_pages 256)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> Iterator[tuple[str, str]]:
+    """(device "major:minor", mount point) of every mount this process sees, in order."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    yield fields[2], _unescape(fields[4])
+    except OSError:
+        return
+
+
+def device_of(mountpoint: Path | str) -> str | None:
+    """The device of the last (topmost) mount on ``mountpoint``, or None. The path is
+    made absolute but not resolved: resolving would stat the mount point."""
+    want = os.path.abspath(mountpoint)
+    found = None
+    for device, point in mounts():
+        if point == want:
+            found = device
+    return found
+
+
+def is_mounted(path: Path | str) -> bool:
+    return device_of(path) is not None
+
+
+def set_readahead(mountpoint: Path, size: int) -> None:
+    """The kernel reads a FUSE file ahead in requests of at most its bdi's readahead
+    (128 KiB by default): with 1 MiB, a sequential read costs 8 times fewer round trips
+    through pyfuse3. Only root may change it; others keep the default."""
+    device = device_of(mountpoint)
+    if device is None:
+        return
+    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
+    try:
+        path.write_text(str(max(4, size // 1024)))
+    except OSError as exc:
+        log.debug("readahead left at the kernel's default (%s: %s)", path, exc.strerror)
+    else:
+        log.debug("readahead of %s set to %d KiB", mountpoint, size // 1024)
