@@ -29,7 +29,7 @@ from .control import Control
 from .fs import KernelNotifier, Operations
 from .mounts import DEFAULT_READAHEAD, set_readahead
 from .remote import ConnectOptions, RemoteRefused, open_remote
-from .remote.fetch import FetchPool, fetch_into, fetch_many_into, upload_file, upload_unless_changed
+from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
 from .sync.manager import SyncManager
 
@@ -211,6 +211,7 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
         if fetch_pool is not None:
             cache.fetcher = fetch_pool.bind(fetch_into)
             cache.batch_fetcher = fetch_pool.bind(fetch_many_into)
+            cache.background_lister = fetch_pool.bind(list_folder)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
         if fetch_pool is not None:

@@ -315,6 +315,34 @@ def test_offline_after_server_stops(tmp_path: Path, sshd: SshServer, share: Path
         assert status(mnt)["last_error"]
 
 
+def test_subfolders_are_listed_ahead(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    """Reading a folder lists its subfolders in the background (in the transfer
+    processes), before anything opens them: they can be walked once the server is gone."""
+    names = {}
+    for d in range(40):
+        folder = share / "tree" / f"d{d:02d}"
+        folder.mkdir(parents=True)
+        names[folder.name] = {f"f{i}.txt" for i in range(d % 4)}
+        for name in names[folder.name]:
+            (folder / name).write_bytes(name.encode())
+        (folder / "sub").mkdir()
+        names[folder.name].add("sub")
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd), *OFFLINE_ARGS,
+               "--attr-timeout", "60", allowed_errors=OFFLINE_LOG):
+        assert sorted(ok(lambda: os.listdir(mnt / "tree"))) == sorted(names)
+        deadline = time.monotonic() + 20
+        pending = set(names)
+        while pending and time.monotonic() < deadline:
+            pending = {n for n in pending
+                       if ok(lambda n=n: os.getxattr(mnt / "tree" / n, STATE_XATTR)) != b"cached"}
+            time.sleep(0.1)
+        assert not pending, f"subfolders not listed ahead within 20 s: {sorted(pending)}"
+        sshd.stop()
+        for name, expected in names.items():
+            assert set(ok(lambda n=name: os.listdir(mnt / "tree" / n))) == expected, name
+
+
 # -- 4. offline: silent network loss --------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ design: after a restart everything is revalidated once.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -40,7 +41,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 
 log = logging.getLogger(__name__)
 
-SUBFOLDER_PREFETCH = 64  # subfolders listed ahead when a folder is read
+SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
@@ -112,9 +113,16 @@ class Cache:
         self.fetcher: Callable[..., int] = partial(fetch_into, self.remote, store.content)
         #: blocking [(expected, path, content path, size)] -> [bytes fetched or None]
         self.batch_fetcher: Callable[..., list] = partial(fetch_many_into, self.remote, store.content)
+        #: blocking path -> listing, for folders listed ahead of a reader: handed on to the
+        #: worker processes when there are some (parsing a listing is GIL-bound work)
+        self.background_lister: Callable[[bytes], list] = self.remote.listdir
         self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
         self._prefetching: set[int] = set()  # folders being listed ahead of a reader
-        self._listing_slots = trio.CapacityLimiter(max(1, int(conn.limiter.total_tokens) - 1))
+        #: folders to list ahead of a reader, the next one first: consumed by as many
+        #: listers as there are connections but one (short calls find one free)
+        self._listing_queue: collections.deque[Node] = collections.deque()
+        self._listing_lot = trio.lowlevel.ParkingLot()
+        self._listers = max(1, int(conn.limiter.total_tokens) - 1)
         self._prefetched: set[int] = set()  # folders whose small files were prefetched
         self._last_use: dict[int, float] = {}
 
@@ -125,6 +133,8 @@ class Cache:
             self._nursery = nursery
             task_status.started()
             nursery.start_soon(self._list_root)
+            for _ in range(self._listers):
+                nursery.start_soon(self._list_ahead)
             try:
                 while True:
                     await trio.sleep(self.config.checkpoint_interval)
@@ -203,12 +213,15 @@ class Cache:
         children = self._children(ino)
         if prefetch_subfolders and self.conn.online and self._nursery is not None:
             # A program reading a folder (ls -R, find, du, a build) usually goes on into
-            # its subfolders: list the stale ones now, side by side, in the background.
+            # its subfolders, in order, and deep first: list the stale ones now, side by
+            # side, in the background, ahead of the folders queued before.
             stale = [c for c in children if c.is_dir and c.ino not in self._prefetching
                      and not self._fresh(self._listed_at, c.ino, self.config.dir_timeout)]
-            for child in stale[:SUBFOLDER_PREFETCH]:
+            stale = stale[:SUBFOLDER_PREFETCH]
+            for child in reversed(stale):
                 self._prefetching.add(child.ino)
-                self._nursery.start_soon(self._prefetch_listing, child)
+                self._listing_queue.appendleft(child)
+            self._listing_lot.unpark(count=len(stale))
         return children
 
     def _children(self, ino: int) -> list[Node]:
@@ -216,31 +229,45 @@ class Cache:
         no write transaction but the refresh of other folders' listings (a program that
         walks a tree again, find or make, lists the same folders: reading and unpacking
         every entry was most of an opendir). Callers must not change the nodes."""
-        if self._children_gen != self.store.generation:
+        self._memo_current()
+        kept = self._children_memo.get(ino)
+        if kept is not None and kept[0] == self.store.folder_generation.get(ino, 0):
+            return kept[1]
+        return self._keep_children(ino, self.store.children(ino))
+
+    def _memo_current(self) -> None:
+        if self._children_gen != self.store.generation:  # a write that may touch any folder
             self._children_memo.clear()
             self._children_kept = 0
             self._children_gen = self.store.generation
-        folder_gen = self.store.folder_generation.get(ino, 0)
+
+    def _keep_children(self, ino: int, children: list[Node]) -> list[Node]:
+        """Remember ``children`` as the folder's entries as of now (read after the last
+        write), within the memo's cap."""
+        self._memo_current()
         kept = self._children_memo.get(ino)
-        if kept is not None and kept[0] == folder_gen:
-            return kept[1]
-        children = self.store.children(ino)
-        if self._children_kept + len(children) <= MEMO_NODES:
+        if self._children_kept + len(children) - (len(kept[1]) if kept else 0) <= MEMO_NODES:
             self._children_kept += len(children) - (len(kept[1]) if kept else 0)
-            self._children_memo[ino] = (folder_gen, children)
+            self._children_memo[ino] = (self.store.folder_generation.get(ino, 0), children)
         return children
 
-    async def _prefetch_listing(self, node: Node) -> None:
-        try:
-            async with self._listing_slots:
-                await self._ensure_listing(node)
-        except (Unavailable, RemoteError, NotFound, CacheError):
-            pass  # only a head start: the real lookup reports its own error
-        finally:
-            self._prefetching.discard(node.ino)
+    async def _list_ahead(self) -> None:
+        """One of the listers of ``_listing_queue``; runs until cancelled. (Tasks started
+        one per folder would run in any order: trio may reverse a batch.)"""
+        while True:
+            while not self._listing_queue:
+                await self._listing_lot.park()
+            node = self._listing_queue.popleft()
+            try:
+                await self._ensure_listing(node, self.background_lister)
+            except (Unavailable, RemoteError, NotFound, CacheError):
+                pass  # only a head start: the real lookup reports its own error
+            finally:
+                self._prefetching.discard(node.ino)
 
-    async def _ensure_listing(self, node: Node) -> None:
-        """Fetch the folder's listing when ours is missing or older than dir_timeout."""
+    async def _ensure_listing(self, node: Node, lister: Callable[[bytes], list] | None = None) -> None:
+        """Fetch the folder's listing when ours is missing or older than dir_timeout.
+        ``lister``: the blocking call that lists it (the remote's own by default)."""
         if self._fresh(self._listed_at, node.ino, self.config.dir_timeout) \
                 or self.local_dirs.get(node.ino) or (node.has(LISTED) and self._path_pending(node)):
             return
@@ -255,7 +282,7 @@ class Cache:
             path = self.store.path_of(node.ino)
             generation = self._dir_gen.get(node.ino, 0)
             try:
-                listing = await self.conn.call(self.remote.listdir, path)
+                listing = await self.conn.call(lister or self.remote.listdir, path)
             except Unavailable:
                 if node.has(LISTED):
                     return
@@ -288,7 +315,7 @@ class Cache:
         delta = self.store.apply_listing(ino, kept, node_from_remote)
         now = time.monotonic()
         self._listed_at[ino] = now
-        for child in self._children(ino):  # (kept: the opendir that asked reads it next)
+        for child in self._keep_children(ino, delta.children):  # the opendir that asked reads them next
             self._checked_at[child.ino] = now
         self._prefetched.discard(ino)
         self._small_reads.pop(ino, None)

@@ -399,20 +399,28 @@ class Store:
     def children(self, parent: int) -> list[Node]:
         """The cached entries of a folder, sorted by name (``name`` and ``parent`` are the
         entry's: for a hard-linked node they may differ from its stored primary name)."""
+        with self.env.begin() as txn:
+            return self._children_in(txn, parent)
+
+    def _children_in(self, txn, parent: int, known: dict[int, Node] | None = None) -> list[Node]:
+        """``children`` in ``txn``; ``known``: nodes as just written, used as they are."""
         prefix = _U64.pack(parent)
         out: list[Node] = []
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.entries)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
+        cur = txn.cursor(db=self.entries)
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                ino = _U64.unpack(value[:8])[0]
+                node = known.get(ino) if known else None
+                if node is None:
                     rec = txn.get(value[:8], db=self.nodes)
-                    if rec is not None:
-                        node = self._unpack(_U64.unpack(value[:8])[0], rec)
-                        # A hard-linked node is listed under each of its names.
-                        node.parent, node.name = parent, self._entry_name(key, value)
-                        out.append(node)
+                    if rec is None:
+                        continue
+                    node = self._unpack(ino, rec)
+                # A hard-linked node is listed under each of its names.
+                node.parent, node.name = parent, self._entry_name(key, value)
+                out.append(node)
         return out
 
     def put(self, node: Node) -> None:
@@ -455,6 +463,8 @@ class Store:
                     if not key.startswith(prefix):
                         break
                     existing[self._entry_name(key, value)] = _U64.unpack(value[:8])[0]
+            built: dict[int, Node] = {}
+            next_ino = first_ino = None
             for name, rstat in listing:
                 ino = existing.pop(name, None)
                 old = None
@@ -469,14 +479,19 @@ class Store:
                         self._drop_node(txn, old)
                         ino, old = None, None
                 if ino is None:
-                    ino = self._new_ino(txn)
+                    if next_ino is None:  # numbers for new names: read and written once
+                        next_ino = first_ino = _U64.unpack(txn.get(b"next_ino", db=self.meta))[0]
+                    ino, next_ino = next_ino, next_ino + 1
                     txn.put(self._ekey(parent, name), self._evalue(ino, name), db=self.entries)
                 node = make_node(ino, parent, name, rstat, old)
+                built[ino] = node
                 if old is not None and old.nlink > 1 and not old.is_dir:
                     folders = None
                 if old is not None and old.base is not None and node.base != old.base:
                     delta.changed.append(node)
                 txn.put(_key(ino), self._pack(node), db=self.nodes)
+            if next_ino != first_ino:
+                txn.put(b"next_ino", _U64.pack(next_ino), db=self.meta)
             for name, ino in existing.items():
                 data = txn.get(_key(ino), db=self.nodes)
                 node = self._unpack(ino, data) if data is not None else None
@@ -507,6 +522,9 @@ class Store:
                     pnode.flags |= LISTED
                     pnode.nlink = 2 + subdirs  # as a local filesystem counts them
                     txn.put(_key(parent), self._pack(pnode), db=self.nodes)
+            # The folder's entries as ``children`` reads them, without unpacking again the
+            # nodes just built (the opendir that asked for the listing reads them next).
+            delta.children = self._children_in(txn, parent, built)
 
         self.run_write(txn_fn, folders=lambda: folders)
         return delta
@@ -765,6 +783,7 @@ class Txn:
 class ListingDelta:
     changed: list[Node] = field(default_factory=list)  # base version differs from before
     removed: list[Node] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
 
 
 def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None) -> Node:

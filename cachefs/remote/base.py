@@ -46,6 +46,12 @@ class RemoteStat:
         """
         return (self.size, self.mtime_ns, self.kind)
 
+    def __reduce__(self):
+        # Listings come back from the transfer processes pickled: the constructor with
+        # its fields is several times faster to unpickle than the dataclass default.
+        return (RemoteStat, (self.mode, self.size, self.mtime_ns, self.atime_ns,
+                             self.uid, self.gid, self.nlink))
+
 
 @dataclass(frozen=True, slots=True)
 class SpaceInfo:

@@ -165,6 +165,11 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *ar
     return ("uploaded", upload_file(remote, content, *args))
 
 
+def list_folder(remote: Remote, content: Any, path: bytes) -> list:
+    """A folder's listing, parsed where it is read (a worker process's own connection)."""
+    return remote.listdir(path)
+
+
 def _call_in_worker(job: Callable[..., T], *args: Any) -> T:
     assert _worker is not None
     remote, content = _worker
