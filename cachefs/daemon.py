@@ -31,7 +31,7 @@ from .mounts import DEFAULT_READAHEAD, set_readahead
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
-from .sync.manager import SyncManager
+from .sync.manager import DEFAULT_WRITEBACK_HOLD, SyncManager
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class MountConfig:
     heartbeat: float = 10.0
     cache_size: int = DEFAULT_CACHE_SIZE
     sync_interval: float = 300.0
+    write_back_hold: float = DEFAULT_WRITEBACK_HOLD
     readahead: int = DEFAULT_READAHEAD
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
@@ -213,7 +214,8 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
             cache.batch_fetcher = fetch_pool.bind(fetch_many_into)
             cache.background_lister = fetch_pool.bind(list_folder)
         hoard = Hoard(cache, config.cache_size)
-        sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval)
+        sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,
+                           writeback_hold=config.write_back_hold)
         if fetch_pool is not None:
             sync.uploader = fetch_pool.bind(upload_file)
             sync.replayer = fetch_pool.bind(upload_unless_changed)

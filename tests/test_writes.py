@@ -286,8 +286,9 @@ def test_write_back_online_within_two_seconds(mount_factory, share: Path) -> Non
 
 def test_write_back_during_a_burst_of_changes(mount_factory, share: Path) -> None:
     """Write-back waits for a burst to settle, but not for ever: while files keep coming
-    (one every 50 ms for 5 s), the first ones reach the server before the burst ends."""
-    with mount_factory() as mount:
+    (one every 50 ms for 5 s), the first ones reach the server after ``--write-back-hold``
+    (1.5 s here; default 5), before the burst ends."""
+    with mount_factory("--write-back-hold", "1.5") as mount:
         mnt = mount.mountpoint
         (mnt / "burst").mkdir()
         start = time.monotonic()
@@ -300,7 +301,7 @@ def test_write_back_during_a_burst_of_changes(mount_factory, share: Path) -> Non
                 first_seen = time.monotonic() - start
             time.sleep(0.05)
         assert first_seen is not None, f"no file on the server during a 5 s burst of {i} creates"
-        assert first_seen < 4.0, f"the first file reached the server {first_seen:.1f} s into the burst"
+        assert 1.0 < first_seen < 4.0, f"the first file reached the server {first_seen:.1f} s into the burst"
         wait_for(lambda: len(list((share / "burst").iterdir())) == i, 10.0, f"all {i} files on the server")
 
 

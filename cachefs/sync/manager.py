@@ -45,6 +45,9 @@ from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, optimise
 from .journal import key as journal_key
 
+#: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
+DEFAULT_WRITEBACK_HOLD = 5.0
+
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +83,7 @@ class PassResult:
 
 class SyncManager:
     def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
-                 writeback_delay: float = 0.3, writeback_hold: float = 2.0,
+                 writeback_delay: float = 0.3, writeback_hold: float = DEFAULT_WRITEBACK_HOLD,
                  interval: float = 300.0, flush_timeout: float = 30.0, parallel: int = 8) -> None:
         self.store = store
         self.cache = cache
