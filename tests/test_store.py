@@ -132,6 +132,7 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     assert store.path_of(store.child(ROOT_INO, b"d").ino) == b"d"
 
     delta = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2))], node_from_remote)
+    assert delta.children == store.children(ROOT_INO)  # handed back as written, unpacked or not
     assert [n.ino for n in delta.changed] == [a.ino]
     assert [n.name for n in delta.removed] == [b"d"]
     assert store.child(ROOT_INO, b"a").size == 7
@@ -145,6 +146,39 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     store.apply_listing(ROOT_INO, [], node_from_remote)
     kept = store.child(ROOT_INO, b"a")
     assert kept is not None and kept.size == 100
+    store.close()
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_changed_files_are_fitted_to_their_recorded_size_at_open(tmp_path: Path, key) -> None:
+    """A kill between a write's bytes and its size, or between a truncation's size and
+    the cut, leaves content longer or shorter than the index says: the next open fits
+    the files with local changes to their recorded size (bytes past it would show again
+    when the file grows), and leaves clean files alone."""
+    store = Store(tmp_path / "c", "file:///x", key=key)
+    store.apply_listing(ROOT_INO, [(name, _rstat(stat.S_IFREG, 10)) for name in (b"long", b"short", b"clean")],
+                        node_from_remote)
+    sizes = {b"long": 5, b"short": 20, b"clean": 10}
+    written = {b"long": b"L" * 12, b"short": b"S" * 10, b"clean": b"C" * 15}
+    for name, size in sizes.items():
+        node = store.child(ROOT_INO, name)
+        node.size = size
+        node.flags |= FULL | (DIRTY if name != b"clean" else 0)
+        store.put(node)
+        fd = os.open(store.content_path(node.ino), os.O_RDWR | os.O_CREAT, 0o600)
+        store.content.pwrite(fd, written[name], 0)
+        os.close(fd)
+    inos = {name: store.child(ROOT_INO, name).ino for name in sizes}
+    store.close()
+
+    store = Store(tmp_path / "c", "file:///x", key=key)
+    for name, want in {b"long": b"L" * 5, b"short": b"S" * 10 + bytes(10), b"clean": b"C" * 15}.items():
+        fd = os.open(store.content_path(inos[name]), os.O_RDONLY)
+        try:
+            got = store.content.pread(fd, 64, 0)  # (the sealed codec reads zeros past the end)
+        finally:
+            os.close(fd)
+        assert got[:len(want)] == want and not got[len(want):].strip(b"\0"), (name, got)
     store.close()
 
 

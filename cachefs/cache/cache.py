@@ -858,6 +858,15 @@ class Cache:
         return self._new_child(new_parent, new_name, build)
 
     def write(self, handle: "OpenFile", offset: int, data: bytes) -> int:
+        if not handle.wrote and not self.node(handle.ino).has(DIRTY):
+            # The first change of a clean file is journaled before its bytes land: after a
+            # kill in between, the file is known changed (uploaded, fitted to its size at
+            # the next start), never a local copy that differs from the remote unseen.
+            def mark(t: Txn) -> None:
+                node = t.node(handle.ino)
+                if node is not None:
+                    self._content_changed(t, node)
+            self.store.transact(mark)
         written = self.store.content.pwrite(handle.fd, data, offset)
         now = time.time_ns()
 
@@ -883,16 +892,13 @@ class Cache:
         t.put(node)
 
     def truncate(self, handle: "OpenFile | None", size: int, ino: int = 0) -> None:
+        """The new size is committed first, then the content file cut or grown: a kill in
+        between leaves a file whose length differs from the recorded size, which the next
+        start fits to it (``Store.fit_dirty_content``). The other order lost data: a file
+        cut while the index still had the old size read as empty, or as zeros once written
+        past its end, under a size that claimed the old bytes."""
         ino = handle.ino if handle else ino
         log.debug("truncate inode %d to %d", ino, size)
-        if handle:
-            self.store.content.truncate(handle.fd, size)
-        else:
-            fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                self.store.content.truncate(fd, size)
-            finally:
-                os.close(fd)
         now = time.time_ns()
 
         def change(t: Txn) -> None:
@@ -903,6 +909,14 @@ class Cache:
             self._content_changed(t, node)
 
         self.store.transact(change)
+        if handle:
+            self.store.content.truncate(handle.fd, size)
+        else:
+            fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.store.content.truncate(fd, size)
+            finally:
+                os.close(fd)
         self._ranges.pop(ino, None)
         if handle:
             handle.wrote = True

@@ -119,6 +119,13 @@ class PlainContent:
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
+    def fit(self, fd: int, size: int) -> bool:
+        """Cut or grow the content to ``size`` if it is not that long; whether it was not."""
+        if os.fstat(fd).st_size == size:
+            return False
+        self.truncate(fd, size)
+        return True
+
     def reader(self, fd: int, size: int) -> BinaryIO:
         """A readable stream of the first ``size`` bytes (the caller keeps ``fd`` open).
         The file may be longer: a kill -9 between a write's pwrite and the commit of the
@@ -202,6 +209,17 @@ class SealedContent(PlainContent):
 
     def reader(self, fd: int, size: int) -> BinaryIO:
         return _SealedReader(self, fd, size)
+
+    def fit(self, fd: int, size: int) -> bool:
+        index, within = divmod(size, BLOCK)
+        physical = os.fstat(fd).st_size
+        if within == 0 and physical == index * SLOT:
+            return False
+        if within and physical in (index * SLOT, index * SLOT + HEAD + within) \
+                and len(self._read_block(fd, index)) in (0, within):
+            return False  # the last block as long as the size says (or a hole)
+        self.truncate(fd, size)
+        return True
 
 
 def _pread_fill(fd: int, view: memoryview, offset: int) -> int:

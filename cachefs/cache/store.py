@@ -223,20 +223,43 @@ class Store:
         #: readers check them against ``entries``)
         self.links = self.env.open_db(b"links")
         self._check_schema(remote_text)
-        self._check_integrity()
+        self.fit_dirty_content(self._check_integrity())
         self.reserve()
 
-    def _check_integrity(self) -> None:
+    def _check_integrity(self) -> list[Node]:
         """Read every record once: a damaged page shows up now, as a clear refusal,
-        instead of in the middle of serving a request."""
+        instead of in the middle of serving a request. Returns the files with local
+        changes."""
+        dirty = []
         with self.env.begin() as txn:
             for db in (self.meta, self.entries, self.ranges_db, self.conflicts):
                 for _k, _v in txn.cursor(db=db):
                     pass
             for key, value in txn.cursor(db=self.nodes):
-                self._unpack(_U64.unpack(key)[0], value)
+                node = self._unpack(_U64.unpack(key)[0], value)
+                if node.flags & DIRTY and node.flags & FULL and node.is_file:
+                    dirty.append(node)
             for key, value in txn.cursor(db=self.journal):
                 Op.decode(journal.seq_of(key), self.codec.open(value))
+        return dirty
+
+    def fit_dirty_content(self, nodes: list[Node]) -> None:
+        """Make each changed file's content as long as its recorded size. A write's bytes
+        reach the content file before its size is committed, a truncation's size before
+        the file is cut: a kill in between leaves the file longer or shorter than the
+        size the index (and so every reader) knows, and bytes past the size would show
+        again if the file later grew."""
+        for node in nodes:
+            try:
+                fd = os.open(self.content_path(node.ino), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # created, then killed before its content file: opened on use
+            try:
+                if self.content.fit(fd, node.size):
+                    log.info("content of inode %d fitted to its recorded size %d after a crash",
+                             node.ino, node.size)
+            finally:
+                os.close(fd)
 
     # -- record encoding (sealed when the cache is encrypted) ------------------------------
     def _pack(self, node: Node) -> bytes:
