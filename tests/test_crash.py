@@ -139,9 +139,13 @@ def _read_state(mnt: Path, path: str) -> object:
     try:
         if full.is_dir():
             return None
-        return run_with_timeout(full.read_bytes, OP_TIMEOUT, f"reading {path}")
+        data = run_with_timeout(full.read_bytes, OP_TIMEOUT, f"reading {path}")
+        size = full.stat().st_size
     except FileNotFoundError:
         return "absent"
+    if len(data) != size:  # (a read that ends early hid a cut content file once)
+        return f"stat says {size} bytes, reading gives {len(data)}"
+    return data
 
 
 def _server_tree(share: Path) -> Model:
@@ -197,6 +201,15 @@ class _Worker(threading.Thread):
             self.done_ops += 1
 
 
+def _show(state: dict) -> str:
+    """A state for a message: each file's length, its start and its end."""
+    def one(v: object) -> object:
+        if isinstance(v, bytes) and len(v) > 60:
+            return f"{len(v)} bytes {v[:24]!r}...{v[-24:]!r}"
+        return v
+    return repr({k: one(v) for k, v in state.items()})
+
+
 def _settle_uncertain(mnt: Path, model: Model, op: tuple) -> str | None:
     """Accept the mount's state for an interrupted op if it is 'not done' or 'done'."""
     before = dict(model)
@@ -210,8 +223,8 @@ def _settle_uncertain(mnt: Path, model: Model, op: tuple) -> str | None:
     if op[0] == "create":
         allowed.append({op[1]: b""})  # created, data never closed
     if seen not in allowed:
-        return (f"interrupted {op[:2]}: the mount shows {seen!r:.300}, "
-                f"neither before {pre!r:.300} nor after {post!r:.300}")
+        return (f"interrupted {op[:2]}: the mount shows {_show(seen)}, "
+                f"neither before {_show(pre)} nor after {_show(post)}")
     for p in paths:
         if seen[p] == "absent":
             model.pop(p, None)
