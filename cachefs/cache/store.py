@@ -478,6 +478,8 @@ class Store:
 
         def txn_fn(txn) -> None:
             nonlocal folders
+            delta.changed.clear()  # (run again when the map had to grow)
+            delta.removed.clear()
             prefix = _U64.pack(parent)
             existing: dict[bytes, int] = {}
             cur = txn.cursor(db=self.entries)
