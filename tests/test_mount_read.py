@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -341,6 +342,25 @@ def test_subfolders_are_listed_ahead(tmp_path: Path, sshd: SshServer, share: Pat
         sshd.stop()
         for name, expected in names.items():
             assert set(ok(lambda n=name: os.listdir(mnt / "tree" / n))) == expected, name
+
+
+def test_tree_removed_while_listed_ahead(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    """Folders queued to be listed ahead may be gone by the time a lister gets to them
+    (``rm -rf`` right after a listing): the mount goes on, and the tree is gone."""
+    for d in range(300):
+        folder = share / "tree" / f"d{d:03d}" / "sub"
+        folder.mkdir(parents=True)
+        (folder / "f").write_bytes(b"x")
+    mnt = tmp_path / "mnt"
+    with Mount(sshd.address(), mnt, tmp_path / "cache", *sftp_args(sshd)) as mount:
+        ok(lambda: os.listdir(mnt / "tree"))
+        ok(lambda: [os.listdir(mnt / "tree" / f"d{d:03d}") for d in range(0, 300, 7)])
+        ok(lambda: shutil.rmtree(mnt / "tree"), deadline=120)
+        assert not ok(lambda: os.path.exists(mnt / "tree"))
+        time.sleep(1.0)  # the listers reach what was queued
+        assert "tree" not in ok(lambda: os.listdir(mnt))
+        assert "Traceback" not in mount.log_text(), mount.log_text()[-3000:]
+    assert not (share / "tree").exists() or not any((share / "tree").iterdir())
 
 
 # -- 4. offline: silent network loss --------------------------------------------------------

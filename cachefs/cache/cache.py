@@ -257,13 +257,15 @@ class Cache:
         while True:
             while not self._listing_queue:
                 await self._listing_lot.park()
-            node = self._listing_queue.popleft()
+            queued = self._listing_queue.popleft()
             try:
-                await self._ensure_listing(node, self.background_lister)
-            except (Unavailable, RemoteError, NotFound, CacheError):
-                pass  # only a head start: the real lookup reports its own error
+                node = self.store.get(queued.ino)  # as it is now: queued a while ago
+                if node is not None and node.is_dir:
+                    await self._ensure_listing(node, self.background_lister)
+            except (Unavailable, RemoteError, NotFound, CacheError, KeyError):
+                pass  # only a head start (KeyError: removed under a lister's path walk)
             finally:
-                self._prefetching.discard(node.ino)
+                self._prefetching.discard(queued.ino)
 
     async def _ensure_listing(self, node: Node, lister: Callable[[bytes], list] | None = None) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout.
