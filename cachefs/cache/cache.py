@@ -860,7 +860,8 @@ class Cache:
         return self._new_child(new_parent, new_name, build)
 
     def write(self, handle: "OpenFile", offset: int, data: bytes) -> int:
-        if not handle.wrote and not self.node(handle.ino).has(DIRTY):
+        current = None if handle.wrote else self.store.get(handle.ino)
+        if current is not None and not current.has(DIRTY):
             # The first change of a clean file is journaled before its bytes land: after a
             # kill in between, the file is known changed (uploaded, fitted to its size at
             # the next start), never a local copy that differs from the remote unseen.
