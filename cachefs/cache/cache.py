@@ -246,8 +246,9 @@ class Cache:
         write), within the memo's cap."""
         self._memo_current()
         kept = self._children_memo.get(ino)
-        if self._children_kept + len(children) - (len(kept[1]) if kept else 0) <= MEMO_NODES:
-            self._children_kept += len(children) - (len(kept[1]) if kept else 0)
+        grows = len(children) - (len(kept[1]) if kept else 0)
+        if self._children_kept + grows <= MEMO_NODES:
+            self._children_kept += grows
             self._children_memo[ino] = (self.store.folder_generation.get(ino, 0), children)
         return children
 

@@ -211,13 +211,11 @@ class SealedContent(PlainContent):
         return _SealedReader(self, fd, size)
 
     def fit(self, fd: int, size: int) -> bool:
+        # The last slot's length on disk is HEAD + its plain length, so the file's length
+        # says whether it ends where ``size`` does (the last block written, or a hole).
         index, within = divmod(size, BLOCK)
-        physical = os.fstat(fd).st_size
-        if within == 0 and physical == index * SLOT:
+        if os.fstat(fd).st_size in (index * SLOT, index * SLOT + HEAD + within if within else -1):
             return False
-        if within and physical in (index * SLOT, index * SLOT + HEAD + within) \
-                and len(self._read_block(fd, index)) in (0, within):
-            return False  # the last block as long as the size says (or a hole)
         self.truncate(fd, size)
         return True
 

@@ -335,14 +335,13 @@ class _SftpSession(paramiko.SFTPClient):
         return SFTPAttributes._from_msg(msg)
 
     def _check_statuses(self, collector: "_Collector", nums: list[int]) -> None:
-        """Raise the first error among these requests' STATUS replies (in sending order)."""
+        """Raise the first error among these requests' STATUS replies (in sending order),
+        as every other request's reply is turned into one (``_convert_status``)."""
         for num in nums:
             t, msg = collector.replies[num]
             if t != CMD_STATUS:
-                raise _StatusError(SFTP_FAILURE, "unexpected reply")
-            code = msg.get_int()
-            if code != SFTP_OK:
-                raise _StatusError(code, msg.get_string().decode("utf-8", "replace"))
+                raise self._status_error(t, msg)
+            self._convert_status(msg)
 
     def _open_for_write(self, path: bytes) -> bytes:
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
