@@ -14,6 +14,7 @@ import logging.handlers
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,12 +75,34 @@ def setup_logging(verbose: bool, logfile: Path | None) -> None:
     logging.getLogger("paramiko.transport").addFilter(_expected_disconnects)
 
 
-def _expected_disconnects(record: logging.LogRecord) -> bool:
-    """paramiko logs a dropped connection as an ERROR; for cachefs it is an outage it
-    handles (offline, then the probe), so it is told as a warning."""
-    if record.levelno >= logging.ERROR and str(record.msg).startswith(("Socket exception", "EOF in transport")):
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-    return True
+class _ExpectedDisconnects(logging.Filter):
+    """paramiko logs a dropped connection, or one the server closed while it was being
+    made (a server going down), as an ERROR, the latter followed by its traceback line by
+    line; for cachefs that is an outage it handles (offline, then the probe), so it is told
+    as one warning, and the traceback only with --verbose."""
+
+    OUTAGES = ("Socket exception", "EOF in transport",
+               "Exception (client): Error reading SSH protocol banner")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread = threading.local()  # one transport thread's lines come in a row
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            self._thread.after_outage = False
+            return True
+        if str(record.msg).startswith(self.OUTAGES):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            self._thread.after_outage = True
+            return True
+        if getattr(self._thread, "after_outage", False):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+_expected_disconnects = _ExpectedDisconnects()
 
 
 def check_mountpoint(path: Path) -> None:

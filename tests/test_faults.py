@@ -516,3 +516,53 @@ def test_server_permission_error_is_eacces(mount_factory, sshd_without_dac_overr
             assert "Traceback" not in mount.log_text()
     finally:
         os.chmod(share / "secret.txt", 0o600)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_server_closing_during_connect_is_one_warning(tmp_path: Path, verbose: bool) -> None:
+    """A server going down resets connections while they are being made: paramiko logs
+    that as an ERROR and its traceback line by line; the mount's log tells one warning
+    (and the traceback only with --verbose)."""
+    import logging
+    import socket
+    import struct
+
+    import paramiko
+
+    from cachefs.daemon import setup_logging
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def reset_one() -> None:
+        conn, _ = listener.accept()
+        conn.recv(256)  # the client's banner
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # an RST instead of the server's banner
+
+    server = threading.Thread(target=reset_one, daemon=True)
+    server.start()
+    log_file = tmp_path / "mount.log"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging(verbose, log_file)
+        sock = socket.create_connection(listener.getsockname())
+        transport = paramiko.Transport(sock)
+        with pytest.raises(paramiko.SSHException):
+            transport.start_client(timeout=10)
+        transport.close()
+        server.join(10)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        listener.close()
+    text = log_file.read_text()
+    assert "WARNING paramiko.transport: Exception (client): Error reading SSH protocol banner" in text
+    assert " ERROR " not in text, text
+    assert ("Traceback" in text) == verbose, text
