@@ -79,7 +79,7 @@ class _ExpectedDisconnects(logging.Filter):
     """paramiko logs a dropped connection, or one the server closed while it was being
     made (a server going down), as an ERROR, the latter followed by its traceback line by
     line; for cachefs that is an outage it handles (offline, then the probe), so it is told
-    as one warning, and the traceback only with --verbose."""
+    as one warning, without the traceback."""
 
     OUTAGES = ("Socket exception", "EOF in transport",
                "Exception (client): Error reading SSH protocol banner")
@@ -96,10 +96,8 @@ class _ExpectedDisconnects(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             self._thread.after_outage = True
             return True
-        if getattr(self._thread, "after_outage", False):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-        return True
+        # the traceback that follows says nothing the message did not
+        return not getattr(self._thread, "after_outage", False)
 
 
 _expected_disconnects = _ExpectedDisconnects()
