@@ -7,9 +7,11 @@ import stat
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cachefs.sync.journal import Op, key, optimise, seq_of
-from cachefs.sync.manager import conflict_name
+from cachefs.sync.manager import _batches, conflict_name
 
 FILE_BASE = (5, 1_600_000_000_000_000_000, stat.S_IFREG)
 DIR_BASE = (4096, 1_600_000_000_000_000_000, stat.S_IFDIR)
@@ -176,6 +178,150 @@ def test_link_of_doomed_file_is_kept() -> None:
 
 def test_optimise_of_empty_log() -> None:
     assert optimise([], set()) == ([], [])
+
+
+# -- a file put in place: create, link, unlink -------------------------------------------
+
+def _placed(ino: int = 10, mode: int = stat.S_IFREG | 0o444) -> list[Op]:
+    """git's object write: a temporary name, linked to the final one, then unlinked."""
+    return [
+        Op("create", ino, b"objects/ab/tmp_obj_x", parent=3, mode=mode),
+        Op("link", ino, b"objects/ab/tmp_obj_x", dst=b"objects/ab/cdef", dst_parent=3),
+        Op("unlink", ino, b"objects/ab/tmp_obj_x", parent=3),
+    ]
+
+
+def test_create_link_unlink_becomes_one_create_in_the_links_place() -> None:
+    ops = _seq([Op("mkdir", 3, b"objects/ab", parent=2), *_placed(), Op("setattr", 10, b"objects/ab/cdef",
+                                                                          parent=3)])
+    kept, dropped = optimise(ops, alive={3, 10})
+    assert [(op.kind, op.ino, op.path, op.parent, op.seq) for op in kept] == [
+        ("mkdir", 3, b"objects/ab", 2, 1),
+        ("create", 10, b"objects/ab/cdef", 3, 3),
+        ("setattr", 10, b"objects/ab/cdef", 3, 5),
+    ]
+    assert kept[1].mode == stat.S_IFREG | 0o444 and kept[1].base is None and not kept[1].dst
+    assert kept[0] is ops[0] and kept[2] is ops[4]
+    assert [op.seq for op in dropped] == [2, 4]
+
+
+def test_files_put_in_place_side_by_side_fold_each() -> None:
+    a, b = _placed(10), _placed(11)
+    b = [Op(op.kind, op.ino, op.path.replace(b"tmp_obj_x", b"tmp_obj_y"), dst=op.dst.replace(b"cdef", b"0123"),
+            dst_parent=op.dst_parent, parent=op.parent) for op in b]
+    ops = _seq([a[0], b[0], a[1], b[1], b[2], a[2]])
+    kept, dropped = optimise(ops, alive={10, 11})
+    assert [(op.kind, op.path, op.seq) for op in kept] == [
+        ("create", b"objects/ab/cdef", 3), ("create", b"objects/ab/0123", 4)]
+    assert [op.seq for op in dropped] == [1, 2, 5, 6]
+
+
+@pytest.mark.parametrize("between", [
+    Op("setattr", 10, b"objects/ab/tmp_obj_x", parent=3),  # its mode would be set on a missing name
+    Op("store", 10, b"objects/ab/tmp_obj_x", parent=3),  # its upload would go to the first name
+    Op("link", 10, b"objects/ab/tmp_obj_x", dst=b"other", dst_parent=1),  # a second link
+    Op("rename", 20, b"x", parent=1, dst=b"objects/ab/tmp_obj_x", dst_parent=3, replaced=10,
+       replaced_base=None),  # something moved over the first name
+])
+def test_not_folded_when_something_else_happens_to_the_file_in_between(between: Op) -> None:
+    placed = _placed()
+    ops = _seq([placed[0], between, placed[1], placed[2]])
+    kept, dropped = optimise(ops, alive={10, 20})
+    assert [op.seq for op in kept] == [1, 2, 3, 4] and dropped == []
+    assert all(a is b for a, b in zip(kept, ops))
+
+
+def test_not_folded_when_the_second_name_is_unlinked() -> None:
+    create, link, _ = _placed()
+    ops = _seq([create, link, Op("unlink", 10, b"objects/ab/cdef", parent=3)])
+    kept, dropped = optimise(ops, alive={10})
+    assert [op.kind for op in kept] == ["create", "link", "unlink"] and dropped == []
+
+
+def test_not_folded_when_the_creates_upload_had_started() -> None:
+    # after a crash in the middle of its upload, the file may be on the remote under the
+    # first name: only the unlink would take it away
+    ops = _seq(_placed())
+    kept, dropped = optimise(ops, alive={10}, started={1})
+    assert [op.kind for op in kept] == ["create", "link", "unlink"] and dropped == []
+
+
+def test_not_folded_without_the_create() -> None:
+    # the create was replayed by an earlier pass: the file is on the remote
+    ops = _seq(_placed())[1:]
+    kept, dropped = optimise(ops, alive={10})
+    assert [op.kind for op in kept] == ["link", "unlink"] and dropped == []
+
+
+def test_placed_then_deleted_vanishes() -> None:
+    ops = _seq([*_placed(), Op("unlink", 10, b"objects/ab/cdef", parent=3)])
+    kept, dropped = optimise(ops, alive=set())
+    assert kept == [] and len(dropped) == 4
+
+
+# -- replay batches -------------------------------------------------------------------------
+
+def _shape(batches) -> list[list[tuple[str, int]]]:
+    return [[(op.kind, op.ino) for op in batch] for batch in batches]
+
+
+def test_batches_of_a_copied_tree() -> None:
+    # cp -a: the folder, its files, each file's mode, the folder's times
+    ops = _seq([
+        Op("mkdir", 10, b"d", parent=1),
+        Op("create", 11, b"d/f", parent=10), Op("setattr", 11, b"d/f", parent=10),
+        Op("create", 12, b"d/g", parent=10), Op("setattr", 12, b"d/g", parent=10),
+        Op("setattr", 10, b"d", parent=1),
+        Op("create", 13, b"h", parent=1),
+    ])
+    assert _shape(_batches(ops, 8)) == [
+        [("mkdir", 10), ("create", 13)],
+        [("create", 11), ("create", 12)],
+        [("setattr", 11), ("setattr", 12)],
+        [("setattr", 10)],
+    ]
+
+
+def test_batches_keep_barriers_alone_and_in_place() -> None:
+    ops = _seq([
+        Op("create", 11, b"a", parent=1), Op("create", 12, b"b", parent=1),
+        Op("rename", 11, b"a", parent=1, dst=b"c", dst_parent=1),
+        Op("create", 13, b"a", parent=1), Op("unlink", 12, b"b", parent=1),
+        Op("store", 11, b"c", parent=1),
+    ])
+    assert _shape(_batches(ops, 8)) == [
+        [("create", 11), ("create", 12)], [("rename", 11)], [("create", 13)], [("unlink", 12)],
+        [("store", 11)],
+    ]
+
+
+def test_batches_are_at_most_width_long() -> None:
+    ops = _seq([Op("create", 100 + i, b"f%d" % i, parent=1) for i in range(10)])
+    assert [len(b) for b in _batches(ops, 4)] == [4, 4, 2]
+
+
+_kinds = st.sampled_from(["create", "store", "setattr", "mkdir", "unlink", "rename", "link"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_kinds, st.integers(1, 6), st.integers(1, 6)), max_size=40), st.integers(1, 5))
+def test_batches_keep_every_dependency_in_order(steps, width: int) -> None:
+    ops = _seq([Op(kind, ino, b"p", parent=parent) for kind, ino, parent in steps])
+    batches = list(_batches(ops, width))
+    flat = [op for batch in batches for op in batch]
+    assert sorted(op.seq for op in flat) == [op.seq for op in ops]  # each once
+    at = {op.seq: i for i, batch in enumerate(batches) for op in batch}
+    for batch in batches:
+        assert len(batch) <= width
+        assert len({op.ino for op in batch}) == len(batch)
+        if any(op.kind not in ("create", "store", "setattr", "mkdir") for op in batch):
+            assert len(batch) == 1
+    for i, a in enumerate(ops):
+        for b in ops[i + 1:]:
+            barrier = {a.kind, b.kind} - {"create", "store", "setattr", "mkdir"}
+            depends = a.ino == b.ino or a.ino == b.parent or a.parent == b.ino
+            if barrier or depends:
+                assert at[a.seq] < at[b.seq], (a, b)
 
 
 # -- conflict names -----------------------------------------------------------------------

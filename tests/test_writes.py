@@ -553,6 +553,10 @@ step = st.one_of(
     st.tuples(st.just("rmdir"), st.sampled_from(PATHS)),
     st.tuples(st.just("rename"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
     st.tuples(st.just("chmod"), st.sampled_from(PATHS), st.sampled_from([0o600, 0o644, 0o755])),
+    st.tuples(st.just("link"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    # how git and other careful writers put a file in place: write a temporary name,
+    # link it to the final one, unlink the temporary one (the journal folds the three)
+    st.tuples(st.just("place"), st.sampled_from(PATHS), st.binary(max_size=300)),
 )
 
 
@@ -581,6 +585,13 @@ def _apply_step(root: Path, s: tuple) -> int:
             os.rename(path, root / s[2])
         elif kind == "chmod":
             os.chmod(path, s[2])
+        elif kind == "link":
+            os.link(path, root / s[2])
+        elif kind == "place":
+            temp = path.parent / ".tmp_obj"
+            write_file(temp, s[2])
+            os.link(temp, path)
+            os.unlink(temp)
 
     return errno_of(run)
 

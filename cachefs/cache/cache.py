@@ -730,13 +730,25 @@ class Cache:
     # -- changes: each updates the cache and appends to the journal in one transaction --
     def _journal(self, t: Txn, op: Op) -> None:
         t.append(op)
-        for folder in op.folders():
-            self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
-            self._dir_gen[folder] = self._dir_gen.get(folder, 0) + 1
+        self._hold_folders(op.folders())
 
     def op_done(self, op: Op) -> None:
         """The sync manager replayed or dropped ``op``: its folders may be listed again."""
-        for folder in op.folders():
+        self._release_folders(op.folders())
+
+    def op_replaced(self, old: Op, new: Op) -> None:
+        """The sync manager rewrote journal entry ``old`` as ``new`` (see ``optimise``)."""
+        before, after = old.folders(), new.folders()
+        self._release_folders(before - after)
+        self._hold_folders(after - before)
+
+    def _hold_folders(self, folders: set[int]) -> None:
+        for folder in folders:
+            self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
+            self._dir_gen[folder] = self._dir_gen.get(folder, 0) + 1
+
+    def _release_folders(self, folders: set[int]) -> None:
+        for folder in folders:
             _decrement(self.local_dirs, folder)
             self._dir_gen[folder] = self._dir_gen.get(folder, 0) + 1
             self._listed_at.pop(folder, None)

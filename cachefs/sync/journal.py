@@ -99,13 +99,18 @@ def seq_of(key_bytes: bytes) -> int:
     return _U64.unpack(key_bytes)[0]
 
 
-def optimise(ops: list[Op], alive: set[int]) -> tuple[list[Op], list[Op]]:
-    """Drop what need never reach the remote; returns (kept, dropped).
+def optimise(ops: list[Op], alive: set[int], started: set[int] = frozenset()) \
+        -> tuple[list[Op], list[Op]]:
+    """Drop what need never reach the remote; returns (kept, dropped). A kept entry that
+    is not the one read (``is not``) replaces the entry of its ``seq``.
 
     Objects created here and deleted again (their node is not in ``alive``) vanish from
     the log with every operation about them: a file created and deleted offline never
     reaches the remote. A rename of such an object that replaced a remote object becomes
     an unlink of that object, so the replaced version still goes away as it did here.
+    A file created under one name, linked to another and unlinked from the first (how
+    git and other careful writers put a file in place) becomes one create under the
+    second name (see ``_fold_links``; ``started``: entries whose upload had begun).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
     content and attributes once and skips the rest (see ``cachefs.sync.manager``).
     """
@@ -123,4 +128,48 @@ def optimise(ops: list[Op], alive: set[int]) -> tuple[list[Op], list[Op]]:
                 dropped.append(op)
             continue
         kept.append(op)
+    return _fold_links(kept, dropped, started)
+
+
+def _fold_links(ops: list[Op], dropped: list[Op], started: set[int]) -> tuple[list[Op], list[Op]]:
+    """``create P``, ``link P -> D``, ``unlink P`` of one file, with nothing else about
+    that file in between, become ``create D`` in the link's place.
+
+    Replayed as written, that is an upload under P, a remote link and a remote unlink,
+    each of the last two a barrier for concurrent replay; folded, one upload under D.
+    In the link's place, D means what it meant then (the entries before it, such as the
+    making of D's folder or the removal of an older D, are replayed first), and the
+    create uploads the file's content and attributes as they are at replay time, as it
+    always does. P exists on the remote neither way once the three are replayed. Not
+    folded: a create whose upload had started (``started``; it may have landed under P,
+    and only the unlink would take it away again).
+    """
+    about: dict[int, list[int]] = {}  # node -> positions of the entries about it
+    for i, op in enumerate(ops):
+        about.setdefault(op.ino, []).append(i)
+        if op.replaced and op.replaced != op.ino:
+            about.setdefault(op.replaced, []).append(i)
+    folded: dict[int, Op | None] = {}  # position -> its replacement (None: dropped)
+    for positions in about.values():
+        for a, b, c in zip(positions, positions[1:], positions[2:]):
+            create, link, unlink = ops[a], ops[b], ops[c]
+            if (create.kind, link.kind, unlink.kind) == ("create", "link", "unlink") \
+                    and create.ino == link.ino == unlink.ino and not link.replaced \
+                    and link.path == create.path == unlink.path \
+                    and create.seq not in started:
+                folded[a] = folded[c] = None
+                folded[b] = Op("create", create.ino, link.dst, parent=link.dst_parent,
+                               mode=create.mode, seq=link.seq, extra=dict(create.extra))
+                break
+    if not folded:
+        return ops, dropped
+    kept = []
+    for i, op in enumerate(ops):
+        if i not in folded:
+            kept.append(op)
+        elif (new := folded[i]) is not None:
+            kept.append(new)
+        else:
+            dropped.append(op)
+    dropped.sort(key=lambda op: op.seq)
     return kept, dropped
