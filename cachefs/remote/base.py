@@ -203,6 +203,11 @@ class Remote(ABC):
     @abstractmethod
     def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None: ...
 
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        """Permission bits and times at once (a remote that can, in one request)."""
+        self.chmod(path, mode)
+        self.utime(path, atime_ns, mtime_ns)
+
     @abstractmethod
     def truncate(self, path: bytes, size: int) -> None: ...
 

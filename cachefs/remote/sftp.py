@@ -51,6 +51,7 @@ from paramiko.sftp import (
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
     CMD_FSETSTAT,
+    CMD_SETSTAT,
     CMD_FSTAT,
     CMD_HANDLE,
     CMD_INIT,
@@ -430,6 +431,16 @@ def _unpack_string(data: bytes, pos: int) -> tuple[bytes, int]:
     if end > len(data):
         raise struct.error("truncated string")
     return data[pos + 4 : end], end
+
+
+def _attrs(mode: int, times: tuple[int, int] | None) -> SFTPAttributes:
+    """Permission bits, and (atime, mtime) in ns when given, for one SETSTAT/FSETSTAT
+    (SFTP v3 carries whole seconds)."""
+    attrs = SFTPAttributes()
+    attrs.st_mode = stat_mod.S_IMODE(mode)
+    if times is not None:
+        attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
+    return attrs
 
 
 def _to_stat(attrs: SFTPAttributes) -> RemoteStat:
@@ -1047,10 +1058,7 @@ class SftpRemote(Remote):
 
         def put(sftp: _SftpSession) -> RemoteStat:
             try:
-                attrs = paramiko.SFTPAttributes()  # mode and times in one request
-                attrs.st_mode = stat_mod.S_IMODE(mode)
-                if times is not None:
-                    attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
+                attrs = _attrs(mode, times)
                 with open_source(source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
                     if len(head) <= SMALL_UPLOAD and self._has(b"posix-rename@openssh.com"):
@@ -1119,6 +1127,12 @@ class SftpRemote(Remote):
         full = self._path(path)
         times = (atime_ns // 1_000_000_000, mtime_ns // 1_000_000_000)
         self._run("utime", lambda sftp: sftp.utime(full, times))
+
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        self._ensure_root()
+        full = self._path(path)
+        attrs = _attrs(mode, (atime_ns, mtime_ns))
+        self._run("setstat", lambda sftp: sftp._request(CMD_SETSTAT, full, attrs))
 
     def truncate(self, path: bytes, size: int) -> None:
         self._ensure_root()

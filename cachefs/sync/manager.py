@@ -256,7 +256,10 @@ class SyncManager:
             node = self.store.get(ino)
             if node is not None and not node.has(ORPHAN):
                 alive.add(ino)
-        kept, dropped = optimise(ops, alive)
+        # Entries whose upload began (a crash or a cut connection stopped it) keep their
+        # form: their recovery compares the remote with what was being sent.
+        started = {op.seq for op in ops if op.kind == "create" and self.store.upload_mark(op.seq)}
+        kept, dropped = optimise(ops, alive, started)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
@@ -307,18 +310,23 @@ class SyncManager:
 
     def _rewrite(self, ops: list[Op], kept: list[Op], dropped: list[Op]) -> None:
         kept_by_seq = {op.seq: op for op in kept}
+        replaced: list[tuple[Op, Op]] = []
 
         def change(t: Txn) -> None:
+            replaced.clear()
             for op in ops:
                 new = kept_by_seq.get(op.seq)
                 if new is None:
                     t.delete_op(op.seq)
                 elif new is not op:
                     t.txn.put(journal_key(op.seq), new.encode(), db=self.store.journal)
+                    replaced.append((op, new))
 
         self.store.transact(change)
         for op in dropped:
             self.cache.op_done(op)
+        for op, new in replaced:
+            self.cache.op_replaced(op, new)
 
     def _bytes_to_send(self, ops: list[Op]) -> int:
         total = 0
@@ -367,7 +375,13 @@ class SyncManager:
             folder = b"/".join(parts[:i])
             st = await self._stat(folder)
             if st is None:
-                await self.conn.call(self.remote.mkdir, folder, 0o755)
+                try:
+                    await self.conn.call(self.remote.mkdir, folder, 0o755)
+                except RemoteError:
+                    # Made meanwhile by the replay of something else in it (side by side)?
+                    st = await self._stat(folder)
+                    if st is None or not stat_mod.S_ISDIR(st.mode):
+                        raise
                 made = True
         return made
 
@@ -538,8 +552,8 @@ class SyncManager:
             self._finish(op)
             return 0
         try:
-            await self.conn.call(_apply_attrs, self.remote, op.path, stat_mod.S_IMODE(node.mode),
-                                 node.atime_ns, node.mtime_ns, node.is_dir)
+            await self.conn.call(self.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
+                                 node.atime_ns, node.mtime_ns)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -684,29 +698,46 @@ class SyncManager:
         return 0
 
 
-#: operations that touch one object only and may be replayed side by side
-_INDEPENDENT = {"create", "store", "setattr"}
+#: operations that change one object (and, for mkdir, add its name to its folder); the
+#: others (link, unlink, rmdir, rename, symlink) run alone, between the runs of these
+_INDEPENDENT = {"create", "store", "setattr", "mkdir"}
 
 
 def _batches(ops: list[Op], width: int):
-    """Journal order, cut into groups that may run concurrently: runs of independent
-    operations on distinct objects, and every namespace change alone (a barrier)."""
-    batch: list[Op] = []
-    seen: set[int] = set()
+    """Journal order, cut into groups that may run concurrently, at most ``width`` each.
+
+    Every namespace change but mkdir runs alone (a barrier). Between two barriers, an
+    operation goes one layer after the last one it depends on: the last about the same
+    object, the last about its folder (a folder is made before what goes in it, and its
+    times are set after, as the journal had them), and, for a folder, the last about
+    anything in it. A copied tree thus replays ``width`` files at a time (creates in one
+    layer, the ``setattr`` that gave each the original's mode in the next) instead of
+    one folder or two entries at a time."""
+    run: list[Op] = []
     for op in ops:
-        if op.kind in _INDEPENDENT and op.ino not in seen and len(batch) < width:
-            batch.append(op)
-            seen.add(op.ino)
-            continue
-        if batch:
-            yield batch
         if op.kind in _INDEPENDENT:
-            batch, seen = [op], {op.ino}
-        else:
-            batch, seen = [], set()
-            yield [op]
-    if batch:
-        yield batch
+            run.append(op)
+            continue
+        yield from _layers(run, width)
+        run = []
+        yield [op]
+    yield from _layers(run, width)
+
+
+def _layers(run: list[Op], width: int):
+    layers: list[list[Op]] = []
+    last: dict[int, int] = {}  # object -> layer of the latest operation about it
+    inner: dict[int, int] = {}  # folder -> layer of the latest operation on something in it
+    for op in run:
+        layer = 1 + max(last.get(op.ino, -1), last.get(op.parent, -1), inner.get(op.ino, -1))
+        last[op.ino] = layer
+        inner[op.parent] = max(inner.get(op.parent, -1), layer)
+        if layer == len(layers):
+            layers.append([])
+        layers[layer].append(op)
+    for layer in layers:
+        for start in range(0, len(layer), width):
+            yield layer[start:start + width]
 
 
 def _temp_name(path: bytes, seq: int) -> bytes:
@@ -722,8 +753,3 @@ def _read_content(content, content_path: str, size: int) -> bytes:
     finally:
         os.close(fd)
 
-
-def _apply_attrs(remote: Remote, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
-                 is_dir: bool) -> None:
-    remote.chmod(path, mode)
-    remote.utime(path, atime_ns, mtime_ns)
