@@ -23,8 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.fixtures.mount import run_with_timeout, status
 from tests.test_writes import control, sync_until_done
 
@@ -53,7 +51,6 @@ def _choose_op(rng: random.Random, model: Model, counter: list[int]) -> tuple:
     places = [""] + [d + "/" for d in dirs_present]
     candidates = [p + n for p in places for n in (TOP_FILES if p == "" else DIR_FILES)]
     existing = [p for p in candidates if model.get(p) is not None and p in model]
-    free = [p for p in candidates if p not in model]
     counter[0] += 1
     unique = f"<op {counter[0]}>".encode()
     kinds = ["create"] * 3 + ["append", "write", "rename", "unlink"] * (2 if existing else 0)

@@ -28,7 +28,7 @@ from cachefs.devserver import SshServer
 from tests.fixtures.mount import MountError, run_with_timeout, status
 from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,
-                               wait_for, wait_state, write_file)
+                               wait_for, write_file)
 
 READ_ERRNOS = {errno.EHOSTDOWN, errno.EIO, errno.ETIMEDOUT}
 CHUNK = 1 << 20

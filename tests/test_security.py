@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb  # noqa: F401  (the cache format these tests look into)
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
