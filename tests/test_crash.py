@@ -1,14 +1,17 @@
 """Crash safety: a seeded loop of real ``kill -9`` at random moments, one cache carried over.
 
 Each iteration mounts the same cache directory again (the journal of the crashed mount
-carries over), applies a random batch of operations, and kills the mount after a random
-0-300 ms: while offline writes are under way, while a replay runs (``online`` just sent),
-while a ``pin`` of a folder fetches, or while write-back runs online. The model only
-learns an operation once the call returned; an operation the kill interrupted is
-"uncertain", and the next mount must show it either not done or done (for a create, an
-empty file is also allowed: its data was never closed). Every few iterations, and at the
-end, ``online`` + ``sync`` must leave the server equal to the model: nothing lost, nothing
-applied twice, no temporary files, no conflict copies (only this client writes).
+carries over), applies a random batch of operations (create, write, append, rename, unlink,
+mkdir, and a file put in place as git does: a temporary name written, linked to the final
+name, unlinked), and kills the mount after a random 0-300 ms: while offline writes are
+under way, while a replay runs (``online`` just sent), while a ``pin`` of a folder
+fetches, or while write-back runs online. The model only learns an operation once the
+call returned; an operation the kill interrupted is "uncertain", and the next mount must
+show it either not done or done (for a create, an empty file is also allowed: its data
+was never closed; a file put in place may stop at each of its three steps). Every few
+iterations, and at the end, ``online`` + ``sync`` must leave the server equal to the
+model: nothing lost, nothing applied twice, no temporary files, no conflict copies (only
+this client writes).
 
 The seed is printed with any failure; ``CACHEFS_CRASH_SEED=N`` replays one (timing still
 varies, so a replay is likely, not certain, to hit the same interleaving).
@@ -51,9 +54,11 @@ def _choose_op(rng: random.Random, model: Model, counter: list[int]) -> tuple:
     places = [""] + [d + "/" for d in dirs_present]
     candidates = [p + n for p in places for n in (TOP_FILES if p == "" else DIR_FILES)]
     existing = [p for p in candidates if model.get(p) is not None and p in model]
+    free = [p for p in candidates if p not in model]
     counter[0] += 1
     unique = f"<op {counter[0]}>".encode()
     kinds = ["create"] * 3 + ["append", "write", "rename", "unlink"] * (2 if existing else 0)
+    kinds += ["place"] * (2 if free else 0)
     if len(dirs_present) < len(DIRS):
         kinds.append("mkdir")
     kind = rng.choice(kinds)
@@ -72,6 +77,11 @@ def _choose_op(rng: random.Random, model: Model, counter: list[int]) -> tuple:
         return ("rename", src, dst)
     if kind == "unlink":
         return ("unlink", rng.choice(existing))
+    if kind == "place":
+        # git's way: write a temporary name, link the final name to it, unlink the first
+        path = rng.choice(free)
+        temp = os.path.join(os.path.dirname(path), f".tmp_obj{counter[0]}")
+        return ("place", path, temp, unique + os.urandom(rng.randint(0, 1500)).hex().encode())
     return ("mkdir", rng.choice([d for d in DIRS if d not in model]))
 
 
@@ -92,10 +102,12 @@ def _apply_model(model: Model, op: tuple) -> None:
         del model[path]
     elif kind == "mkdir":
         model[path] = None
+    elif kind == "place":
+        model[path] = op[3]
 
 
 def _affected(op: tuple) -> list[str]:
-    return [op[1], op[2]] if op[0] == "rename" else [op[1]]
+    return [op[1], op[2]] if op[0] in ("rename", "place") else [op[1]]
 
 
 def _apply_mount(root_fd: int, op: tuple) -> None:
@@ -120,6 +132,15 @@ def _apply_mount(root_fd: int, op: tuple) -> None:
         os.unlink(path, dir_fd=root_fd)
     elif kind == "mkdir":
         os.mkdir(path, 0o755, dir_fd=root_fd)
+    elif kind == "place":
+        temp = op[2]
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444, dir_fd=root_fd)
+        try:
+            os.write(fd, op[3])
+        finally:
+            os.close(fd)
+        os.link(temp, path, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        os.unlink(temp, dir_fd=root_fd)
 
 
 def _control_fd(root_fd: int, command: str) -> None:
@@ -219,6 +240,9 @@ def _settle_uncertain(mnt: Path, model: Model, op: tuple) -> str | None:
     allowed = [pre, post]
     if op[0] == "create":
         allowed.append({op[1]: b""})  # created, data never closed
+    if op[0] == "place":  # stopped after the temporary file's create, write, or link
+        final, temp, data = op[1], op[2], op[3]
+        allowed += [{final: "absent", temp: b""}, {final: "absent", temp: data}, {final: data, temp: data}]
     if seen not in allowed:
         return (f"interrupted {op[:2]}: the mount shows {_show(seen)}, "
                 f"neither before {_show(pre)} nor after {_show(post)}")
@@ -227,6 +251,12 @@ def _settle_uncertain(mnt: Path, model: Model, op: tuple) -> str | None:
             model.pop(p, None)
         else:
             model[p] = seen[p]  # type: ignore[assignment]
+    if op[0] == "place" and seen[op[2]] != "absent":
+        # Finish the job as its writer would: a temporary name left linked to the final
+        # one is the same file (a later write to either shows in both), which the model,
+        # a name -> bytes map, cannot follow.
+        run_with_timeout(lambda: os.unlink(mnt / op[2]), OP_TIMEOUT, f"removing {op[2]}")
+        model.pop(op[2])
     return None
 
 
@@ -304,7 +334,8 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
             else:
                 control(mnt, "online")
             history.append(f"iteration {iteration} ({mode}): " + "; ".join(
-                f"{op[0]} {op[1]}" + (f" -> {op[2]}" if op[0] == "rename" else "") for op in ops))
+                f"{op[0]} {op[1]}" + (f" -> {op[2]}" if op[0] == "rename" else "")
+                + (f" (via {op[2]})" if op[0] == "place" else "") for op in ops))
             root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
             killing = threading.Event()
             try:
