@@ -269,6 +269,40 @@ def test_each_operation_offline_then_sync(mount_factory, share: Path, tmp_path: 
         assert not problems, "\n".join(problems)
 
 
+def test_hard_linked_file_written_after_its_link_reached_the_server(mount_factory, share: Path) -> None:
+    """An upload replaces the remote file under one name (a new file renamed over it):
+    the file's other names on the server must follow, as they do here."""
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        write_file(mnt / "a.txt", b"first version")
+        os.link(mnt / "a.txt", mnt / "b.txt")
+        sync(mnt)
+        assert os.stat(share / "a.txt").st_ino == os.stat(share / "b.txt").st_ino
+        for name, data in (("b.txt", b"written through b"), ("a.txt", b"then through a, longer")):
+            write_file(mnt / name, data)
+            sync(mnt)
+            assert (mnt / "a.txt").read_bytes() == (mnt / "b.txt").read_bytes() == data
+            assert (share / "a.txt").read_bytes() == data
+            assert (share / "b.txt").read_bytes() == data, "the other name kept the old version"
+            assert os.stat(share / "a.txt").st_ino == os.stat(share / "b.txt").st_ino
+        assert no_temp_leftovers(share) == []
+        assert status(mnt)["conflicts"] == 0
+
+
+def test_hard_link_whose_other_name_changed_on_the_server_is_left_alone(mount_factory, share: Path) -> None:
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        write_file(mnt / "a.txt", b"first version")
+        os.link(mnt / "a.txt", mnt / "b.txt")
+        sync(mnt)
+        os.unlink(share / "b.txt")
+        (share / "b.txt").write_bytes(b"someone else's b")  # a new file under that name
+        write_file(mnt / "a.txt", b"ours")
+        sync(mnt)
+        assert (share / "a.txt").read_bytes() == b"ours"
+        assert (share / "b.txt").read_bytes() == b"someone else's b"
+
+
 # -- write-back while online ----------------------------------------------------------------
 
 def test_write_back_online_within_two_seconds(mount_factory, share: Path) -> None:

@@ -449,6 +449,19 @@ class Store:
     def put(self, node: Node) -> None:
         self.run_write(lambda txn: txn.put(_key(node.ino), self._pack(node), db=self.nodes))
 
+    def paths_of(self, ino: int) -> list[bytes]:
+        """Every share-relative path of a node (several for a hard-linked file)."""
+        with self.env.begin() as txn:
+            t = Txn(self, txn)
+            out = []
+            for parent, name in t.names_of(ino):
+                try:
+                    folder = t.path_of(parent)
+                except KeyError:
+                    continue
+                out.append(folder + b"/" + name if folder else name)
+            return out
+
     def path_of(self, ino: int) -> bytes:
         """The share-relative path of a node, walking up its parents."""
         parts: list[bytes] = []

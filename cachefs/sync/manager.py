@@ -327,6 +327,8 @@ class SyncManager:
             self.cache.op_done(op)
         for op, new in replaced:
             self.cache.op_replaced(op, new)
+        log.debug("journal optimised: %d entries dropped, %d rewritten (%s)", len(dropped), len(replaced),
+                  ", ".join(f"{op.seq} {op.kind} -> {new.kind} {new.path!r}" for op, new in replaced[:5]))
 
     def _bytes_to_send(self, ops: list[Op]) -> int:
         total = 0
@@ -425,6 +427,7 @@ class SyncManager:
             self._finish(op)  # an earlier operation already uploaded this content
             return 0
         gen = node.gen
+        before = self._base(op.ino, node.base)  # the version our upload replaces there
         conflict = None
         # Was an upload of this entry started before (a crash or a cut connection since)?
         # Then (size, mtime) of what it was sending.
@@ -446,6 +449,7 @@ class SyncManager:
                 raise
             outcome, found = "gone", None  # a folder above is missing: the slow path
         if outcome == "uploaded":
+            await self._relink(node, op, before, found)
             self._finish(op, self._agree(op.ino, found, gen))
             return node.size
         remote = found if outcome == "changed" else await self._stat(op.path)
@@ -461,6 +465,7 @@ class SyncManager:
             resend = ours and (node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))
             if not resend:
                 if ours or await self._same_content(node, op.path, remote):
+                    await self._relink(node, op, before, remote)
                     self._finish(op, self._agree(op.ino, remote, gen))
                     return 0
                 return await self._keep_both(op, node, remote, gen)
@@ -478,8 +483,44 @@ class SyncManager:
                 self._gone.add(op.ino)
             self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
             return 0
+        await self._relink(node, op, before, new)
         self._finish(op, self._agree(op.ino, new, gen), conflict)
         return node.size
+
+    async def _relink(self, node: Node, op: Op, before: tuple[int, int, int] | None,
+                      now: RemoteStat) -> None:
+        """An upload replaces the remote file under ``op.path`` only (a new file renamed
+        over it), which cuts it from the file's other names there. A file with several
+        names here gets them back: each other name that still holds ``before``, the
+        version the upload replaced, is linked to the new file (a link to a temporary
+        name, renamed over it). A name holding anything else is someone else's file now,
+        and a name not there yet comes with its own ``link`` entry."""
+        if node.nlink < 2 or node.is_dir:
+            return
+        for other in self.store.paths_of(node.ino):
+            if other == op.path:
+                continue
+            remote = await self._stat(other)
+            if remote is None or remote.version() == now.version():
+                continue
+            if before is None or remote.version() != before:
+                log.warning("not relinking %r to %r: it changed on the server", other, op.path)
+                continue
+            folder, _, _ = other.rpartition(b"/")
+            temp = join(folder, _temp_name(other, op.seq))
+            try:
+                await self.conn.call(self.remote.unlink, temp)  # left by an interrupted pass
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            try:
+                await self.conn.call(self.remote.link, op.path, temp)
+            except RemoteError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                await self._upload(node, other, op.seq)  # no hard links there: a copy
+                continue
+            await self.conn.call(self.remote.rename, temp, other)
 
     @staticmethod
     def _refused(ino: int):
