@@ -289,6 +289,22 @@ def test_hard_linked_file_written_after_its_link_reached_the_server(mount_factor
         assert status(mnt)["conflicts"] == 0
 
 
+def test_hard_link_made_offline_lists_under_both_names_after_sync(mount_factory, share: Path) -> None:
+    """The listing fetched after the replay maps both remote names to one node: each
+    entry keeps its own name (they shared one record, and both showed the last name)."""
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        (mnt / "sub").mkdir()
+        go_offline(mnt)
+        write_file(mnt / "sub" / "a", b"one file")
+        os.link(mnt / "sub" / "a", mnt / "sub" / "b")
+        control(mnt, "online")
+        sync(mnt)
+        assert sorted(os.listdir(share / "sub")) == ["a", "b"]
+        assert sorted(os.listdir(mnt / "sub")) == ["a", "b"]
+        assert (mnt / "sub" / "a").read_bytes() == (mnt / "sub" / "b").read_bytes() == b"one file"
+
+
 def test_hard_link_whose_other_name_changed_on_the_server_is_left_alone(mount_factory, share: Path) -> None:
     with mount_factory() as mount:
         mnt = mount.mountpoint

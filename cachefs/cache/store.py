@@ -30,6 +30,7 @@ another release is refused with a clear message instead of being misread.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -436,13 +437,16 @@ class Store:
                     break
                 ino = _U64.unpack(value[:8])[0]
                 node = known.get(ino) if known else None
+                name = self._entry_name(key, value)
                 if node is None:
                     rec = txn.get(value[:8], db=self.nodes)
                     if rec is None:
                         continue
                     node = self._unpack(ino, rec)
+                elif (node.parent, node.name) != (parent, name):
+                    node = copy.copy(node)  # (``known`` is shared: one object per node)
                 # A hard-linked node is listed under each of its names.
-                node.parent, node.name = parent, self._entry_name(key, value)
+                node.parent, node.name = parent, name
                 out.append(node)
         return out
 
