@@ -118,7 +118,11 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, OpenFile | bytes] = {}
-        self._dirs: dict[int, list[tuple[bytes, EntryFactory]]] = {}
+        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        # A folder's entries as readdir sends them, while the cache hands out the same
+        # list of its children (it keeps that list until a write could change it)
+        self._entries_kept: dict[int, tuple[list[Node], list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
+        self._entries_kept_count = 0
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
@@ -209,25 +213,34 @@ class Operations(pyfuse3.Operations):
     @translate
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         # A snapshot per handle, so that readdir's offsets stay valid while the folder changes.
-        entries: list[tuple[bytes, EntryFactory]] = []
         if inode == control.DIR_INO:
-            for name, ino in sorted(control.NAMES.items()):
-                entries.append((name, functools.partial(self._virtual_attrs, ino)))
+            entries = [(name, self._virtual_attrs(ino)) for name, ino in sorted(control.NAMES.items())]
         else:
             nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
+            entries = self._entries_of(inode, nodes)
             if inode == ROOT_INO:
-                entries.append((cache_mod.CONTROL_NAME, functools.partial(self._virtual_attrs, control.DIR_INO)))
-            entries.extend((n.name, functools.partial(self._attrs, n)) for n in nodes)
+                entries = [(cache_mod.CONTROL_NAME, self._virtual_attrs(control.DIR_INO)), *entries]
         fh = self._new_fh()
         self._dirs[fh] = entries
         return fh
+
+    def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        kept = self._entries_kept.get(inode)
+        if kept is not None and kept[0] is nodes:
+            return kept[1]  # (an entry is never changed once made: readdir only reads it)
+        entries = [(n.name, self._attrs(n)) for n in nodes]
+        if self._entries_kept_count + len(entries) > cache_mod.MEMO_NODES:
+            self._entries_kept.clear()
+            self._entries_kept_count = 0
+        self._entries_kept_count += len(entries) - (len(kept[1]) if kept else 0)
+        self._entries_kept[inode] = (nodes, entries)
+        return entries
 
     @translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dirs.get(fh, [])
         for index in range(start_id, len(entries)):
-            name, make_attrs = entries[index]
-            attrs = make_attrs()
+            name, attrs = entries[index]
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
             self._count_lookup(attrs.st_ino)
@@ -461,9 +474,6 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
-
-
-EntryFactory = Callable[[], pyfuse3.EntryAttributes]
 
 
 class ControlWrite(bytes):
