@@ -327,8 +327,9 @@ class SyncManager:
             self.cache.op_done(op)
         for op, new in replaced:
             self.cache.op_replaced(op, new)
-        log.debug("journal optimised: %d entries dropped, %d rewritten (%s)", len(dropped), len(replaced),
-                  ", ".join(f"{op.seq} {op.kind} -> {new.kind} {new.path!r}" for op, new in replaced[:5]))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("journal optimised: %d entries dropped, %d rewritten (%s)", len(dropped), len(replaced),
+                      ", ".join(f"{op.seq} {op.kind} -> {new.kind} {new.path!r}" for op, new in replaced[:5]))
 
     def _bytes_to_send(self, ops: list[Op]) -> int:
         total = 0
@@ -500,27 +501,35 @@ class SyncManager:
         for other in self.store.paths_of(node.ino):
             if other == op.path:
                 continue
-            remote = await self._stat(other)
-            if remote is None or remote.version() == now.version():
-                continue
-            if before is None or remote.version() != before:
-                log.warning("not relinking %r to %r: it changed on the server", other, op.path)
-                continue
-            folder, _, _ = other.rpartition(b"/")
-            temp = join(folder, _temp_name(other, op.seq))
             try:
-                await self.conn.call(self.remote.unlink, temp)  # left by an interrupted pass
+                await self._relink_one(node, op, other, before, now)
             except RemoteError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-            try:
-                await self.conn.call(self.remote.link, op.path, temp)
-            except RemoteError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
-                    raise
-                await self._upload(node, other, op.seq)  # no hard links there: a copy
-                continue
-            await self.conn.call(self.remote.rename, temp, other)
+                # The upload itself landed: this name is left as the server has it.
+                log.warning("could not relink %r to %r on the server: %s", other, op.path, exc)
+
+    async def _relink_one(self, node: Node, op: Op, other: bytes, before: tuple[int, int, int] | None,
+                          now: RemoteStat) -> None:
+        remote = await self._stat(other)
+        if remote is None or remote.version() == now.version():
+            return
+        if before is None or remote.version() != before:
+            log.warning("not relinking %r to %r: it changed on the server", other, op.path)
+            return
+        folder, _, _ = other.rpartition(b"/")
+        temp = join(folder, _temp_name(other, op.seq))
+        try:
+            await self.conn.call(self.remote.unlink, temp)  # left by an interrupted pass
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        try:
+            await self.conn.call(self.remote.link, op.path, temp)
+        except RemoteError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            await self._upload(node, other, op.seq)  # no hard links there: a copy
+            return
+        await self.conn.call(self.remote.rename, temp, other)
 
     @staticmethod
     def _refused(ino: int):
