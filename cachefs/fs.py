@@ -123,6 +123,7 @@ class Operations(pyfuse3.Operations):
         # list of its children (it keeps that list until a write could change it)
         self._entries_kept: dict[int, tuple[list[Node], list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
         self._entries_kept_count = 0
+        self._entries_generation = -1
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
@@ -225,6 +226,11 @@ class Operations(pyfuse3.Operations):
         return fh
 
     def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        if self._entries_generation != self.cache.store.generation:
+            # A write: the cache drops the lists it kept, and these go with them.
+            self._entries_kept.clear()
+            self._entries_kept_count = 0
+            self._entries_generation = self.cache.store.generation
         kept = self._entries_kept.get(inode)
         if kept is not None and kept[0] is nodes:
             return kept[1]  # (an entry is never changed once made: readdir only reads it)
