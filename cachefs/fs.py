@@ -235,6 +235,8 @@ class Operations(pyfuse3.Operations):
         if kept is not None and kept[0] is nodes:
             return kept[1]  # (an entry is never changed once made: readdir only reads it)
         entries = [(n.name, self._attrs(n)) for n in nodes]
+        if not self.cache.keeps_listing(inode, nodes):
+            return entries  # (the cache's memo is full: keeping these would hold the nodes too)
         if self._entries_kept_count + len(entries) > cache_mod.MEMO_NODES:
             self._entries_kept.clear()
             self._entries_kept_count = 0

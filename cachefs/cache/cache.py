@@ -235,6 +235,12 @@ class Cache:
             return kept[1]
         return self._keep_children(ino, self.store.children(ino))
 
+    def keeps_listing(self, ino: int, children: list[Node]) -> bool:
+        """Whether ``children`` (from ``listdir``) is the list kept for the folder."""
+        self._memo_current()
+        kept = self._children_memo.get(ino)
+        return kept is not None and kept[1] is children
+
     def _memo_current(self) -> None:
         if self._children_gen != self.store.generation:  # a write that may touch any folder
             self._children_memo.clear()
