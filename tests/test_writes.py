@@ -654,7 +654,7 @@ def test_random_offline_sequences_replay_to_model(mount_factory, share: Path, tm
     with mount_factory() as mount:
         mnt = mount.mountpoint
 
-        @settings(max_examples=15, deadline=None, database=None, derandomize=False,
+        @settings(max_examples=100, deadline=None, database=None, derandomize=False,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(steps=st.lists(step, min_size=5, max_size=25))
         def check(steps: list[tuple]) -> None:
@@ -680,7 +680,7 @@ def test_random_offline_sequences_replay_to_model(mount_factory, share: Path, tm
             assert_same_tree(mnt / sub, model, "the mount (after sync)")
 
         check()
-        assert next(counter) >= 10, "hypothesis ran too few examples"
+        assert next(counter) >= 80, "hypothesis ran too few examples"
         assert status(mnt)["conflicts"] == 0
         assert no_temp_leftovers(share) == []
 
