@@ -119,11 +119,6 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self._handles: dict[int, OpenFile | bytes] = {}
         self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
-        # A folder's entries as readdir sends them, while the cache hands out the same
-        # list of its children (it keeps that list until a write could change it)
-        self._entries_kept: dict[int, tuple[list[Node], list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
-        self._entries_kept_count = 0
-        self._entries_generation = -1
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
@@ -226,22 +221,13 @@ class Operations(pyfuse3.Operations):
         return fh
 
     def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        if self._entries_generation != self.cache.store.generation:
-            # A write: the cache drops the lists it kept, and these go with them.
-            self._entries_kept.clear()
-            self._entries_kept_count = 0
-            self._entries_generation = self.cache.store.generation
-        kept = self._entries_kept.get(inode)
-        if kept is not None and kept[0] is nodes:
-            return kept[1]  # (an entry is never changed once made: readdir only reads it)
-        entries = [(n.name, self._attrs(n)) for n in nodes]
-        if not self.cache.keeps_listing(inode, nodes):
-            return entries  # (the cache's memo is full: keeping these would hold the nodes too)
-        if self._entries_kept_count + len(entries) > cache_mod.MEMO_NODES:
-            self._entries_kept.clear()
-            self._entries_kept_count = 0
-        self._entries_kept_count += len(entries) - (len(kept[1]) if kept else 0)
-        self._entries_kept[inode] = (nodes, entries)
+        """readdir's entries, kept with the cache's kept listing (and dropped with it)."""
+        kept = self.cache.kept_with(inode, nodes)
+        entries = kept.get("readdir") if kept is not None else None
+        if entries is None:
+            entries = [(n.name, self._attrs(n)) for n in nodes]
+            if kept is not None:
+                kept["readdir"] = entries  # (never changed once made: readdir only reads it)
         return entries
 
     @translate

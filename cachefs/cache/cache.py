@@ -92,8 +92,9 @@ class Cache:
         self._fetch_errors: dict[tuple[int, int], BaseException] = {}
         self._open_count: dict[int, int] = {}
         self._read_buffers: list[bytearray] = []  # free buffers of large reads
-        #: folder -> (its listing generation, children) (see _children)
-        self._children_memo: dict[int, tuple[int, list[Node]]] = {}
+        #: folder -> (its listing generation, children, what callers derived from them)
+        #: (see _children and kept_with)
+        self._children_memo: dict[int, tuple[int, list[Node], dict]] = {}
         self._children_gen = -1
         self._children_kept = 0  # nodes held in _children_memo
         self._space: SpaceInfo | None = None
@@ -235,11 +236,12 @@ class Cache:
             return kept[1]
         return self._keep_children(ino, self.store.children(ino))
 
-    def keeps_listing(self, ino: int, children: list[Node]) -> bool:
-        """Whether ``children`` (from ``listdir``) is the list kept for the folder."""
+    def kept_with(self, ino: int, children: list[Node]) -> dict | None:
+        """A dict that lives as long as the folder's kept list is ``children`` (from
+        ``listdir``), for what a caller derives from them; None when they are not kept."""
         self._memo_current()
         kept = self._children_memo.get(ino)
-        return kept is not None and kept[1] is children
+        return kept[2] if kept is not None and kept[1] is children else None
 
     def _memo_current(self) -> None:
         if self._children_gen != self.store.generation:  # a write that may touch any folder
@@ -255,7 +257,7 @@ class Cache:
         grows = len(children) - (len(kept[1]) if kept else 0)
         if self._children_kept + grows <= MEMO_NODES:
             self._children_kept += grows
-            self._children_memo[ino] = (self.store.folder_generation.get(ino, 0), children)
+            self._children_memo[ino] = (self.store.folder_generation.get(ino, 0), children, {})
         return children
 
     async def _list_ahead(self) -> None:

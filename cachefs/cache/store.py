@@ -46,6 +46,7 @@ from typing import TypeVar
 
 import lmdb
 
+from ..remote.base import join
 from ..sync import journal
 from ..sync.journal import Op
 from . import crypto
@@ -463,7 +464,7 @@ class Store:
                     folder = t.path_of(parent)
                 except KeyError:
                     continue
-                out.append(folder + b"/" + name if folder else name)
+                out.append(join(folder, name))
             return out
 
     def path_of(self, ino: int) -> bytes:

@@ -23,6 +23,7 @@ import json
 import stat as stat_mod
 import struct
 from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any
 
 _U64 = struct.Struct(">Q")
@@ -99,7 +100,7 @@ def seq_of(key_bytes: bytes) -> int:
     return _U64.unpack(key_bytes)[0]
 
 
-def optimise(ops: list[Op], alive: set[int], started: set[int] = frozenset()) \
+def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = lambda seq: False) \
         -> tuple[list[Op], list[Op]]:
     """Drop what need never reach the remote; returns (kept, dropped). A kept entry that
     is not the one read (``is not``) replaces the entry of its ``seq``.
@@ -110,7 +111,8 @@ def optimise(ops: list[Op], alive: set[int], started: set[int] = frozenset()) \
     an unlink of that object, so the replaced version still goes away as it did here.
     A file created under one name, linked to another and unlinked from the first (how
     git and other careful writers put a file in place) becomes one create under the
-    second name (see ``_fold_links``; ``started``: entries whose upload had begun).
+    second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
+    begun, asked only of a create that would fold).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
     content and attributes once and skips the rest (see ``cachefs.sync.manager``).
     """
@@ -131,7 +133,8 @@ def optimise(ops: list[Op], alive: set[int], started: set[int] = frozenset()) \
     return _fold_links(kept, dropped, started)
 
 
-def _fold_links(ops: list[Op], dropped: list[Op], started: set[int]) -> tuple[list[Op], list[Op]]:
+def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]) \
+        -> tuple[list[Op], list[Op]]:
     """``create P``, ``link P -> D``, ``unlink P`` of one file, with nothing else about
     that file in between, become ``create D`` in the link's place.
 
@@ -156,7 +159,7 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: set[int]) -> tuple[li
             if (create.kind, link.kind, unlink.kind) == ("create", "link", "unlink") \
                     and create.ino == link.ino == unlink.ino and not link.replaced \
                     and link.path == create.path == unlink.path \
-                    and create.seq not in started:
+                    and not started(create.seq):
                 folded[a] = folded[c] = None
                 folded[b] = Op("create", create.ino, link.dst, parent=link.dst_parent,
                                mode=create.mode, seq=link.seq, extra=dict(create.extra))

@@ -258,8 +258,7 @@ class SyncManager:
                 alive.add(ino)
         # Entries whose upload began (a crash or a cut connection stopped it) keep their
         # form: their recovery compares the remote with what was being sent.
-        started = {op.seq for op in ops if op.kind == "create" and self.store.upload_mark(op.seq)}
-        kept, dropped = optimise(ops, alive, started)
+        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
@@ -428,7 +427,6 @@ class SyncManager:
             self._finish(op)  # an earlier operation already uploaded this content
             return 0
         gen = node.gen
-        before = self._base(op.ino, node.base)  # the version our upload replaces there
         conflict = None
         # Was an upload of this entry started before (a crash or a cut connection since)?
         # Then (size, mtime) of what it was sending.
@@ -450,8 +448,7 @@ class SyncManager:
                 raise
             outcome, found = "gone", None  # a folder above is missing: the slow path
         if outcome == "uploaded":
-            await self._relink(node, op, before, found)
-            self._finish(op, self._agree(op.ino, found, gen))
+            await self._landed(op, node, found, gen)
             return node.size
         remote = found if outcome == "changed" else await self._stat(op.path)
         if remote is None:
@@ -466,8 +463,7 @@ class SyncManager:
             resend = ours and (node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))
             if not resend:
                 if ours or await self._same_content(node, op.path, remote):
-                    await self._relink(node, op, before, remote)
-                    self._finish(op, self._agree(op.ino, remote, gen))
+                    await self._landed(op, node, remote, gen)
                     return 0
                 return await self._keep_both(op, node, remote, gen)
         try:
@@ -484,20 +480,27 @@ class SyncManager:
                 self._gone.add(op.ino)
             self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
             return 0
-        await self._relink(node, op, before, new)
-        self._finish(op, self._agree(op.ino, new, gen), conflict)
+        await self._landed(op, node, new, gen, conflict)
         return node.size
 
-    async def _relink(self, node: Node, op: Op, before: tuple[int, int, int] | None,
-                      now: RemoteStat) -> None:
+    async def _landed(self, op: Op, node: Node, remote: RemoteStat, gen: int,
+                      conflict: dict | None = None) -> None:
+        """Our version ``gen`` of the file is on the remote under ``op.path`` as ``remote``:
+        its other names there follow it, then the entry is done."""
+        await self._relink(node, op, remote)
+        self._finish(op, self._agree(op.ino, remote, gen), conflict)
+
+    async def _relink(self, node: Node, op: Op, now: RemoteStat) -> None:
         """An upload replaces the remote file under ``op.path`` only (a new file renamed
         over it), which cuts it from the file's other names there. A file with several
-        names here gets them back: each other name that still holds ``before``, the
-        version the upload replaced, is linked to the new file (a link to a temporary
-        name, renamed over it). A name holding anything else is someone else's file now,
-        and a name not there yet comes with its own ``link`` entry."""
+        names here gets them back: each other name that still holds the version the upload
+        replaced is linked to the new file (a link to a temporary name, renamed over it).
+        A name holding anything else is someone else's file now, and a name not there yet
+        comes with its own ``link`` entry."""
         if node.nlink < 2 or node.is_dir:
             return
+        # (this entry is not finished yet: what the remote had is still the recorded base)
+        before = self._base(op.ino, node.base)
         for other in self.store.paths_of(node.ino):
             if other == op.path:
                 continue
