@@ -71,11 +71,29 @@ def test_node_record_round_trip_keeps_bytes_names() -> None:
     assert Node.unpack(99, node.pack()) == node
 
 
+@given(parent=st.integers(0, 2**64 - 1), name=st.binary(min_size=1, max_size=255),
+       target=st.binary(max_size=300), size=st.integers(0, 2**64 - 1),
+       base=st.none() | st.tuples(st.integers(0, 2**63 - 1), st.integers(-2**63, 2**63 - 1),
+                                  st.integers(0, 2**32 - 1)))
+def test_parent_and_name_read_what_unpack_reads(parent: int, name: bytes, target: bytes, size: int,
+                                                base: tuple[int, int, int] | None) -> None:
+    # The path walk reads two fields at fixed offsets instead of the whole record.
+    node = Node(ino=7, parent=parent, name=name, mode=stat.S_IFREG | 0o644, size=size,
+                mtime_ns=-5, atime_ns=6, ctime_ns=7, base=base, last_use=3.25, target=target,
+                gen=2**64 - 1, synced_gen=1)
+    data = node.pack()
+    whole = Node.unpack(7, data)
+    assert Node.parent_and_name(7, data) == (whole.parent, whole.name) == (parent, name)
+    with pytest.raises(StoreError, match="truncated"):
+        Node.parent_and_name(7, data[:Node._HEAD.size + len(name) - 1])
+
+
 def test_unknown_record_version_is_refused() -> None:
     data = bytearray(Node(2, 1, b"x", stat.S_IFREG, 0, 0, 0, 0).pack())
     data[0] = 9
-    with pytest.raises(StoreError, match="record version"):
-        Node.unpack(2, bytes(data))
+    for read in (Node.unpack, Node.parent_and_name):
+        with pytest.raises(StoreError, match="record version"):
+            read(2, bytes(data))
 
 
 def test_journal_op_round_trip() -> None:

@@ -126,6 +126,19 @@ class Node:
         return head + self.name + self.target
 
     @classmethod
+    def parent_and_name(cls, ino: int, data: bytes) -> tuple[int, bytes]:
+        """Only the parent and the name of a packed record: a path walk needs no more, and
+        building a whole ``Node`` per step cost a path of five steps ~20 us."""
+        if not data or data[0] != cls._VERSION:
+            raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
+        parent = _PARENT.unpack_from(data, _PARENT_AT)[0]
+        name_len = _NAME_LEN.unpack_from(data, _NAME_LEN_AT)[0]
+        name = bytes(data[cls._HEAD.size:cls._HEAD.size + name_len])
+        if len(name) != name_len:
+            raise StoreError(f"node {ino}: truncated record")
+        return parent, name
+
+    @classmethod
     def unpack(cls, ino: int, data: bytes) -> "Node":
         if not data or data[0] != cls._VERSION:
             raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
@@ -142,8 +155,29 @@ class Node:
                    target=target, gen=gen, synced_gen=synced_gen)
 
 
+# Where ``Node.parent_and_name`` finds them in a packed record: the sizes of the fields
+# before them (``_HEAD`` is unaligned), parent being the 11th field and name_len the 16th.
+_FIELDS = Node._HEAD.format.lstrip("<")
+_PARENT, _PARENT_AT = struct.Struct("<Q"), struct.calcsize("<" + _FIELDS[:10])
+_NAME_LEN, _NAME_LEN_AT = struct.Struct("<H"), struct.calcsize("<" + _FIELDS[:15])
+assert (_FIELDS[10], _FIELDS[15]) == ("Q", "H")
+
+
 def _key(ino: int) -> bytes:
     return _U64.pack(ino)
+
+
+def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
+    """The share-relative path of a node, walking up its parents; KeyError if one of
+    them is gone."""
+    parts: list[bytes] = []
+    while ino != ROOT_INO:
+        data = txn.get(_key(ino), db=store.nodes)
+        if data is None:
+            raise KeyError(ino)
+        ino, name = Node.parent_and_name(ino, store.codec.open(data))
+        parts.append(name)
+    return b"/".join(reversed(parts))
 
 
 def check_private_dir(path: Path) -> None:
@@ -469,16 +503,8 @@ class Store:
 
     def path_of(self, ino: int) -> bytes:
         """The share-relative path of a node, walking up its parents."""
-        parts: list[bytes] = []
         with self.env.begin() as txn:
-            while ino != ROOT_INO:
-                data = txn.get(_key(ino), db=self.nodes)
-                if data is None:
-                    raise KeyError(ino)
-                node = self._unpack(ino, data)
-                parts.append(node.name)
-                ino = node.parent
-        return b"/".join(reversed(parts))
+            return _path_of(self, txn, ino)
 
     def apply_listing(self, parent: int, listing: list[tuple[bytes, "object"]], make_node) -> "ListingDelta":
         """Make the cached entries of ``parent`` equal ``listing`` in one transaction.
@@ -764,14 +790,7 @@ class Txn:
         return self.store._new_ino(self.txn)
 
     def path_of(self, ino: int) -> bytes:
-        parts: list[bytes] = []
-        while ino != ROOT_INO:
-            node = self.node(ino)
-            if node is None:
-                raise KeyError(ino)
-            parts.append(node.name)
-            ino = node.parent
-        return b"/".join(reversed(parts))
+        return _path_of(self.store, self.txn, ino)
 
     def append(self, op: Op) -> int:
         """Add an operation at the end of the journal; its sequence number."""
