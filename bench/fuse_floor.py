@@ -12,7 +12,13 @@ getxattr, flush answered ENOSYS), runs the request-bound workloads of bench/run.
 
 No cache, no index, no network: nothing cachefs could do in its handlers goes faster.
 
-    .venv/bin/python bench/fuse_floor.py [--files N]
+The same filesystem runs a second way, "bare": without default_permissions and with
+getxattr answered ENOSYS (the kernel then never asks again). That is what two
+requirements of cachefs cost (the issues ask for default_permissions on, and for the
+``user.cachefs.state`` xattr): two of the six requests of a create. The two ways take
+turns, ``--rounds`` times each, and the medians are printed.
+
+    .venv/bin/python bench/fuse_floor.py [--files N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import errno
 import os
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,8 +43,9 @@ DATA = os.urandom(4096)
 class NullFs(pyfuse3.Operations):
     """Names live in a dict; content is never kept (reads return a fixed page)."""
 
-    def __init__(self, small_files: int) -> None:
+    def __init__(self, small_files: int, bare: bool) -> None:
         super().__init__()
+        self.bare = bare
         self.names: dict[bytes, int] = {b"f%05d" % i: 100 + i for i in range(small_files)}
         self.next_ino = 100 + small_files
         self.fh = 0
@@ -88,29 +96,33 @@ class NullFs(pyfuse3.Operations):
         pass
 
     async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # cachefs answers its state xattr, so the kernel keeps asking (security.capability
+        # before each write); ENOSYS would make it stop for good.
+        raise pyfuse3.FUSEError(errno.ENOSYS if self.bare else pyfuse3.ENOATTR)
 
 
-def serve(mnt: str, small_files: int) -> None:
-    pyfuse3.init(NullFs(small_files), mnt, set(pyfuse3.default_options) | {"fsname=nullfs"})
+def serve(mnt: str, small_files: int, bare: bool) -> None:
+    options = {"fsname=nullfs"} | (set() if bare else set(pyfuse3.default_options))
+    pyfuse3.init(NullFs(small_files, bare), mnt, options)
     try:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=False)
 
 
-def measure(mnt: str, files: int) -> None:
+def measure(mnt: str, files: int) -> dict[str, float]:
+    out = {}
     n = 20000
     t = time.perf_counter()
     for _ in range(n):
         os.stat(os.path.join(mnt, "stat"))
-    print(f"getattr round trip (os.stat, attributes not cached): {(time.perf_counter() - t) / n * 1e6:.0f} us")
+    out["getattr round trip (os.stat, attributes not cached), us"] = (time.perf_counter() - t) / n * 1e6
 
     t = time.perf_counter()
     for i in range(2000):
         with open(os.path.join(mnt, "new%05d" % i), "wb") as f:
             f.write(DATA)
-    print(f"create 2000 x 4 KiB files: {2000 / (time.perf_counter() - t):,.0f} files/s")
+    out["create 2000 x 4 KiB files, files/s"] = 2000 / (time.perf_counter() - t)
 
     names = [os.path.join(mnt, "f%05d" % i) for i in range(files)]
     for rep in ("first", "warm"):
@@ -118,34 +130,47 @@ def measure(mnt: str, files: int) -> None:
         for path in names:
             with open(path, "rb") as f:
                 f.read()
-        print(f"read {files} x 4 KiB files, {rep}: {files / (time.perf_counter() - t):,.0f} files/s")
+        out[f"read {files} x 4 KiB files, {rep}, files/s"] = files / (time.perf_counter() - t)
+    return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--files", type=int, default=10000, help="small files to read (default 10000)")
-    args = p.parse_args()
+def one_mount(files: int, bare: bool) -> dict[str, float]:
     mnt = tempfile.mkdtemp(prefix="fuse-floor-")
     pid = os.fork()
     if pid == 0:
         try:
-            serve(mnt, args.files)
+            serve(mnt, files, bare)
         finally:
             os._exit(0)
     try:
         deadline = time.monotonic() + 10
         while not os.path.ismount(mnt):
             if time.monotonic() > deadline:
-                print("the null filesystem did not mount", file=sys.stderr)
-                return 1
+                raise SystemExit("the null filesystem did not mount")
             time.sleep(0.05)
-        print(f"pyfuse3 {pyfuse3.__version__ if hasattr(pyfuse3, '__version__') else ''}, "
-              f"{os.cpu_count()} CPUs; a filesystem that does nothing:")
-        measure(mnt, args.files)
+        return measure(mnt, files)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
         os.waitpid(pid, 0)
         os.rmdir(mnt)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=10000, help="small files to read (default 10000)")
+    p.add_argument("--rounds", type=int, default=3, help="mounts of each kind, taking turns (default 3)")
+    args = p.parse_args()
+    print(f"pyfuse3 {getattr(pyfuse3, '__version__', '')}, {os.cpu_count()} CPUs; a filesystem "
+          f"that does nothing, medians of {args.rounds} mounts of each kind:", flush=True)
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for bare in (False, True):
+            runs[bare].append(one_mount(args.files, bare))
+    print(f"{'':56s} {'as cachefs':>11s} {'bare':>11s} {'bare/as cachefs':>16s}")
+    for key in runs[False][0]:
+        mine = statistics.median(r[key] for r in runs[False])
+        bare = statistics.median(r[key] for r in runs[True])
+        print(f"{key:56s} {mine:11,.0f} {bare:11,.0f} {bare / mine:16.2f}")
     return 0
 
 
