@@ -149,7 +149,16 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     assert [n.name for n in store.children(ROOT_INO)] == [b"a", b"d"]
     assert store.path_of(store.child(ROOT_INO, b"d").ino) == b"d"
 
+    # The same listing again writes nothing, and no kept listing counts as changed.
+    generations = (store.generation, dict(store.folder_generation))
+    again = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))],
+                                node_from_remote)
+    assert again.same and not again.changed and not again.removed
+    assert again.children == store.children(ROOT_INO)
+    assert (store.generation, store.folder_generation) == generations
+
     delta = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2))], node_from_remote)
+    assert not delta.same and store.folder_generation != generations[1]
     assert delta.children == store.children(ROOT_INO)  # handed back as written, unpacked or not
     assert [n.ino for n in delta.changed] == [a.ino]
     assert [n.name for n in delta.removed] == [b"d"]

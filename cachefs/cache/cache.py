@@ -22,7 +22,7 @@ import os
 import stat as stat_mod
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import lmdb
@@ -42,6 +42,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 log = logging.getLogger(__name__)
 
 SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
+WALK_AHEAD = 4  # next sibling folders listed ahead of lookups that walk folder after folder
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
@@ -119,9 +120,11 @@ class Cache:
         self.background_lister: Callable[[bytes], list] = self.remote.listdir
         self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
         self._prefetching: set[int] = set()  # folders being listed ahead of a reader
+        self._walk_from = ROOT_INO  # the folder of the last lookup (see _walk_on)
+        self._walks: dict[int, _Walk] = {}  # folder -> lookups walking its subfolders
         #: folders to list ahead of a reader, the next one first: consumed by as many
         #: listers as there are connections but one (short calls find one free)
-        self._listing_queue: collections.deque[Node] = collections.deque()
+        self._listing_queue: collections.deque[int] = collections.deque()
         self._listing_lot = trio.lowlevel.ParkingLot()
         self._listers = max(1, int(conn.limiter.total_tokens) - 1)
         self._prefetched: set[int] = set()  # folders whose small files were prefetched
@@ -197,6 +200,8 @@ class Cache:
         pnode = self.node(parent)
         if not pnode.is_dir:
             raise NotADirectory()
+        if parent != self._walk_from:
+            self._walk_on(pnode)
         await self._ensure_listing(pnode)
         child = self.store.child(parent, name)
         if child is None:
@@ -216,14 +221,49 @@ class Cache:
             # A program reading a folder (ls -R, find, du, a build) usually goes on into
             # its subfolders, in order, and deep first: list the stale ones now, side by
             # side, in the background, ahead of the folders queued before.
-            stale = [c for c in children if c.is_dir and c.ino not in self._prefetching
-                     and not self._fresh(self._listed_at, c.ino, self.config.dir_timeout)]
-            stale = stale[:SUBFOLDER_PREFETCH]
-            for child in reversed(stale):
-                self._prefetching.add(child.ino)
-                self._listing_queue.appendleft(child)
-            self._listing_lot.unpark(count=len(stale))
+            self._list_ahead_of_reader([c.ino for c in children if c.is_dir], SUBFOLDER_PREFETCH)
         return children
+
+    def _list_ahead_of_reader(self, folders: list[int], most: int) -> None:
+        """Queue the first ``most`` of ``folders`` whose listings are stale, to be listed
+        in the background before the folders queued earlier, in this order."""
+        stale = [f for f in folders if f not in self._prefetching
+                 and not self._fresh(self._listed_at, f, self.config.dir_timeout)][:most]
+        for folder in reversed(stale):
+            self._prefetching.add(folder)
+            self._listing_queue.appendleft(folder)
+        self._listing_lot.unpark(count=len(stale))
+
+    def _walk_on(self, folder: Node) -> None:
+        """Lookups moved on to ``folder``. When the folder of its parent's that lookups
+        were in last is its previous sibling (in name order), a program is walking a tree
+        folder after folder (a reader of every file, make, tar): the siblings that come
+        next are listed in the background now, so that a walk again after ``dir_timeout``
+        does not wait for each folder's listing in turn. (Between two siblings, lookups
+        also go to the parent, for the next sibling's own name.)
+
+        The order of the parent's subfolders is taken from its kept listing (no store
+        read), and kept here after that listing is dropped (any write drops them all): it
+        only says which folders to list early."""
+        self._walk_from = folder.ino
+        if folder.ino == ROOT_INO or self._nursery is None or not self.conn.online:
+            return
+        walk = self._walks.get(folder.parent)
+        if walk is None:
+            if len(self._walks) >= 4096:
+                self._walks.clear()
+            walk = self._walks[folder.parent] = _Walk()
+        last, walk.last = walk.last, folder.ino
+        self._memo_current()
+        kept = self._children_memo.get(folder.parent)
+        if kept is not None and kept[0] == self.store.folder_generation.get(folder.parent, 0) \
+                and id(kept[1]) != walk.source:
+            walk.source = id(kept[1])
+            walk.subfolders = [c.ino for c in kept[1] if c.is_dir]
+            walk.position = {ino: i for i, ino in enumerate(walk.subfolders)}
+        at = walk.position.get(folder.ino)
+        if at and walk.subfolders[at - 1] == last:
+            self._list_ahead_of_reader(walk.subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
 
     def _children(self, ino: int) -> list[Node]:
         """``store.children``, kept while nothing that could change it was written since:
@@ -249,11 +289,14 @@ class Cache:
             self._children_kept = 0
             self._children_gen = self.store.generation
 
-    def _keep_children(self, ino: int, children: list[Node]) -> list[Node]:
+    def _keep_children(self, ino: int, children: list[Node], same: bool = False) -> list[Node]:
         """Remember ``children`` as the folder's entries as of now (read after the last
-        write), within the memo's cap."""
+        write), within the memo's cap. ``same``: they equal the kept ones, if any: those
+        stay (and so does what ``kept_with`` holds)."""
         self._memo_current()
         kept = self._children_memo.get(ino)
+        if same and kept is not None and kept[0] == self.store.folder_generation.get(ino, 0):
+            return kept[1]
         grows = len(children) - (len(kept[1]) if kept else 0)
         if self._children_kept + grows <= MEMO_NODES:
             self._children_kept += grows
@@ -268,13 +311,13 @@ class Cache:
                 await self._listing_lot.park()
             queued = self._listing_queue.popleft()
             try:
-                node = self.store.get(queued.ino)  # as it is now: queued a while ago
+                node = self.store.get(queued)  # as it is now: queued a while ago
                 if node is not None and node.is_dir:
                     await self._ensure_listing(node, self.background_lister)
             except (Unavailable, RemoteError, NotFound, CacheError, KeyError):
                 pass  # only a head start (KeyError: removed under a lister's path walk)
             finally:
-                self._prefetching.discard(queued.ino)
+                self._prefetching.discard(queued)
 
     async def _ensure_listing(self, node: Node, lister: Callable[[bytes], list] | None = None) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout.
@@ -326,7 +369,9 @@ class Cache:
         delta = self.store.apply_listing(ino, kept, node_from_remote)
         now = time.monotonic()
         self._listed_at[ino] = now
-        for child in self._keep_children(ino, delta.children):  # the opendir that asked reads them next
+        # The opendir that asked reads them next. A listing that found nothing new keeps
+        # the kept list, and with it what opendir derived from it.
+        for child in self._keep_children(ino, delta.children, same=delta.same):
             self._checked_at[child.ino] = now
         self._prefetched.discard(ino)
         self._small_reads.pop(ino, None)
@@ -1197,6 +1242,16 @@ class OpenFile:
     writable: bool = False
     wrote: bool = False
     size_at_open: int = 0
+
+
+@dataclass
+class _Walk:
+    """Lookups going through the subfolders of one folder (see ``Cache._walk_on``)."""
+
+    last: int | None = None  # the subfolder of the last lookups
+    source: int | None = None  # id() of the kept listing the order was taken from
+    subfolders: list[int] = field(default_factory=list)  # in name order
+    position: dict[int, int] = field(default_factory=dict)  # subfolder -> its index
 
 
 def _decrement(table: dict[int, int], key: int) -> None:

@@ -517,13 +517,14 @@ class Store:
         delta = ListingDelta()
         # Listings this changes: the folder's, its parent's (the folder's own node), and
         # any folder dropped with its subtree; a hard-linked node, listed elsewhere too,
-        # makes it "all" (None).
+        # makes it "all" (None); none when the listing found nothing new (``delta.same``).
         folders: set[int] | None = {parent}
 
         def txn_fn(txn) -> None:
             nonlocal folders
             delta.changed.clear()  # (run again when the map had to grow)
             delta.removed.clear()
+            delta.same = True
             prefix = _U64.pack(parent)
             existing: dict[bytes, int] = {}
             cur = txn.cursor(db=self.entries)
@@ -554,6 +555,9 @@ class Store:
                     txn.put(self._ekey(parent, name), self._evalue(ino, name), db=self.entries)
                 node = make_node(ino, parent, name, rstat, old)
                 built[ino] = node
+                if node == old:
+                    continue  # a folder listed again is mostly unchanged: no write
+                delta.same = False
                 if old is not None and old.nlink > 1 and not old.is_dir:
                     folders = None
                 if old is not None and old.base is not None and node.base != old.base:
@@ -566,6 +570,7 @@ class Store:
                 node = self._unpack(ino, data) if data is not None else None
                 if node is not None and node.has(DIRTY):
                     continue
+                delta.same = False
                 txn.delete(self._ekey(parent, name), db=self.entries)
                 if node is not None and node.nlink > 1 and not node.is_dir:
                     # One name of a hard-linked file went away; the node lives on.
@@ -588,6 +593,7 @@ class Store:
                     folders.add(pnode.parent)
                 subdirs = sum(1 for _name, rstat in listing if stat_mod.S_ISDIR(rstat.mode))
                 if not pnode.has(LISTED) or pnode.nlink != 2 + subdirs:
+                    delta.same = False
                     pnode.flags |= LISTED
                     pnode.nlink = 2 + subdirs  # as a local filesystem counts them
                     txn.put(_key(parent), self._pack(pnode), db=self.nodes)
@@ -595,7 +601,7 @@ class Store:
             # nodes just built (the opendir that asked for the listing reads them next).
             delta.children = self._children_in(txn, parent, built)
 
-        self.run_write(txn_fn, folders=lambda: folders)
+        self.run_write(txn_fn, folders=lambda: set() if delta.same else folders)
         return delta
 
     def _drop_node(self, txn, node: Node) -> None:
@@ -846,6 +852,7 @@ class ListingDelta:
     changed: list[Node] = field(default_factory=list)  # base version differs from before
     removed: list[Node] = field(default_factory=list)
     children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
+    same: bool = True  # nothing written: the listing matched the cached entries
 
 
 def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None) -> Node:
