@@ -213,6 +213,8 @@ class Cache:
         node = self.node(ino)
         if not node.is_dir:
             raise NotADirectory()
+        if ino != self._walk_from:
+            self._walk_on(node)
         if refresh and self.conn.online:
             self._listed_at.pop(ino, None)
         await self._ensure_listing(node)
@@ -235,12 +237,14 @@ class Cache:
         self._listing_lot.unpark(count=len(stale))
 
     def _walk_on(self, folder: Node) -> None:
-        """Lookups moved on to ``folder``. When the folder of its parent's that lookups
-        were in last is its previous sibling (in name order), a program is walking a tree
-        folder after folder (a reader of every file, make, tar): the siblings that come
-        next are listed in the background now, so that a walk again after ``dir_timeout``
-        does not wait for each folder's listing in turn. (Between two siblings, lookups
-        also go to the parent, for the next sibling's own name.)
+        """Lookups or listings moved on to ``folder``. When the folder of its parent's
+        that they were in last is its previous sibling (in name order), a program is
+        walking a tree folder after folder (a reader of every file, make, tar): the
+        siblings that come next are listed in the background now, so that a walk again
+        after ``dir_timeout`` does not wait for each folder's listing in turn. (Between
+        two siblings, lookups also go to the parent, for the next sibling's own name.)
+        Listing a folder queues its stale subfolders at once, but those listed in the
+        last ``dir_timeout`` go stale one after the other while the walk goes on.
 
         The order of the parent's subfolders is taken from its kept listing (no store
         read), and kept here after that listing is dropped (any write drops them all): it
