@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""cachefs benchmark: cachefs against sshfs, rclone mount and the share directory itself.
+"""cachefs benchmark: cachefs against sshfs, rclone mount, the share directory itself, and
+a pyfuse3 filesystem that passes every request through to the share (bench/passthrough.py).
 
     .venv/bin/python bench/run.py [--quick] [--only NAMES] [--size-mb N]    (or: scripts/run bench ...)
 
@@ -51,8 +52,10 @@ from cachefs.mounts import is_mounted  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = MiB
-PEERS = ("cachefs", "sshfs", "rclone", "share", "cachefs-enc")
+PEERS = ("cachefs", "sshfs", "rclone", "share", "cachefs-enc", "pyfuse3")
 # cachefs-enc: cachefs with --encrypt-cache, to show what encryption at rest costs.
+# pyfuse3: bench/passthrough.py, a pyfuse3 filesystem that passes each request to the share
+# folder (no network, no cache): what the FUSE requests alone cost a Python filesystem.
 WORKLOADS = ("paramiko", "seqread", "seqwrite", "tree", "smallread", "create", "git",
              "statloop", "offline", "rss")
 MOUNT_TIMEOUT = 30.0
@@ -222,6 +225,8 @@ class Mount:
                     "-p", str(srv.port), "-o",
                     f"IdentityFile={srv.identity},UserKnownHostsFile={srv.known_hosts},"
                     "StrictHostKeyChecking=yes,BatchMode=yes"]
+        if self.peer == "pyfuse3":
+            return [sys.executable, str(REPO / "bench" / "passthrough.py"), str(srv.share), str(self.mnt)]
         if self.peer == "rclone":
             return ["rclone", "mount", f"bench:{srv.share}", str(self.mnt),
                     "--config", str(b.rclone_conf), "--vfs-cache-mode", "full",
@@ -980,7 +985,11 @@ figures counted in FUSE requests).
   folders, a {s.src_files}-file source tree and a {s.many_files}-file tree of 1-byte files.
 - Every measurement mounts its peer afresh (cachefs: `mount.py sftp://… --foreground` with an
   empty `--cache-dir`; sshfs `-f`; `rclone mount --vfs-cache-mode full` with an empty cache;
-  `share` is the directory itself, the physical limit) and unmounts it (`fusermount3 -u -z`).
+  `share` is the directory itself, the physical limit; `pyfuse3` is
+  `bench/passthrough.py`, a filesystem on the same pyfuse3 + trio as cachefs, mounted with
+  the same options and timeouts, that passes each request to the share folder: no network,
+  no cache, what the FUSE requests alone cost a Python filesystem here) and unmounts it
+  (`fusermount3 -u -z`).
   "Cold" also drops the kernel page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`).
   Each measurement writes in a folder of its own, removed only with the whole work folder at
   the end: on an ext4 without a journal (this project's VM) the inode allocator skips inodes
