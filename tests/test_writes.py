@@ -444,6 +444,8 @@ def test_unlink_open_file_online(mount_factory, share: Path) -> None:
         mnt = mount.mountpoint
         with open(mnt / "served.txt", "r+b") as f:
             assert f.read() == b"from the server"
+            content = mount.cache_dir / "data" / str(os.fstat(f.fileno()).st_ino)
+            assert content.exists()
             os.unlink(mnt / "served.txt")
             sync(mnt)
             assert not (share / "served.txt").exists()
@@ -453,9 +455,11 @@ def test_unlink_open_file_online(mount_factory, share: Path) -> None:
             f.flush()
             f.seek(0)
             assert f.read() == b"from the server!"
+            assert content.exists()  # until the last close
         sync(mnt)
         assert sorted(os.listdir(share)) == []
         assert "served.txt" not in os.listdir(mnt)
+        assert not content.exists()  # gone at the last close
 
 
 # -- crashes -------------------------------------------------------------------------------

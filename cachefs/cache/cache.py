@@ -92,6 +92,7 @@ class Cache:
         self._inflight: dict[tuple[int, int], trio.Event] = {}
         self._fetch_errors: dict[tuple[int, int], BaseException] = {}
         self._open_count: dict[int, int] = {}
+        self._orphans: set[int] = set()  # made ORPHAN (unlinked while open) by this process
         self._read_buffers: list[bytearray] = []  # free buffers of large reads
         #: folder -> (its listing generation, children, what callers derived from them)
         #: (see _children and kept_with)
@@ -474,7 +475,8 @@ class Cache:
                 if node is not None:
                     self._usage += node.size - handle.size_at_open
                 self.changed()
-        if ino not in self._open_count:
+        if ino not in self._open_count and ino in self._orphans:  # (no index read per close)
+            self._orphans.discard(ino)
             node = self.store.get(ino)
             if node is not None and node.has(ORPHAN):
                 self.store.transact(lambda t: t.delete_node(ino))
@@ -1074,6 +1076,7 @@ class Cache:
             node.flags |= ORPHAN
             node.parent = 0
             t.put(node)
+            self._orphans.add(node.ino)
         else:
             t.delete_node(node.ino)
             self.store.remove_after_commit(node.ino)
