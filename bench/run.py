@@ -890,7 +890,7 @@ def chart(b: Bench, metrics: list[Metric], path: Path) -> str:
     except ImportError:
         return "matplotlib is not importable in this environment: no chart was drawn."
     try:
-        peers = [p for p in ("sshfs", "rclone", "share") if p in b.peers]
+        peers = [p for p in ("sshfs", "rclone", "share", "pyfuse3") if p in b.peers]
         chosen = [mt for mt in metrics if mt.higher_better is not None and mt.key in b.samples
                   and "cachefs" in b.samples[mt.key] and mt.key != "paramiko"
                   and not mt.key.startswith("offline") and mt.key != "cache_per_file"]
