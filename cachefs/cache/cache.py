@@ -42,7 +42,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
 log = logging.getLogger(__name__)
 
 SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
-WALK_AHEAD = 4  # next sibling folders listed ahead of lookups that walk folder after folder
+WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after folder
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
@@ -121,8 +121,8 @@ class Cache:
         self.background_lister: Callable[[bytes], list] = self.remote.listdir
         self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
         self._prefetching: set[int] = set()  # folders being listed ahead of a reader
-        self._walk_from = ROOT_INO  # the folder of the last lookup (see _walk_on)
-        self._walks: dict[int, _Walk] = {}  # folder -> lookups walking its subfolders
+        self._walk_from = ROOT_INO  # the folder of the last lookup or listing (_walk_on)
+        self._walks: dict[int, _Walk] = {}  # folder -> the walk through its subfolders
         #: folders to list ahead of a reader, the next one first: consumed by as many
         #: listers as there are connections but one (short calls find one free)
         self._listing_queue: collections.deque[int] = collections.deque()
@@ -239,7 +239,8 @@ class Cache:
 
     def _walk_on(self, folder: Node) -> None:
         """Lookups or listings moved on to ``folder``. When the folder of its parent's
-        that they were in last is its previous sibling (in name order), a program is
+        that they were in last is its previous sibling (in the order the parent lists
+        them: by name, or by the names' keyed hashes in an encrypted cache), a program is
         walking a tree folder after folder (a reader of every file, make, tar): the
         siblings that come next are listed in the background now, so that a walk again
         after ``dir_timeout`` does not wait for each folder's listing in turn. (Between
@@ -1253,11 +1254,11 @@ class OpenFile:
 
 @dataclass
 class _Walk:
-    """Lookups going through the subfolders of one folder (see ``Cache._walk_on``)."""
+    """Lookups and listings going through the subfolders of one folder (``Cache._walk_on``)."""
 
-    last: int | None = None  # the subfolder of the last lookups
+    last: int | None = None  # the subfolder they were in last
     source: int | None = None  # id() of the kept listing the order was taken from
-    subfolders: list[int] = field(default_factory=list)  # in name order
+    subfolders: list[int] = field(default_factory=list)  # in the folder's listing order
     position: dict[int, int] = field(default_factory=dict)  # subfolder -> its index
 
 
