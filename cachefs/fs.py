@@ -177,7 +177,7 @@ class Operations(pyfuse3.Operations):
             attrs = self._virtual_attrs(ino)
         else:
             try:
-                attrs = self._attrs(await self.cache.lookup(parent_inode, name))
+                attrs = self._attrs(await self.cache.lookup(parent_inode, name, shared=True))
             except NotFound:
                 # A negative entry the kernel may keep for the attribute timeout: programs
                 # (git, compilers, shells) look up many names that do not exist.

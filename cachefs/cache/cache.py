@@ -195,9 +195,19 @@ class Cache:
             raise NotFound(f"inode {ino}")
         return node
 
-    async def lookup(self, parent: int, name: bytes) -> Node:
+    async def lookup(self, parent: int, name: bytes, *, shared: bool = False) -> Node:
+        """The entry ``name`` of folder ``parent``. ``shared``: the caller only reads the
+        node, which may then be the one in the folder's kept listing (no index read)."""
         if len(name) > 255:
             raise NameTooLong()
+        if shared and parent == self._walk_from \
+                and self._fresh(self._listed_at, parent, self.config.dir_timeout):
+            names = self._kept_names(parent)
+            if names is not None:
+                child = names.get(name)
+                if child is None:
+                    raise NotFound()
+                return child
         pnode = self.node(parent)
         if not pnode.is_dir:
             raise NotADirectory()
@@ -281,6 +291,17 @@ class Cache:
         if kept is not None and kept[0] == self.store.folder_generation.get(ino, 0):
             return kept[1]
         return self._keep_children(ino, self.store.children(ino))
+
+    def _kept_names(self, ino: int) -> dict[bytes, Node] | None:
+        """The folder's kept listing by name, if it is kept."""
+        self._memo_current()
+        kept = self._children_memo.get(ino)
+        if kept is None or kept[0] != self.store.folder_generation.get(ino, 0):
+            return None
+        names = kept[2].get("names")
+        if names is None:
+            names = kept[2]["names"] = {n.name: n for n in kept[1]}
+        return names
 
     def kept_with(self, ino: int, children: list[Node]) -> dict | None:
         """A dict that lives as long as the folder's kept list is ``children`` (from
