@@ -221,14 +221,10 @@ class Operations(pyfuse3.Operations):
         return fh
 
     def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        """readdir's entries, kept with the cache's kept listing (and dropped with it)."""
-        kept = self.cache.kept_with(inode, nodes)
-        entries = kept.get("readdir") if kept is not None else None
-        if entries is None:
-            entries = [(n.name, self._attrs(n)) for n in nodes]
-            if kept is not None:
-                kept["readdir"] = entries  # (never changed once made: readdir only reads it)
-        return entries
+        """readdir's entries, kept with the cache's kept listing (and dropped with it);
+        never changed once made: readdir only reads them."""
+        return self.cache.derived(inode, nodes, "readdir",
+                                  lambda children: [(n.name, self._attrs(n)) for n in children])
 
     @translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import lmdb
 import trio
@@ -40,6 +41,7 @@ from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, R
                     Store, Txn, node_from_remote)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
 WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after folder
@@ -95,7 +97,7 @@ class Cache:
         self._orphans: set[int] = set()  # made ORPHAN (unlinked while open) by this process
         self._read_buffers: list[bytearray] = []  # free buffers of large reads
         #: folder -> (its listing generation, children, what callers derived from them)
-        #: (see _children and kept_with)
+        #: (see _children and derived)
         self._children_memo: dict[int, tuple[int, list[Node], dict]] = {}
         self._children_gen = -1
         self._children_kept = 0  # nodes held in _children_memo
@@ -270,45 +272,41 @@ class Cache:
                 self._walks.clear()
             walk = self._walks[folder.parent] = _Walk()
         last, walk.last = walk.last, folder.ino
-        self._memo_current()
-        kept = self._children_memo.get(folder.parent)
-        if kept is not None and kept[0] == self.store.folder_generation.get(folder.parent, 0) \
-                and id(kept[1]) != walk.source:
-            walk.source = id(kept[1])
-            walk.subfolders = [c.ino for c in kept[1] if c.is_dir]
-            walk.position = {ino: i for i, ino in enumerate(walk.subfolders)}
-        at = walk.position.get(folder.ino)
-        if at and walk.subfolders[at - 1] == last:
-            self._list_ahead_of_reader(walk.subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
+        kept = self._kept(folder.parent)
+        if kept is not None:
+            walk.order = _derived(kept, "subfolders", _subfolder_order)
+        subfolders, position = walk.order
+        at = position.get(folder.ino)
+        if at and subfolders[at - 1] == last:
+            self._list_ahead_of_reader(subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
 
     def _children(self, ino: int) -> list[Node]:
         """``store.children``, kept while nothing that could change it was written since:
         no write transaction but the refresh of other folders' listings (a program that
         walks a tree again, find or make, lists the same folders: reading and unpacking
         every entry was most of an opendir). Callers must not change the nodes."""
-        self._memo_current()
-        kept = self._children_memo.get(ino)
-        if kept is not None and kept[0] == self.store.folder_generation.get(ino, 0):
+        kept = self._kept(ino)
+        if kept is not None:
             return kept[1]
         return self._keep_children(ino, self.store.children(ino))
 
+    def _kept(self, ino: int) -> tuple[int, list[Node], dict] | None:
+        """The folder's kept listing (generation, children, derived), if no write since."""
+        self._memo_current()
+        kept = self._children_memo.get(ino)
+        return kept if kept is not None and kept[0] == self.store.folder_generation.get(ino, 0) else None
+
     def _kept_names(self, ino: int) -> dict[bytes, Node] | None:
         """The folder's kept listing by name, if it is kept."""
-        self._memo_current()
-        kept = self._children_memo.get(ino)
-        if kept is None or kept[0] != self.store.folder_generation.get(ino, 0):
-            return None
-        names = kept[2].get("names")
-        if names is None:
-            names = kept[2]["names"] = {n.name: n for n in kept[1]}
-        return names
+        kept = self._kept(ino)
+        return None if kept is None else _derived(kept, "names", lambda nodes: {n.name: n for n in nodes})
 
-    def kept_with(self, ino: int, children: list[Node]) -> dict | None:
-        """A dict that lives as long as the folder's kept list is ``children`` (from
-        ``listdir``), for what a caller derives from them; None when they are not kept."""
+    def derived(self, ino: int, children: list[Node], key: str, make: Callable[[list[Node]], T]) -> T:
+        """``make(children)``, made once and kept with the folder's kept listing while that
+        is ``children`` (from ``listdir``); made every time when they are not kept."""
         self._memo_current()
         kept = self._children_memo.get(ino)
-        return kept[2] if kept is not None and kept[1] is children else None
+        return _derived(kept, key, make) if kept is not None and kept[1] is children else make(children)
 
     def _memo_current(self) -> None:
         if self._children_gen != self.store.generation:  # a write that may touch any folder
@@ -319,11 +317,10 @@ class Cache:
     def _keep_children(self, ino: int, children: list[Node], same: bool = False) -> list[Node]:
         """Remember ``children`` as the folder's entries as of now (read after the last
         write), within the memo's cap. ``same``: they equal the kept ones, if any: those
-        stay (and so does what ``kept_with`` holds)."""
-        self._memo_current()
-        kept = self._children_memo.get(ino)
-        if same and kept is not None and kept[0] == self.store.folder_generation.get(ino, 0):
-            return kept[1]
+        stay (and so does what was ``derived`` from them)."""
+        if same and (current := self._kept(ino)) is not None:
+            return current[1]
+        kept = self._children_memo.get(ino)  # (current or not: the count drops it)
         grows = len(children) - (len(kept[1]) if kept else 0)
         if self._children_kept + grows <= MEMO_NODES:
             self._children_kept += grows
@@ -1278,9 +1275,22 @@ class _Walk:
     """Lookups and listings going through the subfolders of one folder (``Cache._walk_on``)."""
 
     last: int | None = None  # the subfolder they were in last
-    source: int | None = None  # id() of the kept listing the order was taken from
-    subfolders: list[int] = field(default_factory=list)  # in the folder's listing order
-    position: dict[int, int] = field(default_factory=dict)  # subfolder -> its index
+    #: its subfolders in its listing order, and their positions (``_subfolder_order``),
+    #: as its kept listing had them last
+    order: tuple[list[int], dict[int, int]] = field(default_factory=lambda: ([], {}))
+
+
+def _subfolder_order(children: list[Node]) -> tuple[list[int], dict[int, int]]:
+    subfolders = [c.ino for c in children if c.is_dir]
+    return subfolders, {ino: i for i, ino in enumerate(subfolders)}
+
+
+def _derived(kept: tuple[int, list[Node], dict], key: str, make: Callable[[list[Node]], T]) -> T:
+    """What ``make`` derives from a kept listing's children, made once per kept listing."""
+    value = kept[2].get(key)
+    if value is None:
+        value = kept[2][key] = make(kept[1])
+    return value
 
 
 def _decrement(table: dict[int, int], key: int) -> None:
