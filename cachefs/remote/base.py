@@ -198,15 +198,8 @@ class Remote(ABC):
         """Hard link; ``RemoteError(EXDEV/ENOTSUP)`` when the server cannot."""
 
     @abstractmethod
-    def chmod(self, path: bytes, mode: int) -> None: ...
-
-    @abstractmethod
-    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None: ...
-
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        """Permission bits and times at once (a remote that can, in one request)."""
-        self.chmod(path, mode)
-        self.utime(path, atime_ns, mtime_ns)
+        """Permission bits and times at once (in one request where the remote can)."""
 
     @abstractmethod
     def truncate(self, path: bytes, size: int) -> None: ...

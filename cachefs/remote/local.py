@@ -256,13 +256,14 @@ class LocalRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._call(lambda: os.link(full_src, full_dst, follow_symlinks=False))
 
-    def chmod(self, path: bytes, mode: int) -> None:
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         full = self._path(path)
-        self._call(lambda: os.chmod(full, stat_mod.S_IMODE(mode)))
 
-    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None:
-        full = self._path(path)
-        self._call(lambda: os.utime(full, ns=(atime_ns, mtime_ns), follow_symlinks=False))
+        def apply() -> None:
+            os.chmod(full, stat_mod.S_IMODE(mode))
+            os.utime(full, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+
+        self._call(apply)
 
     def truncate(self, path: bytes, size: int) -> None:
         full = self._path(path)

@@ -1117,17 +1117,6 @@ class SftpRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._run("link", lambda sftp: sftp.extended(b"hardlink@openssh.com", full_src, full_dst))
 
-    def chmod(self, path: bytes, mode: int) -> None:
-        self._ensure_root()
-        full = self._path(path)
-        self._run("chmod", lambda sftp: sftp.chmod(full, stat_mod.S_IMODE(mode)))
-
-    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None:
-        self._ensure_root()
-        full = self._path(path)
-        times = (atime_ns // 1_000_000_000, mtime_ns // 1_000_000_000)
-        self._run("utime", lambda sftp: sftp.utime(full, times))
-
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         self._ensure_root()
         full = self._path(path)
