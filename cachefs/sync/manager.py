@@ -520,18 +520,23 @@ class SyncManager:
             return
         folder, _, _ = other.rpartition(b"/")
         temp = join(folder, _temp_name(other, op.seq))
-        try:
-            await self.conn.call(self.remote.unlink, temp)  # left by an interrupted pass
-        except RemoteError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-        try:
-            await self.conn.call(self.remote.link, op.path, temp)
-        except RemoteError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
-                raise
-            await self._upload(node, other, op.seq)  # no hard links there: a copy
-            return
+        for attempt in range(2):
+            try:
+                await self.conn.call(self.remote.link, op.path, temp)
+                break
+            except RemoteError as exc:
+                if exc.errno in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                    await self._upload(node, other, op.seq)  # no hard links there: a copy
+                    return
+                if attempt:
+                    raise
+            # The temporary name may be left by an interrupted pass (SFTP v3 reports an
+            # existing name as a plain failure): remove it and link once more.
+            try:
+                await self.conn.call(self.remote.unlink, temp)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
         await self.conn.call(self.remote.rename, temp, other)
 
     @staticmethod
