@@ -167,19 +167,19 @@ class Passthrough(pyfuse3.Operations):
         os.link(self.path(inode), path)
         return self.attrs(path, new_parent_inode, new_name)
 
+    def remove(self, parent: int, name: bytes, remove) -> None:
+        path = self.child(parent, name)
+        disk_ino = os.lstat(path).st_ino
+        remove(path)
+        self.forget_name(disk_ino, parent, name)
+
     @passes_errors
     async def unlink(self, parent_inode, name, ctx):
-        path = self.child(parent_inode, name)
-        ino = os.lstat(path).st_ino
-        os.unlink(path)
-        self.forget_name(ino, parent_inode, name)
+        self.remove(parent_inode, name, os.unlink)
 
     @passes_errors
     async def rmdir(self, parent_inode, name, ctx):
-        path = self.child(parent_inode, name)
-        ino = os.lstat(path).st_ino
-        os.rmdir(path)
-        self.forget_name(ino, parent_inode, name)
+        self.remove(parent_inode, name, os.rmdir)
 
     @passes_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
