@@ -89,6 +89,11 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    help="the longest a burst of changes (an untar, a build, git) holds its "
                         "write-back back so that it runs with the CPU to itself; changes are "
                         "otherwise sent 0.3 s after they stop coming (default: 5)")
+    p.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                   help="serve every read through this process, never letting the kernel read "
+                        "whole cached files of 1 MiB or more straight from the cache (FUSE "
+                        "passthrough: needs Linux 6.9+, root, and the pyfuse3 that "
+                        "scripts/build-passthrough builds; used by default where it works)")
     p.add_argument("--encrypt-cache", action="store_true",
                    help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
                         "key comes from --cache-key-file, or the passphrase in "
@@ -112,7 +117,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "accept_new_host_key": "accept_new_host_key", "port": "port", "timeout": "timeout",
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
-               "write_back_hold": "write_back_hold",
+               "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -133,7 +138,7 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             if key_u in OWN_OPTIONS:
                 action = next(a for a in parser._actions if a.dest == OWN_OPTIONS[key_u])
                 if action.nargs == 0:  # a flag
-                    setattr(args, action.dest, True)
+                    setattr(args, action.dest, action.const)  # True, or False for --no-...
                 else:
                     if not eq:
                         parser.error(f"-o {key} needs a value ({key}=...)")
@@ -207,6 +212,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         sync_interval=args.sync_interval,
         write_back_hold=args.write_back_hold,
         readahead=args.readahead,
+        passthrough=args.passthrough,
         fuse_options=args.fuse_options,
         cache_key=key,
     )
@@ -285,6 +291,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       + (" (pinned and changed files alone exceed the limit)"
                          if status.get("over_limit_pinned") else "")),
         ("pinned", ", ".join(status.get("pinned") or []) or "-"),
+        ("passthrough", _passthrough_text(status.get("passthrough") or {})),
         ("last sync", status.get("last_sync") or "never"),
         ("last error", status.get("last_error") or "-"),
         ("cache dir", status.get("cache_dir")),
@@ -292,6 +299,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key + ':':<17}{value}")
     return 0
+
+
+def _passthrough_text(state: dict) -> str:
+    if not state.get("on"):
+        return "off (this process serves every read)"
+    return f"on ({state.get('open_files', 0)} files open read by the kernel itself)"
 
 
 def _relative(root: Path, target: Path) -> str:

@@ -94,6 +94,7 @@ class Control:
             "progress": progress,
             "cache_bytes": self.cache.cached_bytes(),
             "cache_limit": hoard.limit,
+            "passthrough": self.cache.passthrough_status(),
             "over_limit_pinned": hoard.over_limit_pinned,
             "pinned": hoard.root_paths(),
             "last_sync": _iso(self.sync.last_sync),

@@ -55,6 +55,7 @@ class MountConfig:
     sync_interval: float = 300.0
     write_back_hold: float = DEFAULT_WRITEBACK_HOLD
     readahead: int = DEFAULT_READAHEAD
+    passthrough: bool = True  # FUSE passthrough for whole cached files, where it works
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
@@ -229,7 +230,8 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
                         remote.description, conn.last_error)
         kernel = KernelNotifier()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
-                                               dir_timeout=config.attr_timeout), kernel)
+                                               dir_timeout=config.attr_timeout,
+                                               passthrough=config.passthrough), kernel)
         if fetch_pool is not None:
             cache.fetcher = fetch_pool.bind(fetch_into)
             cache.batch_fetcher = fetch_pool.bind(fetch_many_into)

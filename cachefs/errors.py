@@ -56,5 +56,9 @@ class PermissionDenied(CacheError):
     errno = errno.EPERM
 
 
-__all__ = ["CacheError", "NotFound", "NotADirectory", "IsADirectory",
+class Busy(CacheError):
+    errno = errno.EBUSY
+
+
+__all__ = ["CacheError", "Busy", "NotFound", "NotADirectory", "IsADirectory",
            "InvalidArgument", "Exists", "NotEmpty", "NameTooLong", "PermissionDenied", "RemoteError", "Unavailable", "OFFLINE_ERRNO"]

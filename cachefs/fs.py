@@ -10,10 +10,12 @@ would end the mount, so the ``translate`` decorator turns every exception into o
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
 import stat as stat_mod
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,6 +39,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 STATE_XATTR = b"user.cachefs.state"
+#: FUSE_DEV_IOC_BACKING_OPEN, _IOW(229, 1, struct fuse_backing_map {s32 fd; u32 flags; u64})
+BACKING_OPEN = 0x4010E501
+BACKING_CLOSE = 0x4004E502  # FUSE_DEV_IOC_BACKING_CLOSE, _IOW(229, 2, u32 backing id)
+_BACKING_MAP = struct.Struct("=iIQ")
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -85,6 +91,32 @@ class KernelNotifier(cache_mod.Kernel):
 
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
+        #: the FUSE device, once the kernel granted passthrough at FUSE_INIT (``Operations.init``)
+        self.passthrough_device: int | None = None
+
+    @property
+    def passthrough(self) -> bool:
+        return self.passthrough_device is not None
+
+    def backing_open(self, fd: int) -> int:
+        if self.passthrough_device is None:
+            return 0
+        try:
+            return fcntl.ioctl(self.passthrough_device, BACKING_OPEN,
+                               bytearray(_BACKING_MAP.pack(fd, 0, 0)), True)
+        except OSError as exc:  # EPERM: registering backing files needs CAP_SYS_ADMIN
+            log.warning("kernel passthrough refused (%s): this mount serves every read itself",
+                        os.strerror(exc.errno or errno.EIO))
+            self.passthrough_device = None
+            return 0
+
+    def backing_close(self, backing_id: int) -> None:
+        if self.passthrough_device is None:
+            return
+        try:
+            fcntl.ioctl(self.passthrough_device, BACKING_CLOSE, bytearray(struct.pack("=I", backing_id)), True)
+        except OSError as exc:
+            log.warning("closing backing file %d failed: %s", backing_id, exc)
 
     def invalidate_inode(self, ino: int) -> None:
         self._spawn(pyfuse3.invalidate_inode, ino)
@@ -113,6 +145,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float) -> None:
         super().__init__()
         self.cache = cache
+        #: asked of the kernel at FUSE_INIT by a pyfuse3 built with scripts/build-passthrough
+        self.enable_passthrough = cache.config.passthrough
         self.control = control_files
         self.attr_timeout = attr_timeout
         self.uid = os.getuid()
@@ -125,10 +159,21 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         # Called while pyfuse3 answers FUSE_INIT; the reply goes before trio runs again.
+        device = getattr(pyfuse3, "passthrough_fd", lambda: None)()
+        kernel = self.cache.kernel
+        if isinstance(kernel, KernelNotifier):
+            kernel.passthrough_device = device
+        if device is not None:
+            log.info("kernel passthrough: on (the kernel reads whole cached files itself)")
+        elif self.enable_passthrough:
+            log.info("kernel passthrough: off (%s)", "not granted by the kernel"
+                     if hasattr(pyfuse3, "passthrough_fd") else
+                     "this pyfuse3 cannot ask for it; see scripts/build-passthrough")
         self.initialized.set()
 
     # -- attributes ---------------------------------------------------------------------
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        node = self.cache.written_through(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.st_mode = node.mode
@@ -258,6 +303,8 @@ class Operations(pyfuse3.Operations):
         handle = await self.cache.open(inode, flags)
         fh = self._new_fh()
         self._handles[fh] = handle
+        if handle.backing:  # the kernel reads the content file itself (no page cache flags)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=handle.backing)
         # The cache invalidates the kernel's pages itself when the remote changed, so the
         # kernel may keep them across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

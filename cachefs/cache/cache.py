@@ -16,6 +16,7 @@ design: after a restart everything is revalidated once.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import TypeVar
 import lmdb
 import trio
 
-from ..errors import (CacheError, Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
+from ..errors import (Busy, CacheError, Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
                       NotFound, PermissionDenied, RemoteError, Unavailable)
 from ..remote.base import join as _join
 from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into
@@ -37,7 +38,7 @@ from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, Node,
+from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, Node,
                     Store, Txn, node_from_remote)
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see _children)
 THREAD_READ = 256 << 10  # reads at least this large copy in a worker thread
 READ_BUFFER = 1 << 20  # the largest read FUSE sends (max_pages 256)
+#: fully cached files at least this big are read by the kernel itself (FUSE passthrough,
+#: ``Cache._pass_through``); smaller ones are served once and then from the FUSE page cache,
+#: which passthrough would bypass for two more system calls per open
+PASSTHROUGH_MIN = 1 << 20
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
 
 
@@ -61,6 +66,7 @@ class CacheConfig:
     chunk_size: int = 4 << 20  # unit of content fetches
     readahead: int = 8  # chunks fetched ahead of a sequential reader
     checkpoint_interval: float = 1.0
+    passthrough: bool = True  # let the kernel read fully cached files itself, where it can
 
 
 class Kernel:
@@ -71,6 +77,18 @@ class Kernel:
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:  # drop a name lookup
         pass
+
+    def backing_open(self, fd: int) -> int:
+        """Register ``fd`` as a file the kernel reads and writes itself (FUSE passthrough):
+        its backing id, or 0 when the kernel or pyfuse3 cannot."""
+        return 0
+
+    def backing_close(self, backing_id: int) -> None:
+        pass
+
+    @property
+    def passthrough(self) -> bool:  # whether backing_open may succeed
+        return False
 
 
 def _valid_name(name: bytes) -> bool:
@@ -105,6 +123,9 @@ class Cache:
         self._space_at = 0.0
         self._nursery: trio.Nursery | None = None
         self.writers: dict[int, int] = {}  # ino -> handles open for writing
+        #: ino -> the content file the kernel reads itself for its open handles
+        self._backings: dict[int, _Backing] = {}
+        self._written_through: set[int] = set()  # inos the kernel may be writing itself
         #: folders with journaled changes: their listing is local truth until replayed
         self.local_dirs: dict[int, int] = {}
         self._dir_gen: dict[int, int] = {}  # bumped at each change of a folder's pending work
@@ -436,6 +457,12 @@ class Cache:
     def _stale(self, ino: int) -> None:
         """The remote content changed: drop what we cached of it and tell the kernel."""
         log.debug("stale content dropped: inode %d", ino)
+        backing = self._backings.get(ino)
+        if backing is not None and not backing.detached:
+            # The kernel reads this content file itself for the handles open now: they
+            # keep it, whole, as the old version, and the cache starts a new one.
+            backing.detached = True
+            self.store.remove_content_file(ino)
         node = self.store.get(ino)
         if node is not None:
             self._usage -= rangeset.total(self.store.get_ranges(ino))
@@ -473,6 +500,11 @@ class Cache:
             await self._settle_fetches(ino)  # no fetch may land after the truncation
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         handle = OpenFile(ino, fd, writable, size_at_open=node.size)
+        try:
+            self._pass_through(handle, node)
+        except BaseException:
+            os.close(fd)
+            raise
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
         self._last_use[ino] = time.time()
         if writable:
@@ -483,7 +515,96 @@ class Cache:
                 self._mark_full(ino)
         return handle
 
+    def _pass_through(self, handle: "OpenFile", node: Node) -> None:
+        """Let the kernel read (and write) this open's content file itself: FUSE passthrough.
+
+        The kernel takes passthrough for an inode only while no open of it uses the page
+        cache, and then takes only passthrough opens of it, all on one backing file, until
+        the last closes. So: a read-only open of a whole, clean, large file that nothing
+        has open starts it; while it lasts every open joins it. A writer that joins writes
+        past the cache: its change is journaled now (the file is DIRTY from this open on,
+        so a kill loses nothing), and its size and times are read from the content file
+        while it is open and at its release. When the remote changes meanwhile the open
+        handles keep the old content file, whole (``_stale``); a writer cannot join them
+        then (EBUSY), since what it wrote would go to that old version.
+        """
+        ino = handle.ino
+        backing = self._backings.get(ino)
+        if backing is None:
+            if handle.writable or not self.config.passthrough or node.size < PASSTHROUGH_MIN \
+                    or self._open_count.get(ino) or node.flags & (DIRTY | CONFLICT) \
+                    or self.store.content.encrypted:
+                return
+            if not node.has(FULL) and not rangeset.covers(self._ranges.get(ino, []), 0, node.size):
+                return  # (whole but not yet checkpointed is whole enough to read)
+            backing_id = self.kernel.backing_open(handle.fd)
+            if not backing_id:
+                return
+            backing = self._backings[ino] = _Backing(backing_id)
+        elif handle.writable:
+            if backing.detached:
+                raise Busy("the file is open and its old version in use: close it first")
+            def join(t: Txn) -> None:
+                node = t.node(ino)
+                node.flags |= KERNEL_WRITES
+                self._content_changed(t, node)
+            self.store.transact(join)
+            backing.writers += 1
+            self._written_through.add(ino)
+            handle.wrote = True
+            handle.stamp = _stamp(os.fstat(handle.fd))
+        backing.opens += 1
+        handle.backing = backing.id
+
+    def _release_backing(self, handle: "OpenFile") -> None:
+        ino = handle.ino
+        backing = self._backings[ino]
+        backing.opens -= 1
+        if handle.writable:
+            backing.writers -= 1
+            if not backing.writers:
+                self._written_through.discard(ino)
+            self._take_written(handle, last=not backing.writers)
+        if not backing.opens:
+            del self._backings[ino]
+            self.kernel.backing_close(backing.id)
+
+    def _take_written(self, handle: "OpenFile", last: bool) -> None:
+        """What the kernel wrote through a passthrough writer, into the index: the content
+        file's size, and its mtime if it changed; ``last``: no other such writer is open."""
+        st = os.fstat(handle.fd)
+        changed = _stamp(st) != handle.stamp
+
+        def take(t: Txn) -> None:
+            node = t.node(handle.ino)
+            if node is None:
+                return
+            node.size = st.st_size
+            if changed:
+                node.mtime_ns = st.st_mtime_ns
+                node.ctime_ns = time.time_ns()
+            node.flags |= FULL
+            if last:
+                node.flags &= ~KERNEL_WRITES
+            self._content_changed(t, node)
+        self.store.transact(take)
+        # The page cache of this inode, from opens before the passthrough, is out of date.
+        self.kernel.invalidate_inode(handle.ino)
+
+    def written_through(self, node: Node) -> Node:
+        """The node with the size and mtime of its content file while the kernel may be
+        writing that file itself (a passthrough writer is open); else the node as is."""
+        if node.ino not in self._written_through:
+            return node
+        try:
+            st = os.stat(self.store.content_path(node.ino))
+        except OSError:
+            return node
+        return dataclasses.replace(node, size=st.st_size, mtime_ns=max(node.mtime_ns, st.st_mtime_ns))
+
     def release(self, handle: "OpenFile") -> None:
+        if handle.backing:
+            self._release_backing(handle)
         os.close(handle.fd)
         ino = handle.ino
         _decrement(self._open_count, ino)
@@ -575,6 +696,11 @@ class Cache:
     def cached_bytes(self) -> int:
         """Content bytes in the cache (a running count; exact after a restart)."""
         return max(0, self._usage)
+
+    def passthrough_status(self) -> dict:
+        """Whether the kernel reads whole cached files itself, and how many are open so."""
+        on = self.config.passthrough and self.kernel.passthrough and not self.store.content.encrypted
+        return {"on": on, "open_files": len(self._backings)}
 
     def is_open(self, ino: int) -> bool:
         return bool(self._open_count.get(ino))
@@ -1268,6 +1394,22 @@ class OpenFile:
     writable: bool = False
     wrote: bool = False
     size_at_open: int = 0
+    backing: int = 0  # the kernel reads the content file itself (``Cache._pass_through``)
+    stamp: tuple[int, int, int] = (0, 0, 0)  # a passthrough writer's content file at open
+
+
+@dataclass
+class _Backing:
+    """A content file the kernel reads itself (FUSE passthrough) for an inode's handles."""
+
+    id: int  # its backing id on the FUSE device
+    opens: int = 0
+    writers: int = 0
+    detached: bool = False  # the remote changed: this file, unlinked, is the old version
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @dataclass

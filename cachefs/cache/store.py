@@ -71,6 +71,9 @@ CONFLICT = 1 << 4
 TARGET = 1 << 5  # symlink: ``target`` is known
 ORPHAN = 1 << 6  # unlinked here while still open: removed at the last release
 ATTR_DIRTY = 1 << 7  # mode or times changed here, not yet on the remote
+#: file: the kernel may be writing its content file itself (a passthrough writer is open),
+#: so the content file's length and mtime, not the record's, are the truth after a kill
+KERNEL_WRITES = 1 << 8
 
 
 class StoreError(Exception):
@@ -284,14 +287,23 @@ class Store:
         reach the content file before its size is committed, a truncation's size before
         the file is cut: a kill in between leaves the file longer or shorter than the
         size the index (and so every reader) knows, and bytes past the size would show
-        again if the file later grew."""
+        again if the file later grew. A file the kernel was writing itself
+        (``KERNEL_WRITES``) is the other way round: its record takes the content file's
+        length and mtime."""
         for node in nodes:
             try:
                 fd = os.open(self.content_path(node.ino), os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # created, then killed before its content file: opened on use
             try:
-                if self.content.fit(fd, node.size):
+                if node.flags & KERNEL_WRITES:
+                    st = os.fstat(fd)
+                    node.size, node.mtime_ns = st.st_size, max(node.mtime_ns, st.st_mtime_ns)
+                    node.flags &= ~KERNEL_WRITES
+                    self.put(node)
+                    log.info("inode %d takes its content file's size %d: the kernel was "
+                             "writing it when the mount ended", node.ino, node.size)
+                elif self.content.fit(fd, node.size):
                     log.info("content of inode %d fitted to its recorded size %d after a crash",
                              node.ino, node.size)
             finally:

@@ -1,0 +1,200 @@
+"""FUSE passthrough end to end: the kernel reads whole cached files straight from the cache.
+
+A read that did not go through the mount process is told apart from one that did by
+stopping the process (SIGSTOP) with a file open: its pages are dropped first, so a read
+served by the process hangs until it runs again, and one the kernel serves from the content
+file does not. Writers that join the kernel's readers, a kill -9 while such a writer is
+open, and a remote change while the file is open are checked against the server.
+
+Passthrough needs root (the kernel's backing files need CAP_SYS_ADMIN), Linux 6.9+ and the
+pyfuse3 built by ``scripts/build-passthrough``; ``scripts/run`` builds it, and these tests
+fail (not skip) where it is missing, since then the mount serves every read itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.mount import status
+from tests.test_writes import sync, wait_for
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+SIZE = 3 << 20  # above PASSTHROUGH_MIN (1 MiB)
+STOPPED_READ = 10.0  # a read the kernel serves itself is done well within this
+
+
+def _passthrough_files(mnt: Path) -> int:
+    return status(mnt)["passthrough"]["open_files"]
+
+
+def _open_through_kernel(path: Path, flags: int = os.O_RDONLY, within: float = 15.0) -> int:
+    """Open ``path`` once its content is whole in the cache, so that the kernel reads it
+    itself: the first opens after a read may still find the content being saved."""
+    deadline = time.monotonic() + within
+    while True:
+        with open(path, "rb") as f:
+            f.read()
+        fd = os.open(path, flags)
+        if _passthrough_files(path.parent) == 1:
+            return fd
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} was never opened in passthrough within {within} s")
+        time.sleep(0.2)
+
+
+def _read_while_stopped(pid: int, fd: int, size: int, deadline: float) -> tuple[bytes | None, bool]:
+    """Read ``fd`` whole with the mount process stopped; (data, whether it was done within
+    ``deadline``). The process runs again before this returns, so a late read ends too."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # no page of it in the page cache
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(os.pread(fd, size, 0)), daemon=True)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        reader.start()
+        reader.join(deadline)
+        in_time = not reader.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    reader.join(30)
+    return (got[0] if got else None), in_time
+
+
+def test_the_kernel_reads_a_whole_cached_file_itself(mount_factory, share: Path, tmp_path: Path) -> None:
+    data = os.urandom(SIZE)
+    (share / "big.bin").write_bytes(data)
+    (share / "small.txt").write_bytes(b"small\n" * 100)
+    mount = mount_factory().start()
+    mnt = mount.mountpoint
+    assert status(mnt)["passthrough"] == {"on": True, "open_files": 0}, \
+        "passthrough is off: is this the pyfuse3 of scripts/build-passthrough, and root?"
+    fd = _open_through_kernel(mnt / "big.bin")
+    try:
+        got, in_time = _read_while_stopped(mount.pid, fd, SIZE, STOPPED_READ)
+    finally:
+        os.close(fd)
+    assert in_time, "a read of a whole cached file waited for the stopped mount process"
+    assert got == data
+    assert _passthrough_files(mnt) == 0, "the backing file outlived the last close"
+    # A small file is served by the process and kept in the page cache, as before.
+    with open(mnt / "small.txt", "rb") as f:
+        assert f.read() == b"small\n" * 100
+        assert _passthrough_files(mnt) == 0
+
+
+@pytest.mark.parametrize("why", ["--no-passthrough", "--encrypt-cache"])
+def test_without_passthrough_the_process_serves_reads(mount_factory, share: Path, tmp_path: Path,
+                                                      why: str) -> None:
+    """The same read hangs while the process is stopped: the check above can fail."""
+    data = os.urandom(SIZE)
+    (share / "big.bin").write_bytes(data)
+    args = ["--no-passthrough"] if why == "--no-passthrough" else ["--cache-key-file", str(tmp_path / "key")]
+    if why == "--encrypt-cache":
+        (tmp_path / "key").write_bytes(os.urandom(32).hex().encode())
+        os.chmod(tmp_path / "key", 0o600)
+    mount = mount_factory(*args).start()
+    mnt = mount.mountpoint
+    assert status(mnt)["passthrough"]["on"] is False
+    with open(mnt / "big.bin", "rb") as f:
+        assert f.read() == data
+    time.sleep(1.5)  # the checkpoint marks the content whole
+    fd = os.open(mnt / "big.bin", os.O_RDONLY)
+    try:
+        assert _passthrough_files(mnt) == 0
+        got, in_time = _read_while_stopped(mount.pid, fd, SIZE, 2.0)
+    finally:
+        os.close(fd)
+    assert not in_time, "a read went past the mount process with passthrough off"
+    assert got == data
+
+
+def test_a_writer_joins_the_kernels_readers(mount_factory, share: Path) -> None:
+    data = bytearray(os.urandom(2 << 20))
+    (share / "log.bin").write_bytes(data)
+    mount = mount_factory().start()
+    mnt = mount.mountpoint
+    path = mnt / "log.bin"
+    reader = _open_through_kernel(path)
+    try:
+        with open(path, "r+b") as writer:  # the kernel takes only passthrough opens now
+            assert _passthrough_files(mnt) == 1
+            writer.seek(100)
+            writer.write(b"X" * 10)
+            writer.seek(0, os.SEEK_END)
+            writer.write(b"appended" * 125)
+            writer.flush()
+            # Sizes and the reader's view come from the content file while it is open.
+            assert os.stat(path).st_size == len(data) + 1000
+            assert os.pread(reader, 10, 100) == b"X" * 10
+    finally:
+        os.close(reader)
+    data[100:110] = b"X" * 10
+    data += b"appended" * 125
+    assert os.stat(path).st_size == len(data)
+    assert _passthrough_files(mnt) == 0
+    sync(mnt)
+    assert (share / "log.bin").read_bytes() == bytes(data)
+    with open(path, "rb") as f:  # and a new open (not through the kernel: pages) reads it
+        assert f.read() == bytes(data)
+
+
+def test_kill_while_a_writer_writes_through_the_kernel(mount_factory, share: Path) -> None:
+    data = bytearray(os.urandom(2 << 20))
+    (share / "db.bin").write_bytes(data)
+    mount = mount_factory().start()
+    mnt = mount.mountpoint
+    path = mnt / "db.bin"
+    reader = _open_through_kernel(path)
+    writer = os.open(path, os.O_RDWR)
+    os.pwrite(writer, b"changed", 5000)
+    os.pwrite(writer, b"tail", len(data))
+    mount.kill9()
+    for fd in (reader, writer):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    data[5000:5007] = b"changed"
+    data += b"tail"
+    again = mount_factory().start()
+    wait_for(lambda: status(again.mountpoint)["state"] == "online", 15, "online")
+    sync(again.mountpoint)
+    assert (share / "db.bin").read_bytes() == bytes(data), "a write through the kernel was lost"
+
+
+def test_remote_change_while_open(mount_factory, share: Path) -> None:
+    old = os.urandom(2 << 20)
+    new = os.urandom(3 << 20)
+    (share / "doc.bin").write_bytes(old)
+    mount = mount_factory().start()
+    mnt = mount.mountpoint
+    path = mnt / "doc.bin"
+    reader = _open_through_kernel(path)
+    try:
+        (share / "doc.bin").write_bytes(new)
+        os.utime(share / "doc.bin", (1_700_000_000, 1_700_000_000))
+        # A listing after the attribute timeout finds the change and drops the content.
+        wait_for(lambda: (os.listdir(mnt), os.stat(path).st_size)[1] == len(new), 15,
+                 "the mount to see the new size")
+        # The open file keeps its version, whole: not cut to nothing, not mixed.
+        assert os.pread(reader, len(old) + 10, 0) == old
+        # A writer would write into that old version: refused until it is closed.
+        with pytest.raises(OSError) as raised:
+            os.open(path, os.O_RDWR)
+        assert raised.value.errno == errno.EBUSY
+    finally:
+        os.close(reader)
+    with open(path, "rb") as f:
+        assert f.read() == new
+    with open(path, "r+b") as f:  # and writers are welcome again
+        f.write(b"ok")
+    sync(mnt)
+    assert (share / "doc.bin").read_bytes() == b"ok" + new[2:]
