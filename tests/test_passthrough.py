@@ -198,3 +198,20 @@ def test_remote_change_while_open(mount_factory, share: Path) -> None:
         f.write(b"ok")
     sync(mnt)
     assert (share / "doc.bin").read_bytes() == b"ok" + new[2:]
+
+
+def test_a_refused_backing_file_turns_passthrough_off() -> None:
+    """Registering a backing file fails for a mount process without CAP_SYS_ADMIN (EPERM):
+    passthrough is then off for the rest of the mount, and opens go on as before."""
+    from cachefs.fs import KernelNotifier
+
+    kernel = KernelNotifier()
+    not_a_fuse_device = os.open("/dev/null", os.O_RDONLY)
+    try:
+        kernel.passthrough_device = not_a_fuse_device
+        assert kernel.passthrough
+        assert kernel.backing_open(not_a_fuse_device) == 0
+        assert not kernel.passthrough
+        assert kernel.backing_open(not_a_fuse_device) == 0  # not asked again
+    finally:
+        os.close(not_a_fuse_device)
