@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import control
+from . import control, mounts
 from .cache import cache as cache_mod
 from .cache.cache import Cache, OpenFile
 from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node
@@ -105,8 +105,10 @@ class KernelNotifier(cache_mod.Kernel):
             return fcntl.ioctl(self.passthrough_device, BACKING_OPEN,
                                bytearray(_BACKING_MAP.pack(fd, 0, 0)), True)
         except OSError as exc:  # EPERM: registering backing files needs CAP_SYS_ADMIN
-            log.warning("kernel passthrough refused (%s): this mount serves every read itself",
-                        os.strerror(exc.errno or errno.EIO))
+            why = {errno.EPERM: "the mount process is not root",
+                   errno.ELOOP: "the cache's filesystem is stacked too deep"}.get(exc.errno or 0, "")
+            log.warning("kernel passthrough refused (%s%s): this mount serves every read itself",
+                        os.strerror(exc.errno or errno.EIO), f": {why}" if why else "")
             self.passthrough_device = None
             return 0
 
@@ -147,6 +149,8 @@ class Operations(pyfuse3.Operations):
         self.cache = cache
         #: asked of the kernel at FUSE_INIT by a pyfuse3 built with scripts/build-passthrough
         self.enable_passthrough = cache.config.passthrough
+        #: how many filesystems the content files sit on top of (1: overlayfs, eCryptfs, FUSE)
+        self.passthrough_stack_depth = 1 if mounts.is_stacked(cache.store.data_dir) else 0
         self.control = control_files
         self.attr_timeout = attr_timeout
         self.uid = os.getuid()

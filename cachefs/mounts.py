@@ -36,6 +36,34 @@ def mounts() -> Iterator[tuple[str, str]]:
         return
 
 
+def fs_type(path: Path | str) -> str | None:
+    """The filesystem type (``ext4``, ``overlay``, ``fuse.sshfs`` ...) that holds ``path``,
+    an existing local folder: the topmost of the longest mount points above it."""
+    want = os.path.realpath(path)
+    best, found = -1, None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                head, sep, tail = line.partition(" - ")
+                fields = head.split(" ")
+                if not sep or len(fields) < 5:
+                    continue
+                point = _unescape(fields[4])
+                inside = want == point or want.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= best:
+                    best, found = len(point), tail.split(" ")[0]
+    except OSError:
+        return None
+    return found
+
+
+def is_stacked(path: Path | str) -> bool:
+    """Whether ``path`` is on a filesystem made of other filesystems (overlayfs, eCryptfs,
+    FUSE): a FUSE passthrough backing file there needs one more level of stacking."""
+    kind = fs_type(path) or ""
+    return kind in ("overlay", "ecryptfs") or kind.startswith("fuse")
+
+
 def device_of(mountpoint: Path | str) -> str | None:
     """The device of the last (topmost) mount on ``mountpoint``, or None. The path is
     made absolute but not resolved: resolving would stat the mount point."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -198,6 +199,29 @@ def test_remote_change_while_open(mount_factory, share: Path) -> None:
         f.write(b"ok")
     sync(mnt)
     assert (share / "doc.bin").read_bytes() == b"ok" + new[2:]
+
+
+def test_a_cache_on_overlayfs(mount_factory, share: Path, tmp_path: Path) -> None:
+    """Containers keep their files on overlayfs: a backing file there is one filesystem
+    deeper, which the mount must declare at FUSE_INIT or the kernel refuses it (ELOOP)."""
+    layers = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for folder in layers.values():
+        folder.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}",
+                    str(layers["merged"])], check=True, timeout=30)
+    try:
+        data = os.urandom(SIZE)
+        (share / "big.bin").write_bytes(data)
+        mount = mount_factory("--cache-dir", str(layers["merged"] / "cache")).start()
+        fd = _open_through_kernel(mount.mountpoint / "big.bin")
+        try:
+            assert os.pread(fd, SIZE, 0) == data
+        finally:
+            os.close(fd)
+        mount.stop()
+    finally:
+        subprocess.run(["umount", str(layers["merged"])], check=True, timeout=30)
 
 
 def test_a_refused_backing_file_turns_passthrough_off() -> None:
