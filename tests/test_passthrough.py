@@ -204,12 +204,21 @@ def test_remote_change_while_open(mount_factory, share: Path) -> None:
 def test_a_cache_on_overlayfs(mount_factory, share: Path, tmp_path: Path) -> None:
     """Containers keep their files on overlayfs: a backing file there is one filesystem
     deeper, which the mount must declare at FUSE_INIT or the kernel refuses it (ELOOP)."""
-    layers = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    # The layers on a tmpfs of their own: an overlayfs cannot take its upper layer from
+    # another overlayfs (as tmp_path is when the suite itself runs in a container).
+    base = tmp_path / "layers"
+    base.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(base)], check=True, timeout=30)
+    layers = {name: base / name for name in ("lower", "upper", "work", "merged")}
     for folder in layers.values():
         folder.mkdir()
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}",
-                    str(layers["merged"])], check=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}",
+                        str(layers["merged"])], check=True, timeout=30)
+    except BaseException:
+        subprocess.run(["umount", str(base)], timeout=30)
+        raise
     try:
         data = os.urandom(SIZE)
         (share / "big.bin").write_bytes(data)
@@ -222,6 +231,7 @@ def test_a_cache_on_overlayfs(mount_factory, share: Path, tmp_path: Path) -> Non
         mount.stop()
     finally:
         subprocess.run(["umount", str(layers["merged"])], check=True, timeout=30)
+        subprocess.run(["umount", str(base)], check=True, timeout=30)
 
 
 def test_a_refused_backing_file_turns_passthrough_off() -> None:
