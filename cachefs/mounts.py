@@ -24,16 +24,24 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mounts() -> Iterator[tuple[str, str]]:
-    """(device "major:minor", mount point) of every mount this process sees, in order."""
+def _mountinfo() -> Iterator[tuple[str, str, str]]:
+    """(device "major:minor", mount point, filesystem type) of every mount this process
+    sees, in order."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                fields = line.split(" ")
+                head, _sep, tail = line.partition(" - ")
+                fields = head.split(" ")
                 if len(fields) > 4:
-                    yield fields[2], _unescape(fields[4])
+                    yield fields[2], _unescape(fields[4]), tail.split(" ")[0]
     except OSError:
         return
+
+
+def mounts() -> Iterator[tuple[str, str]]:
+    """(device "major:minor", mount point) of every mount this process sees, in order."""
+    for device, point, _kind in _mountinfo():
+        yield device, point
 
 
 def fs_type(path: Path | str) -> str | None:
@@ -41,19 +49,10 @@ def fs_type(path: Path | str) -> str | None:
     an existing local folder: the topmost of the longest mount points above it."""
     want = os.path.realpath(path)
     best, found = -1, None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                head, sep, tail = line.partition(" - ")
-                fields = head.split(" ")
-                if not sep or len(fields) < 5:
-                    continue
-                point = _unescape(fields[4])
-                inside = want == point or want.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= best:
-                    best, found = len(point), tail.split(" ")[0]
-    except OSError:
-        return None
+    for _device, point, kind in _mountinfo():
+        inside = want == point or want.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, found = len(point), kind
     return found
 
 

@@ -52,6 +52,15 @@ def _open_through_kernel(path: Path, flags: int = os.O_RDONLY, within: float = 1
         time.sleep(0.2)
 
 
+def _mount_and_open(mount_factory, share: Path, name: str, data: bytes):
+    """A mount with the share's file ``name`` holding ``data``, and that file open in
+    passthrough: (the mount, the file's path in it, the open descriptor)."""
+    (share / name).write_bytes(data)
+    mount = mount_factory().start()
+    path = mount.mountpoint / name
+    return mount, path, _open_through_kernel(path)
+
+
 def _read_while_stopped(pid: int, fd: int, size: int, deadline: float) -> tuple[bytes | None, bool]:
     """Read ``fd`` whole with the mount process stopped; (data, whether it was done within
     ``deadline``). The process runs again before this returns, so a late read ends too."""
@@ -119,11 +128,8 @@ def test_without_passthrough_the_process_serves_reads(mount_factory, share: Path
 
 def test_a_writer_joins_the_kernels_readers(mount_factory, share: Path) -> None:
     data = bytearray(os.urandom(2 << 20))
-    (share / "log.bin").write_bytes(data)
-    mount = mount_factory().start()
+    mount, path, reader = _mount_and_open(mount_factory, share, "log.bin", data)
     mnt = mount.mountpoint
-    path = mnt / "log.bin"
-    reader = _open_through_kernel(path)
     try:
         with open(path, "r+b") as writer:  # the kernel takes only passthrough opens now
             assert _passthrough_files(mnt) == 1
@@ -149,11 +155,7 @@ def test_a_writer_joins_the_kernels_readers(mount_factory, share: Path) -> None:
 
 def test_kill_while_a_writer_writes_through_the_kernel(mount_factory, share: Path) -> None:
     data = bytearray(os.urandom(2 << 20))
-    (share / "db.bin").write_bytes(data)
-    mount = mount_factory().start()
-    mnt = mount.mountpoint
-    path = mnt / "db.bin"
-    reader = _open_through_kernel(path)
+    mount, path, reader = _mount_and_open(mount_factory, share, "db.bin", data)
     writer = os.open(path, os.O_RDWR)
     os.pwrite(writer, b"changed", 5000)
     os.pwrite(writer, b"tail", len(data))
@@ -174,11 +176,8 @@ def test_kill_while_a_writer_writes_through_the_kernel(mount_factory, share: Pat
 def test_remote_change_while_open(mount_factory, share: Path) -> None:
     old = os.urandom(2 << 20)
     new = os.urandom(3 << 20)
-    (share / "doc.bin").write_bytes(old)
-    mount = mount_factory().start()
+    mount, path, reader = _mount_and_open(mount_factory, share, "doc.bin", old)
     mnt = mount.mountpoint
-    path = mnt / "doc.bin"
-    reader = _open_through_kernel(path)
     try:
         (share / "doc.bin").write_bytes(new)
         os.utime(share / "doc.bin", (1_700_000_000, 1_700_000_000))

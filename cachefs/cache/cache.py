@@ -125,7 +125,6 @@ class Cache:
         self.writers: dict[int, int] = {}  # ino -> handles open for writing
         #: ino -> the content file the kernel reads itself for its open handles
         self._backings: dict[int, _Backing] = {}
-        self._written_through: set[int] = set()  # inos the kernel may be writing itself
         #: folders with journaled changes: their listing is local truth until replayed
         self.local_dirs: dict[int, int] = {}
         self._dir_gen: dict[int, int] = {}  # bumped at each change of a folder's pending work
@@ -531,9 +530,8 @@ class Cache:
         ino = handle.ino
         backing = self._backings.get(ino)
         if backing is None:
-            if handle.writable or not self.config.passthrough or node.size < PASSTHROUGH_MIN \
-                    or self._open_count.get(ino) or node.flags & (DIRTY | CONFLICT) \
-                    or self.store.content.encrypted:
+            if handle.writable or node.size < PASSTHROUGH_MIN or self._open_count.get(ino) \
+                    or node.flags & (DIRTY | CONFLICT) or not self.passthrough_on:
                 return
             if not node.has(FULL) and not rangeset.covers(self._ranges.get(ino, []), 0, node.size):
                 return  # (whole but not yet checkpointed is whole enough to read)
@@ -550,7 +548,6 @@ class Cache:
                 self._content_changed(t, node)
             self.store.transact(join)
             backing.writers += 1
-            self._written_through.add(ino)
             handle.wrote = True
             handle.stamp = _stamp(os.fstat(handle.fd))
         backing.opens += 1
@@ -562,12 +559,11 @@ class Cache:
         backing.opens -= 1
         if handle.writable:
             backing.writers -= 1
-            if not backing.writers:
-                self._written_through.discard(ino)
-            self._take_written(handle, last=not backing.writers)
         if not backing.opens:
             del self._backings[ino]
             self.kernel.backing_close(backing.id)
+        if handle.writable:  # (last: an index write that fails leaves the counts right)
+            self._take_written(handle, last=not backing.writers)
 
     def _take_written(self, handle: "OpenFile", last: bool) -> None:
         """What the kernel wrote through a passthrough writer, into the index: the content
@@ -594,7 +590,8 @@ class Cache:
     def written_through(self, node: Node) -> Node:
         """The node with the size and mtime of its content file while the kernel may be
         writing that file itself (a passthrough writer is open); else the node as is."""
-        if node.ino not in self._written_through:
+        backing = self._backings.get(node.ino)
+        if backing is None or not backing.writers:
             return node
         try:
             st = os.stat(self.store.content_path(node.ino))
@@ -603,18 +600,20 @@ class Cache:
         return dataclasses.replace(node, size=st.st_size, mtime_ns=max(node.mtime_ns, st.st_mtime_ns))
 
     def release(self, handle: "OpenFile") -> None:
-        if handle.backing:
-            self._release_backing(handle)
-        os.close(handle.fd)
         ino = handle.ino
-        _decrement(self._open_count, ino)
-        if handle.writable:
-            _decrement(self.writers, ino)
-            if handle.wrote:
-                node = self.store.get(ino)
-                if node is not None:
-                    self._usage += node.size - handle.size_at_open
-                self.changed()
+        try:
+            if handle.backing:
+                self._release_backing(handle)
+        finally:
+            os.close(handle.fd)
+            _decrement(self._open_count, ino)
+            if handle.writable:
+                _decrement(self.writers, ino)
+        if handle.wrote:
+            node = self.store.get(ino)
+            if node is not None:
+                self._usage += node.size - handle.size_at_open
+            self.changed()
         if ino not in self._open_count and ino in self._orphans:  # (no index read per close)
             self._orphans.discard(ino)
             node = self.store.get(ino)
@@ -697,10 +696,14 @@ class Cache:
         """Content bytes in the cache (a running count; exact after a restart)."""
         return max(0, self._usage)
 
+    @property
+    def passthrough_on(self) -> bool:
+        """Whether the kernel may read whole cached files itself (``_pass_through``)."""
+        return self.config.passthrough and self.kernel.passthrough and not self.store.content.encrypted
+
     def passthrough_status(self) -> dict:
         """Whether the kernel reads whole cached files itself, and how many are open so."""
-        on = self.config.passthrough and self.kernel.passthrough and not self.store.content.encrypted
-        return {"on": on, "open_files": len(self._backings)}
+        return {"on": self.passthrough_on, "open_files": len(self._backings)}
 
     def is_open(self, ino: int) -> bool:
         return bool(self._open_count.get(ino))
