@@ -460,6 +460,33 @@ def test_remount_while_server_down(tmp_path: Path, sshd: SshServer, share: Path)
         assert read(mnt / "later.txt") == files["later.txt"]
 
 
+def test_folder_read_survives_kill9_offline(tmp_path: Path, sshd: SshServer, share: Path) -> None:
+    """A folder of small files read at once is checkpointed in one go (one syncfs of the
+    cache's filesystem, not a fdatasync each): after a kill -9, with the server gone,
+    every file is still read whole from the cache, and none counts as partial."""
+    folder = share / "many"
+    folder.mkdir()
+    files = {f"f{i:03}": os.urandom(1000 + 37 * i) for i in range(120)}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    args = [*sftp_args(sshd), *OFFLINE_ARGS]
+    first = Mount(sshd.address(), mnt, cache, *args).start()
+    try:
+        for name, data in files.items():
+            assert read(mnt / "many" / name) == data, name
+        time.sleep(2.5)  # past the 1 s checkpoint
+    finally:
+        first.kill9()
+
+    sshd.stop()
+    with Mount(sshd.address(), mnt, cache, *args, allowed_errors=OFFLINE_LOG):
+        assert status(mnt)["state"] == "offline"
+        for name, data in files.items():
+            assert read(mnt / "many" / name, deadline=TIMEOUT + SLACK) == data, name
+            assert os.getxattr(mnt / "many" / name, STATE_XATTR) == b"cached", name
+
+
 # -- 6. first mount with nothing cached and no server ---------------------------------------
 
 

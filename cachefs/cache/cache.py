@@ -16,6 +16,7 @@ design: after a restart everything is revalidated once.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import errno
 import logging
@@ -56,6 +57,9 @@ READ_BUFFER = 1 << 20  # the largest read FUSE sends (max_pages 256)
 #: ``Cache._pass_through``); smaller ones are served once and then from the FUSE page cache,
 #: which passthrough would bypass for two more system calls per open
 PASSTHROUGH_MIN = 1 << 20
+#: a checkpoint of at least this many content files syncs the cache's filesystem once
+#: (syncfs) rather than each file (``_fdatasync_all``)
+SYNCFS_MIN = 32
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
 
 
@@ -198,7 +202,7 @@ class Cache:
         todo = {ino: list(self._ranges.get(ino, [])) for ino in self._unsaved}
         self._unsaved.clear()
         paths = [self.store.content_path(ino) for ino in todo]
-        await trio.to_thread.run_sync(_fdatasync_all, paths)
+        await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
         full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
         self.store.save_ranges(todo, full)
         await trio.to_thread.run_sync(self.store.sync)
@@ -1446,7 +1450,24 @@ def _decrement(table: dict[int, int], key: int) -> None:
         table.pop(key, None)
 
 
-def _fdatasync_all(paths: list[str]) -> None:
+_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+
+
+def _fdatasync_all(paths: list[str], data_dir: str) -> None:
+    """Make the content files at ``paths`` durable. Many at once (a cold read of a folder
+    of small files) take one syncfs of the cache's filesystem: one flush and journal
+    commit for all, where a fdatasync each waits for its own (10,000 files of 4 KiB
+    here: 0.07-0.09 s against 1.7-1.8 s)."""
+    if len(paths) >= SYNCFS_MIN and _syncfs is not None:
+        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _syncfs(fd) == 0:
+                return
+            err = ctypes.get_errno()
+            if err != errno.ENOSYS:
+                raise OSError(err, f"syncfs of the cache: {os.strerror(err)}")
+        finally:
+            os.close(fd)
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
