@@ -95,8 +95,9 @@ def drop_caches() -> None:
 
 
 def compact_memory() -> None:
-    """Defragment free memory (``/proc/sys/vm/compact_memory``): a diagnostic for reads
-    whose large page-cache folios must be allocated from memory a cold read fragmented."""
+    """Compact free memory (``/proc/sys/vm/compact_memory``): a diagnostic for the first
+    read from a local disk after the drop that follows a cold read, which this machine
+    serves at a third of the disk's rate whatever the file (docs/performance-targets.md)."""
     try:
         with open("/proc/sys/vm/compact_memory", "w") as f:
             f.write("1\n")
@@ -1013,9 +1014,9 @@ figures counted in FUSE requests).
 - seq read: 1 MiB `read()`s; cold = fresh mount and empty cache; "after drop_caches" = the
   same mount after dropping the page cache (cachefs serves it from its own cache, rclone from
   its VFS cache, sshfs fetches again); warm = the next read (page cache). The diagnostic
-  row drops the page cache again and compacts free memory first: the cold read leaves free
-  memory in 4 KiB pieces (FUSE's page cache is made of 4 KiB folios here), from which the
-  kernel's readahead must then assemble its large folios on the next read from a local disk.
+  row drops the page cache again and compacts free memory first: the first read from a
+  local disk after the drop that follows a cold read is slow here whatever the file, the
+  share's own included, and after compaction it is not (docs/performance-targets.md).
 - seq write: 1 MiB `write()`s + `fsync` + `close`; the lag is polled on the share (full size
   and identical bytes), from `close()`. create: {s.create_files} files in 20 new folders,
   then the same lag poll. git: `git init`, copy the tree in, `add -A`, `commit`, `status`,
