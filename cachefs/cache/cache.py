@@ -201,11 +201,16 @@ class Cache:
             return
         todo = {ino: list(self._ranges.get(ino, [])) for ino in self._unsaved}
         self._unsaved.clear()
-        paths = [self.store.content_path(ino) for ino in todo]
-        await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
-        full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
-        self.store.save_ranges(todo, full)
-        await trio.to_thread.run_sync(self.store.sync)
+        try:
+            paths = [self.store.content_path(ino) for ino in todo]
+            await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
+            full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
+            self.store.save_ranges(todo, full)
+            await trio.to_thread.run_sync(self.store.sync)
+        except BaseException:
+            # The next checkpoint tries them again (content dropped meanwhile excepted).
+            self._unsaved.update(ino for ino in todo if ino in self._ranges)
+            raise
         for ino in todo:
             if not self._open_count.get(ino) and ino not in self._unsaved:
                 self._ranges.pop(ino, None)
