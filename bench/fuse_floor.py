@@ -11,14 +11,18 @@ getxattr, flush answered ENOSYS), runs the request-bound workloads of bench/run.
   (open and release each cross into the daemon).
 
 No cache, no index, no network: nothing cachefs could do in its handlers goes faster.
+Below that is the machine itself: a 64-byte ping-pong over a socket pair between two
+processes, with no FUSE at all, printed first; a FUSE request from a program that waits
+for each reply wakes two processes in the same way.
 
 The same filesystem runs a second way, "bare": without default_permissions and with
 getxattr answered ENOSYS (the kernel then never asks again). That is what two
 requirements of cachefs cost (the issues ask for default_permissions on, and for the
 ``user.cachefs.state`` xattr): two of the six requests of a create. The two ways take
-turns, ``--rounds`` times each, and the medians are printed.
+turns, ``--rounds`` times each, and the medians are printed. Both read on for the next
+request as cachefs does (``--request-spin``, 50 us by default; 0 sleeps at once).
 
-    .venv/bin/python bench/fuse_floor.py [--files N] [--rounds N]
+    .venv/bin/python bench/fuse_floor.py [--files N] [--rounds N] [--request-spin US]
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import select
+import socket
 import stat
 import statistics
 import subprocess
@@ -101,9 +107,11 @@ class NullFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS if self.bare else pyfuse3.ENOATTR)
 
 
-def serve(mnt: str, small_files: int, bare: bool) -> None:
+def serve(mnt: str, small_files: int, bare: bool, spin: float) -> None:
     options = {"fsname=nullfs"} | (set() if bare else set(pyfuse3.default_options))
     pyfuse3.init(NullFs(small_files, bare), mnt, options)
+    if hasattr(pyfuse3, "set_request_spin"):  # (scripts/build-passthrough's pyfuse3)
+        pyfuse3.set_request_spin(spin)
     try:
         trio.run(pyfuse3.main)
     finally:
@@ -134,12 +142,38 @@ def measure(mnt: str, files: int) -> dict[str, float]:
     return out
 
 
-def one_mount(files: int, bare: bool) -> dict[str, float]:
+def pingpong_us(n: int = 20000) -> float:
+    """Microseconds per round trip of 64 bytes between this process and a child that
+    answers each message (``select``, ``recv``, ``send``): two wake-ups, as a request."""
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            mine.close()
+            for _ in range(n):
+                select.select([theirs], [], [])
+                theirs.send(theirs.recv(64))
+        finally:
+            os._exit(0)
+    theirs.close()
+    try:
+        message = b"x" * 64
+        t = time.perf_counter()
+        for _ in range(n):
+            mine.send(message)
+            mine.recv(64)
+        return (time.perf_counter() - t) / n * 1e6
+    finally:
+        mine.close()
+        os.waitpid(pid, 0)
+
+
+def one_mount(files: int, bare: bool, spin: float) -> dict[str, float]:
     mnt = tempfile.mkdtemp(prefix="fuse-floor-")
     pid = os.fork()
     if pid == 0:
         try:
-            serve(mnt, files, bare)
+            serve(mnt, files, bare, spin)
         finally:
             os._exit(0)
     try:
@@ -159,13 +193,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=10000, help="small files to read (default 10000)")
     p.add_argument("--rounds", type=int, default=3, help="mounts of each kind, taking turns (default 3)")
+    p.add_argument("--request-spin", type=float, default=50.0, metavar="US",
+                   help="microseconds the filesystem reads on for the next request before it "
+                        "sleeps, as cachefs's --request-spin (default 50; 0: sleep at once)")
     args = p.parse_args()
     print(f"pyfuse3 {getattr(pyfuse3, '__version__', '')}, {os.cpu_count()} CPUs; a filesystem "
-          f"that does nothing, medians of {args.rounds} mounts of each kind:", flush=True)
+          f"that does nothing, medians of {args.rounds} mounts of each kind; request spin "
+          f"{args.request_spin:g} us" + ("" if hasattr(pyfuse3, "set_request_spin") else
+                                         " asked, but this pyfuse3 cannot spin") + ":", flush=True)
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    pings = []
     for _ in range(args.rounds):
+        pings.append(pingpong_us())
         for bare in (False, True):
-            runs[bare].append(one_mount(args.files, bare))
+            runs[bare].append(one_mount(args.files, bare, args.request_spin))
+    print(f"process to process round trip (socket ping-pong, no FUSE): {statistics.median(pings):.1f} us "
+          f"(median; {min(pings):.1f}-{max(pings):.1f})")
     print(f"{'':56s} {'as cachefs':>11s} {'bare':>11s} {'bare/as cachefs':>16s}")
     for key in runs[False][0]:
         mine = statistics.median(r[key] for r in runs[False])

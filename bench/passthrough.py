@@ -4,7 +4,8 @@
 
 The benchmark's "pyfuse3" peer: the same pyfuse3 + trio as cachefs and the same kernel
 caching and mount options (default_permissions, entry and attribute timeouts of 3 s,
-negative entries, keep_cache, flush answered ENOSYS, getxattr answered ENOATTR), but no
+negative entries, keep_cache, flush answered ENOSYS, getxattr answered ENOATTR, the same
+request spin where this pyfuse3 has it), but no
 cache, no index, no journal and no network: each request is one or two system calls on
 the share's own files, made on the trio thread. What cachefs does on top of FUSE costs the
 difference between the two; what a workload costs here is what the requests alone cost a
@@ -26,6 +27,7 @@ import pyfuse3
 import trio
 
 TIMEOUT = 3.0  # cachefs's --attr-timeout default
+SPIN = 50.0  # cachefs's --request-spin default (cachefs.mounts.DEFAULT_REQUEST_SPIN)
 ROOT = pyfuse3.ROOT_INODE
 
 
@@ -251,6 +253,8 @@ def main() -> int:
     folder, mountpoint = sys.argv[1:]
     options = set(pyfuse3.default_options) | {"fsname=passthrough", "subtype=passthrough"}
     pyfuse3.init(Passthrough(os.fsencode(os.path.abspath(folder))), mountpoint, options)
+    if hasattr(pyfuse3, "set_request_spin"):  # (scripts/build-passthrough's pyfuse3)
+        pyfuse3.set_request_spin(SPIN)
     try:
         trio.run(pyfuse3.main)
     finally:

@@ -24,7 +24,7 @@ from .address import RemoteAddress, parse_remote
 from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
 from .cache.store import StoreError, check_private_dir
-from .mounts import DEFAULT_READAHEAD
+from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
 from .sync.manager import DEFAULT_WRITEBACK_HOLD
@@ -45,6 +45,13 @@ def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _microseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 10000 microseconds, not {text}")
     return value
 
 
@@ -94,6 +101,13 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "whole cached files of 1 MiB or more straight from the cache (FUSE "
                         "passthrough: needs Linux 6.9+, root, and the pyfuse3 that "
                         "scripts/build-passthrough builds; used by default where it works)")
+    p.add_argument("--request-spin", type=_microseconds, default=DEFAULT_REQUEST_SPIN,
+                   metavar="MICROSECONDS",
+                   help="how long the mount keeps reading for the next request after each one "
+                        "before it sleeps: a program that waits for each reply (git, tar, a "
+                        "build) is then answered without waking this process; costs CPU only "
+                        "while requests come; 0 turns it off (needs the pyfuse3 that "
+                        "scripts/build-passthrough builds; default: %(default)g)")
     p.add_argument("--encrypt-cache", action="store_true",
                    help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
                         "key comes from --cache-key-file, or the passphrase in "
@@ -118,6 +132,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
+               "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -213,6 +228,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         write_back_hold=args.write_back_hold,
         readahead=args.readahead,
         passthrough=args.passthrough,
+        request_spin=args.request_spin,
         fuse_options=args.fuse_options,
         cache_key=key,
     )

@@ -28,7 +28,7 @@ from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
-from .mounts import DEFAULT_READAHEAD, set_readahead
+from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, set_readahead
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
@@ -56,6 +56,7 @@ class MountConfig:
     write_back_hold: float = DEFAULT_WRITEBACK_HOLD
     readahead: int = DEFAULT_READAHEAD
     passthrough: bool = True  # FUSE passthrough for whole cached files, where it works
+    request_spin: float = DEFAULT_REQUEST_SPIN  # µs the FUSE loop reads on before sleeping
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
@@ -120,6 +121,31 @@ def fuse_options(config: MountConfig) -> set[str]:
             if opt:
                 opts.add(opt)
     return opts
+
+
+def set_request_spin(microseconds: float) -> float:
+    """Have pyfuse3 keep reading the FUSE device for ``microseconds`` after each request
+    before it sleeps until the next one; the spin in effect (0: this pyfuse3 cannot).
+
+    A program that waits for each reply (creates, stats, opens one after another, as git,
+    tar or a build do) sends its next request a few microseconds after the last reply.
+    Asleep by then, this process must be woken, and on this project's machine the two
+    wake-ups of a round trip cost more than the request's own work: a socket ping-pong
+    between two processes takes 47-60 us, a getattr through a do-nothing pyfuse3
+    filesystem 51-71 us, and 19-24 us when that filesystem reads on for 50 us
+    (bench/fuse_floor.py). The spin costs CPU only while requests keep coming.
+    """
+    setter = getattr(pyfuse3, "set_request_spin", None)
+    if setter is None:
+        if microseconds:
+            log.info("request spin: off (this pyfuse3 cannot; see scripts/build-passthrough)")
+        return 0.0
+    setter(microseconds)
+    if microseconds:
+        log.info("request spin: %g us (reading on for the next request before sleeping)", microseconds)
+    else:
+        log.info("request spin: off (--request-spin 0)")
+    return microseconds
 
 
 async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
@@ -248,6 +274,7 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
             raise MountError(f"cannot mount on {config.mountpoint}: {exc} (see the log above)") from exc
+        set_request_spin(config.request_spin)
         try:
             log.info("mounted %s on %s (cache %s, %s)", remote.description, config.mountpoint,
                      config.cache_dir, conn.state.value)

@@ -17,6 +17,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_READAHEAD = 1 << 20  # the largest request FUSE sends (max_pages 256)
+#: microseconds the FUSE loop keeps reading for the next request before it sleeps
+#: (``daemon.set_request_spin``)
+DEFAULT_REQUEST_SPIN = 50.0
 
 
 def _unescape(field: str) -> str:

@@ -365,3 +365,57 @@ def test_mount_t_fuse_cachefs(tmp_path: Path, sshd, share: Path) -> None:
         assert not is_mounted(mnt)
     finally:
         _stop_daemon(mnt)
+
+
+def _many_clients(mnt: Path, tag: str, threads: int = 8, rounds: int = 120) -> None:
+    """Threads that create, stat, read back, rename and unlink files side by side: many
+    requests in flight at once, read by whichever FUSE task is reading on."""
+    import threading
+
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        try:
+            folder = mnt / f"{tag}{k}"
+            folder.mkdir()
+            for i in range(rounds):
+                data = f"{k}:{i}\n".encode() * (1 + i % 7)
+                path = folder / f"f{i}"
+                path.write_bytes(data)
+                if path.stat().st_size != len(data) or path.read_bytes() != data:
+                    failures.append(f"{path}: read back differs")
+                if i % 2:
+                    path.rename(folder / f"g{i}")
+                else:
+                    path.unlink()
+            names = sorted(p.name for p in folder.iterdir())
+            if names != sorted(f"g{i}" for i in range(1, rounds, 2)):
+                failures.append(f"{folder}: {len(names)} names left")
+        except OSError as exc:
+            failures.append(f"thread {k}: {exc!r}")
+
+    workers = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers), "a client hung"
+    assert not failures, failures[:5]
+
+
+def test_request_spin(mount_factory, sshd, tmp_path: Path) -> None:
+    """The mount reads on for the next request (50 us by default, scripts/build-passthrough's
+    pyfuse3): concurrent clients are all answered right, with spin and with it off; a
+    value out of range is refused before anything is mounted."""
+    with mount_factory() as mount:
+        assert "request spin: 50 us" in mount.log_text(), mount.log_text()[-2000:]
+        _many_clients(mount.mountpoint, "spin")
+    with mount_factory("-o", "request_spin=0", name="mnt0", cache="cache0") as mount:
+        assert "request spin: off (--request-spin 0)" in mount.log_text()
+        _many_clients(mount.mountpoint, "nospin", threads=4, rounds=40)
+    mnt = tmp_path / "bad"
+    mnt.mkdir()
+    result = cachefs(sshd.address(), str(mnt), "--request-spin", "-5")
+    assert result.returncode == 2, result
+    assert "must be 0 to 10000 microseconds" in result.stderr, result.stderr
+    assert not is_mounted(mnt)
