@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import trio
+
 from .cache.cache import Cache
 from .errors import CacheError, Unavailable
 from .sync.manager import SyncFailed, SyncManager
@@ -31,6 +33,7 @@ CONFLICTS_INO = 5
 
 NAMES: dict[bytes, int] = {b"status": STATUS_INO, b"control": CONTROL_INO, b"conflicts": CONFLICTS_INO}
 MAX_COMMAND = 4096
+KERNEL_SETTLE = 5.0  # seconds a command waits for the kernel to drop the names it changed
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class Control:
             log.warning("control command failed: %s", exc)
             raise
         self.last_error = None
+        # Names the command renamed or removed are gone from the kernel's cache before the
+        # write returns (bounded: an invalidation the kernel holds up must not hang it).
+        with trio.move_on_after(KERNEL_SETTLE):
+            await self.cache.kernel.settled()
 
     @staticmethod
     def _parse(data: bytes) -> list[str]:

@@ -93,6 +93,8 @@ class KernelNotifier(cache_mod.Kernel):
         self.nursery: trio.Nursery | None = None
         #: the FUSE device, once the kernel granted passthrough at FUSE_INIT (``Operations.init``)
         self.passthrough_device: int | None = None
+        self._pending = 0  # invalidations started, not yet done
+        self._quiet = trio.Event()  # set (and replaced) each time none is left
 
     @property
     def passthrough(self) -> bool:
@@ -128,16 +130,28 @@ class KernelNotifier(cache_mod.Kernel):
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         if self.nursery is not None:
+            self._pending += 1
             self.nursery.start_soon(self._call, fn, *args)
 
-    @staticmethod
-    async def _call(fn: Callable[..., Any], *args: Any) -> None:
+    async def settled(self) -> None:
+        # A control command that renamed or removed names waits for this before it
+        # answers: the program's next request (read at once, see --request-spin) must not
+        # find the kernel's old entry.
+        while self._pending:
+            await self._quiet.wait()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
             await trio.to_thread.run_sync(fn, *args)
         except OSError as exc:  # ENOENT: the kernel had forgotten it anyway
             log.debug("kernel invalidation %s%r: %s", fn.__name__, args, exc)
         except Exception as exc:  # a hint to the kernel must never end the mount
             log.warning("kernel invalidation %s failed: %s", fn.__name__, exc)
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._quiet.set()
+                self._quiet = trio.Event()
 
 
 class Operations(pyfuse3.Operations):
@@ -310,8 +324,8 @@ class Operations(pyfuse3.Operations):
         if handle.backing:  # the kernel reads the content file itself (no page cache flags)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=handle.backing)
         # The cache invalidates the kernel's pages itself when the remote changed, so the
-        # kernel may keep them across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # kernel may keep them across opens; an open that found the change drops them now.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not handle.changed)
 
     @translate
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -82,6 +82,9 @@ class Kernel:
     def invalidate_entry(self, parent: int, name: bytes) -> None:  # drop a name lookup
         pass
 
+    async def settled(self) -> None:
+        """Return once every invalidation asked for so far has reached the kernel."""
+
     def backing_open(self, fd: int) -> int:
         """Register ``fd`` as a file the kernel reads and writes itself (FUSE passthrough):
         its backing id, or 0 when the kernel or pyfuse3 cannot."""
@@ -497,6 +500,7 @@ class Cache:
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory()
+        known = node
         if not node.has(DIRTY) and self.conn.online \
                 and not self._fresh(self._checked_at, ino, self.config.attr_timeout) \
                 and not self._path_pending(node):
@@ -507,7 +511,9 @@ class Cache:
         if writable and flags & os.O_TRUNC:
             await self._settle_fetches(ino)  # no fetch may land after the truncation
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        handle = OpenFile(ino, fd, writable, size_at_open=node.size)
+        # (changed: the kernel drops its pages of the old version at this open itself,
+        # rather than when the invalidation asked for by _stale reaches it)
+        handle = OpenFile(ino, fd, writable, size_at_open=node.size, changed=node is not known)
         try:
             self._pass_through(handle, node)
         except BaseException:
@@ -1408,6 +1414,7 @@ class OpenFile:
     size_at_open: int = 0
     backing: int = 0  # the kernel reads the content file itself (``Cache._pass_through``)
     stamp: tuple[int, int, int] = (0, 0, 0)  # a passthrough writer's content file at open
+    changed: bool = False  # the open found the remote changed: the kernel's pages are old
 
 
 @dataclass
