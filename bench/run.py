@@ -1001,7 +1001,7 @@ figures counted in FUSE requests).
   empty `--cache-dir`; sshfs `-f`; `rclone mount --vfs-cache-mode full` with an empty cache;
   `share` is the directory itself, the physical limit; `pyfuse3` is
   `bench/passthrough.py`, a filesystem on the same pyfuse3 + trio as cachefs, mounted with
-  the same options and timeouts, that passes each request to the share folder: no network,
+  the same options, timeouts and request spin, that passes each request to the share folder: no network,
   no cache, what the FUSE requests alone cost a Python filesystem here) and unmounts it
   (`fusermount3 -u -z`).
   "Cold" also drops the kernel page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`).
