@@ -42,6 +42,9 @@ import time
 import pyfuse3
 import trio
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cachefs.mounts import DEFAULT_REQUEST_SPIN  # noqa: E402  (cachefs's --request-spin)
+
 ROOT = pyfuse3.ROOT_INODE
 DATA = os.urandom(4096)
 
@@ -193,9 +196,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=10000, help="small files to read (default 10000)")
     p.add_argument("--rounds", type=int, default=3, help="mounts of each kind, taking turns (default 3)")
-    p.add_argument("--request-spin", type=float, default=50.0, metavar="US",
+    p.add_argument("--request-spin", type=float, default=DEFAULT_REQUEST_SPIN, metavar="US",
                    help="microseconds the filesystem reads on for the next request before it "
-                        "sleeps, as cachefs's --request-spin (default 50; 0: sleep at once)")
+                        "sleeps, as cachefs's --request-spin (default %(default)g; 0: sleep at once)")
     args = p.parse_args()
     print(f"pyfuse3 {getattr(pyfuse3, '__version__', '')}, {os.cpu_count()} CPUs; a filesystem "
           f"that does nothing, medians of {args.rounds} mounts of each kind; request spin "

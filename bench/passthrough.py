@@ -26,8 +26,10 @@ import sys
 import pyfuse3
 import trio
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cachefs.mounts import DEFAULT_REQUEST_SPIN  # noqa: E402  (cachefs's --request-spin)
+
 TIMEOUT = 3.0  # cachefs's --attr-timeout default
-SPIN = 50.0  # cachefs's --request-spin default (cachefs.mounts.DEFAULT_REQUEST_SPIN)
 ROOT = pyfuse3.ROOT_INODE
 
 
@@ -254,7 +256,7 @@ def main() -> int:
     options = set(pyfuse3.default_options) | {"fsname=passthrough", "subtype=passthrough"}
     pyfuse3.init(Passthrough(os.fsencode(os.path.abspath(folder))), mountpoint, options)
     if hasattr(pyfuse3, "set_request_spin"):  # (scripts/build-passthrough's pyfuse3)
-        pyfuse3.set_request_spin(SPIN)
+        pyfuse3.set_request_spin(DEFAULT_REQUEST_SPIN)
     try:
         trio.run(pyfuse3.main)
     finally:

@@ -123,9 +123,9 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-def set_request_spin(microseconds: float) -> float:
+def set_request_spin(microseconds: float) -> None:
     """Have pyfuse3 keep reading the FUSE device for ``microseconds`` after each request
-    before it sleeps until the next one; the spin in effect (0: this pyfuse3 cannot).
+    before it sleeps until the next one (where this pyfuse3 can; the log says which).
 
     A program that waits for each reply (creates, stats, opens one after another, as git,
     tar or a build do) sends its next request a few microseconds after the last reply.
@@ -139,13 +139,12 @@ def set_request_spin(microseconds: float) -> float:
     if setter is None:
         if microseconds:
             log.info("request spin: off (this pyfuse3 cannot; see scripts/build-passthrough)")
-        return 0.0
+        return
     setter(microseconds)
     if microseconds:
         log.info("request spin: %g us (reading on for the next request before sleeping)", microseconds)
     else:
         log.info("request spin: off (--request-spin 0)")
-    return microseconds
 
 
 async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
