@@ -518,6 +518,73 @@ def test_kill9_during_offline_writes(mount_factory, sshd, share: Path, tmp_path:
     assert no_temp_leftovers(share) == []
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_kill9_with_files_open_for_writing(mount_factory, share: Path, tmp_path: Path,
+                                           encrypted: bool) -> None:
+    """Between a file's first write and the checkpoint after its last close, its size and
+    times live in memory (``Held``); a kill -9 then must lose no byte that a write had
+    returned: the next mount takes each such file's length from its content file (for an
+    encrypted cache, from the last sealed block), and a truncation is not undone."""
+    (share / "existing.txt").write_bytes(b"old content")
+    extra: tuple[str, ...] = ()
+    if encrypted:
+        key = tmp_path / "cache.key"
+        key.write_bytes(os.urandom(32))
+        os.chmod(key, 0o600)
+        extra = ("--encrypt-cache", "--cache-key-file", str(key))
+    model = {"existing.txt": b"old content"}
+    mount = mount_factory(*extra, check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    assert (mnt / "existing.txt").read_bytes() == b"old content"
+    control(mnt, "offline")
+    opened = []
+
+    def keep_open(name: str, flags: int) -> int:
+        fd = os.open(mnt / name, flags, 0o644)
+        opened.append(fd)
+        return fd
+
+    # a new file written in three pieces, one past a 64 KiB block, one back in the middle
+    fd = keep_open("open.bin", os.O_CREAT | os.O_WRONLY)
+    first, second = os.urandom(5000), os.urandom(70_000)
+    os.write(fd, first)
+    os.write(fd, second)
+    os.pwrite(fd, b"MID", 100)
+    model["open.bin"] = first[:100] + b"MID" + first[103:] + second
+    # a file closed just before the kill (its size not yet in the index)
+    closed = os.urandom(3000)
+    write_file(mnt / "closed.bin", closed)
+    model["closed.bin"] = closed
+    # cut shorter while open, then written again: the cut must hold
+    fd = keep_open("cut.bin", os.O_CREAT | os.O_RDWR)
+    os.write(fd, os.urandom(10_000))
+    head = os.pread(fd, 2000, 0)
+    os.ftruncate(fd, 2000)
+    os.pwrite(fd, b"tail", 2000)
+    model["cut.bin"] = head + b"tail"
+    # a cached file of the server's, appended to
+    fd = keep_open("existing.txt", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b" + more")
+    model["existing.txt"] += b" + more"
+    mount.kill9()
+    for fd in opened:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # (the connection is gone)
+    assert "Traceback" not in mount.log_text()
+    with mount_factory(*extra, name="mnt2", allowed_errors=()) as again:
+        for name, data in model.items():
+            got = (again.mountpoint / name).read_bytes()
+            assert got == data, f"{name}: {len(got)} bytes after the kill, {len(data)} written"
+        control(again.mountpoint, "online")
+        sync_until_done(again.mountpoint)
+        assert status(again.mountpoint)["pending"] == 0
+        for name, data in model.items():
+            assert (share / name).read_bytes() == data, f"{name} on the server"
+
+
 def test_kill9_during_replay(mount_factory, share: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()

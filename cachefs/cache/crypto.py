@@ -119,6 +119,11 @@ class PlainContent:
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
+    def length(self, fd: int) -> int:
+        """How long the content is, as far as the file shows (a hole at the end of a
+        sealed file does not show)."""
+        return os.fstat(fd).st_size
+
     def fit(self, fd: int, size: int) -> bool:
         """Cut or grow the content to ``size`` if it is not that long; whether it was not."""
         if os.fstat(fd).st_size == size:
@@ -209,6 +214,15 @@ class SealedContent(PlainContent):
 
     def reader(self, fd: int, size: int) -> BinaryIO:
         return _SealedReader(self, fd, size)
+
+    def length(self, fd: int) -> int:
+        # The last slot on disk holds the last block: its header tells its plain length.
+        end = os.fstat(fd).st_size
+        if not end:
+            return 0
+        index = (end - 1) // SLOT
+        head = os.pread(fd, _LEN.size, index * SLOT)
+        return index * BLOCK + (_LEN.unpack_from(head)[0] if len(head) == _LEN.size else 0)
 
     def fit(self, fd: int, size: int) -> bool:
         # The last slot's length on disk is HEAD + its plain length, so the file's length

@@ -74,6 +74,23 @@ ATTR_DIRTY = 1 << 7  # mode or times changed here, not yet on the remote
 #: file: the kernel may be writing its content file itself (a passthrough writer is open),
 #: so the content file's length and mtime, not the record's, are the truth after a kill
 KERNEL_WRITES = 1 << 8
+#: file: open for writing through this mount, its size and times held in memory between
+#: commits (``Store.held``), so the content file's length and mtime are the truth after a kill
+WRITING = 1 << 9
+
+
+@dataclass(slots=True)
+class Held:
+    """A file's size and times while it is being written, ahead of its record (``WRITING``):
+    a write changes them here, not in the index, which takes them with its next write of
+    the record (any) or at the checkpoint after the last writer's release.
+    ``open``: a writer is open and the record is marked (DIRTY, journaled, ``WRITING``)
+    since it opened, so writes need no commit."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    open: bool = True
 
 
 class StoreError(Exception):
@@ -240,6 +257,9 @@ class Store:
         #: it has not moved (``Cache`` keeps folder listings on that condition)
         self.generation = 0
         self.folder_generation: dict[int, int] = {}
+        #: ino -> size and times of a file being written, ahead of its record: every
+        #: record read here (``_unpack``) shows them (see ``WRITING``)
+        self.held: dict[int, Held] = {}
         self.data_dir = cache_dir / "data"
         self._data_prefix = f"{self.data_dir}/"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -283,26 +303,28 @@ class Store:
         return dirty
 
     def fit_dirty_content(self, nodes: list[Node]) -> None:
-        """Make each changed file's content as long as its recorded size. A write's bytes
-        reach the content file before its size is committed, a truncation's size before
-        the file is cut: a kill in between leaves the file longer or shorter than the
-        size the index (and so every reader) knows, and bytes past the size would show
-        again if the file later grew. A file the kernel was writing itself
-        (``KERNEL_WRITES``) is the other way round: its record takes the content file's
-        length and mtime."""
+        """Make each changed file's content as long as its recorded size. A truncation's
+        size is committed before the file is cut: a kill in between leaves the file longer
+        than the size the index (and so every reader) knows, and bytes past the size would
+        show again if the file later grew. A file that was being written (``WRITING``: its
+        writes land before the index hears of them, if ever before the release) or that
+        the kernel was writing itself (``KERNEL_WRITES``) is the other way round: its
+        record takes the content file's length and mtime."""
         for node in nodes:
             try:
                 fd = os.open(self.content_path(node.ino), os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # created, then killed before its content file: opened on use
             try:
-                if node.flags & KERNEL_WRITES:
+                if node.flags & (KERNEL_WRITES | WRITING):
                     st = os.fstat(fd)
-                    node.size, node.mtime_ns = st.st_size, max(node.mtime_ns, st.st_mtime_ns)
-                    node.flags &= ~KERNEL_WRITES
+                    length = st.st_size if node.flags & KERNEL_WRITES else \
+                        max(node.size, self.content.length(fd))  # (writes only grow it)
+                    node.size, node.mtime_ns = length, max(node.mtime_ns, st.st_mtime_ns)
+                    node.flags &= ~(KERNEL_WRITES | WRITING)
                     self.put(node)
-                    log.info("inode %d takes its content file's size %d: the kernel was "
-                             "writing it when the mount ended", node.ino, node.size)
+                    log.info("inode %d takes its content file's size %d: it was being "
+                             "written when the mount ended", node.ino, node.size)
                 elif self.content.fit(fd, node.size):
                     log.info("content of inode %d fitted to its recorded size %d after a crash",
                              node.ino, node.size)
@@ -311,10 +333,19 @@ class Store:
 
     # -- record encoding (sealed when the cache is encrypted) ------------------------------
     def _pack(self, node: Node) -> bytes:
+        if self.held:  # (a record written now carries a held file's latest size and times)
+            held = self.held.get(node.ino)
+            if held is not None:
+                held.size, held.mtime_ns, held.ctime_ns = node.size, node.mtime_ns, node.ctime_ns
         return self.codec.seal(node.pack())
 
     def _unpack(self, ino: int, data: bytes) -> Node:
-        return Node.unpack(ino, self.codec.open(data))
+        node = Node.unpack(ino, self.codec.open(data))
+        if self.held:
+            held = self.held.get(ino)
+            if held is not None:
+                node.size, node.mtime_ns, node.ctime_ns = held.size, held.mtime_ns, held.ctime_ns
+        return node
 
     def _ekey(self, parent: int, name: bytes) -> bytes:
         return _U64.pack(parent) + self.codec.name_key(name)
