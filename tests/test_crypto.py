@@ -86,6 +86,26 @@ def test_key_is_checked_and_the_mode_must_match(tmp_path: Path) -> None:
         crypto.open_key(plain, b"passphrase")
 
 
+def test_sealed_journal_entry_rewritten_stays_sealed(tmp_path: Path) -> None:
+    """An entry the sync manager rewrites (``journal.optimise`` folding git's put-in-place
+    into one create) is sealed like a new one: it was once written plain, which showed
+    the path on disk and made the next start refuse the cache (it could not open it)."""
+    from cachefs.sync.journal import Op
+    cache = tmp_path / "c"
+    cache.mkdir(mode=0o700)
+    key = crypto.open_key(cache, b"pw")
+    store = Store(cache, "sftp://alice@secret-host/plans", key=key)
+    seq = store.transact(lambda t: t.append(Op("create", 100, b"tmp_obj_x", parent=ROOT_INO)))
+    store.transact(lambda t: t.replace_op(seq, Op("create", 100, b"objects/ab/secret-object",
+                                                  parent=ROOT_INO)))
+    store.close()
+    raw = b"".join(p.read_bytes() for p in (cache / "index").iterdir())
+    assert b"secret-object" not in raw
+    store = Store(cache, "sftp://alice@secret-host/plans", key=key)
+    assert [(op.seq, op.path) for op in store.journal_ops()] == [(seq, b"objects/ab/secret-object")]
+    store.close()
+
+
 def test_sealed_store_keeps_names_out_of_the_index(tmp_path: Path) -> None:
     cache = tmp_path / "c"
     cache.mkdir(mode=0o700)

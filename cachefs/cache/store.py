@@ -853,6 +853,10 @@ class Txn:
         self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
         return seq
 
+    def replace_op(self, seq: int, op: Op) -> None:
+        """Entry ``seq`` rewritten as ``op`` (``journal.optimise``), sealed like any entry."""
+        self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
+
     def delete_op(self, seq: int) -> None:
         self.txn.delete(journal.key(seq), db=self.store.journal)
 

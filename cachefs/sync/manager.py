@@ -43,7 +43,6 @@ from ..remote.base import join
 from .connectivity import Connectivity, Unavailable
 from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, optimise
-from .journal import key as journal_key
 
 #: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
 DEFAULT_WRITEBACK_HOLD = 5.0
@@ -318,7 +317,7 @@ class SyncManager:
                 if new is None:
                     t.delete_op(op.seq)
                 elif new is not op:
-                    t.txn.put(journal_key(op.seq), new.encode(), db=self.store.journal)
+                    t.replace_op(op.seq, new)
                     replaced.append((op, new))
 
         self.store.transact(change)
