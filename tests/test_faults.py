@@ -238,11 +238,13 @@ def test_server_restart_mid_upload(mount_factory, sshd, share: Path) -> None:
 
 # -- a full cache disk -----------------------------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(params=[20, 100], ids=["20MiB", "100MiB"])
+def small_tmpfs(tmp_path: Path, request) -> Iterator[Path]:
+    """20 MiB: too small for the index's 64 MiB map, which then runs without writemap;
+    100 MiB: the map is allocated, and the content fills the rest."""
     path = tmp_path / "tmpfs"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(path)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}m,mode=0700", "tmpfs", str(path)],
                    check=True, timeout=10)
     try:
         yield path
@@ -257,7 +259,7 @@ def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:
         go_offline(mnt)
         written: dict[str, bytes] = {}
         failure = None
-        for i in range(20):
+        for i in range(60):
             data = os.urandom(2 << 20)
             try:
                 write_file(mnt / f"fill{i}.bin", data)
@@ -265,7 +267,7 @@ def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:
                 failure = exc
                 break
             written[f"fill{i}.bin"] = data
-        assert failure is not None, "20 x 2 MiB fitted in a 20 MiB cache"
+        assert failure is not None, "60 x 2 MiB fitted in the cache's disk"
         assert failure.errno == errno.ENOSPC, f"a write beyond the space failed with {failure!r}"
         assert written, "nothing fitted at all"
         st_ = status(mnt)
@@ -292,11 +294,18 @@ def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:
         for name, data in written.items():
             assert (mnt / name).read_bytes() == data
         assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
+        writemap_off = "runs without writemap" in mount.log_text()
+        assert writemap_off == (_tmpfs_mib(small_tmpfs) < 64)
+
+
+def _tmpfs_mib(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize >> 20
 
 
 def test_many_small_files_grow_the_index(mount_factory, share: Path, tmp_path: Path) -> None:
-    """The LMDB map is fixed at 1 GiB by the store and no option lowers it, so growth of the
-    map cannot be forced from outside; this checks the index takes thousands of entries."""
+    """The index takes thousands of entries through the mount (the growth of its map is
+    tested in-process: test_store's ``test_index_map_stays_allocated_...``)."""
     with mount_factory() as mount:
         mnt = mount.mountpoint
         go_offline(mnt)

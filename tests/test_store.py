@@ -220,3 +220,64 @@ def test_journal_append_is_ordered_and_survives_reopen(tmp_path: Path) -> None:
     assert [op.seq for op in ops] == sorted(op.seq for op in ops)
     store.close()
 
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):
+    import subprocess
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(path)],
+                   check=True, timeout=10)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], timeout=10)
+
+
+def test_index_map_stays_allocated_as_it_grows_and_a_full_disk_is_a_clean_error(tiny_tmpfs: Path) -> None:
+    """With writemap, a write into a hole of the map would kill the mount with SIGBUS on a
+    full disk: the map is allocated whole, at open and at each growth, and a growth the
+    disk has no room for is ENOSPC, with everything committed before still there."""
+    import errno
+    cache = tiny_tmpfs / "cache"
+    store = Store(cache, "file:///x", map_size=1 << 20)
+    assert store.writemap
+    data_mdb = cache / "index" / "data.mdb"
+
+    def fill(first: int, count: int) -> None:
+        for ino in range(first, first + count):
+            store.put(Node(ino=ino, parent=ROOT_INO, name=b"n%07d" % ino + b"x" * 200,
+                           mode=stat.S_IFREG | 0o644, size=ino, mtime_ns=0, atime_ns=0, ctime_ns=0))
+
+    fill(100, 8000)  # ~2.5 MiB of records: the 1 MiB map doubles twice or more
+    map_size = store.env.info()["map_size"]
+    assert map_size >= 4 << 20
+    assert os.stat(data_mdb).st_blocks * 512 >= map_size, "the grown map is not allocated"
+    fd = os.open(tiny_tmpfs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # the rest of the disk
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as refused:
+        fill(10_000, 200_000)
+    assert refused.value.errno == errno.ENOSPC, refused.value
+    assert "disk is full" in str(refused.value)
+    assert store.get(100).size == 100 and store.get(8099).size == 8099
+    os.unlink(tiny_tmpfs / "filler")
+    fill(300_000, 8000)  # room again: the map grows on
+    assert store.get(307_999).size == 307_999
+    store.close()
+
+
+def test_index_without_room_for_its_map_runs_without_writemap(tiny_tmpfs: Path) -> None:
+    cache = tiny_tmpfs / "cache"
+    store = Store(cache, "file:///x", map_size=64 << 20)  # more than the disk holds
+    assert not store.writemap
+    store.put(Node(ino=100, parent=ROOT_INO, name=b"a", mode=stat.S_IFREG | 0o644, size=7,
+                   mtime_ns=0, atime_ns=0, ctime_ns=0))
+    assert store.get(100).size == 7
+    store.close()

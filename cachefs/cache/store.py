@@ -218,7 +218,7 @@ def check_private_dir(path: Path) -> None:
 class Store:
     """The cache directory: index, content files, lock."""
 
-    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 1 << 30,
+    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 64 << 20,
                  key: bytes | None = None) -> None:
         """``key``: the cache key of an encrypted cache (see ``crypto.open_key``)."""
         self.dir = cache_dir
@@ -264,12 +264,24 @@ class Store:
         self._data_prefix = f"{self.data_dir}/"
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
+        # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
+        # programs), not one fsync per commit; a process crash loses nothing.
+        # writemap: a transaction writes its pages in the shared map, and the commit has no
+        # pages to copy out (a create's commit 12 us less). A write into a hole of the map
+        # would die of SIGBUS on a full disk, so the whole map is kept allocated
+        # (``_allocate_map``); where that cannot be done, the index runs without writemap.
+        self.writemap = True
         try:
-            # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
-            # programs), not one fsync per commit; a process crash loses nothing.
-            self.env = lmdb.open(str(cache_dir / "index"), map_size=map_size, max_dbs=8,
-                                 subdir=True, sync=False, metasync=False, mode=0o600,
-                                 readahead=False)
+            self.env = self._open_env(map_size)
+            try:
+                self._allocate_map(self.env.info()["map_size"])
+            except OSError as exc:
+                log.warning("the cache index runs without writemap (slower commits): cannot "
+                            "allocate its %d MiB map on disk: %s",
+                            self.env.info()["map_size"] >> 20, exc)
+                self.env.close()
+                self.writemap = False
+                self.env = self._open_env(map_size)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the cache index in {cache_dir}/index: {exc}") from exc
         self.meta = self.env.open_db(b"meta")
@@ -284,6 +296,34 @@ class Store:
         self._check_schema(remote_text)
         self.fit_dirty_content(self._check_integrity())
         self.reserve()
+
+    def _open_env(self, map_size: int) -> lmdb.Environment:
+        return lmdb.open(str(self.dir / "index"), map_size=map_size, max_dbs=8, subdir=True,
+                         sync=False, metasync=False, mode=0o600, readahead=False,
+                         writemap=self.writemap)
+
+    def _allocate_map(self, size: int) -> None:
+        """Disk blocks for the index file's first ``size`` bytes (OSError if the disk
+        has not that much room)."""
+        fd = os.open(self.dir / "index" / "data.mdb", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+    def _grow_map(self, at_least: int) -> None:
+        """Double the map until it holds ``at_least`` bytes (no transaction open)."""
+        new = self.env.info()["map_size"]
+        while new < at_least:
+            new *= 2
+        if self.writemap:
+            try:
+                self._allocate_map(new)
+            except OSError as exc:
+                raise OSError(errno.ENOSPC, f"the cache's disk is full ({self.dir}): the "
+                              f"index cannot grow to {new >> 20} MiB ({exc.strerror})") from exc
+        log.info("cache index: growing the map to %d MiB", new >> 20)
+        self.env.set_mapsize(new)
 
     def _check_integrity(self) -> list[Node]:
         """Read every record once: a damaged page shows up now, as a clear refusal,
@@ -411,9 +451,7 @@ class Store:
             except lmdb.MapFullError:
                 if attempt:
                     raise
-                new = self.env.info()["map_size"] * 2
-                log.info("cache index full: growing the map to %d MiB", new >> 20)
-                self.env.set_mapsize(new)
+                self._grow_map(self.env.info()["map_size"] * 2)
                 continue
             except lmdb.Error as exc:
                 # LMDB reports a short write on a full disk as EIO: tell which it was.
@@ -431,11 +469,16 @@ class Store:
 
     def reserve(self) -> None:
         """Keep disk blocks allocated ahead of the index's use, so that on a full disk a
-        commit that frees space (an unlink, an eviction) can still be written."""
+        commit that frees space (an unlink, an eviction) can still be written: with
+        writemap, by growing the (allocated) map while there is room."""
         path = self.dir / "index" / "data.mdb"
         try:
             info, stat = self.env.info(), self.env.stat()
             want = (info["last_pgno"] + 1) * stat["psize"] + self.INDEX_RESERVE
+            if self.writemap:
+                if info["map_size"] < want:
+                    self._grow_map(want)
+                return
             st = os.stat(path)
             if st.st_blocks * 512 >= want:
                 return
@@ -845,9 +888,14 @@ class Txn:
         """Add an operation at the end of the journal; its sequence number."""
         # Sequence numbers only grow (never reused when the journal empties): marks kept
         # by sequence number, such as an upload under way, must never match a newer entry.
+        # (``last_seq`` is written with every entry, so it is the highest ever when present;
+        # the journal's last key is asked only of caches older than it)
         last = self.txn.get(b"last_seq", db=self.store.meta)
-        cur = self.txn.cursor(db=self.store.journal)
-        seq = max(_U64.unpack(last)[0] if last else 0, journal.seq_of(cur.key()) if cur.last() else 0) + 1
+        if last is not None:
+            seq = _U64.unpack(last)[0] + 1
+        else:
+            cur = self.txn.cursor(db=self.store.journal)
+            seq = (journal.seq_of(cur.key()) if cur.last() else 0) + 1
         self.txn.put(b"last_seq", _U64.pack(seq), db=self.store.meta)
         op.seq = seq
         self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)

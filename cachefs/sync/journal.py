@@ -20,6 +20,7 @@ created here), which the replay compares with the remote to find conflicts.
 from __future__ import annotations
 
 import json
+from json.encoder import c_make_encoder, encode_basestring_ascii
 import stat as stat_mod
 import struct
 from dataclasses import dataclass, field, fields
@@ -66,7 +67,7 @@ class Op:
             if key in record:
                 record[key] = _text(record[key])
         record["v"] = 1
-        return json.dumps(record, separators=(",", ":")).encode()
+        return "".join(_encode(record, 0)).encode()
 
     @classmethod
     def decode(cls, seq: int, data: bytes) -> "Op":
@@ -90,6 +91,16 @@ class Op:
 
 
 _FIELDS = tuple(f.name for f in fields(Op) if f.name != "seq")
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} in a journal entry")
+
+
+# What json.dumps(record, separators=(",", ":")) writes, without building an encoder per
+# entry (1.2 of a create's 5 us of encoding).
+_encode = c_make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",", False, False, True) \
+    if c_make_encoder is not None else json.JSONEncoder(separators=(",", ":")).iterencode
 
 
 def key(seq: int) -> bytes:
