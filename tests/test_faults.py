@@ -240,7 +240,7 @@ def test_server_restart_mid_upload(mount_factory, sshd, share: Path) -> None:
 
 @pytest.fixture(params=[20, 100], ids=["20MiB", "100MiB"])
 def small_tmpfs(tmp_path: Path, request) -> Iterator[Path]:
-    """20 MiB: too small for the index's 64 MiB map, which then runs without writemap;
+    """20 MiB: too small for the index's 32 MiB map, which then runs without writemap;
     100 MiB: the map is allocated, and the content fills the rest."""
     path = tmp_path / "tmpfs"
     path.mkdir()
@@ -295,7 +295,7 @@ def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:
             assert (mnt / name).read_bytes() == data
         assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
         writemap_off = "runs without writemap" in mount.log_text()
-        assert writemap_off == (_tmpfs_mib(small_tmpfs) < 64)
+        assert writemap_off == (_tmpfs_mib(small_tmpfs) < 32)
 
 
 def _tmpfs_mib(path: Path) -> int:

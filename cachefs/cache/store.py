@@ -218,7 +218,7 @@ def check_private_dir(path: Path) -> None:
 class Store:
     """The cache directory: index, content files, lock."""
 
-    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 64 << 20,
+    def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 32 << 20,
                  key: bytes | None = None) -> None:
         """``key``: the cache key of an encrypted cache (see ``crypto.open_key``)."""
         self.dir = cache_dir
@@ -312,10 +312,8 @@ class Store:
             os.close(fd)
 
     def _grow_map(self, at_least: int) -> None:
-        """Double the map until it holds ``at_least`` bytes (no transaction open)."""
-        new = self.env.info()["map_size"]
-        while new < at_least:
-            new *= 2
+        """Grow the map to ``at_least`` bytes, rounded up to a MiB (no transaction open)."""
+        new = -(-at_least // (1 << 20)) << 20
         if self.writemap:
             try:
                 self._allocate_map(new)
@@ -476,8 +474,8 @@ class Store:
             info, stat = self.env.info(), self.env.stat()
             want = (info["last_pgno"] + 1) * stat["psize"] + self.INDEX_RESERVE
             if self.writemap:
-                if info["map_size"] < want:
-                    self._grow_map(want)
+                if info["map_size"] < want:  # (4 MiB more: not a growth per checkpoint)
+                    self._grow_map(want + self.INDEX_RESERVE // 4)
                 return
             st = os.stat(path)
             if st.st_blocks * 512 >= want:
