@@ -662,6 +662,37 @@ def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path
             assert no_temp_leftovers(share) == [], "temporary upload files left on the server"
 
 
+def test_times_set_while_the_upload_is_under_way_reach_the_server(mount_factory, sshd, share: Path,
+                                                                   tmp_path: Path) -> None:
+    """A file's new times, set while its upload is on the way (the upload sends the times
+    it read when it began), reach the server: tar, rsync and ``cp -p`` set them after the
+    content. Before, the upload's end marked the file clean and the new times stayed here."""
+    data = os.urandom(1 << 20) * 8
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        known_hosts = tmp_path / "known_hosts_proxy"
+        key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
+        known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
+        remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
+        with mount_factory(remote=remote, known_hosts=known_hosts, check_log=False) as mount:
+            mnt = mount.mountpoint
+            go_offline(mnt)
+            write_file(mnt / "dated.bin", data)
+            control(mnt, "online")
+            wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
+                                 for n in os.listdir(share)), 15, "the upload to start",
+                     interval=0.005)
+            proxy.stall()
+            try:
+                os.utime(mnt / "dated.bin", ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+            finally:
+                proxy.resume()
+            sync_until_done(mnt, 60)
+            assert (share / "dated.bin").read_bytes() == data
+            assert int((share / "dated.bin").stat().st_mtime) == 1_500_000_000
+            assert int((mnt / "dated.bin").stat().st_mtime) == 1_500_000_000
+            assert status(mnt)["pending"] == 0
+
+
 def test_unmount_online_flushes_journal(mount_factory, share: Path) -> None:
     mount = mount_factory()
     mount.start()

@@ -1222,7 +1222,11 @@ class Cache:
             if n.is_symlink or n.has(ORPHAN):
                 t.put(n)  # symlink times stay local (SFTP cannot set them); orphans never go
                 return n
-            if not n.has(ATTR_DIRTY) and not (n.has(DIRTY) and mode is None):
+            if n.has(DIRTY) and mode is None:
+                # The pending upload sends the times: it takes them when it begins, so one
+                # under way now must be followed by another (``_agree`` sees the new gen).
+                n.gen += 1
+            elif not n.has(ATTR_DIRTY):
                 n.flags |= ATTR_DIRTY
                 self._journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
             t.put(n)
