@@ -608,9 +608,9 @@ class SyncManager:
         if node is None or node.has(ORPHAN):
             self._finish(op)
             return 0
+        sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
         try:
-            await self.conn.call(self.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
-                                 node.atime_ns, node.mtime_ns)
+            await self.conn.call(self.remote.set_attrs, op.path, *sent)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -619,9 +619,13 @@ class SyncManager:
 
         def update(t: Txn) -> None:
             n = t.node(op.ino)
-            if n is not None:
+            if n is None:
+                return
+            if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent:
                 n.flags &= ~ATTR_DIRTY
                 t.put(n)
+            else:  # changed again while they were on the way (ATTR_DIRTY: not journaled)
+                t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))
 
         self._finish(op, update)
         return 0
