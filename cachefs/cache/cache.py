@@ -1222,8 +1222,9 @@ class Cache:
             if n.is_symlink or n.has(ORPHAN):
                 t.put(n)  # symlink times stay local (SFTP cannot set them); orphans never go
                 return n
-            if n.has(DIRTY) and mode is None:
-                # The pending upload sends the times: it takes them when it begins, so one
+            if n.has(DIRTY):
+                # The pending upload sends the mode and times (a file's upload is a new file
+                # with them, renamed over the old): it takes them when it begins, so one
                 # under way now must be followed by another (``_agree`` sees the new gen).
                 n.gen += 1
             elif not n.has(ATTR_DIRTY):
