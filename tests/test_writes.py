@@ -618,26 +618,34 @@ def test_kill9_during_replay(mount_factory, share: Path, tmp_path: Path) -> None
     assert no_temp_leftovers(share) == []
 
 
+def _mount_through(proxy: TcpProxy, mount_factory, sshd, tmp_path: Path):
+    """A mount (not started) that reaches the server through ``proxy``."""
+    known_hosts = tmp_path / "known_hosts_proxy"
+    key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
+    remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
+    return mount_factory(remote=remote, known_hosts=known_hosts, check_log=False)
+
+
+def _upload_under_way(mnt: Path, share: Path, name: str, data: bytes) -> None:
+    """Write ``name`` offline, go online, and return once its upload has begun (the
+    temporary file on the server grows)."""
+    go_offline(mnt)
+    write_file(mnt / name, data)
+    control(mnt, "online")
+    wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
+                         for n in os.listdir(share)), 15, "the upload to start", interval=0.005)
+
+
 def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path,
                                                 tmp_path: Path) -> None:
     size = 50 << 20
     data = os.urandom(1 << 20) * 50
     digest = hashlib.sha256(data).hexdigest()
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        known_hosts = tmp_path / "known_hosts_proxy"
-        key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
-        known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
-        remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
-        mount = mount_factory(remote=remote, known_hosts=known_hosts, check_log=False)
-        with mount:
+        with _mount_through(proxy, mount_factory, sshd, tmp_path) as mount:
             mnt = mount.mountpoint
-            go_offline(mnt)
-            write_file(mnt / "big.bin", data)
-            control(mnt, "online")
-            # wait until the upload is under way (the temporary file grows), then stall
-            wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
-                                 for n in os.listdir(share)), 15, "the upload to start",
-                     interval=0.005)
+            _upload_under_way(mnt, share, "big.bin", data)
             proxy.stall()
             try:
                 seen_partial = []
@@ -669,18 +677,9 @@ def test_times_set_while_the_upload_is_under_way_reach_the_server(mount_factory,
     content. Before, the upload's end marked the file clean and the new times stayed here."""
     data = os.urandom(1 << 20) * 8
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        known_hosts = tmp_path / "known_hosts_proxy"
-        key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
-        known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
-        remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
-        with mount_factory(remote=remote, known_hosts=known_hosts, check_log=False) as mount:
+        with _mount_through(proxy, mount_factory, sshd, tmp_path) as mount:
             mnt = mount.mountpoint
-            go_offline(mnt)
-            write_file(mnt / "dated.bin", data)
-            control(mnt, "online")
-            wait_for(lambda: any(".cachefs-tmp-" in n and (share / n).stat().st_size > 0
-                                 for n in os.listdir(share)), 15, "the upload to start",
-                     interval=0.005)
+            _upload_under_way(mnt, share, "dated.bin", data)
             proxy.stall()
             try:
                 os.utime(mnt / "dated.bin", ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
