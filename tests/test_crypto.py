@@ -96,7 +96,7 @@ def test_sealed_journal_entry_rewritten_stays_sealed(tmp_path: Path) -> None:
     key = crypto.open_key(cache, b"pw")
     store = Store(cache, "sftp://alice@secret-host/plans", key=key)
     seq = store.transact(lambda t: t.append(Op("create", 100, b"tmp_obj_x", parent=ROOT_INO)))
-    store.transact(lambda t: t.replace_op(seq, Op("create", 100, b"objects/ab/secret-object",
+    store.transact(lambda t: t.put_op(seq, Op("create", 100, b"objects/ab/secret-object",
                                                   parent=ROOT_INO)))
     store.close()
     raw = b"".join(p.read_bytes() for p in (cache / "index").iterdir())

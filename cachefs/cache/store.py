@@ -469,7 +469,6 @@ class Store:
         """Keep disk blocks allocated ahead of the index's use, so that on a full disk a
         commit that frees space (an unlink, an eviction) can still be written: with
         writemap, by growing the (allocated) map while there is room."""
-        path = self.dir / "index" / "data.mdb"
         try:
             info, stat = self.env.info(), self.env.stat()
             want = (info["last_pgno"] + 1) * stat["psize"] + self.INDEX_RESERVE
@@ -477,14 +476,8 @@ class Store:
                 if info["map_size"] < want:  # (4 MiB more: not a growth per checkpoint)
                     self._grow_map(want + self.INDEX_RESERVE // 4)
                 return
-            st = os.stat(path)
-            if st.st_blocks * 512 >= want:
-                return
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                os.posix_fallocate(fd, 0, want)
-            finally:
-                os.close(fd)
+            if os.stat(self.dir / "index" / "data.mdb").st_blocks * 512 < want:
+                self._allocate_map(want)
         except OSError as exc:
             log.debug("could not reserve index space: %s", exc)
 
@@ -896,11 +889,12 @@ class Txn:
             seq = (journal.seq_of(cur.key()) if cur.last() else 0) + 1
         self.txn.put(b"last_seq", _U64.pack(seq), db=self.store.meta)
         op.seq = seq
-        self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
+        self.put_op(seq, op)
         return seq
 
-    def replace_op(self, seq: int, op: Op) -> None:
-        """Entry ``seq`` rewritten as ``op`` (``journal.optimise``), sealed like any entry."""
+    def put_op(self, seq: int, op: Op) -> None:
+        """Journal entry ``seq`` is ``op`` (new, or rewritten by ``journal.optimise``),
+        sealed when the cache is encrypted."""
         self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
 
     def delete_op(self, seq: int) -> None:

@@ -317,7 +317,7 @@ class SyncManager:
                 if new is None:
                     t.delete_op(op.seq)
                 elif new is not op:
-                    t.replace_op(op.seq, new)
+                    t.put_op(op.seq, new)
                     replaced.append((op, new))
 
         self.store.transact(change)
