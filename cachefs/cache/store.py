@@ -538,28 +538,37 @@ class Store:
         with self.env.begin() as txn:
             return self._children_in(txn, parent)
 
-    def _children_in(self, txn, parent: int, known: dict[int, Node] | None = None) -> list[Node]:
-        """``children`` in ``txn``; ``known``: nodes as just written, used as they are."""
-        prefix = _U64.pack(parent)
+    def _children_in(self, txn, parent: int, known: dict[int, Node] | None = None,
+                     entries: list[tuple[bytes, int]] | None = None) -> list[Node]:
+        """``children`` in ``txn``; ``known``: nodes as just written, used as they are;
+        ``entries``: the folder's (name, ino) in key order, when the caller has read them."""
+        if entries is None:
+            entries = self._entries_in(txn, parent)
         out: list[Node] = []
+        for name, ino in entries:
+            node = known.get(ino) if known else None
+            if node is None:
+                rec = txn.get(_key(ino), db=self.nodes)
+                if rec is None:
+                    continue
+                node = self._unpack(ino, rec)
+            elif (node.parent, node.name) != (parent, name):
+                node = copy.copy(node)  # (``known`` is shared: one object per node)
+            # A hard-linked node is listed under each of its names.
+            node.parent, node.name = parent, name
+            out.append(node)
+        return out
+
+    def _entries_in(self, txn, parent: int) -> list[tuple[bytes, int]]:
+        """The folder's (name, ino) pairs, in key order."""
+        prefix = _U64.pack(parent)
+        out = []
         cur = txn.cursor(db=self.entries)
         if cur.set_range(prefix):
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
-                ino = _U64.unpack(value[:8])[0]
-                node = known.get(ino) if known else None
-                name = self._entry_name(key, value)
-                if node is None:
-                    rec = txn.get(value[:8], db=self.nodes)
-                    if rec is None:
-                        continue
-                    node = self._unpack(ino, rec)
-                elif (node.parent, node.name) != (parent, name):
-                    node = copy.copy(node)  # (``known`` is shared: one object per node)
-                # A hard-linked node is listed under each of its names.
-                node.parent, node.name = parent, name
-                out.append(node)
+                out.append((self._entry_name(key, value), _U64.unpack(value[:8])[0]))
         return out
 
     def put(self, node: Node) -> None:
@@ -602,14 +611,8 @@ class Store:
             delta.changed.clear()  # (run again when the map had to grow)
             delta.removed.clear()
             delta.same = True
-            prefix = _U64.pack(parent)
-            existing: dict[bytes, int] = {}
-            cur = txn.cursor(db=self.entries)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    existing[self._entry_name(key, value)] = _U64.unpack(value[:8])[0]
+            entries = self._entries_in(txn, parent)
+            existing = dict(entries)
             built: dict[int, Node] = {}
             next_ino = first_ino = None
             for name, rstat in listing:
@@ -625,6 +628,10 @@ class Store:
                         delta.removed.append(old)
                         self._drop_node(txn, old)
                         ino, old = None, None
+                    elif old is not None and (old.parent, old.name) == (parent, name) \
+                            and rebuilt_as_is(old, rstat):
+                        built[ino] = old  # (the common case, tested without building a node)
+                        continue
                 if ino is None:
                     if next_ino is None:  # numbers for new names: read and written once
                         next_ino = first_ino = _U64.unpack(txn.get(b"next_ino", db=self.meta))[0]
@@ -676,7 +683,7 @@ class Store:
                     txn.put(_key(parent), self._pack(pnode), db=self.nodes)
             # The folder's entries as ``children`` reads them, without unpacking again the
             # nodes just built (the opendir that asked for the listing reads them next).
-            delta.children = self._children_in(txn, parent, built)
+            delta.children = self._children_in(txn, parent, built, entries if delta.same else None)
 
         self.run_write(txn_fn, folders=lambda: set() if delta.same else folders)
         return delta
@@ -972,6 +979,14 @@ def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None
         last_use=old.last_use if old else 0.0, target=target, gen=old.gen if old else 0,
         synced_gen=old.synced_gen if old else 0,
     )
+
+
+def rebuilt_as_is(node: Node, rstat) -> bool:
+    """Whether ``node_from_remote`` would give ``node`` back unchanged from ``rstat``, for a
+    node not hard-linked (whose record names one of its folders): same version, mode and
+    owner. A cheap test for the common case of a folder listed again."""
+    return node.base == rstat.version() and node.mode == rstat.mode and node.uid == rstat.uid \
+        and node.gid == rstat.gid and (node.is_dir or (node.nlink <= 1 and rstat.nlink <= 1))
 
 
 def _same_second(a_ns: int, b_ns: int) -> bool:
