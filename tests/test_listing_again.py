@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import ROOT_INO, Store
+from cachefs.cache.store import FULL, ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
 from cachefs.sync.connectivity import Connectivity
 
@@ -98,3 +98,49 @@ def test_folder_listed_again(tmp_path: Path, change) -> None:
     finally:
         store.close()
         shutil.rmtree(tmp_path / "fresh", ignore_errors=True)
+
+
+def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
+    """The checkpoint that marks files whole marks them in the folder's kept listing too,
+    which stays kept: listed again, the folder is compared with it and nothing is written."""
+    share = tmp_path / "share"
+    (share / "d").mkdir(parents=True)
+    for i in range(5):
+        (share / "d" / f"f{i}").write_bytes(b"%d" % i * 100_000)  # (no small-file batches)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        async with trio.open_nursery() as nursery:
+            cache._nursery = nursery  # (for the fetches; no checkpoint but the test's own)
+            await read_three(cache)
+            nursery.cancel_scope.cancel()
+
+    async def read_three(cache: Cache) -> None:
+        ino = (await cache.lookup(ROOT_INO, b"d")).ino
+        await cache.listdir(ino)
+        for name in (b"f0", b"f1", b"f2"):
+            handle = await cache.open((await cache.lookup(ino, name)).ino)
+            assert await cache.read(handle, 0, 1 << 20) == (share / "d" / name.decode()).read_bytes()
+            cache.release(handle)
+        await cache.checkpoint()
+        assert all(store.get(n.ino).has(FULL) == (n.name in (b"f0", b"f1", b"f2"))
+                   for n in store.children(ino))
+        kept = cache._kept_names(ino)
+        assert kept is not None  # the checkpoint left the kept listing in place
+        assert {name for name, node in kept.items() if node.has(FULL)} == {b"f0", b"f1", b"f2"}
+        writes = []
+        run_write = store.run_write
+        store.run_write = lambda *a, **k: (writes.append(a), run_write(*a, **k))[1]
+        children = await cache.listdir(ino, refresh=True)
+        assert writes == []
+        assert [cache.content_state(n) for n in children] == ["cached"] * 3 + ["remote"] * 2
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -209,7 +209,7 @@ class Cache:
             paths = [self.store.content_path(ino) for ino in todo]
             await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
             full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
-            self.store.save_ranges(todo, full)
+            self._kept_made_full(self.store.save_ranges(todo, full))
             await trio.to_thread.run_sync(self.store.sync)
         except BaseException:
             # The next checkpoint tries them again (content dropped meanwhile excepted).
@@ -332,7 +332,30 @@ class Cache:
     def _kept_names(self, ino: int) -> dict[bytes, Node] | None:
         """The folder's kept listing by name, if it is kept."""
         kept = self._kept(ino)
-        return None if kept is None else _derived(kept, "names", lambda nodes: {n.name: n for n in nodes})
+        return None if kept is None else _by_name(kept)
+
+    def _kept_made_full(self, nodes: list[Node]) -> None:
+        """The checkpoint has just marked ``nodes`` whole in the index (``save_ranges``):
+        mark their copies in the kept listings, which then stay kept. (A cold read of a
+        folder's files dropped its kept listing, and the next listing of the folder read
+        and compared every record again.) A kept listing is kept only if it was current
+        just before: one generation behind its folder's now."""
+        self._memo_current()
+        by_folder: dict[int, list[Node]] = collections.defaultdict(list)
+        for node in nodes:
+            by_folder[node.parent].append(node)
+        for folder, made_full in by_folder.items():
+            kept = self._children_memo.get(folder)
+            generation = self.store.folder_generation.get(folder, 0)
+            if kept is None or kept[0] != generation - 1:
+                continue
+            names = _by_name(kept)
+            copies = [names.get(node.name) for node in made_full]  # (the kept nodes)
+            if all(kept_node is not None and kept_node.ino == node.ino
+                   for kept_node, node in zip(copies, made_full)):
+                for kept_node in copies:
+                    kept_node.flags |= FULL
+                self._children_memo[folder] = (generation, kept[1], kept[2])
 
     def derived(self, ino: int, children: list[Node], key: str, make: Callable[[list[Node]], T]) -> T:
         """``make(children)``, made once and kept with the folder's kept listing while that
@@ -1512,6 +1535,10 @@ class _Walk:
 def _subfolder_order(children: list[Node]) -> tuple[list[int], dict[int, int]]:
     subfolders = [c.ino for c in children if c.is_dir]
     return subfolders, {ino: i for i, ino in enumerate(subfolders)}
+
+
+def _by_name(kept: tuple[int, list[Node], dict]) -> dict[bytes, Node]:
+    return _derived(kept, "names", lambda nodes: {n.name: n for n in nodes})
 
 
 def _derived(kept: tuple[int, list[Node], dict], key: str, make: Callable[[list[Node]], T]) -> T:

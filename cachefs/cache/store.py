@@ -746,9 +746,14 @@ class Store:
             data = txn.get(_key(ino), db=self.ranges_db)
         return [] if data is None else rangeset.decode(data)
 
-    def save_ranges(self, updates: dict[int, rangeset.Ranges], full: set[int]) -> None:
-        """Record content now present (after it was synced to disk)."""
+    def save_ranges(self, updates: dict[int, rangeset.Ranges], full: set[int]) -> list[Node]:
+        """Record content now present (after it was synced to disk). Returns the nodes
+        it marked ``FULL``: the only change to what listings show, which moves the
+        generations of their folders alone (of all, for a hard-linked one)."""
+        made_full: list[Node] = []
+
         def txn_fn(txn) -> None:
+            made_full.clear()  # (run again when the map had to grow)
             for ino, rs in updates.items():
                 data = txn.get(_key(ino), db=self.nodes)
                 if data is None:
@@ -759,7 +764,14 @@ class Store:
                     if not node.has(FULL):
                         node.flags |= FULL
                         txn.put(_key(ino), self._pack(node), db=self.nodes)
-        self.run_write(txn_fn)
+                        made_full.append(node)
+
+        def folders() -> set[int] | None:
+            if any(n.nlink > 1 for n in made_full):
+                return None
+            return {n.parent for n in made_full}
+        self.run_write(txn_fn, folders=folders)
+        return made_full
 
     def nodes_with_content(self) -> list[Node]:
         """Files with some content in the cache (fetched ranges, or whole)."""
