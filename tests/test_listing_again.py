@@ -50,6 +50,21 @@ def _hard_link(d: Path) -> None:
     os.link(d / "a.txt", d / "sub" / "a-link.txt")
 
 
+def _cache_of(tmp_path: Path, share: Path) -> tuple[Store, Connectivity]:
+    """A store in tmp_path/cache and a connection to the local share."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    return Store(cache_dir, f"file://{share}"), Connectivity(LocalRemote(str(share), 10.0))
+
+
+def _writes_to(store: Store) -> list:
+    """The index's write transactions from now on (one item each)."""
+    writes: list = []
+    run_write = store.run_write
+    store.run_write = lambda *a, **k: (writes.append(a), run_write(*a, **k))[1]
+    return writes
+
+
 def _view(children) -> dict:
     return {c.name: (c.mode, c.size, c.mtime_ns // 10**9, c.nlink) for c in children}
 
@@ -63,10 +78,7 @@ def test_folder_listed_again(tmp_path: Path, change) -> None:
     (d / "a.txt").write_bytes(b"a")
     (d / "b.txt").write_bytes(b"b")
     os.utime(d / "a.txt", (1_600_000_000, 1_600_000_000))
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
+    store, conn = _cache_of(tmp_path, share)
 
     async def main() -> None:
         await conn.first_connect()
@@ -74,9 +86,7 @@ def test_folder_listed_again(tmp_path: Path, change) -> None:
         ino = (await cache.lookup(ROOT_INO, b"d")).ino
         await cache.listdir(ino)
         await cache.listdir(ino, refresh=True)  # once more: the index agrees with the share now
-        writes = []
-        run_write = store.run_write
-        store.run_write = lambda *a, **k: (writes.append(a), run_write(*a, **k))[1]
+        writes = _writes_to(store)
         if change is not None:
             change(d)
         children = await cache.listdir(ino, refresh=True)
@@ -107,10 +117,7 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
     (share / "d").mkdir(parents=True)
     for i in range(5):
         (share / "d" / f"f{i}").write_bytes(b"%d" % i * 100_000)  # (no small-file batches)
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
+    store, conn = _cache_of(tmp_path, share)
 
     async def main() -> None:
         await conn.first_connect()
@@ -133,9 +140,7 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
         kept = cache._kept_names(ino)
         assert kept is not None  # the checkpoint left the kept listing in place
         assert {name for name, node in kept.items() if node.has(FULL)} == {b"f0", b"f1", b"f2"}
-        writes = []
-        run_write = store.run_write
-        store.run_write = lambda *a, **k: (writes.append(a), run_write(*a, **k))[1]
+        writes = _writes_to(store)
         children = await cache.listdir(ino, refresh=True)
         assert writes == []
         assert [cache.content_state(n) for n in children] == ["cached"] * 3 + ["remote"] * 2
