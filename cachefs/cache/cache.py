@@ -350,11 +350,12 @@ class Cache:
             if kept is None or kept[0] != generation - 1:
                 continue
             names = _by_name(kept)
-            copies = [names.get(node.name) for node in made_full]  # (the kept nodes)
-            if all(kept_node is not None and kept_node.ino == node.ino
-                   for kept_node, node in zip(copies, made_full)):
-                for kept_node in copies:
-                    kept_node.flags |= FULL
+            # (by inode too: an orphan, unlinked while open, keeps a name that a new file
+            # may have taken since)
+            copies = [names.get(node.name) for node in made_full]
+            if all(copy is not None and copy.ino == node.ino for copy, node in zip(copies, made_full)):
+                for copy in copies:
+                    copy.flags |= FULL
                 self._children_memo[folder] = (generation, kept[1], kept[2])
 
     def derived(self, ino: int, children: list[Node], key: str, make: Callable[[list[Node]], T]) -> T:
@@ -473,10 +474,11 @@ class Cache:
         node as it is. Then the index is neither read nor written (``apply_listing`` took
         ~650 us for 100 unchanged entries, run again for every folder opened after
         ``--attr-timeout``). None: let ``apply_listing`` decide."""
-        names = self._kept_names(ino)
-        folder = self.store.get(ino) if names is not None else None
+        kept = self._kept(ino)
+        folder = self.store.get(ino) if kept is not None else None
         if folder is None or not folder.has(LISTED):
             return None
+        names = _by_name(kept)
         subdirs = 0
         for name, rstat in listing:
             node = names.get(name)
@@ -494,7 +496,7 @@ class Cache:
                 return None
         if folder.nlink != 2 + subdirs:
             return None
-        return self._kept(ino)[1]
+        return kept[1]
 
     async def _vanished(self, node: Node) -> None:
         """The remote says this object is gone: list its parent again."""
