@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import lmdb
 import pytest
 
 from cachefs.devserver import SshServer
-from tests.fixtures.mount import MountError, run_with_timeout, status
+from tests.fixtures.mount import MountError, run_with_timeout, status, tmpfs
 from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,
                                wait_for, write_file)
@@ -242,14 +241,8 @@ def test_server_restart_mid_upload(mount_factory, sshd, share: Path) -> None:
 def small_tmpfs(tmp_path: Path, request) -> Iterator[Path]:
     """20 MiB: too small for the index's 32 MiB map, which then runs without writemap;
     100 MiB: the map is allocated, and the content fills the rest."""
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}m,mode=0700", "tmpfs", str(path)],
-                   check=True, timeout=10)
-    try:
+    with tmpfs(tmp_path / "tmpfs", request.param) as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], timeout=10)
 
 
 def test_full_cache_disk(mount_factory, share: Path, small_tmpfs: Path) -> None:

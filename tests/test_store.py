@@ -15,6 +15,7 @@ from cachefs.cache.hoard import parse_size
 from cachefs.cache.store import DIRTY, FULL, ROOT_INO, Node, Store, StoreError, node_from_remote
 from cachefs.remote.base import RemoteStat
 from cachefs.sync.journal import Op
+from tests.fixtures.mount import tmpfs
 
 
 # -- ranges ---------------------------------------------------------------------------------
@@ -224,15 +225,8 @@ def test_journal_append_is_ordered_and_survives_reopen(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path):
-    import subprocess
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(path)],
-                   check=True, timeout=10)
-    try:
+    with tmpfs(tmp_path / "tmpfs", 12) as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], timeout=10)
 
 
 def test_index_map_stays_allocated_as_it_grows_and_a_full_disk_is_a_clean_error(tiny_tmpfs: Path) -> None:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.mount import _run_with_timeout, status
-from tests.fixtures.proxy import TcpProxy
+from tests.fixtures.proxy import TcpProxy, proxied
 
 CONTROL_TIMEOUT = 60.0
 A_NS = 1_500_000_000_123_456_789
@@ -618,15 +618,6 @@ def test_kill9_during_replay(mount_factory, share: Path, tmp_path: Path) -> None
     assert no_temp_leftovers(share) == []
 
 
-def _mount_through(proxy: TcpProxy, mount_factory, sshd, tmp_path: Path):
-    """A mount (not started) that reaches the server through ``proxy``."""
-    known_hosts = tmp_path / "known_hosts_proxy"
-    key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
-    known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {key_type} {key_b64}\n")
-    remote = sshd.address().replace(f":{sshd.port}/", f":{proxy.port}/", 1)
-    return mount_factory(remote=remote, known_hosts=known_hosts, check_log=False)
-
-
 def _upload_under_way(mnt: Path, share: Path, name: str, data: bytes) -> None:
     """Write ``name`` offline, go online, and return once its upload has begun (the
     temporary file on the server grows)."""
@@ -643,7 +634,7 @@ def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path
     data = os.urandom(1 << 20) * 50
     digest = hashlib.sha256(data).hexdigest()
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        with _mount_through(proxy, mount_factory, sshd, tmp_path) as mount:
+        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
             mnt = mount.mountpoint
             _upload_under_way(mnt, share, "big.bin", data)
             proxy.stall()
@@ -677,7 +668,7 @@ def test_times_set_while_the_upload_is_under_way_reach_the_server(mount_factory,
     content. Before, the upload's end marked the file clean and the new times stayed here."""
     data = os.urandom(1 << 20) * 8
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        with _mount_through(proxy, mount_factory, sshd, tmp_path) as mount:
+        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
             mnt = mount.mountpoint
             _upload_under_way(mnt, share, "dated.bin", data)
             proxy.stall()
