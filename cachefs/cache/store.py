@@ -15,7 +15,9 @@ Layout of ``CACHE_DIR`` (mode 0700)::
 Sub-databases (all keys big-endian so cursors iterate in numeric order):
 
     meta      b"schema" -> b"1"; b"next_ino" -> u64; b"remote" -> the address text;
-              b"connected" -> b"1" once the remote was reached (the cache is usable offline)
+              b"connected" -> b"1" once the remote was reached (the cache is usable offline);
+              b"cache_id" -> 6 hex digits, random, made with the cache (names its conflict
+              copies, so that two caches on one host never pick the same name)
     nodes     ino u64 -> Node record (see ``Node``)
     entries   parent u64 + name -> child ino u64   (the directory tree)
     ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
@@ -406,6 +408,7 @@ class Store:
                 txn.put(b"schema", SCHEMA, db=self.meta)
                 txn.put(b"next_ino", _U64.pack(FIRST_INO), db=self.meta)
                 txn.put(b"remote", self.codec.seal(remote_text.encode()), db=self.meta)
+                txn.put(b"cache_id", os.urandom(3).hex().encode(), db=self.meta)
                 now = time.time_ns()
                 root = Node(ROOT_INO, ROOT_INO, b"", stat_mod.S_IFDIR | 0o755, 0, now, now, now, nlink=2)
                 txn.put(_key(ROOT_INO), self._pack(root), db=self.nodes)
@@ -418,6 +421,10 @@ class Store:
                 stored = self.codec.open(txn.get(b"remote", db=self.meta, default=b"")).decode(errors="replace")
                 if stored != remote_text:
                     raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
+                if txn.get(b"cache_id", db=self.meta) is None:  # a cache made before the id
+                    txn.put(b"cache_id", os.urandom(3).hex().encode(), db=self.meta)
+            #: this cache's short random id (see ``meta``)
+            self.cache_id = bytes(txn.get(b"cache_id", db=self.meta)).decode()
 
     def close(self) -> None:
         self.env.sync(True)
