@@ -105,6 +105,7 @@ class Control:
             "last_error": self.last_error or self.sync.last_error or conn.last_error,
             "mountpoint": str(self.mountpoint),
             "cache_dir": str(self.cache_dir),
+            "client": self.sync.client,
             "pid": os.getpid(),
         }
 

@@ -196,3 +196,34 @@ def test_identical_content_is_no_conflict(mount_factory, share: Path) -> None:
         assert sorted(os.listdir(share)) == ["same.txt", "twin.txt"]
         assert (share / "same.txt").read_bytes() == b"the same new bytes"
         mount_shows(mnt, {"same.txt": b"the same new bytes", "twin.txt": b"twin"})
+
+
+def test_conflict_copy_of_a_255_byte_utf8_name_can_be_resolved(mount_factory, share: Path) -> None:
+    """Issue 19, item 8: the copy of a 255-byte name of 3-byte characters is cut between
+    two characters (four endings, so that the cut falls at every place in a character
+    whatever the host name's length), and ``resolve`` takes it by that name."""
+    names = []
+    for ext in ("", ".a", ".ab", ".abc"):
+        stem = "€" * ((255 - len(ext)) // 3)
+        names.append(stem + ext)
+    for name in names:
+        (share / name).write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        for name in names:
+            write_file(mnt / name, b"ours")
+            change_on_server(share / name, b"theirs")
+        control(mnt, "online")
+        sync(mnt)
+        copies = [n for n in os.listdir(os.fsencode(share)) if b"(conflict " in n]
+        assert len(copies) == len(names), copies
+        for copy in copies:
+            assert len(copy) <= 255
+            text = copy.decode("utf-8")  # (fails for a name cut inside a character)
+            assert (share / text).read_bytes() == b"ours"
+            assert any(r.get("conflict_path") == text for r in conflict_records(mnt))
+            control(mnt, f"resolve {text} both")
+        assert conflict_records(mnt) == []
+        assert all((share / name).read_bytes() == b"theirs" for name in names)

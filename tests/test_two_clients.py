@@ -79,3 +79,68 @@ def test_two_clients_offline_edits_all_survive(mount_factory, share: Path) -> No
         # B keeps the name for the remote (A's) version and shows its own as the copy.
         wait_for(lambda: (mb / "same.txt").read_bytes() == a_same
                  and len(copies_of(mb, "same.txt")) == 1, 10, "B to show both versions", interval=0.2)
+
+
+def test_two_clients_sync_at_the_same_moment_keep_every_version(mount_factory, share: Path) -> None:
+    """Issue 19, item 1: two mounts of one share on one machine (one host name) edit the
+    same files offline, the server's copies change too, and both run ``online`` and
+    ``sync`` at the same moment. Each client's version survives in a conflict copy of
+    its own (the name carries the host and the cache's id), the server's keeps the name,
+    both syncs return, and each mount's record points at its own copy. (Large files:
+    the two uploads of the copies overlap.)"""
+    import threading
+
+    from tests.test_conflicts import change_on_server
+
+    names = [f"col{i}.txt" for i in range(3)]
+    for name in names:
+        (share / name).write_bytes(b"original\n")
+    versions = {"A": {n: bytes([65 + i]) * ((i + 1) << 20) for i, n in enumerate(names)},
+                "B": {n: b"B" + bytes([48 + i]) * ((i + 2) << 20) for i, n in enumerate(names)}}
+    with mount_factory(name="mntA", cache="cacheA") as a, mount_factory(name="mntB", cache="cacheB") as b:
+        mounts = {"A": a.mountpoint, "B": b.mountpoint}
+        for mnt in mounts.values():
+            read_all(mnt)
+            go_offline(mnt)
+        for who, mnt in mounts.items():
+            for name, data in versions[who].items():
+                write_file(mnt / name, data)
+        for name in names:
+            change_on_server(share / name, b"the server's " + name.encode())
+        said: dict[str, str] = {}
+
+        def online_and_sync(who: str) -> None:
+            try:
+                control(mounts[who], "online")
+                control(mounts[who], "sync", timeout=60)
+                said[who] = "ok"
+            except OSError as exc:
+                said[who] = repr(exc)
+
+        threads = [threading.Thread(target=online_and_sync, args=(who,)) for who in mounts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        problems = [f"{who}: sync {text}" for who, text in said.items() if text != "ok"]
+        problems += [f"{who}: sync did not return" for who in mounts if who not in said]
+        for name in names:
+            if (share / name).read_bytes() != b"the server's " + name.encode():
+                problems.append(f"{name} on the server is not the server's version")
+            held = sorted((share / c).read_bytes()[:2] for c in copies_of(share, name))
+            want = sorted(versions[who][name][:2] for who in mounts)
+            if held != want:
+                problems.append(f"copies of {name}: {copies_of(share, name)} hold {held}, want {want}")
+        for who, mnt in mounts.items():
+            client = status(mnt)["client"]
+            for record in conflict_records(mnt):
+                copy = record.get("conflict_path", "")
+                if record["kind"] != "changed-both" or client not in copy:
+                    problems.append(f"{who}'s record {record} is not a copy of its own ({client})")
+                elif (share / copy).read_bytes() != versions[who][record["path"]]:
+                    problems.append(f"{who}'s record points at {copy}, which does not hold its version")
+            if len(conflict_records(mnt)) != len(names):
+                problems.append(f"{who} recorded {conflict_records(mnt)}")
+        if no_temp_leftovers(share):
+            problems.append(f"temporary files left: {no_temp_leftovers(share)}")
+        assert not problems, "\n".join(problems)

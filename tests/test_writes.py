@@ -298,9 +298,10 @@ def test_relink_over_a_temporary_name_left_by_an_interrupted_pass(mount_factory,
         write_file(mnt / "a.txt", b"first version")
         os.link(mnt / "a.txt", mnt / "b.txt")
         sync(mnt)
+        client = status(mnt)["client"]  # (temporary names carry it)
         for seq in range(1, 200):  # whatever the entry's number and name turn out to be
             for name in ("a.txt", "b.txt"):
-                (share / f".{name}.cachefs-tmp-{seq}").write_bytes(b"left over")
+                (share / f".{name}.cachefs-tmp-{seq}-{client}").write_bytes(b"left over")
         write_file(mnt / "b.txt", b"written through b")
         sync(mnt)
         assert (share / "a.txt").read_bytes() == (share / "b.txt").read_bytes() == b"written through b"

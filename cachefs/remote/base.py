@@ -190,6 +190,13 @@ class Remote(ABC):
         """Rename, replacing ``dst`` if it exists (POSIX semantics)."""
 
     @abstractmethod
+    def rename_noreplace(self, src: bytes, dst: bytes) -> None:
+        """Rename ``src`` to ``dst`` only where ``dst`` does not exist; when it does,
+        ``RemoteError(EEXIST)`` and both are left as they were. Atomic where the remote
+        can (a hard link then an unlink of ``src``, or ``renameat2(RENAME_NOREPLACE)``);
+        for folders and symlinks on an SFTP server, a check then a rename."""
+
+    @abstractmethod
     def symlink(self, target: bytes, path: bytes) -> None:
         """Create symlink ``path`` pointing at ``target`` (argument order as in os.symlink)."""
 

@@ -14,6 +14,7 @@ truth). Operations are cheap enough that the thread hop does not matter.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import logging
 import os
@@ -61,6 +62,40 @@ def _to_stat(st: os.stat_result) -> RemoteStat:
         gid=st.st_gid,
         nlink=st.st_nlink,
     )
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2: Callable[..., int] | None = None
+
+
+def _rename_noreplace(src: bytes, dst: bytes) -> None:
+    """``renameat2(RENAME_NOREPLACE)``: EEXIST when ``dst`` exists. Where the kernel or the
+    file system lacks it (EINVAL, ENOSYS), a hard link then an unlink of ``src`` (just as
+    atomic about the target); for a folder, which cannot be linked, a check then a
+    rename."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            function = libc.renameat2
+            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            function.restype = ctypes.c_int
+        except (OSError, AttributeError):  # a C library without it
+            function = lambda *_args: (ctypes.set_errno(errno.ENOSYS), -1)[1]  # noqa: E731
+        _renameat2 = function
+    if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        raise OSError(err, os.strerror(err), src, None, dst)
+    if stat_mod.S_ISDIR(os.lstat(src).st_mode):
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+        os.rename(src, dst)
+        return
+    os.link(src, dst, follow_symlinks=False)
+    os.unlink(src)
 
 
 class LocalRemote(Remote):
@@ -247,6 +282,10 @@ class LocalRemote(Remote):
     def rename(self, src: bytes, dst: bytes) -> None:
         full_src, full_dst = self._path(src), self._path(dst)
         self._call(lambda: os.rename(full_src, full_dst))
+
+    def rename_noreplace(self, src: bytes, dst: bytes) -> None:
+        full_src, full_dst = self._path(src), self._path(dst)
+        self._call(lambda: _rename_noreplace(full_src, full_dst))
 
     def symlink(self, target: bytes, path: bytes) -> None:
         full = self._path(path)

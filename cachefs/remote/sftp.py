@@ -1104,6 +1104,29 @@ class SftpRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._run("rename", lambda sftp: self._rename_over(sftp, full_src, full_dst))
 
+    def rename_noreplace(self, src: bytes, dst: bytes) -> None:
+        """SFTP v3's own RENAME (not posix-rename): the protocol makes an existing target
+        an error, and OpenSSH's sftp-server renames a regular file as link() + unlink(),
+        so a target that exists, or appears meanwhile, is never replaced (a folder or a
+        symlink: lstat then rename, a small window). The refusal comes back as a plain
+        SSH_FX_FAILURE: an lstat of the target tells EEXIST from other failures."""
+        self._ensure_root()
+        full_src, full_dst = self._path(src), self._path(dst)
+
+        def rename(sftp: _SftpSession) -> None:
+            try:
+                sftp._request(CMD_RENAME, full_src, full_dst)
+            except _StatusError as exc:
+                if exc.code != SFTP_FAILURE:  # (a missing source is SSH_FX_NO_SUCH_FILE)
+                    raise
+                try:
+                    sftp.lstat_raw(full_dst)
+                except _StatusError:
+                    raise exc from None
+                raise RemoteError(errno.EEXIST, "rename: the target exists") from exc
+
+        self._run("rename", rename)
+
     def symlink(self, target: bytes, path: bytes) -> None:
         self._ensure_root()
         full = self._path(path)

@@ -15,7 +15,8 @@ crash or a dropped connection at any point resumes cleanly:
   transaction after the remote change.
 
 A conflict never loses a version: the remote keeps the name, the local version is
-uploaded beside it as ``NAME (conflict YYYY-MM-DD HHMMSS HOST).EXT``.
+uploaded beside it as ``NAME (conflict YYYY-MM-DD HHMMSS HOST-ID).EXT``, a name nothing
+has (see ``_aside``).
 """
 
 from __future__ import annotations
@@ -58,15 +59,42 @@ class SyncFailed(Exception):
         self.errno = err
 
 
-def conflict_name(name: bytes, when: float, host: str) -> bytes:
-    """``NAME (conflict YYYY-MM-DD HHMMSS HOST).EXT`` (the extension kept last)."""
+#: the most names ``NAME (conflict ... CLIENT N).EXT`` tried for one conflict copy
+CONFLICT_NAME_TRIES = 100
+
+
+def client_tag(host: str, cache_id: str) -> str:
+    """``HOST-ID``: the short host name and the cache's id (two caches on one host, or two
+    hosts of one name, never make the same conflict name), as file-name-safe text."""
+    host = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in host)[:32]
+    return f"{host or 'host'}-{cache_id}"
+
+
+def conflict_name(name: bytes, when: float, client: str, n: int = 1) -> bytes:
+    """``NAME (conflict YYYY-MM-DD HHMMSS CLIENT).EXT`` (the extension kept last); the
+    ``n``-th choice, when the earlier ones are taken, ends ``CLIENT N)``. The stem is cut
+    so the name fits 255 bytes: between two characters when it is UTF-8 (a name cut
+    inside a character could not be typed, nor given to ``resolve``), else anywhere."""
     stamp = datetime.fromtimestamp(when).strftime("%Y-%m-%d %H%M%S")
-    tag = f" (conflict {stamp} {host})".encode()
+    tag = f" (conflict {stamp} {client}{f' {n}' if n > 1 else ''})".encode()
     dot = name.rfind(b".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
     if 255 - len(tag) - len(ext) < 1:  # an "extension" too long to keep whole
         stem, ext = name, b""
-    return stem[:255 - len(tag) - len(ext)] + tag + ext
+    return _cut(stem, 255 - len(tag) - len(ext)) + tag + ext
+
+
+def _cut(text: bytes, room: int) -> bytes:
+    """``text`` in at most ``room`` bytes, never ending inside a UTF-8 character."""
+    if len(text) <= room:
+        return text
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return text[:room]  # not UTF-8: bytes are all there is
+    while room > 0 and text[room] & 0xC0 == 0x80:  # a continuation byte: inside a character
+        room -= 1
+    return text[:room]
 
 
 def _same_second(a_ns: int, b_ns: int) -> bool:
@@ -100,12 +128,22 @@ class SyncManager:
         self.interval = interval
         self.flush_timeout = flush_timeout
         self.host = socket.gethostname().split(".")[0] or "host"
+        #: what conflict copies and temporary names made by this cache carry
+        self.client = client_tag(self.host, store.cache_id)
+        self.clock = time.time  # the time a conflict copy's name shows
+        #: this mount's own mark on the temporary name of a conflict copy (two caches of
+        #: one id, a copied cache dir, must not write one temporary file either)
+        self._nonce = os.urandom(2).hex()
         self.syncing = False
         self.progress = Progress()
         self.last_sync: float | None = None
         self.last_error: str | None = None
         self._wake = trio.Event()
         self._pass_lock = trio.Lock()
+        #: changes the remote refused for good (recorded as ``error`` conflicts) since the
+        #: last ``sync`` request, which reports them: (path, error), the first few kept
+        self._refusals: list[tuple[bytes, RemoteError]] = []
+        self._refusal_count = 0
         # Created here and deleted again before their creation reached the remote (kept
         # for the mount's life: inode numbers are never reused).
         self._gone: set[int] = set()
@@ -186,6 +224,21 @@ class SyncManager:
             raise SyncFailed(f"remote is offline: {self.conn.last_error or 'not reachable'}",
                              errno.EHOSTDOWN)
         await self.full_pass()
+        self._report_refusals()
+
+    def _report_refusals(self) -> None:
+        """``SyncFailed`` with the first refused change's errno when the remote refused a
+        replayed change since the last request (by this pass or by a write-back pass
+        before it): the journal is empty, yet not everything reached the server."""
+        refusals, count = self._refusals, self._refusal_count
+        if not count:
+            return
+        self._refusals, self._refusal_count = [], 0
+        path, exc = refusals[0]
+        more = f" and {count - 1} more" if count > 1 else ""
+        raise SyncFailed(f"the remote refused {count} change{'s' if count > 1 else ''} (kept here, "
+                         f"see 'cachefs conflicts'): {path.decode('utf-8', 'replace')}: {exc}{more}",
+                         exc.errno or errno.EIO)
 
     async def flush_at_unmount(self) -> None:
         """Like SyncMgr's sync at logoff: drain the journal, bounded by a timeout."""
@@ -239,9 +292,12 @@ class SyncManager:
                 result = await self._pass()
             finally:
                 self.syncing = False
-            if result.complete:
+            if result.complete and not self._refusal_count:
                 self.last_sync = time.time()
                 self.last_error = None
+            elif result.complete:  # (the journal is empty, but the remote refused changes)
+                self.last_error = (f"the remote refused {self._refusal_count} change(s), kept here: "
+                                   f"see 'cachefs conflicts'")
             else:
                 self.last_error = result.reason
             return result
@@ -296,6 +352,9 @@ class SyncManager:
             # local version, record it, and go on with the rest.
             log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
             self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc)))
+            self._refusal_count += 1
+            if len(self._refusals) < 10:
+                self._refusals.append((op.path, exc))
         except (OSError, ValueError, KeyError, lmdb.Error) as exc:
             # A local failure (disk, a record that went away): stop here, the entry
             # stays in the journal and the next pass retries it.
@@ -396,8 +455,49 @@ class SyncManager:
                                              self.store.content_path(node.ino), node.size)
         return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
 
+    def _temp_name(self, path: bytes, seq: int, kind: bytes = b"tmp") -> bytes:
+        return _temp_name(path, seq, self.client, kind)
+
+    async def _aside(self, path: bytes, make) -> bytes:
+        """Make our version of ``path`` under its conflict name: ``await make(copy)``
+        must create ``copy`` only where nothing has that name (an exclusive rename, a
+        mkdir, a symlink). A name found taken (by another client's copy made in the same
+        second, or anything else) is never replaced: the next name is tried,
+        ``... CLIENT 2)``, ``... CLIENT 3)``. The copy's path."""
+        parent, _, name = path.rpartition(b"/")
+        when = self.clock()
+        for n in range(1, CONFLICT_NAME_TRIES + 1):
+            copy = join(parent, conflict_name(name, when, self.client, n))
+            try:
+                await make(copy)
+                return copy
+            except RemoteError as exc:
+                # SFTP reports an existing name as a plain failure: look before giving up
+                if exc.errno != errno.EEXIST and await self._stat(copy) is None:
+                    raise
+                log.info("conflict name %r is taken: trying another", copy)
+        raise RemoteError(errno.EEXIST, f"no free conflict name for {name!r} "
+                                        f"after {CONFLICT_NAME_TRIES} tries")
+
+    async def _rename_exclusive(self, src: bytes, dst: bytes) -> None:
+        """Rename ``src`` to ``dst`` unless ``dst`` exists (``RemoteError(EEXIST)``). A
+        server whose exclusive rename fails for another reason (OpenSSH's link() on a file
+        system without hard links may) gets a plain rename once ``dst`` is seen absent."""
+        try:
+            await self.conn.call(self.remote.rename_noreplace, src, dst)
+            return
+        except RemoteError as exc:
+            if exc.errno == errno.EEXIST:
+                raise
+            if await self._stat(dst) is not None:
+                raise RemoteError(errno.EEXIST, "rename: the target exists") from exc
+            if await self._stat(src) is None:
+                raise
+            log.debug("exclusive rename of %r refused (%s): a plain rename", src, exc)
+        await self.conn.call(self.remote.rename, src, dst)
+
     async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
-        temp = _temp_name(path, seq)
+        temp = self._temp_name(path, seq)
         return await self.conn.call(self.uploader, node.size, path, self.store.content_path(node.ino),
                                     stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns,
                                     bulk=True)
@@ -436,7 +536,7 @@ class SyncManager:
             outcome, found = await self.conn.call(
                 self.replayer, created, node.base, node.size, op.path,
                 self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
-                _temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, bulk=True)
+                self._temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, bulk=True)
         except LocalGone:
             if created:
                 self._gone.add(op.ino)
@@ -518,7 +618,7 @@ class SyncManager:
             log.warning("not relinking %r to %r: it changed on the server", other, op.path)
             return
         folder, _, _ = other.rpartition(b"/")
-        temp = join(folder, _temp_name(other, op.seq))
+        temp = join(folder, self._temp_name(other, op.seq))
         for attempt in range(2):
             try:
                 await self.conn.call(self.remote.link, op.path, temp)
@@ -567,11 +667,23 @@ class SyncManager:
         return update
 
     async def _keep_both(self, op: Op, node: Node, remote: RemoteStat, gen: int) -> int:
-        """Changed on both sides: the remote keeps the name, ours goes beside it."""
-        parent, _, name = op.path.rpartition(b"/")
-        copy_name = conflict_name(name, time.time(), self.host)
-        copy = join(parent, copy_name)
-        copy_stat = await self._upload(node, copy, op.seq)
+        """Changed on both sides: the remote keeps the name, ours goes beside it. Our
+        version is uploaded under a temporary name of this cache's, then renamed to its
+        conflict name without replacing anything there (another client's copy of the
+        same file, made in the same second, keeps its name: ours takes the next)."""
+        parent = op.path.rpartition(b"/")[0]
+        temp = join(parent, self._temp_name(op.path, op.seq, b"copy") + b"-" + self._nonce.encode())
+        copy_stat = await self._upload(node, temp, op.seq)
+        try:
+            copy = await self._aside(op.path, partial(self._rename_exclusive, temp))
+        except RemoteError:
+            with trio.move_on_after(self.conn.timeout * 2 + 1):
+                try:
+                    await self.conn.call(self.remote.unlink, temp)
+                except (RemoteError, Unavailable) as exc:
+                    log.debug("could not remove %r: %s", temp, exc)
+            raise
+        copy_name = copy.rpartition(b"/")[2]
         record = self._record(op, "changed-both", conflict_path=copy.decode("utf-8", "surrogateescape"),
                               local={"size": node.size, "mtime_ns": node.mtime_ns},
                               remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
@@ -649,12 +761,13 @@ class SyncManager:
     async def _rename_local_aside(self, op: Op, remote: RemoteStat) -> int:
         """A folder or symlink made here collides with another kind of object there:
         ours is created under a conflict name."""
-        parent, _, name = op.path.rpartition(b"/")
-        copy = join(parent, conflict_name(name, time.time(), self.host))
-        if op.kind == "mkdir":
-            await self.conn.call(self.remote.mkdir, copy, stat_mod.S_IMODE(op.mode) or 0o755)
-        else:
-            await self.conn.call(self.remote.symlink, op.target, copy)
+        async def make(copy: bytes) -> None:  # (both refuse a name that exists)
+            if op.kind == "mkdir":
+                await self.conn.call(self.remote.mkdir, copy, stat_mod.S_IMODE(op.mode) or 0o755)
+            else:
+                await self.conn.call(self.remote.symlink, op.target, copy)
+
+        copy = await self._aside(op.path, make)
         self._finish(op, conflict=self._record(op, "created-both",
                                                conflict_path=copy.decode("utf-8", "surrogateescape")))
         self.cache.remote_changed(op.ino, parent_ino=op.parent, moved_aside=True)
@@ -742,17 +855,25 @@ class SyncManager:
             else:
                 self._finish(op)
             return 0
-        target = op.dst
         conflict = None
         replaced_base = self._base(op.replaced, op.replaced_base) if op.replaced else None
-        if dst is not None and (replaced_base is None or dst.version() != replaced_base):
+        await self._make_parents(op.dst)
+        taken = dst is not None and (replaced_base is None or dst.version() != replaced_base)
+        if not taken:
+            try:
+                if dst is None:  # nothing there: nothing that appears meanwhile is replaced
+                    await self._rename_exclusive(op.path, op.dst)
+                else:  # replacing the object we knew there
+                    await self.conn.call(self.remote.rename, op.path, op.dst)
+            except RemoteError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+                taken = True  # the name appeared there meanwhile
+        if taken:
             # A name that appeared there (or changed there): ours becomes a conflict copy.
-            parent, _, name = op.dst.rpartition(b"/")
-            target = join(parent, conflict_name(name, time.time(), self.host))
+            target = await self._aside(op.dst, partial(self._rename_exclusive, op.path))
             conflict = self._record(op, "renamed-onto-new-remote",
                                     conflict_path=target.decode("utf-8", "surrogateescape"))
-        await self._make_parents(target)
-        await self.conn.call(self.remote.rename, op.path, target)
         self._finish(op, conflict=conflict)
         if conflict is not None:
             self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
@@ -801,9 +922,13 @@ def _layers(run: list[Op], width: int):
             yield layer[start:start + width]
 
 
-def _temp_name(path: bytes, seq: int) -> bytes:
-    """The upload's temporary name, beside its target."""
-    return b"." + path.rsplit(b"/", 1)[-1][:200] + b".cachefs-tmp-" + str(seq).encode()
+def _temp_name(path: bytes, seq: int, client: str, kind: bytes = b"tmp") -> bytes:
+    """An upload's temporary name beside its target, ``.NAME.cachefs-tmp-SEQ-CLIENT``: the
+    cache's tag keeps two caches that replay the same file with the same sequence number
+    from writing into one temporary file (the two versions mixed, or one rename finding
+    the file gone)."""
+    return (b"." + _cut(path.rsplit(b"/", 1)[-1], 160) + b".cachefs-" + kind + b"-"
+            + f"{seq}-{client[-40:]}".encode())
 
 
 def _read_content(content, content_path: str, size: int) -> bytes:
