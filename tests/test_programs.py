@@ -289,6 +289,75 @@ def test_rsync_in_and_out(session: Session, tmp_path: Path) -> None:
     assert _tree_facts(session.share / "r", times=True) == want
 
 
+def _folder_times(root: Path) -> dict[str, int]:
+    """The mtime (whole seconds, what SFTP carries) of ``root`` and every folder below it,
+    each folder listed first (a listing brings its subfolders' attributes again)."""
+    out: dict[str, int] = {}
+    for folder, dirs, _files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".cachefs"]
+        os.listdir(folder)
+        out[str(Path(folder).relative_to(root))] = int(os.lstat(folder).st_mtime)
+    return out
+
+
+def _later_listings() -> None:
+    """Long enough for the mount's listings and attributes to be fetched again (the
+    fixture's --attr-timeout is 1 s): a folder time that the server does not have shows
+    by then (it did within 3 s)."""
+    time.sleep(2.5)
+
+
+def test_rsync_keeps_folder_times(session: Session, tmp_path: Path) -> None:
+    """Issue 19, item 5: ``rsync -a SRC/ mnt/x/dst/`` of nested folders. rsync sets each
+    folder's times after filling it; the server ended with the time of the replay on
+    every folder (the folder's setattr went before the entries inside it), and the mount
+    took it over at its next listing, so a second rsync found them all changed."""
+    need("rsync")
+    src = tmp_path / "src"
+    (src / "a" / "b" / "c").mkdir(parents=True)
+    (src / "a" / "empty").mkdir()
+    for i, rel in enumerate(["top.txt", "a/one.txt", "a/b/two.txt", "a/b/c/three.txt"]):
+        (src / rel).write_text(f"file {i}\n" * (i + 1))
+    for i, rel in enumerate(["a/b/c", "a/b", "a/empty", "a", "."]):
+        os.utime(src / rel, (1_500_000_000 + i * 86_400, 1_500_000_000 + i * 86_400))
+    want = _folder_times(src)
+    mnt = session.mnt
+    (mnt / "x").mkdir()
+    run("rsync", "-a", f"{src}/", f"{mnt}/x/dst/")
+    assert _folder_times(mnt / "x" / "dst") == want
+    session.replay()
+    assert _folder_times(session.share / "x" / "dst") == want, "the server's folder times"
+    _later_listings()
+    assert _folder_times(mnt / "x" / "dst") == want, "the mount's folder times, listed again"
+    again = run("rsync", "-an", "-i", f"{src}/", f"{mnt}/x/dst/").stdout
+    assert again.strip() == "", f"a second rsync finds changes:\n{again}"
+
+
+def test_folder_times_set_after_filling_it_survive_later_edits(session: Session) -> None:
+    """``touch -d`` on a folder and its subfolder after files were made in them, then a
+    file in each edited (the uploads rename a new file into the folder on the server,
+    after the folder's times were set): the server and the mount keep the times set."""
+    mnt = session.mnt
+    (mnt / "t" / "sub").mkdir(parents=True)
+    (mnt / "t" / "f.txt").write_text("first\n")
+    (mnt / "t" / "sub" / "g.txt").write_text("first\n")
+    session.replay()
+    if session.offline:
+        go_offline(mnt)
+    run("touch", "-d", "2001-02-03 04:05:06", mnt / "t" / "sub", mnt / "t")
+    want = _folder_times(mnt / "t")
+    assert set(want.values()) == {int(os.stat(mnt / "t").st_mtime)}
+    with open(mnt / "t" / "f.txt", "a") as f:
+        f.write("appended\n")
+    with open(mnt / "t" / "sub" / "g.txt", "a") as f:
+        f.write("appended\n")
+    session.replay()
+    assert (session.share / "t" / "sub" / "g.txt").read_text() == "first\nappended\n"
+    assert _folder_times(session.share / "t") == want, "the server's folder times"
+    _later_listings()
+    assert _folder_times(mnt / "t") == want, "the mount's folder times, listed again"
+
+
 def test_cp_a_tree(session: Session, tmp_path: Path) -> None:
     src = tmp_path / "src"
     _make_tree(src)

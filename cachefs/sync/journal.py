@@ -181,3 +181,47 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
             dropped.append(op)
     dropped.sort(key=lambda op: op.seq)
     return kept, dropped
+
+
+
+def folder_times_last(ops: list[Op], folders: set[int]) -> list[Op]:
+    """The replay order of ``ops``, with each folder's ``setattr`` entries moved after
+    the last entry that changes that folder's contents on the remote.
+
+    A ``setattr`` sends the node's mode and times as they are at replay time, so what
+    matters is where it goes. A program that sets a folder's times after filling it
+    (``rsync -a``) journals nothing then when the folder already has a ``setattr``
+    pending (the one from its creation stands for the later ones), and every entry
+    replayed into the folder after that one (a create, the rename of an upload over the
+    old file, an unlink) set the folder's mtime on the server to the time of the replay.
+    Moved after them, the times land last: the server ends with the folder's times as
+    the mount shows them, and the folder keeps ``ATTR_DIRTY`` (its times stay local
+    truth against listings) until then. A moved entry takes the folder's path from the
+    entry it now follows (a rename of the folder, or of one above it, may lie between).
+    ``folders``: the nodes that are folders (a ``setattr`` does not say what it is about).
+    Entries keep their ``seq``: only the order of this replay changes, not the journal."""
+    after: dict[int, int] = {}  # folder -> the position its times go after
+    path: dict[int, bytes] = {}  # folder -> its path at that position
+    for i, op in enumerate(ops):
+        if op.kind == "setattr":
+            if op.ino in folders and op.ino not in after:
+                after[op.ino], path[op.ino] = i, op.path
+            continue
+        for folder, inside in ((op.parent, op.path), (op.dst_parent, op.dst)):
+            if folder in after and inside:
+                after[folder], path[folder] = i, inside.rpartition(b"/")[0]
+    moved = {folder: at for folder, at in after.items() if ops[at].kind != "setattr"}
+    if not moved:
+        return ops
+    follow: dict[int, list[Op]] = {}  # position -> the setattr entries that go after it
+    out: list[Op] = []
+    for op in ops:
+        if op.kind == "setattr" and op.ino in moved:
+            follow.setdefault(moved[op.ino], []).append(
+                Op("setattr", op.ino, path[op.ino], base=op.base, parent=op.parent, seq=op.seq,
+                   extra=op.extra))
+    for i, op in enumerate(ops):
+        if not (op.kind == "setattr" and op.ino in moved):
+            out.append(op)
+        out.extend(follow.pop(i, ()))
+    return out

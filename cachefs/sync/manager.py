@@ -43,7 +43,7 @@ from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import join
 from .connectivity import Connectivity, Unavailable
 from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
-from .journal import CONTENT_OPS, Op, optimise
+from .journal import CONTENT_OPS, Op, folder_times_last, optimise
 
 #: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
 DEFAULT_WRITEBACK_HOLD = 5.0
@@ -144,6 +144,8 @@ class SyncManager:
         #: last ``sync`` request, which reports them: (path, error), the first few kept
         self._refusals: list[tuple[bytes, RemoteError]] = []
         self._refusal_count = 0
+        #: folders whose times this mount set on the server (see ``_keep_folder_times``)
+        self._timed_folders: set[int] = set()
         # Created here and deleted again before their creation reached the remote (kept
         # for the mount's life: inode numbers are never reused).
         self._gone: set[int] = set()
@@ -306,16 +308,19 @@ class SyncManager:
         ops = self.store.journal_ops()
         if not ops:
             return PassResult(True)
-        alive = set()
+        alive, folders = set(), set()
         for ino in {op.ino for op in ops}:
             node = self.store.get(ino)
             if node is not None and not node.has(ORPHAN):
                 alive.add(ino)
+                if node.is_dir:
+                    folders.add(ino)
         # Entries whose upload began (a crash or a cut connection stopped it) keep their
         # form: their recovery compares the remote with what was being sent.
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
+        kept = folder_times_last(kept, folders)  # (a folder's times land after its contents)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         for batch in _batches(kept, self.parallel):
             if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
@@ -588,6 +593,22 @@ class SyncManager:
         its other names there follow it, then the entry is done."""
         await self._relink(node, op, remote)
         self._finish(op, self._agree(op.ino, remote, gen), conflict)
+        if op.kind == "store" and op.parent in self._timed_folders:
+            await self._keep_folder_times(op)
+
+    async def _keep_folder_times(self, op: Op) -> None:
+        """An upload is a new file renamed over the old one, which sets the folder's mtime
+        on the server to now; a change of a file's content moves no folder's time here
+        (nor on a local file system). A folder whose times a program set (its ``setattr``
+        replayed by this mount: ``rsync``, ``tar``, ``touch -d``) gets them back."""
+        folder = self.store.get(op.parent)
+        if folder is None or not folder.is_dir or folder.has(ATTR_DIRTY):
+            return  # (its own setattr is on the way, and goes after this: folder_times_last)
+        try:
+            await self.conn.call(self.remote.set_attrs, op.path.rpartition(b"/")[0],
+                                 stat_mod.S_IMODE(folder.mode), folder.atime_ns, folder.mtime_ns)
+        except (RemoteError, Unavailable) as exc:  # the content landed: only the time is off
+            log.warning("could not set the times of the folder of %r again: %s", op.path, exc)
 
     async def _relink(self, node: Node, op: Op, now: RemoteStat) -> None:
         """An upload replaces the remote file under ``op.path`` only (a new file renamed
@@ -740,6 +761,10 @@ class SyncManager:
                 t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))
 
         self._finish(op, update)
+        if node.is_dir:
+            if len(self._timed_folders) > 100_000:  # (a bound; only a folder time is at stake)
+                self._timed_folders.clear()
+            self._timed_folders.add(op.ino)
         return 0
 
     async def _replay_mkdir(self, op: Op) -> int:
