@@ -294,12 +294,12 @@ class SyncManager:
                 result = await self._pass()
             finally:
                 self.syncing = False
-            if result.complete and not self._refusal_count:
+            if result.complete:
                 self.last_sync = time.time()
                 self.last_error = None
-            elif result.complete:  # (the journal is empty, but the remote refused changes)
-                self.last_error = (f"the remote refused {self._refusal_count} change(s), kept here: "
-                                   f"see 'cachefs conflicts'")
+                if self._refusal_count:  # (replayed, but the remote refused some changes)
+                    self.last_error = (f"the remote refused {self._refusal_count} change(s), kept "
+                                       f"here: see 'cachefs conflicts'")
             else:
                 self.last_error = result.reason
             return result
