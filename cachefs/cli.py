@@ -41,18 +41,49 @@ def default_cache_dir(address: RemoteAddress) -> Path:
     return Path(base) / "cachefs" / f"{slug}-{digest}"
 
 
+#: the longest time an option takes: longer is no use and overflows socket timeouts
+MAX_SECONDS = 7 * 24 * 3600
+MAX_CONNECTIONS = 64  # each one an SSH connection and, beyond the first, a process
+
+
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    """A time in seconds: a finite number above 0, at most a week (``inf`` and ``nan``
+    are refused here: ``float()`` takes them, and an infinite timeout ends the mount)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # false for nan too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_SECONDS} (a week), not {text}")
     return value
 
 
 def _microseconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
     if not 0 <= value <= 10_000:
         raise argparse.ArgumentTypeError(f"must be 0 to 10000 microseconds, not {text}")
     return value
+
+
+def _integer(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low} to {high}, not {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_port = _integer(1, 65535, "a port")
+_connections = _integer(1, MAX_CONNECTIONS, "connections")
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +102,7 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="record an unknown host key, like StrictHostKeyChecking=accept-new "
                         "(a changed key is always refused)")
-    p.add_argument("-p", "--port", type=int, metavar="N", help="SSH port (default: 22 or ~/.ssh/config)")
+    p.add_argument("-p", "--port", type=_port, metavar="N", help="SSH port (default: 22 or ~/.ssh/config)")
     p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long a remote operation may take before the remote counts as "
                         f"unreachable (default: {DEFAULT_TIMEOUT:g})")
@@ -80,12 +111,12 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "checked against the remote (default: 3)")
     p.add_argument("--heartbeat", type=_positive, default=10.0, metavar="SECONDS",
                    help="how often an idle mount checks that the remote still answers (default: 10)")
-    p.add_argument("--connections", type=int, default=4, metavar="N",
-                   help="SSH connections used in parallel (default: 4)")
-    p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+    p.add_argument("--connections", type=_connections, default=4, metavar="N",
+                   help=f"SSH connections used in parallel, 1 to {MAX_CONNECTIONS} (default: 4)")
+    p.add_argument("--cache-size", type=_cache_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="content kept in the cache before the least recently used clean, "
                         "unpinned files are evicted, e.g. 500M, 20G (default: 10G)")
-    p.add_argument("--readahead", type=_size, default=DEFAULT_READAHEAD, metavar="SIZE",
+    p.add_argument("--readahead", type=_readahead, default=DEFAULT_READAHEAD, metavar="SIZE",
                    help="kernel readahead of the mount, e.g. 128K, 4M: larger means fewer, "
                         "larger reads through FUSE (set when allowed: root; default: 1M)")
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
@@ -119,9 +150,20 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    help="FUSE mount options, comma separated (e.g. allow_other)")
 
 
-def _size(text: str) -> int:
+MIN_CACHE_SIZE = 1 << 20  # below this "--cache-size 20" (bytes, meant as 20G) evicts everything
+MIN_READAHEAD, MAX_READAHEAD = 4 << 10, 1 << 30  # a page; far past the 1 MiB of a FUSE read
+
+
+def _cache_size(text: str) -> int:
     try:
-        return parse_size(text)
+        return parse_size(text, minimum=MIN_CACHE_SIZE)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _readahead(text: str) -> int:
+    try:
+        return parse_size(text, minimum=MIN_READAHEAD, maximum=MAX_READAHEAD)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -134,17 +176,24 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
                "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
-#: options handed to the kernel's FUSE mount
+#: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-                "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
-                "max_read", "blksize", "fsname", "subtype"}
+                "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions"}
+FUSE_VALUE_OPTIONS = {"fsname", "subtype"}
+#: FUSE options cachefs cannot use, and why (libfuse would fail the mount, or end it at once)
+FUSE_REFUSED = {
+    "max_read": "pyfuse3 sets the read size itself; any other makes libfuse end the mount",
+    "blksize": "it is for block-device FUSE file systems (fuseblk) only",
+}
 #: options meant for mount(8) or systemd only
 MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner",
               "group", "sync", "async", "comment"}
 
 
 def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Sort ``-o a,b=c`` into cachefs's own settings and FUSE options (fstab support)."""
+    """Sort ``-o a,b=c`` into cachefs's own settings and FUSE options (fstab support).
+    A malformed item ends the command with a usage error (exit status 2), before anything
+    is mounted: libfuse's own complaint would go to a detached mount's /dev/null."""
     fuse: list[str] = []
     for text in args.fuse_options:
         for opt in filter(None, text.split(",")):
@@ -153,16 +202,26 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             if key_u in OWN_OPTIONS:
                 action = next(a for a in parser._actions if a.dest == OWN_OPTIONS[key_u])
                 if action.nargs == 0:  # a flag
+                    if eq:
+                        parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
                     setattr(args, action.dest, action.const)  # True, or False for --no-...
                 else:
-                    if not eq:
+                    if not eq or not value:
                         parser.error(f"-o {key} needs a value ({key}=...)")
                     try:
                         setattr(args, action.dest, action.type(value) if action.type else value)
                     except (ValueError, argparse.ArgumentTypeError) as exc:
                         parser.error(f"-o {opt}: {exc}")
             elif key in FUSE_OPTIONS:
+                if eq:
+                    parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
                 fuse.append(opt)
+            elif key in FUSE_VALUE_OPTIONS:
+                if not value:
+                    parser.error(f"-o {key} needs a value ({key}=...)")
+                fuse.append(opt)
+            elif key in FUSE_REFUSED:
+                parser.error(f"-o {opt}: not supported by cachefs: {FUSE_REFUSED[key]}")
             elif key in MOUNT_ONLY or key.startswith("x-"):
                 continue
             else:
@@ -201,8 +260,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         address = parse_remote(args.remote, port=args.port)
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
-    if args.connections < 1:
-        return _fail("--connections must be at least 1")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
     try:
         key = cache_key(args, cache_dir)
