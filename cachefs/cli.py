@@ -7,6 +7,7 @@ its ``.cachefs/`` files and to the kernel through ``fusermount3``.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import hashlib
 import json
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, mounts
 from .address import RemoteAddress, parse_remote
 from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
@@ -298,12 +299,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def find_mount_root(path: Path) -> Path:
-    """The cachefs mount point that holds ``path`` (a mount point or a path inside one)."""
-    path = path.expanduser().absolute()
-    for candidate in [path, *path.parents]:
-        if (candidate / ".cachefs" / "status").exists() and os.path.ismount(candidate):
-            return candidate
-    raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    """The cachefs mount point that holds ``path`` (a mount point or a path inside one).
+
+    Found in /proc/self/mountinfo from the path's text, then asked for its status once,
+    bounded in time (``mounts.probe``): a stale mount (its process died) ends the command
+    with one line that says so and what to do, never with ENOTCONN from a stat."""
+    root, _status = _mount_root_and_status(path)
+    return root
+
+
+def _mount_root_and_status(path: Path) -> tuple[Path, dict]:
+    path = Path(os.path.abspath(path.expanduser()))
+    held = mounts.mount_holding(path)
+    if held is None or not held[1].startswith("fuse"):
+        # through a symbolic link? Resolving stats each part: bounded, for a stuck mount.
+        finished, real = mounts.bounded(lambda: os.path.realpath(path), mounts.PROBE_TIMEOUT)
+        if finished and isinstance(real, str) and real != str(path):
+            held = mounts.mount_holding(real)
+    if held is None or not held[1].startswith("fuse"):
+        raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    point = held[0]
+    state, status = mounts.probe(point)
+    if state == mounts.STALE:
+        raise SystemExit(f"cachefs: {mounts.stale_message(point)}")
+    if state == mounts.STUCK:
+        raise SystemExit(f"cachefs: {mounts.stuck_message(point, mounts.PROBE_TIMEOUT)}")
+    if state != mounts.LIVE or status is None:
+        raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    return Path(point), status
 
 
 def read_status(root: Path) -> dict:
@@ -311,21 +334,34 @@ def read_status(root: Path) -> dict:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).expanduser().absolute()
-    if not os.path.ismount(mountpoint):
+    mountpoint = Path(os.path.abspath(Path(args.mountpoint).expanduser()))
+    kind = mounts.mount_type_at(mountpoint)
+    if kind is None:  # given through a symbolic link? (the parent is resolved, not the mount)
+        mountpoint = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
+        kind = mounts.mount_type_at(mountpoint)
+    if kind is None:
         return _fail(f"{mountpoint} is not mounted")
+    if not kind.startswith("fuse"):
+        return _fail(f"{mountpoint} is not a cachefs mount (it is {kind})")
+    # Never a stat of the mount point: on a stale mount it fails (ENOTCONN), on a stuck
+    # one it hangs. The status file is read once, bounded, for the process to wait for.
+    state, status = mounts.probe(mountpoint)
     pid = None
-    try:
-        pid = int(read_status(mountpoint)["pid"])
-    except (OSError, ValueError, KeyError):
-        pass  # a stale mount whose process is gone: still unmount it
+    if state == mounts.LIVE and status is not None:
+        try:
+            pid = int(status["pid"])
+        except (KeyError, TypeError, ValueError):
+            pass
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
-    if args.lazy and tool:
-        cmd.insert(2, "-z")
+    if args.lazy:
+        cmd.insert(1 if not tool else 2, "-z" if tool else "-l")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return _fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or result.stdout.strip()}")
+    if state == mounts.STALE:
+        print(f"cachefs: {mountpoint} was a stale mount (its mount process had ended): unmounted; "
+              f"the cache and its pending changes are kept for the next mount", file=sys.stderr)
     if pid is not None:
         deadline = time.monotonic() + args.wait
         while time.monotonic() < deadline:
@@ -347,8 +383,7 @@ def _running(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = find_mount_root(Path(args.path))
-    status = read_status(root)
+    root, status = _mount_root_and_status(Path(args.path))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -549,7 +584,16 @@ def main(argv: list[str] | None = None) -> int:
         # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
         return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:
+        # The mount died while the command ran (its checks passed), or the system refused
+        # something: one line, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return _fail(f"{where}the mount holding it is stale: its mount process is gone; "
+                         "run 'cachefs unmount MOUNTPOINT', then mount it again")
+        return _fail(f"{where}{exc.strerror or exc}")
 
 
 def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:

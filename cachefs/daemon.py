@@ -28,7 +28,8 @@ from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
-from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, set_readahead
+from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK, mount_type_at,
+                     probe, set_readahead, stale_message, stuck_message)
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
@@ -106,10 +107,25 @@ _expected_disconnects = _ExpectedDisconnects()
 
 
 def check_mountpoint(path: Path) -> None:
-    if not path.is_dir():
+    # mountinfo first: a stat of a stale mount point fails (ENOTCONN), of a stuck one hangs.
+    kind = mount_type_at(path)
+    if kind is not None:
+        state, status = probe(path) if kind.startswith("fuse") else (None, None)
+        if state == STALE:
+            raise MountError(stale_message(path))
+        if state == STUCK:
+            raise MountError(stuck_message(path, PROBE_TIMEOUT))
+        if state == LIVE and status is not None:
+            raise MountError(f"{path} is already a cachefs mount (of {status.get('remote')}, "
+                             f"process {status.get('pid')}); 'cachefs unmount {path}' first")
+        raise MountError(f"{path} is already a mount point ({kind}); unmount it first or "
+                         "choose another mount point")
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise MountError(f"mount point {path}: {exc.strerror}") from None
+    if not is_dir:
         raise MountError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
-        raise MountError(f"{path} is already a mount point (stale? try: cachefs unmount {path})")
 
 
 def fuse_options(config: MountConfig) -> set[str]:

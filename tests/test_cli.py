@@ -504,3 +504,88 @@ def test_parse_size_bounds() -> None:
     assert parse_size(str(MAX_SIZE)) == MAX_SIZE
     with pytest.raises(ValueError, match="at least 4K"):
         parse_size("3K", minimum=4096)
+
+
+# -- stale and stuck mounts -------------------------------------------------------------------
+
+def _crash(mount) -> None:
+    """kill -9 of the mount process, leaving its FUSE mount behind (stale), past the
+    mount's attribute timeout (1 s), so that the kernel no longer answers stats from it."""
+    import signal
+
+    os.kill(mount.pid, signal.SIGKILL)
+    mount.process.wait(10)
+    time.sleep(1.5)
+    assert is_mounted(mount.mountpoint), "the killed mount left no stale mount behind"
+
+
+def test_stale_mount_every_command_says_so(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    """A mount whose process was killed: each command used to end in an ENOTCONN
+    traceback, 'cachefs mount' in an uncaught OSError, 'cachefs unmount' (-z too) in
+    "is not mounted". Now each says in one line that the mount is stale and what to do;
+    'unmount' (with and without -z) takes it down and a new mount keeps the pending change."""
+    (share / "sub").mkdir()
+    (share / "f.txt").write_bytes(b"base")
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    read(mnt / "f.txt")
+    go_offline(mnt)
+    write(mnt / "f.txt", b"changed before the crash")
+    _crash(mount)
+
+    for args in (["status", str(mnt)], ["status", "--json", str(mnt / "sub")], ["sync", str(mnt)],
+                 ["offline", str(mnt)], ["online", str(mnt)], ["pin", str(mnt / "f.txt")],
+                 ["unpin", str(mnt / "f.txt")], ["evict", str(mnt / "sub")], ["conflicts", str(mnt)],
+                 ["conflicts", "--json", str(mnt)], ["resolve", "--keep", "local", str(mnt / "f.txt")]):
+        reason = failed_with_reason(cachefs(*args), "stale", f"cachefs unmount {mnt}")
+        assert reason.count("\n") == 0 and str(mnt) in reason
+    mount_args = [sshd.address(), str(mnt), "--cache-dir", str(mount.cache_dir), "--identity",
+                  str(sshd.identity), "--known-hosts", str(sshd.known_hosts), "--attr-timeout", "1"]
+    failed_with_reason(cachefs("mount", *mount_args), "stale", f"cachefs unmount {mnt}")
+    assert is_mounted(mnt)
+
+    notice = ok(cachefs("unmount", str(mnt))).stderr  # without -z
+    assert "was a stale mount" in notice and not is_mounted(mnt), notice
+    failed_with_reason(cachefs("unmount", str(mnt)), "is not mounted")
+
+    try:
+        ok(cachefs("mount", *mount_args))  # detached, as a user mounts again
+        assert read(mnt / "f.txt") == b"changed before the crash"
+        pid = int(status(mnt)["pid"])
+        os.kill(pid, 9)
+        wait_for(lambda: not _alive(pid), 10, "the killed mount process to end")
+        time.sleep(1.5)
+        failed_with_reason(cachefs("status", str(mnt)), "stale")
+        assert "was a stale mount" in ok(cachefs("unmount", "-z", str(mnt))).stderr
+        assert not is_mounted(mnt)
+
+        ok(cachefs("mount", *mount_args))
+        assert status(mnt)["pending"] == 1
+        ok(cachefs("online", str(mnt)))
+        wait_for(lambda: cachefs("sync", str(mnt)).returncode == 0, 20, "sync")
+        assert (share / "f.txt").read_bytes() == b"changed before the crash"
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        _stop_daemon(mnt)
+
+
+def test_stuck_mount_is_named_and_detached(mount_factory) -> None:
+    """A mount process that is alive but does not answer (SIGSTOP): 'status' says so after
+    10 s instead of hanging, and 'unmount -z' detaches it without waiting on it."""
+    import signal
+
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    os.kill(mount.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        failed_with_reason(cachefs("status", str(mnt), timeout=40), "does not answer within 10 s",
+                           f"cachefs unmount -z {mnt}")
+        assert time.monotonic() - started < 30
+        ok(cachefs("unmount", "-z", str(mnt), timeout=40))
+        assert not is_mounted(mnt)
+    finally:
+        os.kill(mount.pid, signal.SIGKILL)
+        mount.process.wait(10)
