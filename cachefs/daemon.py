@@ -27,6 +27,7 @@ from .cache.cache import Cache, CacheConfig
 from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
+from .redact import Redactor
 from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK, mount_type_at,
                      probe, set_readahead, stale_message, stuck_message)
@@ -62,7 +63,10 @@ class MountConfig:
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
 
-def setup_logging(verbose: bool, logfile: Path | None) -> None:
+def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False) -> None:
+    """Log to ``logfile`` (a detached mount's ``CACHE_DIR/mount.log``) or to stderr.
+    ``redact`` (an encrypted cache without ``--verbose``) puts ``redact.Redactor`` on the
+    handler: no line then names a file, a folder or the remote, whichever module logs it."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -72,6 +76,8 @@ def setup_logging(verbose: bool, logfile: Path | None) -> None:
         handler = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
         os.chmod(logfile, 0o600)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if redact:
+        handler.addFilter(Redactor())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -172,9 +178,15 @@ async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
 def run(config: MountConfig) -> int:
     """Mount and serve until unmounted. Returns the process exit status."""
     check_mountpoint(config.mountpoint)
+    encrypted = config.cache_key is not None
+    redact = encrypted and not config.verbose
     if config.foreground:
-        setup_logging(config.verbose, None)
+        setup_logging(config.verbose, None, redact)
+        if encrypted and config.verbose:
+            log.warning("%s", _verbose_warning("stderr"))
         return _serve(config, ready=None)
+    if encrypted and config.verbose:
+        print(f"cachefs: warning: {_verbose_warning(str(config.cache_dir / 'mount.log'))}", file=sys.stderr)
     _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -195,7 +207,9 @@ def run(config: MountConfig) -> int:
     os.setsid()
     try:
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        setup_logging(config.verbose, config.cache_dir / "mount.log")
+        setup_logging(config.verbose, config.cache_dir / "mount.log", redact)
+        if encrypted and config.verbose:
+            log.warning("%s", _verbose_warning("this log"))
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -205,6 +219,11 @@ def run(config: MountConfig) -> int:
         os._exit(1)
     status = _serve(config, ready=write_fd)
     os._exit(status)
+
+
+def _verbose_warning(where: str) -> str:
+    return (f"--verbose with an encrypted cache: {where} names files, folders and the remote "
+            "in plain text (without --verbose, an encrypted cache's log names none of them)")
 
 
 def _check_cache_free(cache_dir: Path) -> None:
