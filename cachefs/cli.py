@@ -358,7 +358,11 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         cmd.insert(1 if not tool else 2, "-z" if tool else "-l")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        return _fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or result.stdout.strip()}")
+        reason = result.stderr.strip() or result.stdout.strip()
+        if "busy" in reason and not args.lazy:
+            reason += (f" (a program has a file or its working folder in it: close it, see "
+                       f"'fuser -vm {mountpoint}', or detach it with 'cachefs unmount -z {mountpoint}')")
+        return _fail(f"cannot unmount {mountpoint}: {reason}")
     if state == mounts.STALE:
         print(f"cachefs: {mountpoint} was a stale mount (its mount process had ended): unmounted; "
               f"the cache and its pending changes are kept for the next mount", file=sys.stderr)

@@ -115,6 +115,8 @@ _expected_disconnects = _ExpectedDisconnects()
 def check_mountpoint(path: Path) -> None:
     # mountinfo first: a stat of a stale mount point fails (ENOTCONN), of a stuck one hangs.
     kind = mount_type_at(path)
+    if kind is None:  # named through a symbolic link? (the parent is resolved, not the point)
+        kind = mount_type_at(Path(os.path.realpath(path.parent)) / path.name)
     if kind is not None:
         state, status = probe(path) if kind.startswith("fuse") else (None, None)
         if state == STALE:
