@@ -262,6 +262,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        return _fail(f"cache directory {cache_dir} is not a directory")
+    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
+                          ("--cache-key-file", args.cache_key_file)):
+        if given is not None and given.expanduser().is_dir():
+            return _fail(f"{option} {given} is a directory, not a file")
     try:
         key = cache_key(args, cache_dir)
     except (CryptoError, StoreError, OSError) as exc:

@@ -589,3 +589,19 @@ def test_stuck_mount_is_named_and_detached(mount_factory) -> None:
     finally:
         os.kill(mount.pid, signal.SIGKILL)
         mount.process.wait(10)
+
+
+def test_mount_paths_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    """A cache dir that is a file ended in "cannot start: [Errno 17] File exists"; an
+    --identity or --known-hosts that is a folder was taken as no key ("0 key(s) offered")
+    or an empty known_hosts. Each is now named in one line, before anything starts."""
+    mnt, share, a_file, a_dir = tmp_path / "m", tmp_path / "share", tmp_path / "f", tmp_path / "d"
+    for folder in (mnt, share, a_dir):
+        folder.mkdir()
+    a_file.write_bytes(b"x")
+    base = ["mount", str(share), str(mnt)]
+    failed_with_reason(cachefs(*base, "--cache-dir", str(a_file)), str(a_file), "is not a directory")
+    for option in ("--identity", "--known-hosts", "--cache-key-file"):
+        failed_with_reason(cachefs(*base, "--cache-dir", str(tmp_path / "c"), option, str(a_dir)),
+                           option, "is a directory, not a file")
+    assert not is_mounted(mnt) and not (tmp_path / "c").exists()
