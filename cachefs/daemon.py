@@ -63,10 +63,12 @@ class MountConfig:
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
 
-def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False) -> None:
+def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
+                  known: tuple[str, ...] = ()) -> None:
     """Log to ``logfile`` (a detached mount's ``CACHE_DIR/mount.log``) or to stderr.
     ``redact`` (an encrypted cache without ``--verbose``) puts ``redact.Redactor`` on the
-    handler: no line then names a file, a folder or the remote, whichever module logs it."""
+    handler: no line then names a file, a folder or the remote, whichever module logs it;
+    ``known`` are texts it also takes out of message templates (``_known_texts``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -77,7 +79,7 @@ def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False) -> 
         os.chmod(logfile, 0o600)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if redact:
-        handler.addFilter(Redactor())
+        handler.addFilter(Redactor(known))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -183,7 +185,7 @@ def run(config: MountConfig) -> int:
     encrypted = config.cache_key is not None
     redact = encrypted and not config.verbose
     if config.foreground:
-        setup_logging(config.verbose, None, redact)
+        setup_logging(config.verbose, None, redact, _known_texts(config))
         if encrypted and config.verbose:
             log.warning("%s", _verbose_warning("stderr"))
         return _serve(config, ready=None)
@@ -209,7 +211,7 @@ def run(config: MountConfig) -> int:
     os.setsid()
     try:
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        setup_logging(config.verbose, config.cache_dir / "mount.log", redact)
+        setup_logging(config.verbose, config.cache_dir / "mount.log", redact, _known_texts(config))
         if encrypted and config.verbose:
             log.warning("%s", _verbose_warning("this log"))
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -221,6 +223,14 @@ def run(config: MountConfig) -> int:
         os._exit(1)
     status = _serve(config, ready=write_fd)
     os._exit(status)
+
+
+def _known_texts(config: MountConfig) -> tuple[str, ...]:
+    """What names this mount's remote and places, for the redacting filter."""
+    address = config.address
+    share = address.path.rstrip("/")
+    return tuple(t for t in (address.display(), address.host, share, str(config.mountpoint),
+                             str(config.cache_dir)) if t)
 
 
 def _verbose_warning(where: str) -> str:

@@ -13,7 +13,8 @@ What is kept: the message template (a literal in the code), numbers, enums, errn
 and names with the standard ``strerror`` text, exception type names, traceback frames
 (file, line, function and source line of the code), and a few words that are the code's
 own vocabulary (journal operation kinds, conflict kinds, connectivity states, FUSE request
-names). Every other string, ``bytes``, path or object is replaced by ``[TYPE xxxxxx]``: six
+names). The remote's address, the mount point and the cache directory are also taken out
+of message templates (a library may format a message before it logs it). Every other string, ``bytes``, path or object is replaced by ``[TYPE xxxxxx]``: six
 hex digits of an HMAC under a key drawn at random for the process, so that the lines of one
 run that name the same thing can be matched, while a guess cannot be checked against an
 old log (the key is never written anywhere).
@@ -28,7 +29,7 @@ import hmac
 import logging
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: strings that are the code's vocabulary, never a name of the user's: journal operations,
@@ -64,10 +65,14 @@ class _Tag(str):
 class Redactor(logging.Filter):
     """Rewrites each record so that it names no file, folder or remote (see the module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Iterable[str] = ()) -> None:
+        """``known``: texts to take out wherever they appear, even in a message template
+        (libraries, paramiko for one, format their messages before logging them): the
+        remote's address, host and share path, the mount point, the cache directory."""
         super().__init__()
         self._key = os.urandom(16)
         self._words = vocabulary()
+        self._known = sorted({k for k in known if k and len(k) >= 4}, key=len, reverse=True)
 
     # -- the filter ----------------------------------------------------------------------
     def filter(self, record: logging.LogRecord) -> bool:
@@ -81,7 +86,17 @@ class Redactor(logging.Filter):
             record.exc_text = self.traceback(record.exc_info[1])
         elif record.exc_text:
             record.exc_text = self.tag("traceback", record.exc_text)
+        if self._known:
+            record.msg = self._without_known(record.msg)
+            if record.exc_text:
+                record.exc_text = self._without_known(record.exc_text)
         return True
+
+    def _without_known(self, text: str) -> str:
+        for known in self._known:
+            if known in text:
+                text = text.replace(known, self.tag("text", known))
+        return text
 
     # -- values --------------------------------------------------------------------------
     def tag(self, kind: str, text: str | bytes) -> str:

@@ -426,3 +426,21 @@ def test_redactor_keeps_templates_numbers_and_errnos(capsys) -> None:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+def test_redactor_takes_known_texts_out_of_templates() -> None:
+    """A library that formats its message before logging it (paramiko does) gives the
+    filter no argument to replace: the remote's address and the local paths are taken out
+    of the message template itself, and of traceback text."""
+    import logging
+
+    from cachefs.redact import Redactor
+
+    redactor = Redactor(known=("sftp://alice@zqhost-1f/srv/zqshare", "zqhost-1f", "/srv/zqshare", "/"))
+    record = logging.LogRecord("paramiko.transport", logging.WARNING, __file__, 1,
+                               "Socket exception on zqhost-1f: /srv/zqshare/x (sftp://alice@zqhost-1f/srv/zqshare)",
+                               None, None)
+    redactor.filter(record)
+    text = record.getMessage()
+    assert "zqhost" not in text and "zqshare" not in text, text
+    assert text.startswith("Socket exception on [text "), text
