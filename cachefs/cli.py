@@ -116,10 +116,10 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"SSH connections used in parallel, 1 to {MAX_CONNECTIONS} (default: 4)")
     p.add_argument("--cache-size", type=_cache_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="content kept in the cache before the least recently used clean, "
-                        "unpinned files are evicted, e.g. 500M, 20G (default: 10G)")
+                        "unpinned files are evicted, e.g. 500M, 20G; at least 1M (default: 10G)")
     p.add_argument("--readahead", type=_readahead, default=DEFAULT_READAHEAD, metavar="SIZE",
                    help="kernel readahead of the mount, e.g. 128K, 4M: larger means fewer, "
-                        "larger reads through FUSE (set when allowed: root; default: 1M)")
+                        "larger reads through FUSE; 4K to 1G (set when allowed: root; default: 1M)")
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
                    help="how often a full sync runs (pinned folders refreshed, pending "
                         "changes replayed) besides on change and on reconnect (default: 300)")
@@ -146,7 +146,9 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "$CACHEFS_CACHE_PASSPHRASE, or is asked on the terminal")
     p.add_argument("--cache-key-file", metavar="FILE", type=Path,
                    help="a file whose content is the cache key (implies --encrypt-cache)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log debug messages; for an encrypted cache also the names of files, "
+                        "folders and the remote, which its log otherwise leaves out")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (e.g. allow_other)")
 
@@ -324,10 +326,10 @@ def _mount_root_and_status(path: Path) -> tuple[Path, dict]:
             held = mounts.mount_holding(real)
     if held is None or not held[1].startswith("fuse"):
         raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
-    point = held[0]
+    point, kind = held
     state, status = mounts.probe(point)
     if state == mounts.STALE:
-        raise SystemExit(f"cachefs: {mounts.stale_message(point)}")
+        raise SystemExit(f"cachefs: {mounts.stale_message(point, kind)}")
     if state == mounts.STUCK:
         raise SystemExit(f"cachefs: {mounts.stuck_message(point, mounts.PROBE_TIMEOUT)}")
     if state != mounts.LIVE or status is None:
@@ -594,8 +596,12 @@ def main(argv: list[str] | None = None) -> int:
         # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
         return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)
+    return _one_line_errors(args.func, args)
+
+
+def _one_line_errors(func, args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        return func(args)
     except OSError as exc:
         # The mount died while the command ran (its checks passed), or the system refused
         # something: one line, never a traceback.
@@ -612,7 +618,7 @@ def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
                                      "(the same as 'cachefs mount').")
     add_mount_arguments(parser)
     parser.set_defaults(parser=parser)
-    return cmd_mount(parser.parse_args(argv))
+    return _one_line_errors(cmd_mount, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

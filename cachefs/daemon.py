@@ -122,7 +122,7 @@ def check_mountpoint(path: Path) -> None:
     if kind is not None:
         state, status = probe(path) if kind.startswith("fuse") else (None, None)
         if state == STALE:
-            raise MountError(stale_message(path))
+            raise MountError(stale_message(path, kind))
         if state == STUCK:
             raise MountError(stuck_message(path, PROBE_TIMEOUT))
         if state == LIVE and status is not None:

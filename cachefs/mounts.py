@@ -113,9 +113,10 @@ LIVE, STALE, STUCK, FOREIGN = "live", "stale", "stuck", "foreign"
 PROBE_TIMEOUT = 10.0  # a live mount answers its status file at once, even while it syncs
 
 
-def stale_message(mountpoint: Path | str) -> str:
+def stale_message(mountpoint: Path | str, kind: str = "fuse.cachefs") -> str:
     """The one line every command gives for a stale mount."""
-    return (f"{mountpoint} is a stale cachefs mount: its mount process is gone ('Transport "
+    what = "cachefs" if kind == "fuse.cachefs" else "FUSE"
+    return (f"{mountpoint} is a stale {what} mount: its mount process is gone ('Transport "
             f"endpoint is not connected'); run 'cachefs unmount {mountpoint}', then mount it "
             f"again (the cache and its pending changes are kept)")
 
