@@ -444,3 +444,24 @@ def test_redactor_takes_known_texts_out_of_templates() -> None:
     text = record.getMessage()
     assert "zqhost" not in text and "zqshare" not in text, text
     assert text.startswith("Socket exception on [text "), text
+
+
+def test_log_calls_pass_names_as_arguments() -> None:
+    """The redacting filter can replace what a log call passes as an argument; a name
+    formatted into the message itself (an f-string, ``%`` or ``.format`` before the call)
+    would reach an encrypted cache's log in clear. Every log call in cachefs has a literal
+    template (exceptions are passed as arguments, not as the message)."""
+    import ast
+
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "cachefs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in ("log", "logger", "logging")):
+                continue
+            first = node.args[0] if node.args else None
+            if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:100]}")
+    assert not offenders, "log calls without a literal template:\n" + "\n".join(offenders)
