@@ -27,10 +27,10 @@ from .cache.cache import Cache, CacheConfig
 from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
-from .redact import Redactor
 from .fs import KernelNotifier, Operations
-from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK, mount_type_at,
-                     probe, set_readahead, stale_message, stuck_message)
+from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
+                     mount_type_at, probe, set_readahead, stale_message, stuck_message)
+from .redact import Redactor
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
