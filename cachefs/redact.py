@@ -13,11 +13,13 @@ What is kept: the message template (a literal in the code), numbers, enums, errn
 and names with the standard ``strerror`` text, exception type names, traceback frames
 (file, line, function and source line of the code), and a few words that are the code's
 own vocabulary (journal operation kinds, conflict kinds, connectivity states, FUSE request
-names). The remote's address, the mount point and the cache directory are also taken out
-of message templates (a library may format a message before it logs it). Every other string, ``bytes``, path or object is replaced by ``[TYPE xxxxxx]``: six
-hex digits of an HMAC under a key drawn at random for the process, so that the lines of one
-run that name the same thing can be matched, while a guess cannot be checked against an
-old log (the key is never written anywhere).
+names, strerror texts); a name passed as ``str`` that is exactly one of these words would
+show (names mostly travel as ``bytes``, which are always replaced). The remote's address,
+the mount point and the cache directory are also taken out of message templates (a
+library may format a message before it logs it). Every other string, ``bytes``, path or
+object is replaced by ``[TYPE xxxxxx]``: six hex digits of an HMAC under a key drawn at
+random for the process, so that the lines of one run that name the same thing can be
+matched, while a guess cannot be checked against an old log (the key is never written).
 """
 
 from __future__ import annotations
