@@ -7,6 +7,7 @@ its ``.cachefs/`` files and to the kernel through ``fusermount3``.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import hashlib
 import json
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, mounts
 from .address import RemoteAddress, parse_remote
 from .cache.crypto import CryptoError, open_key
 from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
@@ -41,18 +42,49 @@ def default_cache_dir(address: RemoteAddress) -> Path:
     return Path(base) / "cachefs" / f"{slug}-{digest}"
 
 
+#: the longest time an option takes: longer is no use and overflows socket timeouts
+MAX_SECONDS = 7 * 24 * 3600
+MAX_CONNECTIONS = 64  # each one an SSH connection and, beyond the first, a process
+
+
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    """A time in seconds: a finite number above 0, at most a week (``inf`` and ``nan``
+    are refused here: ``float()`` takes them, and an infinite timeout ends the mount)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # false for nan too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_SECONDS} (a week), not {text}")
     return value
 
 
 def _microseconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
     if not 0 <= value <= 10_000:
         raise argparse.ArgumentTypeError(f"must be 0 to 10000 microseconds, not {text}")
     return value
+
+
+def _integer(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low} to {high}, not {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_port = _integer(1, 65535, "a port")
+_connections = _integer(1, MAX_CONNECTIONS, "connections")
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +103,7 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="record an unknown host key, like StrictHostKeyChecking=accept-new "
                         "(a changed key is always refused)")
-    p.add_argument("-p", "--port", type=int, metavar="N", help="SSH port (default: 22 or ~/.ssh/config)")
+    p.add_argument("-p", "--port", type=_port, metavar="N", help="SSH port (default: 22 or ~/.ssh/config)")
     p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long a remote operation may take before the remote counts as "
                         f"unreachable (default: {DEFAULT_TIMEOUT:g})")
@@ -80,14 +112,14 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "checked against the remote (default: 3)")
     p.add_argument("--heartbeat", type=_positive, default=10.0, metavar="SECONDS",
                    help="how often an idle mount checks that the remote still answers (default: 10)")
-    p.add_argument("--connections", type=int, default=4, metavar="N",
-                   help="SSH connections used in parallel (default: 4)")
-    p.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+    p.add_argument("--connections", type=_connections, default=4, metavar="N",
+                   help=f"SSH connections used in parallel, 1 to {MAX_CONNECTIONS} (default: 4)")
+    p.add_argument("--cache-size", type=_cache_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="content kept in the cache before the least recently used clean, "
-                        "unpinned files are evicted, e.g. 500M, 20G (default: 10G)")
-    p.add_argument("--readahead", type=_size, default=DEFAULT_READAHEAD, metavar="SIZE",
+                        "unpinned files are evicted, e.g. 500M, 20G; at least 1M (default: 10G)")
+    p.add_argument("--readahead", type=_readahead, default=DEFAULT_READAHEAD, metavar="SIZE",
                    help="kernel readahead of the mount, e.g. 128K, 4M: larger means fewer, "
-                        "larger reads through FUSE (set when allowed: root; default: 1M)")
+                        "larger reads through FUSE; 4K to 1G (set when allowed: root; default: 1M)")
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
                    help="how often a full sync runs (pinned folders refreshed, pending "
                         "changes replayed) besides on change and on reconnect (default: 300)")
@@ -114,14 +146,27 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "$CACHEFS_CACHE_PASSPHRASE, or is asked on the terminal")
     p.add_argument("--cache-key-file", metavar="FILE", type=Path,
                    help="a file whose content is the cache key (implies --encrypt-cache)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log debug messages; for an encrypted cache also the names of files, "
+                        "folders and the remote, which its log otherwise leaves out")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (e.g. allow_other)")
 
 
-def _size(text: str) -> int:
+MIN_CACHE_SIZE = 1 << 20  # below this "--cache-size 20" (bytes, meant as 20G) evicts everything
+MIN_READAHEAD, MAX_READAHEAD = 4 << 10, 1 << 30  # a page; far past the 1 MiB of a FUSE read
+
+
+def _cache_size(text: str) -> int:
     try:
-        return parse_size(text)
+        return parse_size(text, minimum=MIN_CACHE_SIZE)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _readahead(text: str) -> int:
+    try:
+        return parse_size(text, minimum=MIN_READAHEAD, maximum=MAX_READAHEAD)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -134,17 +179,24 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
                "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
-#: options handed to the kernel's FUSE mount
+#: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-                "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
-                "max_read", "blksize", "fsname", "subtype"}
+                "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions"}
+FUSE_VALUE_OPTIONS = {"fsname", "subtype"}
+#: FUSE options cachefs cannot use, and why (libfuse would fail the mount, or end it at once)
+FUSE_REFUSED = {
+    "max_read": "pyfuse3 sets the read size itself; any other makes libfuse end the mount",
+    "blksize": "it is for block-device FUSE file systems (fuseblk) only",
+}
 #: options meant for mount(8) or systemd only
 MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner",
               "group", "sync", "async", "comment"}
 
 
 def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Sort ``-o a,b=c`` into cachefs's own settings and FUSE options (fstab support)."""
+    """Sort ``-o a,b=c`` into cachefs's own settings and FUSE options (fstab support).
+    A malformed item ends the command with a usage error (exit status 2), before anything
+    is mounted: libfuse's own complaint would go to a detached mount's /dev/null."""
     fuse: list[str] = []
     for text in args.fuse_options:
         for opt in filter(None, text.split(",")):
@@ -153,16 +205,26 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             if key_u in OWN_OPTIONS:
                 action = next(a for a in parser._actions if a.dest == OWN_OPTIONS[key_u])
                 if action.nargs == 0:  # a flag
+                    if eq:
+                        parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
                     setattr(args, action.dest, action.const)  # True, or False for --no-...
                 else:
-                    if not eq:
+                    if not eq or not value:
                         parser.error(f"-o {key} needs a value ({key}=...)")
                     try:
                         setattr(args, action.dest, action.type(value) if action.type else value)
                     except (ValueError, argparse.ArgumentTypeError) as exc:
                         parser.error(f"-o {opt}: {exc}")
             elif key in FUSE_OPTIONS:
+                if eq:
+                    parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
                 fuse.append(opt)
+            elif key in FUSE_VALUE_OPTIONS:
+                if not value:
+                    parser.error(f"-o {key} needs a value ({key}=...)")
+                fuse.append(opt)
+            elif key in FUSE_REFUSED:
+                parser.error(f"-o {opt}: not supported by cachefs: {FUSE_REFUSED[key]}")
             elif key in MOUNT_ONLY or key.startswith("x-"):
                 continue
             else:
@@ -201,9 +263,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         address = parse_remote(args.remote, port=args.port)
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
-    if args.connections < 1:
-        return _fail("--connections must be at least 1")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        return _fail(f"cache directory {cache_dir} is not a directory")
+    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
+                          ("--cache-key-file", args.cache_key_file)):
+        if given is not None and given.expanduser().is_dir():
+            return _fail(f"{option} {given} is a directory, not a file")
     try:
         key = cache_key(args, cache_dir)
     except (CryptoError, StoreError, OSError) as exc:
@@ -241,12 +307,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def find_mount_root(path: Path) -> Path:
-    """The cachefs mount point that holds ``path`` (a mount point or a path inside one)."""
-    path = path.expanduser().absolute()
-    for candidate in [path, *path.parents]:
-        if (candidate / ".cachefs" / "status").exists() and os.path.ismount(candidate):
-            return candidate
-    raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    """The cachefs mount point that holds ``path`` (a mount point or a path inside one).
+
+    Found in /proc/self/mountinfo from the path's text, then asked for its status once,
+    bounded in time (``mounts.probe``): a stale mount (its process died) ends the command
+    with one line that says so and what to do, never with ENOTCONN from a stat."""
+    root, _status = _mount_root_and_status(path)
+    return root
+
+
+def _mount_root_and_status(path: Path) -> tuple[Path, dict]:
+    path = Path(os.path.abspath(path.expanduser()))
+    held = mounts.mount_holding(path)
+    if held is None or not held[1].startswith("fuse"):
+        # through a symbolic link? Resolving stats each part: bounded, for a stuck mount.
+        finished, real = mounts.bounded(lambda: os.path.realpath(path), mounts.PROBE_TIMEOUT)
+        if finished and isinstance(real, str) and real != str(path):
+            held = mounts.mount_holding(real)
+    if held is None or not held[1].startswith("fuse"):
+        raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    point, kind = held
+    state, status = mounts.probe(point)
+    if state == mounts.STALE:
+        raise SystemExit(f"cachefs: {mounts.stale_message(point, kind)}")
+    if state == mounts.STUCK:
+        raise SystemExit(f"cachefs: {mounts.stuck_message(point, mounts.PROBE_TIMEOUT)}")
+    if state != mounts.LIVE or status is None:
+        raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
+    return Path(point), status
 
 
 def read_status(root: Path) -> dict:
@@ -254,21 +342,38 @@ def read_status(root: Path) -> dict:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).expanduser().absolute()
-    if not os.path.ismount(mountpoint):
+    mountpoint = Path(os.path.abspath(Path(args.mountpoint).expanduser()))
+    kind = mounts.mount_type_at(mountpoint)
+    if kind is None:  # given through a symbolic link? (the parent is resolved, not the mount)
+        mountpoint = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
+        kind = mounts.mount_type_at(mountpoint)
+    if kind is None:
         return _fail(f"{mountpoint} is not mounted")
+    if not kind.startswith("fuse"):
+        return _fail(f"{mountpoint} is not a cachefs mount (it is {kind})")
+    # Never a stat of the mount point: on a stale mount it fails (ENOTCONN), on a stuck
+    # one it hangs. The status file is read once, bounded, for the process to wait for.
+    state, status = mounts.probe(mountpoint)
     pid = None
-    try:
-        pid = int(read_status(mountpoint)["pid"])
-    except (OSError, ValueError, KeyError):
-        pass  # a stale mount whose process is gone: still unmount it
+    if state == mounts.LIVE and status is not None:
+        try:
+            pid = int(status["pid"])
+        except (KeyError, TypeError, ValueError):
+            pass
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
-    if args.lazy and tool:
-        cmd.insert(2, "-z")
+    if args.lazy:
+        cmd.insert(1 if not tool else 2, "-z" if tool else "-l")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        return _fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or result.stdout.strip()}")
+        reason = result.stderr.strip() or result.stdout.strip()
+        if "busy" in reason and not args.lazy:
+            reason += (f" (a program has a file or its working folder in it: close it, see "
+                       f"'fuser -vm {mountpoint}', or detach it with 'cachefs unmount -z {mountpoint}')")
+        return _fail(f"cannot unmount {mountpoint}: {reason}")
+    if state == mounts.STALE:
+        print(f"cachefs: {mountpoint} was a stale mount (its mount process had ended): unmounted; "
+              f"the cache and its pending changes are kept for the next mount", file=sys.stderr)
     if pid is not None:
         deadline = time.monotonic() + args.wait
         while time.monotonic() < deadline:
@@ -290,8 +395,7 @@ def _running(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = find_mount_root(Path(args.path))
-    status = read_status(root)
+    root, status = _mount_root_and_status(Path(args.path))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -492,7 +596,20 @@ def main(argv: list[str] | None = None) -> int:
         # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
         return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return _one_line_errors(args.func, args)
+
+
+def _one_line_errors(func, args: argparse.Namespace) -> int:
+    try:
+        return func(args)
+    except OSError as exc:
+        # The mount died while the command ran (its checks passed), or the system refused
+        # something: one line, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return _fail(f"{where}the mount holding it is stale: its mount process is gone; "
+                         "run 'cachefs unmount MOUNTPOINT', then mount it again")
+        return _fail(f"{where}{exc.strerror or exc}")
 
 
 def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
@@ -501,7 +618,7 @@ def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
                                      "(the same as 'cachefs mount').")
     add_mount_arguments(parser)
     parser.set_defaults(parser=parser)
-    return cmd_mount(parser.parse_args(argv))
+    return _one_line_errors(cmd_mount, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

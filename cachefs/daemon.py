@@ -28,7 +28,9 @@ from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
 from .cache.store import Store, StoreError
 from .control import Control
 from .fs import KernelNotifier, Operations
-from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, set_readahead
+from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
+                     mount_type_at, probe, set_readahead, stale_message, stuck_message)
+from .redact import Redactor
 from .remote import ConnectOptions, RemoteRefused, open_remote
 from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
 from .sync.connectivity import Connectivity
@@ -61,7 +63,12 @@ class MountConfig:
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
 
 
-def setup_logging(verbose: bool, logfile: Path | None) -> None:
+def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
+                  known: tuple[str, ...] = ()) -> None:
+    """Log to ``logfile`` (a detached mount's ``CACHE_DIR/mount.log``) or to stderr.
+    ``redact`` (an encrypted cache without ``--verbose``) puts ``redact.Redactor`` on the
+    handler: no line then names a file, a folder or the remote, whichever module logs it;
+    ``known`` are texts it also takes out of message templates (``_known_texts``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -71,6 +78,8 @@ def setup_logging(verbose: bool, logfile: Path | None) -> None:
         handler = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
         os.chmod(logfile, 0o600)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if redact:
+        handler.addFilter(Redactor(known))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -106,10 +115,27 @@ _expected_disconnects = _ExpectedDisconnects()
 
 
 def check_mountpoint(path: Path) -> None:
-    if not path.is_dir():
+    # mountinfo first: a stat of a stale mount point fails (ENOTCONN), of a stuck one hangs.
+    kind = mount_type_at(path)
+    if kind is None:  # named through a symbolic link? (the parent is resolved, not the point)
+        kind = mount_type_at(Path(os.path.realpath(path.parent)) / path.name)
+    if kind is not None:
+        state, status = probe(path) if kind.startswith("fuse") else (None, None)
+        if state == STALE:
+            raise MountError(stale_message(path, kind))
+        if state == STUCK:
+            raise MountError(stuck_message(path, PROBE_TIMEOUT))
+        if state == LIVE and status is not None:
+            raise MountError(f"{path} is already a cachefs mount (of {status.get('remote')}, "
+                             f"process {status.get('pid')}); 'cachefs unmount {path}' first")
+        raise MountError(f"{path} is already a mount point ({kind}); unmount it first or "
+                         "choose another mount point")
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise MountError(f"mount point {path}: {exc.strerror}") from None
+    if not is_dir:
         raise MountError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
-        raise MountError(f"{path} is already a mount point (stale? try: cachefs unmount {path})")
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -156,9 +182,15 @@ async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
 def run(config: MountConfig) -> int:
     """Mount and serve until unmounted. Returns the process exit status."""
     check_mountpoint(config.mountpoint)
+    encrypted = config.cache_key is not None
+    redact = encrypted and not config.verbose
     if config.foreground:
-        setup_logging(config.verbose, None)
+        setup_logging(config.verbose, None, redact, _known_texts(config))
+        if encrypted and config.verbose:
+            log.warning("%s", _verbose_warning("stderr"))
         return _serve(config, ready=None)
+    if encrypted and config.verbose:
+        print(f"cachefs: warning: {_verbose_warning(str(config.cache_dir / 'mount.log'))}", file=sys.stderr)
     _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -179,7 +211,9 @@ def run(config: MountConfig) -> int:
     os.setsid()
     try:
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        setup_logging(config.verbose, config.cache_dir / "mount.log")
+        setup_logging(config.verbose, config.cache_dir / "mount.log", redact, _known_texts(config))
+        if encrypted and config.verbose:
+            log.warning("%s", _verbose_warning("this log"))
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -189,6 +223,19 @@ def run(config: MountConfig) -> int:
         os._exit(1)
     status = _serve(config, ready=write_fd)
     os._exit(status)
+
+
+def _known_texts(config: MountConfig) -> tuple[str, ...]:
+    """What names this mount's remote and places, for the redacting filter."""
+    address = config.address
+    share = address.path.rstrip("/")
+    return tuple(t for t in (address.display(), address.host, share, str(config.mountpoint),
+                             str(config.cache_dir)) if t)
+
+
+def _verbose_warning(where: str) -> str:
+    return (f"--verbose with an encrypted cache: {where} names files, folders and the remote "
+            "in plain text (without --verbose, an encrypted cache's log names none of them)")
 
 
 def _check_cache_free(cache_dir: Path) -> None:

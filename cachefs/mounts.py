@@ -1,18 +1,23 @@
 """What the kernel says about mounts, and the one setting cachefs makes on its own.
 
 Owns: reading ``/proc/self/mountinfo`` (never a stat of the mount point: that would ask
-the mount's daemon, which may be this very process not serving yet, or a stuck one), and
-the readahead of a FUSE mount's bdi. Imports nothing of FUSE, so the ``cachefs`` command
-and the benchmark use it too.
+the mount's daemon, which may be this very process not serving yet, or a stuck one, or
+fail with ENOTCONN on a stale mount), telling a live cachefs mount from a stale or stuck
+one (``probe``), and the readahead of a FUSE mount's bdi. Imports nothing of FUSE, so the
+``cachefs`` command and the benchmark use it too.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,91 @@ def device_of(mountpoint: Path | str) -> str | None:
 
 def is_mounted(path: Path | str) -> bool:
     return device_of(path) is not None
+
+
+def mount_type_at(mountpoint: Path | str) -> str | None:
+    """The type (``fuse.cachefs`` ...) of the topmost mount on ``mountpoint`` itself, or
+    None when nothing is mounted there. Absolute, not resolved (no stat)."""
+    want = os.path.abspath(mountpoint)
+    found = None
+    for _device, point, kind in _mountinfo():
+        if point == want:
+            found = kind
+    return found
+
+
+def mount_holding(path: Path | str) -> tuple[str, str] | None:
+    """(mount point, type) of the innermost mount that holds ``path``, judged from the
+    path's text alone (absolute, not resolved: no stat of anything under a mount)."""
+    want = os.path.abspath(path)
+    best: tuple[str, str] | None = None
+    for _device, point, kind in _mountinfo():
+        inside = want == point or want.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, kind)
+    return best
+
+
+LIVE, STALE, STUCK, FOREIGN = "live", "stale", "stuck", "foreign"
+PROBE_TIMEOUT = 10.0  # a live mount answers its status file at once, even while it syncs
+
+
+def stale_message(mountpoint: Path | str, kind: str = "fuse.cachefs") -> str:
+    """The one line every command gives for a stale mount."""
+    what = "cachefs" if kind == "fuse.cachefs" else "FUSE"
+    return (f"{mountpoint} is a stale {what} mount: its mount process is gone ('Transport "
+            f"endpoint is not connected'); run 'cachefs unmount {mountpoint}', then mount it "
+            f"again (the cache and its pending changes are kept)")
+
+
+def stuck_message(mountpoint: Path | str, timeout: float) -> str:
+    return (f"{mountpoint} does not answer within {timeout:g} s: its mount process is stuck; "
+            f"'cachefs unmount -z {mountpoint}' detaches it")
+
+
+def bounded(function: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """Run ``function`` in a thread for at most ``timeout`` seconds: (finished, result or
+    the exception it raised). A call blocked in a stuck FUSE request cannot be stopped:
+    its (daemon) thread is left behind, and ends with the process."""
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(function())
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, name="cachefs probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return (False, None) if thread.is_alive() else (True, outcome[0])
+
+
+def probe(mountpoint: Path | str, timeout: float = PROBE_TIMEOUT) -> tuple[str, dict | None]:
+    """Whether the FUSE mount on ``mountpoint`` is a ``LIVE`` cachefs mount (with its
+    status), ``STALE`` (its process is gone: the kernel answers ENOTCONN at once),
+    ``STUCK`` (no answer within ``timeout``) or ``FOREIGN`` (answers, but is no cachefs
+    mount). The one access is a read of ``.cachefs/status``, in a thread, bounded."""
+    path = os.path.join(os.path.abspath(mountpoint), ".cachefs", "status")
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    finished, result = bounded(read, timeout)
+    if not finished:
+        return STUCK, None
+    if isinstance(result, OSError):
+        if result.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return STALE, None
+        return FOREIGN, None
+    if isinstance(result, BaseException):
+        raise result
+    try:
+        status = json.loads(result)
+    except ValueError:
+        return FOREIGN, None
+    return (LIVE, status) if isinstance(status, dict) else (FOREIGN, None)
 
 
 def set_readahead(mountpoint: Path, size: int) -> None:

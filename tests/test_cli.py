@@ -41,10 +41,18 @@ SUBCOMMANDS = {
 }
 
 
+def this_checkout(env: dict | None = None) -> dict:
+    """The environment with this checkout's ``cachefs`` first on the path: the installed
+    ``cachefs`` script imports whichever checkout the virtualenv was made from."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
 def cachefs(*args: str, cwd: Path | str = REPO, env: dict | None = None,
             timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CACHEFS, *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=this_checkout(env))
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -69,7 +77,7 @@ def run_on_pty(args: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> tupl
     master, slave = pty.openpty()
     try:
         process = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
-                                   close_fds=True, env=dict(os.environ, COLUMNS="100"))
+                                   close_fds=True, env=this_checkout(dict(os.environ, COLUMNS="100")))
     finally:
         os.close(slave)
     chunks: list[bytes] = []
@@ -356,7 +364,7 @@ def test_mount_t_fuse_cachefs(tmp_path: Path, sshd, share: Path) -> None:
     try:
         result = subprocess.run([mount_cmd, *how[:2], "-o", options, how[2], str(mnt)],
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=RUN_TIMEOUT, env=env)
+                                timeout=RUN_TIMEOUT, env=this_checkout(env))
         assert result.returncode == 0, result.stdout + result.stderr
         assert is_mounted(mnt)
         assert read(mnt / "f.txt") == b"via mount(8)\n"
@@ -419,3 +427,181 @@ def test_request_spin(mount_factory, sshd, tmp_path: Path) -> None:
     assert result.returncode == 2, result
     assert "must be 0 to 10000 microseconds" in result.stderr, result.stderr
     assert not is_mounted(mnt)
+
+
+# -- bad values: a usage error naming the option, nothing mounted ---------------------------
+
+BAD_VALUES = [
+    # (arguments, words the one error line must hold)
+    (["--cache-size", "inf"], ["argument --cache-size", "not a size: 'inf'"]),
+    (["--cache-size", "nan"], ["argument --cache-size", "not a size"]),
+    (["--cache-size=-1G"], ["argument --cache-size", "not a size: '-1G'"]),
+    (["--cache-size", "0"], ["argument --cache-size", "too small: at least 1M"]),
+    (["--cache-size", "20"], ["argument --cache-size", "too small", "without a unit is bytes"]),
+    (["--cache-size", "1e400"], ["argument --cache-size", "not a size"]),
+    (["--cache-size", "9000000P"], ["argument --cache-size", "too large"]),
+    (["--cache-size", "10X"], ["argument --cache-size", "not a size: '10X'"]),
+    (["--cache-size", "10GG"], ["argument --cache-size", "not a size"]),
+    (["--cache-size", "1_000M"], ["argument --cache-size", "not a size"]),
+    (["--readahead", "inf"], ["argument --readahead", "not a size"]),
+    (["--readahead", "1T"], ["argument --readahead", "too large: at most 1G"]),
+    (["--readahead", "100"], ["argument --readahead", "too small: at least 4K"]),
+    (["-o", "cache_size=inf"], ["-o cache_size=inf", "not a size"]),
+    (["-o", "cache_size=0"], ["-o cache_size=0", "too small"]),
+    (["-o", "readahead=2G"], ["-o readahead=2G", "too large"]),
+    (["--timeout", "inf"], ["argument --timeout", "at most 604800"]),
+    (["--timeout", "1e300"], ["argument --timeout", "at most 604800"]),
+    (["--timeout", "nan"], ["argument --timeout", "above 0"]),
+    (["--attr-timeout", "-1"], ["argument --attr-timeout", "above 0"]),
+    (["--heartbeat", "inf"], ["argument --heartbeat"]),
+    (["--sync-interval", "inf"], ["argument --sync-interval"]),
+    (["-o", "write_back_hold=inf"], ["-o write_back_hold=inf", "at most"]),
+    (["--connections", "100000"], ["argument --connections", "1 to 64"]),
+    (["--connections", "0"], ["argument --connections", "1 to 64"]),
+    (["-o", "connections=x"], ["-o connections=x", "not a whole number"]),
+    (["--port", "70000"], ["argument -p/--port", "1 to 65535"]),
+    (["-o", "timeout="], ["-o timeout needs a value"]),
+    (["-o", "verbose=0"], ["-o verbose=0", "takes no value"]),
+    (["-o", "allow_other=yes"], ["-o allow_other=yes", "takes no value"]),
+    (["-o", "fsname"], ["-o fsname needs a value"]),
+    (["-o", "max_read=4096"], ["-o max_read=4096", "not supported"]),
+    (["-o", "blksize=4096"], ["-o blksize=4096", "not supported"]),
+]
+
+
+@pytest.mark.parametrize("extra,words", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_mount_values_are_usage_errors(tmp_path: Path, extra: list[str], words: list[str]) -> None:
+    """Each used to end in a traceback (inf, 1e400: OverflowError), a mount process that
+    died with no reason (--timeout inf: time_t overflow in the socket), a mount that went
+    away at once (-o max_read), libfuse's complaint sent to a detached mount's /dev/null,
+    or 100,000 forked transfer processes. Now: argparse's exit status 2 and one line."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    result = cachefs("mount", str(tmp_path / "no-share"), str(mnt), "--cache-dir", str(tmp_path / "c"),
+                     *extra, timeout=30)
+    assert result.returncode == 2, f"{extra}: exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("cachefs mount: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not is_mounted(mnt)
+    assert not (tmp_path / "c").exists(), "a refused command made the cache directory"
+
+
+def test_parse_size_bounds() -> None:
+    from cachefs.cache.hoard import MAX_SIZE, parse_size
+
+    assert parse_size("1.5 GiB") == 3 << 29 and parse_size("10gb") == 10 << 30
+    assert parse_size(".5K") == 512 and parse_size("500B") == 500 and parse_size("2P") == 2 << 50
+    assert parse_size("8191P") == 8191 << 50
+    for bad in ("inf", "nan", "infinity", "-1", "+1G", "1e3", "0x10", "1_000", "1,5G", "G", "5Q",
+                "5 KiBB", "0", "0.0001", "9000000P"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="too large"):
+        parse_size(str(MAX_SIZE + 1))
+    assert parse_size(str(MAX_SIZE)) == MAX_SIZE
+    with pytest.raises(ValueError, match="at least 4K"):
+        parse_size("3K", minimum=4096)
+
+
+# -- stale and stuck mounts -------------------------------------------------------------------
+
+def _crash(mount) -> None:
+    """kill -9 of the mount process, leaving its FUSE mount behind (stale), past the
+    mount's attribute timeout (1 s), so that the kernel no longer answers stats from it."""
+    import signal
+
+    os.kill(mount.pid, signal.SIGKILL)
+    mount.process.wait(10)
+    time.sleep(1.5)
+    assert is_mounted(mount.mountpoint), "the killed mount left no stale mount behind"
+
+
+def test_stale_mount_every_command_says_so(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    """A mount whose process was killed: each command used to end in an ENOTCONN
+    traceback, 'cachefs mount' in an uncaught OSError, 'cachefs unmount' (-z too) in
+    "is not mounted". Now each says in one line that the mount is stale and what to do;
+    'unmount' (with and without -z) takes it down and a new mount keeps the pending change."""
+    (share / "sub").mkdir()
+    (share / "f.txt").write_bytes(b"base")
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    read(mnt / "f.txt")
+    go_offline(mnt)
+    write(mnt / "f.txt", b"changed before the crash")
+    _crash(mount)
+
+    for args in (["status", str(mnt)], ["status", "--json", str(mnt / "sub")], ["sync", str(mnt)],
+                 ["offline", str(mnt)], ["online", str(mnt)], ["pin", str(mnt / "f.txt")],
+                 ["unpin", str(mnt / "f.txt")], ["evict", str(mnt / "sub")], ["conflicts", str(mnt)],
+                 ["conflicts", "--json", str(mnt)], ["resolve", "--keep", "local", str(mnt / "f.txt")]):
+        reason = failed_with_reason(cachefs(*args), "stale", f"cachefs unmount {mnt}")
+        assert reason.count("\n") == 0 and str(mnt) in reason
+    mount_args = [sshd.address(), str(mnt), "--cache-dir", str(mount.cache_dir), "--identity",
+                  str(sshd.identity), "--known-hosts", str(sshd.known_hosts), "--attr-timeout", "1"]
+    failed_with_reason(cachefs("mount", *mount_args), "stale", f"cachefs unmount {mnt}")
+    assert is_mounted(mnt)
+
+    notice = ok(cachefs("unmount", str(mnt))).stderr  # without -z
+    assert "was a stale mount" in notice and not is_mounted(mnt), notice
+    failed_with_reason(cachefs("unmount", str(mnt)), "is not mounted")
+
+    try:
+        ok(cachefs("mount", *mount_args))  # detached, as a user mounts again
+        assert read(mnt / "f.txt") == b"changed before the crash"
+        pid = int(status(mnt)["pid"])
+        os.kill(pid, 9)
+        wait_for(lambda: not _alive(pid), 10, "the killed mount process to end")
+        time.sleep(1.5)
+        failed_with_reason(cachefs("status", str(mnt)), "stale")
+        assert "was a stale mount" in ok(cachefs("unmount", "-z", str(mnt))).stderr
+        assert not is_mounted(mnt)
+
+        ok(cachefs("mount", *mount_args))
+        assert status(mnt)["pending"] == 1
+        ok(cachefs("online", str(mnt)))
+        wait_for(lambda: cachefs("sync", str(mnt)).returncode == 0, 20, "sync")
+        assert (share / "f.txt").read_bytes() == b"changed before the crash"
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        _stop_daemon(mnt)
+
+
+def test_stuck_mount_is_named_and_detached(mount_factory) -> None:
+    """A mount process that is alive but does not answer (SIGSTOP): 'status' says so after
+    10 s instead of hanging, and 'unmount -z' detaches it without waiting on it."""
+    import signal
+
+    mount = mount_factory(check_log=False)
+    mount.start()
+    mnt = mount.mountpoint
+    os.kill(mount.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        failed_with_reason(cachefs("status", str(mnt), timeout=40), "does not answer within 10 s",
+                           f"cachefs unmount -z {mnt}")
+        assert time.monotonic() - started < 30
+        ok(cachefs("unmount", "-z", str(mnt), timeout=40))
+        assert not is_mounted(mnt)
+    finally:
+        os.kill(mount.pid, signal.SIGKILL)
+        mount.process.wait(10)
+
+
+def test_mount_paths_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    """A cache dir that is a file ended in "cannot start: [Errno 17] File exists"; an
+    --identity or --known-hosts that is a folder was taken as no key ("0 key(s) offered")
+    or an empty known_hosts. Each is now named in one line, before anything starts."""
+    mnt, share, a_file, a_dir = tmp_path / "m", tmp_path / "share", tmp_path / "f", tmp_path / "d"
+    for folder in (mnt, share, a_dir):
+        folder.mkdir()
+    a_file.write_bytes(b"x")
+    base = ["mount", str(share), str(mnt)]
+    failed_with_reason(cachefs(*base, "--cache-dir", str(a_file)), str(a_file), "is not a directory")
+    for option in ("--identity", "--known-hosts", "--cache-key-file"):
+        failed_with_reason(cachefs(*base, "--cache-dir", str(tmp_path / "c"), option, str(a_dir)),
+                           option, "is a directory, not a file")
+    assert not is_mounted(mnt) and not (tmp_path / "c").exists()

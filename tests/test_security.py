@@ -283,3 +283,185 @@ def test_encrypted_cache_at_rest(mount_factory, sshd, share: Path, tmp_path: Pat
                        allowed_errors=[r"cannot reach", r"offline"]) as again:
         assert (again.mountpoint / name).read_bytes() == content
         assert (again.mountpoint / "served-7f2e.txt").read_bytes() == b"zq-served-content-41a8 " * 50
+
+
+# -- an encrypted cache's log names nothing ---------------------------------------------------
+
+def test_encrypted_cache_log_names_nothing(sshd, share: Path, tmp_path: Path) -> None:
+    """A detached mount of an encrypted cache, without -v, through real sshd: a conflict, an
+    offline period (sshd stopped) with a change made then, and a replay the server refuses
+    (an immutable folder) all log their events, and no file under the cache dir (mount.log
+    above all) names a file, a folder, the remote host or the share path in plain text. The
+    old code wrote "conflict (changed-both) on b'...'" and the remote's address there.
+    With -v the names are logged, and a warning says so on stderr and in the log."""
+    from tests.test_cli import _stop_daemon, cachefs, ok
+
+    names = ["zqconf-9a1b.txt", "zqdir-5e1c", "zqnew-3c4d.txt", "zqlocked-44e1", "zqinner-6b2f.txt"]
+    (share / "zqdir-5e1c").mkdir()
+    (share / "zqdir-5e1c" / "zqconf-9a1b.txt").write_bytes(b"base")
+    (share / "zqlocked-44e1").mkdir()
+    key = tmp_path / "cache.key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    mnt, cache = tmp_path / "encmnt", tmp_path / "enccache"
+    mnt.mkdir()
+    args = [sshd.address(), str(mnt), "--cache-dir", str(cache), "--identity", str(sshd.identity),
+            "--known-hosts", str(sshd.known_hosts), "--cache-key-file", str(key),
+            "--timeout", "2", "--heartbeat", "1", "--attr-timeout", "1"]
+    locked = share / "zqlocked-44e1"
+    try:
+        started = ok(cachefs("mount", *args))
+        assert "plain text" not in started.stderr
+        read_all(mnt)
+        # a conflict
+        control(mnt, "offline")
+        write_file(mnt / "zqdir-5e1c" / "zqconf-9a1b.txt", b"ours")
+        (share / "zqdir-5e1c" / "zqconf-9a1b.txt").write_bytes(b"theirs, changed")
+        st = (share / "zqdir-5e1c" / "zqconf-9a1b.txt").stat()
+        os.utime(share / "zqdir-5e1c" / "zqconf-9a1b.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**11))
+        control(mnt, "online")
+        wait_for(lambda: status(mnt)["state"] == "online", 15, "online")
+        sync(mnt)
+        assert status(mnt)["conflicts"] >= 1
+        # an offline period: the server goes away, a change is made, the server comes back
+        sshd.stop()
+        wait_for(lambda: status(mnt)["state"] == "offline", 15, "offline")
+        write_file(mnt / "zqnew-3c4d.txt", b"made offline")
+        sshd.start()
+        wait_for(lambda: status(mnt)["state"] == "online", 30, "online again")
+        wait_for(lambda: (share / "zqnew-3c4d.txt").exists(), 30, "the offline change replayed")
+        # a replay the server refuses: a folder that even root cannot change
+        subprocess.run(["chattr", "+i", str(locked)], check=True, timeout=10)
+        write_file(mnt / "zqlocked-44e1" / "zqinner-6b2f.txt", b"refused")
+        try:
+            sync(mnt)  # the refusal is recorded (a conflict of kind "error"), or fails the sync
+        except OSError:
+            pass
+        subprocess.run(["chattr", "-i", str(locked)], check=True, timeout=10)
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], timeout=10)
+        _stop_daemon(mnt)
+
+    log_text = (cache / "mount.log").read_text(errors="replace")
+    for event in ("conflict (changed-both) on ", "working offline", "reachable: online",
+                  "cannot replay create "):
+        assert event in log_text, f"no {event!r} line: the test did not make it happen\n{log_text[-3000:]}"
+    needles = [n.encode() for n in names] + [b"127.0.0.1", os.fsencode(share), os.fsencode(mnt),
+                                             os.fsencode(cache)]
+    found = []
+    for folder, _dirs, files in os.walk(cache):
+        for f in files:
+            data = Path(folder, f).read_bytes()
+            found += [f"{needle!r} in {os.path.relpath(os.path.join(folder, f), cache)}"
+                      for needle in needles if needle in data]
+    assert not found, f"names in plain text under the encrypted cache's directory: {found}\n{log_text[-3000:]}"
+
+    # --verbose asks for names: a warning on stderr and in the log, and the names are there
+    try:
+        started = ok(cachefs("mount", *args, "-v"))
+        assert "plain text" in started.stderr and str(cache / "mount.log") in started.stderr, started.stderr
+        read_all(mnt)
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        _stop_daemon(mnt)
+    log_text = (cache / "mount.log").read_text(errors="replace")
+    assert "--verbose with an encrypted cache: this log names files" in log_text
+    assert "127.0.0.1" in log_text
+
+
+def test_redactor_keeps_templates_numbers_and_errnos(capsys) -> None:
+    """In-process: what the filter on an encrypted cache's log handler keeps and replaces,
+    for the forms names take (bytes and str arguments, paths, an OSError's file names, a
+    RemoteError's text, chained exceptions and exception groups in tracebacks), and that
+    ``setup_logging`` puts it on the stderr handler of a foreground mount too."""
+    import errno
+    import logging
+
+    from cachefs.daemon import setup_logging
+    from cachefs.errors import RemoteError
+    from cachefs.redact import Redactor
+
+    def render(*args, exc: BaseException | None = None, msg: object = "x %s %r") -> str:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, msg, args,
+                                   (type(exc), exc, exc.__traceback__) if exc else None)
+        redactor.filter(record)
+        return logging.Formatter("%(message)s").format(record)
+
+    redactor = Redactor()
+    secret = "zq-secret-31f0"
+    line = render(secret, secret.encode())
+    assert secret not in line and line.startswith("x [text ") and "[name " in line, line
+    tag = redactor.tag("text", secret)
+    assert render(secret, secret) == f"x {tag} {tag}", "one name, one tag within one process"
+    assert render(7, 2.5) == "x 7 2.5"
+    assert render("changed-both", "store") == "x changed-both 'store'"  # the code's own words
+    assert render(Path("/srv") / secret, None) == f"x {redactor.tag('path', ('/srv/' + secret).encode())} None"
+    line = render("a", RemoteError(errno.EACCES, f"upload {secret}: refused"), msg="%s %s")
+    assert secret not in line and "[Errno 13 EACCES] [text " in line, line
+    try:
+        try:
+            open(f"/nonexistent/{secret}")
+        except OSError as inner:
+            raise ExceptionGroup(f"group {secret}", [ValueError(secret), inner]) from inner
+    except ExceptionGroup as exc:
+        line = render(secret, exc=exc, msg="failed %s")
+    assert secret not in line, line
+    assert "FileNotFoundError: [Errno 2 ENOENT] No such file or directory: [text " in line, line
+    assert "ValueError: [text " in line and "Traceback (most recent call last)" in line, line
+    assert 'line ' in line and "open(" in line, "the frames (code) are kept"
+    assert secret not in render(msg=ValueError(secret))
+    assert render({"k": secret, "n": 3}, msg="%(k)s %(n)d") == f"{tag} 3"
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        setup_logging(False, None, redact=True)  # --foreground: the log goes to stderr
+        logging.getLogger("cachefs.test").warning("conflict (%s) on %r", "changed-both", secret.encode())
+        err = capsys.readouterr().err
+        assert "conflict (changed-both) on [name " in err and secret not in err, err
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_redactor_takes_known_texts_out_of_templates() -> None:
+    """A library that formats its message before logging it (paramiko does) gives the
+    filter no argument to replace: the remote's address and the local paths are taken out
+    of the message template itself, and of traceback text."""
+    import logging
+
+    from cachefs.redact import Redactor
+
+    redactor = Redactor(known=("sftp://alice@zqhost-1f/srv/zqshare", "zqhost-1f", "/srv/zqshare", "/"))
+    record = logging.LogRecord("paramiko.transport", logging.WARNING, __file__, 1,
+                               "Socket exception on zqhost-1f: /srv/zqshare/x (sftp://alice@zqhost-1f/srv/zqshare)",
+                               None, None)
+    redactor.filter(record)
+    text = record.getMessage()
+    assert "zqhost" not in text and "zqshare" not in text, text
+    assert text.startswith("Socket exception on [text "), text
+
+
+def test_log_calls_pass_names_as_arguments() -> None:
+    """The redacting filter can replace what a log call passes as an argument; a name
+    formatted into the message itself (an f-string, ``%`` or ``.format`` before the call)
+    would reach an encrypted cache's log in clear. Every log call in cachefs has a literal
+    template (exceptions are passed as arguments, not as the message)."""
+    import ast
+
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "cachefs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in ("log", "logger", "logging")):
+                continue
+            first = node.args[0] if node.args else None
+            if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:100]}")
+    assert not offenders, "log calls without a literal template:\n" + "\n".join(offenders)
