@@ -35,7 +35,7 @@ import lmdb
 
 from .cache import crypto
 from .cache.crypto import RecordError
-from .cache.store import DIRTY, KERNEL_WRITES, ROOT_INO, WRITING, Node
+from .cache.store import DIRTY, KERNEL_WRITES, PROBE_CRASHED, ROOT_INO, WRITING, Node, probe_index
 from .progress import human_bytes
 from .sync import journal
 from .sync.journal import Op
@@ -75,6 +75,10 @@ class _Index:
         mdb = index / "data.mdb"
         if not mdb.is_file() or mdb.stat().st_size == 0:
             report.index = f"{mdb} is missing" if not mdb.is_file() else f"{mdb} is empty"
+            return
+        failure = probe_index(index)  # (in a child: some damage makes LMDB abort its reader)
+        if failure is not None and failure.startswith(PROBE_CRASHED):
+            report.index = f"{mdb} cannot be read: {failure}"
             return
         try:
             env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=16, subdir=True)

@@ -222,6 +222,59 @@ def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
     return b"/".join(reversed(parts))
 
 
+#: how ``probe_index`` begins its answer when LMDB ended the reader
+PROBE_CRASHED = "LMDB stopped with signal"
+
+
+def _walk_index(index: Path) -> None:
+    """Walk every page of every sub-database of ``index``, read-only, finding each
+    record again by its key."""
+    env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=64, subdir=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(k) for k, _v in txn.cursor()]
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                for key, value in txn.cursor(db=db):
+                    if txn.get(key, db=db) != value:
+                        raise RecordError(f"record {bytes(key)!r} of {name!r} is not found by its key")
+    finally:
+        env.close()
+
+
+def probe_index(index: Path) -> str | None:
+    """What is wrong with the pages of the index, found by walking them in a child
+    process: some damage makes LMDB abort the process that reads it (an assertion in
+    its C code), which no exception handler sees. None when the walk went through."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: walk, say what went wrong, never return
+        status = 0
+        try:
+            os.close(read_fd)
+            try:
+                _walk_index(index)
+            except Exception as exc:  # noqa: BLE001 - any failure is the answer
+                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+    finally:
+        _pid, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"{PROBE_CRASHED} {os.WTERMSIG(status)} while reading its pages"
+    if message:
+        return message
+    if os.waitstatus_to_exitcode(status) != 0:
+        return "reading its pages failed"
+    return None
+
+
 def check_private_dir(path: Path) -> None:
     """Create ``path`` with mode 0700, or refuse one that others may write to."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -292,6 +345,10 @@ class Store:
         # would die of SIGBUS on a full disk, so the whole map is kept allocated
         # (``_allocate_map``); where that cannot be done, the index runs without writemap.
         self.writemap = True
+        if self._once_indexed:  # (before this process opens it: LMDB allows one env per path)
+            failure = probe_index(cache_dir / "index")
+            if failure is not None:
+                raise StoreError(index_damaged(cache_dir, failure))
         try:
             self.env = self._open_env(map_size)
             try:
