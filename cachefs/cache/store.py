@@ -21,7 +21,8 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
               b"cache_id" -> 6 hex digits, random, made with the cache (names its conflict
               copies, so that two caches on one host never pick the same name)
     nodes     ino u64 -> Node record (see ``Node``)
-    entries   parent u64 + name -> child ino u64   (the directory tree)
+    entries   parent u64 + name -> child ino u64   (the directory tree; encrypted: a keyed
+              hash of the name in the key, ino + name sealed in the value)
     ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
     journal   seq u64 -> operation (written by the sync manager's journal; empty until then)
     conflicts id u64 -> conflict record
