@@ -255,7 +255,10 @@ def _recover(cache_dir: Path, to: Path, key: bytes | None, progress) -> Report:
 
 def _save(content, src: Path, dest: Path, node: Node | None, ino: int, note: str, report: Report) -> None:
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # (not even the access time of the cache's files changes)
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+        except PermissionError:
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         report.failed.append(f"{src}: {exc.strerror}")
         return

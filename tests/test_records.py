@@ -259,3 +259,35 @@ def test_random_bits_flipped_in_the_index_file_are_refused_or_harmless(tmp_path:
         outcomes[_trial(tmp_path, template, n, damage)] += 1
     print("random flips:", outcomes)
     assert outcomes["refused"] > 0, outcomes
+
+
+def test_a_journal_entry_damaged_while_mounted_stops_the_replay_there(tmp_path: Path) -> None:
+    """Damage that appears after the open: the entries before the damaged one are
+    replayed, it and those after it wait, and the reason names it."""
+    cache_dir, share, remote_text, key = _unpack("plain", tmp_path)
+    store = Store(cache_dir, remote_text, key=key)
+    try:
+        conn = Connectivity(LocalRemote(str(share), 10.0))
+
+        async def main() -> None:
+            await conn.first_connect()
+            cache = Cache(store, conn, CacheConfig())
+            sync = SyncManager(store, cache, conn)
+            with store.env.begin(write=True) as txn:  # entry 5 (the rename) gets a flipped bit
+                k = (5).to_bytes(8, "big")
+                v = bytearray(txn.get(k, db=store.journal))
+                v[v.index(b"renamed.txt") + 2] ^= 0x01  # "reoamed.txt": still a valid entry
+                txn.put(k, bytes(v), db=store.journal)
+            result = await sync.reintegrate()
+            assert not result.complete
+            assert "journal entry 5 fails its checksum" in result.reason and "cachefs recover" in result.reason
+            assert sync.last_error == result.reason
+            assert sync.pending() == 5  # entries 5 to 9
+
+        trio.run(main)
+    finally:
+        store.close()
+    got = _expected_share(share)
+    assert got["a.txt"] == REPLAYED["a.txt"] and got["nd/new2.txt"] == REPLAYED["nd/new2.txt"]  # 1-4
+    assert "old.txt" in got and "renamed.txt" not in got and "reoamed.txt" not in got
+    assert "gone.txt" in got  # 5 and what follows wait

@@ -757,7 +757,7 @@ class Store:
             for k, v in txn.cursor(db=self.journal):
                 try:
                     ops.append(self._op(k, v))
-                except (RecordError, ValueError, KeyError, TypeError) as exc:
+                except (RecordError, ValueError, KeyError, TypeError, struct.error) as exc:
                     return ops, index_damaged(self.dir, exc)
         return ops, None
 
