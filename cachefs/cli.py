@@ -515,6 +515,44 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return send_command(root, f"resolve {rel} {args.keep}")
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Save the changed files a cache holds (damaged or not) into a new folder; never
+    changes the cache. An encrypted cache's key is asked for as ``mount`` asks for it."""
+    from .recover import RecoverError, main_progress, recover, summary
+
+    cache_dir = args.cache_dir.expanduser().absolute()
+    to = (args.to or Path(f"cachefs-recovered-{time.strftime('%Y%m%d-%H%M%S')}")).expanduser().absolute()
+    key = None
+    if (cache_dir / "crypt.json").exists():
+        # Only read: open_key makes a crypt.json where there is none, and cache_key's
+        # check_private_dir may chmod the folder; this command changes nothing.
+        args.encrypt_cache = True
+        try:
+            if args.cache_key_file is not None:
+                secret = args.cache_key_file.expanduser().read_bytes()
+            else:
+                text = os.environ.get("CACHEFS_CACHE_PASSPHRASE")
+                if text is None:
+                    if not sys.stdin.isatty():
+                        return _fail(f"the cache in {cache_dir} is encrypted: give its key with "
+                                     "--cache-key-file FILE or CACHEFS_CACHE_PASSPHRASE (or run "
+                                     "on a terminal to be asked)")
+                    text = getpass.getpass("cache passphrase: ")
+                secret = text.encode()
+            key = open_key(cache_dir, secret)
+        except (CryptoError, OSError) as exc:
+            return _fail(str(exc))
+    try:
+        report = recover(cache_dir, to, key, progress=main_progress)
+    except (RecoverError, OSError) as exc:
+        return _fail(str(exc))
+    for line in summary(report, to):
+        print(line)
+    if report.failed or report.missing:
+        return _fail(f"some content could not be saved (see {to / 'RECOVERED.txt'})")
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"cachefs: {message}", file=sys.stderr)
     return 1
@@ -583,11 +621,24 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
                    help="local: this machine's version takes the name; remote: the server's "
                         "version stays and the other copy is deleted; both: keep both files")
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("recover", help="save changed files from a cache, even a damaged one",
+                       description="Save the content of every changed file that CACHE_DIR still "
+                                   "holds (with its path when the index tells it, else by inode "
+                                   "number) into a new folder, with a list of the changes that "
+                                   "were waiting for the server. Reads the cache without changing "
+                                   "it; works with a damaged index or none.")
+    p.add_argument("cache_dir", metavar="CACHE_DIR", type=Path, help="the cache directory (--cache-dir of the mount)")
+    p.add_argument("--to", metavar="DIR", type=Path,
+                   help="a new (or empty) folder for the files (default: ./cachefs-recovered-DATE-TIME)")
+    p.add_argument("--cache-key-file", metavar="FILE", type=Path,
+                   help="the key file of an encrypted cache (else $CACHEFS_CACHE_PASSPHRASE, or asked)")
+    p.set_defaults(func=cmd_recover)
     return parser
 
 
 COMMANDS = {"mount", "unmount", "umount", "status", "sync", "offline", "online", "pin", "unpin",
-            "evict", "conflicts", "resolve"}
+            "evict", "conflicts", "resolve", "recover"}
 
 
 def main(argv: list[str] | None = None) -> int:

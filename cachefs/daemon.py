@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import lmdb
 import pyfuse3
 import trio
 
 from .address import RemoteAddress
 from .cache.cache import Cache, CacheConfig
 from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
-from .cache.store import Store, StoreError
+from .cache.crypto import RecordError
+from .cache.store import Store, StoreError, index_damaged
 from .control import Control
 from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
@@ -238,6 +240,18 @@ def _verbose_warning(where: str) -> str:
             "in plain text (without --verbose, an encrypted cache's log names none of them)")
 
 
+def _index_damage(exc: BaseException) -> BaseException | None:
+    """The damaged-index error in ``exc`` (one, or one of a group's), if any."""
+    if isinstance(exc, (lmdb.Error, RecordError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _index_damage(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def _check_cache_free(cache_dir: Path) -> None:
     try:
         fd = os.open(cache_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
@@ -272,6 +286,16 @@ def _serve(config: MountConfig, ready: int | None) -> int:
     except MountError as exc:
         log.error("%s", exc)
         report(str(exc))
+        return 1
+    except (lmdb.Error, RecordError, BaseExceptionGroup) as exc:
+        # A damaged index met at start or by a background task: the clear message and
+        # its hint (requests that meet it get EIO, see ``fs.translate``), not a traceback.
+        damage = _index_damage(exc)
+        if damage is None:
+            raise
+        message = index_damaged(config.cache_dir, damage)
+        log.error("%s; the mount ends", message)
+        report(message)
         return 1
     finally:
         if fetch_pool is not None:

@@ -27,7 +27,8 @@ from pyfuse3 import FUSEError
 from . import control, mounts
 from .cache import cache as cache_mod
 from .cache.cache import Cache, OpenFile
-from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node
+from .cache.crypto import RecordError
+from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node, index_damaged
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, NotFound, RemoteError, Unavailable
 from .control import CommandError
@@ -64,6 +65,23 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+_damage_told: set[str] = set()
+
+
+def _index_damaged(ops: object, what: str, exc: BaseException) -> None:
+    """A request met a damaged index record or page: it gets EIO, and the log one line
+    (once per damage) that says what and how to save the changes, not a traceback."""
+    text = str(exc)
+    if text in _damage_told:
+        log.debug("%s: %s", what, text)
+        return
+    if len(_damage_told) < 100:
+        _damage_told.add(text)
+    cache = getattr(ops, "cache", None)
+    where = getattr(getattr(cache, "store", None), "dir", None)
+    log.error("%s failed: %s", what, index_damaged(where, text) if where else f"cache index damaged: {text}")
+
+
 def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -80,6 +98,8 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             err = _errno_of(exc)
             if isinstance(exc, OSError) or err == errno.ENOSPC:
                 log.warning("%s failed: %s", fn.__name__, exc)
+            elif isinstance(exc, (RecordError, lmdb.Error)):
+                _index_damaged(args[0] if args else None, fn.__name__, exc)
             else:
                 log.exception("unexpected error in %s", fn.__name__)
             raise FUSEError(err) from None

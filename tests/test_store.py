@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import lmdb
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -127,10 +128,44 @@ def test_store_refuses_a_cache_of_another_remote_or_schema(tmp_path: Path) -> No
     with pytest.raises(StoreError, match="belongs to remote"):
         Store(d, "file:///y")
     store = Store(d, "file:///x")
-    store.set_meta(b"schema", b"999")
+    with store.env.begin(write=True) as txn:
+        txn.put(b"schema", b"999", db=store.meta)  # (the one value kept raw: read first)
     store.close()
-    with pytest.raises(StoreError, match="schema 999"):
+    with pytest.raises(StoreError, match="schema 999, this release reads schemas 1 and 2"):
         Store(d, "file:///x")
+
+
+def test_an_emptied_index_is_refused(tmp_path: Path) -> None:
+    """An index replaced by an empty one (LMDB makes one where the file is empty) is
+    damage, never a new cache: its journal would be lost without a word."""
+    d = tmp_path / "cache"
+    Store(d, "file:///x").close()
+    assert (d / "index-made").exists()
+    for name in ("data.mdb", "lock.mdb"):
+        os.unlink(d / "index" / name)
+    lmdb.open(str(d / "index"), max_dbs=12).close()  # a new, empty environment
+    with pytest.raises(StoreError, match=r"damaged \(it holds no records: it was emptied\).*cachefs recover"):
+        Store(d, "file:///x")
+
+
+def test_a_cache_without_its_mark_is_marked_and_one_with_content_needs_its_index(tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    store = Store(d, "file:///x")
+    os.close(store.new_content_file(20))
+    store.close()
+    os.unlink(d / "index-made")  # a cache made before the mark
+    Store(d, "file:///x").close()
+    assert (d / "index-made").exists()  # marked at its next open
+    os.unlink(d / "index-made")
+    os.unlink(d / "index" / "data.mdb")
+    # Without the mark, content files say that an index was there.
+    with pytest.raises(StoreError, match=r"data.mdb is missing\).*cachefs recover"):
+        Store(d, "file:///x")
+    assert not (d / "index" / "data.mdb").exists()  # nothing made in its place
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    (fresh / "data").mkdir(mode=0o700)
+    Store(fresh, "file:///x").close()  # a new cache (an empty data/ is no evidence)
 
 
 def test_store_refuses_a_directory_others_may_write(tmp_path: Path) -> None:

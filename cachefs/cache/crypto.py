@@ -23,6 +23,7 @@ import io
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,14 +43,36 @@ class CryptoError(Exception):
     """Wrong key, or a cache that is (or is not) encrypted when the user says otherwise."""
 
 
+class RecordError(ValueError):
+    """An index record that fails its check (a CRC in a plain cache, the AEAD tag in an
+    encrypted one): damaged on disk. Never used in a guessed form."""
+
+
 # -- index records ------------------------------------------------------------------------
+_CRC = struct.Struct("<I")
+#: the CRC's starting value: an all-zero record (a page zeroed on disk) never checks
+_CRC_SEED = zlib.crc32(b"cachefs record")
+
+
 class PlainCodec:
+    """Index records of a plain cache: the record, then a CRC32 of the record's key and
+    the record (schema 2). The key is in the check, so a changed bit in a key (a journal
+    entry's sequence number, a folder entry's name) fails it as a changed value does."""
+
     encrypted = False
 
-    def seal(self, data: bytes) -> bytes:
-        return data
+    def seal(self, data: bytes, key: bytes = b"") -> bytes:
+        return data + _CRC.pack(zlib.crc32(data, zlib.crc32(key, _CRC_SEED)))
 
-    def open(self, data: bytes) -> bytes:
+    def open(self, data: bytes, key: bytes = b"") -> bytes:
+        n = len(data) - 4
+        body = data[:n]
+        if n < 0 or _CRC.unpack_from(data, n)[0] != zlib.crc32(body, zlib.crc32(key, _CRC_SEED)):
+            raise RecordError("fails its checksum")
+        return body if type(body) is bytes else bytes(body)
+
+    def open_schema1(self, data: bytes) -> bytes:
+        """A record as schema 1 wrote it (no check at all), for the upgrade."""
         return bytes(data)
 
     def name_key(self, name: bytes) -> bytes:
@@ -57,22 +80,31 @@ class PlainCodec:
 
 
 class SealedCodec(PlainCodec):
+    """Index records of an encrypted cache: nonce + AES-GCM of the record, with the
+    record's key as associated data (schema 2), so a record moved under another key (a
+    changed bit in the key) fails the tag as a changed bit in the record does."""
+
     encrypted = True
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(hashlib.sha256(b"records" + key).digest())
         self._names = hashlib.sha256(b"names" + key).digest()
 
-    def seal(self, data: bytes) -> bytes:
+    def seal(self, data: bytes, key: bytes = b"") -> bytes:
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, bytes(data), None)
+        return nonce + self._aead.encrypt(nonce, bytes(data), key or None)
 
-    def open(self, data: bytes) -> bytes:
+    def open(self, data: bytes, key: bytes = b"") -> bytes:
         data = bytes(data)
+        if len(data) < 28:  # nonce + tag
+            raise RecordError("is cut short")
         try:
-            return self._aead.decrypt(data[:12], data[12:], None)
+            return self._aead.decrypt(data[:12], data[12:], key or None)
         except InvalidTag:
-            raise CryptoError("a cache record does not decrypt: wrong key, or a corrupted cache") from None
+            raise RecordError("does not decrypt (damaged)") from None
+
+    def open_schema1(self, data: bytes) -> bytes:
+        return self.open(data)
 
     def name_key(self, name: bytes) -> bytes:
         return hmac.new(self._names, name, hashlib.sha256).digest()[:20]
@@ -319,7 +351,7 @@ def open_key(cache_dir: Path, secret: bytes | None) -> bytes | None:
         key = _derive(secret, bytes.fromhex(info["salt"]), info["n"], info["r"], info["p"])
         if SealedCodec(key).open(bytes.fromhex(info["check"])) != _CHECK:
             raise CryptoError("wrong key")
-    except CryptoError:
+    except (CryptoError, RecordError):
         raise CryptoError(f"wrong key for the encrypted cache in {cache_dir}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CryptoError(f"{meta} is damaged ({exc}); the cache cannot be opened") from exc

@@ -9,22 +9,30 @@ Layout of ``CACHE_DIR`` (mode 0700)::
 
     lock            flock()ed by the mount that uses the cache
     index/          the LMDB environment (data.mdb, lock.mdb)
+    index-made      written once the index holds its first records: a cache that has
+                    it (or has content files) and no index is damaged, never a new one
     data/<ino>      sparse content file of node <ino> (mode 0600)
     mount.log       the daemon's log when not in the foreground
 
 Sub-databases (all keys big-endian so cursors iterate in numeric order):
 
-    meta      b"schema" -> b"1"; b"next_ino" -> u64; b"remote" -> the address text;
+    meta      b"schema" -> b"2"; b"next_ino" -> u64; b"remote" -> the address text;
               b"connected" -> b"1" once the remote was reached (the cache is usable offline);
               b"cache_id" -> 6 hex digits, random, made with the cache (names its conflict
               copies, so that two caches on one host never pick the same name)
     nodes     ino u64 -> Node record (see ``Node``)
-    entries   parent u64 + name -> child ino u64   (the directory tree)
+    entries   parent u64 + name -> child ino u64   (the directory tree; encrypted: a keyed
+              hash of the name in the key, ino + name sealed in the value)
     ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
     journal   seq u64 -> operation (written by the sync manager's journal; empty until then)
     conflicts id u64 -> conflict record
     links     ino u64 + entry key -> b""   (the names of hard-linked files; may hold
               stale names, which readers check against entries)
+
+Every value but ``meta/schema`` is sealed by the codec with its key (``crypto``): a
+CRC32 of key and value after the value in a plain cache, AES-GCM with the key as
+associated data in an encrypted one. Every read checks it: a damaged record raises
+``RecordError`` and is never used. Schema 1 (no checks) is upgraded at open.
 
 Node records are ``struct`` packed with a leading record version so a cache written by
 another release is refused with a clear message instead of being misread.
@@ -38,6 +46,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import stat as stat_mod
 import struct
 import time
@@ -53,12 +62,15 @@ from ..sync import journal
 from ..sync.journal import Op
 from . import crypto
 from . import ranges as rangeset
+from .crypto import RecordError
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-SCHEMA = b"1"
+SCHEMA = b"2"
+#: beside ``index/``, made with the index (see the layout above)
+INDEX_MARK = "index-made"
 ROOT_INO = 1
 FIRST_INO = 16  # 2..15 are reserved for the virtual .cachefs files
 
@@ -97,6 +109,15 @@ class Held:
 
 class StoreError(Exception):
     """The cache directory cannot be used (locked, corrupt, other schema, unsafe mode)."""
+
+
+def index_damaged(cache_dir: Path, what: object) -> str:
+    """The one message for a damaged cache index, at start-up and while serving: what is
+    damaged, and how to save the changes it held."""
+    where = shlex.quote(str(cache_dir))
+    return (f"the cache index in {cache_dir} is damaged ({what}); changes not yet on the server "
+            f"can be saved with 'cachefs recover {where} --to DIR', then move {where} away "
+            "(or mount with another --cache-dir)")
 
 
 @dataclass(slots=True)
@@ -197,9 +218,62 @@ def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
         data = txn.get(_key(ino), db=store.nodes)
         if data is None:
             raise KeyError(ino)
-        ino, name = Node.parent_and_name(ino, store.codec.open(data))
+        ino, name = Node.parent_and_name(ino, store._open_record(data, _key(ino), "node", ino))
         parts.append(name)
     return b"/".join(reversed(parts))
+
+
+#: how ``probe_index`` begins its answer when LMDB ended the reader
+PROBE_CRASHED = "LMDB stopped with signal"
+
+
+def _walk_index(index: Path) -> None:
+    """Walk every page of every sub-database of ``index``, read-only, finding each
+    record again by its key."""
+    env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=64, subdir=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(k) for k, _v in txn.cursor()]
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                for key, value in txn.cursor(db=db):
+                    if txn.get(key, db=db) != value:
+                        raise RecordError(f"record {bytes(key)!r} of {name!r} is not found by its key")
+    finally:
+        env.close()
+
+
+def probe_index(index: Path) -> str | None:
+    """What is wrong with the pages of the index, found by walking them in a child
+    process: some damage makes LMDB abort the process that reads it (an assertion in
+    its C code), which no exception handler sees. None when the walk went through."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: walk, say what went wrong, never return
+        status = 0
+        try:
+            os.close(read_fd)
+            try:
+                _walk_index(index)
+            except Exception as exc:  # noqa: BLE001 - any failure is the answer
+                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+    finally:
+        _pid, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"{PROBE_CRASHED} {os.WTERMSIG(status)} while reading its pages"
+    if message:
+        return message
+    if os.waitstatus_to_exitcode(status) != 0:
+        return "reading its pages failed"
+    return None
 
 
 def check_private_dir(path: Path) -> None:
@@ -237,14 +311,12 @@ class Store:
             raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
         try:
             self._open(cache_dir, remote_text, map_size)
-        except (crypto.CryptoError, lmdb.Error, ValueError, TypeError) as exc:
+        except (crypto.CryptoError, lmdb.Error, ValueError, TypeError, KeyError, struct.error) as exc:
             if getattr(self, "env", None) is not None:
                 self.env.close()
             os.close(self._lock_fd)
             if not isinstance(exc, crypto.CryptoError):
-                raise StoreError(f"the cache index in {cache_dir}/index is damaged ({exc}); "
-                                 "move that cache directory away (changes not yet on the "
-                                 "server are in its data/ folder) or use another --cache-dir") from exc
+                raise StoreError(index_damaged(cache_dir, exc)) from exc
             raise StoreError(str(exc)) from exc
         except BaseException:
             if getattr(self, "env", None) is not None:
@@ -264,6 +336,7 @@ class Store:
         self.held: dict[int, Held] = {}
         self.data_dir = cache_dir / "data"
         self._data_prefix = f"{self.data_dir}/"
+        self._once_indexed = self._check_index_present()
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
         # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
@@ -273,6 +346,10 @@ class Store:
         # would die of SIGBUS on a full disk, so the whole map is kept allocated
         # (``_allocate_map``); where that cannot be done, the index runs without writemap.
         self.writemap = True
+        if self._once_indexed:  # (before this process opens it: LMDB allows one env per path)
+            failure = probe_index(cache_dir / "index")
+            if failure is not None:
+                raise StoreError(index_damaged(cache_dir, failure))
         try:
             self.env = self._open_env(map_size)
             try:
@@ -285,7 +362,7 @@ class Store:
                 self.writemap = False
                 self.env = self._open_env(map_size)
         except lmdb.Error as exc:
-            raise StoreError(f"cannot open the cache index in {cache_dir}/index: {exc}") from exc
+            raise StoreError(index_damaged(cache_dir, f"it does not open: {exc}")) from exc
         self.meta = self.env.open_db(b"meta")
         self.nodes = self.env.open_db(b"nodes")
         self.entries = self.env.open_db(b"entries")
@@ -297,10 +374,55 @@ class Store:
         self.links = self.env.open_db(b"links")
         self._check_schema(remote_text)
         self.fit_dirty_content(self._check_integrity())
+        self._mark_indexed()
         self.reserve()
 
+    def _check_index_present(self) -> bool:
+        """Refuse a cache that once held an index (its mark, or content files, say so)
+        and has none now, before LMDB would make a new, empty one: an empty index would
+        show the server's files and drop every change the lost one journaled. Whether
+        the cache ever held one."""
+        index = self.dir / "index"
+        made = (self.dir / INDEX_MARK).exists()
+        try:
+            with os.scandir(self.data_dir) as it:
+                has_content = any(True for _ in it)
+        except FileNotFoundError:
+            has_content = False
+        if not (made or has_content):
+            return False
+        mdb = index / "data.mdb"
+        if not index.is_dir():
+            what = f"its index folder {index} is missing"
+        elif not mdb.exists():
+            what = f"{mdb} is missing"
+        elif mdb.stat().st_size == 0:
+            what = f"{mdb} is empty (0 bytes)"
+        else:
+            return True
+        raise StoreError(index_damaged(self.dir, what))
+
+    def _mark_indexed(self) -> None:
+        """Write ``INDEX_MARK`` once the index holds its records (durably first)."""
+        mark = self.dir / INDEX_MARK
+        if mark.exists():
+            return
+        self.env.sync(True)
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"this cache has an index (index/data.mdb): if it is missing or empty, "
+                         b"the cache is damaged (see 'cachefs recover')\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
     def _open_env(self, map_size: int) -> lmdb.Environment:
-        return lmdb.open(str(self.dir / "index"), map_size=map_size, max_dbs=8, subdir=True,
+        return lmdb.open(str(self.dir / "index"), map_size=map_size, max_dbs=12, subdir=True,
                          sync=False, metasync=False, mode=0o600, readahead=False,
                          writemap=self.writemap)
 
@@ -331,15 +453,30 @@ class Store:
         changes."""
         dirty = []
         with self.env.begin() as txn:
-            for db in (self.meta, self.entries, self.ranges_db, self.conflicts):
-                for _k, _v in txn.cursor(db=db):
-                    pass
+            # Each record found by walking is found again by its key: a damaged key in a
+            # branch page would send lookups astray (a node "gone", a name not there).
+            for db in (self.meta, self.nodes, self.entries, self.ranges_db, self.journal,
+                       self.conflicts, self.links):
+                for key, value in txn.cursor(db=db):
+                    if txn.get(key, db=db) != value:
+                        raise RecordError(f"record {bytes(key)!r} is not found by its key")
+            for key, value in txn.cursor(db=self.meta):
+                if key != b"schema":
+                    self._open_record(value, key, "meta", bytes(key))
+            for key, value in txn.cursor(db=self.entries):
+                self._entry(key, value)
+            for key, value in txn.cursor(db=self.ranges_db):
+                rangeset.decode(self._open_record(value, key, "ranges of node", _U64.unpack(key)[0]))
+            for key, value in txn.cursor(db=self.conflicts):
+                json.loads(self._open_record(value, key, "conflict", _U64.unpack(key)[0]))
+            for key, value in txn.cursor(db=self.links):
+                self._open_record(value, key, "link", _U64.unpack(key[:8])[0])
             for key, value in txn.cursor(db=self.nodes):
                 node = self._unpack(_U64.unpack(key)[0], value)
                 if node.flags & DIRTY and node.flags & FULL and node.is_file:
                     dirty.append(node)
             for key, value in txn.cursor(db=self.journal):
-                Op.decode(journal.seq_of(key), self.codec.open(value))
+                self._op(key, value)
         return dirty
 
     def fit_dirty_content(self, nodes: list[Node]) -> None:
@@ -371,16 +508,29 @@ class Store:
             finally:
                 os.close(fd)
 
-    # -- record encoding (sealed when the cache is encrypted) ------------------------------
+    # -- record encoding (checked; sealed when the cache is encrypted) ---------------------
+    # Every value is ``codec.seal(value, key)``: read back only through ``codec.open`` with
+    # the same key, which raises ``RecordError`` for a record damaged in value or key. A
+    # new sub-database must do the same, and ``_check_integrity`` read it.
+    def _open_record(self, data: bytes, key: bytes, what: str, which: object) -> bytes:
+        try:
+            return self.codec.open(data, key)
+        except RecordError as exc:
+            raise RecordError(f"{what} {which!r} {exc}") from None
+
     def _pack(self, node: Node) -> bytes:
         if self.held:  # (a record written now carries a held file's latest size and times)
             held = self.held.get(node.ino)
             if held is not None:
                 held.size, held.mtime_ns, held.ctime_ns = node.size, node.mtime_ns, node.ctime_ns
-        return self.codec.seal(node.pack())
+        return self.codec.seal(node.pack(), _U64.pack(node.ino))
 
     def _unpack(self, ino: int, data: bytes) -> Node:
-        node = Node.unpack(ino, self.codec.open(data))
+        try:
+            body = self.codec.open(data, _U64.pack(ino))
+        except RecordError as exc:
+            raise RecordError(f"node {ino} {exc}") from None
+        node = Node.unpack(ino, body)
         if self.held:
             held = self.held.get(ino)
             if held is not None:
@@ -390,41 +540,131 @@ class Store:
     def _ekey(self, parent: int, name: bytes) -> bytes:
         return _U64.pack(parent) + self.codec.name_key(name)
 
-    def _evalue(self, ino: int, name: bytes) -> bytes:
+    def _evalue(self, ekey: bytes, ino: int, name: bytes) -> bytes:
         # Plain: the name is the key's tail. Sealed: the key holds a keyed hash of the
-        # name, so the name itself travels sealed in the value.
-        return _U64.pack(ino) + (self.codec.seal(name) if self.codec.encrypted else b"")
+        # name, so the name itself travels sealed in the value. Checked with the key.
+        return self.codec.seal(_U64.pack(ino) + (name if self.codec.encrypted else b""), ekey)
 
-    def _entry_name(self, key: bytes, value: bytes) -> bytes:
-        return self.codec.open(value[8:]) if self.codec.encrypted else bytes(key[8:])
+    def _entry(self, key: bytes, value: bytes) -> tuple[bytes, int]:
+        """(name, child ino) of a folder entry, checked."""
+        try:
+            body = self.codec.open(value, key)
+        except RecordError as exc:
+            raise RecordError(f"folder entry {_U64.unpack(key[:8])[0]}/{bytes(key[8:])!r} {exc}") from None
+        if len(body) < 8:
+            raise RecordError(f"folder entry {_U64.unpack(key[:8])[0]}/{bytes(key[8:])!r} is cut short")
+        return (body[8:] if self.codec.encrypted else bytes(key[8:])), _U64.unpack_from(body)[0]
+
+    def _entry_ino(self, key: bytes, value: bytes) -> int:
+        return self._entry(key, value)[1]
+
+    def _op(self, key: bytes, value: bytes) -> Op:
+        seq = journal.seq_of(key)
+        try:
+            return Op.decode(seq, self.codec.open(value, key))
+        except RecordError as exc:
+            raise RecordError(f"journal entry {seq} {exc}") from None
+
+    def _meta_get(self, txn, key: bytes) -> bytes | None:
+        data = txn.get(key, db=self.meta)
+        return None if data is None else self._open_record(data, key, "meta", key)
+
+    def _meta_put(self, txn, key: bytes, value: bytes) -> None:
+        txn.put(key, self.codec.seal(value, key), db=self.meta)
 
     # -- set-up -----------------------------------------------------------------------
     def _check_schema(self, remote_text: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.env.begin() as txn:
             schema = txn.get(b"schema", db=self.meta)
+            schema = None if schema is None else bytes(schema)
+        if schema == b"1":
+            self._upgrade_schema1()
+            schema = SCHEMA
+        with self.env.begin(write=True) as txn:
             if schema is None:
                 if txn.stat(self.nodes)["entries"]:
-                    raise StoreError(f"cache in {self.dir} has no schema mark: refusing to guess")
+                    raise StoreError(index_damaged(self.dir, "it has no schema mark"))
+                if self._once_indexed:
+                    raise StoreError(index_damaged(self.dir, "it holds no records: it was emptied"))
                 txn.put(b"schema", SCHEMA, db=self.meta)
-                txn.put(b"next_ino", _U64.pack(FIRST_INO), db=self.meta)
-                txn.put(b"remote", self.codec.seal(remote_text.encode()), db=self.meta)
-                txn.put(b"cache_id", os.urandom(3).hex().encode(), db=self.meta)
+                self._meta_put(txn, b"next_ino", _U64.pack(FIRST_INO))
+                self._meta_put(txn, b"remote", remote_text.encode())
+                self._meta_put(txn, b"cache_id", os.urandom(3).hex().encode())
                 now = time.time_ns()
                 root = Node(ROOT_INO, ROOT_INO, b"", stat_mod.S_IFDIR | 0o755, 0, now, now, now, nlink=2)
                 txn.put(_key(ROOT_INO), self._pack(root), db=self.nodes)
             elif schema != SCHEMA:
                 raise StoreError(
                     f"cache in {self.dir} has schema {schema.decode(errors='replace')}, this release "
-                    f"reads schema {SCHEMA.decode()}; use another --cache-dir or remove that one"
+                    f"reads schemas 1 and {SCHEMA.decode()}; use another --cache-dir or remove that one"
                 )
             else:
-                stored = self.codec.open(txn.get(b"remote", db=self.meta, default=b"")).decode(errors="replace")
+                stored = (self._meta_get(txn, b"remote") or b"").decode(errors="replace")
                 if stored != remote_text:
                     raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
-                if txn.get(b"cache_id", db=self.meta) is None:  # a cache made before the id
-                    txn.put(b"cache_id", os.urandom(3).hex().encode(), db=self.meta)
+                if self._meta_get(txn, b"cache_id") is None:  # a cache made before the id
+                    self._meta_put(txn, b"cache_id", os.urandom(3).hex().encode())
             #: this cache's short random id (see ``meta``)
-            self.cache_id = bytes(txn.get(b"cache_id", db=self.meta)).decode()
+            self.cache_id = self._meta_get(txn, b"cache_id").decode()
+
+    def _upgrade_schema1(self) -> None:
+        """Rewrite a schema-1 cache (records without checks) as schema 2, in one
+        transaction: every record is first checked as well as schema 1 allows (it decodes,
+        lengths agree, a sealed one decrypts), then sealed with its key. A record that
+        fails refuses the upgrade (and the mount) and changes nothing."""
+        codec = self.codec
+        rewritten = 0
+
+        def txn_fn(txn) -> None:
+            nonlocal rewritten
+            plan: list[tuple[object, bytes, bytes]] = []  # (db, key, new value)
+            for key, value in txn.cursor(db=self.meta):
+                key = bytes(key)
+                if key == b"schema":
+                    continue
+                body = codec.open_schema1(value) if key == b"remote" else bytes(value)
+                if key in (b"next_ino", b"last_seq") and len(body) != 8:
+                    raise RecordError(f"meta {key!r} has {len(body)} bytes, not 8")
+                if key.startswith((b"u:", b"v:")) or key == b"pinned":
+                    json.loads(body)
+                plan.append((self.meta, key, codec.seal(body, key)))
+            for key, value in txn.cursor(db=self.nodes):
+                key = bytes(key)
+                body = codec.open_schema1(value)
+                Node.unpack(_U64.unpack(key)[0], body)
+                plan.append((self.nodes, key, codec.seal(body, key)))
+            for key, value in txn.cursor(db=self.entries):
+                key, value = bytes(key), bytes(value)
+                if len(value) < 8:
+                    raise RecordError(f"folder entry {key!r} is cut short")
+                name = codec.open_schema1(value[8:]) if codec.encrypted else b""
+                plan.append((self.entries, key, codec.seal(value[:8] + name, key)))
+            for key, value in txn.cursor(db=self.ranges_db):
+                key, value = bytes(key), bytes(value)
+                rangeset.decode(value)
+                plan.append((self.ranges_db, key, codec.seal(value, key)))
+            for key, value in txn.cursor(db=self.journal):
+                key = bytes(key)
+                body = codec.open_schema1(value)
+                Op.decode(journal.seq_of(key), body)
+                plan.append((self.journal, key, codec.seal(body, key)))
+            for key, value in txn.cursor(db=self.conflicts):
+                key = bytes(key)
+                body = codec.open_schema1(value)
+                json.loads(body)
+                plan.append((self.conflicts, key, codec.seal(body, key)))
+            for key, _value in txn.cursor(db=self.links):
+                key = bytes(key)
+                plan.append((self.links, key, codec.seal(b"", key)))
+            for db, key, value in plan:
+                txn.put(key, value, db=db)
+            txn.put(b"schema", SCHEMA, db=self.meta)
+            rewritten = len(plan)
+
+        self.run_write(txn_fn)
+        self.env.sync(True)
+        log.info("cache %s upgraded from schema 1 to %s: %d records now carry a check",
+                 self.dir, SCHEMA.decode(), rewritten)
 
     def close(self) -> None:
         self.env.sync(True)
@@ -504,20 +744,34 @@ class Store:
         return self.run_write(lambda txn: fn(Txn(self, txn)))  # type: ignore[return-value]
 
     def journal_ops(self) -> list[Op]:
+        """Every journal entry; ``RecordError`` if one fails its check."""
         with self.env.begin() as txn:
-            return [Op.decode(journal.seq_of(k), self.codec.open(v)) for k, v in txn.cursor(db=self.journal)]
+            return [self._op(k, v) for k, v in txn.cursor(db=self.journal)]
+
+    def journal_ops_until_damaged(self) -> tuple[list[Op], str | None]:
+        """The journal's entries before the first that fails its check, and what is
+        wrong with that one (None when none fails): a replay stops there, never applies
+        it in a guessed form, nor what comes after it (which may depend on it)."""
+        ops: list[Op] = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.journal):
+                try:
+                    ops.append(self._op(k, v))
+                except (RecordError, ValueError, KeyError, TypeError, struct.error) as exc:
+                    return ops, index_damaged(self.dir, exc)
+        return ops, None
 
     # -- meta -------------------------------------------------------------------------
     def get_meta(self, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
-            return txn.get(key, db=self.meta)
+            return self._meta_get(txn, key)
 
     def set_meta(self, key: bytes, value: bytes) -> None:
-        self.run_write(lambda txn: txn.put(key, value, db=self.meta))
+        self.run_write(lambda txn: self._meta_put(txn, key, value))
 
     def _new_ino(self, txn) -> int:
-        ino = _U64.unpack(txn.get(b"next_ino", db=self.meta))[0]
-        txn.put(b"next_ino", _U64.pack(ino + 1), db=self.meta)
+        ino = _U64.unpack(self._meta_get(txn, b"next_ino"))[0]
+        self._meta_put(txn, b"next_ino", _U64.pack(ino + 1))
         return ino
 
     # -- nodes ------------------------------------------------------------------------
@@ -527,17 +781,20 @@ class Store:
         return None if data is None else self._unpack(ino, data)
 
     def child_ino(self, parent: int, name: bytes) -> int | None:
+        key = self._ekey(parent, name)
         with self.env.begin() as txn:
-            data = txn.get(self._ekey(parent, name), db=self.entries)
-        return None if data is None else _U64.unpack(data[:8])[0]
+            data = txn.get(key, db=self.entries)
+            return None if data is None else self._entry_ino(key, data)
 
     def child(self, parent: int, name: bytes) -> Node | None:
+        key = self._ekey(parent, name)
         with self.env.begin() as txn:
-            data = txn.get(self._ekey(parent, name), db=self.entries)
+            data = txn.get(key, db=self.entries)
             if data is None:
                 return None
-            rec = txn.get(data[:8], db=self.nodes)
-        return None if rec is None else self._unpack(_U64.unpack(data[:8])[0], rec)
+            ino = self._entry_ino(key, data)
+            rec = txn.get(_key(ino), db=self.nodes)
+            return None if rec is None else self._unpack(ino, rec)
 
     def children(self, parent: int) -> list[Node]:
         """The cached entries of a folder, sorted by name (``name`` and ``parent`` are the
@@ -575,7 +832,7 @@ class Store:
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
-                out.append((self._entry_name(key, value), _U64.unpack(value[:8])[0]))
+                out.append(self._entry(key, value))
         return out
 
     def put(self, node: Node) -> None:
@@ -641,9 +898,10 @@ class Store:
                         continue
                 if ino is None:
                     if next_ino is None:  # numbers for new names: read and written once
-                        next_ino = first_ino = _U64.unpack(txn.get(b"next_ino", db=self.meta))[0]
+                        next_ino = first_ino = _U64.unpack(self._meta_get(txn, b"next_ino"))[0]
                     ino, next_ino = next_ino, next_ino + 1
-                    txn.put(self._ekey(parent, name), self._evalue(ino, name), db=self.entries)
+                    ekey = self._ekey(parent, name)
+                    txn.put(ekey, self._evalue(ekey, ino, name), db=self.entries)
                 node = make_node(ino, parent, name, rstat, old)
                 built[ino] = node
                 if node == old:
@@ -655,7 +913,7 @@ class Store:
                     delta.changed.append(node)
                 txn.put(_key(ino), self._pack(node), db=self.nodes)
             if next_ino != first_ino:
-                txn.put(b"next_ino", _U64.pack(next_ino), db=self.meta)
+                self._meta_put(txn, b"next_ino", _U64.pack(next_ino))
             for name, ino in existing.items():
                 data = txn.get(_key(ino), db=self.nodes)
                 node = self._unpack(ino, data) if data is not None else None
@@ -709,9 +967,10 @@ class Store:
                         if not key.startswith(prefix):
                             break
                         keys.append(bytes(key))
-                        data = txn.get(value[:8], db=self.nodes)
+                        child = self._entry_ino(key, value)
+                        data = txn.get(_key(child), db=self.nodes)
                         if data is not None:
-                            stack.append(self._unpack(_U64.unpack(value[:8])[0], data))
+                            stack.append(self._unpack(child, data))
                 for key in keys:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
@@ -749,9 +1008,10 @@ class Store:
             pass
 
     def get_ranges(self, ino: int) -> rangeset.Ranges:
+        key = _key(ino)
         with self.env.begin() as txn:
-            data = txn.get(_key(ino), db=self.ranges_db)
-        return [] if data is None else rangeset.decode(data)
+            data = txn.get(key, db=self.ranges_db)
+            return [] if data is None else rangeset.decode(self._open_record(data, key, "ranges of node", ino))
 
     def save_ranges(self, updates: dict[int, rangeset.Ranges], full: set[int]) -> list[Node]:
         """Record content now present (after it was synced to disk). Returns the nodes
@@ -765,7 +1025,7 @@ class Store:
                 data = txn.get(_key(ino), db=self.nodes)
                 if data is None:
                     continue  # the node went away meanwhile
-                txn.put(_key(ino), rangeset.encode(rs), db=self.ranges_db)
+                txn.put(_key(ino), self.codec.seal(rangeset.encode(rs), _key(ino)), db=self.ranges_db)
                 if ino in full:
                     node = self._unpack(ino, data)
                     if not node.has(FULL):
@@ -820,7 +1080,8 @@ class Store:
 
     def conflict_records(self) -> list[dict]:
         with self.env.begin() as txn:
-            return [json.loads(self.codec.open(v)) for _k, v in txn.cursor(db=self.conflicts)]
+            return [json.loads(self._open_record(v, k, "conflict", _U64.unpack(k)[0]))
+                    for k, v in txn.cursor(db=self.conflicts)]
 
     def delete_conflict(self, cid: int) -> None:
         self.run_write(lambda txn: txn.delete(_key(cid), db=self.conflicts))
@@ -853,15 +1114,17 @@ class Txn:
             cur.delete()
 
     def child_ino(self, parent: int, name: bytes) -> int | None:
-        data = self.txn.get(self.store._ekey(parent, name), db=self.store.entries)
-        return None if data is None else _U64.unpack(data[:8])[0]
+        key = self.store._ekey(parent, name)
+        data = self.txn.get(key, db=self.store.entries)
+        return None if data is None else self.store._entry_ino(key, data)
 
     def child(self, parent: int, name: bytes) -> Node | None:
         ino = self.child_ino(parent, name)
         return None if ino is None else self.node(ino)
 
     def set_entry(self, parent: int, name: bytes, ino: int) -> None:
-        self.txn.put(self.store._ekey(parent, name), self.store._evalue(ino, name), db=self.store.entries)
+        key = self.store._ekey(parent, name)
+        self.txn.put(key, self.store._evalue(key, ino, name), db=self.store.entries)
 
     def delete_entry(self, parent: int, name: bytes) -> None:
         self.txn.delete(self.store._ekey(parent, name), db=self.store.entries)
@@ -873,7 +1136,8 @@ class Txn:
 
     def add_link_name(self, ino: int, parent: int, name: bytes) -> None:
         """Record a name of a hard-linked file, for ``names_of``."""
-        self.txn.put(_key(ino) + self.store._ekey(parent, name), b"", db=self.store.links)
+        key = _key(ino) + self.store._ekey(parent, name)
+        self.txn.put(key, self.store.codec.seal(b"", key), db=self.store.links)
 
     def names_of(self, ino: int) -> list[tuple[int, bytes]]:
         """Every (parent, name) that leads to ``ino`` (hard links). git links and unlinks
@@ -883,17 +1147,24 @@ class Txn:
         found = []
         cur = self.txn.cursor(db=self.store.links)
         if cur.set_range(target):
-            for key, _ in cur:
+            for key, lvalue in cur:
                 if not key.startswith(target):
                     break
+                self.store._open_record(lvalue, key, "link", ino)
                 ekey = bytes(key[8:])
                 value = self.txn.get(ekey, db=self.store.entries)
-                if value is not None and value[:8] == target:
-                    found.append((_U64.unpack(ekey[:8])[0], self.store._entry_name(ekey, value)))
+                if value is not None:
+                    name, child = self.store._entry(ekey, value)
+                    if child == ino:
+                        found.append((_U64.unpack(ekey[:8])[0], name))
         if found:
             return found
-        return [(_U64.unpack(k[:8])[0], self.store._entry_name(k, v))
-                for k, v in self.txn.cursor(db=self.store.entries) if v[:8] == target]
+        out = []
+        for k, v in self.txn.cursor(db=self.store.entries):
+            name, child = self.store._entry(k, v)
+            if child == ino:
+                out.append((_U64.unpack(k[:8])[0], name))
+        return out
 
     def new_ino(self) -> int:
         return self.store._new_ino(self.txn)
@@ -907,13 +1178,13 @@ class Txn:
         # by sequence number, such as an upload under way, must never match a newer entry.
         # (``last_seq`` is written with every entry, so it is the highest ever when present;
         # the journal's last key is asked only of caches older than it)
-        last = self.txn.get(b"last_seq", db=self.store.meta)
+        last = self.store._meta_get(self.txn, b"last_seq")
         if last is not None:
             seq = _U64.unpack(last)[0] + 1
         else:
             cur = self.txn.cursor(db=self.store.journal)
             seq = (journal.seq_of(cur.key()) if cur.last() else 0) + 1
-        self.txn.put(b"last_seq", _U64.pack(seq), db=self.store.meta)
+        self.store._meta_put(self.txn, b"last_seq", _U64.pack(seq))
         op.seq = seq
         self.put_op(seq, op)
         return seq
@@ -921,7 +1192,8 @@ class Txn:
     def put_op(self, seq: int, op: Op) -> None:
         """Journal entry ``seq`` is ``op`` (new, or rewritten by ``journal.optimise``),
         sealed when the cache is encrypted."""
-        self.txn.put(journal.key(seq), self.store.codec.seal(op.encode()), db=self.store.journal)
+        key = journal.key(seq)
+        self.txn.put(key, self.store.codec.seal(op.encode(), key), db=self.store.journal)
 
     def delete_op(self, seq: int) -> None:
         self.txn.delete(journal.key(seq), db=self.store.journal)
@@ -930,7 +1202,7 @@ class Txn:
     # our size and mtime is recognised as that upload, not as someone else's change.
     def mark_upload(self, seq: int, size: int, mtime_ns: int) -> None:
         """Record (size, mtime) of the content being uploaded for ``seq``."""
-        self.txn.put(b"u:" + _key(seq), json.dumps([size, mtime_ns]).encode(), db=self.store.meta)
+        self.store._meta_put(self.txn, b"u:" + _key(seq), json.dumps([size, mtime_ns]).encode())
 
     def clear_upload(self, seq: int) -> None:
         self.txn.delete(b"u:" + _key(seq), db=self.store.meta)
@@ -939,7 +1211,7 @@ class Txn:
     # an older base for the same node (or for the object they replace), and must compare
     # the remote with what the replay itself made. Cleared when the journal is empty.
     def set_produced(self, ino: int, version: tuple[int, int, int]) -> None:
-        self.txn.put(b"v:" + _key(ino), json.dumps(version).encode(), db=self.store.meta)
+        self.store._meta_put(self.txn, b"v:" + _key(ino), json.dumps(version).encode())
 
     def clear_produced(self) -> None:
         cur = self.txn.cursor(db=self.store.meta)
@@ -956,7 +1228,7 @@ class Txn:
         cur = self.txn.cursor(db=self.store.conflicts)
         cid = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         record["id"] = cid
-        self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode()), db=self.store.conflicts)
+        self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode(), _key(cid)), db=self.store.conflicts)
         return cid
 
 

@@ -38,7 +38,8 @@ import trio
 from ..cache.cache import Cache
 from ..cache.hoard import Hoard
 from ..progress import Progress
-from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn
+from ..cache.crypto import RecordError
+from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn, index_damaged
 from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import join
 from .connectivity import Connectivity, Unavailable
@@ -191,6 +192,10 @@ class SyncManager:
                     await self.reintegrate()
             except SyncFailed as exc:
                 log.info("scheduled sync incomplete: %s", exc)
+            except (RecordError, lmdb.Error) as exc:  # a damaged index: one clear line
+                self.last_error = index_damaged(self.store.dir, exc)
+                log.error("%s", self.last_error)
+                await trio.sleep(self.writeback_delay * 10)
             except Exception:  # write-back must go on; the journal keeps the work
                 log.exception("reconciliation pass failed")
                 await trio.sleep(self.writeback_delay * 10)
@@ -305,9 +310,11 @@ class SyncManager:
             return result
 
     async def _pass(self) -> PassResult:
-        ops = self.store.journal_ops()
+        ops, damaged = self.store.journal_ops_until_damaged()
+        if damaged is not None:  # replay what comes before it, then stop there
+            log.error("%s", damaged)
         if not ops:
-            return PassResult(True)
+            return PassResult(damaged is None, damaged)
         alive, folders = set(), set()
         for ino in {op.ino for op in ops}:
             node = self.store.get(ino)
@@ -336,6 +343,8 @@ class SyncManager:
                         nursery.start_soon(self._replay_one, op, failures)
             if failures:
                 return PassResult(False, failures[0])
+        if damaged is not None:
+            return PassResult(False, damaged)
         if not self.pending():
             self.store.transact(lambda t: t.clear_produced())
         return PassResult(True)
@@ -361,9 +370,12 @@ class SyncManager:
             if len(self._refusals) < 10:
                 self._refusals.append((op.path, exc))
         except (OSError, ValueError, KeyError, lmdb.Error) as exc:
-            # A local failure (disk, a record that went away): stop here, the entry
-            # stays in the journal and the next pass retries it.
-            log.exception("replay of %s %r failed", op.kind, op.path)
+            # A local failure (disk, a record that went away, a damaged record): stop
+            # here, the entry stays in the journal and the next pass retries it.
+            if isinstance(exc, (RecordError, lmdb.Error)):
+                log.error("replay of %s %r stopped: %s", op.kind, op.path, index_damaged(self.store.dir, exc))
+            else:
+                log.exception("replay of %s %r failed", op.kind, op.path)
             failures.append(f"replay of {op.path!r} failed: {exc}")
             return
         else:
