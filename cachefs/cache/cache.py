@@ -219,9 +219,7 @@ class Cache:
             paths = [self.store.content_path(ino) for ino in todo]
             await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
             full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
-            made_full = self.store.save_ranges(todo, full)
-            self._kept_made_full(made_full)
-            await self._record_base_sums(made_full)
+            self._kept_made_full(self.store.save_ranges(todo, full))
             await trio.to_thread.run_sync(self.store.sync)
         except BaseException:
             # The next checkpoint tries them again (content dropped meanwhile excepted).
@@ -583,6 +581,8 @@ class Cache:
             await self._ensure_present(node, 0, node.size)
         if writable and flags & os.O_TRUNC:
             await self._settle_fetches(ino)  # no fetch may land after the truncation
+        if writable and (node.has(FULL) or not (flags & os.O_TRUNC)):
+            await self._record_base_sum(node)  # (whole now: before the first change)
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # (changed: the kernel drops its pages of the old version at this open itself,
         # rather than when the invalidation asked for by _stale reaches it)
@@ -1253,24 +1253,26 @@ class Cache:
                           "is committed: it gets no checksum, and will not be uploaded", ino, size)
         self._unsummed.difference_update(done)
 
-    async def _record_base_sums(self, made_full: list[Node]) -> None:
-        """The SHA-256 of each clean file just made whole in the cache: the content of its
-        base version, which a replay compares with a hash the server computes before it
-        replaces the file (a change there that kept the size and mtime second)."""
-        if not made_full or self.remote.can_hash is False:
+    async def _record_base_sum(self, node: Node) -> None:
+        """The SHA-256 of a clean file whole in the cache, as a writer opens it: the content
+        of its base version, which the replay of the change to come compares with a hash
+        the server computes before it replaces the file (a change there that kept the size
+        and mtime second). Taken here, not when the file was fetched: only files changed
+        here need it (at the checkpoint that makes files whole it cost a cold read of small
+        files ~32 us a file), and an upload that lands records the next one for free."""
+        if node.base is None or node.size > BASE_SUM_MAX or self.remote.can_hash is False \
+                or node.flags & (DIRTY | WRITING | KERNEL_WRITES):
             return
-        todo = [(n.ino, n.base, n.size, self.store.content_path(n.ino)) for n in made_full
-                if n.base is not None and n.size <= BASE_SUM_MAX and not n.flags & (DIRTY | WRITING | KERNEL_WRITES)]
-        if not todo:
+        found = self.store.base_sum(node.ino)
+        if found is not None and found.version == node.base:
             return
-        content = self.store.content
-        if sum(size for _i, _b, size, _p in todo) <= SUM_INLINE_MAX:
-            digests = [hash_content(content, path, size) for _i, _b, size, path in todo]
+        path = self.store.content_path(node.ino)
+        if node.size <= SUM_INLINE_MAX:
+            digest = hash_content(self.store.content, path, node.size)
         else:
-            digests = await trio.to_thread.run_sync(
-                lambda: [hash_content(content, path, size) for _i, _b, size, path in todo])
-        self.store.save_base_sums([(ino, base, digest) for (ino, base, _s, _p), digest in zip(todo, digests)
-                                   if digest is not None])
+            digest = await trio.to_thread.run_sync(hash_content, self.store.content, path, node.size)
+        if digest is not None:
+            self.store.save_base_sums([(node.ino, node.base, digest)])
 
     def _commit_held(self) -> None:
         """The size and times of files no longer open for writing into their records,

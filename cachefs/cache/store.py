@@ -914,7 +914,7 @@ class Store:
             t = Txn(self, txn)
             for ino, version, digest in sums:
                 node = t.node(ino)
-                if node is not None and node.base == version and node.has(FULL) \
+                if node is not None and node.base == version \
                         and not node.flags & (DIRTY | KERNEL_WRITES | WRITING):
                     t.set_base_sum(ino, version, digest)
         self.run_write(txn_fn, folders=set)  # (no listing shows them)

@@ -1096,20 +1096,23 @@ class SftpRemote(Remote):
 
     def hash_files(self, paths: list[bytes]) -> list[bytes | None] | None:
         """``sha256sum`` of each file, run on the server over an SSH exec channel of a
-        pooled connection: one command for all of ``paths``. Each file is read on the
-        command's standard input, so its name never comes back (any byte may be in a name)
-        and the answers come in order, ``-`` for a file that cannot be read. The command
-        begins with a hash of nothing, whose known answer says whether the server runs
-        commands at all (a server that forbids them: ``ForceCommand internal-sftp``, a
-        chroot without coreutils, a restricted shell): if not, ``can_hash`` becomes False,
-        logged once, and the caller does without."""
+        pooled connection: one command for all of ``paths`` (a session costs the server
+        5-100 ms; one ``sha256sum`` process for all, since one per file cost 1 ms each).
+        ``-z`` ends each answer with a NUL and leaves the name as given, whatever bytes it
+        holds; a file that cannot be read has no answer. The command begins with a hash of
+        nothing, whose known answer says whether the server runs commands at all (a server
+        that forbids them: ``ForceCommand internal-sftp``, a chroot without coreutils, a
+        restricted shell, a ``sha256sum`` older than coreutils 8.30 or BusyBox's, without
+        ``-z``): if not, ``can_hash`` becomes False, logged once, and the caller does
+        without."""
         if self.can_hash is False:
             return None
         if not paths:
             return []
         self._ensure_root()
-        script = (b"sha256sum </dev/null && for f in " + b" ".join(_shell_quote(self._path(p)) for p in paths)
-                  + b'; do sha256sum <"$f" 2>/dev/null || echo -; done')
+        fulls = [self._path(p) for p in paths]
+        script = (b"sha256sum -z </dev/null; exec sha256sum -z -- "
+                  + b" ".join(_shell_quote(f) for f in fulls) + b" 2>/dev/null")
 
         def run(sftp: _SftpSession) -> bytes | None:
             channel = sftp.sock.get_transport().open_session(timeout=self.timeout)
@@ -1122,10 +1125,11 @@ class SftpRemote(Remote):
                     return None
                 channel.shutdown_write()  # (a server that answers with an SFTP session ends)
                 out = bytearray()
-                while len(out) <= 100 * (len(paths) + 1):
+                limit = sum(len(f) + 67 for f in fulls) + 67
+                while len(out) <= limit:
                     try:
                         piece = channel.recv(65536)
-                    except TimeoutError:
+                    except TimeoutError:  # (hashing is bounded by the timeout too)
                         log.debug("%s: no answer to sha256sum within %g s", self.description, self.timeout)
                         return None
                     if not piece:
@@ -1136,8 +1140,8 @@ class SftpRemote(Remote):
                 channel.close()
 
         output = self._run("hash", run)
-        lines = output.split(b"\n") if output is not None else []
-        if len(lines) < len(paths) + 1 or lines[0] != _EMPTY_SHA256 + b"  -":
+        records = output.split(b"\0") if output is not None else []
+        if not records or records[0] != _EMPTY_SHA256 + b"  -":
             if self.can_hash is not False:
                 log.info("%s: the server does not run sha256sum over SSH: a change there that "
                          "keeps a file's size and mtime second is not told from an unchanged file",
@@ -1145,14 +1149,14 @@ class SftpRemote(Remote):
             self.can_hash = False
             return None
         self.can_hash = True
-        out: list[bytes | None] = []
-        for line in lines[1:len(paths) + 1]:
-            digest = line[:64]
-            try:
-                out.append(bytes.fromhex(digest.decode()) if line[64:] == b"  -" else None)
-            except ValueError:
-                out.append(None)
-        return out
+        found: dict[bytes, bytes] = {}
+        for record in records[1:]:
+            if len(record) > 66 and record[64:66] == b"  ":
+                try:
+                    found[record[66:]] = bytes.fromhex(record[:64].decode())
+                except ValueError:
+                    pass
+        return [found.get(f) for f in fulls]
 
     def mkdir(self, path: bytes, mode: int) -> None:
         self._ensure_root()

@@ -45,6 +45,9 @@ from .connectivity import Connectivity, Unavailable
 from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, optimise
 
+#: ``store`` entries whose files the server hashes in one command (``_server_sums``)
+HASH_AHEAD = 256
+
 #: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
 DEFAULT_WRITEBACK_HOLD = 5.0
 
@@ -148,9 +151,10 @@ class SyncManager:
         # Created here and deleted again before their creation reached the remote (kept
         # for the mount's life: inode numbers are never reused).
         self._gone: set[int] = set()
-        #: journal seq -> the SHA-256 the server computed for that ``store``'s file just
-        #: before its batch (``_server_sums``)
+        #: journal seq -> the SHA-256 the server computed for that ``store``'s file in
+        #: this pass, before its batch (``_server_sums``); the entries looked at for it
         self._their_sums: dict[int, bytes] = {}
+        self._hashed: set[int] = set()
         #: what damaged content the running pass found (the sync that asked is told)
         self._damaged_now: list[str] = []
         cache.changed = self.poke
@@ -315,13 +319,16 @@ class SyncManager:
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
-        for batch in _batches(kept, self.parallel):
+        batches = list(_batches(kept, self.parallel))
+        self._their_sums, self._hashed = {}, set()
+        for at, batch in enumerate(batches):
             if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
                 # Replay stops at a file still open for writing (close-to-open: its content
                 # is not final); release() starts the next pass.
                 return PassResult(False, "a file is still open for writing")
             failures: list[str] = []
-            self._their_sums = await self._server_sums(batch)
+            if any(op.kind == "store" and op.seq not in self._hashed for op in batch):
+                await self._server_sums(op for later in batches[at:] for op in later)
             if len(batch) == 1:
                 await self._replay_one(batch[0], failures)
             else:
@@ -480,17 +487,22 @@ class SyncManager:
             return None
         return found.digest
 
-    async def _server_sums(self, batch: list[Op]) -> dict[int, bytes]:
-        """For the ``store`` entries of a batch whose file's base version has a known hash:
-        the hash of what the server has now, all in one call (an exec of ``sha256sum`` for
-        the lot over SSH). A server change that kept the size and the mtime second shows
-        as another hash than the base's (``_replay_content``)."""
+    async def _server_sums(self, ops) -> None:
+        """For the next ``store`` entries (from a batch on, up to ``HASH_AHEAD`` of them)
+        whose file's base version has a known hash: the hash of what the server has now,
+        in one call (one exec of ``sha256sum`` over SSH for the lot: an exec costs a
+        session on the server, 5-100 ms, more than the replay of a small file). A server
+        change that kept the size and the mtime second shows as another hash than the
+        base's (``_replay_content``)."""
         if self.remote.can_hash is False:
-            return {}
+            return
         wanted = []
-        for op in batch:
-            if op.kind != "store":
+        for op in ops:
+            if op.kind != "store" or op.seq in self._hashed:
                 continue
+            if len(wanted) == HASH_AHEAD:
+                break
+            self._hashed.add(op.seq)
             node = self.store.get(op.ino)
             if node is None or node.base is None or node.gen == node.synced_gen:
                 continue
@@ -498,13 +510,13 @@ class SyncManager:
             if found is not None and found.version == node.base:
                 wanted.append(op)
         if not wanted:
-            return {}
+            return
         try:
             digests = await self.conn.call(self.remote.hash_files, [op.path for op in wanted])
         except RemoteError as exc:
             log.debug("server hashes not had: %s", exc)
-            return {}
-        return {op.seq: d for op, d in zip(wanted, digests or []) if d is not None}
+            return
+        self._their_sums.update((op.seq, d) for op, d in zip(wanted, digests or []) if d is not None)
 
     async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
         temp = _temp_name(path, seq)
