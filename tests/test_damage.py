@@ -158,6 +158,14 @@ def test_damaged_content_is_never_uploaded(tmp_path: Path, share: Path, damage: 
             assert side.cache.evict_content(copy) == 0
             await side.sync.full_pass()  # and never uploaded
             assert not _damaged_copies(os.listdir(share))
+            # It cannot take the name the server has; "remote" deletes it, here only.
+            with pytest.raises(SyncFailed, match="failed its checksum"):
+                await side.sync.resolve(b"f.txt", "local")
+            await side.sync.resolve(copies[0], "remote")
+            await side.sync.full_pass()
+            assert side.store.child(ROOT_INO, copies[0]) is None
+            assert side.sync.conflicts() == [] and side.sync.last_error is None
+            assert os.listdir(share) == ["f.txt"] and (share / "f.txt").read_bytes() == SERVER
         await side.close()
 
     trio.run(_in_nursery, main)

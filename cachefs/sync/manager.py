@@ -261,6 +261,10 @@ class SyncManager:
         records = [r for r in self.conflicts() if text in (r.get("path"), r.get("conflict_path"))]
         if not records:
             raise SyncFailed(f"no conflict recorded for {text!r}", errno.ENOENT)
+        if keep == "local" and any(r["kind"] == "damaged-local" for r in records):
+            raise SyncFailed(f"{text!r}: the local version failed its checksum and is kept here only; "
+                             "copy what you keep of it to a name of your choice, which uploads it, "
+                             "then resolve with 'remote' or 'both'", errno.EINVAL)
         for record in records:
             original = record["path"].encode("utf-8", "surrogateescape")
             copy = record.get("conflict_path")
