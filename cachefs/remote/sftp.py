@@ -1115,7 +1115,11 @@ class SftpRemote(Remote):
                   + b" ".join(_shell_quote(f) for f in fulls) + b" 2>/dev/null")
 
         def run(sftp: _SftpSession) -> bytes | None:
-            channel = sftp.sock.get_transport().open_session(timeout=self.timeout)
+            try:
+                channel = sftp.sock.get_transport().open_session(timeout=self.timeout)
+            except paramiko.ChannelException as exc:  # a session refused: no commands here
+                log.debug("%s: session refused: %s", self.description, exc)
+                return None
             try:
                 channel.settimeout(self.timeout)
                 try:

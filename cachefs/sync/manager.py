@@ -517,7 +517,7 @@ class SyncManager:
             return
         try:
             digests = await self.conn.call(self.remote.hash_files, [op.path for op in wanted])
-        except RemoteError as exc:
+        except (RemoteError, Unavailable) as exc:  # (offline: the replay itself stops next)
             log.debug("server hashes not had: %s", exc)
             return
         self._their_sums.update((op.seq, d) for op, d in zip(wanted, digests or []) if d is not None)
