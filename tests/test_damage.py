@@ -487,3 +487,26 @@ def test_seeded_edits_kills_and_damage_between_mounts(mount_factory, sshd, share
         names = sorted(server)
         read_all(mnt)  # (the next round edits offline: every file whole in the cache)
     mount.stop()
+
+
+def test_mount_keeps_both_when_the_server_change_kept_size_and_mtime(mount_factory, share: Path) -> None:
+    """Item 11 through a real mount and the test sshd (which runs commands): edited here
+    offline, changed there in the same second with the same size; before, ``sync`` replaced
+    the server's change with no conflict."""
+    from tests.test_conflicts import conflict_records
+    from tests.test_writes import control, go_offline, sync_until_done
+
+    (share / "cfg.txt").write_bytes(b"value = 1\n")
+    os.utime(share / "cfg.txt", (1_700_000_000, 1_700_000_000))
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "cfg.txt").read_bytes() == b"value = 1\n"
+        go_offline(mnt)
+        (mnt / "cfg.txt").write_bytes(b"value = 3\n")
+        _edit_on_server_keeping_size_and_mtime(share / "cfg.txt", b"value = 2\n")
+        control(mnt, "online")
+        sync_until_done(mnt)
+        assert (share / "cfg.txt").read_bytes() == b"value = 2\n"
+        copies = [n for n in os.listdir(share) if "conflict" in n]
+        assert len(copies) == 1 and (share / copies[0]).read_bytes() == b"value = 3\n"
+        assert [r["kind"] for r in conflict_records(mnt)] == ["changed-both"]

@@ -581,8 +581,9 @@ class Cache:
             await self._ensure_present(node, 0, node.size)
         if writable and flags & os.O_TRUNC:
             await self._settle_fetches(ino)  # no fetch may land after the truncation
-        if writable and (node.has(FULL) or not (flags & os.O_TRUNC)):
-            await self._record_base_sum(node)  # (whole now: before the first change)
+        if writable and (not flags & os.O_TRUNC or node.has(FULL)
+                         or rangeset.covers(self._ranges.get(ino, []), 0, node.size)):
+            await self._record_base_sum(node)  # (whole now, even if not yet checkpointed)
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # (changed: the kernel drops its pages of the old version at this open itself,
         # rather than when the invalidation asked for by _stale reaches it)
