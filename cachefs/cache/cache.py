@@ -61,8 +61,8 @@ PASSTHROUGH_MIN = 1 << 20
 #: (syncfs) rather than each file (``_fdatasync_all``)
 SYNCFS_MIN = 32
 #: content sums of at most this many bytes in all are computed on the trio thread (a
-#: SHA-256 of 4 KiB takes ~3.5 us here, a thread hop more); more go to a worker thread
-SUM_INLINE_MAX = 256 << 10
+#: SHA-256 of 4 KiB takes ~3 us here, 64 KiB ~40, a thread hop ~50-100); more go to a thread
+SUM_INLINE_MAX = 64 << 10
 #: a clean file made whole larger than this gets no base sum (its hash would hold up the
 #: checkpoint: ~1.7 GB/s here); a change of it on the server that keeps its size and mtime
 #: second is then not seen, as before base sums
