@@ -1114,7 +1114,9 @@ class SftpRemote(Remote):
         script = (b"sha256sum -z </dev/null; exec sha256sum -z -- "
                   + b" ".join(_shell_quote(f) for f in fulls) + b" 2>/dev/null")
 
-        def run(sftp: _SftpSession) -> bytes | None:
+        def run(sftp: _SftpSession) -> bytes | None | bool:
+            """The command's output; None when the server runs no commands; False when it
+            did not answer in time (a slow disk there: not a reason to stop asking)."""
             try:
                 channel = sftp.sock.get_transport().open_session(timeout=self.timeout)
             except paramiko.ChannelException as exc:  # a session refused: no commands here
@@ -1134,8 +1136,9 @@ class SftpRemote(Remote):
                     try:
                         piece = channel.recv(65536)
                     except TimeoutError:  # (hashing is bounded by the timeout too)
-                        log.debug("%s: no answer to sha256sum within %g s", self.description, self.timeout)
-                        return None
+                        log.info("%s: no answer from sha256sum within %g s: compared by size and "
+                                 "mtime this time", self.description, self.timeout)
+                        return False
                     if not piece:
                         break
                     out += piece
@@ -1144,6 +1147,8 @@ class SftpRemote(Remote):
                 channel.close()
 
         output = self._run("hash", run)
+        if output is False:
+            return None
         records = output.split(b"\0") if output is not None else []
         if not records or records[0] != _EMPTY_SHA256 + b"  -":
             if self.can_hash is not False:

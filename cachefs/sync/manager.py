@@ -45,8 +45,10 @@ from .connectivity import Connectivity, Unavailable
 from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, optimise
 
-#: ``store`` entries whose files the server hashes in one command (``_server_sums``)
+#: ``store`` entries whose files the server hashes in one command (``_server_sums``), and
+#: the most bytes of them: the command must end within the connection's timeout
 HASH_AHEAD = 256
+HASH_AHEAD_BYTES = 64 << 20
 
 #: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
 DEFAULT_WRITEBACK_HOLD = 5.0
@@ -501,18 +503,22 @@ class SyncManager:
         if self.remote.can_hash is False:
             return
         wanted = []
+        size = 0
         for op in ops:
             if op.kind != "store" or op.seq in self._hashed:
                 continue
-            if len(wanted) == HASH_AHEAD:
+            node = self.store.get(op.ino)
+            if node is None or node.base is None or node.gen == node.synced_gen \
+                    or node.base[0] > HASH_AHEAD_BYTES:
+                self._hashed.add(op.seq)
+                continue
+            if len(wanted) == HASH_AHEAD or (wanted and size + node.base[0] > HASH_AHEAD_BYTES):
                 break
             self._hashed.add(op.seq)
-            node = self.store.get(op.ino)
-            if node is None or node.base is None or node.gen == node.synced_gen:
-                continue
             found = self.store.base_sum(op.ino)
             if found is not None and found.version == node.base:
                 wanted.append(op)
+                size += node.base[0]
         if not wanted:
             return
         try:
