@@ -510,3 +510,40 @@ def test_mount_keeps_both_when_the_server_change_kept_size_and_mtime(mount_facto
         copies = [n for n in os.listdir(share) if "conflict" in n]
         assert len(copies) == 1 and (share / copies[0]).read_bytes() == b"value = 3\n"
         assert [r["kind"] for r in conflict_records(mnt)] == ["changed-both"]
+
+
+def test_a_change_written_through_kernel_passthrough_is_checked_too(mount_factory, share: Path) -> None:
+    """A writer that joins the kernel's passthrough readers writes into the content file
+    without the mount seeing its writes: its change is summed after its release like any,
+    so damage to it between mounts is caught (without a sum, the next mount would have
+    taken the damaged file as it is and uploaded it)."""
+    from tests.test_conflicts import conflict_records
+    from tests.test_passthrough import _mount_and_open, _passthrough_files
+    from tests.test_writes import control, sync, wait_for
+
+    data = os.urandom(2 << 20)
+    mount, path, reader = _mount_and_open(mount_factory, share, "db.bin", data)
+    mnt = mount.mountpoint
+    ino = os.fstat(reader).st_ino
+    try:
+        control(mnt, "offline")
+        with open(path, "r+b") as writer:
+            assert _passthrough_files(mnt) == 1
+            writer.seek(1000)
+            writer.write(b"written through the kernel")
+    finally:
+        os.close(reader)
+    mount.stop()
+    content = mount.cache_dir / "data" / str(ino)
+    damaged = bytearray(content.read_bytes())
+    damaged[1 << 20] ^= 0x01
+    content.write_bytes(bytes(damaged))
+    with mount_factory(allowed_errors=[r"is damaged"]) as again:
+        control(again.mountpoint, "online")
+        try:
+            sync(again.mountpoint)
+        except OSError:
+            pass
+        wait_for(lambda: [r["kind"] for r in conflict_records(again.mountpoint)] == ["damaged-local"],
+                 15, "the damage reported")
+        assert (share / "db.bin").read_bytes() == data
