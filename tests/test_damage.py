@@ -394,6 +394,8 @@ def test_damaged_content_file_after_a_remount_is_not_uploaded(mount_factory, sha
         copies = [n for n in os.listdir(mnt) if "(damaged" in n]
         assert len(copies) == 1 and copies[0].startswith("doc (damaged ")
         assert (mnt / copies[0]).read_bytes() == OURS[:100]
+        assert os.getxattr(mnt / copies[0], "user.cachefs.state") == b"damaged"
+        assert os.getxattr(mnt / "doc.txt", "user.cachefs.state") == b"conflict"
         sync(mnt)  # a later sync succeeds, and the copy is still only here
         assert sorted(os.listdir(share)) == ["doc.txt"]
         assert copies[0] in os.listdir(mnt)
