@@ -133,6 +133,11 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "whole cached files of 1 MiB or more straight from the cache (FUSE "
                         "passthrough: needs Linux 6.9+, root, and the pyfuse3 that "
                         "scripts/build-passthrough builds; used by default where it works)")
+    p.add_argument("--no-remote-hash", dest="remote_hash", action="store_false",
+                   help="never run sha256sum on the SSH server (over an exec channel) to see "
+                        "whether a file changed there although its size and mtime did not, "
+                        "before an upload replaces it (for servers whose logs or policy object "
+                        "to commands; used by default where the server runs it)")
     p.add_argument("--request-spin", type=_microseconds, default=DEFAULT_REQUEST_SPIN,
                    metavar="MICROSECONDS",
                    help="how long the mount keeps reading for the next request after each one "
@@ -177,6 +182,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
+               "no_remote_hash": "remote_hash",
                "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
@@ -284,6 +290,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             known_hosts=args.known_hosts.expanduser() if args.known_hosts else None,
             accept_new_host_key=args.accept_new_host_key,
             connections=args.connections,
+            remote_hash=args.remote_hash,
         ),
         foreground=args.foreground,
         verbose=args.verbose,

@@ -86,7 +86,12 @@ def descendants(pid: int) -> list[int]:
 class SshServer:
     """A throw-away OpenSSH server sharing ``share`` to the current user over SFTP."""
 
-    def __init__(self, workdir: Path, share: Path | None = None, port: int = 0) -> None:
+    def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
+                 force_internal_sftp: bool = False) -> None:
+        """``force_internal_sftp``: a server that runs no commands (``ForceCommand
+        internal-sftp``, as many SFTP-only hosts are set up): an exec request gets an SFTP
+        session instead."""
+        self.force_internal_sftp = force_internal_sftp
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.share = Path(share).absolute() if share is not None else self.workdir / "share"
@@ -154,6 +159,8 @@ class SshServer:
             "Subsystem sftp internal-sftp",
             "LogLevel ERROR",
         ]
+        if self.force_internal_sftp:
+            lines.append("ForceCommand internal-sftp")
         self.config.write_text("\n".join(lines) + "\n")
         # OpenSSH >= 9.8 penalises clients that disconnect before authenticating (as the
         # host key tests do); switch that off where the option exists.

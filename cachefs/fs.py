@@ -28,7 +28,7 @@ from . import control, mounts
 from .cache import cache as cache_mod
 from .cache.cache import Cache, OpenFile
 from .cache.crypto import RecordError
-from .cache.store import CONFLICT, DIRTY, PINNED, ROOT_INO, Node, index_damaged
+from .cache.store import CONFLICT, DAMAGED, DIRTY, PINNED, ROOT_INO, Node, index_damaged
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, NotFound, RemoteError, Unavailable
 from .control import CommandError
@@ -517,6 +517,8 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes --------------------------------------------------------------
     def _state(self, inode: int) -> bytes:
         node = self.cache.node(inode)
+        if node.has(DAMAGED):
+            return b"damaged"
         if node.has(CONFLICT):
             return b"conflict"
         if node.has(DIRTY):

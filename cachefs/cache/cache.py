@@ -34,12 +34,12 @@ import trio
 from ..errors import (Busy, CacheError, Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
                       NotFound, PermissionDenied, RemoteError, Unavailable)
 from ..remote.base import join as _join
-from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into
+from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into, hash_content
 from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import (ATTR_DIRTY, CONFLICT, DIRTY, FULL, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
+from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
                     Store, Txn, node_from_remote, rebuilt_as_is)
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ PASSTHROUGH_MIN = 1 << 20
 #: a checkpoint of at least this many content files syncs the cache's filesystem once
 #: (syncfs) rather than each file (``_fdatasync_all``)
 SYNCFS_MIN = 32
+#: content sums of at most this many bytes in all are computed on the trio thread (a
+#: SHA-256 of 4 KiB takes ~3 us here, 64 KiB ~40, a thread hop ~50-100); more go to a thread
+SUM_INLINE_MAX = 64 << 10
+#: a clean file made whole larger than this gets no base sum (its hash would hold up the
+#: checkpoint: ~1.7 GB/s here); a change of it on the server that keeps its size and mtime
+#: second is then not seen, as before base sums
+BASE_SUM_MAX = 64 << 20
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
 
 
@@ -159,6 +166,9 @@ class Cache:
         self._listers = max(1, int(conn.limiter.total_tokens) - 1)
         self._prefetched: set[int] = set()  # folders whose small files were prefetched
         self._last_use: dict[int, float] = {}
+        #: files whose content changed with no checksum of it recorded yet: summed when no
+        #: writer has them open, at the next commit (``commit_changes``)
+        self._unsummed: set[int] = set(store.unsummed)
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -200,7 +210,7 @@ class Cache:
     async def checkpoint(self) -> None:
         """Make fetched content durable, then record it in the index (in that order,
         so the index never claims bytes that a power loss could take back)."""
-        self._commit_held()
+        await self.commit_changes()
         if not self._unsaved:
             return
         todo = {ino: list(self._ranges.get(ino, [])) for ino in self._unsaved}
@@ -571,6 +581,9 @@ class Cache:
             await self._ensure_present(node, 0, node.size)
         if writable and flags & os.O_TRUNC:
             await self._settle_fetches(ino)  # no fetch may land after the truncation
+        if writable and (not flags & os.O_TRUNC or node.has(FULL)
+                         or rangeset.covers(self._ranges.get(ino, []), 0, node.size)):
+            await self._record_base_sum(node)  # (whole now, even if not yet checkpointed)
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # (changed: the kernel drops its pages of the old version at this open itself,
         # rather than when the invalidation asked for by _stale reaches it)
@@ -793,7 +806,7 @@ class Cache:
     def evict_content(self, node: Node) -> int:
         """Drop the cached content of a clean, unpinned, closed file; bytes freed."""
         node = self.store.get(node.ino)
-        if node is None or not node.is_file or node.flags & (DIRTY | PINNED | CONFLICT) \
+        if node is None or not node.is_file or node.flags & (DIRTY | PINNED | CONFLICT | DAMAGED) \
                 or self.is_open(node.ino):
             return 0
         freed = node.size if node.has(FULL) else rangeset.total(self._known_ranges(node.ino))
@@ -1102,6 +1115,7 @@ class Cache:
         node = self._new_child(parent, name, build)
         fd = self.store.new_content_file(node.ino)
         self.store.held[node.ino] = Held(node.size, node.mtime_ns, node.ctime_ns)
+        self._unsummed.add(node.ino)
         self._open_count[node.ino] = self._open_count.get(node.ino, 0) + 1
         self.writers[node.ino] = self.writers.get(node.ino, 0) + 1
         return node, OpenFile(node.ino, fd, writable=True, wrote=True)
@@ -1189,6 +1203,78 @@ class Cache:
         handle.wrote = True
         return written
 
+    async def commit_changes(self) -> None:
+        """Commit the files whose writers have all closed: their held sizes and times into
+        their records (``_commit_held``), then a checksum of each changed file's content
+        as it is now, which every upload of that content is checked against. Run by the
+        checkpoint, and by a replay that meets a change not yet committed (so that its
+        write-back waits for no checkpoint)."""
+        self._commit_held()
+        if self._unsummed:
+            await self._record_sums()
+
+    async def _record_sums(self) -> None:
+        """A SHA-256 of each changed file no writer has open, recorded with its generation:
+        a write after this one moves the generation first (``_content_changed``), so a sum
+        is only ever taken as the content of the generation it names."""
+        todo = []
+        for ino in list(self._unsummed):
+            if self.writers.get(ino) or ino in self.store.held:
+                continue  # still being written: summed after its last writer's release
+            node = self.store.get(ino)
+            if node is None or not node.is_file or node.has(ORPHAN) or not node.has(DIRTY):
+                self._unsummed.discard(ino)
+                continue
+            todo.append((ino, node.gen, node.size, self.store.content_path(ino)))
+        if not todo:
+            return
+        content = self.store.content
+        if sum(size for _i, _g, size, _p in todo) <= SUM_INLINE_MAX:
+            digests = [hash_content(content, path, size) for _i, _g, size, path in todo]
+        else:
+            digests = await trio.to_thread.run_sync(
+                lambda: [hash_content(content, path, size) for _i, _g, size, path in todo])
+        done: list[int] = []
+
+        def record(t: Txn) -> None:
+            done.clear()
+            for (ino, gen, size, _path), digest in zip(todo, digests):
+                node = t.node(ino)
+                if node is None:
+                    done.append(ino)
+                elif node.gen == gen and node.size == size:
+                    done.append(ino)
+                    if digest is not None:
+                        t.set_content_sum(ino, gen, size, digest)
+                # (else written again meanwhile: summed at the next commit)
+        self.store.run_write(lambda txn: record(Txn(self.store, txn)), folders=set)
+        for (ino, _gen, size, _path), digest in zip(todo, digests):
+            if digest is None and ino in done:
+                log.error("the content of inode %d is shorter than its size (%d bytes) when it "
+                          "is committed: it gets no checksum, and will not be uploaded", ino, size)
+        self._unsummed.difference_update(done)
+
+    async def _record_base_sum(self, node: Node) -> None:
+        """The SHA-256 of a clean file whole in the cache, as a writer opens it: the content
+        of its base version, which the replay of the change to come compares with a hash
+        the server computes before it replaces the file (a change there that kept the size
+        and mtime second). Taken here, not when the file was fetched: only files changed
+        here need it (at the checkpoint that makes files whole it cost a cold read of small
+        files ~32 us a file), and an upload that lands records the next one for free."""
+        if node.base is None or node.size > BASE_SUM_MAX or self.remote.can_hash is False \
+                or node.flags & (DIRTY | WRITING | KERNEL_WRITES):
+            return
+        found = self.store.base_sum(node.ino)
+        if found is not None and found.version == node.base:
+            return
+        path = self.store.content_path(node.ino)
+        if node.size <= SUM_INLINE_MAX:
+            digest = hash_content(self.store.content, path, node.size)
+        else:
+            digest = await trio.to_thread.run_sync(hash_content, self.store.content, path, node.size)
+        if digest is not None:
+            self.store.save_base_sums([(node.ino, node.base, digest)])
+
     def _commit_held(self) -> None:
         """The size and times of files no longer open for writing into their records,
         ``WRITING`` off, in one transaction."""
@@ -1209,6 +1295,8 @@ class Cache:
 
     def _content_changed(self, t: Txn, node: Node) -> None:
         node.gen += 1
+        node.flags &= ~DAMAGED  # (edited: the user's own version now, uploaded as any)
+        self._unsummed.add(node.ino)
         if not node.has(DIRTY) and not node.has(ORPHAN):
             node.flags |= DIRTY
             self._journal(t, Op("store", node.ino, t.path_of(node.ino), base=node.base,
@@ -1287,6 +1375,12 @@ class Cache:
                 # with them, renamed over the old): it takes them when it begins, so one
                 # under way now must be followed by another (``_agree`` sees the new gen).
                 n.gen += 1
+                # The content is as it was: its checksum holds for the new generation.
+                found = t.content_sum(ino)
+                if found is not None and found.gen == n.gen - 1:
+                    t.set_content_sum(ino, n.gen, found.size, found.digest)
+                else:
+                    self._unsummed.add(ino)
             elif not n.has(ATTR_DIRTY):
                 n.flags |= ATTR_DIRTY
                 self._journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
@@ -1478,8 +1572,13 @@ class Cache:
             self.store.put(node)
 
     async def fsync(self, handle: "OpenFile | None") -> None:
-        """Make written data and the index durable on local disk."""
+        """Make written data and the index durable on local disk. A file no writer has
+        open any more is committed first, checksum included (``commit_changes``); one still
+        open for writing is summed after its last release: a sum at every fsync would hash
+        the whole file each time (a database fsyncs at every transaction)."""
         if handle is not None:
+            if not self.writers.get(handle.ino):
+                await self.commit_changes()
             await trio.to_thread.run_sync(os.fsync, handle.fd)
         await trio.to_thread.run_sync(self.store.sync)
 

@@ -28,6 +28,12 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
     conflicts id u64 -> conflict record
     links     ino u64 + entry key -> b""   (the names of hard-linked files; may hold
               stale names, which readers check against entries)
+    sums      ino u64 + b"c" -> the SHA-256 of a changed file's content as committed (at the
+              checkpoint after its last writer's release): generation, size, digest; an
+              upload is checked against it as it is sent (``ContentSum``)
+              ino u64 + b"b" -> the SHA-256 of the remote version the file last agreed with
+              (whole in the cache, or uploaded): that version and the digest, compared with
+              a hash the server computes before an upload replaces it (``BaseSum``)
 
 Every value but ``meta/schema`` is sealed by the codec with its key (``crypto``): a
 CRC32 of key and value after the value in a plain cache, AES-GCM with the key as
@@ -91,6 +97,9 @@ KERNEL_WRITES = 1 << 8
 #: file: open for writing through this mount, its size and times held in memory between
 #: commits (``Store.held``), so the content file's length and mtime are the truth after a kill
 WRITING = 1 << 9
+#: file: what was left of a local version whose content failed its checksum at replay: kept
+#: here only (never uploaded as it is), kept by listings (it is on no server) and never evicted
+DAMAGED = 1 << 10
 
 
 @dataclass(slots=True)
@@ -105,6 +114,51 @@ class Held:
     mtime_ns: int
     ctime_ns: int
     open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ContentSum:
+    """The checksum of a file's changed content, recorded when that content was committed."""
+
+    gen: int  # the node's content generation it is for
+    size: int
+    digest: bytes  # SHA-256
+
+    _FORMAT = struct.Struct("<BQQ32s")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(1, self.gen, self.size, self.digest)
+
+    @classmethod
+    def unpack(cls, ino: int, data: bytes) -> "ContentSum":
+        if len(data) != cls._FORMAT.size or data[0] != 1:
+            raise StoreError(f"node {ino}: content sum record of an unknown form")
+        _v, gen, size, digest = cls._FORMAT.unpack(data)
+        return cls(gen, size, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class BaseSum:
+    """The checksum of the remote version a file last agreed with (its ``base``)."""
+
+    version: tuple[int, int, int]
+    digest: bytes  # SHA-256
+
+    _FORMAT = struct.Struct("<BqqI32s")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(1, *self.version, self.digest)
+
+    @classmethod
+    def unpack(cls, ino: int, data: bytes) -> "BaseSum":
+        if len(data) != cls._FORMAT.size or data[0] != 1:
+            raise StoreError(f"node {ino}: base sum record of an unknown form")
+        _v, size, mtime, kind, digest = cls._FORMAT.unpack(data)
+        return cls((size, mtime, kind), digest)
+
+
+def _sum_key(ino: int, kind: bytes) -> bytes:
+    return _U64.pack(ino) + kind
 
 
 class StoreError(Exception):
@@ -372,9 +426,16 @@ class Store:
         #: the names of hard-linked files: _key(ino) + entry key -> b"" (may hold stale names;
         #: readers check them against ``entries``)
         self.links = self.env.open_db(b"links")
+        #: content checksums (see the module's docstring, ``ContentSum``, ``BaseSum``)
+        self.sums = self.env.open_db(b"sums")
         self._check_schema(remote_text)
-        self.fit_dirty_content(self._check_integrity())
+        dirty = self._check_integrity()
+        self.fit_dirty_content(dirty)
         self._mark_indexed()
+        #: changed files with no checksum of their current content (the mount ended between
+        #: their last write and its commit, or a cache older than checksums): the cache
+        #: takes them as they are at its first commit (``Cache.commit_changes``)
+        self.unsummed = [n.ino for n in dirty if not self.has_current_sum(n)]
         self.reserve()
 
     def _check_index_present(self) -> bool:
@@ -456,7 +517,7 @@ class Store:
             # Each record found by walking is found again by its key: a damaged key in a
             # branch page would send lookups astray (a node "gone", a name not there).
             for db in (self.meta, self.nodes, self.entries, self.ranges_db, self.journal,
-                       self.conflicts, self.links):
+                       self.conflicts, self.links, self.sums):
                 for key, value in txn.cursor(db=db):
                     if txn.get(key, db=db) != value:
                         raise RecordError(f"record {bytes(key)!r} is not found by its key")
@@ -471,6 +532,8 @@ class Store:
                 json.loads(self._open_record(value, key, "conflict", _U64.unpack(key)[0]))
             for key, value in txn.cursor(db=self.links):
                 self._open_record(value, key, "link", _U64.unpack(key[:8])[0])
+            for key, value in txn.cursor(db=self.sums):
+                self._open_record(value, key, "checksum of node", _U64.unpack(key[:8])[0])
             for key, value in txn.cursor(db=self.nodes):
                 node = self._unpack(_U64.unpack(key)[0], value)
                 if node.flags & DIRTY and node.flags & FULL and node.is_file:
@@ -488,6 +551,10 @@ class Store:
         the kernel was writing itself (``KERNEL_WRITES``) is the other way round: its
         record takes the content file's length and mtime."""
         for node in nodes:
+            if not node.flags & (KERNEL_WRITES | WRITING) and self.has_current_sum(node):
+                # Committed with its checksum: nothing interrupted to finish, and a content
+                # file of another length is damage, to be found (never padded with zeros).
+                continue
             try:
                 fd = os.open(self.content_path(node.ino), os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -885,7 +952,7 @@ class Store:
                 if ino is not None:
                     data = txn.get(_key(ino), db=self.nodes)
                     old = self._unpack(ino, data) if data is not None else None
-                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY):
+                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY | DAMAGED):
                         continue  # local changes win until they are replayed
                     if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
                         # A different kind of object under the same name: a new node.
@@ -917,8 +984,8 @@ class Store:
             for name, ino in existing.items():
                 data = txn.get(_key(ino), db=self.nodes)
                 node = self._unpack(ino, data) if data is not None else None
-                if node is not None and node.has(DIRTY):
-                    continue
+                if node is not None and node.flags & (DIRTY | DAMAGED):
+                    continue  # (a damaged copy is on no server: kept here, see DAMAGED)
                 delta.same = False
                 txn.delete(self._ekey(parent, name), db=self.entries)
                 if node is not None and node.nlink > 1 and not node.is_dir:
@@ -975,6 +1042,7 @@ class Store:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
             txn.delete(_key(n.ino), db=self.ranges_db)
+            self._delete_sums(txn, n.ino)
             self.remove_after_commit(n.ino)
 
     def drop_content(self, ino: int) -> None:
@@ -1086,6 +1154,42 @@ class Store:
     def delete_conflict(self, cid: int) -> None:
         self.run_write(lambda txn: txn.delete(_key(cid), db=self.conflicts))
 
+    # -- checksums ----------------------------------------------------------------------
+    def content_sum(self, ino: int) -> ContentSum | None:
+        with self.env.begin() as txn:
+            key = _sum_key(ino, b"c")
+            data = txn.get(key, db=self.sums)
+        return None if data is None else \
+            ContentSum.unpack(ino, self._open_record(data, key, "checksum of node", ino))
+
+    def has_current_sum(self, node: Node) -> bool:
+        """Whether the node's content as it is now was committed with a checksum."""
+        found = self.content_sum(node.ino)
+        return found is not None and found.gen == node.gen
+
+    def base_sum(self, ino: int) -> BaseSum | None:
+        with self.env.begin() as txn:
+            key = _sum_key(ino, b"b")
+            data = txn.get(key, db=self.sums)
+        return None if data is None else \
+            BaseSum.unpack(ino, self._open_record(data, key, "base checksum of node", ino))
+
+    def save_base_sums(self, sums: list[tuple[int, tuple[int, int, int], bytes]]) -> None:
+        """Record (ino, version, digest) for clean files whole in the cache, where the node
+        is still at that version and unchanged here (it may have moved meanwhile)."""
+        def txn_fn(txn) -> None:
+            t = Txn(self, txn)
+            for ino, version, digest in sums:
+                node = t.node(ino)
+                if node is not None and node.base == version \
+                        and not node.flags & (DIRTY | KERNEL_WRITES | WRITING):
+                    t.set_base_sum(ino, version, digest)
+        self.run_write(txn_fn, folders=set)  # (no listing shows them)
+
+    def _delete_sums(self, txn, ino: int) -> None:
+        txn.delete(_sum_key(ino, b"c"), db=self.sums)
+        txn.delete(_sum_key(ino, b"b"), db=self.sums)
+
     def sync(self) -> None:
         """Make every commit so far durable (fsync of the index)."""
         self.env.sync(True)
@@ -1108,6 +1212,7 @@ class Txn:
     def delete_node(self, ino: int) -> None:
         self.txn.delete(_key(ino), db=self.store.nodes)
         self.txn.delete(_key(ino), db=self.store.ranges_db)
+        self.store._delete_sums(self.txn, ino)
         target = _key(ino)
         cur = self.txn.cursor(db=self.store.links)
         while cur.set_range(target) and cur.key().startswith(target):
@@ -1223,6 +1328,24 @@ class Txn:
                 keys.append(bytes(k))
         for k in keys:
             self.txn.delete(k, db=self.store.meta)
+
+    # Checksums (see ``ContentSum``, ``BaseSum``).
+    def set_content_sum(self, ino: int, gen: int, size: int, digest: bytes) -> None:
+        key = _sum_key(ino, b"c")
+        self.txn.put(key, self.store.codec.seal(ContentSum(gen, size, digest).pack(), key), db=self.store.sums)
+
+    def content_sum(self, ino: int) -> ContentSum | None:
+        key = _sum_key(ino, b"c")
+        data = self.txn.get(key, db=self.store.sums)
+        return None if data is None else \
+            ContentSum.unpack(ino, self.store._open_record(data, key, "checksum of node", ino))
+
+    def set_base_sum(self, ino: int, version: tuple[int, int, int], digest: bytes) -> None:
+        key = _sum_key(ino, b"b")
+        self.txn.put(key, self.store.codec.seal(BaseSum(version, digest).pack(), key), db=self.store.sums)
+
+    def drop_base_sum(self, ino: int) -> None:
+        self.txn.delete(_sum_key(ino, b"b"), db=self.store.sums)
 
     def add_conflict(self, record: dict) -> int:
         cur = self.txn.cursor(db=self.store.conflicts)

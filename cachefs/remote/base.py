@@ -80,6 +80,13 @@ class RemoteUnreachable(Exception):
     """
 
 
+class ContentDamaged(Exception):
+    """The local content an upload was reading failed its checksum (cut short, gone, or
+    other bytes than were committed): the upload stopped before its temporary file was
+    renamed over the target, so the remote keeps what it had. Not an ``OSError``: it is
+    no fault of the connection or of the remote."""
+
+
 class RemoteRefused(Exception):
     """The remote must not be used: unknown or changed host key, failed authentication,
     a share path that does not exist or is not a directory. Permanent until the user acts;
@@ -158,6 +165,17 @@ class Remote(ABC):
             except RemoteError as exc:
                 out.append(exc)
         return out
+
+    def hash_files(self, paths: list[bytes]) -> list[bytes | None] | None:
+        """The SHA-256 of each file's current content on the remote (None for one that
+        cannot be read), computed where the files are; None when this remote cannot (the
+        default; see ``can_hash``). Used before an upload replaces a file, to see a change
+        that kept its size and mtime second."""
+        return None
+
+    #: whether ``hash_files`` may answer: True, False, or None while not yet known (the
+    #: SFTP backend finds out at its first call)
+    can_hash: bool | None = False
 
     @abstractmethod
     def statvfs(self) -> SpaceInfo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from .base import Remote, RemoteError, RemoteUnreachable
+from .base import ContentDamaged, Remote, RemoteError, RemoteUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,18 +36,88 @@ class LocalGone(Exception):
     """The node's content file was removed (the node deleted here) before its upload."""
 
 
+class _Checked:
+    """An upload's content, checked as it is read against the checksum recorded when it was
+    committed: the read that reaches its end (or finds it early) raises ``ContentDamaged``
+    instead of handing over the last bytes, so that every backend stops before it renames
+    its temporary file over the target. A content file the cache cannot read (a sealed
+    block that does not decrypt) is damage too, not a failure of the connection."""
+
+    def __init__(self, stream: Any, size: int, digest: bytes, what: str) -> None:
+        self._stream, self._size, self._digest, self._what = stream, size, digest, what
+        self._hash = hashlib.sha256()
+        self._done = 0
+        self._checked = False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._checked:
+            return b""
+        try:
+            data = self._stream.read(n)
+        except OSError as exc:
+            raise ContentDamaged(f"{self._what}: {exc.strerror or exc}") from exc
+        if data:
+            self._hash.update(data)
+            self._done += len(data)
+        if not data or self._done >= self._size:
+            self._checked = True
+            if self._done != self._size:
+                raise ContentDamaged(f"{self._what}: {self._done} of its {self._size} bytes left")
+            if self._hash.digest() != self._digest:
+                raise ContentDamaged(f"{self._what}: its bytes are not the ones written "
+                                     "(checksum mismatch)")
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_Checked":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_path: str, mode: int,
-                temp: bytes, atime_ns: int, mtime_ns: int):
+                temp: bytes, atime_ns: int, mtime_ns: int, digest: bytes):
     """Atomic upload of a content file with its mode and times; the new remote version.
 
-    The content file is opened here and the upload reads that descriptor, so a deletion
-    of the node during the upload cannot pull the file away half way."""
+    ``digest``: the SHA-256 recorded when the content was committed; content that does not
+    match it is never renamed over ``path`` (``ContentDamaged``). The content file is opened
+    here and the upload reads that descriptor, so a deletion of the node during the upload
+    cannot pull the file away half way. A content file gone while the node lives on is
+    damage, which the caller tells from a deletion (``LocalGone``)."""
     try:
         fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise LocalGone(content_path) from None
+    what = f"cache content file {content_path}"
     try:
-        return remote.upload(path, lambda: content.reader(fd, size), mode, temp, (atime_ns, mtime_ns))
+        return remote.upload(path, lambda: _Checked(content.reader(fd, size), size, digest, what),
+                             mode, temp, (atime_ns, mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def hash_content(content: Any, content_path: str, size: int) -> bytes | None:
+    """The SHA-256 of a content file's first ``size`` bytes (plain, as the cache reads
+    them), or None when it holds fewer than that or cannot be read."""
+    try:
+        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return hashlib.sha256().digest() if size == 0 else None
+    try:
+        digest = hashlib.sha256()
+        done = 0
+        while done < size:  # (pread, not a reader object: 12 -> 7 us for 4 KiB)
+            piece = content.pread(fd, min(size - done, 1 << 20), done)
+            if not piece:
+                return None
+            digest.update(piece)
+            done += len(piece)
+        return digest.digest()
+    except OSError:
+        return None
     finally:
         os.close(fd)
 

@@ -15,3 +15,6 @@ class ConnectOptions:
     ssh_config: Path | None = None  # None means ~/.ssh/config when it exists
     connections: int = 4  # SFTP connections in the pool for parallel work
     keepalive: float = 5.0  # seconds between SSH keepalives
+    #: --no-remote-hash turns it off: compare content hashes computed on the server (a
+    #: ``sha256sum`` run over an SSH exec channel) before an upload replaces a file
+    remote_hash: bool = True

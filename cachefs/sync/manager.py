@@ -39,12 +39,18 @@ from ..cache.cache import Cache
 from ..cache.hoard import Hoard
 from ..progress import Progress
 from ..cache.crypto import RecordError
-from ..cache.store import ATTR_DIRTY, CONFLICT, DIRTY, FULL, ORPHAN, Node, Store, Txn, index_damaged
+from ..cache.store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KERNEL_WRITES, ORPHAN, WRITING, Node,
+                           Store, Txn, index_damaged)
 from ..remote import Remote, RemoteError, RemoteStat
-from ..remote.base import join
+from ..remote.base import ContentDamaged, join
 from .connectivity import Connectivity, Unavailable
 from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
 from .journal import CONTENT_OPS, Op, folder_times_last, optimise
+
+#: ``store`` entries whose files the server hashes in one command (``_server_sums``), and
+#: the most bytes of them: the command must end within the connection's timeout
+HASH_AHEAD = 256
+HASH_AHEAD_BYTES = 64 << 20
 
 #: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
 DEFAULT_WRITEBACK_HOLD = 5.0
@@ -98,6 +104,37 @@ def _cut(text: bytes, room: int) -> bytes:
     return text[:room]
 
 
+def damaged_name(name: bytes, when: float, taken) -> bytes:
+    """``NAME (damaged YYYY-MM-DD HHMMSS).EXT``, or ``... HHMMSS 2).EXT`` and on while
+    ``taken(name)``: the local name of what was left of a version that failed its checksum
+    (on no server, so it needs no host in it). Cut at a character boundary when long."""
+    stamp = datetime.fromtimestamp(when).strftime("%Y-%m-%d %H%M%S")
+    dot = name.rfind(b".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
+    for number in range(1, 1000):
+        tag = f" (damaged {stamp}{'' if number == 1 else f' {number}'})".encode()
+        s, e = (stem, ext) if 255 - len(tag) - len(ext) >= 1 else (name, b"")
+        cut = s[:255 - len(tag) - len(e)]
+        cut = cut.decode("utf-8", "ignore").encode() if cut != s and _utf8(s) else cut
+        candidate = cut + tag + e
+        if not taken(candidate):
+            return candidate
+    raise OSError(errno.EEXIST, "no free name for a damaged copy")
+
+
+def _utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+class _ChangedWhileSent(Exception):
+    """The file was written again while its upload read it: that upload was stopped by its
+    checksum (the bytes were of no one version); the next pass sends the new version."""
+
+
 def _same_second(a_ns: int, b_ns: int) -> bool:
     return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
 
@@ -107,6 +144,13 @@ class PassResult:
     complete: bool
     reason: str | None = None
     conflicts: list[dict] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # paths whose content failed its checksum
+
+
+def _damage_note(paths: list[str]) -> str:
+    shown = ", ".join(repr(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (f"damaged in the cache, not uploaded: {shown} (the server keeps its version; "
+            "see 'cachefs conflicts')")
 
 
 class SyncManager:
@@ -150,6 +194,12 @@ class SyncManager:
         # Created here and deleted again before their creation reached the remote (kept
         # for the mount's life: inode numbers are never reused).
         self._gone: set[int] = set()
+        #: journal seq -> the SHA-256 the server computed for that ``store``'s file in
+        #: this pass, before its batch (``_server_sums``); the entries looked at for it
+        self._their_sums: dict[int, bytes] = {}
+        self._hashed: set[int] = set()
+        #: what damaged content the running pass found (the sync that asked is told)
+        self._damaged_now: list[str] = []
         cache.changed = self.poke
         conn.on_online(self.poke)
         cache.rebuild_local_dirs()
@@ -209,6 +259,8 @@ class SyncManager:
         result = await self.reintegrate()
         if not result.complete:
             raise SyncFailed(result.reason or "reconciliation did not complete")
+        if result.damaged:
+            raise SyncFailed(_damage_note(result.damaged))
         try:
             await self.hoard.refresh()
         except Unavailable as exc:
@@ -271,6 +323,10 @@ class SyncManager:
         records = [r for r in self.conflicts() if text in (r.get("path"), r.get("conflict_path"))]
         if not records:
             raise SyncFailed(f"no conflict recorded for {text!r}", errno.ENOENT)
+        if keep == "local" and any(r["kind"] == "damaged-local" for r in records):
+            raise SyncFailed(f"{text!r}: the local version failed its checksum and is kept here only; "
+                             "copy what you keep of it to a name of your choice, which uploads it, "
+                             "then resolve with 'remote' or 'both'", errno.EINVAL)
         for record in records:
             original = record["path"].encode("utf-8", "surrogateescape")
             copy = record.get("conflict_path")
@@ -301,7 +357,9 @@ class SyncManager:
                 self.syncing = False
             if result.complete:
                 self.last_sync = time.time()
-                self.last_error = None
+                # (damaged files not uploaded stay in status while their record is kept)
+                damaged = [r["path"] for r in self.conflicts() if r.get("kind") == "damaged-local"]
+                self.last_error = _damage_note(damaged) if damaged else None
                 if self._refusal_count:  # (replayed, but the remote refused some changes)
                     self.last_error = (f"the remote refused {self._refusal_count} change(s), kept "
                                        f"here: see 'cachefs conflicts'")
@@ -310,6 +368,12 @@ class SyncManager:
             return result
 
     async def _pass(self) -> PassResult:
+        self._damaged_now = []
+        result = await self._replay_journal()
+        result.damaged = self._damaged_now
+        return result
+
+    async def _replay_journal(self) -> PassResult:
         ops, damaged = self.store.journal_ops_until_damaged()
         if damaged is not None:  # replay what comes before it, then stop there
             log.error("%s", damaged)
@@ -329,12 +393,16 @@ class SyncManager:
             self._rewrite(ops, kept, dropped)
         kept = folder_times_last(kept, folders)  # (a folder's times land after its contents)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
-        for batch in _batches(kept, self.parallel):
+        batches = list(_batches(kept, self.parallel))
+        self._their_sums, self._hashed = {}, set()
+        for at, batch in enumerate(batches):
             if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
                 # Replay stops at a file still open for writing (close-to-open: its content
                 # is not final); release() starts the next pass.
                 return PassResult(False, "a file is still open for writing")
             failures: list[str] = []
+            if any(op.kind == "store" and op.seq not in self._hashed for op in batch):
+                await self._server_sums(op for later in batches[at:] for op in later)
             if len(batch) == 1:
                 await self._replay_one(batch[0], failures)
             else:
@@ -361,6 +429,15 @@ class SyncManager:
         except Unavailable as exc:
             failures.append(f"remote is offline: {exc}")
             return
+        except _ChangedWhileSent as exc:
+            failures.append(str(exc))
+            return
+        except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
+            try:
+                await self._damaged(op, str(exc))
+            except Unavailable as gone:
+                failures.append(f"remote is offline: {gone}")
+                return
         except RemoteError as exc:
             # The remote refuses this change for good (permission, quota...): keep the
             # local version, record it, and go on with the rest.
@@ -463,14 +540,69 @@ class SyncManager:
         return made
 
     async def _same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:
+        """Whether the remote file holds our content: compared with our content's
+        checksum as committed (never with bytes read back from a content file that may be
+        damaged), by a hash the server computes where it can, else by reading it."""
         if remote.size != node.size or not stat_mod.S_ISREG(remote.mode):
             return False
+        ours = self._sum_of(node)
+        if ours is not None and self.remote.can_hash is not False:
+            try:
+                theirs = await self.conn.call(self.remote.hash_files, [path])
+            except RemoteError:
+                theirs = None
+            if theirs and theirs[0] is not None:
+                return theirs[0] == ours
         if node.size > 64 << 20:
             return False  # too costly to compare: treat as a conflict (both kept)
-        theirs = await self.conn.call(self.remote.read, path, 0, node.size + 1, bulk=True)
-        ours = await trio.to_thread.run_sync(_read_content, self.store.content,
+        data = await self.conn.call(self.remote.read, path, 0, node.size + 1, bulk=True)
+        if ours is not None:
+            return hashlib.sha256(data).digest() == ours
+        mine = await trio.to_thread.run_sync(_read_content, self.store.content,
                                              self.store.content_path(node.ino), node.size)
-        return hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
+        return hashlib.sha256(data).digest() == hashlib.sha256(mine).digest()
+
+    def _sum_of(self, node: Node) -> bytes | None:
+        """The checksum recorded when the node's current content was committed."""
+        found = self.store.content_sum(node.ino)
+        if found is None or found.gen != node.gen or found.size != node.size:
+            return None
+        return found.digest
+
+    async def _server_sums(self, ops) -> None:
+        """For the next ``store`` entries (from a batch on, up to ``HASH_AHEAD`` of them)
+        whose file's base version has a known hash: the hash of what the server has now,
+        in one call (one exec of ``sha256sum`` over SSH for the lot: an exec costs a
+        session on the server, 5-100 ms, more than the replay of a small file). A server
+        change that kept the size and the mtime second shows as another hash than the
+        base's (``_replay_content``)."""
+        if self.remote.can_hash is False:
+            return
+        wanted = []
+        size = 0
+        for op in ops:
+            if op.kind != "store" or op.seq in self._hashed:
+                continue
+            node = self.store.get(op.ino)
+            if node is None or node.base is None or node.gen == node.synced_gen \
+                    or node.base[0] > HASH_AHEAD_BYTES:
+                self._hashed.add(op.seq)
+                continue
+            if len(wanted) == HASH_AHEAD or (wanted and size + node.base[0] > HASH_AHEAD_BYTES):
+                break
+            self._hashed.add(op.seq)
+            found = self.store.base_sum(op.ino)
+            if found is not None and found.version == node.base:
+                wanted.append(op)
+                size += node.base[0]
+        if not wanted:
+            return
+        try:
+            digests = await self.conn.call(self.remote.hash_files, [op.path for op in wanted])
+        except (RemoteError, Unavailable) as exc:  # (offline: the replay itself stops next)
+            log.debug("server hashes not had: %s", exc)
+            return
+        self._their_sums.update((op.seq, d) for op, d in zip(wanted, digests or []) if d is not None)
 
     def _temp_name(self, path: bytes, seq: int, kind: bytes = b"tmp") -> bytes:
         return _temp_name(path, seq, self.client, kind)
@@ -515,9 +647,12 @@ class SyncManager:
 
     async def _upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
         temp = self._temp_name(path, seq)
+        digest = self._sum_of(node)
+        if digest is None:
+            raise ContentDamaged(f"no checksum of inode {node.ino}'s content was recorded")
         return await self.conn.call(self.uploader, node.size, path, self.store.content_path(node.ino),
                                     stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns,
-                                    bulk=True)
+                                    digest, bulk=True)
 
     # -- one operation ----------------------------------------------------------------------
     async def _replay(self, op: Op) -> int:
@@ -542,23 +677,64 @@ class SyncManager:
         if node.gen == node.synced_gen and not created:
             self._finish(op)  # an earlier operation already uploaded this content
             return 0
+        digest = self._sum_of(node)
+        if digest is None:
+            # Released since the last checkpoint: commit it now rather than wait for one.
+            await self.cache.commit_changes()
+            node = self.store.get(op.ino)
+            if node is None or node.has(ORPHAN):
+                return await self._replay_content(op, created)
+            if self.cache.writers.get(op.ino):
+                raise _ChangedWhileSent(f"{op.path!r} was opened for writing again: sent at its release")
+            digest = self._sum_of(node)
+            if digest is None:
+                return await self._damaged(op, "no checksum of its content was recorded when it was "
+                                               "written (its content file was short or gone then)")
         gen = node.gen
+        try:
+            return await self._replay_checked(op, node, gen, digest, created)
+        except (ContentDamaged, LocalGone) as exc:
+            now = self.store.get(op.ino)
+            if now is None or now.has(ORPHAN):
+                if created:
+                    self._gone.add(op.ino)
+                self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
+                return 0
+            if now.gen != gen:
+                raise _ChangedWhileSent(f"{op.path!r} was written while it was uploaded: "
+                                        "sent again at the next pass") from exc
+            reason = "its content file is gone" if isinstance(exc, LocalGone) else str(exc)
+            return await self._damaged(op, reason)
+
+    async def _replay_checked(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int:
+        """``_replay_content`` of content whose checksum is ``digest``: every upload of it
+        is checked against it as it is sent (``ContentDamaged``, ``LocalGone``)."""
         conflict = None
         # Was an upload of this entry started before (a crash or a cut connection since)?
         # Then (size, mtime) of what it was sending.
         earlier = self.store.upload_mark(op.seq)
+        theirs = self._their_sums.pop(op.seq, None)
+        if theirs is not None and not created:
+            # The server hashed the file before this batch: another hash than the base
+            # version's is a change there, even one that kept the size and mtime second.
+            base = self.store.base_sum(op.ino)
+            if base is not None and base.version == node.base and theirs != base.digest:
+                remote = await self._stat(op.path)
+                if remote is not None and remote.version() == node.base:
+                    if theirs == digest:  # (our content already: an upload that landed)
+                        await self._landed(op, node, remote, gen)
+                        return 0
+                    log.info("%r changed on the server although its size and mtime second did "
+                             "not: keeping both versions", op.path)
+                    self.store.transact(lambda t: t.drop_base_sum(op.ino))
+                    return await self._keep_both(op, node, remote, gen)
         # The common case in one job: the remote is as expected, upload.
         self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
         try:
             outcome, found = await self.conn.call(
                 self.replayer, created, node.base, node.size, op.path,
                 self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
-                self._temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, bulk=True)
-        except LocalGone:
-            if created:
-                self._gone.add(op.ino)
-            self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
-            return 0
+                self._temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, digest, bulk=True)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -583,19 +759,13 @@ class SyncManager:
                     return 0
                 return await self._keep_both(op, node, remote, gen)
         try:
-            try:
-                new = await self._upload(node, op.path, op.seq)
-            except RemoteError as exc:
-                if exc.errno != errno.ENOENT or not await self._make_parents(op.path):
-                    raise
-                # Created here inside a folder that was removed there: re-create it.
-                conflict = conflict or self._record(op, "folder-recreated")
-                new = await self._upload(node, op.path, op.seq)
-        except LocalGone:
-            if created:
-                self._gone.add(op.ino)
-            self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
-            return 0
+            new = await self._upload(node, op.path, op.seq)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT or not await self._make_parents(op.path):
+                raise
+            # Created here inside a folder that was removed there: re-create it.
+            conflict = conflict or self._record(op, "folder-recreated")
+            new = await self._upload(node, op.path, op.seq)
         await self._landed(op, node, new, gen, conflict)
         return node.size
 
@@ -691,6 +861,13 @@ class SyncManager:
                 return
             n.base = remote.version()
             if gen is not None:
+                # What the server now has is the content whose checksum we recorded: the
+                # hash of the new base version (see ``_server_sums``).
+                found = t.content_sum(ino)
+                if found is not None and found.gen == gen:
+                    t.set_base_sum(ino, n.base, found.digest)
+                else:
+                    t.drop_base_sum(ino)
                 n.synced_gen = gen
                 if n.gen == gen:
                     n.flags &= ~DIRTY
@@ -747,6 +924,68 @@ class SyncManager:
             os.rename(self.store.content_path(op.ino), self.store.content_path(moved[0]))
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
+
+    async def _damaged(self, op: Op, reason: str) -> int:
+        """Our version failed its checksum (cut short, gone, other bytes than were written):
+        it is never uploaded, and the server keeps its version, which the name shows from
+        now on. What is left of ours stays here under ``NAME (damaged ...)``, local only
+        (``DAMAGED``: kept by listings, never evicted, never uploaded as it is), and a
+        ``damaged-local`` conflict record and the status's last error say so."""
+        node = self.store.get(op.ino)
+        if node is None or node.has(ORPHAN):
+            self._finish(op)
+            return 0
+        remote = await self._stat(op.path)
+        if remote is not None and not stat_mod.S_ISREG(remote.mode):
+            remote = None  # (the name is something else there now: the listing shows it)
+        left = await trio.to_thread.run_sync(_content_left, self.store.content,
+                                             self.store.content_path(op.ino), node.size)
+        copy: list[tuple[int, bytes]] = []
+        parent = node.parent
+
+        def update(t: Txn) -> None:
+            copy.clear()
+            n = t.node(op.ino)
+            if n is None:
+                return
+            if left and t.node(n.parent) is not None:
+                name = damaged_name(n.name, time.time(), lambda c: t.child_ino(n.parent, c) is not None)
+                ino = t.new_ino()
+                t.put(Node(ino=ino, parent=n.parent, name=name, mode=n.mode, size=left,
+                           mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
+                           flags=FULL | CONFLICT | DAMAGED, gen=n.gen, synced_gen=n.gen))
+                t.set_entry(n.parent, name, ino)
+                copy.append((ino, name))
+            if remote is not None:  # the name shows the server's version, fetched on use
+                n.base = remote.version()
+                n.flags &= ~(DIRTY | FULL | ATTR_DIRTY | WRITING | KERNEL_WRITES)
+                n.flags |= CONFLICT
+                n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
+                n.synced_gen = n.gen
+                t.drop_base_sum(op.ino)
+                t.put(n)
+
+        try:
+            folder = self.store.path_of(parent)
+        except KeyError:
+            folder = b""
+        self.store.transact(update)
+        copy_path = join(folder, copy[0][1]) if copy else None
+        if copy:
+            os.rename(self.store.content_path(op.ino), self.store.content_path(copy[0][0]))
+        record = self._record(op, "damaged-local", error=reason,
+                              conflict_path=copy_path.decode("utf-8", "surrogateescape") if copy_path else None,
+                              local={"size": node.size, "left": left})
+        log.error("the cache's copy of %r is damaged (%s): not uploaded, the server keeps its "
+                  "version; %s", op.path, reason,
+                  f"what is left of it ({left} of {node.size} bytes) is kept here only as {copy_path!r}"
+                  if copy_path else "nothing of it is left")
+        self._finish(op, conflict=record)
+        if op.kind == "create":
+            self._gone.add(op.ino)
+        self.cache.remote_changed(op.ino, parent_ino=parent, moved_aside=remote is None)
+        self._damaged_now.append(op.path.decode("utf-8", "surrogateescape"))
+        return 0
 
     async def _replay_setattr(self, op: Op) -> int:
         node = self.store.get(op.ino)
@@ -966,6 +1205,28 @@ def _temp_name(path: bytes, seq: int, client: str, kind: bytes = b"tmp") -> byte
     the file gone)."""
     return (b"." + _cut(path.rsplit(b"/", 1)[-1], 160) + b".cachefs-" + kind + b"-"
             + f"{seq}-{client[-40:]}".encode())
+
+
+def _content_left(content, content_path: str, size: int) -> int:
+    """How many bytes of a content file can still be read from its start, at most ``size``
+    (0 when it is gone): up to its end, or to the first sealed block that does not open."""
+    try:
+        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        end = min(size, content.length(fd))
+        done = 0
+        while done < end:
+            step = min(end - done, 1 << 16)
+            try:
+                content.pread(fd, step, done)
+            except OSError:
+                break
+            done += step
+        return done
+    finally:
+        os.close(fd)
 
 
 def _read_content(content, content_path: str, size: int) -> bytes:
