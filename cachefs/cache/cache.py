@@ -39,7 +39,7 @@ from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
+from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
                     Store, Txn, node_from_remote, rebuilt_as_is)
 
 log = logging.getLogger(__name__)
@@ -806,7 +806,7 @@ class Cache:
     def evict_content(self, node: Node) -> int:
         """Drop the cached content of a clean, unpinned, closed file; bytes freed."""
         node = self.store.get(node.ino)
-        if node is None or not node.is_file or node.flags & (DIRTY | PINNED | CONFLICT | DAMAGED) \
+        if node is None or not node.is_file or node.flags & (DIRTY | PINNED | CONFLICT | DAMAGED | KEPT) \
                 or self.is_open(node.ino):
             return 0
         freed = node.size if node.has(FULL) else rangeset.total(self._known_ranges(node.ino))
@@ -1561,12 +1561,41 @@ class Cache:
             await self.unlink(parent, name)
         self.kernel.invalidate_entry(parent, name)
 
-    def clear_conflict(self, path: bytes) -> None:
+    def _cached_at(self, path: bytes) -> Node | None:
+        """The cached node at a share-relative path, from the index alone."""
         head, _, name = path.rpartition(b"/")
         ino = ROOT_INO
         for part in [p for p in head.split(b"/") if p]:
             ino = self.store.child_ino(ino, part) or 0
-        node = self.store.child(ino, name) if ino else None
+        return self.store.child(ino, name) if ino else None
+
+    def settle_kept(self, path: bytes, send_again: bool, drop: bool) -> None:
+        """The local version the remote refused (``KEPT``), at a resolve: journaled again as
+        a change (``send_again``), dropped for the server's version (``drop``), or left as
+        it is, kept here (neither)."""
+        node = self._cached_at(path)
+        if node is None or not node.has(KEPT) or not (send_again or drop):
+            return
+        def change(t: Txn) -> None:
+            n = t.node(node.ino)
+            if n is None:
+                return
+            n.flags &= ~KEPT
+            if drop:
+                n.base = None  # (the next listing takes the server's version whole)
+            elif n.is_file:
+                self._content_changed(t, n)
+                return
+            elif not n.has(ATTR_DIRTY):
+                n.flags |= ATTR_DIRTY
+                self._journal(t, Op("setattr", n.ino, t.path_of(n.ino), base=n.base, parent=n.parent))
+            t.put(n)
+        self.store.transact(change)
+        if drop:  # (its content goes too, and the kernel's pages of it)
+            self.remote_changed(node.ino, parent_ino=node.parent)
+
+    def clear_conflict(self, path: bytes) -> None:
+        node = self._cached_at(path)
         if node is not None and node.has(CONFLICT):
             node.flags &= ~CONFLICT
             self.store.put(node)

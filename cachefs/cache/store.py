@@ -100,6 +100,9 @@ WRITING = 1 << 9
 #: file: what was left of a local version whose content failed its checksum at replay: kept
 #: here only (never uploaded as it is), kept by listings (it is on no server) and never evicted
 DAMAGED = 1 << 10
+#: a local version whose change the remote refused for good (permission, quota): kept here
+#: as it is, by listings too, until it changes again or its conflict is resolved
+KEPT = 1 << 11
 
 
 @dataclass(slots=True)
@@ -952,7 +955,7 @@ class Store:
                 if ino is not None:
                     data = txn.get(_key(ino), db=self.nodes)
                     old = self._unpack(ino, data) if data is not None else None
-                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY | DAMAGED):
+                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY | DAMAGED | KEPT):
                         continue  # local changes win until they are replayed
                     if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
                         # A different kind of object under the same name: a new node.
@@ -984,8 +987,8 @@ class Store:
             for name, ino in existing.items():
                 data = txn.get(_key(ino), db=self.nodes)
                 node = self._unpack(ino, data) if data is not None else None
-                if node is not None and node.flags & (DIRTY | DAMAGED):
-                    continue  # (a damaged copy is on no server: kept here, see DAMAGED)
+                if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
+                    continue  # (a damaged copy or a refused version is on no server: kept here)
                 delta.same = False
                 txn.delete(self._ekey(parent, name), db=self.entries)
                 if node is not None and node.nlink > 1 and not node.is_dir:

@@ -39,7 +39,7 @@ from ..cache.cache import Cache
 from ..cache.hoard import Hoard
 from ..progress import Progress
 from ..cache.crypto import RecordError
-from ..cache.store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KERNEL_WRITES, ORPHAN, WRITING, Node,
+from ..cache.store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, ORPHAN, WRITING, Node,
                            Store, Txn, index_damaged)
 from ..remote import Remote, RemoteError, RemoteStat
 from ..remote.base import ContentDamaged, join
@@ -341,6 +341,8 @@ class SyncManager:
                 await self.cache.unlink_path(original)
             elif kind == "deleted-remote-changed-local" and keep == "remote":
                 await self.cache.unlink_path(original)
+            elif kind == "error":  # the version the server refused: send again, or drop it
+                self.cache.settle_kept(original, send_again=keep == "local", drop=keep == "remote")
             self.store.delete_conflict(record["id"])
             self.cache.clear_conflict(original)
         self.poke()
@@ -844,11 +846,12 @@ class SyncManager:
     @staticmethod
     def _refused(ino: int):
         """An update for a change the remote refused: the local version stays cached,
-        marked as a conflict (never evicted), and later changes are journaled anew."""
+        marked as a conflict (never evicted) and ``KEPT`` (a listing of the server's
+        version does not replace it), and later changes are journaled anew."""
         def update(t: Txn) -> None:
             n = t.node(ino)
             if n is not None:
-                n.flags = (n.flags & ~(DIRTY | ATTR_DIRTY)) | CONFLICT
+                n.flags = (n.flags & ~(DIRTY | ATTR_DIRTY)) | CONFLICT | KEPT
                 t.put(n)
         return update
 
@@ -870,7 +873,7 @@ class SyncManager:
                     t.drop_base_sum(ino)
                 n.synced_gen = gen
                 if n.gen == gen:
-                    n.flags &= ~DIRTY
+                    n.flags &= ~(DIRTY | KEPT)
                 else:  # written again during the upload: one more upload to come
                     t.append(Op("store", ino, t.path_of(ino), base=n.base, parent=n.parent))
             t.put(n)
@@ -1006,7 +1009,7 @@ class SyncManager:
             if n is None:
                 return
             if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent:
-                n.flags &= ~ATTR_DIRTY
+                n.flags &= ~(ATTR_DIRTY | KEPT)
                 t.put(n)
             else:  # changed again while they were on the way (ATTR_DIRTY: not journaled)
                 t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))

@@ -1,0 +1,106 @@
+"""A change the server refused for good (permission, quota: an ``error`` conflict) keeps
+the local version: a later listing of the server's version does not replace it, eviction
+does not drop it, and ``resolve`` sends it again (``local``), drops it for the server's
+(``remote``) or leaves it here (``both``). In-process: a real store, cache and sync
+manager over a real local share whose uploads can be refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from cachefs.cache.cache import Cache, CacheConfig
+from cachefs.cache.store import KEPT, ROOT_INO, Store
+from cachefs.remote.base import RemoteError
+from cachefs.remote.local import LocalRemote
+from cachefs.sync.connectivity import Connectivity
+from cachefs.sync.manager import SyncFailed, SyncManager
+
+OURS = b"changed here, refused there"
+THEIRS = b"changed on the server afterwards"
+
+
+class RefusingRemote(LocalRemote):
+    """A local share that refuses uploads while ``refusing`` is set."""
+
+    refusing = True
+
+    def upload(self, path, source, mode, temp_name, times=None):
+        if self.refusing:
+            raise RemoteError(errno.EACCES, "upload: Permission denied")
+        return super().upload(path, source, mode, temp_name, times)
+
+
+async def _read(cache: Cache, name: bytes) -> bytes:
+    node = await cache.lookup(ROOT_INO, name)
+    handle = await cache.open(node.ino)
+    try:
+        return await cache.read(handle, 0, 1 << 20)
+    finally:
+        cache.release(handle)
+
+
+async def _write(cache: Cache, name: bytes, data: bytes) -> None:
+    node = await cache.lookup(ROOT_INO, name)
+    handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+    cache.write(handle, 0, data)
+    cache.release(handle)
+
+
+@pytest.mark.parametrize("keep", ["local", "remote", "both"])
+def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a.txt").write_bytes(b"the first version")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+
+    async def main() -> None:
+        store = Store(cache_dir, f"file://{share}")
+        remote = RefusingRemote(str(share), 10.0)
+        conn = Connectivity(remote)
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.01, dir_timeout=0.01))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            sync = SyncManager(store, cache, conn)
+            await _read(cache, b"a.txt")
+            await _write(cache, b"a.txt", OURS)
+            with pytest.raises(SyncFailed) as failed:
+                await sync.request_sync()
+            assert failed.value.errno == errno.EACCES
+            assert [r["kind"] for r in sync.conflicts()] == ["error"]
+            # The server's file changes; the folder is listed again, the file opened again.
+            (share / "a.txt").write_bytes(THEIRS)
+            os.utime(share / "a.txt", (2_000_000_000, 2_000_000_000))
+            await trio.sleep(0.05)
+            assert await _read(cache, b"a.txt") == OURS  # (was the server's: ours lost)
+            node = store.child(ROOT_INO, b"a.txt")
+            assert node is not None and node.has(KEPT)
+            assert cache.evict_content(node) == 0
+            assert await _read(cache, b"a.txt") == OURS
+
+            remote.refusing = False
+            await sync.resolve(b"a.txt", keep)
+            await sync.request_sync()
+            await trio.sleep(0.05)
+            names = sorted(os.listdir(share))
+            if keep == "local":
+                # sent again: the server changed since our base, so both are kept there
+                assert (share / "a.txt").read_bytes() == THEIRS
+                copies = [n for n in names if "(conflict " in n]
+                assert len(copies) == 1 and (share / copies[0]).read_bytes() == OURS, names
+            elif keep == "remote":
+                assert names == ["a.txt"] and (share / "a.txt").read_bytes() == THEIRS
+                assert await _read(cache, b"a.txt") == THEIRS
+            else:
+                assert names == ["a.txt"] and (share / "a.txt").read_bytes() == THEIRS
+                assert await _read(cache, b"a.txt") == OURS  # still here, and only here
+            nursery.cancel_scope.cancel()
+        store.close()
+
+    trio.run(main)
