@@ -13,6 +13,14 @@ iterations, and at the end, ``online`` + ``sync`` must leave the server equal to
 model: nothing lost, nothing applied twice, no temporary files, no conflict copies (only
 this client writes).
 
+Damage between runs: after some kills, a *copy* of the cache is damaged (one bit of a
+journal entry or a node record flipped in place, the index file emptied, or the index
+folder removed), and a mount of the copy must be refused with a message naming the cache
+and ``cachefs recover`` (nothing of it reaches the server), and ``cachefs recover`` of the
+copy must give back every change not yet on the server: each file of the model whose
+content the server does not have is among the files it saves. (Damage to content files
+between runs is ``tests/test_damage.py``'s seeded test.)
+
 The seed is printed with any failure; ``CACHEFS_CRASH_SEED=N`` replays one (timing still
 varies, so a replay is likely, not certain, to hit the same interleaving).
 """
@@ -26,7 +34,14 @@ import threading
 import time
 from pathlib import Path
 
-from tests.fixtures.mount import run_with_timeout, status
+import shutil
+import subprocess
+import sys
+
+import lmdb
+import pytest
+
+from tests.fixtures.mount import REPO, MountError, run_with_timeout, status
 from tests.test_writes import control, sync_until_done
 
 ITERATIONS = 50
@@ -284,6 +299,72 @@ def _check_server(mnt: Path, share: Path, model: Model, iteration: int) -> list[
     return problems
 
 
+DAMAGE_EVERY = 4  # a damaged copy of the cache after every fourth kill (when no op was cut)
+
+
+def _flip_a_record_bit(index: Path, rng: random.Random) -> str:
+    """One bit of one journal entry or node record, changed in place through LMDB (as a
+    disk would change it); what was flipped."""
+    env = lmdb.open(str(index), max_dbs=12, subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            choices = []
+            for name in (b"journal", b"nodes"):
+                db = env.open_db(name, txn=txn)
+                choices += [(name, db, bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+            name, db, key, value = rng.choice(choices)
+            bit = rng.randrange(len(value) * 8)
+            flipped = bytearray(value)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            txn.put(key, bytes(flipped), db=db)
+    finally:
+        env.close()
+    return f"bit {bit} of {name.decode()} record {key.hex()}"
+
+
+def _damage_a_copy(mount_factory, cache_dir: Path, copy: Path, share: Path, model: Model,
+                   rng: random.Random) -> list[str]:
+    """Damage a copy of the cache; its mount must be refused, and ``cachefs recover``
+    must save every change the server does not have yet. Problems found."""
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(cache_dir, copy)
+    how = rng.choice(["record", "record", "empty index", "no index"])
+    if how == "record":
+        what = _flip_a_record_bit(copy / "index", rng)
+    elif how == "empty index":
+        os.truncate(copy / "index" / "data.mdb", 0)
+        what = "data.mdb emptied"
+    else:
+        shutil.rmtree(copy / "index")
+        what = "index/ removed"
+    problems = []
+    server_before = _server_tree(share)
+    refused = mount_factory(cache=copy.name, name="mnt-damaged", check_log=False)
+    with pytest.raises(MountError):
+        refused.start()
+    text = refused.log_text()
+    if refused.process.returncode in (None, 0) or "Traceback" in text \
+            or str(copy) not in text or "cachefs recover" not in text:
+        problems.append(f"damaged copy ({what}): not refused clearly (exit "
+                        f"{refused.process.returncode}): {text[-1500:]}")
+    if _server_tree(share) != server_before:
+        problems.append(f"damaged copy ({what}): the server changed")
+    out = copy.with_name(copy.name + "-recovered")
+    shutil.rmtree(out, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", str(copy), "--to", str(out)],
+                            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 or "Traceback" in result.stderr:
+        problems.append(f"recover of the damaged copy ({what}) failed: {result.stdout}{result.stderr}")
+        return problems
+    saved = {p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parent != out}
+    on_server = {v for v in server_before.values() if v is not None}
+    lost = sorted(path for path, data in model.items()
+                  if data is not None and data not in on_server and data not in saved)
+    if lost:
+        problems.append(f"damaged copy ({what}): recover did not save {lost}; it said {result.stdout[-1500:]}")
+    return problems
+
+
 def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_path: Path) -> None:
     seed = int(os.environ.get("CACHEFS_CRASH_SEED", random.randrange(1 << 32)))
     print(f"test_crash seed: {seed} (CACHEFS_CRASH_SEED={seed} to replay)")
@@ -299,6 +380,7 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
     iteration = -1
     interrupted = 0
     history: list[str] = []  # what each iteration did, for the failure message
+    damaged_copies = 0
     try:
         for iteration in range(ITERATIONS):
             mount = mount_factory(check_log=False)
@@ -364,6 +446,11 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
             finally:
                 os.close(root_fd)
             assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
+            if iteration % DAMAGE_EVERY == DAMAGE_EVERY - 1 and pending_uncertain is None:
+                problems = _damage_a_copy(mount_factory, mount.cache_dir, tmp_path / "damaged",
+                                          share, model, rng)
+                damaged_copies += 1
+                assert not problems, "\n".join(problems)
         mount = mount_factory(check_log=False)
         mount.start()
         if pending_uncertain is not None:
@@ -373,7 +460,9 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
         assert not problems, "\n".join(problems)
         mount.stop()
         assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
-        print(f"modes: {modes_seen}, operations chosen: {counter[0]}, interrupted by the kill: {interrupted}")
+        print(f"modes: {modes_seen}, operations chosen: {counter[0]}, interrupted by the kill: {interrupted}, "
+              f"damaged copies refused and recovered: {damaged_copies}")
+        assert damaged_copies >= 3, "too few damaged copies: the test proves little"
         assert interrupted >= 2, "too few kills fell on an operation in flight: the test proves little"
     except BaseException as exc:
         raise AssertionError(f"[seed {seed}, iteration {iteration}] {exc}\nlast iterations:\n"

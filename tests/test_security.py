@@ -243,6 +243,17 @@ def test_control_file_fuzzed(mount_factory, share: Path) -> None:
 
 # -- encrypted cache at rest ------------------------------------------------------------------
 
+def _found_under(folder: Path, needles: list[bytes]) -> list[str]:
+    """Where under ``folder`` (every file, logs included) any of ``needles`` stands."""
+    found = []
+    for where, _dirs, files in os.walk(folder):
+        for f in files:
+            data = Path(where, f).read_bytes()
+            found += [f"{needle!r} in {os.path.relpath(os.path.join(where, f), folder)}"
+                      for needle in needles if needle in data]
+    return found
+
+
 def test_encrypted_cache_at_rest(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
     """Needs ``--encrypt-cache`` / ``--cache-key-file`` (being added): fails until then."""
     help_text = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "mount.py"), "--help"],
@@ -266,12 +277,7 @@ def test_encrypted_cache_at_rest(mount_factory, sshd, share: Path, tmp_path: Pat
         control(mnt, "offline")
     cache = tmp_path / "cache"
     needles = [content[:26], name.encode(), b"zq-served-content-41a8", b"served-7f2e"]
-    found = []
-    for folder, _dirs, files in os.walk(cache):
-        for f in files:
-            data = Path(folder, f).read_bytes()
-            found += [f"{needle!r} in {os.path.relpath(os.path.join(folder, f), cache)}"
-                      for needle in needles if needle in data]
+    found = _found_under(cache, needles)
     assert not found, f"plain text in the encrypted cache: {found}"
 
     text = _start_refused(mount_factory("--encrypt-cache", "--cache-key-file", str(wrong),
@@ -349,12 +355,7 @@ def test_encrypted_cache_log_names_nothing(sshd, share: Path, tmp_path: Path) ->
         assert event in log_text, f"no {event!r} line: the test did not make it happen\n{log_text[-3000:]}"
     needles = [n.encode() for n in names] + [b"127.0.0.1", os.fsencode(share), os.fsencode(mnt),
                                              os.fsencode(cache)]
-    found = []
-    for folder, _dirs, files in os.walk(cache):
-        for f in files:
-            data = Path(folder, f).read_bytes()
-            found += [f"{needle!r} in {os.path.relpath(os.path.join(folder, f), cache)}"
-                      for needle in needles if needle in data]
+    found = _found_under(cache, needles)
     assert not found, f"names in plain text under the encrypted cache's directory: {found}\n{log_text[-3000:]}"
 
     # --verbose asks for names: a warning on stderr and in the log, and the names are there
