@@ -323,9 +323,10 @@ def _flip_a_record_bit(index: Path, rng: random.Random) -> str:
 
 
 def _damage_a_copy(mount_factory, cache_dir: Path, copy: Path, share: Path, model: Model,
-                   rng: random.Random) -> list[str]:
+                   rng: random.Random) -> tuple[list[str], int]:
     """Damage a copy of the cache; its mount must be refused, and ``cachefs recover``
-    must save every change the server does not have yet. Problems found."""
+    must save every change the server does not have yet. Problems found, and how many
+    changes (files whose content the server lacks) were checked."""
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(cache_dir, copy)
     how = rng.choice(["record", "record", "empty index", "no index"])
@@ -355,14 +356,14 @@ def _damage_a_copy(mount_factory, cache_dir: Path, copy: Path, share: Path, mode
                             cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     if result.returncode != 0 or "Traceback" in result.stderr:
         problems.append(f"recover of the damaged copy ({what}) failed: {result.stdout}{result.stderr}")
-        return problems
+        return problems, 0
     saved = {p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parent != out}
     on_server = {v for v in server_before.values() if v is not None}
-    lost = sorted(path for path, data in model.items()
-                  if data is not None and data not in on_server and data not in saved)
+    changes = [path for path, data in model.items() if data is not None and data not in on_server]
+    lost = sorted(path for path in changes if model[path] not in saved)
     if lost:
         problems.append(f"damaged copy ({what}): recover did not save {lost}; it said {result.stdout[-1500:]}")
-    return problems
+    return problems, len(changes)
 
 
 def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_path: Path) -> None:
@@ -380,7 +381,7 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
     iteration = -1
     interrupted = 0
     history: list[str] = []  # what each iteration did, for the failure message
-    damaged_copies = 0
+    damaged_copies = changes_recovered = 0
     try:
         for iteration in range(ITERATIONS):
             mount = mount_factory(check_log=False)
@@ -447,9 +448,10 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
                 os.close(root_fd)
             assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
             if iteration % DAMAGE_EVERY == DAMAGE_EVERY - 1 and pending_uncertain is None:
-                problems = _damage_a_copy(mount_factory, mount.cache_dir, tmp_path / "damaged",
-                                          share, model, rng)
+                problems, checked = _damage_a_copy(mount_factory, mount.cache_dir, tmp_path / "damaged",
+                                                   share, model, rng)
                 damaged_copies += 1
+                changes_recovered += checked
                 assert not problems, "\n".join(problems)
         mount = mount_factory(check_log=False)
         mount.start()
@@ -461,8 +463,8 @@ def test_kill9_at_random_moments_loses_nothing(mount_factory, share: Path, tmp_p
         mount.stop()
         assert "Traceback" not in mount.log_text(), mount.log_text()[-5000:]
         print(f"modes: {modes_seen}, operations chosen: {counter[0]}, interrupted by the kill: {interrupted}, "
-              f"damaged copies refused and recovered: {damaged_copies}")
-        assert damaged_copies >= 3, "too few damaged copies: the test proves little"
+              f"damaged copies refused and recovered: {damaged_copies}, with {changes_recovered} changes")
+        assert damaged_copies >= 3 and changes_recovered >= 3, "too few damaged copies: the test proves little"
         assert interrupted >= 2, "too few kills fell on an operation in flight: the test proves little"
     except BaseException as exc:
         raise AssertionError(f"[seed {seed}, iteration {iteration}] {exc}\nlast iterations:\n"
