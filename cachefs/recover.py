@@ -8,7 +8,8 @@ Must not touch: the network, FUSE, the cache's records (it never writes one).
 
 What goes out, into ``DIR``:
 
-    files/<path>        a file changed here and not yet on the server (``DIRTY``), under
+    files/<path>        a file changed here and not yet on the server (``DIRTY``; also a
+                        damaged copy, ``DAMAGED``, and a version the server refused, ``KEPT``), under
                         its path in the share when the index still tells it
     by-inode/<ino>      a content file whose path is unknown: its node record is missing
                         or damaged, the index is gone, or its folders are
@@ -35,10 +36,15 @@ import lmdb
 
 from .cache import crypto
 from .cache.crypto import RecordError
-from .cache.store import DIRTY, KERNEL_WRITES, PROBE_CRASHED, ROOT_INO, WRITING, Node, probe_index
+from .cache.store import DAMAGED, DIRTY, KEPT, KERNEL_WRITES, PROBE_CRASHED, ROOT_INO, WRITING, Node, probe_index
 from .progress import human_bytes
 from .sync import journal
 from .sync.journal import Op
+
+
+#: versions that are in this cache only: changes not yet replayed, what was left of a
+#: version that failed its checksum, a version the server refused
+_ONLY_HERE = DIRTY | DAMAGED | KEPT
 
 
 class RecoverError(Exception):
@@ -217,7 +223,7 @@ def _recover(cache_dir: Path, to: Path, key: bytes | None, progress) -> Report:
         ino = int(name)
         with_content.add(ino)
         node = index.nodes.get(ino)
-        if have_index and node is not None and not (node.flags & DIRTY):
+        if have_index and node is not None and not node.flags & _ONLY_HERE:
             report.skipped_clean += 1  # on the server as it is here
             continue
         path = None
@@ -245,7 +251,7 @@ def _recover(cache_dir: Path, to: Path, key: bytes | None, progress) -> Report:
             last_shown = time.monotonic()
             progress(f"recovering: {n}/{len(names)} content files looked at, {len(report.saved)} saved")
     for ino, node in index.nodes.items():
-        if node.flags & DIRTY and node.is_file and ino not in with_content and node.size:
+        if node.flags & _ONLY_HERE and node.is_file and ino not in with_content and node.size:
             where = index.path_of(ino)
             report.missing.append(f"{os.fsdecode(where) if where else f'inode {ino}'} ({node.size} bytes): "
                                   "its content file is gone")

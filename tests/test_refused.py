@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from cachefs.remote.base import RemoteError
 from cachefs.remote.local import LocalRemote
 from cachefs.sync.connectivity import Connectivity
 from cachefs.sync.manager import SyncFailed, SyncManager
+from tests.fixtures.mount import REPO
 
 OURS = b"changed here, refused there"
 THEIRS = b"changed on the server afterwards"
@@ -51,8 +54,11 @@ async def _write(cache: Cache, name: bytes, data: bytes) -> None:
     cache.release(handle)
 
 
-@pytest.mark.parametrize("keep", ["local", "remote", "both"])
-def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str) -> None:
+@pytest.mark.parametrize("keep,seen_by", [("local", "listing"), ("remote", "listing"), ("both", "listing"),
+                                          ("local", "open")])
+def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str, seen_by: str) -> None:
+    """``seen_by``: the server's change is met by a listing of the folder, or by the
+    revalidation at an open (the folder's listing still fresh)."""
     share = tmp_path / "share"
     share.mkdir()
     (share / "a.txt").write_bytes(b"the first version")
@@ -64,7 +70,8 @@ def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str) -> N
         remote = RefusingRemote(str(share), 10.0)
         conn = Connectivity(remote)
         await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig(attr_timeout=0.01, dir_timeout=0.01))
+        dir_timeout = 0.01 if seen_by == "listing" else 60.0
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.01, dir_timeout=dir_timeout))
         async with trio.open_nursery() as nursery:
             await nursery.start(cache.run)
             sync = SyncManager(store, cache, conn)
@@ -74,6 +81,8 @@ def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str) -> N
                 await sync.request_sync()
             assert failed.value.errno == errno.EACCES
             assert [r["kind"] for r in sync.conflicts()] == ["error"]
+            if seen_by == "open":  # (the refusal made the folder be listed again: now)
+                assert await _read(cache, b"a.txt") == OURS
             # The server's file changes; the folder is listed again, the file opened again.
             (share / "a.txt").write_bytes(THEIRS)
             os.utime(share / "a.txt", (2_000_000_000, 2_000_000_000))
@@ -104,3 +113,9 @@ def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str) -> N
         store.close()
 
     trio.run(main)
+    if keep == "both":  # the version kept here only is one ``cachefs recover`` saves
+        out = tmp_path / "recovered"
+        result = subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", str(cache_dir), "--to", str(out)],
+                                cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (out / "files" / "a.txt").read_bytes() == OURS, result.stdout

@@ -39,7 +39,7 @@ from ..sync.journal import Op
 from ..remote import Remote, SpaceInfo
 from ..sync.connectivity import Connectivity
 from . import ranges as rangeset
-from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
+from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, LOCAL_TRUTH, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
                     Store, Txn, node_from_remote, rebuilt_as_is)
 
 log = logging.getLogger(__name__)
@@ -496,13 +496,14 @@ class Cache:
                 return None
             if stat_mod.S_ISDIR(rstat.mode):
                 subdirs += 1
-            if node.flags & (DIRTY | ATTR_DIRTY):
+            if node.flags & LOCAL_TRUTH:
                 continue  # (local changes win until they are replayed)
             if not rebuilt_as_is(node, rstat):
                 return None
         if len(names) != len(listing):  # kept but not listed: only local names may be
             listed = {name for name, _rstat in listing}
-            if any(not node.has(DIRTY) for name, node in names.items() if name not in listed):
+            if any(not node.flags & (DIRTY | DAMAGED | KEPT) for name, node in names.items()
+                   if name not in listed):  # (what apply_listing keeps of names gone there)
                 return None
         if folder.nlink != 2 + subdirs:
             return None
@@ -572,7 +573,7 @@ class Cache:
         if node.is_dir:
             raise IsADirectory()
         known = node
-        if not node.has(DIRTY) and self.conn.online \
+        if not node.flags & LOCAL_TRUTH and self.conn.online \
                 and not self._fresh(self._checked_at, ino, self.config.attr_timeout) \
                 and not self._path_pending(node):
             node = await self._revalidate(node)

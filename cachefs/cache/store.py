@@ -103,6 +103,9 @@ DAMAGED = 1 << 10
 #: a local version whose change the remote refused for good (permission, quota): kept here
 #: as it is, by listings too, until it changes again or its conflict is resolved
 KEPT = 1 << 11
+#: what a listing or a revalidation of the server's version must not replace: local changes
+#: not yet replayed, a damaged copy (on no server), a version the server refused
+LOCAL_TRUTH = DIRTY | ATTR_DIRTY | DAMAGED | KEPT
 
 
 @dataclass(slots=True)
@@ -955,7 +958,7 @@ class Store:
                 if ino is not None:
                     data = txn.get(_key(ino), db=self.nodes)
                     old = self._unpack(ino, data) if data is not None else None
-                    if old is not None and old.flags & (DIRTY | ATTR_DIRTY | DAMAGED | KEPT):
+                    if old is not None and old.flags & LOCAL_TRUTH:
                         continue  # local changes win until they are replayed
                     if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
                         # A different kind of object under the same name: a new node.
@@ -1346,6 +1349,10 @@ class Txn:
     def set_base_sum(self, ino: int, version: tuple[int, int, int], digest: bytes) -> None:
         key = _sum_key(ino, b"b")
         self.txn.put(key, self.store.codec.seal(BaseSum(version, digest).pack(), key), db=self.store.sums)
+
+    def forget_ranges(self, ino: int) -> None:
+        """No byte of the node's content file counts as fetched any more."""
+        self.txn.delete(_key(ino), db=self.store.ranges_db)
 
     def drop_base_sum(self, ino: int) -> None:
         self.txn.delete(_sum_key(ino, b"b"), db=self.store.sums)

@@ -440,6 +440,9 @@ class SyncManager:
             except Unavailable as gone:
                 failures.append(f"remote is offline: {gone}")
                 return
+            except _ChangedWhileSent as changed:
+                failures.append(str(changed))
+                return
         except RemoteError as exc:
             # The remote refuses this change for good (permission, quota...): keep the
             # local version, record it, and go on with the rest.
@@ -938,11 +941,17 @@ class SyncManager:
         if node is None or node.has(ORPHAN):
             self._finish(op)
             return 0
+        gen = node.gen
         remote = await self._stat(op.path)
         if remote is not None and not stat_mod.S_ISREG(remote.mode):
             remote = None  # (the name is something else there now: the listing shows it)
-        left = await trio.to_thread.run_sync(_content_left, self.store.content,
-                                             self.store.content_path(op.ino), node.size)
+        # What is left of ours goes to the copy's own content file, made durable before
+        # the commit that names it: a kill at any point leaves either the entry to replay
+        # again (and at most a stray file) or the copy with its content.
+        ino = self.store.transact(lambda t: t.new_ino())
+        left = await trio.to_thread.run_sync(_copy_left, self.store.content,
+                                             self.store.content_path(op.ino),
+                                             self.store.content_path(ino), node.size)
         copy: list[tuple[int, bytes]] = []
         parent = node.parent
 
@@ -951,9 +960,11 @@ class SyncManager:
             n = t.node(op.ino)
             if n is None:
                 return
+            if n.gen != gen or self.cache.writers.get(op.ino):
+                raise _ChangedWhileSent(f"{op.path!r} was written while its damage was looked at: "
+                                        "sent at its release")
             if left and t.node(n.parent) is not None:
                 name = damaged_name(n.name, time.time(), lambda c: t.child_ino(n.parent, c) is not None)
-                ino = t.new_ino()
                 t.put(Node(ino=ino, parent=n.parent, name=name, mode=n.mode, size=left,
                            mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
                            flags=FULL | CONFLICT | DAMAGED, gen=n.gen, synced_gen=n.gen))
@@ -966,16 +977,19 @@ class SyncManager:
                 n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
                 n.synced_gen = n.gen
                 t.drop_base_sum(op.ino)
+                t.forget_ranges(op.ino)  # (what it held was ours: none of it is the server's)
                 t.put(n)
 
         try:
             folder = self.store.path_of(parent)
         except KeyError:
             folder = b""
-        self.store.transact(update)
+        try:
+            self.store.transact(update)
+        finally:
+            if not copy:
+                self.store.remove_content_file(ino)
         copy_path = join(folder, copy[0][1]) if copy else None
-        if copy:
-            os.rename(self.store.content_path(op.ino), self.store.content_path(copy[0][0]))
         record = self._record(op, "damaged-local", error=reason,
                               conflict_path=copy_path.decode("utf-8", "surrogateescape") if copy_path else None,
                               local={"size": node.size, "left": left})
@@ -1210,26 +1224,33 @@ def _temp_name(path: bytes, seq: int, client: str, kind: bytes = b"tmp") -> byte
             + f"{seq}-{client[-40:]}".encode())
 
 
-def _content_left(content, content_path: str, size: int) -> int:
-    """How many bytes of a content file can still be read from its start, at most ``size``
-    (0 when it is gone): up to its end, or to the first sealed block that does not open."""
+def _copy_left(content, content_path: str, copy_path: str, size: int) -> int:
+    """Copy what can still be read of a content file from its start, at most ``size``
+    bytes (up to its end, or to the first sealed block that does not open), into a new
+    content file, synced to disk; how many bytes (0 when it is gone)."""
     try:
         fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return 0
+    out = os.open(copy_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         end = min(size, content.length(fd))
         done = 0
         while done < end:
             step = min(end - done, 1 << 16)
             try:
-                content.pread(fd, step, done)
+                data = content.pread(fd, step, done)
             except OSError:
                 break
-            done += step
+            if not data:
+                break
+            content.pwrite(out, data, done)
+            done += len(data)
+        os.fsync(out)
         return done
     finally:
         os.close(fd)
+        os.close(out)
 
 
 def _read_content(content, content_path: str, size: int) -> bytes:
