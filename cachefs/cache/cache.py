@@ -169,6 +169,9 @@ class Cache:
         #: files whose content changed with no checksum of it recorded yet: summed when no
         #: writer has them open, at the next commit (``commit_changes``)
         self._unsummed: set[int] = set(store.unsummed)
+        #: one commit at a time: the replays of a batch that each meet an uncommitted
+        #: change wait for one commit instead of hashing the same files side by side
+        self._committing = trio.Lock()
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -1210,9 +1213,10 @@ class Cache:
         as it is now, which every upload of that content is checked against. Run by the
         checkpoint, and by a replay that meets a change not yet committed (so that its
         write-back waits for no checkpoint)."""
-        self._commit_held()
-        if self._unsummed:
-            await self._record_sums()
+        async with self._committing:
+            self._commit_held()
+            if self._unsummed:
+                await self._record_sums()
 
     async def _record_sums(self) -> None:
         """A SHA-256 of each changed file no writer has open, recorded with its generation:
@@ -1570,10 +1574,12 @@ class Cache:
             ino = self.store.child_ino(ino, part) or 0
         return self.store.child(ino, name) if ino else None
 
-    def settle_kept(self, path: bytes, send_again: bool, drop: bool) -> None:
-        """The local version the remote refused (``KEPT``), at a resolve: journaled again as
-        a change (``send_again``), dropped for the server's version (``drop``), or left as
-        it is, kept here (neither)."""
+    def settle_kept(self, path: bytes, refused: str, send_again: bool, drop: bool) -> None:
+        """The local version the remote refused (``KEPT``) at the replay of a ``refused``
+        journal entry, at a resolve: journaled again as that change (``send_again``: new
+        content, or mode and times), dropped for the server's version (``drop``), or left
+        as it is, kept here (neither; also for a refused change of another kind, which
+        cannot be sent again as one: the user makes it again)."""
         node = self._cached_at(path)
         if node is None or not node.has(KEPT) or not (send_again or drop):
             return
@@ -1584,9 +1590,11 @@ class Cache:
             n.flags &= ~KEPT
             if drop:
                 n.base = None  # (the next listing takes the server's version whole)
-            elif n.is_file:
+            elif refused in ("create", "store") and n.is_file:
                 self._content_changed(t, n)
                 return
+            elif refused != "setattr":
+                n.flags |= KEPT  # (nothing to send again: still kept here)
             elif not n.has(ATTR_DIRTY):
                 n.flags |= ATTR_DIRTY
                 self._journal(t, Op("setattr", n.ino, t.path_of(n.ino), base=n.base, parent=n.parent))

@@ -342,7 +342,8 @@ class SyncManager:
             elif kind == "deleted-remote-changed-local" and keep == "remote":
                 await self.cache.unlink_path(original)
             elif kind == "error":  # the version the server refused: send again, or drop it
-                self.cache.settle_kept(original, send_again=keep == "local", drop=keep == "remote")
+                self.cache.settle_kept(original, record.get("refused", "store"), send_again=keep == "local",
+                                       drop=keep == "remote")
             self.store.delete_conflict(record["id"])
             self.cache.clear_conflict(original)
         self.poke()
@@ -447,7 +448,7 @@ class SyncManager:
             # The remote refuses this change for good (permission, quota...): keep the
             # local version, record it, and go on with the rest.
             log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-            self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc)))
+            self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc), refused=op.kind))
             self._refusal_count += 1
             if len(self._refusals) < 10:
                 self._refusals.append((op.path, exc))
