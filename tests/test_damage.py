@@ -549,3 +549,30 @@ def test_a_change_written_through_kernel_passthrough_is_checked_too(mount_factor
         wait_for(lambda: [r["kind"] for r in conflict_records(again.mountpoint)] == ["damaged-local"],
                  15, "the damage reported")
         assert (share / "db.bin").read_bytes() == data
+
+
+def test_a_name_renamed_onto_in_the_same_pass_is_hashed_after_the_rename(tmp_path: Path, share: Path) -> None:
+    """One pass replays ``store c``, ``rename b -> a`` and ``store a`` (b's file, edited
+    after the rename). The server's hashes asked for at the first store must not stand for
+    ``a`` after the rename: the hash of the old ``a`` against b's base made a false
+    conflict (found by the seeded kill -9 test: a conflict copy with one client)."""
+    for name, data in ((b"a.txt", b"AAAA-1\n"), (b"b.txt", b"BBBB-1\n"), (b"c.txt", b"c-1\n")):
+        (share / name.decode()).write_bytes(data)
+    text, remote = _local(share)
+
+    async def main(nursery: trio.Nursery) -> None:
+        side = await Side(_cache_dir(tmp_path), text, remote).start(nursery)
+        for name in (b"a.txt", b"b.txt", b"c.txt"):
+            await side.read(name)
+        await side.cache.checkpoint()
+        await side.write(b"c.txt", b"c-2\n")
+        await side.cache.rename(ROOT_INO, b"b.txt", ROOT_INO, b"a.txt")
+        await side.write(b"a.txt", b"BBBB-2\n")
+        await side.cache.checkpoint()
+        await side.sync.full_pass()
+        assert side.sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["a.txt", "c.txt"]
+        assert (share / "a.txt").read_bytes() == b"BBBB-2\n"
+        await side.close()
+
+    trio.run(_in_nursery, main)

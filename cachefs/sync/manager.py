@@ -405,7 +405,7 @@ class SyncManager:
                 return PassResult(False, "a file is still open for writing")
             failures: list[str] = []
             if any(op.kind == "store" and op.seq not in self._hashed for op in batch):
-                await self._server_sums(op for later in batches[at:] for op in later)
+                await self._server_sums(op for later in _until_barrier(batches, at) for op in later)
             if len(batch) == 1:
                 await self._replay_one(batch[0], failures)
             else:
@@ -1198,6 +1198,19 @@ def _batches(ops: list[Op], width: int):
         run = []
         yield [op]
     yield from _layers(run, width)
+
+
+def _until_barrier(batches: list[list[Op]], at: int) -> list[list[Op]]:
+    """The batches from ``at`` on, up to the next one that changes names (a rename, link,
+    unlink, ...): a hash the server gives of a path before such a change may be of
+    another file than the one there when the ``store`` entry after it is replayed (a
+    rename onto that name in the same pass made a false conflict)."""
+    out = [batches[at]]
+    for batch in batches[at + 1:]:
+        if any(op.kind not in _INDEPENDENT for op in batch):
+            break
+        out.append(batch)
+    return out
 
 
 def _layers(run: list[Op], width: int):
