@@ -22,13 +22,10 @@ from pathlib import Path
 
 from . import __version__, mounts
 from .address import RemoteAddress, parse_remote
-from .cache.crypto import CryptoError, open_key
-from .cache.hoard import DEFAULT_CACHE_SIZE, parse_size
-from .cache.store import StoreError, check_private_dir
+from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
-from .sync.manager import DEFAULT_WRITEBACK_HOLD
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -240,6 +237,9 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
     """The key of an encrypted cache (None for a plain one), checked against the cache."""
+    from .cache.crypto import CryptoError, open_key
+    from .cache.store import check_private_dir
+
     secret: bytes | None = None
     if args.cache_key_file is not None:
         secret = args.cache_key_file.expanduser().read_bytes()
@@ -262,6 +262,8 @@ def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from .cache.crypto import CryptoError
+    from .cache.store import StoreError
     from .daemon import MountConfig, MountError, run
 
     apply_dash_o(args, args.parser)
@@ -525,6 +527,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """Save the changed files a cache holds (damaged or not) into a new folder; never
     changes the cache. An encrypted cache's key is asked for as ``mount`` asks for it."""
+    from .cache.crypto import CryptoError, open_key
     from .recover import RecoverError, main_progress, recover, summary
 
     cache_dir = args.cache_dir.expanduser().absolute()

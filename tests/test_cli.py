@@ -605,3 +605,24 @@ def test_mount_paths_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
         failed_with_reason(cachefs(*base, "--cache-dir", str(tmp_path / "c"), option, str(a_dir)),
                            option, "is a directory, not a file")
     assert not is_mounted(mnt) and not (tmp_path / "c").exists()
+
+
+def test_commands_load_only_what_they_need(tmp_path: Path) -> None:
+    """``cachefs status`` (and every command that only talks to a mount) starts without
+    loading trio, LMDB, paramiko, pyfuse3 or the cryptography library: it loaded them all
+    (about 200 ms) to read two default values."""
+    script = (
+        "import sys\n"
+        "from cachefs import cli\n"
+        "try:\n"
+        f"    cli.main(['status', {str(tmp_path)!r}])\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, file=sys.stderr)\n"
+        "heavy = ('trio', 'lmdb', 'paramiko', 'pyfuse3', 'cryptography', 'cachefs.sync', 'cachefs.cache.store')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "is not inside a cachefs mount" in result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -37,6 +37,7 @@ import trio
 
 from ..cache.cache import Cache
 from ..cache.hoard import Hoard
+from ..defaults import DEFAULT_WRITEBACK_HOLD
 from ..progress import Progress
 from ..cache.crypto import RecordError
 from ..cache.store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, ORPHAN, WRITING, Node,
@@ -52,8 +53,6 @@ from .journal import CONTENT_OPS, Op, folder_times_last, optimise
 HASH_AHEAD = 256
 HASH_AHEAD_BYTES = 64 << 20
 
-#: the longest a burst of changes holds write-back back (rclone's --vfs-write-back is 5 s too)
-DEFAULT_WRITEBACK_HOLD = 5.0
 
 log = logging.getLogger(__name__)
 
