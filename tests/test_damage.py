@@ -576,3 +576,49 @@ def test_a_name_renamed_onto_in_the_same_pass_is_hashed_after_the_rename(tmp_pat
         await side.close()
 
     trio.run(_in_nursery, main)
+
+
+class _Died(Exception):
+    """The mount process ends here (as a kill -9 would, in-process)."""
+
+
+def test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit(tmp_path: Path,
+                                                                          share: Path) -> None:
+    """Changed on both sides: the commit that names our version's conflict copy (cached
+    whole) is followed at once by the end of the process. The next mount must read the
+    copy as ours: the content file was moved after that commit, so a kill in between left
+    a copy that read empty and was never fetched again."""
+    (share / "f.txt").write_bytes(b"first version\n")
+    os.utime(share / "f.txt", (1_700_000_000, 1_700_000_000))
+    text, remote = _local(share)
+    cache_dir = _cache_dir(tmp_path)
+    ours = b"changed here, offline\n"
+
+    async def first(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        await side.read(b"f.txt")
+        await side.write(b"f.txt", ours)
+        await side.cache.checkpoint()
+        (share / "f.txt").write_bytes(b"changed on the server\n")
+
+        def died(op) -> None:
+            if op.kind == "store":
+                raise _Died()
+        side.cache.op_done = died  # (called right after the entry's commit)
+        with pytest.raises(_Died):
+            await side.sync.full_pass()
+        side._scope.cancel()
+        await side._ended.wait()
+        side.store.env.close()  # (no last checkpoint: the process is gone)
+        os.close(side.store._lock_fd)
+
+    async def second(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        copies = [n for n in os.listdir(share) if "(conflict " in n]
+        assert len(copies) == 1 and (share / copies[0]).read_bytes() == ours
+        assert await side.read(copies[0].encode()) == ours
+        assert await side.read(b"f.txt") == b"changed on the server\n"
+        await side.close()
+
+    trio.run(_in_nursery, first)
+    trio.run(_in_nursery, second)

@@ -903,15 +903,26 @@ class SyncManager:
         record = self._record(op, "changed-both", conflict_path=copy.decode("utf-8", "surrogateescape"),
                               local={"size": node.size, "mtime_ns": node.mtime_ns},
                               remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
+        # Our version, now the conflict copy, stays cached under its new name: its content
+        # goes to the copy's own content file, synced, before the commit that names it
+        # whole (the content file was renamed after that commit: a kill in between left a
+        # FULL copy that read empty, and never fetched again).
+        ino = self.store.transact(lambda t: t.new_ino())
+        copied = await trio.to_thread.run_sync(_copy_left, self.store.content,
+                                               self.store.content_path(op.ino),
+                                               self.store.content_path(ino), node.size)
         moved: list[int] = []
 
         def update(t: Txn) -> None:
+            moved.clear()
             n = t.node(op.ino)
             if n is None:
                 return
-            if t.node(op.parent) is not None and t.child_ino(op.parent, copy_name) is None:
-                # Our version, now the conflict copy, stays cached under its new name.
-                ino = t.new_ino()
+            if n.gen != gen or self.cache.writers.get(op.ino):
+                raise _ChangedWhileSent(f"{op.path!r} was written while its conflict copy was made: "
+                                        "sent at its release")
+            if copied == node.size and t.node(op.parent) is not None \
+                    and t.child_ino(op.parent, copy_name) is None:
                 t.put(Node(ino=ino, parent=op.parent, name=copy_name, mode=n.mode, size=n.size,
                            mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
                            flags=FULL, base=copy_stat.version(), gen=gen, synced_gen=gen))
@@ -923,11 +934,14 @@ class SyncManager:
             n.flags |= CONFLICT
             n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
             n.synced_gen = n.gen = gen
+            t.forget_ranges(op.ino)  # (what it held was ours: none of it is the server's)
             t.put(n)
 
-        self._finish(op, update, record)
-        if moved:
-            os.rename(self.store.content_path(op.ino), self.store.content_path(moved[0]))
+        try:
+            self._finish(op, update, record)
+        finally:
+            if not moved:  # (no copy cached here: the server's copy is fetched on use)
+                self.store.remove_content_file(ino)
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
 
