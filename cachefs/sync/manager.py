@@ -903,24 +903,15 @@ class SyncManager:
         record = self._record(op, "changed-both", conflict_path=copy.decode("utf-8", "surrogateescape"),
                               local={"size": node.size, "mtime_ns": node.mtime_ns},
                               remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
-        # Our version, now the conflict copy, stays cached under its new name: its content
-        # goes to the copy's own content file, synced, before the commit that names it
-        # whole (the content file was renamed after that commit: a kill in between left a
-        # FULL copy that read empty, and never fetched again).
-        ino = self.store.transact(lambda t: t.new_ino())
-        copied = await trio.to_thread.run_sync(_copy_left, self.store.content,
-                                               self.store.content_path(op.ino),
-                                               self.store.content_path(ino), node.size)
+        # Our version, now the conflict copy, stays cached under its new name.
+        ino, copied = await self._copy_content(op.ino, node.size)
         moved: list[int] = []
 
         def update(t: Txn) -> None:
             moved.clear()
-            n = t.node(op.ino)
+            n = self._unchanged(t, op, gen, "its conflict copy was made")
             if n is None:
                 return
-            if n.gen != gen or self.cache.writers.get(op.ino):
-                raise _ChangedWhileSent(f"{op.path!r} was written while its conflict copy was made: "
-                                        "sent at its release")
             if copied == node.size and t.node(op.parent) is not None \
                     and t.child_ino(op.parent, copy_name) is None:
                 t.put(Node(ino=ino, parent=op.parent, name=copy_name, mode=n.mode, size=n.size,
@@ -945,6 +936,27 @@ class SyncManager:
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
 
+    async def _copy_content(self, ino: int, size: int) -> tuple[int, int]:
+        """A new inode number and a copy of what can be read of ``ino``'s content (at most
+        ``size`` bytes) in its content file, synced: made before the commit that names
+        the copy, so that a kill at any point leaves the entry to replay again (and at
+        most a stray file), or the copy with its content. (The content file was renamed
+        after that commit once: a kill in between left a ``FULL`` copy that read empty,
+        never fetched again.) The number, and how many bytes were copied."""
+        new = self.store.transact(lambda t: t.new_ino())
+        copied = await trio.to_thread.run_sync(_copy_left, self.store.content,
+                                               self.store.content_path(ino),
+                                               self.store.content_path(new), size)
+        return new, copied
+
+    def _unchanged(self, t: Txn, op: Op, gen: int, doing: str) -> Node | None:
+        """The node of ``op`` in ``t`` (None if gone), if it was not written since its
+        version ``gen`` was looked at; else the transaction stops (the entry stays)."""
+        n = t.node(op.ino)
+        if n is not None and (n.gen != gen or self.cache.writers.get(op.ino)):
+            raise _ChangedWhileSent(f"{op.path!r} was written while {doing}: sent at its release")
+        return n
+
     async def _damaged(self, op: Op, reason: str) -> int:
         """Our version failed its checksum (cut short, gone, other bytes than were written):
         it is never uploaded, and the server keeps its version, which the name shows from
@@ -959,24 +971,15 @@ class SyncManager:
         remote = await self._stat(op.path)
         if remote is not None and not stat_mod.S_ISREG(remote.mode):
             remote = None  # (the name is something else there now: the listing shows it)
-        # What is left of ours goes to the copy's own content file, made durable before
-        # the commit that names it: a kill at any point leaves either the entry to replay
-        # again (and at most a stray file) or the copy with its content.
-        ino = self.store.transact(lambda t: t.new_ino())
-        left = await trio.to_thread.run_sync(_copy_left, self.store.content,
-                                             self.store.content_path(op.ino),
-                                             self.store.content_path(ino), node.size)
+        ino, left = await self._copy_content(op.ino, node.size)  # (what is left of ours)
         copy: list[tuple[int, bytes]] = []
         parent = node.parent
 
         def update(t: Txn) -> None:
             copy.clear()
-            n = t.node(op.ino)
+            n = self._unchanged(t, op, gen, "its damage was looked at")
             if n is None:
                 return
-            if n.gen != gen or self.cache.writers.get(op.ino):
-                raise _ChangedWhileSent(f"{op.path!r} was written while its damage was looked at: "
-                                        "sent at its release")
             if left and t.node(n.parent) is not None:
                 name = damaged_name(n.name, time.time(), lambda c: t.child_ino(n.parent, c) is not None)
                 t.put(Node(ino=ino, parent=n.parent, name=name, mode=n.mode, size=left,
