@@ -1581,8 +1581,11 @@ class Cache:
         as it is, kept here (neither; also for a refused change of another kind, which
         cannot be sent again as one: the user makes it again)."""
         node = self._cached_at(path)
-        if node is None or not node.has(KEPT) or not (send_again or drop):
+        resend_content = refused in ("create", "store") and node is not None and node.is_file
+        if node is None or not node.has(KEPT) \
+                or not (drop or send_again and (resend_content or refused == "setattr")):
             return
+
         def change(t: Txn) -> None:
             n = t.node(node.ino)
             if n is None:
@@ -1590,11 +1593,9 @@ class Cache:
             n.flags &= ~KEPT
             if drop:
                 n.base = None  # (the next listing takes the server's version whole)
-            elif refused in ("create", "store") and n.is_file:
+            elif resend_content:
                 self._content_changed(t, n)
                 return
-            elif refused != "setattr":
-                n.flags |= KEPT  # (nothing to send again: still kept here)
             elif not n.has(ATTR_DIRTY):
                 n.flags |= ATTR_DIRTY
                 self._journal(t, Op("setattr", n.ino, t.path_of(n.ino), base=n.base, parent=n.parent))

@@ -1163,10 +1163,7 @@ class Store:
     # -- checksums ----------------------------------------------------------------------
     def content_sum(self, ino: int) -> ContentSum | None:
         with self.env.begin() as txn:
-            key = _sum_key(ino, b"c")
-            data = txn.get(key, db=self.sums)
-        return None if data is None else \
-            ContentSum.unpack(ino, self._open_record(data, key, "checksum of node", ino))
+            return Txn(self, txn).content_sum(ino)
 
     def has_current_sum(self, node: Node) -> bool:
         """Whether the node's content as it is now was committed with a checksum."""
@@ -1175,10 +1172,7 @@ class Store:
 
     def base_sum(self, ino: int) -> BaseSum | None:
         with self.env.begin() as txn:
-            key = _sum_key(ino, b"b")
-            data = txn.get(key, db=self.sums)
-        return None if data is None else \
-            BaseSum.unpack(ino, self._open_record(data, key, "base checksum of node", ino))
+            return Txn(self, txn).base_sum(ino)
 
     def save_base_sums(self, sums: list[tuple[int, tuple[int, int, int], bytes]]) -> None:
         """Record (ino, version, digest) for clean files whole in the cache, where the node
@@ -1341,10 +1335,17 @@ class Txn:
         self.txn.put(key, self.store.codec.seal(ContentSum(gen, size, digest).pack(), key), db=self.store.sums)
 
     def content_sum(self, ino: int) -> ContentSum | None:
-        key = _sum_key(ino, b"c")
+        data = self._sum(ino, b"c", "checksum of node")
+        return None if data is None else ContentSum.unpack(ino, data)
+
+    def base_sum(self, ino: int) -> BaseSum | None:
+        data = self._sum(ino, b"b", "base checksum of node")
+        return None if data is None else BaseSum.unpack(ino, data)
+
+    def _sum(self, ino: int, kind: bytes, what: str) -> bytes | None:
+        key = _sum_key(ino, kind)
         data = self.txn.get(key, db=self.store.sums)
-        return None if data is None else \
-            ContentSum.unpack(ino, self.store._open_record(data, key, "checksum of node", ino))
+        return None if data is None else self.store._open_record(data, key, what, ino)
 
     def set_base_sum(self, ino: int, version: tuple[int, int, int], digest: bytes) -> None:
         key = _sum_key(ino, b"b")

@@ -434,15 +434,6 @@ class SyncManager:
         except _ChangedWhileSent as exc:
             failures.append(str(exc))
             return
-        except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
-            try:
-                await self._damaged(op, str(exc))
-            except Unavailable as gone:
-                failures.append(f"remote is offline: {gone}")
-                return
-            except _ChangedWhileSent as changed:
-                failures.append(str(changed))
-                return
         except RemoteError as exc:
             # The remote refuses this change for good (permission, quota...): keep the
             # local version, record it, and go on with the rest.
@@ -664,7 +655,10 @@ class SyncManager:
         """Apply one journaled operation to the remote; bytes sent."""
         log.debug("replay %d %s %r%s", op.seq, op.kind, op.path, f" -> {op.dst!r}" if op.dst else "")
         handler = getattr(self, f"_replay_{op.kind}")
-        return await handler(op)
+        try:
+            return await handler(op)
+        except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
+            return await self._damaged(op, str(exc))
 
     async def _replay_create(self, op: Op) -> int:
         return await self._replay_content(op, created=True)
