@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachefs.address import parse_remote  # noqa: E402
 from cachefs.cache.cache import Cache, CacheConfig  # noqa: E402
-from cachefs.cache.store import ROOT_INO, Store  # noqa: E402
+from cachefs.store.index import ROOT_INO, Store  # noqa: E402
 from cachefs.devserver import SshServer  # noqa: E402
 from cachefs.remote import open_remote  # noqa: E402
 from cachefs.remote.local import LocalRemote  # noqa: E402
 from cachefs.remote.options import ConnectOptions  # noqa: E402
-from cachefs.sync.connectivity import Connectivity  # noqa: E402
+from cachefs.link.connectivity import Connectivity  # noqa: E402
 from cachefs.sync.manager import SyncManager  # noqa: E402
 
 

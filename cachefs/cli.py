@@ -237,8 +237,8 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
     """The key of an encrypted cache (None for a plain one), checked against the cache."""
-    from .cache.crypto import CryptoError, open_key
-    from .cache.store import check_private_dir
+    from .store.crypto import CryptoError, open_key
+    from .store.index import check_private_dir
 
     secret: bytes | None = None
     if args.cache_key_file is not None:
@@ -262,8 +262,8 @@ def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .cache.crypto import CryptoError
-    from .cache.store import StoreError
+    from .store.crypto import CryptoError
+    from .store.index import StoreError
     from .daemon import MountConfig, MountError, run
 
     apply_dash_o(args, args.parser)
@@ -527,7 +527,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """Save the changed files a cache holds (damaged or not) into a new folder; never
     changes the cache. An encrypted cache's key is asked for as ``mount`` asks for it."""
-    from .cache.crypto import CryptoError, open_key
+    from .store.crypto import CryptoError, open_key
     from .recover import RecoverError, main_progress, recover, summary
 
     cache_dir = args.cache_dir.expanduser().absolute()

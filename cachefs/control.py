@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 from .cache.cache import Cache
-from .errors import CacheError, Unavailable
-from .sync.manager import SyncFailed, SyncManager
+from .errors import CacheError, CommandError, SyncFailed, Unavailable
+from .sync.manager import SyncManager
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-class CommandError(Exception):
-    """A malformed, unknown or refused command: the write fails with ``errno``."""
-
-    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
-        super().__init__(message)
-        self.errno = err
 
 
 class Control:

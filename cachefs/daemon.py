@@ -26,16 +26,17 @@ import trio
 from .address import RemoteAddress
 from .cache.cache import Cache, CacheConfig
 from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
-from .cache.crypto import RecordError
-from .cache.store import Store, StoreError, index_damaged
+from .store.crypto import RecordError
+from .store.index import Store, StoreError, index_damaged
 from .control import Control
 from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
                      mount_type_at, probe, set_readahead, stale_message, stuck_message)
 from .redact import Redactor
-from .remote import ConnectOptions, RemoteRefused, open_remote
-from .remote.fetch import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
-from .sync.connectivity import Connectivity
+from .errors import RemoteRefused
+from .remote import ConnectOptions, open_remote
+from .cache.transfer import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
+from .link.connectivity import Connectivity
 from .sync.manager import DEFAULT_WRITEBACK_HOLD, SyncManager
 
 log = logging.getLogger(__name__)

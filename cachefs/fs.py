@@ -27,12 +27,10 @@ from pyfuse3 import FUSEError
 from . import control, mounts
 from .cache import cache as cache_mod
 from .cache.cache import Cache, OpenFile
-from .cache.crypto import RecordError
-from .cache.store import CONFLICT, DAMAGED, DIRTY, PINNED, ROOT_INO, Node, index_damaged
+from .store.crypto import RecordError
+from .store.index import CONFLICT, DAMAGED, DIRTY, PINNED, ROOT_INO, Node, index_damaged
 from .control import Control
-from .errors import OFFLINE_ERRNO, CacheError, NotFound, RemoteError, Unavailable
-from .control import CommandError
-from .sync.manager import SyncFailed
+from .errors import OFFLINE_ERRNO, CacheError, CommandError, NotFound, RemoteError, SyncFailed, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ from typing import Callable
 
 import lmdb
 
-from .cache import crypto
-from .cache.crypto import RecordError
-from .cache.store import DAMAGED, DIRTY, KEPT, KERNEL_WRITES, PROBE_CRASHED, ROOT_INO, WRITING, Node, probe_index
+from .store import crypto
+from .store.crypto import RecordError
+from .store.index import DAMAGED, DIRTY, KEPT, KERNEL_WRITES, PROBE_CRASHED, ROOT_INO, WRITING, Node, probe_index
 from .progress import human_bytes
-from .sync import journal
-from .sync.journal import Op
+from .store import journal
+from .store.journal import Op
 
 
 #: versions that are in this cache only: changes not yet replayed, what was left of a

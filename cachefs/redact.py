@@ -43,8 +43,8 @@ _CONFLICT_KINDS = ("attributes-of-deleted", "changed-both", "created-both", "dam
 
 
 def vocabulary() -> frozenset[str]:
-    from .sync.connectivity import State
-    from .sync.journal import KINDS
+    from .link.connectivity import State
+    from .store.journal import KINDS
 
     words = set(KINDS) | set(_CONFLICT_KINDS) | {state.value for state in State}
     try:

@@ -618,7 +618,7 @@ def test_commands_load_only_what_they_need(tmp_path: Path) -> None:
         f"    cli.main(['status', {str(tmp_path)!r}])\n"
         "except SystemExit as exc:\n"
         "    print(exc.code, file=sys.stderr)\n"
-        "heavy = ('trio', 'lmdb', 'paramiko', 'pyfuse3', 'cryptography', 'cachefs.sync', 'cachefs.cache.store')\n"
+        "heavy = ('trio', 'lmdb', 'paramiko', 'pyfuse3', 'cryptography', 'cachefs.sync', 'cachefs.store.index')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,

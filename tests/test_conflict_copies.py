@@ -22,11 +22,12 @@ import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import ROOT_INO, Store
-from cachefs.remote.base import RemoteError
+from cachefs.store.index import ROOT_INO, Store
+from cachefs.errors import RemoteError
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
-from cachefs.sync.manager import SyncFailed, SyncManager, client_tag, conflict_name
+from cachefs.link.connectivity import Connectivity
+from cachefs.errors import SyncFailed
+from cachefs.sync.manager import SyncManager, client_tag, conflict_name
 
 WHEN = 1_796_000_000.0  # the clock the tests give both clients: one second for all copies
 SERVER = b"the server's version"

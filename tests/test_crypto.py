@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.cache import crypto
-from cachefs.cache.store import ROOT_INO, Store, StoreError, node_from_remote
+from cachefs.store import crypto
+from cachefs.store.index import ROOT_INO, Store, StoreError, node_from_remote
 from cachefs.remote.base import RemoteStat
 
 KEY = bytes(range(32))
@@ -90,7 +90,7 @@ def test_sealed_journal_entry_rewritten_stays_sealed(tmp_path: Path) -> None:
     """An entry the sync manager rewrites (``journal.optimise`` folding git's put-in-place
     into one create) is sealed like a new one: it was once written plain, which showed
     the path on disk and made the next start refuse the cache (it could not open it)."""
-    from cachefs.sync.journal import Op
+    from cachefs.store.journal import Op
     cache = tmp_path / "c"
     cache.mkdir(mode=0o700)
     key = crypto.open_key(cache, b"pw")

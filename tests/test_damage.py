@@ -20,14 +20,15 @@ import pytest
 import trio
 
 from cachefs.address import parse_remote
-from cachefs.cache import crypto
+from cachefs.store import crypto
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import DAMAGED, ROOT_INO, Store
+from cachefs.store.index import DAMAGED, ROOT_INO, Store
 from cachefs.devserver import SshServer
 from cachefs.remote import open_remote
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
-from cachefs.sync.manager import SyncFailed, SyncManager
+from cachefs.link.connectivity import Connectivity
+from cachefs.errors import SyncFailed
+from cachefs.sync.manager import SyncManager
 from tests.test_remote import sftp_options
 
 OURS = b"".join(b"our offline edit, line %06d\n" % i for i in range(6000))  # 3 sealed blocks

@@ -5,7 +5,7 @@ remote, with the folder's path as that entry has it. Through a real mount with r
 
 from __future__ import annotations
 
-from cachefs.sync.journal import Op, folder_times_last
+from cachefs.store.journal import Op, folder_times_last
 from cachefs.sync.manager import _batches
 
 ROOT, X, DST, SUB = 1, 5, 10, 11

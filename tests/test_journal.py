@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.sync.journal import Op, key, optimise, seq_of
+from cachefs.store.journal import Op, key, optimise, seq_of
 from cachefs.sync.manager import _batches, conflict_name
 
 FILE_BASE = (5, 1_600_000_000_000_000_000, stat.S_IFREG)

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import FULL, ROOT_INO, Store
+from cachefs.store.index import FULL, ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
+from cachefs.link.connectivity import Connectivity
 
 
 def _change_size(d: Path) -> None:

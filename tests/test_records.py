@@ -22,12 +22,12 @@ import lmdb
 import pytest
 import trio
 
-from cachefs.cache import crypto
+from cachefs.store import crypto
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.crypto import PlainCodec, RecordError, SealedCodec
-from cachefs.cache.store import ROOT_INO, Store, StoreError
+from cachefs.store.crypto import PlainCodec, RecordError, SealedCodec
+from cachefs.store.index import ROOT_INO, Store, StoreError
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
+from cachefs.link.connectivity import Connectivity
 from cachefs.sync.manager import SyncManager
 
 FIXTURES = Path(__file__).parent / "fixtures" / "schema1"

@@ -16,11 +16,12 @@ import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import KEPT, ROOT_INO, Store
-from cachefs.remote.base import RemoteError
+from cachefs.store.index import KEPT, ROOT_INO, Store
+from cachefs.errors import RemoteError
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
-from cachefs.sync.manager import SyncFailed, SyncManager
+from cachefs.link.connectivity import Connectivity
+from cachefs.errors import SyncFailed
+from cachefs.sync.manager import SyncManager
 from tests.fixtures.mount import REPO
 
 OURS = b"changed here, refused there"

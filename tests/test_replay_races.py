@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
-from cachefs.cache.store import ROOT_INO, Store
+from cachefs.store.index import ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
-from cachefs.sync.connectivity import Connectivity
+from cachefs.link.connectivity import Connectivity
 from cachefs.sync.manager import SyncManager
 
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefs.cache import ranges as rangeset
+from cachefs.store import ranges as rangeset
 from cachefs.cache.hoard import parse_size
-from cachefs.cache.store import DIRTY, FULL, ROOT_INO, Node, Store, StoreError, node_from_remote
+from cachefs.store.index import DIRTY, FULL, ROOT_INO, Node, Store, StoreError, node_from_remote
 from cachefs.remote.base import RemoteStat
-from cachefs.sync.journal import Op
+from cachefs.store.journal import Op
 from tests.fixtures.mount import tmpfs
 
 

@@ -33,13 +33,13 @@ import trio
 
 from ..errors import (Busy, CacheError, Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty,
                       NotFound, PermissionDenied, RemoteError, Unavailable)
-from ..remote.base import join as _join
-from ..remote.fetch import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into, hash_content
-from ..sync.journal import Op
+from ..paths import join as _join
+from .transfer import RemoteChanged, fetch_into, fetch_many_into, fetch_small_into, hash_content
+from ..store.journal import Op
 from ..remote import Remote, SpaceInfo
-from ..sync.connectivity import Connectivity
-from . import ranges as rangeset
-from .store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, LOCAL_TRUTH, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
+from ..link.connectivity import Connectivity
+from ..store import ranges as rangeset
+from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, LOCAL_TRUTH, LISTED, ORPHAN, PINNED, ROOT_INO, TARGET, WRITING, Held, Node,
                     Store, Txn, node_from_remote, rebuilt_as_is)
 
 log = logging.getLogger(__name__)

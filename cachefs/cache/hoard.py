@@ -19,7 +19,7 @@ from ..defaults import DEFAULT_CACHE_SIZE, MAX_SIZE, parse_size  # noqa: F401 (a
 from ..errors import RemoteError, Unavailable
 from .cache import Cache
 from ..progress import Progress
-from .store import CONFLICT, DIRTY, PINNED, Node, Txn
+from ..store.index import CONFLICT, DIRTY, PINNED, Node, Txn
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Owns: the contract every backend (``sftp``, ``local``) fulfils, the remote attribute
 record (``RemoteStat``) and the exceptions that cross the backend boundary.
 Must not touch: the cache, LMDB, trio or FUSE. Backends are plain blocking code; the
-callers run them in worker threads (see ``cachefs.sync.connectivity``), so every method
+callers run them in worker threads (see ``cachefs.link.connectivity``), so every method
 must be safe to call from several threads at once and must return or raise within the
 backend's ``timeout`` (a network that vanishes silently must not hang a thread forever).
 
@@ -20,6 +20,12 @@ from collections.abc import Callable
 from typing import BinaryIO
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+from ..errors import ContentDamaged, RemoteError, RemoteRefused, RemoteUnreachable
+from ..paths import join
+
+__all__ = ["ContentDamaged", "RemoteError", "RemoteRefused", "RemoteUnreachable", "join",
+           "Remote", "RemoteStat", "SpaceInfo", "Source", "open_source"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,34 +70,6 @@ class SpaceInfo:
     files: int
     files_free: int
     name_max: int = 255
-
-
-class RemoteError(OSError):
-    """The remote answered, with an error that maps to ``errno`` (ENOENT, EACCES, ...)."""
-
-    def __init__(self, err: int, message: str = "") -> None:
-        super().__init__(err, message or errno.errorcode.get(err, "remote error"))
-
-
-class RemoteUnreachable(Exception):
-    """The remote could not be reached or stopped answering (refused, reset, timeout).
-
-    Transient: the caller moves the mount offline and probes until it comes back.
-    """
-
-
-class ContentDamaged(Exception):
-    """The local content an upload was reading failed its checksum (cut short, gone, or
-    other bytes than were committed): the upload stopped before its temporary file was
-    renamed over the target, so the remote keeps what it had. Not an ``OSError``: it is
-    no fault of the connection or of the remote."""
-
-
-class RemoteRefused(Exception):
-    """The remote must not be used: unknown or changed host key, failed authentication,
-    a share path that does not exist or is not a directory. Permanent until the user acts;
-    the message says what to do.
-    """
 
 
 class Remote(ABC):
@@ -238,8 +216,3 @@ def open_source(source) -> BinaryIO:
     if isinstance(source, (str, bytes, os.PathLike)):
         return open(source, "rb")
     return source()
-
-
-def join(parent: bytes, name: bytes) -> bytes:
-    """Join a share-relative folder path and a name."""
-    return name if not parent else parent + b"/" + name

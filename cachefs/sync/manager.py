@@ -39,14 +39,15 @@ from ..cache.cache import Cache
 from ..cache.hoard import Hoard
 from ..defaults import DEFAULT_WRITEBACK_HOLD
 from ..progress import Progress
-from ..cache.crypto import RecordError
-from ..cache.store import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, ORPHAN, WRITING, Node,
+from ..store.crypto import RecordError
+from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, ORPHAN, WRITING, Node,
                            Store, Txn, index_damaged)
-from ..remote import Remote, RemoteError, RemoteStat
-from ..remote.base import ContentDamaged, join
-from .connectivity import Connectivity, Unavailable
-from ..remote.fetch import LocalGone, upload_file, upload_unless_changed
-from .journal import CONTENT_OPS, Op, folder_times_last, optimise
+from ..errors import ContentDamaged, RemoteError, SyncFailed, Unavailable
+from ..link.connectivity import Connectivity
+from ..paths import join
+from ..remote import Remote, RemoteStat
+from ..cache.transfer import LocalGone, upload_file, upload_unless_changed
+from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise
 
 #: ``store`` entries whose files the server hashes in one command (``_server_sums``), and
 #: the most bytes of them: the command must end within the connection's timeout
@@ -55,14 +56,6 @@ HASH_AHEAD_BYTES = 64 << 20
 
 
 log = logging.getLogger(__name__)
-
-
-class SyncFailed(Exception):
-    """A requested reconciliation did not complete; the message says why."""
-
-    def __init__(self, message: str, err: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = err
 
 
 #: the most names ``NAME (conflict ... CLIENT N).EXT`` tried for one conflict copy

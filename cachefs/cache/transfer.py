@@ -22,7 +22,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from .base import ContentDamaged, Remote, RemoteError, RemoteUnreachable
+from ..errors import ContentDamaged, RemoteError, RemoteUnreachable
+from ..remote.base import Remote
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -209,8 +210,8 @@ def _die_with_parent() -> None:
 
 
 def _init_worker(address: Any, options: Any, key: bytes | None) -> None:
-    from ..cache import crypto
-    from . import open_remote
+    from ..store import crypto
+    from ..remote import open_remote
 
     global _worker
     _die_with_parent()

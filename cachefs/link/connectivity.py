@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import trio
 
-from ..remote import Remote, RemoteRefused, RemoteUnreachable
+from ..errors import RemoteRefused, RemoteUnreachable, Unavailable
+from ..remote import Remote
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,10 +30,6 @@ class State(enum.Enum):
     ONLINE = "online"
     OFFLINE = "offline"  # detected: the remote did not answer
     WORK_OFFLINE = "offline-by-request"  # the user asked (the control file's "offline")
-
-
-class Unavailable(Exception):
-    """The remote cannot be used now (offline, or it just failed)."""
 
 
 class Connectivity:

@@ -63,12 +63,11 @@ from typing import TypeVar
 
 import lmdb
 
-from ..remote.base import join
-from ..sync import journal
-from ..sync.journal import Op
-from . import crypto
+from ..paths import join
+from . import crypto, journal
 from . import ranges as rangeset
 from .crypto import RecordError
+from .journal import Op
 
 T = TypeVar("T")
 
