@@ -18,7 +18,7 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -315,3 +315,31 @@ class FetchPool:
             for process in list(getattr(executor, "_processes", {}).values()):
                 process.terminate()
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Transfers:
+    """The blocking transfer jobs as the cache and the sync manager call them (in a worker
+    thread, through ``Connectivity.call``): each is ``job(remote, content, ...)`` with the
+    first two bound, run in this process (``in_process``) or handed to a ``FetchPool``'s
+    worker processes (``in_pool``). The daemon builds one and passes it to both."""
+
+    fetch: Callable[..., int]  # fetch_into
+    fetch_many: Callable[..., list[int | None]]  # fetch_many_into
+    list_folder: Callable[..., list[Any]]  # a folder's listing for the listers ahead
+    upload: Callable[..., Any]  # upload_file
+    upload_unless_changed: Callable[..., Any]  # upload_unless_changed
+
+    @classmethod
+    def in_process(cls, remote: Remote, content: Any) -> "Transfers":
+        return cls(fetch=partial(fetch_into, remote, content),
+                   fetch_many=partial(fetch_many_into, remote, content),
+                   list_folder=remote.listdir,
+                   upload=partial(upload_file, remote, content),
+                   upload_unless_changed=partial(upload_unless_changed, remote, content))
+
+    @classmethod
+    def in_pool(cls, pool: FetchPool) -> "Transfers":
+        return cls(fetch=pool.bind(fetch_into), fetch_many=pool.bind(fetch_many_into),
+                   list_folder=pool.bind(list_folder), upload=pool.bind(upload_file),
+                   upload_unless_changed=pool.bind(upload_unless_changed))
