@@ -1,7 +1,9 @@
 """The persistent store: one LMDB environment plus sparse content files.
 
-Owns: the on-disk layout of the cache directory, the record formats, the schema
-version, and the exclusive lock that keeps two mounts off one cache.
+Owns: the on-disk layout of the cache directory, the sub-databases and their keys, the
+transactions (``Store.run_write``, ``Txn``: the named record operations every writer
+uses), the map's growth, and the exclusive lock that keeps two mounts off one cache.
+The records themselves are in ``records``, the checks made at open in ``opening``.
 Must not touch: the network, trio, FUSE. All methods are short, synchronous and safe
 to call from the trio thread; a write transaction begins and commits inside one method.
 
@@ -40,8 +42,8 @@ CRC32 of key and value after the value in a plain cache, AES-GCM with the key as
 associated data in an encrypted one. Every read checks it: a damaged record raises
 ``RecordError`` and is never used. Schema 1 (no checks) is upgraded at open.
 
-Node records are ``struct`` packed with a leading record version so a cache written by
-another release is refused with a clear message instead of being misread.
+Node records (``records.Node``) are ``struct`` packed with a leading record version so a
+cache written by another release is refused with a clear message instead of being misread.
 """
 
 from __future__ import annotations
@@ -52,10 +54,8 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import stat as stat_mod
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,210 +64,25 @@ from typing import TypeVar
 import lmdb
 
 from ..paths import join
-from . import crypto, journal
+from . import crypto, journal, opening
 from . import ranges as rangeset
 from .crypto import RecordError
 from .journal import Op
+from .opening import PROBE_CRASHED, check_private_dir, probe_index
+from .records import (_U64, ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FIRST_INO, FULL, INDEX_MARK, KEPT,
+                      KERNEL_WRITES, LISTED, LOCAL_TRUTH, ORPHAN, PINNED, ROOT_INO, SCHEMA, TARGET,
+                      WRITING, BaseSum, ContentSum, Held, Node, StoreError, _key, _sum_key,
+                      index_damaged)
+
+__all__ = ["ATTR_DIRTY", "CONFLICT", "DAMAGED", "DIRTY", "FIRST_INO", "FULL", "INDEX_MARK", "KEPT",
+           "KERNEL_WRITES", "LISTED", "LOCAL_TRUTH", "ORPHAN", "PINNED", "ROOT_INO", "SCHEMA",
+           "TARGET", "WRITING", "BaseSum", "ContentSum", "Held", "Node", "StoreError",
+           "index_damaged", "PROBE_CRASHED", "check_private_dir", "probe_index",
+           "Store", "Txn", "ListingDelta", "node_from_remote", "rebuilt_as_is"]
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-SCHEMA = b"2"
-#: beside ``index/``, made with the index (see the layout above)
-INDEX_MARK = "index-made"
-ROOT_INO = 1
-FIRST_INO = 16  # 2..15 are reserved for the virtual .cachefs files
-
-_U64 = struct.Struct(">Q")
-
-# Node flags
-LISTED = 1 << 0  # directory: the entries db holds its complete listing
-FULL = 1 << 1  # file: the whole content is in data/<ino>
-PINNED = 1 << 2  # available offline: fetched whole, never evicted
-DIRTY = 1 << 3  # has changes that are not on the remote yet
-CONFLICT = 1 << 4
-TARGET = 1 << 5  # symlink: ``target`` is known
-ORPHAN = 1 << 6  # unlinked here while still open: removed at the last release
-ATTR_DIRTY = 1 << 7  # mode or times changed here, not yet on the remote
-#: file: the kernel may be writing its content file itself (a passthrough writer is open),
-#: so the content file's length and mtime, not the record's, are the truth after a kill
-KERNEL_WRITES = 1 << 8
-#: file: open for writing through this mount, its size and times held in memory between
-#: commits (``Store.held``), so the content file's length and mtime are the truth after a kill
-WRITING = 1 << 9
-#: file: what was left of a local version whose content failed its checksum at replay: kept
-#: here only (never uploaded as it is), kept by listings (it is on no server) and never evicted
-DAMAGED = 1 << 10
-#: a local version whose change the remote refused for good (permission, quota): kept here
-#: as it is, by listings too, until it changes again or its conflict is resolved
-KEPT = 1 << 11
-#: what a listing or a revalidation of the server's version must not replace: local changes
-#: not yet replayed, a damaged copy (on no server), a version the server refused
-LOCAL_TRUTH = DIRTY | ATTR_DIRTY | DAMAGED | KEPT
-
-
-@dataclass(slots=True)
-class Held:
-    """A file's size and times while it is being written, ahead of its record (``WRITING``):
-    a write changes them here, not in the index, which takes them with its next write of
-    the record (any) or at the checkpoint after the last writer's release.
-    ``open``: a writer is open and the record is marked (DIRTY, journaled, ``WRITING``)
-    since it opened, so writes need no commit."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    open: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ContentSum:
-    """The checksum of a file's changed content, recorded when that content was committed."""
-
-    gen: int  # the node's content generation it is for
-    size: int
-    digest: bytes  # SHA-256
-
-    _FORMAT = struct.Struct("<BQQ32s")
-
-    def pack(self) -> bytes:
-        return self._FORMAT.pack(1, self.gen, self.size, self.digest)
-
-    @classmethod
-    def unpack(cls, ino: int, data: bytes) -> "ContentSum":
-        if len(data) != cls._FORMAT.size or data[0] != 1:
-            raise StoreError(f"node {ino}: content sum record of an unknown form")
-        _v, gen, size, digest = cls._FORMAT.unpack(data)
-        return cls(gen, size, digest)
-
-
-@dataclass(frozen=True, slots=True)
-class BaseSum:
-    """The checksum of the remote version a file last agreed with (its ``base``)."""
-
-    version: tuple[int, int, int]
-    digest: bytes  # SHA-256
-
-    _FORMAT = struct.Struct("<BqqI32s")
-
-    def pack(self) -> bytes:
-        return self._FORMAT.pack(1, *self.version, self.digest)
-
-    @classmethod
-    def unpack(cls, ino: int, data: bytes) -> "BaseSum":
-        if len(data) != cls._FORMAT.size or data[0] != 1:
-            raise StoreError(f"node {ino}: base sum record of an unknown form")
-        _v, size, mtime, kind, digest = cls._FORMAT.unpack(data)
-        return cls((size, mtime, kind), digest)
-
-
-def _sum_key(ino: int, kind: bytes) -> bytes:
-    return _U64.pack(ino) + kind
-
-
-class StoreError(Exception):
-    """The cache directory cannot be used (locked, corrupt, other schema, unsafe mode)."""
-
-
-def index_damaged(cache_dir: Path, what: object) -> str:
-    """The one message for a damaged cache index, at start-up and while serving: what is
-    damaged, and how to save the changes it held."""
-    where = shlex.quote(str(cache_dir))
-    return (f"the cache index in {cache_dir} is damaged ({what}); changes not yet on the server "
-            f"can be saved with 'cachefs recover {where} --to DIR', then move {where} away "
-            "(or mount with another --cache-dir)")
-
-
-@dataclass(slots=True)
-class Node:
-    ino: int
-    parent: int
-    name: bytes
-    mode: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    ctime_ns: int
-    uid: int = 0
-    gid: int = 0
-    nlink: int = 1
-    flags: int = 0
-    base: tuple[int, int, int] | None = None  # remote (size, mtime_ns, kind) we agree with
-    last_use: float = 0.0
-    target: bytes = b""
-    gen: int = 0  # content generation: +1 at each local change of content
-    synced_gen: int = 0  # the generation last uploaded to the remote
-
-    _HEAD = struct.Struct("<BHIIIIQqqqQqqIdHIQQ")
-    _VERSION = 1
-
-    @property
-    def is_dir(self) -> bool:
-        return stat_mod.S_ISDIR(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat_mod.S_ISLNK(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat_mod.S_ISREG(self.mode)
-
-    def has(self, flag: int) -> bool:
-        return bool(self.flags & flag)
-
-    def pack(self) -> bytes:
-        base = self.base or (-1, 0, 0)
-        head = self._HEAD.pack(
-            self._VERSION, self.flags, self.mode, self.uid, self.gid, self.nlink,
-            self.size, self.mtime_ns, self.atime_ns, self.ctime_ns, self.parent,
-            base[0], base[1], base[2], self.last_use, len(self.name), len(self.target),
-            self.gen, self.synced_gen,
-        )
-        return head + self.name + self.target
-
-    @classmethod
-    def parent_and_name(cls, ino: int, data: bytes) -> tuple[int, bytes]:
-        """Only the parent and the name of a packed record: a path walk needs no more, and
-        building a whole ``Node`` per step cost a path of five steps ~20 us."""
-        if not data or data[0] != cls._VERSION:
-            raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
-        parent = _PARENT.unpack_from(data, _PARENT_AT)[0]
-        name_len = _NAME_LEN.unpack_from(data, _NAME_LEN_AT)[0]
-        name = bytes(data[cls._HEAD.size:cls._HEAD.size + name_len])
-        if len(name) != name_len:
-            raise StoreError(f"node {ino}: truncated record")
-        return parent, name
-
-    @classmethod
-    def unpack(cls, ino: int, data: bytes) -> "Node":
-        if not data or data[0] != cls._VERSION:
-            raise StoreError(f"node {ino}: record version {data[:1]!r} is not one this release reads")
-        (_v, flags, mode, uid, gid, nlink, size, mtime, atime, ctime, parent,
-         bsize, bmtime, bkind, last_use, name_len, target_len, gen, synced_gen) = cls._HEAD.unpack_from(data)
-        off = cls._HEAD.size
-        name = bytes(data[off:off + name_len])
-        target = bytes(data[off + name_len:off + name_len + target_len])
-        if len(name) != name_len or len(target) != target_len:
-            raise StoreError(f"node {ino}: truncated record")
-        return cls(ino=ino, parent=parent, name=name, mode=mode, size=size, mtime_ns=mtime,
-                   atime_ns=atime, ctime_ns=ctime, uid=uid, gid=gid, nlink=nlink, flags=flags,
-                   base=None if bsize < 0 else (bsize, bmtime, bkind), last_use=last_use,
-                   target=target, gen=gen, synced_gen=synced_gen)
-
-
-# Where ``Node.parent_and_name`` finds them in a packed record: the sizes of the fields
-# before them (``_HEAD`` is unaligned), parent being the 11th field and name_len the 16th.
-_FIELDS = Node._HEAD.format.lstrip("<")
-_PARENT, _PARENT_AT = struct.Struct("<Q"), struct.calcsize("<" + _FIELDS[:10])
-_NAME_LEN, _NAME_LEN_AT = struct.Struct("<H"), struct.calcsize("<" + _FIELDS[:15])
-assert (_FIELDS[10], _FIELDS[15]) == ("Q", "H")
-
-
-def _key(ino: int) -> bytes:
-    return _U64.pack(ino)
-
 
 def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
     """The share-relative path of a node, walking up its parents; KeyError if one of
@@ -282,74 +97,6 @@ def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
     return b"/".join(reversed(parts))
 
 
-#: how ``probe_index`` begins its answer when LMDB ended the reader
-PROBE_CRASHED = "LMDB stopped with signal"
-
-
-def _walk_index(index: Path) -> None:
-    """Walk every page of every sub-database of ``index``, read-only, finding each
-    record again by its key."""
-    env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=64, subdir=True)
-    try:
-        with env.begin() as txn:
-            names = [bytes(k) for k, _v in txn.cursor()]
-            for name in names:
-                db = env.open_db(name, txn=txn, create=False)
-                for key, value in txn.cursor(db=db):
-                    if txn.get(key, db=db) != value:
-                        raise RecordError(f"record {bytes(key)!r} of {name!r} is not found by its key")
-    finally:
-        env.close()
-
-
-def probe_index(index: Path) -> str | None:
-    """What is wrong with the pages of the index, found by walking them in a child
-    process: some damage makes LMDB abort the process that reads it (an assertion in
-    its C code), which no exception handler sees. None when the walk went through."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: walk, say what went wrong, never return
-        status = 0
-        try:
-            os.close(read_fd)
-            try:
-                _walk_index(index)
-            except Exception as exc:  # noqa: BLE001 - any failure is the answer
-                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-    finally:
-        _pid, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return f"{PROBE_CRASHED} {os.WTERMSIG(status)} while reading its pages"
-    if message:
-        return message
-    if os.waitstatus_to_exitcode(status) != 0:
-        return "reading its pages failed"
-    return None
-
-
-def check_private_dir(path: Path) -> None:
-    """Create ``path`` with mode 0700, or refuse one that others may write to."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_mode & 0o022:
-        raise StoreError(
-            f"cache directory {path} is writable by group or others (mode {stat_mod.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 700 {path}' or choose another --cache-dir"
-        )
-    if st.st_uid != os.geteuid():
-        raise StoreError(f"cache directory {path} belongs to another user (uid {st.st_uid})")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
 class Store:
     """The cache directory: index, content files, lock."""
 
@@ -357,7 +104,7 @@ class Store:
                  key: bytes | None = None) -> None:
         """``key``: the cache key of an encrypted cache (see ``crypto.open_key``)."""
         self.dir = cache_dir
-        check_private_dir(cache_dir)
+        opening.check_private_dir(cache_dir)
         if key is None and (cache_dir / "crypt.json").exists():
             raise StoreError(f"the cache in {cache_dir} is encrypted: mount with --encrypt-cache")
         self.codec = crypto.SealedCodec(key) if key else crypto.PlainCodec()
@@ -395,7 +142,7 @@ class Store:
         self.held: dict[int, Held] = {}
         self.data_dir = cache_dir / "data"
         self._data_prefix = f"{self.data_dir}/"
-        self._once_indexed = self._check_index_present()
+        self._once_indexed = opening.index_present(self)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
         # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
@@ -406,7 +153,7 @@ class Store:
         # (``_allocate_map``); where that cannot be done, the index runs without writemap.
         self.writemap = True
         if self._once_indexed:  # (before this process opens it: LMDB allows one env per path)
-            failure = probe_index(cache_dir / "index")
+            failure = opening.probe_index(cache_dir / "index")
             if failure is not None:
                 raise StoreError(index_damaged(cache_dir, failure))
         try:
@@ -433,59 +180,15 @@ class Store:
         self.links = self.env.open_db(b"links")
         #: content checksums (see the module's docstring, ``ContentSum``, ``BaseSum``)
         self.sums = self.env.open_db(b"sums")
-        self._check_schema(remote_text)
-        dirty = self._check_integrity()
-        self.fit_dirty_content(dirty)
-        self._mark_indexed()
+        opening.check_schema(self, remote_text)
+        dirty = opening.check_integrity(self)
+        opening.fit_dirty_content(self, dirty)
+        opening.mark_indexed(self)
         #: changed files with no checksum of their current content (the mount ended between
         #: their last write and its commit, or a cache older than checksums): the cache
         #: takes them as they are at its first commit (``Cache.commit_changes``)
         self.unsummed = [n.ino for n in dirty if not self.has_current_sum(n)]
         self.reserve()
-
-    def _check_index_present(self) -> bool:
-        """Refuse a cache that once held an index (its mark, or content files, say so)
-        and has none now, before LMDB would make a new, empty one: an empty index would
-        show the server's files and drop every change the lost one journaled. Whether
-        the cache ever held one."""
-        index = self.dir / "index"
-        made = (self.dir / INDEX_MARK).exists()
-        try:
-            with os.scandir(self.data_dir) as it:
-                has_content = any(True for _ in it)
-        except FileNotFoundError:
-            has_content = False
-        if not (made or has_content):
-            return False
-        mdb = index / "data.mdb"
-        if not index.is_dir():
-            what = f"its index folder {index} is missing"
-        elif not mdb.exists():
-            what = f"{mdb} is missing"
-        elif mdb.stat().st_size == 0:
-            what = f"{mdb} is empty (0 bytes)"
-        else:
-            return True
-        raise StoreError(index_damaged(self.dir, what))
-
-    def _mark_indexed(self) -> None:
-        """Write ``INDEX_MARK`` once the index holds its records (durably first)."""
-        mark = self.dir / INDEX_MARK
-        if mark.exists():
-            return
-        self.env.sync(True)
-        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"this cache has an index (index/data.mdb): if it is missing or empty, "
-                         b"the cache is damaged (see 'cachefs recover')\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     def _open_env(self, map_size: int) -> lmdb.Environment:
         return lmdb.open(str(self.dir / "index"), map_size=map_size, max_dbs=12, subdir=True,
@@ -513,77 +216,10 @@ class Store:
         log.info("cache index: growing the map to %d MiB", new >> 20)
         self.env.set_mapsize(new)
 
-    def _check_integrity(self) -> list[Node]:
-        """Read every record once: a damaged page shows up now, as a clear refusal,
-        instead of in the middle of serving a request. Returns the files with local
-        changes."""
-        dirty = []
-        with self.env.begin() as txn:
-            # Each record found by walking is found again by its key: a damaged key in a
-            # branch page would send lookups astray (a node "gone", a name not there).
-            for db in (self.meta, self.nodes, self.entries, self.ranges_db, self.journal,
-                       self.conflicts, self.links, self.sums):
-                for key, value in txn.cursor(db=db):
-                    if txn.get(key, db=db) != value:
-                        raise RecordError(f"record {bytes(key)!r} is not found by its key")
-            for key, value in txn.cursor(db=self.meta):
-                if key != b"schema":
-                    self._open_record(value, key, "meta", bytes(key))
-            for key, value in txn.cursor(db=self.entries):
-                self._entry(key, value)
-            for key, value in txn.cursor(db=self.ranges_db):
-                rangeset.decode(self._open_record(value, key, "ranges of node", _U64.unpack(key)[0]))
-            for key, value in txn.cursor(db=self.conflicts):
-                json.loads(self._open_record(value, key, "conflict", _U64.unpack(key)[0]))
-            for key, value in txn.cursor(db=self.links):
-                self._open_record(value, key, "link", _U64.unpack(key[:8])[0])
-            for key, value in txn.cursor(db=self.sums):
-                self._open_record(value, key, "checksum of node", _U64.unpack(key[:8])[0])
-            for key, value in txn.cursor(db=self.nodes):
-                node = self._unpack(_U64.unpack(key)[0], value)
-                if node.flags & DIRTY and node.flags & FULL and node.is_file:
-                    dirty.append(node)
-            for key, value in txn.cursor(db=self.journal):
-                self._op(key, value)
-        return dirty
-
-    def fit_dirty_content(self, nodes: list[Node]) -> None:
-        """Make each changed file's content as long as its recorded size. A truncation's
-        size is committed before the file is cut: a kill in between leaves the file longer
-        than the size the index (and so every reader) knows, and bytes past the size would
-        show again if the file later grew. A file that was being written (``WRITING``: its
-        writes land before the index hears of them, if ever before the release) or that
-        the kernel was writing itself (``KERNEL_WRITES``) is the other way round: its
-        record takes the content file's length and mtime."""
-        for node in nodes:
-            if not node.flags & (KERNEL_WRITES | WRITING) and self.has_current_sum(node):
-                # Committed with its checksum: nothing interrupted to finish, and a content
-                # file of another length is damage, to be found (never padded with zeros).
-                continue
-            try:
-                fd = os.open(self.content_path(node.ino), os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # created, then killed before its content file: opened on use
-            try:
-                if node.flags & (KERNEL_WRITES | WRITING):
-                    st = os.fstat(fd)
-                    length = st.st_size if node.flags & KERNEL_WRITES else \
-                        max(node.size, self.content.length(fd))  # (writes only grow it)
-                    node.size, node.mtime_ns = length, max(node.mtime_ns, st.st_mtime_ns)
-                    node.flags &= ~(KERNEL_WRITES | WRITING)
-                    self.put(node)
-                    log.info("inode %d takes its content file's size %d: it was being "
-                             "written when the mount ended", node.ino, node.size)
-                elif self.content.fit(fd, node.size):
-                    log.info("content of inode %d fitted to its recorded size %d after a crash",
-                             node.ino, node.size)
-            finally:
-                os.close(fd)
-
     # -- record encoding (checked; sealed when the cache is encrypted) ---------------------
     # Every value is ``codec.seal(value, key)``: read back only through ``codec.open`` with
     # the same key, which raises ``RecordError`` for a record damaged in value or key. A
-    # new sub-database must do the same, and ``_check_integrity`` read it.
+    # new sub-database must do the same, and ``opening.check_integrity`` read it.
     def _open_record(self, data: bytes, key: bytes, what: str, which: object) -> bytes:
         try:
             return self.codec.open(data, key)
@@ -643,100 +279,6 @@ class Store:
 
     def _meta_put(self, txn, key: bytes, value: bytes) -> None:
         txn.put(key, self.codec.seal(value, key), db=self.meta)
-
-    # -- set-up -----------------------------------------------------------------------
-    def _check_schema(self, remote_text: str) -> None:
-        with self.env.begin() as txn:
-            schema = txn.get(b"schema", db=self.meta)
-            schema = None if schema is None else bytes(schema)
-        if schema == b"1":
-            self._upgrade_schema1()
-            schema = SCHEMA
-        with self.env.begin(write=True) as txn:
-            if schema is None:
-                if txn.stat(self.nodes)["entries"]:
-                    raise StoreError(index_damaged(self.dir, "it has no schema mark"))
-                if self._once_indexed:
-                    raise StoreError(index_damaged(self.dir, "it holds no records: it was emptied"))
-                txn.put(b"schema", SCHEMA, db=self.meta)
-                self._meta_put(txn, b"next_ino", _U64.pack(FIRST_INO))
-                self._meta_put(txn, b"remote", remote_text.encode())
-                self._meta_put(txn, b"cache_id", os.urandom(3).hex().encode())
-                now = time.time_ns()
-                root = Node(ROOT_INO, ROOT_INO, b"", stat_mod.S_IFDIR | 0o755, 0, now, now, now, nlink=2)
-                txn.put(_key(ROOT_INO), self._pack(root), db=self.nodes)
-            elif schema != SCHEMA:
-                raise StoreError(
-                    f"cache in {self.dir} has schema {schema.decode(errors='replace')}, this release "
-                    f"reads schemas 1 and {SCHEMA.decode()}; use another --cache-dir or remove that one"
-                )
-            else:
-                stored = (self._meta_get(txn, b"remote") or b"").decode(errors="replace")
-                if stored != remote_text:
-                    raise StoreError(f"cache in {self.dir} belongs to remote {stored!r}, not {remote_text!r}")
-                if self._meta_get(txn, b"cache_id") is None:  # a cache made before the id
-                    self._meta_put(txn, b"cache_id", os.urandom(3).hex().encode())
-            #: this cache's short random id (see ``meta``)
-            self.cache_id = self._meta_get(txn, b"cache_id").decode()
-
-    def _upgrade_schema1(self) -> None:
-        """Rewrite a schema-1 cache (records without checks) as schema 2, in one
-        transaction: every record is first checked as well as schema 1 allows (it decodes,
-        lengths agree, a sealed one decrypts), then sealed with its key. A record that
-        fails refuses the upgrade (and the mount) and changes nothing."""
-        codec = self.codec
-        rewritten = 0
-
-        def txn_fn(txn) -> None:
-            nonlocal rewritten
-            plan: list[tuple[object, bytes, bytes]] = []  # (db, key, new value)
-            for key, value in txn.cursor(db=self.meta):
-                key = bytes(key)
-                if key == b"schema":
-                    continue
-                body = codec.open_schema1(value) if key == b"remote" else bytes(value)
-                if key in (b"next_ino", b"last_seq") and len(body) != 8:
-                    raise RecordError(f"meta {key!r} has {len(body)} bytes, not 8")
-                if key.startswith((b"u:", b"v:")) or key == b"pinned":
-                    json.loads(body)
-                plan.append((self.meta, key, codec.seal(body, key)))
-            for key, value in txn.cursor(db=self.nodes):
-                key = bytes(key)
-                body = codec.open_schema1(value)
-                Node.unpack(_U64.unpack(key)[0], body)
-                plan.append((self.nodes, key, codec.seal(body, key)))
-            for key, value in txn.cursor(db=self.entries):
-                key, value = bytes(key), bytes(value)
-                if len(value) < 8:
-                    raise RecordError(f"folder entry {key!r} is cut short")
-                name = codec.open_schema1(value[8:]) if codec.encrypted else b""
-                plan.append((self.entries, key, codec.seal(value[:8] + name, key)))
-            for key, value in txn.cursor(db=self.ranges_db):
-                key, value = bytes(key), bytes(value)
-                rangeset.decode(value)
-                plan.append((self.ranges_db, key, codec.seal(value, key)))
-            for key, value in txn.cursor(db=self.journal):
-                key = bytes(key)
-                body = codec.open_schema1(value)
-                Op.decode(journal.seq_of(key), body)
-                plan.append((self.journal, key, codec.seal(body, key)))
-            for key, value in txn.cursor(db=self.conflicts):
-                key = bytes(key)
-                body = codec.open_schema1(value)
-                json.loads(body)
-                plan.append((self.conflicts, key, codec.seal(body, key)))
-            for key, _value in txn.cursor(db=self.links):
-                key = bytes(key)
-                plan.append((self.links, key, codec.seal(b"", key)))
-            for db, key, value in plan:
-                txn.put(key, value, db=db)
-            txn.put(b"schema", SCHEMA, db=self.meta)
-            rewritten = len(plan)
-
-        self.run_write(txn_fn)
-        self.env.sync(True)
-        log.info("cache %s upgraded from schema 1 to %s: %d records now carry a check",
-                 self.dir, SCHEMA.decode(), rewritten)
 
     def close(self) -> None:
         self.env.sync(True)
