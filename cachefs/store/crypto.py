@@ -25,7 +25,10 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -197,7 +200,7 @@ class SealedContent(PlainContent):
         except InvalidTag:
             raise OSError(5, "cache content does not decrypt (corrupted or wrong key)") from None
 
-    def _write_block(self, fd: int, index: int, plain: bytes) -> None:
+    def _write_block(self, fd: int, index: int, plain: bytes | bytearray) -> None:
         nonce = os.urandom(12)
         sealed = self._aead.encrypt(nonce, bytes(plain), _BLOCK_AAD.pack(index))
         super().pwrite(fd, _LEN.pack(len(plain)) + nonce + sealed, index * SLOT)
@@ -245,7 +248,7 @@ class SealedContent(PlainContent):
             os.ftruncate(fd, index * SLOT)
 
     def reader(self, fd: int, size: int) -> BinaryIO:
-        return _SealedReader(self, fd, size)
+        return cast(BinaryIO, _SealedReader(self, fd, size))  # (a raw binary stream)
 
     def length(self, fd: int) -> int:
         # The last slot on disk holds the last block: its header tells its plain length.
@@ -283,7 +286,7 @@ class _PlainReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Buffer) -> int:
         """Fills ``buffer`` up to the size, short only at the file's end (callers such as
         ``_read_content`` read once, and one preadv stops at 2 GiB)."""
         done = _pread_fill(self._fd, memoryview(buffer)[:max(0, self._size - self._pos)], self._pos)
@@ -308,9 +311,10 @@ class _SealedReader(io.RawIOBase):
         self._pos += len(data)
         return data
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer)
+        data = self.read(len(view))
+        view[:len(data)] = data
         return len(data)
 
 

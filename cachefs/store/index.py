@@ -59,7 +59,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -118,21 +118,23 @@ class Store:
         try:
             self._open(cache_dir, remote_text, map_size)
         except (crypto.CryptoError, lmdb.Error, ValueError, TypeError, KeyError, struct.error) as exc:
-            if getattr(self, "env", None) is not None:
+            if self._env_open:
                 self.env.close()
             os.close(self._lock_fd)
             if not isinstance(exc, crypto.CryptoError):
                 raise StoreError(index_damaged(cache_dir, exc)) from exc
             raise StoreError(str(exc)) from exc
         except BaseException:
-            if getattr(self, "env", None) is not None:
+            if self._env_open:
                 self.env.close()
             os.close(self._lock_fd)
             raise
 
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
-        self.env = None
+        self._env_open = False
         self._removals: list[int] = []
+        #: this cache's short random id (``meta/cache_id``; set by ``opening.check_schema``)
+        self.cache_id = ""
         #: bumped by every write transaction: what was read before is still true while
         #: it has not moved (``Cache`` keeps folder listings on that condition)
         self.generation = 0
@@ -158,6 +160,7 @@ class Store:
                 raise StoreError(index_damaged(cache_dir, failure))
         try:
             self.env = self._open_env(map_size)
+            self._env_open = True
             try:
                 self._allocate_map(self.env.info()["map_size"])
             except OSError as exc:
@@ -167,6 +170,7 @@ class Store:
                 self.env.close()
                 self.writemap = False
                 self.env = self._open_env(map_size)
+                self._env_open = True
         except lmdb.Error as exc:
             raise StoreError(index_damaged(cache_dir, f"it does not open: {exc}")) from exc
         self.meta = self.env.open_db(b"meta")
@@ -273,11 +277,11 @@ class Store:
         except RecordError as exc:
             raise RecordError(f"journal entry {seq} {exc}") from None
 
-    def _meta_get(self, txn, key: bytes) -> bytes | None:
+    def _meta_get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
         data = txn.get(key, db=self.meta)
         return None if data is None else self._open_record(data, key, "meta", key)
 
-    def _meta_put(self, txn, key: bytes, value: bytes) -> None:
+    def _meta_put(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
         txn.put(key, self.codec.seal(value, key), db=self.meta)
 
     def close(self) -> None:
@@ -285,7 +289,8 @@ class Store:
         self.env.close()
         os.close(self._lock_fd)
 
-    def run_write(self, fn, folders: Callable[[], set[int] | None] | None = None) -> object:
+    def run_write(self, fn: Callable[[lmdb.Transaction], T],
+                  folders: Callable[[], set[int] | None] | None = None) -> T:
         """Run ``fn(txn)`` in one write transaction, growing the map once if it is full.
 
         Content files that the transaction removes (``remove_after_commit``) go only once
@@ -355,7 +360,7 @@ class Store:
     def transact(self, fn: Callable[["Txn"], T]) -> T:
         """Run ``fn(Txn)`` in one write transaction: a change to the namespace and its
         journal entry commit together or not at all."""
-        return self.run_write(lambda txn: fn(Txn(self, txn)))  # type: ignore[return-value]
+        return self.run_write(lambda txn: fn(Txn(self, txn)))
 
     def journal_ops(self) -> list[Op]:
         """Every journal entry; ``RecordError`` if one fails its check."""
@@ -383,8 +388,10 @@ class Store:
     def set_meta(self, key: bytes, value: bytes) -> None:
         self.run_write(lambda txn: self._meta_put(txn, key, value))
 
-    def _new_ino(self, txn) -> int:
-        ino = _U64.unpack(self._meta_get(txn, b"next_ino"))[0]
+    def _new_ino(self, txn: lmdb.Transaction) -> int:
+        data = self._meta_get(txn, b"next_ino")
+        assert data is not None, "the schema's set-up writes next_ino"
+        ino: int = _U64.unpack(data)[0]
         self._meta_put(txn, b"next_ino", _U64.pack(ino + 1))
         return ino
 
@@ -416,7 +423,7 @@ class Store:
         with self.env.begin() as txn:
             return self._children_in(txn, parent)
 
-    def _children_in(self, txn, parent: int, known: dict[int, Node] | None = None,
+    def _children_in(self, txn: lmdb.Transaction, parent: int, known: dict[int, Node] | None = None,
                      entries: list[tuple[bytes, int]] | None = None) -> list[Node]:
         """``children`` in ``txn``; ``known``: nodes as just written, used as they are;
         ``entries``: the folder's (name, ino) in key order, when the caller has read them."""
@@ -437,7 +444,7 @@ class Store:
             out.append(node)
         return out
 
-    def _entries_in(self, txn, parent: int) -> list[tuple[bytes, int]]:
+    def _entries_in(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int]]:
         """The folder's (name, ino) pairs, in key order."""
         prefix = _U64.pack(parent)
         out = []
@@ -484,7 +491,7 @@ class Store:
         # makes it "all" (None); none when the listing found nothing new (``delta.same``).
         folders: set[int] | None = {parent}
 
-        def txn_fn(txn) -> None:
+        def txn_fn(txn: lmdb.Transaction) -> None:
             nonlocal folders
             delta.changed.clear()  # (run again when the map had to grow)
             delta.removed.clear()
@@ -567,7 +574,7 @@ class Store:
         self.run_write(txn_fn, folders=lambda: set() if delta.same else folders)
         return delta
 
-    def _drop_node(self, txn, node: Node) -> None:
+    def _drop_node(self, txn: lmdb.Transaction, node: Node) -> None:
         """Forget a node and, for a folder, everything under it (content files too)."""
         stack = [node]
         while stack:
@@ -594,7 +601,7 @@ class Store:
 
     def drop_content(self, ino: int) -> None:
         """Forget cached content of a clean file (remote changed, or eviction)."""
-        def txn_fn(txn) -> None:
+        def txn_fn(txn: lmdb.Transaction) -> None:
             txn.delete(_key(ino), db=self.ranges_db)
             data = txn.get(_key(ino), db=self.nodes)
             if data is not None:
@@ -634,7 +641,7 @@ class Store:
         generations of their folders alone (of all, for a hard-linked one)."""
         made_full: list[Node] = []
 
-        def txn_fn(txn) -> None:
+        def txn_fn(txn: lmdb.Transaction) -> None:
             made_full.clear()  # (run again when the map had to grow)
             for ino, rs in updates.items():
                 data = txn.get(_key(ino), db=self.nodes)
@@ -674,9 +681,10 @@ class Store:
         """Bytes of content in the cache (one scan; callers keep a running count)."""
         return sum(self.content_bytes(n) for n in self.nodes_with_content())
 
-    def count(self, db) -> int:
+    def count(self, db: object) -> int:
         with self.env.begin() as txn:
-            return txn.stat(db)["entries"]
+            entries: int = txn.stat(db)["entries"]
+            return entries
 
     def upload_mark(self, seq: int) -> tuple[int, int] | None:
         """(size, mtime) of an upload started for ``seq`` and not known to have finished."""
@@ -691,9 +699,12 @@ class Store:
 
     def produced(self, ino: int) -> tuple[int, int, int] | None:
         data = self.get_meta(b"v:" + _key(ino))
-        return tuple(json.loads(data)) if data else None  # type: ignore[return-value]
+        if not data:
+            return None
+        size, mtime_ns, kind = json.loads(data)
+        return int(size), int(mtime_ns), int(kind)
 
-    def conflict_records(self) -> list[dict]:
+    def conflict_records(self) -> list[dict[str, Any]]:
         with self.env.begin() as txn:
             return [json.loads(self._open_record(v, k, "conflict", _U64.unpack(k)[0]))
                     for k, v in txn.cursor(db=self.conflicts)]
@@ -718,7 +729,7 @@ class Store:
     def save_base_sums(self, sums: list[tuple[int, tuple[int, int, int], bytes]]) -> None:
         """Record (ino, version, digest) for clean files whole in the cache, where the node
         is still at that version and unchanged here (it may have moved meanwhile)."""
-        def txn_fn(txn) -> None:
+        def txn_fn(txn: lmdb.Transaction) -> None:
             t = Txn(self, txn)
             for ino, version, digest in sums:
                 node = t.node(ino)
@@ -727,7 +738,7 @@ class Store:
                     t.set_base_sum(ino, version, digest)
         self.run_write(txn_fn, folders=set)  # (no listing shows them)
 
-    def _delete_sums(self, txn, ino: int) -> None:
+    def _delete_sums(self, txn: lmdb.Transaction, ino: int) -> None:
         txn.delete(_sum_key(ino, b"c"), db=self.sums)
         txn.delete(_sum_key(ino, b"b"), db=self.sums)
 
@@ -825,6 +836,7 @@ class Txn:
         # (``last_seq`` is written with every entry, so it is the highest ever when present;
         # the journal's last key is asked only of caches older than it)
         last = self.store._meta_get(self.txn, b"last_seq")
+        seq: int
         if last is not None:
             seq = _U64.unpack(last)[0] + 1
         else:

@@ -102,7 +102,8 @@ def key(seq: int) -> bytes:
 
 
 def seq_of(key_bytes: bytes) -> int:
-    return _U64.unpack(key_bytes)[0]
+    seq: int = _U64.unpack(key_bytes)[0]
+    return seq
 
 
 def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = lambda seq: False) \

@@ -250,7 +250,9 @@ def check_schema(store: Store, remote_text: str) -> None:
             if store._meta_get(txn, b"cache_id") is None:  # a cache made before the id
                 store._meta_put(txn, b"cache_id", os.urandom(3).hex().encode())
         #: this cache's short random id (see ``meta``)
-        store.cache_id = store._meta_get(txn, b"cache_id").decode()
+        cache_id = store._meta_get(txn, b"cache_id")
+        assert cache_id is not None, "written above"
+        store.cache_id = cache_id.decode()
 
 
 def upgrade_schema1(store: Store) -> None:
@@ -261,7 +263,7 @@ def upgrade_schema1(store: Store) -> None:
     codec = store.codec
     rewritten = 0
 
-    def txn_fn(txn) -> None:
+    def txn_fn(txn: lmdb.Transaction) -> None:
         nonlocal rewritten
         plan: list[tuple[object, bytes, bytes]] = []  # (db, key, new value)
         for key, value in txn.cursor(db=store.meta):
