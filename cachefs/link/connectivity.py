@@ -35,13 +35,12 @@ class State(enum.Enum):
 class Connectivity:
     """Runs remote calls in threads, bounded in time, and tracks whether they work."""
 
-    def __init__(self, remote: Remote, *, heartbeat: float = 10.0, max_backoff: float = 30.0,
-                 threads: int = 8) -> None:
+    def __init__(self, remote: Remote, *, heartbeat: float = 10.0, max_backoff: float = 30.0) -> None:
         self.remote = remote
         self.timeout = remote.timeout
         self.heartbeat = heartbeat
         self.max_backoff = max_backoff
-        parallel = max(1, getattr(remote, "parallelism", threads))
+        parallel = max(1, remote.parallelism)  # (the backend's connections or threads)
         self.limiter = trio.CapacityLimiter(parallel)
         # Transfers get all connections but one, so short calls (lookups, listings)
         # always find one free behind them.
