@@ -150,28 +150,10 @@ def check_integrity(store: Store) -> list[Node]:
     """Read every record once: a damaged page shows up now, as a clear refusal,
     instead of in the middle of serving a request. Returns the files with local
     changes."""
-    dirty = []
     with store.env.begin() as txn:
-        # Each record found by walking is found again by its key: a damaged key in a
-        # branch page would send lookups astray (a node "gone", a name not there).
-        for db in (store.meta, store.nodes, store.entries, store.ranges_db, store.journal,
-                   store.conflicts, store.links, store.sums):
-            for key, value in txn.cursor(db=db):
-                if txn.get(key, db=db) != value:
-                    raise RecordError(f"record {bytes(key)!r} is not found by its key")
-        for key, value in txn.cursor(db=store.meta):
-            if key != b"schema":
-                store._open_record(value, key, "meta", bytes(key))
-        for key, value in txn.cursor(db=store.entries):
-            store._entry(key, value)
-        for key, value in txn.cursor(db=store.ranges_db):
-            rangeset.decode(store._open_record(value, key, "ranges of node", _U64.unpack(key)[0]))
-        for key, value in txn.cursor(db=store.conflicts):
-            json.loads(store._open_record(value, key, "conflict", _U64.unpack(key)[0]))
-        for key, value in txn.cursor(db=store.links):
-            store._open_record(value, key, "link", _U64.unpack(key[:8])[0])
-        for key, value in txn.cursor(db=store.sums):
-            store._open_record(value, key, "checksum of node", _U64.unpack(key[:8])[0])
+        _check_keys(store, txn)
+        _check_values(store, txn)
+        dirty = []
         for key, value in txn.cursor(db=store.nodes):
             node = store._unpack(_U64.unpack(key)[0], value)
             if node.flags & DIRTY and node.flags & FULL and node.is_file:
@@ -179,6 +161,33 @@ def check_integrity(store: Store) -> list[Node]:
         for key, value in txn.cursor(db=store.journal):
             store._op(key, value)
     return dirty
+
+
+def _check_keys(store: Store, txn: lmdb.Transaction) -> None:
+    """Each record found by walking is found again by its key: a damaged key in a
+    branch page would send lookups astray (a node "gone", a name not there)."""
+    for db in (store.meta, store.nodes, store.entries, store.ranges_db, store.journal,
+               store.conflicts, store.links, store.sums):
+        for key, value in txn.cursor(db=db):
+            if txn.get(key, db=db) != value:
+                raise RecordError(f"record {bytes(key)!r} is not found by its key")
+
+
+def _check_values(store: Store, txn: lmdb.Transaction) -> None:
+    """Every value but the nodes' and the journal's opens through its check and decodes."""
+    for key, value in txn.cursor(db=store.meta):
+        if key != b"schema":
+            store._open_record(value, key, "meta", bytes(key))
+    for key, value in txn.cursor(db=store.entries):
+        store._entry(key, value)
+    for key, value in txn.cursor(db=store.ranges_db):
+        rangeset.decode(store._open_record(value, key, "ranges of node", _U64.unpack(key)[0]))
+    for key, value in txn.cursor(db=store.conflicts):
+        json.loads(store._open_record(value, key, "conflict", _U64.unpack(key)[0]))
+    for key, value in txn.cursor(db=store.links):
+        store._open_record(value, key, "link", _U64.unpack(key[:8])[0])
+    for key, value in txn.cursor(db=store.sums):
+        store._open_record(value, key, "checksum of node", _U64.unpack(key[:8])[0])
 
 
 def fit_dirty_content(store: Store, nodes: list[Node]) -> None:
