@@ -21,12 +21,22 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
     meta      b"schema" -> b"2"; b"next_ino" -> u64; b"remote" -> the address text;
               b"connected" -> b"1" once the remote was reached (the cache is usable offline);
               b"cache_id" -> 6 hex digits, random, made with the cache (names its conflict
-              copies, so that two caches on one host never pick the same name)
+              copies, so that two caches on one host never pick the same name);
+              b"last_seq" -> u64, the highest journal sequence number ever given (numbers
+              are never reused, so a mark kept by number never matches a newer entry);
+              b"u:" + seq u64 -> JSON [size, mtime_ns], the mark of an upload under way for
+              that journal entry (a retry that finds it and a remote of the upload's size and mtime
+              knows the upload landed);
+              b"v:" + ino u64 -> JSON [size, mtime_ns, kind], the remote version the replay
+              itself produced for the node (later entries compare the remote with it);
+              b"pinned" -> JSON list of the pinned roots' inode numbers (``cache.hoard``)
     nodes     ino u64 -> Node record (see ``Node``)
     entries   parent u64 + name -> child ino u64   (the directory tree; encrypted: a keyed
               hash of the name in the key, ino + name sealed in the value)
     ranges    ino u64 -> byte ranges of content present in data/<ino> (``ranges.encode``)
-    journal   seq u64 -> operation (written by the sync manager's journal; empty until then)
+    journal   seq u64 -> operation (``journal.Op``): appended by the cache in the same
+              transaction as the change it records; deleted, rewritten or followed up by the
+              sync manager as it replays
     conflicts id u64 -> conflict record
     links     ino u64 + entry key -> b""   (the names of hard-linked files; may hold
               stale names, which readers check against entries)
