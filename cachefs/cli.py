@@ -432,7 +432,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _passthrough_text(state: dict) -> str:
     if not state.get("on"):
-        return "off (this process serves every read)"
+        why = state.get("off")
+        return f"off ({why + '; ' if why else ''}this process serves every read)"
     return f"on ({state.get('open_files', 0)} files open read by the kernel itself)"
 
 

@@ -10,12 +10,10 @@ would end the mount, so the ``translate`` decorator turns every exception into o
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import logging
 import os
 import stat as stat_mod
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -38,10 +36,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 STATE_XATTR = b"user.cachefs.state"
-#: FUSE_DEV_IOC_BACKING_OPEN, _IOW(229, 1, struct fuse_backing_map {s32 fd; u32 flags; u64})
-BACKING_OPEN = 0x4010E501
-BACKING_CLOSE = 0x4004E502  # FUSE_DEV_IOC_BACKING_CLOSE, _IOW(229, 2, u32 backing id)
-_BACKING_MAP = struct.Struct("=iIQ")
+# FUSE passthrough as the pyfuse3 of scripts/build-passthrough offers it (a stock pyfuse3
+# has none of the three; docs/install.md, "The pyfuse3 fork and how it can go"). The two
+# backing calls are libfuse's fuse_passthrough_open/close for the request being answered.
+_passthrough_granted: Callable[[], bool] | None = getattr(pyfuse3, "passthrough_granted", None)
+_backing_open: Callable[[int], int] | None = getattr(pyfuse3, "backing_open", None)
+_backing_close: Callable[[int], None] | None = getattr(pyfuse3, "backing_close", None)
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -105,38 +105,44 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 
 class KernelNotifier(cache_mod.Kernel):
-    """Tells the kernel about stale data from worker threads (the calls may block)."""
+    """Tells the kernel about stale data from worker threads (the calls may block), and
+    hands it backing files for passthrough (in the open and release handlers)."""
 
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
-        #: the FUSE device, once the kernel granted passthrough at FUSE_INIT (``Operations.init``)
-        self.passthrough_device: int | None = None
+        #: the kernel granted passthrough at FUSE_INIT (``Operations.init``) and has not
+        #: refused a backing file since
+        self.passthrough_granted = False
+        #: why there is no passthrough, for the log and ``cachefs status``
+        self.passthrough_off = "the mount has not started"
         self._pending = 0  # invalidations started, not yet done
         self._quiet = trio.Event()  # set (and replaced) each time none is left
 
     @property
     def passthrough(self) -> bool:
-        return self.passthrough_device is not None
+        return self.passthrough_granted
 
     def backing_open(self, fd: int) -> int:
-        if self.passthrough_device is None:
+        # Called while the open request is answered: libfuse's fuse_passthrough_open needs it.
+        if not self.passthrough_granted or _backing_open is None:
             return 0
         try:
-            return fcntl.ioctl(self.passthrough_device, BACKING_OPEN,
-                               bytearray(_BACKING_MAP.pack(fd, 0, 0)), True)
+            return _backing_open(fd)
         except OSError as exc:  # EPERM: registering backing files needs CAP_SYS_ADMIN
             why = {errno.EPERM: "the mount process is not root",
                    errno.ELOOP: "the cache's filesystem is stacked too deep"}.get(exc.errno or 0, "")
-            log.warning("kernel passthrough refused (%s%s): this mount serves every read itself",
-                        os.strerror(exc.errno or errno.EIO), f": {why}" if why else "")
-            self.passthrough_device = None
+            self.passthrough_off = (f"the kernel refused a backing file ({os.strerror(exc.errno or errno.EIO)}"
+                                    f"{': ' + why if why else ''})")
+            log.warning("kernel passthrough off: %s; this mount serves every read itself", self.passthrough_off)
+            self.passthrough_granted = False
             return 0
 
     def backing_close(self, backing_id: int) -> None:
-        if self.passthrough_device is None:
+        # Called while the release request is answered (fuse_passthrough_close needs it).
+        if _backing_close is None:
             return
         try:
-            fcntl.ioctl(self.passthrough_device, BACKING_CLOSE, bytearray(struct.pack("=I", backing_id)), True)
+            _backing_close(backing_id)
         except OSError as exc:
             log.warning("closing backing file %d failed: %s", backing_id, exc)
 
@@ -195,16 +201,18 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         # Called while pyfuse3 answers FUSE_INIT; the reply goes before trio runs again.
-        device = getattr(pyfuse3, "passthrough_fd", lambda: None)()
+        granted = _passthrough_granted is not None and _passthrough_granted()
+        off = ("" if granted else "--no-passthrough" if not self.enable_passthrough else
+               "this pyfuse3 cannot ask for it; see scripts/build-passthrough"
+               if _passthrough_granted is None else
+               "not granted by the kernel (it needs Linux 6.9+ with FUSE passthrough)")
         kernel = self.cache.kernel
         if isinstance(kernel, KernelNotifier):
-            kernel.passthrough_device = device
-        if device is not None:
+            kernel.passthrough_granted, kernel.passthrough_off = granted, off
+        if granted:
             log.info("kernel passthrough: on (the kernel reads whole cached files itself)")
         elif self.enable_passthrough:
-            log.info("kernel passthrough: off (%s)", "not granted by the kernel"
-                     if hasattr(pyfuse3, "passthrough_fd") else
-                     "this pyfuse3 cannot ask for it; see scripts/build-passthrough")
+            log.info("kernel passthrough: off (%s)", off)
         self.initialized.set()
 
     # -- attributes ---------------------------------------------------------------------

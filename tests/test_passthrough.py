@@ -112,7 +112,8 @@ def test_without_passthrough_the_process_serves_reads(mount_factory, share: Path
         os.chmod(tmp_path / "key", 0o600)
     mount = mount_factory(*args).start()
     mnt = mount.mountpoint
-    assert status(mnt)["passthrough"]["on"] is False
+    assert status(mnt)["passthrough"] == {"on": False, "open_files": 0, "off": {
+        "--no-passthrough": "--no-passthrough", "--encrypt-cache": "the cache is encrypted"}[why]}
     with open(mnt / "big.bin", "rb") as f:
         assert f.read() == data
     time.sleep(1.5)  # the checkpoint marks the content whole
@@ -233,18 +234,36 @@ def test_a_cache_on_overlayfs(mount_factory, share: Path, tmp_path: Path) -> Non
         subprocess.run(["umount", str(base)], check=True, timeout=30)
 
 
-def test_a_refused_backing_file_turns_passthrough_off() -> None:
+def test_a_refused_backing_file_turns_passthrough_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registering a backing file fails for a mount process without CAP_SYS_ADMIN (EPERM):
-    passthrough is then off for the rest of the mount, and opens go on as before."""
-    from cachefs.fs import KernelNotifier
+    passthrough is then off for the rest of the mount, with the reason, and opens go on as
+    before. (The kernel's refusal stood in for: the mounts of this suite run as root.)"""
+    from cachefs import fs
 
-    kernel = KernelNotifier()
-    not_a_fuse_device = os.open("/dev/null", os.O_RDONLY)
-    try:
-        kernel.passthrough_device = not_a_fuse_device
-        assert kernel.passthrough
-        assert kernel.backing_open(not_a_fuse_device) == 0
-        assert not kernel.passthrough
-        assert kernel.backing_open(not_a_fuse_device) == 0  # not asked again
-    finally:
-        os.close(not_a_fuse_device)
+    asked: list[int] = []
+
+    def refuse(fd: int) -> int:
+        asked.append(fd)
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(fs, "_backing_open", refuse)
+    kernel = fs.KernelNotifier()
+    kernel.passthrough_granted = True
+    assert kernel.passthrough
+    assert kernel.backing_open(7) == 0
+    assert not kernel.passthrough
+    assert kernel.passthrough_off == \
+        "the kernel refused a backing file (Operation not permitted: the mount process is not root)"
+    assert kernel.backing_open(7) == 0  # not asked again
+    assert asked == [7]
+
+
+def test_backing_files_need_a_request_being_answered() -> None:
+    """The fork's backing_open/backing_close call libfuse's fuse_passthrough_open/close,
+    which take the request being answered: outside an open, create or release handler
+    they refuse, before any ioctl."""
+    import pyfuse3
+
+    for call, arg in ((getattr(pyfuse3, "backing_open"), 0), (getattr(pyfuse3, "backing_close"), 1)):
+        with pytest.raises(RuntimeError, match="open, create or release handler"):
+            call(arg)

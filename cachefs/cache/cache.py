@@ -104,6 +104,9 @@ class Kernel:
     def passthrough(self) -> bool:  # whether backing_open may succeed
         return False
 
+    #: why backing_open cannot succeed, while it cannot (``cachefs status``)
+    passthrough_off = "no FUSE mount"
+
 
 def _valid_name(name: bytes) -> bool:
     return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name \
@@ -798,8 +801,14 @@ class Cache:
         return self.config.passthrough and self.kernel.passthrough and not self.store.content.encrypted
 
     def passthrough_status(self) -> dict:
-        """Whether the kernel reads whole cached files itself, and how many are open so."""
-        return {"on": self.passthrough_on, "open_files": len(self._backings)}
+        """Whether the kernel reads whole cached files itself, how many are open so, and
+        why not ("off") when it does not."""
+        status: dict[str, object] = {"on": self.passthrough_on, "open_files": len(self._backings)}
+        if not status["on"]:
+            status["off"] = ("--no-passthrough" if not self.config.passthrough else
+                             "the cache is encrypted" if self.store.content.encrypted else
+                             self.kernel.passthrough_off)
+        return status
 
     def is_open(self, ino: int) -> bool:
         return bool(self._open_count.get(ino))
