@@ -46,7 +46,8 @@ from ..errors import ContentDamaged, RemoteError, SyncFailed, Unavailable
 from ..link.connectivity import Connectivity
 from ..paths import join
 from ..remote import Remote, RemoteStat
-from ..cache.transfer import LocalGone, upload_file, upload_unless_changed
+from ..cache.transfer import LocalGone, Transfers
+from ..link.wakeup import Wakeup
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise
 
 #: ``store`` entries whose files the server hashes in one command (``_server_sums``), and
@@ -148,7 +149,8 @@ def _damage_note(paths: list[str]) -> str:
 class SyncManager:
     def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
                  writeback_delay: float = 0.3, writeback_hold: float = DEFAULT_WRITEBACK_HOLD,
-                 interval: float = 300.0, flush_timeout: float = 30.0, parallel: int = 8) -> None:
+                 interval: float = 300.0, flush_timeout: float = 30.0, parallel: int = 8,
+                 transfers: Transfers | None = None, wakeup: Wakeup | None = None) -> None:
         self.store = store
         self.cache = cache
         self.hoard = hoard or Hoard(cache)
@@ -156,12 +158,11 @@ class SyncManager:
         self.remote: Remote = conn.remote
         self.writeback_delay = writeback_delay  # quiet time that ends a burst of changes
         self.writeback_hold = writeback_hold  # longest a burst holds write-back back
-        self._pokes = 0
         self.parallel = parallel  # independent operations replayed at once
-        #: blocking (size, path, content path, mode, temp name, atime, mtime) -> RemoteStat;
-        #: in a worker thread, or handed on to a worker process (see ``remote.fetch``)
-        self.uploader = partial(upload_file, self.remote, store.content)
-        self.replayer = partial(upload_unless_changed, self.remote, store.content)
+        #: the blocking upload jobs, run in a worker thread or handed on to a worker process
+        self.transfers = transfers or Transfers.in_process(self.remote, store.content)
+        #: rung by the cache (a change journaled, a writer gone) and the link (back online)
+        self.wakeup = wakeup or Wakeup()
         self.interval = interval
         self.flush_timeout = flush_timeout
         self.host = socket.gethostname().split(".")[0] or "host"
@@ -175,7 +176,6 @@ class SyncManager:
         self.progress = Progress()
         self.last_sync: float | None = None
         self.last_error: str | None = None
-        self._wake = trio.Event()
         self._pass_lock = trio.Lock()
         #: changes the remote refused for good (recorded as ``error`` conflicts) since the
         #: last ``sync`` request, which reports them: (path, error), the first few kept
@@ -192,17 +192,15 @@ class SyncManager:
         self._hashed: set[int] = set()
         #: what damaged content the running pass found (the sync that asked is told)
         self._damaged_now: list[str] = []
-        cache.changed = self.poke
-        conn.on_online(self.poke)
+        cache.changed = self.wakeup.poke  # moved to the daemon at merge
+        conn.on_online(self.wakeup.poke)
         cache.rebuild_local_dirs()
 
     # -- triggers -------------------------------------------------------------------------
     def poke(self) -> None:
         """Something changed (journal append, release, reconnect): reconcile soon.
         Offline, changes only wait for the reconnect, which pokes again."""
-        self._pokes += 1
-        if self.conn.online:
-            self._wake.set()
+        self.wakeup.poke()
 
     async def _settle(self) -> None:
         """Wait until changes stop coming for ``writeback_delay``, at most
@@ -210,9 +208,9 @@ class SyncManager:
         itself and is replayed as one batch, instead of every few files."""
         deadline = trio.current_time() + self.writeback_hold
         while True:
-            seen = self._pokes
+            seen = self.wakeup.pokes
             await trio.sleep(max(0.0, min(self.writeback_delay, deadline - trio.current_time())))
-            if self._pokes == seen or trio.current_time() >= deadline:
+            if self.wakeup.pokes == seen or trio.current_time() >= deadline:
                 return
 
     async def run(self) -> None:
@@ -220,9 +218,9 @@ class SyncManager:
         while True:
             scheduled = True
             with trio.move_on_after(self.interval):
-                await self._wake.wait()
+                await self.wakeup.wait()
                 scheduled = False
-            self._wake = trio.Event()
+            self.wakeup.clear()
             if not self.conn.online:
                 continue
             try:
@@ -639,7 +637,7 @@ class SyncManager:
         digest = self._sum_of(node)
         if digest is None:
             raise ContentDamaged(f"no checksum of inode {node.ino}'s content was recorded")
-        return await self.conn.call(self.uploader, node.size, path, self.store.content_path(node.ino),
+        return await self.conn.call(self.transfers.upload, node.size, path, self.store.content_path(node.ino),
                                     stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns,
                                     digest, bulk=True)
 
@@ -724,7 +722,7 @@ class SyncManager:
         self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
         try:
             outcome, found = await self.conn.call(
-                self.replayer, created, node.base, node.size, op.path,
+                self.transfers.upload_unless_changed, created, node.base, node.size, op.path,
                 self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
                 self._temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, digest, bulk=True)
         except RemoteError as exc:
