@@ -28,6 +28,7 @@ import os
 import socket
 import stat as stat_mod
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -37,10 +38,11 @@ import trio
 
 from ..cache.cache import Cache
 from ..cache.hoard import Hoard
+from ..cache.reconcile import ChangedWhileSent, Reconcile
 from ..defaults import DEFAULT_WRITEBACK_HOLD
 from ..progress import Progress
 from ..store.crypto import RecordError
-from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, ORPHAN, WRITING, Node,
+from ..store.index import (ATTR_DIRTY, ORPHAN, Node,
                            Store, Txn, index_damaged)
 from ..errors import ContentDamaged, RemoteError, SyncFailed, Unavailable
 from ..link.connectivity import Connectivity
@@ -97,37 +99,6 @@ def _cut(text: bytes, room: int) -> bytes:
     return text[:room]
 
 
-def damaged_name(name: bytes, when: float, taken) -> bytes:
-    """``NAME (damaged YYYY-MM-DD HHMMSS).EXT``, or ``... HHMMSS 2).EXT`` and on while
-    ``taken(name)``: the local name of what was left of a version that failed its checksum
-    (on no server, so it needs no host in it). Cut at a character boundary when long."""
-    stamp = datetime.fromtimestamp(when).strftime("%Y-%m-%d %H%M%S")
-    dot = name.rfind(b".")
-    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
-    for number in range(1, 1000):
-        tag = f" (damaged {stamp}{'' if number == 1 else f' {number}'})".encode()
-        s, e = (stem, ext) if 255 - len(tag) - len(ext) >= 1 else (name, b"")
-        cut = s[:255 - len(tag) - len(e)]
-        cut = cut.decode("utf-8", "ignore").encode() if cut != s and _utf8(s) else cut
-        candidate = cut + tag + e
-        if not taken(candidate):
-            return candidate
-    raise OSError(errno.EEXIST, "no free name for a damaged copy")
-
-
-def _utf8(name: bytes) -> bool:
-    try:
-        name.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-class _ChangedWhileSent(Exception):
-    """The file was written again while its upload read it: that upload was stopped by its
-    checksum (the bytes were of no one version); the next pass sends the new version."""
-
-
 def _same_second(a_ns: int, b_ns: int) -> bool:
     return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
 
@@ -174,6 +145,8 @@ class SyncManager:
         self._nonce = os.urandom(2).hex()
         self.syncing = False
         self.progress = Progress()
+        #: the store changes of the replay (a node and its content, written in one place)
+        self.reconcile = Reconcile(store, lambda ino: bool(cache.writers.get(ino)))
         self.last_sync: float | None = None
         self.last_error: str | None = None
         self._pass_lock = trio.Lock()
@@ -422,14 +395,14 @@ class SyncManager:
         except Unavailable as exc:
             failures.append(f"remote is offline: {exc}")
             return
-        except _ChangedWhileSent as exc:
+        except ChangedWhileSent as exc:
             failures.append(str(exc))
             return
         except RemoteError as exc:
             # The remote refuses this change for good (permission, quota...): keep the
             # local version, record it, and go on with the rest.
             log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-            self._finish(op, self._refused(op.ino), self._record(op, "error", error=str(exc), refused=op.kind))
+            self._finish(op, partial(Reconcile.refused, ino=op.ino), self._record(op, "error", error=str(exc), refused=op.kind))
             self._refusal_count += 1
             if len(self._refusals) < 10:
                 self._refusals.append((op.path, exc))
@@ -675,7 +648,7 @@ class SyncManager:
             if node is None or node.has(ORPHAN):
                 return await self._replay_content(op, created)
             if self.cache.writers.get(op.ino):
-                raise _ChangedWhileSent(f"{op.path!r} was opened for writing again: sent at its release")
+                raise ChangedWhileSent(f"{op.path!r} was opened for writing again: sent at its release")
             digest = self._sum_of(node)
             if digest is None:
                 return await self._damaged(op, "no checksum of its content was recorded when it was "
@@ -691,7 +664,7 @@ class SyncManager:
                 self._finish(op)  # deleted here meanwhile: its unlink follows in the journal
                 return 0
             if now.gen != gen:
-                raise _ChangedWhileSent(f"{op.path!r} was written while it was uploaded: "
+                raise ChangedWhileSent(f"{op.path!r} was written while it was uploaded: "
                                         "sent again at the next pass") from exc
             reason = "its content file is gone" if isinstance(exc, LocalGone) else str(exc)
             return await self._damaged(op, reason)
@@ -831,41 +804,9 @@ class SyncManager:
                     raise
         await self.conn.call(self.remote.rename, temp, other)
 
-    @staticmethod
-    def _refused(ino: int):
-        """An update for a change the remote refused: the local version stays cached,
-        marked as a conflict (never evicted) and ``KEPT`` (a listing of the server's
-        version does not replace it), and later changes are journaled anew."""
-        def update(t: Txn) -> None:
-            n = t.node(ino)
-            if n is not None:
-                n.flags = (n.flags & ~(DIRTY | ATTR_DIRTY)) | CONFLICT | KEPT
-                t.put(n)
-        return update
-
-    def _agree(self, ino: int, remote: RemoteStat, gen: int | None):
+    def _agree(self, ino: int, remote: RemoteStat, gen: int | None) -> Callable[[Txn], None]:
         """An update that records ``remote`` as the node's base version."""
-        def update(t: Txn) -> None:
-            t.set_produced(ino, remote.version())
-            n = t.node(ino)
-            if n is None:
-                return
-            n.base = remote.version()
-            if gen is not None:
-                # What the server now has is the content whose checksum we recorded: the
-                # hash of the new base version (see ``_server_sums``).
-                found = t.content_sum(ino)
-                if found is not None and found.gen == gen:
-                    t.set_base_sum(ino, n.base, found.digest)
-                else:
-                    t.drop_base_sum(ino)
-                n.synced_gen = gen
-                if n.gen == gen:
-                    n.flags &= ~(DIRTY | KEPT)
-                else:  # written again during the upload: one more upload to come
-                    t.append(Op("store", ino, t.path_of(ino), base=n.base, parent=n.parent))
-            t.put(n)
-        return update
+        return partial(Reconcile.agree, ino=ino, version=remote.version(), gen=gen)
 
     async def _keep_both(self, op: Op, node: Node, remote: RemoteStat, gen: int) -> int:
         """Changed on both sides: the remote keeps the name, ours goes beside it. Our
@@ -889,58 +830,22 @@ class SyncManager:
                               local={"size": node.size, "mtime_ns": node.mtime_ns},
                               remote={"size": remote.size, "mtime_ns": remote.mtime_ns})
         # Our version, now the conflict copy, stays cached under its new name.
-        ino, copied = await self._copy_content(op.ino, node.size)
-        moved: list[int] = []
+        kept = await self.reconcile.copy_content(op.ino, node.size)
 
         def update(t: Txn) -> None:
-            moved.clear()
-            n = self._unchanged(t, op, gen, "its conflict copy was made")
+            kept.placed = False
+            n = self.reconcile.unchanged(t, op, gen, "its conflict copy was made")
             if n is None:
                 return
-            if copied == node.size and t.node(op.parent) is not None \
-                    and t.child_ino(op.parent, copy_name) is None:
-                t.put(Node(ino=ino, parent=op.parent, name=copy_name, mode=n.mode, size=n.size,
-                           mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
-                           flags=FULL, base=copy_stat.version(), gen=gen, synced_gen=gen))
-                t.set_entry(op.parent, copy_name, ino)
-                moved.append(ino)
-            # The name now shows the server's version, fetched on next use.
-            n.base = remote.version()
-            n.flags &= ~(DIRTY | FULL | ATTR_DIRTY)
-            n.flags |= CONFLICT
-            n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
-            n.synced_gen = n.gen = gen
-            t.forget_ranges(op.ino)  # (what it held was ours: none of it is the server's)
-            t.put(n)
+            self.reconcile.keep_conflict_copy(t, kept, n, op.parent, copy_name, copy_stat.version(), gen)
+            self.reconcile.show_server_version(t, n, remote, gen)
 
         try:
             self._finish(op, update, record)
         finally:
-            if not moved:  # (no copy cached here: the server's copy is fetched on use)
-                self.store.remove_content_file(ino)
+            self.reconcile.discard(kept)  # (unless placed: the server's copy is fetched on use)
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
-
-    async def _copy_content(self, ino: int, size: int) -> tuple[int, int]:
-        """A new inode number and a copy of what can be read of ``ino``'s content (at most
-        ``size`` bytes) in its content file, synced: made before the commit that names
-        the copy, so that a kill at any point leaves the entry to replay again (and at
-        most a stray file), or the copy with its content. (The content file was renamed
-        after that commit once: a kill in between left a ``FULL`` copy that read empty,
-        never fetched again.) The number, and how many bytes were copied."""
-        new = self.store.transact(lambda t: t.new_ino())
-        copied = await trio.to_thread.run_sync(_copy_left, self.store.content,
-                                               self.store.content_path(ino),
-                                               self.store.content_path(new), size)
-        return new, copied
-
-    def _unchanged(self, t: Txn, op: Op, gen: int, doing: str) -> Node | None:
-        """The node of ``op`` in ``t`` (None if gone), if it was not written since its
-        version ``gen`` was looked at; else the transaction stops (the entry stays)."""
-        n = t.node(op.ino)
-        if n is not None and (n.gen != gen or self.cache.writers.get(op.ino)):
-            raise _ChangedWhileSent(f"{op.path!r} was written while {doing}: sent at its release")
-        return n
 
     async def _damaged(self, op: Op, reason: str) -> int:
         """Our version failed its checksum (cut short, gone, other bytes than were written):
@@ -956,31 +861,22 @@ class SyncManager:
         remote = await self._stat(op.path)
         if remote is not None and not stat_mod.S_ISREG(remote.mode):
             remote = None  # (the name is something else there now: the listing shows it)
-        ino, left = await self._copy_content(op.ino, node.size)  # (what is left of ours)
-        copy: list[tuple[int, bytes]] = []
+        kept = await self.reconcile.copy_content(op.ino, node.size)  # (what is left of ours)
+        left = kept.copied
+        name: list[bytes] = []
         parent = node.parent
 
         def update(t: Txn) -> None:
-            copy.clear()
-            n = self._unchanged(t, op, gen, "its damage was looked at")
+            kept.placed = False
+            name.clear()
+            n = self.reconcile.unchanged(t, op, gen, "its damage was looked at")
             if n is None:
                 return
-            if left and t.node(n.parent) is not None:
-                name = damaged_name(n.name, time.time(), lambda c: t.child_ino(n.parent, c) is not None)
-                t.put(Node(ino=ino, parent=n.parent, name=name, mode=n.mode, size=left,
-                           mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
-                           flags=FULL | CONFLICT | DAMAGED, gen=n.gen, synced_gen=n.gen))
-                t.set_entry(n.parent, name, ino)
-                copy.append((ino, name))
+            kept_as = self.reconcile.keep_damaged_copy(t, kept, n, time.time())
+            if kept_as is not None:
+                name.append(kept_as)
             if remote is not None:  # the name shows the server's version, fetched on use
-                n.base = remote.version()
-                n.flags &= ~(DIRTY | FULL | ATTR_DIRTY | WRITING | KERNEL_WRITES)
-                n.flags |= CONFLICT
-                n.size, n.mtime_ns, n.mode = remote.size, remote.mtime_ns, remote.mode
-                n.synced_gen = n.gen
-                t.drop_base_sum(op.ino)
-                t.forget_ranges(op.ino)  # (what it held was ours: none of it is the server's)
-                t.put(n)
+                self.reconcile.drop_damaged(t, n, remote)
 
         try:
             folder = self.store.path_of(parent)
@@ -989,9 +885,8 @@ class SyncManager:
         try:
             self.store.transact(update)
         finally:
-            if not copy:
-                self.store.remove_content_file(ino)
-        copy_path = join(folder, copy[0][1]) if copy else None
+            self.reconcile.discard(kept)
+        copy_path = join(folder, name[0]) if name else None
         record = self._record(op, "damaged-local", error=reason,
                               conflict_path=copy_path.decode("utf-8", "surrogateescape") if copy_path else None,
                               local={"size": node.size, "left": left})
@@ -1020,17 +915,7 @@ class SyncManager:
             self._finish(op, conflict=self._record(op, "attributes-of-deleted"))
             return 0
 
-        def update(t: Txn) -> None:
-            n = t.node(op.ino)
-            if n is None:
-                return
-            if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent:
-                n.flags &= ~(ATTR_DIRTY | KEPT)
-                t.put(n)
-            else:  # changed again while they were on the way (ATTR_DIRTY: not journaled)
-                t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))
-
-        self._finish(op, update)
+        self._finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent))
         if node.is_dir:
             if len(self._timed_folders) > 100_000:  # (a bound; only a folder time is at stake)
                 self._timed_folders.clear()
@@ -1237,35 +1122,6 @@ def _temp_name(path: bytes, seq: int, client: str, kind: bytes = b"tmp") -> byte
     the file gone)."""
     return (b"." + _cut(path.rsplit(b"/", 1)[-1], 160) + b".cachefs-" + kind + b"-"
             + f"{seq}-{client[-40:]}".encode())
-
-
-def _copy_left(content, content_path: str, copy_path: str, size: int) -> int:
-    """Copy what can still be read of a content file from its start, at most ``size``
-    bytes (up to its end, or to the first sealed block that does not open), into a new
-    content file, synced to disk; how many bytes (0 when it is gone)."""
-    try:
-        fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return 0
-    out = os.open(copy_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        end = min(size, content.length(fd))
-        done = 0
-        while done < end:
-            step = min(end - done, 1 << 16)
-            try:
-                data = content.pread(fd, step, done)
-            except OSError:
-                break
-            if not data:
-                break
-            content.pwrite(out, data, done)
-            done += len(data)
-        os.fsync(out)
-        return done
-    finally:
-        os.close(fd)
-        os.close(out)
 
 
 def _read_content(content, content_path: str, size: int) -> bytes:
