@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefs.store.journal import Op, key, optimise, seq_of
-from cachefs.sync.manager import _batches, conflict_name
+from cachefs.sync.naming import conflict_name
+from cachefs.sync.ordering import batches as _batches
 
 FILE_BASE = (5, 1_600_000_000_000_000_000, stat.S_IFREG)
 DIR_BASE = (4096, 1_600_000_000_000_000_000, stat.S_IFDIR)
