@@ -103,8 +103,9 @@ class Reconcile:
     def agree(t: Txn, ino: int, version: Version, gen: int | None) -> None:
         """The server holds ``version`` of the node (produced by the replay): its new base.
         ``gen``: the version of our content that is now there (None: not a content
-        change), whose checksum becomes the base version's (see ``_server_sums``); a file
-        written again during the upload gets one more ``store`` entry."""
+        change), whose checksum becomes the base version's (what ``sync.sums`` compares
+        the server's hash with); a file written again during the upload gets one more
+        ``store`` entry."""
         t.set_produced(ino, version)
         n = t.node(ino)
         if n is None:
