@@ -27,7 +27,8 @@ from cachefs.errors import RemoteError
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
 from cachefs.errors import SyncFailed
-from cachefs.sync.manager import SyncManager, client_tag, conflict_name
+from cachefs.sync.manager import SyncManager
+from cachefs.sync.naming import client_tag, conflict_name
 
 WHEN = 1_796_000_000.0  # the clock the tests give both clients: one second for all copies
 SERVER = b"the server's version"

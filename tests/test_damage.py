@@ -22,6 +22,7 @@ import trio
 from cachefs.address import parse_remote
 from cachefs.store import crypto
 from cachefs.cache.cache import Cache, CacheConfig
+from cachefs.cache.reconcile import ContentCopy, Reconcile
 from cachefs.store.index import DAMAGED, ROOT_INO, Store
 from cachefs.devserver import SshServer
 from cachefs.remote import open_remote
@@ -619,6 +620,55 @@ def test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit(tmp
         assert len(copies) == 1 and (share / copies[0]).read_bytes() == ours
         assert await side.read(copies[0].encode()) == ours
         assert await side.read(b"f.txt") == b"changed on the server\n"
+        await side.close()
+
+    trio.run(_in_nursery, first)
+    trio.run(_in_nursery, second)
+
+
+def test_a_kill_between_the_conflict_copys_content_and_its_commit_loses_nothing(
+        tmp_path: Path, share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changed on both sides: the process ends after our version's content was copied for
+    its conflict copy and before the commit that names the copy (the other step of the
+    window ``test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit``
+    covers). No copy may read empty: the entry stays, the next pass makes the copy again,
+    and every conflict copy on the server and in the cache holds our version."""
+    (share / "f.txt").write_bytes(b"first version\n")
+    os.utime(share / "f.txt", (1_700_000_000, 1_700_000_000))
+    text, remote = _local(share)
+    cache_dir = _cache_dir(tmp_path)
+    ours = b"changed here, offline, before the kill\n"
+    copy_content = Reconcile.copy_content
+
+    async def copied_then_died(self: Reconcile, ino: int, size: int) -> ContentCopy:
+        await copy_content(self, ino, size)  # (its content file stays: nothing removes it)
+        raise _Died()
+
+    async def first(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        await side.read(b"f.txt")
+        await side.write(b"f.txt", ours)
+        await side.cache.checkpoint()
+        (share / "f.txt").write_bytes(b"changed on the server\n")
+        monkeypatch.setattr(Reconcile, "copy_content", copied_then_died)
+        with pytest.raises(_Died):
+            await side.sync.full_pass()
+        monkeypatch.setattr(Reconcile, "copy_content", copy_content)
+        side._scope.cancel()
+        await side._ended.wait()
+        side.store.env.close()  # (no last checkpoint: the process is gone)
+        os.close(side.store._lock_fd)
+
+    async def second(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        assert side.sync.pending() == 1  # (the entry stayed)
+        await side.sync.full_pass()
+        copies = sorted(n for n in os.listdir(share) if "(conflict " in n)
+        assert copies and all((share / name).read_bytes() == ours for name in copies)
+        for name in copies:
+            assert await side.read(name.encode()) == ours
+        assert await side.read(b"f.txt") == b"changed on the server\n"
+        assert side.sync.pending() == 0
         await side.close()
 
     trio.run(_in_nursery, first)

@@ -6,7 +6,7 @@ remote, with the folder's path as that entry has it. Through a real mount with r
 from __future__ import annotations
 
 from cachefs.store.journal import Op, folder_times_last
-from cachefs.sync.manager import _batches
+from cachefs.sync.ordering import batches as _batches
 
 ROOT, X, DST, SUB = 1, 5, 10, 11
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefs.store.journal import Op, key, optimise, seq_of
-from cachefs.sync.manager import _batches, conflict_name
+from cachefs.sync.naming import conflict_name
+from cachefs.sync.ordering import batches as _batches
 
 FILE_BASE = (5, 1_600_000_000_000_000_000, stat.S_IFREG)
 DIR_BASE = (4096, 1_600_000_000_000_000_000, stat.S_IFDIR)
@@ -31,8 +32,7 @@ TAG = " (conflict 2024-03-09 070503 laptop)"
 ])
 def test_encode_decode_round_trip(name: bytes) -> None:
     op = Op("rename", 42, b"dir/" + name, base=FILE_BASE, parent=7, dst=b"other/" + name + b"2",
-            dst_parent=9, replaced=43, replaced_base=FILE_BASE, mode=0o100644,
-            extra={"note": "x"})
+            dst_parent=9, replaced=43, replaced_base=FILE_BASE, mode=0o100644)
     back = Op.decode(12, op.encode())
     assert back.seq == 12
     back.seq = 0
@@ -45,7 +45,16 @@ def test_encode_decode_symlink_target_and_defaults() -> None:
     back = Op.decode(1, op.encode())
     assert (back.kind, back.ino, back.path, back.target, back.parent) == \
         ("symlink", 3, b"l\xff", b"../t\narget\xfe", 1)
-    assert back.base is None and back.dst == b"" and back.replaced == 0 and back.extra == {}
+    assert back.base is None and back.dst == b"" and back.replaced == 0
+
+
+def test_a_record_with_the_old_extra_field_still_decodes() -> None:
+    """``Op.extra`` is gone (nothing ever put anything in it, and an empty one was never
+    written); a record that carries it anyway decodes, the field ignored."""
+    data = b'{"kind":"store","ino":5,"path":"a/b","parent":2,"extra":{"note":"x"},"v":1}'
+    back = Op.decode(3, data)
+    assert (back.kind, back.ino, back.path, back.parent, back.seq) == ("store", 5, b"a/b", 2, 3)
+    assert not hasattr(back, "extra")
 
 
 def test_encoding_is_one_line_of_json() -> None:

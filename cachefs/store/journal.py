@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import stat as stat_mod
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from collections.abc import Callable
-from typing import Any
 
 _U64 = struct.Struct(">Q")
 
@@ -56,11 +55,10 @@ class Op:
     target: bytes = b""  # symlink
     mode: int = 0
     seq: int = 0  # the journal key; set when read back
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         # (not dataclasses.asdict: its deep copy was a quarter of a file create's time)
-        record = {k: v for k in _FIELDS if (v := getattr(self, k)) not in (b"", 0, None, {})}
+        record = {k: v for k in _FIELDS if (v := getattr(self, k)) not in (b"", 0, None)}
         record["kind"], record["ino"], record["path"] = self.kind, self.ino, self.path  # b"" is the root
         for key in ("path", "dst", "target"):
             if key in record:
@@ -73,6 +71,7 @@ class Op:
         record = json.loads(data)
         if record.pop("v", None) != 1 or record.get("kind") not in KINDS:
             raise ValueError(f"journal entry {seq} is not one this release reads")
+        record.pop("extra", None)  # (an old field, never written with anything in it)
         for key in ("path", "dst", "target"):
             if key in record:
                 record[key] = _bytes(record[key])
@@ -120,7 +119,7 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
     begun, asked only of a create that would fold).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
-    content and attributes once and skips the rest (see ``cachefs.sync.manager``).
+    content and attributes once and skips the rest (see ``cachefs.sync.content``).
     """
     created_here = {op.ino for op in ops if op.kind in ("create", "mkdir", "symlink")}
     doomed = {ino for ino in created_here if ino not in alive}
@@ -153,23 +152,7 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
     folded: a create whose upload had started (``started``; it may have landed under P,
     and only the unlink would take it away again).
     """
-    about: dict[int, list[int]] = {}  # node -> positions of the entries about it
-    for i, op in enumerate(ops):
-        about.setdefault(op.ino, []).append(i)
-        if op.replaced and op.replaced != op.ino:
-            about.setdefault(op.replaced, []).append(i)
-    folded: dict[int, Op | None] = {}  # position -> its replacement (None: dropped)
-    for positions in about.values():
-        for a, b, c in zip(positions, positions[1:], positions[2:]):
-            create, link, unlink = ops[a], ops[b], ops[c]
-            if (create.kind, link.kind, unlink.kind) == ("create", "link", "unlink") \
-                    and create.ino == link.ino == unlink.ino and not link.replaced \
-                    and link.path == create.path == unlink.path \
-                    and not started(create.seq):
-                folded[a] = folded[c] = None
-                folded[b] = Op("create", create.ino, link.dst, parent=link.dst_parent,
-                               mode=create.mode, seq=link.seq, extra=dict(create.extra))
-                break
+    folded = _folds(ops, started)
     if not folded:
         return ops, dropped
     kept = []
@@ -182,6 +165,34 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
             dropped.append(op)
     dropped.sort(key=lambda op: op.seq)
     return kept, dropped
+
+
+def _folds(ops: list[Op], started: Callable[[int], bool]) -> dict[int, Op | None]:
+    """position -> its replacement (None: dropped), for each fold of ``_fold_links``."""
+    about: dict[int, list[int]] = {}  # node -> positions of the entries about it
+    for i, op in enumerate(ops):
+        about.setdefault(op.ino, []).append(i)
+        if op.replaced and op.replaced != op.ino:
+            about.setdefault(op.replaced, []).append(i)
+    folded: dict[int, Op | None] = {}
+    for positions in about.values():
+        for a, b, c in zip(positions, positions[1:], positions[2:]):
+            create, link = ops[a], ops[b]
+            if _folds_into_create(create, link, ops[c], started):
+                folded[a] = folded[c] = None
+                folded[b] = Op("create", create.ino, link.dst, parent=link.dst_parent,
+                               mode=create.mode, seq=link.seq)
+                break
+    return folded
+
+
+def _folds_into_create(create: Op, link: Op, unlink: Op, started: Callable[[int], bool]) -> bool:
+    """Whether three successive entries about one file are ``create P``, ``link P -> D``
+    (replacing nothing), ``unlink P``, and the create's upload had not begun."""
+    return (create.kind, link.kind, unlink.kind) == ("create", "link", "unlink") \
+        and create.ino == link.ino == unlink.ino and not link.replaced \
+        and link.path == create.path == unlink.path \
+        and not started(create.seq)
 
 
 
@@ -201,6 +212,27 @@ def folder_times_last(ops: list[Op], folders: set[int]) -> list[Op]:
     entry it now follows (a rename of the folder, or of one above it, may lie between).
     ``folders``: the nodes that are folders (a ``setattr`` does not say what it is about).
     Entries keep their ``seq``: only the order of this replay changes, not the journal."""
+    after, path = _last_changes_inside(ops, folders)
+    moved = {folder: at for folder, at in after.items() if ops[at].kind != "setattr"}
+    if not moved:
+        return ops
+    follow: dict[int, list[Op]] = {}  # position -> the setattr entries that go after it
+    out: list[Op] = []
+    for op in ops:
+        if op.kind == "setattr" and op.ino in moved:
+            follow.setdefault(moved[op.ino], []).append(
+                Op("setattr", op.ino, path[op.ino], base=op.base, parent=op.parent, seq=op.seq))
+    for i, op in enumerate(ops):
+        if not (op.kind == "setattr" and op.ino in moved):
+            out.append(op)
+        out.extend(follow.pop(i, ()))
+    return out
+
+
+def _last_changes_inside(ops: list[Op], folders: set[int]) -> tuple[dict[int, int], dict[int, bytes]]:
+    """For each folder of ``folders`` with a ``setattr`` in ``ops``: the position of the
+    last entry from that ``setattr`` on that changes what is in it (the ``setattr``'s own
+    when none does), and the folder's path as that entry has it."""
     after: dict[int, int] = {}  # folder -> the position its times go after
     path: dict[int, bytes] = {}  # folder -> its path at that position
     for i, op in enumerate(ops):
@@ -211,18 +243,4 @@ def folder_times_last(ops: list[Op], folders: set[int]) -> list[Op]:
         for folder, inside in ((op.parent, op.path), (op.dst_parent, op.dst)):
             if folder in after and inside:
                 after[folder], path[folder] = i, inside.rpartition(b"/")[0]
-    moved = {folder: at for folder, at in after.items() if ops[at].kind != "setattr"}
-    if not moved:
-        return ops
-    follow: dict[int, list[Op]] = {}  # position -> the setattr entries that go after it
-    out: list[Op] = []
-    for op in ops:
-        if op.kind == "setattr" and op.ino in moved:
-            follow.setdefault(moved[op.ino], []).append(
-                Op("setattr", op.ino, path[op.ino], base=op.base, parent=op.parent, seq=op.seq,
-                   extra=op.extra))
-    for i, op in enumerate(ops):
-        if not (op.kind == "setattr" and op.ino in moved):
-            out.append(op)
-        out.extend(follow.pop(i, ()))
-    return out
+    return after, path

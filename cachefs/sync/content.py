@@ -1,0 +1,343 @@
+"""The replay of a content change (``create``, ``store``): upload, or see that it landed,
+or keep both versions, or keep what is left of a damaged one.
+
+Owns: the decisions of one content entry's replay; the folders whose times this mount
+set on the server (``timed_folders``: an upload into one sets them again); the damaged
+content the running pass found (``damaged_now``).
+Must not touch: nodes, entries or content files (``cache.reconcile`` does, named), the
+journal's order, the schedule.
+Lock/ordering: an upload is marked in the store (``mark_upload``) before it starts, so
+that after a crash its landing is recognised; our content is checked against the
+checksum recorded at its commit while it is sent (``ContentDamaged``, ``LocalGone``); the
+entry ends (``Ledger.finish``) only after the server has the version, and the other names
+of a hard-linked file follow it (``_relink``) before that. Runs side by side with other
+entries of its batch: they are about other nodes (``ordering.batches``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat as stat_mod
+import time
+from typing import Any
+
+from ..cache.cache import Cache
+from ..cache.reconcile import ChangedWhileSent, Reconcile
+from ..cache.transfer import LocalGone
+from ..errors import ContentDamaged, RemoteError, Unavailable
+from ..paths import join
+from ..remote import RemoteStat
+from ..store.index import ATTR_DIRTY, ORPHAN, Node, Store, Txn
+from ..store.journal import Op
+from .conflicts import Conflicts, record
+from .ledger import Ledger
+from .remote_side import RemoteSide
+from .sums import ServerSums
+
+log = logging.getLogger(__name__)
+
+Version = tuple[int, int, int]
+
+
+def _same_second(a_ns: int, b_ns: int) -> bool:
+    return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
+
+
+def _landed_before(earlier: tuple[int, int] | None, remote: RemoteStat) -> bool:
+    """An earlier upload of this entry was under way when a crash or a cut connection
+    stopped it, and it had landed (its size and mtime are there)."""
+    return earlier is not None and stat_mod.S_ISREG(remote.mode) \
+        and remote.size == earlier[0] and _same_second(remote.mtime_ns, earlier[1])
+
+
+class ContentReplay:
+    def __init__(self, store: Store, cache: Cache, side: RemoteSide, ledger: Ledger,
+                 conflicts: Conflicts, sums: ServerSums, reconcile: Reconcile) -> None:
+        self.store = store
+        self.cache = cache
+        self.side = side
+        self.ledger = ledger
+        self.conflicts = conflicts
+        self.sums = sums
+        self.reconcile = reconcile
+        #: folders whose times this mount set on the server (see ``_keep_folder_times``)
+        self.timed_folders: set[int] = set()
+        #: what damaged content the running pass found (the sync that asked is told)
+        self.damaged_now: list[str] = []
+
+    def folder_timed(self, ino: int) -> None:
+        """A folder's times were set on the server by this mount (its ``setattr``)."""
+        if len(self.timed_folders) > 100_000:  # (a bound; only a folder time is at stake)
+            self.timed_folders.clear()
+        self.timed_folders.add(ino)
+
+    async def replay(self, op: Op, created: bool) -> int:
+        """Replay a ``create`` or ``store`` entry; bytes sent."""
+        node = self.store.get(op.ino)
+        if self._settled_already(op, node, created):
+            return 0
+        assert node is not None  # (else settled already)
+        digest = self.side.sum_of(node)
+        if digest is None:
+            # Released since the last checkpoint: commit it now rather than wait for one.
+            await self.cache.commit_changes()
+            node = self.store.get(op.ino)
+            if node is None or node.has(ORPHAN):
+                return await self.replay(op, created)
+            if self.cache.writers.get(op.ino):
+                raise ChangedWhileSent(f"{op.path!r} was opened for writing again: sent at its release")
+            digest = self.side.sum_of(node)
+            if digest is None:
+                return await self.damaged(op, "no checksum of its content was recorded when it was "
+                                              "written (its content file was short or gone then)")
+        gen = node.gen
+        try:
+            return await self._replay_checked(op, node, gen, digest, created)
+        except (ContentDamaged, LocalGone) as exc:
+            return await self._check_failed(op, gen, created, exc)
+
+    def _settled_already(self, op: Op, node: Node | None, created: bool) -> bool:
+        """Nothing to send: the node is gone (its unlink follows in the journal), or an
+        earlier entry already uploaded this content. The entry is finished."""
+        if node is None or node.has(ORPHAN):
+            if created:
+                self.ledger.gone.add(op.ino)
+        elif node.gen != node.synced_gen or created:
+            return False
+        self.ledger.finish(op)
+        return True
+
+    async def _check_failed(self, op: Op, gen: int, created: bool, exc: Exception) -> int:
+        """An upload stopped by its check: the file was deleted or written meanwhile, or
+        our version is damaged."""
+        now = self.store.get(op.ino)
+        if now is None or now.has(ORPHAN):
+            if created:
+                self.ledger.gone.add(op.ino)
+            self.ledger.finish(op)  # deleted here meanwhile: its unlink follows in the journal
+            return 0
+        if now.gen != gen:
+            raise ChangedWhileSent(f"{op.path!r} was written while it was uploaded: "
+                                   "sent again at the next pass") from exc
+        reason = "its content file is gone" if isinstance(exc, LocalGone) else str(exc)
+        return await self.damaged(op, reason)
+
+    async def _replay_checked(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int:
+        """``replay`` of content whose checksum is ``digest``: every upload of it is
+        checked against it as it is sent (``ContentDamaged``, ``LocalGone``)."""
+        # Was an upload of this entry started before (a crash or a cut connection since)?
+        # Then (size, mtime) of what it was sending.
+        earlier = self.store.upload_mark(op.seq)
+        done = await self._changed_in_place(op, node, gen, digest, created)
+        if done is not None:
+            return done
+        # The common case in one job: the remote is as expected, upload.
+        outcome, found = await self._upload_if_expected(op, node, digest, created)
+        if outcome == "uploaded":
+            assert found is not None
+            await self._landed(op, node, found, gen)
+            return node.size
+        remote = found if outcome == "changed" else await self.side.stat(op.path)
+        conflict = None
+        if remote is None:
+            if not created and node.base is not None:
+                conflict = record(op, "deleted-remote-changed-local")
+        elif created or remote.version() != node.base:
+            ours = _landed_before(earlier, remote)
+            # Our older upload is there but the file changed here since: send it again.
+            if not (ours and earlier is not None and (
+                    node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))):
+                return await self._theirs_or_ours(op, node, remote, gen, ours)
+        return await self._send(op, node, gen, conflict)
+
+    async def _changed_in_place(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int | None:
+        """The server hashed the file before this batch: another hash than the base
+        version's is a change there, even one that kept the size and mtime second. None
+        when that tells nothing (the replay goes on)."""
+        theirs = self.sums.pop(op.seq)
+        if theirs is None or created:
+            return None
+        base = self.store.base_sum(op.ino)
+        if base is None or base.version != node.base or theirs == base.digest:
+            return None
+        remote = await self.side.stat(op.path)
+        if remote is None or remote.version() != node.base:
+            return None
+        if theirs == digest:  # (our content already: an upload that landed)
+            await self._landed(op, node, remote, gen)
+            return 0
+        log.info("%r changed on the server although its size and mtime second did "
+                 "not: keeping both versions", op.path)
+        self.store.transact(lambda t: t.drop_base_sum(op.ino))
+        return await self.conflicts.keep_both(op, node, remote, gen)
+
+    async def _upload_if_expected(self, op: Op, node: Node, digest: bytes,
+                                  created: bool) -> tuple[str, RemoteStat | None]:
+        """("uploaded", new version) when the server had what we expected (nothing, for a
+        file created here; the base version else), or ("changed", what is there) /
+        ("gone", None) to settle."""
+        self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
+        try:
+            found: tuple[str, RemoteStat | None] = await self.side.conn.call(
+                self.side.transfers.upload_unless_changed, created, node.base, node.size, op.path,
+                self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
+                self.side.temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, digest, bulk=True)
+            return found
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return "gone", None  # a folder above is missing: the slow path
+
+    async def _theirs_or_ours(self, op: Op, node: Node, remote: RemoteStat, gen: int, ours: bool) -> int:
+        """The server has another version than expected: ours (an upload that landed, or
+        the same content), or another one (both kept)."""
+        if ours or await self.side.same_content(node, op.path, remote):
+            await self._landed(op, node, remote, gen)
+            return 0
+        return await self.conflicts.keep_both(op, node, remote, gen)
+
+    async def _send(self, op: Op, node: Node, gen: int, conflict: dict[str, Any] | None) -> int:
+        try:
+            new = await self.side.upload(node, op.path, op.seq)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT or not await self.side.make_parents(op.path):
+                raise
+            # Created here inside a folder that was removed there: re-create it.
+            conflict = conflict or record(op, "folder-recreated")
+            new = await self.side.upload(node, op.path, op.seq)
+        await self._landed(op, node, new, gen, conflict)
+        return node.size
+
+    async def _landed(self, op: Op, node: Node, remote: RemoteStat, gen: int,
+                      conflict: dict[str, Any] | None = None) -> None:
+        """Our version ``gen`` of the file is on the remote under ``op.path`` as ``remote``:
+        its other names there follow it, then the entry is done."""
+        await self._relink(node, op, remote)
+        version = remote.version()
+        self.ledger.finish(op, lambda t: Reconcile.agree(t, op.ino, version, gen), conflict)
+        if op.kind == "store" and op.parent in self.timed_folders:
+            await self._keep_folder_times(op)
+
+    async def _keep_folder_times(self, op: Op) -> None:
+        """An upload is a new file renamed over the old one, which sets the folder's mtime
+        on the server to now; a change of a file's content moves no folder's time here
+        (nor on a local file system). A folder whose times a program set (its ``setattr``
+        replayed by this mount: ``rsync``, ``tar``, ``touch -d``) gets them back."""
+        folder = self.store.get(op.parent)
+        if folder is None or not folder.is_dir or folder.has(ATTR_DIRTY):
+            return  # (its own setattr is on the way, and goes after this: folder_times_last)
+        try:
+            await self.side.conn.call(self.side.remote.set_attrs, op.path.rpartition(b"/")[0],
+                                      stat_mod.S_IMODE(folder.mode), folder.atime_ns, folder.mtime_ns)
+        except (RemoteError, Unavailable) as exc:  # the content landed: only the time is off
+            log.warning("could not set the times of the folder of %r again: %s", op.path, exc)
+
+    async def _relink(self, node: Node, op: Op, now: RemoteStat) -> None:
+        """An upload replaces the remote file under ``op.path`` only (a new file renamed
+        over it), which cuts it from the file's other names there. A file with several
+        names here gets them back: each other name that still holds the version the upload
+        replaced is linked to the new file (a link to a temporary name, renamed over it).
+        A name holding anything else is someone else's file now, and a name not there yet
+        comes with its own ``link`` entry."""
+        if node.nlink < 2 or node.is_dir:
+            return
+        # (this entry is not finished yet: what the remote had is still the recorded base)
+        before = self.ledger.expected_base(op.ino, node.base)
+        for other in self.store.paths_of(node.ino):
+            if other == op.path:
+                continue
+            try:
+                await self._relink_one(node, op, other, before, now)
+            except RemoteError as exc:
+                # The upload itself landed: this name is left as the server has it.
+                log.warning("could not relink %r to %r on the server: %s", other, op.path, exc)
+
+    async def _relink_one(self, node: Node, op: Op, other: bytes, before: Version | None,
+                          now: RemoteStat) -> None:
+        remote = await self.side.stat(other)
+        if remote is None or remote.version() == now.version():
+            return
+        if before is None or remote.version() != before:
+            log.warning("not relinking %r to %r: it changed on the server", other, op.path)
+            return
+        folder, _, _ = other.rpartition(b"/")
+        temp = join(folder, self.side.temp_name(other, op.seq))
+        call, server = self.side.conn.call, self.side.remote
+        for attempt in range(2):
+            try:
+                await call(server.link, op.path, temp)
+                break
+            except RemoteError as exc:
+                if exc.errno in (errno.EXDEV, errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                    await self.side.upload(node, other, op.seq)  # no hard links there: a copy
+                    return
+                if attempt:
+                    raise
+            # The temporary name may be left by an interrupted pass (SFTP v3 reports an
+            # existing name as a plain failure): remove it and link once more.
+            try:
+                await call(server.unlink, temp)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        await call(server.rename, temp, other)
+
+    async def damaged(self, op: Op, reason: str) -> int:
+        """Our version failed its checksum (cut short, gone, other bytes than were written):
+        it is never uploaded, and the server keeps its version, which the name shows from
+        now on. What is left of ours stays here under ``NAME (damaged ...)``, local only
+        (``DAMAGED``: kept by listings, never evicted, never uploaded as it is), and a
+        ``damaged-local`` conflict record and the status's last error say so."""
+        node = self.store.get(op.ino)
+        if node is None or node.has(ORPHAN):
+            self.ledger.finish(op)
+            return 0
+        remote = await self.side.stat(op.path)
+        if remote is not None and not stat_mod.S_ISREG(remote.mode):
+            remote = None  # (the name is something else there now: the listing shows it)
+        copy_path, left = await self._keep_what_is_left(op, node, remote)
+        found = record(op, "damaged-local", error=reason,
+                       conflict_path=copy_path.decode("utf-8", "surrogateescape") if copy_path else None,
+                       local={"size": node.size, "left": left})
+        log.error("the cache's copy of %r is damaged (%s): not uploaded, the server keeps its "
+                  "version; %s", op.path, reason,
+                  f"what is left of it ({left} of {node.size} bytes) is kept here only as {copy_path!r}"
+                  if copy_path else "nothing of it is left")
+        self.ledger.finish(op, conflict=found)
+        if op.kind == "create":
+            self.ledger.gone.add(op.ino)
+        self.cache.remote_changed(op.ino, parent_ino=node.parent, moved_aside=remote is None)
+        self.damaged_now.append(op.path.decode("utf-8", "surrogateescape"))
+        return 0
+
+    async def _keep_what_is_left(self, op: Op, node: Node,
+                                 remote: RemoteStat | None) -> tuple[bytes | None, int]:
+        """What can be read of our damaged version kept under ``NAME (damaged ...)``, and
+        the name showing the server's version ``remote`` (when it has a file there), in
+        one transaction: the copy's path (None: nothing kept) and its size."""
+        gen = node.gen
+        kept = await self.reconcile.copy_content(op.ino, node.size)  # (what is left of ours)
+        name: list[bytes] = []
+
+        def update(t: Txn) -> None:
+            kept.placed = False
+            name.clear()
+            n = self.reconcile.unchanged(t, op, gen, "its damage was looked at")
+            if n is None:
+                return
+            kept_as = self.reconcile.keep_damaged_copy(t, kept, n, time.time())
+            if kept_as is not None:
+                name.append(kept_as)
+            if remote is not None:  # the name shows the server's version, fetched on use
+                self.reconcile.drop_damaged(t, n, remote)
+
+        try:
+            folder = self.store.path_of(node.parent)
+        except KeyError:
+            folder = b""
+        try:
+            self.store.transact(update)
+        finally:
+            self.reconcile.discard(kept)
+        return (join(folder, name[0]) if name else None), kept.copied

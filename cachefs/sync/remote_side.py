@@ -1,0 +1,137 @@
+"""The replay's calls on the server: look, make folders, rename without replacing,
+upload, compare content.
+
+Owns: nothing but the ways these calls are made (every one through ``Connectivity.call``,
+so that offline they raise ``Unavailable`` and each has its timeout), and the upload jobs
+(``Transfers``) the daemon handed over.
+Must not touch: the store beyond reading (content paths, recorded checksums), the
+journal, the cache.
+Lock/ordering: no state of its own; each call awaits the remote, with no transaction open.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat as stat_mod
+
+import trio
+
+from ..cache.transfer import Transfers
+from ..errors import ContentDamaged, RemoteError
+from ..link.connectivity import Connectivity
+from ..remote import Remote, RemoteStat
+from ..store.crypto import PlainContent
+from ..store.index import Node, Store
+from .naming import temp_name
+
+log = logging.getLogger(__name__)
+
+
+class RemoteSide:
+    def __init__(self, store: Store, conn: Connectivity, transfers: Transfers, client: str) -> None:
+        self.store = store
+        self.conn = conn
+        self.remote: Remote = conn.remote
+        self.transfers = transfers
+        self.client = client  # what temporary names made by this cache carry
+
+    async def stat(self, path: bytes) -> RemoteStat | None:
+        try:
+            return await self.conn.call(self.remote.stat, path)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    async def make_parents(self, path: bytes) -> bool:
+        """Re-create missing folders above ``path``; True if any was missing."""
+        parts = path.split(b"/")[:-1]
+        made = False
+        for i in range(1, len(parts) + 1):
+            folder = b"/".join(parts[:i])
+            st = await self.stat(folder)
+            if st is None:
+                try:
+                    await self.conn.call(self.remote.mkdir, folder, 0o755)
+                except RemoteError:
+                    # Made meanwhile by the replay of something else in it (side by side)?
+                    st = await self.stat(folder)
+                    if st is None or not stat_mod.S_ISDIR(st.mode):
+                        raise
+                made = True
+        return made
+
+    async def rename_exclusive(self, src: bytes, dst: bytes) -> None:
+        """Rename ``src`` to ``dst`` unless ``dst`` exists (``RemoteError(EEXIST)``). A
+        server whose exclusive rename fails for another reason (OpenSSH's link() on a file
+        system without hard links may) gets a plain rename once ``dst`` is seen absent."""
+        try:
+            await self.conn.call(self.remote.rename_noreplace, src, dst)
+            return
+        except RemoteError as exc:
+            if exc.errno == errno.EEXIST:
+                raise
+            if await self.stat(dst) is not None:
+                raise RemoteError(errno.EEXIST, "rename: the target exists") from exc
+            if await self.stat(src) is None:
+                raise
+            log.debug("exclusive rename of %r refused (%s): a plain rename", src, exc)
+        await self.conn.call(self.remote.rename, src, dst)
+
+    def temp_name(self, path: bytes, seq: int, kind: bytes = b"tmp") -> bytes:
+        return temp_name(path, seq, self.client, kind)
+
+    def sum_of(self, node: Node) -> bytes | None:
+        """The checksum recorded when the node's current content was committed."""
+        found = self.store.content_sum(node.ino)
+        if found is None or found.gen != node.gen or found.size != node.size:
+            return None
+        return found.digest
+
+    async def upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
+        """The node's content to ``path`` (through a temporary name), checked against its
+        recorded checksum as it is read (``ContentDamaged``)."""
+        temp = self.temp_name(path, seq)
+        digest = self.sum_of(node)
+        if digest is None:
+            raise ContentDamaged(f"no checksum of inode {node.ino}'s content was recorded")
+        stat: RemoteStat = await self.conn.call(
+            self.transfers.upload, node.size, path, self.store.content_path(node.ino),
+            stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns, digest, bulk=True)
+        return stat
+
+    async def same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:
+        """Whether the remote file holds our content: compared with our content's
+        checksum as committed (never with bytes read back from a content file that may be
+        damaged), by a hash the server computes where it can, else by reading it."""
+        if remote.size != node.size or not stat_mod.S_ISREG(remote.mode):
+            return False
+        ours = self.sum_of(node)
+        if ours is not None and self.remote.can_hash is not False:
+            try:
+                theirs = await self.conn.call(self.remote.hash_files, [path])
+            except RemoteError:
+                theirs = None
+            if theirs and theirs[0] is not None:
+                return theirs[0] == ours
+        if node.size > 64 << 20:
+            return False  # too costly to compare: treat as a conflict (both kept)
+        data = await self.conn.call(self.remote.read, path, 0, node.size + 1, bulk=True)
+        if ours is not None:
+            return hashlib.sha256(data).digest() == ours
+        mine = await trio.to_thread.run_sync(_read_content, self.store.content,
+                                             self.store.content_path(node.ino), node.size)
+        return hashlib.sha256(data).digest() == hashlib.sha256(mine).digest()
+
+
+def _read_content(content: PlainContent, content_path: str, size: int) -> bytes:
+    fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with content.reader(fd, size) as stream:
+            data: bytes = stream.read(size)
+            return data
+    finally:
+        os.close(fd)

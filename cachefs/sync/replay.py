@@ -1,0 +1,360 @@
+"""The replay of the journal onto the server (Coda's reintegration), one pass at a time.
+
+Owns: a pass (the journal read, optimised and its rewrite stored, cut into batches,
+replayed batch by batch), the handling of each entry's outcome (done, refused for good,
+stopped for a retry), the replay of the namespace entries (``setattr``, ``mkdir``,
+``symlink``, ``link``, ``unlink``, ``rmdir``, ``rename``), and the running pass's
+``progress``. Content entries go to ``ContentReplay``, conflict copies to ``Conflicts``.
+Must not touch: nodes, entries or content files (``cache.reconcile`` operations do), the
+schedule (when a pass runs), FUSE.
+
+Every replayed operation is idempotent or recognises that it already happened, so a
+crash or a dropped connection at any point resumes cleanly: removals that find nothing
+to remove, and folders that already exist, count as done; an entry is deleted, and its
+node's new base version recorded, in one transaction after the remote change.
+
+Lock/ordering: one pass at a time (the caller holds the pass lock). Batches run in
+journal order; the entries of one batch run side by side in a nursery and are about
+different nodes (``ordering.batches``), so what they share here (``Ledger.gone``,
+``progress``, the refusals) is changed only between awaits. A pass stops at a file open
+for writing (close-to-open: its ``release`` pokes the next pass).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat as stat_mod
+import time
+from functools import partial
+
+import lmdb
+import trio
+
+from ..cache.cache import Cache
+from ..cache.reconcile import ChangedWhileSent, Reconcile
+from ..errors import ContentDamaged, RemoteError, Unavailable
+from ..progress import Progress
+from ..remote import RemoteStat
+from ..store.crypto import RecordError
+from ..store.index import ORPHAN, Store, Txn, index_damaged
+from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise
+from .conflicts import Conflicts, record
+from .content import ContentReplay
+from .ledger import Ledger
+from .ordering import batches
+from .remote_side import RemoteSide
+from .status import PassResult
+from .sums import ServerSums
+
+log = logging.getLogger(__name__)
+
+
+class Replayer:
+    def __init__(self, store: Store, cache: Cache, side: RemoteSide, ledger: Ledger, conflicts: Conflicts,
+                 content: ContentReplay, sums: ServerSums, parallel: int) -> None:
+        self.store = store
+        self.cache = cache
+        self.side = side
+        self.ledger = ledger
+        self.conflicts = conflicts
+        self.content = content
+        self.sums = sums
+        self.parallel = parallel  # independent operations replayed at once
+        self.progress = Progress()
+
+    # -- a pass ---------------------------------------------------------------------------
+    async def replay(self) -> PassResult:
+        """One replay of the journal (the caller holds the pass lock)."""
+        self.content.damaged_now = []
+        result = await self._replay_journal()
+        result.damaged = self.content.damaged_now
+        return result
+
+    async def _replay_journal(self) -> PassResult:
+        ops, damaged = self.store.journal_ops_until_damaged()
+        if damaged is not None:  # replay what comes before it, then stop there
+            log.error("%s", damaged)
+        if not ops:
+            return PassResult(damaged is None, damaged)
+        kept = self._optimised(ops)
+        self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
+        self.sums.reset()
+        stopped = await self._replay_batches(list(batches(kept, self.parallel)))
+        if stopped is not None:
+            return PassResult(False, stopped)
+        if damaged is not None:
+            return PassResult(False, damaged)
+        if not self.store.count(self.store.journal):
+            self.store.transact(lambda t: t.clear_produced())
+        return PassResult(True)
+
+    def _optimised(self, ops: list[Op]) -> list[Op]:
+        """The journal optimised (the rewrite stored), in replay order."""
+        alive, folders = set(), set()
+        for ino in {op.ino for op in ops}:
+            node = self.store.get(ino)
+            if node is not None and not node.has(ORPHAN):
+                alive.add(ino)
+                if node.is_dir:
+                    folders.add(ino)
+        # Entries whose upload began (a crash or a cut connection stopped it) keep their
+        # form: their recovery compares the remote with what was being sent.
+        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None)
+        if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
+            self._rewrite(ops, kept, dropped)
+        return folder_times_last(kept, folders)  # (a folder's times land after its contents)
+
+    async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
+        """Each batch in turn; why the pass stopped, or None."""
+        for at, batch in enumerate(batches):
+            if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
+                # Replay stops at a file still open for writing (close-to-open: its content
+                # is not final); release() starts the next pass.
+                return "a file is still open for writing"
+            await self.sums.before(batches, at)
+            failures: list[str] = []
+            if len(batch) == 1:
+                await self._replay_one(batch[0], failures)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for op in batch:
+                        nursery.start_soon(self._replay_one, op, failures)
+            if failures:
+                return failures[0]
+        return None
+
+    async def _replay_one(self, op: Op, failures: list[str]) -> None:
+        """Replay ``op``; a reason is added to ``failures`` when the pass must stop."""
+        if op.ino in self.ledger.gone:
+            # Created here, then deleted here during this pass before its creation
+            # reached the remote: the rest of its story need not reach it either.
+            self.ledger.finish(op)
+            return
+        try:
+            sent = await self._replay(op)
+        except Unavailable as exc:
+            failures.append(f"remote is offline: {exc}")
+            return
+        except ChangedWhileSent as exc:
+            failures.append(str(exc))
+            return
+        except RemoteError as exc:
+            self.conflicts.refused(op, exc)  # (for good: recorded, and the rest goes on)
+        except (OSError, ValueError, KeyError, lmdb.Error) as exc:
+            # A local failure (disk, a record that went away, a damaged record): stop
+            # here, the entry stays in the journal and the next pass retries it.
+            if isinstance(exc, (RecordError, lmdb.Error)):
+                log.error("replay of %s %r stopped: %s", op.kind, op.path, index_damaged(self.store.dir, exc))
+            else:
+                log.exception("replay of %s %r failed", op.kind, op.path)
+            failures.append(f"replay of {op.path!r} failed: {exc}")
+            return
+        else:
+            self.progress.bytes_done += sent
+        self.progress.ops_done += 1
+
+    def _rewrite(self, ops: list[Op], kept: list[Op], dropped: list[Op]) -> None:
+        kept_by_seq = {op.seq: op for op in kept}
+        replaced: list[tuple[Op, Op]] = []
+
+        def change(t: Txn) -> None:
+            replaced.clear()
+            for op in ops:
+                new = kept_by_seq.get(op.seq)
+                if new is None:
+                    t.delete_op(op.seq)
+                elif new is not op:
+                    t.put_op(op.seq, new)
+                    replaced.append((op, new))
+
+        self.store.transact(change)
+        for op in dropped:
+            self.cache.op_done(op)
+        for op, new in replaced:
+            self.cache.op_replaced(op, new)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("journal optimised: %d entries dropped, %d rewritten (%s)", len(dropped), len(replaced),
+                      ", ".join(f"{op.seq} {op.kind} -> {new.kind} {new.path!r}" for op, new in replaced[:5]))
+
+    def _bytes_to_send(self, ops: list[Op]) -> int:
+        total = 0
+        for op in ops:
+            if op.kind in CONTENT_OPS:
+                node = self.store.get(op.ino)
+                if node is not None and node.gen != node.synced_gen:
+                    total += node.size
+        return total
+
+    # -- one operation ----------------------------------------------------------------------
+    async def _replay(self, op: Op) -> int:
+        """Apply one journaled operation to the remote; bytes sent."""
+        log.debug("replay %d %s %r%s", op.seq, op.kind, op.path, f" -> {op.dst!r}" if op.dst else "")
+        try:
+            if op.kind in CONTENT_OPS:
+                return await self.content.replay(op, created=op.kind == "create")
+            sent: int = await getattr(self, f"_replay_{op.kind}")(op)
+            return sent
+        except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
+            return await self.content.damaged(op, str(exc))
+
+    def _agree(self, op: Op, remote: RemoteStat | None) -> partial[None] | None:
+        """The update that records ``remote`` (when had) as the node's base version."""
+        return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None)
+
+    async def _replay_setattr(self, op: Op) -> int:
+        node = self.store.get(op.ino)
+        if node is None or node.has(ORPHAN):
+            self.ledger.finish(op)
+            return 0
+        sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
+        try:
+            await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self.ledger.finish(op, conflict=record(op, "attributes-of-deleted"))
+            return 0
+        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent))
+        if node.is_dir:
+            self.content.folder_timed(op.ino)
+        return 0
+
+    async def _mkdir(self, path: bytes, mode: int) -> None:
+        await self.side.conn.call(self.side.remote.mkdir, path, stat_mod.S_IMODE(mode) or 0o755)
+
+    async def _replay_mkdir(self, op: Op) -> int:
+        remote = await self.side.stat(op.path)
+        if remote is not None and not stat_mod.S_ISDIR(remote.mode):
+            return await self._rename_local_aside(op)
+        if remote is None:
+            try:
+                await self._mkdir(op.path, op.mode)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                await self.side.make_parents(op.path)
+                await self._mkdir(op.path, op.mode)
+            remote = await self.side.stat(op.path)
+        self.ledger.finish(op, self._agree(op, remote))
+        return 0
+
+    async def _rename_local_aside(self, op: Op) -> int:
+        """A folder or symlink made here collides with another kind of object there:
+        ours is created under a conflict name."""
+        async def make(copy: bytes) -> None:  # (both refuse a name that exists)
+            if op.kind == "mkdir":
+                await self._mkdir(copy, op.mode)
+            else:
+                await self.side.conn.call(self.side.remote.symlink, op.target, copy)
+
+        copy = await self.conflicts.aside(op.path, make)
+        self.ledger.finish(op, conflict=record(op, "created-both",
+                                               conflict_path=copy.decode("utf-8", "surrogateescape")))
+        self.cache.remote_changed(op.ino, parent_ino=op.parent, moved_aside=True)
+        return 0
+
+    async def _replay_symlink(self, op: Op) -> int:
+        remote = await self.side.stat(op.path)
+        if remote is not None:
+            if stat_mod.S_ISLNK(remote.mode):
+                target = await self.side.conn.call(self.side.remote.readlink, op.path)
+                if target == op.target:
+                    self.ledger.finish(op, self._agree(op, remote))
+                    return 0
+            return await self._rename_local_aside(op)
+        await self.side.make_parents(op.path)
+        await self.side.conn.call(self.side.remote.symlink, op.target, op.path)
+        remote = await self.side.stat(op.path)
+        self.ledger.finish(op, self._agree(op, remote))
+        return 0
+
+    async def _replay_link(self, op: Op) -> int:
+        remote = await self.side.stat(op.dst)
+        if remote is None:
+            try:
+                await self.side.conn.call(self.side.remote.link, op.path, op.dst)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT or not self._gone_here(op.ino):
+                    raise
+                # The source never reached the remote and is deleted here: nothing to link.
+        self.ledger.finish(op)
+        return 0
+
+    def _gone_here(self, ino: int) -> bool:
+        node = self.store.get(ino)
+        return node is None or node.has(ORPHAN)
+
+    async def _replay_unlink(self, op: Op) -> int:
+        remote = await self.side.stat(op.path)
+        if remote is None:
+            self.ledger.finish(op)
+            return 0
+        base = self.ledger.expected_base(op.ino, op.base)
+        if base is not None and remote.version() != base:
+            # Deleted here, changed there: the changed version survives.
+            self.ledger.finish(op, conflict=record(op, "deleted-local-changed-remote"))
+            return 0
+        if stat_mod.S_ISDIR(remote.mode):
+            return await self._replay_rmdir(op)
+        await self.side.conn.call(self.side.remote.unlink, op.path)
+        self.ledger.finish(op)
+        return 0
+
+    async def _replay_rmdir(self, op: Op) -> int:
+        remote = await self.side.stat(op.path)
+        if remote is None:
+            self.ledger.finish(op)
+            return 0
+        try:
+            await self.side.conn.call(self.side.remote.rmdir, op.path)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or exc.errno == errno.EIO:
+                # New entries appeared there: nothing that changed there is deleted.
+                entries = await self.side.conn.call(self.side.remote.listdir, op.path)
+                if entries:
+                    self.ledger.finish(op, conflict=record(op, "folder-not-empty-remote"))
+                    return 0
+            raise
+        self.ledger.finish(op)
+        return 0
+
+    async def _replay_rename(self, op: Op) -> int:
+        src = await self.side.stat(op.path)
+        dst = await self.side.stat(op.dst)
+        if src is None:
+            # Already moved (a crash after the rename), or moved/deleted there.
+            if dst is None and self._gone_here(op.ino):
+                self.ledger.finish(op)  # never reached the remote, and deleted here since
+            elif dst is None:
+                self.ledger.finish(op, conflict=record(op, "renamed-missing-remote"))
+            else:
+                self.ledger.finish(op)
+            return 0
+        await self.side.make_parents(op.dst)
+        if not await self._renamed_onto(op, dst):
+            # A name that appeared there (or changed there): ours becomes a conflict copy.
+            target = await self.conflicts.aside(op.dst, partial(self.side.rename_exclusive, op.path))
+            self.ledger.finish(op, conflict=record(op, "renamed-onto-new-remote",
+                                                   conflict_path=target.decode("utf-8", "surrogateescape")))
+            self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
+            return 0
+        self.ledger.finish(op)
+        return 0
+
+    async def _renamed_onto(self, op: Op, dst: RemoteStat | None) -> bool:
+        """Renamed to ``op.dst`` on the server, unless the name is taken there by
+        something we did not know (False: nothing was renamed)."""
+        replaced_base = self.ledger.expected_base(op.replaced, op.replaced_base) if op.replaced else None
+        if dst is not None and (replaced_base is None or dst.version() != replaced_base):
+            return False
+        try:
+            if dst is None:  # nothing there: nothing that appears meanwhile is replaced
+                await self.side.rename_exclusive(op.path, op.dst)
+            else:  # replacing the object we knew there
+                await self.side.conn.call(self.side.remote.rename, op.path, op.dst)
+        except RemoteError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            return False  # the name appeared there meanwhile
+        return True
