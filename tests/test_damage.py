@@ -23,7 +23,7 @@ from cachefs.address import parse_remote
 from cachefs.cache import crypto
 from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.cache.store import DAMAGED, ROOT_INO, Store
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from cachefs.remote import open_remote
 from cachefs.remote.local import LocalRemote
 from cachefs.sync.connectivity import Connectivity

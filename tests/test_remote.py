@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.address import parse_remote
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from cachefs.remote import (
     ConnectOptions,
     Remote,

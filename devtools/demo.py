@@ -1,6 +1,6 @@
 """The demo: a share served from this machine, mounted, used online and offline.
 
-``python -m cachefs.demo`` (or ``scripts/run demo``) starts an OpenSSH server on
+``python -m devtools.demo`` (or ``scripts/run demo``) starts an OpenSSH server on
 127.0.0.1 with a sample share it creates, mounts it with cachefs through ``mount.py`` as a
 user would, and narrates each step: reads, the server going away, reads and edits offline,
 a remount while the server is still down, the server coming back, the replay of the
