@@ -4,7 +4,7 @@ a pyfuse3 filesystem that passes every request through to the share (bench/passt
 
     .venv/bin/python bench/run.py [--quick] [--only NAMES] [--size-mb N]    (or: scripts/run bench ...)
 
-Starts a private OpenSSH server on 127.0.0.1 (``cachefs.devserver.SshServer``, fresh keys,
+Starts a private OpenSSH server on 127.0.0.1 (``devtools.devserver.SshServer``, fresh keys,
 a share in a temporary folder), fills the share, then for every workload, repetition and
 peer mounts the peer afresh (empty cache), measures, and takes the mount down again
 (``fusermount3 -u -z`` and the process ended by its PID). Prints a table of medians with
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cachefs.cli import read_status  # noqa: E402
-from cachefs.devserver import SshServer, descendants  # noqa: E402
+from devtools.devserver import SshServer, descendants  # noqa: E402
 from cachefs.mounts import is_mounted  # noqa: E402
 
 MiB = 1 << 20
@@ -994,7 +994,7 @@ The targets of issue 6, where each stands and what bounds it: [performance-targe
 figures counted in FUSE requests).
 
 ## Method
-- One private OpenSSH `sshd` on 127.0.0.1 (`cachefs.devserver.SshServer`) serves a share in a
+- One private OpenSSH `sshd` on 127.0.0.1 (`devtools.devserver.SshServer`) serves a share in a
   temporary folder: `big.bin` ({s.big_mb} MiB random), {s.small_files} files of 4 KiB in 100
   folders, a {s.src_files}-file source tree and a {s.many_files}-file tree of 1-byte files.
 - Every measurement mounts its peer afresh (cachefs: `mount.py sftp://… --foreground` with an

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cachefs.address import parse_remote  # noqa: E402
 from cachefs.cache.cache import Cache, CacheConfig  # noqa: E402
 from cachefs.store.index import ROOT_INO, Store  # noqa: E402
-from cachefs.devserver import SshServer  # noqa: E402
+from devtools.devserver import SshServer  # noqa: E402
 from cachefs.remote import open_remote  # noqa: E402
 from cachefs.remote.local import LocalRemote  # noqa: E402
 from cachefs.remote.options import ConnectOptions  # noqa: E402

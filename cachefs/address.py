@@ -102,16 +102,33 @@ def _parse_sftp_url(text: str, port: int | None) -> RemoteAddress:
         raise ValueError(f"'?' and '#' are not allowed in {text!r}; percent-encode them (%3F, %23)")
     slash = rest.find("/")
     netloc, url_path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-    user: str | None = None
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        if ":" in userinfo:
-            raise ValueError("a password in the address is not supported; use an SSH key or ssh-agent")
-        user = os.fsdecode(unquote_to_bytes(userinfo))
-        if not user:
-            raise ValueError(f"empty user name in {text!r}")
-    # host and port, with IPv6 in brackets
-    url_port: int | None = None
+    user, netloc = _url_user(netloc, text)
+    host, url_port = _url_host_port(netloc, text)
+    _check_host(host, text)
+    return RemoteAddress(
+        scheme="sftp",
+        path=_home_relative(_unquote_path(url_path), "/~"),
+        host=host,
+        user=user,
+        port=_check_port(port if port is not None else url_port),
+    )
+
+
+def _url_user(netloc: str, text: str) -> tuple[str | None, str]:
+    """The user named before '@' (None if none) and what follows it."""
+    if "@" not in netloc:
+        return None, netloc
+    userinfo, _, host_port = netloc.rpartition("@")
+    if ":" in userinfo:
+        raise ValueError("a password in the address is not supported; use an SSH key or ssh-agent")
+    user = os.fsdecode(unquote_to_bytes(userinfo))
+    if not user:
+        raise ValueError(f"empty user name in {text!r}")
+    return user, host_port
+
+
+def _url_host_port(netloc: str, text: str) -> tuple[str, int | None]:
+    """Host and port of a URL's ``host[:port]``, with IPv6 in brackets."""
     if netloc.startswith("["):
         close = netloc.find("]")
         if close < 0:
@@ -124,23 +141,21 @@ def _parse_sftp_url(text: str, port: int | None) -> RemoteAddress:
     else:
         host, sep, port_text_or_empty = netloc.partition(":")
         port_text = port_text_or_empty if sep else None
-    if port_text is not None:
-        if not port_text.isdigit():
-            raise ValueError(f"invalid port {port_text!r} in {text!r}")
-        url_port = int(port_text)
-    _check_host(host, text)
-    path = _unquote_path(url_path)
-    if path == "/~" or path == "/~/":
-        path = ""
-    elif path.startswith("/~/"):
-        path = path[3:]
-    return RemoteAddress(
-        scheme="sftp",
-        path=path,
-        host=host,
-        user=user,
-        port=_check_port(port if port is not None else url_port),
-    )
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port {port_text!r} in {text!r}")
+    return host, int(port_text)
+
+
+def _home_relative(path: str, home: str) -> str:
+    """A path under the login folder (written ``home`` or ``home/...``) as a relative one
+    ("" for the login folder itself); any other path as it is."""
+    if path in (home, home + "/"):
+        return ""
+    if path.startswith(home + "/"):
+        return path[len(home) + 1 :]
+    return path
 
 
 def _parse_file_url(text: str) -> RemoteAddress:
@@ -164,18 +179,26 @@ def parse_remote(text: str, port: int | None = None) -> RemoteAddress:
         raise ValueError("the remote address contains a NUL character")
     scheme_match = _SCHEME_RE.match(text)
     if scheme_match:
-        scheme = scheme_match.group(1).lower()
-        if scheme == "sftp":
-            return _parse_sftp_url(text, port)
-        if scheme == "file":
-            if port is not None:
-                raise ValueError("--port makes no sense for a local directory")
-            return _parse_file_url(text)
-        raise ValueError(f"unsupported scheme {scheme!r} in {text!r} (use sftp://, file:// or a path)")
+        return _parse_url(scheme_match.group(1).lower(), text, port)
     if ":" not in text or text.startswith(("/", ".", "~")):
         if port is not None:
             raise ValueError("--port makes no sense for a local directory")
         return RemoteAddress(scheme="file", path=os.path.abspath(os.path.expanduser(text)))
+    return _parse_sshfs_style(text, port)
+
+
+def _parse_url(scheme: str, text: str, port: int | None) -> RemoteAddress:
+    if scheme == "sftp":
+        return _parse_sftp_url(text, port)
+    if scheme == "file":
+        if port is not None:
+            raise ValueError("--port makes no sense for a local directory")
+        return _parse_file_url(text)
+    raise ValueError(f"unsupported scheme {scheme!r} in {text!r} (use sftp://, file:// or a path)")
+
+
+def _parse_sshfs_style(text: str, port: int | None) -> RemoteAddress:
+    """``[user@]host:path``, as sshfs and scp write it."""
     match = _SSHFS_RE.match(text)
     if not match:
         raise ValueError(
@@ -186,9 +209,5 @@ def parse_remote(text: str, port: int | None = None) -> RemoteAddress:
     if user is not None and not user:
         raise ValueError(f"empty user name in {text!r}")
     host = _check_host(_strip_brackets(match.group("host"), text), text)
-    path = match.group("path")
-    if path in ("~", "~/"):
-        path = ""
-    elif path.startswith("~/"):
-        path = path[2:]
+    path = _home_relative(match.group("path"), "~")
     return RemoteAddress(scheme="sftp", path=path, host=host, user=user, port=port)

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import __version__, mounts
 from .address import RemoteAddress, parse_remote
@@ -67,7 +69,7 @@ def _microseconds(text: str) -> float:
     return value
 
 
-def _integer(low: int, high: int, what: str):
+def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -206,33 +208,47 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             key, eq, value = opt.partition("=")
             key_u = key.replace("-", "_")
             if key_u in OWN_OPTIONS:
-                action = next(a for a in parser._actions if a.dest == OWN_OPTIONS[key_u])
-                if action.nargs == 0:  # a flag
-                    if eq:
-                        parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
-                    setattr(args, action.dest, action.const)  # True, or False for --no-...
-                else:
-                    if not eq or not value:
-                        parser.error(f"-o {key} needs a value ({key}=...)")
-                    try:
-                        setattr(args, action.dest, action.type(value) if action.type else value)
-                    except (ValueError, argparse.ArgumentTypeError) as exc:
-                        parser.error(f"-o {opt}: {exc}")
-            elif key in FUSE_OPTIONS:
-                if eq:
-                    parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
+                _apply_own_option(args, parser, opt, OWN_OPTIONS[key_u])
+            elif _is_fuse_option(parser, opt):
                 fuse.append(opt)
-            elif key in FUSE_VALUE_OPTIONS:
-                if not value:
-                    parser.error(f"-o {key} needs a value ({key}=...)")
-                fuse.append(opt)
-            elif key in FUSE_REFUSED:
-                parser.error(f"-o {opt}: not supported by cachefs: {FUSE_REFUSED[key]}")
-            elif key in MOUNT_ONLY or key.startswith("x-"):
-                continue
-            else:
-                parser.error(f"unknown mount option -o {opt}")
     args.fuse_options = fuse
+
+
+def _apply_own_option(args: argparse.Namespace, parser: argparse.ArgumentParser, opt: str, dest: str) -> None:
+    """``-o key`` or ``-o key=value`` of one of cachefs's own options (``dest``), set as
+    its command-line option would set it."""
+    key, eq, value = opt.partition("=")
+    action = next(a for a in parser._actions if a.dest == dest)
+    if action.nargs == 0:  # a flag
+        if eq:
+            parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
+        setattr(args, action.dest, action.const)  # True, or False for --no-...
+        return
+    if not eq or not value:
+        parser.error(f"-o {key} needs a value ({key}=...)")
+    try:
+        setattr(args, action.dest, action.type(value) if callable(action.type) else value)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"-o {opt}: {exc}")
+
+
+def _is_fuse_option(parser: argparse.ArgumentParser, opt: str) -> bool:
+    """Whether ``opt`` goes to FUSE (False: an option of mount(8) only, ignored); a usage
+    error for a malformed, refused or unknown one."""
+    key, eq, value = opt.partition("=")
+    if key in FUSE_OPTIONS:
+        if eq:
+            parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
+        return True
+    if key in FUSE_VALUE_OPTIONS:
+        if not value:
+            parser.error(f"-o {key} needs a value ({key}=...)")
+        return True
+    if key in FUSE_REFUSED:
+        parser.error(f"-o {opt}: not supported by cachefs: {FUSE_REFUSED[key]}")
+    if key in MOUNT_ONLY or key.startswith("x-"):
+        return False
+    parser.error(f"unknown mount option -o {opt}")
 
 
 def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
@@ -325,7 +341,7 @@ def find_mount_root(path: Path) -> Path:
     return root
 
 
-def _mount_root_and_status(path: Path) -> tuple[Path, dict]:
+def _mount_root_and_status(path: Path) -> tuple[Path, dict[str, Any]]:
     path = Path(os.path.abspath(path.expanduser()))
     held = mounts.mount_holding(path)
     if held is None or not held[1].startswith("fuse"):
@@ -346,8 +362,9 @@ def _mount_root_and_status(path: Path) -> tuple[Path, dict]:
     return Path(point), status
 
 
-def read_status(root: Path) -> dict:
-    return json.loads((root / ".cachefs" / "status").read_text())
+def read_status(root: Path) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads((root / ".cachefs" / "status").read_text())
+    return status
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
@@ -363,17 +380,8 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     # Never a stat of the mount point: on a stale mount it fails (ENOTCONN), on a stuck
     # one it hangs. The status file is read once, bounded, for the process to wait for.
     state, status = mounts.probe(mountpoint)
-    pid = None
-    if state == mounts.LIVE and status is not None:
-        try:
-            pid = int(status["pid"])
-        except (KeyError, TypeError, ValueError):
-            pass
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
-    if args.lazy:
-        cmd.insert(1 if not tool else 2, "-z" if tool else "-l")
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    pid = _mount_pid(status) if state == mounts.LIVE else None
+    result = subprocess.run(_unmount_command(mountpoint, args.lazy), capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip() or result.stdout.strip()
         if "busy" in reason and not args.lazy:
@@ -383,15 +391,37 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     if state == mounts.STALE:
         print(f"cachefs: {mountpoint} was a stale mount (its mount process had ended): unmounted; "
               f"the cache and its pending changes are kept for the next mount", file=sys.stderr)
-    if pid is not None:
-        deadline = time.monotonic() + args.wait
-        while time.monotonic() < deadline:
-            if not _running(pid):
-                break
-            time.sleep(0.05)
-        else:
-            return _fail(f"unmounted, but the mount process {pid} is still running after {args.wait:g} s")
+    if pid is not None and not _ended_within(pid, args.wait):
+        return _fail(f"unmounted, but the mount process {pid} is still running after {args.wait:g} s")
     return 0
+
+
+def _mount_pid(status: dict[str, Any] | None) -> int | None:
+    """The mount process's pid from its status, if it says."""
+    if status is None:
+        return None
+    try:
+        return int(status["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _unmount_command(mountpoint: Path, lazy: bool) -> list[str]:
+    """fusermount3 (or fusermount) -u, else umount; detaching with ``lazy``."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        return [tool, "-u", "-z", str(mountpoint)] if lazy else [tool, "-u", str(mountpoint)]
+    return ["umount", "-l", str(mountpoint)] if lazy else ["umount", str(mountpoint)]
+
+
+def _ended_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` ends within ``seconds`` (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _running(pid: int) -> bool:
@@ -430,7 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _passthrough_text(state: dict) -> str:
+def _passthrough_text(state: dict[str, Any]) -> str:
     if not state.get("on"):
         why = state.get("off")
         return f"off ({why + '; ' if why else ''}this process serves every read)"
@@ -661,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     return _one_line_errors(args.func, args)
 
 
-def _one_line_errors(func, args: argparse.Namespace) -> int:
+def _one_line_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
     except OSError as exc:

@@ -144,7 +144,7 @@ def bounded(function: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
     return (False, None) if thread.is_alive() else (True, outcome[0])
 
 
-def probe(mountpoint: Path | str, timeout: float = PROBE_TIMEOUT) -> tuple[str, dict | None]:
+def probe(mountpoint: Path | str, timeout: float = PROBE_TIMEOUT) -> tuple[str, dict[str, Any] | None]:
     """Whether the FUSE mount on ``mountpoint`` is a ``LIVE`` cachefs mount (with its
     status), ``STALE`` (its process is gone: the kernel answers ENOTCONN at once),
     ``STUCK`` (no answer within ``timeout``) or ``FOREIGN`` (answers, but is no cachefs

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Progress:
     bytes_total: int = 0
     started: float | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {"ops_done": self.ops_done, "ops_total": self.ops_total,
                 "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
 
@@ -56,7 +56,8 @@ class ProgressView:
         self._last_text = ""
         self._drawn = False
 
-    def update(self, progress: dict | None) -> None:
+    def update(self, progress: dict[str, Any] | None) -> None:
+        """Draw ``progress`` as the mount's status file gives it (``Progress.as_dict``)."""
         if not progress:
             return
         done, total = progress.get("ops_done", 0), progress.get("ops_total", 0)

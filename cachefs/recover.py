@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import lmdb
 
@@ -78,54 +78,47 @@ class _Index:
         self.bad_nodes: set[int] = set()
         self.ops: list[Op] = []
         index = cache_dir / "index"
-        mdb = index / "data.mdb"
-        if not mdb.is_file() or mdb.stat().st_size == 0:
-            report.index = f"{mdb} is missing" if not mdb.is_file() else f"{mdb} is empty"
-            return
-        failure = probe_index(index)  # (in a child: some damage makes LMDB abort its reader)
-        if failure is not None and failure.startswith(PROBE_CRASHED):
-            report.index = f"{mdb} cannot be read: {failure}"
-            return
-        try:
-            env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=16, subdir=True)
-        except lmdb.Error as exc:
-            report.index = f"{mdb} does not open ({exc})"
+        env = _open_index(index, report)
+        if env is None:
             return
         try:
             with env.begin() as txn:
-                try:
-                    meta = env.open_db(b"meta", txn=txn, create=False)
-                    schema = txn.get(b"schema", db=meta)
-                except lmdb.Error as exc:
-                    report.index = f"{mdb} has no readable schema ({exc})"
-                    return
-                if schema not in (b"1", b"2"):
-                    report.index = f"{mdb} has schema {schema!r}, not one this release reads"
+                schema = _schema(env, txn, index / "data.mdb", report)
+                if schema is None:
                     return
 
                 def opened(value: bytes, key: bytes) -> bytes:
                     return codec.open(value, key) if schema == b"2" else codec.open_schema1(value)
 
-                for key, value in self._records(env, txn, b"nodes", report):
-                    try:
-                        ino = int.from_bytes(key, "big") if len(key) == 8 else None
-                        if ino is None:
-                            raise RecordError("has a damaged key")
-                        self.nodes[ino] = Node.unpack(ino, opened(value, key))
-                    except Exception as exc:  # noqa: BLE001 - any damage: reported, never used
-                        if ino is not None:
-                            self.bad_nodes.add(ino)
-                        report.damage.append(f"node {key.hex()}: {exc}")
-                for key, value in self._records(env, txn, b"journal", report):
-                    try:
-                        self.ops.append(Op.decode(journal.seq_of(key), opened(value, key)))
-                    except Exception as exc:  # noqa: BLE001 - any damage
-                        report.damage.append(f"journal entry {key.hex()}: {exc}")
+                self._read_nodes(env, txn, opened, report)
+                self._read_journal(env, txn, opened, report)
         finally:
             env.close()
 
+    def _read_nodes(self, env: lmdb.Environment, txn: lmdb.Transaction,
+                    opened: Callable[[bytes, bytes], bytes], report: Report) -> None:
+        for key, value in self._records(env, txn, b"nodes", report):
+            ino = int.from_bytes(key, "big") if len(key) == 8 else None
+            try:
+                if ino is None:
+                    raise RecordError("has a damaged key")
+                self.nodes[ino] = Node.unpack(ino, opened(value, key))
+            except Exception as exc:  # noqa: BLE001 - any damage: reported, never used
+                if ino is not None:
+                    self.bad_nodes.add(ino)
+                report.damage.append(f"node {key.hex()}: {exc}")
+
+    def _read_journal(self, env: lmdb.Environment, txn: lmdb.Transaction,
+                      opened: Callable[[bytes, bytes], bytes], report: Report) -> None:
+        for key, value in self._records(env, txn, b"journal", report):
+            try:
+                self.ops.append(Op.decode(journal.seq_of(key), opened(value, key)))
+            except Exception as exc:  # noqa: BLE001 - any damage
+                report.damage.append(f"journal entry {key.hex()}: {exc}")
+
     @staticmethod
-    def _records(env: lmdb.Environment, txn, name: bytes, report: Report):
+    def _records(env: lmdb.Environment, txn: lmdb.Transaction, name: bytes, report: Report
+                 ) -> Iterator[tuple[bytes, bytes]]:
         """The (key, value) pairs of sub-database ``name`` up to a damaged page."""
         try:
             db = env.open_db(name, txn=txn, create=False)
@@ -158,6 +151,38 @@ class _Index:
             parts.append(node.name)
             ino = node.parent
         return b"/".join(reversed(parts)) if parts else None
+
+
+def _open_index(index: Path, report: Report) -> lmdb.Environment | None:
+    """The index read-only and without its lock file; None (and why, in ``report.index``)
+    when it is missing, empty, or so damaged that reading it would crash."""
+    mdb = index / "data.mdb"
+    if not mdb.is_file() or mdb.stat().st_size == 0:
+        report.index = f"{mdb} is missing" if not mdb.is_file() else f"{mdb} is empty"
+        return None
+    failure = probe_index(index)  # (in a child: some damage makes LMDB abort its reader)
+    if failure is not None and failure.startswith(PROBE_CRASHED):
+        report.index = f"{mdb} cannot be read: {failure}"
+        return None
+    try:
+        return lmdb.open(str(index), readonly=True, lock=False, max_dbs=16, subdir=True)
+    except lmdb.Error as exc:
+        report.index = f"{mdb} does not open ({exc})"
+        return None
+
+
+def _schema(env: lmdb.Environment, txn: lmdb.Transaction, mdb: Path, report: Report) -> bytes | None:
+    """The index's schema if this release reads it; None (and why, in ``report.index``)."""
+    try:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        schema = txn.get(b"schema", db=meta)
+    except lmdb.Error as exc:
+        report.index = f"{mdb} has no readable schema ({exc})"
+        return None
+    if schema not in (b"1", b"2"):
+        report.index = f"{mdb} has schema {schema!r}, not one this release reads"
+        return None
+    return bytes(schema)
 
 
 def _safe_name(name: bytes) -> bool:
@@ -197,7 +222,7 @@ def _lock_shared(cache_dir: Path) -> int | None:
     return fd
 
 
-def _recover(cache_dir: Path, to: Path, key: bytes | None, progress) -> Report:
+def _recover(cache_dir: Path, to: Path, key: bytes | None, progress: Callable[[str], None] | None) -> Report:
     report = Report()
     codec = crypto.SealedCodec(key) if key else crypto.PlainCodec()
     content = crypto.SealedContent(key) if key else crypto.PlainContent()
@@ -205,66 +230,82 @@ def _recover(cache_dir: Path, to: Path, key: bytes | None, progress) -> Report:
     report.ops = index.ops
     have_index = report.index == "read"
     data_dir = cache_dir / "data"
-    try:
-        names = sorted((n for n in os.listdir(data_dir) if n.isdigit()), key=int)
-    except FileNotFoundError:
-        names = []
-    # The latest path a journal entry gave each node: a fallback when its folders are gone.
-    op_paths: dict[int, bytes] = {}
-    for op in index.ops:
-        if op.kind == "rename" and op.dst:
-            op_paths[op.ino] = op.dst
-        elif op.kind in ("create", "store") and op.path:
-            op_paths[op.ino] = op.path
+    names = _content_names(data_dir)
+    op_paths = _journal_paths(index.ops)
     to.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with_content = set()
     last_shown = time.monotonic()
     for n, name in enumerate(names, 1):
         ino = int(name)
-        with_content.add(ino)
         node = index.nodes.get(ino)
         if have_index and node is not None and not node.flags & _ONLY_HERE:
             report.skipped_clean += 1  # on the server as it is here
             continue
-        path = None
-        note = ""
-        if node is not None:
-            path = index.path_of(ino)
-            if path is None and ino in op_paths and all(_safe_name(p) for p in op_paths[ino].split(b"/")):
-                path, note = op_paths[ino], "path from the journal"
-            if not node.is_file:
-                continue
-        elif not have_index:
+        if node is not None and not node.is_file:
+            continue
+        dest, note = _destination(index, op_paths, have_index, to, ino, name)
+        _save(content, data_dir / name, dest, node, ino, note, report)
+        if progress is not None and time.monotonic() - last_shown > 0.5:
+            last_shown = time.monotonic()
+            progress(f"recovering: {n}/{len(names)} content files looked at, {len(report.saved)} saved")
+    report.missing.extend(_missing_content(index, {int(name) for name in names}))
+    _write_lists(to, report)
+    return report
+
+
+def _content_names(data_dir: Path) -> list[str]:
+    """The content files' names (inode numbers), in order."""
+    try:
+        return sorted((n for n in os.listdir(data_dir) if n.isdigit()), key=int)
+    except FileNotFoundError:
+        return []
+
+
+def _journal_paths(ops: list[Op]) -> dict[int, bytes]:
+    """The latest path a journal entry gave each node: a fallback when its folders are gone."""
+    op_paths: dict[int, bytes] = {}
+    for op in ops:
+        if op.kind == "rename" and op.dst:
+            op_paths[op.ino] = op.dst
+        elif op.kind in ("create", "store") and op.path:
+            op_paths[op.ino] = op.path
+    return op_paths
+
+
+def _destination(index: _Index, op_paths: dict[int, bytes], have_index: bool, to: Path, ino: int,
+                 name: str) -> tuple[Path, str]:
+    """Where to save content file ``name`` (under files/ by its path when known, else
+    under by-inode/) and the note that says what was unknown about it."""
+    if index.nodes.get(ino) is None:
+        if not have_index:
             note = "no index"
         elif ino in index.bad_nodes:
             note = "its record is damaged: whether it changed is unknown"
         else:
             note = "no record for it: whether it changed is unknown"
-        if path is not None:
-            dest = to / "files" / os.fsdecode(path)
-        else:
-            dest = to / "by-inode" / name
-            if node is not None and not note:
-                note = "its folders are not known"
-        _save(content, data_dir / name, dest, node, ino, note, report)
-        if progress is not None and time.monotonic() - last_shown > 0.5:
-            last_shown = time.monotonic()
-            progress(f"recovering: {n}/{len(names)} content files looked at, {len(report.saved)} saved")
+        return to / "by-inode" / name, note
+    path = index.path_of(ino)
+    if path is None and ino in op_paths and all(_safe_name(p) for p in op_paths[ino].split(b"/")):
+        return to / "files" / os.fsdecode(op_paths[ino]), "path from the journal"
+    if path is None:
+        return to / "by-inode" / name, "its folders are not known"
+    return to / "files" / os.fsdecode(path), ""
+
+
+def _missing_content(index: _Index, with_content: set[int]) -> list[str]:
+    """Files changed here whose content file is gone."""
+    missing = []
     for ino, node in index.nodes.items():
         if node.flags & _ONLY_HERE and node.is_file and ino not in with_content and node.size:
             where = index.path_of(ino)
-            report.missing.append(f"{os.fsdecode(where) if where else f'inode {ino}'} ({node.size} bytes): "
-                                  "its content file is gone")
-    _write_lists(to, report)
-    return report
+            missing.append(f"{os.fsdecode(where) if where else f'inode {ino}'} ({node.size} bytes): "
+                           "its content file is gone")
+    return missing
 
 
-def _save(content, src: Path, dest: Path, node: Node | None, ino: int, note: str, report: Report) -> None:
+def _save(content: crypto.PlainContent, src: Path, dest: Path, node: Node | None, ino: int, note: str,
+          report: Report) -> None:
     try:
-        try:  # (not even the access time of the cache's files changes)
-            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-        except PermissionError:
-            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_untouched(src)
     except OSError as exc:
         report.failed.append(f"{src}: {exc.strerror}")
         return
@@ -275,27 +316,10 @@ def _save(content, src: Path, dest: Path, node: Node | None, ino: int, note: str
         else:
             size = node.size
             if length < size:
-                note = (note + "; " if note else "") + f"cut short: {length} of {size} bytes"
+                note = _add_note(note, f"cut short: {length} of {size} bytes")
                 size = length
         dest.parent.mkdir(parents=True, exist_ok=True)
-        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        done = 0
-        try:
-            reader = content.reader(fd, size)
-            while done < size:
-                try:
-                    chunk = reader.read(min(1 << 20, size - done))
-                except OSError as exc:
-                    note = (note + "; " if note else "") + f"unreadable from byte {done}: {exc.strerror or exc}"
-                    break
-                if not chunk:
-                    break
-                os.write(out, chunk)
-                done += len(chunk)
-            if node is not None:
-                os.fchmod(out, stat_mod.S_IMODE(node.mode) & 0o777 or 0o600)
-        finally:
-            os.close(out)
+        done, note = _write_copy(content, fd, size, dest, node, note)
         if node is not None:
             os.utime(dest, ns=(node.atime_ns, node.mtime_ns))
         report.saved.append(Saved(ino, dest, done, note))
@@ -306,6 +330,43 @@ def _save(content, src: Path, dest: Path, node: Node | None, ino: int, note: str
             report.failed.append(f"inode {ino} -> {dest}: {exc.strerror or exc}")
     finally:
         os.close(fd)
+
+
+def _open_untouched(src: Path) -> int:
+    """``src`` opened to read without changing even its access time (where allowed)."""
+    try:
+        return os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        return os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _write_copy(content: crypto.PlainContent, fd: int, size: int, dest: Path, node: Node | None,
+                note: str) -> tuple[int, str]:
+    """Copy up to ``size`` bytes of the content in ``fd`` to a new file ``dest``: the bytes
+    copied, and ``note`` with where reading stopped if it did."""
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    done = 0
+    try:
+        reader = content.reader(fd, size)
+        while done < size:
+            try:
+                chunk = reader.read(min(1 << 20, size - done))
+            except OSError as exc:
+                note = _add_note(note, f"unreadable from byte {done}: {exc.strerror or exc}")
+                break
+            if not chunk:
+                break
+            os.write(out, chunk)
+            done += len(chunk)
+        if node is not None:
+            os.fchmod(out, stat_mod.S_IMODE(node.mode) & 0o777 or 0o600)
+    finally:
+        os.close(out)
+    return done, note
+
+
+def _add_note(note: str, text: str) -> str:
+    return (note + "; " if note else "") + text
 
 
 def _write_lists(to: Path, report: Report) -> None:

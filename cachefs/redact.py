@@ -141,7 +141,8 @@ class Redactor(logging.Filter):
         by ``exception``; frames (code locations and source lines) are kept."""
         te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
         if not hasattr(te, "_str"):  # a Python that formats otherwise: type names only
-            chain, seen = [], exc
+            chain: list[str] = []
+            seen: BaseException | None = exc
             while seen is not None and len(chain) < 20:
                 chain.append(type(seen).__qualname__)
                 seen = seen.__cause__ or seen.__context__

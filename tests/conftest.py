@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 
 # ---------------------------------------------------------------------------------------
 # Remote fixtures: a share folder and a private OpenSSH sshd serving it on 127.0.0.1.

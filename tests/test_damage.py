@@ -24,7 +24,7 @@ from cachefs.store import crypto
 from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.cache.reconcile import ContentCopy, Reconcile
 from cachefs.store.index import DAMAGED, ROOT_INO, Store
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from cachefs.remote import open_remote
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity

@@ -27,7 +27,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from tests.fixtures.mount import REPO, MountError, is_mounted, run_with_timeout, status, tmpfs
 from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from tests.fixtures.mount import MOUNT_SCRIPT, REPO, Mount, fusermount_unmount, is_mounted, status
 from tests.fixtures.proxy import TcpProxy
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from cachefs.address import parse_remote
-from cachefs.devserver import SshServer
 from cachefs.remote import (
     ConnectOptions,
     Remote,
@@ -24,6 +23,7 @@ from cachefs.remote import (
     open_remote,
 )
 from cachefs.remote.local import LocalRemote
+from devtools.devserver import SshServer
 
 TIMEOUT = 3.0
 
@@ -381,3 +381,61 @@ def test_ssh_config_is_honoured(
     remote.connect()
     assert remote.read(b"f", 0, 100) == b"via config"
     remote.close()
+
+
+# -- sftp: what cachefs relies on in paramiko ------------------------------------------------
+def test_paramiko_private_surface() -> None:
+    """The private parts of paramiko that ``cachefs.remote.sftp_session`` drives (listed in
+    its docstring), checked against the installed paramiko: a paramiko release that
+    renames or reshapes them fails here, not in a user's mount. And the SFTP protocol
+    numbers defined there (from the draft) equal paramiko's."""
+    import inspect
+
+    import paramiko
+    import paramiko.sftp as psftp
+    from paramiko.sftp_client import SFTPClient
+
+    from cachefs.remote import sftp_session
+
+    engine = {
+        "_send_packet": ["self", "t", "packet"],
+        "_read_packet": ["self"],
+        "_request": ["self", "t", "args"],
+        "_async_request": ["self", "fileobj", "t", "args"],
+        "_read_response": ["self", "waitfor"],
+        "_send_version": ["self"],
+        "_convert_status": ["self", "msg"],
+    }
+    for name, params in engine.items():
+        assert list(inspect.signature(getattr(SFTPClient, name)).parameters) == params, name
+    # replies to pipelined requests go to fileobj._async_response(t, msg, num)
+    assert "_async_response(t, msg, num)" in inspect.getsource(SFTPClient._read_response)
+    # _async_request packs int64 as 64 bits and SFTPAttributes as an ATTRS structure
+    packing = inspect.getsource(SFTPClient._async_request)
+    assert "isinstance(item, int64)" in packing and "item._pack(msg)" in packing
+    assert sftp_session.int64 is psftp.int64
+    for name in dir(sftp_session):
+        if name.startswith(("CMD_", "SFTP_")):
+            assert getattr(sftp_session, name) == getattr(psftp, name), name
+    assert sftp_session.SFTP_FAILURE == paramiko.SFTP_FAILURE
+
+
+def test_attrs_decoded_as_paramiko_does() -> None:
+    """``decode_attrs`` reads every ATTRS field paramiko writes, and stops where it ends."""
+    import paramiko
+
+    from cachefs.remote.sftp_session import decode_attrs
+
+    full = paramiko.SFTPAttributes()
+    full.st_size, full.st_uid, full.st_gid, full.st_mode = 1 << 40, 1000, 100, 0o100644
+    full.st_atime, full.st_mtime = 1_700_000_000, 1_700_000_001
+    full.attr = {"x": "y"}
+    for attrs in (full, paramiko.SFTPAttributes()):
+        msg = paramiko.Message()
+        attrs._pack(msg)
+        msg.add_int(42)
+        reply = paramiko.Message(msg.asbytes())
+        decoded = decode_attrs(reply)
+        for field in ("st_size", "st_uid", "st_gid", "st_mode", "st_atime", "st_mtime"):
+            assert getattr(decoded, field) == getattr(attrs, field), field
+        assert reply.get_int() == 42  # what follows the ATTRS (the next entry of a listing)

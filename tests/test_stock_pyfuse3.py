@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.devserver import SshServer
+from devtools.devserver import SshServer
 from tests.fixtures import stock_venv
 from tests.fixtures.mount import Mount, status
 from tests.test_writes import sync

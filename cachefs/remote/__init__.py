@@ -1,4 +1,18 @@
-"""Remote backends. ``open_remote`` picks one for a parsed address."""
+"""Remote backends. ``open_remote`` picks one for a parsed address.
+
+Owns nothing itself; the modules, each importing only those listed after it:
+
+    local          a directory as the share (LocalRemote)
+    sftp           a folder on an SSH server (SftpRemote): the share's root and the operations
+    sftp_pool      SSH connections and their pool; failures translated
+    ssh_auth       public key authentication
+    ssh_hostkeys   known_hosts: the verdict on a server's key
+    ssh_config     the address through ~/.ssh/config (SshTarget)
+    sftp_session   the SFTP protocol on one channel (paramiko's engine)
+    base, options  the contract every backend keeps, its errors and options
+
+Backends know nothing of the cache, the sync manager, trio or FUSE.
+"""
 
 from __future__ import annotations
 

@@ -70,6 +70,23 @@ _RENAME_NOREPLACE = 1
 _renameat2: Callable[..., int] | None = None
 
 
+def _load_renameat2() -> Callable[..., int]:
+    """libc's renameat2, or a stand-in that fails with ENOSYS (a C library without it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return _no_renameat2
+    return function
+
+
+def _no_renameat2(*_args: object) -> int:
+    ctypes.set_errno(errno.ENOSYS)
+    return -1
+
+
 def _rename_noreplace(src: bytes, dst: bytes) -> None:
     """``renameat2(RENAME_NOREPLACE)``: EEXIST when ``dst`` exists. Where the kernel or the
     file system lacks it (EINVAL, ENOSYS), a hard link then an unlink of ``src`` (just as
@@ -77,14 +94,7 @@ def _rename_noreplace(src: bytes, dst: bytes) -> None:
     rename."""
     global _renameat2
     if _renameat2 is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            function = libc.renameat2
-            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            function.restype = ctypes.c_int
-        except (OSError, AttributeError):  # a C library without it
-            function = lambda *_args: (ctypes.set_errno(errno.ENOSYS), -1)[1]  # noqa: E731
-        _renameat2 = function
+        _renameat2 = _load_renameat2()
     if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE) == 0:
         return
     err = ctypes.get_errno()

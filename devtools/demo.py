@@ -1,6 +1,6 @@
 """The demo: a share served from this machine, mounted, used online and offline.
 
-``python -m cachefs.demo`` (or ``scripts/run demo``) starts an OpenSSH server on
+``python -m devtools.demo`` (or ``scripts/run demo``) starts an OpenSSH server on
 127.0.0.1 with a sample share it creates, mounts it with cachefs through ``mount.py`` as a
 user would, and narrates each step: reads, the server going away, reads and edits offline,
 a remount while the server is still down, the server coming back, the replay of the
@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .devserver import SshServer
 
@@ -38,18 +40,19 @@ def show(command: str, output: str) -> None:
         print(f"     {line}")
 
 
-def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise SystemExit(f"demo: {' '.join(command)} failed:\n{result.stderr}")
     return result
 
 
-def status(mnt: Path) -> dict:
-    return json.loads((mnt / ".cachefs" / "status").read_text())
+def status(mnt: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((mnt / ".cachefs" / "status").read_text())
+    return result
 
 
-def wait_for(predicate, timeout: float, what: str) -> float:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if predicate():
