@@ -13,11 +13,10 @@ itself is ``b""``. File names are bytes end to end: a name need not be UTF-8.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -52,7 +51,7 @@ class RemoteStat:
         """
         return (self.size, self.mtime_ns, self.kind)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[RemoteStat], tuple[int, ...]]:
         # Listings come back from the transfer processes pickled: the constructor with
         # its fields is several times faster to unpickle than the dataclass default.
         return (RemoteStat, (self.mode, self.size, self.mtime_ns, self.atime_ns,
@@ -132,11 +131,11 @@ class Remote(ABC):
             sink(offset, data)
         return len(data)
 
-    def read_many(self, items: list[tuple[bytes, int]]) -> list:
+    def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Several small files whole, for prefetching: for each (path, size) either
         (content, RemoteStat as read) or a ``RemoteError``. Backends that can pipeline
         requests do it in a few round trips for the lot."""
-        out: list = []
+        out: list[tuple[bytes, RemoteStat] | RemoteError] = []
         for path, size in items:
             try:
                 out.append((self.read(path, 0, max(1, size)), self.stat(path)))
@@ -204,15 +203,14 @@ class Remote(ABC):
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         """Permission bits and times at once (in one request where the remote can)."""
 
-    @abstractmethod
-    def truncate(self, path: bytes, size: int) -> None: ...
 
 
-Source = "str | os.PathLike[str] | Callable[[], BinaryIO]"
+Source: TypeAlias = "str | os.PathLike[str] | Callable[[], BinaryIO]"
 
 
-def open_source(source) -> BinaryIO:
+def open_source(source: Source) -> BinaryIO:
     """A fresh readable stream of an upload's content (a retry opens it again)."""
     if isinstance(source, (str, bytes, os.PathLike)):
         return open(source, "rb")
-    return source()
+    stream: BinaryIO = source()
+    return stream

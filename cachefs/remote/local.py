@@ -327,6 +327,3 @@ class LocalRemote(Remote):
 
         self._call(apply)
 
-    def truncate(self, path: bytes, size: int) -> None:
-        full = self._path(path)
-        self._call(lambda: os.truncate(full, size))

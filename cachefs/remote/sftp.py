@@ -376,10 +376,6 @@ class SftpRemote(Remote):
         attrs = _attrs(mode, (atime_ns, mtime_ns))
         self._pool.run("setstat", lambda sftp: sftp.request(CMD_SETSTAT, full, attrs))
 
-    def truncate(self, path: bytes, size: int) -> None:
-        self._ensure_root()
-        full = self._path(path)
-        self._pool.run("truncate", lambda sftp: sftp.truncate(full, size))
 
 
 #: what ``sha256sum`` says of empty input
