@@ -35,7 +35,7 @@ from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOU
 from .redact import Redactor
 from .errors import RemoteRefused
 from .remote import ConnectOptions, open_remote
-from .cache.transfer import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
+from .cache.transfer import FetchPool, Transfers, upload_file, upload_unless_changed
 from .link.connectivity import Connectivity
 from .sync.manager import DEFAULT_WRITEBACK_HOLD, SyncManager
 
@@ -326,21 +326,19 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
             log.warning("cannot reach %s (%s): mounting offline from the cache",
                         remote.description, conn.last_error)
         kernel = KernelNotifier()
+        transfers = Transfers.in_pool(fetch_pool) if fetch_pool is not None else None
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout,
-                                               passthrough=config.passthrough), kernel)
-        if fetch_pool is not None:
-            cache.fetcher = fetch_pool.bind(fetch_into)
-            cache.batch_fetcher = fetch_pool.bind(fetch_many_into)
-            cache.background_lister = fetch_pool.bind(list_folder)
+                                               passthrough=config.passthrough), kernel,
+                      transfers=transfers)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,
                            writeback_hold=config.write_back_hold)
         if fetch_pool is not None:
             sync.uploader = fetch_pool.bind(upload_file)
             sync.replayer = fetch_pool.bind(upload_unless_changed)
-        controls = Control(cache, sync, config.mountpoint, config.cache_dir)
-        ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
+        controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
+        ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -351,8 +349,9 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
                      config.cache_dir, conn.state.value)
             report("ok")
             async with trio.open_nursery() as nursery:
-                kernel.nursery = nursery
+                await nursery.start(kernel.run)
                 await nursery.start(cache.run)
+                nursery.start_soon(hoard.run)
                 if fetch_pool is not None and conn.online:
                     nursery.start_soon(partial(trio.to_thread.run_sync, fetch_pool.warm,
                                                abandon_on_cancel=True))

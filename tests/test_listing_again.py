@@ -123,7 +123,7 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
         await conn.first_connect()
         cache = Cache(store, conn, CacheConfig())
         async with trio.open_nursery() as nursery:
-            cache._nursery = nursery  # (for the fetches; no checkpoint but the test's own)
+            cache.start_fetching(nursery)  # (for the fetches; no checkpoint but the test's own)
             await read_three(cache)
             nursery.cancel_scope.cancel()
 
@@ -137,7 +137,7 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
         await cache.checkpoint()
         assert all(store.get(n.ino).has(FULL) == (n.name in (b"f0", b"f1", b"f2"))
                    for n in store.children(ino))
-        kept = cache._kept_names(ino)
+        kept = cache._listings.kept_names(ino)
         assert kept is not None  # the checkpoint left the kept listing in place
         assert {name for name, node in kept.items() if node.has(FULL)} == {b"f0", b"f1", b"f2"}
         writes = _writes_to(store)
