@@ -3,7 +3,8 @@ again after ``dir_timeout``, attributes revalidated after ``attr_timeout``, the 
 listed ahead of a reader, and the folders whose listing is local truth while journaled
 changes in them wait to be replayed.
 
-Owns: when each folder was listed and each node checked (``Freshness``), the kept
+Owns: how a listing is applied to the index (``apply_listing``: which records it
+builds, keeps, replaces and drops, through the store's named ``Txn`` operations), when each folder was listed and each node checked (``Freshness``), the kept
 listings (``_children_memo``: a folder's children as last read, while no write could
 have changed them), the walk order and the queue of folders listed ahead, and the
 local-truth folders (``local_dirs``, ``_dir_gen``).
@@ -34,8 +35,9 @@ import trio
 
 from ..errors import CacheError, NotADirectory, NameTooLong, NotFound, RemoteError, Unavailable, InvalidArgument
 from ..link.connectivity import Connectivity
-from ..store.index import (ATTR_DIRTY, DAMAGED, DIRTY, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
-                           node_from_remote, rebuilt_as_is)
+from ..remote import RemoteStat
+from ..store.index import (ATTR_DIRTY, DAMAGED, DIRTY, FULL, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
+                           Txn)
 from ..store.journal import Op
 from .common import CONTROL_NAME, CacheConfig, Freshness, Kernel, decrement, valid_name
 
@@ -390,7 +392,7 @@ class Listings:
         changed: list[Node] = []
         removed: list[Node] = []
         if children is None:
-            delta = self.store.apply_listing(ino, kept, node_from_remote)
+            delta = apply_listing(self.store, ino, kept)
             # The opendir that asked reads them next. A listing that found nothing new
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
@@ -560,3 +562,173 @@ def _derived(kept: Kept, key: str, make: Callable[[list[Node]], T]) -> T:
     if value is None:
         value = kept[2][key] = make(kept[1])
     return value
+
+
+# -- applying a listing to the index --------------------------------------------------------
+@dataclass
+class ListingDelta:
+    changed: list[Node] = field(default_factory=list)  # base version differs from before
+    removed: list[Node] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
+    same: bool = True  # nothing written: the listing matched the cached entries
+
+
+def apply_listing(store: Store, parent: int, listing: list[Any]) -> ListingDelta:
+    """Make the cached entries of ``parent`` equal ``listing`` [(name, remote stat)] in one
+    transaction, each node as ``node_from_remote`` builds it. Entries gone from the remote
+    are removed unless local truth keeps them. Returns what changed, so that the caller
+    can drop content and invalidate the kernel's caches."""
+    applied = _Applied(parent, listing)
+    store.run_write(lambda txn: applied.run(Txn(store, txn)),
+                    folders=lambda: set() if applied.delta.same else applied.folders)
+    return applied.delta
+
+
+class _Applied:
+    """One application of a listing (``apply_listing``); run again when the map had to grow.
+
+    ``folders``: the listings it changes: the folder's, its parent's (the folder's own
+    node), and any folder dropped with its subtree; a hard-linked node, listed elsewhere
+    too, makes it "all" (None); none when the listing found nothing new (``delta.same``)."""
+
+    def __init__(self, parent: int, listing: list[Any]) -> None:
+        self.parent = parent
+        self.listing = listing
+        self.delta = ListingDelta()
+        self.folders: set[int] | None = {parent}
+
+    def run(self, t: Txn) -> None:
+        self.delta = delta = ListingDelta()
+        self.folders = {self.parent}
+        entries = t.entries(self.parent)
+        existing = dict(entries)
+        built = self._take_listed(t, existing)
+        self._drop_unlisted(t, existing)
+        if self.folders is not None:
+            self.folders.update(n.ino for n in delta.removed if n.is_dir)
+        self._count_subfolders(t)
+        # The folder's entries as ``children`` reads them, without unpacking again the
+        # nodes just built (the opendir that asked for the listing reads them next).
+        delta.children = t.children(self.parent, built, entries if delta.same else None)
+
+    def _take_listed(self, t: Txn, existing: dict[bytes, int]) -> dict[int, Node]:
+        """Each listed name's node, built from the remote's stat (new numbers for new
+        names, read and written once); ``existing`` is left with the names not listed."""
+        built: dict[int, Node] = {}
+        next_ino = first_ino = None
+        for name, rstat in self.listing:
+            ino = existing.pop(name, None)
+            old = t.node(ino) if ino is not None else None
+            if old is not None:
+                if old.flags & LOCAL_TRUTH:
+                    continue  # local changes win until they are replayed
+                if stat_mod.S_IFMT(old.mode) != rstat.kind:
+                    # A different kind of object under the same name: a new node.
+                    self.delta.removed.append(old)
+                    t.drop_tree(old)
+                    ino, old = None, None
+                elif (old.parent, old.name) == (self.parent, name) and rebuilt_as_is(old, rstat):
+                    built[old.ino] = old  # (the common case, tested without building a node)
+                    continue
+            if ino is None:
+                if next_ino is None:
+                    next_ino = first_ino = t.next_ino()
+                ino, next_ino = next_ino, next_ino + 1
+                t.set_entry(self.parent, name, ino)
+            built[ino] = self._put(t, node_from_remote(ino, self.parent, name, rstat, old), old)
+        if next_ino != first_ino and next_ino is not None:
+            t.set_next_ino(next_ino)
+        return built
+
+    def _put(self, t: Txn, node: Node, old: Node | None) -> Node:
+        if node == old:
+            return node  # a folder listed again is mostly unchanged: no write
+        self.delta.same = False
+        if old is not None and old.nlink > 1 and not old.is_dir:
+            self.folders = None
+        if old is not None and old.base is not None and node.base != old.base:
+            self.delta.changed.append(node)
+        t.put(node)
+        return node
+
+    def _drop_unlisted(self, t: Txn, unlisted: dict[bytes, int]) -> None:
+        for name, ino in unlisted.items():
+            node = t.node(ino)
+            if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
+                continue  # (a damaged copy or a refused version is on no server: kept here)
+            self.delta.same = False
+            t.delete_entry(self.parent, name)
+            if node is not None and node.nlink > 1 and not node.is_dir:
+                # One name of a hard-linked file went away; the node lives on.
+                self.folders = None
+                node.nlink -= 1
+                if (node.parent, node.name) == (self.parent, name):
+                    others = t.names_of(ino)
+                    if others:
+                        node.parent, node.name = others[0]
+                t.put(node)
+            elif node is not None:
+                self.delta.removed.append(node)
+                t.drop_tree(node)
+
+    def _count_subfolders(self, t: Txn) -> None:
+        """The folder is LISTED, its link count that of a local filesystem's folder."""
+        pnode = t.node(self.parent)
+        if pnode is None:
+            return
+        if self.folders is not None:
+            self.folders.add(pnode.parent)
+        subdirs = sum(1 for _name, rstat in self.listing if stat_mod.S_ISDIR(rstat.mode))
+        if not pnode.has(LISTED) or pnode.nlink != 2 + subdirs:
+            self.delta.same = False
+            pnode.flags |= LISTED
+            pnode.nlink = 2 + subdirs  # as a local filesystem counts them
+            t.put(pnode)
+
+
+def node_from_remote(ino: int, parent: int, name: bytes, rstat: RemoteStat, old: Node | None) -> Node:
+    """The record for a remote object; keeps local flags and content when unchanged."""
+    base = rstat.version()
+    flags = 0
+    target = b""
+    if old is not None:
+        flags = old.flags
+        target = old.target
+        if old.base != base and not stat_mod.S_ISDIR(rstat.mode):
+            # The remote content changed: what we cached of it is stale.
+            flags &= ~(FULL | TARGET)
+            target = b""
+    mtime, atime, ctime = rstat.mtime_ns, rstat.atime_ns, rstat.mtime_ns
+    if old is not None and old.base == base and _same_second(old.mtime_ns, mtime):
+        # Unchanged, and SFTP gives whole seconds: keep the finer times we know locally,
+        # so build tools and git do not see files change under them.
+        mtime, atime, ctime = old.mtime_ns, old.atime_ns, old.ctime_ns
+    return Node(
+        ino=ino, parent=parent, name=name, mode=rstat.mode, size=rstat.size,
+        mtime_ns=mtime, atime_ns=atime, ctime_ns=ctime,
+        uid=rstat.uid, gid=rstat.gid, nlink=_link_count(rstat, old), flags=flags, base=base,
+        last_use=old.last_use if old else 0.0, target=target, gen=old.gen if old else 0,
+        synced_gen=old.synced_gen if old else 0,
+    )
+
+
+def _link_count(rstat: RemoteStat, old: Node | None) -> int:
+    nlink = rstat.nlink if rstat.nlink else 1
+    if old is not None and not old.is_dir and nlink <= 1:
+        nlink = old.nlink  # SFTP does not report link counts: keep the one we know
+    if stat_mod.S_ISDIR(rstat.mode):
+        # A folder's count is kept by its own listing (SFTP does not report it).
+        nlink = old.nlink if old is not None and old.is_dir else max(nlink, 2)
+    return nlink
+
+
+def rebuilt_as_is(node: Node, rstat: RemoteStat) -> bool:
+    """Whether ``node_from_remote`` would give ``node`` back unchanged from ``rstat``, for a
+    node not hard-linked (whose record names one of its folders): same version, mode and
+    owner. A cheap test for the common case of a folder listed again."""
+    return node.base == rstat.version() and node.mode == rstat.mode and node.uid == rstat.uid \
+        and node.gid == rstat.gid and (node.is_dir or (node.nlink <= 1 and rstat.nlink <= 1))
+
+
+def _same_second(a_ns: int, b_ns: int) -> bool:
+    return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
