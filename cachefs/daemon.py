@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ import trio
 
 from .address import RemoteAddress
 from .cache.cache import Cache, CacheConfig
-from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
+from .cache.hoard import Hoard
 from .store.crypto import RecordError
 from .store.index import Store, StoreError, index_damaged
 from .control import Control
@@ -37,7 +38,8 @@ from .errors import RemoteRefused
 from .remote import ConnectOptions, open_remote
 from .cache.transfer import FetchPool, Transfers, upload_file, upload_unless_changed
 from .link.connectivity import Connectivity
-from .sync.manager import DEFAULT_WRITEBACK_HOLD, SyncManager
+from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
+from .sync.manager import SyncManager
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,11 @@ def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
     handler: no line then names a file, a folder or the remote, whichever module logs it;
     ``known`` are texts it also takes out of message templates (``_known_texts``)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
     if logfile is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
         os.chmod(logfile, 0o600)
@@ -303,7 +306,7 @@ def _serve(config: MountConfig, ready: int | None) -> int:
             fetch_pool.close()
 
 
-async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None) -> int:
+async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: FetchPool | None = None) -> int:
     try:
         store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
     except StoreError as exc:

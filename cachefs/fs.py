@@ -19,7 +19,7 @@ import logging
 import os
 import stat as stat_mod
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -73,7 +73,7 @@ def _index_damaged(ops: object, what: str, exc: BaseException) -> None:
         log.error("%s failed: %s", what, message)
 
 
-def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -276,7 +276,8 @@ class Operations(pyfuse3.Operations):
             return self._virtual_attrs(inode)
         return self._attrs(self.cache.node(inode))
 
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    # (pyfuse3's stub declares forget async; this pyfuse3 calls it without awaiting it)
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
         pass  # (lookup counts are not kept: see the module's docstring)
 
     @translate
@@ -345,7 +346,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles[fh]
         if isinstance(handle, (bytes, ControlWrite)):
             return bytes(handle)[off:off + size]
-        return await self.cache.read(handle, off, size)
+        # (maybe a memoryview into a reused buffer: pyfuse3 replies from any buffer)
+        return await self.cache.read(handle, off, size)  # type: ignore[return-value]
 
     @translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
