@@ -86,7 +86,7 @@ class Cache:
                               changed=changed or _nothing)
         self._names = Names(store, self._listings, self._content, self._opens, self._writes)
         self._files = Files(store, conn, self.config, self._kernel, self._listings, self._content,
-                            self._writes, self._opens)
+                            self._writes, self._names, self._opens)
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
@@ -98,6 +98,7 @@ class Cache:
         self.derived = self._listings.derived
         self.readlink = self._listings.readlink
         self.open = self._files.open
+        self.create = self._files.create
         self.read = self._files.read
         self.release = self._files.release
         self.written_through = self._files.written_through
@@ -178,10 +179,6 @@ class Cache:
 
     def _folder_listed(self, folder: int) -> None:
         self._content.folder_listed(folder)
-
-    async def create(self, parent: int, name: bytes, mode: int, flags: int) -> tuple[Node, OpenFile]:
-        node, fd = await self._names.create(parent, name, mode)
-        return node, self._files.adopt(node.ino, fd)
 
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,

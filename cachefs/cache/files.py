@@ -4,7 +4,7 @@ kernel reads (and writes) itself for the handles of an inode (``_Backing``).
 
 Owns: the passthrough backings by inode, the reusable buffers of large reads, and the
 open counts (``Opens``, which the write path reads).
-Must not touch: listings beyond asking them to revalidate (``Listings.revalidate``),
+Must not touch: the namespace beyond asking ``Names`` to create a file, listings beyond asking them to revalidate (``Listings.revalidate``),
 fetching (``Content``), the journal beyond the write path's own calls (``Writes``), FUSE
 requests (the ``Kernel`` it is given registers backing files).
 
@@ -28,10 +28,11 @@ import trio
 from ..errors import Busy, IsADirectory
 from ..link.connectivity import Connectivity
 from ..store.index import CONFLICT, DIRTY, FULL, KERNEL_WRITES, LOCAL_TRUTH, ORPHAN, Node, Store, Txn
-from .common import CacheConfig, Kernel
+from .common import CacheConfig, Kernel, decrement
 from .content import Content
 from .handles import OpenFile, Opens
 from .listing import Listings
+from .names import Names
 from .writes import Writes
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ PASSTHROUGH_MIN = 1 << 20
 
 class Files:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig, kernel: Kernel,
-                 listings: Listings, content: Content, writes: Writes, opens: Opens) -> None:
+                 listings: Listings, content: Content, writes: Writes, names: Names, opens: Opens) -> None:
         self.store = store
         self.conn = conn
         self.config = config
@@ -54,6 +55,7 @@ class Files:
         self._listings = listings
         self._content = content
         self._writes = writes
+        self._names = names
         self.opens = opens
         self._read_buffers: list[bytearray] = []  # free buffers of large reads
         #: ino -> the content file the kernel reads itself for its open handles
@@ -84,8 +86,11 @@ class Files:
         except BaseException:
             os.close(fd)
             raise
-        self.opens.opened(ino, writable)
+        opens = self.opens  # (Opens.opened, inline: the hot path)
+        opens.count[ino] = opens.count.get(ino, 0) + 1
+        opens.last_use[ino] = time.time()
         if writable:
+            opens.writers[ino] = opens.writers.get(ino, 0) + 1
             if flags & os.O_TRUNC and node.size:
                 self._writes.truncate(handle, 0)
             elif not node.has(FULL):
@@ -102,10 +107,13 @@ class Files:
         if not truncating or node.has(FULL) or self._content.present(node.ino, node.size):
             await self._writes.record_base_sum(node)  # (whole now, even if not yet checkpointed)
 
-    def adopt(self, ino: int, fd: int) -> OpenFile:
-        """The handle of a file just created, open for writing."""
-        self.opens.opened(ino, True)
-        return OpenFile(ino, fd, writable=True, wrote=True)
+    async def create(self, parent: int, name: bytes, mode: int, flags: int) -> tuple[Node, OpenFile]:
+        """A new empty file (``Names.create``) and its handle, open for writing."""
+        node, fd = await self._names.create(parent, name, mode)
+        opens, ino = self.opens, node.ino  # (Opens.opened, inline: the hot path)
+        opens.count[ino] = opens.count.get(ino, 0) + 1
+        opens.writers[ino] = opens.writers.get(ino, 0) + 1
+        return node, OpenFile(ino, fd, writable=True, wrote=True)
 
     def _pass_through(self, handle: OpenFile, node: Node) -> None:
         """Let the kernel read (and write) this open's content file itself: FUSE passthrough.
@@ -217,7 +225,9 @@ class Files:
                 self._release_backing(handle)
         finally:
             os.close(handle.fd)
-            self.opens.closed(ino, handle.writable)
+            decrement(self.opens.count, ino)  # (Opens.closed, inline: the hot path)
+            if handle.writable:
+                decrement(self.opens.writers, ino)
         held = self._writes.released(ino) if handle.writable else None
         if handle.wrote:
             node = held or self.store.get(ino)

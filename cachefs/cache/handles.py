@@ -1,17 +1,15 @@
 """Open handles: one ``OpenFile`` per open(), and ``Opens``, which files are open (for
 writing) now and which were orphaned (unlinked while open) by this process.
 
-Owns: those counts. ``cache.files`` changes them (open, release); the write path reads
-them (a file still being written is not summed; an unlinked open file becomes an orphan)
-and adds the handle a create opens. Must not touch: the store, content, FUSE.
+Owns: those counts. ``cache.files`` changes them (open, create, release: inline there,
+on the hot path); the write path reads them (a file still being written is not summed)
+and marks an unlinked open file an orphan (``Names``); the fetch part drops a last use
+with the content. Must not touch: the store, content, FUSE.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-
-from .common import decrement
 
 
 @dataclass
@@ -36,17 +34,6 @@ class Opens:
         #: ino -> when it was last opened (wall clock), for eviction least recently used
         #: first; dropped with the file's content (``forget``)
         self.last_use: dict[int, float] = {}
-
-    def opened(self, ino: int, writable: bool) -> None:
-        self.count[ino] = self.count.get(ino, 0) + 1
-        self.last_use[ino] = time.time()
-        if writable:
-            self.writers[ino] = self.writers.get(ino, 0) + 1
-
-    def closed(self, ino: int, writable: bool) -> None:
-        decrement(self.count, ino)
-        if writable:
-            decrement(self.writers, ino)
 
     def forget(self, ino: int) -> None:
         """The file's cached content went: so does its last use."""
