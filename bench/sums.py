@@ -80,7 +80,7 @@ def creates_and_release(n: int = 2000) -> None:
                 cache.release(handle)
             made = time.perf_counter() - t
             t = time.perf_counter()
-            cache._commit_held()
+            cache._writes.commit_held()
             held = time.perf_counter() - t
             t = time.perf_counter()
             await cache.commit_changes()
@@ -94,7 +94,7 @@ def creates_and_release(n: int = 2000) -> None:
             for i in range(100):
                 cache.write(handle, i << 20, big)
             cache.release(handle)
-            cache._commit_held()
+            cache._writes.commit_held()
             t0 = trio.current_time()
             t = time.perf_counter()
             await cache.commit_changes()

@@ -2,8 +2,9 @@
 
 Owns: the virtual inode numbers, the names in ``.cachefs/``, the content of ``status``,
 and the command language of ``control`` (one command per write; see
-docs/control-file.md). Must not touch: the remote (commands become sync-manager requests)
-or FUSE details (``cachefs.fs`` serves these files).
+docs/control-file.md). Must not touch: the remote (commands become sync-manager requests),
+the store, the link or the kernel (it asks the ``Cache`` façade, the sync manager and the
+hoard by their named methods), or FUSE details (``cachefs.fs`` serves these files).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import trio
 
-from .cache.cache import Cache
+from .cache.cache import Cache, Node
+from .cache.hoard import Hoard
 from .errors import CacheError, CommandError, SyncFailed, Unavailable
 from .sync.manager import SyncManager
 
@@ -61,20 +63,21 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Control:
-    def __init__(self, cache: Cache, sync: SyncManager, mountpoint: Path, cache_dir: Path) -> None:
+    def __init__(self, cache: Cache, sync: SyncManager, hoard: Hoard, mountpoint: Path,
+                 cache_dir: Path) -> None:
         self.cache = cache
         self.sync = sync
+        self.hoard = hoard
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
         self.started = time.time()
         self.last_error: str | None = None
 
     # -- reading --------------------------------------------------------------------------
-    def status(self) -> dict:
-        conn = self.cache.conn
-        store = self.cache.store
-        state = "syncing" if self.sync.syncing else ("online" if conn.online else "offline")
-        hoard = self.sync.hoard
+    def status(self) -> dict[str, object]:
+        link = self.cache.link_status()
+        state = "syncing" if self.sync.syncing else ("online" if self.cache.online else "offline")
+        hoard = self.hoard
         progress = None
         if self.sync.syncing:
             progress = {"task": "sync", **self.sync.progress.as_dict()}
@@ -82,10 +85,10 @@ class Control:
             progress = {"task": "pin", **hoard.progress.as_dict()}
         return {
             "state": state,
-            "connectivity": conn.state.value,
-            "remote": conn.remote.description,
+            "connectivity": link["connectivity"],
+            "remote": link["remote"],
             "pending": self.sync.pending(),
-            "conflicts": store.count(store.conflicts),
+            "conflicts": self.cache.conflict_count(),
             "progress": progress,
             "cache_bytes": self.cache.cached_bytes(),
             "cache_limit": hoard.limit,
@@ -93,8 +96,8 @@ class Control:
             "over_limit_pinned": hoard.over_limit_pinned,
             "pinned": hoard.root_paths(),
             "last_sync": _iso(self.sync.last_sync),
-            "last_online": _iso(conn.last_online),
-            "last_error": self.last_error or self.sync.last_error or conn.last_error,
+            "last_online": _iso(link["last_online"]),
+            "last_error": self.last_error or self.sync.last_error or link["last_error"],
             "mountpoint": str(self.mountpoint),
             "cache_dir": str(self.cache_dir),
             "client": self.sync.client,
@@ -105,7 +108,7 @@ class Control:
         if ino == STATUS_INO:
             return (json.dumps(self.status(), indent=2) + "\n").encode()
         if ino == CONFLICTS_INO:
-            return (json.dumps(self.cache.store.conflict_records(), indent=2) + "\n").encode()
+            return (json.dumps(self.cache.conflict_records(), indent=2) + "\n").encode()
         raise KeyError(ino)
 
     # -- commands -------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class Control:
         # Names the command renamed or removed are gone from the kernel's cache before the
         # write returns (bounded: an invalidation the kernel holds up must not hang it).
         with trio.move_on_after(KERNEL_SETTLE):
-            await self.cache.kernel.settled()
+            await self.cache.kernel_settled()
 
     @staticmethod
     def _parse(data: bytes) -> list[str]:
@@ -146,22 +149,22 @@ class Control:
             await self.sync.request_sync()
         elif verb == "offline":
             self._no_argument(words)
-            self.cache.conn.work_offline()
+            self.cache.work_offline()
         elif verb == "online":
             self._no_argument(words)
-            self.cache.conn.work_online()
+            self.cache.work_online()
         elif verb in ("pin", "unpin", "evict"):
             node = await self._node(self._path_argument(words))
             if verb == "pin":
                 try:
-                    await self.sync.hoard.pin(node.ino)
+                    await self.hoard.pin(node.ino)
                 except Unavailable as exc:
                     raise CommandError(f"pin: remote is offline ({exc}); what is cached stays pinned",
                                        errno.EHOSTDOWN) from exc
             elif verb == "unpin":
-                self.sync.hoard.unpin(node.ino)
+                self.hoard.unpin(node.ino)
             else:
-                self.sync.hoard.evict(node.ino)
+                self.hoard.evict(node.ino)
         elif verb == "resolve":
             rest = self._path_argument(words)
             path, _, keep = rest.rpartition(b" ")
@@ -195,7 +198,7 @@ class Control:
             raise CommandError("the .cachefs folder is not part of the share")
         return b"/".join(parts)
 
-    async def _node(self, path: bytes):
+    async def _node(self, path: bytes) -> Node:
         try:
             return await self.cache.resolve_path(path)
         except Unavailable as exc:

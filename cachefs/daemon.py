@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ import trio
 
 from .address import RemoteAddress
 from .cache.cache import Cache, CacheConfig
-from .cache.hoard import DEFAULT_CACHE_SIZE, Hoard
+from .cache.hoard import Hoard
 from .store.crypto import RecordError
 from .store.index import Store, StoreError, index_damaged
 from .control import Control
@@ -35,9 +36,11 @@ from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOU
 from .redact import Redactor
 from .errors import RemoteRefused
 from .remote import ConnectOptions, open_remote
-from .cache.transfer import FetchPool, fetch_into, fetch_many_into, list_folder, upload_file, upload_unless_changed
+from .cache.transfer import FetchPool, Transfers
 from .link.connectivity import Connectivity
-from .sync.manager import DEFAULT_WRITEBACK_HOLD, SyncManager
+from .link.wakeup import Wakeup
+from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
+from .sync.manager import SyncManager
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,11 @@ def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
     handler: no line then names a file, a folder or the remote, whichever module logs it;
     ``known`` are texts it also takes out of message templates (``_known_texts``)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
     if logfile is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
         os.chmod(logfile, 0o600)
@@ -306,7 +310,7 @@ def _serve(config: MountConfig, ready: int | None) -> int:
             fetch_pool.close()
 
 
-async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None) -> int:
+async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: FetchPool | None = None) -> int:
     try:
         store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
     except StoreError as exc:
@@ -329,21 +333,22 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
             log.warning("cannot reach %s (%s): mounting offline from the cache",
                         remote.description, conn.last_error)
         kernel = KernelNotifier()
+        # The one place objects are built and wired: each gets what it uses as a
+        # constructor argument (the jobs run in the transfer processes when there are some;
+        # the cache rings the sync manager's doorbell at each change).
+        transfers = (Transfers.in_pool(fetch_pool) if fetch_pool is not None
+                     else Transfers.in_process(remote, store.content))
+        wakeup = Wakeup()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout,
-                                               passthrough=config.passthrough), kernel)
-        if fetch_pool is not None:
-            cache.fetcher = fetch_pool.bind(fetch_into)
-            cache.batch_fetcher = fetch_pool.bind(fetch_many_into)
-            cache.background_lister = fetch_pool.bind(list_folder)
+                                               passthrough=config.passthrough), kernel,
+                      transfers=transfers, changed=wakeup.poke)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,
-                           writeback_hold=config.write_back_hold)
-        if fetch_pool is not None:
-            sync.uploader = fetch_pool.bind(upload_file)
-            sync.replayer = fetch_pool.bind(upload_unless_changed)
-        controls = Control(cache, sync, config.mountpoint, config.cache_dir)
-        ops = Operations(cache, controls, attr_timeout=config.attr_timeout)
+                           writeback_hold=config.write_back_hold, transfers=transfers,
+                           wakeup=wakeup)
+        controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
+        ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -354,8 +359,9 @@ async def _main(config: MountConfig, report, fetch_pool: FetchPool | None = None
                      config.cache_dir, conn.state.value)
             report("ok")
             async with trio.open_nursery() as nursery:
-                kernel.nursery = nursery
+                await nursery.start(kernel.run)
                 await nursery.start(cache.run)
+                nursery.start_soon(hoard.run)
                 if fetch_pool is not None and conn.online:
                     nursery.start_soon(partial(trio.to_thread.run_sync, fetch_pool.warm,
                                                abandon_on_cancel=True))

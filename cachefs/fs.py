@@ -1,10 +1,13 @@
 """The FUSE layer: kernel requests in, cache calls out, errno back.
 
-Owns: inode/handle bookkeeping for the kernel (lookup counts, open handles, directory
-snapshots), the translation of nodes to ``EntryAttributes``, and the one table that
-maps domain errors to errno (``_errno_of``).
-Must not touch: the remote, LMDB. Only ``FUSEError`` may leave a handler: anything else
-would end the mount, so the ``translate`` decorator turns every exception into one.
+Owns: handle bookkeeping for the kernel (open handles, directory snapshots), the
+translation of nodes to ``EntryAttributes``, the one table that maps domain errors to
+errno (``_errno_of``), and ``KernelNotifier`` (invalidations, passthrough backing files).
+Must not touch: the remote, the store, LMDB, sync: only the ``Cache`` façade and
+``Control``. Only ``FUSEError`` may leave a handler: anything else would end the mount,
+so the ``translate`` decorator turns every exception into one.
+(The kernel's lookup counts are not kept: nothing here reads them. A node unlinked while
+open is removed at its last release, which the cache counts itself.)
 """
 
 from __future__ import annotations
@@ -14,19 +17,15 @@ import functools
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-import lmdb
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
 from . import control, mounts
-from .cache import cache as cache_mod
-from .cache.cache import Cache, OpenFile
-from .store.crypto import RecordError
-from .store.index import CONFLICT, DAMAGED, DIRTY, PINNED, ROOT_INO, Node, index_damaged
+from .cache.cache import CONTROL_NAME, ROOT_INO, Cache, Kernel, Node, OpenFile, index_full, is_index_error
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, CommandError, NotFound, RemoteError, SyncFailed, Unavailable
 
@@ -58,29 +57,23 @@ def _errno_of(exc: BaseException) -> int:
         return exc.errno or errno.EIO
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno  # local disk: ENOSPC, EIO ...
-    if isinstance(exc, lmdb.Error) and "No space left" in str(exc):
+    if index_full(exc):
         return errno.ENOSPC  # the index could not grow: the cache's disk is full
     return errno.EIO
-
-
-_damage_told: set[str] = set()
 
 
 def _index_damaged(ops: object, what: str, exc: BaseException) -> None:
     """A request met a damaged index record or page: it gets EIO, and the log one line
     (once per damage) that says what and how to save the changes, not a traceback."""
-    text = str(exc)
-    if text in _damage_told:
-        log.debug("%s: %s", what, text)
-        return
-    if len(_damage_told) < 100:
-        _damage_told.add(text)
     cache = getattr(ops, "cache", None)
-    where = getattr(getattr(cache, "store", None), "dir", None)
-    log.error("%s failed: %s", what, index_damaged(where, text) if where else f"cache index damaged: {text}")
+    message = cache.damage(exc) if isinstance(cache, Cache) else f"cache index damaged: {exc}"
+    if message is None:
+        log.debug("%s: %s", what, exc)
+    else:
+        log.error("%s failed: %s", what, message)
 
 
-def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -96,7 +89,7 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             err = _errno_of(exc)
             if isinstance(exc, OSError) or err == errno.ENOSPC:
                 log.warning("%s failed: %s", fn.__name__, exc)
-            elif isinstance(exc, (RecordError, lmdb.Error)):
+            elif is_index_error(exc):
                 _index_damaged(args[0] if args else None, fn.__name__, exc)
             else:
                 log.exception("unexpected error in %s", fn.__name__)
@@ -104,12 +97,13 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-class KernelNotifier(cache_mod.Kernel):
-    """Tells the kernel about stale data from worker threads (the calls may block), and
-    hands it backing files for passthrough (in the open and release handlers)."""
+class KernelNotifier(Kernel):
+    """Tells the kernel about stale data from worker threads (the calls may block), once
+    ``run`` is running (before, there is no kernel to tell), and hands it backing files for
+    passthrough (in the open, create and release handlers)."""
 
     def __init__(self) -> None:
-        self.nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery | None = None
         #: the kernel granted passthrough at FUSE_INIT (``Operations.init``) and has not
         #: refused a backing file since
         self.passthrough_granted = False
@@ -152,10 +146,20 @@ class KernelNotifier(cache_mod.Kernel):
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         self._spawn(pyfuse3.invalidate_entry, parent, name)
 
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Carry invalidations to the kernel, each in a task of its own. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self.nursery is not None:
+        if self._nursery is not None:
             self._pending += 1
-            self.nursery.start_soon(self._call, fn, *args)
+            self._nursery.start_soon(self._call, fn, *args)
 
     async def settled(self) -> None:
         # A control command that renamed or removed names waits for this before it
@@ -182,13 +186,16 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float) -> None:
+    def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float,
+                 kernel: KernelNotifier | None = None) -> None:
         super().__init__()
         self.cache = cache
+        #: the cache's kernel, told at FUSE_INIT whether the kernel granted passthrough
+        self.kernel = kernel
         #: asked of the kernel at FUSE_INIT by a pyfuse3 built with scripts/build-passthrough
         self.enable_passthrough = cache.config.passthrough
         #: how many filesystems the content files sit on top of (1: overlayfs, eCryptfs, FUSE)
-        self.passthrough_stack_depth = 1 if mounts.is_stacked(cache.store.data_dir) else 0
+        self.passthrough_stack_depth = 1 if mounts.is_stacked(cache.data_dir) else 0
         self.control = control_files
         self.attr_timeout = attr_timeout
         self.uid = os.getuid()
@@ -196,7 +203,6 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile | bytes] = {}
         self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self._next_fh = 1
-        self._lookups: dict[int, int] = {}
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
 
     def init(self) -> None:
@@ -206,9 +212,8 @@ class Operations(pyfuse3.Operations):
                "this pyfuse3 cannot ask for it; see scripts/build-passthrough"
                if _passthrough_granted is None else
                "not granted by the kernel (it needs Linux 6.9+ with FUSE passthrough)")
-        kernel = self.cache.kernel
-        if isinstance(kernel, KernelNotifier):
-            kernel.passthrough_granted, kernel.passthrough_off = granted, off
+        if self.kernel is not None:
+            self.kernel.passthrough_granted, self.kernel.passthrough_off = granted, off
         if granted:
             log.info("kernel passthrough: on (the kernel reads whole cached files itself)")
         elif self.enable_passthrough:
@@ -250,14 +255,11 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = 0
         return a
 
-    def _count_lookup(self, ino: int) -> None:
-        self._lookups[ino] = self._lookups.get(ino, 0) + 1
-
     # -- namespace ----------------------------------------------------------------------
     @translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.debug("lookup %d %r", parent_inode, name)
-        if parent_inode == ROOT_INO and name == cache_mod.CONTROL_NAME:
+        if parent_inode == ROOT_INO and name == CONTROL_NAME:
             attrs = self._virtual_attrs(control.DIR_INO)
         elif parent_inode == control.DIR_INO:
             ino = control.NAMES.get(name)
@@ -274,7 +276,6 @@ class Operations(pyfuse3.Operations):
                 negative.st_ino = 0
                 negative.entry_timeout = self.attr_timeout
                 return negative
-        self._count_lookup(attrs.st_ino)
         return attrs
 
     @translate
@@ -283,13 +284,9 @@ class Operations(pyfuse3.Operations):
             return self._virtual_attrs(inode)
         return self._attrs(self.cache.node(inode))
 
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            left = self._lookups.get(ino, 0) - count
-            if left > 0:
-                self._lookups[ino] = left
-            else:
-                self._lookups.pop(ino, None)
+    # (pyfuse3's stub declares forget async; this pyfuse3 calls it without awaiting it)
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
+        pass  # (lookup counts are not kept: see the module's docstring)
 
     @translate
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -304,7 +301,7 @@ class Operations(pyfuse3.Operations):
             nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
             entries = self._entries_of(inode, nodes)
             if inode == ROOT_INO:
-                entries = [(cache_mod.CONTROL_NAME, self._virtual_attrs(control.DIR_INO)), *entries]
+                entries = [(CONTROL_NAME, self._virtual_attrs(control.DIR_INO)), *entries]
         fh = self._new_fh()
         self._dirs[fh] = entries
         return fh
@@ -322,7 +319,6 @@ class Operations(pyfuse3.Operations):
             name, attrs = entries[index]
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
-            self._count_lookup(attrs.st_ino)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -358,7 +354,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles[fh]
         if isinstance(handle, (bytes, ControlWrite)):
             return bytes(handle)[off:off + size]
-        return await self.cache.read(handle, off, size)
+        # (maybe a memoryview into a reused buffer: pyfuse3 replies from any buffer)
+        return await self.cache.read(handle, off, size)  # type: ignore[return-value]
 
     @translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -400,7 +397,7 @@ class Operations(pyfuse3.Operations):
 
     def _entry_in(self, parent: int, name: bytes) -> None:
         self._no_virtual(parent)
-        if parent == ROOT_INO and name == cache_mod.CONTROL_NAME:
+        if parent == ROOT_INO and name == CONTROL_NAME:
             raise FUSEError(errno.EEXIST)
 
     @translate
@@ -411,7 +408,6 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh()
         self._handles[fh] = handle
         attrs = self._attrs(node)
-        self._count_lookup(node.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
 
     @translate
@@ -422,7 +418,6 @@ class Operations(pyfuse3.Operations):
         self._entry_in(parent_inode, name)
         node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, 0)
         self.cache.release(handle)
-        self._count_lookup(node.ino)
         return self._attrs(node)
 
     @translate
@@ -430,7 +425,6 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._entry_in(parent_inode, name)
         node = await self.cache.mkdir(parent_inode, name, mode & ~ctx.umask)
-        self._count_lookup(node.ino)
         return self._attrs(node)
 
     @translate
@@ -438,7 +432,6 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._entry_in(parent_inode, name)
         node = await self.cache.symlink(parent_inode, name, target)
-        self._count_lookup(node.ino)
         return self._attrs(node)
 
     @translate
@@ -448,7 +441,6 @@ class Operations(pyfuse3.Operations):
         self._no_virtual(inode)
         self._entry_in(new_parent_inode, new_name)
         node = await self.cache.link(inode, new_parent_inode, new_name)
-        self._count_lookup(node.ino)
         return self._attrs(node)
 
     @translate
@@ -521,26 +513,10 @@ class Operations(pyfuse3.Operations):
         return (mode & perms) == mode
 
     # -- extended attributes --------------------------------------------------------------
-    def _state(self, inode: int) -> bytes:
-        node = self.cache.node(inode)
-        if node.has(DAMAGED):
-            return b"damaged"
-        if node.has(CONFLICT):
-            return b"conflict"
-        if node.has(DIRTY):
-            return b"dirty"
-        if node.has(PINNED):
-            return b"pinned"
-        if node.is_dir:
-            return b"cached" if node.has(cache_mod.LISTED) else b"remote"
-        if node.is_symlink:
-            return b"cached"
-        return self.cache.content_state(node).encode()
-
     @translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATE_XATTR and not control.is_virtual(inode):
-            return self._state(inode)
+            return self.cache.state(inode).encode()
         raise FUSEError(pyfuse3.ENOATTR)
 
     @translate

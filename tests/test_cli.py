@@ -490,7 +490,7 @@ def test_bad_mount_values_are_usage_errors(tmp_path: Path, extra: list[str], wor
 
 
 def test_parse_size_bounds() -> None:
-    from cachefs.cache.hoard import MAX_SIZE, parse_size
+    from cachefs.defaults import MAX_SIZE, parse_size
 
     assert parse_size("1.5 GiB") == 3 << 29 and parse_size("10gb") == 10 << 30
     assert parse_size(".5K") == 512 and parse_size("500B") == 500 and parse_size("2P") == 2 << 50

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefs.store import crypto
-from cachefs.store.index import ROOT_INO, Store, StoreError, node_from_remote
+from cachefs.store.index import ROOT_INO, Store, StoreError
+from cachefs.cache.listing import apply_listing
 from cachefs.remote.base import RemoteStat
 
 KEY = bytes(range(32))
@@ -112,7 +113,7 @@ def test_sealed_store_keeps_names_out_of_the_index(tmp_path: Path) -> None:
     key = crypto.open_key(cache, b"pw")
     store = Store(cache, "sftp://alice@secret-host/plans", key=key)
     rstat = RemoteStat(mode=0o100644, size=3, mtime_ns=10**9, atime_ns=0)
-    store.apply_listing(ROOT_INO, [(b"merger-plans.txt", rstat), (b"caf\xe9", rstat)], node_from_remote)
+    apply_listing(store, ROOT_INO, [(b"merger-plans.txt", rstat), (b"caf\xe9", rstat)])
     assert sorted(n.name for n in store.children(ROOT_INO)) == [b"caf\xe9", b"merger-plans.txt"]
     assert store.child(ROOT_INO, b"merger-plans.txt") is not None
     store.close()

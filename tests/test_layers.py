@@ -118,8 +118,7 @@ def test_no_package_level_cycle() -> None:
 
 
 @pytest.mark.parametrize("module, forbidden", [
-    pytest.param("cachefs.fs", ("lmdb", "cachefs.sync", "cachefs.store", "cachefs.remote", "cachefs.link"),
-                 marks=pytest.mark.xfail(strict=True, reason="issue 20: fs still reads store flags")),
+    ("cachefs.fs", ("lmdb", "cachefs.sync", "cachefs.store", "cachefs.remote", "cachefs.link")),
     ("cachefs.remote", ("cachefs.cache", "cachefs.sync", "cachefs.store", "cachefs.link", "lmdb", "trio")),
     ("cachefs.store", ("cachefs.cache", "cachefs.sync", "cachefs.link", "cachefs.remote", "trio", "pyfuse3", "paramiko")),
     ("cachefs.cache", ("pyfuse3", "cachefs.sync")),
@@ -129,6 +128,21 @@ def test_layer_keeps_out_of(module: str, forbidden: tuple[str, ...]) -> None:
     wrong = sorted(f"{m} imports {t}" for m, targets in GRAPH.items()
                    if m == module or m.startswith(module + ".")
                    for t in targets for f in forbidden if t == f or t.startswith(f + "."))
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("module", ["cachefs.fs", "cachefs.control"])
+def test_reaches_only_the_cache_facade(module: str) -> None:
+    """fs and control ask the ``Cache`` façade, the sync manager and the hoard by their
+    named methods: no reaching through them into the store, the link, the kernel or the
+    hoard (``cache.store.x``, ``sync.hoard.y``)."""
+    path = ROOT / (module.split(".", 1)[1] + ".py")
+    wrong = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr in ("cache", "sync") and node.attr in (
+                    "store", "conn", "kernel", "remote", "hoard", "_store", "_conn", "_kernel"):
+            wrong.append(f"line {node.lineno}: .{node.value.attr}.{node.attr}")
     assert not wrong, "\n".join(wrong)
 
 

@@ -1,17 +1,19 @@
 """A folder listed again, in-process: a real store and cache over a real local share. A
-listing that brings nothing new must not touch the index (``Cache._unchanged_listing``), and
+listing that brings nothing new must not touch the index (``Listings._unchanged_listing``), and
 every kind of change on the share must still arrive through it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
+from cachefs.cache.common import Freshness
 from cachefs.store.index import FULL, ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
@@ -123,7 +125,7 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
         await conn.first_connect()
         cache = Cache(store, conn, CacheConfig())
         async with trio.open_nursery() as nursery:
-            cache._nursery = nursery  # (for the fetches; no checkpoint but the test's own)
+            cache.start_fetching(nursery)  # (for the fetches; no checkpoint but the test's own)
             await read_three(cache)
             nursery.cancel_scope.cancel()
 
@@ -137,13 +139,55 @@ def test_files_read_whole_keep_their_folder_listing(tmp_path: Path) -> None:
         await cache.checkpoint()
         assert all(store.get(n.ino).has(FULL) == (n.name in (b"f0", b"f1", b"f2"))
                    for n in store.children(ino))
-        kept = cache._kept_names(ino)
+        kept = cache._listings.kept_names(ino)
         assert kept is not None  # the checkpoint left the kept listing in place
         assert {name for name, node in kept.items() if node.has(FULL)} == {b"f0", b"f1", b"f2"}
         writes = _writes_to(store)
         children = await cache.listdir(ino, refresh=True)
         assert writes == []
         assert [cache.content_state(n) for n in children] == ["cached"] * 3 + ["remote"] * 2
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_freshness_is_pruned_of_what_timed_out() -> None:
+    """Times older than the timeout count as none, and go once the table has doubled:
+    the table holds what was marked within one timeout, not every node ever listed."""
+    fresh = Freshness(ttl=10.0)
+    now = time.monotonic()
+    fresh.mark_all(list(range(1000)), now - 20)  # timed out already
+    fresh.mark_all(list(range(1000, 1100)), now)
+    assert len(fresh) == 100  # (1,100 > 1,024: pruned)
+    assert fresh.fresh(1050) and not fresh.fresh(5)
+    fresh.mark_all(list(range(2000, 2500)), now - 20)
+    assert len(fresh) == 600  # (not doubled since: nothing pruned)
+    fresh.drop(1050)
+    assert not fresh.fresh(1050)
+
+
+def test_listing_many_folders_keeps_few_times(tmp_path: Path) -> None:
+    """Folders listed one after the other, each a timeout after the last, leave the times
+    of the last ones only (every node's check time was kept for the mount's life: about
+    70 MiB per million nodes listed)."""
+    share = tmp_path / "share"
+    for d in range(8):
+        (share / f"d{d}").mkdir(parents=True)
+        for i in range(1000):
+            (share / f"d{d}" / f"f{i}").touch()
+    store, conn = _cache_of(tmp_path, share)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.05, dir_timeout=0.05))
+        for d in range(8):
+            folder = await cache.lookup(ROOT_INO, b"d%d" % d)
+            assert len(await cache.listdir(folder.ino)) == 1000
+            await trio.sleep(0.06)
+        sizes = cache._listings.sizes()
+        assert sizes["checked"] <= 2 * 1001 + 1024, sizes  # (8,000 and more before)
 
     try:
         trio.run(main)

@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachefs.store import ranges as rangeset
-from cachefs.cache.hoard import parse_size
-from cachefs.store.index import DIRTY, FULL, ROOT_INO, Node, Store, StoreError, node_from_remote
+from cachefs.defaults import parse_size
+from cachefs.store.index import DIRTY, FULL, ROOT_INO, Node, Store, StoreError
+from cachefs.cache.listing import apply_listing
 from cachefs.remote.base import RemoteStat
 from cachefs.store.journal import Op
 from tests.fixtures.mount import tmpfs
@@ -178,8 +179,7 @@ def test_store_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
 
 def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     store = Store(tmp_path / "c", "file:///x")
-    store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))],
-                        node_from_remote)
+    apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))])
     a = store.child(ROOT_INO, b"a")
     assert a is not None and a.size == 5 and a.base == (5, 10**9, stat.S_IFREG)
     assert [n.name for n in store.children(ROOT_INO)] == [b"a", b"d"]
@@ -187,13 +187,12 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
 
     # The same listing again writes nothing, and no kept listing counts as changed.
     generations = (store.generation, dict(store.folder_generation))
-    again = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))],
-                                node_from_remote)
+    again = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"d", _rstat(stat.S_IFDIR))])
     assert again.same and not again.changed and not again.removed
     assert again.children == store.children(ROOT_INO)
     assert (store.generation, store.folder_generation) == generations
 
-    delta = store.apply_listing(ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2))], node_from_remote)
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2))])
     assert not delta.same and store.folder_generation != generations[1]
     assert delta.children == store.children(ROOT_INO)  # handed back as written, unpacked or not
     assert [n.ino for n in delta.changed] == [a.ino]
@@ -206,7 +205,7 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     node.flags |= DIRTY
     node.size = 100
     store.put(node)
-    store.apply_listing(ROOT_INO, [], node_from_remote)
+    apply_listing(store, ROOT_INO, [])
     kept = store.child(ROOT_INO, b"a")
     assert kept is not None and kept.size == 100
     store.close()
@@ -219,8 +218,7 @@ def test_changed_files_are_fitted_to_their_recorded_size_at_open(tmp_path: Path,
     the files with local changes to their recorded size (bytes past it would show again
     when the file grows), and leaves clean files alone."""
     store = Store(tmp_path / "c", "file:///x", key=key)
-    store.apply_listing(ROOT_INO, [(name, _rstat(stat.S_IFREG, 10)) for name in (b"long", b"short", b"clean")],
-                        node_from_remote)
+    apply_listing(store, ROOT_INO, [(name, _rstat(stat.S_IFREG, 10)) for name in (b"long", b"short", b"clean")])
     sizes = {b"long": 5, b"short": 20, b"clean": 10}
     written = {b"long": b"L" * 12, b"short": b"S" * 10, b"clean": b"C" * 15}
     for name, size in sizes.items():

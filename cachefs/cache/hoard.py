@@ -5,17 +5,20 @@ mark on everything under them, walks that fetch a pinned tree whole, eviction of
 content on request (``evict``) and to stay under the cache size limit (least recently
 used first). Pinned and dirty content is never evicted.
 Must not touch: FUSE, the remote's write side. Reads go through the cache like any read.
+
+Concurrency: on the trio thread. ``run`` (a task the daemon starts) evicts after each
+checkpoint of ``Cache.run``; pin walks await listings and fetches through the cache.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 
+import lmdb
 import trio
 
-from ..defaults import DEFAULT_CACHE_SIZE, MAX_SIZE, parse_size  # noqa: F401 (also imported from here)
+from ..defaults import DEFAULT_CACHE_SIZE
 from ..errors import RemoteError, Unavailable
 from .cache import Cache
 from ..progress import Progress
@@ -32,7 +35,16 @@ class Hoard:
         self.limit = limit
         self.over_limit_pinned = False  # pinned + dirty content alone exceeds the limit
         self.progress: Progress | None = None
-        cache.after_checkpoint = self.enforce_limit
+
+    async def run(self) -> None:
+        """Keep the cache under its size limit: evict after each of the cache's
+        checkpoints (which make its count of cached bytes exact). Runs until cancelled."""
+        while True:
+            await self.cache.checkpointed()
+            try:
+                self.enforce_limit()
+            except (OSError, lmdb.Error) as exc:  # a full disk: retried next time
+                log.error("eviction failed (retrying): %s", exc)
 
     # -- pinned roots ----------------------------------------------------------------------
     def roots(self) -> list[int]:

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from ..errors import ContentDamaged, RemoteError, RemoteUnreachable
-from ..remote.base import Remote
+from ..remote.base import Remote, RemoteStat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class _Checked:
         if self._checked:
             return b""
         try:
-            data = self._stream.read(n)
+            data: bytes = self._stream.read(n)
         except OSError as exc:
             raise ContentDamaged(f"{self._what}: {exc.strerror or exc}") from exc
         if data:
@@ -80,7 +80,7 @@ class _Checked:
 
 
 def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_path: str, mode: int,
-                temp: bytes, atime_ns: int, mtime_ns: int, digest: bytes):
+                temp: bytes, atime_ns: int, mtime_ns: int, digest: bytes) -> RemoteStat:
     """Atomic upload of a content file with its mode and times; the new remote version.
 
     ``digest``: the SHA-256 recorded when the content was committed; content that does not
@@ -94,7 +94,7 @@ def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_pa
         raise LocalGone(content_path) from None
     what = f"cache content file {content_path}"
     try:
-        return remote.upload(path, lambda: _Checked(content.reader(fd, size), size, digest, what),
+        return remote.upload(path, lambda: cast(BinaryIO, _Checked(content.reader(fd, size), size, digest, what)),
                              mode, temp, (atime_ns, mtime_ns))
     finally:
         os.close(fd)
@@ -219,7 +219,8 @@ def _init_worker(address: Any, options: Any, key: bytes | None) -> None:
     _worker = (remote, crypto.SealedContent(key) if key else crypto.PlainContent())
 
 
-def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *args: Any):
+def upload_unless_changed(remote: Remote, content: Any, created: bool, base: tuple[int, int, int] | None,
+                          *args: Any) -> tuple[str, Any]:
     """Replay of a content change in one job: look at the remote, and upload only when it
     is as expected (absent for a file created here, at ``base`` for a changed one).
     ("uploaded", new version), or ("changed", what is there) / ("gone", None) for the
@@ -237,7 +238,7 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base, *ar
     return ("uploaded", upload_file(remote, content, *args))
 
 
-def list_folder(remote: Remote, content: Any, path: bytes) -> list:
+def list_folder(remote: Remote, content: Any, path: bytes) -> list[Any]:
     """A folder's listing, parsed where it is read (a worker process's own connection)."""
     return remote.listdir(path)
 
@@ -268,8 +269,8 @@ class FetchPool:
     def start(self) -> None:
         """Fork the processes now. Call it while the caller has one thread and no open
         index or connection (before trio starts): the children inherit nothing shared."""
-        self._pool("fork")
-        futures = [self._executor.submit(_noop) for _ in range(self.processes)]
+        pool = self._pool("fork")
+        futures = [pool.submit(_noop) for _ in range(self.processes)]
         concurrent.futures.wait(futures, timeout=30)
 
     def _pool(self, method: str = "spawn") -> concurrent.futures.ProcessPoolExecutor:

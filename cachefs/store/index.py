@@ -64,10 +64,8 @@ import fcntl
 import json
 import logging
 import os
-import stat as stat_mod
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,7 +86,7 @@ __all__ = ["ATTR_DIRTY", "CONFLICT", "DAMAGED", "DIRTY", "FIRST_INO", "FULL", "I
            "KERNEL_WRITES", "LISTED", "LOCAL_TRUTH", "ORPHAN", "PINNED", "ROOT_INO", "SCHEMA",
            "TARGET", "WRITING", "BaseSum", "ContentSum", "Held", "Node", "StoreError",
            "index_damaged", "PROBE_CRASHED", "check_private_dir", "probe_index",
-           "Store", "Txn", "ListingDelta", "node_from_remote", "rebuilt_as_is"]
+           "Store", "Txn"]
 
 T = TypeVar("T")
 
@@ -308,7 +306,7 @@ class Store:
 
         ``folders()``, asked after the commit: the only folders whose listings (entries, or
         the nodes listed in them) the transaction changed, if the caller knows
-        (``apply_listing``); otherwise (None) every listing read before counts as changed
+        (``cache.listing.apply_listing``); otherwise (None) every listing read before counts as changed
         (``generation``).
         """
         for attempt in range(2):
@@ -486,103 +484,6 @@ class Store:
         """The share-relative path of a node, walking up its parents."""
         with self.env.begin() as txn:
             return _path_of(self, txn, ino)
-
-    def apply_listing(self, parent: int, listing: list[tuple[bytes, "object"]], make_node) -> "ListingDelta":
-        """Make the cached entries of ``parent`` equal ``listing`` in one transaction.
-
-        ``make_node(ino, parent, name, remote_stat, old_node)`` returns the node record to
-        store (``old_node`` is None for a new name). Entries gone from the remote are
-        removed unless dirty. Returns what changed so the caller can drop content and
-        invalidate kernel caches.
-        """
-        delta = ListingDelta()
-        # Listings this changes: the folder's, its parent's (the folder's own node), and
-        # any folder dropped with its subtree; a hard-linked node, listed elsewhere too,
-        # makes it "all" (None); none when the listing found nothing new (``delta.same``).
-        folders: set[int] | None = {parent}
-
-        def txn_fn(txn: lmdb.Transaction) -> None:
-            nonlocal folders
-            delta.changed.clear()  # (run again when the map had to grow)
-            delta.removed.clear()
-            delta.same = True
-            entries = self._entries_in(txn, parent)
-            existing = dict(entries)
-            built: dict[int, Node] = {}
-            next_ino = first_ino = None
-            for name, rstat in listing:
-                ino = existing.pop(name, None)
-                old = None
-                if ino is not None:
-                    data = txn.get(_key(ino), db=self.nodes)
-                    old = self._unpack(ino, data) if data is not None else None
-                    if old is not None and old.flags & LOCAL_TRUTH:
-                        continue  # local changes win until they are replayed
-                    if old is not None and stat_mod.S_IFMT(old.mode) != rstat.kind:
-                        # A different kind of object under the same name: a new node.
-                        delta.removed.append(old)
-                        self._drop_node(txn, old)
-                        ino, old = None, None
-                    elif old is not None and (old.parent, old.name) == (parent, name) \
-                            and rebuilt_as_is(old, rstat):
-                        built[ino] = old  # (the common case, tested without building a node)
-                        continue
-                if ino is None:
-                    if next_ino is None:  # numbers for new names: read and written once
-                        next_ino = first_ino = _U64.unpack(self._meta_get(txn, b"next_ino"))[0]
-                    ino, next_ino = next_ino, next_ino + 1
-                    ekey = self._ekey(parent, name)
-                    txn.put(ekey, self._evalue(ekey, ino, name), db=self.entries)
-                node = make_node(ino, parent, name, rstat, old)
-                built[ino] = node
-                if node == old:
-                    continue  # a folder listed again is mostly unchanged: no write
-                delta.same = False
-                if old is not None and old.nlink > 1 and not old.is_dir:
-                    folders = None
-                if old is not None and old.base is not None and node.base != old.base:
-                    delta.changed.append(node)
-                txn.put(_key(ino), self._pack(node), db=self.nodes)
-            if next_ino != first_ino:
-                self._meta_put(txn, b"next_ino", _U64.pack(next_ino))
-            for name, ino in existing.items():
-                data = txn.get(_key(ino), db=self.nodes)
-                node = self._unpack(ino, data) if data is not None else None
-                if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
-                    continue  # (a damaged copy or a refused version is on no server: kept here)
-                delta.same = False
-                txn.delete(self._ekey(parent, name), db=self.entries)
-                if node is not None and node.nlink > 1 and not node.is_dir:
-                    # One name of a hard-linked file went away; the node lives on.
-                    folders = None
-                    node.nlink -= 1
-                    if (node.parent, node.name) == (parent, name):
-                        others = Txn(self, txn).names_of(ino)
-                        if others:
-                            node.parent, node.name = others[0]
-                    txn.put(_key(ino), self._pack(node), db=self.nodes)
-                elif node is not None:
-                    delta.removed.append(node)
-                    self._drop_node(txn, node)
-            if folders is not None:
-                folders.update(n.ino for n in delta.removed if n.is_dir)
-            pdata = txn.get(_key(parent), db=self.nodes)
-            if pdata is not None:
-                pnode = self._unpack(parent, pdata)
-                if folders is not None:
-                    folders.add(pnode.parent)
-                subdirs = sum(1 for _name, rstat in listing if stat_mod.S_ISDIR(rstat.mode))
-                if not pnode.has(LISTED) or pnode.nlink != 2 + subdirs:
-                    delta.same = False
-                    pnode.flags |= LISTED
-                    pnode.nlink = 2 + subdirs  # as a local filesystem counts them
-                    txn.put(_key(parent), self._pack(pnode), db=self.nodes)
-            # The folder's entries as ``children`` reads them, without unpacking again the
-            # nodes just built (the opendir that asked for the listing reads them next).
-            delta.children = self._children_in(txn, parent, built, entries if delta.same else None)
-
-        self.run_write(txn_fn, folders=lambda: set() if delta.same else folders)
-        return delta
 
     def _drop_node(self, txn: lmdb.Transaction, node: Node) -> None:
         """Forget a node and, for a folder, everything under it (content files too)."""
@@ -921,63 +822,34 @@ class Txn:
     def drop_base_sum(self, ino: int) -> None:
         self.txn.delete(_sum_key(ino, b"b"), db=self.store.sums)
 
-    def add_conflict(self, record: dict) -> int:
+    # -- what a listing applies (``cache.listing.apply_listing``) --------------------------
+    def entries(self, parent: int) -> list[tuple[bytes, int]]:
+        """The folder's (name, ino) pairs, in key order."""
+        return self.store._entries_in(self.txn, parent)
+
+    def children(self, parent: int, known: dict[int, Node] | None = None,
+                 entries: list[tuple[bytes, int]] | None = None) -> list[Node]:
+        """``Store.children`` in this transaction; ``known``: nodes as just written, used as
+        they are; ``entries``: the folder's ``entries``, when the caller has read them."""
+        return self.store._children_in(self.txn, parent, known, entries)
+
+    def drop_tree(self, node: Node) -> None:
+        """Forget a node and, for a folder, everything under it (content files too, once
+        the transaction has committed)."""
+        self.store._drop_node(self.txn, node)
+
+    def next_ino(self) -> int:
+        """The number the next new node takes (``set_next_ino`` moves it on)."""
+        data = self.store._meta_get(self.txn, b"next_ino")
+        assert data is not None, "the schema's set-up writes next_ino"
+        return int(_U64.unpack(data)[0])
+
+    def set_next_ino(self, ino: int) -> None:
+        self.store._meta_put(self.txn, b"next_ino", _U64.pack(ino))
+
+    def add_conflict(self, record: dict[str, Any]) -> int:
         cur = self.txn.cursor(db=self.store.conflicts)
         cid = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         record["id"] = cid
         self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode(), _key(cid)), db=self.store.conflicts)
         return cid
-
-
-@dataclass
-class ListingDelta:
-    changed: list[Node] = field(default_factory=list)  # base version differs from before
-    removed: list[Node] = field(default_factory=list)
-    children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
-    same: bool = True  # nothing written: the listing matched the cached entries
-
-
-def node_from_remote(ino: int, parent: int, name: bytes, rstat, old: Node | None) -> Node:
-    """The record for a remote object; keeps local flags and content when unchanged."""
-    base = rstat.version()
-    flags = 0
-    target = b""
-    if old is not None:
-        flags = old.flags
-        target = old.target
-        if old.base != base and not stat_mod.S_ISDIR(rstat.mode):
-            # The remote content changed: what we cached of it is stale.
-            flags &= ~(FULL | TARGET)
-            target = b""
-    nlink = rstat.nlink if rstat.nlink else 1
-    if old is not None and not old.is_dir and nlink <= 1:
-        nlink = old.nlink  # SFTP does not report link counts: keep the one we know
-    if stat_mod.S_ISDIR(rstat.mode):
-        # A folder's count is kept by its own listing (SFTP does not report it).
-        nlink = old.nlink if old is not None and old.is_dir else max(nlink, 2)
-    mtime, atime, ctime = rstat.mtime_ns, rstat.atime_ns, rstat.mtime_ns
-    if old is not None and old.base == base and _same_second(old.mtime_ns, mtime):
-        # Unchanged, and SFTP gives whole seconds: keep the finer times we know locally,
-        # so build tools and git do not see files change under them.
-        mtime, atime, ctime = old.mtime_ns, old.atime_ns, old.ctime_ns
-    return Node(
-        ino=ino, parent=parent, name=name, mode=rstat.mode, size=rstat.size,
-        mtime_ns=mtime, atime_ns=atime, ctime_ns=ctime,
-        uid=rstat.uid, gid=rstat.gid, nlink=nlink, flags=flags, base=base,
-        last_use=old.last_use if old else 0.0, target=target, gen=old.gen if old else 0,
-        synced_gen=old.synced_gen if old else 0,
-    )
-
-
-def rebuilt_as_is(node: Node, rstat) -> bool:
-    """Whether ``node_from_remote`` would give ``node`` back unchanged from ``rstat``, for a
-    node not hard-linked (whose record names one of its folders): same version, mode and
-    owner. A cheap test for the common case of a folder listed again."""
-    return node.base == rstat.version() and node.mode == rstat.mode and node.uid == rstat.uid \
-        and node.gid == rstat.gid and (node.is_dir or (node.nlink <= 1 and rstat.nlink <= 1))
-
-
-def _same_second(a_ns: int, b_ns: int) -> bool:
-    return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
-
-

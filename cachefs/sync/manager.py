@@ -42,7 +42,6 @@ import trio
 
 from ..cache.cache import Cache
 from ..cache.hoard import Hoard
-from ..cache.reconcile import Reconcile
 from ..cache.transfer import Transfers
 from ..defaults import DEFAULT_WRITEBACK_HOLD
 from ..errors import RemoteError, SyncFailed, Unavailable
@@ -88,15 +87,13 @@ class SyncManager:
         #: the blocking upload jobs, run in a worker thread or handed on to a worker process
         side = RemoteSide(store, conn, transfers or Transfers.in_process(self.remote, store.content), self.client)
         #: the store changes of the replay (a node and its content, written in one place)
-        reconcile = Reconcile(store, lambda ino: bool(cache.writers.get(ino)))
+        reconcile = cache.reconcile
         ledger = Ledger(store, cache)
         sums = ServerSums(store, side)
         self._conflicts = Conflicts(store, cache, side, ledger, reconcile)
         content = ContentReplay(store, cache, side, ledger, self._conflicts, sums, reconcile)
         self._replayer = Replayer(store, cache, side, ledger, self._conflicts, content, sums, parallel)
-        cache.changed = self.wakeup.poke  # moved to the daemon at merge
         conn.on_online(self.wakeup.poke)
-        cache.rebuild_local_dirs()
 
     # -- status (control reads these) -------------------------------------------------------
     @property
