@@ -108,6 +108,8 @@ def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
 class Store:
     """The cache directory: index, content files, lock."""
 
+    env: lmdb.Environment  # (opened by ``opening.open_environment``)
+
     def __init__(self, cache_dir: Path, remote_text: str, map_size: int = 32 << 20,
                  key: bytes | None = None) -> None:
         """``key``: the cache key of an encrypted cache (see ``crypto.open_key``)."""
@@ -140,6 +142,7 @@ class Store:
 
     def _open(self, cache_dir: Path, remote_text: str, map_size: int) -> None:
         self._env_open = False
+        self.writemap = True
         self._removals: list[int] = []
         #: this cache's short random id (``meta/cache_id``; set by ``opening.check_schema``)
         self.cache_id = ""
@@ -155,32 +158,7 @@ class Store:
         self._once_indexed = opening.index_present(self)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
-        # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
-        # programs), not one fsync per commit; a process crash loses nothing.
-        # writemap: a transaction writes its pages in the shared map, and the commit has no
-        # pages to copy out (a create's commit 12 us less). A write into a hole of the map
-        # would die of SIGBUS on a full disk, so the whole map is kept allocated
-        # (``_allocate_map``); where that cannot be done, the index runs without writemap.
-        self.writemap = True
-        if self._once_indexed:  # (before this process opens it: LMDB allows one env per path)
-            failure = opening.probe_index(cache_dir / "index")
-            if failure is not None:
-                raise StoreError(index_damaged(cache_dir, failure))
-        try:
-            self.env = self._open_env(map_size)
-            self._env_open = True
-            try:
-                self._allocate_map(self.env.info()["map_size"])
-            except OSError as exc:
-                log.warning("the cache index runs without writemap (slower commits): cannot "
-                            "allocate its %d MiB map on disk: %s",
-                            self.env.info()["map_size"] >> 20, exc)
-                self.env.close()
-                self.writemap = False
-                self.env = self._open_env(map_size)
-                self._env_open = True
-        except lmdb.Error as exc:
-            raise StoreError(index_damaged(cache_dir, f"it does not open: {exc}")) from exc
+        opening.open_environment(self, map_size)
         self.meta = self.env.open_db(b"meta")
         self.nodes = self.env.open_db(b"nodes")
         self.entries = self.env.open_db(b"entries")

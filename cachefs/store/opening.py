@@ -100,6 +100,37 @@ def check_private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+def open_environment(store: Store, map_size: int) -> None:
+    """Open the LMDB environment of ``store``, its pages walked first when the cache
+    already had an index, with ``writemap`` where the whole map can be allocated."""
+    # sync=False: commits are made durable by ``checkpoint`` (and by fsync from
+    # programs), not one fsync per commit; a process crash loses nothing.
+    # writemap: a transaction writes its pages in the shared map, and the commit has no
+    # pages to copy out (a create's commit 12 us less). A write into a hole of the map
+    # would die of SIGBUS on a full disk, so the whole map is kept allocated
+    # (``_allocate_map``); where that cannot be done, the index runs without writemap.
+    store.writemap = True
+    if store._once_indexed:  # (before this process opens it: LMDB allows one env per path)
+        failure = probe_index(store.dir / "index")
+        if failure is not None:
+            raise StoreError(index_damaged(store.dir, failure))
+    try:
+        store.env = store._open_env(map_size)
+        store._env_open = True
+        try:
+            store._allocate_map(store.env.info()["map_size"])
+        except OSError as exc:
+            log.warning("the cache index runs without writemap (slower commits): cannot "
+                        "allocate its %d MiB map on disk: %s",
+                        store.env.info()["map_size"] >> 20, exc)
+            store.env.close()
+            store.writemap = False
+            store.env = store._open_env(map_size)
+            store._env_open = True
+    except lmdb.Error as exc:
+        raise StoreError(index_damaged(store.dir, f"it does not open: {exc}")) from exc
+
+
 def index_present(store: Store) -> bool:
     """Refuse a cache that once held an index (its mark, or content files, say so)
     and has none now, before LMDB would make a new, empty one: an empty index would
