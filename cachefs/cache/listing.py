@@ -13,7 +13,8 @@ Must not touch: content (what of a file is cached: the fetch part, told through 
 this part only counts the folders its entries hold), FUSE.
 
 Concurrency: everything runs on the trio thread. ``ensure_listing`` awaits the remote
-under one trio lock per folder (no other lock is taken while it is held); what it found
+under one trio lock per folder (while it is held, only a parent's may be taken: a folder
+found gone lists its parent, never the reverse); what it found
 is applied only if no change of the folder was journaled while it was on its way
 (``_dir_gen``), with no await between that test and the index write. The listers ahead
 (``_list_ahead``) are tasks of the cache's nursery; listing calls run in worker threads
