@@ -193,3 +193,43 @@ def test_listing_many_folders_keeps_few_times(tmp_path: Path) -> None:
         trio.run(main)
     finally:
         store.close()
+
+
+def test_a_stale_files_last_use_stays(tmp_path: Path) -> None:
+    """A file whose content a listing finds stale (the server's version changed) keeps its
+    last use: only its content went, and it is read again on handles already open, which
+    renew no open. Its content evicted, the last use goes with it."""
+    share = tmp_path / "share"
+    (share / "d").mkdir(parents=True)
+    (share / "d" / "a.txt").write_bytes(b"a" * 100)
+    store, conn = _cache_of(tmp_path, share)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        d = await cache.lookup(ROOT_INO, b"d")
+        node = await cache.lookup(d.ino, b"a.txt")
+        async with trio.open_nursery() as nursery:
+            cache.start_fetching(nursery)
+            handle = await cache.open(node.ino)
+            assert await cache.read(handle, 0, 100) == b"a" * 100
+            cache.release(handle)
+            used = cache.last_use(node)
+            assert used > 0
+            (share / "d" / "a.txt").write_bytes(b"b" * 200)  # the server's version changes
+            await cache.listdir(d.ino, refresh=True)
+            assert cache.content_state(store.get(node.ino)) == "remote"  # dropped as stale
+            assert cache.last_use(store.get(node.ino)) == used
+            handle = await cache.open(node.ino)
+            assert await cache.read(handle, 0, 200) == b"b" * 200
+            cache.release(handle)
+            await cache.checkpoint()
+            node = store.get(node.ino)
+            assert cache.evict_content(node) == 200
+            assert cache.last_use(node) == node.last_use  # (what the index holds, 0 here)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

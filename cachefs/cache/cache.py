@@ -198,7 +198,7 @@ class Cache:
                 self._content.forget(ino)
                 self._kernel.invalidate_entry(node.parent, node.name)
             return
-        self._content.forget(ino)
+        self._content.forget(ino, stale=True)
         self._store.drop_content(ino)
         self._kernel.invalidate_inode(ino)
 

@@ -98,11 +98,14 @@ class Content:
             return "cached" if rs or node.size == 0 else "remote"
         return "partial" if rs else "remote"
 
-    def forget(self, ino: int) -> None:
-        """The node's content is gone (removed, or dropped with the index's ranges)."""
+    def forget(self, ino: int, *, stale: bool = False) -> None:
+        """The node's content is gone (removed, or dropped with the index's ranges).
+        ``stale``: only because the remote's version changed; the node stays, and so does
+        its last use (content read again on a handle already open renews no open)."""
         self._ranges.pop(ino, None)
         self._unsaved.discard(ino)
-        self._opens.forget(ino)
+        if not stale:
+            self._opens.forget(ino)
 
     def cut(self, ino: int) -> None:
         """The content file was truncated: its ranges are read again from the index."""
@@ -112,7 +115,7 @@ class Content:
         """Drop the node's cached content: the remote's changed."""
         if self.store.get(ino) is not None:
             self.usage -= rangeset.total(self.store.get_ranges(ino))
-        self.forget(ino)
+        self.forget(ino, stale=True)
         self.store.drop_content(ino)
 
     def evict(self, node: Node) -> int:

@@ -32,7 +32,8 @@ class Opens:
         self.writers: dict[int, int] = {}  # ino -> handles open for writing
         self.orphans: set[int] = set()  # made ORPHAN (unlinked while open) by this process
         #: ino -> when it was last opened (wall clock), for eviction least recently used
-        #: first; dropped with the file's content (``forget``)
+        #: first; dropped when the file or its content goes for good (``forget``: removed,
+        #: evicted), kept when the content is only stale
         self.last_use: dict[int, float] = {}
 
     def forget(self, ino: int) -> None:
