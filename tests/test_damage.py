@@ -66,6 +66,14 @@ class Side:
         await self._ended.wait()
         self.store.close()
 
+    async def die(self) -> None:
+        """As a killed process ends: its tasks stop and the index and the lock are closed
+        without ``Store.close`` (no sync of the index)."""
+        self._scope.cancel()
+        await self._ended.wait()
+        self.store.env.close()
+        os.close(self.store._lock_fd)
+
     async def write(self, name: bytes, data: bytes, *, truncate: bool = True) -> int:
         try:
             ino = (await self.cache.lookup(ROOT_INO, name)).ino
@@ -608,10 +616,7 @@ def test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit(tmp
         side.cache.op_done = died  # (called right after the entry's commit)
         with pytest.raises(_Died):
             await side.sync.full_pass()
-        side._scope.cancel()
-        await side._ended.wait()
-        side.store.env.close()  # (no last checkpoint: the process is gone)
-        os.close(side.store._lock_fd)
+        await side.die()
 
     async def second(nursery: trio.Nursery) -> None:
         side = await Side(cache_dir, text, remote).start(nursery)
@@ -653,10 +658,7 @@ def test_a_kill_between_the_conflict_copys_content_and_its_commit_loses_nothing(
         with pytest.raises(_Died):
             await side.sync.full_pass()
         monkeypatch.setattr(Reconcile, "copy_content", copy_content)
-        side._scope.cancel()
-        await side._ended.wait()
-        side.store.env.close()  # (no last checkpoint: the process is gone)
-        os.close(side.store._lock_fd)
+        await side.die()
 
     async def second(nursery: trio.Nursery) -> None:
         side = await Side(cache_dir, text, remote).start(nursery)
