@@ -591,6 +591,14 @@ class _Died(Exception):
     """The mount process ends here (as a kill -9 would, in-process)."""
 
 
+async def _change_on_both_sides(side: Side, share: Path, ours: bytes) -> None:
+    """f.txt read whole, written here (committed), then changed on the server too."""
+    await side.read(b"f.txt")
+    await side.write(b"f.txt", ours)
+    await side.cache.checkpoint()
+    (share / "f.txt").write_bytes(b"changed on the server\n")
+
+
 def test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit(tmp_path: Path,
                                                                           share: Path) -> None:
     """Changed on both sides: the commit that names our version's conflict copy (cached
@@ -605,10 +613,7 @@ def test_a_conflict_copy_is_whole_when_the_mount_dies_right_after_its_commit(tmp
 
     async def first(nursery: trio.Nursery) -> None:
         side = await Side(cache_dir, text, remote).start(nursery)
-        await side.read(b"f.txt")
-        await side.write(b"f.txt", ours)
-        await side.cache.checkpoint()
-        (share / "f.txt").write_bytes(b"changed on the server\n")
+        await _change_on_both_sides(side, share, ours)
 
         def died(op) -> None:
             if op.kind == "store":
@@ -650,10 +655,7 @@ def test_a_kill_between_the_conflict_copys_content_and_its_commit_loses_nothing(
 
     async def first(nursery: trio.Nursery) -> None:
         side = await Side(cache_dir, text, remote).start(nursery)
-        await side.read(b"f.txt")
-        await side.write(b"f.txt", ours)
-        await side.cache.checkpoint()
-        (share / "f.txt").write_bytes(b"changed on the server\n")
+        await _change_on_both_sides(side, share, ours)
         monkeypatch.setattr(Reconcile, "copy_content", copied_then_died)
         with pytest.raises(_Died):
             await side.sync.full_pass()

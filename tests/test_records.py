@@ -16,6 +16,7 @@ import random
 import shutil
 import stat
 import tarfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import lmdb
@@ -79,23 +80,31 @@ def _unpack(kind: str, where: Path) -> tuple[Path, Path, str, bytes | None]:
     return where / "cache", where / "share", f"/tmp/cachefs-schema1-fixture/{kind}/share", key
 
 
-def _replay(cache_dir: Path, share: Path, remote_text: str, key: bytes | None) -> None:
-    """Open the cache (StoreError if refused) and replay its journal onto ``share``."""
+def _with_sync(cache_dir: Path, share: Path, remote_text: str, key: bytes | None,
+               body: Callable[[Store, SyncManager], Awaitable[None]]) -> None:
+    """Open the cache (StoreError if refused) with a sync manager onto ``share``, and run
+    ``body`` with them."""
     store = Store(cache_dir, remote_text, key=key)
     try:
         conn = Connectivity(LocalRemote(str(share), 10.0))
 
         async def main() -> None:
             await conn.first_connect()
-            cache = Cache(store, conn, CacheConfig())
-            sync = SyncManager(store, cache, conn)
-            result = await sync.reintegrate()
-            assert result.complete, result.reason
-            assert sync.pending() == 0
+            await body(store, SyncManager(store, Cache(store, conn, CacheConfig()), conn))
 
         trio.run(main)
     finally:
         store.close()
+
+
+def _replay(cache_dir: Path, share: Path, remote_text: str, key: bytes | None) -> None:
+    """Open the cache (StoreError if refused) and replay its journal onto ``share``."""
+    async def replay(_store: Store, sync: SyncManager) -> None:
+        result = await sync.reintegrate()
+        assert result.complete, result.reason
+        assert sync.pending() == 0
+
+    _with_sync(cache_dir, share, remote_text, key, replay)
 
 
 @pytest.mark.parametrize("kind", ["plain", "sealed"])
@@ -265,28 +274,20 @@ def test_a_journal_entry_damaged_while_mounted_stops_the_replay_there(tmp_path: 
     """Damage that appears after the open: the entries before the damaged one are
     replayed, it and those after it wait, and the reason names it."""
     cache_dir, share, remote_text, key = _unpack("plain", tmp_path)
-    store = Store(cache_dir, remote_text, key=key)
-    try:
-        conn = Connectivity(LocalRemote(str(share), 10.0))
 
-        async def main() -> None:
-            await conn.first_connect()
-            cache = Cache(store, conn, CacheConfig())
-            sync = SyncManager(store, cache, conn)
-            with store.env.begin(write=True) as txn:  # entry 5 (the rename) gets a flipped bit
-                k = (5).to_bytes(8, "big")
-                v = bytearray(txn.get(k, db=store.journal))
-                v[v.index(b"renamed.txt") + 2] ^= 0x01  # "reoamed.txt": still a valid entry
-                txn.put(k, bytes(v), db=store.journal)
-            result = await sync.reintegrate()
-            assert not result.complete
-            assert "journal entry 5 fails its checksum" in result.reason and "cachefs recover" in result.reason
-            assert sync.last_error == result.reason
-            assert sync.pending() == 5  # entries 5 to 9
+    async def damage_then_replay(store: Store, sync: SyncManager) -> None:
+        with store.env.begin(write=True) as txn:  # entry 5 (the rename) gets a flipped bit
+            k = (5).to_bytes(8, "big")
+            v = bytearray(txn.get(k, db=store.journal))
+            v[v.index(b"renamed.txt") + 2] ^= 0x01  # "reoamed.txt": still a valid entry
+            txn.put(k, bytes(v), db=store.journal)
+        result = await sync.reintegrate()
+        assert not result.complete
+        assert "journal entry 5 fails its checksum" in result.reason and "cachefs recover" in result.reason
+        assert sync.last_error == result.reason
+        assert sync.pending() == 5  # entries 5 to 9
 
-        trio.run(main)
-    finally:
-        store.close()
+    _with_sync(cache_dir, share, remote_text, key, damage_then_replay)
     got = _expected_share(share)
     assert got["a.txt"] == REPLAYED["a.txt"] and got["nd/new2.txt"] == REPLAYED["nd/new2.txt"]  # 1-4
     assert "old.txt" in got and "renamed.txt" not in got and "reoamed.txt" not in got
