@@ -23,10 +23,9 @@ import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.store.index import ROOT_INO, Store
-from cachefs.errors import RemoteError
+from cachefs.errors import RemoteError, SyncFailed
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
-from cachefs.errors import SyncFailed
 from cachefs.sync.manager import SyncManager
 from cachefs.sync.naming import client_tag, conflict_name
 

@@ -15,9 +15,6 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-#: import name -> distribution name, where they differ
-DISTRIBUTIONS = {"pyfuse3": "pyfuse3", "lmdb": "lmdb", "trio": "trio", "paramiko": "paramiko",
-                 "cryptography": "cryptography"}
 
 
 def _runtime_imports() -> set[str]:
@@ -45,7 +42,7 @@ def test_every_third_party_import_is_declared_with_a_range() -> None:
     for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
         declared[name] = requirement
-    missing = sorted(n for n in third_party if DISTRIBUTIONS.get(n, n).lower() not in declared)
+    missing = sorted(n for n in third_party if n.lower() not in declared)  # (import name = distribution)
     assert not missing, f"imported by cachefs/ but not declared in pyproject.toml: {missing}"
     unbounded = sorted(r for r in declared.values() if not (">=" in r and "<" in r.replace("<=", "")))
     assert not unbounded, f"declared without a lower and an upper bound: {unbounded}"
