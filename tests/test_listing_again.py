@@ -233,3 +233,42 @@ def test_a_stale_files_last_use_stays(tmp_path: Path) -> None:
         trio.run(main)
     finally:
         store.close()
+
+
+def test_a_change_run_again_after_the_map_grew_holds_its_folder_once(tmp_path: Path) -> None:
+    """A write transaction is run again when the index's map had to grow: the change's
+    folder is held as local truth once (its journal entry's replay releases it once), not
+    once per attempt, which kept it from being listed again until a restart."""
+    import lmdb
+    share = tmp_path / "share"
+    share.mkdir()
+    store, conn = _cache_of(tmp_path, share)
+    run_write = store.run_write
+    attempts = []
+
+    def full_once(fn, *args, **kw):
+        def first_fails(txn):
+            result = fn(txn)
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise lmdb.MapFullError("as if the map were full")
+            return result
+        return run_write(first_fails, *args, **kw)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        await cache.listdir(ROOT_INO)  # (so that the mkdir's own transaction comes first)
+        store.run_write = full_once
+        node = await cache.mkdir(ROOT_INO, b"new", 0o755)
+        store.run_write = run_write
+        assert len(attempts) == 2  # (the change was run again)
+        folders = store.journal_ops()[-1].folders()
+        assert folders and all(cache._listings.local_dirs.get(f) == 1 for f in folders), \
+            cache._listings.local_dirs
+        assert node.name == b"new"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

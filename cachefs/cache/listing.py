@@ -513,8 +513,7 @@ class Listings:
     def rebuild_local_dirs(self) -> None:
         self.local_dirs.clear()
         for op in self.store.journal_ops():
-            for folder in op.folders():
-                self.local_dirs[folder] = self.local_dirs.get(folder, 0) + 1
+            self.hold_folders(op.folders())
 
     def sizes(self) -> dict[str, int]:
         """How many entries each per-node table holds (for the memory test)."""

@@ -68,9 +68,11 @@ class Writes:
         self._committing = trio.Lock()
 
     def journal(self, t: Txn, op: Op) -> None:
-        """Append ``op`` in the change's transaction; its folders are local truth now."""
+        """Append ``op`` in the change's transaction; its folders are local truth from its
+        commit on (a transaction run again after the map grew holds them once)."""
         t.append(op)
-        self._listings.hold_folders(op.folders())
+        folders = op.folders()
+        self.store.after_commit(lambda: self._listings.hold_folders(folders))
 
     def created(self, ino: int, node: Node) -> None:
         """A file was just created, open for writing: its size and times are held."""

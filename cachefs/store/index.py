@@ -144,6 +144,7 @@ class Store:
         self._env_open = False
         self.writemap = True
         self._removals: list[int] = []
+        self._after_commit: list[Callable[[], None]] = []
         #: this cache's short random id (``meta/cache_id``; set by ``opening.check_schema``)
         self.cache_id = ""
         #: bumped by every write transaction: what was read before is still true while
@@ -288,7 +289,7 @@ class Store:
         (``generation``).
         """
         for attempt in range(2):
-            self._removals = []
+            self._removals, self._after_commit = [], []
             try:
                 with self.env.begin(write=True) as txn:
                     result = fn(txn)
@@ -310,8 +311,11 @@ class Store:
                 raise
             finally:
                 removals, self._removals = self._removals, []
+                after, self._after_commit = self._after_commit, []
             for ino in removals:
                 self.remove_content_file(ino)
+            for callback in after:
+                callback()
             return result
         raise AssertionError("unreachable")
 
@@ -342,6 +346,11 @@ class Store:
 
     def remove_after_commit(self, ino: int) -> None:
         self._removals.append(ino)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the running write transaction has committed (not if
+        it fails; not twice when it is run again after the map grew)."""
+        self._after_commit.append(callback)
 
     def transact(self, fn: Callable[["Txn"], T]) -> T:
         """Run ``fn(Txn)`` in one write transaction: a change to the namespace and its
