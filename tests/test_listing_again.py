@@ -272,3 +272,32 @@ def test_a_change_run_again_after_the_map_grew_holds_its_folder_once(tmp_path: P
         trio.run(main)
     finally:
         store.close()
+
+
+def test_content_the_sync_manager_drops_leaves_the_count_of_cached_bytes(tmp_path: Path) -> None:
+    """When the replay changed the server under a file (``remote_changed``), its dropped
+    content leaves the running count of cached bytes that eviction works from."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a.txt").write_bytes(b"a" * 1000)
+    store, conn = _cache_of(tmp_path, share)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        node = await cache.lookup(ROOT_INO, b"a.txt")
+        async with trio.open_nursery() as nursery:
+            cache.start_fetching(nursery)
+            handle = await cache.open(node.ino)
+            assert await cache.read(handle, 0, 1000) == b"a" * 1000
+            cache.release(handle)
+            assert cache.cached_bytes() == 1000
+            cache.remote_changed(node.ino, ROOT_INO)
+            assert cache.content_state(store.get(node.ino)) == "remote"
+            assert cache.cached_bytes() == 0
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -198,8 +198,7 @@ class Cache:
                 self._content.forget(ino)
                 self._kernel.invalidate_entry(node.parent, node.name)
             return
-        self._content.forget(ino, stale=True)
-        self._store.drop_content(ino)
+        self._content.drop(ino)
         self._kernel.invalidate_inode(ino)
 
     # -- content, for the hoard and the status ------------------------------------------------

@@ -112,9 +112,10 @@ class Content:
         self._ranges.pop(ino, None)
 
     def drop(self, ino: int) -> None:
-        """Drop the node's cached content: the remote's changed."""
+        """Drop the node's cached content: the remote's changed. (The count of cached
+        bytes loses what was fetched, checkpointed or not, as at an eviction.)"""
         if self.store.get(ino) is not None:
-            self.usage -= rangeset.total(self.store.get_ranges(ino))
+            self.usage -= rangeset.total(self.known_ranges(ino))
         self.forget(ino, stale=True)
         self.store.drop_content(ino)
 
