@@ -14,7 +14,8 @@ part owns its state; see their modules:
 - ``writes.Writes``: the write path, held sizes, truncation, attributes, commits and
   checksums; ``names.Names``: create, mkdir, symlink, link, unlink, rmdir, rename.
 
-Parts are built in that order; a part calls only parts built before it, and reaches
+Parts are built listings, content, writes, names, files (with ``Opens`` first); a part
+calls only parts built before it, and reaches
 those after it only through callbacks the façade gives it (``_stale``, ``_forget_content``,
 ``_folder_listed``).
 Must not touch: FUSE request details (``cachefs.fs``), the remote other than through
@@ -23,7 +24,9 @@ Must not touch: FUSE request details (``cachefs.fs``), the remote other than thr
 Concurrency: every method runs on the trio thread; LMDB transactions are short and
 synchronous; blocking work (remote calls, writes of fetched chunks, fsync, large hashes)
 runs in worker threads. The trio locks are per part (a folder's listing lock in
-``Listings``, the commit lock in ``Writes``); no code holds one while it takes another.
+``Listings``, the commit lock in ``Writes``). A folder's listing lock may be held while its
+parent's is taken (a folder found gone lists its parent), never the reverse; no other lock
+is taken while one is held.
 In-memory state (freshness times, ranges being fetched) is lost on restart by design:
 after a restart everything is revalidated once.
 """
@@ -103,7 +106,6 @@ class Cache:
         self.write = self._writes.write
         self.commit_changes = self._writes.commit_changes
         self.fsync = self._writes.fsync
-        self.truncate = self._writes.truncate
         self.mkdir = self._names.mkdir
         self.symlink = self._names.symlink
         self.link = self._names.link
@@ -209,10 +211,6 @@ class Cache:
     def passthrough_status(self) -> dict[str, object]:
         """Whether the kernel reads whole cached files itself, and how many are open so."""
         return self._files.passthrough_status()
-
-    @property
-    def passthrough_on(self) -> bool:
-        return self._files.passthrough_on
 
     @property
     def writers(self) -> dict[int, int]:

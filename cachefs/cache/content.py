@@ -140,7 +140,7 @@ class Content:
             paths = [self.store.content_path(ino) for ino in todo]
             await trio.to_thread.run_sync(_fdatasync_all, paths, str(self.store.data_dir))
             full = {ino for ino, rs in todo.items() if self._covers_all(ino, rs)}
-            self._listings.kept_made_full(self.store.save_ranges(todo, full), FULL)
+            self._listings.kept_made_full(self.store.save_ranges(todo, full))
             await trio.to_thread.run_sync(self.store.sync)
         except BaseException:
             # The next checkpoint tries them again (content dropped meanwhile excepted).

@@ -86,7 +86,7 @@ class Files:
         except BaseException:
             os.close(fd)
             raise
-        opens = self.opens  # (Opens.opened, inline: the hot path)
+        opens = self.opens  # (the open counts of Opens, kept inline: the hot path)
         opens.count[ino] = opens.count.get(ino, 0) + 1
         opens.last_use[ino] = time.time()
         if writable:
@@ -110,7 +110,7 @@ class Files:
     async def create(self, parent: int, name: bytes, mode: int, flags: int) -> tuple[Node, OpenFile]:
         """A new empty file (``Names.create``) and its handle, open for writing."""
         node, fd = await self._names.create(parent, name, mode)
-        opens, ino = self.opens, node.ino  # (Opens.opened, inline: the hot path)
+        opens, ino = self.opens, node.ino  # (the open counts of Opens, kept inline: the hot path)
         opens.count[ino] = opens.count.get(ino, 0) + 1
         opens.writers[ino] = opens.writers.get(ino, 0) + 1
         return node, OpenFile(ino, fd, writable=True, wrote=True)
@@ -225,7 +225,7 @@ class Files:
                 self._release_backing(handle)
         finally:
             os.close(handle.fd)
-            decrement(self.opens.count, ino)  # (Opens.closed, inline: the hot path)
+            decrement(self.opens.count, ino)  # (the open counts of Opens, kept inline: the hot path)
             if handle.writable:
                 decrement(self.opens.writers, ino)
         held = self._writes.released(ino) if handle.writable else None

@@ -281,8 +281,8 @@ class Listings:
         kept = self._kept(ino)
         return None if kept is None else _by_name(kept)
 
-    def kept_made_full(self, nodes: list[Node], full: int) -> None:
-        """The checkpoint has just marked ``nodes`` whole (flag ``full``) in the index
+    def kept_made_full(self, nodes: list[Node]) -> None:
+        """The checkpoint has just marked ``nodes`` whole (``FULL``) in the index
         (``save_ranges``): mark their copies in the kept listings, which then stay kept.
         (A cold read of a folder's files dropped its kept listing, and the next listing of
         the folder read and compared every record again.) A kept listing is kept only if
@@ -303,7 +303,7 @@ class Listings:
             if all(copy is not None and copy.ino == node.ino for copy, node in zip(copies, made_full)):
                 for copy in copies:
                     assert copy is not None
-                    copy.flags |= full
+                    copy.flags |= FULL
                 self._children_memo[folder] = (generation, kept[1], kept[2])
 
     def derived(self, ino: int, children: list[Node], key: str, make: Callable[[list[Node]], T]) -> T:

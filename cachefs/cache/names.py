@@ -93,7 +93,7 @@ class Names:
 
         node = self._new_child(parent, name, build)
         fd = self.store.new_content_file(node.ino)
-        self._writes.created(node.ino, node)
+        self._writes.created(node)
         return node, fd
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> Node:

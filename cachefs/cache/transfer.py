@@ -1,8 +1,11 @@
-"""Fetching content into the cache's files, in worker threads or worker processes.
+"""The blocking transfer jobs between the remote and the cache's content files, run in
+worker threads or worker processes.
 
-Owns: the one blocking function that reads a byte range from the remote and writes it
-into a content file (``fetch_into``), and ``FetchPool``, a small pool of processes that
-run it with SSH connections of their own. paramiko handles its packets in Python under
+Owns: the jobs (``fetch_into`` a byte range, ``fetch_small_into``/``fetch_many_into`` small
+files whole, ``list_folder``, ``upload_file`` read through its checksum check ``_Checked``,
+``upload_unless_changed``, ``hash_content``), ``FetchPool``, a small pool of processes
+that run them with SSH connections of their own, and ``Transfers``, the jobs bound for
+the cache and the sync manager. paramiko handles its packets in Python under
 the GIL, so threads of one process do not add up (one process: 280-350 MiB/s with
 AES-GCM here); several processes read a large file at the speed of the link.
 Must not touch: the index (the caller records what was fetched), trio, FUSE.

@@ -74,10 +74,10 @@ class Writes:
         folders = op.folders()
         self.store.after_commit(lambda: self._listings.hold_folders(folders))
 
-    def created(self, ino: int, node: Node) -> None:
+    def created(self, node: Node) -> None:
         """A file was just created, open for writing: its size and times are held."""
-        self.store.held[ino] = Held(node.size, node.mtime_ns, node.ctime_ns)
-        self._unsummed.add(ino)
+        self.store.held[node.ino] = Held(node.size, node.mtime_ns, node.ctime_ns)
+        self._unsummed.add(node.ino)
 
     def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         """Bytes into the content file; the new size and times into memory (``Held``).
@@ -118,13 +118,13 @@ class Writes:
         """A writer of ``ino`` let go; the file's held size and times, if it has some."""
         held = self.store.held.get(ino)
         if held is not None and ino not in self._opens.writers:
-            held.open = False  # (the checkpoint commits it: _commit_held)
+            held.open = False  # (the checkpoint commits it: commit_held)
         return held
 
     # -- commits -------------------------------------------------------------------------
     async def commit_changes(self) -> None:
         """Commit the files whose writers have all closed: their held sizes and times into
-        their records (``_commit_held``), then a checksum of each changed file's content
+        their records (``commit_held``), then a checksum of each changed file's content
         as it is now, which every upload of that content is checked against. Run by the
         checkpoint, and by a replay that meets a change not yet committed (so that its
         write-back waits for no checkpoint)."""
@@ -236,7 +236,7 @@ class Writes:
     def truncate(self, handle: OpenFile | None, size: int, ino: int = 0) -> None:
         """The new size is committed first, then the content file cut or grown: a kill in
         between leaves a file whose length differs from the recorded size, which the next
-        start fits to it (``Store.fit_dirty_content``). The other order lost data: a file
+        start fits to it (``store.opening.fit_dirty_content``). The other order lost data: a file
         cut while the index still had the old size read as empty, or as zeros once written
         past its end, under a size that claimed the old bytes."""
         ino = handle.ino if handle else ino
@@ -312,7 +312,7 @@ class Writes:
         if n.has(DIRTY):
             # The pending upload sends the mode and times (a file's upload is a new file
             # with them, renamed over the old): it takes them when it begins, so one
-            # under way now must be followed by another (``_agree`` sees the new gen).
+            # under way now must be followed by another (``Reconcile.agree`` sees the new gen).
             n.gen += 1
             # The content is as it was: its checksum holds for the new generation.
             found = t.content_sum(ino)

@@ -1,6 +1,7 @@
 """``Wakeup``: changes wait to be reconciled. The cache pokes it when it journals a change
 or a writer lets go of a file, the link when it comes back online; the sync manager waits
-on it. Built by the daemon and handed to each (no one assigns another's callbacks).
+on it. Built by the daemon and handed to the cache and the sync manager; the sync manager
+subscribes it to the link's comebacks (``Connectivity.on_online``).
 Owns only a counter and a trio event; knows nothing of what changed."""
 
 from __future__ import annotations

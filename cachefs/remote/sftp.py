@@ -55,7 +55,6 @@ class SftpRemote(Remote):
         if address.scheme != "sftp" or not address.host:
             raise ValueError(f"not an sftp address: {address!r}")
         self.address = address
-        self.options = options
         self.timeout = options.timeout
         self.parallelism = max(1, options.connections)
         self.target = resolve_target(address, options)

@@ -3,8 +3,10 @@ walk of its pages in a child process, every record read once through its check, 
 schema (made, checked, or upgraded from schema 1), and the files a crash left mid-write.
 
 Owns: the checks done once at open, before anything is served. Must not touch: the
-network, trio, FUSE. A friend of ``index.Store``: it reads records through the store's
-own checked readers (``_open_record``, ``_entry``, ``_op``, ``_meta_get``).
+network, trio, FUSE. A friend of ``index.Store``: it opens the store's environment (``env``,
+``writemap``), reads records through the store's own checked readers (``_open_record``,
+``_entry``, ``_op``, ``_meta_get``), and writes the schema's first records and
+``cache_id`` through its sealing writers (``_meta_put``, ``_pack``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = b"2"
-#: beside ``index/``, made with the index (see the layout above)
+#: beside ``index/``, made with the index (see the layout in ``index``'s docstring)
 INDEX_MARK = "index-made"
 ROOT_INO = 1
 FIRST_INO = 16  # 2..15 are reserved for the virtual .cachefs files

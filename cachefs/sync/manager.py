@@ -45,7 +45,7 @@ from ..cache.hoard import Hoard
 from ..cache.transfer import Transfers
 from ..defaults import DEFAULT_WRITEBACK_HOLD
 from ..errors import RemoteError, SyncFailed, Unavailable
-from ..link.connectivity import Connectivity
+from ..link.connectivity import Connectivity, State
 from ..link.wakeup import Wakeup
 from ..progress import Progress
 from ..remote import Remote
@@ -61,7 +61,7 @@ from .schedule import Schedule
 from .status import PassResult, SyncStatus, damage_note
 from .sums import ServerSums
 
-__all__ = ["DEFAULT_WRITEBACK_HOLD", "PassResult", "SyncManager"]  # (the daemon imports the default from here)
+__all__ = ["SyncManager"]
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class SyncManager:
         """One full pass now (joining one under way); raises ``SyncFailed`` unless the
         journal is empty and the remote reachable afterwards."""
         await self.conn.try_connect()
-        if self.conn.state.value == "offline-by-request":
+        if self.conn.state is State.WORK_OFFLINE:
             raise SyncFailed("working offline by request ('cachefs online' or "
                              "'echo online > .cachefs/control' to reconnect)", errno.EHOSTDOWN)
         if not self.conn.online:

@@ -11,14 +11,12 @@ passes; read by control at any time (single trio thread: never half-written).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
 class PassResult:
     complete: bool
     reason: str | None = None
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # paths whose content failed its checksum
 
 
