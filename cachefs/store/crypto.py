@@ -288,7 +288,7 @@ class _PlainReader(io.RawIOBase):
 
     def readinto(self, buffer: Buffer) -> int:
         """Fills ``buffer`` up to the size, short only at the file's end (callers such as
-        ``_read_content`` read once, and one preadv stops at 2 GiB)."""
+        ``remote_side._content_sha256`` read once, and one preadv stops at 2 GiB)."""
         done = _pread_fill(self._fd, memoryview(buffer)[:max(0, self._size - self._pos)], self._pos)
         self._pos += done
         return done

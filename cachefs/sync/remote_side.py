@@ -120,18 +120,22 @@ class RemoteSide:
         if node.size > 64 << 20:
             return False  # too costly to compare: treat as a conflict (both kept)
         data = await self.conn.call(self.remote.read, path, 0, node.size + 1, bulk=True)
-        if ours is not None:
-            return hashlib.sha256(data).digest() == ours
-        mine = await trio.to_thread.run_sync(_read_content, self.store.content,
-                                             self.store.content_path(node.ino), node.size)
-        return hashlib.sha256(data).digest() == hashlib.sha256(mine).digest()
+        # (hashes of up to 64 MiB: in a worker thread, never on the trio thread)
+        read_sum = await trio.to_thread.run_sync(_sha256, data)
+        if ours is None:
+            ours = await trio.to_thread.run_sync(_content_sha256, self.store.content,
+                                                 self.store.content_path(node.ino), node.size)
+        return read_sum == ours
 
 
-def _read_content(content: PlainContent, content_path: str, size: int) -> bytes:
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _content_sha256(content: PlainContent, content_path: str, size: int) -> bytes:
     fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with content.reader(fd, size) as stream:
-            data: bytes = stream.read(size)
-            return data
+            return _sha256(stream.read(size))
     finally:
         os.close(fd)
