@@ -676,3 +676,48 @@ def test_a_kill_between_the_conflict_copys_content_and_its_commit_loses_nothing(
 
     trio.run(_in_nursery, first)
     trio.run(_in_nursery, second)
+
+
+def test_a_kill_while_a_damaged_version_is_set_aside_loses_nothing(
+        tmp_path: Path, share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process ends as the replay sets a damaged version aside: the copy, the name
+    showing the server's version, the entry's end and the record commit together, so the
+    next mount finds either all of it or none and ends with one copy and one record."""
+    from cachefs.sync.ledger import Ledger
+    (share / "f.txt").write_bytes(SERVER)
+    text, remote = _local(share)
+    cache_dir = _cache_dir(tmp_path)
+    finish = Ledger.finish
+
+    def died_at_the_record(self: Ledger, op, update=None, conflict=None) -> None:
+        if conflict is not None and conflict.get("kind") == "damaged-local":
+            raise _Died()
+        finish(self, op, update, conflict)
+
+    async def first(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        await side.read(b"f.txt")
+        ino = await side.write(b"f.txt", OURS)
+        await side.close()
+        os.truncate(cache_dir / "data" / str(ino), 100)  # damaged between two mounts
+        side = await Side(cache_dir, text, remote).start(nursery)
+        monkeypatch.setattr(Ledger, "finish", died_at_the_record)
+        with pytest.raises(_Died):
+            await side.sync.full_pass()
+        monkeypatch.setattr(Ledger, "finish", finish)
+        await side.die()
+
+    async def second(nursery: trio.Nursery) -> None:
+        side = await Side(cache_dir, text, remote).start(nursery)
+        with pytest.raises(SyncFailed, match="damaged in the cache"):
+            await side.sync.full_pass()
+        assert side.sync.pending() == 0
+        assert [r["kind"] for r in side.sync.conflicts()] == ["damaged-local"]
+        copies = [n.name for n in side.store.children(ROOT_INO) if b"(damaged" in n.name]
+        assert len(copies) == 1 and await side.read(copies[0]) == OURS[:100]
+        assert (share / "f.txt").read_bytes() == SERVER
+        assert await side.read(b"f.txt") == SERVER
+        await side.close()
+
+    trio.run(_in_nursery, first)
+    trio.run(_in_nursery, second)

@@ -296,48 +296,48 @@ class ContentReplay:
         remote = await self.side.stat(op.path)
         if remote is not None and not stat_mod.S_ISREG(remote.mode):
             remote = None  # (the name is something else there now: the listing shows it)
-        copy_path, left = await self._keep_what_is_left(op, node, remote)
-        found = record(op, "damaged-local", error=reason,
-                       conflict_path=copy_path.decode("utf-8", "surrogateescape") if copy_path else None,
-                       local={"size": node.size, "left": left})
+        found = record(op, "damaged-local", error=reason, conflict_path=None,
+                       local={"size": node.size, "left": 0})
+        await self._keep_what_is_left(op, node, remote, found)
+        copy_path, left = found["conflict_path"], found["local"]["left"]
         log.error("the cache's copy of %r is damaged (%s): not uploaded, the server keeps its "
                   "version; %s", op.path, reason,
                   f"what is left of it ({left} of {node.size} bytes) is kept here only as {copy_path!r}"
                   if copy_path else "nothing of it is left")
-        self.ledger.finish(op, conflict=found)
         if op.kind == "create":
             self.ledger.gone.add(op.ino)
         self.cache.remote_changed(op.ino, parent_ino=node.parent, moved_aside=remote is None)
         self.damaged_now.append(op.path.decode("utf-8", "surrogateescape"))
         return 0
 
-    async def _keep_what_is_left(self, op: Op, node: Node,
-                                 remote: RemoteStat | None) -> tuple[bytes | None, int]:
-        """What can be read of our damaged version kept under ``NAME (damaged ...)``, and
-        the name showing the server's version ``remote`` (when it has a file there), in
-        one transaction: the copy's path (None: nothing kept) and its size."""
+    async def _keep_what_is_left(self, op: Op, node: Node, remote: RemoteStat | None,
+                                 found: dict[str, Any]) -> None:
+        """What can be read of our damaged version kept under ``NAME (damaged ...)``, the
+        name showing the server's version ``remote`` (when it has a file there), the entry
+        ended and the conflict record ``found`` written, in one transaction (a kill between
+        them would leave the entry to be replayed against a node that no longer holds it):
+        ``found`` gets the copy's path (None: nothing kept) and its size."""
         gen = node.gen
         kept = await self.reconcile.copy_content(op.ino, node.size)  # (what is left of ours)
-        name: list[bytes] = []
+        try:
+            folder = self.store.path_of(node.parent)
+        except KeyError:
+            folder = b""
+        found["local"]["left"] = kept.copied
 
         def update(t: Txn) -> None:
             kept.placed = False
-            name.clear()
+            found["conflict_path"] = None
             n = self.reconcile.unchanged(t, op, gen, "its damage was looked at")
             if n is None:
                 return
             kept_as = self.reconcile.keep_damaged_copy(t, kept, n, time.time())
             if kept_as is not None:
-                name.append(kept_as)
+                found["conflict_path"] = join(folder, kept_as).decode("utf-8", "surrogateescape")
             if remote is not None:  # the name shows the server's version, fetched on use
                 self.reconcile.drop_damaged(t, n, remote)
 
         try:
-            folder = self.store.path_of(node.parent)
-        except KeyError:
-            folder = b""
-        try:
-            self.store.transact(update)
+            self.ledger.finish(op, update, found)
         finally:
             self.reconcile.discard(kept)
-        return (join(folder, name[0]) if name else None), kept.copied
