@@ -34,19 +34,14 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-#: strings that are the code's vocabulary, never a name of the user's: journal operations,
-#: conflict kinds, connectivity states, FUSE requests (filled in by ``vocabulary``)
-_CONFLICT_KINDS = ("attributes-of-deleted", "changed-both", "created-both", "damaged",
-                   "deleted-local-changed-remote", "deleted-remote-changed-local", "error",
-                   "folder-not-empty-remote", "folder-recreated", "renamed-missing-remote",
-                   "renamed-onto-new-remote")
-
-
 def vocabulary() -> frozenset[str]:
+    """Strings that are the code's vocabulary, never a name of the user's: journal
+    operations, conflict kinds, connectivity states, FUSE requests."""
     from .link.connectivity import State
     from .store.journal import KINDS
+    from .sync.naming import CONFLICT_KINDS
 
-    words = set(KINDS) | set(_CONFLICT_KINDS) | {state.value for state in State}
+    words = set(KINDS) | set(CONFLICT_KINDS) | {state.value for state in State}
     try:
         import pyfuse3
 

@@ -34,8 +34,8 @@ from ..store.crypto import PlainContent
 from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, WRITING, Node,
                            Store, Txn)
 from ..store.journal import Op
+from ..store.records import Version
 
-Version = tuple[int, int, int]
 
 
 class ChangedWhileSent(Exception):

@@ -49,6 +49,10 @@ KEPT = 1 << 11
 LOCAL_TRUTH = DIRTY | ATTR_DIRTY | DAMAGED | KEPT
 
 
+#: a remote version: (size, mtime_ns, kind) (``Node.base``, ``BaseSum``)
+Version = tuple[int, int, int]
+
+
 @dataclass(slots=True)
 class Held:
     """A file's size and times while it is being written, ahead of its record (``WRITING``):

@@ -34,7 +34,7 @@ from ..remote import RemoteStat
 from ..store.index import Node, Store, Txn
 from ..store.journal import Op
 from .ledger import Ledger
-from .naming import CONFLICT_NAME_TRIES, conflict_name
+from .naming import CONFLICT_KINDS, CONFLICT_NAME_TRIES, conflict_name
 from .remote_side import RemoteSide
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ Record = dict[str, Any]
 
 def record(op: Op, kind: str, **details: Any) -> Record:
     """A conflict record about ``op`` (logged)."""
+    assert kind in CONFLICT_KINDS, kind
     found = {"kind": kind, "path": op.path.decode("utf-8", "surrogateescape"),
              "time": datetime.now().astimezone().isoformat(timespec="seconds"),
              "ino": op.ino, **details}

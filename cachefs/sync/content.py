@@ -30,6 +30,7 @@ from ..paths import join
 from ..remote import RemoteStat
 from ..store.index import ATTR_DIRTY, ORPHAN, Node, Store, Txn
 from ..store.journal import Op
+from ..store.records import Version
 from .conflicts import Conflicts, record
 from .ledger import Ledger
 from .remote_side import RemoteSide
@@ -37,7 +38,6 @@ from .sums import ServerSums
 
 log = logging.getLogger(__name__)
 
-Version = tuple[int, int, int]
 
 
 def _same_second(a_ns: int, b_ns: int) -> bool:

@@ -19,8 +19,8 @@ from typing import Any
 from ..cache.cache import Cache
 from ..store.index import Store, Txn
 from ..store.journal import Op
+from ..store.records import Version
 
-Version = tuple[int, int, int]
 Update = Callable[[Txn], None]
 
 

@@ -1,7 +1,9 @@
 """Names the replay gives on the server: conflict copies and temporary upload names.
 
 Owns: the form of ``NAME (conflict YYYY-MM-DD HHMMSS HOST-ID).EXT`` and of
-``.NAME.cachefs-tmp-SEQ-CLIENT``, cut to fit 255 bytes at a character boundary.
+``.NAME.cachefs-tmp-SEQ-CLIENT``, cut to fit 255 bytes at a character boundary, and the
+kinds a conflict record can have (``CONFLICT_KINDS``; the log filter of an encrypted cache
+shows them as they are).
 Must not touch: anything with state (pure functions: no store, no remote, no clock).
 Lock/ordering: none (pure).
 """
@@ -9,6 +11,13 @@ Lock/ordering: none (pure).
 from __future__ import annotations
 
 from datetime import datetime
+
+#: every kind of conflict record (``conflicts.record``)
+CONFLICT_KINDS = frozenset({
+    "attributes-of-deleted", "changed-both", "created-both", "damaged-local",
+    "deleted-local-changed-remote", "deleted-remote-changed-local", "error",
+    "folder-not-empty-remote", "folder-recreated", "renamed-missing-remote",
+    "renamed-onto-new-remote"})
 
 #: the most names ``NAME (conflict ... CLIENT N).EXT`` tried for one conflict copy
 CONFLICT_NAME_TRIES = 100
