@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from .address import RemoteAddress
-from .cache.cache import Cache, CacheConfig
+from .cache.cache import Cache, CacheConfig, is_index_error
 from .cache.hoard import Hoard
 from .store.crypto import RecordError
 from .store.index import Store, StoreError, index_damaged
@@ -250,7 +250,7 @@ def _verbose_warning(where: str) -> str:
 
 def _index_damage(exc: BaseException) -> BaseException | None:
     """The damaged-index error in ``exc`` (one, or one of a group's), if any."""
-    if isinstance(exc, (lmdb.Error, RecordError)):
+    if is_index_error(exc):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

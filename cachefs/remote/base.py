@@ -21,9 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ..errors import ContentDamaged, RemoteError, RemoteRefused, RemoteUnreachable
-from ..paths import join
 
-__all__ = ["ContentDamaged", "RemoteError", "RemoteRefused", "RemoteUnreachable", "join",
+__all__ = ["ContentDamaged", "RemoteError", "RemoteRefused", "RemoteUnreachable",
            "Remote", "RemoteStat", "SpaceInfo", "Source", "open_source"]
 
 
