@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
+import threading
 from collections.abc import Callable
 from typing import BinaryIO, Literal
 
@@ -292,11 +293,22 @@ class SftpRemote(Remote):
             return None
         try:
             channel.settimeout(self.timeout)
+            # paramiko waits for the exec request's answer without a limit: a watchdog
+            # closes the channel when it has not come within the timeout.
+            watchdog = threading.Timer(self.timeout, channel.close)
+            watchdog.daemon = True
+            watchdog.start()
             try:
                 channel.exec_command(script)
-            except paramiko.SSHException as exc:  # the server refused to run it
-                log.debug("%s: exec refused: %s", self.description, exc)
+            except paramiko.SSHException as exc:
+                if channel.closed and not watchdog.is_alive():  # the watchdog closed it
+                    log.info("%s: no answer to the exec request within %g s: compared by size "
+                             "and mtime this time", self.description, self.timeout)
+                    return False
+                log.debug("%s: exec refused: %s", self.description, exc)  # no commands here
                 return None
+            finally:
+                watchdog.cancel()
             channel.shutdown_write()  # (a server that answers with an SFTP session ends)
             out = bytearray()
             while len(out) <= limit:
