@@ -337,18 +337,28 @@ def find_mount_root(path: Path) -> Path:
     Found in /proc/self/mountinfo from the path's text, then asked for its status once,
     bounded in time (``mounts.probe``): a stale mount (its process died) ends the command
     with one line that says so and what to do, never with ENOTCONN from a stat."""
-    root, _status = _mount_root_and_status(path)
+    root, _status, _inside = _mount_root_and_status(path)
     return root
 
 
-def _mount_root_and_status(path: Path) -> tuple[Path, dict[str, Any]]:
+def _mount_root_and_relative(target: str) -> tuple[Path, str]:
+    """The mount holding ``target`` and ``target`` relative to its root, as the control
+    file takes paths (found through a symbolic link, if the text leads through one)."""
+    root, _status, inside = _mount_root_and_status(Path(target))
+    return root, _relative(root, inside, target)
+
+
+def _mount_root_and_status(path: Path) -> tuple[Path, dict[str, Any], Path]:
+    """The mount point, its status, and ``path`` as it lies in that mount (resolved when
+    its text leads through a symbolic link)."""
     path = Path(os.path.abspath(path.expanduser()))
+    inside = path
     held = mounts.mount_holding(path)
     if held is None or not held[1].startswith("fuse"):
         # through a symbolic link? Resolving stats each part: bounded, for a stuck mount.
         finished, real = mounts.bounded(lambda: os.path.realpath(path), mounts.PROBE_TIMEOUT)
         if finished and isinstance(real, str) and real != str(path):
-            held = mounts.mount_holding(real)
+            held, inside = mounts.mount_holding(real), Path(real)
     if held is None or not held[1].startswith("fuse"):
         raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
     point, kind = held
@@ -359,7 +369,7 @@ def _mount_root_and_status(path: Path) -> tuple[Path, dict[str, Any]]:
         raise SystemExit(f"cachefs: {mounts.stuck_message(point, mounts.PROBE_TIMEOUT)}")
     if state != mounts.LIVE or status is None:
         raise SystemExit(f"cachefs: {path} is not inside a cachefs mount")
-    return Path(point), status
+    return Path(point), status, inside
 
 
 def read_status(root: Path) -> dict[str, Any]:
@@ -434,7 +444,7 @@ def _running(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root, status = _mount_root_and_status(Path(args.path))
+    root, status, _inside = _mount_root_and_status(Path(args.path))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -467,8 +477,8 @@ def _passthrough_text(state: dict[str, Any]) -> str:
     return f"on ({state.get('open_files', 0)} files open read by the kernel itself)"
 
 
-def _relative(root: Path, target: Path) -> str:
-    rel = os.path.relpath(os.path.abspath(target.expanduser()), root)
+def _relative(root: Path, inside: Path, target: str) -> str:
+    rel = os.path.relpath(inside, root)
     if rel == ".":
         return "."
     if rel.startswith(".."):
@@ -525,8 +535,7 @@ def cmd_simple(args: argparse.Namespace) -> int:
 def cmd_paths(args: argparse.Namespace) -> int:
     status = 0
     for target in args.paths:
-        root = find_mount_root(Path(target))
-        rel = _relative(root, Path(target))
+        root, rel = _mount_root_and_relative(target)
         label = f"pin {target}" if args.command == "pin" else None
         status |= send_command(root, f"{args.command} {rel}", label)
     return status
@@ -550,8 +559,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    root = find_mount_root(Path(args.path))
-    rel = _relative(root, Path(args.path))
+    root, rel = _mount_root_and_relative(args.path)
     return send_command(root, f"resolve {rel} {args.keep}")
 
 

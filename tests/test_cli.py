@@ -184,6 +184,20 @@ def test_pin_unpin_evict_relative_and_absolute(mount_factory, share: Path) -> No
         assert status(mnt)["state"] == "online"
 
 
+
+def test_pin_through_a_symbolic_link_into_the_mount(mount_factory, share: Path, tmp_path: Path) -> None:
+    """A path whose text leads into the mount through a symbolic link (a link in the home
+    folder to a folder of the mount) names the file it leads to."""
+    (share / "docs").mkdir()
+    (share / "docs" / "b.txt").write_bytes(b"b" * 1000)
+    with mount_factory() as mount:
+        link = tmp_path / "to-docs"
+        link.symlink_to(mount.mountpoint / "docs")
+        ok(cachefs("pin", str(link / "b.txt")))
+        assert status(mount.mountpoint)["pinned"] == ["/docs/b.txt"]
+        ok(cachefs("unpin", str(link / "b.txt")))
+        assert status(mount.mountpoint)["pinned"] == []
+
 # -- conflicts and resolve -----------------------------------------------------------------
 
 def test_conflicts_and_resolve(mount_factory, share: Path) -> None:
