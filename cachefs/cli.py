@@ -251,26 +251,35 @@ def _is_fuse_option(parser: argparse.ArgumentParser, opt: str) -> bool:
     parser.error(f"unknown mount option -o {opt}")
 
 
-def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
-    """The key of an encrypted cache (None for a plain one), checked against the cache."""
-    from .store.crypto import CryptoError, open_key
-    from .store.index import check_private_dir
+def _secret(args: argparse.Namespace, encrypted: bool, no_terminal: str) -> bytes | None:
+    """The cache's secret from --cache-key-file, $CACHEFS_CACHE_PASSPHRASE or the terminal
+    (None when there is no key file and ``encrypted`` is false); refused when empty."""
+    from .store.crypto import CryptoError
 
-    secret: bytes | None = None
     if args.cache_key_file is not None:
-        secret = args.cache_key_file.expanduser().read_bytes()
+        secret: bytes = args.cache_key_file.expanduser().read_bytes()
         if not secret.strip():
             raise CryptoError(f"{args.cache_key_file} is empty")
-    elif args.encrypt_cache:
-        text = os.environ.get("CACHEFS_CACHE_PASSPHRASE")
-        if text is None:
-            if not sys.stdin.isatty():
-                raise CryptoError("--encrypt-cache needs a key: --cache-key-file FILE, "
-                                  "CACHEFS_CACHE_PASSPHRASE, or a terminal to ask on")
-            text = getpass.getpass("cache passphrase: ")
-        if not text:
-            raise CryptoError("the cache passphrase is empty")
-        secret = text.encode()
+        return secret
+    if not encrypted:
+        return None
+    text = os.environ.get("CACHEFS_CACHE_PASSPHRASE")
+    if text is None:
+        if not sys.stdin.isatty():
+            raise CryptoError(no_terminal)
+        text = getpass.getpass("cache passphrase: ")
+    if not text:
+        raise CryptoError("the cache passphrase is empty")
+    return text.encode()
+
+
+def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
+    """The key of an encrypted cache (None for a plain one), checked against the cache."""
+    from .store.crypto import open_key
+    from .store.index import check_private_dir
+
+    secret = _secret(args, args.encrypt_cache, "--encrypt-cache needs a key: --cache-key-file "
+                     "FILE, CACHEFS_CACHE_PASSPHRASE, or a terminal to ask on")
     if secret is None and not (cache_dir / "crypt.json").exists():
         return None
     check_private_dir(cache_dir)
@@ -575,19 +584,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if (cache_dir / "crypt.json").exists():
         # Only read: open_key makes a crypt.json where there is none, and cache_key's
         # check_private_dir may chmod the folder; this command changes nothing.
-        args.encrypt_cache = True
         try:
-            if args.cache_key_file is not None:
-                secret = args.cache_key_file.expanduser().read_bytes()
-            else:
-                text = os.environ.get("CACHEFS_CACHE_PASSPHRASE")
-                if text is None:
-                    if not sys.stdin.isatty():
-                        return _fail(f"the cache in {cache_dir} is encrypted: give its key with "
-                                     "--cache-key-file FILE or CACHEFS_CACHE_PASSPHRASE (or run "
-                                     "on a terminal to be asked)")
-                    text = getpass.getpass("cache passphrase: ")
-                secret = text.encode()
+            secret = _secret(args, True, f"the cache in {cache_dir} is encrypted: give its key "
+                             "with --cache-key-file FILE or CACHEFS_CACHE_PASSPHRASE (or run on "
+                             "a terminal to be asked)")
+            assert secret is not None
             key = open_key(cache_dir, secret)
         except (CryptoError, OSError) as exc:
             return _fail(str(exc))
