@@ -35,13 +35,11 @@ import time
 from pathlib import Path
 
 import shutil
-import subprocess
-import sys
 
 import lmdb
 import pytest
 
-from tests.fixtures.mount import REPO, MountError, run_with_timeout, status
+from tests.fixtures.mount import MountError, run_recover, run_with_timeout, status
 from tests.test_writes import control, sync_until_done
 
 ITERATIONS = 50
@@ -352,8 +350,7 @@ def _damage_a_copy(mount_factory, cache_dir: Path, copy: Path, share: Path, mode
         problems.append(f"damaged copy ({what}): the server changed")
     out = copy.with_name(copy.name + "-recovered")
     shutil.rmtree(out, ignore_errors=True)
-    result = subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", str(copy), "--to", str(out)],
-                            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    result = run_recover(str(copy), "--to", str(out))
     if result.returncode != 0 or "Traceback" in result.stderr:
         problems.append(f"recover of the damaged copy ({what}) failed: {result.stdout}{result.stderr}")
         return problems, 0

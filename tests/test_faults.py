@@ -17,8 +17,6 @@ import hashlib
 import os
 import random
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ import lmdb
 import pytest
 
 from devtools.devserver import SshServer
-from tests.fixtures.mount import REPO, MountError, is_mounted, run_with_timeout, status, tmpfs
+from tests.fixtures.mount import MountError, is_mounted, run_recover, run_with_timeout, status, tmpfs
 from tests.fixtures.proxy import TcpProxy, proxied
 from tests.test_writes import (control, go_offline, no_temp_leftovers, read_all, sync_until_done,
                                wait_for, write_file)
@@ -395,9 +393,7 @@ def test_every_damaged_page_is_a_clear_refusal_or_harmless(mount_factory, share:
             outcomes["refused"] += 1
             if "signal" in text or outcomes["refused"] == 1:  # recover copes with it too
                 out = tmp_path / f"out{page}"
-                result = subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", str(copy),
-                                         "--to", str(out)], cwd=REPO, capture_output=True, text=True,
-                                        stdin=subprocess.DEVNULL, timeout=120)
+                result = run_recover(str(copy), "--to", str(out))
                 assert result.returncode == 0 and "Traceback" not in result.stderr, result
                 if "signal" in text:  # (the index unreadable: every content file by number)
                     outcomes["crashed"] = outcomes.get("crashed", 0) + 1

@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from tests.fixtures.mount import REPO, status
+from tests.fixtures.mount import run_recover, status
 from tests.test_faults import _refused
 from tests.test_writes import go_offline, write_file
 
@@ -27,12 +25,6 @@ from tests.test_writes import go_offline, write_file
 CHANGED = {"a.txt": b"a, edited offline\n", "new.txt": b"new offline\n",
            "nd/new2.txt": b"new in a new folder\n", "big.bin": bytes(range(256)) * 4096}
 KEY = "a cache key for the recover tests\n"
-
-
-def run_recover(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", *args], cwd=REPO,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-                          env=env)
 
 
 def tree_state(root: Path) -> dict[str, tuple]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from cachefs.errors import RemoteError, SyncFailed
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
 from cachefs.sync.manager import SyncManager
-from tests.fixtures.mount import REPO
+from tests.fixtures.mount import run_recover
 
 OURS = b"changed here, refused there"
 THEIRS = b"changed on the server afterwards"
@@ -115,7 +113,6 @@ def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str, seen
     trio.run(main)
     if keep == "both":  # the version kept here only is one ``cachefs recover`` saves
         out = tmp_path / "recovered"
-        result = subprocess.run([sys.executable, "-m", "cachefs.cli", "recover", str(cache_dir), "--to", str(out)],
-                                cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        result = run_recover(str(cache_dir), "--to", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
         assert (out / "files" / "a.txt").read_bytes() == OURS, result.stdout
