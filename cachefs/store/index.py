@@ -160,6 +160,8 @@ class Store:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         (cache_dir / "index").mkdir(mode=0o700, exist_ok=True)
         opening.open_environment(self, map_size)
+        with self.env.begin() as txn:  # (the sub-databases are named in the main one)
+            had = {bytes(name) for name, _value in txn.cursor()}
         self.meta = self.env.open_db(b"meta")
         self.nodes = self.env.open_db(b"nodes")
         self.entries = self.env.open_db(b"entries")
@@ -171,6 +173,10 @@ class Store:
         self.links = self.env.open_db(b"links")
         #: content checksums (see the module's docstring, ``ContentSum``, ``BaseSum``)
         self.sums = self.env.open_db(b"sums")
+        #: sub-databases this open made (an older cache lacks some): taken away again when
+        #: the cache is refused, which must leave it as it found it
+        self._made_dbs = [db for name, db in ((b"links", self.links), (b"sums", self.sums))
+                          if name not in had]
         opening.check_schema(self, remote_text)
         dirty = opening.check_integrity(self)
         opening.fit_dirty_content(self, dirty)

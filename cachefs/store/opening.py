@@ -260,12 +260,24 @@ def fit_dirty_content(store: Store, nodes: list[Node]) -> None:
 # ----------------------------------------------------------------------
 
 
+def _drop_made_dbs(store: Store) -> None:
+    """Take away the (empty) sub-databases this open made in an older cache."""
+    if store._made_dbs:
+        with store.env.begin(write=True) as txn:
+            for db in store._made_dbs:
+                txn.drop(db, delete=True)
+
+
 def check_schema(store: Store, remote_text: str) -> None:
     with store.env.begin() as txn:
         schema = txn.get(b"schema", db=store.meta)
         schema = None if schema is None else bytes(schema)
     if schema == b"1":
-        upgrade_schema1(store)
+        try:
+            upgrade_schema1(store)
+        except BaseException:
+            _drop_made_dbs(store)  # (refused: the cache is left as it was found)
+            raise
         schema = SCHEMA
     with store.env.begin(write=True) as txn:
         if schema is None:
