@@ -132,6 +132,12 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "whole cached files of 1 MiB or more straight from the cache (FUSE "
                         "passthrough: needs Linux 6.9+, root, and the pyfuse3 that "
                         "scripts/build-passthrough builds; used by default where it works)")
+    p.add_argument("--callbacks", choices=("auto", "inotifywait", "python3", "off"), default="auto",
+                   help="run a watcher on the SSH server (inotifywait, or a short python3 script) "
+                        "that tells the mount each change there, so that cached listings and "
+                        "attributes are used without checks while it runs; 'off' never runs a "
+                        "command for it; local folders are watched here (default: auto, the "
+                        "first the server has)")
     p.add_argument("--no-remote-hash", dest="remote_hash", action="store_false",
                    help="never run sha256sum on the SSH server (over an exec channel) to see "
                         "whether a file changed there although its size and mtime did not, "
@@ -181,7 +187,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
-               "no_remote_hash": "remote_hash",
+               "no_remote_hash": "remote_hash", "callbacks": "callbacks",
                "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
@@ -226,6 +232,8 @@ def _apply_own_option(args: argparse.Namespace, parser: argparse.ArgumentParser,
         return
     if not eq or not value:
         parser.error(f"-o {key} needs a value ({key}=...)")
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"-o {opt}: choose from {', '.join(map(str, action.choices))}")
     try:
         setattr(args, action.dest, action.type(value) if callable(action.type) else value)
     except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -328,6 +336,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         write_back_hold=args.write_back_hold,
         readahead=args.readahead,
         passthrough=args.passthrough,
+        callbacks=args.callbacks,
         request_spin=args.request_spin,
         fuse_options=args.fuse_options,
         cache_key=key,
@@ -470,6 +479,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                          if status.get("over_limit_pinned") else "")),
         ("pinned", ", ".join(status.get("pinned") or []) or "-"),
         ("passthrough", _passthrough_text(status.get("passthrough") or {})),
+        ("callbacks", _callbacks_text(status.get("callbacks") or {})),
         ("last sync", status.get("last_sync") or "never"),
         ("last error", status.get("last_error") or "-"),
         ("cache dir", status.get("cache_dir")),
@@ -484,6 +494,12 @@ def _passthrough_text(state: dict[str, Any]) -> str:
         why = state.get("off")
         return f"off ({why + '; ' if why else ''}this process serves every read)"
     return f"on ({state.get('open_files', 0)} files open read by the kernel itself)"
+
+
+def _callbacks_text(state: dict[str, Any]) -> str:
+    if state.get("live"):
+        return f"live ({state.get('changes', 0)} changes told by the server)"
+    return f"off ({state.get('off') or 'not running'}; checks after --attr-timeout)"
 
 
 def _relative(root: Path, inside: Path, target: str) -> str:

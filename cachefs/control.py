@@ -93,6 +93,7 @@ class Control:
             "cache_bytes": self.cache.cached_bytes(),
             "cache_limit": hoard.limit,
             "passthrough": self.cache.passthrough_status(),
+            "callbacks": link["callbacks"],
             "over_limit_pinned": hoard.over_limit_pinned,
             "pinned": hoard.root_paths(),
             "last_sync": _iso(self.sync.last_sync),

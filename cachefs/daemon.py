@@ -64,6 +64,7 @@ class MountConfig:
     write_back_hold: float = DEFAULT_WRITEBACK_HOLD
     readahead: int = DEFAULT_READAHEAD
     passthrough: bool = True  # FUSE passthrough for whole cached files, where it works
+    callbacks: str = "auto"  # the server's watcher (cache.callbacks)
     request_spin: float = DEFAULT_REQUEST_SPIN  # µs the FUSE loop reads on before sleeping
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
@@ -341,7 +342,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         wakeup = Wakeup()
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout,
-                                               passthrough=config.passthrough), kernel,
+                                               passthrough=config.passthrough,
+                                               callbacks=config.callbacks), kernel,
                       transfers=transfers, changed=wakeup.poke)
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,

@@ -48,6 +48,7 @@ from ..store.crypto import RecordError
 from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED, ROOT_INO, Node, Store, Txn,
                            index_damaged)
 from .common import CONTROL_NAME, CacheConfig, Kernel
+from .callbacks import Callbacks
 from .reconcile import Reconcile
 from .content import Content
 from .files import Files
@@ -88,6 +89,7 @@ class Cache:
         self._names = Names(store, self._listings, self._content, self._opens, self._writes)
         self._files = Files(store, conn, self.config, self._kernel, self._listings, self._content,
                             self._writes, self._names, self._opens)
+        self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._space: SpaceInfo | None = None
         self._space_at = 0.0
         self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
@@ -132,6 +134,7 @@ class Cache:
         async with trio.open_nursery() as nursery:
             self._content.start(nursery)
             self._listings.start(nursery)
+            nursery.start_soon(self._callbacks.run)
             task_status.started()
             try:
                 while True:
@@ -268,8 +271,10 @@ class Cache:
         """The connectivity's state, the remote's description, when it last answered, and
         the last error met reaching it."""
         conn = self._conn
+        callbacks = self._callbacks
         return {"connectivity": conn.state.value, "remote": conn.remote.description,
-                "last_online": conn.last_online, "last_error": conn.last_error}
+                "last_online": conn.last_online, "last_error": conn.last_error,
+                "callbacks": {"live": callbacks.live, "off": callbacks.why_not, "changes": callbacks.changes}}
 
     def work_offline(self) -> None:
         self._conn.work_offline()

@@ -20,6 +20,7 @@ class CacheConfig:
     readahead: int = 8  # chunks fetched ahead of a sequential reader
     checkpoint_interval: float = 1.0
     passthrough: bool = True  # let the kernel read fully cached files itself, where it can
+    callbacks: str = "auto"  # the server's watcher: auto, inotifywait, python3, off
 
 
 class Kernel:
@@ -66,42 +67,90 @@ def decrement(table: dict[int, int], key: int) -> None:
 class Freshness:
     """ino -> when it was last found current on the remote (a listing, a revalidation).
 
-    An entry older than ``ttl`` means the same as none, so the table is pruned of those
-    whenever it has doubled since the last pruning: it holds at most about twice the
-    entries marked within one ``ttl`` (plus 1,024), not one per node ever listed (that
-    was ~70 MiB per million nodes). A pruning is one pass over the table, paid for by the
-    inserts that doubled it."""
+    Time-based by default: a mark older than ``ttl`` means the same as none. While the
+    server's callbacks are live (``trusted_since`` set: the time the watcher was seen
+    ready), every mark made since then stays fresh until a change voids it (``void``):
+    the watcher tells each change. A mark of a listing that started before a void of the
+    same node is not taken (the listing may predate the change).
 
-    __slots__ = ("ttl", "_at", "_prune_at")
+    The table is pruned of marks that mean nothing any more whenever it has doubled since
+    the last pruning: it holds about twice the entries marked within one ``ttl`` (plus
+    1,024) or, with callbacks, those marked since they went live; not one per node ever
+    listed (that was ~70 MiB per million nodes). A pruning is one pass over the table,
+    paid for by the inserts that doubled it."""
+
+    __slots__ = ("ttl", "trusted_since", "_at", "_prune_at", "_void", "_void_at")
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
+        self.trusted_since: float | None = None
         self._at: dict[int, float] = {}
         self._prune_at = 1024
+        self._void: dict[int, float] = {}  # ino -> when a change voided its mark
+        self._void_at = 4096  # pruned when it grows past this
 
     def fresh(self, ino: int) -> bool:
         at = self._at.get(ino)
-        return at is not None and time.monotonic() - at < self.ttl
+        if at is None:
+            return False
+        since = self.trusted_since
+        return (since is not None and at >= since) or time.monotonic() - at < self.ttl
 
     def mark(self, ino: int, now: float) -> None:
+        """Found current by a look at the remote that began at ``now``."""
+        if self._void and self._void.get(ino, -1.0) >= now:
+            return
         self._at[ino] = now
         if len(self._at) > self._prune_at:
             self._prune()
 
     def mark_all(self, inos: list[int], now: float) -> None:
         at = self._at
-        for ino in inos:
-            at[ino] = now
+        if self._void:
+            void = self._void
+            for ino in inos:
+                if void.get(ino, -1.0) < now:
+                    at[ino] = now
+        else:
+            for ino in inos:
+                at[ino] = now
         if len(at) > self._prune_at:
             self._prune()
 
     def drop(self, ino: int) -> None:
         self._at.pop(ino, None)
 
+    def void(self, ino: int, now: float) -> None:
+        """A change of ``ino`` was told at ``now``: marks from before it are not taken."""
+        self._at.pop(ino, None)
+        self._void[ino] = now
+        if len(self._void) > self._void_at:
+            # Kept only while a look begun before them may still be on its way.
+            self._void = {i: at for i, at in self._void.items() if now - at < VOID_KEPT}
+            self._void_at = max(4096, 2 * len(self._void))
+
+    def trust(self, since: float | None) -> None:
+        """Callbacks live from ``since`` on (None: they are not)."""
+        self.trusted_since = since
+        if since is None:
+            self._void.clear()
+
+    def current_before(self, since: float) -> list[int]:
+        """The nodes marked before ``since`` that are still fresh by time."""
+        now, ttl = time.monotonic(), self.ttl
+        return [ino for ino, at in self._at.items() if at < since and now - at < ttl]
+
     def __len__(self) -> int:
         return len(self._at)
 
     def _prune(self) -> None:
-        now, ttl = time.monotonic(), self.ttl
-        self._at = {ino: at for ino, at in self._at.items() if now - at < ttl}
+        now, ttl, since = time.monotonic(), self.ttl, self.trusted_since
+        if since is None:
+            self._at = {ino: at for ino, at in self._at.items() if now - at < ttl}
+        else:
+            self._at = {ino: at for ino, at in self._at.items() if now - at < ttl or at >= since}
         self._prune_at = max(1024, 2 * len(self._at))
+
+
+#: how long a void is remembered (``Freshness.void``): longer than any listing may take
+VOID_KEPT = 600.0

@@ -71,7 +71,7 @@ class Files:
         if node.is_dir:
             raise IsADirectory()
         known = node
-        if not node.flags & LOCAL_TRUTH and self.conn.online and not self._listings.checked(ino) \
+        if not node.flags & LOCAL_TRUTH and self.conn.online and not self._listings.checked(node) \
                 and not self._listings.path_pending(node):
             node = await self._listings.revalidate(node)
         writable = flags & os.O_ACCMODE != os.O_RDONLY

@@ -49,6 +49,7 @@ SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
 WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after folder
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
+CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
 
 #: a folder's kept listing: (its listing generation, children, what callers derived from them)
 Kept = tuple[int, list[Node], dict[str, Any]]
@@ -187,9 +188,60 @@ class Listings:
         return pnode
 
     # -- freshness ---------------------------------------------------------------------
-    def checked(self, ino: int) -> bool:
-        """Whether the node was found current on the remote less than ``attr_timeout`` ago."""
-        return self._checked.fresh(ino)
+    def checked(self, node: Node) -> bool:
+        """Whether the node was found current on the remote less than ``attr_timeout`` ago,
+        or, while callbacks are live, its folder's listing since then is current."""
+        return self._checked.fresh(node.ino) or (self._listed.trusted_since is not None
+                                                 and self._listed.fresh(node.parent))
+
+    # -- callbacks -----------------------------------------------------------------------
+    def trust(self, since: float | None) -> None:
+        """The server's callbacks are live from ``since`` on (None: they are not): until a
+        change is told, what was listed or checked since then stays current."""
+        self._listed.trust(since)
+        self._checked.trust(since)
+
+    def changed_remotely(self, paths: list[bytes]) -> dict[int, set[bytes]]:
+        """The server told that ``paths`` (share-relative) changed: the listings and checks
+        they touch are void (a listing on its way now will not count as current). Returns
+        the cached folders to list again, with the names in them that changed."""
+        now = time.monotonic()
+        folders: dict[int, set[bytes]] = {}
+        for path in paths:
+            parts = path.split(b"/") if path else []
+            folder = self._cached_folder(parts[:-1])
+            if folder is None:
+                continue
+            if not parts:  # the root itself, or anything (the watcher lost events)
+                self.trust(now if self._listed.trusted_since is not None else None)
+                self._listed.void(ROOT_INO, now)
+                folders.setdefault(ROOT_INO, set())
+                continue
+            name = parts[-1]
+            self._listed.void(folder, now)
+            if self.node(folder).has(LISTED):  # (one never listed is listed at its first use)
+                folders.setdefault(folder, set()).add(name)
+            child = self.store.child(folder, name)
+            if child is not None:
+                self._checked.void(child.ino, now)
+                if child.is_dir:
+                    self._listed.void(child.ino, now)
+                elif child.nlink > 1:
+                    self._listed.void(child.parent, now)  # (checked through its folder)
+        return folders
+
+    def listed_before(self, since: float) -> list[int]:
+        """The folders whose listing is current by time but was made before ``since``."""
+        return self._listed.current_before(since)
+
+    def _cached_folder(self, parts: list[bytes]) -> int | None:
+        ino = ROOT_INO
+        for name in parts:
+            child = self.store.child(ino, name)
+            if child is None or not child.is_dir:
+                return None
+            ino = child.ino
+        return ino
 
     def forget_checked(self, ino: int) -> None:
         self._checked.drop(ino)
@@ -350,20 +402,22 @@ class Listings:
             listing = await self._list(node, lister)
             if listing is None:
                 return
-            if self._dir_gen.get(node.ino, 0) != listing[0] or self.local_dirs.get(node.ino):
+            generation, started, entries = listing
+            if self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
                 # The folder changed here while the listing was on its way: the listing
                 # may predate that change, and the local entries are the truth for now.
                 return
-            self._apply_listing(node.ino, listing[1])
+            self._apply_listing(node.ino, entries, started)
 
-    async def _list(self, node: Node, lister: Lister | None) -> tuple[int, list[Any]] | None:
-        """The folder's generation before its listing, and the listing; None when the
-        remote went away and a listing is cached."""
+    async def _list(self, node: Node, lister: Lister | None) -> tuple[int, float, list[Any]] | None:
+        """The folder's generation before its listing, when the listing began, and the
+        listing; None when the remote went away and a listing is cached."""
         path = self.store.path_of(node.ino)
         generation = self._dir_gen.get(node.ino, 0)
         self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
+        started = time.monotonic()
         try:
-            return generation, await self.conn.call(lister or self.conn.remote.listdir, path)
+            return generation, started, await self.conn.call(lister or self.conn.remote.listdir, path)
         except Unavailable:
             if node.has(LISTED):
                 return None
@@ -377,7 +431,7 @@ class Listings:
             self._locks.pop(node.ino, None)
             decrement(self._listing, node.ino)
 
-    def _apply_listing(self, ino: int, listing: list[Any]) -> None:
+    def _apply_listing(self, ino: int, listing: list[Any], started: float) -> None:
         kept = []
         for name, rstat in listing:
             if ino == ROOT_INO and name == CONTROL_NAME:
@@ -398,9 +452,8 @@ class Listings:
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
             changed, removed = delta.changed, delta.removed
-        now = time.monotonic()
-        self._listed.mark(ino, now)
-        self._checked.mark_all([child.ino for child in children], now)
+        self._listed.mark(ino, started)
+        self._checked.mark_all([child.ino for child in children], started)
         self._folder_listed(ino)
         for node in changed:
             self._stale(node.ino)
@@ -441,7 +494,20 @@ class Listings:
 
     async def revalidate(self, node: Node) -> Node:
         """The node as the remote has it now (close-to-open); its cached content dropped
-        when the remote's version changed."""
+        when the remote's version changed. Checked with its folder's listing when that
+        is kept and small (``CHECK_BY_LISTING``): one look at the remote then checks every
+        file of the folder, which a program reading them opens one after another."""
+        kept = self._kept(node.parent)
+        if kept is not None and len(kept[1]) <= CHECK_BY_LISTING and node.nlink <= 1 \
+                and not self._listed.fresh(node.parent):
+            parent = self.store.get(node.parent)
+            if parent is not None:
+                await self.ensure_listing(parent)
+                if self._checked.fresh(node.ino):
+                    current = self.store.get(node.ino)
+                    if current is None:
+                        raise NotFound()
+                    return node if current == node else current
         path = self.store.path_of(node.ino)
         try:
             rstat = await self.conn.call(self.conn.remote.stat, path)

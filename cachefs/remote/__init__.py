@@ -10,6 +10,7 @@ Owns nothing itself; the modules, each importing only those listed after it:
     ssh_config     the address through ~/.ssh/config (SshTarget)
     sftp_session   the SFTP protocol on one channel (paramiko's engine)
     base, options  the contract every backend keeps, its errors and options
+    watch          the watcher that streams changes on the server (callbacks)
 
 Backends know nothing of the cache, the sync manager, trio or FUSE.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from ..address import RemoteAddress
 from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
+from .watch import Watch, WatchEnded
 from .options import ConnectOptions
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "RemoteStat",
     "RemoteUnreachable",
     "SpaceInfo",
+    "Watch",
+    "WatchEnded",
     "open_remote",
 ]
 

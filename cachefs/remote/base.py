@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ..errors import ContentDamaged, RemoteError, RemoteRefused, RemoteUnreachable
+from .watch import Watch, WatchEnded
 
 __all__ = ["ContentDamaged", "RemoteError", "RemoteRefused", "RemoteUnreachable",
            "Remote", "RemoteStat", "SpaceInfo", "Source", "open_source"]
@@ -98,6 +99,13 @@ class Remote(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections and threads. Idempotent."""
+
+    # -- change notification ---------------------------------------------------------
+    def watch(self, using: str = "auto") -> Watch:
+        """Start a watcher beside the share that streams the paths changing there (see
+        ``watch``); raises ``WatchEnded`` when this remote cannot (the default).
+        ``using``: which watcher ("auto", "inotifywait", "python3")."""
+        raise WatchEnded("this kind of remote tells no changes", retry=False)
 
     # -- reading -------------------------------------------------------------------
     @abstractmethod

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from .base import (Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Source,
                    SpaceInfo, open_source)
+from .watch import ProcessWatch, Watch, WatchEnded
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,14 @@ class LocalRemote(Remote):
         if path.startswith(b"/") or b"\0" in path:
             raise RemoteError(errno.EINVAL, f"not a share-relative path: {path!r}")
         return self._root_b if not path else self._root_b + b"/" + path
+
+    def watch(self, using: str = "auto") -> Watch:
+        """The folder watched here, with inotify (the watcher the SFTP backend runs on
+        its server, run on this machine)."""
+        try:
+            return ProcessWatch(self._root_b, using)
+        except OSError as exc:
+            raise WatchEnded(f"cannot start the watcher: {exc}", retry=False) from exc
 
     def _root_present(self) -> bool:
         try:

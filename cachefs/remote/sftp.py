@@ -38,6 +38,7 @@ from .sftp_pool import SftpPool
 from .sftp_session import (CMD_FSETSTAT, CMD_RENAME, CMD_SETSTAT, DEFAULT_READ_SIZE, SFTP_FAILURE, WRITE_CHUNK,
                            SftpSession, StatusError)
 from .ssh_config import resolve_target
+from .watch import ChangeStream, Watch, WatchEnded, ended, watch_command
 
 log = logging.getLogger(__name__)
 
@@ -282,33 +283,55 @@ class SftpRemote(Remote):
                      self.description)
         self.can_hash = False
 
-    def _exec(self, sftp: SftpSession, script: bytes, limit: int) -> bytes | None | Literal[False]:
-        """The output of ``script`` run over an exec channel of this connection (read up to
-        just past ``limit`` bytes); None when the server runs no commands; False when it
-        did not answer in time (a slow disk there: not a reason to stop asking)."""
+    def watch(self, using: str = "auto") -> Watch:
+        """The watcher (``watch.watch_command``) run on the server over an exec channel of
+        a pooled connection; it lives as long as that connection."""
+        self._ensure_root()
+        root = self._path(b"")
+        channel = self._pool.run("watch", lambda sftp: self._open_exec(sftp, watch_command(root, using)))
+        if not isinstance(channel, paramiko.Channel):
+            raise WatchEnded("the server runs no commands" if channel is None
+                             else "no answer to the exec request", retry=channel is not None)
+        return ChannelWatch(channel, root)
+
+    def _open_exec(self, sftp: SftpSession, command: bytes) -> paramiko.Channel | None | Literal[False]:
+        """A channel running ``command`` on the server; None when the server runs no
+        commands; False when it did not answer the request in time."""
         try:
             channel = sftp.sock.get_transport().open_session(timeout=self.timeout)
         except paramiko.ChannelException as exc:  # a session refused: no commands here
             log.debug("%s: session refused: %s", self.description, exc)
             return None
+        channel.settimeout(self.timeout)
+        # paramiko waits for the exec request's answer without a limit: a watchdog
+        # closes the channel when it has not come within the timeout.
+        watchdog = threading.Timer(self.timeout, channel.close)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            channel.settimeout(self.timeout)
-            # paramiko waits for the exec request's answer without a limit: a watchdog
-            # closes the channel when it has not come within the timeout.
-            watchdog = threading.Timer(self.timeout, channel.close)
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                channel.exec_command(script)
-            except paramiko.SSHException as exc:
-                if channel.closed and not watchdog.is_alive():  # the watchdog closed it
-                    log.info("%s: no answer to the exec request within %g s: compared by size "
-                             "and mtime this time", self.description, self.timeout)
-                    return False
-                log.debug("%s: exec refused: %s", self.description, exc)  # no commands here
-                return None
-            finally:
-                watchdog.cancel()
+            channel.exec_command(command)
+        except paramiko.SSHException as exc:
+            timed_out = channel.closed and not watchdog.is_alive()  # the watchdog closed it
+            channel.close()
+            if timed_out:
+                log.info("%s: no answer to the exec request within %g s", self.description, self.timeout)
+                return False
+            log.debug("%s: exec refused: %s", self.description, exc)  # no commands here
+            return None
+        finally:
+            watchdog.cancel()
+        return channel
+
+    def _exec(self, sftp: SftpSession, script: bytes, limit: int) -> bytes | None | Literal[False]:
+        """The output of ``script`` run over an exec channel of this connection (read up to
+        just past ``limit`` bytes); None when the server runs no commands; False when it
+        did not answer in time (a slow disk there: not a reason to stop asking)."""
+        channel = self._open_exec(sftp, script)
+        if not isinstance(channel, paramiko.Channel):
+            if channel is False:
+                log.info("%s: compared by size and mtime this time", self.description)
+            return channel
+        try:
             channel.shutdown_write()  # (a server that answers with an SFTP session ends)
             out = bytearray()
             while len(out) <= limit:
@@ -442,3 +465,40 @@ def _to_stat(attrs: SFTPAttributes) -> RemoteStat:
         uid=attrs.st_uid or 0,
         gid=attrs.st_gid or 0,
     )
+
+
+class ChannelWatch(Watch):
+    """The watcher's exec channel: its output is the changed paths, its error output
+    the readiness and reasons; closing the channel ends it on the server."""
+
+    def __init__(self, channel: paramiko.Channel, root: bytes) -> None:
+        self._channel = channel
+        self._stream = ChangeStream(root)
+
+    def read(self, timeout: float) -> list[bytes]:
+        channel = self._channel
+        channel.settimeout(min(timeout, 0.25))  # (the error output is looked at between)
+        end = timeout
+        changed: list[bytes] = []
+        while not changed:
+            if channel.recv_stderr_ready():
+                self._messages(channel.recv_stderr(65536))
+            try:
+                data = channel.recv(1 << 16)
+            except TimeoutError:
+                end -= 0.25
+                if end <= 0:
+                    return changed
+                continue
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise WatchEnded(f"the watcher's channel failed: {exc}") from exc
+            if not data:
+                while channel.recv_stderr_ready():
+                    self._messages(channel.recv_stderr(65536))
+                status = channel.recv_exit_status() if channel.exit_status_ready() else None
+                raise ended(self, status)
+            changed += self._stream.feed(data)
+        return changed
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,188 @@
+"""Server callbacks (``cache.callbacks``, ``remote.watch``): a watcher on the server tells
+each change; while it runs, cached listings and attributes are used without a look at the
+remote, and a change on the server shows on the mount within 2 s. Real sshd, real
+mounts, the real watchers (inotifywait and the python3 script), a real stalled link."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from cachefs.remote.watch import ChangeStream
+from tests.fixtures.mount import status
+from tests.fixtures.proxy import TcpProxy, proxied
+
+WATCHERS = ["inotifywait", "python3"]
+
+
+def _wait_for(what: str, test: Callable[[], Any], within: float) -> float:
+    """Seconds until ``test()`` is true; fails after ``within``."""
+    start = time.monotonic()
+    while True:
+        try:
+            if test():
+                return time.monotonic() - start
+        except OSError:
+            pass
+        if time.monotonic() - start > within:
+            raise AssertionError(f"{what}: not within {within:g} s")
+        time.sleep(0.05)
+
+
+def _live(mnt: Path, within: float = 15) -> None:
+    _wait_for("callbacks live", lambda: status(mnt)["callbacks"]["live"], within)
+
+
+def _fill(share: Path) -> None:
+    (share / "d").mkdir()
+    for i in range(5):
+        (share / "d" / f"f{i}").write_bytes(b"x" * 100)
+    (share / "top.txt").write_bytes(b"top")
+
+
+@pytest.mark.parametrize("watcher", WATCHERS)
+def test_a_server_change_shows_on_the_mount_within_2s(mount_factory, share: Path, watcher: str) -> None:
+    """With --attr-timeout 60 only the callbacks can bring these changes in time: new file,
+    content, mode, removal, a new folder and a file in it, a rename."""
+    _fill(share)
+    with mount_factory("--callbacks", watcher, attr_timeout="60") as m:
+        mnt = m.mountpoint
+        assert sorted(os.listdir(mnt / "d")) == [f"f{i}" for i in range(5)]
+        assert (mnt / "d" / "f0").read_bytes() == b"x" * 100
+        _live(mnt)
+        assert os.stat(mnt / "d" / "f1").st_mode & 0o777 != 0o600
+
+        (share / "d" / "new").write_bytes(b"new")
+        _wait_for("new file", lambda: (mnt / "d" / "new").read_bytes() == b"new", 2)
+        (share / "d" / "f0").write_bytes(b"changed!")
+        _wait_for("changed content", lambda: (mnt / "d" / "f0").read_bytes() == b"changed!", 2)
+        os.chmod(share / "d" / "f1", 0o600)
+        _wait_for("mode", lambda: os.stat(mnt / "d" / "f1").st_mode & 0o777 == 0o600, 2)
+        (share / "d" / "f2").unlink()
+        _wait_for("removal", lambda: not (mnt / "d" / "f2").exists(), 2)
+        (share / "d" / "sub").mkdir()
+        (share / "d" / "sub" / "inner").write_bytes(b"in")
+        _wait_for("new folder", lambda: (mnt / "d" / "sub" / "inner").read_bytes() == b"in", 2)
+        os.rename(share / "top.txt", share / "d" / "moved.txt")
+        _wait_for("rename", lambda: not (mnt / "top.txt").exists()
+                  and (mnt / "d" / "moved.txt").read_bytes() == b"top", 2)
+        st = status(mnt)
+        assert st["callbacks"]["live"] and st["callbacks"]["changes"] > 0
+        m.assert_clean_log()
+
+
+def test_cached_data_costs_no_round_trip_while_callbacks_live(mount_factory, sshd, share: Path,
+                                                              tmp_path: Path) -> None:
+    """Past --attr-timeout, listings, stats and reads of cached files are answered at once
+    with the link stalled: nothing waits for a check (without callbacks each would wait
+    for --timeout)."""
+    _fill(share)
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, timeout="8", heartbeat="60") as m:
+            mnt = m.mountpoint
+            _live(mnt)
+            names = sorted(os.listdir(mnt / "d"))
+            contents = {n: (mnt / "d" / n).read_bytes() for n in names}
+            assert (mnt / "top.txt").read_bytes() == b"top"
+            time.sleep(2.5)  # past --attr-timeout (1 s) and the kernel's own caches
+            proxy.stall()
+            try:
+                start = time.monotonic()
+                assert sorted(os.listdir(mnt / "d")) == names
+                for n in names:
+                    os.stat(mnt / "d" / n)
+                    assert (mnt / "d" / n).read_bytes() == contents[n]
+                assert (mnt / "top.txt").read_bytes() == b"top"
+                took = time.monotonic() - start
+            finally:
+                proxy.resume()
+            assert took < 2, f"cached reads waited on the stalled link: {took:.1f} s"
+
+
+def test_without_callbacks_checks_by_time(mount_factory, share: Path) -> None:
+    """--callbacks off: status says so; a server change shows after --attr-timeout."""
+    _fill(share)
+    with mount_factory("--callbacks", "off", attr_timeout="1") as m:
+        mnt = m.mountpoint
+        assert (mnt / "d" / "f0").read_bytes() == b"x" * 100
+        st = status(mnt)["callbacks"]
+        assert not st["live"] and "off" in st["off"]
+        (share / "d" / "f0").write_bytes(b"changed!")
+        _wait_for("changed content by time", lambda: (mnt / "d" / "f0").read_bytes() == b"changed!", 4)
+
+
+def test_a_server_that_runs_no_commands_gets_time_checks(tmp_path: Path, share: Path) -> None:
+    """ForceCommand internal-sftp: the watcher never starts; the mount says why and works."""
+    from devtools.devserver import SshServer
+    from tests.fixtures.mount import Mount
+
+    _fill(share)
+    server = SshServer(tmp_path / "sshd-sftp-only", share=share, force_internal_sftp=True)
+    server.start()
+    try:
+        with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--identity", str(server.identity),
+                   "--known-hosts", str(server.known_hosts), "--timeout", "2", "--attr-timeout", "1",
+                   "-v") as m:
+            mnt = m.mountpoint
+            assert (mnt / "d" / "f0").read_bytes() == b"x" * 100
+            _wait_for("the reason", lambda: "no commands" in (status(mnt)["callbacks"]["off"] or ""), 10)
+            assert not status(mnt)["callbacks"]["live"]
+            (share / "d" / "f0").write_bytes(b"changed!")
+            _wait_for("changed content by time", lambda: (mnt / "d" / "f0").read_bytes() == b"changed!", 4)
+    finally:
+        server.stop()
+
+
+def _watchers_of(share: Path) -> list[int]:
+    """The inotifywait processes watching ``share``."""
+    out = subprocess.run(["pgrep", "-x", "inotifywait"], capture_output=True, text=True).stdout
+    found = []
+    for pid in map(int, out.split()):
+        try:
+            if str(share).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_watcher_that_dies_means_time_checks_at_once_then_a_new_watcher(mount_factory, share: Path) -> None:
+    _fill(share)
+    with mount_factory("--callbacks", "inotifywait", attr_timeout="1") as m:
+        mnt = m.mountpoint
+        _live(mnt)
+        pids = _watchers_of(share)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        _wait_for("callbacks off", lambda: not status(mnt)["callbacks"]["live"], 3)
+        (share / "d" / "f0").write_bytes(b"changed!")
+        _wait_for("changed content by time", lambda: (mnt / "d" / "f0").read_bytes() == b"changed!", 4)
+        _live(mnt, within=20)  # started again after its first wait (5 s)
+        (share / "d" / "f1").write_bytes(b"again")
+        _wait_for("changed content by callback", lambda: (mnt / "d" / "f1").read_bytes() == b"again", 2)
+    _wait_for("the watcher ended with the mount", lambda: not _watchers_of(share), 5)
+
+
+def test_a_local_folder_is_watched_too(mount_factory, share: Path) -> None:
+    _fill(share)
+    with mount_factory(remote=str(share), attr_timeout="60") as m:
+        mnt = m.mountpoint
+        assert (mnt / "d" / "f0").read_bytes() == b"x" * 100
+        _live(mnt)
+        (share / "d" / "f0").write_bytes(b"local change")
+        _wait_for("local change", lambda: (mnt / "d" / "f0").read_bytes() == b"local change", 2)
+
+
+def test_the_change_stream_gives_share_relative_paths() -> None:
+    stream = ChangeStream(b"/srv/share")
+    assert stream.feed(b"/srv/share/a/b\0/srv/share/c") == [b"a/b"]
+    assert stream.feed(b"\xff\n\0/srv/share/\0/srv/share\0/srv/other/x\0") == [b"c\xff\n", b"", b""]
+    assert stream.feed(b"/srv/share/d/\0") == [b"d"]
+    root = ChangeStream(b"/")
+    assert root.feed(b"/etc/x\0/\0") == [b"etc/x", b""]
