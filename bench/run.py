@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -36,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -48,7 +46,8 @@ sys.path.insert(0, str(REPO))
 
 from cachefs.cli import read_status  # noqa: E402
 from devtools.devserver import SshServer, descendants  # noqa: E402
-from cachefs.mounts import is_mounted  # noqa: E402
+from bench.harness import (Endpoint, Mount, Skip, Watchdog, drop_caches, log,  # noqa: E402
+                           machine_line, poll_until, read_whole, versions, write_rclone_conf)
 
 MiB = 1 << 20
 BLOCK = MiB
@@ -58,15 +57,9 @@ PEERS = ("cachefs", "sshfs", "rclone", "share", "cachefs-enc", "pyfuse3")
 # folder (no network, no cache): what the FUSE requests alone cost a Python filesystem.
 WORKLOADS = ("paramiko", "seqread", "seqwrite", "tree", "smallread", "create", "git",
              "statloop", "offline", "rss")
-MOUNT_TIMEOUT = 30.0
-STOP_TIMEOUT = 40.0  # cachefs replays pending changes for up to 30 s on unmount
 
 
 # -- small helpers ------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def proc_status(pid: int, key: str) -> int | None:
     """A kB figure (VmHWM, VmRSS) from /proc/PID/status, in bytes."""
     try:
@@ -77,21 +70,6 @@ def proc_status(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-_drop_warned = False
-
-
-def drop_caches() -> None:
-    global _drop_warned
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        if not _drop_warned:
-            log(f"WARNING: cannot drop the page cache ({exc}); 'cold' figures are not cold")
-            _drop_warned = True
 
 
 def compact_memory() -> None:
@@ -111,26 +89,12 @@ def du_bytes(path: Path) -> int:
     return int(out.split()[0])
 
 
-def read_whole(path: Path, buf: bytearray) -> int:
-    total = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                return total
-            total += n
-
-
 def write_control(mnt: Path, command: str) -> None:
     fd = os.open(mnt / ".cachefs" / "control", os.O_WRONLY)
     try:
         os.write(fd, command.encode())
     finally:
         os.close(fd)
-
-
-class Skip(Exception):
-    """Not applicable to this peer (no figure, no error)."""
 
 
 # -- sizes --------------------------------------------------------------------------------
@@ -198,176 +162,6 @@ def metric_list(s: Sizes) -> list[Metric]:
     ]
 
 
-# -- mounts -------------------------------------------------------------------------------
-class MountFailed(Exception):
-    pass
-
-
-class Mount:
-    """One fresh mount of one peer; ``path`` is where to work. Always taken down by stop()."""
-
-    def __init__(self, bench: "Bench", peer: str, tag: str) -> None:
-        self.bench = bench
-        self.peer = peer
-        self.tag = tag
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.cache_dir: Path | None = None
-        self.mnt: Path | None = None
-        self.log_path = bench.workdir / "logs" / f"{tag}.log"
-        self.killed = False
-
-    @property
-    def path(self) -> Path:
-        return self.mnt if self.mnt is not None else self.bench.server.share
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def command(self) -> list[str]:
-        b = self.bench
-        srv = b.server
-        if self.peer in ("cachefs", "cachefs-enc"):
-            extra = ["--encrypt-cache"] if self.peer == "cachefs-enc" else []
-            return [sys.executable, str(REPO / "mount.py"), srv.address(), str(self.mnt),
-                    "--cache-dir", str(self.cache_dir), "--identity", str(srv.identity),
-                    "--known-hosts", str(srv.known_hosts), "--foreground", *extra]
-        if self.peer == "sshfs":
-            return ["sshfs", "-f", f"{srv.user}@{srv.host}:{srv.share}", str(self.mnt),
-                    "-p", str(srv.port), "-o",
-                    f"IdentityFile={srv.identity},UserKnownHostsFile={srv.known_hosts},"
-                    "StrictHostKeyChecking=yes,BatchMode=yes"]
-        if self.peer == "pyfuse3":
-            return [sys.executable, str(REPO / "bench" / "passthrough.py"), str(srv.share), str(self.mnt)]
-        if self.peer == "rclone":
-            return ["rclone", "mount", f"bench:{srv.share}", str(self.mnt),
-                    "--config", str(b.rclone_conf), "--vfs-cache-mode", "full",
-                    "--cache-dir", str(self.cache_dir)]
-        raise ValueError(self.peer)
-
-    def start(self) -> "Mount":
-        if self.peer == "share":
-            return self
-        b = self.bench
-        self.mnt = b.workdir / "mnt" / self.tag
-        self.mnt.mkdir(parents=True)
-        self.cache_dir = b.workdir / "caches" / self.tag
-        self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as logf:
-            env = dict(os.environ, CACHEFS_CACHE_PASSPHRASE="benchmark passphrase")
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
-        b.live_mounts.append(self)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(self.mnt):
-            if self.proc.poll() is not None:
-                raise MountFailed(f"{self.peer} exited with status {self.proc.returncode} before "
-                                  f"mounting: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise MountFailed(f"{self.peer} not mounted after {MOUNT_TIMEOUT:.0f} s: {self.log_tail()}")
-            time.sleep(0.05)
-        return self
-
-    def log_tail(self, n: int = 600) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip()
-        except OSError:
-            return "(no log)"
-        return (text[-n:] if text else "(empty log)").replace("\n", " | ")
-
-    def abort(self) -> None:
-        """Watchdog: kill the daemon so that calls blocked on the mount fail, then unmount."""
-        self.killed = True
-        if self.proc is not None and self.proc.poll() is None:
-            for pid in [self.proc.pid, *descendants(self.proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if self.mnt is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.mnt is not None and is_mounted(self.mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=15)
-        except subprocess.TimeoutExpired:
-            log(f"  fusermount3 -u -z {self.mnt} timed out")
-        kids = descendants(self.proc.pid) if self.proc.poll() is None else []
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        for pid in kids:  # e.g. the ssh client sshfs started
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        if self in self.bench.live_mounts:
-            self.bench.live_mounts.remove(self)
-        self.proc = None
-
-    def __enter__(self) -> "Mount":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class Watchdog:
-    """Kills ``mount`` after ``seconds`` unless cancelled; ``fired`` tells afterwards."""
-
-    def __init__(self, mount: Mount | None, seconds: float, what: str) -> None:
-        self.mount, self.seconds, self.what = mount, seconds, what
-        self.fired = False
-        self.timer = threading.Timer(seconds, self._fire)
-        self.timer.daemon = True
-
-    def _fire(self) -> None:
-        self.fired = True
-        log(f"  WATCHDOG: {self.what} still running after {self.seconds:.0f} s: killing the mount")
-        if self.mount is not None:
-            try:
-                self.mount.abort()
-            except Exception as exc:  # noqa: BLE001
-                log(f"  watchdog abort failed: {exc}")
-
-    def __enter__(self) -> "Watchdog":
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.cancel()
-
-
-def poll_until(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> float | None:
-    """Seconds until ``check()`` is true (from now), or None after ``timeout``."""
-    t0 = time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        try:
-            if check():
-                return t - t0
-        except OSError:
-            pass
-        if t - t0 > timeout:
-            return None
-        time.sleep(interval)
-
-
 # -- the benchmark ------------------------------------------------------------------------
 @dataclass
 class Bench:
@@ -376,7 +170,9 @@ class Bench:
     workdir: Path
     server: SshServer
     peers: list[str]
+    endpoint: Endpoint
     rclone_conf: Path | None = None
+    cachefs_options: list[str] = field(default_factory=list)
     live_mounts: list[Mount] = field(default_factory=list)
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     errors: dict[str, dict[str, list[str]]] = field(default_factory=dict)
@@ -935,43 +731,6 @@ def chart(b: Bench, metrics: list[Metric], path: Path) -> str:
         return f"chart failed: {type(exc).__name__}: {exc}"
 
 
-def machine_line() -> str:
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) // 1024
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem / 1024:.1f} GiB RAM, {platform.platform()}, "
-            f"Python {platform.python_version()}")
-
-
-def versions() -> str:
-    out = []
-    for cmd in (["sshfs", "--version"], ["rclone", "version"], ["/usr/sbin/sshd", "-V"]):
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            text = (r.stdout + r.stderr).strip().splitlines()
-            text = [t for t in text if t.lower().startswith(("sshfs", "rclone", "openssh"))] or text
-            out.append(text[0] if text else "?")
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        import paramiko
-        out.append(f"paramiko {paramiko.__version__}")
-    except ImportError:
-        pass
-    return "; ".join(out)
-
-
 def write_report(b: Bench, metrics: list[Metric], started: float, path: Path) -> str:
     table, ref, errs = build_tables(b, metrics)
     exe = sys.executable
@@ -1098,7 +857,8 @@ def main() -> int:
     os.chmod(workdir, 0o755)
     log(f"work folder {workdir}")
     server = SshServer(workdir / "sshd")
-    bench = Bench(args, sizes, workdir, server, [], deadline=started + args.max_minutes * 60)
+    bench = Bench(args, sizes, workdir, server, [], Endpoint.of(server),
+                  deadline=started + args.max_minutes * 60)
     peers = []
     for p in args.peer_list:
         if p in ("sshfs", "rclone") and shutil.which(p) is None:
@@ -1114,12 +874,7 @@ def main() -> int:
         server.start()
         log(f"sshd on {server.host}:{server.port}, share {server.share}")
         if "rclone" in peers:
-            bench.rclone_conf = workdir / "rclone.conf"
-            bench.rclone_conf.write_text(
-                "[bench]\ntype = sftp\n"
-                f"host = {server.host}\nport = {server.port}\nuser = {server.user}\n"
-                f"key_file = {server.identity}\nknown_hosts_file = {server.known_hosts}\n"
-                "shell_type = unix\nmd5sum_command = none\nsha1sum_command = none\n")
+            bench.rclone_conf = write_rclone_conf(workdir / "rclone.conf", bench.endpoint)
         bench.fill_share(args.workloads)
         if "seqwrite" in args.workloads:
             bench.write_data = os.urandom(sizes.write_mb * MiB)
