@@ -116,6 +116,18 @@ class Remote(ABC):
     def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
         """Entries of a folder with their ``lstat`` attributes, without ``.`` and ``..``."""
 
+    def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+        """Several folders' ``listdir``, each its entries or the ``RemoteError`` it met
+        (a folder gone does not fail the others); ``RemoteUnreachable`` fails the lot.
+        Backends that can pipeline requests list them all in a few round trips."""
+        out: list[list[tuple[bytes, RemoteStat]] | RemoteError] = []
+        for path in paths:
+            try:
+                out.append(self.listdir(path))
+            except RemoteError as exc:
+                out.append(exc)
+        return out
+
     @abstractmethod
     def readlink(self, path: bytes) -> bytes:
         """Target of a symlink, as stored (not resolved)."""

@@ -132,11 +132,16 @@ class SftpRemote(Remote):
     def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
         self._ensure_root()
         full = self._path(path)
+        return self._pool.run("listdir", lambda sftp: sftp.listdir_raw(full, _stat_of), retry=True)
 
-        def listing(sftp: SftpSession) -> list[tuple[bytes, RemoteStat]]:
-            return [(name, _to_stat(attrs)) for name, attrs in sftp.listdir_raw(full)]
-
-        return self._pool.run("listdir", listing, retry=True)
+    def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+        """Every folder at once on one connection (``SftpSession.listdir_many_raw``): two
+        round trips for up to 64 small folders."""
+        self._ensure_root()
+        fulls = [self._path(path) for path in paths]
+        raw = self._pool.run("listdir", lambda sftp: sftp.listdir_many_raw(fulls, _stat_of), retry=True)
+        return [RemoteError(r.errno or errno.EIO, f"listdir: {r.strerror}") if isinstance(r, StatusError)
+                else r for r in raw]
 
     def readlink(self, path: bytes) -> bytes:
         self._ensure_root()
@@ -452,6 +457,11 @@ def _attrs(mode: int, times: tuple[int, int] | None) -> SFTPAttributes:
     if times is not None:
         attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
     return attrs
+
+
+def _stat_of(mode: int, size: int, mtime: int, atime: int, uid: int, gid: int) -> RemoteStat:
+    """A listed entry's attributes (``SftpSession.listdir_raw``; whole seconds)."""
+    return RemoteStat(mode, size, mtime * 1_000_000_000, atime * 1_000_000_000, uid, gid)
 
 
 def _to_stat(attrs: SFTPAttributes) -> RemoteStat:
