@@ -157,6 +157,12 @@ class SshServer:
             # internal-sftp: served inside sshd, without starting the user's login shell
             # (whose start-up files can be slow or hang, and are none of a test's business).
             "Subsystem sftp internal-sftp",
+            # Commands (the callbacks' watcher, server hashes) run without the user's
+            # ~/.bashrc, which Debian's bash reads for a command over SSH only while SHLVL
+            # is below 2: this machine's start-up files (pyenv's rehash, which waits on a
+            # lock file that a session killed mid-way leaves behind) are none of a test's
+            # business either.
+            "SetEnv SHLVL=5",
             "LogLevel ERROR",
         ]
         if self.force_internal_sftp:
