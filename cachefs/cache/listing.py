@@ -49,6 +49,7 @@ SUBFOLDER_PREFETCH = 256  # subfolders listed ahead when a folder is read
 WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after folder
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
+AHEAD_BATCH = 32  # folders listed ahead in one call on a slow link
 CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
 
 #: a folder's kept listing: (its listing generation, children, what callers derived from them)
@@ -106,7 +107,9 @@ class Listings:
         """List the root at start, so that a user who goes offline at once can still
         create files in it."""
         try:
+            start = time.monotonic()
             rstat = await self.conn.call(self.conn.remote.stat, b"")
+            self.conn.note_rtt(time.monotonic() - start)  # (the link's first round trip measured)
             root = self.node(ROOT_INO)
             if root.flags & (DIRTY | ATTR_DIRTY):
                 await self.listdir(ROOT_INO)  # a local change of the root is pending
@@ -142,7 +145,11 @@ class Listings:
             raise NotADirectory()
         if parent != self._walk_from:
             self._walk_on(pnode)
-        await self.ensure_listing(pnode)
+        if self.conn.slow and not self._listed.fresh(parent):
+            await self.ensure_listing(pnode)
+            self._around(pnode)
+        else:
+            await self.ensure_listing(pnode)
         child = self.store.child(parent, name)
         if child is None:
             raise NotFound()
@@ -295,21 +302,78 @@ class Listings:
         if at and subfolders[at - 1] == last:
             self._list_ahead_of_reader(subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
 
+    def _around(self, folder: Node) -> None:
+        """On a slow link, a folder listed for a lookup has its subfolders and its sibling
+        folders listed too, in the background, many to a call: a program that looks into
+        one folder usually looks into those next (git's .git/refs, hooks and objects/xx/,
+        a build's source folders), and each would otherwise cost a wait of its own."""
+        if self._nursery is None or not self.conn.online:
+            return
+        siblings = [] if folder.ino == ROOT_INO else \
+            [c.ino for c in self.children(folder.parent) if c.is_dir and c.ino != folder.ino]
+        subfolders = [c.ino for c in self.children(folder.ino) if c.is_dir]
+        self._list_ahead_of_reader(subfolders + siblings, SUBFOLDER_PREFETCH)
+
     async def _list_ahead(self) -> None:
         """One of the listers of ``_queue``; runs until cancelled. (Tasks started one per
-        folder would run in any order: trio may reverse a batch.)"""
+        folder would run in any order: trio may reverse a batch.) On a slow link a lister
+        takes up to ``AHEAD_BATCH`` folders at once, listed together in a few round trips
+        (``Remote.listdir_many``)."""
         while True:
             while not self._queue:
                 await self._lot.park()
-            queued = self._queue.popleft()
+            most = AHEAD_BATCH if self.conn.slow else 1
+            batch = [self._queue.popleft() for _ in range(min(most, len(self._queue)))]
             try:
-                node = self.store.get(queued)  # as it is now: queued a while ago
-                if node is not None and node.is_dir:
-                    await self.ensure_listing(node, self._list_folder)
+                if len(batch) > 1:
+                    await self._list_together(batch)
+                else:
+                    node = self.store.get(batch[0])  # as it is now: queued a while ago
+                    if node is not None and node.is_dir:
+                        await self.ensure_listing(node, self._list_folder)
             except (Unavailable, RemoteError, NotFound, CacheError, KeyError):
                 pass  # only a head start (KeyError: removed under a lister's path walk)
             finally:
-                self._prefetching.discard(queued)
+                self._prefetching.difference_update(batch)
+
+    async def _list_together(self, folders: list[int]) -> None:
+        """``ensure_listing`` of several folders in one call. A folder whose lock is taken
+        is being listed already, and left out: no lock is waited for while others are
+        held. A folder the remote says is gone is left to its next use."""
+        nodes: list[Node] = []
+        locks: list[trio.Lock] = []
+        for ino in folders:
+            node = self.store.get(ino)  # as it is now: queued a while ago
+            if node is None or not node.is_dir or self._listed.fresh(ino) or self.local_dirs.get(ino) \
+                    or (node.has(LISTED) and self.path_pending(node)):
+                continue
+            lock = self._locks.setdefault(ino, trio.Lock())
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                continue
+            nodes.append(node)
+            locks.append(lock)
+        try:
+            paths = [self.store.path_of(node.ino) for node in nodes]
+            generations = [self._dir_gen.get(node.ino, 0) for node in nodes]
+            for node in nodes:
+                self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
+            started = time.monotonic()
+            try:
+                listings = await self.conn.call(self.conn.remote.listdir_many, paths) if nodes else []
+            finally:
+                for node in nodes:
+                    decrement(self._listing, node.ino)
+            for node, generation, listing in zip(nodes, generations, listings):
+                if isinstance(listing, RemoteError) or self.store.get(node.ino) is None \
+                        or self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
+                    continue  # (see ensure_listing)
+                self._apply_listing(node.ino, listing, started)
+        finally:
+            for node, lock in zip(nodes, locks):
+                self._locks.pop(node.ino, None)
+                lock.release()
 
     # -- kept listings -----------------------------------------------------------------
     def children(self, ino: int) -> list[Node]:

@@ -25,6 +25,11 @@ from ..remote import Remote
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: a round trip at least this long makes a link "slow": the cache then lists and fetches
+#: further ahead of a program (a wasted look costs bytes; a missed one, a round trip)
+SLOW_RTT = 0.010
+RTT_SAMPLES = 8  # the round trip is the least of the last few measured (queues excluded)
+
 
 class State(enum.Enum):
     ONLINE = "online"
@@ -50,6 +55,29 @@ class Connectivity:
         self.last_online: float | None = None  # wall-clock time the remote last answered
         self._wake_probe = trio.Event()
         self._went_online: list[Callable[[], None]] = []
+        self._rtts: list[float] = []  # the last round trips measured (``note_rtt``)
+
+    @property
+    def rtt(self) -> float | None:
+        """The link's round trip (seconds): the least of the last few measured; None
+        before the first."""
+        return min(self._rtts) if self._rtts else None
+
+    @property
+    def slow(self) -> bool:
+        """Whether round trips cost enough to list and fetch ahead of programs."""
+        rtt = self.rtt
+        return rtt is not None and rtt >= SLOW_RTT
+
+    def note_rtt(self, seconds: float) -> None:
+        """A call of one round trip took ``seconds`` (a ping, a stat)."""
+        self._rtts = self._rtts[-(RTT_SAMPLES - 1):] + [seconds]
+
+    async def ping(self) -> None:
+        """One round trip to the remote now, timed (``rtt``)."""
+        start = time.monotonic()
+        await self._run(self.remote.ping)
+        self.note_rtt(time.monotonic() - start)
 
     @property
     def online(self) -> bool:
@@ -162,7 +190,7 @@ class Connectivity:
                 self._wake_probe = trio.Event()
                 if self.state is State.ONLINE:
                     try:
-                        await self._run(self.remote.ping)
+                        await self.ping()
                         self.last_online = time.time()
                     except Unavailable:
                         pass  # report_failure already moved us offline
