@@ -38,6 +38,7 @@ from .errors import RemoteRefused
 from .remote import ConnectOptions, open_remote
 from .cache.transfer import FetchPool, Transfers
 from .link.connectivity import Connectivity
+from .link.netevents import NetworkEvents
 from .link.wakeup import Wakeup
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
 from .sync.manager import SyncManager
@@ -368,6 +369,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                     nursery.start_soon(partial(trio.to_thread.run_sync, fetch_pool.warm,
                                                abandon_on_cancel=True))
                 nursery.start_soon(conn.run)
+                # a link, address or route change, or a resume: check the remote at once
+                nursery.start_soon(NetworkEvents(conn.check_now).run)
                 nursery.start_soon(sync.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
                 nursery.start_soon(_readahead_after_init, ops, config)

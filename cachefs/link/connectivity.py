@@ -2,7 +2,8 @@
 
 Owns: the connectivity state (online, offline detected, offline by request), the worker
 threads that run blocking backend calls, the heartbeat that notices a silently vanished
-network, and the probe that brings the mount back online with backoff.
+network, and the probe that brings the mount back online with backoff; both can be run at
+once (``check_now``: the network changed, see ``netevents``).
 Must not touch: the cache, LMDB, FUSE. Callers get ``Unavailable`` at once while offline,
 so nothing that the cache can answer ever waits for the network.
 """
@@ -54,6 +55,7 @@ class Connectivity:
         self.last_error: str | None = None
         self.last_online: float | None = None  # wall-clock time the remote last answered
         self._wake_probe = trio.Event()
+        self._check_reason: str | None = None  # why ``check_now`` was called, until done
         self._went_online: list[Callable[[], None]] = []
         self._rtts: list[float] = []  # the last round trips measured (``note_rtt``)
 
@@ -152,6 +154,24 @@ class Connectivity:
             self.state = State.OFFLINE
         self._wake_probe.set()
 
+    def check_now(self, reason: str) -> None:
+        """The network changed (``reason``: a link, an address, a route, a resume): check
+        the remote now rather than at the next heartbeat or probe. Online, a ping, so that
+        a link that died is noticed at once; offline, a connection attempt, and the
+        backoff starts again from 1 s. Nothing while offline by request. An attempt
+        already under way is not cut short: the next one follows it at once."""
+        if self.state is State.WORK_OFFLINE:
+            return
+        self._check_reason = reason
+        self._wake_probe.set()
+
+    def _woken_by(self) -> str | None:
+        """Ends a wait: the event is renewed, and the reason ``check_now`` gave (if it
+        was what woke it) taken."""
+        self._wake_probe = trio.Event()
+        reason, self._check_reason = self._check_reason, None
+        return reason
+
     # -- start-up -----------------------------------------------------------------------
     async def first_connect(self) -> None:
         """Connect at mount time. ``RemoteRefused`` propagates (the mount must fail);
@@ -187,11 +207,15 @@ class Connectivity:
                 backoff = 1.0
                 with trio.move_on_after(self.heartbeat):
                     await self._wake_probe.wait()
-                self._wake_probe = trio.Event()
+                reason = self._woken_by()
                 if self.state is State.ONLINE:
+                    if reason is not None:
+                        log.debug("%s: checking that the remote still answers", reason)
                     try:
                         await self.ping()
                         self.last_online = time.time()
+                        if reason is not None:
+                            log.debug("the remote answered the check")
                     except Unavailable:
                         pass  # report_failure already moved us offline
                     except OSError as exc:  # the remote answered, with an error: still online
@@ -199,7 +223,7 @@ class Connectivity:
                 continue
             if self.state is State.WORK_OFFLINE:
                 await self._wake_probe.wait()
-                self._wake_probe = trio.Event()
+                self._woken_by()
                 continue
             try:
                 await self._run(self.remote.connect, refusals=True)
@@ -212,7 +236,12 @@ class Connectivity:
             else:
                 self._set_online()
                 continue
+            log.debug("offline: next attempt to connect in %g s", backoff)
             with trio.move_on_after(backoff):
                 await self._wake_probe.wait()
-            self._wake_probe = trio.Event()
-            backoff = min(self.max_backoff, backoff * 2 if math.isfinite(backoff) else 1.0)
+            reason = self._woken_by()
+            if reason is not None:
+                log.debug("%s: trying to connect now", reason)
+                backoff = 1.0
+            else:
+                backoff = min(self.max_backoff, backoff * 2 if math.isfinite(backoff) else 1.0)
