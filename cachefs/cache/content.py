@@ -31,7 +31,7 @@ from ..errors import RemoteError, Unavailable
 from ..link.connectivity import Connectivity
 from ..paths import join
 from ..store import ranges as rangeset
-from ..store.index import DIRTY, FULL, Node, Store
+from ..store.index import DIRTY, FULL, LISTED, ROOT_INO, Node, Store
 from .common import CacheConfig
 from .handles import Opens
 from .listing import Listings
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
+CHAIN = 8  # on a slow link, next sibling folders whose small files come with a folder's
 #: a checkpoint of at least this many content files syncs the cache's filesystem once
 #: (syncfs) rather than each file (``_fdatasync_all``)
 SYNCFS_MIN = 32
@@ -266,6 +267,9 @@ class Content:
     async def _fetch_gaps(self, node: Node, path: bytes, cstart: int, cend: int) -> None:
         """What is missing of ``cstart..cend`` into the content file, and recorded."""
         ino = node.ino
+        small = cstart == 0 and node.size <= SMALL_FILE
+        if small and self.conn.slow:
+            self._note_small_read(node.parent, at_once=True)  # (alongside this fetch)
         for gap_start, gap_end in rangeset.missing(self.known_ranges(ino), cstart, cend):
             if gap_start == 0 and gap_end == node.size <= SMALL_FILE:
                 # A small file whole: two round trips in this process beat a hop to a
@@ -284,7 +288,7 @@ class Content:
                 self.usage += got
             if got < gap_end - gap_start:
                 break
-        if cstart == 0 and node.size <= SMALL_FILE:
+        if small and not self.conn.slow:
             self._note_small_read(node.parent)
 
     # -- prefetching a folder's small files ------------------------------------------------
@@ -293,13 +297,36 @@ class Content:
         self._prefetched.discard(folder)
         self._small_reads.pop(folder, None)
 
-    def _note_small_read(self, folder: int) -> None:
+    def _note_small_read(self, folder: int, at_once: bool = False) -> None:
         """A second small file read whole in a folder looks like a program going through
-        its files (a build, grep -r, tar): fetch the rest of its small files at once."""
+        its files (a build, grep -r, tar): fetch the rest of its small files at once.
+
+        ``at_once`` (a slow link, where a round trip costs more than the bytes): the
+        first read does, and the small files of the folder's next ``CHAIN`` sibling folders
+        (in listing order, those listed already) come too: a program going through a
+        tree's files reads those next, and each folder would otherwise begin with a wait."""
         count = self._small_reads[folder] = self._small_reads.get(folder, 0) + 1
-        if count == 2 and folder not in self._prefetched and self._nursery is not None:
+        if count == (1 if at_once else 2) and self._nursery is not None:
+            self._prefetch(folder)
+            if at_once:
+                for sibling in self._next_folders(folder):
+                    self._prefetch(sibling)
+
+    def _prefetch(self, folder: int) -> None:
+        if folder not in self._prefetched and self._nursery is not None:
             self._prefetched.add(folder)
             self._nursery.start_soon(self._prefetch_folder, folder)
+
+    def _next_folders(self, folder: int) -> list[int]:
+        """The listed folders after ``folder`` in its parent's listing, ``CHAIN`` at most."""
+        node = self.store.get(folder)
+        if node is None or node.ino == ROOT_INO:
+            return []
+        subfolders = [c for c in self._listings.children(node.parent) if c.is_dir]
+        at = next((i for i, c in enumerate(subfolders) if c.ino == folder), None)
+        if at is None:
+            return []
+        return [c.ino for c in subfolders[at + 1:at + 1 + CHAIN] if c.flags & LISTED]
 
     async def _prefetch_folder(self, folder: int) -> None:
         try:

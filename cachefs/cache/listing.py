@@ -50,6 +50,7 @@ WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after fold
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
 AHEAD_BATCH = 32  # folders listed ahead in one call on a slow link
+AROUND_DEPTH = 3  # levels below a looked-into folder listed ahead on a slow link
 CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
 
 #: a folder's kept listing: (its listing generation, children, what callers derived from them)
@@ -89,6 +90,9 @@ class Listings:
         self._lot = trio.lowlevel.ParkingLot()
         self._listers = max(1, int(conn.limiter.total_tokens) - 1)
         self._prefetching: set[int] = set()  # folders being listed ahead of a reader
+        #: folders queued to be listed ahead on a slow link -> their depth below the
+        #: folder a lookup listed (``_around``)
+        self._deeper: dict[int, int] = {}
         #: folders with journaled changes: their listing is local truth until replayed
         self.local_dirs: dict[int, int] = {}
         #: bumped at each change of a folder's pending work; kept only while the folder has
@@ -107,9 +111,9 @@ class Listings:
         """List the root at start, so that a user who goes offline at once can still
         create files in it."""
         try:
-            start = time.monotonic()
+            if self.conn.online:
+                await self.conn.measure_rtt()
             rstat = await self.conn.call(self.conn.remote.stat, b"")
-            self.conn.note_rtt(time.monotonic() - start)  # (the link's first round trip measured)
             root = self.node(ROOT_INO)
             if root.flags & (DIRTY | ATTR_DIRTY):
                 await self.listdir(ROOT_INO)  # a local change of the root is pending
@@ -304,15 +308,26 @@ class Listings:
 
     def _around(self, folder: Node) -> None:
         """On a slow link, a folder listed for a lookup has its subfolders and its sibling
-        folders listed too, in the background, many to a call: a program that looks into
-        one folder usually looks into those next (git's .git/refs, hooks and objects/xx/,
-        a build's source folders), and each would otherwise cost a wait of its own."""
+        folders listed too, in the background, many to a call, and theirs in turn down to
+        ``AROUND_DEPTH`` levels: a program that looks into one folder usually looks into
+        those next (git's .git/refs, hooks and objects/xx/, a build's source folders), and
+        each would otherwise cost a wait of its own."""
         if self._nursery is None or not self.conn.online:
             return
         siblings = [] if folder.ino == ROOT_INO else \
             [c.ino for c in self.children(folder.parent) if c.is_dir and c.ino != folder.ino]
-        subfolders = [c.ino for c in self.children(folder.ino) if c.is_dir]
-        self._list_ahead_of_reader(subfolders + siblings, SUBFOLDER_PREFETCH)
+        self._deeper_ahead(folder.ino, 0, tuple(siblings))
+
+    def _deeper_ahead(self, folder: int, depth: int, more: tuple[int, ...] = ()) -> None:
+        """Queue the subfolders of ``folder`` (listed ``depth`` levels below a lookup's)
+        and ``more``; those above ``AROUND_DEPTH`` have theirs queued once listed."""
+        queued = [c.ino for c in self.children(folder) if c.is_dir] + list(more)
+        if depth + 1 < AROUND_DEPTH:
+            if len(self._deeper) > 4 * SUBFOLDER_PREFETCH * AROUND_DEPTH:
+                self._deeper.clear()
+            for ino in queued:
+                self._deeper[ino] = depth + 1
+        self._list_ahead_of_reader(queued, SUBFOLDER_PREFETCH)
 
     async def _list_ahead(self) -> None:
         """One of the listers of ``_queue``; runs until cancelled. (Tasks started one per
@@ -370,6 +385,9 @@ class Listings:
                         or self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
                     continue  # (see ensure_listing)
                 self._apply_listing(node.ino, listing, started)
+                depth = self._deeper.pop(node.ino, None)
+                if depth is not None:
+                    self._deeper_ahead(node.ino, depth)
         finally:
             for node, lock in zip(nodes, locks):
                 self._locks.pop(node.ino, None)

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: a round trip at least this long makes a link "slow": the cache then lists and fetches
-#: further ahead of a program (a wasted look costs bytes; a missed one, a round trip)
-SLOW_RTT = 0.010
+#: further ahead of a program (a wasted look costs bytes; a missed one, a round trip).
+#: Far above a LAN's (< 5 ms) and a busy machine's own loopback (a few ms, one sample in a
+#: hundred near 20 ms); a 50 ms WAN is well past it.
+SLOW_RTT = 0.030
 RTT_SAMPLES = 8  # the round trip is the least of the last few measured (queues excluded)
 
 
@@ -70,6 +72,12 @@ class Connectivity:
         """Whether round trips cost enough to list and fetch ahead of programs."""
         rtt = self.rtt
         return rtt is not None and rtt >= SLOW_RTT
+
+    async def measure_rtt(self, samples: int = 3) -> None:
+        """A few round trips now, so that ``rtt`` is the least of several (one sample can
+        be slow for reasons of this machine's)."""
+        for _ in range(samples):
+            await self.ping()
 
     def note_rtt(self, seconds: float) -> None:
         """A call of one round trip took ``seconds`` (a ping, a stat)."""
