@@ -18,6 +18,7 @@ buffer); each large-read buffer is reused only after its reply is out (``read``)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import Busy, IsADirectory
+from ..errors import Busy, IsADirectory, RemoteError
 from ..link.connectivity import Connectivity
 from ..store.index import CONFLICT, DIRTY, FULL, KERNEL_WRITES, LOCAL_TRUTH, ORPHAN, Node, Store, Txn
 from .common import CacheConfig, Kernel, decrement
@@ -80,7 +81,8 @@ class Files:
         fd = os.open(self.store.content_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # (changed: the kernel drops its pages of the old version at this open itself,
         # rather than when the invalidation asked for by the stale content reaches it)
-        handle = OpenFile(ino, fd, writable, size_at_open=node.size, changed=node is not known)
+        handle = OpenFile(ino, fd, writable, size_at_open=node.size, changed=node is not known,
+                          seen=self.opens.remote_changes.get(ino, 0))
         try:
             self._pass_through(handle, node)
         except BaseException:
@@ -200,7 +202,11 @@ class Files:
 
     def detach(self, ino: int) -> None:
         """The remote content changed: the handles the kernel reads for itself keep the
-        content file, whole, as the old version; the cache starts a new one."""
+        content file, whole, as the old version; the cache starts a new one. The handles
+        this process reads for get EIO for what they read from now on (``read``): the
+        content they would get is the new version's, and never mixed with the old."""
+        if self.opens.count.get(ino):
+            self.opens.remote_changes[ino] = self.opens.remote_changes.get(ino, 0) + 1
         backing = self._backings.get(ino)
         if backing is not None and not backing.detached:
             backing.detached = True
@@ -226,6 +232,8 @@ class Files:
         finally:
             os.close(handle.fd)
             decrement(self.opens.count, ino)  # (the open counts of Opens, kept inline: the hot path)
+            if ino not in self.opens.count:
+                self.opens.remote_changes.pop(ino, None)
             if handle.writable:
                 decrement(self.opens.writers, ino)
         held = self._writes.released(ino) if handle.writable else None
@@ -250,6 +258,8 @@ class Files:
         of the reader, tried before, halved the disk's rate with threads reading.
         """
         node = self._listings.node(handle.ino)
+        if self.opens.remote_changes and handle.seen != self.opens.remote_changes.get(handle.ino, 0):
+            raise RemoteError(errno.EIO, "the file changed on the server while open")
         end = min(offset + size, node.size)
         if offset >= end:
             return b""

@@ -24,6 +24,7 @@ class OpenFile:
     backing: int = 0  # the kernel reads the content file itself (``Files._pass_through``)
     stamp: tuple[int, int, int] = (0, 0, 0)  # a passthrough writer's content file at open
     changed: bool = False  # the open found the remote changed: the kernel's pages are old
+    seen: int = 0  # the remote changes of the file known at open (``Opens.remote_changes``)
 
 
 class Opens:
@@ -31,6 +32,9 @@ class Opens:
         self.count: dict[int, int] = {}  # ino -> handles open
         self.writers: dict[int, int] = {}  # ino -> handles open for writing
         self.orphans: set[int] = set()  # made ORPHAN (unlinked while open) by this process
+        #: ino -> how many times the remote's version changed while the file was open (a
+        #: handle opened before such a change must not read bytes of the new version)
+        self.remote_changes: dict[int, int] = {}
         #: ino -> when it was last opened (wall clock), for eviction least recently used
         #: first; dropped when the file or its content goes for good (``forget``: removed,
         #: evicted), kept when the content is only stale

@@ -647,6 +647,10 @@ class Listings:
                 # with this number): the number may go, and starts again from none.
                 self._dir_gen.pop(folder, None)
             self._listed.drop(folder)
+        if self._listed.trusted_since is not None and self._nursery is not None and self.conn.online:
+            # With callbacks, a listing taken now stays current: one round trip in the
+            # background spares the next program that looks here a wait.
+            self._list_ahead_of_reader([f for f in folders if not self.local_dirs.get(f)], SUBFOLDER_PREFETCH)
 
     def op_done(self, op: Op) -> None:
         """The sync manager replayed or dropped ``op``: its folders may be listed again."""
