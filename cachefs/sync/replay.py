@@ -46,13 +46,18 @@ from .ordering import batches
 from .remote_side import RemoteSide
 from .status import PassResult
 from .sums import ServerSums
+from .uploads import UploadGroup
+
+#: entries of one batch at most: their uploads go together (``UploadGroup``), the other
+#: entries side by side, as many at once as the connections allow
+BATCH_WIDTH = 256
 
 log = logging.getLogger(__name__)
 
 
 class Replayer:
     def __init__(self, store: Store, cache: Cache, side: RemoteSide, ledger: Ledger, conflicts: Conflicts,
-                 content: ContentReplay, sums: ServerSums, parallel: int) -> None:
+                 content: ContentReplay, sums: ServerSums) -> None:
         self.store = store
         self.cache = cache
         self.side = side
@@ -60,7 +65,6 @@ class Replayer:
         self.conflicts = conflicts
         self.content = content
         self.sums = sums
-        self.parallel = parallel  # independent operations replayed at once
         self.progress = Progress()
 
     # -- a pass ---------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class Replayer:
         kept = self._optimised(ops)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
-        stopped = await self._replay_batches(list(batches(kept, self.parallel)))
+        stopped = await self._replay_batches(list(batches(kept, BATCH_WIDTH)))
         if stopped is not None:
             return PassResult(False, stopped)
         if damaged is not None:
@@ -117,9 +121,16 @@ class Replayer:
             if len(batch) == 1:
                 await self._replay_one(batch[0], failures)
             else:
-                async with trio.open_nursery() as nursery:
-                    for op in batch:
-                        nursery.start_soon(self._replay_one, op, failures)
+                contents = {op.seq for op in batch if op.kind in CONTENT_OPS}
+                group = self.content.group = UploadGroup(self.store, self.side, contents) if len(contents) > 1 else None
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if group is not None:
+                            nursery.start_soon(group.run)
+                        for op in batch:
+                            nursery.start_soon(self._replay_one, op, failures)
+                finally:
+                    self.content.group = None
             if failures:
                 return failures[0]
         return None
@@ -129,6 +140,8 @@ class Replayer:
         if op.ino in self.ledger.gone:
             # Created here, then deleted here during this pass before its creation
             # reached the remote: the rest of its story need not reach it either.
+            if self.content.group is not None:
+                self.content.group.leave(op.seq)
             self.ledger.finish(op)
             return
         try:
