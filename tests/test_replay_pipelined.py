@@ -62,6 +62,31 @@ def test_a_hundred_creates_reach_the_server_together(mount_factory, share: Path,
     assert sum(grouped) == 100 and max(grouped) > 1, f"the creates were not uploaded together: {grouped}"
 
 
+def test_attributes_of_many_files_go_together(mount_factory, share: Path) -> None:
+    """chmod and touch of 60 files the server has, in three folders: sent at once, each
+    lands on its own file."""
+    for f in range(3):
+        (share / f"s{f}").mkdir()
+        for i in range(20):
+            (share / f"s{f}" / f"x{i}").write_bytes(b"x")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        for f in range(3):
+            for i in range(20):
+                path = mnt / f"s{f}" / f"x{i}"
+                os.chmod(path, 0o600 if i % 2 else 0o640)
+                os.utime(path, (1_000_000_000 + i, 1_000_000_000 + i))
+        sync_until_done(mnt)
+        assert status(mnt)["pending"] == 0 and status(mnt)["conflicts"] == 0
+        grouped = [int(n) for n in re.findall(r"setting the attributes of (\d+) objects at once", mount.log_text())]
+    for f in range(3):
+        for i in range(20):
+            st = (share / f"s{f}" / f"x{i}").stat()
+            assert stat.S_IMODE(st.st_mode) == (0o600 if i % 2 else 0o640), (f, i)
+            assert int(st.st_mtime) == 1_000_000_000 + i, (f, i)
+    assert grouped and max(grouped) > 1, f"the attributes were not sent together: {grouped}"
+
+
 def test_dependent_paths_keep_their_order(mount_factory, share: Path) -> None:
     """Made offline, replayed in one pass: folders before what goes in them, a rename
     after the create of what it renames, a name used again after its file moved away,

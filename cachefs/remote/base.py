@@ -228,6 +228,19 @@ class Remote(ABC):
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         """Permission bits and times at once (in one request where the remote can)."""
 
+    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
+        """``set_attrs`` of each (path, mode, atime_ns, mtime_ns): per item None or its
+        error; a broken connection raises for all. SFTP sends them all at once (one round
+        trip); this default, one after another."""
+        outcomes: list[RemoteError | None] = []
+        for path, mode, atime_ns, mtime_ns in items:
+            try:
+                self.set_attrs(path, mode, atime_ns, mtime_ns)
+                outcomes.append(None)
+            except RemoteError as exc:
+                outcomes.append(exc)
+        return outcomes
+
 
 
 Source: TypeAlias = "str | os.PathLike[str] | Callable[[], BinaryIO]"

@@ -263,14 +263,15 @@ class SftpRemote(Remote):
         full = self._path(upload.path)
         temp = full.rpartition(b"/")[0] + b"/" + upload.temp_name
         try:
-            try:
-                current: RemoteStat | None = _to_stat(sftp.lstat_raw(full))
-            except StatusError as exc:
-                if exc.code != SFTP_NO_SUCH_FILE:
-                    raise
-                current = None
-            if not upload.expect(current):
-                return NotExpected(current)
+            if upload.expect is not _anything:  # (a plain upload needs no look first)
+                try:
+                    current: RemoteStat | None = _to_stat(sftp.lstat_raw(full))
+                except StatusError as exc:
+                    if exc.code != SFTP_NO_SUCH_FILE:
+                        raise
+                    current = None
+                if not upload.expect(current):
+                    return NotExpected(current)
             try:
                 with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
@@ -431,6 +432,16 @@ class SftpRemote(Remote):
         full = self._path(path)
         attrs = _attrs(mode, (atime_ns, mtime_ns))
         self._pool.run("setstat", lambda sftp: sftp.request(CMD_SETSTAT, full, attrs))
+
+    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
+        self._ensure_root()
+        requests = [(self._path(path), _attrs(mode, (atime_ns, mtime_ns))) for path, mode, atime_ns, mtime_ns in items]
+
+        def setstat(sftp: SftpSession) -> list[RemoteError | None]:
+            return [None if e is None else RemoteError(e.errno or errno.EIO, f"setstat: {e.strerror}")
+                    for e in sftp.requests_at_once([(CMD_SETSTAT, path, attrs) for path, attrs in requests])]
+
+        return self._pool.run("setstat", setstat)
 
 
 

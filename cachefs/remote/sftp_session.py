@@ -125,6 +125,9 @@ class _Collector:
         self.replies[num] = (t, msg)
 
 
+#: failures of the connection itself (socket.timeout is an OSError); a StatusError is not one
+_BROKEN = (OSError, EOFError, paramiko.SSHException)
+
 #: Per small file read by ``read_small_files``: (content, attributes) or the server's error.
 SmallFile = tuple[bytes, SFTPAttributes] | StatusError
 
@@ -410,6 +413,14 @@ class SftpSession(paramiko.SFTPClient):
         pipe.finish()
         return [r if r is not None else StatusError(SFTP_FAILURE, "no reply") for r in results]
 
+    def requests_at_once(self, requests: list[tuple[object, ...]]) -> list[StatusError | None]:
+        """Requests answered by a STATUS (SETSTAT, MKDIR, REMOVE...), all sent at once: one
+        round trip for the lot. Per request None (OK) or the server's error."""
+        pipe = _Pipe(self, None)
+        nums = [pipe.send(t, *args) for t, *args in requests]  # type: ignore[arg-type]
+        pipe.collect(nums)
+        return [pipe.first_error([num]) for num in nums]
+
     def write_stream(self, temp: bytes, head: bytes, stream: BinaryIO, attrs: SFTPAttributes,
                      fsync: bool, pacer: Pacer | None = None) -> None:
         """A file of any size to ``temp``: ``head`` then the rest of ``stream``, the
@@ -429,8 +440,10 @@ class SftpSession(paramiko.SFTPClient):
                     pipe.collect(nums)
                     self._raise_first(pipe, nums)
                     nums = []
-        except BaseException:
-            pipe.send(CMD_CLOSE, handle)
+        except BaseException as exc:
+            if isinstance(exc, _BROKEN) and not isinstance(exc, StatusError):
+                raise  # (the connection is dropped: nothing to tidy on it)
+            pipe.send(CMD_CLOSE, handle)  # (a server error, or the source failed)
             pipe.finish()
             raise
         nums.append(pipe.send(CMD_FSETSTAT, handle, attrs))

@@ -84,7 +84,10 @@ class Replayer:
         kept = self._optimised(ops)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
+        started = time.monotonic()
         stopped = await self._replay_batches(list(batches(kept, BATCH_WIDTH)))
+        log.debug("pass: %d of %d entries replayed in %.3f s", self.progress.ops_done, len(kept),
+                  time.monotonic() - started)
         if stopped is not None:
             return PassResult(False, stopped)
         if damaged is not None:
@@ -121,7 +124,7 @@ class Replayer:
             if len(batch) == 1:
                 await self._replay_one(batch[0], failures)
             else:
-                contents = {op.seq for op in batch if op.kind in CONTENT_OPS}
+                contents = {op.seq for op in batch if op.kind in CONTENT_OPS or op.kind == "setattr"}
                 group = self.content.group = UploadGroup(self.store, self.side, contents) if len(contents) > 1 else None
                 try:
                     async with trio.open_nursery() as nursery:
@@ -216,13 +219,24 @@ class Replayer:
         return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None)
 
     async def _replay_setattr(self, op: Op) -> int:
+        try:
+            return await self._set_attrs(op)
+        finally:
+            if self.content.group is not None:
+                self.content.group.leave(op.seq)
+
+    async def _set_attrs(self, op: Op) -> int:
         node = self.store.get(op.ino)
         if node is None or node.has(ORPHAN):
             self.ledger.finish(op)
             return 0
         sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
+        group = self.content.group
         try:
-            await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
+            if group is not None and group.expects(op.seq):  # (with the batch's others)
+                await group.submit_attrs(op, (op.path, *sent))
+            else:
+                await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
                 raise

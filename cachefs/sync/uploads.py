@@ -1,12 +1,15 @@
-"""The uploads of one batch of the replay, sent together (pipelined replay).
+"""The uploads and attribute changes of one batch of the replay, sent together
+(pipelined replay).
 
-Owns: an ``UploadGroup``: the content entries of a batch hand in their upload
-(``submit``) or say they have none (``leave``); once every one of them has done either,
+Owns: an ``UploadGroup``: the content and ``setattr`` entries of a batch hand in their
+upload (``submit``) or their attributes (``submit_attrs``), or say they have none
+(``leave``); once every one of them has done either, the attributes go in one request
+of all (``Remote.set_attrs_many``: one round trip), and
 the uploads are marked in the store in one transaction (``mark_upload``, before
 anything is sent, so that after a crash a landed upload is recognised) and sent as a few
 jobs side by side over the connections (``Transfers.upload_many_unless_changed``: small
 files many to a job, in a few round trips for the lot; a large file a job of its own);
-each entry gets its own outcome and goes on with it as if it had uploaded alone.
+each entry gets its own outcome and goes on with it as if it had been sent alone.
 Must not touch: nodes, entries, content files, the journal (each entry's end is its own,
 ``Ledger.finish``, after its outcome).
 Lock/ordering: used by one batch of one pass (the pass lock); every member submits at
@@ -48,12 +51,22 @@ class _Item:
     error: BaseException | None = None
 
 
+@dataclass
+class _Attrs:
+    op: Op
+    sent: tuple[bytes, int, int, int]  # (path, mode, atime_ns, mtime_ns)
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: Any = None
+    error: BaseException | None = None
+
+
 class UploadGroup:
     def __init__(self, store: Store, side: RemoteSide, members: set[int]) -> None:
         self.store = store
         self.side = side
         self._waiting = set(members)  # seqs that have neither submitted nor left
         self._items: list[_Item] = []
+        self._attrs: list[_Attrs] = []
         self._all_in = trio.Event()
         if not self._waiting:
             self._all_in.set()
@@ -81,10 +94,43 @@ class UploadGroup:
             raise item.outcome
         return item.outcome
 
+    async def submit_attrs(self, op: Op, sent: tuple[bytes, int, int, int]) -> None:
+        """``set_attrs`` of (path, mode, atime_ns, mtime_ns), sent with the others of the
+        batch; its error raised as it would be alone."""
+        item = _Attrs(op, sent)
+        self._attrs.append(item)
+        self.leave(op.seq)
+        await item.done.wait()
+        for error in (item.error, item.outcome):
+            if error is not None:
+                raise error
+
     async def run(self) -> None:
-        """Once every member is in: mark, then send the uploads and hand out outcomes."""
+        """Once every member is in: send the attributes; mark, then send the uploads;
+        hand out the outcomes."""
         await self._all_in.wait()
-        items, self._items = self._items, []
+        async with trio.open_nursery() as nursery:
+            if self._attrs:
+                nursery.start_soon(self._send_attrs, self._attrs)
+            nursery.start_soon(self._send_uploads, self._items)
+        self._items, self._attrs = [], []
+
+    async def _send_attrs(self, items: list[_Attrs]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("setting the attributes of %d objects at once", len(items))
+        try:
+            outcomes = await self.side.conn.call(self.side.remote.set_attrs_many, [item.sent for item in items])
+        except Exception as exc:  # (offline: each member raises it)
+            for item in items:
+                item.error = exc
+        else:
+            for item, outcome in zip(items, outcomes):
+                item.outcome = outcome
+        finally:
+            for item in items:
+                item.done.set()
+
+    async def _send_uploads(self, items: list[_Item]) -> None:
         if not items:
             return
 
