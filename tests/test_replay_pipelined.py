@@ -87,6 +87,26 @@ def test_attributes_of_many_files_go_together(mount_factory, share: Path) -> Non
     assert grouped and max(grouped) > 1, f"the attributes were not sent together: {grouped}"
 
 
+def test_a_file_open_for_writing_holds_back_only_itself_and_what_follows(mount_factory, share: Path) -> None:
+    """Its upload waits for its last close; the creates beside it in the same batch go."""
+    others = {f"o{i}": os.urandom(100) for i in range(10)}
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        with open(mnt / "held.log", "wb") as held:
+            held.write(b"first line\n")
+            held.flush()
+            for name, data in others.items():
+                write_file(mnt / name, data)
+            wait_for(lambda: all((share / n).exists() for n in others), 20,
+                     "the files beside the open one on the server")
+            assert not (share / "held.log").exists()
+            held.write(b"second line\n")
+        sync_until_done(mnt)
+    assert (share / "held.log").read_bytes() == b"first line\nsecond line\n"
+    for name, data in others.items():
+        assert (share / name).read_bytes() == data
+
+
 def test_dependent_paths_keep_their_order(mount_factory, share: Path) -> None:
     """Made offline, replayed in one pass: folders before what goes in them, a rename
     after the create of what it renames, a name used again after its file moved away,

@@ -115,28 +115,40 @@ class Replayer:
     async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
         """Each batch in turn; why the pass stopped, or None."""
         for at, batch in enumerate(batches):
-            if any(op.kind in CONTENT_OPS and self.cache.writers.get(op.ino) for op in batch):
+            open_now = [op for op in batch if op.kind in CONTENT_OPS and self.cache.writers.get(op.ino)]
+            if open_now:
                 # Replay stops at a file still open for writing (close-to-open: its content
-                # is not final); release() starts the next pass.
+                # is not final); release() starts the next pass. The others of its batch
+                # (which depend on nothing in it) go first.
+                batch = [op for op in batch if op not in open_now]
+                if batch:
+                    await self.sums.before([batch], 0)
+                    await self._replay_batch(batch)
                 return "a file is still open for writing"
             await self.sums.before(batches, at)
-            failures: list[str] = []
-            if len(batch) == 1:
-                await self._replay_one(batch[0], failures)
-            else:
-                contents = {op.seq for op in batch if op.kind in CONTENT_OPS or op.kind == "setattr"}
-                group = self.content.group = UploadGroup(self.store, self.side, contents) if len(contents) > 1 else None
-                try:
-                    async with trio.open_nursery() as nursery:
-                        if group is not None:
-                            nursery.start_soon(group.run)
-                        for op in batch:
-                            nursery.start_soon(self._replay_one, op, failures)
-                finally:
-                    self.content.group = None
-            if failures:
-                return failures[0]
+            stopped = await self._replay_batch(batch)
+            if stopped is not None:
+                return stopped
         return None
+
+    async def _replay_batch(self, batch: list[Op]) -> str | None:
+        """The entries of one batch side by side (their uploads and attributes sent
+        together: ``UploadGroup``); why the pass must stop, or None."""
+        failures: list[str] = []
+        if len(batch) == 1:
+            await self._replay_one(batch[0], failures)
+            return failures[0] if failures else None
+        together = {op.seq for op in batch if op.kind in CONTENT_OPS or op.kind == "setattr"}
+        group = self.content.group = UploadGroup(self.store, self.side, together) if len(together) > 1 else None
+        try:
+            async with trio.open_nursery() as nursery:
+                if group is not None:
+                    nursery.start_soon(group.run)
+                for op in batch:
+                    nursery.start_soon(self._replay_one, op, failures)
+        finally:
+            self.content.group = None
+        return failures[0] if failures else None
 
     async def _replay_one(self, op: Op, failures: list[str]) -> None:
         """Replay ``op``; a reason is added to ``failures`` when the pass must stop."""
