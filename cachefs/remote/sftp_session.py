@@ -1,7 +1,9 @@
 """The SFTP protocol on one SSH channel: paramiko's client plus what cachefs needs of it.
 
 Owns: the requests cachefs sends itself (raw-bytes names, the server's extension list,
-pipelined reads, small files in a few round trips) and the decoding of their replies.
+pipelined reads, small files read or written many at once in a few round trips, uploads
+whose WRITEs in flight stay within a per-connection ``WriteWindow``, requests answered by
+a STATUS sent all at once) and the decoding of their replies.
 Must not touch: connections, sockets or authentication (``ssh_*``, ``sftp_pool``), paths
 of the share (``sftp``), the cache, trio. One session is used by one thread at a time.
 
@@ -457,25 +459,6 @@ class SftpSession(paramiko.SFTPClient):
         error = pipe.first_error(nums)
         if error is not None:
             raise error
-
-    def write_small_file(self, temp: bytes, final: bytes, data: bytes, attrs: SFTPAttributes,
-                         fsync: bool, pacer: Pacer | None = None) -> SFTPAttributes:
-        """One small file (``write_small_files`` of one, whatever is at ``final``)."""
-        [outcome] = self.write_small_files([SmallWrite(temp, final, data, attrs)], fsync,
-                                           lambda _i, _found: True, pacer)
-        if isinstance(outcome, Exception):
-            raise outcome
-        assert isinstance(outcome, SFTPAttributes)
-        return outcome
-
-    def _check_statuses(self, collector: _Collector, nums: list[int]) -> None:
-        """Raise the first error among these requests' STATUS replies (in sending order),
-        as every other request's reply is turned into one (``_convert_status``)."""
-        for num in nums:
-            t, msg = collector.replies[num]
-            if t != CMD_STATUS:
-                raise self._status_error(t, msg)
-            self._convert_status(msg)
 
     def _open_for_write(self, path: bytes) -> bytes:
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
