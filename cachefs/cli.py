@@ -126,7 +126,13 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="SECONDS",
                    help="the longest a burst of changes (an untar, a build, git) holds its "
                         "write-back back so that it runs with the CPU to itself; changes are "
-                        "otherwise sent 0.3 s after they stop coming (default: 5)")
+                        "otherwise sent 0.2 s after they stop coming (default: 5)")
+    p.add_argument("--upload-limit", type=_upload_limit, default=None, metavar="RATE",
+                   help="the most the write-back may send a second, all uploads together: bytes "
+                        "with a unit K, M, G (powers of 1024; e.g. 512K, 2M), or bits with "
+                        "kbit, Mbit, Gbit (powers of 1000; e.g. 8Mbit); default: no cap (uploads "
+                        "still keep the queue they make on the link short, so that reads are "
+                        "not held up behind them)")
     p.add_argument("--no-passthrough", dest="passthrough", action="store_false",
                    help="serve every read through this process, never letting the kernel read "
                         "whole cached files of 1 MiB or more straight from the cache (FUSE "
@@ -174,6 +180,30 @@ def _cache_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+MIN_UPLOAD_LIMIT = 1 << 10  # bytes a second: below, one WRITE takes longer than a timeout
+_BITS = {"KBIT": 1000, "MBIT": 1000 ** 2, "GBIT": 1000 ** 3}
+
+
+def _upload_limit(text: str) -> float:
+    """'2M', '512K', '8Mbit', '100kbit/s' -> bytes a second."""
+    value = text.strip().upper().removesuffix("/S")
+    try:
+        for unit, scale in _BITS.items():
+            if value.endswith(unit):
+                bits = parse_size(value[:-len(unit)], minimum=0)
+                rate = bits * scale / 8
+                break
+        else:
+            rate = parse_size(value, minimum=0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (bytes a second with a unit K, M, G, e.g. 512K, 2M, or bits "
+            "with kbit, Mbit, Gbit, e.g. 8Mbit)") from None
+    if rate < MIN_UPLOAD_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: at least 1K (1024 bytes a second)")
+    return rate
+
+
 def _readahead(text: str) -> int:
     try:
         return parse_size(text, minimum=MIN_READAHEAD, maximum=MAX_READAHEAD)
@@ -187,7 +217,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "attr_timeout": "attr_timeout", "heartbeat": "heartbeat", "connections": "connections",
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
-               "no_remote_hash": "remote_hash", "callbacks": "callbacks",
+               "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
                "request_spin": "request_spin",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
@@ -326,6 +356,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             accept_new_host_key=args.accept_new_host_key,
             connections=args.connections,
             remote_hash=args.remote_hash,
+            upload_limit=args.upload_limit,
         ),
         foreground=args.foreground,
         verbose=args.verbose,

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, BinaryIO, TypeVar, cast
 
 from ..errors import ContentDamaged, RemoteError, RemoteUnreachable
-from ..remote.base import Remote, RemoteStat
+from ..remote.base import NotExpected, Remote, RemoteStat, Upload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -212,13 +212,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(address: Any, options: Any, key: bytes | None) -> None:
+def _init_worker(address: Any, options: Any, key: bytes | None, pacer: Any = None) -> None:
     from ..store import crypto
     from ..remote import open_remote
 
     global _worker
     _die_with_parent()
-    remote = open_remote(address, options)
+    remote = open_remote(address, options, pacer)
     _worker = (remote, crypto.SealedContent(key) if key else crypto.PlainContent())
 
 
@@ -239,6 +239,57 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base: tup
     if current is None and not created and base is not None:
         return ("gone", None)
     return ("uploaded", upload_file(remote, content, *args))
+
+
+def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[Any, ...]]) -> list[Any]:
+    """``upload_unless_changed`` of several files at once (``Remote.upload_many``: one
+    connection, a few round trips for the lot of small ones). Each item: (created,
+    base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest). Per item:
+    ("uploaded", new version), ("changed", what is there), ("gone", None), or the
+    exception of that item alone (``RemoteError``, ``ContentDamaged``, ``LocalGone``);
+    a broken connection raises for all."""
+    outcomes: list[Any] = [None] * len(items)
+    uploads: list[Upload] = []
+    at: list[int] = []
+    fds: list[int] = []
+    try:
+        for i, (created, base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest) in enumerate(items):
+            try:
+                fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                outcomes[i] = LocalGone(content_path)
+                continue
+            fds.append(fd)
+            what = f"cache content file {content_path}"
+            source = partial(_checked_reader, content, fd, size, digest, what)
+            uploads.append(Upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns),
+                                  partial(_as_expected, created, base)))
+            at.append(i)
+        for i, outcome in zip(at, remote.upload_many(uploads) if uploads else []):
+            created, base = items[i][0], items[i][1]
+            if isinstance(outcome, Exception):
+                outcomes[i] = outcome
+            elif isinstance(outcome, NotExpected):
+                outcomes[i] = ("gone", None) if outcome.found is None and not created and base is not None \
+                    else ("changed", outcome.found)
+            else:
+                outcomes[i] = ("uploaded", outcome)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return outcomes
+
+
+def _checked_reader(content: Any, fd: int, size: int, digest: bytes, what: str) -> BinaryIO:
+    return cast(BinaryIO, _Checked(content.reader(fd, size), size, digest, what))
+
+
+def _as_expected(created: bool, base: tuple[int, int, int] | None, current: RemoteStat | None) -> bool:
+    """What ``upload_unless_changed`` uploads over: nothing for a file created here, its
+    base version for a changed one (a file gone there is not re-created here)."""
+    if current is None:
+        return created or base is None
+    return not created and current.version() == base
 
 
 def list_folder(remote: Remote, content: Any, path: bytes) -> list[Any]:
@@ -265,7 +316,11 @@ class FetchPool:
     """Processes that fetch content, each with one SSH connection (opened on first use)."""
 
     def __init__(self, address: Any, options: Any, key: bytes | None, processes: int) -> None:
-        self._args = (address, replace(options, connections=1), key)
+        from ..remote.pacing import Pacer
+
+        # (one upload cap for all the processes: ``--upload-limit`` is the mount's)
+        pacer = Pacer(options.upload_limit) if options.upload_limit else None
+        self._args = (address, replace(options, connections=1), key, pacer)
         self.processes = max(1, processes)
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -333,6 +388,7 @@ class Transfers:
     list_folder: Callable[..., list[Any]]  # a folder's listing for the listers ahead
     upload: Callable[..., Any]  # upload_file
     upload_unless_changed: Callable[..., Any]  # upload_unless_changed
+    upload_many_unless_changed: Callable[..., list[Any]]  # upload_many_unless_changed
 
     @classmethod
     def in_process(cls, remote: Remote, content: Any) -> "Transfers":
@@ -340,10 +396,12 @@ class Transfers:
                    fetch_many=partial(fetch_many_into, remote, content),
                    list_folder=remote.listdir,
                    upload=partial(upload_file, remote, content),
-                   upload_unless_changed=partial(upload_unless_changed, remote, content))
+                   upload_unless_changed=partial(upload_unless_changed, remote, content),
+                   upload_many_unless_changed=partial(upload_many_unless_changed, remote, content))
 
     @classmethod
     def in_pool(cls, pool: FetchPool) -> "Transfers":
         return cls(fetch=pool.bind(fetch_into), fetch_many=pool.bind(fetch_many_into),
                    list_folder=pool.bind(list_folder), upload=pool.bind(upload_file),
-                   upload_unless_changed=pool.bind(upload_unless_changed))
+                   upload_unless_changed=pool.bind(upload_unless_changed),
+                   upload_many_unless_changed=pool.bind(upload_many_unless_changed))

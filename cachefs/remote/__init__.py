@@ -9,6 +9,7 @@ Owns nothing itself; the modules, each importing only those listed after it:
     ssh_hostkeys   known_hosts: the verdict on a server's key
     ssh_config     the address through ~/.ssh/config (SshTarget)
     sftp_session   the SFTP protocol on one channel (paramiko's engine)
+    pacing         the upload cap (--upload-limit), shared across processes
     base, options  the contract every backend keeps, its errors and options
     watch          the watcher that streams changes on the server (callbacks)
 
@@ -21,6 +22,7 @@ from ..address import RemoteAddress
 from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
 from .watch import Watch, WatchEnded
 from .options import ConnectOptions
+from .pacing import Pacer
 
 __all__ = [
     "ConnectOptions",
@@ -36,12 +38,13 @@ __all__ = [
 ]
 
 
-def open_remote(address: RemoteAddress, options: ConnectOptions) -> Remote:
-    """Build (not yet connect) the backend for ``address``."""
+def open_remote(address: RemoteAddress, options: ConnectOptions, pacer: Pacer | None = None) -> Remote:
+    """Build (not yet connect) the backend for ``address``; ``pacer``: the upload cap
+    shared with other processes (else the backend makes its own from ``options``)."""
     if address.scheme == "file":
         from .local import LocalRemote
 
         return LocalRemote(address.path, timeout=options.timeout)
     from .sftp import SftpRemote
 
-    return SftpRemote(address, options)
+    return SftpRemote(address, options, pacer)

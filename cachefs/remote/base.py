@@ -13,6 +13,7 @@ itself is ``b""``. File names are bytes end to end: a name need not be UTF-8.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as stat_mod
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from ..errors import ContentDamaged, RemoteError, RemoteRefused, RemoteUnreachable
 from .watch import Watch, WatchEnded
 
-__all__ = ["ContentDamaged", "RemoteError", "RemoteRefused", "RemoteUnreachable",
-           "Remote", "RemoteStat", "SpaceInfo", "Source", "open_source"]
+__all__ = ["ContentDamaged", "NotExpected", "RemoteError", "RemoteRefused", "RemoteUnreachable",
+           "Remote", "RemoteStat", "SpaceInfo", "Source", "Upload", "UploadOutcome", "open_source"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,31 @@ class Remote(ABC):
         the new remote attributes.
         """
 
+    def upload_many(self, uploads: list["Upload"]) -> list["UploadOutcome"]:
+        """Several ``upload``s, each made only when ``Upload.expect`` accepts what the
+        server has at its path just before: per upload the new attributes, or
+        ``NotExpected`` (what is there instead; nothing was changed), or the error of that
+        upload alone (``RemoteError``, ``ContentDamaged``). A broken connection raises
+        for all. Backends that can send them side by side do (SFTP: a few round trips
+        for the lot); this default makes them one after another."""
+        outcomes: list[UploadOutcome] = []
+        for upload in uploads:
+            try:
+                try:
+                    current: RemoteStat | None = self.stat(upload.path)
+                except RemoteError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                        raise
+                    current = None
+                if not upload.expect(current):
+                    outcomes.append(NotExpected(current))
+                    continue
+                outcomes.append(self.upload(upload.path, upload.source, upload.mode,
+                                            upload.temp_name, upload.times))
+            except (RemoteError, ContentDamaged) as exc:
+                outcomes.append(exc)
+        return outcomes
+
     @abstractmethod
     def mkdir(self, path: bytes, mode: int) -> None: ...
 
@@ -222,9 +248,45 @@ class Remote(ABC):
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         """Permission bits and times at once (in one request where the remote can)."""
 
+    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
+        """``set_attrs`` of each (path, mode, atime_ns, mtime_ns): per item None or its
+        error; a broken connection raises for all. SFTP sends them all at once (one round
+        trip); this default, one after another."""
+        outcomes: list[RemoteError | None] = []
+        for path, mode, atime_ns, mtime_ns in items:
+            try:
+                self.set_attrs(path, mode, atime_ns, mtime_ns)
+                outcomes.append(None)
+            except RemoteError as exc:
+                outcomes.append(exc)
+        return outcomes
+
 
 
 Source: TypeAlias = "str | os.PathLike[str] | Callable[[], BinaryIO]"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file of ``Remote.upload_many``: ``upload``'s arguments, and ``expect``: given
+    what the server has at ``path`` just before (None: nothing), whether to upload."""
+
+    path: bytes
+    source: Source
+    mode: int
+    temp_name: bytes
+    times: tuple[int, int] | None
+    expect: Callable[[RemoteStat | None], bool]
+
+
+@dataclass(frozen=True)
+class NotExpected:
+    """An upload of ``upload_many`` not made: the server had ``found`` (None: nothing)."""
+
+    found: RemoteStat | None
+
+
+UploadOutcome: TypeAlias = "RemoteStat | NotExpected | RemoteError | ContentDamaged"
 
 
 def open_source(source: Source) -> BinaryIO:

@@ -18,3 +18,6 @@ class ConnectOptions:
     #: --no-remote-hash turns it off: compare content hashes computed on the server (a
     #: ``sha256sum`` run over an SSH exec channel) before an upload replaces a file
     remote_hash: bool = True
+    #: --upload-limit: bytes a second uploads may take of the link, all together (None:
+    #: no cap; uploads still keep their queue on the link short, see ``WriteWindow``)
+    upload_limit: float | None = None

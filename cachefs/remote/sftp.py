@@ -31,18 +31,19 @@ import paramiko
 from paramiko import SFTPAttributes
 
 from ..address import RemoteAddress
-from .base import (ContentDamaged, Remote, RemoteError, RemoteStat, RemoteRefused, Source, SpaceInfo,
-                   open_source)
+from .base import (ContentDamaged, NotExpected, Remote, RemoteError, RemoteStat, RemoteRefused, Source,
+                   SpaceInfo, Upload, UploadOutcome, open_source)
 from .options import ConnectOptions
 from .sftp_pool import SftpPool
-from .sftp_session import (CMD_FSETSTAT, CMD_RENAME, CMD_SETSTAT, DEFAULT_READ_SIZE, SFTP_FAILURE, WRITE_CHUNK,
-                           SftpSession, StatusError)
+from .pacing import Pacer
+from .sftp_session import (CMD_RENAME, CMD_SETSTAT, DEFAULT_READ_SIZE, SFTP_FAILURE, SFTP_NO_SUCH_FILE, Skipped,
+                           SftpSession, SmallWrite, StatusError, WriteOutcome)
 from .ssh_config import resolve_target
 from .watch import ChangeStream, Watch, WatchEnded, ended, watch_command
 
 log = logging.getLogger(__name__)
 
-SMALL_UPLOAD = 256 * 1024  # files up to this size are uploaded in three round trips
+SMALL_UPLOAD = 256 * 1024  # files up to this size are uploaded in three round trips, many at once
 #: Returned when the server lacks statvfs@openssh.com: 1 TiB free, plausible and harmless.
 FALLBACK_SPACE = SpaceInfo(
     block_size=4096, blocks=1 << 28, blocks_free=1 << 28, blocks_avail=1 << 28,
@@ -53,7 +54,7 @@ FALLBACK_SPACE = SpaceInfo(
 class SftpRemote(Remote):
     """A folder on an SSH server, reached with paramiko."""
 
-    def __init__(self, address: RemoteAddress, options: ConnectOptions) -> None:
+    def __init__(self, address: RemoteAddress, options: ConnectOptions, pacer: Pacer | None = None) -> None:
         if address.scheme != "sftp" or not address.host:
             raise ValueError(f"not an sftp address: {address!r}")
         self.address = address
@@ -68,6 +69,9 @@ class SftpRemote(Remote):
         self._read_size = DEFAULT_READ_SIZE
         self._extensions: dict[bytes, bytes] = {}
         self.can_hash: bool | None = None if options.remote_hash else False
+        #: --upload-limit: shared with the transfer processes when they upload
+        self._pacer = pacer if pacer is not None else (
+            Pacer(options.upload_limit) if options.upload_limit else None)
 
     def _on_open(self, sftp: SftpSession) -> None:
         if self._root is None:
@@ -215,29 +219,69 @@ class SftpRemote(Remote):
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None) -> RemoteStat:
-        self._ensure_root()
-        full = self._path(path)
-        parent, _, _ = full.rpartition(b"/")
-        temp = parent + b"/" + temp_name
-        fsync = self._has(b"fsync@openssh.com")
+        [outcome] = self.upload_many([Upload(path, source, mode, temp_name, times, _anything)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, RemoteStat)
+        return outcome
 
-        def put(sftp: SftpSession) -> RemoteStat:
+    def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
+        """The small files (up to ``SMALL_UPLOAD``) in three round trips for the lot
+        (``write_small_files``), the others one after another, each pipelined within the
+        connection's write window; all on one connection."""
+        self._ensure_root()
+        fsync = self._has(b"fsync@openssh.com")
+        pipelined = self._has(b"posix-rename@openssh.com")
+
+        def put(sftp: SftpSession) -> list[UploadOutcome]:
+            outcomes: list[UploadOutcome | None] = [None] * len(uploads)
+            small: list[tuple[int, SmallWrite]] = []
+            large: list[int] = []
+            for i, upload in enumerate(uploads):
+                full = self._path(upload.path)
+                temp = full.rpartition(b"/")[0] + b"/" + upload.temp_name
+                try:
+                    with open_source(upload.source) as stream:
+                        head = _read_upto(stream, SMALL_UPLOAD + 1)
+                except ContentDamaged as exc:
+                    outcomes[i] = exc
+                    continue
+                if len(head) <= SMALL_UPLOAD and pipelined:
+                    small.append((i, SmallWrite(temp, full, head, _attrs(upload.mode, upload.times))))
+                else:
+                    large.append(i)
+            if small:
+                answers = sftp.write_small_files([item for _i, item in small], fsync,
+                                                 lambda j, found: uploads[small[j][0]].expect(
+                                                     None if found is None else _to_stat(found)),
+                                                 self._pacer)
+                for (i, _item), answer in zip(small, answers):
+                    outcomes[i] = _outcome(answer)
+            for i in large:
+                outcomes[i] = self._upload_one(sftp, uploads[i], fsync)
+            return [o if o is not None else RemoteError(errno.EIO, "upload: no outcome") for o in outcomes]
+
+        return self._pool.run("upload", put)
+
+    def _upload_one(self, sftp: SftpSession, upload: Upload, fsync: bool) -> UploadOutcome:
+        """One file of any size: a look at the target, the content to the temporary name
+        (pipelined within the write window), then a rename over the target."""
+        full = self._path(upload.path)
+        temp = full.rpartition(b"/")[0] + b"/" + upload.temp_name
+        try:
+            if upload.expect is not _anything:  # (a plain upload needs no look first)
+                try:
+                    current: RemoteStat | None = _to_stat(sftp.lstat_raw(full))
+                except StatusError as exc:
+                    if exc.code != SFTP_NO_SUCH_FILE:
+                        raise
+                    current = None
+                if not upload.expect(current):
+                    return NotExpected(current)
             try:
-                attrs = _attrs(mode, times)
-                with open_source(source) as stream:
+                with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
-                    if len(head) <= SMALL_UPLOAD and self._has(b"posix-rename@openssh.com"):
-                        return _to_stat(sftp.write_small_file(temp, full, head, attrs, fsync))
-                    with sftp.open(temp, "wb") as out:
-                        out.set_pipelined(True)
-                        chunk = head
-                        while chunk:
-                            out.write(chunk)
-                            chunk = stream.read(WRITE_CHUNK * 32)
-                        out.flush()
-                        sftp.request(CMD_FSETSTAT, out.handle, attrs)
-                        if fsync:
-                            sftp.extended(b"fsync@openssh.com", out.handle)
+                    sftp.write_stream(temp, head, stream, _attrs(upload.mode, upload.times), fsync, self._pacer)
                 self._rename_over(sftp, temp, full)
             except (StatusError, ContentDamaged):
                 try:
@@ -246,8 +290,10 @@ class SftpRemote(Remote):
                     log.debug("%s: could not remove %r: %s", self.description, temp, cleanup)
                 raise
             return _to_stat(sftp.lstat_raw(full))
-
-        return self._pool.run("upload", put)
+        except StatusError as exc:
+            return RemoteError(exc.errno or errno.EIO, f"upload: {exc.strerror}")
+        except ContentDamaged as exc:
+            return exc
 
     def hash_files(self, paths: list[bytes]) -> list[bytes | None] | None:
         """``sha256sum`` of each file, run on the server over an SSH exec channel of a
@@ -415,6 +461,16 @@ class SftpRemote(Remote):
         attrs = _attrs(mode, (atime_ns, mtime_ns))
         self._pool.run("setstat", lambda sftp: sftp.request(CMD_SETSTAT, full, attrs))
 
+    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
+        self._ensure_root()
+        requests = [(self._path(path), _attrs(mode, (atime_ns, mtime_ns))) for path, mode, atime_ns, mtime_ns in items]
+
+        def setstat(sftp: SftpSession) -> list[RemoteError | None]:
+            return [None if e is None else RemoteError(e.errno or errno.EIO, f"setstat: {e.strerror}")
+                    for e in sftp.requests_at_once([(CMD_SETSTAT, path, attrs) for path, attrs in requests])]
+
+        return self._pool.run("setstat", setstat)
+
 
 
 #: what ``sha256sum`` says of empty input
@@ -447,6 +503,19 @@ def _read_upto(stream: BinaryIO, limit: int) -> bytes:
         got += len(chunk)
     return b"".join(parts)
 
+
+
+def _anything(_found: RemoteStat | None) -> bool:
+    return True
+
+
+def _outcome(answer: WriteOutcome) -> UploadOutcome:
+    """An answer of ``write_small_files`` as ``upload_many`` gives it."""
+    if isinstance(answer, Skipped):
+        return NotExpected(None if answer.found is None else _to_stat(answer.found))
+    if isinstance(answer, StatusError):
+        return RemoteError(answer.errno or errno.EIO, f"upload: {answer.strerror}")
+    return _to_stat(answer)
 
 
 def _attrs(mode: int, times: tuple[int, int] | None) -> SFTPAttributes:

@@ -1,7 +1,9 @@
 """The SFTP protocol on one SSH channel: paramiko's client plus what cachefs needs of it.
 
 Owns: the requests cachefs sends itself (raw-bytes names, the server's extension list,
-pipelined reads, small files in a few round trips) and the decoding of their replies.
+pipelined reads, small files read or written many at once in a few round trips, uploads
+whose WRITEs in flight stay within a per-connection ``WriteWindow``, requests answered by
+a STATUS sent all at once) and the decoding of their replies.
 Must not touch: connections, sockets or authentication (``ssh_*``, ``sftp_pool``), paths
 of the share (``sftp``), the cache, trio. One session is used by one thread at a time.
 
@@ -29,14 +31,18 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 
 import paramiko
 from paramiko import Message, SFTPAttributes, SFTPError
 from paramiko.sftp import int64
+
+from .pacing import Pacer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +60,7 @@ CMD_SETSTAT = 9
 CMD_FSETSTAT = 10
 CMD_OPENDIR = 11
 CMD_READDIR = 12
+CMD_REMOVE = 13
 CMD_REALPATH = 16
 CMD_RENAME = 18
 CMD_READLINK = 19
@@ -87,6 +94,12 @@ WRITE_CHUNK = 32 * 1024
 READDIR_WINDOW = 4  # READDIRs sent at once for a folder just opened (OpenSSH: 100 names each)
 READDIR_MAX_IN_FLIGHT = 32  # per folder: the window doubles while a large folder keeps answering
 OPEN_FOLDERS = 64  # folder handles open at once in one listing (a server bounds its handles)
+#: ``WriteWindow``: the bytes of WRITE data in flight at first, at least and at most,
+#: and the queueing delay an upload may add to the link before the window is cut
+WRITE_WINDOW_START = 64 * 1024
+WRITE_WINDOW_MIN = 8 * 1024
+WRITE_WINDOW_MAX = 8 * 1024 * 1024
+WRITE_TARGET_DELAY = 0.05
 
 _STATUS_ERRNO = {
     SFTP_NO_SUCH_FILE: errno.ENOENT,
@@ -118,6 +131,9 @@ class _Collector:
         self.replies[num] = (t, msg)
 
 
+#: failures of the connection itself (socket.timeout is an OSError); a StatusError is not one
+_BROKEN = (OSError, EOFError, paramiko.SSHException)
+
 #: Per small file read by ``read_small_files``: (content, attributes) or the server's error.
 SmallFile = tuple[bytes, SFTPAttributes] | StatusError
 
@@ -126,6 +142,8 @@ class SftpSession(paramiko.SFTPClient):
     """paramiko's client plus raw-bytes names, the server's extensions and pipelined reads."""
 
     extensions: dict[bytes, bytes]
+    #: the bytes of WRITE data this session keeps in flight (see ``WriteWindow``)
+    write_window: WriteWindow
 
     if TYPE_CHECKING:
         # paramiko's private request engine (BaseSFTP and SFTPClient), as this module uses it
@@ -137,6 +155,7 @@ class SftpSession(paramiko.SFTPClient):
 
     def _send_version(self) -> int:
         self.extensions = {}
+        self.write_window = WriteWindow()
         msg = Message()
         msg.add_int(3)
         self._send_packet(CMD_INIT, msg)
@@ -342,40 +361,118 @@ class SftpSession(paramiko.SFTPClient):
         return data, attrs
 
     # -- writing --------------------------------------------------------------------
-    def write_small_file(self, temp: bytes, final: bytes, data: bytes, attrs: SFTPAttributes,
-                         fsync: bool) -> SFTPAttributes:
-        """A whole small file in three round trips: OPEN; then the WRITEs, FSETSTAT, the
-        fsync and CLOSE sent at once (the server runs one channel's requests in order);
-        then, only if all of them succeeded, a posix-rename of ``temp`` over ``final`` with
-        an LSTAT of it. The first error is raised; the caller removes ``temp``."""
-        handle = self._open_for_write(temp)
-        collector = _Collector()
-        steps = [self._async_request(collector, CMD_WRITE, handle, int64(off), data[off:off + WRITE_CHUNK])
-                 for off in range(0, len(data), WRITE_CHUNK)]
-        steps.append(self._async_request(collector, CMD_FSETSTAT, handle, attrs))
-        if fsync:
-            steps.append(self._async_request(collector, CMD_EXTENDED, b"fsync@openssh.com", handle))
-        steps.append(self._async_request(collector, CMD_CLOSE, handle))
-        self._collect(collector, len(steps))
-        self._check_statuses(collector, steps)
-        collector.replies.clear()
-        rename = self._async_request(collector, CMD_EXTENDED, b"posix-rename@openssh.com", temp, final)
-        lstat = self._async_request(collector, CMD_LSTAT, final)
-        self._collect(collector, 2)
-        self._check_statuses(collector, [rename])
-        t, msg = collector.replies[lstat]
-        if t != CMD_ATTRS:
-            raise self._status_error(t, msg)
-        return decode_attrs(msg)
+    def write_small_files(self, items: list[SmallWrite], fsync: bool,
+                          expect: Callable[[int, SFTPAttributes | None], bool],
+                          pacer: Pacer | None = None) -> list[WriteOutcome]:
+        """Whole small files, each to a temporary name then renamed over its target, in
+        three round trips for the lot (the server runs one channel's requests in order):
+        an LSTAT of every target and an OPEN of every temporary name; then, for the
+        files ``expect(index, what is at the target)`` accepts, their WRITEs, FSETSTAT,
+        fsync and CLOSE (the others' temporary files closed and removed); then, for each
+        file all of whose requests succeeded, a posix-rename over the target and an
+        LSTAT of it. Per file: its attributes at the target, ``Skipped`` (not accepted:
+        what was there), or the first error (its temporary file removed)."""
+        pipe = _Pipe(self, pacer)
+        results: list[WriteOutcome | None] = [None] * len(items)
+        stats = [pipe.send(CMD_LSTAT, item.final) for item in items]
+        opens = [pipe.send(CMD_OPEN, item.temp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
+                           SFTPAttributes()) for item in items]
+        pipe.collect(stats + opens)
+        handles: dict[int, bytes] = {}
+        found: list[SFTPAttributes | None] = [None] * len(items)
+        for i, (stat_num, open_num) in enumerate(zip(stats, opens)):
+            t, msg = pipe.replies.pop(stat_num)
+            if t == CMD_ATTRS:
+                found[i] = decode_attrs(msg)
+            else:
+                error = self._status_error(t, msg)
+                if error.code != SFTP_NO_SUCH_FILE:
+                    results[i] = error
+            t, msg = pipe.replies.pop(open_num)
+            if t == CMD_HANDLE:
+                handles[i] = msg.get_binary()
+            elif results[i] is None:
+                results[i] = self._status_error(t, msg)
+        steps: dict[int, list[int]] = {}
+        for i, handle in handles.items():
+            item = items[i]
+            if results[i] is None and expect(i, found[i]):
+                steps[i] = pipe.write_all(handle, item.data)
+                steps[i].append(pipe.send(CMD_FSETSTAT, handle, item.attrs))
+                if fsync:
+                    steps[i].append(pipe.send(CMD_EXTENDED, b"fsync@openssh.com", handle))
+                steps[i].append(pipe.send(CMD_CLOSE, handle))
+            else:
+                if results[i] is None:
+                    results[i] = Skipped(found[i])
+                pipe.send(CMD_CLOSE, handle)
+                pipe.send(CMD_REMOVE, item.temp)
+        pipe.collect([num for nums in steps.values() for num in nums])
+        landing: dict[int, tuple[int, int]] = {}
+        for i, nums in steps.items():
+            failed = pipe.first_error(nums)
+            if failed is not None:
+                results[i] = failed
+                pipe.send(CMD_REMOVE, items[i].temp)
+            else:
+                landing[i] = (pipe.send(CMD_EXTENDED, b"posix-rename@openssh.com", items[i].temp, items[i].final),
+                              pipe.send(CMD_LSTAT, items[i].final))
+        pipe.collect([num for pair in landing.values() for num in pair])
+        for i, (rename, lstat) in landing.items():
+            failed = pipe.first_error([rename])
+            if failed is not None:
+                results[i] = failed
+                pipe.send(CMD_REMOVE, items[i].temp)
+                continue
+            t, msg = pipe.replies.pop(lstat)
+            results[i] = decode_attrs(msg) if t == CMD_ATTRS else self._status_error(t, msg)
+        pipe.finish()
+        return [r if r is not None else StatusError(SFTP_FAILURE, "no reply") for r in results]
 
-    def _check_statuses(self, collector: _Collector, nums: list[int]) -> None:
-        """Raise the first error among these requests' STATUS replies (in sending order),
-        as every other request's reply is turned into one (``_convert_status``)."""
-        for num in nums:
-            t, msg = collector.replies[num]
-            if t != CMD_STATUS:
-                raise self._status_error(t, msg)
-            self._convert_status(msg)
+    def requests_at_once(self, requests: list[tuple[object, ...]]) -> list[StatusError | None]:
+        """Requests answered by a STATUS (SETSTAT, MKDIR, REMOVE...), all sent at once: one
+        round trip for the lot. Per request None (OK) or the server's error."""
+        pipe = _Pipe(self, None)
+        nums = [pipe.send(t, *args) for t, *args in requests]  # type: ignore[arg-type]
+        pipe.collect(nums)
+        return [pipe.first_error([num]) for num in nums]
+
+    def write_stream(self, temp: bytes, head: bytes, stream: BinaryIO, attrs: SFTPAttributes,
+                     fsync: bool, pacer: Pacer | None = None) -> None:
+        """A file of any size to ``temp``: ``head`` then the rest of ``stream``, the
+        WRITEs pipelined within the session's ``WriteWindow`` (and paced by ``pacer``),
+        then FSETSTAT, fsync and CLOSE. The first error is raised (the caller removes
+        ``temp``); a read of ``stream`` that raises stops the upload (handle closed)."""
+        handle = self._open_for_write(temp)
+        pipe = _Pipe(self, pacer)
+        nums: list[int] = []
+        try:
+            offset, chunk = 0, head
+            while chunk:
+                nums += pipe.write_all(handle, chunk, offset)
+                offset += len(chunk)
+                chunk = stream.read(WRITE_CHUNK * 32)
+                if len(nums) > 256:  # (keep the list of what to check short)
+                    pipe.collect(nums)
+                    self._raise_first(pipe, nums)
+                    nums = []
+        except BaseException as exc:
+            if isinstance(exc, _BROKEN) and not isinstance(exc, StatusError):
+                raise  # (the connection is dropped: nothing to tidy on it)
+            pipe.send(CMD_CLOSE, handle)  # (a server error, or the source failed)
+            pipe.finish()
+            raise
+        nums.append(pipe.send(CMD_FSETSTAT, handle, attrs))
+        if fsync:
+            nums.append(pipe.send(CMD_EXTENDED, b"fsync@openssh.com", handle))
+        nums.append(pipe.send(CMD_CLOSE, handle))
+        pipe.collect(nums)
+        self._raise_first(pipe, nums)
+
+    def _raise_first(self, pipe: "_Pipe", nums: list[int]) -> None:
+        error = pipe.first_error(nums)
+        if error is not None:
+            raise error
 
     def _open_for_write(self, path: bytes) -> bytes:
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
@@ -394,6 +491,142 @@ class SftpSession(paramiko.SFTPClient):
             return StatusError(SFTP_FAILURE, "unexpected reply")
         code = msg.get_int()
         return StatusError(code, msg.get_string().decode("utf-8", "replace"))
+
+
+class SmallWrite(NamedTuple):
+    """One file of ``write_small_files``: written to ``temp``, renamed over ``final``."""
+
+    temp: bytes
+    final: bytes
+    data: bytes
+    attrs: SFTPAttributes
+
+
+class Skipped(NamedTuple):
+    """A file of ``write_small_files`` not written: ``expect`` refused what was there."""
+
+    found: SFTPAttributes | None
+
+
+#: Per file of ``write_small_files``: its attributes once renamed over its target,
+#: ``Skipped``, or the server's error.
+WriteOutcome = SFTPAttributes | Skipped | StatusError
+
+
+class WriteWindow:
+    """The bytes of WRITE data one connection keeps in flight (trickle on a weak link).
+
+    A WRITE's reply comes back a round trip plus the time the data waited in queues on
+    the way (the link's, the server's): while replies come as fast as the quickest of
+    the last minute, the window grows (doubling until the first cut, then one chunk a
+    window's worth of replies), and when they come ``WRITE_TARGET_DELAY`` later than
+    that, a queue is building up on the link, and the window is halved (at most once a
+    round trip). So an upload fills a fast link, and on a slow one leaves a short queue
+    in front of the requests of reads (LEDBAT's idea, RFC 6817, with the SFTP reply as
+    the acknowledgement). WRITEs are a quarter of the window, at most ``WRITE_CHUNK``:
+    on a slow link a smaller request waits less in front of a read's."""
+
+    def __init__(self) -> None:
+        self.size = WRITE_WINDOW_START
+        self._base = [math.inf, math.inf]  # quickest reply: this period, the one before
+        self._period_ends = 0.0
+        self._grown_only = True  # (no cut yet: grow fast)
+        self._no_cut_before = 0.0
+
+    @property
+    def chunk(self) -> int:
+        """The largest WRITE: a quarter of the window (a small one on a slow link)."""
+        return max(WRITE_WINDOW_MIN // 2, min(WRITE_CHUNK, self.size // 4))
+
+    def sample(self, latency: float, size: int, now: float) -> None:
+        if now >= self._period_ends:
+            self._base = [math.inf, self._base[0]]
+            self._period_ends = now + 60.0
+        self._base[0] = min(self._base[0], latency)
+        base = min(self._base)
+        if latency - base > WRITE_TARGET_DELAY:
+            if now >= self._no_cut_before:
+                self.size = max(WRITE_WINDOW_MIN, self.size // 2)
+                self._no_cut_before = now + latency
+                self._grown_only = False
+                log.debug("write window cut to %d bytes (a reply after %.0f ms, the quickest %.0f ms)",
+                          self.size, latency * 1000, base * 1000)
+        elif self._grown_only:
+            self.size = min(WRITE_WINDOW_MAX, self.size + size)
+        else:  # (about one chunk a round trip)
+            self.size = min(WRITE_WINDOW_MAX, self.size + max(1, self.chunk * size // self.size))
+
+
+class _Pipe:
+    """Requests sent ahead of their replies on one session (paramiko's ``fileobj`` hook
+    receives the replies): WRITE data in flight is kept within the session's
+    ``WriteWindow``, and paced by a ``Pacer`` (``--upload-limit``) when there is one."""
+
+    def __init__(self, session: SftpSession, pacer: Pacer | None) -> None:
+        self.session = session
+        self.window = session.write_window
+        self.pacer = pacer
+        self.replies: dict[int, tuple[int, Message]] = {}
+        self._writes: dict[int, tuple[float, int]] = {}  # request -> (sent at, bytes)
+        self._in_flight = 0
+        self._sent: set[int] = set()
+
+    def _async_response(self, t: int, msg: Message, num: int) -> None:
+        self.replies[num] = (t, msg)
+        self._sent.discard(num)
+        sent = self._writes.pop(num, None)
+        if sent is not None:
+            now = time.monotonic()
+            self._in_flight -= sent[1]
+            self.window.sample(now - sent[0], sent[1], now)
+
+    def send(self, t: int, *args: object) -> int:
+        num = self.session._async_request(self, t, *args)
+        self._sent.add(num)
+        return num
+
+    def write_all(self, handle: bytes, data: bytes, offset: int = 0) -> list[int]:
+        """WRITEs of ``data`` at ``offset``, each sent once the window has room."""
+        nums: list[int] = []
+        pos = 0
+        while pos < len(data):
+            piece = data[pos:pos + self.window.chunk]
+            if self.pacer is not None:
+                self.pacer.wait(len(piece))
+            while self.session.sock.recv_ready():  # (replies come in: timed as they came)
+                self.session._read_response()
+            while self._writes and self._in_flight + len(piece) > self.window.size:
+                self.session._read_response()
+            num = self.send(CMD_WRITE, handle, int64(offset + pos), piece)
+            self._writes[num] = (time.monotonic(), len(piece))
+            self._in_flight += len(piece)
+            nums.append(num)
+            pos += len(piece)
+        return nums
+
+    def collect(self, nums: list[int]) -> None:
+        for num in nums:
+            while num not in self.replies:
+                self.session._read_response()
+
+    def first_error(self, nums: list[int]) -> StatusError | None:
+        """The first error among these requests' STATUS replies (in sending order); the
+        replies are let go."""
+        error = None
+        for num in nums:
+            t, msg = self.replies.pop(num)
+            if error is None:
+                if t != CMD_STATUS:
+                    error = self.session._status_error(t, msg)
+                elif (code := msg.get_int()) != SFTP_OK:
+                    error = StatusError(code, msg.get_string().decode("utf-8", "replace"))
+        return error
+
+    def finish(self) -> None:
+        """Read the replies still due (cleanups whose outcome does not matter), so that
+        none is left for the session's next request."""
+        while self._sent:
+            self.session._read_response()
 
 
 class _PipelinedRead:

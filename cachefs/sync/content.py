@@ -35,6 +35,7 @@ from .conflicts import Conflicts, record
 from .ledger import Ledger
 from .remote_side import RemoteSide
 from .sums import ServerSums
+from .uploads import UploadGroup
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class ContentReplay:
         self.timed_folders: set[int] = set()
         #: what damaged content the running pass found (the sync that asked is told)
         self.damaged_now: list[str] = []
+        #: the running batch's uploads, sent together (set by the replay for a batch)
+        self.group: UploadGroup | None = None
 
     def folder_timed(self, ino: int) -> None:
         """A folder's times were set on the server by this mount (its ``setattr``)."""
@@ -73,7 +76,15 @@ class ContentReplay:
         self.timed_folders.add(ino)
 
     async def replay(self, op: Op, created: bool) -> int:
-        """Replay a ``create`` or ``store`` entry; bytes sent."""
+        """Replay a ``create`` or ``store`` entry; bytes sent. In a batch with others, its
+        upload goes with theirs (``group``), or it leaves the group."""
+        try:
+            return await self._replay(op, created)
+        finally:
+            if self.group is not None:
+                self.group.leave(op.seq)
+
+    async def _replay(self, op: Op, created: bool) -> int:
         node = self.store.get(op.ino)
         if self._settled_already(op, node, created):
             return 0
@@ -84,7 +95,7 @@ class ContentReplay:
             await self.cache.commit_changes()
             node = self.store.get(op.ino)
             if node is None or node.has(ORPHAN):
-                return await self.replay(op, created)
+                return await self._replay(op, created)
             if self.cache.writers.get(op.ino):
                 raise ChangedWhileSent(f"{op.path!r} was opened for writing again: sent at its release")
             digest = self.side.sum_of(node)
@@ -177,12 +188,17 @@ class ContentReplay:
         """("uploaded", new version) when the server had what we expected (nothing, for a
         file created here; the base version else), or ("changed", what is there) /
         ("gone", None) to settle."""
-        self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
+        args = (created, node.base, node.size, op.path, self.store.content_path(node.ino),
+                stat_mod.S_IMODE(node.mode), self.side.temp_name(op.path, op.seq), node.atime_ns,
+                node.mtime_ns, digest)
         try:
-            found: tuple[str, RemoteStat | None] = await self.side.conn.call(
-                self.side.transfers.upload_unless_changed, created, node.base, node.size, op.path,
-                self.store.content_path(node.ino), stat_mod.S_IMODE(node.mode),
-                self.side.temp_name(op.path, op.seq), node.atime_ns, node.mtime_ns, digest, bulk=True)
+            found: tuple[str, RemoteStat | None]
+            if self.group is not None and self.group.expects(op.seq):
+                # (the group marks the upload with the others', before sending)
+                found = await self.group.submit(op, node.size, node.mtime_ns, args)
+                return found
+            self.store.transact(lambda t: t.mark_upload(op.seq, node.size, node.mtime_ns))
+            found = await self.side.conn.call(self.side.transfers.upload_unless_changed, *args, bulk=True)
             return found
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:

@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 
 class SyncManager:
     def __init__(self, store: Store, cache: Cache, conn: Connectivity, hoard: Hoard | None = None, *,
-                 writeback_delay: float = 0.3, writeback_hold: float = DEFAULT_WRITEBACK_HOLD,
-                 interval: float = 300.0, flush_timeout: float = 30.0, parallel: int = 8,
+                 writeback_delay: float = 0.2, writeback_hold: float = DEFAULT_WRITEBACK_HOLD,
+                 interval: float = 300.0, flush_timeout: float = 30.0,
                  transfers: Transfers | None = None, wakeup: Wakeup | None = None) -> None:
         self.store = store
         self.cache = cache
@@ -92,7 +92,7 @@ class SyncManager:
         sums = ServerSums(store, side)
         self._conflicts = Conflicts(store, cache, side, ledger, reconcile)
         content = ContentReplay(store, cache, side, ledger, self._conflicts, sums, reconcile)
-        self._replayer = Replayer(store, cache, side, ledger, self._conflicts, content, sums, parallel)
+        self._replayer = Replayer(store, cache, side, ledger, self._conflicts, content, sums)
         conn.on_online(self.wakeup.poke)
 
     # -- status (control reads these) -------------------------------------------------------

@@ -15,6 +15,9 @@ import trio
 
 from ..link.wakeup import Wakeup
 
+#: how often a burst's end is looked for
+SETTLE_STEP = 0.05
+
 
 class Schedule:
     def __init__(self, wakeup: Wakeup, writeback_delay: float, writeback_hold: float,
@@ -37,10 +40,17 @@ class Schedule:
     async def settle(self) -> None:
         """Wait until changes stop coming for ``writeback_delay``, at most
         ``writeback_hold``: a burst (an untar, a build, a git commit) runs with the CPU to
-        itself and is replayed as one batch, instead of every few files."""
-        deadline = trio.current_time() + self.writeback_hold
+        itself and is replayed as one batch, instead of every few files. The doorbell is
+        read every ``SETTLE_STEP``, so the pass starts that soon after the quiet time
+        (it started up to twice the quiet time after the last change)."""
+        now = trio.current_time()
+        deadline = now + self.writeback_hold
+        quiet_since, seen = now, self.wakeup.pokes
         while True:
-            seen = self.wakeup.pokes
-            await trio.sleep(max(0.0, min(self.writeback_delay, deadline - trio.current_time())))
-            if self.wakeup.pokes == seen or trio.current_time() >= deadline:
+            if self.wakeup.pokes != seen:
+                quiet_since, seen = now, self.wakeup.pokes
+            left = min(quiet_since + self.writeback_delay, deadline) - now
+            if left <= 0:
                 return
+            await trio.sleep(min(SETTLE_STEP, left))
+            now = trio.current_time()
