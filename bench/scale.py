@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import pstats
+import resource
 import shutil
 import statistics
 import subprocess
@@ -132,7 +133,15 @@ def measure(bench: ScaleBench, peer: str, files: int, rep: int) -> dict[str, flo
         drop_caches()
         pids = [mount.pid, *descendants(mount.pid)] if mount.pid is not None else []
         cpu_before = [cpu_seconds(pid) for pid in pids]
+        assert bench.server._process is not None
+        server_pids = descendants(bench.server._process.pid)
+        server_before = sum(cpu_seconds(pid) for pid in server_pids)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         took, text = run_find(["sh", "-c", f"find '{tree}' -type f | wc -l"])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["cpu_find"] = (children.ru_utime + children.ru_stime
+                           - children_before.ru_utime - children_before.ru_stime)
+        out["cpu_server"] = sum(cpu_seconds(pid) for pid in server_pids) - server_before
         if pids:
             out["cpu_main"] = cpu_seconds(pids[0]) - cpu_before[0]
             out["cpu_workers"] = sum(cpu_seconds(p) - c for p, c in zip(pids[1:], cpu_before[1:]))
@@ -195,12 +204,13 @@ def main() -> int:
         server.stop()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| files | peer | find cold s | its CPU s: mount, workers | stat walk s | peak RSS MiB "
-          "| workers' RSS MiB | index MiB |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| files | peer | find cold s | its CPU s: mount, workers | find's own CPU s | server CPU s "
+          "| stat walk s | peak RSS MiB | workers' RSS MiB | index MiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (files, peer), figures in results.items():
         cells = [f"{statistics.median(figures[k]):.2f}" if k in figures else ""
-                 for k in ("find_cold", "cpu_main", "stat_walk", "rss_peak_mib", "rss_workers_mib", "index_mib")]
+                 for k in ("find_cold", "cpu_main", "cpu_find", "cpu_server", "stat_walk", "rss_peak_mib",
+                           "rss_workers_mib", "index_mib")]
         if "cpu_workers" in figures:
             cells[1] += f", {statistics.median(figures['cpu_workers']):.2f}"
         print(f"| {files:,} | {peer} | " + " | ".join(cells) + " |")
