@@ -1,7 +1,8 @@
 """The SFTP protocol on one SSH channel: paramiko's client plus what cachefs needs of it.
 
 Owns: the requests cachefs sends itself (raw-bytes names, the server's extension list,
-pipelined reads, small files in a few round trips) and the decoding of their replies.
+pipelined reads, small files in a few round trips, folder listings in two round trips for
+one folder or many) and the decoding of their replies.
 Must not touch: connections, sockets or authentication (``ssh_*``, ``sftp_pool``), paths
 of the share (``sftp``), the cache, trio. One session is used by one thread at a time.
 
@@ -22,6 +23,10 @@ decoded here too (``decode_attrs``), with paramiko's public ``Message`` getters.
 paramiko quirks handled here:
 - ``listdir``/``readlink`` decode names as UTF-8 and hand back ``str`` (or bytes, when the
   name is not UTF-8): we send those requests ourselves and keep the raw bytes.
+- A request whose answer nobody waits for (a listing's CLOSE) is sent with ``type(None)``
+  as its owner, as ``_request`` does: paramiko's ``_read_response`` drops that answer
+  whenever a later request of the session reads the channel, and request numbers stay
+  paramiko's own.
 - paramiko drops the extension list of the SFTP VERSION reply; ``SftpSession`` keeps it.
 """
 
