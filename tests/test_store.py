@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -209,6 +210,40 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     kept = store.child(ROOT_INO, b"a")
     assert kept is not None and kept.size == 100
     store.close()
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_a_first_listing_is_written_as_the_general_path_would(tmp_path: Path, key) -> None:
+    """A folder listed with no entry cached takes the batch path (``_Applied._take_new``,
+    ``Txn.add_children``): the records, the order of the children handed back and the
+    next inode number are those of a listing applied entry by entry (the same listing
+    applied to a folder that had one entry, which then goes)."""
+    listing = [(b"f%03d" % i, _rstat(stat.S_IFREG, i, i)) for i in range(300)]
+    listing += [(b"caf\xe9", _rstat(stat.S_IFDIR)), (b"l", _rstat(stat.S_IFLNK, 3))]
+    random.Random(5).shuffle(listing)
+    first = Store(tmp_path / "a", "file:///x", key=key)
+    delta = apply_listing(first, ROOT_INO, listing)
+    general = Store(tmp_path / "b", "file:///x", key=key)
+    apply_listing(general, ROOT_INO, [(b"old", _rstat(stat.S_IFREG))])
+    apply_listing(general, ROOT_INO, listing)
+    assert not delta.same and not delta.changed and not delta.removed
+    assert delta.children == first.children(ROOT_INO)  # in the order children reads them
+    assert [n.name for n in first.children(ROOT_INO)] == [n.name for n in general.children(ROOT_INO)]
+    for made, expected in zip(first.children(ROOT_INO), general.children(ROOT_INO)):
+        assert (made.mode, made.size, made.mtime_ns, made.atime_ns, made.ctime_ns, made.nlink, made.base,
+                made.flags, made.parent) == (expected.mode, expected.size, expected.mtime_ns, expected.atime_ns,
+                                             expected.ctime_ns, expected.nlink, expected.base, expected.flags,
+                                             expected.parent)
+        assert first.child(ROOT_INO, made.name) == made
+        assert first.path_of(made.ino) == made.name
+    assert first.get(ROOT_INO).nlink == 3  # one subfolder
+    inos = sorted(n.ino for n in first.children(ROOT_INO))
+    assert inos == list(range(inos[0], inos[0] + len(listing)))
+    again = apply_listing(first, ROOT_INO, [(b"new", _rstat(stat.S_IFREG))] + listing)
+    assert first.child(ROOT_INO, b"new").ino == inos[-1] + 1  # numbers move on past the batch
+    assert [n.name for n in again.removed] == []
+    first.close()
+    general.close()
 
 
 @pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])

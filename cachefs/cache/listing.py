@@ -753,6 +753,9 @@ class _Applied:
         self.delta = delta = ListingDelta()
         self.folders = {self.parent}
         entries = t.entries(self.parent)
+        if not entries and self.listing:
+            self._take_new(t)
+            return
         existing = dict(entries)
         built = self._take_listed(t, existing)
         self._drop_unlisted(t, existing)
@@ -762,6 +765,19 @@ class _Applied:
         # The folder's entries as ``children`` reads them, without unpacking again the
         # nodes just built (the opendir that asked for the listing reads them next).
         delta.children = t.children(self.parent, built, entries if delta.same else None)
+
+    def _take_new(self, t: Txn) -> None:
+        """A folder listed with no cached entry (its first listing): every node is new,
+        built and written in one batch (``Txn.add_children``), and the folder's children
+        are those nodes, not read back (the common case of a cold walk: it took half of
+        the walk's time)."""
+        self.delta.same = False
+        first = t.next_ino()
+        parent = self.parent
+        nodes = [_new_node(ino, parent, name, rstat) for ino, (name, rstat) in enumerate(self.listing, first)]
+        t.set_next_ino(first + len(nodes))
+        self.delta.children = t.add_children(parent, nodes)
+        self._count_subfolders(t)
 
     def _take_listed(self, t: Txn, existing: dict[bytes, int]) -> dict[int, Node]:
         """Each listed name's node, built from the remote's stat (new numbers for new
@@ -862,6 +878,18 @@ def node_from_remote(ino: int, parent: int, name: bytes, rstat: RemoteStat, old:
         last_use=old.last_use if old else 0.0, target=target, gen=old.gen if old else 0,
         synced_gen=old.synced_gen if old else 0,
     )
+
+
+def _new_node(ino: int, parent: int, name: bytes, rstat: RemoteStat) -> Node:
+    """``node_from_remote`` for a name not cached before (positional: made a thousand at a
+    time)."""
+    mode = rstat.mode
+    nlink = rstat.nlink or 1
+    if mode & 0o170000 == stat_mod.S_IFDIR and nlink < 2:
+        nlink = 2
+    mtime = rstat.mtime_ns
+    return Node(ino, parent, name, mode, rstat.size, mtime, rstat.atime_ns, mtime, rstat.uid, rstat.gid,
+                nlink, 0, (rstat.size, mtime, mode & 0o170000), 0.0, b"", 0, 0)
 
 
 def _link_count(rstat: RemoteStat, old: Node | None) -> int:

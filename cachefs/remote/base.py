@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import errno
 import os
-import stat as stat_mod
 from collections.abc import Callable
-from typing import BinaryIO, TypeAlias
+from typing import BinaryIO, NamedTuple, TypeAlias
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -28,9 +27,12 @@ __all__ = ["ContentDamaged", "NotExpected", "RemoteError", "RemoteRefused", "Rem
            "Remote", "RemoteStat", "SpaceInfo", "Source", "Upload", "UploadOutcome", "open_source"]
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteStat:
-    """Attributes of one remote object, as ``lstat`` gives them (symlinks not followed)."""
+class RemoteStat(NamedTuple):
+    """Attributes of one remote object, as ``lstat`` gives them (symlinks not followed).
+
+    A named tuple, not a dataclass: a listing makes one per entry, in a transfer process,
+    and pickles them back; a tuple is made and unpickled several times as fast (a frozen
+    dataclass sets each field through ``object.__setattr__``)."""
 
     mode: int  # full st_mode, file type bits included
     size: int
@@ -42,7 +44,7 @@ class RemoteStat:
 
     @property
     def kind(self) -> int:
-        return stat_mod.S_IFMT(self.mode)
+        return self.mode & 0o170000  # stat.S_IFMT
 
     def version(self) -> tuple[int, int, int]:
         """The base version: what identifies this content on the remote.
@@ -50,13 +52,7 @@ class RemoteStat:
         Size, mtime (SFTP v3 gives whole seconds; the local backend nanoseconds) and the
         file type. Equal versions mean the cached copy may be kept.
         """
-        return (self.size, self.mtime_ns, self.kind)
-
-    def __reduce__(self) -> tuple[type[RemoteStat], tuple[int, ...]]:
-        # Listings come back from the transfer processes pickled: the constructor with
-        # its fields is several times faster to unpickle than the dataclass default.
-        return (RemoteStat, (self.mode, self.size, self.mtime_ns, self.atime_ns,
-                             self.uid, self.gid, self.nlink))
+        return (self.size, self.mtime_ns, self.mode & 0o170000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,8 @@ class SftpRemote(Remote):
     def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
         """Every folder at once on one connection (``SftpSession.listdir_many_raw``): two
         round trips for up to 64 small folders."""
+        if not paths:
+            return []
         self._ensure_root()
         fulls = [self._path(path) for path in paths]
         raw = self._pool.run("listdir", lambda sftp: sftp.listdir_many_raw(fulls, _stat_of), retry=True)

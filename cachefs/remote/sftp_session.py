@@ -3,7 +3,8 @@
 Owns: the requests cachefs sends itself (raw-bytes names, the server's extension list,
 pipelined reads, small files read or written many at once in a few round trips, uploads
 whose WRITEs in flight stay within a per-connection ``WriteWindow``, requests answered by
-a STATUS sent all at once) and the decoding of their replies.
+a STATUS sent all at once, folder listings in two round trips for one folder or many)
+and the decoding of their replies.
 Must not touch: connections, sockets or authentication (``ssh_*``, ``sftp_pool``), paths
 of the share (``sftp``), the cache, trio. One session is used by one thread at a time.
 
@@ -24,6 +25,10 @@ decoded here too (``decode_attrs``), with paramiko's public ``Message`` getters.
 paramiko quirks handled here:
 - ``listdir``/``readlink`` decode names as UTF-8 and hand back ``str`` (or bytes, when the
   name is not UTF-8): we send those requests ourselves and keep the raw bytes.
+- A request whose answer nobody waits for (a listing's CLOSE) is sent with ``type(None)``
+  as its owner, as ``_request`` does: paramiko's ``_read_response`` drops that answer
+  whenever a later request of the session reads the channel, and request numbers stay
+  paramiko's own.
 - paramiko drops the extension list of the SFTP VERSION reply; ``SftpSession`` keeps it.
 """
 

@@ -197,10 +197,9 @@ class Node:
         target = bytes(data[off + name_len:off + name_len + target_len])
         if len(name) != name_len or len(target) != target_len:
             raise StoreError(f"node {ino}: truncated record")
-        return cls(ino=ino, parent=parent, name=name, mode=mode, size=size, mtime_ns=mtime,
-                   atime_ns=atime, ctime_ns=ctime, uid=uid, gid=gid, nlink=nlink, flags=flags,
-                   base=None if bsize < 0 else (bsize, bmtime, bkind), last_use=last_use,
-                   target=target, gen=gen, synced_gen=synced_gen)
+        # (positional: a folder's listing reads a thousand of these at a time)
+        return cls(ino, parent, name, mode, size, mtime, atime, ctime, uid, gid, nlink, flags,
+                   None if bsize < 0 else (bsize, bmtime, bkind), last_use, target, gen, synced_gen)
 
 
 # Where ``Node.parent_and_name`` finds them in a packed record: the sizes of the fields
