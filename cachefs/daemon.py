@@ -8,6 +8,7 @@ Must not touch: request handling (``cachefs.fs``) or remote protocol details.
 from __future__ import annotations
 
 import contextlib
+import gc
 import fcntl
 import logging
 import logging.handlers
@@ -291,6 +292,12 @@ def _serve(config: MountConfig, ready: int | None) -> int:
         fetch_pool = FetchPool(config.address, config.connect, config.cache_key,
                                config.connect.connections - 1)
         fetch_pool.start()
+    # What is built by now lives as long as the mount, and a walk of a large tree makes
+    # many objects that live long (nodes, kept listings): collected less often, the
+    # collector stops walking them again and again (a 300,000-file cold find: the mount's
+    # CPU 4.2 -> 3.3 s, measured with bench/scale.py).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     try:
         return trio.run(_main, config, report, fetch_pool)
     except MountError as exc:

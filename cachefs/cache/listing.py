@@ -455,15 +455,23 @@ class Listings:
 
     def _keep_children(self, ino: int, children: list[Node], same: bool = False) -> list[Node]:
         """Remember ``children`` as the folder's entries as of now (read after the last
-        write), within the memo's cap. ``same``: they equal the kept ones, if any: those
-        stay (and so does what was ``derived`` from them)."""
+        write), within the memo's cap, the listings kept longest going first (a walk of a
+        large tree keeps the folders it is in, not the first ones it saw). ``same``: they
+        equal the kept ones, if any: those stay (and so does what was ``derived`` from
+        them)."""
         if same and (current := self._kept(ino)) is not None:
             return current[1]
-        kept = self._children_memo.get(ino)  # (current or not: the count drops it)
-        grows = len(children) - (len(kept[1]) if kept else 0)
-        if self._children_kept + grows <= MEMO_NODES:
-            self._children_kept += grows
-            self._children_memo[ino] = (self.store.folder_generation.get(ino, 0), children, {})
+        memo = self._children_memo
+        kept = memo.pop(ino, None)  # (current or not: the count drops it)
+        if kept is not None:
+            self._children_kept -= len(kept[1])
+        if len(children) > MEMO_NODES:
+            return children
+        while self._children_kept + len(children) > MEMO_NODES:
+            oldest = next(iter(memo))
+            self._children_kept -= len(memo.pop(oldest)[1])
+        self._children_kept += len(children)
+        memo[ino] = (self.store.folder_generation.get(ino, 0), children, {})
         return children
 
     # -- listing and validation ----------------------------------------------------------
