@@ -127,15 +127,28 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     dropped: list[Op] = []
     for op in ops:
         if op.ino in doomed:
-            if op.kind == "rename" and op.replaced and op.replaced_base is not None:
-                kind = "rmdir" if stat_mod.S_ISDIR(op.replaced_base[2]) else "unlink"
-                kept.append(Op(kind, op.replaced, op.dst, base=op.replaced_base,
-                               parent=op.dst_parent, seq=op.seq))
+            if (removal := remains_of_deleted(op)) is not None:
+                kept.append(removal)
             else:
                 dropped.append(op)
             continue
         kept.append(op)
     return _fold_links(kept, dropped, started)
+
+
+def remains_of_deleted(op: Op) -> Op | None:
+    """What of ``op`` must still reach the remote when its object was created here and
+    deleted again before its creation reached the remote: nothing, but for a rename that
+    replaced a remote object, that object's removal under the same ``seq`` (the replaced
+    version goes away as it did here, and a later rename onto the name, which replaced
+    our deleted object, finds the name free instead of the old version there).
+
+    Used by ``optimise`` and by the replay for an object that died during a pass, after
+    the pass read the journal (``Ledger.gone``)."""
+    if op.kind == "rename" and op.replaced and op.replaced_base is not None:
+        kind = "rmdir" if stat_mod.S_ISDIR(op.replaced_base[2]) else "unlink"
+        return Op(kind, op.replaced, op.dst, base=op.replaced_base, parent=op.dst_parent, seq=op.seq)
+    return None
 
 
 def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]) \

@@ -38,7 +38,7 @@ from ..progress import Progress
 from ..remote import RemoteStat
 from ..store.crypto import RecordError
 from ..store.index import ORPHAN, Store, Txn, index_damaged
-from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise
+from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
 from .conflicts import Conflicts, record
 from .content import ContentReplay
 from .ledger import Ledger
@@ -128,9 +128,14 @@ class Replayer:
         """Replay ``op``; a reason is added to ``failures`` when the pass must stop."""
         if op.ino in self.ledger.gone:
             # Created here, then deleted here during this pass before its creation
-            # reached the remote: the rest of its story need not reach it either.
-            self.ledger.finish(op)
-            return
+            # reached the remote: the rest of its story need not reach it either, but
+            # for the remote object a rename of it replaced (it goes, as optimise has it).
+            removal = remains_of_deleted(op)
+            if removal is None:
+                self.ledger.finish(op)
+                return
+            self._rewrite([op], [removal], [])
+            op = removal
         try:
             sent = await self._replay(op)
         except Unavailable as exc:
@@ -323,6 +328,12 @@ class Replayer:
         src = await self.side.stat(op.path)
         dst = await self.side.stat(op.dst)
         if src is None:
+            if dst is not None and self._gone_here(op.ino) and (removal := remains_of_deleted(op)) \
+                    and dst.version() == self.ledger.expected_base(removal.ino, removal.base):
+                # Never on the remote, deleted here since, and the name still holds what
+                # it replaced: as in _replay_one, after a restart forgot Ledger.gone.
+                self._rewrite([op], [removal], [])
+                return await self._replay(removal)
             # Already moved (a crash after the rename), or moved/deleted there.
             if dst is None and self._gone_here(op.ino):
                 self.ledger.finish(op)  # never reached the remote, and deleted here since
