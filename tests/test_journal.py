@@ -164,6 +164,22 @@ def test_file_put_in_place_twice_leaves_the_old_ones_removal_and_the_second() ->
     assert [op.seq for op in dropped] == [1]
 
 
+def test_rename_of_doomed_file_over_file_the_replay_uploaded_becomes_unlink() -> None:
+    """The replaced file was uploaded by the replay after the rename was journaled (the
+    rename recorded no base version of it): the version the replay produced stands in."""
+    produced = (1, 1_700_000_000_000_000_000, stat.S_IFREG)
+    ops = _seq([
+        Op("create", 10, b"a", parent=1),
+        Op("rename", 10, b"a", parent=1, dst=b"c", dst_parent=1, replaced=20),
+        Op("unlink", 10, b"c", parent=1),
+    ])
+    kept, dropped = optimise(ops, alive=set(), produced={20: produced}.get)
+    assert [(op.kind, op.ino, op.path, op.base, op.seq) for op in kept] == [("unlink", 20, b"c", produced, 2)]
+    assert [op.seq for op in dropped] == [1, 3]
+    kept, _ = optimise(ops, alive=set(), produced={}.get)  # (made here, never on the remote)
+    assert kept == []
+
+
 @pytest.mark.parametrize("op, left", [
     (Op("rename", 10, b"a", parent=1, dst=b"b", dst_parent=2, replaced=20, replaced_base=FILE_BASE, seq=7),
      Op("unlink", 20, b"b", base=FILE_BASE, parent=2, seq=7)),

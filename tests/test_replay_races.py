@@ -236,6 +236,62 @@ def test_files_created_before_a_pass_and_changed_during_it_end_as_here(
         store.close()
 
 
+class UploadPausingRemote(LocalRemote):
+    """A local share whose first upload, once it has landed, waits for ``go``."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def upload(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        landed = super().upload(*args, **kwargs)
+        if not self.entered.is_set():
+            self.entered.set()
+            self.go.wait(10)
+        return landed
+
+
+@pytest.mark.parametrize("during, end", [
+    ([("write", "a", "Y"), ("mv", "a", "c"), ("unlink", "c")], {}),
+    ([("write", "a", "Y"), ("mv", "a", "c")], {"c": "Y"}),
+    ([("unlink", "c")], {}),
+], ids=["replaced-then-deleted", "replaced", "deleted"])
+def test_file_replaced_while_its_upload_lands_ends_as_here(
+        tmp_path: Path, during: list[tuple[str, ...]], end: dict[str, str]) -> None:
+    """A file made here is being uploaded when another is put over it (its rename
+    records no base version of the first: it was not on the server yet); the upload
+    lands. When the second is deleted before it reaches the server, the first (on the
+    server now, by the replay's own upload) still goes, as it went here."""
+    share = tmp_path / "share"
+    share.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    remote = UploadPausingRemote(str(share))
+    conn = Connectivity(remote)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await _run_steps(cache, [("write", "c", "X")])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.reintegrate)
+            await trio.to_thread.run_sync(remote.entered.wait, 10)
+            await _run_steps(cache, during)
+            remote.go.set()
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert {name: (share / name).read_text() for name in os.listdir(share)} == end
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
 def test_git_index_put_in_place_twice_while_a_pass_waits_on_the_link(mount_factory, sshd, share: Path,
                                                                        tmp_path: Path) -> None:
     """The WAN benchmark's false conflict, on a real mount: ``git status`` puts

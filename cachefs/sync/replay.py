@@ -100,7 +100,8 @@ class Replayer:
                     folders.add(ino)
         # Entries whose upload began (a crash or a cut connection stopped it) keep their
         # form: their recovery compares the remote with what was being sent.
-        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None)
+        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
+                                 self.store.produced)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
@@ -130,7 +131,7 @@ class Replayer:
             # Created here, then deleted here during this pass before its creation
             # reached the remote: the rest of its story need not reach it either, but
             # for the remote object a rename of it replaced (it goes, as optimise has it).
-            removal = remains_of_deleted(op)
+            removal = remains_of_deleted(op, self.store.produced)
             if removal is None:
                 self.ledger.finish(op)
                 return
@@ -328,7 +329,8 @@ class Replayer:
         src = await self.side.stat(op.path)
         dst = await self.side.stat(op.dst)
         if src is None:
-            if dst is not None and self._gone_here(op.ino) and (removal := remains_of_deleted(op)) \
+            removal = remains_of_deleted(op, self.store.produced) if self._gone_here(op.ino) else None
+            if removal is not None and dst is not None \
                     and dst.version() == self.ledger.expected_base(removal.ino, removal.base):
                 # Never on the remote, deleted here since, and the name still holds what
                 # it replaced: as in _replay_one, after a restart forgot Ledger.gone.
