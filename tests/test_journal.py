@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.store.journal import Op, key, optimise, seq_of
+from cachefs.store.journal import Op, key, optimise, remains_of_deleted, seq_of
 from cachefs.sync.naming import conflict_name
 from cachefs.sync.ordering import batches as _batches
 
@@ -144,6 +144,56 @@ def test_rename_of_doomed_file_over_other_doomed_file_vanishes() -> None:
     ])
     kept, dropped = optimise(ops, alive=set())
     assert kept == [] and len(dropped) == 4
+
+
+def test_file_put_in_place_twice_leaves_the_old_ones_removal_and_the_second() -> None:
+    """git's index.lock renamed over index twice (status, then commit), all before a pass:
+    the first lock file is gone, its rename becomes the removal of the server's index,
+    and the second lock file's rename then finds the name free."""
+    ops = _seq([
+        Op("create", 10, b"index.lock", parent=1),
+        Op("rename", 10, b"index.lock", parent=1, dst=b"index", dst_parent=1,
+           replaced=20, replaced_base=FILE_BASE),
+        Op("create", 11, b"index.lock", parent=1),
+        Op("rename", 11, b"index.lock", parent=1, dst=b"index", dst_parent=1, replaced=10),
+    ])
+    kept, dropped = optimise(ops, alive={11})
+    assert [(op.kind, op.ino, op.path, op.base, op.seq) for op in kept] == [
+        ("unlink", 20, b"index", FILE_BASE, 2), ("create", 11, b"index.lock", None, 3),
+        ("rename", 11, b"index.lock", None, 4)]
+    assert [op.seq for op in dropped] == [1]
+
+
+def test_rename_of_doomed_file_over_file_the_replay_uploaded_becomes_unlink() -> None:
+    """The replaced file was uploaded by the replay after the rename was journaled (the
+    rename recorded no base version of it): the version the replay produced stands in."""
+    produced = (1, 1_700_000_000_000_000_000, stat.S_IFREG)
+    ops = _seq([
+        Op("create", 10, b"a", parent=1),
+        Op("rename", 10, b"a", parent=1, dst=b"c", dst_parent=1, replaced=20),
+        Op("unlink", 10, b"c", parent=1),
+    ])
+    kept, dropped = optimise(ops, alive=set(), produced={20: produced}.get)
+    assert [(op.kind, op.ino, op.path, op.base, op.seq) for op in kept] == [("unlink", 20, b"c", produced, 2)]
+    assert [op.seq for op in dropped] == [1, 3]
+    kept, _ = optimise(ops, alive=set(), produced={}.get)  # (made here, never on the remote)
+    assert kept == []
+
+
+@pytest.mark.parametrize("op, left", [
+    (Op("rename", 10, b"a", parent=1, dst=b"b", dst_parent=2, replaced=20, replaced_base=FILE_BASE, seq=7),
+     Op("unlink", 20, b"b", base=FILE_BASE, parent=2, seq=7)),
+    (Op("rename", 10, b"d", parent=1, dst=b"e", dst_parent=2, replaced=20, replaced_base=DIR_BASE, seq=7),
+     Op("rmdir", 20, b"e", base=DIR_BASE, parent=2, seq=7)),
+    (Op("rename", 10, b"a", parent=1, dst=b"b", dst_parent=2, replaced=20, seq=7), None),  # made here too
+    (Op("rename", 10, b"a", parent=1, dst=b"b", dst_parent=2, seq=7), None),  # replaced nothing
+    (Op("unlink", 10, b"a", parent=1, base=FILE_BASE, seq=7), None),
+    (Op("link", 10, b"a", parent=1, dst=b"b", dst_parent=1, seq=7), None),
+    (Op("create", 10, b"a", parent=1, seq=7), None),
+])
+def test_what_remains_of_the_entries_of_an_object_deleted_before_it_reached_the_remote(
+        op: Op, left: Op | None) -> None:
+    assert remains_of_deleted(op) == left
 
 
 def test_mkdir_rmdir_vanish() -> None:

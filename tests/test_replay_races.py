@@ -1,14 +1,17 @@
 """Changes made while the sync manager's call for an earlier change is on the way, in-process:
 a real store, cache and sync manager over a real local share, whose remote pauses inside
-the call until the test has made the next change."""
+the call until the test has made the next change; and on a real mount whose link a proxy
+stalls while a pass waits on it."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
@@ -62,3 +65,268 @@ def test_mode_changed_while_its_earlier_change_is_sent_reaches_the_server(tmp_pa
         trio.run(main)
     finally:
         store.close()
+
+
+class RenamePausingRemote(LocalRemote):
+    """A local share whose first exclusive rename (a rename onto a free name) waits,
+    once it has begun, for ``go``."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def rename_noreplace(self, src: bytes, dst: bytes) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.go.wait(10)
+        super().rename_noreplace(src, dst)
+
+
+async def _put(cache: Cache, name: bytes, data: bytes) -> None:
+    """``name`` created and written (``git``'s lock file), then renamed over ``name``
+    without its ``.lock``, as git puts its index and refs in place."""
+    node, handle = await cache.create(ROOT_INO, name, 0o644, os.O_WRONLY)
+    cache.write(handle, 0, data)
+    cache.release(handle)
+    await cache.rename(ROOT_INO, name, ROOT_INO, name.removesuffix(b".lock"))
+
+
+def test_file_put_in_place_twice_while_a_pass_runs_ends_as_the_second(tmp_path: Path) -> None:
+    """``git status`` then ``git commit`` each write ``index.lock`` and rename it over
+    ``index``; a pass reads the journal after the first and, while it runs, the second
+    replaces the first. The server ends with the second: the first's rename, whose node
+    died during the pass, still takes the old ``index`` away (else the second's rename,
+    which replaced a file the server never had, found the old one there: a false
+    conflict that put the server's old index in place of the user's)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "index").write_bytes(b"old index from the server")
+    (share / "f.txt").write_bytes(b"x")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    remote = RenamePausingRemote(str(share))
+    conn = Connectivity(remote)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.lookup(ROOT_INO, b"index")
+        await cache.lookup(ROOT_INO, b"f.txt")
+        await cache.rename(ROOT_INO, b"f.txt", ROOT_INO, b"g.txt")  # (the pass pauses in it)
+        await _put(cache, b"index.lock", b"index of git status")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.reintegrate)
+            await trio.to_thread.run_sync(remote.entered.wait, 10)
+            await _put(cache, b"index.lock", b"index of git commit")  # during the pass
+            remote.go.set()
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["g.txt", "index"]
+        assert (share / "index").read_bytes() == b"index of git commit"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_file_put_in_place_twice_after_a_restart_mid_pass_ends_as_the_second(tmp_path: Path) -> None:
+    """As above, but the pass that found the first ``index`` deleted ended (a crash, a
+    cut link) after its create was settled and before its rename was replayed: the
+    journal then holds that rename without its create, and the next pass no longer
+    knows the node was never on the server. The rename finds nothing to move and the
+    name still holding what it replaced: that goes, as the rename would have taken it."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "index").write_bytes(b"old index from the server")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.lookup(ROOT_INO, b"index")
+        await _put(cache, b"index.lock", b"index of git status")
+        await _put(cache, b"index.lock", b"index of git commit")
+        first_create = min(op.seq for op in store.journal_ops())
+        # The journal as that pass left it: the first create settled (its node is gone).
+        store.transact(lambda t: t.delete_op(first_create))
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["index"]
+        assert (share / "index").read_bytes() == b"index of git commit"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+async def _run_steps(cache: Cache, steps: list[tuple[str, ...]]) -> None:
+    for step, *args in steps:
+        if step == "write":
+            node, handle = await cache.create(ROOT_INO, args[0].encode(), 0o644, os.O_WRONLY)
+            cache.write(handle, 0, args[1].encode())
+            cache.release(handle)
+        elif step == "mv":
+            await cache.rename(ROOT_INO, args[0].encode(), ROOT_INO, args[1].encode())
+        else:
+            await cache.unlink(ROOT_INO, args[0].encode())
+
+
+@pytest.mark.parametrize("before, during, end", [
+    # a file renamed twice before the pass; during it, another put over its last name
+    ([("write", "a", "Y"), ("mv", "a", "b"), ("mv", "b", "c")],
+     [("write", "d", "Z"), ("mv", "d", "c")], {"c": "Z"}),
+    # renamed over the old file before the pass; moved on during it (it lives on)
+    ([("write", "a", "Y"), ("mv", "a", "c")], [("mv", "c", "b")], {"b": "Y"}),
+    # put in place before the pass, deleted during it: the old file goes too
+    ([("write", "a", "Y"), ("mv", "a", "c")], [("unlink", "c")], {}),
+    # put in place, renamed on, then deleted during the pass
+    ([("write", "a", "Y"), ("mv", "a", "c"), ("mv", "c", "b")], [("unlink", "b")], {}),
+    # put in place twice during the pass, over a file put there before it
+    ([("write", "a", "Y"), ("mv", "a", "c")],
+     [("write", "a", "Z"), ("mv", "a", "c"), ("write", "a", "W"), ("mv", "a", "c")], {"c": "W"}),
+], ids=["chain-then-replaced", "moved-on", "deleted", "moved-then-deleted", "replaced-twice"])
+def test_files_created_before_a_pass_and_changed_during_it_end_as_here(
+        tmp_path: Path, before: list[tuple[str, ...]], during: list[tuple[str, ...]], end: dict[str, str]) -> None:
+    """The server ends as the mount shows, with no conflict recorded: the files made
+    before a pass, whose story goes on (or ends) while the pass runs. ``c`` is on the
+    server from the start (the old version a rename replaces)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "c").write_bytes(b"old c from the server")
+    (share / "f.txt").write_bytes(b"x")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    remote = RenamePausingRemote(str(share))
+    conn = Connectivity(remote)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.lookup(ROOT_INO, b"c")
+        await cache.lookup(ROOT_INO, b"f.txt")
+        await cache.rename(ROOT_INO, b"f.txt", ROOT_INO, b"g.txt")  # (the pass pauses in it)
+        await _run_steps(cache, before)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.reintegrate)
+            await trio.to_thread.run_sync(remote.entered.wait, 10)
+            await _run_steps(cache, during)
+            remote.go.set()
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        on_server = {name: (share / name).read_text() for name in os.listdir(share) if name != "g.txt"}
+        assert on_server == end
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+class UploadPausingRemote(LocalRemote):
+    """A local share whose first upload, once it has landed, waits for ``go``."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def upload(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        landed = super().upload(*args, **kwargs)
+        if not self.entered.is_set():
+            self.entered.set()
+            self.go.wait(10)
+        return landed
+
+
+@pytest.mark.parametrize("during, end", [
+    ([("write", "a", "Y"), ("mv", "a", "c"), ("unlink", "c")], {}),
+    ([("write", "a", "Y"), ("mv", "a", "c")], {"c": "Y"}),
+    ([("unlink", "c")], {}),
+], ids=["replaced-then-deleted", "replaced", "deleted"])
+def test_file_replaced_while_its_upload_lands_ends_as_here(
+        tmp_path: Path, during: list[tuple[str, ...]], end: dict[str, str]) -> None:
+    """A file made here is being uploaded when another is put over it (its rename
+    records no base version of the first: it was not on the server yet); the upload
+    lands. When the second is deleted before it reaches the server, the first (on the
+    server now, by the replay's own upload) still goes, as it went here."""
+    share = tmp_path / "share"
+    share.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    remote = UploadPausingRemote(str(share))
+    conn = Connectivity(remote)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await _run_steps(cache, [("write", "c", "X")])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.reintegrate)
+            await trio.to_thread.run_sync(remote.entered.wait, 10)
+            await _run_steps(cache, during)
+            remote.go.set()
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert {name: (share / name).read_text() for name in os.listdir(share)} == end
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_git_index_put_in_place_twice_while_a_pass_waits_on_the_link(mount_factory, sshd, share: Path,
+                                                                       tmp_path: Path) -> None:
+    """The WAN benchmark's false conflict, on a real mount: ``git status`` puts
+    ``index`` in place (``index.lock`` renamed over it), a pass reads the journal and
+    waits on a stalled link, and meanwhile ``git commit`` puts its own ``index`` in place.
+    The server ends with the commit's index and no conflict is recorded."""
+    from tests.fixtures.mount import status
+    from tests.fixtures.proxy import TcpProxy, proxied
+    from tests.test_conflicts import conflict_records
+    from tests.test_writes import sync_until_done, wait_for
+
+    (share / "index").write_bytes(b"old index from the server")
+    (share / "f.txt").write_bytes(b"x")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", "off",
+                     timeout="10", attr_timeout="60") as mount:
+            mnt = mount.mountpoint
+            assert sorted(os.listdir(mnt)) == [".cachefs", "f.txt", "index"]
+            assert (mnt / "index").read_bytes() == b"old index from the server"
+            proxy.stall()
+            try:
+                os.rename(mnt / "f.txt", mnt / "g.txt")  # (the pass waits in its replay)
+                (mnt / "index.lock").write_bytes(b"index of git status")
+                os.rename(mnt / "index.lock", mnt / "index")
+                wait_for(lambda: status(mnt)["state"] == "syncing", 10, "a pass to start")
+                (mnt / "index.lock").write_bytes(b"index of git commit")
+                os.rename(mnt / "index.lock", mnt / "index")
+            finally:
+                proxy.resume()
+            wait_for(lambda: status(mnt)["pending"] == 0, 30, "the journal to be replayed")
+            sync_until_done(mnt)
+            assert conflict_records(mnt) == []
+            assert sorted(os.listdir(share)) == ["g.txt", "index"]
+            assert (share / "index").read_bytes() == b"index of git commit"
+            assert (mnt / "index").read_bytes() == b"index of git commit"
+            # (the pass that began before the commit settled the status's index there)
+            assert re.search(r"journal optimised: 0 entries dropped, 1 rewritten \(\d+ rename -> unlink b'index'\)",
+                             mount.log_text())

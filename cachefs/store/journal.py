@@ -105,7 +105,8 @@ def seq_of(key_bytes: bytes) -> int:
     return seq
 
 
-def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = lambda seq: False) \
+def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = lambda seq: False,
+             produced: Callable[[int], tuple[int, int, int] | None] = lambda ino: None) \
         -> tuple[list[Op], list[Op]]:
     """Drop what need never reach the remote; returns (kept, dropped). A kept entry that
     is not the one read (``is not``) replaces the entry of its ``seq``.
@@ -113,7 +114,9 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     Objects created here and deleted again (their node is not in ``alive``) vanish from
     the log with every operation about them: a file created and deleted offline never
     reaches the remote. A rename of such an object that replaced a remote object becomes
-    an unlink of that object, so the replaced version still goes away as it did here.
+    an unlink of that object, so the replaced version still goes away as it did here
+    (``produced(ino)``: the version the replay itself put on the remote for a node, for
+    one whose upload landed after the rename that replaced it was journaled).
     A file created under one name, linked to another and unlinked from the first (how
     git and other careful writers put a file in place) becomes one create under the
     second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
@@ -127,15 +130,34 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     dropped: list[Op] = []
     for op in ops:
         if op.ino in doomed:
-            if op.kind == "rename" and op.replaced and op.replaced_base is not None:
-                kind = "rmdir" if stat_mod.S_ISDIR(op.replaced_base[2]) else "unlink"
-                kept.append(Op(kind, op.replaced, op.dst, base=op.replaced_base,
-                               parent=op.dst_parent, seq=op.seq))
+            if (removal := remains_of_deleted(op, produced)) is not None:
+                kept.append(removal)
             else:
                 dropped.append(op)
             continue
         kept.append(op)
     return _fold_links(kept, dropped, started)
+
+
+def remains_of_deleted(op: Op, produced: Callable[[int], tuple[int, int, int] | None] = lambda ino: None) \
+        -> Op | None:
+    """What of ``op`` must still reach the remote when its object was created here and
+    deleted again before its creation reached the remote: nothing, but for a rename that
+    replaced a remote object, that object's removal under the same ``seq`` (the replaced
+    version goes away as it did here, and a later rename onto the name, which replaced
+    our deleted object, finds the name free instead of the old version there).
+
+    The replaced object is a remote one when the rename recorded its base version, or
+    when the replay put it there (``produced``: its upload landed after the rename was
+    journaled, so the rename recorded none). Used by ``optimise`` and by the replay for
+    an object that died during a pass, after the pass read the journal (``Ledger.gone``)."""
+    if op.kind != "rename" or not op.replaced:
+        return None
+    base = op.replaced_base if op.replaced_base is not None else produced(op.replaced)
+    if base is None:
+        return None
+    kind = "rmdir" if stat_mod.S_ISDIR(base[2]) else "unlink"
+    return Op(kind, op.replaced, op.dst, base=base, parent=op.dst_parent, seq=op.seq)
 
 
 def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]) \

@@ -38,7 +38,7 @@ from ..progress import Progress
 from ..remote import RemoteStat
 from ..store.crypto import RecordError
 from ..store.index import ORPHAN, Store, Txn, index_damaged
-from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise
+from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
 from .conflicts import Conflicts, record
 from .content import ContentReplay
 from .ledger import Ledger
@@ -107,7 +107,8 @@ class Replayer:
                     folders.add(ino)
         # Entries whose upload began (a crash or a cut connection stopped it) keep their
         # form: their recovery compares the remote with what was being sent.
-        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None)
+        kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
+                                 self.store.produced)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
@@ -154,11 +155,16 @@ class Replayer:
         """Replay ``op``; a reason is added to ``failures`` when the pass must stop."""
         if op.ino in self.ledger.gone:
             # Created here, then deleted here during this pass before its creation
-            # reached the remote: the rest of its story need not reach it either.
-            if self.content.group is not None:
-                self.content.group.leave(op.seq)
-            self.ledger.finish(op)
-            return
+            # reached the remote: the rest of its story need not reach it either, but
+            # for the remote object a rename of it replaced (it goes, as optimise has it).
+            removal = remains_of_deleted(op, self.store.produced)
+            if removal is None:
+                if self.content.group is not None:
+                    self.content.group.leave(op.seq)
+                self.ledger.finish(op)
+                return
+            self._rewrite([op], [removal], [])
+            op = removal
         try:
             sent = await self._replay(op)
         except Unavailable as exc:
@@ -362,6 +368,13 @@ class Replayer:
         src = await self.side.stat(op.path)
         dst = await self.side.stat(op.dst)
         if src is None:
+            removal = remains_of_deleted(op, self.store.produced) if self._gone_here(op.ino) else None
+            if removal is not None and dst is not None \
+                    and dst.version() == self.ledger.expected_base(removal.ino, removal.base):
+                # Never on the remote, deleted here since, and the name still holds what
+                # it replaced: as in _replay_one, after a restart forgot Ledger.gone.
+                self._rewrite([op], [removal], [])
+                return await self._replay(removal)
             # Already moved (a crash after the rename), or moved/deleted there.
             if dst is None and self._gone_here(op.ino):
                 self.ledger.finish(op)  # never reached the remote, and deleted here since
