@@ -27,8 +27,12 @@ find+stat over the 200 cached files of ``small/``, and last a cold read of a 32 
 
 Budget: cachefs runs ``--repeats`` sessions at every profile; sshfs and rclone, whose
 figures do not change with cachefs's code, run ``--peer-repeats`` (default 1) at the
-first profile only unless ``--peers-everywhere`` (a peer at 200 ms takes 10-15 min a
-session). Each figure is the median of its sessions. ``--max-minutes`` skips what is left.
+first profile only unless ``--peers-everywhere``. Each figure is the median of its
+sessions. ``--max-minutes`` skips what is left. The default run took 46 min on cachefs/
+as of 37fe9a0 (a cachefs session: 2.4 min at 50 ms, 9.6 min at 200 ms; sshfs 6.8 min and
+rclone 3 min at 50 ms, so about 4x that each at 200 ms with ``--peers-everywhere``); once
+cachefs's warm figures are near their targets a cachefs session is its idle time plus
+the large read, and the default run about 15 min.
 
 ``--idle-cost``: N idle cachefs mounts (1, 2, 4) behind one relay, used briefly and then
 left alone; the relay's counters over ``--idle-window`` seconds give what each sends the
@@ -593,7 +597,7 @@ def table(data: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
             cell = fmt(value, m.unit)
             if value is None and source.get("errors", {}).get(profile["name"], {}).get(m.key, {}).get(peer):
                 cell = "error"
-            elif count == 1 and peer == "cachefs" and source.get("repeats", 1) > 1:
+            elif count == 1 and peer == "cachefs" and m.key != "paramiko" and source.get("repeats", 1) > 1:
                 cell += " (1 run)"
             shown = shown or value is not None
             cells.append(cell)
@@ -732,8 +736,9 @@ HOST:PORT --rtt 50ms --rate 100mbit` runs it by hand; tests/test_wanrelay.py che
   paramiko's prefetch through the same relay, what the link, the relay and ssh allow together.
 - Each figure is the median of its sessions: cachefs {data['repeats']} per profile, sshfs and
   rclone {data['peer_repeats']} (at {'every profile' if data['peers_everywhere'] else 'the first profile only'}):
-  their figures do not depend on cachefs's code, and a session of theirs at 200 ms takes
-  10–15 minutes. A cell marked "(1 run)" had one good session of several.
+  their figures do not depend on cachefs's code, and at 200 ms a session of sshfs takes
+  about half an hour (`--peers-everywhere` runs them there). A cell marked "(1 run)" had
+  one good session of several.
 
 ## Results
 
