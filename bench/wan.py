@@ -27,8 +27,12 @@ find+stat over the 200 cached files of ``small/``, and last a cold read of a 32 
 
 Budget: cachefs runs ``--repeats`` sessions at every profile; sshfs and rclone, whose
 figures do not change with cachefs's code, run ``--peer-repeats`` (default 1) at the
-first profile only unless ``--peers-everywhere`` (a peer at 200 ms takes 10-15 min a
-session). Each figure is the median of its sessions. ``--max-minutes`` skips what is left.
+first profile only unless ``--peers-everywhere``. Each figure is the median of its
+sessions. ``--max-minutes`` skips what is left. The default run took 46 min on cachefs/
+as of 37fe9a0 (a cachefs session: 2.4 min at 50 ms, 9.6 min at 200 ms; sshfs 6.8 min and
+rclone 3 min at 50 ms, so about 4x that each at 200 ms with ``--peers-everywhere``); once
+cachefs's warm figures are near their targets a cachefs session is its idle time plus
+the large read, and the default run about 15 min.
 
 ``--idle-cost``: N idle cachefs mounts (1, 2, 4) behind one relay, used briefly and then
 left alone; the relay's counters over ``--idle-window`` seconds give what each sends the
@@ -124,6 +128,8 @@ def metric_list(idle: float, big_mb: int) -> list[Metric]:
         Metric("big_cold", f"cold: read one {big_mb} MiB file", "MB/s"),
         Metric("big_link", "  share of the link rate", "%"),
         Metric("mount", "mount (until the mount point answers)", "s"),
+        Metric("paramiko", f"reference: paramiko alone reads the {big_mb} MiB file (one SFTP "
+                           "connection, prefetch), in the cachefs column", "MB/s"),
     ]
 
 
@@ -431,6 +437,44 @@ class WanBench:
             out["big_link"] = 100 * n * 8 / took / self.profile.rate_bit
         return out
 
+    def paramiko_reference(self) -> None:
+        """What one paramiko SFTP connection with prefetch reads through the relay: the
+        bound of the link, the relay and ssh together, beside which the peers' cold reads
+        are seen. Kept in the cachefs column."""
+        import paramiko
+        import socket
+
+        endpoint = self.endpoint
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(str(endpoint.known_hosts))
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.connect(endpoint.host, port=endpoint.port, username=endpoint.user,
+                           key_filename=str(endpoint.identity), look_for_keys=False,
+                           allow_agent=False, timeout=30)
+            transport = client.get_transport()
+            assert transport is not None
+            transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(120)
+            path = str(self.server.share / "big.bin")
+            size = sftp.stat(path).st_size or 0
+            t0 = time.perf_counter()
+            total = 0
+            with sftp.open(path, "rb") as f:
+                f.prefetch(size)
+                while data := f.read(MiB):
+                    total += len(data)
+            took = time.perf_counter() - t0
+            if total != size:
+                raise RuntimeError(f"read {total} bytes of {size}")
+            self.add("paramiko", "cachefs", total / 1e6 / took)
+            log(f"  reference: paramiko alone {total / 1e6 / took:.2f} MB/s")
+        except Exception as exc:  # noqa: BLE001
+            self.error("paramiko", "cachefs", f"{type(exc).__name__}: {exc}")
+        finally:
+            client.close()
+
     # -- a profile ------------------------------------------------------------------------
     def run_profile(self, profile: Profile, first: bool) -> None:
         self.profile = profile
@@ -440,6 +484,8 @@ class WanBench:
             self.endpoint = Endpoint.through(self.server, relay.port, self.workdir)
             self.rclone_conf = write_rclone_conf(self.workdir / f"rclone-{relay.port}.conf", self.endpoint)
             log(f"profile {profile.label}: {relay}")
+            if "big" in self.args.workloads:
+                self.paramiko_reference()
             peers_here = [p for p in self.args.peer_list
                           if p == "cachefs" or first or self.args.peers_everywhere]
             for rep in range(max(self.args.repeats, self.args.peer_repeats)):
@@ -480,14 +526,16 @@ def idle_cost(args: argparse.Namespace, bench: WanBench) -> dict[str, Any]:
                 before, t0 = relay.counters(), time.monotonic()
                 time.sleep(args.idle_window)
                 delta, seconds = relay.counters() - before, time.monotonic() - t0
+                open_connections = relay.active_connections
                 alive = all(m.proc is not None and m.proc.poll() is None for m in mounts)
                 run = {"peer": peer, "mounts": count, "seconds": seconds, "alive": alive,
                        "up_bytes": delta.up_bytes, "up_chunks": delta.up_chunks,
                        "down_bytes": delta.down_bytes, "down_chunks": delta.down_chunks,
-                       "connections": delta.connections,
+                       "connections": delta.connections, "open_connections": open_connections,
                        "up_chunks_per_s_per_mount": delta.up_chunks / seconds / count,
                        "up_bytes_per_s_per_mount": delta.up_bytes / seconds / count,
-                       "down_bytes_per_s_per_mount": delta.down_bytes / seconds / count}
+                       "down_bytes_per_s_per_mount": delta.down_bytes / seconds / count,
+                       "down_chunks_per_s_per_mount": delta.down_chunks / seconds / count}
                 out["runs"].append(run)
                 log(f"  idle {peer} x{count}: {delta} in {seconds:.0f} s: "
                     f"{run['up_chunks_per_s_per_mount']:.3f} chunks/s and "
@@ -549,7 +597,7 @@ def table(data: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
             cell = fmt(value, m.unit)
             if value is None and source.get("errors", {}).get(profile["name"], {}).get(m.key, {}).get(peer):
                 cell = "error"
-            elif count == 1 and peer == "cachefs" and source.get("repeats", 1) > 1:
+            elif count == 1 and peer == "cachefs" and m.key != "paramiko" and source.get("repeats", 1) > 1:
                 cell += " (1 run)"
             shown = shown or value is not None
             cells.append(cell)
@@ -570,7 +618,8 @@ def chart(data: dict[str, Any], path: Path) -> str:
                and not m["label"].startswith("  ")]
     peers = [p for p in PEERS if p in data["peers"]]
     profiles = data["profiles"]
-    fig, axes = plt.subplots(1, len(profiles), figsize=(7 * len(profiles), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(7 * len(profiles), 5.5), squeeze=False,
+                             sharey=True)
     colours = {"cachefs": "#1f77b4", "sshfs": "#ff7f0e", "rclone": "#2ca02c"}
     for ax, profile in zip(axes[0], profiles):
         width = 0.8 / len(peers)
@@ -580,6 +629,7 @@ def chart(data: dict[str, Any], path: Path) -> str:
             ys = [max(v, 0.001) for v in values if v is not None]
             if ys:
                 ax.bar(xs, ys, width, label=peer, color=colours.get(peer))
+        ax.axhline(0.1, color="black", linewidth=0.8, linestyle="--", label="0.1 s")
         ax.set_yscale("log")
         ax.set_ylabel("seconds (log scale; lower is faster)")
         ax.set_title(profile["label"])
@@ -597,27 +647,39 @@ def chart(data: dict[str, Any], path: Path) -> str:
 def idle_section(idle: dict[str, Any] | None) -> str:
     if not idle:
         return "Not measured yet: `bench/wan.py --idle-cost`."
-    rows = ["| peer | idle mounts | seconds | to the server: chunks/s per mount | bytes/s per mount "
-            "| from the server: bytes/s per mount | new connections |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| peer | idle mounts | TCP connections open | seconds counted | to the server: chunks/s per mount "
+            "| bytes/s per mount | from the server: chunks/s per mount | bytes/s per mount | connections opened |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in idle["runs"]:
         if "error" in run:
-            rows.append(f"| {run['peer']} | {run['mounts']} | error: {run['error'][:200]} | | | | |")
+            rows.append(f"| {run['peer']} | {run['mounts']} | error: {run['error'][:200]} | | | | | | |")
             continue
-        rows.append(f"| {run['peer']} | {run['mounts']} | {run['seconds']:.0f} "
+        down_chunks = run.get("down_chunks_per_s_per_mount", run["down_chunks"] / run["seconds"] / run["mounts"])
+        rows.append(f"| {run['peer']} | {run['mounts']} | {run.get('open_connections', '?')} | {run['seconds']:.0f} "
                     f"| {run['up_chunks_per_s_per_mount']:.3f} | {run['up_bytes_per_s_per_mount']:.1f} "
-                    f"| {run['down_bytes_per_s_per_mount']:.1f} | {run['connections']} |")
+                    f"| {down_chunks:.3f} | {run['down_bytes_per_s_per_mount']:.1f} | {run['connections']} |")
     cachefs = [r for r in idle["runs"] if r["peer"] == "cachefs" and "error" not in r]
     text = "\n".join(rows)
     if cachefs:
-        per_chunks = statistics.median(r["up_chunks_per_s_per_mount"] for r in cachefs)
-        per_up = statistics.median(r["up_bytes_per_s_per_mount"] for r in cachefs)
-        per_down = statistics.median(r["down_bytes_per_s_per_mount"] for r in cachefs)
+        def per_mount(key: str) -> float:
+            return statistics.median(r[key] for r in cachefs)
+
+        def down_chunks(r: dict[str, Any]) -> float:
+            return float(r.get("down_chunks_per_s_per_mount", r["down_chunks"] / r["seconds"] / r["mounts"]))
+
+        up = per_mount("up_chunks_per_s_per_mount")
+        answered = statistics.median(down_chunks(r) for r in cachefs)
+        with_open = [r for r in cachefs if "open_connections" in r]
+        connections = (statistics.median(r["open_connections"] / r["mounts"] for r in with_open)
+                       if with_open else None)
         text += (f"\n\n1,000 idle cachefs clients, extrapolated from the median per mount above: "
-                 f"**{per_chunks * 1000:.0f} requests/s** reaching the server (chunks: about one "
-                 f"SSH packet each), {per_up * 1000 / 1e3:.1f} kB/s in and {per_down * 1000 / 1e3:.1f} kB/s "
-                 f"out, and 1,000 SSH connections held open (one sshd process and its SFTP "
-                 f"session each).")
+                 f"**{up * 1000:.0f} packets/s** reaching the server, of which about "
+                 f"**{answered * 1000:.0f}/s are requests it answers** (chunks coming back; the rest "
+                 f"are SSH keepalives, which it reads and drops), "
+                 f"{per_mount('up_bytes_per_s_per_mount'):.0f} kB/s in and "
+                 f"{per_mount('down_bytes_per_s_per_mount'):.0f} kB/s out"
+                 + (f", and {connections * 1000:,.0f} SSH connections held open (an sshd process "
+                    f"each)" if connections else "") + ".")
     return text
 
 
@@ -637,7 +699,7 @@ def write_doc(data: dict[str, Any] | None, idle: dict[str, Any] | None,
         parts.append(f"""Produced by `{data['command']}` on {data['date']} in {data['minutes']:.0f} min
 (the raw figures: `bench/results/{JSON_MAIN.name}`).
 Machine: {data['machine']}. Shared with other work: treat differences under ~20 % as noise.
-Peers: {data['versions']}. cachefs at commit {data.get('commit', '?')}{', ' + data['cachefs_note'] if data.get('cachefs_note') else ''}.
+Peers: {data['versions']}. cachefs/ as of commit {data.get('commit', '?')}{', ' + data['cachefs_note'] if data.get('cachefs_note') else ''}.
 Loopback figures (no relay): [performance.md](performance.md).
 
 ## The link model
@@ -665,10 +727,18 @@ HOST:PORT --rtt 50ms --rate 100mbit` runs it by hand; tests/test_wanrelay.py che
   close and then until the server's folders (read on its disk) hold them all; {data['idle']:g} s
   of nothing; `git status` and find+stat over `small/` (its 200 files cached); last, a cold
   read of `big.bin`. The link is let settle (2 s without traffic) after the writing steps.
+- The repository is committed on the server's disk, so on every peer the first `git status`
+  finds the index's stat data (inode, ctime) unlike what the mount shows and reads all 200
+  files again, as with a repository made on another machine; it then rewrites the index, and
+  the next runs compare stat data only (one lookup per file and folder).
+- "find+stat" walks the tree with `scandir` and an `lstat` of every entry.
+- The paramiko line is the reference for the large read: one SFTP connection with
+  paramiko's prefetch through the same relay, what the link, the relay and ssh allow together.
 - Each figure is the median of its sessions: cachefs {data['repeats']} per profile, sshfs and
   rclone {data['peer_repeats']} (at {'every profile' if data['peers_everywhere'] else 'the first profile only'}):
-  their figures do not depend on cachefs's code, and a session of theirs at 200 ms takes
-  10–15 minutes. A cell marked "(1 run)" had one good session of several.
+  their figures do not depend on cachefs's code, and at 200 ms a session of sshfs takes
+  about half an hour (`--peers-everywhere` runs them there). A cell marked "(1 run)" had
+  one good session of several.
 
 ## Results
 
@@ -684,7 +754,7 @@ HOST:PORT --rtt 50ms --rate 100mbit` runs it by hand; tests/test_wanrelay.py che
 """)
     parts.append(f"""## Server cost of idle clients
 
-{('Produced by `' + idle['command'] + '` on ' + idle['date'] + ', at ' + idle['profile'] + ': ') if idle else ''}{'each mount is used a little (a find and five reads), left ' + str(idle['settle_s']) + ' s to settle, then the relay counts what passes for ' + str(idle['window_s']) + ' s. A chunk is one read of the relay from a socket: when a link is idle, about one SSH packet, that is one request or one heartbeat. cachefs at commit ' + idle.get('commit', '?') + '.' if idle else ''}
+{('Produced by `' + idle['command'] + '` on ' + idle['date'] + ', at ' + idle['profile'] + ': ') if idle else ''}{'each mount is used a little (a find and five reads), left ' + format(idle['settle_s'], 'g') + ' s to settle, then the relay counts what passes for ' + format(idle['window_s'], 'g') + ' s. A chunk is one read of the relay from a socket: when a link is idle, about one SSH packet (a request, an answer, a keepalive). These are counts, not times: this part may run beside the timed one. cachefs/ as of commit ' + idle.get('commit', '?') + '.' if idle else ''}
 
 {idle_section(idle)}
 """)
@@ -694,9 +764,10 @@ HOST:PORT --rtt 50ms --rate 100mbit` runs it by hand; tests/test_wanrelay.py che
 
 
 def commit_id() -> str:
+    """The last commit that changed cachefs/ (and whether the work tree changes it)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", "cachefs"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "cachefs"], cwd=REPO, capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return out + (" (with uncommitted changes in cachefs/)" if dirty else "")
