@@ -28,6 +28,7 @@ from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
+from .remote.watch import WATCHERS
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -138,7 +139,7 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "whole cached files of 1 MiB or more straight from the cache (FUSE "
                         "passthrough: needs Linux 6.9+, root, and the pyfuse3 that "
                         "scripts/build-passthrough builds; used by default where it works)")
-    p.add_argument("--callbacks", choices=("auto", "inotifywait", "python3", "off"), default="auto",
+    p.add_argument("--callbacks", choices=("auto", *WATCHERS, "off"), default="auto",
                    help="run a watcher on the SSH server (inotifywait, or a short python3 script) "
                         "that tells the mount each change there, so that cached listings and "
                         "attributes are used without checks while it runs; 'off' never runs a "

@@ -177,6 +177,8 @@ def test_a_local_folder_is_watched_too(mount_factory, share: Path) -> None:
         _live(mnt)
         (share / "d" / "f0").write_bytes(b"local change")
         _wait_for("local change", lambda: (mnt / "d" / "f0").read_bytes() == b"local change", 2)
+        assert len(_watchers_of(share)) == 1
+    _wait_for("the watcher ended with the mount", lambda: not _watchers_of(share), 5)
 
 
 def test_the_change_stream_gives_share_relative_paths() -> None:
@@ -233,3 +235,15 @@ def test_git_commit_then_status_is_clean_while_the_server_tells_the_replay(mount
             assert status(m.mountpoint)["conflicts"] == 0
         assert _git(repo, "status", "--porcelain") == ""
         assert _git(repo, "log", "--format=%s", "-1") == "change 2\n"
+
+
+def test_a_share_on_a_network_file_system_gets_time_checks(mount_factory, share: Path) -> None:
+    """inotify sees only the changes made on its own machine: a share on NFS, SMB or FUSE
+    (here: another cachefs mount) is never watched; the mount says why and checks by time."""
+    _fill(share)
+    with mount_factory(name="inner", cache="cache-inner") as inner:
+        assert (inner.mountpoint / "d" / "f0").read_bytes() == b"x" * 100
+        with mount_factory(remote=str(inner.mountpoint), name="outer", cache="cache-outer") as outer:
+            assert (outer.mountpoint / "d" / "f0").read_bytes() == b"x" * 100
+            _wait_for("the reason", lambda: "the share is on fuse" in (status(outer.mountpoint)["callbacks"]["off"] or ""), 10)
+            assert not status(outer.mountpoint)["callbacks"]["live"]

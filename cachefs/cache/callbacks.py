@@ -40,7 +40,8 @@ from .listing import Listings
 log = logging.getLogger(__name__)
 
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds before a watcher that ended is started again
-READY_WITHIN = 120.0  # a watcher not ready by then is given up (a server that ignores it)
+READY_WITHIN = 120.0
+CLOSE_WITHIN = 2.0  # seconds given to stopping a watcher  # a watcher not ready by then is given up (a server that ignores it)
 
 
 class Callbacks:
@@ -56,6 +57,7 @@ class Callbacks:
         #: why there are no callbacks (``cachefs status``), None while they are live
         self.why_not: str | None = "not started" if using != "off" else "turned off (--callbacks off)"
         self.changes = 0  # changes told since the mount started
+        self.went_live = False  # the last watcher started went live
         self._pending: dict[int, set[bytes]] = {}  # folder -> names changed, not yet refreshed
         self._online = trio.Event()
         conn.on_online(lambda: self._online.set())
@@ -77,6 +79,8 @@ class Callbacks:
                         await self._online.wait()
                 reason, retry = await self._watch_once(nursery)
                 self.why_not = reason
+                if self.went_live:
+                    wait = RETRY_FIRST  # (a watcher that ran: not a server that keeps failing)
                 if retry:
                     log.info("callbacks: %s; checks by time, a watcher again in %g s", reason, wait)
                     with trio.move_on_after(wait):
@@ -94,6 +98,7 @@ class Callbacks:
 
     async def _watch_once(self, nursery: trio.Nursery) -> tuple[str, bool]:
         """Start a watcher and follow it until it ends: why it ended, and whether to try again."""
+        self.went_live = False
         try:
             watch = await trio.to_thread.run_sync(partial(self.conn.remote.watch, self.using),
                                                   abandon_on_cancel=True)
@@ -105,7 +110,9 @@ class Callbacks:
             return await self._follow(watch, nursery)
         finally:
             self._distrust()
-            await trio.to_thread.run_sync(watch.close, abandon_on_cancel=True)
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WITHIN):
+                # (also at unmount: the watcher ends with its channel or pipe)
+                await trio.to_thread.run_sync(watch.close, abandon_on_cancel=True)
 
     async def _follow(self, watch: Watch, nursery: trio.Nursery) -> tuple[str, bool]:
         started = time.monotonic()
@@ -119,6 +126,7 @@ class Callbacks:
             if changed:
                 self._told(changed, nursery)
             if watch.ready and self.live_since is None:
+                self.went_live = True
                 self.live_since = time.monotonic()
                 self.why_not = None
                 self.listings.trust(self.live_since)
@@ -142,7 +150,8 @@ class Callbacks:
     # -- changes ---------------------------------------------------------------------------
     def _told(self, paths: list[bytes], nursery: trio.Nursery) -> None:
         self.changes += len(paths)
-        for folder, names in self.listings.changed_remotely(paths).items():
+        # (inotify tells a path at each write: one look per path and batch is enough)
+        for folder, names in self.listings.changed_remotely(list(dict.fromkeys(paths))).items():
             self._refresh_soon(folder, names, nursery)
 
     def _refresh_soon(self, folder: int, names: set[bytes], nursery: trio.Nursery) -> None:
@@ -168,7 +177,8 @@ class Callbacks:
                 self.listings.forget_listed(folder)
                 try:
                     await self.listings.ensure_listing(node)
-                except (Unavailable, RemoteError, NotFound, CacheError) as exc:
+                except (Unavailable, RemoteError, NotFound, CacheError, KeyError) as exc:
+                    # (KeyError: the folder went with its parent's refresh meanwhile)
                     log.debug("refresh of folder %d after a change: %s", folder, exc)
                 for name in names:
                     self.kernel.invalidate_entry(folder, name)

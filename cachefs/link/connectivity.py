@@ -80,7 +80,7 @@ class Connectivity:
             await self.ping()
 
     def note_rtt(self, seconds: float) -> None:
-        """A call of one round trip took ``seconds`` (a ping, a stat)."""
+        """A call of one round trip took ``seconds`` (a ``ping``)."""
         self._rtts = self._rtts[-(RTT_SAMPLES - 1):] + [seconds]
 
     async def ping(self) -> None:

@@ -133,7 +133,12 @@ def watch_command(root: bytes, using: str = "auto") -> bytes:
                    + b"exec 3<&-; wait $w; s=$?; kill $c 2>/dev/null; exit $s")
     python = b"exec python3 -c '" + _SCRIPT.encode() + b"' " + quoted
     missing = b"echo 'cachefs-watch: no inotifywait or python3 here' >&2; exit 127"
-    started = b"echo '" + STARTED + b"' >&2; "
+    # inotify sees the changes made on the machine it runs on only: on a network file
+    # system's mount, other machines' changes would never be told (exit 5).
+    started = (b"echo '" + STARTED + b"' >&2; fs=$(stat -f -c %T " + quoted + b" 2>/dev/null); "
+               b"case \"$fs\" in nfs*|cifs|smb*|fuse*|9p|v9fs|ceph|afs|gfs*|gluster*|lustre|ocfs2) "
+               b"echo \"cachefs-watch: the share is on $fs, where other machines' changes are not seen\" >&2; "
+               b"exit 5;; esac; ")
     if using == "inotifywait":
         return started + b"command -v inotifywait >/dev/null 2>&1 || { " + missing + b"; }; " + inotifywait
     if using == "python3":
@@ -212,7 +217,7 @@ def ended(watch: Watch, status: int | None) -> WatchEnded:
     if not watch.started:
         return WatchEnded("the server runs no commands (the watcher never said a word)", retry=False)
     reason = watch.said or f"exit status {status}"
-    return WatchEnded(f"the watcher stopped: {reason}", retry=status not in (127, 4, 3))
+    return WatchEnded(f"the watcher stopped: {reason}", retry=status not in (127, 5, 4, 3))
 
 
 class ProcessWatch(Watch):

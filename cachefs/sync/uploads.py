@@ -140,11 +140,11 @@ class UploadGroup:
 
         try:
             self.store.transact(mark)
-        except BaseException as exc:
+        except Exception as exc:  # (a full disk, a damaged index): each entry reports it
             for item in items:
                 item.error = exc
                 item.done.set()
-            raise
+            return
         jobs = self._jobs(items)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("uploading %d files in %d jobs", len(items), len(jobs))
