@@ -230,9 +230,12 @@ class Listings:
                 folders.setdefault(ROOT_INO, set())
                 continue
             name = parts[-1]
-            self._listed.void(folder, now)
-            if self.node(folder).has(LISTED):  # (one never listed is listed at its first use)
-                folders.setdefault(folder, set()).add(name)
+            if not self.local_dirs.get(folder):
+                # (a folder with changes pending here is local truth, listed again when
+                # they are replayed: the replay's own changes come back as these)
+                self._listed.void(folder, now)
+                if self.node(folder).has(LISTED):  # (one never listed is listed at its first use)
+                    folders.setdefault(folder, set()).add(name)
             child = self.store.child(folder, name)
             if child is not None:
                 self._checked.void(child.ino, now)
