@@ -247,3 +247,48 @@ def test_a_share_on_a_network_file_system_gets_time_checks(mount_factory, share:
             assert (outer.mountpoint / "d" / "f0").read_bytes() == b"x" * 100
             _wait_for("the reason", lambda: "the share is on fuse" in (status(outer.mountpoint)["callbacks"]["off"] or ""), 10)
             assert not status(outer.mountpoint)["callbacks"]["live"]
+
+
+def test_a_folder_renamed_here_is_checked_again_once_replayed(tmp_path: Path) -> None:
+    """While a folder's rename waits in the journal, the server's changes under its old path
+    find no folder here: once the rename is replayed, nothing listed before is trusted (in
+    process: a real store and cache over a local share; the journal settled by hand)."""
+    import trio
+
+    from cachefs.cache.cache import Cache, CacheConfig
+    from cachefs.link.connectivity import Connectivity
+    from cachefs.remote.local import LocalRemote
+    from cachefs.store.index import ROOT_INO, Store
+
+    share = tmp_path / "share"
+    (share / "A").mkdir(parents=True)
+    (share / "A" / "f").write_bytes(b"v1")
+    (tmp_path / "cache").mkdir(mode=0o700)
+    store = Store(tmp_path / "cache", f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.2, dir_timeout=0.2))
+        listings = cache._listings
+        listings.trust(time.monotonic() - 0.001)  # the callbacks went live
+        folder = (await cache.lookup(ROOT_INO, b"A")).ino
+        await cache.listdir(folder)
+        f = store.child(folder, b"f")
+        assert f is not None
+        await cache.rename(ROOT_INO, b"A", ROOT_INO, b"B")  # journaled, not replayed
+        (share / "A" / "f").write_bytes(b"version 2")  # told under a path unknown here
+        assert listings.changed_remotely([b"A/f"]) == {}
+        os.rename(share / "A", share / "B")  # the replay
+        for op in store.journal_ops():
+            store.transact(lambda t, seq=op.seq: t.delete_op(seq))
+            listings.op_done(op)
+        await trio.sleep(0.5)  # past --attr-timeout
+        node = store.get(f.ino)
+        assert node is not None
+        assert not listings.checked(node), "a listing from before the rename was still trusted"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
