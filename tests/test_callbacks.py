@@ -261,8 +261,8 @@ def test_a_folder_renamed_here_is_checked_again_once_replayed(tmp_path: Path) ->
     from cachefs.store.index import ROOT_INO, Store
 
     share = tmp_path / "share"
-    (share / "A").mkdir(parents=True)
-    (share / "A" / "f").write_bytes(b"v1")
+    (share / "A" / "sub").mkdir(parents=True)
+    (share / "A" / "sub" / "f").write_bytes(b"v1")
     (tmp_path / "cache").mkdir(mode=0o700)
     store = Store(tmp_path / "cache", f"file://{share}")
     conn = Connectivity(LocalRemote(str(share), 10.0))
@@ -273,12 +273,13 @@ def test_a_folder_renamed_here_is_checked_again_once_replayed(tmp_path: Path) ->
         listings = cache._listings
         listings.trust(time.monotonic() - 0.001)  # the callbacks went live
         folder = (await cache.lookup(ROOT_INO, b"A")).ino
-        await cache.listdir(folder)
-        f = store.child(folder, b"f")
+        sub = (await cache.lookup(folder, b"sub")).ino
+        await cache.listdir(sub)
+        f = store.child(sub, b"f")
         assert f is not None
         await cache.rename(ROOT_INO, b"A", ROOT_INO, b"B")  # journaled, not replayed
-        (share / "A" / "f").write_bytes(b"version 2")  # told under a path unknown here
-        assert listings.changed_remotely([b"A/f"]) == {}
+        (share / "A" / "sub" / "f").write_bytes(b"version 2")  # told under a path unknown here
+        assert listings.changed_remotely([b"A/sub/f"]) == {}
         os.rename(share / "A", share / "B")  # the replay
         for op in store.journal_ops():
             store.transact(lambda t, seq=op.seq: t.delete_op(seq))
