@@ -50,6 +50,7 @@ WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after fold
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
 AHEAD_BATCH = 32  # folders listed ahead in one call on a slow link
+RELIST = 4096  # folders released by the replay, listed again after it, at most
 AROUND_DEPTH = 3  # levels below a looked-into folder listed ahead on a slow link
 CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
 
@@ -99,6 +100,9 @@ class Listings:
         #: some or a listing of it is on its way (``_release_folders``)
         self._dir_gen: dict[int, int] = {}
         self._listing: dict[int, int] = {}  # folder -> listings of it on their way
+        #: folders the replay released while others still had changes pending: listed
+        #: again once none has (``release_folders``)
+        self._relist: set[int] = set()
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -662,8 +666,14 @@ class Listings:
             self._listed.drop(folder)
         if self._listed.trusted_since is not None and self._nursery is not None and self.conn.online:
             # With callbacks, a listing taken now stays current: one round trip in the
-            # background spares the next program that looks here a wait.
-            self._list_ahead_of_reader([f for f in folders if not self.local_dirs.get(f)], SUBFOLDER_PREFETCH)
+            # background spares the next program that looks here a wait. (Not while a
+            # folder above has changes pending: its path may not be the server's yet.)
+            self._relist.update(folders)
+            if len(self._relist) > RELIST:
+                self._relist.clear()  # (listed at their next use instead)
+            if not self.local_dirs:
+                relist, self._relist = list(self._relist), set()
+                self._list_ahead_of_reader(relist, SUBFOLDER_PREFETCH)
 
     def op_done(self, op: Op) -> None:
         """The sync manager replayed or dropped ``op``: its folders may be listed again.
@@ -671,7 +681,7 @@ class Listings:
         found no folder here, so no listing trusted before is trusted any more."""
         if op.kind == "rename" and self._listed.trusted_since is not None:
             node = self.store.get(op.ino)
-            if node is None or node.is_dir:
+            if node is not None and node.is_dir:  # (a folder gone since took its listings along)
                 self.trust(time.monotonic())
         self.release_folders(op.folders())
 

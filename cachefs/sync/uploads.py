@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -118,17 +119,8 @@ class UploadGroup:
     async def _send_attrs(self, items: list[_Attrs]) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("setting the attributes of %d objects at once", len(items))
-        try:
-            outcomes = await self.side.conn.call(self.side.remote.set_attrs_many, [item.sent for item in items])
-        except Exception as exc:  # (offline: each member raises it)
-            for item in items:
-                item.error = exc
-        else:
-            for item, outcome in zip(items, outcomes):
-                item.outcome = outcome
-        finally:
-            for item in items:
-                item.done.set()
+        await _settle(items, lambda: self.side.conn.call(self.side.remote.set_attrs_many,
+                                                         [item.sent for item in items]))
 
     async def _send_uploads(self, items: list[_Item]) -> None:
         if not items:
@@ -165,15 +157,21 @@ class UploadGroup:
         return jobs
 
     async def _send(self, job: list[_Item]) -> None:
-        try:
-            outcomes = await self.side.conn.call(self.side.transfers.upload_many_unless_changed,
-                                                 [item.args for item in job], bulk=True)
-        except Exception as exc:  # (offline, a refused job: each member raises it)
-            for item in job:
-                item.error = exc
-        else:
-            for item, outcome in zip(job, outcomes):
-                item.outcome = outcome
-        finally:
-            for item in job:
-                item.done.set()
+        await _settle(job, lambda: self.side.conn.call(self.side.transfers.upload_many_unless_changed,
+                                                       [item.args for item in job], bulk=True))
+
+
+async def _settle(items: Sequence[_Item | _Attrs], call: Callable[[], Awaitable[list[Any]]]) -> None:
+    """Each of ``items`` gets its outcome of ``call`` (one per item, in order), or the error
+    that failed the whole call (offline, a refused job: each member raises it)."""
+    try:
+        outcomes = await call()
+    except Exception as exc:
+        for item in items:
+            item.error = exc
+    else:
+        for item, outcome in zip(items, outcomes):
+            item.outcome = outcome
+    finally:
+        for item in items:
+            item.done.set()
