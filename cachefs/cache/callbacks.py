@@ -174,9 +174,8 @@ class Callbacks:
                 node = self.store.get(folder)
                 if node is None or not node.is_dir:
                     return
-                self.listings.forget_listed(folder)
                 try:
-                    await self.listings.ensure_listing(node)
+                    await self.listings.list_again(node)
                 except (Unavailable, RemoteError, NotFound, CacheError, KeyError) as exc:
                     # (KeyError: the folder went with its parent's refresh meanwhile)
                     log.debug("refresh of folder %d after a change: %s", folder, exc)

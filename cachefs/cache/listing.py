@@ -94,6 +94,8 @@ class Listings:
         #: folders queued to be listed ahead on a slow link -> their depth below the
         #: folder a lookup listed (``_around``)
         self._deeper: dict[int, int] = {}
+        #: folders queued by ``list_again`` -> set when the listers are done with them
+        self._relisted: dict[int, trio.Event] = {}
         #: folders with journaled changes: their listing is local truth until replayed
         self.local_dirs: dict[int, int] = {}
         #: bumped at each change of a folder's pending work; kept only while the folder has
@@ -358,6 +360,26 @@ class Listings:
                 pass  # only a head start (KeyError: removed under a lister's path walk)
             finally:
                 self._prefetching.difference_update(batch)
+                for ino in batch:
+                    waiter = self._relisted.pop(ino, None)
+                    if waiter is not None:
+                        waiter.set()
+
+    async def list_again(self, folder: Node) -> None:
+        """List ``folder`` again through the listers ahead (many folders to a call, one
+        connection left to the programs' own requests); return once they are done with it
+        (listed, or left to its next use: see ``_list_together``)."""
+        self.forget_listed(folder.ino)
+        if self._nursery is None:
+            await self.ensure_listing(folder)
+            return
+        waiter = self._relisted.setdefault(folder.ino, trio.Event())
+        if folder.ino not in self._prefetching:
+            self._list_ahead_of_reader([folder.ino], 1)
+        if folder.ino not in self._prefetching:  # (not queued: current, or offline)
+            self._relisted.pop(folder.ino, None)
+            return
+        await waiter.wait()
 
     async def _list_together(self, folders: list[int]) -> None:
         """``ensure_listing`` of several folders in one call. A folder whose lock is taken
