@@ -19,6 +19,7 @@ from cachefs.store.index import ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
 from cachefs.sync.manager import SyncManager
+from cachefs.sync.naming import temp_name
 
 
 class PausingRemote(LocalRemote):
@@ -294,3 +295,40 @@ def test_git_index_put_in_place_twice_while_a_pass_waits_on_the_link(mount_facto
             # (the pass that began before the commit settled the status's index there)
             assert re.search(r"journal optimised: 0 entries dropped, 1 rewritten \(\d+ rename -> unlink b'index'\)",
                              mount.log_text())
+
+
+def test_an_upload_cut_before_its_file_was_deleted_here_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A kill or a cut link stopped an upload after its temporary file was written; the
+    file is deleted here before the next pass, which drops its entries: the temporary
+    file on the server goes too, and so does the entry's upload mark."""
+    share = tmp_path / "share"
+    share.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
+        cache.write(handle, 0, b"content")
+        cache.release(handle)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        # What the cut upload left: its mark here, its temporary file there.
+        store.transact(lambda t: t.mark_upload(op.seq, 7, 0))
+        temp = share / temp_name(b"g1", op.seq, sync.client).decode()
+        temp.write_bytes(b"conte")
+        await cache.unlink(ROOT_INO, b"g1")
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sorted(os.listdir(share)) == [], "the temporary file of the cut upload stayed"
+        assert store.upload_mark(op.seq) is None
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -21,6 +21,7 @@ import trio
 
 from ..cache.transfer import Transfers
 from ..errors import ContentDamaged, RemoteError
+from ..paths import join
 from ..link.connectivity import Connectivity
 from ..remote import Remote, RemoteStat
 from ..store.crypto import PlainContent
@@ -45,6 +46,16 @@ class RemoteSide:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
             raise
+
+    async def remove_temporary(self, path: bytes, seq: int) -> None:
+        """Remove the temporary file an upload of ``path`` for entry ``seq`` may have left
+        beside it (nothing there is fine)."""
+        temp = join(path.rpartition(b"/")[0], self.temp_name(path, seq))
+        try:
+            await self.conn.call(self.remote.unlink, temp)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not remove the temporary file %r: %s", temp, exc)
 
     async def make_parents(self, path: bytes) -> bool:
         """Re-create missing folders above ``path``; True if any was missing."""

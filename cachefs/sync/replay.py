@@ -81,7 +81,7 @@ class Replayer:
             log.error("%s", damaged)
         if not ops:
             return PassResult(damaged is None, damaged)
-        kept = self._optimised(ops)
+        kept = await self._optimised(ops)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
         started = time.monotonic()
@@ -96,8 +96,11 @@ class Replayer:
             self.store.transact(lambda t: t.clear_produced())
         return PassResult(True)
 
-    def _optimised(self, ops: list[Op]) -> list[Op]:
-        """The journal optimised (the rewrite stored), in replay order."""
+    async def _optimised(self, ops: list[Op]) -> list[Op]:
+        """The journal optimised (the rewrite stored), in replay order. An entry dropped
+        whose upload had begun (a kill or a cut link stopped it; the object was deleted
+        here since) first has its temporary file on the server removed: nothing else
+        would ever remove it (its mark goes with the entry)."""
         alive, folders = set(), set()
         for ino in {op.ino for op in ops}:
             node = self.store.get(ino)
@@ -109,6 +112,9 @@ class Replayer:
         # form: their recovery compares the remote with what was being sent.
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
                                  self.store.produced)
+        for op in dropped:
+            if op.kind in CONTENT_OPS and self.store.upload_mark(op.seq) is not None:
+                await self.side.remove_temporary(op.path, op.seq)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
@@ -198,6 +204,7 @@ class Replayer:
                 new = kept_by_seq.get(op.seq)
                 if new is None:
                     t.delete_op(op.seq)
+                    t.clear_upload(op.seq)
                 elif new is not op:
                     t.put_op(op.seq, new)
                     replaced.append((op, new))
