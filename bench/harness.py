@@ -15,6 +15,7 @@ itself on loopback or the relay in front of it.
 from __future__ import annotations
 
 import os
+import stat
 import platform
 import signal
 import subprocess
@@ -96,6 +97,21 @@ def log(msg: str) -> None:
 
 
 _drop_warned = False
+
+
+def walk(root: Path) -> int:
+    """find + lstat: entries under ``root``."""
+    count = 0
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                st = os.lstat(entry.path)
+                count += 1
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+    return count
 
 
 def drop_caches() -> None:

@@ -30,7 +30,6 @@ import shlex
 import shutil
 import signal
 import socket
-import stat
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from cachefs.cli import read_status  # noqa: E402
 from devtools.devserver import SshServer, descendants  # noqa: E402
 from bench.harness import (Endpoint, Mount, Skip, Watchdog, drop_caches, log,  # noqa: E402
-                           machine_line, poll_until, read_whole, versions, write_rclone_conf)
+                           machine_line, poll_until, read_whole, versions, walk, write_rclone_conf)
 
 MiB = 1 << 20
 BLOCK = MiB
@@ -425,26 +424,13 @@ class Bench:
             out["write_lag"] = lag
         return out
 
-    def _walk(self, root: Path) -> int:
-        n = 0
-        stack = [str(root)]
-        while stack:
-            d = stack.pop()
-            with os.scandir(d) as it:
-                for e in it:
-                    st = os.lstat(e.path)
-                    n += 1
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(e.path)
-        return n
-
     def w_tree(self, m: Mount) -> dict[str, float]:
         drop_caches()
         out = {}
         expected = len(self.small_files) + 100
         for key in ("tree_cold", "tree_warm"):
             t0 = time.perf_counter()
-            n = self._walk(m.path / "small")
+            n = walk(m.path / "small")
             out[key] = time.perf_counter() - t0
             if n != expected:
                 raise RuntimeError(f"{key}: found {n} entries, expected {expected}")
@@ -611,7 +597,7 @@ class Bench:
     def w_rss(self, m: Mount) -> dict[str, float]:
         drop_caches()
         t0 = time.perf_counter()
-        n = self._walk(m.path / "many")
+        n = walk(m.path / "many")
         dt = time.perf_counter() - t0
         expected = (self.sizes.many_files // 100) * 100 + 100
         if n != expected:

@@ -50,7 +50,6 @@ import random
 import shlex
 import shutil
 import signal
-import stat
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.harness import (Endpoint, Mount, Watchdog, drop_caches, log,  # noqa: E402
-                           machine_line, poll_until, read_whole, versions, write_rclone_conf)
+                           machine_line, poll_until, read_whole, versions, walk, write_rclone_conf)
 from cachefs.cli import read_status  # noqa: E402
 from devtools.devserver import SshServer  # noqa: E402
 from devtools.wanrelay import WanRelay, parse_duration_ms, parse_rate  # noqa: E402
@@ -140,21 +139,6 @@ STEP_KEYS = {
     "create": ["create_total", "create_close", "create_lag"],
     "big": ["big_cold", "big_link"],
 }
-
-
-def walk(root: Path) -> int:
-    """find + lstat: entries under ``root``."""
-    count = 0
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                st = os.lstat(entry.path)
-                count += 1
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-    return count
 
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
