@@ -196,16 +196,12 @@ def _git(cwd: Path, *args: str) -> str:
                                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}).stdout
 
 
-@pytest.mark.parametrize("rtt_ms", [0, 50])
 @pytest.mark.parametrize("callbacks", ["auto", "off"])
-def test_git_commit_then_status_is_clean_while_the_server_tells_the_replay(mount_factory, sshd, share: Path,
-                                                                           tmp_path: Path, rtt_ms: int,
+def test_git_commit_then_status_is_clean_while_the_server_tells_the_replay(mount_factory, share: Path,
                                                                            callbacks: str) -> None:
     """The replay's own changes come back as callbacks: the folders they touch are listed
     again while the journal still holds later changes of them. Nothing of the local state
     may go back to an older server state (git saw its new commit's files as changed)."""
-    from devtools.wanrelay import WanRelay
-
     repo = share / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
@@ -213,28 +209,23 @@ def test_git_commit_then_status_is_clean_while_the_server_tells_the_replay(mount
         (repo / f"f{i}.txt").write_text(f"file {i}\n")
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "one")
-    with WanRelay(target=(sshd.host, sshd.port), rtt_ms=rtt_ms, rate_bit=100e6) as relay:
-        known_hosts = tmp_path / "known_hosts_relay"
-        key_type, key_b64 = sshd.host_key_pub.read_text().split()[:2]
-        known_hosts.write_text(f"[127.0.0.1]:{relay.port} {key_type} {key_b64}\n")
-        remote = sshd.address().replace(f":{sshd.port}/", f":{relay.port}/", 1)
-        with mount_factory("--callbacks", callbacks, remote=remote, known_hosts=known_hosts, timeout="10") as m:
-            mnt = m.mountpoint / "repo"
-            if callbacks != "off":
-                _live(m.mountpoint)
-            for round_ in range(3):
-                assert _git(mnt, "status", "--porcelain") == ""
-                (mnt / "f3.txt").write_text(f"changed {round_}\n")
-                assert _git(mnt, "status", "--porcelain") == " M f3.txt\n"
-                _git(mnt, "commit", "-qam", f"change {round_}")
-                assert _git(mnt, "status", "--porcelain") == ""
-                _wait_for("replayed", lambda: status(m.mountpoint)["pending"] == 0, 30)
-                time.sleep(1.5)
-                assert _git(mnt, "status", "--porcelain") == "", f"round {round_}"
-            assert (mnt / "f3.txt").read_text() == "changed 2\n"
-            assert status(m.mountpoint)["conflicts"] == 0
-        assert _git(repo, "status", "--porcelain") == ""
-        assert _git(repo, "log", "--format=%s", "-1") == "change 2\n"
+    with mount_factory("--callbacks", callbacks, timeout="10") as m:
+        mnt = m.mountpoint / "repo"
+        if callbacks != "off":
+            _live(m.mountpoint)
+        for round_ in range(3):
+            assert _git(mnt, "status", "--porcelain") == ""
+            (mnt / "f3.txt").write_text(f"changed {round_}\n")
+            assert _git(mnt, "status", "--porcelain") == " M f3.txt\n"
+            _git(mnt, "commit", "-qam", f"change {round_}")
+            assert _git(mnt, "status", "--porcelain") == ""
+            _wait_for("replayed", lambda: status(m.mountpoint)["pending"] == 0, 30)
+            time.sleep(1.5)
+            assert _git(mnt, "status", "--porcelain") == "", f"round {round_}"
+        assert (mnt / "f3.txt").read_text() == "changed 2\n"
+        assert status(m.mountpoint)["conflicts"] == 0
+    assert _git(repo, "status", "--porcelain") == ""
+    assert _git(repo, "log", "--format=%s", "-1") == "change 2\n"
 
 
 def test_a_share_on_a_network_file_system_gets_time_checks(mount_factory, share: Path) -> None:
