@@ -31,7 +31,7 @@ from ..errors import RemoteError, Unavailable
 from ..link.connectivity import Connectivity
 from ..paths import join
 from ..store import ranges as rangeset
-from ..store.index import DIRTY, FULL, LISTED, ROOT_INO, Node, Store
+from ..store.index import DIRTY, FULL, Node, Store
 from .common import CacheConfig
 from .handles import Opens
 from .listing import Listings
@@ -309,7 +309,7 @@ class Content:
         if count == (1 if at_once else 2) and self._nursery is not None:
             self._prefetch(folder)
             if at_once:
-                for sibling in self._next_folders(folder):
+                for sibling in self._listings.following_folders(folder, CHAIN):
                     self._prefetch(sibling)
 
     def _prefetch(self, folder: int) -> None:
@@ -317,16 +317,6 @@ class Content:
             self._prefetched.add(folder)
             self._nursery.start_soon(self._prefetch_folder, folder)
 
-    def _next_folders(self, folder: int) -> list[int]:
-        """The listed folders after ``folder`` in its parent's listing, ``CHAIN`` at most."""
-        node = self.store.get(folder)
-        if node is None or node.ino == ROOT_INO:
-            return []
-        subfolders = [c for c in self._listings.children(node.parent) if c.is_dir]
-        at = next((i for i, c in enumerate(subfolders) if c.ino == folder), None)
-        if at is None:
-            return []
-        return [c.ino for c in subfolders[at + 1:at + 1 + CHAIN] if c.flags & LISTED]
 
     async def _prefetch_folder(self, folder: int) -> None:
         try:

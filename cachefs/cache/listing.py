@@ -155,11 +155,10 @@ class Listings:
             raise NotADirectory()
         if parent != self._walk_from:
             self._walk_on(pnode)
-        if self.conn.slow and not self._listed.fresh(parent):
-            await self.ensure_listing(pnode)
+        around = self.conn.slow and not self._listed.fresh(parent)
+        await self.ensure_listing(pnode)
+        if around:
             self._around(pnode)
-        else:
-            await self.ensure_listing(pnode)
         child = self.store.child(parent, name)
         if child is None:
             raise NotFound()
@@ -231,7 +230,8 @@ class Listings:
             if folder is None:
                 continue
             if not parts:  # the root itself, or anything (the watcher lost events)
-                self.trust(now if self._listed.trusted_since is not None else None)
+                if self._listed.trusted_since is not None:
+                    self.trust(now)
                 self._listed.void(ROOT_INO, now)
                 folders.setdefault(ROOT_INO, set())
                 continue
@@ -316,6 +316,20 @@ class Listings:
         if at and subfolders[at - 1] == last:
             self._list_ahead_of_reader(subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
 
+    def following_folders(self, folder: int, most: int) -> list[int]:
+        """The listed folders after ``folder`` in its parent's listing order (the order a
+        walk goes through them, ``_walk_on``), ``most`` at most."""
+        node = self.store.get(folder)
+        if node is None or node.ino == ROOT_INO:
+            return []
+        children = self.children(node.parent)
+        subfolders, position = self.derived(node.parent, children, "subfolders", _subfolder_order)
+        at = position.get(folder)
+        if at is None:
+            return []
+        listed = [self.store.get(ino) for ino in subfolders[at + 1:at + 1 + most]]
+        return [n.ino for n in listed if n is not None and n.has(LISTED)]
+
     def _around(self, folder: Node) -> None:
         """On a slow link, a folder listed for a lookup has its subfolders and its sibling
         folders listed too, in the background, many to a call, and theirs in turn down to
@@ -389,8 +403,7 @@ class Listings:
         locks: list[trio.Lock] = []
         for ino in folders:
             node = self.store.get(ino)  # as it is now: queued a while ago
-            if node is None or not node.is_dir or self._listed.fresh(ino) or self.local_dirs.get(ino) \
-                    or (node.has(LISTED) and self.path_pending(node)):
+            if node is None or not node.is_dir or self._needs_no_listing(node):
                 continue
             lock = self._locks.setdefault(ino, trio.Lock())
             try:
@@ -412,8 +425,8 @@ class Listings:
                     decrement(self._listing, node.ino)
             for node, generation, listing in zip(nodes, generations, listings):
                 if isinstance(listing, RemoteError) or self.store.get(node.ino) is None \
-                        or self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
-                    continue  # (see ensure_listing)
+                        or self._changed_here(node.ino, generation):
+                    continue
                 self._apply_listing(node.ino, listing, started)
                 depth = self._deeper.pop(node.ino, None)
                 if depth is not None:
@@ -508,8 +521,7 @@ class Listings:
     async def ensure_listing(self, node: Node, lister: Lister | None = None) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout.
         ``lister``: the blocking call that lists it (the remote's own by default)."""
-        if self._listed.fresh(node.ino) or self.local_dirs.get(node.ino) \
-                or (node.has(LISTED) and self.path_pending(node)):
+        if self._needs_no_listing(node):
             return
         if not self.conn.online:
             if node.has(LISTED):
@@ -523,11 +535,20 @@ class Listings:
             if listing is None:
                 return
             generation, started, entries = listing
-            if self._dir_gen.get(node.ino, 0) != generation or self.local_dirs.get(node.ino):
-                # The folder changed here while the listing was on its way: the listing
-                # may predate that change, and the local entries are the truth for now.
+            if self._changed_here(node.ino, generation):
                 return
             self._apply_listing(node.ino, entries, started)
+
+    def _needs_no_listing(self, node: Node) -> bool:
+        """Its listing is current, or local truth (changes of it, or of a folder above it,
+        wait to be replayed: its path may not be the server's yet)."""
+        return self._listed.fresh(node.ino) or bool(self.local_dirs.get(node.ino)) \
+            or (node.has(LISTED) and self.path_pending(node))
+
+    def _changed_here(self, folder: int, generation: int) -> bool:
+        """Whether the folder changed here since a listing of it began (at ``generation``):
+        the listing may predate that change, and the local entries are the truth for now."""
+        return self._dir_gen.get(folder, 0) != generation or bool(self.local_dirs.get(folder))
 
     async def _list(self, node: Node, lister: Lister | None) -> tuple[int, float, list[Any]] | None:
         """The folder's generation before its listing, when the listing began, and the

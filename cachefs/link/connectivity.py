@@ -60,18 +60,12 @@ class Connectivity:
         self._check_reason: str | None = None  # why ``check_now`` was called, until done
         self._went_online: list[Callable[[], None]] = []
         self._rtts: list[float] = []  # the last round trips measured (``note_rtt``)
-
-    @property
-    def rtt(self) -> float | None:
-        """The link's round trip (seconds): the least of the last few measured; None
-        before the first."""
-        return min(self._rtts) if self._rtts else None
-
-    @property
-    def slow(self) -> bool:
-        """Whether round trips cost enough to list and fetch ahead of programs."""
-        rtt = self.rtt
-        return rtt is not None and rtt >= SLOW_RTT
+        #: the link's round trip (seconds): the least of the last few measured; None
+        #: before the first (set by ``note_rtt``)
+        self.rtt: float | None = None
+        #: whether round trips cost enough to list and fetch ahead of programs (read on
+        #: the lookup path: kept, not computed there)
+        self.slow = False
 
     async def measure_rtt(self, samples: int = 3) -> None:
         """A few round trips now, so that ``rtt`` is the least of several (one sample can
@@ -82,6 +76,8 @@ class Connectivity:
     def note_rtt(self, seconds: float) -> None:
         """A call of one round trip took ``seconds`` (a ``ping``)."""
         self._rtts = self._rtts[-(RTT_SAMPLES - 1):] + [seconds]
+        self.rtt = min(self._rtts)
+        self.slow = self.rtt >= SLOW_RTT
 
     async def ping(self) -> None:
         """One round trip to the remote now, timed (``rtt``)."""
