@@ -18,6 +18,7 @@ The checkpoint makes content files durable (in a thread) before the index record
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import logging
@@ -42,7 +43,12 @@ log = logging.getLogger(__name__)
 SMALL_FILE = 64 << 10  # files at most this big are prefetched with their folder
 PREFETCH_FILES = 2000  # at most this many files ...
 PREFETCH_BYTES = 32 << 20  # ... or bytes per folder
-CHAIN = 8  # on a slow link, next sibling folders whose small files come with a folder's
+#: on a slow link, sibling folders whose small files come with a folder's first read, and
+#: the most bytes in them
+CHAIN_FOLDERS = 256
+CHAIN_BYTES = 4 << 20
+BATCH_FILES = 100  # small files prefetched in one call at most ...
+BATCH_BYTES = 256 << 10  # ... and bytes (a reader of one waits for its whole call)
 #: a checkpoint of at least this many content files syncs the cache's filesystem once
 #: (syncfs) rather than each file (``_fdatasync_all``)
 SYNCFS_MIN = 32
@@ -70,12 +76,18 @@ class Content:
         self._fetch_errors: dict[tuple[int, int], BaseException] = {}
         self._small_reads: dict[int, int] = {}  # folder -> small files fetched whole in it
         self._prefetched: set[int] = set()  # folders whose small files were prefetched
+        #: folders whose small files are to be prefetched (with the rest still wanted of
+        #: one begun), for the prefetchers
+        self._wanted: collections.deque[tuple[int, list[Node] | None]] = collections.deque()
+        self._wanted_lot = trio.lowlevel.ParkingLot()
         self.usage = store.usage()  # content bytes in the cache, kept as a running count
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Fetches run in ``nursery`` from now on."""
         self._nursery = nursery
+        for _ in range(max(1, int(self.conn.bulk_limiter.total_tokens))):
+            nursery.start_soon(self._prefetcher)
 
     # -- what is here --------------------------------------------------------------------
     def known_ranges(self, ino: int) -> rangeset.Ranges:
@@ -302,50 +314,90 @@ class Content:
         its files (a build, grep -r, tar): fetch the rest of its small files at once.
 
         ``at_once`` (a slow link, where a round trip costs more than the bytes): the
-        first read does, and the small files of the folder's next ``CHAIN`` sibling folders
-        (in listing order, those listed already) come too: a program going through a
-        tree's files reads those next, and each folder would otherwise begin with a wait."""
+        first read does, and the small files of its sibling folders come too (those
+        listed already, the next ones in listing order first, then those before, up to
+        ``CHAIN_FOLDERS`` folders and ``CHAIN_BYTES``): a program going through a tree's
+        files reads those next (a build; git's objects/xx/, read in hash order), and each
+        folder would otherwise begin with a wait."""
         count = self._small_reads[folder] = self._small_reads.get(folder, 0) + 1
         if count == (1 if at_once else 2) and self._nursery is not None:
-            self._prefetch(folder)
+            self._prefetch(folder, first=True)
             if at_once:
-                for sibling in self._listings.following_folders(folder, CHAIN):
+                budget = CHAIN_BYTES
+                for sibling in self._listings.sibling_folders(folder, CHAIN_FOLDERS):
+                    if sibling in self._prefetched:
+                        continue
+                    budget -= sum(n.size for n in self._small_files(sibling))
+                    if budget < 0:
+                        break
                     self._prefetch(sibling)
 
-    def _prefetch(self, folder: int) -> None:
-        if folder not in self._prefetched and self._nursery is not None:
-            self._prefetched.add(folder)
-            self._nursery.start_soon(self._prefetch_folder, folder)
-
-
-    async def _prefetch_folder(self, folder: int) -> None:
-        try:
-            folder_path = self.store.path_of(folder)
-        except KeyError:
+    def _prefetch(self, folder: int, first: bool = False) -> None:
+        """Queue the folder's small files for the prefetchers (``first``: ahead of those
+        queued: a program reads in it now)."""
+        if folder in self._prefetched or self._nursery is None:
             return
-        chosen = self._small_files(folder)
-        if not chosen or self._nursery is None:
-            return
-        log.debug("prefetching %d small files in %r: %r", len(chosen), folder_path,
-                  [c.name for c in chosen[:8]])
-        lanes = max(1, int(self.conn.bulk_limiter.total_tokens))
-        size = max(1, min(200, -(-len(chosen) // lanes)))
-        for i in range(0, len(chosen), size):
-            batch = chosen[i:i + size]
-            events = []
-            for child in batch:
-                ev = self._inflight[(child.ino, 0)] = trio.Event()
-                events.append(ev)
-            self._nursery.start_soon(self._fetch_batch, folder_path, batch, events)
+        self._prefetched.add(folder)
+        if first:
+            self._wanted.appendleft((folder, None))
+        else:
+            self._wanted.append((folder, None))
+        self._wanted_lot.unpark()
+
+    async def _prefetcher(self) -> None:
+        """One of the prefetchers of ``_wanted``; runs until cancelled. Files are chosen
+        only once a transfer slot is held (and marked in flight then): until then a
+        reader of one fetches it itself, on a short-call connection, rather than wait
+        behind the queue. A call takes several folders' files, up to ``BATCH_FILES`` and
+        ``BATCH_BYTES``: a few round trips for them all."""
+        while True:
+            while not self._wanted:
+                await self._wanted_lot.park()
+            async with self.conn.bulk_limiter:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                if not self.conn.online:
+                    self._wanted.clear()
+                    continue
+                await self._fetch_batch(batch)
+
+    def _next_batch(self) -> list[tuple[Node, bytes]]:
+        """Files of the queued folders for one call: (node, path), marked in flight."""
+        batch: list[tuple[Node, bytes]] = []
+        total = 0
+        while self._wanted and len(batch) < BATCH_FILES and total < BATCH_BYTES:
+            folder, chosen = self._wanted.popleft()
+            try:
+                folder_path = self.store.path_of(folder)
+            except KeyError:
+                continue
+            if chosen is None:
+                chosen = self._small_files(folder)
+            else:  # the rest of a folder begun in an earlier call: still wanted?
+                chosen = [n for n in chosen if self._wants(n)]
+            taken = 0
+            for node in chosen:
+                if len(batch) >= BATCH_FILES or total >= BATCH_BYTES:
+                    break
+                batch.append((node, join(folder_path, node.name)))
+                total += node.size
+                taken += 1
+            if taken < len(chosen):
+                self._wanted.appendleft((folder, chosen[taken:]))
+        if batch:
+            log.debug("prefetching %d small files (%d bytes): %r", len(batch), total,
+                      [path for _node, path in batch[:4]])
+        for node, _path in batch:
+            self._inflight[(node.ino, 0)] = trio.Event()
+        return batch
 
     def _small_files(self, folder: int) -> list[Node]:
         """The folder's small files with nothing of them here, up to the prefetch's caps."""
         chosen: list[Node] = []
         total = 0
         for child in self._listings.children(folder):
-            if not child.is_file or not 0 < child.size <= SMALL_FILE or child.flags & (FULL | DIRTY):
-                continue
-            if (child.ino, 0) in self._inflight or child.ino in self._ranges or self.store.get_ranges(child.ino):
+            if not self._wants(child):
                 continue
             chosen.append(child)
             total += child.size
@@ -353,24 +405,32 @@ class Content:
                 break
         return chosen
 
-    async def _fetch_batch(self, folder_path: bytes, batch: list[Node], events: list[trio.Event]) -> None:
-        items = [(n.base, join(folder_path, n.name), self.store.content_path(n.ino), n.size) for n in batch]
+    def _wants(self, node: Node) -> bool:
+        """A small file of which nothing is here nor on its way."""
+        return node.is_file and 0 < node.size <= SMALL_FILE and not node.flags & (FULL | DIRTY) \
+            and (node.ino, 0) not in self._inflight and node.ino not in self._ranges \
+            and not self.store.get_ranges(node.ino)
+
+    async def _fetch_batch(self, batch: list[tuple[Node, bytes]]) -> None:
+        """Fetch ``batch`` (chosen and marked by ``_next_batch``) in one call, on the
+        transfer slot the caller holds."""
+        items = [(n.base, path, self.store.content_path(n.ino), n.size) for n, path in batch]
         results: list[int | None]
         try:
-            results = await self.conn.call(self._fetch_many_job, items, bulk=True)
+            results = await self.conn.call(self._fetch_many_job, items, lane_held=True)
         except Exception as exc:  # noqa: BLE001 - a prefetch only helps; readers fetch themselves
-            log.debug("prefetch in %r failed: %s", folder_path, exc)
+            log.debug("prefetch of %d files failed: %s", len(batch), exc)
             results = [None] * len(batch)
         finally:
-            for node in batch:
-                self._inflight.pop((node.ino, 0), None)
-        for node, got in zip(batch, results):
+            events = [self._inflight.pop((node.ino, 0), None) for node, _path in batch]
+        for (node, _path), got in zip(batch, results):
             if got and self.store.get(node.ino) is not None:
                 self._ranges[node.ino] = rangeset.add(self.known_ranges(node.ino), 0, got)
                 self._unsaved.add(node.ino)
                 self.usage += got
         for ev in events:
-            ev.set()
+            if ev is not None:
+                ev.set()
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

@@ -316,9 +316,10 @@ class Listings:
         if at and subfolders[at - 1] == last:
             self._list_ahead_of_reader(subfolders[at + 1:at + 1 + WALK_AHEAD], WALK_AHEAD)
 
-    def following_folders(self, folder: int, most: int) -> list[int]:
-        """The listed folders after ``folder`` in its parent's listing order (the order a
-        walk goes through them, ``_walk_on``), ``most`` at most."""
+    def sibling_folders(self, folder: int, most: int) -> list[int]:
+        """The listed folders beside ``folder`` in its parent's listing order (the order a
+        walk goes through them, ``_walk_on``): those after it first, then those before it
+        (nearest first), ``most`` at most."""
         node = self.store.get(folder)
         if node is None or node.ino == ROOT_INO:
             return []
@@ -327,7 +328,8 @@ class Listings:
         at = position.get(folder)
         if at is None:
             return []
-        listed = [self.store.get(ino) for ino in subfolders[at + 1:at + 1 + most]]
+        nearby = (subfolders[at + 1:] + subfolders[at - 1::-1] if at else subfolders[1:])[:most]
+        listed = [self.store.get(ino) for ino in nearby]
         return [n.ino for n in listed if n is not None and n.has(LISTED)]
 
     def _around(self, folder: Node) -> None:

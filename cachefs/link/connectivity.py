@@ -40,6 +40,19 @@ class State(enum.Enum):
     WORK_OFFLINE = "offline-by-request"  # the user asked (the control file's "offline")
 
 
+class _NoLimit:
+    """The limiter of a call whose caller holds its slot already."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
 class Connectivity:
     """Runs remote calls in threads, bounded in time, and tracks whether they work."""
 
@@ -94,24 +107,27 @@ class Connectivity:
         self._went_online.append(callback)
 
     # -- calls ------------------------------------------------------------------------
-    async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False) -> T:
+    async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False,
+                   lane_held: bool = False) -> T:
         """Run a blocking backend call in a worker thread.
 
         Raises ``Unavailable`` at once when offline, and when the call fails for
         network reasons (which also moves the mount offline). ``RemoteError`` (the remote
         answered with an errno) passes through. ``bulk``: a transfer, which may take as
         long as it keeps moving (the backend bounds its progress, not its length).
+        ``lane_held``: the caller holds a slot of ``bulk_limiter`` already (it chose what
+        to transfer once it had one) and the call takes no other.
         """
         if self.state is not State.ONLINE:
             raise Unavailable(self.last_error or "remote is offline")
-        return await self._run(fn, *args, bulk=bulk)
+        return await self._run(fn, *args, bulk=bulk or lane_held, lane_held=lane_held)
 
     async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False,
-                   refusals: bool = False) -> T:
+                   refusals: bool = False, lane_held: bool = False) -> T:
         # The backend bounds each call by its timeout; for short calls the trio deadline
         # is a second line of defence (the thread is then abandoned, and ends when its
         # socket times out). Waiting for a free slot does not count against it.
-        limiter = self.bulk_limiter if bulk else self.limiter
+        limiter = _NO_LIMIT if lane_held else self.bulk_limiter if bulk else self.limiter
         try:
             async with limiter:
                 with trio.fail_after(math.inf if bulk else self.timeout * 2 + 1):
