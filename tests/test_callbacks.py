@@ -105,6 +105,34 @@ def test_cached_data_costs_no_round_trip_while_callbacks_live(mount_factory, ssh
             assert took < 2, f"cached reads waited on the stalled link: {took:.1f} s"
 
 
+def test_folders_listed_as_the_callbacks_go_live_stay_current(mount_factory, sshd, share: Path,
+                                                              tmp_path: Path) -> None:
+    """50 ms link: a program lists folders over and over while the watcher starts, so a
+    listing is on its way as the callbacks go live. Every folder is listed again once they
+    are live (the one on its way too: begun before, it counted by time only), and past
+    --attr-timeout none of them costs a round trip (that one used to cost one)."""
+    from devtools.wanrelay import WanRelay
+    from tests.test_replay_pipelined import _through_relay
+
+    folders = [f"d{i:02d}" for i in range(30)]
+    for name in folders:
+        (share / name).mkdir()
+        (share / name / "f").write_bytes(b"f")
+    with WanRelay(target=(sshd.host, sshd.port), rtt_ms=50, rate_bit=100e6) as relay:
+        with _through_relay(mount_factory, sshd, relay, tmp_path, timeout="8", heartbeat="60") as m:
+            mnt = m.mountpoint
+            while not status(mnt)["callbacks"]["live"]:
+                for name in folders:
+                    os.listdir(mnt / name)
+            time.sleep(2.5)  # past --attr-timeout (1 s) and the kernel's own caches
+            start = time.monotonic()
+            for name in folders:
+                os.listdir(mnt / name)
+                os.stat(mnt / name / "f")
+            took = time.monotonic() - start
+    assert took < 0.05, f"listings past --attr-timeout waited on the link: {took:.2f} s"
+
+
 def test_without_callbacks_checks_by_time(mount_factory, share: Path) -> None:
     """--callbacks off: status says so; a server change shows after --attr-timeout."""
     _fill(share)

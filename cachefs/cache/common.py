@@ -96,6 +96,15 @@ class Freshness:
         since = self.trusted_since
         return (since is not None and at >= since) or time.monotonic() - at < self.ttl
 
+    def trusted(self, ino: int) -> bool:
+        """Fresh, and by the callbacks while they are live (not only by time: a mark
+        from before they went live goes stale after ``ttl``)."""
+        at = self._at.get(ino)
+        if at is None:
+            return False
+        since = self.trusted_since
+        return at >= since if since is not None else time.monotonic() - at < self.ttl
+
     def mark(self, ino: int, now: float) -> None:
         """Found current by a look at the remote that began at ``now``."""
         if self._void and self._void.get(ino, -1.0) >= now:

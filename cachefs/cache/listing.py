@@ -50,6 +50,7 @@ WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after fold
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
 AHEAD_BATCH = 32  # folders listed ahead in one call on a slow link
+LIST_AGAIN_ROUNDS = 3  # listings of a folder a change asks for, at most (see list_again)
 RELIST = 4096  # folders released by the replay, listed again after it, at most
 AROUND_DEPTH = 3  # levels below a looked-into folder listed ahead on a slow link
 CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
@@ -252,8 +253,10 @@ class Listings:
         return folders
 
     def listed_before(self, since: float) -> list[int]:
-        """The folders whose listing is current by time but was made before ``since``."""
-        return self._listed.current_before(since)
+        """The folders whose listing is current by time but was made before ``since``,
+        and those whose listing is on its way (begun before ``since``, it counts only
+        by time once made)."""
+        return list(dict.fromkeys([*self._listed.current_before(since), *self._listing]))
 
     def _cached_folder(self, parts: list[bytes]) -> int | None:
         ino = ROOT_INO
@@ -384,18 +387,30 @@ class Listings:
     async def list_again(self, folder: Node) -> None:
         """List ``folder`` again through the listers ahead (many folders to a call, one
         connection left to the programs' own requests); return once they are done with it
-        (listed, or left to its next use: see ``_list_together``)."""
+        (listed, or left to its next use: see ``_list_together``).
+
+        A listing of it already on its way may have begun before the change (or the
+        callbacks) that call for this one, and then does not count (``Freshness.mark``):
+        it is waited for, and the folder queued again (a replay's own changes come back
+        from the server's watcher just after the replay listed the folders it released;
+        the folders listed as the callbacks go live are often on their way already)."""
         self.forget_listed(folder.ino)
         if self._nursery is None:
             await self.ensure_listing(folder)
             return
-        waiter = self._relisted.setdefault(folder.ino, trio.Event())
-        if folder.ino not in self._prefetching:
-            self._list_ahead_of_reader([folder.ino], 1)
-        if folder.ino not in self._prefetching:  # (not queued: current, or offline)
-            self._relisted.pop(folder.ino, None)
-            return
-        await waiter.wait()
+        for _round in range(LIST_AGAIN_ROUNDS):
+            waiter = self._relisted.setdefault(folder.ino, trio.Event())
+            if folder.ino not in self._prefetching:
+                self._list_ahead_of_reader([folder.ino], 1)
+            if folder.ino not in self._prefetching:  # (not queued: current, or offline)
+                self._relisted.pop(folder.ino, None)
+                return
+            await waiter.wait()
+            node = self.store.get(folder.ino)
+            if node is None or not self.conn.online or self._listed.trusted(node.ino) \
+                    or self.local_dirs.get(node.ino) or (node.has(LISTED) and self.path_pending(node)):
+                return
+            self._listed.drop(node.ino)  # (fresh by time only: listed again)
 
     async def _list_together(self, folders: list[int]) -> None:
         """``ensure_listing`` of several folders in one call. A folder whose lock is taken
