@@ -98,6 +98,34 @@ def test_big_read_equals_file(remote: Remote, share: Path) -> None:
     assert remote.read(b"big", 1_000_001, 3_333_333) == data[1_000_001:4_333_334]
 
 
+def test_read_version_into_gives_the_version_of_what_was_read(remote: Remote, share: Path) -> None:
+    """The attributes come with the bytes (SFTP: an FSTAT after the READs, the CLOSE not
+    waited for): a change made while the reads go on shows in them, and the connection
+    serves the next calls (the CLOSE's late reply is dropped, not taken for theirs)."""
+    data = os.urandom(3 * 1000 * 1000)
+    (share / "v").write_bytes(data)
+    before = remote.stat(b"v").version()
+    got: dict[int, bytes] = {}
+    count, found = remote.read_version_into(b"v", 0, len(data), got.__setitem__)
+    assert count == len(data) and b"".join(got[k] for k in sorted(got)) == data
+    assert found.version() == before
+
+    changed: list[int] = []
+
+    def sink(pos: int, piece: bytes) -> None:
+        if not changed:  # the first reply: change the file in place, as a server's program would
+            changed.append(pos)
+            with open(share / "v", "r+b") as f:
+                f.write(b"X")
+            os.utime(share / "v", ns=(0, 1_000_000_000))
+    _count, found = remote.read_version_into(b"v", 0, len(data), sink)
+    assert found.version() != before and found.version() == remote.stat(b"v").version()
+    for _ in range(20):  # the pool's connections still answer their own calls
+        assert remote.stat(b"v").size == len(data)
+        assert remote.read(b"v", 1, 4) == data[1:5]
+    assert remote.read(b"v", 0, 1) == b"X"
+
+
 def test_missing_objects_are_enoent(remote: Remote, share: Path) -> None:
     (share / "f").write_bytes(b"x")
     calls = [

@@ -145,7 +145,9 @@ def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | No
     cold read speed: a fresh 4 MiB buffer per chunk, copied, then freed). The remote
     version is checked after the read, so bytes of a file rewritten meanwhile are never
     counted as part of the version the cache believes it has: they are in the content
-    file but outside the ranges the caller records, and RemoteChanged makes it drop them."""
+    file but outside the ranges the caller records, and RemoteChanged makes it drop them.
+    (The version is that of the file as the reads ended, asked with them where the
+    backend can: ``Remote.read_version_into``.)"""
     failed: list[OSError] = []
 
     def write(pos: int, piece: bytes) -> None:
@@ -157,12 +159,15 @@ def fetch_into(remote: Remote, content: Any, expected: tuple[int, int, int] | No
 
     fd = os.open(content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        got = remote.read_into(path, offset, length, write)
+        if expected is None:
+            got, found = remote.read_into(path, offset, length, write), None
+        else:
+            got, found = remote.read_version_into(path, offset, length, write)
     finally:
         os.close(fd)
     if failed:
         raise failed[0]
-    if expected is not None and remote.stat(path).version() != expected:
+    if found is not None and found.version() != expected:
         raise RemoteChanged(path)
     return got
 

@@ -147,6 +147,14 @@ class Remote(ABC):
             sink(offset, data)
         return len(data)
 
+    def read_version_into(self, path: bytes, offset: int, length: int,
+                          sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
+        """``read_into``, and the file's attributes once the bytes were read: their
+        version, to compare with the one the reader expects. Backends that can ask for
+        both in one exchange do (SFTP: an FSTAT after the READs)."""
+        got = self.read_into(path, offset, length, sink)
+        return got, self.stat(path)
+
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Several small files whole, for prefetching: for each (path, size) either
         (content, RemoteStat as read) or a ``RemoteError``. Backends that can pipeline

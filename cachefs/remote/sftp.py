@@ -173,6 +173,16 @@ class SftpRemote(Remote):
         size = self._read_size
         return self._pool.run("read", lambda sftp: sftp.read_range(full, offset, length, size, sink), retry=True)
 
+    def read_version_into(self, path: bytes, offset: int, length: int,
+                          sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
+        self._ensure_root()
+        full = self._path(path)
+        size = self._read_size
+        got, attrs = self._pool.run(
+            "read", lambda sftp: sftp.read_range_attrs(full, offset, length, size, sink) if length > 0
+            else (0, None), retry=True)
+        return got, _to_stat(attrs) if attrs is not None else self.stat(path)
+
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Small whole files at once; per file (content, RemoteStat) or a RemoteError."""
         self._ensure_root()

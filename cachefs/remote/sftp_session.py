@@ -275,37 +275,69 @@ class SftpSession(paramiko.SFTPClient):
         """Read with many READ requests in flight (one round trip per request is too slow),
         each reply handed to ``sink(position, bytes)`` as it comes; the count of bytes
         read from ``offset`` on without a gap (see ``_read_pipelined``)."""
+        return self.read_range_attrs(path, offset, length, request_size, sink, attrs=False)[0]
+
+    def read_range_attrs(self, path: bytes, offset: int, length: int, request_size: int,
+                         sink: Callable[[int, bytes], object],
+                         attrs: bool = True) -> tuple[int, SFTPAttributes | None]:
+        """``read_range``, and (``attrs``) the open file's attributes as the reads ended:
+        an FSTAT sent after the last READ, which the server answers after them (in
+        order), so its version is that of the bytes read. No round trip of its own; nor
+        is the CLOSE waited for (its reply is dropped when it comes): a range costs the
+        OPEN's round trip and the reads."""
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_READ, SFTPAttributes())
         if t != CMD_HANDLE:
             raise SFTPError("unexpected reply to OPEN")
         handle = msg.get_binary()
+        done = False
         try:
-            return self._read_pipelined(handle, offset, length, request_size, sink)
+            got = self._read_pipelined(handle, offset, length, request_size, sink, attrs)
+            done = True
         finally:
-            self._request(CMD_CLOSE, handle)
+            if done:
+                self._async_request(type(None), CMD_CLOSE, handle)
+            else:
+                self._request(CMD_CLOSE, handle)
+        return got
 
     def _read_pipelined(self, handle: bytes, offset: int, length: int, request_size: int,
-                        sink: Callable[[int, bytes], object]) -> int:
+                        sink: Callable[[int, bytes], object],
+                        attrs: bool) -> tuple[int, SFTPAttributes | None]:
         """Replies go to ``sink`` in the order they come, not necessarily in file order,
-        and past an end of file met early some may lie beyond the count returned."""
+        and past an end of file met early some may lie beyond the count returned.
+        ``attrs``: an FSTAT follows the last READ sent (another follows a READ sent again
+        after a short reply); the answer of the last one is returned."""
         collector = _Collector()
         read = _PipelinedRead(offset, length, request_size, sink)
         window = max(2, READ_WINDOW_BYTES // request_size)
         in_flight: dict[int, tuple[int, int]] = {}
-        while read.todo or in_flight:
+        fstats: set[int] = set()  # FSTATs sent, not answered
+        last_fstat = -1
+        found: SFTPAttributes | None = None
+        while read.todo or in_flight or fstats:
+            sent = False
             while len(in_flight) < window and (piece := read.next_request()) is not None:
                 pos, size = piece
                 in_flight[self._async_request(collector, CMD_READ, handle, int64(pos), size)] = piece
-            if not in_flight:
+                sent = True
+            if attrs and (sent or last_fstat < 0) and not read.todo and read.error is None:
+                last_fstat = self._async_request(collector, CMD_FSTAT, handle)
+                fstats.add(last_fstat)
+            if not in_flight and not fstats:
                 break
             while not collector.replies:
                 self._read_response()
             for num, (t, msg) in list(collector.replies.items()):
                 del collector.replies[num]
-                read.take(t, msg, *in_flight.pop(num))
+                if num in fstats:
+                    fstats.discard(num)
+                    if num == last_fstat and t == CMD_ATTRS:  # (else None: the caller looks)
+                        found = decode_attrs(msg)
+                else:
+                    read.take(t, msg, *in_flight.pop(num))
         if read.error is not None:
             raise read.error
-        return read.contiguous()
+        return read.contiguous(), found
 
     def read_small_files(self, items: list[tuple[bytes, int]]) -> list[SmallFile]:
         """Whole small files in two round trips for the lot: every OPEN is sent at once,
