@@ -45,7 +45,7 @@ def _same_second(a_ns: int, b_ns: int) -> bool:
     return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
 
 
-def _landed_before(earlier: tuple[int, int] | None, remote: RemoteStat) -> bool:
+def landed_before(earlier: tuple[int, int] | None, remote: RemoteStat) -> bool:
     """An earlier upload of this entry was under way when a crash or a cut connection
     stopped it, and it had landed (its size and mtime are there)."""
     return earlier is not None and stat_mod.S_ISREG(remote.mode) \
@@ -155,7 +155,7 @@ class ContentReplay:
             if not created and node.base is not None:
                 conflict = record(op, "deleted-remote-changed-local")
         elif created or remote.version() != node.base:
-            ours = _landed_before(earlier, remote)
+            ours = landed_before(earlier, remote)
             # Our older upload is there but the file changed here since: send it again.
             if not (ours and earlier is not None and (
                     node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))):

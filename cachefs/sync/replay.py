@@ -40,7 +40,7 @@ from ..store.crypto import RecordError
 from ..store.index import ORPHAN, Store, Txn, index_damaged
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
 from .conflicts import Conflicts, record
-from .content import ContentReplay
+from .content import ContentReplay, landed_before
 from .ledger import Ledger
 from .ordering import batches
 from .remote_side import RemoteSide
@@ -99,8 +99,9 @@ class Replayer:
     async def _optimised(self, ops: list[Op]) -> list[Op]:
         """The journal optimised (the rewrite stored), in replay order. An entry dropped
         whose upload had begun (a kill or a cut link stopped it; the object was deleted
-        here since) first has its temporary file on the server removed: nothing else
-        would ever remove it (its mark goes with the entry)."""
+        here since) first has its temporary file on the server removed, and the file
+        itself where that upload had landed (``_remove_landed``): nothing else would ever
+        remove them (its mark goes with the entry)."""
         alive, folders = set(), set()
         for ino in {op.ino for op in ops}:
             node = self.store.get(ino)
@@ -113,11 +114,28 @@ class Replayer:
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
                                  self.store.produced)
         for op in dropped:
-            if op.kind in CONTENT_OPS and self.store.upload_mark(op.seq) is not None:
+            if op.kind in CONTENT_OPS and (mark := self.store.upload_mark(op.seq)) is not None:
                 await self.side.remove_temporary(op.path, op.seq)
+                await self._remove_landed(op, mark)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
+
+    async def _remove_landed(self, op: Op, mark: tuple[int, int]) -> None:
+        """An upload of dropped entry ``op`` may have landed under its name, the kill or
+        cut coming before the entry was marked done (its object was deleted here since,
+        so nothing else would take it away, and the name's next user here would meet it
+        as a change of the server's: a false conflict). It is ours if its size and mtime
+        are the mark's, as the replay of a kept entry tells (``landed_before``)."""
+        found = await self.side.stat(op.path)
+        if found is not None and landed_before(mark, found):
+            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
+                     op.path)
+            try:
+                await self.side.conn.call(self.side.remote.unlink, op.path)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
 
     async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
         """Each batch in turn; why the pass stopped, or None."""
