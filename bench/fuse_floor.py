@@ -110,15 +110,22 @@ class NullFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS if self.bare else pyfuse3.ENOATTR)
 
 
-def serve(mnt: str, small_files: int, bare: bool, spin: float) -> None:
-    options = {"fsname=nullfs"} | (set() if bare else set(pyfuse3.default_options))
-    pyfuse3.init(NullFs(small_files, bare), mnt, options)
+def run_fs(operations: pyfuse3.Operations, mnt: str, options: set[str],
+           spin: float = DEFAULT_REQUEST_SPIN) -> None:
+    """Mount ``operations`` on ``mnt`` and answer until unmounted, reading on for the next
+    request ``spin`` microseconds as cachefs does (the bench filesystems all run so)."""
+    pyfuse3.init(operations, mnt, options)
     if hasattr(pyfuse3, "set_request_spin"):  # (scripts/build-passthrough's pyfuse3)
         pyfuse3.set_request_spin(spin)
     try:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=False)
+
+
+def serve(mnt: str, small_files: int, bare: bool, spin: float) -> None:
+    options = {"fsname=nullfs"} | (set() if bare else set(pyfuse3.default_options))
+    run_fs(NullFs(small_files, bare), mnt, options, spin)
 
 
 def measure(mnt: str, files: int) -> dict[str, float]:

@@ -24,10 +24,9 @@ import stat
 import sys
 
 import pyfuse3
-import trio
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cachefs.mounts import DEFAULT_REQUEST_SPIN  # noqa: E402  (cachefs's --request-spin)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fuse_floor import run_fs  # noqa: E402  (cachefs's request spin)
 
 TIMEOUT = 3.0  # cachefs's --attr-timeout default
 ROOT = pyfuse3.ROOT_INODE
@@ -254,13 +253,7 @@ def main() -> int:
         return 2
     folder, mountpoint = sys.argv[1:]
     options = set(pyfuse3.default_options) | {"fsname=passthrough", "subtype=passthrough"}
-    pyfuse3.init(Passthrough(os.fsencode(os.path.abspath(folder))), mountpoint, options)
-    if hasattr(pyfuse3, "set_request_spin"):  # (scripts/build-passthrough's pyfuse3)
-        pyfuse3.set_request_spin(DEFAULT_REQUEST_SPIN)
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=False)
+    run_fs(Passthrough(os.fsencode(os.path.abspath(folder))), mountpoint, options)
     return 0
 
 

@@ -2,7 +2,7 @@
 """How the listing path scales: a cold ``find`` over a tree of N one-byte files (folders of
 1,000), cachefs against sshfs, on loopback.
 
-    .venv/bin/python bench/scale.py [--files 10k,100k,300k] [--peers cachefs,sshfs]
+    .venv/bin/python bench/scale.py [--files 10k,100k,300k] [--peers cachefs,sshfs,floor]
                                     [--reps 3] [--workdir DIR] [--profile]
 
 For each size: the tree is made once in the share of a private sshd (kept in ``--workdir``
@@ -14,6 +14,10 @@ cache), the page cache dropped, and:
 - ``find MNT -type f -printf '%s'`` (every file's stat; the entries are cached now),
 - the cachefs index's size on disk (``du`` of ``index/``) and the peak RSS of the cachefs
   process (``VmHWM``; the transfer processes apart, summed in ``rss_workers``).
+
+Peer ``floor`` is ``bench/tree_floor.py``: the same tree served by pyfuse3 from memory, the
+least any pyfuse3 filesystem takes for the walk (cachefs also lists the remote and keeps
+what it lists).
 
 ``--profile`` runs the cachefs daemon under cProfile (its trio thread) and prints the top
 of the profile after the first cachefs repetition of each size. Mounts use the defaults
@@ -105,6 +109,39 @@ class ScaleMount(Mount):
         return [cmd[0], "-m", "cProfile", "-o", str(self.profile), *cmd[1:]]
 
 
+class FloorMount:
+    """``bench/tree_floor.py`` mounted: the tree's shape from memory (the floor of a
+    pyfuse3 filesystem under any cold find of cachefs's), taken down by its PID."""
+
+    def __init__(self, bench: ScaleBench, files: int, tag: str) -> None:
+        self.path = bench.workdir / "mnt" / tag
+        self.files = files
+        self.pid: int | None = None
+        self.cache_dir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> FloorMount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen([sys.executable, str(REPO / "bench" / "tree_floor.py"),
+                                          str(self.path), str(self.files)])
+        self.pid = self._process.pid
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.path):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the floor filesystem did not mount")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+        if self._process is not None:
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far (/proc/PID/stat)."""
     try:
@@ -126,7 +163,8 @@ def measure(bench: ScaleBench, peer: str, files: int, rep: int) -> dict[str, flo
     profiled = bench.profile and peer == "cachefs" and rep == 0
     if profiled:
         profile.parent.mkdir(parents=True, exist_ok=True)
-    mount = ScaleMount(bench, peer, tag, profile if profiled else None)
+    mount: ScaleMount | FloorMount = FloorMount(bench, files, tag) if peer == "floor" else \
+        ScaleMount(bench, peer, tag, profile if profiled else None)
     out: dict[str, float] = {}
     with mount:
         tree = mount.path / f"t{files}"
@@ -172,7 +210,8 @@ def measure(bench: ScaleBench, peer: str, files: int, rep: int) -> dict[str, flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", default="10k,100k,300k", help="tree sizes, comma-separated (10k, 1M, ...)")
-    parser.add_argument("--peers", default="cachefs,sshfs")
+    parser.add_argument("--peers", default="cachefs,sshfs,floor",
+                        help="cachefs, sshfs, floor (bench/tree_floor.py: the shape from memory)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="kept between runs (the trees are made once)")
     parser.add_argument("--profile", action="store_true", help="cProfile the first cachefs mount of each size")

@@ -297,16 +297,22 @@ def test_git_index_put_in_place_twice_while_a_pass_waits_on_the_link(mount_facto
                              mount.log_text())
 
 
-def test_an_upload_cut_before_its_file_was_deleted_here_leaves_no_temporary_file(tmp_path: Path) -> None:
-    """A kill or a cut link stopped an upload after its temporary file was written; the
-    file is deleted here before the next pass, which drops its entries: the temporary
-    file on the server goes too, and so does the entry's upload mark."""
+@pytest.mark.parametrize("left", ["temporary", "landed", "theirs"])
+def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path: Path, left: str) -> None:
+    """A kill or a cut link stopped an upload (its mark still set); the file is deleted
+    here before the next pass, which drops its entries. ``temporary``: the upload's
+    temporary file on the server goes too. ``landed``: the kill came after the upload's
+    rename into place, before its entry was marked done: the file it left under its name
+    goes too (the crash loop met it again when the name was used next: a false conflict,
+    the server's copy outliving its deletion here). ``theirs``: a file there that is not
+    the upload's (another size and mtime) stays. The mark goes in each case."""
     share = tmp_path / "share"
     share.mkdir()
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     store = Store(cache_dir, f"file://{share}")
     conn = Connectivity(LocalRemote(str(share), 10.0))
+    mtime_ns = 1_700_000_000_000_000_000
 
     async def main() -> None:
         await conn.first_connect()
@@ -318,58 +324,18 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_no_temporary_file
         cache.release(handle)
         await cache.checkpoint()
         [op] = [op for op in store.journal_ops() if op.ino == node.ino]
-        # What the cut upload left: its mark here, its temporary file there.
-        store.transact(lambda t: t.mark_upload(op.seq, 7, 0))
-        temp = share / temp_name(b"g1", op.seq, sync.client).decode()
-        temp.write_bytes(b"conte")
-        await cache.unlink(ROOT_INO, b"g1")
-        await sync.reintegrate()
-        assert sync.pending() == 0
-        assert sorted(os.listdir(share)) == [], "the temporary file of the cut upload stayed"
-        assert store.upload_mark(op.seq) is None
-
-    try:
-        trio.run(main)
-    finally:
-        store.close()
-
-
-@pytest.mark.parametrize("landed", ["ours", "theirs"])
-def test_an_upload_that_landed_before_its_file_was_deleted_here_goes_too(tmp_path: Path, landed: str) -> None:
-    """A kill came after an upload's rename into place and before its entry was marked
-    done; the file is deleted here before the next pass, which drops its entries: the
-    file the upload left under its name goes too (the crash loop met it again as a server
-    change when the name was used next: a false conflict, the server's copy outliving its
-    deletion here). A file there that is not the upload's (another size or mtime) stays."""
-    share = tmp_path / "share"
-    share.mkdir()
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
-
-    async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
-        cache.write(handle, 0, b"content")
-        cache.release(handle)
-        await cache.checkpoint()
-        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
-        # What the cut upload left: its mark here, its file in place there.
-        mtime_ns = 1_700_000_000_000_000_000
+        # What the cut upload left: its mark here, its temporary file or the file there.
         store.transact(lambda t: t.mark_upload(op.seq, 7, mtime_ns))
-        (share / "g1").write_bytes(b"content" if landed == "ours" else b"theirs!!")
-        os.utime(share / "g1", ns=(mtime_ns, mtime_ns))
+        there = share / (temp_name(b"g1", op.seq, sync.client).decode() if left == "temporary" else "g1")
+        there.write_bytes(b"theirs!!" if left == "theirs" else b"content")
+        os.utime(there, ns=(mtime_ns, mtime_ns))
         await cache.unlink(ROOT_INO, b"g1")
         await sync.reintegrate()
         assert sync.pending() == 0
-        if landed == "ours":
-            assert sorted(os.listdir(share)) == [], "the landed upload of a file deleted here stayed"
-        else:
+        if left == "theirs":
             assert (share / "g1").read_bytes() == b"theirs!!"
+        else:
+            assert sorted(os.listdir(share)) == [], f"what the cut upload left stayed ({left})"
         assert store.upload_mark(op.seq) is None
 
     try:
