@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from harness import Endpoint  # noqa: E402
 from run import MiB, Mount, descendants, drop_caches, du_bytes, log, proc_status  # noqa: E402
 
 from devtools.devserver import SshServer  # noqa: E402
@@ -85,6 +86,7 @@ class ScaleBench:
 
     server: SshServer
     workdir: Path
+    endpoint: Endpoint
     profile: bool = False
     cachefs_options: list[str] = field(default_factory=list)
     live_mounts: list[Mount] = field(default_factory=list)
@@ -100,11 +102,8 @@ class ScaleMount(Mount):
         self.profile = profile
 
     def command(self) -> list[str]:
-        cmd = super().command()
-        if self.peer != "cachefs":
-            return cmd
-        cmd += self.bench.cachefs_options  # type: ignore[attr-defined]
-        if self.profile is None:
+        cmd = super().command()  # (with ``--cachefs-options`` for cachefs)
+        if self.peer != "cachefs" or self.profile is None:
             return cmd
         return [cmd[0], "-m", "cProfile", "-o", str(self.profile), *cmd[1:]]
 
@@ -226,8 +225,8 @@ def main() -> int:
         make_tree(share / f"t{files}", files)
     server = SshServer(workdir / "sshd", share=share)
     server.start()
-    bench = ScaleBench(server, workdir / time.strftime("run-%Y%m%d-%H%M%S"), args.profile,
-                       args.cachefs_options.split())
+    bench = ScaleBench(server, workdir / time.strftime("run-%Y%m%d-%H%M%S"), Endpoint.of(server),
+                       args.profile, args.cachefs_options.split())
     results: dict[tuple[int, str], dict[str, list[float]]] = {}
     try:
         for files in sizes:

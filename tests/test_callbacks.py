@@ -39,6 +39,20 @@ def _live(mnt: Path, within: float = 15) -> None:
     _wait_for("callbacks live", lambda: status(mnt)["callbacks"]["live"], within)
 
 
+def _watcher_niceness(share: Path) -> list[int]:
+    """The niceness of the watcher processes on the server (this machine) watching ``share``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if os.fsencode(share) in args and any(a.endswith((b"inotifywait", b"python3")) for a in args[:1]):
+            found.append(int(fields[16]))  # (field 19 of /proc/PID/stat: nice)
+    return found
+
+
 def _fill(share: Path) -> None:
     (share / "d").mkdir()
     for i in range(5):
@@ -74,6 +88,7 @@ def test_a_server_change_shows_on_the_mount_within_2s(mount_factory, share: Path
                   and (mnt / "d" / "moved.txt").read_bytes() == b"top", 2)
         st = status(mnt)
         assert st["callbacks"]["live"] and st["callbacks"]["changes"] > 0
+        assert _watcher_niceness(share) == [10], "the watcher runs at a lower priority (renice 10)"
         m.assert_clean_log()
 
 

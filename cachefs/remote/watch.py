@@ -135,7 +135,10 @@ def watch_command(root: bytes, using: str = "auto") -> bytes:
     missing = b"echo 'cachefs-watch: no inotifywait or python3 here' >&2; exit 127"
     # inotify sees the changes made on the machine it runs on only: on a network file
     # system's mount, other machines' changes would never be told (exit 5).
-    started = (b"echo '" + STARTED + b"' >&2; fs=$(stat -f -c %T " + quoted + b" 2>/dev/null); "
+    # (at a lower priority: its first walk of a large share, ~3 s for 300,000 files,
+    # would otherwise take the CPU from the sftp-server answering this mount)
+    started = (b"echo '" + STARTED + b"' >&2; renice -n 10 -p $$ >/dev/null 2>&1; "
+               b"fs=$(stat -f -c %T " + quoted + b" 2>/dev/null); "
                b"case \"$fs\" in nfs*|cifs|smb*|fuse*|9p|v9fs|ceph|afs|gfs*|gluster*|lustre|ocfs2) "
                b"echo \"cachefs-watch: the share is on $fs, where other machines' changes are not seen\" >&2; "
                b"exit 5;; esac; ")
