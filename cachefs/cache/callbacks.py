@@ -33,7 +33,7 @@ import trio
 from ..errors import CacheError, NotFound, RemoteError, Unavailable
 from ..link.connectivity import Connectivity
 from ..remote import RemoteUnreachable, Watch, WatchEnded
-from ..store.index import Store
+from ..store.index import ROOT_INO, Store
 from .common import Kernel
 from .listing import Listings
 
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds before a watcher that ended is started again
 READY_WITHIN = 120.0  # a watcher not ready by then is given up (a server that ignores it)
 CLOSE_WITHIN = 2.0  # seconds given to stopping a watcher
-LIVE_RELIST = 256  # folders listed just before the callbacks went live, listed again (slow link)
+#: folders listed just before the callbacks went live that are listed again, at most (on a
+#: slow link; on a fast one)
+LIVE_RELIST, LIVE_RELIST_FAST = 256, 32
 
 
 class Callbacks:
@@ -131,14 +133,18 @@ class Callbacks:
                 self.live_since = time.monotonic()
                 self.why_not = None
                 self.listings.trust(self.live_since)
-                # What was listed just before counts as current by time only: on a slow
-                # link, listed again now (the latest LIVE_RELIST), it stays current while
-                # the callbacks live, and its next use costs no round trip. (On a fast
-                # one a listing costs less than listing them all again at once: a cold
-                # find over 300 folders of 1,000 files listed 115 of them twice.)
-                if self.conn.slow:
-                    for folder in self.listings.listed_before(self.live_since)[-LIVE_RELIST:]:
-                        self._refresh_soon(folder, set(), nursery)
+                # What was listed just before counts as current by time only: listed
+                # again now, it stays current while the callbacks live, and its next use
+                # costs no round trip. The latest LIVE_RELIST (on a fast link
+                # LIVE_RELIST_FAST, where listing is cheap but CPU is not: a cold find
+                # over 300 folders of 1,000 files had 115 listed twice), and the root.
+                before = self.listings.listed_before(self.live_since)
+                most = LIVE_RELIST if self.conn.slow else LIVE_RELIST_FAST
+                again = before[len(before) - most:] if len(before) > most else before
+                if ROOT_INO in before and ROOT_INO not in again:
+                    again.append(ROOT_INO)
+                for folder in again:
+                    self._refresh_soon(folder, set(), nursery)
                 log.info("callbacks live: the server tells each change (%.1f s to watch the share)",
                          self.live_since - started)
             elif not watch.started and time.monotonic() - started > self.conn.timeout:

@@ -145,9 +145,11 @@ class Freshness:
             self._void.clear()
 
     def current_before(self, since: float) -> list[int]:
-        """The nodes marked before ``since`` that are still fresh by time."""
+        """The nodes marked before ``since`` that are still fresh by time, the latest
+        marked last."""
         now, ttl = time.monotonic(), self.ttl
-        return [ino for ino, at in self._at.items() if at < since and now - at < ttl]
+        return sorted((ino for ino, at in self._at.items() if at < since and now - at < ttl),
+                      key=self._at.__getitem__)
 
     def __len__(self) -> int:
         return len(self._at)

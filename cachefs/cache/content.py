@@ -327,21 +327,23 @@ class Content:
                 for sibling in self._listings.sibling_folders(folder, CHAIN_FOLDERS):
                     if sibling in self._prefetched:
                         continue
-                    budget -= sum(n.size for n in self._small_files(sibling))
+                    chosen = self._small_files(sibling)
+                    budget -= sum(n.size for n in chosen)
                     if budget < 0:
                         break
-                    self._prefetch(sibling)
+                    self._prefetch(sibling, chosen=chosen)
 
-    def _prefetch(self, folder: int, first: bool = False) -> None:
+    def _prefetch(self, folder: int, first: bool = False, chosen: list[Node] | None = None) -> None:
         """Queue the folder's small files for the prefetchers (``first``: ahead of those
-        queued: a program reads in it now)."""
+        queued: a program reads in it now; ``chosen``: its files picked already, each
+        looked at again when its turn comes)."""
         if folder in self._prefetched or self._nursery is None:
             return
         self._prefetched.add(folder)
         if first:
-            self._wanted.appendleft((folder, None))
+            self._wanted.appendleft((folder, chosen))
         else:
-            self._wanted.append((folder, None))
+            self._wanted.append((folder, chosen))
         self._wanted_lot.unpark()
 
     async def _prefetcher(self) -> None:
@@ -354,13 +356,12 @@ class Content:
             while not self._wanted:
                 await self._wanted_lot.park()
             async with self.conn.bulk_limiter:
-                batch = self._next_batch()
-                if not batch:
-                    continue
                 if not self.conn.online:
-                    self._wanted.clear()
+                    self._wanted.clear()  # (their folders come again when listed again)
                     continue
-                await self._fetch_batch(batch)
+                batch = self._next_batch()
+                if batch:
+                    await self._fetch_batch(batch)
 
     def _next_batch(self) -> list[tuple[Node, bytes]]:
         """Files of the queued folders for one call: (node, path), marked in flight."""
@@ -374,15 +375,20 @@ class Content:
                 continue
             if chosen is None:
                 chosen = self._small_files(folder)
-            else:  # the rest of a folder begun in an earlier call: still wanted?
-                chosen = [n for n in chosen if self._wants(n)]
             taken = 0
             for node in chosen:
                 if len(batch) >= BATCH_FILES or total >= BATCH_BYTES:
                     break
-                batch.append((node, join(folder_path, node.name)))
-                total += node.size
                 taken += 1
+                # As the index has it now (chosen when its folder was queued, or in an
+                # earlier call, a while ago perhaps): a file opened for writing or
+                # changed here since must never get the server's bytes over its own.
+                current = self.store.get(node.ino)
+                if current is None or current.base != node.base or current.name != node.name \
+                        or current.parent != folder or not self._wants(current):
+                    continue
+                batch.append((current, join(folder_path, current.name)))
+                total += current.size
             if taken < len(chosen):
                 self._wanted.appendleft((folder, chosen[taken:]))
         if batch:
@@ -417,20 +423,21 @@ class Content:
         items = [(n.base, path, self.store.content_path(n.ino), n.size) for n, path in batch]
         results: list[int | None]
         try:
-            results = await self.conn.call(self._fetch_many_job, items, lane_held=True)
-        except Exception as exc:  # noqa: BLE001 - a prefetch only helps; readers fetch themselves
-            log.debug("prefetch of %d files failed: %s", len(batch), exc)
-            results = [None] * len(batch)
-        finally:
-            events = [self._inflight.pop((node.ino, 0), None) for node, _path in batch]
-        for (node, _path), got in zip(batch, results):
-            if got and self.store.get(node.ino) is not None:
-                self._ranges[node.ino] = rangeset.add(self.known_ranges(node.ino), 0, got)
-                self._unsaved.add(node.ino)
-                self.usage += got
-        for ev in events:
-            if ev is not None:
-                ev.set()
+            try:
+                results = await self.conn.call(self._fetch_many_job, items, lane_held=True)
+            except Exception as exc:  # noqa: BLE001 - a prefetch only helps; readers fetch themselves
+                log.debug("prefetch of %d files failed: %s", len(batch), exc)
+                results = [None] * len(batch)
+            for (node, _path), got in zip(batch, results):
+                if got and self.store.get(node.ino) is not None:
+                    self._ranges[node.ino] = rangeset.add(self.known_ranges(node.ino), 0, got)
+                    self._unsaved.add(node.ino)
+                    self.usage += got
+        finally:  # (cancelled too: a reader or writer waiting on one must never wait on)
+            for node, _path in batch:
+                ev = self._inflight.pop((node.ino, 0), None)
+                if ev is not None:
+                    ev.set()
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

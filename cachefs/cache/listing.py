@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import stat as stat_mod
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ AHEAD_UNUSED = 32
 AHEAD_UNUSED_SLOW = 512
 LIST_AGAIN_ROUNDS = 3  # listings of a folder a change asks for, at most (see list_again)
 RELIST = 4096  # folders released by the replay, listed again after it, at most
+WORKING_SET = 256  # folders looked into lately, listed again together on a slow link (_sweep)
 AROUND_DEPTH = 3  # levels below a looked-into folder listed ahead on a slow link
 CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the whole folder
 
@@ -113,6 +115,10 @@ class Listings:
         #: folders the replay released while others still had changes pending: listed
         #: again once none has (``release_folders``)
         self._relist: set[int] = set()
+        #: on a slow link, the folders looked into lately, the latest last (``_sweep``)
+        self._used: dict[int, None] = {}
+        self._swept_at = -math.inf
+        self._swept: set[int] = set()  # folders queued by the last sweep, not listed yet
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -166,6 +172,8 @@ class Listings:
             if self._unused:
                 self._looked_into(parent)
         around = self.conn.slow and not self._listed.fresh(parent)
+        if self.conn.slow:
+            self._used_now(parent, around and pnode.has(LISTED))
         await self.ensure_listing(pnode)
         if around:
             self._around(pnode)
@@ -185,6 +193,8 @@ class Listings:
             self._looked_into(ino)
         if refresh and self.conn.online:
             self._listed.drop(ino)
+        if self.conn.slow:
+            self._used_now(ino, node.has(LISTED) and not self._listed.fresh(ino))
         await self.ensure_listing(node)
         children = self.children(ino)
         if prefetch_subfolders and self.conn.online and self._nursery is not None:
@@ -264,9 +274,9 @@ class Listings:
         return folders
 
     def listed_before(self, since: float) -> list[int]:
-        """The folders whose listing is current by time but was made before ``since``,
-        and those whose listing is on its way (begun before ``since``, it counts only
-        by time once made)."""
+        """The folders whose listing is current by time but was made before ``since``
+        (the latest last), and those whose listing is on its way (begun before
+        ``since``, it counts only by time once made)."""
         return list(dict.fromkeys([*self._listed.current_before(since), *self._listing]))
 
     def _cached_folder(self, parts: list[bytes]) -> int | None:
@@ -346,6 +356,34 @@ class Listings:
         listed = [self.store.get(ino) for ino in nearby]
         return [n.ino for n in listed if n is not None and n.has(LISTED)]
 
+    def _used_now(self, folder: int, stale: bool) -> None:
+        """A slow link: ``folder`` is looked into (``stale``: the listing it has went
+        stale: the program came back after a pause)."""
+        used = self._used
+        used.pop(folder, None)
+        used[folder] = None
+        if len(used) > WORKING_SET:
+            del used[next(iter(used))]
+        if stale:
+            self._sweep(folder)
+
+    def _sweep(self, folder: int) -> None:
+        """On a slow link, the first look into a folder whose listing went stale lists
+        again, side by side and many to a call, every folder looked into lately whose
+        listing went stale too (``WORKING_SET`` at most, the latest first; once per
+        ``dir_timeout``): a program that comes back after a pause (git status, make, an
+        editor's file tree) goes through the folders it used before, and each would cost
+        a round trip of its own in turn (without callbacks; with them, listings stay
+        current). Whole-tree validation in a few round trips, as Coda's volume stamps."""
+        now = time.monotonic()
+        if now - self._swept_at < self._listed.ttl or self._nursery is None or not self.conn.online:
+            return
+        self._swept_at = now
+        stale = [ino for ino in reversed(self._used)
+                 if ino != folder and ino not in self._prefetching and not self._listed.fresh(ino)]
+        self._swept.update(stale)  # (not ahead of a reader: see _room)
+        self._list_ahead_of_reader(stale, WORKING_SET)
+
     def _around(self, folder: Node) -> None:
         """On a slow link, a folder listed for a lookup has its subfolders and its sibling
         folders listed too, in the background, many to a call, and theirs in turn down to
@@ -392,12 +430,14 @@ class Listings:
                         await self.ensure_listing(node, self._list_folder)
                 now = time.monotonic()
                 for ino in batch:
-                    if ino not in self._relisted and self._listed.fresh(ino):
+                    if ino not in self._relisted and ino not in self._swept and self._listed.fresh(ino):
+                        self._unused.pop(ino, None)  # (the oldest first: see _room)
                         self._unused[ino] = now
             except (Unavailable, RemoteError, NotFound, CacheError, KeyError):
                 pass  # only a head start (KeyError: removed under a lister's path walk)
             finally:
                 self._prefetching.difference_update(batch)
+                self._swept.difference_update(batch)
                 for ino in batch:
                     waiter = self._relisted.pop(ino, None)
                     if waiter is not None:
@@ -410,6 +450,8 @@ class Listings:
         folders of 1,000 files listed half of them twice). One left alone for half of
         ``dir_timeout`` no longer counts: the reader went elsewhere. (See ``_room``.)"""
         while not self._room():
+            if self._queue and self._queue[0] in self._relisted:
+                return  # (a change's listing came to the front meanwhile)
             cutoff = time.monotonic() - self._listed.ttl / 2
             for ino in [ino for ino, at in self._unused.items() if at < cutoff]:
                 del self._unused[ino]
@@ -454,6 +496,10 @@ class Listings:
             waiter = self._relisted.setdefault(folder.ino, trio.Event())
             if folder.ino not in self._prefetching:
                 self._list_ahead_of_reader([folder.ino], 1)
+            elif folder.ino in self._queue and self._queue[0] != folder.ino:
+                self._queue.remove(folder.ino)  # (queued further back: to the front)
+                self._queue.appendleft(folder.ino)
+            self._unused_lot.unpark_all()  # (a lister pacing itself takes it at once)
             if folder.ino not in self._prefetching:  # (not queued: current, or offline)
                 self._relisted.pop(folder.ino, None)
                 return

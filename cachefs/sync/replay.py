@@ -127,15 +127,15 @@ class Replayer:
         so nothing else would take it away, and the name's next user here would meet it
         as a change of the server's: a false conflict). It is ours if its size and mtime
         are the mark's, as the replay of a kept entry tells (``landed_before``)."""
-        found = await self.side.stat(op.path)
-        if found is not None and landed_before(mark, found):
-            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
-                     op.path)
-            try:
+        try:
+            found = await self.side.stat(op.path)
+            if found is not None and landed_before(mark, found):
+                log.info("removing %r: the upload of a file deleted here since had landed before a crash",
+                         op.path)
                 await self.side.conn.call(self.side.remote.unlink, op.path)
-            except RemoteError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+        except RemoteError as exc:  # (as remove_temporary: never a reason to stop the replay)
+            if exc.errno != errno.ENOENT:
+                log.warning("could not remove %r, left by an upload before a crash: %s", op.path, exc)
 
     async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
         """Each batch in turn; why the pass stopped, or None."""
