@@ -568,6 +568,11 @@ class Listings:
         kept = self._children_memo.get(ino)
         return kept if kept is not None and kept[0] == self.store.folder_generation.get(ino, 0) else None
 
+    def is_kept(self, ino: int) -> bool:
+        """Whether the folder's listing is kept (a listing of it again that finds it as
+        it is costs no index read nor write: ``_unchanged_listing``)."""
+        return self._kept(ino) is not None
+
     def kept_names(self, ino: int) -> dict[bytes, Node] | None:
         """The folder's kept listing by name, if it is kept."""
         kept = self._kept(ino)
