@@ -51,8 +51,9 @@ WALK_AHEAD = 4  # next sibling folders listed ahead of a walk, folder after fold
 MEMO_NODES = 20_000  # folder listings kept, in nodes (~600 bytes each; see children)
 WALKS = 4096  # folders whose walk through their subfolders is followed (``_walk_on``)
 AHEAD_BATCH = 32  # folders listed ahead in one call on a slow link
-#: folders listed ahead that no program has looked into yet, at most (on a slow link):
-#: more would go stale before the program came, and be listed twice (``_room_ahead``)
+#: folders listed ahead that no program has looked into yet, at most (the second on a
+#: slow link): more would go stale before the program came, and be listed twice
+#: (``_room_ahead``)
 AHEAD_UNUSED = 32
 AHEAD_UNUSED_SLOW = 512
 LIST_AGAIN_ROUNDS = 3  # listings of a folder a change asks for, at most (see list_again)
@@ -381,7 +382,7 @@ class Listings:
         self._swept_at = now
         stale = [ino for ino in reversed(self._used)
                  if ino != folder and ino not in self._prefetching and not self._listed.fresh(ino)]
-        self._swept.update(stale)  # (not ahead of a reader: see _room)
+        self._swept = set(stale)  # (not ahead of a reader: see _room)
         self._list_ahead_of_reader(stale, WORKING_SET)
 
     def _around(self, folder: Node) -> None:
