@@ -33,7 +33,7 @@ import trio
 from ..errors import CacheError, NotFound, RemoteError, Unavailable
 from ..link.connectivity import Connectivity
 from ..remote import RemoteUnreachable, Watch, WatchEnded
-from ..store.index import ROOT_INO, Store
+from ..store.index import Store
 from .common import Kernel
 from .listing import Listings
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds before a watcher that ended is started again
 READY_WITHIN = 120.0  # a watcher not ready by then is given up (a server that ignores it)
 CLOSE_WITHIN = 2.0  # seconds given to stopping a watcher
-LIVE_RELIST = 256  # folders listed just before the callbacks went live, listed again at most
 
 
 class Callbacks:
@@ -133,19 +132,8 @@ class Callbacks:
                 self.listings.trust(self.live_since)
                 # What was listed just before counts as current by time only: listed
                 # again now, it stays current while the callbacks live, and its next use
-                # costs no round trip (the latest LIVE_RELIST). On a fast link only those
-                # whose listing is still kept (compared with it, the index is neither
-                # read nor written), and the root: listing again one that is not took
-                # ~11 ms for 1,000 entries (a cold find over 300 folders of 1,000 files
-                # had 115 listed twice; without any, warm reads of 10,000 small files
-                # just after the cold ones were 20 % slower: each folder checked again).
-                before = self.listings.listed_before(self.live_since)
-                if not self.conn.slow:
-                    before = [f for f in before if f == ROOT_INO or self.listings.is_kept(f)]
-                again = before[-LIVE_RELIST:]
-                if ROOT_INO in before and ROOT_INO not in again:
-                    again.append(ROOT_INO)
-                for folder in again:
+                # costs no round trip (those worth it: ``Listings.listed_before``).
+                for folder in self.listings.listed_before(self.live_since):
                     self._refresh_soon(folder, set(), nursery)
                 log.info("callbacks live: the server tells each change (%.1f s to watch the share)",
                          self.live_since - started)

@@ -322,16 +322,24 @@ class Content:
         count = self._small_reads[folder] = self._small_reads.get(folder, 0) + 1
         if count == (1 if at_once else 2) and self._nursery is not None:
             self._prefetch(folder, first=True)
-            if at_once:
-                budget = CHAIN_BYTES
-                for sibling in self._listings.sibling_folders(folder, CHAIN_FOLDERS):
-                    if sibling in self._prefetched:
-                        continue
-                    chosen = self._small_files(sibling)
-                    budget -= sum(n.size for n in chosen)
-                    if budget < 0:
-                        break
-                    self._prefetch(sibling, chosen=chosen)
+            if at_once:  # (the siblings' files are looked at once the read's own fetch is sent)
+                self._nursery.start_soon(self._prefetch_siblings, folder)
+
+    async def _prefetch_siblings(self, folder: int) -> None:
+        """Queue the small files of ``folder``'s listed sibling folders, up to
+        ``CHAIN_FOLDERS`` folders and ``CHAIN_BYTES`` (see ``_note_small_read``)."""
+        budget = CHAIN_BYTES
+        try:
+            for sibling in self._listings.sibling_folders(folder, CHAIN_FOLDERS):
+                if sibling in self._prefetched:
+                    continue
+                chosen = self._small_files(sibling)
+                budget -= sum(n.size for n in chosen)
+                if budget < 0:
+                    break
+                self._prefetch(sibling, chosen=chosen)
+        except Exception:  # a background task must never end the mount (a prefetch only helps)
+            log.exception("prefetch of the folders beside %d failed", folder)
 
     def _prefetch(self, folder: int, first: bool = False, chosen: list[Node] | None = None) -> None:
         """Queue the folder's small files for the prefetchers (``first``: ahead of those

@@ -10,6 +10,7 @@ so nothing that the cache can answer ever waits for the network.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -38,19 +39,6 @@ class State(enum.Enum):
     ONLINE = "online"
     OFFLINE = "offline"  # detected: the remote did not answer
     WORK_OFFLINE = "offline-by-request"  # the user asked (the control file's "offline")
-
-
-class _NoLimit:
-    """The limiter of a call whose caller holds its slot already."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LIMIT = _NoLimit()
 
 
 class Connectivity:
@@ -127,7 +115,8 @@ class Connectivity:
         # The backend bounds each call by its timeout; for short calls the trio deadline
         # is a second line of defence (the thread is then abandoned, and ends when its
         # socket times out). Waiting for a free slot does not count against it.
-        limiter = _NO_LIMIT if lane_held else self.bulk_limiter if bulk else self.limiter
+        # (``lane_held``: the caller's slot; ``nullcontext`` takes none)
+        limiter = contextlib.nullcontext() if lane_held else self.bulk_limiter if bulk else self.limiter
         try:
             async with limiter:
                 with trio.fail_after(math.inf if bulk else self.timeout * 2 + 1):

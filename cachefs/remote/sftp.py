@@ -166,22 +166,22 @@ class SftpRemote(Remote):
 
     def read_into(self, path: bytes, offset: int, length: int,
                   sink: Callable[[int, bytes], object]) -> int:
-        self._ensure_root()
-        full = self._path(path)
-        if length <= 0:
-            return 0
-        size = self._read_size
-        return self._pool.run("read", lambda sftp: sftp.read_range(full, offset, length, size, sink), retry=True)
+        return self._read_range(path, offset, length, sink, attrs=False)[0]
 
     def read_version_into(self, path: bytes, offset: int, length: int,
                           sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
+        got, attrs = self._read_range(path, offset, length, sink, attrs=True)
+        return got, _to_stat(attrs) if attrs is not None else self.stat(path)
+
+    def _read_range(self, path: bytes, offset: int, length: int, sink: Callable[[int, bytes], object],
+                    attrs: bool) -> tuple[int, SFTPAttributes | None]:
         self._ensure_root()
         full = self._path(path)
+        if length <= 0:
+            return 0, None
         size = self._read_size
-        got, attrs = self._pool.run(
-            "read", lambda sftp: sftp.read_range_attrs(full, offset, length, size, sink) if length > 0
-            else (0, None), retry=True)
-        return got, _to_stat(attrs) if attrs is not None else self.stat(path)
+        return self._pool.run("read", lambda sftp: sftp.read_range(full, offset, length, size, sink, attrs),
+                              retry=True)
 
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Small whole files at once; per file (content, RemoteStat) or a RemoteError."""

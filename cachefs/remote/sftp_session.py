@@ -271,20 +271,15 @@ class SftpSession(paramiko.SFTPClient):
 
     # -- reading --------------------------------------------------------------------
     def read_range(self, path: bytes, offset: int, length: int, request_size: int,
-                   sink: Callable[[int, bytes], object]) -> int:
+                   sink: Callable[[int, bytes], object],
+                   attrs: bool = False) -> tuple[int, SFTPAttributes | None]:
         """Read with many READ requests in flight (one round trip per request is too slow),
-        each reply handed to ``sink(position, bytes)`` as it comes; the count of bytes
-        read from ``offset`` on without a gap (see ``_read_pipelined``)."""
-        return self.read_range_attrs(path, offset, length, request_size, sink, attrs=False)[0]
-
-    def read_range_attrs(self, path: bytes, offset: int, length: int, request_size: int,
-                         sink: Callable[[int, bytes], object],
-                         attrs: bool = True) -> tuple[int, SFTPAttributes | None]:
-        """``read_range``, and (``attrs``) the open file's attributes as the reads ended:
-        an FSTAT sent after the last READ, which the server answers after them (in
-        order), so its version is that of the bytes read. No round trip of its own; nor
-        is the CLOSE waited for (its reply is dropped when it comes): a range costs the
-        OPEN's round trip and the reads."""
+        each reply handed to ``sink(position, bytes)`` as it comes: the count of bytes read
+        from ``offset`` on without a gap (see ``_read_pipelined``), and (``attrs``) the
+        open file's attributes as the reads ended: an FSTAT sent after the last READ,
+        which the server answers after them (in order), so its version is that of the
+        bytes read. No round trip of its own; nor is the CLOSE waited for (its reply is
+        dropped when it comes): a range costs the OPEN's round trip and the reads."""
         t, msg = self._request(CMD_OPEN, path, SFTP_FLAG_READ, SFTPAttributes())
         if t != CMD_HANDLE:
             raise SFTPError("unexpected reply to OPEN")

@@ -50,12 +50,17 @@ class RemoteSide:
     async def remove_temporary(self, path: bytes, seq: int) -> None:
         """Remove the temporary file an upload of ``path`` for entry ``seq`` may have left
         beside it (nothing there is fine)."""
-        temp = join(path.rpartition(b"/")[0], self.temp_name(path, seq))
+        await self.remove_left(join(path.rpartition(b"/")[0], self.temp_name(path, seq)),
+                               "the temporary file of a cut upload")
+
+    async def remove_left(self, path: bytes, what: str) -> None:
+        """Remove ``path``, ``what`` an upload cut by a crash left on the server: gone
+        already is fine, and a refusal is logged, never a reason to stop the replay."""
         try:
-            await self.conn.call(self.remote.unlink, temp)
+            await self.conn.call(self.remote.unlink, path)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
-                log.warning("could not remove the temporary file %r: %s", temp, exc)
+                log.warning("could not remove %r (%s): %s", path, what, exc)
 
     async def make_parents(self, path: bytes) -> bool:
         """Re-create missing folders above ``path``; True if any was missing."""

@@ -129,13 +129,13 @@ class Replayer:
         are the mark's, as the replay of a kept entry tells (``landed_before``)."""
         try:
             found = await self.side.stat(op.path)
-            if found is not None and landed_before(mark, found):
-                log.info("removing %r: the upload of a file deleted here since had landed before a crash",
-                         op.path)
-                await self.side.conn.call(self.side.remote.unlink, op.path)
-        except RemoteError as exc:  # (as remove_temporary: never a reason to stop the replay)
-            if exc.errno != errno.ENOENT:
-                log.warning("could not remove %r, left by an upload before a crash: %s", op.path, exc)
+        except RemoteError as exc:  # (never a reason to stop the replay)
+            log.warning("could not look at %r, perhaps left by an upload before a crash: %s", op.path, exc)
+            return
+        if found is not None and landed_before(mark, found):
+            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
+                     op.path)
+            await self.side.remove_left(op.path, "the upload of a file deleted here since")
 
     async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
         """Each batch in turn; why the pass stopped, or None."""
