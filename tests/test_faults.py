@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import random
 import shutil
 import threading
@@ -547,7 +548,25 @@ def test_file_growing_while_read_never_mixed(mount_factory, share: Path) -> None
         assert "Traceback" not in mount.log_text()
 
 
-def test_file_rewritten_while_read_never_mixed(mount_factory, share: Path) -> None:
+def _sessions(sshd: SshServer) -> list[int]:
+    """The processes of ``sshd``'s sessions (its SFTP is internal-sftp, in the session's
+    own sshd process), found under the listening sshd on this machine."""
+    assert sshd._process is not None
+    top = sshd._process.pid
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        ancestor = int(pid)
+        try:
+            while ancestor > 1 and ancestor != top:
+                ancestor = int(Path(f"/proc/{ancestor}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ancestor == top and int(pid) != top:
+            found.append(int(pid))
+    return found
+
+
+def test_file_rewritten_while_read_never_mixed(mount_factory, sshd: SshServer, share: Path) -> None:
     old = os.urandom(8 << 20)
     new = os.urandom(8 << 20)
     (share / "swap.bin").write_bytes(old)
@@ -557,13 +576,23 @@ def test_file_rewritten_while_read_never_mixed(mount_factory, share: Path) -> No
         try:
             with open(mnt / "swap.bin", "rb", buffering=0) as f:
                 got += f.read(CHUNK)
-                with open(share / "swap.bin", "r+b") as w:  # rewritten in place on the server
-                    w.write(new)
                 # SFTP gives whole-second mtimes: a same-size rewrite within the second of
                 # the original write is invisible to any SFTP client (docs/reliability.md,
-                # known gaps). Make the rewrite one the server's attributes can show.
-                st = os.stat(share / "swap.bin")
-                os.utime(share / "swap.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+                # known gaps). Make the rewrite one the server's attributes can show, and
+                # let the server answer nothing between the write and its new mtime (its
+                # answer to a fetch's FSTAT there would show the new bytes, old mtime).
+                servers = _sessions(sshd)
+                assert servers, "no session of the test sshd found"
+                for pid in servers:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    with open(share / "swap.bin", "r+b") as w:  # rewritten in place on the server
+                        w.write(new)
+                    st = os.stat(share / "swap.bin")
+                    os.utime(share / "swap.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+                finally:
+                    for pid in servers:
+                        os.kill(pid, signal.SIGCONT)
                 while True:
                     piece = f.read(CHUNK)
                     if not piece:
