@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, mounts, registry
 from .address import RemoteAddress, parse_remote
@@ -725,7 +725,9 @@ def share_arguments(args: argparse.Namespace) -> argparse.Namespace:
                              "lists them) nor a remote (sftp://host/path, host:path, or a folder)")
         return args
     parser: argparse.ArgumentParser = args.parser
-    again = parser.parse_args([*share_options(share, parser), *(args.argv or [name])])
+    options = share_options(share, parser)
+    _check_share_options(share, options)
+    again = parser.parse_args([*options, *(args.argv or [name])])
     again.remote = share.remote
     again.mountpoint = args.mountpoint
     if args.mountpoint is None:  # the registered one, made when missing (a unit cannot)
@@ -735,6 +737,23 @@ def share_arguments(args: argparse.Namespace) -> argparse.Namespace:
         except OSError as exc:
             raise SystemExit(f"cachefs: mount point {share.mountpoint}: {exc.strerror or exc}") from None
     return again
+
+
+class _ShareOptionError(argparse.ArgumentParser):
+    """Parses a share's own options: a bad one (the file edited by hand) is one line that
+    names the share and the file, not a usage message about a command line."""
+
+    share = ""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(f"cachefs: share {self.share} in {registry.registry_path()}: {message}")
+
+
+def _check_share_options(share: registry.Share, options: list[str]) -> None:
+    check = _ShareOptionError(add_help=False)
+    check.share = share.name
+    add_mount_arguments(check)
+    apply_dash_o(check.parse_args([*options, share.name]), check)
 
 
 def share_options(share: registry.Share, parser: argparse.ArgumentParser) -> list[str]:
@@ -751,8 +770,8 @@ def share_options(share: registry.Share, parser: argparse.ArgumentParser) -> lis
         option = action.option_strings[-1]  # the long form
         if action.nargs == 0:
             if not isinstance(value, bool):
-                raise SystemExit(f"cachefs: share {share.name}: option {key} is true or false, "
-                                 f"not {value!r} ({registry.registry_path()})")
+                raise SystemExit(f"cachefs: share {share.name} in {registry.registry_path()}: "
+                                 f"option {key} is true or false, not {value!r}")
             if value:
                 argv.append(option)
         else:
@@ -980,7 +999,8 @@ def add_share_parsers(sub: Any) -> None:
     """cachefs add, remove and shares: the registry of shares."""
     p = sub.add_parser("add", help="register a share to mount by its name",
                        description="Register NAME in the registry of shares "
-                                   f"({registry.registry_path()}): 'cachefs mount NAME' then "
+                                   "($XDG_CONFIG_HOME/cachefs/shares.toml, or "
+                                   "~/.config/cachefs/shares.toml): 'cachefs mount NAME' then "
                                    "mounts REMOTE on MOUNTPOINT with these options, schedule "
                                    "and pins. The options are those of 'cachefs mount', checked "
                                    "as it checks them.")
