@@ -739,7 +739,7 @@ def share_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return again
 
 
-class _ShareOptionError(argparse.ArgumentParser):
+class _ShareOptionsParser(argparse.ArgumentParser):
     """Parses a share's own options: a bad one (the file edited by hand) is one line that
     names the share and the file, not a usage message about a command line."""
 
@@ -750,7 +750,7 @@ class _ShareOptionError(argparse.ArgumentParser):
 
 
 def _check_share_options(share: registry.Share, options: list[str]) -> None:
-    check = _ShareOptionError(add_help=False)
+    check = _ShareOptionsParser(add_help=False)
     check.share = share.name
     add_mount_arguments(check)
     apply_dash_o(check.parse_args([*options, share.name]), check)
