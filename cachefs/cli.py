@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from . import __version__, mounts
+from . import __version__, mounts, registry
 from .address import RemoteAddress, parse_remote
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
@@ -87,10 +87,19 @@ _port = _integer(1, 65535, "a port")
 _connections = _integer(1, MAX_CONNECTIONS, "connections")
 
 
-def add_mount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("remote", metavar="REMOTE",
-                   help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, or a directory")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) -> None:
+    """``cachefs mount``'s arguments (``share_names``: REMOTE may be a registered share's
+    NAME, and MOUNTPOINT is then optional; ``cachefs add`` takes both, always)."""
+    if share_names:
+        p.add_argument("remote", metavar="REMOTE",
+                       help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, a "
+                            "directory, or the NAME of a share registered with 'cachefs add'")
+        p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                       help="an existing empty directory (default for a NAME: its registered one)")
+    else:
+        p.add_argument("remote", metavar="REMOTE",
+                       help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, or a directory")
+        p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     p.add_argument("--cache-dir", metavar="DIR", type=Path,
                    help="where the cache lives (default: one folder per remote under "
                         "$XDG_CACHE_HOME/cachefs/, or ~/.cache/cachefs/; mode 0700)")
@@ -123,6 +132,7 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-interval", type=_positive, default=300.0, metavar="SECONDS",
                    help="how often a full sync runs (pinned folders refreshed, pending "
                         "changes replayed) besides on change and on reconnect (default: 300)")
+    add_schedule_arguments(p)
     p.add_argument("--write-back-hold", type=_positive, default=DEFAULT_WRITEBACK_HOLD,
                    metavar="SECONDS",
                    help="the longest a burst of changes (an untar, a build, git) holds its "
@@ -168,6 +178,38 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "folders and the remote, which its log otherwise leaves out")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (e.g. allow_other)")
+
+
+#: how long an unmount replays pending changes before the mount ends (Sync Center's "at log off")
+DEFAULT_UNMOUNT_SYNC = 30.0
+
+
+def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    """The sync schedule besides --sync-interval (Sync Center's "at log on", "at log off",
+    "when idle"), and pins applied at mount: options of their own, so that they work with
+    and without the registry of shares."""
+    p.add_argument("--sync-at-mount", action="store_true",
+                   help="run a full sync as soon as the mount is up, if it is online")
+    p.add_argument("--sync-at-unmount", type=_seconds_or_off, default=DEFAULT_UNMOUNT_SYNC,
+                   metavar="SECONDS",
+                   help="at unmount, replay pending changes for at most SECONDS before the mount "
+                        "ends; 0 leaves them for the next mount (default: %(default)g)")
+    p.add_argument("--sync-idle", type=_positive, default=None, metavar="SECONDS",
+                   help="run a full sync once no program has opened a file or folder of the "
+                        "mount for SECONDS (once per quiet spell; default: off)")
+    p.add_argument("--pin", dest="pins", action="append", default=[], metavar="PATH",
+                   help="keep PATH (relative to the mount point) pinned: pinned in the "
+                        "background once the mount is up; may be repeated")
+
+
+def _seconds_or_off(text: str) -> float:
+    """0 (off), or a time in seconds as ``_positive`` takes it."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _positive(text)
 
 
 MIN_CACHE_SIZE = 1 << 20  # below this "--cache-size 20" (bytes, meant as 20G) evicts everything
@@ -219,7 +261,8 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
                "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
-               "request_spin": "request_spin",
+               "request_spin": "request_spin", "sync_at_mount": "sync_at_mount",
+               "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -265,6 +308,9 @@ def _apply_own_option(args: argparse.Namespace, parser: argparse.ArgumentParser,
         parser.error(f"-o {key} needs a value ({key}=...)")
     if action.choices is not None and value not in action.choices:
         parser.error(f"-o {opt}: choose from {', '.join(map(str, action.choices))}")
+    if isinstance(action, argparse._AppendAction):  # -o pin=PATH, one more each time
+        setattr(args, action.dest, [*getattr(args, action.dest), value])
+        return
     try:
         setattr(args, action.dest, action.type(value) if callable(action.type) else value)
     except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -330,6 +376,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .store.index import StoreError
     from .daemon import MountConfig, MountError, run
 
+    args = share_arguments(args)
     apply_dash_o(args, args.parser)
     try:
         address = parse_remote(args.remote, port=args.port)
@@ -365,6 +412,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         cache_size=args.cache_size,
         sync_interval=args.sync_interval,
+        sync_at_mount=args.sync_at_mount,
+        sync_at_unmount=args.sync_at_unmount,
+        sync_idle=args.sync_idle,
+        pins=list(args.pins),
         write_back_hold=args.write_back_hold,
         readahead=args.readahead,
         passthrough=args.passthrough,
@@ -428,7 +479,7 @@ def read_status(root: Path) -> dict[str, Any]:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    mountpoint = Path(os.path.abspath(Path(args.mountpoint).expanduser()))
+    mountpoint = Path(os.path.abspath(Path(share_mountpoint(args.mountpoint)).expanduser()))
     kind = mounts.mount_type_at(mountpoint)
     if kind is None:  # given through a symbolic link? (the parent is resolved, not the mount)
         mountpoint = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
@@ -651,6 +702,214 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- registered shares (cachefs add / remove / shares, cachefs mount NAME) ---------------
+
+def share_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """``cachefs mount NAME [MOUNTPOINT] [options]`` (and the fstab form ``cachefs NAME
+    MOUNTPOINT -o ...``): the registered share's options, schedule and pins, then the
+    command line's own (so that they win), parsed again as ``cachefs mount`` parses them.
+    A REMOTE that is no share's name is returned as given."""
+    name = args.remote
+    share = None
+    if registry.is_share_name(name):
+        try:
+            share = registry.load().get(name)
+        except registry.RegistryError as exc:
+            raise SystemExit(f"cachefs: {exc}") from None
+    if share is None:
+        if args.mountpoint is None:
+            raise SystemExit(f"cachefs: {name!r} is not a registered share ('cachefs shares' "
+                             "lists them); to mount a remote, give REMOTE and MOUNTPOINT")
+        if ":" not in name and "/" not in name and not Path(name).is_dir():
+            raise SystemExit(f"cachefs: {name!r} is neither a registered share ('cachefs shares' "
+                             "lists them) nor a remote (sftp://host/path, host:path, or a folder)")
+        return args
+    parser: argparse.ArgumentParser = args.parser
+    options = share_options(share, parser)
+    _check_share_options(share, options)
+    again = parser.parse_args([*options, *(args.argv or [name])])
+    again.remote = share.remote
+    again.mountpoint = args.mountpoint
+    if args.mountpoint is None:  # the registered one, made when missing (a unit cannot)
+        again.mountpoint = share.mountpoint
+        try:
+            Path(share.mountpoint).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"cachefs: mount point {share.mountpoint}: {exc.strerror or exc}") from None
+    return again
+
+
+class _ShareOptionsParser(argparse.ArgumentParser):
+    """Parses a share's own options: a bad one (the file edited by hand) is one line that
+    names the share and the file, not a usage message about a command line."""
+
+    share = ""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(f"cachefs: share {self.share} in {registry.registry_path()}: {message}")
+
+
+def _check_share_options(share: registry.Share, options: list[str]) -> None:
+    check = _ShareOptionsParser(add_help=False)
+    check.share = share.name
+    add_mount_arguments(check)
+    apply_dash_o(check.parse_args([*options, share.name]), check)
+
+
+def share_options(share: registry.Share, parser: argparse.ArgumentParser) -> list[str]:
+    """A share's options as ``cachefs mount``'s arguments: long options for cachefs's own,
+    ``-o`` for FUSE's, ``--pin`` for each pin."""
+    argv: list[str] = []
+    for key, value in share.options.items():
+        dest = OWN_OPTIONS.get(key)
+        if dest is None:  # a FUSE option (an unknown one is refused as -o refuses it)
+            if value is not False:
+                argv += ["-o", key if value is True else f"{key}={value}"]
+            continue
+        action = next(a for a in parser._actions if a.dest == dest)
+        option = action.option_strings[-1]  # the long form
+        if action.nargs == 0:
+            if not isinstance(value, bool):
+                raise SystemExit(f"cachefs: share {share.name} in {registry.registry_path()}: "
+                                 f"option {key} is true or false, not {value!r}")
+            if value:
+                argv.append(option)
+        else:
+            argv.append(f"{option}={value}")
+    argv += [f"--pin={pin}" for pin in share.pins]
+    return argv
+
+
+def share_mountpoint(text: str) -> str:
+    """``cachefs unmount NAME``: a registered share's mount point, unless ``text`` names a
+    mount point of its own (a folder of that name here that is mounted)."""
+    if not registry.is_share_name(text) or mounts.mount_type_at(Path(os.path.abspath(text))):
+        return text
+    try:
+        share = registry.load().get(text)
+    except registry.RegistryError:
+        return text
+    return share.mountpoint if share is not None else text
+
+
+#: the options of cachefs mount that a share keeps as paths: made absolute when added
+_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file"}
+_OPTION_NAMES = {dest: name for name, dest in OWN_OPTIONS.items()}
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    """Register a share: its options are checked as ``cachefs mount`` checks them, and
+    kept as they were written (the text, not the parsed value: ``20G`` stays ``20G``)."""
+    if not registry.is_share_name(args.name):
+        return _fail(f"bad share name {args.name!r}: letters, digits, '.', '_' and '-', "
+                     "starting with a letter or digit, at most 64")
+    if args.foreground:
+        return _fail("--foreground is not kept with a share: give it to 'cachefs mount NAME'")
+    apply_dash_o(args, args.parser)  # a bad -o item is a usage error, as for mount
+    try:
+        parse_remote(args.remote, port=args.port)
+    except ValueError as exc:
+        return _fail(f"bad REMOTE {args.remote!r}: {exc}")
+    options, pins = _given_options(args.argv)
+    for pin in pins:
+        clean = os.path.normpath(pin)
+        if os.path.isabs(pin) or clean == ".." or clean.startswith("../"):
+            return _fail(f"--pin {pin}: a pin is a path relative to the mount point")
+    remote = args.remote
+    if ":" not in remote:  # a local folder: kept absolute, as it may be mounted from anywhere
+        remote = os.path.abspath(Path(remote).expanduser())
+    share = registry.Share(args.name, remote, os.path.abspath(Path(args.mountpoint).expanduser()),
+                           options, pins)
+    try:
+        shares = registry.load()
+        if args.name in shares:
+            return _fail(f"a share named {args.name} is registered already "
+                         f"('cachefs remove {args.name}' first)")
+        shares[args.name] = share
+        registry.save(shares)
+    except registry.RegistryError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str]]:
+    """The options ``argv`` (cachefs add's arguments) gives, by their -o name, with the
+    text given (True for a flag), and its pins; FUSE's -o options kept, mount(8)'s not."""
+    raw = argparse.ArgumentParser(add_help=False)
+    raw.add_argument("name")
+    add_mount_arguments(raw, share_names=False)
+    for action in raw._actions:  # only what is given, as written
+        if action.option_strings:
+            action.default, action.type, action.choices = argparse.SUPPRESS, None, None
+    options: dict[str, registry.Value] = {}
+    pins: list[str] = []
+    for dest, value in vars(raw.parse_args(argv)).items():
+        if dest in ("name", "remote", "mountpoint", "foreground"):
+            continue
+        if dest == "pins":
+            pins += value
+        elif dest == "fuse_options":
+            for opt in (o for text in value for o in text.split(",") if o):
+                key, eq, text = opt.partition("=")
+                own = key.replace("-", "_")
+                if own == "pin":
+                    pins.append(text)
+                elif own in OWN_OPTIONS:
+                    options[own] = _path_text(own, text) if eq else True
+                elif key not in MOUNT_ONLY and not key.startswith("x-"):
+                    options[key] = text if eq else True
+        else:
+            name = _OPTION_NAMES[dest]
+            options[name] = True if isinstance(value, bool) else _path_text(name, value)
+    for name in ("sync_interval", "sync_at_unmount", "sync_idle"):  # numbers in [NAME.sync]
+        if isinstance(options.get(name), str):
+            number = float(str(options[name]))
+            options[name] = int(number) if number.is_integer() else number
+    return options, pins
+
+
+def _path_text(name: str, text: str) -> str:
+    return os.path.abspath(Path(text).expanduser()) if name in _PATH_OPTIONS else text
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    try:
+        shares = registry.load()
+        if shares.pop(args.name, None) is None:
+            return _fail(f"no share named {args.name!r} ('cachefs shares' lists them)")
+        registry.save(shares)
+    except registry.RegistryError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_shares(args: argparse.Namespace) -> int:
+    try:
+        shares = registry.load()
+    except registry.RegistryError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps([{"name": s.name, "remote": s.remote, "mountpoint": s.mountpoint,
+                           "mounted": _mounted(s), "options": s.options, "pins": s.pins}
+                          for s in shares.values()], indent=2))
+        return 0
+    if not shares:
+        print(f"no shares registered in {registry.registry_path()} "
+              "(cachefs add NAME REMOTE MOUNTPOINT [options])")
+        return 0
+    width = max(map(len, shares))
+    for s in shares.values():
+        extra = [f"{k}={v}" if v is not True else k for k, v in s.options.items()]
+        extra += [f"pin={p}" for p in s.pins]
+        print(f"{s.name:<{width}}  {s.remote}  {s.mountpoint}{'  (mounted)' if _mounted(s) else ''}"
+              f"{'  ' + ','.join(extra) if extra else ''}")
+    return 0
+
+
+def _mounted(share: registry.Share) -> bool:
+    return mounts.mount_type_at(Path(share.mountpoint)) is not None
+
+
 def _fail(message: str) -> int:
     print(f"cachefs: {message}", file=sys.stderr)
     return 1
@@ -669,7 +928,7 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount cleanly",
                        description="Unmount a cachefs mount and wait for its process to finish.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mount point, or a registered share's NAME")
     p.add_argument("-z", "--lazy", action="store_true", help="detach even if the mount is busy")
     p.add_argument("--wait", type=_positive, default=60.0, metavar="SECONDS",
                    help="how long to wait for the mount process to finish (default: 60)")
@@ -732,11 +991,38 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
     p.add_argument("--cache-key-file", metavar="FILE", type=Path,
                    help="the key file of an encrypted cache (else $CACHEFS_CACHE_PASSPHRASE, or asked)")
     p.set_defaults(func=cmd_recover)
+    add_share_parsers(sub)
     return parser
 
 
+def add_share_parsers(sub: Any) -> None:
+    """cachefs add, remove and shares: the registry of shares."""
+    p = sub.add_parser("add", help="register a share to mount by its name",
+                       description="Register NAME in the registry of shares "
+                                   "($XDG_CONFIG_HOME/cachefs/shares.toml, or "
+                                   "~/.config/cachefs/shares.toml): 'cachefs mount NAME' then "
+                                   "mounts REMOTE on MOUNTPOINT with these options, schedule "
+                                   "and pins. The options are those of 'cachefs mount', checked "
+                                   "as it checks them.")
+    p.add_argument("name", metavar="NAME", help="letters, digits, '.', '_', '-'")
+    add_mount_arguments(p, share_names=False)
+    p.set_defaults(func=cmd_add, parser=p)
+
+    p = sub.add_parser("remove", help="forget a registered share",
+                       description="Remove NAME from the registry of shares (a mount of it and "
+                                   "its cache are left as they are).")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("shares", help="list the registered shares",
+                       description="List the registered shares: name, remote, mount point "
+                                   "(and whether it is mounted), options and pins.")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(func=cmd_shares)
+
+
 COMMANDS = {"mount", "unmount", "umount", "status", "sync", "offline", "online", "pin", "unpin",
-            "evict", "conflicts", "resolve", "recover"}
+            "evict", "conflicts", "resolve", "recover", "add", "remove", "shares"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -745,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
         return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # (cachefs mount NAME and cachefs add read them again)
     return _one_line_errors(args.func, args)
 
 
@@ -767,7 +1054,9 @@ def mount_main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
                                      "(the same as 'cachefs mount').")
     add_mount_arguments(parser)
     parser.set_defaults(parser=parser)
-    return _one_line_errors(cmd_mount, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    return _one_line_errors(cmd_mount, args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Must not touch: request handling (``cachefs.fs``) or remote protocol details.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import fcntl
 import logging
@@ -35,7 +36,7 @@ from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
                      mount_type_at, probe, set_readahead, stale_message, stuck_message)
 from .redact import Redactor
-from .errors import RemoteRefused
+from .errors import CommandError, RemoteRefused, SyncFailed
 from .remote import ConnectOptions, open_remote
 from .cache.transfer import FetchPool, Transfers
 from .link.connectivity import Connectivity
@@ -63,6 +64,10 @@ class MountConfig:
     heartbeat: float = 10.0
     cache_size: int = DEFAULT_CACHE_SIZE
     sync_interval: float = 300.0
+    sync_at_mount: bool = False  # a full pass once the mount is up (online)
+    sync_at_unmount: float = 30.0  # how long an unmount replays pending changes (0: not at all)
+    sync_idle: float | None = None  # a full pass after this long without an open
+    pins: list[str] = field(default_factory=list)  # pinned once the mount is up
     write_back_hold: float = DEFAULT_WRITEBACK_HOLD
     readahead: int = DEFAULT_READAHEAD
     passthrough: bool = True  # FUSE passthrough for whole cached files, where it works
@@ -356,9 +361,11 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,
                            writeback_hold=config.write_back_hold, transfers=transfers,
-                           wakeup=wakeup)
+                           wakeup=wakeup, flush_timeout=config.sync_at_unmount)
         controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
+        sync.schedule.also_at(at_mount=config.sync_at_mount, idle=config.sync_idle,
+                              activity=ops.handles_opened)
         try:
             pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -381,6 +388,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                 nursery.start_soon(sync.run)
                 nursery.start_soon(_signals, nursery.cancel_scope)
                 nursery.start_soon(_readahead_after_init, ops, config)
+                if config.pins:
+                    nursery.start_soon(_pin_at_mount, controls, conn, config.pins)
                 await pyfuse3.main()
                 await sync.flush_at_unmount()
                 nursery.cancel_scope.cancel()
@@ -392,6 +401,25 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
     finally:
         remote.close()
         store.close()
+
+
+async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) -> None:
+    """A share's pins (``--pin``), in the background once the mount is up: as
+    ``cachefs pin`` pins each. Offline, each waits for the link (checked every second);
+    one that fails otherwise (no such path) is logged, and the mount goes on."""
+    for path in pins:
+        while True:
+            try:
+                await controls.command(f"pin {path}".encode("utf-8", "surrogateescape"))
+                log.info("pinned %s", path)
+            except (CommandError, SyncFailed) as exc:
+                if exc.errno == errno.EHOSTDOWN:
+                    await trio.sleep(1)
+                    while not conn.online:
+                        await trio.sleep(1)
+                    continue
+                log.warning("could not pin %s at mount: %s", path, exc)
+            break
 
 
 async def _signals(scope: trio.CancelScope) -> None:

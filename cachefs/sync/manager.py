@@ -192,8 +192,8 @@ class SyncManager:
 
     async def flush_at_unmount(self) -> None:
         """Like SyncMgr's sync at logoff: drain the journal, bounded by a timeout."""
-        if not self.pending() or not await self.conn.try_connect():
-            return
+        if self.flush_timeout <= 0 or not self.pending() or not await self.conn.try_connect():
+            return  # (0: --sync-at-unmount 0, changes left for the next mount)
         log.info("unmounting: replaying %d pending changes (at most %g s)",
                  self.pending(), self.flush_timeout)
         with trio.move_on_after(self.flush_timeout):
