@@ -147,6 +147,7 @@ class World:
         self.server = SshServer(root / "sshd", share=self.share, sftp_start_dir=self.server_home)
         self.user = getpass.getuser()
         self.bin = root / "bin"
+        self.ending: list[int] = []  # mount processes unmounted, not yet waited for
 
     def start(self) -> None:
         ssh = self.home / ".ssh"
@@ -169,10 +170,14 @@ class World:
     def reset(self) -> None:
         """No mount, no cache, the demo's share as it was made, the mount points empty, the
         server's key known (as after a first ``ssh fileserver``: under its HostKeyAlias)."""
-        self.unmount_all()
+        self.unmount_all(wait=False)
         key_type, key = self.server.host_key_pub.read_text().split()[:2]
         (self.home / ".ssh" / "known_hosts").write_text(f"fileserver {key_type} {key}\n")
-        shutil.rmtree(self.home / ".cache", ignore_errors=True)
+        if (self.home / ".cache").exists():
+            # moved away whole: a mount process still ending may write its log there
+            trash = self.root / "trash"
+            trash.mkdir(exist_ok=True)
+            (self.home / ".cache").rename(trash / str(len(list(trash.iterdir()))))
         for share in (self.share, self.local_share):
             shutil.rmtree(share, ignore_errors=True)
             make_share(share)
@@ -226,17 +231,38 @@ class World:
     def status(self, mnt: Path | None = None) -> dict:
         return json.loads((mnt or self.home / "projects").joinpath(".cachefs", "status").read_text())
 
-    def unmount_all(self) -> None:
+    def control(self, mnt: Path, command: str) -> None:
+        """What ``cachefs offline|online|sync`` do, without starting a Python each time."""
+        (mnt / ".cachefs" / "control").write_text(command)
+
+    def unmount_all(self, wait: bool = True) -> None:
+        """What ``cachefs unmount`` does (fusermount3 -u, then wait for the process), and
+        ``-z`` for a stale or busy mount. ``wait=False``: a process with nothing pending
+        (nothing left to send the server) ends while the next block runs, in a cache folder
+        that ``reset`` removes; ``finish`` waits for them all (each takes 1-2 s here)."""
         for mnt in self.mounts():
-            pid = None
+            pid, pending = None, 1
             try:
-                pid = self.status(mnt)["pid"]
+                state = self.status(mnt)
+                pid, pending = state["pid"], state["pending"]
             except (OSError, ValueError, KeyError):
                 pass
-            if self.cachefs("unmount", "--wait", "20", str(mnt), check=False).returncode != 0:
+            if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30).returncode:
                 fusermount_unmount(mnt)
             if pid:
-                _end(pid)
+                if wait or pending:
+                    _end(pid)
+                else:
+                    self.ending.append(pid)
+        if wait:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the mount processes left ending."""
+        for pid in self.ending:
+            _end(pid)
+        self.ending = []
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
 
     def mounted(self) -> Path:
         """~/projects mounted from fileserver:projects, online, nothing pending."""
@@ -244,6 +270,9 @@ class World:
         if mnt in self.mounts():
             try:
                 s = self.status(mnt)
+                if s["state"] == "online" and s["pending"] and not s["conflicts"]:
+                    self.control(mnt, "sync")  # a resolve's change, say
+                    s = self.status(mnt)
                 if s["state"] == "online" and not s["pending"] and not s["conflicts"]:
                     return mnt
             except (OSError, ValueError):
@@ -261,17 +290,17 @@ class World:
         else:
             mnt = self.mounted()
             if state == "offline":
-                self.cachefs("offline", str(mnt))
+                self.control(mnt, "offline")
             elif state == "conflict":
                 notes = mnt / "docs" / "notes.txt"
                 notes.read_text()
-                self.cachefs("offline", str(mnt))
+                self.control(mnt, "offline")
                 with open(notes, "a") as f:
                     f.write("- written here\n")
                 with open(self.share / "docs" / "notes.txt", "a") as f:
                     f.write("- written on the server\n")
-                self.cachefs("online", str(mnt))
-                self.cachefs("sync", str(mnt))
+                self.control(mnt, "online")
+                self.control(mnt, "sync")
                 assert self.status(mnt)["conflicts"] == 1, self.status(mnt)
             elif state == "stale":
                 pid = self.status(mnt)["pid"]
