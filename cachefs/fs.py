@@ -97,6 +97,23 @@ def translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
     return wrapper
 
 
+_CAP_SYS_ADMIN = 21
+
+
+def can_register_backing_files(status: str = "/proc/self/status") -> bool:
+    """Whether this process may hand the kernel backing files (fs/fuse/passthrough.c
+    checks ``capable(CAP_SYS_ADMIN)``): its effective capabilities, from ``status``.
+    Where they cannot be read, the kernel's first refusal tells (``backing_open``)."""
+    try:
+        with open(status, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 class KernelNotifier(Kernel):
     """Tells the kernel about stale data from worker threads (the calls may block), once
     ``run`` is running (before, there is no kernel to tell), and hands it backing files for
@@ -212,6 +229,11 @@ class Operations(pyfuse3.Operations):
                "this pyfuse3 cannot ask for it; see scripts/build-passthrough"
                if _passthrough_granted is None else
                "not granted by the kernel (it needs Linux 6.9+ with FUSE passthrough)")
+        if granted and not can_register_backing_files():
+            # The kernel grants the capability to any mount, but refuses each backing file
+            # (EPERM) to a process without CAP_SYS_ADMIN: say so from the start, not at the
+            # first large file's open.
+            granted, off = False, "the mount process is not root (backing files need CAP_SYS_ADMIN)"
         if self.kernel is not None:
             self.kernel.passthrough_granted, self.kernel.passthrough_off = granted, off
         if granted:

@@ -87,11 +87,14 @@ class SshServer:
     """A throw-away OpenSSH server sharing ``share`` to the current user over SFTP."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
-                 force_internal_sftp: bool = False) -> None:
+                 force_internal_sftp: bool = False, sftp_start_dir: Path | None = None) -> None:
         """``force_internal_sftp``: a server that runs no commands (``ForceCommand
         internal-sftp``, as many SFTP-only hosts are set up): an exec request gets an SFTP
-        session instead."""
+        session instead. ``sftp_start_dir``: the folder an SFTP session starts in (the
+        login folder that a relative path such as ``host:projects`` starts from; default:
+        the user's home), as ``internal-sftp -d`` sets it."""
         self.force_internal_sftp = force_internal_sftp
+        self.sftp_start_dir = Path(sftp_start_dir).absolute() if sftp_start_dir is not None else None
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.share = Path(share).absolute() if share is not None else self.workdir / "share"
@@ -156,7 +159,7 @@ class SshServer:
             "MaxSessions 100",
             # internal-sftp: served inside sshd, without starting the user's login shell
             # (whose start-up files can be slow or hang, and are none of a test's business).
-            "Subsystem sftp internal-sftp",
+            "Subsystem sftp internal-sftp" + (f" -d {self.sftp_start_dir}" if self.sftp_start_dir else ""),
             # Commands (the callbacks' watcher, server hashes) run without the user's
             # ~/.bashrc, which Debian's bash reads for a command over SSH only while SHLVL
             # is below 2: this machine's start-up files (pyenv's rehash, which waits on a

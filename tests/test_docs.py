@@ -368,3 +368,25 @@ def test_vagrant_validate() -> None:
     result = subprocess.run([vagrant, "validate", "--ignore-provider"], cwd=VAGRANT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+# -- every mount option is documented where a user looks for it --------------------------
+
+def test_usage_lists_every_dash_o_option() -> None:
+    """usage.md's list of cachefs's own ``-o`` settings names each one cli.OWN_OPTIONS takes
+    (``no_passthrough`` and ``request_spin`` once went missing from such a list)."""
+    text = (DOCS / "usage.md").read_text()
+    section = text[text.index("### `-o` options"):text.index("### /etc/fstab")]
+    own = section[section.index("**cachefs's own settings**"):section.index("**FUSE options**")]
+    missing = [name for name in cli.OWN_OPTIONS if f"`{name}`" not in own]
+    assert not missing, f"docs/usage.md's -o list lacks {missing}"
+
+
+def test_readme_and_usage_list_every_mount_option() -> None:
+    """Each long option of ``cachefs mount`` has a row in README's option table and in
+    usage.md's (``--request-spin`` was missing from README)."""
+    options = [s for s in option_strings(mount_py_parser()) if s.startswith("--") and s != "--help"]
+    for path in (REPO / "README.md", DOCS / "usage.md"):
+        rows = [line for line in path.read_text().splitlines() if line.startswith("| `-")]
+        missing = [o for o in options if not any(re.search(rf"`{re.escape(o)}\b(?![-\w])", r) for r in rows)]
+        assert not missing, f"{path.relative_to(REPO)}'s option table lacks {missing}"

@@ -267,3 +267,45 @@ def test_backing_files_need_a_request_being_answered() -> None:
     for call, arg in ((getattr(pyfuse3, "backing_open"), 0), (getattr(pyfuse3, "backing_close"), 1)):
         with pytest.raises(RuntimeError, match="open, create or release handler"):
             call(arg)
+
+
+def test_a_process_without_cap_sys_admin_knows_it() -> None:
+    """``can_register_backing_files`` reads the process's own effective capabilities: true
+    for this suite's root, false for a process started without CAP_SYS_ADMIN (as a user's
+    mount runs). Real processes, no stand-in."""
+    import sys
+
+    from cachefs import fs
+
+    assert os.geteuid() == 0, "this suite runs as root"
+    assert fs.can_register_backing_files()
+    code = "from cachefs.fs import can_register_backing_files as c; print(c())"
+    result = subprocess.run(["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin",
+                             sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_status_says_off_from_the_start_without_cap_sys_admin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel grants passthrough at FUSE_INIT to any mount, then refuses each backing
+    file to a process without CAP_SYS_ADMIN: ``init`` turns it off at once with the reason,
+    so that ``cachefs status`` does not say ``on`` until the first large file is opened.
+    (The grant and the capability stood in for: the kernel's answer at FUSE_INIT cannot be
+    had without a mount, and this suite's mounts run as root.)"""
+    import trio
+
+    from cachefs import cli, fs
+
+    monkeypatch.setattr(fs, "_passthrough_granted", lambda: True)
+    for capable, on in ((True, True), (False, False)):
+        monkeypatch.setattr(fs, "can_register_backing_files", lambda: capable)
+        ops = fs.Operations.__new__(fs.Operations)  # init uses only these attributes
+        ops.enable_passthrough, ops.kernel, ops.initialized = True, fs.KernelNotifier(), trio.Event()
+        ops.init()
+        assert ops.kernel.passthrough is on
+        text = cli._passthrough_text({"on": ops.kernel.passthrough, "off": ops.kernel.passthrough_off,
+                                      "open_files": 0})
+        assert text.startswith("on (") if on else text == (
+            "off (the mount process is not root (backing files need CAP_SYS_ADMIN); "
+            "this process serves every read)")

@@ -465,3 +465,19 @@ def test_attrs_decoded_as_paramiko_does() -> None:
         for field in ("st_size", "st_uid", "st_gid", "st_mode", "st_atime", "st_mtime"):
             assert getattr(decoded, field) == getattr(attrs, field), field
         assert reply.get_int() == 42  # what follows the ATTRS (the next entry of a listing)
+
+
+def test_host_key_alias_is_looked_up_without_the_port(tmp_path: Path) -> None:
+    """With HostKeyAlias, OpenSSH records and finds the server's key under the alias alone,
+    whatever the port (sshconnect.c); without it, a port other than 22 makes ``[host]:port``.
+    (cachefs looked for ``[alias]:port`` and so refused a key that ``ssh`` had recorded.)"""
+    from cachefs.remote.ssh_config import resolve_target
+
+    config = tmp_path / "ssh_config"
+    config.write_text("Host fileserver\n    HostName 127.0.0.1\n    Port 2222\n    HostKeyAlias fileserver\n"
+                      "Host other\n    HostName 127.0.0.1\n    Port 2222\n")
+    options = ConnectOptions(timeout=TIMEOUT, ssh_config=config)
+    assert resolve_target(parse_remote("fileserver:x"), options).host_key_name == "fileserver"
+    assert resolve_target(parse_remote("other:x"), options).host_key_name == "[127.0.0.1]:2222"
+    assert resolve_target(parse_remote("sftp://other/x"), options).host_key_name == "[127.0.0.1]:2222"
+    assert resolve_target(parse_remote("sftp://other:22/x"), options).host_key_name == "127.0.0.1"

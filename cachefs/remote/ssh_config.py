@@ -31,6 +31,9 @@ class SshTarget:
     proxy_command: str | None
     config_identities: list[Path]  # IdentityFile lines, tried after the agent's keys
     host_key_alias: str
+    #: HostKeyAlias was given: OpenSSH then records and looks the key up under the alias
+    #: alone, without ``[...]:port`` whatever the port
+    host_key_alias_given: bool
     known_hosts_files: list[Path]  # the first is where an accepted new key is recorded
     read_only_known_hosts: list[Path]
 
@@ -42,7 +45,9 @@ class SshTarget:
     @property
     def host_key_name(self) -> str:
         """The name under which OpenSSH records this server in known_hosts."""
-        return self.host_key_alias if self.port == 22 else f"[{self.host_key_alias}]:{self.port}"
+        if self.host_key_alias_given or self.port == 22:
+            return self.host_key_alias
+        return f"[{self.host_key_alias}]:{self.port}"
 
 
 def resolve_target(address: RemoteAddress, options: ConnectOptions) -> SshTarget:
@@ -67,6 +72,7 @@ def resolve_target(address: RemoteAddress, options: ConnectOptions) -> SshTarget
         proxy_command=None if not proxy or proxy.lower() == "none" else proxy,
         config_identities=[Path(p).expanduser() for p in config.get("identityfile", [])],
         host_key_alias=config.get("hostkeyalias", host),
+        host_key_alias_given="hostkeyalias" in config,
         known_hosts_files=known_hosts,
         read_only_known_hosts=read_only,
     )
