@@ -2,8 +2,8 @@
 ``cachefs`` command: a mistyped sub-command is an error, a failed first mount leaves no
 cache behind, ``cachefs caches`` lists and removes caches, the remote is the mount's
 source (``findmnt``, ``df``) and ``cachefs list`` tells mounts apart, a non-empty mount
-point is refused, and FUSE's own refusals (``/dev/fuse``, ``allow_other``, a mount point
-the user cannot write) reach the user of a detached mount.
+point is refused, and FUSE's own refusals (no ``/dev/fuse``, one the user may not open,
+``allow_other``, a mount point the user cannot write) reach the user of a detached mount.
 
 Every mount is taken down, every wait bounded. The FUSE refusals are made as ``nobody``
 (this suite runs as root); those that need fusermount3 run in a private mount namespace
@@ -411,3 +411,26 @@ def test_fusermount_refusals_are_told(open_dir: Path) -> None:
         _refused_with(result, open_dir, rootmnt, "fusermount3: user has no write access to mountpoint")
     if allowed:
         pytest.skip("/etc/fuse.conf has user_allow_other: the allow_other refusal cannot be made")
+
+
+def test_missing_fuse_device_is_told(open_dir: Path) -> None:
+    """No /dev/fuse (a container without the device, the module not loaded): libfuse's
+    'device not found' reaches the user of a detached mount, with what to do. Made as
+    root in a private mount namespace whose /dev is a tmpfs without the FUSE node."""
+    mnt, cache = open_dir / "rootmnt", open_dir / "cache"
+    mnt.mkdir()
+    script = ("mount -t tmpfs -o mode=755 tmpfs /dev || exit 99\n"
+              "for node in 'null c 1 3' 'zero c 1 5' 'random c 1 8' 'urandom c 1 9'; do\n"
+              "  mknod -m 666 /dev/$node || exit 99\n"
+              "done\n"
+              'exec "$@"\n')
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                             sys.executable, "-m", "cachefs.cli", "mount", str(open_dir / "share"), str(mnt),
+                             "--cache-dir", str(cache)],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                            text=True, timeout=NOBODY_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode != 99, f"could not make the namespace: {result.stderr}"
+    reason = failed_with_reason(result, f"cannot mount on {mnt}", "fuse: device not found",
+                                "modprobe fuse", "--device /dev/fuse")
+    assert "see the log above" not in reason
+    assert not is_mounted(mnt) and not cache.exists()
