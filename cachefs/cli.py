@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, mounts, registry
+from . import __version__, caches, mounts, registry
 from .address import RemoteAddress, parse_remote
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
@@ -35,11 +35,10 @@ DEFAULT_TIMEOUT = 10.0
 
 def default_cache_dir(address: RemoteAddress) -> Path:
     """One folder per remote under $XDG_CACHE_HOME/cachefs (or ~/.cache/cachefs)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     text = address.display()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text.split("://", 1)[-1]).strip("_")[:60]
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return Path(base) / "cachefs" / f"{slug}-{digest}"
+    return caches.cache_base() / f"{slug}-{digest}"
 
 
 #: the longest time an option takes: longer is no use and overflows socket timeouts
@@ -95,16 +94,20 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
                        help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, a "
                             "directory, or the NAME of a share registered with 'cachefs add'")
         p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
-                       help="an existing empty directory (default for a NAME: its registered one)")
+                       help="an existing empty directory (see --nonempty; default for a NAME: "
+                            "its registered one)")
     else:
         p.add_argument("remote", metavar="REMOTE",
                        help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, or a directory")
-        p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+        p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory (see --nonempty)")
     p.add_argument("--cache-dir", metavar="DIR", type=Path,
                    help="where the cache lives (default: one folder per remote under "
                         "$XDG_CACHE_HOME/cachefs/, or ~/.cache/cachefs/; mode 0700)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr (default: detach once mounted)")
+    p.add_argument("--nonempty", action="store_true",
+                   help="mount over a folder that is not empty, hiding its files while mounted "
+                        "(refused otherwise, as sshfs does); -o nonempty in fstab")
     p.add_argument("--identity", metavar="FILE", type=Path,
                    help="SSH private key (default: ssh-agent and ~/.ssh/config as ssh uses them)")
     p.add_argument("--known-hosts", metavar="FILE", type=Path,
@@ -263,6 +266,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
                "request_spin": "request_spin", "sync_at_mount": "sync_at_mount",
                "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
+               "nonempty": "nonempty",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -328,6 +332,8 @@ def _is_fuse_option(parser: argparse.ArgumentParser, opt: str) -> bool:
     if key in FUSE_VALUE_OPTIONS:
         if not value:
             parser.error(f"-o {key} needs a value ({key}=...)")
+        if not value.isascii() or not value.isprintable():
+            parser.error(f"-o {opt}: {key} must be printable ASCII")
         return True
     if key in FUSE_REFUSED:
         parser.error(f"-o {opt}: not supported by cachefs: {FUSE_REFUSED[key]}")
@@ -385,6 +391,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
     if cache_dir.exists() and not cache_dir.is_dir():
         return _fail(f"cache directory {cache_dir} is not a directory")
+    # A mount that fails before it serves removes the cache it made (33 MiB of index),
+    # never one that was there before.
+    new_cache = not os.path.lexists(cache_dir)
     for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
                           ("--cache-key-file", args.cache_key_file)):
         if given is not None and given.expanduser().is_dir():
@@ -392,6 +401,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     try:
         key = cache_key(args, cache_dir)
     except (CryptoError, StoreError, OSError) as exc:
+        if new_cache:
+            caches.discard_new(cache_dir)
         return _fail(str(exc))
     config = MountConfig(
         address=address,
@@ -423,12 +434,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         request_spin=args.request_spin,
         fuse_options=args.fuse_options,
         cache_key=key,
+        nonempty=args.nonempty,
+        new_cache=new_cache,
     )
     try:
         return run(config)
     except MountError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
+        if new_cache:
+            caches.discard_new(cache_dir)
         return 130
 
 
@@ -908,6 +923,149 @@ def cmd_shares(args: argparse.Namespace) -> int:
 
 def _mounted(share: registry.Share) -> bool:
     return mounts.mount_type_at(Path(share.mountpoint)) is not None
+# -- cachefs list and cachefs caches ----------------------------------------------------------
+
+LIST_TIMEOUT = 3.0  # how long 'list' and 'caches' wait for a mount's status
+
+
+def _probe_all(points: list[str], timeout: float) -> dict[str, tuple[str, dict[str, Any] | None]]:
+    """Each mount's ``mounts.probe`` answer, asked side by side: the whole takes at most
+    ``timeout`` however many mounts do not answer."""
+    answers: dict[str, tuple[str, dict[str, Any] | None]] = {}
+
+    def ask(point: str) -> None:
+        try:
+            answers[point] = mounts.probe(point, timeout)
+        except Exception:  # noqa: BLE001 - told as not answering
+            answers[point] = (mounts.FOREIGN, None)
+
+    workers = [threading.Thread(target=ask, args=(point,), daemon=True) for point in points]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + timeout + 0.5
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return {point: answers.get(point, (mounts.STUCK, None)) for point in points}
+
+
+def _mount_rows(timeout: float) -> list[dict[str, Any]]:
+    """One row per cachefs mount: mount point, remote, state, pending, conflicts, pid,
+    cache dir (the last five from its status, when it answers)."""
+    entries = mounts.mounts_of_type("fuse.cachefs")
+    answers = _probe_all([e.point for e in entries], timeout)
+    rows = []
+    for entry in entries:
+        state, status = answers[entry.point]
+        row: dict[str, Any] = {"mountpoint": entry.point, "remote": entry.source, "state": state,
+                               "pending": None, "conflicts": None, "pid": None, "cache_dir": None,
+                               "uid": entry.uid}
+        if state == mounts.LIVE and status is not None:
+            row.update(state=status.get("state"), remote=status.get("remote") or entry.source,
+                       pending=status.get("pending"), conflicts=status.get("conflicts"),
+                       pid=status.get("pid"), cache_dir=status.get("cache_dir"))
+        elif state == mounts.STUCK:
+            row["state"] = "not answering"
+        elif state == mounts.FOREIGN:
+            row["state"] = ("not readable (another user's mount)"
+                            if entry.uid is not None and entry.uid != os.geteuid() else "unknown")
+        rows.append(row)
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _mount_rows(args.timeout)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no cachefs mounts")
+        return 0
+    table = [("MOUNT POINT", "REMOTE", "STATE", "PENDING", "CONFLICTS")]
+    for row in rows:
+        table.append((row["mountpoint"], row["remote"], str(row["state"]),
+                      "-" if row["pending"] is None else str(row["pending"]),
+                      "-" if row["conflicts"] is None else str(row["conflicts"])))
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[4])
+    return 0
+
+
+def _ago(moment: float | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = max(0.0, time.time() - moment)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(moment))} ({n} {unit}{'s' if n > 1 else ''} ago)"
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(moment))} (just now)"
+
+
+def _caches_named(target: str) -> list[Path]:
+    """The caches ``--remove TARGET`` means: a cache directory, or the caches of a remote
+    (its default cache, and any cache that records that remote)."""
+    path = Path(target).expanduser().absolute()
+    if caches.looks_like_cache(path):
+        return [path]
+    try:
+        address = parse_remote(target)
+    except ValueError as exc:
+        raise SystemExit(f"cachefs: {target} is neither a cache directory nor a remote ({exc})")
+    default = default_cache_dir(address)
+    found = [p for p in caches.find() if p == default or caches.inspect(p).remote == address.display()]
+    if not found:
+        raise SystemExit(f"cachefs: no cache of {address.display()} in {caches.cache_base()} "
+                         "(see 'cachefs caches')")
+    return found
+
+
+def cmd_caches(args: argparse.Namespace) -> int:
+    if args.remove is not None:
+        status = 0
+        for path in _caches_named(args.remove):
+            try:
+                info = caches.remove(path, force=args.force)
+            except caches.CacheError as exc:
+                status = _fail(f"not removed: {exc}")
+                continue
+            lost = caches.what_would_be_lost(info)
+            print(f"removed {path} ({human_bytes(info.size)}{'; it ' + lost + ', now lost' if lost else ''})")
+        return status
+    rows = _mount_rows(args.timeout)
+    mounted = {Path(r["cache_dir"]): r for r in rows if r["cache_dir"]}
+    infos = [caches.inspect(path) for path in caches.find(mounted)]
+    if args.json:
+        listed = []
+        for info in infos:
+            item = info.as_json()
+            item["mountpoint"] = mounted[info.path]["mountpoint"] if info.path in mounted else None
+            listed.append(item)
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not infos:
+        print(f"no caches in {caches.cache_base()}")
+        return 0
+    for info in infos:
+        print(info.path)
+        remote = info.remote or ("(encrypted: named in the index under its key)" if info.encrypted
+                                 else "(not recorded: the mount never opened it)")
+        if info.path in mounted:
+            used = f"yes: mounted on {mounted[info.path]['mountpoint']} (process {info.holder})"
+        elif info.holder is not None:
+            used = f"yes: held by process {info.holder}"
+        else:
+            used = "no"
+        for key, value in (("remote", remote), ("size", human_bytes(info.size)),
+                           ("last use", _ago(info.last_use)), ("in use", used),
+                           ("pending changes", "-" if info.pending is None else info.pending),
+                           ("conflicts", "-" if info.conflicts is None else info.conflicts)):
+            print(f"  {key + ':':<17}{value}")
+        if info.problem:
+            print(f"  {'problem:':<17}{info.problem}")
+    total = sum(info.size for info in infos)
+    print(f"{len(infos)} cache{'s' if len(infos) != 1 else ''}, {human_bytes(total)}")
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -991,6 +1149,34 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
     p.add_argument("--cache-key-file", metavar="FILE", type=Path,
                    help="the key file of an encrypted cache (else $CACHEFS_CACHE_PASSPHRASE, or asked)")
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("list", help="list cachefs mounts",
+                       description="List the cachefs mounts of this machine: mount point, "
+                                   "remote, state (online, offline, syncing; stale or not "
+                                   "answering), pending changes and conflicts.")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--timeout", type=_positive, default=LIST_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for each mount's status (asked side by side; "
+                        f"default: {LIST_TIMEOUT:g})")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("caches", help="list cache directories, or remove one",
+                       description="List the cache directories (those in "
+                                   "$XDG_CACHE_HOME/cachefs or ~/.cache/cachefs, and those "
+                                   "mounts use elsewhere): remote, size on disk, last use, "
+                                   "whether a mount uses it, pending changes and conflicts; "
+                                   "or remove one that no mount uses.")
+    p.add_argument("--remove", metavar="DIR|REMOTE",
+                   help="remove the cache directory DIR, or the cache of REMOTE; refused while "
+                        "a mount uses it, and when it holds changes not yet on the server or "
+                        "conflicts (unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="with --remove: remove it even though its pending changes and "
+                        "conflicts are lost (never one a mount uses)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--timeout", type=_positive, default=LIST_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for each mount's status (default: {LIST_TIMEOUT:g})")
+    p.set_defaults(func=cmd_caches)
     add_share_parsers(sub)
     return parser
 
@@ -1022,12 +1208,47 @@ def add_share_parsers(sub: Any) -> None:
 
 
 COMMANDS = {"mount", "unmount", "umount", "status", "sync", "offline", "online", "pin", "unpin",
-            "evict", "conflicts", "resolve", "recover", "add", "remove", "shares"}
+            "evict", "conflicts", "resolve", "recover", "add", "remove", "shares", "list", "caches"}
+
+
+def looks_like_remote(word: str) -> bool:
+    """Whether ``word`` can be the REMOTE of ``cachefs REMOTE MOUNTPOINT`` (the form
+    mount.fuse3 runs): an address has a ':' (host:path, sftp://) or a '/' (a folder), or
+    starts with '~'. A bare word is taken for a mistyped sub-command."""
+    return ":" in word or "/" in word or word.startswith("~")
+
+
+def _registered(word: str) -> bool:
+    """Whether ``word`` names a registered share (``cachefs NAME MOUNTPOINT -o ...``, the
+    fstab form of a share); an unreadable registry is said by the mount that reads it."""
+    if not registry.is_share_name(word):
+        return False
+    try:
+        return word in registry.load()
+    except registry.RegistryError:
+        return True
+
+
+def unknown_command(word: str) -> int:
+    """``cachefs unmoutn ...``: a usage error (exit status 2) that names the command
+    meant, rather than a mount attempt of a remote called 'unmoutn'."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(COMMANDS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    folder = (f"; to mount the folder {word}, write ./{word}"
+              if not close and os.path.isdir(word) else "")
+    print(f"cachefs: unknown command '{word}'{hint}{folder}; see 'cachefs --help'", file=sys.stderr)
+    return 2
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        if not looks_like_remote(argv[0]) and not _registered(argv[0]):
+            return unknown_command(argv[0])
         # "cachefs REMOTE MOUNTPOINT -o ..." as mount.fuse3 runs it for an fstab line
         return mount_main(argv, prog="cachefs")
     args = build_parser().parse_args(argv)

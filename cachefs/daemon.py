@@ -16,11 +16,13 @@ import logging.handlers
 import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import lmdb
 import pyfuse3
@@ -75,6 +77,10 @@ class MountConfig:
     request_spin: float = DEFAULT_REQUEST_SPIN  # µs the FUSE loop reads on before sleeping
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
+    nonempty: bool = False  # mount over a folder that has files (hidden while mounted)
+    #: the cache directory did not exist before this mount: a mount that fails before it
+    #: serves removes it (``caches.discard_new``), never one that existed before
+    new_cache: bool = False
 
 
 def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
@@ -129,7 +135,7 @@ class _ExpectedDisconnects(logging.Filter):
 _expected_disconnects = _ExpectedDisconnects()
 
 
-def check_mountpoint(path: Path) -> None:
+def check_mountpoint(path: Path, nonempty: bool = False) -> None:
     # mountinfo first: a stat of a stale mount point fails (ENOTCONN), of a stuck one hangs.
     kind = mount_type_at(path)
     if kind is None:  # named through a symbolic link? (the parent is resolved, not the point)
@@ -151,17 +157,52 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mount point {path}: {exc.strerror}") from None
     if not is_dir:
         raise MountError(f"mount point {path} is not a directory")
+    if not nonempty:
+        _check_empty(path)
 
 
-def fuse_options(config: MountConfig) -> set[str]:
+def _check_empty(path: Path) -> None:
+    """Refuse a mount point that holds files: the mount would hide them (sshfs and
+    libfuse 2 refuse it too; libfuse 3 no longer checks)."""
+    try:
+        with os.scandir(path) as entries:
+            names = [entry.name for entry, _ in zip(entries, range(3))]
+    except OSError as exc:
+        raise MountError(f"mount point {path}: {exc.strerror}") from None
+    if names:
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        raise MountError(f"mount point {path} is not empty ({shown}): the mount would hide "
+                         "its files; choose an empty folder, or add --nonempty (-o nonempty) "
+                         "to mount over them")
+
+
+def fuse_options(config: MountConfig, source: str) -> set[str]:
+    """The options given to libfuse: ``default_permissions``, ``source`` (the remote as
+    ``cachefs status`` names it) as the source that findmnt, df and mount show
+    (``fsname``, unless ``-o fsname=`` names another),
+    ``subtype=cachefs`` (type ``fuse.cachefs``, unless ``-o subtype=``), and the
+    FUSE options given with ``-o``."""
     opts = set(pyfuse3.default_options)  # default_permissions
-    opts.add("fsname=cachefs")
-    opts.add("subtype=cachefs")
-    for text in config.fuse_options:
-        for opt in text.split(","):
-            if opt:
-                opts.add(opt)
+    given = [opt for text in config.fuse_options for opt in text.split(",") if opt]
+    if not any(opt.startswith("fsname=") for opt in given):
+        opts.add("fsname=" + fuse_escape(ascii_source(source)))
+    if not any(opt.startswith("subtype=") for opt in given):
+        opts.add("subtype=cachefs")
+    opts.update(given)
     return opts
+
+
+def ascii_source(text: str) -> str:
+    """The mount's source as the kernel shows it, in ASCII (pyfuse3 hands options over
+    as ASCII): other bytes of a path are percent-encoded, as in a URL."""
+    if text.isascii():
+        return text
+    return quote_from_bytes(os.fsencode(text), safe="/~!$&'()*+,;=:@-._ ")
+
+
+def fuse_escape(value: str) -> str:
+    """A value for one libfuse ``-o`` option: its commas and backslashes escaped."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def set_request_spin(microseconds: float) -> None:
@@ -198,8 +239,26 @@ async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
 
 
 def run(config: MountConfig) -> int:
-    """Mount and serve until unmounted. Returns the process exit status."""
-    check_mountpoint(config.mountpoint)
+    """Mount and serve until unmounted. Returns the process exit status. A new cache
+    (``config.new_cache``) of a mount that fails before it serves is removed."""
+    try:
+        return _run(config)
+    except MountError:
+        _discard_new_cache(config)
+        raise
+
+
+def _discard_new_cache(config: MountConfig) -> None:
+    """Remove the cache directory this mount made, if it made it (never one that
+    existed before; ``caches.discard_new`` keeps one that a mount holds or that holds
+    changes)."""
+    if config.new_cache:
+        from .caches import discard_new
+        discard_new(config.cache_dir)
+
+
+def _run(config: MountConfig) -> int:
+    check_mountpoint(config.mountpoint, config.nonempty)
     encrypted = config.cache_key is not None
     redact = encrypted and not config.verbose
     if config.foreground:
@@ -223,6 +282,7 @@ def run(config: MountConfig) -> int:
         if not message:
             _, status = os.waitpid(pid, 0)
             message = f"mount process ended unexpectedly (status {status})"
+            _discard_new_cache(config)  # (what it made, if nothing holds it)
         print(f"cachefs: {message.strip()}", file=sys.stderr)
         return 1
     os.close(read_fd)
@@ -237,6 +297,7 @@ def run(config: MountConfig) -> int:
             os.dup2(devnull, fd)
         os.chdir("/")
     except OSError as exc:
+        _discard_new_cache(config)
         os.write(write_fd, f"cannot start: {exc}".encode())
         os._exit(1)
     status = _serve(config, ready=write_fd)
@@ -282,7 +343,14 @@ def _check_cache_free(cache_dir: Path) -> None:
 
 
 def _serve(config: MountConfig, ready: int | None) -> int:
+    served = False
+
     def report(message: str) -> None:
+        nonlocal served
+        if message.startswith("ok"):
+            served = True
+        elif not served:  # a new cache goes before the user is told (and may mount again)
+            _discard_new_cache(config)
         if ready is not None:
             with contextlib.suppress(OSError):
                 os.write(ready, message.encode())
@@ -322,6 +390,8 @@ def _serve(config: MountConfig, ready: int | None) -> int:
     finally:
         if fetch_pool is not None:
             fetch_pool.close()
+        if not served:  # (an unexpected error: it goes on as a traceback)
+            _discard_new_cache(config)
 
 
 async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: FetchPool | None = None) -> int:
@@ -366,10 +436,13 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
         sync.schedule.also_at(at_mount=config.sync_at_mount, idle=config.sync_idle,
                               activity=ops.handles_opened)
+        said: list[str] = []
         try:
-            pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
+            with _stderr_captured(said):
+                pyfuse3.init(ops, str(config.mountpoint), fuse_options(config, remote.description))
         except RuntimeError as exc:
-            raise MountError(f"cannot mount on {config.mountpoint}: {exc} (see the log above)") from exc
+            raise MountError(f"cannot mount on {config.mountpoint}: "
+                             f"{fuse_failure(said[0] if said else '', str(exc))}") from exc
         set_request_spin(config.request_spin)
         try:
             log.info("mounted %s on %s (cache %s, %s)", remote.description, config.mountpoint,
@@ -420,6 +493,68 @@ async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) 
                     continue
                 log.warning("could not pin %s at mount: %s", path, exc)
             break
+@contextlib.contextmanager
+def _stderr_captured(said: list[str]) -> Iterator[None]:
+    """Catch what is written to file descriptor 2 meanwhile (libfuse's and fusermount's
+    complaints: fusermount3 runs as a child with this process's stderr, which is
+    /dev/null once detached) into ``said``; the lines that are not theirs (log lines
+    from other threads, in the foreground) go on to stderr, and theirs go to the log."""
+    sys.stderr.flush()
+    try:
+        caught_file = tempfile.TemporaryFile()
+    except OSError as exc:  # (no room in the temporary folder: mount without catching)
+        log.warning("libfuse's messages are not caught: %s", exc)
+        yield
+        return
+    saved = os.dup(2)
+    with caught_file as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            text = caught.read(1 << 16).decode(errors="replace")
+            said.append(text)
+            theirs = _fuse_lines(text)
+            for line in theirs:
+                log.warning("%s", line)
+            others = "".join(line for line in text.splitlines(keepends=True)
+                             if line.strip() not in theirs)
+            if others:
+                with contextlib.suppress(OSError):
+                    os.write(2, others.encode())
+
+
+def _fuse_lines(text: str) -> list[str]:
+    """The lines libfuse (``fuse: ...``) and fusermount (``fusermount3: ...``) wrote."""
+    return [line.strip() for line in text.splitlines() if line.startswith(("fuse:", "fusermount"))]
+
+
+#: what to do about libfuse's and fusermount's complaints, where a hint helps
+_FUSE_HINTS = (
+    ("user_allow_other", "as root, add a line 'user_allow_other' to /etc/fuse.conf, or mount "
+                         "without -o allow_other"),
+    ("failed to open /dev/fuse", "this user may not use /dev/fuse: as root, give it access "
+                                 "(e.g. mode 0666, as Debian does), or mount as root"),
+    ("device not found", "the fuse kernel module is not loaded ('modprobe fuse' as root), or "
+                         "/dev/fuse is missing (in a container: pass --device /dev/fuse)"),
+)
+
+
+def fuse_failure(said: str, error: str) -> str:
+    """Why libfuse could not mount, in one line: what libfuse and fusermount said (the
+    reason a detached mount lost before), with a hint, else pyfuse3's error."""
+    lines = _fuse_lines(said)
+    if not lines:
+        return error
+    reason = "; ".join(lines)
+    for words, hint in _FUSE_HINTS:
+        if words in reason:
+            return f"{reason} ({hint})"
+    return reason
 
 
 async def _signals(scope: trio.CancelScope) -> None:

@@ -9,6 +9,7 @@ one (``probe``), and the readahead of a FUSE mount's bdi. Imports nothing of FUS
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,38 @@ def mount_holding(path: Path | str) -> tuple[str, str] | None:
         if inside and (best is None or len(point) >= len(best[0])):
             best = (point, kind)
     return best
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, as ``cachefs list`` shows a mount."""
+
+    point: str
+    source: str  # the fsname: the remote, for a cachefs mount (``daemon.fsname``)
+    kind: str  # fuse.cachefs
+    uid: int | None  # the user that mounted it (FUSE's user_id=)
+
+
+def mounts_of_type(kind: str) -> list[MountEntry]:
+    """Every mount of type ``kind`` this process sees, in mount order (read from
+    mountinfo alone: nothing under a mount is touched)."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                head, _sep, tail = line.rstrip("\n").partition(" - ")
+                fields, rest = head.split(" "), tail.split(" ")
+                if len(fields) <= 4 or len(rest) < 3 or rest[0] != kind:
+                    continue
+                uid = None
+                for option in rest[2].split(","):
+                    if option.startswith("user_id="):
+                        with contextlib.suppress(ValueError):
+                            uid = int(option[len("user_id="):])
+                found.append(MountEntry(_unescape(fields[4]), _unescape(rest[1]), kind, uid))
+    except OSError:
+        pass
+    return found
 
 
 LIVE, STALE, STUCK, FOREIGN = "live", "stale", "stuck", "foreign"

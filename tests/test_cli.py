@@ -27,7 +27,7 @@ from tests.test_control import (
 CACHEFS = str(Path(sys.executable).with_name("cachefs"))
 RUN_TIMEOUT = 60.0
 SUBCOMMANDS = {
-    "mount": ["--cache-dir", "--identity", "--cache-size", "--sync-interval", "-o"],
+    "mount": ["--cache-dir", "--identity", "--cache-size", "--sync-interval", "-o", "--nonempty"],
     "unmount": ["--lazy", "--wait"],
     "status": ["--json"],
     "sync": ["PATH"],
@@ -38,6 +38,8 @@ SUBCOMMANDS = {
     "evict": ["PATH"],
     "conflicts": ["--json"],
     "resolve": ["--keep", "local", "remote", "both"],
+    "list": ["--json", "--timeout"],
+    "caches": ["--remove", "--force", "--json"],
 }
 
 

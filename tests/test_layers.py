@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cachefs.sync",),
     ("cachefs.control",),
     ("cachefs.fs",),
-    ("cachefs.daemon", "cachefs.redact", "cachefs.recover", "cachefs.cli", "cachefs.registry",
+    ("cachefs.daemon", "cachefs.redact", "cachefs.recover", "cachefs.caches", "cachefs.cli", "cachefs.registry",
      "cachefs"),
 ]
 #: layers whose modules may import each other (plain helpers at the bottom; the entry
