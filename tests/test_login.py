@@ -414,3 +414,49 @@ def test_password_stdin(server_for, login_user: LoginUser, tmp_path: Path) -> No
         assert (mnt / "a.txt").read_bytes() == b"stdin\n"
     finally:
         stop_detached(mnt)
+
+
+# -- where to ask (OpenSSH's rules; this suite runs without a terminal) --------------------------
+
+@pytest.mark.parametrize("env, uses", [
+    ({"SSH_ASKPASS": "/bin/ask"}, None),  # no display, no terminal: nothing to ask with
+    ({"SSH_ASKPASS": "/bin/ask", "DISPLAY": ":0"}, "/bin/ask"),
+    ({"SSH_ASKPASS": "/bin/ask", "WAYLAND_DISPLAY": "w"}, "/bin/ask"),
+    ({"SSH_ASKPASS": "/bin/ask", "SSH_ASKPASS_REQUIRE": "force"}, "/bin/ask"),
+    ({"SSH_ASKPASS": "/bin/ask", "SSH_ASKPASS_REQUIRE": "prefer", "DISPLAY": ":0"}, "/bin/ask"),
+    ({"SSH_ASKPASS": "/bin/ask", "SSH_ASKPASS_REQUIRE": "never", "DISPLAY": ":0"}, None),
+    ({"SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}, None),  # no program named
+])
+def test_askpass_rules(env: dict[str, str], uses: str | None, monkeypatch) -> None:
+    from cachefs.remote.ssh_secrets import Secrets, _Asker
+
+    for name in ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    asker = _Asker.find()
+    assert (asker.askpass if asker is not None else None) == uses
+    secrets = Secrets()
+    with secrets.asking() as can_ask:
+        assert can_ask is (uses is not None)
+    assert not secrets.can_ask, "asking outlived its block"
+    assert "key" not in repr(Secrets("pw-text")) and "pw-text" not in repr(Secrets("pw-text"))
+
+
+def test_secrets_go_to_a_fresh_transfer_process_without_key_objects(tmp_path: Path) -> None:
+    """A transfer process started afresh (spawned after a broken pool) gets the secrets
+    through its pipe: the passphrase that worked, not the unlocked key object."""
+    import pickle
+
+    from cachefs.remote.ssh_secrets import Secrets
+
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pp", "-f", str(key)], check=True,
+                   timeout=30, stdin=subprocess.DEVNULL)
+    secrets = Secrets("wrong")
+    assert secrets.unlocked_key(key) is None  # a wrong one given, and no way to ask
+    secrets = Secrets("pp")
+    first = secrets.unlocked_key(key)
+    assert first is not None and secrets.unlocked_key(key) is first  # kept unlocked
+    copy = pickle.loads(pickle.dumps(secrets))
+    assert copy._keys == {} and copy.unlocked_key(key) == first
