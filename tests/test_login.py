@@ -132,34 +132,54 @@ def run_mount(args: list[str], env: dict[str, str] | None = None) -> subprocess.
                           capture_output=True, text=True, timeout=60, env=env)
 
 
+class Terminal:
+    """``cachefs mount ARGS`` run on a new pseudo-terminal (its controlling terminal)."""
+
+    def __init__(self, args: list[str]) -> None:
+        Path(args[1]).mkdir(exist_ok=True)
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the mount command
+            os.chdir(REPO)
+            os.execv(sys.executable, [sys.executable, str(MOUNT_SCRIPT), *args])
+        self.out = b""
+        self.closed = False
+
+    def read(self, seconds: float, until: bytes | None = None) -> None:
+        """What the command writes, for ``seconds`` or until ``until`` shows after the
+        last answer or the terminal closes."""
+        deadline = time.monotonic() + seconds
+        start = len(self.out)
+        while not self.closed and time.monotonic() < deadline:
+            if until is not None and until in self.out[start:]:
+                return
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # EIO: every other end of the terminal closed
+                    data = b""
+                self.out += data
+                self.closed = not data
+
+    def answer(self, prompt: bytes, text: bytes) -> None:
+        self.read(30, until=prompt)
+        assert prompt in self.out, self.out
+        os.write(self.fd, text + b"\n")
+
+    def wait(self) -> int:
+        self.read(60)
+        _, code = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(code)
+
+
 def mount_on_terminal(args: list[str], answers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
     """``cachefs mount`` (detaching) on a new pseudo-terminal, answering each prompt in
     turn; its exit status and everything it wrote there."""
-    Path(args[1]).mkdir(exist_ok=True)
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the mount command, the pty its controlling terminal
-        os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, str(MOUNT_SCRIPT), *args])
-    out, seen, pending = b"", 0, list(answers)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:  # EIO: every end of the terminal closed
-                    break
-                if not data:
-                    break
-                out += data
-                if pending and pending[0][0] in out[seen:]:
-                    seen = out.index(pending[0][0], seen) + len(pending[0][0])
-                    os.write(fd, pending.pop(0)[1] + b"\n")
-        _, code = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
-    return os.waitstatus_to_exitcode(code), out
+    terminal = Terminal(args)
+    for prompt, text in answers:
+        terminal.answer(prompt, text)
+    return terminal.wait(), terminal.out
 
 
 def stop_detached(mnt: Path) -> None:
@@ -180,25 +200,30 @@ def stop_detached(mnt: Path) -> None:
         time.sleep(0.05)
 
 
-def logins(log: Path) -> int:
-    return log.read_text(errors="replace").count("cachefs.remote.ssh_auth: ") - \
-        log.read_text(errors="replace").count("login refused")
+def logins(log: Path | Terminal) -> int:
+    """How many connections logged in so far (the mount's and its transfer processes')."""
+    if isinstance(log, Terminal):
+        log.read(0.1)
+        return log.out.count(b": authenticated with ")
+    return log.read_text(errors="replace").count(": authenticated with ")
 
 
-def read_after_reconnect(mnt: Path, server: SshServer, user: LoginUser, name: str, log: Path) -> None:
+def read_after_reconnect(mnt: Path, server: SshServer, user: LoginUser, name: str, log: Path,
+                         terminal: Terminal | None = None) -> None:
     """Once the mount's 4 connections are open (its own and the 3 transfer processes'),
     cut them all, then read a file never read (a transfer process fetches it over a new
     connection) and list the share (the mount's own new connection): each logs in again
     with what it remembered."""
-    wait_until(lambda: logins(log) >= 4, "the 4 connections logged in")
+    where = log if terminal is None else terminal  # a foreground mount logs to its terminal
+    wait_until(lambda: logins(where) >= 4, "the 4 connections logged in")
     time.sleep(0.3)
-    before = logins(log)
+    before = logins(where)
     cut_sessions(server)
     data = os.urandom(3 << 20)  # large: fetched by the transfer processes in ranges
     put(user, name, data)
     wait_until(lambda: (mnt / name).read_bytes() == data, f"{name} read after the cut")
     assert name in os.listdir(mnt)
-    wait_until(lambda: logins(log) >= before + 2, "two logins again after the cut")
+    wait_until(lambda: logins(where) >= before + 2, "two logins again after the cut")
     assert status(mnt)["state"] == "online", status(mnt)
 
 
@@ -273,6 +298,44 @@ def test_password_typed_on_the_terminal_once(server_for, login_user: LoginUser, 
         assert login_user.password not in log
     finally:
         stop_detached(mnt)
+
+
+def test_no_passphrase_asked_where_keys_cannot_log_in(server_for, login_user: LoginUser,
+                                                      tmp_path: Path) -> None:
+    """A passphrase-protected key and a server that takes passwords only: the password is
+    asked for, the passphrase never (ssh would not ask it either)."""
+    server = server_for("password")
+    key = locked_key(tmp_path, server, "key-secret")
+    mnt = tmp_path / "mnt"
+    try:
+        code, out = mount_on_terminal(mount_args(server, tmp_path, "--identity", str(key)),
+                                      [(b"'s password: ", login_user.password.encode())])
+        assert code == 0, out
+        assert b"Enter passphrase" not in out and out.count(b"password: ") == 1, out
+    finally:
+        stop_detached(mnt)
+
+
+def test_foreground_mount_keeps_its_terminal_and_never_asks_again(
+        server_for, login_user: LoginUser, tmp_path: Path) -> None:
+    """With -f the mount keeps the terminal it was started on: a reconnect still must not
+    ask there (the password typed at the start is used)."""
+    server = server_for("password")
+    put(login_user, "a.txt", b"fg\n")
+    mnt = tmp_path / "mnt"
+    terminal = Terminal(mount_args(server, tmp_path, "-f"))
+    try:
+        terminal.answer(b"'s password: ", login_user.password.encode())
+        wait_until(lambda: is_mounted(mnt), "mounted")
+        assert (mnt / "a.txt").read_bytes() == b"fg\n"
+        terminal.read(0.5)
+        read_after_reconnect(mnt, server, login_user, "b.txt", tmp_path / "fg.log", terminal)
+        terminal.read(1.5)  # the heartbeat's reconnect too
+        assert terminal.out.count(b"password: ") == 1, terminal.out
+        assert login_user.password.encode() not in terminal.out
+    finally:
+        fusermount_unmount(mnt)
+        assert terminal.wait() == 0, terminal.out
 
 
 def test_keyboard_interactive_on_the_terminal_with_a_wrong_first_answer(

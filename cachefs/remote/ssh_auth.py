@@ -84,7 +84,12 @@ class _Login:
                 return True
             if self.allowed is not None and "publickey" not in self.allowed:
                 return False
-        if not self.locked or not self._publickey_allowed():
+        if not self.locked:
+            return False
+        allowed = self._allowed()  # (no passphrase asked for where keys cannot help)
+        if allowed is None:
+            return True
+        if "publickey" not in allowed:
             return False
         for path in list(self.locked):
             unlocked = self.secrets.unlocked_key(path)
@@ -104,10 +109,6 @@ class _Login:
             log.debug("%s: key from %s (%s) not accepted", self.description, source, key.get_name())
             return False
         return self._done(remaining, f"a key from {source}")
-
-    def _publickey_allowed(self) -> bool:
-        allowed = self._allowed()
-        return allowed is None or "publickey" in allowed
 
     def _allowed(self) -> list[str] | None:
         """The methods the server accepts (asked with "none", as ssh does, if no failure
