@@ -36,10 +36,6 @@ PROMPTS = 3
 ASKPASS_TIMEOUT = 600.0  # seconds an askpass program may take (someone is typing)
 
 
-class CannotAsk(Exception):
-    """A secret is needed and there is no way to ask for it (the message says which)."""
-
-
 class Secrets:
     """What a mount logs in with, kept in memory for its life only.
 
@@ -150,9 +146,6 @@ class Secrets:
 
     def answers_worked(self, answers: dict[tuple[str, bool], str]) -> None:
         self._answers.update(answers)
-
-    def has_answers(self) -> bool:
-        return bool(self._answers) or self._password is not None or self._given is not None
 
 
 def _decrypt(path: Path, passphrase: str) -> paramiko.PKey | None:
