@@ -116,6 +116,7 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
                    help="record an unknown host key, like StrictHostKeyChecking=accept-new "
                         "(a changed key is always refused)")
     p.add_argument("-p", "--port", type=_port, metavar="N", help="SSH port (default: 22 or ~/.ssh/config)")
+    _add_login_arguments(p)
     p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long a remote operation may take before the remote counts as "
                         f"unreachable (default: {DEFAULT_TIMEOUT:g})")
@@ -266,7 +267,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
                "request_spin": "request_spin", "sync_at_mount": "sync_at_mount",
                "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
-               "nonempty": "nonempty",
+               "nonempty": "nonempty", "password_file": "password_file",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -293,6 +294,8 @@ def apply_dash_o(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             key_u = key.replace("-", "_")
             if key_u in OWN_OPTIONS:
                 _apply_own_option(args, parser, opt, OWN_OPTIONS[key_u])
+            elif key.lower() in SSHFS_OPTIONS:
+                _apply_sshfs_option(args, parser, opt)
             elif _is_fuse_option(parser, opt):
                 fuse.append(opt)
     args.fuse_options = fuse
@@ -319,6 +322,81 @@ def _apply_own_option(args: argparse.Namespace, parser: argparse.ArgumentParser,
         setattr(args, action.dest, action.type(value) if callable(action.type) else value)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(f"-o {opt}: {exc}")
+
+
+def _add_login_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--password-file", metavar="FILE", type=Path,
+                   help="a file (mode 0600) whose first line is the SSH password, or the "
+                        "passphrase of the key, for mounts with no terminal to ask on (fstab, "
+                        "systemd); on a terminal a missing password or passphrase is asked for "
+                        "once, before the mount detaches")
+    p.set_defaults(password_stdin=False)
+
+
+#: sshfs's (and ssh's) -o names, lower case, as they map onto cachefs: an option's dest,
+#: (dest, value) for a fixed setting, None when cachefs always does it, or the reason
+#: the option is refused (cachefs does that differently)
+SSHFS_OPTIONS: dict[str, str | tuple[str, Any] | None] = {
+    "identityfile": "identity",
+    "port": "port",
+    "userknownhostsfile": "known_hosts",
+    "serveraliveinterval": "heartbeat",
+    "serveralivecountmax": None,  # a heartbeat not answered within --timeout is offline
+    "reconnect": None,  # cachefs always reconnects (and serves the cache meanwhile)
+    "password_stdin": ("password_stdin", True),
+    "stricthostkeychecking": "",  # by value: _strict_host_key_checking
+    "ssh_command": "cachefs speaks SSH itself and runs no ssh program; put ProxyCommand, "
+                   "HostName, User or Port in ~/.ssh/config (or --ssh-config) instead",
+    "ssh_protocol": "cachefs speaks SSH protocol 2 only",
+    "sftp_server": "cachefs uses the server's sftp subsystem (sshd_config's Subsystem line)",
+    "directport": "cachefs speaks SSH itself; it cannot talk SFTP straight to a port",
+}
+
+
+def _apply_sshfs_option(args: argparse.Namespace, parser: argparse.ArgumentParser, opt: str) -> None:
+    """``-o Name=value`` as sshfs takes it, set as cachefs's own option would be."""
+    key, eq, value = opt.partition("=")
+    meaning = SSHFS_OPTIONS[key.lower()]
+    if meaning is None:
+        return
+    if isinstance(meaning, tuple):
+        if eq:
+            parser.error(f"-o {opt}: {key} takes no value (write -o {key})")
+        setattr(args, meaning[0], meaning[1])
+    elif key.lower() == "stricthostkeychecking":
+        _strict_host_key_checking(args, parser, opt, value)
+    elif meaning in OWN_OPTIONS.values():
+        _apply_own_option(args, parser, opt, meaning)
+    else:
+        parser.error(f"-o {opt}: not supported: {meaning}")
+
+
+def _strict_host_key_checking(args: argparse.Namespace, parser: argparse.ArgumentParser, opt: str,
+                              value: str) -> None:
+    """yes and ask: what cachefs always does (an unknown key is refused, with its
+    fingerprint); accept-new: --accept-new-host-key; no/off are refused, never obeyed."""
+    choice = value.lower()
+    if choice == "accept-new":
+        args.accept_new_host_key = True
+    elif choice in ("no", "off"):
+        parser.error(f"-o {opt}: cachefs always checks host keys: an unknown key is refused "
+                     "with its fingerprint until you record it (--accept-new-host-key, "
+                     "-o StrictHostKeyChecking=accept-new, or connect once with ssh), and a "
+                     "changed key is always refused")
+    elif choice not in ("yes", "ask"):
+        parser.error(f"-o {opt}: choose yes, ask or accept-new")
+
+
+def _login_secrets(args: argparse.Namespace) -> Any:
+    """The ``Secrets`` of an SSH mount: the password file's or standard input's secret
+    read now (before the mount detaches), kept in memory only."""
+    from .remote.ssh_secrets import Secrets, read_password_file, read_password_stdin
+
+    if args.password_file is not None:
+        return Secrets(read_password_file(args.password_file), f"--password-file {args.password_file}")
+    if args.password_stdin:
+        return Secrets(read_password_stdin(), "-o password_stdin")
+    return Secrets()
 
 
 def _is_fuse_option(parser: argparse.ArgumentParser, opt: str) -> bool:
@@ -381,6 +459,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .store.crypto import CryptoError
     from .store.index import StoreError
     from .daemon import MountConfig, MountError, run
+    from .errors import RemoteRefused
 
     args = share_arguments(args)
     apply_dash_o(args, args.parser)
@@ -395,12 +474,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # never one that was there before.
     new_cache = not os.path.lexists(cache_dir)
     for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
-                          ("--cache-key-file", args.cache_key_file)):
+                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
         if given is not None and given.expanduser().is_dir():
             return _fail(f"{option} {given} is a directory, not a file")
     try:
         key = cache_key(args, cache_dir)
-    except (CryptoError, StoreError, OSError) as exc:
+        secrets = _login_secrets(args) if address.scheme == "sftp" else None
+    except (CryptoError, StoreError, OSError, RemoteRefused) as exc:
         if new_cache:
             caches.discard_new(cache_dir)
         return _fail(str(exc))
@@ -416,6 +496,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             connections=args.connections,
             remote_hash=args.remote_hash,
             upload_limit=args.upload_limit,
+            secrets=secrets,
         ),
         foreground=args.foreground,
         verbose=args.verbose,
@@ -856,6 +937,7 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
     for action in raw._actions:  # only what is given, as written
         if action.option_strings:
             action.default, action.type, action.choices = argparse.SUPPRESS, None, None
+    raw._defaults.clear()  # (those of set_defaults, -o password_stdin's: none is given)
     options: dict[str, registry.Value] = {}
     pins: list[str] = []
     for dest, value in vars(raw.parse_args(argv)).items():

@@ -38,8 +38,8 @@ from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
                      mount_type_at, probe, set_readahead, stale_message, stuck_message)
 from .redact import Redactor
-from .errors import CommandError, RemoteRefused, SyncFailed
-from .remote import ConnectOptions, open_remote
+from .errors import CommandError, RemoteRefused, RemoteUnreachable, SyncFailed
+from .remote import ConnectOptions, log_in_ahead, open_remote
 from .cache.transfer import FetchPool, Transfers
 from .link.connectivity import Connectivity
 from .link.netevents import NetworkEvents
@@ -259,6 +259,7 @@ def _discard_new_cache(config: MountConfig) -> None:
 
 def _run(config: MountConfig) -> int:
     check_mountpoint(config.mountpoint, config.nonempty)
+    log_in_once(config)
     encrypted = config.cache_key is not None
     redact = encrypted and not config.verbose
     if config.foreground:
@@ -302,6 +303,26 @@ def _run(config: MountConfig) -> int:
         os._exit(1)
     status = _serve(config, ready=write_fd)
     os._exit(status)
+
+
+def log_in_once(config: MountConfig) -> None:
+    """Where a password, a key's passphrase or a keyboard-interactive answer can be asked
+    for (a terminal, or askpass), log in once now, before detaching and before the
+    transfer processes are forked: what is typed is remembered in memory (``Secrets``)
+    and every later connection, theirs included, logs in with it without asking again.
+    A refusal ends the mount here; an unreachable server is the mount's to judge."""
+    secrets = config.connect.secrets
+    if secrets is None or config.address.scheme != "sftp":
+        return
+    with secrets.asking() as can_ask:
+        if not can_ask:
+            return  # nothing to ask with: the mount logs in with what was given
+        try:
+            log_in_ahead(config.address, config.connect)
+        except RemoteRefused as exc:
+            raise MountError(str(exc)) from None
+        except RemoteUnreachable as exc:
+            log.debug("login ahead: %s", exc)
 
 
 def _known_texts(config: MountConfig) -> tuple[str, ...]:

@@ -87,21 +87,30 @@ class SshServer:
     """A throw-away OpenSSH server sharing ``share`` to the current user over SFTP."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
-                 force_internal_sftp: bool = False, sftp_start_dir: Path | None = None) -> None:
+                 force_internal_sftp: bool = False, sftp_start_dir: Path | None = None,
+                 user: str | None = None, logins: tuple[str, ...] = ("publickey",),
+                 authentication_methods: str | None = None) -> None:
         """``force_internal_sftp``: a server that runs no commands (``ForceCommand
         internal-sftp``, as many SFTP-only hosts are set up): an exec request gets an SFTP
         session instead. ``sftp_start_dir``: the folder an SFTP session starts in (the
         login folder that a relative path such as ``host:projects`` starts from; default:
-        the user's home), as ``internal-sftp -d`` sets it."""
+        the user's home), as ``internal-sftp -d`` sets it. ``user``: who logs in (default:
+        the current user). ``logins``: the methods the server accepts, of publickey,
+        password (checked against the system's shadow file) and keyboard-interactive
+        (through PAM, which the server then uses for passwords too);
+        ``authentication_methods``: sshd's AuthenticationMethods (e.g. "publickey,password":
+        both in turn)."""
         self.force_internal_sftp = force_internal_sftp
         self.sftp_start_dir = Path(sftp_start_dir).absolute() if sftp_start_dir is not None else None
+        self.logins = logins
+        self.authentication_methods = authentication_methods
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.share = Path(share).absolute() if share is not None else self.workdir / "share"
         self.share.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or _free_port()
-        self.user = getpass.getuser()
+        self.user = user or getpass.getuser()
         self.host_key = self.workdir / "ssh_host_ed25519_key"
         self.host_key_pub = self.workdir / "ssh_host_ed25519_key.pub"
         self.identity = self.workdir / "id_ed25519"
@@ -147,10 +156,10 @@ class SshServer:
             f"PidFile {self.pid_file}",
             f"AuthorizedKeysFile {self.authorized_keys}",
             "StrictModes no",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
+            f"PubkeyAuthentication {'yes' if 'publickey' in self.logins else 'no'}",
+            f"PasswordAuthentication {'yes' if 'password' in self.logins else 'no'}",
+            f"KbdInteractiveAuthentication {'yes' if 'keyboard-interactive' in self.logins else 'no'}",
+            f"UsePAM {'yes' if 'keyboard-interactive' in self.logins else 'no'}",
             "PermitRootLogin prohibit-password",
             "UseDNS no",
             "X11Forwarding no",
@@ -170,6 +179,8 @@ class SshServer:
         ]
         if self.force_internal_sftp:
             lines.append("ForceCommand internal-sftp")
+        if self.authentication_methods:
+            lines.append(f"AuthenticationMethods {self.authentication_methods}")
         self.config.write_text("\n".join(lines) + "\n")
         # OpenSSH >= 9.8 penalises clients that disconnect before authenticating (as the
         # host key tests do); switch that off where the option exists.

@@ -5,7 +5,8 @@ Owns nothing itself; the modules, each importing only those listed after it:
     local          a directory as the share (LocalRemote)
     sftp           a folder on an SSH server (SftpRemote): the share's root and the operations
     sftp_pool      SSH connections and their pool; failures translated
-    ssh_auth       public key authentication
+    ssh_auth       authentication: keys, keyboard-interactive, password
+    ssh_secrets    passwords and passphrases: given, asked for once, remembered
     ssh_hostkeys   known_hosts: the verdict on a server's key
     ssh_config     the address through ~/.ssh/config (SshTarget)
     sftp_session   the SFTP protocol on one channel (paramiko's engine)
@@ -34,6 +35,7 @@ __all__ = [
     "SpaceInfo",
     "Watch",
     "WatchEnded",
+    "log_in_ahead",
     "open_remote",
 ]
 
@@ -48,3 +50,17 @@ def open_remote(address: RemoteAddress, options: ConnectOptions, pacer: Pacer | 
     from .sftp import SftpRemote
 
     return SftpRemote(address, options, pacer)
+
+
+def log_in_ahead(address: RemoteAddress, options: ConnectOptions) -> None:
+    """For an SSH address: log in once, asking (within ``options.secrets.asking()``) for a
+    password or passphrase the login needs, so that later connections need not ask."""
+    if address.scheme != "sftp":
+        return
+    from .sftp import SftpRemote
+
+    remote = SftpRemote(address, options)
+    try:
+        remote.log_in()
+    finally:
+        remote.close()

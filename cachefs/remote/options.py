@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (paramiko is loaded only where a connection is made)
+    from .ssh_secrets import Secrets
 
 
 @dataclass(frozen=True)
@@ -25,3 +29,6 @@ class ConnectOptions:
     #: --upload-limit: bytes a second uploads may take of the link, all together (None:
     #: no cap; uploads still keep their queue on the link short, see ``WriteWindow``)
     upload_limit: float | None = None
+    #: the secrets a login may need (a password, key passphrases, answers), given ahead
+    #: or asked for once before the mount detaches, then remembered in memory only
+    secrets: "Secrets | None" = field(default=None, repr=False, compare=False)

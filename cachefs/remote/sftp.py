@@ -117,6 +117,10 @@ class SftpRemote(Remote):
         self._pool.reopen()
         self._pool.run("connect", lambda sftp: sftp.lstat_raw(self._path(b"")), retry=True)
 
+    def log_in(self) -> None:
+        """Log in once ahead of the mount (``SftpPool.log_in``): asks for what is missing."""
+        self._pool.log_in()
+
     def ping(self) -> None:
         self._pool.run("ping", lambda sftp: sftp.lstat_raw(self._path(b"")), retry=True)
 

@@ -50,6 +50,9 @@ CHANNEL_MAX_PACKET = 32768  # largest SSH data packet we ask the server to send
 PREFERRED_CIPHERS: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 PREFERRED_MACS: tuple[str, ...] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
+#: how long a login made ahead (``log_in``) may wait for someone to type (sshd's own
+#: LoginGraceTime, 2 minutes by default, ends it sooner)
+LOGIN_WAIT = 600.0
 # Exceptions that mean the connection is broken (socket.timeout is an OSError).
 TRANSPORT_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
 
@@ -131,12 +134,27 @@ class SftpPool:
             log.debug("%s: TCP_NODELAY not set: %s", self.description, exc)
         return sock
 
-    def _open_connection(self) -> Connection:
-        sock = self._open_socket()
-        transport = paramiko.Transport(sock)
+    def log_in(self) -> None:
+        """Connect and log in once, then close: within ``Secrets.asking`` what is missing
+        is asked for (someone types: the login may take minutes), and remembered for every
+        connection after. ``RemoteRefused``/``RemoteUnreachable`` as for any connection."""
+        transport = self._open_transport(LOGIN_WAIT)
+        try:
+            self._log_in(transport)
+        except TRANSPORT_ERRORS as exc:
+            raise RemoteUnreachable(f"{self.description}: connection failed: {exc or type(exc).__name__}") from exc
+        finally:
+            transport.close()
+
+    def _open_transport(self, auth_wait: float) -> paramiko.Transport:
+        transport = paramiko.Transport(self._open_socket())
         transport.banner_timeout = self.timeout
         transport.handshake_timeout = self.timeout
-        transport.auth_timeout = self.timeout
+        transport.auth_timeout = auth_wait
+        return transport
+
+    def _open_connection(self) -> Connection:
+        transport = self._open_transport(self.timeout)
         # paramiko waits without limit in a few places (subsystem start): a watchdog
         # closes the transport if setting up takes longer than the timeout.
         watchdog = threading.Timer(max(self.timeout, self.target.connect_timeout), transport.close)
@@ -162,8 +180,8 @@ class SftpPool:
                   b",".join(sftp.extensions).decode("ascii", "replace"))
         return Connection(transport, sftp, number)
 
-    def _start_session(self, transport: paramiko.Transport) -> SftpSession:
-        """Handshake, host key, authentication, then the SFTP subsystem on a channel."""
+    def _log_in(self, transport: paramiko.Transport) -> None:
+        """Handshake, host key, authentication."""
         target = self.target
         known = known_keys(target.known_hosts_files + target.read_only_known_hosts, target.host_key_name)
         prefer_known_key_types(transport, known)
@@ -171,7 +189,11 @@ class SftpPool:
         transport.start_client(timeout=self.timeout)
         check_host_key(transport.get_remote_server_key(), known, target.host_key_name,
                        target.known_hosts_files[0], self.options.accept_new_host_key)
-        authenticate(transport, target, self.options.identity, self.description)
+        authenticate(transport, target, self.options.identity, self.description, self.options.secrets)
+
+    def _start_session(self, transport: paramiko.Transport) -> SftpSession:
+        """The login, then the SFTP subsystem on a channel."""
+        self._log_in(transport)
         transport.set_keepalive(max(1, int(self.options.keepalive)))
         channel = transport.open_session(
             window_size=CHANNEL_WINDOW, max_packet_size=CHANNEL_MAX_PACKET, timeout=self.timeout
