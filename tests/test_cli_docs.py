@@ -7,6 +7,7 @@ bash and zsh parse the completions, and bash's completes as a user would see it)
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 
@@ -103,3 +104,42 @@ def test_the_zsh_completion_parses() -> None:
 @pytest.mark.parametrize("path", [MAN, BASH, ZSH], ids=lambda p: p.name)
 def test_the_files_say_they_are_generated(path) -> None:
     assert cli_docs.GENERATED in path.read_text()
+
+
+#: Types WORDS and a tab into an interactive zsh (zpty) that loads the completion, and
+#: prints what the terminal shows, until every expected word is there or 30 s pass.
+_ZSH_DRIVER = r"""
+zmodload zsh/zpty
+zpty z 'zsh -f -i'
+zpty -w z "fpath=($1 \$fpath); autoload -Uz compinit; compinit -u -D; setopt nobeep; PROMPT='>'"
+zpty -w -n z "$2"$'\t'
+shift 2
+local seen= chunk
+for ((i = 0; i < 300; i++)); do
+    while zpty -rt z chunk; do seen+=$chunk; done
+    local missing=0 word
+    for word in "$@"; do [[ $seen == *"typed"*$word* ]] || missing=1; done
+    (( missing )) || break
+    seen=${seen/compinit/typed}
+    sleep 0.1
+done
+zpty -d z
+print -r -- "$seen"
+"""
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("cachefs mo", ["cachefs mount"]),
+    ("cachefs mount --cache-", ["--cache-dir", "--cache-key-file", "--cache-size"]),
+    ("cachefs resolve x --keep ", ["both", "local", "remote"]),
+    ("cachefs mount --callbacks ", ["auto", "inotifywait", "off", "python3"]),
+])
+def test_the_zsh_completion_completes(line: str, expected: list[str]) -> None:
+    zsh = shutil.which("zsh")
+    assert zsh, "zsh is not installed: scripts/run installs it for the tests"
+    result = subprocess.run([zsh, "-f", "-c", _ZSH_DRIVER, "zsh", str(ZSH.parent), line, *expected],
+                            capture_output=True, text=True, timeout=60, cwd="/")
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]|\r", "", result.stdout)
+    after = shown.split("typed", 1)[-1]
+    for word in expected:
+        assert word in after, f"{line!r}<TAB> did not offer {word!r}: {after[-400:]!r}"
