@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cachefs import __version__
+from cachefs import __version__, cli
 from cachefs.cli import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,6 +133,7 @@ def man_page() -> str:
         for action in options(subparser):
             if "-h" not in action.option_strings:
                 lines += _man_option(subparser, action)
+    lines += _man_dash_o(_subparser(parser, "mount"))
     lines += [
         ".SH FILES",
         ".TP",
@@ -152,6 +153,30 @@ def man_page() -> str:
         "README.md and docs/ in the source (docs/usage.md: every command and option)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _man_dash_o(mount: argparse.ArgumentParser) -> list[str]:
+    """The ``-o`` names (an /etc/fstab line's options), from cli's own tables."""
+    lines = [".SH MOUNT OPTIONS (\\-o)",
+             "\\fB\\-o\\fR takes comma-separated names, as an \\fI/etc/fstab\\fR line gives them.",
+             "cachefs's own, each the same as its option above:"]
+    by_dest = {a.dest: a for a in options(mount)}
+    for name, dest in cli.OWN_OPTIONS.items():
+        action = by_dest[dest]
+        long = next(o for o in action.option_strings if o.startswith("--"))
+        value = f"=\\fI{roff(metavar(action))}\\fR" if takes_value(action) else ""
+        lines += [".TP", f"\\fB{roff(name)}\\fR{value}", f"as \\fB{roff(long)}\\fR"]
+    lines += [
+        ".PP",
+        "Passed to FUSE: " + ", ".join(f"\\fB{roff(n)}\\fR" for n in sorted(cli.FUSE_OPTIONS)) + "; and "
+        + ", ".join(f"\\fB{roff(n)}=\\fR\\fIVALUE\\fR" for n in sorted(cli.FUSE_VALUE_OPTIONS)) + ".",
+        ".PP",
+        "Refused: " + "; ".join(f"\\fB{roff(n)}\\fR ({roff(why)})" for n, why in sorted(cli.FUSE_REFUSED.items())) + ".",
+        ".PP",
+        "Ignored (meant for \\fBmount\\fR(8) or systemd): "
+        + ", ".join(f"\\fB{roff(n)}\\fR" for n in sorted(cli.MOUNT_ONLY)) + ", and \\fBx\\-\\fR\\fINAME\\fR.",
+    ]
+    return lines
 
 
 def _man_option(parser: argparse.ArgumentParser, action: argparse.Action) -> list[str]:

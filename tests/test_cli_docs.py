@@ -43,6 +43,9 @@ def test_the_man_page_lists_every_command_and_option() -> None:
             assert cli_docs.roff(command) in text, command
         for option in option_strings:
             assert f"\\fB{cli_docs.roff(option)}\\fR" in text, f"{command} {option}"
+    from cachefs import cli
+    for name in [*cli.OWN_OPTIONS, *cli.FUSE_OPTIONS, *cli.FUSE_VALUE_OPTIONS, *cli.FUSE_REFUSED, *cli.MOUNT_ONLY]:
+        assert f"\\fB{cli_docs.roff(name)}" in text, f"-o {name}"
     for command in ("mount", "unmount", "umount", "status", "recover"):
         assert f'.SS "cachefs {command}' in text or f", {command}\"" in text, command
 
