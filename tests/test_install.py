@@ -134,3 +134,50 @@ def test_scripts_run_lists_name_each_package_once() -> None:
     assert len(every) == len(set(every)), every
     # the demo installs no test, build or bench tool
     assert not {"vagrant", "ruby", "rclone", "sshfs", "git"} & {*lists[0], *lists[1]}
+
+
+def _run_function(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``script`` in a bash that sourced scripts/run (which then only defines its functions)."""
+    return subprocess.run(["bash", "-c", f'source "{REPO}/scripts/run"; {script}'], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, env=env)
+
+
+def test_each_command_sets_up_only_its_packages() -> None:
+    runtime_and_demo = _package_list("RUNTIME_PACKAGES") + _package_list("DEMO_PACKAGES")
+    build = _package_list("BUILD_PACKAGES")
+    wanted = {
+        "demo": runtime_and_demo,
+        "tests": runtime_and_demo + build + _package_list("TEST_PACKAGES"),
+        "bench": runtime_and_demo + build + _package_list("BENCH_PACKAGES"),
+    }
+    for purpose, packages in wanted.items():
+        result = _run_function(f"packages_for {purpose}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == packages, purpose
+    result = subprocess.run([str(REPO / "scripts/run"), "setup", "everything"], capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        "[scripts/run] ERROR: unknown set-up: everything (demo, tests or bench)"
+    assert "installing" not in result.stderr
+
+
+def test_the_link_on_path_never_replaces_a_working_cachefs(tmp_path: Path) -> None:
+    target = tmp_path / "venv-cachefs"
+    target.write_text("#!/bin/sh\n")
+    link = tmp_path / "bin" / "cachefs"
+    # none there: made (with its folder)
+    assert _run_function(f'link_one "{target}" "{link}"').returncode == 0
+    assert os.readlink(link) == str(target)
+    # ours already: kept
+    assert _run_function(f'link_one "{target}" "{link}"').returncode == 0
+    # a dangling link (a removed checkout's): replaced
+    link.unlink()
+    link.symlink_to(tmp_path / "gone")
+    assert _run_function(f'link_one "{target}" "{link}"').returncode == 0
+    assert os.readlink(link) == str(target)
+    # a cachefs that works (a pipx install, another checkout): left alone, and said so
+    link.unlink()
+    link.write_text("#!/bin/sh\necho pipx's\n")
+    assert _run_function(f'link_one "{target}" "{link}"').returncode == 1
+    assert link.read_text() == "#!/bin/sh\necho pipx's\n"
