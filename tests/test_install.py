@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -88,9 +89,12 @@ def test_the_wheel_carries_the_command_man_page_and_completions(tmp_path: Path) 
     """What pip install / pipx install put on a machine: the wheel built from the checkout
     has the ``cachefs`` command and, as data files under share/, the man page and the
     bash and zsh completions (the same bytes as data/)."""
+    source = tmp_path / "source"  # a copy: a build leaves build/ and *.egg-info beside it
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "vagrant", "bench"))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "-q", "-w", str(tmp_path), str(REPO)],
+         "--disable-pip-version-check", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300)
     assert "invalid command 'bdist_wheel'" not in result.stderr, (
         "this venv's setuptools cannot build a wheel by itself: the [test] extra asks for "
