@@ -157,6 +157,9 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                         "build) is then answered without waking this process; costs CPU only "
                         "while requests come; 0 turns it off (needs the pyfuse3 that "
                         "scripts/build-passthrough builds; default: %(default)g)")
+    p.add_argument("--no-notify", dest="notify", action="store_false",
+                   help="send no desktop notifications (sent by default where a session D-Bus "
+                        "runs: a new conflict, the server lost and found again, a sync that fails)")
     p.add_argument("--encrypt-cache", action="store_true",
                    help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
                         "key comes from --cache-key-file, or the passphrase in "
@@ -219,7 +222,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "cache_size": "cache_size", "sync_interval": "sync_interval", "readahead": "readahead",
                "write_back_hold": "write_back_hold", "no_passthrough": "passthrough",
                "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
-               "request_spin": "request_spin",
+               "request_spin": "request_spin", "no_notify": "notify",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -370,6 +373,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         passthrough=args.passthrough,
         callbacks=args.callbacks,
         request_spin=args.request_spin,
+        notify=args.notify,
         fuse_options=args.fuse_options,
         cache_key=key,
     )
@@ -505,7 +509,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("remote", status.get("remote")),
         ("mount point", str(root)),
         ("pending changes", status.get("pending")),
-        ("conflicts", status.get("conflicts")),
+        ("conflicts", _conflicts_text(status)),
         ("cache use", f"{human_bytes(used)} of {human_bytes(limit)}"
                       + (" (pinned and changed files alone exceed the limit)"
                          if status.get("over_limit_pinned") else "")),
@@ -519,6 +523,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key + ':':<17}{value}")
     return 0
+
+
+def _conflicts_text(status: dict[str, Any]) -> str:
+    """``2 (changed-both 1, deleted-local-changed-remote 1)``: the count and its kinds."""
+    kinds = status.get("conflict_kinds") or {}
+    shown = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+    return f"{status.get('conflicts')}{f' ({shown})' if shown else ''}"
 
 
 def _passthrough_text(state: dict[str, Any]) -> str:
