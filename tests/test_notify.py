@@ -405,3 +405,47 @@ class FakeServer:
                 self.sock.sendall(bytes(w.buf))
         except OSError:
             pass
+
+
+# -- the sync manager's hooks (in process: a real store and a local share) -----------------------
+def test_the_sync_manager_tells_a_failure_and_a_conflict(tmp_path: Path, share: Path) -> None:
+    """A journal entry damaged on disk (a bit flipped through LMDB, as a disk would) stops
+    the pass: a failure, told with its reason; a pass that completes tells ``None``; a
+    conflict is told once committed (its record already in the store)."""
+    import trio
+
+    from tests.test_damage import Side, _cache_dir, _local
+
+    (share / "f.txt").write_bytes(b"base")
+    text, remote = _local(share)
+    told: list[str | None] = []
+    records: list[tuple[dict, int]] = []
+
+    async def main(nursery: trio.Nursery) -> None:
+        side = await Side(_cache_dir(tmp_path), text, remote).start(nursery)
+        side.sync.on_failure(told.append)
+        side.sync.on_conflict(lambda r: records.append((r, side.store.count(side.store.conflicts))))
+        await side.read(b"f.txt")
+        await side.write(b"g.txt", b"new")
+        with side.store.env.begin(write=True) as txn:
+            key, value = next(iter(txn.cursor(db=side.store.journal)))
+            txn.put(key, bytes([value[0] ^ 1]) + value[1:], db=side.store.journal)
+        result = await side.sync.reintegrate()
+        assert not result.complete and result.failed
+        assert len(told) == 1 and told[0] and "journal" in told[0], told
+        with side.store.env.begin(write=True) as txn:  # the entry dropped: the pass completes
+            txn.delete(key, db=side.store.journal)
+        await side.write(b"f.txt", b"changed here")
+        (share / "f.txt").write_bytes(b"changed there, longer")
+        os.utime(share / "f.txt", (1, 1))
+        result = await side.sync.reintegrate()
+        assert result.complete
+        assert told[-1] is None
+        assert [(r["kind"], r["path"], count) for r, count in records] == [("changed-both", "f.txt", 1)]
+        await side.close()
+
+    async def in_nursery() -> None:
+        async with trio.open_nursery() as nursery:
+            await main(nursery)
+
+    trio.run(in_nursery)
