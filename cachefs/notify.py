@@ -16,7 +16,7 @@ request or the mount's teardown (the thread is a daemon thread).
 
 Why a client of its own: ``notify-send`` is not installed on many desktops and ``gdbus``
 not on every one, and a child process per notification from a process that serves FUSE
-costs a fork of a large process; the part of D-Bus needed for one method call is ~150
+costs a fork of a large process; the part of D-Bus needed for one method call is ~250
 lines with nothing to install (see docs/conflicts.md#notifications).
 """
 
