@@ -498,10 +498,12 @@ def _running(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root, status, _inside = _mount_root_and_status(Path(args.path))
+    root, status, inside = _mount_root_and_status(Path(args.path or "."))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if args.path is not None and inside != root:  # a path given in the mount: its state first
+        print(f"{'path state:':<17}{_path_state(root, inside)}")
     limit = status.get("cache_limit") or 0
     used = status.get("cache_bytes") or 0
     rows = [
@@ -523,6 +525,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key + ':':<17}{value}")
     return 0
+
+
+def _path_state(root: Path, inside: Path) -> str:
+    """``user.cachefs.state`` of a path in the mount, and for ``conflict`` the kinds of
+    the records that name it (``conflict (changed-both)``)."""
+    state = os.getxattr(inside, "user.cachefs.state", follow_symlinks=False).decode()
+    if state != "conflict":
+        return state
+    rel = os.path.relpath(inside, root)
+    records = json.loads((root / ".cachefs" / "conflicts").read_text())
+    kinds = sorted({str(r.get("kind")) for r in records
+                    if rel in (r.get("path"), r.get("conflict_path"), r.get("target"))})
+    return f"conflict ({', '.join(kinds)})" if kinds else state
 
 
 def _conflicts_text(status: dict[str, Any]) -> str:
@@ -690,8 +705,9 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the state of a mount",
                        description="Show the state of the mount holding PATH: connectivity, "
                                    "remote, pending changes, conflicts, cache use, pinned "
-                                   "folders, last sync and last error.")
-    p.add_argument("path", metavar="PATH", nargs="?", default=".", help=where)
+                                   "folders, last sync and last error; for a PATH given "
+                                   "inside the mount, its own state first.")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None, help=where)
     p.add_argument("--json", action="store_true", help="print the raw JSON status")
     p.set_defaults(func=cmd_status)
 

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.fixtures.mount import _run_with_timeout, status
+from tests.fixtures.mount import REPO, _run_with_timeout, status
 from tests.test_writes import control, go_offline, read_all, sync, wait_for, wait_state, write_file
 
 CONFLICT_RE = re.compile(r"^(?P<stem>.*) \(conflict \d{4}-\d\d-\d\d \d{6} [^)]+\)(?P<ext>.*)$")
@@ -58,6 +60,14 @@ def assert_recorded(mnt: Path, path: str, kind: str | None = None) -> dict:
 def state_of(path: Path) -> str:
     return _run_with_timeout(lambda: os.getxattr(path, "user.cachefs.state").decode(), 10,
                              f"the state of {path}")
+
+
+def path_state_line(path: Path) -> str:
+    """The ``path state:`` line of ``cachefs status PATH``."""
+    result = subprocess.run([sys.executable, "-m", "cachefs.cli", "status", str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if line.startswith("path state:"))
 
 
 def shows_conflict(*paths: Path) -> None:
@@ -111,6 +121,7 @@ def test_changed_on_both_sides(mount_factory, share: Path) -> None:
         mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
         assert sorted(os.listdir(mnt)) == sorted([".cachefs", "report.txt", copies[0]])
         shows_conflict(mnt / "report.txt", mnt / copies[0])
+        assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
         control(mnt, "resolve report.txt both")
         assert state_of(mnt / "report.txt") != "conflict"
         assert state_of(mnt / copies[0]) != "conflict"
@@ -135,6 +146,7 @@ def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
         mount_shows(mnt, {"notes.txt": b"changed there"})
         # (the server's version came back: its name carries the state)
         shows_conflict(mnt / "notes.txt")
+        assert path_state_line(mnt / "notes.txt").endswith("conflict (deleted-local-changed-remote)")
 
 
 def test_changed_here_deleted_there(mount_factory, share: Path) -> None:
