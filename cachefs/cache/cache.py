@@ -94,7 +94,7 @@ class Cache:
         self._space_at = 0.0
         self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
         self._damage_told: set[str] = set()
-        #: (Store.generation, the paths conflict records name, records by kind) last read
+        #: (Store.conflict_generation, the paths conflict records name, records by kind) last read
         self._conflicts_at: tuple[int, frozenset[bytes], dict[str, int]] = (-1, frozenset(), {})
         # The requests of the hot paths go straight to the part that serves them.
         self.node = self._listings.node
@@ -280,9 +280,9 @@ class Cache:
 
     def _conflicts_seen(self) -> tuple[frozenset[bytes], dict[str, int]]:
         """Every path the conflict records name, and how many records of each kind;
-        read again after any write transaction (``Store.generation``: a record is added
-        or deleted in one), not at each ``getxattr`` or status read."""
-        generation = self._store.generation
+        read again only after a record was added or deleted (``Store.conflict_generation``),
+        not at each ``getxattr`` or status read."""
+        generation = self._store.conflict_generation
         if self._conflicts_at[0] != generation:
             names: set[bytes] = set()
             kinds: dict[str, int] = {}
