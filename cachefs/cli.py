@@ -171,6 +171,9 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
                         "build) is then answered without waking this process; costs CPU only "
                         "while requests come; 0 turns it off (needs the pyfuse3 that "
                         "scripts/build-passthrough builds; default: %(default)g)")
+    p.add_argument("--no-notify", dest="notify", action="store_false",
+                   help="send no desktop notifications (sent by default where a session D-Bus "
+                        "runs: a new conflict, the server lost and found again, a sync that fails)")
     p.add_argument("--encrypt-cache", action="store_true",
                    help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
                         "key comes from --cache-key-file, or the passphrase in "
@@ -267,7 +270,7 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "no_remote_hash": "remote_hash", "callbacks": "callbacks", "upload_limit": "upload_limit",
                "request_spin": "request_spin", "sync_at_mount": "sync_at_mount",
                "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
-               "nonempty": "nonempty", "password_file": "password_file",
+               "nonempty": "nonempty", "password_file": "password_file", "no_notify": "notify",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -513,6 +516,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         passthrough=args.passthrough,
         callbacks=args.callbacks,
         request_spin=args.request_spin,
+        notify=args.notify,
         fuse_options=args.fuse_options,
         cache_key=key,
         nonempty=args.nonempty,
@@ -641,10 +645,12 @@ def _running(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root, status, _inside = _mount_root_and_status(Path(args.path))
+    root, status, inside = _mount_root_and_status(Path(args.path or "."))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if args.path is not None and inside != root:  # a path given in the mount: its state first
+        print(f"{'path state:':<17}{_path_state(root, inside)}")
     limit = status.get("cache_limit") or 0
     used = status.get("cache_bytes") or 0
     rows = [
@@ -652,7 +658,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("remote", status.get("remote")),
         ("mount point", str(root)),
         ("pending changes", status.get("pending")),
-        ("conflicts", status.get("conflicts")),
+        ("conflicts", _conflicts_text(status)),
         ("cache use", f"{human_bytes(used)} of {human_bytes(limit)}"
                       + (" (pinned and changed files alone exceed the limit)"
                          if status.get("over_limit_pinned") else "")),
@@ -666,6 +672,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key + ':':<17}{value}")
     return 0
+
+
+def _path_state(root: Path, inside: Path) -> str:
+    """``user.cachefs.state`` of a path in the mount, and for ``conflict`` the kinds of
+    the records that name it (``conflict (changed-both)``)."""
+    state = os.getxattr(inside, "user.cachefs.state", follow_symlinks=False).decode()
+    if state != "conflict":
+        return state
+    rel = os.path.relpath(inside, root)
+    records = json.loads((root / ".cachefs" / "conflicts").read_text())
+    kinds = sorted({str(r.get("kind")) for r in records
+                    if rel in (r.get("path"), r.get("conflict_path"), r.get("target"))})
+    return f"conflict ({', '.join(kinds)})" if kinds else state
+
+
+def _conflicts_text(status: dict[str, Any]) -> str:
+    """``2 (changed-both 1, deleted-local-changed-remote 1)``: the count and its kinds."""
+    kinds = status.get("conflict_kinds") or {}
+    shown = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+    return f"{status.get('conflicts')}{f' ({shown})' if shown else ''}"
 
 
 def _passthrough_text(state: dict[str, Any]) -> str:
@@ -1178,8 +1204,9 @@ def build_parser(prog: str = "cachefs") -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the state of a mount",
                        description="Show the state of the mount holding PATH: connectivity, "
                                    "remote, pending changes, conflicts, cache use, pinned "
-                                   "folders, last sync and last error.")
-    p.add_argument("path", metavar="PATH", nargs="?", default=".", help=where)
+                                   "folders, last sync and last error; for a PATH given "
+                                   "inside the mount, its own state first.")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None, help=where)
     p.add_argument("--json", action="store_true", help="print the raw JSON status")
     p.set_defaults(func=cmd_status)
 

@@ -89,6 +89,7 @@ class Control:
             "remote": link["remote"],
             "pending": self.sync.pending(),
             "conflicts": self.cache.conflict_count(),
+            "conflict_kinds": self.cache.conflict_kinds(),
             "progress": progress,
             "cache_bytes": self.cache.cached_bytes(),
             "cache_limit": hoard.limit,

@@ -46,6 +46,7 @@ from .link.netevents import NetworkEvents
 from .link.wakeup import Wakeup
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
 from .sync.manager import SyncManager
+from .notify import BusSender, Notices, session_bus_address
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class MountConfig:
     passthrough: bool = True  # FUSE passthrough for whole cached files, where it works
     callbacks: str = "auto"  # the server's watcher (cache.callbacks)
     request_spin: float = DEFAULT_REQUEST_SPIN  # µs the FUSE loop reads on before sleeping
+    notify: bool = True  # desktop notifications, where a session bus exists (cachefs.notify)
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
     nonempty: bool = False  # mount over a folder that has files (hidden while mounted)
@@ -454,6 +456,7 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                            writeback_hold=config.write_back_hold, transfers=transfers,
                            wakeup=wakeup, flush_timeout=config.sync_at_unmount)
         controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
+        notices = _notices(config, conn, sync)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
         sync.schedule.also_at(at_mount=config.sync_at_mount, idle=config.sync_idle,
                               activity=ops.handles_opened)
@@ -484,6 +487,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                 nursery.start_soon(_readahead_after_init, ops, config)
                 if config.pins:
                     nursery.start_soon(_pin_at_mount, controls, conn, config.pins)
+                if notices is not None:
+                    nursery.start_soon(notices.run)
                 await pyfuse3.main()
                 await sync.flush_at_unmount()
                 nursery.cancel_scope.cancel()
@@ -514,6 +519,8 @@ async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) 
                     continue
                 log.warning("could not pin %s at mount: %s", path, exc)
             break
+
+
 @contextlib.contextmanager
 def _stderr_captured(said: list[str]) -> Iterator[None]:
     """Catch what is written to file descriptor 2 meanwhile (libfuse's and fusermount's
@@ -576,6 +583,27 @@ def fuse_failure(said: str, error: str) -> str:
         if words in reason:
             return f"{reason} ({hint})"
     return reason
+
+
+def _notices(config: MountConfig, conn: Connectivity, sync: SyncManager) -> Notices | None:
+    """Desktop notifications wired to the link and the sync manager, unless turned off
+    (``--no-notify``) or there is no session bus to send them on (a debug line says so)."""
+    if not config.notify:
+        log.debug("desktop notifications: off (--no-notify)")
+        return None
+    address = session_bus_address()
+    if address is None:
+        log.debug("desktop notifications: none (no session bus: DBUS_SESSION_BUS_ADDRESS is not "
+                  "set and there is no $XDG_RUNTIME_DIR/bus)")
+        return None
+    log.debug("desktop notifications: on the session bus %s", address)
+    encrypted = config.cache_key is not None
+    notices = Notices(BusSender(address).put, str(config.mountpoint),
+                      show_names=not encrypted or config.verbose, link_state=conn.state.value)
+    conn.on_state(lambda state: notices.link(state.value))
+    sync.on_conflict(notices.conflict)
+    sync.on_failure(lambda reason: notices.sync_ok() if reason is None else notices.sync_failed(reason))
+    return notices
 
 
 async def _signals(scope: trio.CancelScope) -> None:

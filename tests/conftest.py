@@ -49,14 +49,15 @@ def mount_factory(tmp_path: Path, sshd: SshServer) -> Iterator:
 
     def make(*extra: str, remote: str | None = None, known_hosts: Path | None = None,
              name: str = "mnt", cache: str = "cache", allowed_errors=(), check_log: bool = True,
-             timeout: str = "2", attr_timeout: str = "1", heartbeat: str = "1") -> Mount:
+             timeout: str = "2", attr_timeout: str = "1", heartbeat: str = "1",
+             env: dict[str, str] | None = None) -> Mount:
         mount = Mount(
             remote or sshd.address(), tmp_path / name, tmp_path / cache,
             "--identity", str(sshd.identity),
             "--known-hosts", str(known_hosts or sshd.known_hosts),
             "--timeout", timeout, "--attr-timeout", attr_timeout, "--heartbeat", heartbeat,
             "-v", *extra,
-            allowed_errors=allowed_errors, check_log=check_log,
+            allowed_errors=allowed_errors, check_log=check_log, env=env,
         )
         made.append(mount)
         return mount

@@ -1,6 +1,9 @@
 """Every conflict case of the replay, end to end: what the server holds afterwards, what the
 mount shows (after its listing refresh, ``--attr-timeout 1``), and what status and
 ``.cachefs/conflicts`` report. The remote keeps the name; the local version is never lost.
+Every kind marks the names it concerns: ``user.cachefs.state`` is ``conflict`` for each
+name still there that a record names (the original, the copy, a rename's target), and
+status counts the records by kind (``conflict_kinds``).
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.fixtures.mount import _run_with_timeout, status
+from tests.fixtures.mount import REPO, _run_with_timeout, status
 from tests.test_writes import control, go_offline, read_all, sync, wait_for, wait_state, write_file
 
 CONFLICT_RE = re.compile(r"^(?P<stem>.*) \(conflict \d{4}-\d\d-\d\d \d{6} [^)]+\)(?P<ext>.*)$")
@@ -42,12 +47,39 @@ def change_on_server(path: Path, data: bytes) -> None:
 
 
 def assert_recorded(mnt: Path, path: str, kind: str | None = None) -> dict:
-    assert status(mnt)["conflicts"] >= 1, status(mnt)
+    shown = status(mnt)
+    assert shown["conflicts"] >= 1, shown
     records = [r for r in conflict_records(mnt) if r.get("path") == path]
     assert records, f"no conflict recorded for {path}: {conflict_records(mnt)}"
     if kind is not None:
         assert any(r.get("kind") == kind for r in records), records
+        assert shown["conflict_kinds"].get(kind, 0) >= 1, shown["conflict_kinds"]
     return records[0]
+
+
+def state_of(path: Path) -> str:
+    return _run_with_timeout(lambda: os.getxattr(path, "user.cachefs.state").decode(), 10,
+                             f"the state of {path}")
+
+
+def path_state_line(path: Path) -> str:
+    """The ``path state:`` line of ``cachefs status PATH``."""
+    result = subprocess.run([sys.executable, "-m", "cachefs.cli", "status", str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if line.startswith("path state:"))
+
+
+def shows_conflict(*paths: Path) -> None:
+    """Wait until each of ``paths`` is in the mount with the state ``conflict``."""
+    def ok() -> bool:
+        return all(os.path.lexists(p) and state_of(p) == "conflict" for p in paths)
+
+    try:
+        wait_for(ok, REFRESH, f"{[p.name for p in paths]} to show 'conflict'", interval=0.2)
+    except AssertionError:
+        seen = {p.name: state_of(p) if os.path.lexists(p) else "(missing)" for p in paths}
+        raise AssertionError(f"states: {seen}") from None
 
 
 def mount_shows(mnt: Path, expected: dict[str, bytes], folder: str = "") -> None:
@@ -88,6 +120,11 @@ def test_changed_on_both_sides(mount_factory, share: Path) -> None:
         assert status(mnt)["pending"] == 0
         mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
         assert sorted(os.listdir(mnt)) == sorted([".cachefs", "report.txt", copies[0]])
+        shows_conflict(mnt / "report.txt", mnt / copies[0])
+        assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
+        control(mnt, "resolve report.txt both")
+        assert state_of(mnt / "report.txt") != "conflict"
+        assert state_of(mnt / copies[0]) != "conflict"
 
 
 def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
@@ -105,8 +142,11 @@ def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
         sync(mnt)
         assert (share / "notes.txt").read_bytes() == b"changed there"
         assert copies_of(share, "notes.txt") == []
-        assert_recorded(mnt, "notes.txt")
+        assert_recorded(mnt, "notes.txt", "deleted-local-changed-remote")
         mount_shows(mnt, {"notes.txt": b"changed there"})
+        # (the server's version came back: its name carries the state)
+        shows_conflict(mnt / "notes.txt")
+        assert path_state_line(mnt / "notes.txt").endswith("conflict (deleted-local-changed-remote)")
 
 
 def test_changed_here_deleted_there(mount_factory, share: Path) -> None:
@@ -120,8 +160,11 @@ def test_changed_here_deleted_there(mount_factory, share: Path) -> None:
         control(mnt, "online")
         sync(mnt)
         assert (share / "draft.md").read_bytes() == b"changed here"
-        assert_recorded(mnt, "draft.md")
+        assert_recorded(mnt, "draft.md", "deleted-remote-changed-local")
         mount_shows(mnt, {"draft.md": b"changed here"})
+        shows_conflict(mnt / "draft.md")
+        control(mnt, "resolve draft.md local")
+        assert state_of(mnt / "draft.md") != "conflict"
 
 
 def test_created_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
@@ -136,8 +179,9 @@ def test_created_here_onto_name_that_appeared_there(mount_factory, share: Path) 
         copies = copies_of(share, "new.txt")
         assert len(copies) == 1, os.listdir(share)
         assert (share / copies[0]).read_bytes() == b"made here"
-        assert_recorded(mnt, "new.txt")
+        assert_recorded(mnt, "new.txt", "changed-both")
         mount_shows(mnt, {"new.txt": b"made there!", copies[0]: b"made here"})
+        shows_conflict(mnt / "new.txt", mnt / copies[0])
 
 
 def test_renamed_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
@@ -160,6 +204,9 @@ def test_renamed_here_onto_name_that_appeared_there(mount_factory, share: Path) 
             conflict_records(mnt)
         mount_shows(mnt, {"b.txt": b"b made there", copies[0]: b"content of a"})
         wait_for(lambda: "a.txt" not in os.listdir(mnt), REFRESH, "a.txt gone from the mount")
+        record = assert_recorded(mnt, "a.txt", "renamed-onto-new-remote")
+        assert record.get("target") == "b.txt", record
+        shows_conflict(mnt / "b.txt", mnt / copies[0])
 
 
 def test_created_in_folder_removed_there(mount_factory, share: Path) -> None:
@@ -177,6 +224,99 @@ def test_created_in_folder_removed_there(mount_factory, share: Path) -> None:
         assert (share / "project" / "old" / "fresh.txt").read_bytes() == b"written offline"
         assert status(mnt)["pending"] == 0
         mount_shows(mnt, {"fresh.txt": b"written offline"}, folder="project/old")
+        assert_recorded(mnt, "project/old/fresh.txt", "folder-recreated")
+        shows_conflict(mnt / "project" / "old" / "fresh.txt")
+
+
+def test_folder_deleted_here_filled_there(mount_factory, share: Path) -> None:
+    """A folder removed here that got a new file there: kept, and marked."""
+    (share / "old").mkdir()
+    (share / "old" / "x.txt").write_bytes(b"x")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        shutil.rmtree(mnt / "old")
+        (share / "old" / "new.txt").write_bytes(b"new there")
+        control(mnt, "online")
+        sync(mnt)
+        assert sorted(os.listdir(share / "old")) == ["new.txt"]
+        assert_recorded(mnt, "old", "folder-not-empty-remote")
+        mount_shows(mnt, {"new.txt": b"new there"}, folder="old")
+        shows_conflict(mnt / "old")
+        control(mnt, "resolve old both")
+        assert state_of(mnt / "old") != "conflict"
+
+
+def test_folder_made_here_file_there(mount_factory, share: Path) -> None:
+    """A type change: a folder made here where a file appeared there (created-both)."""
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        (mnt / "thing").mkdir()
+        (share / "thing").write_bytes(b"a file there")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "thing").read_bytes() == b"a file there"
+        copies = copies_of(share, "thing")
+        assert len(copies) == 1 and (share / copies[0]).is_dir(), os.listdir(share)
+        assert_recorded(mnt, "thing", "created-both")
+        mount_shows(mnt, {"thing": b"a file there"})
+        shows_conflict(mnt / "thing", mnt / copies[0])
+
+
+def test_file_changed_here_folder_there(mount_factory, share: Path) -> None:
+    """A type change the other way: a file changed here became a folder there. The
+    server's folder keeps the name; our file goes beside it."""
+    (share / "item").write_bytes(b"base")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "item", b"changed here")
+        (share / "item").unlink()
+        (share / "item").mkdir()
+        (share / "item" / "inside.txt").write_bytes(b"inside")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "item" / "inside.txt").read_bytes() == b"inside"
+        copies = copies_of(share, "item")
+        assert len(copies) == 1 and (share / copies[0]).read_bytes() == b"changed here", os.listdir(share)
+        assert_recorded(mnt, "item", "changed-both")
+        wait_for(lambda: (mnt / "item").is_dir(), REFRESH, "the server's folder in the mount")
+        shows_conflict(mnt / "item", mnt / copies[0])
+
+
+def test_renamed_here_deleted_there(mount_factory, share: Path) -> None:
+    """The deletion there wins; the record names both names (none is left to mark)."""
+    (share / "a.txt").write_bytes(b"a")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        os.rename(mnt / "a.txt", mnt / "c.txt")
+        (share / "a.txt").unlink()
+        control(mnt, "online")
+        sync(mnt)
+        assert sorted(os.listdir(share)) == []
+        record = assert_recorded(mnt, "a.txt", "renamed-missing-remote")
+        assert record.get("target") == "c.txt", record
+        wait_for(lambda: "c.txt" not in os.listdir(mnt), REFRESH, "c.txt gone from the mount")
+
+
+def test_mode_changed_here_deleted_there(mount_factory, share: Path) -> None:
+    (share / "f.txt").write_bytes(b"f")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        os.chmod(mnt / "f.txt", 0o600)
+        (share / "f.txt").unlink()
+        control(mnt, "online")
+        sync(mnt)
+        assert_recorded(mnt, "f.txt", "attributes-of-deleted")
+        wait_for(lambda: "f.txt" not in os.listdir(mnt), REFRESH, "f.txt gone from the mount")
 
 
 def test_identical_content_is_no_conflict(mount_factory, share: Path) -> None:

@@ -94,6 +94,8 @@ class Cache:
         self._space_at = 0.0
         self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
         self._damage_told: set[str] = set()
+        #: (Store.conflict_generation, the paths conflict records name, records by kind) last read
+        self._conflicts_at: tuple[int, frozenset[bytes], dict[str, int]] = (-1, frozenset(), {})
         # The requests of the hot paths go straight to the part that serves them.
         self.node = self._listings.node
         self.lookup = self._listings.lookup
@@ -251,9 +253,16 @@ class Cache:
 
     def state(self, ino: int) -> str:
         """What ``user.cachefs.state`` says of a node: damaged, conflict, dirty, pinned,
-        or what of it is cached (cached, partial, remote)."""
+        or what of it is cached (cached, partial, remote). ``conflict``: the node is
+        flagged so (``CONFLICT``), or one of its paths is named by a conflict record (its
+        ``path``, ``conflict_path`` or ``target``), whatever the kind: a name that came
+        back from the server after a deletion here has no flag of ours."""
         node = self.node(ino)
-        for flag, word in ((DAMAGED, "damaged"), (CONFLICT, "conflict"), (DIRTY, "dirty"), (PINNED, "pinned")):
+        if node.has(DAMAGED):
+            return "damaged"
+        if node.has(CONFLICT) or self._named_in_conflict(node):
+            return "conflict"
+        for flag, word in ((DIRTY, "dirty"), (PINNED, "pinned")):
             if node.has(flag):
                 return word
         if node.is_dir:
@@ -261,6 +270,34 @@ class Cache:
         if node.is_symlink:
             return "cached"
         return self._content.state(node)
+
+    def _named_in_conflict(self, node: Node) -> bool:
+        names = self._conflicts_seen()[0]
+        if not names:
+            return False
+        paths = self._store.paths_of(node.ino) if node.nlink > 1 else [self._store.path_of(node.ino)]
+        return any(path in names for path in paths)
+
+    def _conflicts_seen(self) -> tuple[frozenset[bytes], dict[str, int]]:
+        """Every path the conflict records name, and how many records of each kind;
+        read again only after a record was added or deleted (``Store.conflict_generation``),
+        not at each ``getxattr`` or status read."""
+        generation = self._store.conflict_generation
+        if self._conflicts_at[0] != generation:
+            names: set[bytes] = set()
+            kinds: dict[str, int] = {}
+            for found in self._store.conflict_records():
+                kind = str(found.get("kind"))
+                kinds[kind] = kinds.get(kind, 0) + 1
+                for key in ("path", "conflict_path", "target"):
+                    if isinstance(text := found.get(key), str) and text:
+                        names.add(text.encode("utf-8", "surrogateescape"))
+            self._conflicts_at = (generation, frozenset(names), dict(sorted(kinds.items())))
+        return self._conflicts_at[1], self._conflicts_at[2]
+
+    def conflict_kinds(self) -> dict[str, int]:
+        """How many unresolved conflict records of each kind."""
+        return dict(self._conflicts_seen()[1])
 
     # -- the link, the index and the kernel, for fs and control ------------------------------
     @property

@@ -60,6 +60,7 @@ class Connectivity:
         self._wake_probe = trio.Event()
         self._check_reason: str | None = None  # why ``check_now`` was called, until done
         self._went_online: list[Callable[[], None]] = []
+        self._state_changed: list[Callable[[State], None]] = []
         self._rtts: list[float] = []  # the last round trips measured (``note_rtt``)
         #: the link's round trip (seconds): the least of the last few measured; None
         #: before the first (set by ``note_rtt``)
@@ -93,6 +94,14 @@ class Connectivity:
     def on_online(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the trio thread) each time the remote comes back."""
         self._went_online.append(callback)
+
+    def on_state(self, callback: Callable[[State], None]) -> None:
+        """Call ``callback(new_state)`` (on the trio thread) at each change of state."""
+        self._state_changed.append(callback)
+
+    def _tell(self) -> None:
+        for callback in self._state_changed:
+            callback(self.state)
 
     # -- calls ------------------------------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False,
@@ -142,11 +151,15 @@ class Connectivity:
             log.warning("remote unreachable (%s): working offline", reason)
             self.state = State.OFFLINE
             self._wake_probe.set()
+            self._tell()
 
     def _set_online(self) -> None:
-        if self.state is not State.ONLINE:
+        changed = self.state is not State.ONLINE
+        if changed:
             log.info("remote %s reachable: online", self.remote.description)
         self.state = State.ONLINE
+        if changed:
+            self._tell()
         self.last_error = None
         self.last_online = time.time()
         for callback in self._went_online:
@@ -154,13 +167,17 @@ class Connectivity:
 
     # -- work offline on request --------------------------------------------------------
     def work_offline(self) -> None:
+        changed = self.state is not State.WORK_OFFLINE
         self.state = State.WORK_OFFLINE
+        if changed:
+            self._tell()
         self.last_error = None
         log.info("working offline by request")
 
     def work_online(self) -> None:
         if self.state is State.WORK_OFFLINE:
             self.state = State.OFFLINE
+            self._tell()
         self._wake_probe.set()
 
     def check_now(self, reason: str) -> None:

@@ -155,6 +155,9 @@ class Store:
         #: it has not moved (``Cache`` keeps folder listings on that condition)
         self.generation = 0
         self.folder_generation: dict[int, int] = {}
+        #: bumped when a conflict record is added or deleted (``Cache`` keeps the names
+        #: the records name on that condition, for ``user.cachefs.state``)
+        self.conflict_generation = 0
         #: ino -> size and times of a file being written, ahead of its record: every
         #: record read here (``_unpack``) shows them (see ``WRITING``)
         self.held: dict[int, Held] = {}
@@ -634,6 +637,7 @@ class Store:
                     for k, v in txn.cursor(db=self.conflicts)]
 
     def delete_conflict(self, cid: int) -> None:
+        self.conflict_generation += 1
         self.run_write(lambda txn: txn.delete(_key(cid), db=self.conflicts))
 
     # -- checksums ----------------------------------------------------------------------
@@ -878,5 +882,6 @@ class Txn:
         cur = self.txn.cursor(db=self.store.conflicts)
         cid = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         record["id"] = cid
+        self.store.conflict_generation += 1
         self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode(), _key(cid)), db=self.store.conflicts)
         return cid

@@ -43,11 +43,14 @@ Record = dict[str, Any]
 
 
 def record(op: Op, kind: str, **details: Any) -> Record:
-    """A conflict record about ``op`` (logged)."""
+    """A conflict record about ``op`` (logged). A rename's record names its target too
+    (``target``): every name a record names shows ``conflict`` in its state."""
     assert kind in CONFLICT_KINDS, kind
     found = {"kind": kind, "path": op.path.decode("utf-8", "surrogateescape"),
              "time": datetime.now().astimezone().isoformat(timespec="seconds"),
              "ino": op.ino, **details}
+    if op.kind == "rename" and op.dst:
+        found["target"] = op.dst.decode("utf-8", "surrogateescape")
     log.warning("conflict (%s) on %r", kind, op.path)
     return found
 

@@ -8,7 +8,8 @@ its node (``expected_base``).
 Must not touch: nodes, entries or content files (only the named operations of
 ``cache.reconcile`` handed in as ``update``), the remote.
 Lock/ordering: ``finish`` commits before it calls ``cache.op_done`` (the cache drops its
-local-truth marks for what the commit settled); nothing here awaits.
+local-truth marks for what the commit settled) and tells the conflict's listeners (the
+daemon's notifications: they must not block); nothing here awaits.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Ledger:
         #: created here and deleted again before their creation reached the remote (kept
         #: for the mount's life: inode numbers are never reused)
         self.gone: set[int] = set()
+        #: called with each conflict record once it is committed
+        self.conflict_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def finish(self, op: Op, update: Update | None = None, conflict: dict[str, Any] | None = None) -> None:
         """The op is on the remote (or settled): drop it from the journal, and record
@@ -45,6 +48,9 @@ class Ledger:
 
         self.store.transact(change)
         self.cache.op_done(op)
+        if conflict is not None:
+            for listener in self.conflict_listeners:
+                listener(conflict)
 
     def expected_base(self, ino: int, recorded: Version | None) -> Version | None:
         """The version a journal entry should expect: what the replay itself produced for

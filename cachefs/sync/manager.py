@@ -93,7 +93,24 @@ class SyncManager:
         self._conflicts = Conflicts(store, cache, side, ledger, reconcile)
         content = ContentReplay(store, cache, side, ledger, self._conflicts, sums, reconcile)
         self._replayer = Replayer(store, cache, side, ledger, self._conflicts, content, sums)
+        self._ledger = ledger
+        #: called with why a sync failed, or None once a pass completed (notifications)
+        self._failure_listeners: list[Callable[[str | None], None]] = []
         conn.on_online(self.wakeup.poke)
+
+    def on_conflict(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(record)`` for each conflict recorded, once it is committed."""
+        self._ledger.conflict_listeners.append(callback)
+
+    def on_failure(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(reason)`` when a sync fails (a local error, a damaged journal
+        entry or index, pinned folders not refreshed: not the link going away, which the
+        link tells, nor a conflict), and ``callback(None)`` when a pass completes."""
+        self._failure_listeners.append(callback)
+
+    def _tell_failure(self, reason: str | None) -> None:
+        for callback in self._failure_listeners:
+            callback(reason)
 
     # -- status (control reads these) -------------------------------------------------------
     @property
@@ -144,9 +161,11 @@ class SyncManager:
             except (RecordError, lmdb.Error) as exc:  # a damaged index: one clear line
                 self.status.last_error = index_damaged(self.store.dir, exc)
                 log.error("%s", self.status.last_error)
+                self._tell_failure(self.status.last_error)
                 await trio.sleep(self.schedule.writeback_delay * 10)
-            except Exception:  # write-back must go on; the journal keeps the work
+            except Exception as exc:  # write-back must go on; the journal keeps the work
                 log.exception("reconciliation pass failed")
+                self._tell_failure(f"reconciliation pass failed: {type(exc).__name__}")
                 await trio.sleep(self.schedule.writeback_delay * 10)
 
     async def _triggered(self, scheduled: bool) -> None:
@@ -174,6 +193,7 @@ class SyncManager:
         except Unavailable as exc:
             raise SyncFailed(f"remote is offline: {exc}", errno.EHOSTDOWN) from exc
         except RemoteError as exc:
+            self._tell_failure(f"refreshing pinned folders failed: {exc}")
             raise SyncFailed(f"refreshing pinned folders failed: {exc}", exc.errno or errno.EIO) from exc
         self.status.last_sync = time.time()
 
@@ -215,6 +235,8 @@ class SyncManager:
             damaged = [r["path"] for r in self.conflicts() if r.get("kind") == "damaged-local"] \
                 if result.complete else []
             self.status.after_pass(result, time.time(), damaged, self._conflicts.refusal_count)
+            if result.failed or result.complete:
+                self._tell_failure((result.reason or "reconciliation did not complete") if result.failed else None)
             return result
 
     # -- conflicts ---------------------------------------------------------------------------

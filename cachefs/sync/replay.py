@@ -66,13 +66,16 @@ class Replayer:
         self.content = content
         self.sums = sums
         self.progress = Progress()
+        self._failed = False  # the running pass met a local failure (not the link's, not a writer's)
 
     # -- a pass ---------------------------------------------------------------------------
     async def replay(self) -> PassResult:
         """One replay of the journal (the caller holds the pass lock)."""
         self.content.damaged_now = []
+        self._failed = False
         result = await self._replay_journal()
         result.damaged = self.content.damaged_now
+        result.failed = result.failed or self._failed
         return result
 
     async def _replay_journal(self) -> PassResult:
@@ -80,7 +83,7 @@ class Replayer:
         if damaged is not None:  # replay what comes before it, then stop there
             log.error("%s", damaged)
         if not ops:
-            return PassResult(damaged is None, damaged)
+            return PassResult(damaged is None, damaged, failed=damaged is not None)
         kept = await self._optimised(ops)
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
@@ -91,7 +94,7 @@ class Replayer:
         if stopped is not None:
             return PassResult(False, stopped)
         if damaged is not None:
-            return PassResult(False, damaged)
+            return PassResult(False, damaged, failed=True)
         if not self.store.count(self.store.journal):
             self.store.transact(lambda t: t.clear_produced())
         return PassResult(True)
@@ -207,6 +210,7 @@ class Replayer:
             else:
                 log.exception("replay of %s %r failed", op.kind, op.path)
             failures.append(f"replay of {op.path!r} failed: {exc}")
+            self._failed = True
             return
         else:
             self.progress.bytes_done += sent

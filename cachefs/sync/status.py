@@ -18,6 +18,9 @@ class PassResult:
     complete: bool
     reason: str | None = None
     damaged: list[str] = field(default_factory=list)  # paths whose content failed its checksum
+    #: stopped by a failure (a local error, a damaged journal entry), not by the link, a
+    #: file still open for writing or one written while sent (those resume by themselves)
+    failed: bool = False
 
 
 def damage_note(paths: list[str]) -> str:
