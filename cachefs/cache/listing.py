@@ -31,6 +31,7 @@ import stat as stat_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -646,26 +647,36 @@ class Listings:
         return children
 
     # -- listing and validation ----------------------------------------------------------
-    async def ensure_listing(self, node: Node, lister: Lister | None = None) -> None:
+    async def ensure_listing(self, node: Node, lister: Lister | None = None, *, bounded: bool = True) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout.
-        ``lister``: the blocking call that lists it (the remote's own by default)."""
+        ``lister``: the blocking call that lists it (the remote's own by default).
+        A listing we have is not waited for on a suspect link (``bounded``, for a program's
+        request: ``Connectivity.unless_suspect``): it is used as it is, and the one on its
+        way applied when it comes."""
         if self._needs_no_listing(node):
             return
         if not self.conn.online:
             if node.has(LISTED):
                 return
             raise Unavailable("folder listing not cached")
+        if bounded and lister is None and self._nursery is not None and node.has(LISTED):
+            await self.conn.unless_suspect(partial(self._fetch_listing, node, None), self._nursery)
+            return
+        await self._fetch_listing(node, lister)
+
+    async def _fetch_listing(self, node: Node, lister: Lister | None) -> bool:
+        """``ensure_listing``'s fetch, under the folder's lock; True once done."""
         lock = self._locks.setdefault(node.ino, trio.Lock())
         async with lock:
             if self._listed.fresh(node.ino):
-                return
+                return True
             listing = await self._list(node, lister)
             if listing is None:
-                return
+                return True
             generation, started, entries = listing
-            if self._changed_here(node.ino, generation):
-                return
-            self._apply_listing(node.ino, entries, started)
+            if not self._changed_here(node.ino, generation):
+                self._apply_listing(node.ino, entries, started)
+        return True
 
     def _needs_no_listing(self, node: Node) -> bool:
         """Its listing is current, or local truth (changes of it, or of a folder above it,
@@ -765,13 +776,21 @@ class Listings:
         """The node as the remote has it now (close-to-open); its cached content dropped
         when the remote's version changed. Checked with its folder's listing when that
         is kept and small (``CHECK_BY_LISTING``): one look at the remote then checks every
-        file of the folder, which a program reading them opens one after another."""
+        file of the folder, which a program reading them opens one after another.
+        On a suspect link the node as cached, while the check goes on
+        (``Connectivity.unless_suspect``)."""
+        if self._nursery is None:
+            return await self._revalidate(node)
+        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery)
+        return node if current is None else current
+
+    async def _revalidate(self, node: Node) -> Node:
         kept = self._kept(node.parent)
         if kept is not None and len(kept[1]) <= CHECK_BY_LISTING and node.nlink <= 1 \
                 and not self._listed.fresh(node.parent):
             parent = self.store.get(node.parent)
             if parent is not None:
-                await self.ensure_listing(parent)
+                await self.ensure_listing(parent, bounded=False)
                 if self._checked.fresh(node.ino):
                     current = self.store.get(node.ino)
                     if current is None:
