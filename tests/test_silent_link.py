@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ TIMEOUT = 6.0  # --timeout: what says the link is down
 ATTR_TIMEOUT = 1.0
 CACHED_BOUND = 2.5  # a cached answer on a silent link: ~1 s the first time (generous here)
 AT_ONCE = 0.5  # ... and afterwards (the link is suspect already)
+STAGGER = 3.0  # a second request this long after the first that will find the link down
 
 
 def read_all(path: Path) -> bytes:
@@ -52,6 +54,8 @@ def test_cached_data_answers_on_a_silent_link(mount_factory, sshd, share: Path, 
     (share / "docs" / "never-read.txt").write_bytes(b"not cached\n")
     (share / "other").mkdir()
     (share / "other" / "x.txt").write_bytes(b"x\n")
+    (share / "a-unlisted").mkdir()  # (before "docs": a walk lists the folders after it ahead)
+    (share / "a-unlisted" / "u.txt").write_bytes(b"u\n")
     with TcpProxy(sshd.host, sshd.port) as proxy:
         with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", callbacks,
                      timeout=str(TIMEOUT), attr_timeout=str(ATTR_TIMEOUT), heartbeat="30",
@@ -73,10 +77,19 @@ def test_cached_data_answers_on_a_silent_link(mount_factory, sshd, share: Path, 
                 took, got = timed(lambda: read_all(mnt / "docs" / "cached.txt"))
                 assert got == b"cached\n" and took < AT_ONCE, (took, got)
                 # never fetched: the remote is needed, and the link is down once a call's
-                # --timeout has passed (this one's at most)
+                # --timeout has passed (this one's at most); a folder never listed, asked
+                # for meanwhile, fails as soon as that is known, not at its own timeout
+                unlisted: list = []
+                lister = threading.Thread(target=lambda: (time.sleep(STAGGER), unlisted.append(
+                    timed(lambda: os.listdir(mnt / "a-unlisted")))))
+                lister.start()
                 took, got = timed(lambda: read_all(mnt / "docs" / "never-read.txt"))
                 assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN, got
                 assert took < TIMEOUT + 2, f"an uncached read failed only after {took:.2f} s"
+                lister.join(TIMEOUT + 5)
+                took, got = unlisted[0]
+                assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN, got
+                assert took < TIMEOUT - STAGGER + 1.5, f"a folder never listed failed after {took:.2f} s"
                 wait_for(lambda: status(mnt)["state"] == "offline", TIMEOUT + 2, "the mount offline")
                 took, got = timed(lambda: read_all(mnt / "docs" / "never-read.txt"))
                 assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN and took < AT_ONCE, (took, got)
@@ -87,6 +100,7 @@ def test_cached_data_answers_on_a_silent_link(mount_factory, sshd, share: Path, 
                 proxy.resume()
             sync_until_done(mnt, 40)
             assert (share / "docs" / "new.txt").read_bytes() == b"written while silent\n"
+            assert os.listdir(mnt / "a-unlisted") == ["u.txt"]
             assert read_all(mnt / "docs" / "never-read.txt") == b"not cached\n"
             wait_for(lambda: "y.txt" in os.listdir(mnt / "other"), ATTR_TIMEOUT + 5,
                      "the server's change seen once the link is back")
@@ -113,8 +127,6 @@ def test_a_slow_answer_still_counts(mount_factory, sshd, share: Path, tmp_path: 
 # -- the rule itself, in process: a call held in its thread is the silent link ------------
 
 def test_suspect_after_the_grace_and_cached_answers_meanwhile(share: Path) -> None:
-    import threading
-
     import trio
 
     from cachefs.errors import RemoteError

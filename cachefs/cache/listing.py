@@ -213,7 +213,7 @@ class Listings:
             raise InvalidArgument()
         if node.has(TARGET):
             return node.target
-        target = await self.conn.call(self.conn.remote.readlink, self.store.path_of(ino))
+        target = await self.conn.call(self.conn.remote.readlink, self.store.path_of(ino), looks_only=True)
         node = self.node(ino)
         node.target = target
         node.flags |= TARGET
@@ -697,7 +697,8 @@ class Listings:
         self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
         started = time.monotonic()
         try:
-            return generation, started, await self.conn.call(lister or self.conn.remote.listdir, path)
+            return generation, started, await self.conn.call(lister or self.conn.remote.listdir, path,
+                                                              looks_only=True)
         except Unavailable:
             if node.has(LISTED):
                 return None
@@ -799,7 +800,7 @@ class Listings:
         path = self.store.path_of(node.ino)
         started = time.monotonic()
         try:
-            rstat = await self.conn.call(self.conn.remote.stat, path)
+            rstat = await self.conn.call(self.conn.remote.stat, path, looks_only=True)
         except Unavailable:
             return node
         except RemoteError as exc:

@@ -80,6 +80,8 @@ class Connectivity:
         #: short calls on their way -> when each was sent (trio clock), oldest first
         self._owed: dict[object, float] = {}
         self._answered_at = -math.inf  # when the remote last answered a call (trio clock)
+        #: the short calls that only look, on their way: given up when the mount goes offline
+        self._looking: set[trio.CancelScope] = set()
 
     async def measure_rtt(self, samples: int = 3) -> None:
         """A few round trips now, so that ``rtt`` is the least of several (one sample can
@@ -169,7 +171,7 @@ class Connectivity:
 
     # -- calls ------------------------------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False,
-                   lane_held: bool = False) -> T:
+                   lane_held: bool = False, looks_only: bool = False) -> T:
         """Run a blocking backend call in a worker thread.
 
         Raises ``Unavailable`` at once when offline, and when the call fails for
@@ -177,10 +179,23 @@ class Connectivity:
         answered with an errno) passes through. ``bulk``: a transfer, which may take as
         long as it keeps moving (the backend bounds its progress, not its length).
         ``lane_held``: the caller holds a slot of ``bulk_limiter`` already (it chose what
-        to transfer once it had one) and the call takes no other.
+        to transfer once it had one) and the call takes no other. ``looks_only``: a short
+        call that changes nothing here or there (a stat, a listing, whose answer the
+        caller applies itself): when the mount goes offline its caller gets
+        ``Unavailable`` at once instead of waiting for the call's own timeout (its thread
+        is abandoned; what it brings is dropped).
         """
         if self.state is not State.ONLINE:
             raise Unavailable(self.last_error or "remote is offline")
+        if looks_only and not (bulk or lane_held):
+            scope = trio.CancelScope()
+            self._looking.add(scope)
+            try:
+                with scope:
+                    return await self._run(fn, *args, online=True)
+            finally:
+                self._looking.discard(scope)
+            raise Unavailable(self.last_error or "remote is offline")  # (cancelled: offline)
         return await self._run(fn, *args, bulk=bulk or lane_held, lane_held=lane_held, online=True)
 
     async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False,
@@ -229,6 +244,8 @@ class Connectivity:
             log.warning("remote unreachable (%s): working offline", reason)
             self.state = State.OFFLINE
             self._wake_probe.set()
+            for scope in self._looking:  # (their callers: Unavailable now, see ``call``)
+                scope.cancel()
 
     def _set_online(self) -> None:
         if self.state is not State.ONLINE:
