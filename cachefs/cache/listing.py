@@ -16,7 +16,11 @@ Concurrency: everything runs on the trio thread. ``ensure_listing`` awaits the r
 under one trio lock per folder (while it is held, only a parent's may be taken: a folder
 found gone lists its parent, never the reverse); what it found
 is applied only if no change of the folder was journaled while it was on its way
-(``_dir_gen``), with no await between that test and the index write. The listers ahead
+(``_dir_gen``), with no await between that test and the index write. A program's request
+for a folder whose listing we have waits for the new one only while the link is not
+suspect (``Connectivity.unless_suspect``); then the fetch goes on in the nursery, holding
+the folder's lock, and is applied when it comes (so does a file's check at open,
+``revalidate``). The listers ahead
 (``_list_ahead``) are tasks of the cache's nursery; listing calls run in worker threads
 (or worker processes) through ``Connectivity.call``.
 """

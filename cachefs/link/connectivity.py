@@ -155,7 +155,7 @@ class Connectivity:
         sent = trio.current_time()
         while not done.is_set():
             deadline = self.suspect_at(sent)  # (moves on when the remote answers a call)
-            if trio.current_time() >= deadline and self.state is State.ONLINE:
+            if trio.current_time() >= deadline:  # (offline meanwhile: the cache answers too)
                 waiting = False
                 log.debug("the remote has not answered for %g s: answering from the cache", self.grace)
                 return None
