@@ -604,7 +604,21 @@ def cmd_unmount(args: argparse.Namespace) -> int:
               f"the cache and its pending changes are kept for the next mount", file=sys.stderr)
     if pid is not None and not _ended_within(pid, args.wait):
         return _fail(f"unmounted, but the mount process {pid} is still running after {args.wait:g} s")
+    if pid is not None and status is not None:
+        _tell_left_pending(status, pid)
     return 0
+
+
+def _tell_left_pending(status: dict[str, Any], pid: int) -> None:
+    """Say how many changes the ended mount left pending (the server did not take them:
+    offline, or not within the unmount's bound), and when they go."""
+    cache_dir = status.get("cache_dir")
+    left = mounts.left_pending(cache_dir, pid) if isinstance(cache_dir, str) and cache_dir else None
+    if left:
+        changes = "1 change is" if left == 1 else f"{left} changes are"
+        print(f"cachefs: {changes} not on the server yet: kept pending in the cache {cache_dir}; "
+              f"the next mount of {status.get('remote')} replays them as soon as it is online",
+              file=sys.stderr)
 
 
 def _mount_pid(status: dict[str, Any] | None) -> int | None:

@@ -36,7 +36,7 @@ from .store.index import Store, StoreError, index_damaged
 from .control import Control
 from .fs import KernelNotifier, Operations
 from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOUT, STALE, STUCK,
-                     mount_type_at, probe, set_readahead, stale_message, stuck_message)
+                     mount_type_at, note_unmounted, probe, set_readahead, stale_message, stuck_message)
 from .redact import Redactor
 from .errors import CommandError, RemoteRefused, RemoteUnreachable, SyncFailed
 from .remote import ConnectOptions, log_in_ahead, open_remote
@@ -491,6 +491,7 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                     nursery.start_soon(notices.run)
                 await pyfuse3.main()
                 await sync.flush_at_unmount()
+                note_unmounted(config.cache_dir, os.getpid(), sync.pending())
                 nursery.cancel_scope.cancel()
         finally:
             with contextlib.suppress(Exception):

@@ -3,7 +3,9 @@
 Owns: reading ``/proc/self/mountinfo`` (never a stat of the mount point: that would ask
 the mount's daemon, which may be this very process not serving yet, or a stuck one, or
 fail with ENOTCONN on a stale mount), telling a live cachefs mount from a stale or stuck
-one (``probe``), and the readahead of a FUSE mount's bdi. Imports nothing of FUSE, so the
+one (``probe``), the readahead of a FUSE mount's bdi, and the note a mount leaves in its
+cache folder as it ends (``UNMOUNTED``: the changes it left pending, for ``cachefs
+unmount`` to tell). Imports nothing of FUSE, so the
 ``cachefs`` command and the benchmark use it too.
 """
 
@@ -203,6 +205,31 @@ def probe(mountpoint: Path | str, timeout: float = PROBE_TIMEOUT) -> tuple[str, 
     except ValueError:
         return FOREIGN, None
     return (LIVE, status) if isinstance(status, dict) else (FOREIGN, None)
+
+
+#: in the cache folder: {"pid": the mount process, "pending": changes it left} (JSON),
+#: written as the mount ends
+UNMOUNTED = "unmounted"
+
+
+def note_unmounted(cache_dir: Path | str, pid: int, pending: int) -> None:
+    """Leave what ``cachefs unmount`` tells: how many changes this mount left pending."""
+    path = Path(cache_dir) / UNMOUNTED
+    temporary = path.with_name(f"{UNMOUNTED}.{pid}")
+    try:
+        temporary.write_text(json.dumps({"pid": pid, "pending": pending}))
+        temporary.replace(path)
+    except OSError as exc:
+        log.debug("cannot write %s: %s", path, exc.strerror)
+
+
+def left_pending(cache_dir: Path | str, pid: int) -> int | None:
+    """The changes mount process ``pid`` left pending as it ended, if it said."""
+    try:
+        note = json.loads((Path(cache_dir) / UNMOUNTED).read_text())
+        return int(note["pending"]) if note.get("pid") == pid else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def set_readahead(mountpoint: Path, size: int) -> None:

@@ -91,6 +91,7 @@ class Cache:
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._space: SpaceInfo | None = None
+        self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
         self._checkpointed = trio.Event()  # set (and replaced) after each checkpoint
         self._damage_told: set[str] = set()
@@ -134,6 +135,7 @@ class Cache:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (listing ahead, fetches, checkpoints). Runs until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             self._content.start(nursery)
             self._listings.start(nursery)
             nursery.start_soon(self._callbacks.run)
@@ -347,14 +349,22 @@ class Cache:
     # -- the share ---------------------------------------------------------------------
     async def statfs(self) -> SpaceInfo:
         if self._conn.online and (self._space is None or time.monotonic() - self._space_at > 30):
-            try:
-                self._space = await self._conn.call(self._conn.remote.statvfs)
-                self._space_at = time.monotonic()
-            except (Unavailable, RemoteError):
-                pass
+            if self._space is not None and self._nursery is not None:
+                # (the figures we have, rather than a wait on a suspect link)
+                await self._conn.unless_suspect(self._ask_space, self._nursery)
+            else:
+                await self._ask_space()
         if self._space is None:
             return SpaceInfo(4096, 1 << 28, 1 << 27, 1 << 27, 1 << 20, 1 << 19)
         return self._space
+
+    async def _ask_space(self) -> bool:
+        try:
+            self._space = await self._conn.call(self._conn.remote.statvfs)
+            self._space_at = time.monotonic()
+        except (Unavailable, RemoteError):
+            pass
+        return True
 
     # -- paths (the control file speaks in paths relative to the mount root) ----------------
     async def resolve_path(self, path: bytes) -> Node:

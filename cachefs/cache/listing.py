@@ -16,7 +16,11 @@ Concurrency: everything runs on the trio thread. ``ensure_listing`` awaits the r
 under one trio lock per folder (while it is held, only a parent's may be taken: a folder
 found gone lists its parent, never the reverse); what it found
 is applied only if no change of the folder was journaled while it was on its way
-(``_dir_gen``), with no await between that test and the index write. The listers ahead
+(``_dir_gen``), with no await between that test and the index write. A program's request
+for a folder whose listing we have waits for the new one only while the link is not
+suspect (``Connectivity.unless_suspect``); then the fetch goes on in the nursery, holding
+the folder's lock, and is applied when it comes (so does a file's check at open,
+``revalidate``). The listers ahead
 (``_list_ahead``) are tasks of the cache's nursery; listing calls run in worker threads
 (or worker processes) through ``Connectivity.call``.
 """
@@ -31,6 +35,7 @@ import stat as stat_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -212,7 +217,7 @@ class Listings:
             raise InvalidArgument()
         if node.has(TARGET):
             return node.target
-        target = await self.conn.call(self.conn.remote.readlink, self.store.path_of(ino))
+        target = await self.conn.call(self.conn.remote.readlink, self.store.path_of(ino), looks_only=True)
         node = self.node(ino)
         node.target = target
         node.flags |= TARGET
@@ -646,26 +651,36 @@ class Listings:
         return children
 
     # -- listing and validation ----------------------------------------------------------
-    async def ensure_listing(self, node: Node, lister: Lister | None = None) -> None:
+    async def ensure_listing(self, node: Node, lister: Lister | None = None, *, bounded: bool = True) -> None:
         """Fetch the folder's listing when ours is missing or older than dir_timeout.
-        ``lister``: the blocking call that lists it (the remote's own by default)."""
+        ``lister``: the blocking call that lists it (the remote's own by default).
+        A listing we have is not waited for on a suspect link (``bounded``, for a program's
+        request: ``Connectivity.unless_suspect``): it is used as it is, and the one on its
+        way applied when it comes."""
         if self._needs_no_listing(node):
             return
         if not self.conn.online:
             if node.has(LISTED):
                 return
             raise Unavailable("folder listing not cached")
+        if bounded and lister is None and self._nursery is not None and node.has(LISTED):
+            await self.conn.unless_suspect(partial(self._fetch_listing, node, None), self._nursery)
+            return
+        await self._fetch_listing(node, lister)
+
+    async def _fetch_listing(self, node: Node, lister: Lister | None) -> bool:
+        """``ensure_listing``'s fetch, under the folder's lock; True once done."""
         lock = self._locks.setdefault(node.ino, trio.Lock())
         async with lock:
             if self._listed.fresh(node.ino):
-                return
+                return True
             listing = await self._list(node, lister)
             if listing is None:
-                return
+                return True
             generation, started, entries = listing
-            if self._changed_here(node.ino, generation):
-                return
-            self._apply_listing(node.ino, entries, started)
+            if not self._changed_here(node.ino, generation):
+                self._apply_listing(node.ino, entries, started)
+        return True
 
     def _needs_no_listing(self, node: Node) -> bool:
         """Its listing is current, or local truth (changes of it, or of a folder above it,
@@ -686,7 +701,8 @@ class Listings:
         self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
         started = time.monotonic()
         try:
-            return generation, started, await self.conn.call(lister or self.conn.remote.listdir, path)
+            return generation, started, await self.conn.call(lister or self.conn.remote.listdir, path,
+                                                              looks_only=True)
         except Unavailable:
             if node.has(LISTED):
                 return None
@@ -765,13 +781,21 @@ class Listings:
         """The node as the remote has it now (close-to-open); its cached content dropped
         when the remote's version changed. Checked with its folder's listing when that
         is kept and small (``CHECK_BY_LISTING``): one look at the remote then checks every
-        file of the folder, which a program reading them opens one after another."""
+        file of the folder, which a program reading them opens one after another.
+        On a suspect link the node as cached, while the check goes on
+        (``Connectivity.unless_suspect``)."""
+        if self._nursery is None:
+            return await self._revalidate(node)
+        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery)
+        return node if current is None else current
+
+    async def _revalidate(self, node: Node) -> Node:
         kept = self._kept(node.parent)
         if kept is not None and len(kept[1]) <= CHECK_BY_LISTING and node.nlink <= 1 \
                 and not self._listed.fresh(node.parent):
             parent = self.store.get(node.parent)
             if parent is not None:
-                await self.ensure_listing(parent)
+                await self.ensure_listing(parent, bounded=False)
                 if self._checked.fresh(node.ino):
                     current = self.store.get(node.ino)
                     if current is None:
@@ -780,7 +804,7 @@ class Listings:
         path = self.store.path_of(node.ino)
         started = time.monotonic()
         try:
-            rstat = await self.conn.call(self.conn.remote.stat, path)
+            rstat = await self.conn.call(self.conn.remote.stat, path, looks_only=True)
         except Unavailable:
             return node
         except RemoteError as exc:

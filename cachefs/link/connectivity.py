@@ -5,7 +5,11 @@ threads that run blocking backend calls, the heartbeat that notices a silently v
 network, and the probe that brings the mount back online with backoff; both can be run at
 once (``check_now``: the network changed, see ``netevents``).
 Must not touch: the cache, LMDB, FUSE. Callers get ``Unavailable`` at once while offline,
-so nothing that the cache can answer ever waits for the network.
+so nothing that the cache can answer ever waits for the network; and a link that went
+silent without a reset (a cable pulled, packets dropped, a server stopped) is *suspect*
+once a short call has waited ``grace`` with nothing answered since it was sent: what the
+cache can answer then answers at once, without waiting for that call's ``timeout`` to
+say the link is down (``suspect``, ``unless_suspect``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
 import trio
 
-from ..errors import RemoteRefused, RemoteUnreachable, Unavailable
+from ..errors import RemoteError, RemoteRefused, RemoteUnreachable, Unavailable
 from ..remote import Remote
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,12 @@ T = TypeVar("T")
 #: hundred near 20 ms); a 50 ms WAN is well past it.
 SLOW_RTT = 0.030
 RTT_SAMPLES = 8  # the round trip is the least of the last few measured (queues excluded)
+#: the link is suspect once a short call waited this long with no answer from the remote
+#: since it was sent (or ``SUSPECT_RTTS`` round trips, if longer; at most ``timeout``):
+#: far above a round trip of any usable link and a listing of a large folder on one, far
+#: below the 10 s default ``--timeout`` that says the link is down
+SUSPECT_AFTER = 1.0
+SUSPECT_RTTS = 5
 
 
 class State(enum.Enum):
@@ -68,6 +78,11 @@ class Connectivity:
         #: whether round trips cost enough to list and fetch ahead of programs (read on
         #: the lookup path: kept, not computed there)
         self.slow = False
+        #: short calls on their way -> when each was sent (trio clock), oldest first
+        self._owed: dict[object, float] = {}
+        self._answered_at = -math.inf  # when the remote last answered a call (trio clock)
+        #: the short calls that only look, on their way: given up when the mount goes offline
+        self._looking: set[trio.CancelScope] = set()
 
     async def measure_rtt(self, samples: int = 3) -> None:
         """A few round trips now, so that ``rtt`` is the least of several (one sample can
@@ -91,6 +106,66 @@ class Connectivity:
     def online(self) -> bool:
         return self.state is State.ONLINE
 
+    # -- a link gone silent -------------------------------------------------------------
+    @property
+    def grace(self) -> float:
+        """How long a short call may go unanswered before the link is suspect."""
+        return min(max(SUSPECT_AFTER, SUSPECT_RTTS * (self.rtt or 0.0)), self.timeout)
+
+    def suspect_at(self, sent: float = math.inf) -> float:
+        """When (trio clock) the link turns suspect unless the remote answers first:
+        ``grace`` after the oldest short call on its way was sent (or ``sent``, a call
+        about to be) or after the last answer, whichever is later; never while no short
+        call is on its way (the heartbeat sends one every ``--heartbeat`` s)."""
+        oldest = min(next(iter(self._owed.values())), sent) if self._owed else sent
+        return max(self._answered_at, oldest) + self.grace
+
+    @property
+    def suspect(self) -> bool:
+        """Online, but a short call has waited ``grace`` for an answer and nothing came
+        back since it was sent: the link may have gone silent (a failed call or the
+        heartbeat will say so within ``timeout``)."""
+        return self.state is State.ONLINE and bool(self._owed) and trio.current_time() >= self.suspect_at()
+
+    async def unless_suspect(self, work: Callable[[], Awaitable[T]], nursery: trio.Nursery) -> T | None:
+        """``await work()`` (a check of something the cache holds: a listing, a file's
+        attributes), unless the link is or turns suspect first: then None at once, and
+        ``work`` goes on in ``nursery`` to its end, applying what it finds itself (its
+        errors are then only logged). So a cached answer waits ``grace`` at most on a
+        link gone silent, the first time, and not at all afterwards, instead of
+        ``timeout``; ``work`` must return something other than None."""
+        if self.suspect:
+            return None
+        done = trio.Event()
+        box: list[T] = []
+        failed: list[Exception] = []
+        waiting = True
+
+        async def run() -> None:
+            try:
+                box.append(await work())
+            except Exception as exc:  # (a background task must never end the mount)
+                if waiting:
+                    failed.append(exc)
+                else:
+                    log.debug("a check answered after the cache did: %r", exc)
+            finally:
+                done.set()
+
+        nursery.start_soon(run)
+        sent = trio.current_time()
+        while not done.is_set():
+            deadline = self.suspect_at(sent)  # (moves on when the remote answers a call)
+            if trio.current_time() >= deadline:  # (offline meanwhile: the cache answers too)
+                waiting = False
+                log.debug("the remote has not answered for %g s: answering from the cache", self.grace)
+                return None
+            with trio.move_on_at(deadline):
+                await done.wait()
+        if failed:
+            raise failed[0]
+        return box[0]
+
     def on_online(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the trio thread) each time the remote comes back."""
         self._went_online.append(callback)
@@ -105,7 +180,7 @@ class Connectivity:
 
     # -- calls ------------------------------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: object, bulk: bool = False,
-                   lane_held: bool = False) -> T:
+                   lane_held: bool = False, looks_only: bool = False) -> T:
         """Run a blocking backend call in a worker thread.
 
         Raises ``Unavailable`` at once when offline, and when the call fails for
@@ -113,23 +188,48 @@ class Connectivity:
         answered with an errno) passes through. ``bulk``: a transfer, which may take as
         long as it keeps moving (the backend bounds its progress, not its length).
         ``lane_held``: the caller holds a slot of ``bulk_limiter`` already (it chose what
-        to transfer once it had one) and the call takes no other.
+        to transfer once it had one) and the call takes no other. ``looks_only``: a short
+        call that changes nothing here or there (a stat, a listing, whose answer the
+        caller applies itself): when the mount goes offline its caller gets
+        ``Unavailable`` at once instead of waiting for the call's own timeout (its thread
+        is abandoned; what it brings is dropped).
         """
         if self.state is not State.ONLINE:
             raise Unavailable(self.last_error or "remote is offline")
-        return await self._run(fn, *args, bulk=bulk or lane_held, lane_held=lane_held)
+        if looks_only and not (bulk or lane_held):
+            scope = trio.CancelScope()
+            self._looking.add(scope)
+            try:
+                with scope:
+                    return await self._run(fn, *args, online=True)
+            finally:
+                self._looking.discard(scope)
+            raise Unavailable(self.last_error or "remote is offline")  # (cancelled: offline)
+        return await self._run(fn, *args, bulk=bulk or lane_held, lane_held=lane_held, online=True)
 
     async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False,
-                   refusals: bool = False, lane_held: bool = False) -> T:
+                   refusals: bool = False, lane_held: bool = False, online: bool = False) -> T:
         # The backend bounds each call by its timeout; for short calls the trio deadline
         # is a second line of defence (the thread is then abandoned, and ends when its
         # socket times out). Waiting for a free slot does not count against it.
-        # (``lane_held``: the caller's slot; ``nullcontext`` takes none)
+        # (``lane_held``: the caller's slot; ``nullcontext`` takes none. ``online``: a
+        # call that gets its slot once the mount went offline is not sent: on a link
+        # gone silent, the slots were held by calls waiting for their timeout)
         limiter = contextlib.nullcontext() if lane_held else self.bulk_limiter if bulk else self.limiter
+        owed = object()
         try:
             async with limiter:
+                if online and self.state is not State.ONLINE:
+                    raise Unavailable(self.last_error or "remote is offline")
                 with trio.fail_after(math.inf if bulk else self.timeout * 2 + 1):
-                    return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+                    if not bulk:
+                        self._owed[owed] = trio.current_time()
+                    result = await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+            self._answered_at = trio.current_time()
+            return result
+        except RemoteError:
+            self._answered_at = trio.current_time()  # (an answer: the link works)
+            raise
         except trio.TooSlowError:
             self.report_failure(f"remote did not answer within {self.timeout:g} s")
             raise Unavailable(self.last_error) from None
@@ -143,6 +243,8 @@ class Connectivity:
             # offline, and the probe keeps trying and reports it.
             self.report_failure(str(exc))
             raise Unavailable(self.last_error) from exc
+        finally:
+            self._owed.pop(owed, None)
 
     def report_failure(self, reason: str) -> None:
         """A network failure seen anywhere: go offline and let the probe work."""
@@ -152,6 +254,8 @@ class Connectivity:
             self.state = State.OFFLINE
             self._wake_probe.set()
             self._tell()
+            for scope in self._looking:  # (their callers: Unavailable now, see ``call``)
+                scope.cancel()
 
     def _set_online(self) -> None:
         changed = self.state is not State.ONLINE

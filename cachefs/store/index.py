@@ -15,6 +15,8 @@ Layout of ``CACHE_DIR`` (mode 0700)::
                     it (or has content files) and no index is damaged, never a new one
     data/<ino>      sparse content file of node <ino> (mode 0600)
     mount.log       the daemon's log when not in the foreground
+    unmounted       what the last mount left pending as it ended, for ``cachefs unmount``
+                    (written by the daemon through ``mounts.note_unmounted``)
 
 Sub-databases (all keys big-endian so cursors iterate in numeric order):
 

@@ -149,7 +149,13 @@ class SyncManager:
         self.wakeup.poke()
 
     async def run(self) -> None:
-        """Write-back after changes and on reconnect; a full pass on the schedule."""
+        """Write-back after changes and on reconnect; a full pass on the schedule.
+        Changes an earlier mount left pending are replayed as soon as this one is online
+        (at once, or when the link comes back), not at the first full pass."""
+        if self.pending():
+            log.info("%d changes left pending by an earlier mount: replaying them once online",
+                     self.pending())
+            self.wakeup.poke()
         while True:
             scheduled = await self.schedule.next()
             if not self.conn.online:

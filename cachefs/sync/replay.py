@@ -84,7 +84,10 @@ class Replayer:
             log.error("%s", damaged)
         if not ops:
             return PassResult(damaged is None, damaged, failed=damaged is not None)
-        kept = await self._optimised(ops)
+        try:
+            kept = await self._optimised(ops)
+        except Unavailable as exc:  # (a dropped entry's leftovers on the server: retried next pass)
+            return PassResult(False, f"remote is offline: {exc}")
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
         started = time.monotonic()

@@ -1,0 +1,185 @@
+"""A link that goes silent (packets dropped, a cable pulled, a server stopped: no reset)
+while the mount is online (issue 22, item 8). Until a call's ``--timeout`` says the link
+is down, the mount cannot know it; what it has cached must not wait for that: a read,
+lookup or listing whose check would need the remote answers from the cache once the link
+is *suspect* (a call unanswered for ``Connectivity.grace``, 1 s), and at once after
+that; what it has not cached fails with EHOSTDOWN within ``--timeout``; and once the link
+answers again, everything syncs.
+
+Real mounts of the test sshd through ``TcpProxy``, whose ``stall`` stops moving bytes on
+every connection without closing any (the silent link)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.mount import status
+from tests.fixtures.proxy import TcpProxy, proxied
+from tests.test_control import wait_for
+from tests.test_writes import sync_until_done, write_file
+
+TIMEOUT = 6.0  # --timeout: what says the link is down
+ATTR_TIMEOUT = 1.0
+CACHED_BOUND = 2.5  # a cached answer on a silent link: ~1 s the first time (generous here)
+AT_ONCE = 0.5  # ... and afterwards (the link is suspect already)
+STAGGER = 3.0  # a second request this long after the first that will find the link down
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def timed(function):
+    """(seconds, result or the OSError raised)."""
+    start = time.monotonic()
+    try:
+        result = function()
+    except OSError as exc:
+        result = exc
+    return time.monotonic() - start, result
+
+
+@pytest.mark.parametrize("callbacks", ["off", "auto"])
+def test_cached_data_answers_on_a_silent_link(mount_factory, sshd, share: Path, tmp_path: Path,
+                                              callbacks: str) -> None:
+    (share / "docs").mkdir()
+    (share / "docs" / "cached.txt").write_bytes(b"cached\n")
+    (share / "docs" / "never-read.txt").write_bytes(b"not cached\n")
+    (share / "other").mkdir()
+    (share / "other" / "x.txt").write_bytes(b"x\n")
+    (share / "a-unlisted").mkdir()  # (before "docs": a walk lists the folders after it ahead)
+    (share / "a-unlisted" / "u.txt").write_bytes(b"u\n")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", callbacks,
+                     timeout=str(TIMEOUT), attr_timeout=str(ATTR_TIMEOUT), heartbeat="30",
+                     check_log=False) as mount:
+            mnt = mount.mountpoint
+            assert read_all(mnt / "docs" / "cached.txt") == b"cached\n"
+            assert sorted(os.listdir(mnt / "docs")) == ["cached.txt", "never-read.txt"]
+            assert os.listdir(mnt / "other") == ["x.txt"]
+            proxy.stall()
+            try:
+                time.sleep(ATTR_TIMEOUT + 0.5)  # every check has run out: the next needs the remote
+                took, got = timed(lambda: read_all(mnt / "docs" / "cached.txt"))
+                assert got == b"cached\n", got
+                assert took < CACHED_BOUND, f"a cached read waited {took:.2f} s on a silent link"
+                took, got = timed(lambda: sorted(os.listdir(mnt / "docs")))
+                assert got == ["cached.txt", "never-read.txt"] and took < AT_ONCE, (took, got)
+                took, got = timed(lambda: os.listdir(mnt / "other"))
+                assert got == ["x.txt"] and took < AT_ONCE, (took, got)
+                took, got = timed(lambda: read_all(mnt / "docs" / "cached.txt"))
+                assert got == b"cached\n" and took < AT_ONCE, (took, got)
+                # never fetched: the remote is needed, and the link is down once a call's
+                # --timeout has passed (this one's at most); a folder never listed, asked
+                # for meanwhile, fails as soon as that is known, not at its own timeout
+                unlisted: list = []
+                lister = threading.Thread(target=lambda: (time.sleep(STAGGER), unlisted.append(
+                    timed(lambda: os.listdir(mnt / "a-unlisted")))))
+                lister.start()
+                took, got = timed(lambda: read_all(mnt / "docs" / "never-read.txt"))
+                assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN, got
+                assert took < TIMEOUT + 2, f"an uncached read failed only after {took:.2f} s"
+                lister.join(TIMEOUT + 5)
+                took, got = unlisted[0]
+                assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN, got
+                assert took < TIMEOUT - STAGGER + 1.5, f"a folder never listed failed after {took:.2f} s"
+                wait_for(lambda: status(mnt)["state"] == "offline", TIMEOUT + 2, "the mount offline")
+                took, got = timed(lambda: read_all(mnt / "docs" / "never-read.txt"))
+                assert isinstance(got, OSError) and got.errno == errno.EHOSTDOWN and took < AT_ONCE, (took, got)
+                # changed while offline: journaled, replayed once the link is back
+                write_file(mnt / "docs" / "new.txt", b"written while silent\n")
+                (share / "other" / "y.txt").write_bytes(b"made on the server meanwhile\n")
+            finally:
+                proxy.resume()
+            sync_until_done(mnt, 40)
+            assert (share / "docs" / "new.txt").read_bytes() == b"written while silent\n"
+            assert os.listdir(mnt / "a-unlisted") == ["u.txt"]
+            assert read_all(mnt / "docs" / "never-read.txt") == b"not cached\n"
+            wait_for(lambda: "y.txt" in os.listdir(mnt / "other"), ATTR_TIMEOUT + 5,
+                     "the server's change seen once the link is back")
+            assert status(mnt)["pending"] == 0
+        assert "Traceback" not in mount.log_text()
+
+
+def test_a_slow_answer_still_counts(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
+    """A link that answers within the grace is not suspect: a server change shows after
+    --attr-timeout, as on a healthy link (the check is waited for, not skipped)."""
+    (share / "f.txt").write_bytes(b"one\n")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", "off",
+                     attr_timeout=str(ATTR_TIMEOUT)) as mount:
+            mnt = mount.mountpoint
+            assert read_all(mnt / "f.txt") == b"one\n"
+            proxy.throttle(20_000)  # bytes a second: slower, still answering within 1 s
+            (share / "f.txt").write_bytes(b"two, longer\n")
+            time.sleep(ATTR_TIMEOUT + 0.3)
+            assert read_all(mnt / "f.txt") == b"two, longer\n"
+            proxy.throttle(None)
+
+
+# -- the rule itself, in process: a call held in its thread is the silent link ------------
+
+def test_suspect_after_the_grace_and_cached_answers_meanwhile(share: Path) -> None:
+    import trio
+
+    from cachefs.errors import RemoteError
+    from cachefs.link.connectivity import Connectivity
+    from cachefs.remote.local import LocalRemote
+
+    async def main() -> None:
+        conn = Connectivity(LocalRemote(str(share), 10.0))
+        assert await conn.try_connect()
+        assert conn.grace == 1.0 and not conn.suspect
+        silent = threading.Event()
+
+        def held() -> str:
+            silent.wait(20)
+            return "late answer"
+
+        async with trio.open_nursery() as nursery:
+            # an answer within the grace is waited for; its errors reach the caller
+            async def quick() -> str:
+                return await conn.call(conn.remote.stat, b"") and "checked"
+            assert await conn.unless_suspect(quick, nursery) == "checked"
+
+            async def refused() -> str:
+                raise RemoteError(2, "gone")
+            with pytest.raises(RemoteError):
+                await conn.unless_suspect(refused, nursery)
+
+            # a call unanswered: suspect after the grace, not before
+            nursery.start_soon(conn.call, held)
+            await trio.sleep(0.5)
+            assert not conn.suspect
+            # ... unless the remote answered since it was sent: a slow call, a live link
+            await trio.sleep(0.4)
+            await conn.call(conn.remote.stat, b"")
+            await trio.sleep(0.3)
+            assert not conn.suspect
+            started = trio.current_time()
+            applied: list[str] = []
+
+            async def check() -> str:
+                applied.append(await conn.call(held))
+                return "fresh"
+            assert await conn.unless_suspect(check, nursery) is None  # the cached answer
+            waited = trio.current_time() - started
+            assert 0.5 < waited < 1.3, waited  # grace after the last answer (~0.7 s ago)
+            assert conn.suspect and conn.online
+            started = trio.current_time()
+            assert await conn.unless_suspect(check, nursery) is None
+            assert trio.current_time() - started < 0.05  # suspect: at once, nothing sent
+            silent.set()  # the link answers again: the check that went on is applied
+            with trio.fail_after(5):
+                while not applied:
+                    await trio.sleep(0.01)
+            assert applied == ["late answer"] and not conn.suspect
+
+    trio.run(main)
