@@ -487,6 +487,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if new_cache:
             caches.discard_new(cache_dir)
         return _fail(str(exc))
+    except KeyboardInterrupt:  # (at a passphrase's or a password's prompt)
+        if new_cache:
+            caches.discard_new(cache_dir)
+        return 130
     config = MountConfig(
         address=address,
         mountpoint=Path(args.mountpoint).expanduser().absolute(),
@@ -526,9 +530,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return run(config)
     except MountError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        if new_cache:
-            caches.discard_new(cache_dir)
+    except KeyboardInterrupt:  # (``run`` removed a new cache if the mount never served)
         return 130
 
 

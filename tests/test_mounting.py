@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from cachefs.store.records import INDEX_MARK, INDEX_MARK_TEXT
-from tests.fixtures.mount import REPO, is_mounted, status
-from tests.test_cli import _alive, _stop_daemon, cachefs, failed_with_reason, ok
+from tests.fixtures.mount import REPO, fusermount_unmount, is_mounted, status
+from tests.test_cli import _alive, _stop_daemon, cachefs, failed_with_reason, ok, this_checkout
 from tests.test_control import go_offline, read, wait_for, write
 
 
@@ -270,6 +270,58 @@ def test_caches_remove_takes_only_caches(tmp_path: Path) -> None:
     assert str(cache) in ok(cachefs("caches", env=env)).stdout
     assert f"removed {cache}" in ok(cachefs("caches", "--remove", str(cache), env=env)).stdout
     assert _caches_in(xdg) == [in_base.name]
+
+
+#: a foreground mount whose teardown waits at one step (``sys.argv[1]``: the transfer
+#: processes' close after the trio loop ended, or the note of what stays pending in it)
+#: after leaving a mark, so that a Ctrl-C surely lands in the teardown
+_SLOW_TEARDOWN = """
+import sys, time
+from pathlib import Path
+import cachefs.daemon as daemon
+owner, name = (daemon.FetchPool, "close") if sys.argv[1] == "pool" else (daemon, "note_unmounted")
+step = getattr(owner, name)
+def slow_step(*args):
+    Path(sys.argv[2]).write_text("tearing down")
+    time.sleep(30)
+    step(*args)
+setattr(owner, name, slow_step)
+from cachefs.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("step", ["pool", "note"])
+def test_a_served_cache_outlives_a_ctrl_c_in_its_teardown(tmp_path: Path, sshd, share: Path, step: str) -> None:
+    """A Ctrl-C during the teardown of a foreground mount that had served (its first one,
+    e.g. while its transfer processes were closed) removed its cache as if the mount had
+    failed before serving: what was cached, and pinned, was lost. Now only a mount that
+    never served removes the cache it made; a Ctrl-C met inside the trio loop ends the
+    command as one does, not with a traceback."""
+    xdg, mnt, mark = tmp_path / "xdg", tmp_path / "mnt", tmp_path / "mark"
+    mnt.mkdir()
+    (share / "f.txt").write_bytes(b"served\n")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TEARDOWN, step, str(mark), "mount", sshd.address(),
+                             str(mnt), *_ssh(sshd), "-f", "--no-notify"], cwd=REPO,
+                            env=this_checkout(_env(xdg)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: is_mounted(mnt), 30, "the mount")
+        assert read(mnt / "f.txt") == b"served\n"
+        [name] = _caches_in(xdg)
+        proc.send_signal(signal.SIGINT)  # unmount...
+        wait_for(mark.exists, 20, "the teardown")
+        proc.send_signal(signal.SIGINT)  # ... and Ctrl-C again while it is taken down
+        _out, err = proc.communicate(timeout=30)
+        assert _caches_in(xdg) == [name], err
+        assert (xdg / "cachefs" / name / INDEX_MARK).exists()
+        assert "removed the new cache" not in err and "Traceback" not in err, err
+        assert proc.returncode == 130, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        fusermount_unmount(mnt)
 
 
 # -- 5: the remote as the mount's source; cachefs list ------------------------------------------
