@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,45 @@ def cache_base() -> Path:
     return Path(base) / "cachefs"
 
 
-def looks_like_cache(path: Path) -> bool:
-    """Whether ``path`` is a cachefs cache directory (a lock, an index or its mark):
-    nothing else is ever removed."""
-    return path.is_dir() and any((path / name).exists() for name in ("lock", "index", "index-made"))
+def is_cache(path: Path) -> bool:
+    """Whether ``path`` is a cachefs cache directory, told by what only a cache holds: its
+    ``index-made`` mark (``store.opening.mark_indexed``: a file that begins with the
+    mark's own words), or an index (``index/data.mdb``) whose ``meta`` records a schema
+    and a remote (a cache older than the mark, or one whose first open stopped before
+    writing it; read in a child process). A folder that merely holds a ``lock`` or an
+    ``index`` (a git repository's ``.git``) is none, nor is a symbolic link. Nothing in
+    ``path`` is made or changed: the only caches ``cachefs caches`` lists or removes."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if _has_index_mark(path):
+        return True
+    mdb = path / "index" / "data.mdb"
+    if mdb.is_symlink() or not mdb.is_file():
+        return False
+    from .store.opening import index_of_a_cache, run_apart
+
+    try:
+        return run_apart(lambda: index_of_a_cache(path / "index"), "reading it") is True
+    except Exception:  # noqa: BLE001 - an index that does not read is no cache's mark
+        return False
+
+
+def _has_index_mark(path: Path) -> bool:
+    from .store.records import INDEX_MARK, INDEX_MARK_TEXT
+
+    words = INDEX_MARK_TEXT.partition(b":")[0]  # "this cache has an index (index/data.mdb)"
+    try:
+        if not stat.S_ISREG(os.lstat(path / INDEX_MARK).st_mode):
+            return False
+        fd = os.open(path / INDEX_MARK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(words)) == words
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def find(extra: Iterable[Path] = ()) -> list[Path]:
@@ -49,10 +85,10 @@ def find(extra: Iterable[Path] = ()) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in sorted(os.scandir(base), key=lambda e: e.name):
             path = base / entry.name
-            if entry.is_dir(follow_symlinks=False) and looks_like_cache(path):
+            if entry.is_dir(follow_symlinks=False) and is_cache(path):
                 found[path] = None
     for path in extra:
-        if looks_like_cache(path):
+        if is_cache(path):
             found[path] = None
     return list(found)
 
@@ -106,33 +142,14 @@ def disk_use(path: Path) -> int:
 
 
 def _index_facts_apart(path: Path, encrypted: bool) -> tuple[str | None, int | None, int | None]:
-    """``_index_facts`` read in a child process: some damage makes LMDB abort the process
-    that reads it (an assertion in its C code), which must not end the command."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: read, answer, never return
-        try:
-            os.close(read_fd)
-            try:
-                answer: object = list(_index_facts(path, encrypted))
-            except Exception as exc:  # noqa: BLE001 - the answer
-                answer = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_fd, json.dumps(answer).encode()[:60000])
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd, "rb") as pipe:
-            text = pipe.read().decode(errors="replace")
-    finally:
-        _pid, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        raise RuntimeError(f"LMDB stopped with signal {os.WTERMSIG(status)} while reading it")
-    answer = json.loads(text) if text else {"error": "reading it failed"}
-    if isinstance(answer, dict):
-        raise RuntimeError(answer["error"])
-    remote, pending, conflicts = answer
-    return remote, pending, conflicts
+    """``_index_facts`` read in a child process (``store.opening.run_apart``): some damage
+    makes LMDB abort the process that reads it, which must not end the command."""
+    from .store.opening import run_apart
+
+    facts = run_apart(lambda: list(_index_facts(path, encrypted)), "reading it")
+    if not isinstance(facts, list) or len(facts) != 3:
+        raise RuntimeError(f"reading it gave {facts!r}")
+    return cast(tuple[str | None, int | None, int | None], tuple(facts))
 
 
 def _index_facts(path: Path, encrypted: bool) -> tuple[str | None, int | None, int | None]:
@@ -192,15 +209,20 @@ def holder(path: Path) -> int | None:
     return None
 
 
-def _take_lock(path: Path) -> int | None:
-    """The cache's lock, held (an fd to close), or None when a mount holds it."""
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _take_lock(path: Path) -> tuple[bool, int | None]:
+    """(free, fd): the cache's lock taken (``fd`` to close), or ``(False, None)`` when a
+    mount holds it. The lock file is opened, never made: a folder without one has never
+    been used by a mount (``index.Store`` makes it as it opens a cache): ``(True, None)``."""
+    try:
+        fd = os.open(path / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return None
-    return fd
+        return False, None
+    return True, fd
 
 
 def _remove_locked(path: Path) -> None:
@@ -219,11 +241,11 @@ def discard_new(path: Path) -> None:
     if not path.is_dir():
         return
     try:
-        fd = _take_lock(path)
+        free, fd = _take_lock(path)
     except OSError as exc:
         log.warning("the new cache %s is left: %s", path, exc.strerror)
         return
-    if fd is None:
+    if not free:
         return
     try:
         try:
@@ -239,17 +261,22 @@ def discard_new(path: Path) -> None:
     except OSError as exc:
         log.warning("the new cache %s is left: %s", path, exc.strerror)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def remove(path: Path, force: bool = False) -> CacheInfo:
     """Remove the cache in ``path``; refused (``CacheError``) when a mount holds it (even
     with ``force``: unmount first), and without ``force`` when it holds changes not yet on
     the server or conflicts, or its index cannot be read (what would be lost is said)."""
-    if not looks_like_cache(path):
-        raise CacheError(f"{path} is not a cachefs cache directory")
-    fd = _take_lock(path)
-    if fd is None:
+    if not is_cache(path):
+        raise CacheError(f"{path} is not a cachefs cache directory (it has neither the "
+                         "index-made mark nor a cachefs index): nothing removed")
+    try:
+        free, fd = _take_lock(path)
+    except OSError as exc:
+        raise CacheError(f"{path}: its lock cannot be taken ({exc.strerror}): nothing removed") from None
+    if not free:
         raise CacheError(f"{path} is in use by the mount of process {holder(path) or '?'}: "
                          "unmount it first")
     try:
@@ -264,7 +291,8 @@ def remove(path: Path, force: bool = False) -> CacheInfo:
                 raise CacheError(f"{path}: {info.problem}; --force removes it anyway")
         _remove_locked(path)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     return info
 
 

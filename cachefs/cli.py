@@ -487,6 +487,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if new_cache:
             caches.discard_new(cache_dir)
         return _fail(str(exc))
+    except KeyboardInterrupt:  # (at a passphrase's or a password's prompt)
+        if new_cache:
+            caches.discard_new(cache_dir)
+        return 130
     config = MountConfig(
         address=address,
         mountpoint=Path(args.mountpoint).expanduser().absolute(),
@@ -526,9 +530,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return run(config)
     except MountError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        if new_cache:
-            caches.discard_new(cache_dir)
+    except KeyboardInterrupt:  # (``run`` removed a new cache if the mount never served)
         return 130
 
 
@@ -1125,10 +1127,12 @@ def _ago(moment: float | None) -> str:
 
 
 def _caches_named(target: str) -> list[Path]:
-    """The caches ``--remove TARGET`` means: a cache directory, or the caches of a remote
-    (its default cache, and any cache that records that remote)."""
+    """The caches ``--remove TARGET`` means: a cache directory (told by its own marks,
+    ``caches.is_cache``), else the caches of a remote (its default cache, and any cache
+    that records that remote). A folder that is no cache is taken as a remote, never
+    removed: a local share's folder means that share's cache."""
     path = Path(target).expanduser().absolute()
-    if caches.looks_like_cache(path):
+    if caches.is_cache(path):
         return [path]
     try:
         address = parse_remote(target)
@@ -1137,8 +1141,10 @@ def _caches_named(target: str) -> list[Path]:
     default = default_cache_dir(address)
     found = [p for p in caches.find() if p == default or caches.inspect(p).remote == address.display()]
     if not found:
-        raise SystemExit(f"cachefs: no cache of {address.display()} in {caches.cache_base()} "
-                         "(see 'cachefs caches')")
+        folder = (f"{path} is not a cachefs cache directory (it has neither the index-made mark "
+                  "nor a cachefs index), and " if os.path.isdir(path) else "")
+        raise SystemExit(f"cachefs: {folder}no cache of {address.display()} in {caches.cache_base()} "
+                         "(see 'cachefs caches'): nothing removed")
     return found
 
 

@@ -242,12 +242,24 @@ async def _readahead_after_init(ops: Operations, config: MountConfig) -> None:
 
 def run(config: MountConfig) -> int:
     """Mount and serve until unmounted. Returns the process exit status. A new cache
-    (``config.new_cache``) of a mount that fails before it serves is removed."""
+    (``config.new_cache``) of a mount that fails, or is interrupted (Ctrl-C), before it
+    serves is removed; once the mount has served, its cache is kept whatever comes after
+    (a Ctrl-C during the teardown, an error)."""
+    serving = _Serving()
     try:
-        return _run(config)
-    except MountError:
-        _discard_new_cache(config)
+        return _run(config, serving)
+    except BaseException:
+        if not serving.served:
+            _discard_new_cache(config)
         raise
+
+
+@dataclass
+class _Serving:
+    """Whether this process's mount has served (FUSE mounted, the start told "ok"): from
+    then on its cache is no new one to remove (``_discard_new_cache``)."""
+
+    served: bool = False
 
 
 def _discard_new_cache(config: MountConfig) -> None:
@@ -259,7 +271,7 @@ def _discard_new_cache(config: MountConfig) -> None:
         discard_new(config.cache_dir)
 
 
-def _run(config: MountConfig) -> int:
+def _run(config: MountConfig, serving: _Serving) -> int:
     check_mountpoint(config.mountpoint, config.nonempty)
     log_in_once(config)
     encrypted = config.cache_key is not None
@@ -268,7 +280,7 @@ def _run(config: MountConfig) -> int:
         setup_logging(config.verbose, None, redact, _known_texts(config))
         if encrypted and config.verbose:
             log.warning("%s", _verbose_warning("stderr"))
-        return _serve(config, ready=None)
+        return _serve(config, None, serving)
     if encrypted and config.verbose:
         print(f"cachefs: warning: {_verbose_warning(str(config.cache_dir / 'mount.log'))}", file=sys.stderr)
     _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
@@ -303,7 +315,7 @@ def _run(config: MountConfig) -> int:
         _discard_new_cache(config)
         os.write(write_fd, f"cannot start: {exc}".encode())
         os._exit(1)
-    status = _serve(config, ready=write_fd)
+    status = _serve(config, write_fd, serving)
     os._exit(status)
 
 
@@ -365,14 +377,11 @@ def _check_cache_free(cache_dir: Path) -> None:
         os.close(fd)
 
 
-def _serve(config: MountConfig, ready: int | None) -> int:
-    served = False
-
+def _serve(config: MountConfig, ready: int | None, serving: _Serving) -> int:
     def report(message: str) -> None:
-        nonlocal served
         if message.startswith("ok"):
-            served = True
-        elif not served:  # a new cache goes before the user is told (and may mount again)
+            serving.served = True
+        elif not serving.served:  # a new cache goes before the user is told (and may mount again)
             _discard_new_cache(config)
         if ready is not None:
             with contextlib.suppress(OSError):
@@ -405,6 +414,8 @@ def _serve(config: MountConfig, ready: int | None) -> int:
         # its hint (requests that meet it get EIO, see ``fs.translate``), not a traceback.
         damage = _index_damage(exc)
         if damage is None:
+            if isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[1] is None:
+                raise KeyboardInterrupt from None  # (a Ctrl-C met in a task: the command ends as at one)
             raise
         message = index_damaged(config.cache_dir, damage)
         log.error("%s; the mount ends", message)
@@ -413,8 +424,8 @@ def _serve(config: MountConfig, ready: int | None) -> int:
     finally:
         if fetch_pool is not None:
             fetch_pool.close()
-        if not served:  # (an unexpected error: it goes on as a traceback)
-            _discard_new_cache(config)
+        # (an unexpected error or a Ctrl-C goes on to ``run``, which removes a new cache
+        # unless the mount served)
 
 
 async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: FetchPool | None = None) -> int:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.mount import REPO, is_mounted, status
-from tests.test_cli import _alive, _stop_daemon, cachefs, failed_with_reason, ok
+from cachefs.store.records import INDEX_MARK, INDEX_MARK_TEXT
+from tests.fixtures.mount import REPO, fusermount_unmount, is_mounted, status
+from tests.test_cli import _alive, _stop_daemon, cachefs, failed_with_reason, ok, this_checkout
 from tests.test_control import go_offline, read, wait_for, write
 
 
@@ -183,12 +184,144 @@ def test_caches_list_and_remove(tmp_path: Path, sshd, share: Path) -> None:
     (broken / "index").mkdir(parents=True)
     (broken / "index" / "data.mdb").write_bytes(os.urandom(64 << 10))
     (broken / "lock").write_bytes(b"")
+    (broken / INDEX_MARK).write_bytes(INDEX_MARK_TEXT)  # (as the cache's first mount left it)
     text = ok(cachefs("caches", env=env)).stdout
     assert f"{broken}\n" in text and "problem:         its index does not open" in text, text
     failed_with_reason(cachefs("caches", "--remove", str(broken), env=env), "index does not open", "--force")
     ok(cachefs("caches", "--remove", str(broken), "--force", env=env))
     assert not broken.exists()
     failed_with_reason(cachefs("caches", "--remove", str(tmp_path / "share-nothing"), env=env), "no cache of")
+
+
+def _tree(folder: Path) -> list[tuple[str, int, int]]:
+    """Every name under ``folder`` with its size and mtime: what must not change."""
+    return sorted((str(f.relative_to(folder)), f.lstat().st_size, f.lstat().st_mtime_ns)
+                  for f in [folder, *folder.rglob("*")])
+
+
+def test_caches_remove_takes_only_caches(tmp_path: Path) -> None:
+    """'cachefs caches --remove ~/proj/.git' printed "removed" and the .git folder was gone:
+    any folder holding a 'lock' or an 'index' was taken for a cache, and a local share's
+    folder given as REMOTE was taken as such a DIR first; looking at one made a 'lock' file
+    in it. Now only a folder with a cache's own marks (its index-made mark, or an index
+    that records its remote) is a cache: any other is refused, nothing in it is made or
+    removed, and a share's folder names that share's cache."""
+    xdg, mnt = tmp_path / "xdg", tmp_path / "mnt"
+    mnt.mkdir()
+    env = _env(xdg)
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    (repo / "notes.txt").write_text("mine\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "notes.txt"], ["commit", "-q", "-m", "one"]):
+        subprocess.run(git + args, check=True, timeout=30, capture_output=True)
+    assert (repo / ".git" / "index").exists()
+    named = tmp_path / "named"  # a folder whose files are named as a cache's are
+    named.mkdir()
+    for name in ("lock", "index", INDEX_MARK):
+        (named / name).write_bytes(b"my own " + name.encode())
+    other = tmp_path / "other"  # another program's LMDB under index/
+    import lmdb
+    (other / "index").mkdir(parents=True)
+    env_db = lmdb.open(str(other / "index"), max_dbs=2)
+    with env_db.begin(write=True) as txn:
+        txn.put(b"remote", b"x", db=env_db.open_db(b"meta", txn=txn))
+    env_db.close()
+    (other / "index" / "lock.mdb").unlink()
+    share = tmp_path / "share"  # a local share, with a 'lock' and an 'index' of its own
+    (share / "index").mkdir(parents=True)
+    (share / "lock").write_bytes(b"share's")
+    (share / "f.txt").write_bytes(b"shared\n")
+    in_base = xdg / "cachefs" / "not-a-cache-0123456789"  # even in the caches' folder
+    shutil.copytree(named, in_base)
+
+    for folder in (repo / ".git", named, other, share, in_base):
+        before = _tree(folder)
+        for force in ([], ["--force"]):
+            reason = failed_with_reason(cachefs("caches", "--remove", str(folder), *force, env=env),
+                                        "nothing removed")
+            assert "no cache of" in reason, reason
+            assert f"{folder} is not a cachefs cache directory" in reason, reason
+        assert _tree(folder) == before, f"{folder} changed"
+    listed = ok(cachefs("caches", "--json", env=env)).stdout
+    assert str(in_base) not in listed and _tree(in_base) == before
+
+    # The share's folder as REMOTE: its cache goes, the share stays.
+    try:
+        ok(cachefs("mount", str(share), str(mnt), env=env))
+        assert read(mnt / "f.txt") == b"shared\n"
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        _stop_daemon(mnt)
+    [cache] = [xdg / "cachefs" / n for n in _caches_in(xdg) if n != in_base.name]
+    before = _tree(share)
+    assert f"removed {cache}" in ok(cachefs("caches", "--remove", str(share), env=env)).stdout
+    assert not cache.exists() and _tree(share) == before
+
+    # A cache named by its folder is removed, also one older than the index-made mark
+    # (told by the remote its index records).
+    try:
+        ok(cachefs("mount", str(share), str(mnt), env=env))
+        ok(cachefs("unmount", str(mnt)))
+    finally:
+        _stop_daemon(mnt)
+    [cache] = [xdg / "cachefs" / n for n in _caches_in(xdg) if n != in_base.name]
+    (cache / INDEX_MARK).unlink()
+    assert str(cache) in ok(cachefs("caches", env=env)).stdout
+    assert f"removed {cache}" in ok(cachefs("caches", "--remove", str(cache), env=env)).stdout
+    assert _caches_in(xdg) == [in_base.name]
+
+
+#: a foreground mount whose teardown waits at one step (``sys.argv[1]``: the transfer
+#: processes' close after the trio loop ended, or the note of what stays pending in it)
+#: after leaving a mark, so that a Ctrl-C surely lands in the teardown
+_SLOW_TEARDOWN = """
+import sys, time
+from pathlib import Path
+import cachefs.daemon as daemon
+owner, name = (daemon.FetchPool, "close") if sys.argv[1] == "pool" else (daemon, "note_unmounted")
+step = getattr(owner, name)
+def slow_step(*args):
+    Path(sys.argv[2]).write_text("tearing down")
+    time.sleep(30)
+    step(*args)
+setattr(owner, name, slow_step)
+from cachefs.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("step", ["pool", "note"])
+def test_a_served_cache_outlives_a_ctrl_c_in_its_teardown(tmp_path: Path, sshd, share: Path, step: str) -> None:
+    """A Ctrl-C during the teardown of a foreground mount that had served (its first one,
+    e.g. while its transfer processes were closed) removed its cache as if the mount had
+    failed before serving: what was cached, and pinned, was lost. Now only a mount that
+    never served removes the cache it made; a Ctrl-C met inside the trio loop ends the
+    command as one does, not with a traceback."""
+    xdg, mnt, mark = tmp_path / "xdg", tmp_path / "mnt", tmp_path / "mark"
+    mnt.mkdir()
+    (share / "f.txt").write_bytes(b"served\n")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TEARDOWN, step, str(mark), "mount", sshd.address(),
+                             str(mnt), *_ssh(sshd), "-f", "--no-notify"], cwd=REPO,
+                            env=this_checkout(_env(xdg)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: is_mounted(mnt), 30, "the mount")
+        assert read(mnt / "f.txt") == b"served\n"
+        [name] = _caches_in(xdg)
+        proc.send_signal(signal.SIGINT)  # unmount...
+        wait_for(mark.exists, 20, "the teardown")
+        proc.send_signal(signal.SIGINT)  # ... and Ctrl-C again while it is taken down
+        _out, err = proc.communicate(timeout=30)
+        assert _caches_in(xdg) == [name], err
+        assert (xdg / "cachefs" / name / INDEX_MARK).exists()
+        assert "removed the new cache" not in err and "Traceback" not in err, err
+        assert proc.returncode == 130, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        fusermount_unmount(mnt)
 
 
 # -- 5: the remote as the mount's source; cachefs list ------------------------------------------

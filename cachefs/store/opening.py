@@ -16,6 +16,7 @@ import logging
 import os
 import stat as stat_mod
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +26,8 @@ from . import journal
 from . import ranges as rangeset
 from .crypto import RecordError
 from .journal import Op
-from .records import (_U64, DIRTY, FIRST_INO, FULL, INDEX_MARK, KERNEL_WRITES, ROOT_INO, SCHEMA, WRITING,
-                      Node, StoreError, _key, index_damaged)
+from .records import (_U64, DIRTY, FIRST_INO, FULL, INDEX_MARK, INDEX_MARK_TEXT, KERNEL_WRITES, ROOT_INO,
+                      SCHEMA, WRITING, Node, StoreError, _key, index_damaged)
 
 if TYPE_CHECKING:
     from .index import Store
@@ -54,20 +55,28 @@ def _walk_index(index: Path) -> None:
         env.close()
 
 
-def probe_index(index: Path) -> str | None:
-    """What is wrong with the pages of the index, found by walking them in a child
-    process: some damage makes LMDB abort the process that reads it (an assertion in
-    its C code), which no exception handler sees. None when the walk went through."""
+class ApartFailed(Exception):
+    """Work done in a child process (``run_apart``) failed: what it raised, or the signal
+    that ended it (the message then begins with ``PROBE_CRASHED``)."""
+
+
+def run_apart(work: Callable[[], object], doing: str) -> object:
+    """``work()`` run in a forked child process and its answer (JSON) handed back: some
+    damage makes LMDB abort the process that reads an index (an assertion in its C
+    code), which no exception handler sees. ``doing`` names the work in the failures:
+    ``ApartFailed`` says what the child raised, or the signal that ended it."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: walk, say what went wrong, never return
+    if pid == 0:  # the child: work, answer, never return
         status = 0
         try:
             os.close(read_fd)
             try:
-                _walk_index(index)
+                reply: dict[str, object] = {"answer": work()}
             except Exception as exc:  # noqa: BLE001 - any failure is the answer
-                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+                reply = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(json.dumps(reply).encode())
         except BaseException:
             status = 1
         finally:
@@ -75,16 +84,44 @@ def probe_index(index: Path) -> str | None:
     os.close(write_fd)
     try:
         with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
+            text = pipe.read().decode(errors="replace")
     finally:
         _pid, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        return f"{PROBE_CRASHED} {os.WTERMSIG(status)} while reading its pages"
-    if message:
-        return message
-    if os.waitstatus_to_exitcode(status) != 0:
-        return "reading its pages failed"
+        raise ApartFailed(f"{PROBE_CRASHED} {os.WTERMSIG(status)} while {doing}")
+    try:
+        answer: object = json.loads(text) if text else None
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and "error" in answer:
+        raise ApartFailed(str(answer["error"]))
+    if not isinstance(answer, dict) or "answer" not in answer or os.waitstatus_to_exitcode(status) != 0:
+        raise ApartFailed(f"{doing} failed")
+    return answer["answer"]
+
+
+def probe_index(index: Path) -> str | None:
+    """What is wrong with the pages of the index, found by walking them in a child
+    process (``run_apart``). None when the walk went through."""
+    try:
+        run_apart(lambda: _walk_index(index), "reading its pages")
+    except ApartFailed as exc:
+        return str(exc)
     return None
+
+
+def index_of_a_cache(index: Path) -> bool:
+    """Whether the LMDB environment in ``index`` is a cache's: its ``meta`` records a
+    schema and a remote (made with the index, before anything else: ``check_schema``).
+    Read-only and without LMDB's lock file, so that nothing is made in a folder that is
+    not a cache; run it apart (``run_apart``), as any read of an index not known good."""
+    env = lmdb.open(str(index), readonly=True, lock=False, max_dbs=16, subdir=True, create=False)
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            return txn.get(b"schema", db=meta) is not None and txn.get(b"remote", db=meta) is not None
+    finally:
+        env.close()
 
 
 def check_private_dir(path: Path) -> None:
@@ -167,8 +204,7 @@ def mark_indexed(store: Store) -> None:
     store.env.sync(True)
     fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, b"this cache has an index (index/data.mdb): if it is missing or empty, "
-                     b"the cache is damaged (see 'cachefs recover')\n")
+        os.write(fd, INDEX_MARK_TEXT)
         os.fsync(fd)
     finally:
         os.close(fd)

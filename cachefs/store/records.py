@@ -18,6 +18,9 @@ from pathlib import Path
 SCHEMA = b"2"
 #: beside ``index/``, made with the index (see the layout in ``index``'s docstring)
 INDEX_MARK = "index-made"
+#: what ``INDEX_MARK`` holds: its first words tell a cache's mark from a file of that name
+INDEX_MARK_TEXT = (b"this cache has an index (index/data.mdb): if it is missing or empty, "
+                   b"the cache is damaged (see 'cachefs recover')\n")
 ROOT_INO = 1
 FIRST_INO = 16  # 2..15 are reserved for the virtual .cachefs files
 
