@@ -506,7 +506,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
 async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) -> None:
     """A share's pins (``--pin``), in the background once the mount is up: as
     ``cachefs pin`` pins each. Offline, each waits for the link (checked every second);
-    one that fails otherwise (no such path) is logged, and the mount goes on."""
+    one that fails otherwise (no such path, a file or folder the server refuses, anything
+    unforeseen) is logged, and the mount goes on: a pin never ends the mount."""
     for path in pins:
         while True:
             try:
@@ -519,6 +520,8 @@ async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) 
                         await trio.sleep(1)
                     continue
                 log.warning("could not pin %s at mount: %s", path, exc)
+            except Exception as exc:  # noqa: BLE001 - a pin must never end the mount
+                log.warning("could not pin %s at mount: %s: %s", path, type(exc).__name__, exc)
             break
 
 

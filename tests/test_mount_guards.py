@@ -1,0 +1,90 @@
+"""What must not end a mount or show more than it should (review of issue 22, items 3, 8
+and 9): a pin the server refuses, at mount (``--pin``) or by ``cachefs pin``, is a warning
+and an error of that command, never the end of the mount; an encrypted cache's mount
+shows no remote as its source to the other users of the machine; and a cache in use is
+refused before a password is asked for.
+
+The server refusal needs a user the file permissions apply to: the suite runs as root, so
+these tests log in as ``test_login``'s throw-away system user. Every mount is taken down,
+every wait bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tests.fixtures.mount import Mount, is_mounted, status
+from tests.test_cli import _stop_daemon, cachefs, failed_with_reason, ok
+from tests.test_login import (LoginUser, login_user, mount_args, password_file, put,  # noqa: F401
+                              run_mount, server_for, stop_detached)
+
+
+def _refusing_share(user: LoginUser) -> None:
+    """docs/ with a file its owner may not read, locked/ a folder its owner may not list."""
+    for folder in ("docs", "locked"):
+        (user.share / folder).mkdir()
+        os.chown(user.share / folder, *_ids(user))
+    put(user, "docs/ok.txt", b"readable\n")
+    put(user, "docs/secret.txt", b"no\n")
+    put(user, "locked/inside.txt", b"no\n")
+    put(user, "top.txt", b"top\n")
+    os.chmod(user.share / "docs" / "secret.txt", 0)
+    os.chmod(user.share / "locked", 0)
+
+
+def _ids(user: LoginUser) -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam(user.name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _answers(mnt: Path) -> bool:
+    return is_mounted(mnt) and (mnt / "top.txt").read_bytes() == b"top\n"
+
+
+def test_a_refused_pin_never_ends_the_mount(server_for, login_user: LoginUser, tmp_path: Path) -> None:
+    """A registered pin whose walk met EACCES (a file the server would not open, a folder
+    it would not list) ended the whole mount: hoard.pin let RemoteError / CacheError out
+    of _pin_at_mount into the main nursery. Now each is logged, the mount stays up and
+    answers, and 'cachefs pin' of the same path fails with one clear line, the mount
+    still up."""
+    server = server_for("publickey")
+    _refusing_share(login_user)
+    try:
+        mount = Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
+                      str(server.known_hosts), "--identity", str(server.identity), "--timeout", "3",
+                      "--pin", "docs", "--pin", "locked", "--pin", "missing", "-v")
+        with mount:
+            mnt = mount.mountpoint
+            deadline = time.monotonic() + 20
+            while mount.log_text().count("could not pin") < 3 and time.monotonic() < deadline:
+                assert mount.process is not None and mount.process.poll() is None, mount.log_text()
+                time.sleep(0.1)
+            log = mount.log_text()
+            assert log.count("could not pin") == 3, log
+            time.sleep(0.5)
+            assert mount.process is not None and mount.process.poll() is None, log
+            assert _answers(mnt)
+            assert (mnt / "docs" / "ok.txt").read_bytes() == b"readable\n"
+            for path, words in (("docs", ["Permission denied"]), ("locked", ["Permission denied"]),
+                                ("missing", ["missing: No such file or directory"])):
+                reason = failed_with_reason(cachefs("pin", str(mnt / path)), "pin", *words)
+                assert "Traceback" not in reason
+                assert mount.process.poll() is None and _answers(mnt), mount.log_text()
+            assert status(mnt)["state"] == "online"
+        mount.assert_clean_log()
+    finally:
+        _empty(login_user)
+
+
+def _empty(user: LoginUser) -> None:
+    """The module's user shares one folder: left empty for the next test."""
+    for path in user.share.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    for path in user.share.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
