@@ -928,8 +928,9 @@ def share_mountpoint(text: str) -> str:
     return share.mountpoint if share is not None else text
 
 
-#: the options of cachefs mount that a share keeps as paths: made absolute when added
-_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file"}
+#: the options of cachefs mount that a share keeps as paths: made absolute when added (a
+#: unit mounts from /); every option of type Path (test_every_path_option_is_made_absolute)
+_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file", "password_file"}
 _OPTION_NAMES = {dest: name for name, dest in OWN_OPTIONS.items()}
 
 
@@ -993,6 +994,9 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
                     pins.append(text)
                 elif own in OWN_OPTIONS:
                     options[own] = _path_text(own, text) if eq else True
+                elif isinstance(meaning := SSHFS_OPTIONS.get(key.lower()), str) and meaning in _OPTION_NAMES:
+                    # sshfs's name kept as written (IdentityFile=), its path made absolute
+                    options[key] = _path_text(_OPTION_NAMES[meaning], text) if eq else True
                 elif key not in MOUNT_ONLY and not key.startswith("x-"):
                     options[key] = text if eq else True
         else:

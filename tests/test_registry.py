@@ -7,6 +7,7 @@ applied at mount, and full syncs at mount, every N seconds, when idle and at unm
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -160,6 +161,41 @@ def test_add_keeps_options_as_written(tmp_path: Path) -> None:
     ok(cachefs("remove", "work", env=env))
     assert "no share named 'work'" in failed(cachefs("remove", "work", env=env))
     assert ok(cachefs("shares", env=env)).stdout.startswith("no shares registered")
+
+
+def test_relative_paths_are_stored_absolute(tmp_path: Path) -> None:
+    """--password-file pw.txt was kept as "pw.txt" (not among the path options) and
+    sshfs's -o IdentityFile=k2 as "k2" (taken for a FUSE option): a unit mounts from /
+    and found neither. Every path, in each form it may be given, is kept absolute now;
+    sshfs's names are kept as written."""
+    env = _config(tmp_path)
+    ok(cachefs("add", "w", "alice@fileserver:p", "mnt", "--password-file", "pw.txt",
+               "--cache-key-file=ck", "-o", "IdentityFile=k2,UserKnownHostsFile=~/kh,Port=2222",
+               cwd=tmp_path, env=env))
+    ok(cachefs("add", "w2", "alice@fileserver:p", "mnt", "-o", "password_file=sub/pw,identity=k,known_hosts=kh",
+               cwd=tmp_path, env=env))
+    data = tomllib.loads((tmp_path / "config" / "cachefs" / "shares.toml").read_text())
+    home = os.path.expanduser("~")
+    assert data["w"]["options"] == {"password_file": str(tmp_path / "pw.txt"),
+                                    "cache_key_file": str(tmp_path / "ck"),
+                                    "IdentityFile": str(tmp_path / "k2"),
+                                    "UserKnownHostsFile": f"{home}/kh", "Port": "2222"}
+    assert data["w2"]["options"] == {"password_file": str(tmp_path / "sub" / "pw"),
+                                     "identity": str(tmp_path / "k"), "known_hosts": str(tmp_path / "kh")}
+
+
+def test_every_path_option_is_made_absolute() -> None:
+    """Each option of cachefs mount that takes a path (type Path) is among those a share
+    keeps absolute, and so is each sshfs name that stands for one."""
+    from cachefs import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_mount_arguments(parser)
+    paths = {cli._OPTION_NAMES[a.dest] for a in parser._actions if a.type is Path}
+    assert paths == cli._PATH_OPTIONS
+    assert {name for name, dest in cli.SSHFS_OPTIONS.items()
+            if isinstance(dest, str) and cli._OPTION_NAMES.get(dest) in paths} == {"identityfile",
+                                                                                "userknownhostsfile"}
 
 
 def test_mount_of_unknown_name_is_one_line(tmp_path: Path) -> None:
