@@ -178,14 +178,22 @@ def _check_empty(path: Path) -> None:
                          "to mount over them")
 
 
+#: the source of an encrypted cache's mount (without --verbose): no name of the remote
+SEALED_SOURCE = "cachefs"
+
+
 def fuse_options(config: MountConfig, source: str) -> set[str]:
     """The options given to libfuse: ``default_permissions``, ``source`` (the remote as
     ``cachefs status`` names it) as the source that findmnt, df and mount show
-    (``fsname``, unless ``-o fsname=`` names another),
+    (``fsname``, unless ``-o fsname=`` names another; ``cachefs`` for an encrypted cache
+    without ``--verbose``: every local user reads /proc/*/mountinfo, and such a cache
+    names neither the remote's host, user nor path in its log either),
     ``subtype=cachefs`` (type ``fuse.cachefs``, unless ``-o subtype=``), and the
     FUSE options given with ``-o``."""
     opts = set(pyfuse3.default_options)  # default_permissions
     given = [opt for text in config.fuse_options for opt in text.split(",") if opt]
+    if config.cache_key is not None and not config.verbose:
+        source = SEALED_SOURCE
     if not any(opt.startswith("fsname=") for opt in given):
         opts.add("fsname=" + fuse_escape(ascii_source(source)))
     if not any(opt.startswith("subtype=") for opt in given):

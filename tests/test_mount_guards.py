@@ -11,6 +11,7 @@ every wait bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,3 +89,42 @@ def _empty(user: LoginUser) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     for path in user.share.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def test_an_encrypted_caches_source_names_no_remote(tmp_path: Path, sshd, share: Path) -> None:
+    """The mount's source (fsname) was the full remote, readable by every local user in
+    /proc/*/mountinfo, df and findmnt, although an encrypted cache's log names neither
+    its remote's host, user nor path. Without --verbose it is 'cachefs' now; -o fsname=
+    and --verbose still name what they name; cachefs list still gives the owner the
+    remote (from the mount's status)."""
+    from tests.test_mounting import _source
+
+    (share / "f.txt").write_bytes(b"sealed\n")
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    os.chmod(key, 0o600)
+    access = ["--identity", str(sshd.identity), "--known-hosts", str(sshd.known_hosts), "--cache-key-file", str(key)]
+    mnt = {name: tmp_path / name for name in ("plain", "verbose", "named")}
+    for path in mnt.values():
+        path.mkdir()
+    try:
+        ok(cachefs("mount", sshd.address(), str(mnt["plain"]), "--cache-dir", str(tmp_path / "c1"), *access))
+        ok(cachefs("mount", sshd.address(), str(mnt["verbose"]), "--cache-dir", str(tmp_path / "c2"), *access, "-v"))
+        ok(cachefs("mount", sshd.address(), str(mnt["named"]), "--cache-dir", str(tmp_path / "c3"), *access,
+                   "-o", "fsname=work"))
+        assert (mnt["plain"] / "f.txt").read_bytes() == b"sealed\n"
+        remote = status(mnt["plain"])["remote"]
+        assert remote.startswith("sftp://") and str(share) in remote, remote
+        assert _source(mnt["plain"]) == ("cachefs", "fuse.cachefs")
+        assert _source(mnt["verbose"]) == (remote, "fuse.cachefs")
+        assert _source(mnt["named"]) == ("work", "fuse.cachefs")
+        with open("/proc/self/mountinfo") as f:
+            line = next(line for line in f if f" {mnt['plain']} " in line)
+        assert str(share) not in line and sshd.user not in line.split(" - ")[1], line
+        df = subprocess.run(["df", str(mnt["plain"])], capture_output=True, text=True, timeout=10).stdout
+        assert df.splitlines()[1].startswith("cachefs "), df
+        rows = {r["mountpoint"]: r for r in json.loads(ok(cachefs("list", "--json")).stdout)}
+        assert rows[str(mnt["plain"])]["remote"] == remote and rows[str(mnt["plain"])]["state"] == "online"
+    finally:
+        for path in mnt.values():
+            _stop_daemon(path)
