@@ -461,7 +461,7 @@ def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .store.crypto import CryptoError
     from .store.index import StoreError
-    from .daemon import MountConfig, MountError, run
+    from .daemon import MountConfig, MountError, check_cache_free, run
     from .errors import RemoteRefused
 
     args = share_arguments(args)
@@ -480,6 +480,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
                           ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
         if given is not None and given.expanduser().is_dir():
             return _fail(f"{option} {given} is a directory, not a file")
+    try:
+        check_cache_free(cache_dir)  # before the cache key's passphrase is asked for
+    except MountError as exc:
+        return _fail(str(exc))
     try:
         key = cache_key(args, cache_dir)
         secrets = _login_secrets(args) if address.scheme == "sftp" else None

@@ -269,6 +269,9 @@ def _discard_new_cache(config: MountConfig) -> None:
 
 def _run(config: MountConfig) -> int:
     check_mountpoint(config.mountpoint, config.nonempty)
+    # Before a password is asked for (and before forking: the error goes to the user, not
+    # a log); the store takes the lock itself once the mount serves.
+    check_cache_free(config.cache_dir)
     log_in_once(config)
     encrypted = config.cache_key is not None
     redact = encrypted and not config.verbose
@@ -279,7 +282,6 @@ def _run(config: MountConfig) -> int:
         return _serve(config, ready=None)
     if encrypted and config.verbose:
         print(f"cachefs: warning: {_verbose_warning(str(config.cache_dir / 'mount.log'))}", file=sys.stderr)
-    _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:  # the parent reports the outcome and leaves
@@ -360,7 +362,9 @@ def _index_damage(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _check_cache_free(cache_dir: Path) -> None:
+def check_cache_free(cache_dir: Path) -> None:
+    """Refuse a cache that another mount holds (its ``lock``), before anything is asked
+    for: the cache key's passphrase (``cli.cmd_mount``) or a password (``log_in_once``)."""
     try:
         fd = os.open(cache_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

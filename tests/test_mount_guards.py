@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -128,3 +129,57 @@ def test_an_encrypted_caches_source_names_no_remote(tmp_path: Path, sshd, share:
     finally:
         for path in mnt.values():
             _stop_daemon(path)
+
+
+def test_a_cache_in_use_is_refused_before_a_password_is_asked(server_for, login_user: LoginUser,
+                                                              tmp_path: Path) -> None:
+    """log_in_once (which may ask for a password) ran before the check that the cache is
+    free: a second mount of a cache in use asked for the password, then was refused. The
+    check comes first now: askpass is never run."""
+    server = server_for("password")
+    put(login_user, "a.txt", b"first\n")
+    secret = password_file(tmp_path, login_user.password)
+    calls = tmp_path / "askpass-calls"
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\necho {login_user.password}\n")
+    os.chmod(askpass, 0o700)
+    first = mount_args(server, tmp_path, "--password-file", str(secret))
+    second = [first[0], str(tmp_path / "mnt2"), *mount_args(server, tmp_path)[2:]]
+    env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force")
+    try:
+        result = run_mount(first)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "mnt" / "a.txt").read_bytes() == b"first\n"
+        for foreground in ([], ["-f"]):
+            result = run_mount([*second, *foreground], env=env)
+            assert result.returncode == 1 and "is in use by another cachefs mount" in result.stderr, result
+            assert not calls.exists(), calls.read_text()
+            assert not is_mounted(tmp_path / "mnt2")
+    finally:
+        stop_detached(tmp_path / "mnt")
+        stop_detached(tmp_path / "mnt2")
+        _empty(login_user)
+
+
+def test_a_cache_in_use_is_refused_before_its_passphrase_is_asked(tmp_path: Path, sshd) -> None:
+    """The same for the cache key's passphrase, asked on the terminal by cachefs mount."""
+    from tests.test_login import Terminal
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    os.chmod(key, 0o600)
+    access = ["--cache-dir", str(tmp_path / "cache"), "--identity", str(sshd.identity),
+              "--known-hosts", str(sshd.known_hosts)]
+    (tmp_path / "mnt").mkdir()
+    try:
+        ok(cachefs("mount", sshd.address(), str(tmp_path / "mnt"), *access, "--cache-key-file", str(key)))
+        terminal = Terminal([sshd.address(), str(tmp_path / "mnt2"), *access, "--encrypt-cache"])
+        terminal.read(30, until=b"passphrase")
+        if b"passphrase" in terminal.out:  # asked: it would wait for an answer
+            os.kill(terminal.pid, signal.SIGKILL)
+        code = terminal.wait()
+        assert b"passphrase" not in terminal.out, terminal.out
+        assert code == 1 and b"is in use by another cachefs mount" in terminal.out, terminal.out
+    finally:
+        _stop_daemon(tmp_path / "mnt")
+        stop_detached(tmp_path / "mnt2")
