@@ -461,7 +461,7 @@ def cache_key(args: argparse.Namespace, cache_dir: Path) -> bytes | None:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .store.crypto import CryptoError
     from .store.index import StoreError
-    from .daemon import MountConfig, MountError, check_cache_free, run
+    from .daemon import MountConfig, MountError, run
     from .errors import RemoteRefused
 
     args = share_arguments(args)
@@ -476,14 +476,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # A mount that fails before it serves removes the cache it made (33 MiB of index),
     # never one that was there before.
     new_cache = not os.path.lexists(cache_dir)
-    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
-                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
-        if given is not None and given.expanduser().is_dir():
-            return _fail(f"{option} {given} is a directory, not a file")
-    try:
-        check_cache_free(cache_dir)  # before the cache key's passphrase is asked for
-    except MountError as exc:
-        return _fail(str(exc))
+    problem = _refused_before_asking(args, cache_dir)
+    if problem is not None:
+        return _fail(problem)
     try:
         key = cache_key(args, cache_dir)
         secrets = _login_secrets(args) if address.scheme == "sftp" else None
@@ -534,6 +529,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if new_cache:
             caches.discard_new(cache_dir)
         return 130
+
+
+def _refused_before_asking(args: argparse.Namespace, cache_dir: Path) -> str | None:
+    """Why ``cachefs mount`` stops before anything is asked for (the cache key's
+    passphrase, a password): a file option that names a folder, a cache in use."""
+    from .daemon import MountError, check_cache_free
+
+    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
+                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
+        if given is not None and given.expanduser().is_dir():
+            return f"{option} {given} is a directory, not a file"
+    try:
+        check_cache_free(cache_dir)
+    except MountError as exc:
+        return str(exc)
+    return None
 
 
 def find_mount_root(path: Path) -> Path:
@@ -991,18 +1002,7 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
         if dest == "pins":
             pins += value
         elif dest == "fuse_options":
-            for opt in (o for text in value for o in text.split(",") if o):
-                key, eq, text = opt.partition("=")
-                own = key.replace("-", "_")
-                if own == "pin":
-                    pins.append(text)
-                elif own in OWN_OPTIONS:
-                    options[own] = _path_text(own, text) if eq else True
-                elif isinstance(meaning := SSHFS_OPTIONS.get(key.lower()), str) and meaning in _OPTION_NAMES:
-                    # sshfs's name kept as written (IdentityFile=), its path made absolute
-                    options[key] = _path_text(_OPTION_NAMES[meaning], text) if eq else True
-                elif key not in MOUNT_ONLY and not key.startswith("x-"):
-                    options[key] = text if eq else True
+            _given_dash_o(value, options, pins)
         else:
             name = _OPTION_NAMES[dest]
             options[name] = True if isinstance(value, bool) else _path_text(name, value)
@@ -1011,6 +1011,22 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
             number = float(str(options[name]))
             options[name] = int(number) if number.is_integer() else number
     return options, pins
+
+
+def _given_dash_o(texts: list[str], options: dict[str, registry.Value], pins: list[str]) -> None:
+    """``-o`` items of cachefs add, into ``options`` (by name, as written) and ``pins``."""
+    for opt in (o for text in texts for o in text.split(",") if o):
+        key, eq, text = opt.partition("=")
+        own = key.replace("-", "_")
+        if own == "pin":
+            pins.append(text)
+        elif own in OWN_OPTIONS:
+            options[own] = _path_text(own, text) if eq else True
+        elif isinstance(meaning := SSHFS_OPTIONS.get(key.lower()), str) and meaning in _OPTION_NAMES:
+            # sshfs's name kept as written (IdentityFile=), its path made absolute
+            options[key] = _path_text(_OPTION_NAMES[meaning], text) if eq else True
+        elif key not in MOUNT_ONLY and not key.startswith("x-"):
+            options[key] = text if eq else True
 
 
 def _path_text(name: str, text: str) -> str:
