@@ -476,10 +476,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # A mount that fails before it serves removes the cache it made (33 MiB of index),
     # never one that was there before.
     new_cache = not os.path.lexists(cache_dir)
-    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
-                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
-        if given is not None and given.expanduser().is_dir():
-            return _fail(f"{option} {given} is a directory, not a file")
+    problem = _refused_before_asking(args, cache_dir)
+    if problem is not None:
+        return _fail(problem)
     try:
         key = cache_key(args, cache_dir)
         secrets = _login_secrets(args) if address.scheme == "sftp" else None
@@ -532,6 +531,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:  # (``run`` removed a new cache if the mount never served)
         return 130
+
+
+def _refused_before_asking(args: argparse.Namespace, cache_dir: Path) -> str | None:
+    """Why ``cachefs mount`` stops before anything is asked for (the cache key's
+    passphrase, a password): a file option that names a folder, a cache in use."""
+    from .daemon import MountError, check_cache_free
+
+    for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
+                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
+        if given is not None and given.expanduser().is_dir():
+            return f"{option} {given} is a directory, not a file"
+    try:
+        check_cache_free(cache_dir)
+    except MountError as exc:
+        return str(exc)
+    return None
 
 
 def find_mount_root(path: Path) -> Path:
@@ -930,8 +945,9 @@ def share_mountpoint(text: str) -> str:
     return share.mountpoint if share is not None else text
 
 
-#: the options of cachefs mount that a share keeps as paths: made absolute when added
-_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file"}
+#: the options of cachefs mount that a share keeps as paths: made absolute when added (a
+#: unit mounts from /); every option of type Path (test_every_path_option_is_made_absolute)
+_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file", "password_file"}
 _OPTION_NAMES = {dest: name for name, dest in OWN_OPTIONS.items()}
 
 
@@ -988,15 +1004,7 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
         if dest == "pins":
             pins += value
         elif dest == "fuse_options":
-            for opt in (o for text in value for o in text.split(",") if o):
-                key, eq, text = opt.partition("=")
-                own = key.replace("-", "_")
-                if own == "pin":
-                    pins.append(text)
-                elif own in OWN_OPTIONS:
-                    options[own] = _path_text(own, text) if eq else True
-                elif key not in MOUNT_ONLY and not key.startswith("x-"):
-                    options[key] = text if eq else True
+            _given_dash_o(value, options, pins)
         else:
             name = _OPTION_NAMES[dest]
             options[name] = True if isinstance(value, bool) else _path_text(name, value)
@@ -1005,6 +1013,22 @@ def _given_options(argv: list[str]) -> tuple[dict[str, registry.Value], list[str
             number = float(str(options[name]))
             options[name] = int(number) if number.is_integer() else number
     return options, pins
+
+
+def _given_dash_o(texts: list[str], options: dict[str, registry.Value], pins: list[str]) -> None:
+    """``-o`` items of cachefs add, into ``options`` (by name, as written) and ``pins``."""
+    for opt in (o for text in texts for o in text.split(",") if o):
+        key, eq, text = opt.partition("=")
+        own = key.replace("-", "_")
+        if own == "pin":
+            pins.append(text)
+        elif own in OWN_OPTIONS:
+            options[own] = _path_text(own, text) if eq else True
+        elif isinstance(meaning := SSHFS_OPTIONS.get(key.lower()), str) and meaning in _OPTION_NAMES:
+            # sshfs's name kept as written (IdentityFile=), its path made absolute
+            options[key] = _path_text(_OPTION_NAMES[meaning], text) if eq else True
+        elif key not in MOUNT_ONLY and not key.startswith("x-"):
+            options[key] = text if eq else True
 
 
 def _path_text(name: str, text: str) -> str:

@@ -23,7 +23,7 @@ import trio
 
 from .cache.cache import Cache, Node
 from .cache.hoard import Hoard
-from .errors import CacheError, CommandError, SyncFailed, Unavailable
+from .errors import CacheError, CommandError, RemoteError, SyncFailed, Unavailable
 from .sync.manager import SyncManager
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,10 @@ class Control:
             self._no_argument(words)
             self.cache.work_online()
         elif verb in ("pin", "unpin", "evict"):
-            node = await self._node(self._path_argument(words))
+            path = self._path_argument(words)
+            node = await self._node(path)
             if verb == "pin":
-                try:
-                    await self.hoard.pin(node.ino)
-                except Unavailable as exc:
-                    raise CommandError(f"pin: remote is offline ({exc}); what is cached stays pinned",
-                                       errno.EHOSTDOWN) from exc
+                await self._pin(path, node)
             elif verb == "unpin":
                 self.hoard.unpin(node.ino)
             else:
@@ -175,6 +172,18 @@ class Control:
             await self.sync.resolve(self._clean_path(path), keep.decode())
         else:
             raise CommandError(f"unknown command {verb[:40]!r}")
+
+    async def _pin(self, path: bytes, node: Node) -> None:
+        """Pin ``node``; what the walk meets (offline, a file or folder the server
+        refuses, a name gone meanwhile) is this command's error, never the mount's end."""
+        try:
+            await self.hoard.pin(node.ino)
+        except Unavailable as exc:
+            raise CommandError(f"pin: remote is offline ({exc}); what is cached stays pinned",
+                               errno.EHOSTDOWN) from exc
+        except (RemoteError, CacheError) as exc:
+            raise CommandError(f"{path.decode(errors='replace') or '.'}: pinned, but not all of it "
+                               f"could be fetched: {_reason(exc)}", exc.errno or errno.EIO) from exc
 
     def _path_argument(self, words: list[str]) -> bytes:
         if len(words) < 2 or not words[1].strip():
@@ -206,10 +215,21 @@ class Control:
         except Unavailable as exc:
             raise CommandError(f"{path.decode(errors='replace')}: not cached and the remote is offline",
                                errno.EHOSTDOWN) from exc
-        except CacheError as exc:
-            raise CommandError(f"{path.decode(errors='replace')}: {exc}", exc.errno) from exc
+        except (CacheError, RemoteError) as exc:  # (RemoteError: a listing the server refused)
+            raise CommandError(f"{path.decode(errors='replace')}: {_reason(exc)}",
+                               exc.errno or errno.EIO) from exc
 
     @staticmethod
     def _no_argument(words: list[str]) -> None:
         if len(words) > 1:
             raise CommandError(f"{words[0]} takes no argument")
+
+
+def _reason(exc: CacheError | RemoteError) -> str:
+    """Why, in words: the errno's text where the error has no message of its own (a bare
+    ``NotFound`` says ``ENOENT``; a server's refusal may carry its errno twice)."""
+    code = exc.errno or errno.EIO
+    text = str(exc)
+    if isinstance(exc, RemoteError) or text == errno.errorcode.get(code):
+        return os.strerror(code)
+    return text

@@ -178,14 +178,22 @@ def _check_empty(path: Path) -> None:
                          "to mount over them")
 
 
+#: the source of an encrypted cache's mount (without --verbose): no name of the remote
+SEALED_SOURCE = "cachefs"
+
+
 def fuse_options(config: MountConfig, source: str) -> set[str]:
     """The options given to libfuse: ``default_permissions``, ``source`` (the remote as
     ``cachefs status`` names it) as the source that findmnt, df and mount show
-    (``fsname``, unless ``-o fsname=`` names another),
+    (``fsname``, unless ``-o fsname=`` names another; ``cachefs`` for an encrypted cache
+    without ``--verbose``: every local user reads /proc/*/mountinfo, and such a cache
+    names neither the remote's host, user nor path in its log either),
     ``subtype=cachefs`` (type ``fuse.cachefs``, unless ``-o subtype=``), and the
     FUSE options given with ``-o``."""
     opts = set(pyfuse3.default_options)  # default_permissions
     given = [opt for text in config.fuse_options for opt in text.split(",") if opt]
+    if config.cache_key is not None and not config.verbose:
+        source = SEALED_SOURCE
     if not any(opt.startswith("fsname=") for opt in given):
         opts.add("fsname=" + fuse_escape(ascii_source(source)))
     if not any(opt.startswith("subtype=") for opt in given):
@@ -273,6 +281,9 @@ def _discard_new_cache(config: MountConfig) -> None:
 
 def _run(config: MountConfig, serving: _Serving) -> int:
     check_mountpoint(config.mountpoint, config.nonempty)
+    # Before a password is asked for (and before forking: the error goes to the user, not
+    # a log); the store takes the lock itself once the mount serves.
+    check_cache_free(config.cache_dir)
     log_in_once(config)
     encrypted = config.cache_key is not None
     redact = encrypted and not config.verbose
@@ -283,7 +294,6 @@ def _run(config: MountConfig, serving: _Serving) -> int:
         return _serve(config, None, serving)
     if encrypted and config.verbose:
         print(f"cachefs: warning: {_verbose_warning(str(config.cache_dir / 'mount.log'))}", file=sys.stderr)
-    _check_cache_free(config.cache_dir)  # before forking: the error goes to the user, not a log
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:  # the parent reports the outcome and leaves
@@ -364,7 +374,9 @@ def _index_damage(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _check_cache_free(cache_dir: Path) -> None:
+def check_cache_free(cache_dir: Path) -> None:
+    """Refuse a cache that another mount holds (its ``lock``), before anything is asked
+    for: the cache key's passphrase (``cli.cmd_mount``) or a password (``log_in_once``)."""
     try:
         fd = os.open(cache_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -517,7 +529,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
 async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) -> None:
     """A share's pins (``--pin``), in the background once the mount is up: as
     ``cachefs pin`` pins each. Offline, each waits for the link (checked every second);
-    one that fails otherwise (no such path) is logged, and the mount goes on."""
+    one that fails otherwise (no such path, a file or folder the server refuses, anything
+    unforeseen) is logged, and the mount goes on: a pin never ends the mount."""
     for path in pins:
         while True:
             try:
@@ -530,6 +543,8 @@ async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) 
                         await trio.sleep(1)
                     continue
                 log.warning("could not pin %s at mount: %s", path, exc)
+            except Exception as exc:  # noqa: BLE001 - a pin must never end the mount
+                log.warning("could not pin %s at mount: %s: %s", path, type(exc).__name__, exc)
             break
 
 

@@ -118,7 +118,7 @@ class MountEntry:
     """One line of /proc/self/mountinfo, as ``cachefs list`` shows a mount."""
 
     point: str
-    source: str  # the fsname: the remote, for a cachefs mount (``daemon.fsname``)
+    source: str  # the fsname: the remote, for a cachefs mount (``daemon.fuse_options``)
     kind: str  # fuse.cachefs
     uid: int | None  # the user that mounted it (FUSE's user_id=)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: a share's name: what ``cachefs mount NAME`` and a systemd instance (``cachefs@NAME``)
-#: take; never a remote (no ':' or '/') and a bare TOML key
+#: take; never a remote (no ':' or '/'); written quoted when it has a '.' (``_key``)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: the schedule's keys in the file and the mount options they stand for
 SCHEDULE = {"at_mount": "sync_at_mount", "at_unmount": "sync_at_unmount",
@@ -153,21 +153,23 @@ def dumps(shares: dict[str, Share]) -> str:
              "# by hand (see docs/usage.md, \"Registered shares\")."]
     for name in sorted(shares):
         share = shares[name]
-        lines += ["", f"[{name}]", f"remote = {_toml(share.remote)}",
+        table = _key(name)  # 'work.docs' quoted: bare, TOML reads it as nested tables
+        lines += ["", f"[{table}]", f"remote = {_toml(share.remote)}",
                   f"mountpoint = {_toml(share.mountpoint)}"]
         if share.pins:
             lines.append(f"pins = [{', '.join(_toml(p) for p in share.pins)}]")
         options = {k: v for k, v in share.options.items() if k not in SCHEDULE.values()}
         schedule = {key: share.options[option] for key, option in SCHEDULE.items()
                     if option in share.options}
-        for title, table in ((f"{name}.options", options), (f"{name}.sync", schedule)):
-            if table:
+        for title, values in ((f"{table}.options", options), (f"{table}.sync", schedule)):
+            if values:
                 lines += ["", f"[{title}]"]
-                lines += [f"{_key(k)} = {_toml(v)}" for k, v in table.items()]
+                lines += [f"{_key(k)} = {_toml(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 
 def _key(key: str) -> str:
+    """A key as TOML reads it back as one key: bare when it may be, else quoted."""
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml(key)
 
 

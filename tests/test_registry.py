@@ -7,6 +7,7 @@ applied at mount, and full syncs at mount, every N seconds, when idle and at unm
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -63,6 +64,38 @@ def test_file_round_trip_and_shape(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert [p.name for p in path.parent.iterdir()] == ["shares.toml"]  # no temporary left
+
+
+def test_names_with_dots_round_trip(tmp_path: Path) -> None:
+    """NAME_RE allows '.', but [work.docs] was written bare: TOML reads it as a table
+    'docs' inside 'work', and every command that read the registry failed after that
+    (shares, mount, add, even remove work.docs). Each name NAME_RE allows is written
+    as one key now, with its options and schedule."""
+    names = ["work.docs", "a.b.c", "x..y", "9", "v1.2-rc_3", "trailing.", "w" * 64, "plain"]
+    assert all(registry.is_share_name(n) for n in names)
+    shares = {n: registry.Share(n, f"alice@host:{n}", f"/mnt/{n}", {"cache_size": "1G",
+                                                                    "sync_idle": 5}, ["docs"])
+              for n in names}
+    path = tmp_path / "cfg" / "cachefs" / "shares.toml"
+    registry.save(shares, path)
+    assert registry.load(path) == shares
+    assert sorted(tomllib.loads(path.read_text())) == sorted(names)
+    assert '["work.docs".options]' in path.read_text()
+
+
+def test_add_shares_remove_a_dotted_name(tmp_path: Path) -> None:
+    env = _config(tmp_path)
+    ok(cachefs("add", "work.docs", "alice@fileserver:docs", "mnt", "--cache-size", "2G",
+               "--sync-idle", "60", cwd=tmp_path, env=env))
+    ok(cachefs("add", "work", "alice@fileserver:work", "mnt2", cwd=tmp_path, env=env))
+    data = tomllib.loads((tmp_path / "config" / "cachefs" / "shares.toml").read_text())
+    assert data["work.docs"]["options"] == {"cache_size": "2G"} and data["work.docs"]["sync"] == {"idle": 60}
+    assert data["work"]["remote"] == "alice@fileserver:work"
+    out = ok(cachefs("shares", env=env)).stdout
+    assert "work.docs  alice@fileserver:docs" in out and "work       alice@fileserver:work" in out, out
+    ok(cachefs("remove", "work.docs", env=env))
+    assert list(registry.load(tmp_path / "config" / "cachefs" / "shares.toml")) == ["work"]
+    ok(cachefs("remove", "work", env=env))
 
 
 @pytest.mark.parametrize("text, says", [
@@ -130,6 +163,41 @@ def test_add_keeps_options_as_written(tmp_path: Path) -> None:
     assert ok(cachefs("shares", env=env)).stdout.startswith("no shares registered")
 
 
+def test_relative_paths_are_stored_absolute(tmp_path: Path) -> None:
+    """--password-file pw.txt was kept as "pw.txt" (not among the path options) and
+    sshfs's -o IdentityFile=k2 as "k2" (taken for a FUSE option): a unit mounts from /
+    and found neither. Every path, in each form it may be given, is kept absolute now;
+    sshfs's names are kept as written."""
+    env = _config(tmp_path)
+    ok(cachefs("add", "w", "alice@fileserver:p", "mnt", "--password-file", "pw.txt",
+               "--cache-key-file=ck", "-o", "IdentityFile=k2,UserKnownHostsFile=~/kh,Port=2222",
+               cwd=tmp_path, env=env))
+    ok(cachefs("add", "w2", "alice@fileserver:p", "mnt", "-o", "password_file=sub/pw,identity=k,known_hosts=kh",
+               cwd=tmp_path, env=env))
+    data = tomllib.loads((tmp_path / "config" / "cachefs" / "shares.toml").read_text())
+    home = os.path.expanduser("~")
+    assert data["w"]["options"] == {"password_file": str(tmp_path / "pw.txt"),
+                                    "cache_key_file": str(tmp_path / "ck"),
+                                    "IdentityFile": str(tmp_path / "k2"),
+                                    "UserKnownHostsFile": f"{home}/kh", "Port": "2222"}
+    assert data["w2"]["options"] == {"password_file": str(tmp_path / "sub" / "pw"),
+                                     "identity": str(tmp_path / "k"), "known_hosts": str(tmp_path / "kh")}
+
+
+def test_every_path_option_is_made_absolute() -> None:
+    """Each option of cachefs mount that takes a path (type Path) is among those a share
+    keeps absolute, and so is each sshfs name that stands for one."""
+    from cachefs import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_mount_arguments(parser)
+    paths = {cli._OPTION_NAMES[a.dest] for a in parser._actions if a.type is Path}
+    assert paths == cli._PATH_OPTIONS
+    assert {name for name, dest in cli.SSHFS_OPTIONS.items()
+            if isinstance(dest, str) and cli._OPTION_NAMES.get(dest) in paths} == {"identityfile",
+                                                                                "userknownhostsfile"}
+
+
 def test_mount_of_unknown_name_is_one_line(tmp_path: Path) -> None:
     env = _config(tmp_path)
     line = failed(cachefs("mount", "nosuch", env=env, cwd=tmp_path))
@@ -142,17 +210,18 @@ def test_mount_of_unknown_name_is_one_line(tmp_path: Path) -> None:
 
 # -- mount NAME on real mounts -----------------------------------------------------------
 
-def test_add_mount_unmount_remove_by_name(tmp_path: Path, sshd, share: Path) -> None:
+@pytest.mark.parametrize("name", ["proj", "work.docs"])
+def test_add_mount_unmount_remove_by_name(tmp_path: Path, sshd, share: Path, name: str) -> None:
     env = _config(tmp_path)
     (share / "docs").mkdir()
     (share / "docs" / "a.txt").write_bytes(b"pinned at mount\n")
     (share / "f.txt").write_bytes(b"by name\n")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    ok(cachefs("add", "proj", sshd.address(), str(mnt), *_access(sshd, tmp_path),
+    ok(cachefs("add", name, sshd.address(), str(mnt), *_access(sshd, tmp_path),
                "--pin", "docs", env=env))
     try:
-        ok(cachefs("mount", "proj", env=env))
+        ok(cachefs("mount", name, env=env))
         assert is_mounted(mnt)
         assert read(mnt / "f.txt") == b"by name\n"
         st = status(mnt)
@@ -164,19 +233,19 @@ def test_add_mount_unmount_remove_by_name(tmp_path: Path, sshd, share: Path) -> 
         go_offline(mnt)  # the pinned file was fetched whole: it reads offline
         assert read(mnt / "docs" / "a.txt") == b"pinned at mount\n"
         assert state(mnt / "docs" / "a.txt") == "pinned"
-        ok(cachefs("unmount", "proj", env=env, cwd=tmp_path))
+        ok(cachefs("unmount", name, env=env, cwd=tmp_path))
         assert not is_mounted(mnt)
         # the command line wins over the registry: another mount point, another option
         other = tmp_path / "other"
         other.mkdir()
-        ok(cachefs("mount", "proj", str(other), "--attr-timeout", "7", env=env))
+        ok(cachefs("mount", name, str(other), "--attr-timeout", "7", env=env))
         assert read(other / "f.txt") == b"by name\n" and not is_mounted(mnt)
         ok(cachefs("unmount", str(other), env=env))
     finally:
         _stop_daemon(mnt)
         _stop_daemon(tmp_path / "other")
-    ok(cachefs("remove", "proj", env=env))
-    assert "not a registered share" in failed(cachefs("mount", "proj", env=env, cwd=tmp_path))
+    ok(cachefs("remove", name, env=env))
+    assert "not a registered share" in failed(cachefs("mount", name, env=env, cwd=tmp_path))
 
 
 def test_fstab_form_with_a_name(tmp_path: Path, sshd, share: Path) -> None:
