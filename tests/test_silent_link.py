@@ -21,7 +21,7 @@ import pytest
 
 from tests.fixtures.mount import status
 from tests.fixtures.proxy import TcpProxy, proxied
-from tests.test_control import wait_for
+from tests.test_control import command, wait_for
 from tests.test_writes import sync_until_done, write_file
 
 TIMEOUT = 6.0  # --timeout: what says the link is down
@@ -122,6 +122,55 @@ def test_a_slow_answer_still_counts(mount_factory, sshd, share: Path, tmp_path: 
             time.sleep(ATTR_TIMEOUT + 0.3)
             assert read_all(mnt / "f.txt") == b"two, longer\n"
             proxy.throttle(None)
+
+
+def test_a_change_made_while_a_check_goes_on_survives_its_answer(mount_factory, sshd, share: Path,
+                                                                 tmp_path: Path) -> None:
+    """A file's check at open goes on in the background on a suspect link; the file is
+    written here meanwhile. When the server answers (its version changed), what it says
+    is not applied over the local change: the content stays, the file stays dirty, and
+    the change reaches the server (beside the server's version: both changed). (In a
+    folder too large to be checked by its listing: the file's own stat is the check.)"""
+    from cachefs.cache.listing import CHECK_BY_LISTING
+    (share / "big").mkdir()
+    for i in range(CHECK_BY_LISTING):
+        (share / "big" / f"{i:04}").write_bytes(b"")
+    path = share / "big" / "f.txt"
+    path.write_bytes(b"one\n")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", "off",
+                     timeout=str(TIMEOUT), attr_timeout=str(ATTR_TIMEOUT), heartbeat="30",
+                     check_log=False) as mount:
+            mnt = mount.mountpoint
+            assert read_all(mnt / "big" / "f.txt") == b"one\n"
+            # opened again through /proc: no lookup, whose folder's check would go first
+            held = os.open(mnt / "big" / "f.txt", os.O_RDONLY)
+            again = f"/proc/self/fd/{held}"
+            proxy.stall()
+            try:
+                time.sleep(ATTR_TIMEOUT + 0.5)
+                path.write_bytes(b"ONE\n")  # the server's version changes
+                took, got = timed(lambda: read_all(Path(again)))  # its check goes on in the background
+                assert got == b"one\n" and took < CACHED_BOUND, (took, got)
+                with open(again, "ab") as f:
+                    f.write(b"two\n")
+                os.close(held)
+                assert os.getxattr(mnt / "big" / "f.txt", "user.cachefs.state") == b"dirty"
+                command(mnt, "offline")  # (no replay yet: the check's answer is what is tested)
+            finally:
+                proxy.resume()
+            time.sleep(1.5)  # the check answered, from the server as it was before the change
+            assert read_all(mnt / "big" / "f.txt") == b"one\ntwo\n"
+            assert os.getxattr(mnt / "big" / "f.txt", "user.cachefs.state") == b"dirty"
+            assert status(mnt)["pending"] == 1
+            command(mnt, "online")
+            sync_until_done(mnt, 40)
+            assert status(mnt)["pending"] == 0
+            assert sorted(p.read_bytes() for p in (share / "big").iterdir() if p.stat().st_size) \
+                == [b"ONE\n", b"one\ntwo\n"]
+            assert sorted(read_all(p) for p in (mnt / "big").iterdir() if p.stat().st_size) \
+                == [b"ONE\n", b"one\ntwo\n"]
+        assert "Traceback" not in mount.log_text()
 
 
 # -- the rule itself, in process: a call held in its thread is the silent link ------------
