@@ -792,7 +792,7 @@ class Listings:
         (``Connectivity.unless_suspect``)."""
         if self._nursery is None:
             return await self._revalidate(node)
-        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery)
+        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery, short=True)
         return node if current is None else current
 
     async def _revalidate(self, node: Node) -> Node:
