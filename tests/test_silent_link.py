@@ -208,6 +208,33 @@ def test_a_change_made_while_a_check_goes_on_survives_its_answer(mount_factory, 
         assert "Traceback" not in mount.log_text()
 
 
+def test_a_check_leaves_a_file_open_for_writing_as_it_is(mount_factory, share: Path) -> None:
+    """A file open for writing that has not been written yet: a check at another open
+    that finds the server's version changed does not drop its content under the writer
+    (what it writes next changes the version it opened)."""
+    from cachefs.cache.listing import CHECK_BY_LISTING
+    (share / "big").mkdir()  # (too large to be checked by its listing: the stat is the check)
+    for i in range(CHECK_BY_LISTING):
+        (share / "big" / f"{i:04}").write_bytes(b"")
+    (share / "big" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "off", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "big" / "f.txt") == b"one\n"
+        writer = os.open(mnt / "big" / "f.txt", os.O_WRONLY)
+        try:
+            (share / "big" / "f.txt").write_bytes(b"server's\n")
+            time.sleep(ATTR_TIMEOUT + 0.5)
+            assert read_all(Path(f"/proc/self/fd/{writer}")) == b"one\n"  # (no lookup: the file's own check)
+            os.pwrite(writer, b"ONE", 0)
+        finally:
+            os.close(writer)
+        assert read_all(mnt / "big" / "f.txt") == b"ONE\n"
+        sync_until_done(mnt, 30)
+        assert sorted(p.read_bytes() for p in (share / "big").iterdir() if p.stat().st_size) \
+            == [b"ONE\n", b"server's\n"]
+
+
 # -- the rule itself, in process: calls held in their threads are the silent link ---------
 
 def _silenceable_remote(share: Path, silent: threading.Event):
