@@ -150,7 +150,7 @@ def test_a_long_call_on_a_live_link_makes_no_link_suspect(mount_factory, sshd, s
                 (share / "small" / "f.txt").write_bytes(b"two, longer\n")
                 took, got = timed(lambda: read_all(mnt / "small" / "f.txt"))
                 assert got == b"two, longer\n", (took, got)
-                assert took < 1.0, took
+                assert took < 2.0, took  # (the checks waited for: a few round trips)
                 assert not listed, "the listing was not long"
             finally:
                 lister.join(TIMEOUT * 3)
