@@ -2,7 +2,8 @@
 while the mount is online (issue 22, item 8). Until a call's ``--timeout`` says the link
 is down, the mount cannot know it; what it has cached must not wait for that: a read,
 lookup or listing whose check would need the remote answers from the cache once the link
-is *suspect* (a call unanswered for ``Connectivity.grace``, 1 s), and at once after
+is *suspect* (a check unanswered for ``Connectivity.grace``, 1 s, and the ping sent
+meanwhile too), and at once after
 that; what it has not cached fails with EHOSTDOWN within ``--timeout``; and once the link
 answers again, everything syncs.
 
@@ -21,7 +22,7 @@ import pytest
 
 from tests.fixtures.mount import status
 from tests.fixtures.proxy import TcpProxy, proxied
-from tests.test_control import wait_for
+from tests.test_control import command, wait_for
 from tests.test_writes import sync_until_done, write_file
 
 TIMEOUT = 6.0  # --timeout: what says the link is down
@@ -124,62 +125,205 @@ def test_a_slow_answer_still_counts(mount_factory, sshd, share: Path, tmp_path: 
             proxy.throttle(None)
 
 
-# -- the rule itself, in process: a call held in its thread is the silent link ------------
+def test_a_long_call_on_a_live_link_makes_no_link_suspect(mount_factory, sshd, share: Path,
+                                                           tmp_path: Path) -> None:
+    """A call that takes long on a link that answers (a large folder's first listing on
+    a slow link) does not make the link suspect: a cached file opened meanwhile is
+    checked, and a server change shows within --attr-timeout and a few round trips."""
+    (share / "big").mkdir()
+    for i in range(4000):
+        (share / "big" / f"a-file-with-a-rather-long-name-{i:05}.txt").write_bytes(b"")
+    (share / "small").mkdir()
+    (share / "small" / "f.txt").write_bytes(b"one\n")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", "off",
+                     timeout=str(TIMEOUT), attr_timeout=str(ATTR_TIMEOUT), heartbeat="30") as mount:
+            mnt = mount.mountpoint
+            assert read_all(mnt / "small" / "f.txt") == b"one\n"
+            proxy.throttle(100_000)  # bytes a second: the listing of "big" takes seconds
+            listed: list = []
+            lister = threading.Thread(target=lambda: listed.append(timed(lambda: os.listdir(mnt / "big"))))
+            lister.start()
+            try:
+                time.sleep(1.5)  # (longer than the grace, and --attr-timeout has passed)
+                assert not listed, "the listing was not long"
+                (share / "small" / "f.txt").write_bytes(b"two, longer\n")
+                took, got = timed(lambda: read_all(mnt / "small" / "f.txt"))
+                assert got == b"two, longer\n", (took, got)
+                assert took < 2.0, took  # (the checks waited for: a few round trips)
+                assert not listed, "the listing was not long"
+            finally:
+                lister.join(TIMEOUT * 3)
+                proxy.throttle(None)
+            took, got = listed[0]
+            assert len(got) == 4000, (took, got)
+
+
+def test_a_change_made_while_a_check_goes_on_survives_its_answer(mount_factory, sshd, share: Path,
+                                                                 tmp_path: Path) -> None:
+    """A file's check at open goes on in the background on a suspect link; the file is
+    written here meanwhile. When the server answers (its version changed), what it says
+    is not applied over the local change: the content stays, the file stays dirty, and
+    the change reaches the server (beside the server's version: both changed). (In a
+    folder too large to be checked by its listing: the file's own stat is the check.)"""
+    from cachefs.cache.listing import CHECK_BY_LISTING
+    (share / "big").mkdir()
+    for i in range(CHECK_BY_LISTING):
+        (share / "big" / f"{i:04}").write_bytes(b"")
+    path = share / "big" / "f.txt"
+    path.write_bytes(b"one\n")
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        with proxied(mount_factory, sshd, proxy, tmp_path, "--callbacks", "off",
+                     timeout=str(TIMEOUT), attr_timeout=str(ATTR_TIMEOUT), heartbeat="30",
+                     check_log=False) as mount:
+            mnt = mount.mountpoint
+            assert read_all(mnt / "big" / "f.txt") == b"one\n"
+            # opened again through /proc: no lookup, whose folder's check would go first
+            held = os.open(mnt / "big" / "f.txt", os.O_RDONLY)
+            again = f"/proc/self/fd/{held}"
+            proxy.stall()
+            try:
+                time.sleep(ATTR_TIMEOUT + 0.5)
+                path.write_bytes(b"ONE\n")  # the server's version changes
+                took, got = timed(lambda: read_all(Path(again)))  # its check goes on in the background
+                assert got == b"one\n" and took < CACHED_BOUND, (took, got)
+                with open(again, "ab") as f:
+                    f.write(b"two\n")
+                os.close(held)
+                assert os.getxattr(mnt / "big" / "f.txt", "user.cachefs.state") == b"dirty"
+                command(mnt, "offline")  # (no replay yet: the check's answer is what is tested)
+            finally:
+                proxy.resume()
+            time.sleep(1.5)  # the check answered, from the server as it was before the change
+            assert read_all(mnt / "big" / "f.txt") == b"one\ntwo\n"
+            assert os.getxattr(mnt / "big" / "f.txt", "user.cachefs.state") == b"dirty"
+            assert status(mnt)["pending"] == 1
+            command(mnt, "online")
+            sync_until_done(mnt, 40)
+            assert status(mnt)["pending"] == 0
+            assert sorted(p.read_bytes() for p in (share / "big").iterdir() if p.stat().st_size) \
+                == [b"ONE\n", b"one\ntwo\n"]
+            assert sorted(read_all(p) for p in (mnt / "big").iterdir() if p.stat().st_size) \
+                == [b"ONE\n", b"one\ntwo\n"]
+        assert "Traceback" not in mount.log_text()
+
+
+def test_a_check_leaves_a_file_open_for_writing_as_it_is(mount_factory, share: Path) -> None:
+    """A file open for writing that has not been written yet: a check at another open
+    that finds the server's version changed does not drop its content under the writer
+    (what it writes next changes the version it opened)."""
+    from cachefs.cache.listing import CHECK_BY_LISTING
+    (share / "big").mkdir()  # (too large to be checked by its listing: the stat is the check)
+    for i in range(CHECK_BY_LISTING):
+        (share / "big" / f"{i:04}").write_bytes(b"")
+    (share / "big" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "off", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "big" / "f.txt") == b"one\n"
+        writer = os.open(mnt / "big" / "f.txt", os.O_WRONLY)
+        try:
+            (share / "big" / "f.txt").write_bytes(b"server's\n")
+            time.sleep(ATTR_TIMEOUT + 0.5)
+            assert read_all(Path(f"/proc/self/fd/{writer}")) == b"one\n"  # (no lookup: the file's own check)
+            os.pwrite(writer, b"ONE", 0)
+        finally:
+            os.close(writer)
+        assert read_all(mnt / "big" / "f.txt") == b"ONE\n"
+        sync_until_done(mnt, 30)
+        assert sorted(p.read_bytes() for p in (share / "big").iterdir() if p.stat().st_size) \
+            == [b"ONE\n", b"server's\n"]
+
+
+# -- the rule itself, in process: calls held in their threads are the silent link ---------
+
+def _silenceable_remote(share: Path, silent: threading.Event):
+    """A local folder whose pings wait for ``silent`` once ``mute`` is set (a silent link
+    answers nothing, not even a ping)."""
+    from cachefs.remote.local import LocalRemote
+
+    class Remote(LocalRemote):
+        muted = False
+
+        def ping(self) -> None:
+            if self.muted:
+                silent.wait(20)
+            super().ping()
+
+    return Remote(str(share), 10.0)
+
 
 def test_suspect_after_the_grace_and_cached_answers_meanwhile(share: Path) -> None:
     import trio
 
     from cachefs.errors import RemoteError
     from cachefs.link.connectivity import Connectivity
-    from cachefs.remote.local import LocalRemote
+
+    silent = threading.Event()
+    remote = _silenceable_remote(share, silent)
 
     async def main() -> None:
-        conn = Connectivity(LocalRemote(str(share), 10.0))
+        conn = Connectivity(remote)
         assert await conn.try_connect()
         assert conn.grace == 1.0 and not conn.suspect
-        silent = threading.Event()
 
         def held() -> str:
             silent.wait(20)
             return "late answer"
 
+        def long_call() -> str:
+            time.sleep(1.6)
+            return "long"
+
         async with trio.open_nursery() as nursery:
             # an answer within the grace is waited for; its errors reach the caller
             async def quick() -> str:
                 return await conn.call(conn.remote.stat, b"") and "checked"
-            assert await conn.unless_suspect(quick, nursery) == "checked"
+            for short in (False, True):
+                assert await conn.unless_suspect(quick, nursery, short=short) == "checked"
 
             async def refused() -> str:
                 raise RemoteError(2, "gone")
-            with pytest.raises(RemoteError):
-                await conn.unless_suspect(refused, nursery)
+            for short in (False, True):
+                with pytest.raises(RemoteError):
+                    await conn.unless_suspect(refused, nursery, short=short)
 
-            # a call unanswered: suspect after the grace, not before
+            # a call that takes long on a live link (a sync's hashes) makes no link suspect
             nursery.start_soon(conn.call, held)
-            await trio.sleep(0.5)
+            await trio.sleep(1.3)
             assert not conn.suspect
-            # ... unless the remote answered since it was sent: a slow call, a live link
-            await trio.sleep(0.4)
-            await conn.call(conn.remote.stat, b"")
+            assert await conn.unless_suspect(quick, nursery, short=True) == "checked"
+            # ... nor does a check that takes long itself: the ping sent meanwhile answers
+            async def long_check() -> str:
+                return await conn.call(long_call)
+            for short in (False, True):
+                started = trio.current_time()
+                assert await conn.unless_suspect(long_check, nursery, short=short) == "long"
+                assert trio.current_time() - started > 1.5 and not conn.suspect
+
+            # the link goes silent: pings too go unanswered
+            remote.muted = True
             await trio.sleep(0.3)
-            assert not conn.suspect
-            started = trio.current_time()
             applied: list[str] = []
 
             async def check() -> str:
                 applied.append(await conn.call(held))
                 return "fresh"
-            assert await conn.unless_suspect(check, nursery) is None  # the cached answer
-            waited = trio.current_time() - started
-            assert 0.5 < waited < 1.3, waited  # grace after the last answer (~0.7 s ago)
-            assert conn.suspect and conn.online
-            started = trio.current_time()
-            assert await conn.unless_suspect(check, nursery) is None
-            assert trio.current_time() - started < 0.05  # suspect: at once, nothing sent
+            for short in (True, False):
+                started = trio.current_time()
+                assert await conn.unless_suspect(check, nursery, short=short) is None  # the cached answer
+                waited = trio.current_time() - started
+                if short:
+                    assert 0.8 < waited < 1.3, waited  # the grace since the check began
+                    assert conn.suspect and conn.online
+                else:
+                    assert waited < 0.05  # suspect: at once, nothing sent
             silent.set()  # the link answers again: the check that went on is applied
+            remote.muted = False
             with trio.fail_after(5):
                 while not applied:
                     await trio.sleep(0.01)
+            await trio.sleep(0.1)
             assert applied == ["late answer"] and not conn.suspect
 
     trio.run(main)

@@ -212,6 +212,19 @@ def test_apply_listing_adds_updates_and_removes(tmp_path: Path) -> None:
     store.close()
 
 
+def test_apply_listing_leaves_a_file_open_for_writing_as_it_is(tmp_path: Path) -> None:
+    """A writer that has not written yet is about to: the server's new version must not
+    replace the node (its content would be dropped under the writer)."""
+    store = Store(tmp_path / "c", "file:///x")
+    apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"b", _rstat(stat.S_IFREG, 5))])
+    a, b = store.child(ROOT_INO, b"a"), store.child(ROOT_INO, b"b")
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 7, 2)), (b"b", _rstat(stat.S_IFREG, 7, 2))],
+                          keep=lambda ino: ino == a.ino)
+    assert [n.ino for n in delta.changed] == [b.ino]
+    assert store.child(ROOT_INO, b"a") == a and store.child(ROOT_INO, b"b").size == 7
+    store.close()
+
+
 @pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
 def test_a_first_listing_is_written_as_the_general_path_would(tmp_path: Path, key) -> None:
     """A folder listed with no entry cached takes the batch path (``_Applied._take_new``,

@@ -20,7 +20,9 @@ is applied only if no change of the folder was journaled while it was on its way
 for a folder whose listing we have waits for the new one only while the link is not
 suspect (``Connectivity.unless_suspect``); then the fetch goes on in the nursery, holding
 the folder's lock, and is applied when it comes (so does a file's check at open,
-``revalidate``). The listers ahead
+``revalidate``, whose answer is applied only to the node as it was when asked: not
+changed here since, not local truth, no writer open; a listing leaves local truth and
+files open for writing as they are). The listers ahead
 (``_list_ahead``) are tasks of the cache's nursery; listing calls run in worker threads
 (or worker processes) through ``Connectivity.call``.
 """
@@ -77,7 +79,8 @@ Lister = Callable[[bytes], list[Any]]
 class Listings:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig, kernel: Kernel,
                  list_folder: Lister, *, stale: Callable[[int], None],
-                 forget_content: Callable[[int], None], listed: Callable[[int], None]) -> None:
+                 forget_content: Callable[[int], None], listed: Callable[[int], None],
+                 writing: Callable[[int], bool] = lambda ino: False) -> None:
         self.store = store
         self.conn = conn
         self.config = config
@@ -88,6 +91,9 @@ class Listings:
         self._stale = stale  # the remote content of a node changed
         self._forget_content = forget_content  # a node is gone: its content with it
         self._folder_listed = listed  # a folder was listed again (its small-file reads count anew)
+        #: whether a file is open for writing here (what the remote says does not replace
+        #: it: a writer that has not written yet is about to)
+        self._writing = writing
         self._listed = Freshness(config.dir_timeout)  # folder -> when listed
         self._checked = Freshness(config.attr_timeout)  # node -> when found current
         self._locks: dict[int, trio.Lock] = {}  # folder -> held while it is being listed
@@ -732,7 +738,7 @@ class Listings:
         changed: list[Node] = []
         removed: list[Node] = []
         if children is None:
-            delta = apply_listing(self.store, ino, kept)
+            delta = apply_listing(self.store, ino, kept, keep=self._writing)
             # The opendir that asked reads them next. A listing that found nothing new
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
@@ -786,7 +792,7 @@ class Listings:
         (``Connectivity.unless_suspect``)."""
         if self._nursery is None:
             return await self._revalidate(node)
-        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery)
+        current = await self.conn.unless_suspect(partial(self._revalidate, node), self._nursery, short=True)
         return node if current is None else current
 
     async def _revalidate(self, node: Node) -> Node:
@@ -812,6 +818,16 @@ class Listings:
                 await self.vanished(node)
                 raise NotFound() from None
             raise
+        # What the remote said is applied only to the node it was asked about: the call
+        # may have waited long (a suspect link, whose check goes on in the background),
+        # and meanwhile the file may have been written, renamed or checked here.
+        current = self.store.get(node.ino)
+        if current is None:
+            return node  # (removed here meanwhile)
+        if current != node or current.flags & LOCAL_TRUTH or self._writing(node.ino):
+            if current.flags & LOCAL_TRUTH or rstat.version() == current.base:
+                self._checked.mark(node.ino, started)
+            return current  # (else unchecked: the next open asks again)
         self._checked.mark(node.ino, started)
         if rstat.version() == node.base:
             return node
@@ -949,12 +965,14 @@ class ListingDelta:
     same: bool = True  # nothing written: the listing matched the cached entries
 
 
-def apply_listing(store: Store, parent: int, listing: list[Any]) -> ListingDelta:
+def apply_listing(store: Store, parent: int, listing: list[Any],
+                  keep: Callable[[int], bool] = lambda ino: False) -> ListingDelta:
     """Make the cached entries of ``parent`` equal ``listing`` [(name, remote stat)] in one
     transaction, each node as ``node_from_remote`` builds it. Entries gone from the remote
-    are removed unless local truth keeps them. Returns what changed, so that the caller
-    can drop content and invalidate the kernel's caches."""
-    applied = _Applied(parent, listing)
+    are removed unless local truth keeps them; a listed node that is local truth, or that
+    ``keep(ino)`` keeps (a file open for writing), is left as it is. Returns what changed,
+    so that the caller can drop content and invalidate the kernel's caches."""
+    applied = _Applied(parent, listing, keep)
     store.run_write(lambda txn: applied.run(Txn(store, txn)),
                     folders=lambda: set() if applied.delta.same else applied.folders)
     return applied.delta
@@ -967,9 +985,10 @@ class _Applied:
     node), and any folder dropped with its subtree; a hard-linked node, listed elsewhere
     too, makes it "all" (None); none when the listing found nothing new (``delta.same``)."""
 
-    def __init__(self, parent: int, listing: list[Any]) -> None:
+    def __init__(self, parent: int, listing: list[Any], keep: Callable[[int], bool]) -> None:
         self.parent = parent
         self.listing = listing
+        self.keep = keep
         self.delta = ListingDelta()
         self.folders: set[int] | None = {parent}
 
@@ -1012,7 +1031,7 @@ class _Applied:
             ino = existing.pop(name, None)
             old = t.node(ino) if ino is not None else None
             if old is not None:
-                if old.flags & LOCAL_TRUTH:
+                if old.flags & LOCAL_TRUTH or self.keep(old.ino):
                     continue  # local changes win until they are replayed
                 if stat_mod.S_IFMT(old.mode) != rstat.kind:
                     # A different kind of object under the same name: a new node.

@@ -7,9 +7,11 @@ once (``check_now``: the network changed, see ``netevents``).
 Must not touch: the cache, LMDB, FUSE. Callers get ``Unavailable`` at once while offline,
 so nothing that the cache can answer ever waits for the network; and a link that went
 silent without a reset (a cable pulled, packets dropped, a server stopped) is *suspect*
-once a short call has waited ``grace`` with nothing answered since it was sent: what the
-cache can answer then answers at once, without waiting for that call's ``timeout`` to
-say the link is down (``suspect``, ``unless_suspect``).
+once a check of what the cache holds has waited ``grace`` with nothing answered since it
+began, not even a ping sent at half the grace: what the cache can answer then answers at
+once, without waiting for that call's ``timeout`` to say the link is down (``suspect``,
+``unless_suspect``). A long call on a live link (a big listing, the server's hashes)
+makes no link suspect: the ping is answered.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ T = TypeVar("T")
 #: hundred near 20 ms); a 50 ms WAN is well past it.
 SLOW_RTT = 0.030
 RTT_SAMPLES = 8  # the round trip is the least of the last few measured (queues excluded)
-#: the link is suspect once a short call waited this long with no answer from the remote
-#: since it was sent (or ``SUSPECT_RTTS`` round trips, if longer; at most ``timeout``):
-#: far above a round trip of any usable link and a listing of a large folder on one, far
+#: the link is suspect once a check waited this long with no answer from the remote
+#: since it began, not even to a ping sent at half of it (or ``SUSPECT_RTTS`` round
+#: trips, if longer; at most ``timeout``): far above a round trip of any usable link, far
 #: below the 10 s default ``--timeout`` that says the link is down
 SUSPECT_AFTER = 1.0
 SUSPECT_RTTS = 5
@@ -78,9 +80,14 @@ class Connectivity:
         #: whether round trips cost enough to list and fetch ahead of programs (read on
         #: the lookup path: kept, not computed there)
         self.slow = False
-        #: short calls on their way -> when each was sent (trio clock), oldest first
+        #: pings on their way -> when each was sent (trio clock), oldest first
         self._owed: dict[object, float] = {}
         self._answered_at = -math.inf  # when the remote last answered a call (trio clock)
+        #: a check waited ``grace`` with nothing answered since this time (``suspect``)
+        self._silent_since: float | None = None
+        self._pinging = False  # a ping sent while a check waits is on its way
+        #: the deadlines of the short checks being awaited (``unless_suspect``)
+        self._checking: set[trio.CancelScope] = set()
         #: the short calls that only look, on their way: given up when the mount goes offline
         self._looking: set[trio.CancelScope] = set()
 
@@ -99,7 +106,7 @@ class Connectivity:
     async def ping(self) -> None:
         """One round trip to the remote now, timed (``rtt``)."""
         start = time.monotonic()
-        await self._run(self.remote.ping)
+        await self._run(self.remote.ping, owed=True)
         self.note_rtt(time.monotonic() - start)
 
     @property
@@ -109,33 +116,57 @@ class Connectivity:
     # -- a link gone silent -------------------------------------------------------------
     @property
     def grace(self) -> float:
-        """How long a short call may go unanswered before the link is suspect."""
+        """How long the remote may say nothing while a check waits before the link is
+        suspect."""
         return min(max(SUSPECT_AFTER, SUSPECT_RTTS * (self.rtt or 0.0)), self.timeout)
-
-    def suspect_at(self, sent: float = math.inf) -> float:
-        """When (trio clock) the link turns suspect unless the remote answers first:
-        ``grace`` after the oldest short call on its way was sent (or ``sent``, a call
-        about to be) or after the last answer, whichever is later; never while no short
-        call is on its way (the heartbeat sends one every ``--heartbeat`` s)."""
-        oldest = min(next(iter(self._owed.values())), sent) if self._owed else sent
-        return max(self._answered_at, oldest) + self.grace
 
     @property
     def suspect(self) -> bool:
-        """Online, but a short call has waited ``grace`` for an answer and nothing came
-        back since it was sent: the link may have gone silent (a failed call or the
-        heartbeat will say so within ``timeout``)."""
-        return self.state is State.ONLINE and bool(self._owed) and trio.current_time() >= self.suspect_at()
+        """Online, but the link may have gone silent: a check waited ``grace`` with
+        nothing answered since it began (not even the ping sent meanwhile), or a ping
+        has waited ``grace``; and nothing has answered since (a failed call or the
+        heartbeat will say the link is down within ``timeout``). A long call (a big
+        listing, the server's hashes of a sync) makes no link suspect: only a ping
+        unanswered does (the heartbeat's, or one sent while a check waits)."""
+        if self.state is not State.ONLINE:
+            return False
+        if self._silent_since is not None:
+            if self._answered_at <= self._silent_since:
+                return True
+            self._silent_since = None  # (answered since: it was not silent)
+        return bool(self._owed) and trio.current_time() >= \
+            max(self._answered_at, next(iter(self._owed.values()))) + self.grace
 
-    async def unless_suspect(self, work: Callable[[], Awaitable[T]], nursery: trio.Nursery) -> T | None:
+    async def unless_suspect(self, work: Callable[[], Awaitable[T]], nursery: trio.Nursery, *,
+                             short: bool = False) -> T | None:
         """``await work()`` (a check of something the cache holds: a listing, a file's
         attributes), unless the link is or turns suspect first: then None at once, and
         ``work`` goes on in ``nursery`` to its end, applying what it finds itself (its
         errors are then only logged). So a cached answer waits ``grace`` at most on a
         link gone silent, the first time, and not at all afterwards, instead of
-        ``timeout``; ``work`` must return something other than None."""
+        ``timeout``; ``work`` must return something other than None.
+
+        While a check waits with nothing answered for half the grace, a ping goes out:
+        a live link answers it, and the check is waited for as long as it takes (a big
+        listing). ``short``: a check of a round trip or two (a stat): awaited here,
+        without a task, and cancelled and started again in ``nursery`` only if nothing
+        answered for half the grace (then a ping goes out, as above)."""
         if self.suspect:
             return None
+        start = trio.current_time()
+        if short:
+            scope = trio.CancelScope(deadline=start + self.grace / 2)  # (moved on by answers)
+            self._checking.add(scope)
+            try:
+                with scope:
+                    return await work()
+            finally:
+                self._checking.discard(scope)
+        return await self._check_in(work, nursery, start)
+
+    async def _check_in(self, work: Callable[[], Awaitable[T]], nursery: trio.Nursery, start: float) -> T | None:
+        """``unless_suspect``'s check as a task of ``nursery``, waited for here while the
+        remote answers something (a ping sent at half the grace, if nothing else)."""
         done = trio.Event()
         box: list[T] = []
         failed: list[Exception] = []
@@ -153,18 +184,44 @@ class Connectivity:
                 done.set()
 
         nursery.start_soon(run)
-        sent = trio.current_time()
         while not done.is_set():
-            deadline = self.suspect_at(sent)  # (moves on when the remote answers a call)
-            if trio.current_time() >= deadline:  # (offline meanwhile: the cache answers too)
+            heard = max(self._answered_at, start)  # (moves on when the remote answers)
+            now = trio.current_time()
+            if now >= heard + self.grace or self.state is not State.ONLINE:
                 waiting = False
+                self._silent_since = heard
+                self._ping_soon(nursery)  # (in flight already, unless offline)
                 log.debug("the remote has not answered for %g s: answering from the cache", self.grace)
                 return None
-            with trio.move_on_at(deadline):
+            if now >= heard + self.grace / 2:
+                self._ping_soon(nursery)
+            with trio.move_on_at(heard + (self.grace if now >= heard + self.grace / 2 else self.grace / 2)):
                 await done.wait()
         if failed:
             raise failed[0]
         return box[0]
+
+    def _ping_soon(self, nursery: trio.Nursery) -> None:
+        """A ping in ``nursery``, unless one is on its way or the mount is offline."""
+        if self._pinging or self.state is not State.ONLINE:
+            return
+        self._pinging = True
+
+        async def ping() -> None:
+            try:
+                await self.ping()
+            except Exception as exc:  # (Unavailable: offline now; a background task must not end the mount)
+                log.debug("the check of the link failed: %r", exc)
+            finally:
+                self._pinging = False
+
+        nursery.start_soon(ping)
+
+    def _answered(self) -> None:
+        """The remote answered a call: the link works; a short check waits on."""
+        self._answered_at = now = trio.current_time()
+        for scope in self._checking:
+            scope.deadline = max(scope.deadline, now + self.grace / 2)
 
     def on_online(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the trio thread) each time the remote comes back."""
@@ -208,27 +265,29 @@ class Connectivity:
         return await self._run(fn, *args, bulk=bulk or lane_held, lane_held=lane_held, online=True)
 
     async def _run(self, fn: Callable[..., T], *args: object, bulk: bool = False,
-                   refusals: bool = False, lane_held: bool = False, online: bool = False) -> T:
+                   refusals: bool = False, lane_held: bool = False, online: bool = False,
+                   owed: bool = False) -> T:
         # The backend bounds each call by its timeout; for short calls the trio deadline
         # is a second line of defence (the thread is then abandoned, and ends when its
         # socket times out). Waiting for a free slot does not count against it.
         # (``lane_held``: the caller's slot; ``nullcontext`` takes none. ``online``: a
         # call that gets its slot once the mount went offline is not sent: on a link
-        # gone silent, the slots were held by calls waiting for their timeout)
+        # gone silent, the slots were held by calls waiting for their timeout. ``owed``: a
+        # ping, whose answer is due within a round trip, see ``suspect``)
         limiter = contextlib.nullcontext() if lane_held else self.bulk_limiter if bulk else self.limiter
-        owed = object()
+        token = object()
         try:
             async with limiter:
                 if online and self.state is not State.ONLINE:
                     raise Unavailable(self.last_error or "remote is offline")
                 with trio.fail_after(math.inf if bulk else self.timeout * 2 + 1):
-                    if not bulk:
-                        self._owed[owed] = trio.current_time()
+                    if owed:
+                        self._owed[token] = trio.current_time()
                     result = await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
-            self._answered_at = trio.current_time()
+            self._answered()
             return result
         except RemoteError:
-            self._answered_at = trio.current_time()  # (an answer: the link works)
+            self._answered()  # (an answer: the link works)
             raise
         except trio.TooSlowError:
             self.report_failure(f"remote did not answer within {self.timeout:g} s")
@@ -244,7 +303,7 @@ class Connectivity:
             self.report_failure(str(exc))
             raise Unavailable(self.last_error) from exc
         finally:
-            self._owed.pop(owed, None)
+            self._owed.pop(token, None)
 
     def report_failure(self, reason: str) -> None:
         """A network failure seen anywhere: go offline and let the probe work."""
