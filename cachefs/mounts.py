@@ -217,7 +217,9 @@ def note_unmounted(cache_dir: Path | str, pid: int, pending: int) -> None:
     path = Path(cache_dir) / UNMOUNTED
     temporary = path.with_name(f"{UNMOUNTED}.{pid}")
     try:
-        temporary.write_text(json.dumps({"pid": pid, "pending": pending}))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as note:  # (private, as everything in a cache folder)
+            note.write(json.dumps({"pid": pid, "pending": pending}))
         temporary.replace(path)
     except OSError as exc:
         log.debug("cannot write %s: %s", path, exc.strerror)
