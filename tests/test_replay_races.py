@@ -342,3 +342,67 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path:
         trio.run(main)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("left", ["landed", "temporary"])
+@pytest.mark.parametrize("then", ["unlink", "replaced"])
+def test_a_cut_upload_of_a_changed_file_deleted_here_since_leaves_nothing(tmp_path: Path, then: str,
+                                                                         left: str) -> None:
+    """A kill stopped the upload of a change to a server file (a ``store`` entry) before
+    its entry was marked done (its mark still set): ``landed``, after the upload's rename
+    into place; ``temporary``, while its temporary file was written. Before the next pass
+    the file is deleted here (``unlink``) or another file is renamed over it
+    (``replaced``). The store entry finds its node gone and ends, its temporary file
+    removed; the unlink or the rename then meets the landed upload under the name, which
+    is our own version, not a change of the server's: the name goes (or takes the renamed
+    file), with no conflict record and no conflict copy. (The crash loop met both: a
+    conflict copy with a single writer, temporary files left on the server.)"""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"old content")
+    os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"new content, ours")
+        cache.release(handle)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        assert op.kind == "store"
+        now = store.get(node.ino)
+        # What the cut upload left: its mark here, our version in place there (or its
+        # temporary file beside the old one).
+        store.transact(lambda t: t.mark_upload(op.seq, now.size, now.mtime_ns))
+        there = share / ("f" if left == "landed" else temp_name(b"f", op.seq, sync.client).decode())
+        there.write_bytes(b"new content, ours")
+        os.utime(there, ns=(now.mtime_ns, now.mtime_ns))
+        if then == "unlink":
+            await cache.unlink(ROOT_INO, b"f")
+        else:
+            _, h = await cache.create(ROOT_INO, b"g", 0o644, os.O_WRONLY)
+            cache.write(h, 0, b"the file put over it")
+            cache.release(h)
+            await cache.rename(ROOT_INO, b"g", ROOT_INO, b"f")
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        if then == "unlink":
+            assert sorted(os.listdir(share)) == []
+        else:
+            assert sorted(os.listdir(share)) == ["f"]
+            assert (share / "f").read_bytes() == b"the file put over it"
+        assert store.upload_mark(op.seq) is None
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
