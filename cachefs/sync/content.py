@@ -237,11 +237,15 @@ class ContentReplay:
             return "gone", None  # a folder above is missing: the slow path
 
     async def _theirs_or_ours(self, op: Op, node: Node, remote: RemoteStat, gen: int, ours: bool) -> int:
-        """The server has another version than expected: ours (an upload that landed, or
-        the same content), or another one (both kept)."""
-        if ours or await self.side.same_content(node, op.path, remote):
+        """The server has another version than expected: ours (the same content, as an
+        upload that landed before a crash left it), an older upload of ours (``ours``: the
+        mark's size and mtime second, but the file was written here again since, keeping
+        both: sent again), or another one (both kept)."""
+        if await self.side.same_content(node, op.path, remote):
             await self._landed(op, node, remote, gen)
             return 0
+        if ours:
+            return await self._send(op, node, gen, None)
         return await self.conflicts.keep_both(op, node, remote, gen)
 
     async def _send(self, op: Op, node: Node, gen: int, conflict: dict[str, Any] | None) -> int:
