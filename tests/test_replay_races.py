@@ -342,3 +342,124 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path:
         trio.run(main)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("left", ["landed", "temporary"])
+@pytest.mark.parametrize("then", ["unlink", "replaced"])
+def test_a_cut_upload_of_a_changed_file_deleted_here_since_leaves_nothing(tmp_path: Path, then: str,
+                                                                         left: str) -> None:
+    """A kill stopped the upload of a change to a server file (a ``store`` entry) before
+    its entry was marked done (its mark still set): ``landed``, after the upload's rename
+    into place; ``temporary``, while its temporary file was written. Before the next pass
+    the file is deleted here (``unlink``) or another file is renamed over it
+    (``replaced``). The store entry finds its node gone and ends, its temporary file
+    removed; the unlink or the rename then meets the landed upload under the name, which
+    is our own version, not a change of the server's: the name goes (or takes the renamed
+    file), with no conflict record and no conflict copy. (The crash loop met both: a
+    conflict copy with a single writer, temporary files left on the server.)"""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"old content")
+    os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"new content, ours")
+        cache.release(handle)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        assert op.kind == "store"
+        now = store.get(node.ino)
+        # What the cut upload left: its mark here, our version in place there (or its
+        # temporary file beside the old one).
+        store.transact(lambda t: t.mark_upload(op.seq, now.size, now.mtime_ns))
+        there = share / ("f" if left == "landed" else temp_name(b"f", op.seq, sync.client).decode())
+        there.write_bytes(b"new content, ours")
+        os.utime(there, ns=(now.mtime_ns, now.mtime_ns))
+        if then == "unlink":
+            await cache.unlink(ROOT_INO, b"f")
+        else:
+            _, h = await cache.create(ROOT_INO, b"g", 0o644, os.O_WRONLY)
+            cache.write(h, 0, b"the file put over it")
+            cache.release(h)
+            await cache.rename(ROOT_INO, b"g", ROOT_INO, b"f")
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        if then == "unlink":
+            assert sorted(os.listdir(share)) == []
+        else:
+            assert sorted(os.listdir(share)) == ["f"]
+            assert (share / "f").read_bytes() == b"the file put over it"
+        assert store.upload_mark(op.seq) is None
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("created", [False, True])
+def test_a_landed_upload_then_a_change_of_same_size_and_second_is_sent_again(tmp_path: Path, created: bool) -> None:
+    """A kill came after an upload had landed, before its entry was marked done; the next
+    mount changed the file again within the same second without changing its size (a
+    ``pwrite`` inside it). The server's file has the mark's size and mtime second, so it
+    is the older upload of ours, but it is not our content now: it is sent again (never
+    taken as landed, which left the server with the older content and the file marked
+    synced here: a change lost), and it is no conflict either."""
+    share = tmp_path / "share"
+    share.mkdir()
+    if not created:
+        (share / "f").write_bytes(b"old content on the server")
+        os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        if created:
+            node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
+        else:
+            node = await cache.lookup(ROOT_INO, b"f")
+            handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"first version, ours")
+        cache.release(handle)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        first = store.get(node.ino)
+        # What the cut upload left: its mark here, the first version in place there.
+        store.transact(lambda t: t.mark_upload(op.seq, first.size, first.mtime_ns))
+        (share / "f").write_bytes(b"first version, ours")
+        os.utime(share / "f", ns=(first.mtime_ns, first.mtime_ns))
+        # The next mount: a write inside the file, its mtime in the same second.
+        handle = await cache.open(node.ino, os.O_WRONLY)
+        cache.write(handle, 0, b"SECOND")
+        cache.release(handle)
+        await cache.setattr(node.ino, mtime_ns=first.mtime_ns + 1)
+        await cache.checkpoint()
+        now = store.get(node.ino)
+        assert now.size == first.size and now.mtime_ns // 10**9 == first.mtime_ns // 10**9
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["f"]
+        assert (share / "f").read_bytes() == b"SECONDversion, ours"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -86,9 +86,14 @@ class ContentReplay:
 
     async def _replay(self, op: Op, created: bool) -> int:
         node = self.store.get(op.ino)
-        if self._settled_already(op, node, created):
+        if node is None or node.has(ORPHAN):
+            await self._gone_here(op, created)
             return 0
-        assert node is not None  # (else settled already)
+        if self._settled_already(op, node, created):
+            if self.store.upload_mark(op.seq) is not None:  # (a cut upload's leftover)
+                await self.side.remove_temporary(op.path, op.seq)
+            self.ledger.finish(op)
+            return 0
         digest = self.side.sum_of(node)
         if digest is None:
             # Released since the last checkpoint: commit it now rather than wait for one.
@@ -108,16 +113,42 @@ class ContentReplay:
         except (ContentDamaged, LocalGone) as exc:
             return await self._check_failed(op, gen, created, exc)
 
-    def _settled_already(self, op: Op, node: Node | None, created: bool) -> bool:
-        """Nothing to send: the node is gone (its unlink follows in the journal), or an
-        earlier entry already uploaded this content. The entry is finished."""
-        if node is None or node.has(ORPHAN):
-            if created:
-                self.ledger.gone.add(op.ino)
-        elif node.gen != node.synced_gen or created:
-            return False
-        self.ledger.finish(op)
-        return True
+    def _settled_already(self, op: Op, node: Node, created: bool) -> bool:
+        """Nothing to send: an earlier entry already uploaded this content (the caller
+        ends the entry)."""
+        return node.gen == node.synced_gen and not created
+
+    async def _gone_here(self, op: Op, created: bool) -> None:
+        """The node is gone here (its unlink, or the rename that replaced it, follows in
+        the journal): nothing to send, the entry ends. But an upload of this entry may
+        have begun before a kill or a cut link stopped it (its mark is set): its temporary
+        file on the server goes (nothing else would remove it), and it may have landed (the
+        server has a file of the mark's size and mtime under the name): that version is ours.
+        Of a file the server had (``store``), it is recorded as the version the replay
+        produced, which the unlink or the rename over it then expects (else they took it
+        for a change of the server's: a false conflict, a conflict copy or the file kept
+        there). Of a file created here, nothing else would remove it: it goes now."""
+        if created:
+            self.ledger.gone.add(op.ino)
+        mark = self.store.upload_mark(op.seq)
+        landed: RemoteStat | None = None
+        if mark is not None:
+            await self.side.remove_temporary(op.path, op.seq)
+            try:
+                found = await self.side.stat(op.path)
+            except RemoteError as exc:  # (never a reason to stop the replay)
+                log.warning("could not look at %r, perhaps left by an upload before a crash: %s",
+                            op.path, exc)
+                found = None
+            if found is not None and landed_before(mark, found):
+                landed = found
+        if landed is not None and created:
+            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
+                     op.path)
+            await self.side.remove_left(op.path, "the upload of a file deleted here since")
+            landed = None
+        version = landed.version() if landed is not None else None
+        self.ledger.finish(op, None if version is None else (lambda t: t.set_produced(op.ino, version)))
 
     async def _check_failed(self, op: Op, gen: int, created: bool, exc: Exception) -> int:
         """An upload stopped by its check: the file was deleted or written meanwhile, or
@@ -206,11 +237,15 @@ class ContentReplay:
             return "gone", None  # a folder above is missing: the slow path
 
     async def _theirs_or_ours(self, op: Op, node: Node, remote: RemoteStat, gen: int, ours: bool) -> int:
-        """The server has another version than expected: ours (an upload that landed, or
-        the same content), or another one (both kept)."""
-        if ours or await self.side.same_content(node, op.path, remote):
+        """The server has another version than expected: ours (the same content, as an
+        upload that landed before a crash left it), an older upload of ours (``ours``: the
+        mark's size and mtime second, but the file was written here again since, keeping
+        both: sent again), or another one (both kept)."""
+        if await self.side.same_content(node, op.path, remote):
             await self._landed(op, node, remote, gen)
             return 0
+        if ours:
+            return await self._send(op, node, gen, None)
         return await self.conflicts.keep_both(op, node, remote, gen)
 
     async def _send(self, op: Op, node: Node, gen: int, conflict: dict[str, Any] | None) -> int:
