@@ -235,6 +235,58 @@ def test_a_check_leaves_a_file_open_for_writing_as_it_is(mount_factory, share: P
             == [b"ONE\n", b"server's\n"]
 
 
+@pytest.mark.parametrize("callbacks", ["auto", "off"])
+def test_a_file_a_listing_left_to_its_writer_is_checked_after(mount_factory, share: Path,
+                                                               callbacks: str) -> None:
+    """A listing that leaves a file open for writing as it was (the server changed it)
+    does not count as its check: once the writer closes without writing, the next open
+    gets the server's version (with callbacks, a listing stays current until the next
+    change told, and this change's was used up by that listing)."""
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", callbacks, attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        if callbacks == "auto":
+            wait_for(lambda: status(mnt)["callbacks"]["live"], 15, "callbacks live")
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").write_bytes(b"server's new\n")
+            time.sleep(ATTR_TIMEOUT + 1.5)  # (the watcher tells; the folder is listed again)
+            os.listdir(mnt / "d")  # (listed again, by time, without callbacks)
+        finally:
+            os.close(writer)  # nothing written
+        time.sleep(ATTR_TIMEOUT + 0.5)
+        assert read_all(mnt / "d" / "f.txt") == b"server's new\n"
+
+
+def test_a_writer_of_a_file_deleted_there_keeps_it(mount_factory, share: Path) -> None:
+    """A file open for writing that the server deletes stays listed here while open; what
+    is written then is journaled and replayed as a file changed here and deleted there
+    (it comes back on the server, and the conflict is recorded)."""
+    from tests.test_conflicts import assert_recorded
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "off", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").unlink()
+            time.sleep(ATTR_TIMEOUT + 0.5)
+            assert os.listdir(mnt / "d") == ["f.txt"]  # (listed again: kept for its writer)
+            assert os.pwrite(writer, b"MINE", 0) == 4
+        finally:
+            os.close(writer)
+        assert status(mnt)["pending"]
+        sync_until_done(mnt, 30)
+        assert (share / "d" / "f.txt").read_bytes() == b"MINE"
+        assert_recorded(mnt, "d/f.txt", "deleted-remote-changed-local")
+        assert read_all(mnt / "d" / "f.txt") == b"MINE"
+
+
 # -- the rule itself, in process: calls held in their threads are the silent link ---------
 
 def _silenceable_remote(share: Path, silent: threading.Event):
