@@ -45,7 +45,7 @@ import trio
 from ..errors import CacheError, NotADirectory, NameTooLong, NotFound, RemoteError, Unavailable, InvalidArgument
 from ..link.connectivity import Connectivity
 from ..remote import RemoteStat
-from ..store.index import (ATTR_DIRTY, DIRTY, FULL, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
+from ..store.index import (ATTR_DIRTY, DAMAGED, DIRTY, FULL, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
                            Txn)
 from ..store.journal import Op
 from .common import CONTROL_NAME, CacheConfig, Freshness, Kernel, decrement, valid_name
@@ -781,8 +781,9 @@ class Listings:
             return None
         if len(names) != len(listing):  # kept but not listed: only local names may be
             listed = {name for name, _rstat in listing}
-            if any(not node.flags & LOCAL_TRUTH or self._writing(node.ino) for name, node in names.items()
-                   if name not in listed):  # (apply_listing keeps those, left out of checks)
+            if any(not node.flags & (DIRTY | DAMAGED | KEPT) or self._writing(node.ino) for name, node in names.items()
+                   if name not in listed):  # (apply_listing keeps local changes as they are; a
+                #  writer's file too, left out of the checks: passed_over)
                 return None
         return kept[1]
 
@@ -1092,8 +1093,8 @@ class _Applied:
     def _drop_unlisted(self, t: Txn, unlisted: dict[bytes, int]) -> None:
         for name, ino in unlisted.items():
             node = t.node(ino)
-            if node is not None and node.flags & LOCAL_TRUTH:
-                continue  # (changes to replay, a damaged copy or a refused version: kept here)
+            if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
+                continue  # (a damaged copy or a refused version is on no server: kept here)
             if node is not None and self.keep(ino):
                 self.delta.passed_over.add(ino)  # (a writer's: its changes replayed as those of a file deleted there)
                 continue
