@@ -379,3 +379,49 @@ def test_suspect_after_the_grace_and_cached_answers_meanwhile(share: Path) -> No
             assert applied == ["late answer"] and not conn.suspect
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_busy_slots_make_no_link_suspect(share: Path, width: int) -> None:
+    """Every connection slot held by long calls on a live link (a sync's hashes, a big
+    listing): a check, and the ping sent while it waits, wait for a slot; a ping not sent
+    yet says nothing of the link, so the check is waited for, not answered from the cache
+    (and the link is not suspect); a ping's round trip is timed from when it has its slot."""
+    import trio
+
+    from cachefs.link.connectivity import Connectivity
+    from cachefs.remote.local import LocalRemote
+
+    remote = LocalRemote(str(share), 10.0)
+    remote.parallelism = width
+
+    async def main() -> None:
+        conn = Connectivity(remote)
+        assert await conn.try_connect()
+
+        def long_call() -> str:
+            time.sleep(2.0)
+            return "long"
+
+        async def quick() -> str:
+            return await conn.call(conn.remote.stat, b"", looks_only=True) and "checked"
+
+        async def long_listing() -> str:
+            return await conn.call(long_call, looks_only=True)
+
+        async with trio.open_nursery() as nursery:
+            for short, work in ((True, quick), (False, long_listing)):
+                for _ in range(width):
+                    nursery.start_soon(conn.call, long_call)
+                await trio.sleep(0.1)
+                started = trio.current_time()
+                assert await conn.unless_suspect(work, nursery, short=short) is not None
+                assert trio.current_time() - started > 1.5 and not conn.suspect
+                await trio.sleep(0.1)
+            # the ping's clock starts with its slot
+            nursery.start_soon(conn.call, long_call)
+            await trio.sleep(0.1)
+            await conn.ping()
+            assert conn._rtts[-1] < 0.5, conn._rtts
+
+    trio.run(main)
