@@ -287,6 +287,29 @@ def test_a_writer_of_a_file_deleted_there_keeps_it(mount_factory, share: Path) -
         assert read_all(mnt / "d" / "f.txt") == b"MINE"
 
 
+def test_a_writer_s_file_deleted_there_goes_once_closed(mount_factory, share: Path) -> None:
+    """With callbacks live, a file kept for its writer though the server deleted it is
+    gone from the folder once the writer closes without writing (the folder's listing,
+    which left it to the writer, is made again)."""
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "auto", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        wait_for(lambda: status(mnt)["callbacks"]["live"], 15, "callbacks live")
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").unlink()
+            time.sleep(2.0)  # (the watcher tells; the folder is listed again)
+            assert os.listdir(mnt / "d") == ["f.txt"]
+        finally:
+            os.close(writer)
+        time.sleep(0.5)
+        assert os.listdir(mnt / "d") == []
+        assert status(mnt)["pending"] == 0
+
+
 # -- the rule itself, in process: calls held in their threads are the silent link ---------
 
 def _silenceable_remote(share: Path, silent: threading.Event):

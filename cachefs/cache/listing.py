@@ -321,6 +321,15 @@ class Listings:
     def forget_checked(self, ino: int) -> None:
         self._checked.drop(ino)
 
+    def writer_closed(self, ino: int) -> None:
+        """The last writer of ``ino`` closed: if a listing left the file to it (``_passed_over``),
+        its folder is listed again at its next use (with callbacks live, that listing would
+        stay current: a name gone there would stay listed here)."""
+        if self._passed_over and ino in self._passed_over:
+            node = self.store.get(ino)
+            if node is not None:
+                self._listed.drop(node.parent)
+
     def forget_listed(self, folder: int) -> None:
         """List the folder again at its next use."""
         self._listed.drop(folder)
