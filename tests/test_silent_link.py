@@ -235,6 +235,81 @@ def test_a_check_leaves_a_file_open_for_writing_as_it_is(mount_factory, share: P
             == [b"ONE\n", b"server's\n"]
 
 
+@pytest.mark.parametrize("callbacks", ["auto", "off"])
+def test_a_file_a_listing_left_to_its_writer_is_checked_after(mount_factory, share: Path,
+                                                               callbacks: str) -> None:
+    """A listing that leaves a file open for writing as it was (the server changed it)
+    does not count as its check: once the writer closes without writing, the next open
+    gets the server's version (with callbacks, a listing stays current until the next
+    change told, and this change's was used up by that listing)."""
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", callbacks, attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        if callbacks == "auto":
+            wait_for(lambda: status(mnt)["callbacks"]["live"], 15, "callbacks live")
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").write_bytes(b"server's new\n")
+            time.sleep(ATTR_TIMEOUT + 1.5)  # (the watcher tells; the folder is listed again)
+            os.listdir(mnt / "d")  # (listed again, by time, without callbacks)
+        finally:
+            os.close(writer)  # nothing written
+        time.sleep(ATTR_TIMEOUT + 0.5)
+        assert read_all(mnt / "d" / "f.txt") == b"server's new\n"
+
+
+def test_a_writer_of_a_file_deleted_there_keeps_it(mount_factory, share: Path) -> None:
+    """A file open for writing that the server deletes stays listed here while open; what
+    is written then is journaled and replayed as a file changed here and deleted there
+    (it comes back on the server, and the conflict is recorded)."""
+    from tests.test_conflicts import assert_recorded
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "off", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").unlink()
+            time.sleep(ATTR_TIMEOUT + 0.5)
+            assert os.listdir(mnt / "d") == ["f.txt"]  # (listed again: kept for its writer)
+            assert os.pwrite(writer, b"MINE", 0) == 4
+        finally:
+            os.close(writer)
+        assert status(mnt)["pending"]
+        sync_until_done(mnt, 30)
+        assert (share / "d" / "f.txt").read_bytes() == b"MINE"
+        assert_recorded(mnt, "d/f.txt", "deleted-remote-changed-local")
+        assert read_all(mnt / "d" / "f.txt") == b"MINE"
+
+
+def test_a_writer_s_file_deleted_there_goes_once_closed(mount_factory, share: Path) -> None:
+    """With callbacks live, a file kept for its writer though the server deleted it is
+    gone from the folder once the writer closes without writing (the folder's listing,
+    which left it to the writer, is made again)."""
+    (share / "d").mkdir()
+    (share / "d" / "f.txt").write_bytes(b"one\n")
+    mount = mount_factory("--callbacks", "auto", attr_timeout=str(ATTR_TIMEOUT))
+    with mount:
+        mnt = mount.mountpoint
+        assert read_all(mnt / "d" / "f.txt") == b"one\n"
+        wait_for(lambda: status(mnt)["callbacks"]["live"], 15, "callbacks live")
+        writer = os.open(mnt / "d" / "f.txt", os.O_RDWR)
+        try:
+            (share / "d" / "f.txt").unlink()
+            time.sleep(2.0)  # (the watcher tells; the folder is listed again)
+            assert os.listdir(mnt / "d") == ["f.txt"]
+        finally:
+            os.close(writer)
+        time.sleep(0.5)
+        assert os.listdir(mnt / "d") == []
+        assert status(mnt)["pending"] == 0
+
+
 # -- the rule itself, in process: calls held in their threads are the silent link ---------
 
 def _silenceable_remote(share: Path, silent: threading.Event):
@@ -325,5 +400,51 @@ def test_suspect_after_the_grace_and_cached_answers_meanwhile(share: Path) -> No
                     await trio.sleep(0.01)
             await trio.sleep(0.1)
             assert applied == ["late answer"] and not conn.suspect
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_busy_slots_make_no_link_suspect(share: Path, width: int) -> None:
+    """Every connection slot held by long calls on a live link (a sync's hashes, a big
+    listing): a check, and the ping sent while it waits, wait for a slot; a ping not sent
+    yet says nothing of the link, so the check is waited for, not answered from the cache
+    (and the link is not suspect); a ping's round trip is timed from when it has its slot."""
+    import trio
+
+    from cachefs.link.connectivity import Connectivity
+    from cachefs.remote.local import LocalRemote
+
+    remote = LocalRemote(str(share), 10.0)
+    remote.parallelism = width
+
+    async def main() -> None:
+        conn = Connectivity(remote)
+        assert await conn.try_connect()
+
+        def long_call() -> str:
+            time.sleep(2.0)
+            return "long"
+
+        async def quick() -> str:
+            return await conn.call(conn.remote.stat, b"", looks_only=True) and "checked"
+
+        async def long_listing() -> str:
+            return await conn.call(long_call, looks_only=True)
+
+        async with trio.open_nursery() as nursery:
+            for short, work in ((True, quick), (False, long_listing)):
+                for _ in range(width):
+                    nursery.start_soon(conn.call, long_call)
+                await trio.sleep(0.1)
+                started = trio.current_time()
+                assert await conn.unless_suspect(work, nursery, short=short) is not None
+                assert trio.current_time() - started > 1.5 and not conn.suspect
+                await trio.sleep(0.1)
+            # the ping's clock starts with its slot
+            nursery.start_soon(conn.call, long_call)
+            await trio.sleep(0.1)
+            await conn.ping()
+            assert conn._rtts[-1] < 0.5, conn._rtts
 
     trio.run(main)

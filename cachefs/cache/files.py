@@ -236,6 +236,8 @@ class Files:
                 self.opens.remote_changes.pop(ino, None)
             if handle.writable:
                 decrement(self.opens.writers, ino)
+                if ino not in self.opens.writers:
+                    self._listings.writer_closed(ino)
         held = self._writes.released(ino) if handle.writable else None
         if handle.wrote:
             node = held or self.store.get(ino)

@@ -96,6 +96,10 @@ class Listings:
         self._writing = writing
         self._listed = Freshness(config.dir_timeout)  # folder -> when listed
         self._checked = Freshness(config.attr_timeout)  # node -> when found current
+        #: files a listing left as they were for a writer (``apply_listing``'s ``keep``)
+        #: though the remote's differ or are gone: not checked by that listing nor by
+        #: their folder's (``checked``), until a look at the remote finds them current
+        self._passed_over: set[int] = set()
         self._locks: dict[int, trio.Lock] = {}  # folder -> held while it is being listed
         #: folder -> (its listing generation, children, what callers derived from them)
         #: (see children and derived)
@@ -241,9 +245,11 @@ class Listings:
     # -- freshness ---------------------------------------------------------------------
     def checked(self, node: Node) -> bool:
         """Whether the node was found current on the remote less than ``attr_timeout`` ago,
-        or, while callbacks are live, its folder's listing since then is current."""
-        return self._checked.fresh(node.ino) or (self._listed.trusted_since is not None
-                                                 and self._listed.fresh(node.parent))
+        or, while callbacks are live, its folder's listing since then is current; not one
+        that a listing left as it was for a writer (``_passed_over``)."""
+        return (self._checked.fresh(node.ino) or (self._listed.trusted_since is not None
+                                                  and self._listed.fresh(node.parent))) \
+            and not (self._passed_over and node.ino in self._passed_over)
 
     # -- callbacks -----------------------------------------------------------------------
     def trust(self, since: float | None) -> None:
@@ -314,6 +320,15 @@ class Listings:
 
     def forget_checked(self, ino: int) -> None:
         self._checked.drop(ino)
+
+    def writer_closed(self, ino: int) -> None:
+        """The last writer of ``ino`` closed: if a listing left the file to it (``_passed_over``),
+        its folder is listed again at its next use (with callbacks live, that listing would
+        stay current: a name gone there would stay listed here)."""
+        if self._passed_over and ino in self._passed_over:
+            node = self.store.get(ino)
+            if node is not None:
+                self._listed.drop(node.parent)
 
     def forget_listed(self, folder: int) -> None:
         """List the folder again at its next use."""
@@ -737,14 +752,21 @@ class Listings:
         children = self._unchanged_listing(ino, kept)
         changed: list[Node] = []
         removed: list[Node] = []
+        passed_over: set[int] = set()
         if children is None:
             delta = apply_listing(self.store, ino, kept, keep=self._writing)
             # The opendir that asked reads them next. A listing that found nothing new
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
-            changed, removed = delta.changed, delta.removed
+            changed, removed, passed_over = delta.changed, delta.removed, delta.passed_over
         self._listed.mark(ino, started)
-        self._checked.mark_all([child.ino for child in children], started)
+        if self._passed_over:  # (those the listing found current are checked now)
+            self._passed_over.difference_update(child.ino for child in children)
+        if passed_over:  # (left as they were for a writer: not checked by this listing)
+            self._passed_over.update(passed_over)
+            self._checked.mark_all([child.ino for child in children if child.ino not in passed_over], started)
+        else:
+            self._checked.mark_all([child.ino for child in children], started)
         self._folder_listed(ino)
         for node in changed:
             self._stale(node.ino)
@@ -768,8 +790,9 @@ class Listings:
             return None
         if len(names) != len(listing):  # kept but not listed: only local names may be
             listed = {name for name, _rstat in listing}
-            if any(not node.flags & (DIRTY | DAMAGED | KEPT) for name, node in names.items()
-                   if name not in listed):  # (what apply_listing keeps of names gone there)
+            if any(not node.flags & (DIRTY | DAMAGED | KEPT) or self._writing(node.ino) for name, node in names.items()
+                   if name not in listed):  # (apply_listing keeps local changes as they are; a
+                #  writer's file too, left out of the checks: passed_over)
                 return None
         return kept[1]
 
@@ -826,9 +849,9 @@ class Listings:
             return node  # (removed here meanwhile)
         if current != node or current.flags & LOCAL_TRUTH or self._writing(node.ino):
             if current.flags & LOCAL_TRUTH or rstat.version() == current.base:
-                self._checked.mark(node.ino, started)
+                self._found_current(node.ino, started)
             return current  # (else unchecked: the next open asks again)
-        self._checked.mark(node.ino, started)
+        self._found_current(node.ino, started)
         if rstat.version() == node.base:
             return node
         if rstat.kind != stat_mod.S_IFMT(node.mode):
@@ -839,6 +862,12 @@ class Listings:
         self.store.put(fresh)
         self._stale(node.ino)
         return fresh
+
+    def _found_current(self, ino: int, started: float) -> None:
+        """A look at the remote that began at ``started`` found the node current (or
+        applied what it found)."""
+        self._checked.mark(ino, started)
+        self._passed_over.discard(ino)
 
     def path_pending(self, node: Node) -> bool:
         """Whether a folder on the node's path has journaled changes: the remote may not
@@ -963,14 +992,18 @@ class ListingDelta:
     removed: list[Node] = field(default_factory=list)
     children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
     same: bool = True  # nothing written: the listing matched the cached entries
+    #: files left as they were for a writer (``keep``) though the listing differs from
+    #: them or no longer has them: not checked by it
+    passed_over: set[int] = field(default_factory=set)
 
 
 def apply_listing(store: Store, parent: int, listing: list[Any],
                   keep: Callable[[int], bool] = lambda ino: False) -> ListingDelta:
     """Make the cached entries of ``parent`` equal ``listing`` [(name, remote stat)] in one
     transaction, each node as ``node_from_remote`` builds it. Entries gone from the remote
-    are removed unless local truth keeps them; a listed node that is local truth, or that
-    ``keep(ino)`` keeps (a file open for writing), is left as it is. Returns what changed,
+    are removed unless local truth or ``keep(ino)`` (a file open for writing) keeps them; a
+    listed node that is local truth, or that ``keep(ino)`` keeps, is left as it is (those
+    kept though the remote's differ: ``passed_over``). Returns what changed,
     so that the caller can drop content and invalidate the kernel's caches."""
     applied = _Applied(parent, listing, keep)
     store.run_write(lambda txn: applied.run(Txn(store, txn)),
@@ -1031,8 +1064,12 @@ class _Applied:
             ino = existing.pop(name, None)
             old = t.node(ino) if ino is not None else None
             if old is not None:
-                if old.flags & LOCAL_TRUTH or self.keep(old.ino):
+                if old.flags & LOCAL_TRUTH:
                     continue  # local changes win until they are replayed
+                if self.keep(old.ino):  # (a writer about to change it: as it is until it closes)
+                    if not ((old.parent, old.name) == (self.parent, name) and rebuilt_as_is(old, rstat)):
+                        self.delta.passed_over.add(old.ino)
+                    continue
                 if stat_mod.S_IFMT(old.mode) != rstat.kind:
                     # A different kind of object under the same name: a new node.
                     self.delta.removed.append(old)
@@ -1067,6 +1104,9 @@ class _Applied:
             node = t.node(ino)
             if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
                 continue  # (a damaged copy or a refused version is on no server: kept here)
+            if node is not None and self.keep(ino):
+                self.delta.passed_over.add(ino)  # (a writer's: its changes replayed as those of a file deleted there)
+                continue
             self.delta.same = False
             t.delete_entry(self.parent, name)
             if node is not None and node.nlink > 1 and not node.is_dir:

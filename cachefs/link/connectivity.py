@@ -8,7 +8,9 @@ Must not touch: the cache, LMDB, FUSE. Callers get ``Unavailable`` at once while
 so nothing that the cache can answer ever waits for the network; and a link that went
 silent without a reset (a cable pulled, packets dropped, a server stopped) is *suspect*
 once a check of what the cache holds has waited ``grace`` with nothing answered since it
-began, not even a ping sent at half the grace: what the cache can answer then answers at
+began, not even a ping sent at half the grace (judged once the ping has a connection
+slot: one still waiting for a slot, held by long calls, says nothing of the link): what
+the cache can answer then answers at
 once, without waiting for that call's ``timeout`` to say the link is down (``suspect``,
 ``unless_suspect``). A long call on a live link (a big listing, the server's hashes)
 makes no link suspect: the ping is answered.
@@ -104,10 +106,13 @@ class Connectivity:
         self.slow = self.rtt >= SLOW_RTT
 
     async def ping(self) -> None:
-        """One round trip to the remote now, timed (``rtt``)."""
-        start = time.monotonic()
-        await self._run(self.remote.ping, owed=True)
-        self.note_rtt(time.monotonic() - start)
+        """One round trip to the remote now, timed (``rtt``) from when it has its slot
+        (a wait for one is no round trip)."""
+        def timed() -> float:
+            start = time.monotonic()
+            self.remote.ping()
+            return time.monotonic() - start
+        self.note_rtt(await self._run(timed, owed=True))
 
     @property
     def online(self) -> bool:
@@ -148,7 +153,9 @@ class Connectivity:
 
         While a check waits with nothing answered for half the grace, a ping goes out:
         a live link answers it, and the check is waited for as long as it takes (a big
-        listing). ``short``: a check of a round trip or two (a stat): awaited here,
+        listing); the link turns suspect only once that ping, sent, has gone unanswered
+        for half the grace (while it waits for a slot held by long calls, the check is
+        waited for: they end within their ``timeout``). ``short``: a check of a round trip or two (a stat): awaited here,
         without a task, and cancelled and started again in ``nursery`` only if nothing
         answered for half the grace (then a ping goes out, as above)."""
         if self.suspect:
@@ -187,15 +194,24 @@ class Connectivity:
         while not done.is_set():
             heard = max(self._answered_at, start)  # (moves on when the remote answers)
             now = trio.current_time()
-            if now >= heard + self.grace or self.state is not State.ONLINE:
+            grace = self.grace
+            if now >= heard + grace / 2:
+                self._ping_soon(nursery)
+            # Silence is judged only from a ping sent (one still waiting for a slot held
+            # by long calls says nothing of the link: waited for, as long as they take):
+            # unanswered for half the grace, and nothing else for the whole of it.
+            sent = next(iter(self._owed.values()), None)
+            silent_at = math.inf if sent is None else max(heard + grace, sent + grace / 2)
+            if now >= silent_at or self.state is not State.ONLINE:
                 waiting = False
                 self._silent_since = heard
-                self._ping_soon(nursery)  # (in flight already, unless offline)
-                log.debug("the remote has not answered for %g s: answering from the cache", self.grace)
+                log.debug("the remote has not answered for %g s: answering from the cache", grace)
                 return None
-            if now >= heard + self.grace / 2:
-                self._ping_soon(nursery)
-            with trio.move_on_at(heard + (self.grace if now >= heard + self.grace / 2 else self.grace / 2)):
+            if now < heard + grace / 2:
+                wake = heard + grace / 2
+            else:  # (a ping queued for a slot: looked at again shortly)
+                wake = silent_at if sent is not None else now + grace / 8
+            with trio.move_on_at(wake):
                 await done.wait()
         if failed:
             raise failed[0]
