@@ -68,6 +68,7 @@ import logging
 import operator
 import os
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +112,26 @@ def _path_of(store: "Store", txn: lmdb.Transaction, ino: int) -> bytes:
     return b"/".join(reversed(parts))
 
 
+#: how long a lock held by someone else is waited for before the cache counts as in use: a
+#: process that another thread of the lock's owner forks holds a copy of its descriptor
+#: (and so the lock) for the instant until it execs, even after the owner let it go (seen
+#: in one process that closes a store and opens it again while a watcher starts)
+LOCK_WAIT = 0.5
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Whether the exclusive lock on ``fd`` was taken within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 class Store:
     """The cache directory: index, content files, lock."""
 
@@ -126,11 +147,9 @@ class Store:
         self.codec = crypto.SealedCodec(key) if key else crypto.PlainCodec()
         self.content = crypto.SealedContent(key) if key else crypto.PlainContent()
         self._lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(self._lock_fd, LOCK_WAIT):
             os.close(self._lock_fd)
-            raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount") from None
+            raise StoreError(f"cache directory {cache_dir} is in use by another cachefs mount")
         try:
             self._open(cache_dir, remote_text, map_size)
         except (crypto.CryptoError, lmdb.Error, ValueError, TypeError, KeyError, struct.error) as exc:
