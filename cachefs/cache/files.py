@@ -260,13 +260,16 @@ class Files:
         of the reader, tried before, halved the disk's rate with threads reading.
         """
         node = self._listings.node(handle.ino)
-        if self.opens.remote_changes and handle.seen != self.opens.remote_changes.get(handle.ino, 0):
-            raise RemoteError(errno.EIO, "the file changed on the server while open")
+        self._unchanged_since_open(handle)
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
         if not node.has(FULL):
             await self._content.ensure_present(node, offset, end)
+            # The remote version may have changed while this read waited for its fetch:
+            # its bytes, fetched since, would be the new version's, beside the old ones
+            # this handle has read already (seen mixed under load).
+            self._unchanged_since_open(handle)
         content = self.store.content
         size = end - offset
         if size < THREAD_READ:
@@ -287,6 +290,11 @@ class Files:
         finally:
             trio.lowlevel.current_trio_token().run_sync_soon(self._read_buffers.append, buf)
         return view[:got]
+
+    def _unchanged_since_open(self, handle: OpenFile) -> None:
+        """EIO when the remote content changed since ``handle`` was opened (``detach``)."""
+        if self.opens.remote_changes and handle.seen != self.opens.remote_changes.get(handle.ino, 0):
+            raise RemoteError(errno.EIO, "the file changed on the server while open")
 
     @property
     def passthrough_on(self) -> bool:
