@@ -161,12 +161,19 @@ METHOD_CALL, METHOD_RETURN, ERROR = 1, 2, 3
 
 def _message(serial: int, path: str, interface: str, member: str, destination: str,
              signature: str = "", body: bytes = b"") -> bytes:
+    """A method call."""
     fields: list[tuple[int, str, Any]] = [(1, "o", path), (2, "s", interface), (3, "s", member),
                                           (6, "s", destination)]
     if signature:
         fields.append((8, "g", signature))
+    return message(METHOD_CALL, 0, serial, fields, body)
+
+
+def message(kind: int, flags: int, serial: int, fields: list[tuple[int, str, Any]],
+            body: bytes = b"") -> bytes:
+    """A D-Bus message (little-endian): its header fields as (code, signature, value)."""
     w = _Writer()
-    w.buf += b"l" + bytes([METHOD_CALL, 0, 1])
+    w.buf += b"l" + bytes([kind, flags, 1])
     w.uint32(len(body))
     w.uint32(serial)
 

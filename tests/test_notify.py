@@ -367,7 +367,7 @@ class FakeServer:
 
     def _serve(self) -> None:
         import struct
-        from cachefs.notify import _Writer
+        from cachefs.notify import METHOD_RETURN, message
         served = 0
         try:
             while not self._stop:
@@ -386,23 +386,9 @@ class FakeServer:
                         at += value + 1
                 self.summaries.append(strings[2])
                 served += 1
-                w = _Writer()
-                w.buf += b"l" + bytes([2, 1, 1])  # a method return, no reply expected
-                w.uint32(4)
-                w.uint32(100 + served)
                 fields = [(5, "u", header["serial"]), (6, "s", header[7]), (8, "g", "u")]
-
-                def field(code: int, sig: str, value: object) -> object:
-                    def write() -> None:
-                        w.align(8)
-                        w.byte(code)
-                        w.variant(sig, value)
-                    return write
-
-                w.array(8, iter([field(*f) for f in fields]))
-                w.align(8)
-                w.uint32(served)
-                self.sock.sendall(bytes(w.buf))
+                # a method return (no reply expected), its body the notification's id
+                self.sock.sendall(message(METHOD_RETURN, 1, 100 + served, fields, struct.pack("<I", served)))
         except OSError:
             pass
 
