@@ -541,6 +541,10 @@ class Operations(pyfuse3.Operations):
     # never set or removed (EPERM).
     @translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # (the kernel asks for security.capability before each write(2) to a file:
+            # answered here, at no cost beyond the request's)
+            raise FUSEError(errno.ENOTSUP)
         if control.is_virtual(inode):
             raise FUSEError(pyfuse3.ENOATTR)
         if name == STATE_XATTR:

@@ -235,6 +235,9 @@ def test_sftp_keeps_them_local_with_ext4_errno(mount_factory, share: Path) -> No
 def test_local_share_carries_them_online_offline_and_after_a_remount(mount_factory, share: Path) -> None:
     (share / "served.txt").write_bytes(b"on the server\n")
     os.setxattr(share / "served.txt", "user.from", b"server")
+    (share / "unread.txt").write_bytes(b"its attributes not read before going offline\n")
+    os.setxattr(share / "unread.txt", "user.keep", b"server's")
+    os.setxattr(share / "unread.txt", "user.drop", b"server's")
     (share / "d").mkdir()
     with mount_factory(remote=str(share)) as mount:
         mnt = mount.mountpoint
@@ -259,8 +262,15 @@ def test_local_share_carries_them_online_offline_and_after_a_remount(mount_facto
         (mnt / "doomed.txt").write_bytes(b"x")
         os.setxattr(mnt / "doomed.txt", "user.d", b"d")
         (mnt / "doomed.txt").unlink()
+        os.setxattr(mnt / "unread.txt", "user.new", b"offline")  # the server's not known yet
+        os.setxattr(mnt / "unread.txt", "user.drop", b"set here")
+        os.removexattr(mnt / "unread.txt", "user.drop")  # the last change here: removed
+        assert user_xattrs(mnt / "unread.txt") == {"user.new": b"offline"}
         assert status(mnt)["pending"] > 0
         go_online_and_sync(mnt)
+        # the server's joined what was set here, once read (online)
+        assert user_xattrs(mnt / "unread.txt") == {"user.keep": b"server's", "user.new": b"offline"}
+        assert user_xattrs(share / "unread.txt") == {"user.keep": b"server's", "user.new": b"offline"}
         assert status(mnt)["pending"] == 0
         assert user_xattrs(share / "served.txt") == {"user.here": b"online", "user.off": b"offline"}
         assert (share / "made.txt").read_bytes() == b"changed offline\n"

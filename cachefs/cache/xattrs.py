@@ -110,10 +110,11 @@ class Xattrs:
         _user_only(name)
         check_request(name, value)
         node = self._changeable(ino)
-        await self._loaded(node)
+        # (not read from the remote: offline, the remote's are still to be read)
+        complete = (await self._loaded(node)).complete
 
         def change(t: Txn) -> None:
-            found = t.xattrs(ino) or XattrSet()
+            found = t.xattrs(ino) or XattrSet(complete=complete)
             there = found.get(name) is not None
             if create and there:
                 raise XattrRefused(errno.EEXIST)
@@ -127,10 +128,11 @@ class Xattrs:
         _user_only(name)
         check_request(name)
         node = self._changeable(ino)
-        await self._loaded(node)
+        # (not read from the remote: offline, the remote's are still to be read)
+        complete = (await self._loaded(node)).complete
 
         def change(t: Txn) -> None:
-            found = t.xattrs(ino) or XattrSet()
+            found = t.xattrs(ino) or XattrSet(complete=complete)
             if found.get(name) is None:
                 raise XattrRefused(errno.ENODATA)
             found.remove(name)
