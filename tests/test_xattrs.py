@@ -347,3 +347,32 @@ def test_encrypted_cache_holds_no_name_or_value_in_clear(mount_factory, share: P
         assert user_xattrs(again.mountpoint / "f") == {name: value, name + "-offline": value + b"-offline"}
         sync(again.mountpoint)
     assert user_xattrs(share / "f") == {name: value, name + "-offline": value + b"-offline"}
+
+
+def test_a_kill_loses_no_attribute_change_and_they_follow_renames(mount_factory, share: Path) -> None:
+    """Set, renamed, linked and removed offline, then kill -9: the next mount replays every
+    change onto the share's files under their new names."""
+    (share / "old.txt").write_bytes(b"old\n")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        assert user_xattrs(mnt / "old.txt") == {}
+        go_offline(mnt)
+        os.setxattr(mnt / "old.txt", "user.a", b"1")
+        os.rename(mnt / "old.txt", mnt / "moved.txt")
+        os.setxattr(mnt / "moved.txt", "user.b", b"2")
+        (mnt / "fresh").mkdir()
+        (mnt / "fresh" / "f").write_bytes(b"f")
+        os.setxattr(mnt / "fresh" / "f", "user.c", b"3")
+        os.link(mnt / "fresh" / "f", mnt / "fresh" / "g")
+        assert os.getxattr(mnt / "fresh" / "g", "user.c") == b"3"  # one file, two names
+        os.setxattr(mnt / "fresh", "user.dir", b"d")
+        os.removexattr(mnt / "moved.txt", "user.a")
+        mount.kill9()
+    with mount_factory(remote=str(share), name="mnt2") as again:
+        mnt = again.mountpoint
+        assert user_xattrs(mnt / "moved.txt") == {"user.b": b"2"}
+        sync(mnt)
+        assert user_xattrs(share / "moved.txt") == {"user.b": b"2"}
+        assert user_xattrs(share / "fresh" / "f") == {"user.c": b"3"}
+        assert user_xattrs(share / "fresh" / "g") == {"user.c": b"3"}
+        assert user_xattrs(share / "fresh") == {"user.dir": b"d"}
