@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.errors import XattrRefused
+from cachefs.store.index import Store, StoreError
 from cachefs.store.journal import Op, optimise
 from cachefs.store.xattrs import BEYOND, REMOVED, XattrSet, check_request, entry_size
 from tests.fixtures.mount import run_with_timeout, status
@@ -171,6 +172,32 @@ def test_optimise_keeps_the_last_change_of_each_name_of_a_live_node() -> None:
     op = Op("xattr", 20, b"d/f", xattr=b"user.\xffname", seq=3)
     assert Op.decode(3, op.encode()) == op
     assert Op.decode(1, b'{"kind":"setattr","ino":5,"path":"x","v":1}').xattr == b""
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_a_damaged_record_is_refused_at_open_and_goes_with_its_node(tmp_path: Path, key) -> None:
+    import lmdb
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    store = Store(cache, "file:///x", key=key)
+    found = XattrSet()
+    found.set(b"user.secret-name", b"secret-value")
+    store.transact(lambda t: t.set_xattrs(77, found))
+    store.transact(lambda t: t.set_xattrs(78, found))
+    assert store.get_xattrs(77) == found and store.get_xattrs(79) is None
+    store.transact(lambda t: t.delete_node(78))
+    assert store.get_xattrs(78) is None
+    store.close()
+    data = (cache / "index" / "data.mdb").read_bytes()
+    assert (b"secret-name" in data) == (key is None) and (b"secret-value" in data) == (key is None)
+    env = lmdb.open(str(cache / "index"), max_dbs=12)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"xattrs", txn=txn)
+        k, v = next(iter(txn.cursor(db=db)))
+        txn.put(k, bytes(v[:-1]) + bytes([v[-1] ^ 1]), db=db)
+    env.close()
+    with pytest.raises(StoreError, match="damaged"):
+        Store(cache, "file:///x", key=key)
 
 
 # -- over SFTP: kept in the cache only -------------------------------------------------------
