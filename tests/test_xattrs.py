@@ -336,7 +336,10 @@ def test_cp_and_rsync_keep_them_into_out_of_and_within_the_mount(mount_factory, 
             subprocess.run(["cp", "-a", str(mnt / "cp-online"), str(mnt / "within")], check=True, timeout=60)
             subprocess.run(["rsync", "-aX", f"{mnt}/rsync-online/", str(mnt / "within-rsync")],
                            check=True, timeout=60)
-            for copy in ("cp-offline", "rsync-offline", "within", "within-rsync"):
+            (mnt / "tar-offline").mkdir()
+            subprocess.run(f"tar --xattrs -cf - -C {src} . | tar --xattrs --xattrs-include='user.*' "
+                           f"-xf - -C {mnt / 'tar-offline'}", shell=True, check=True, timeout=60)
+            for copy in ("cp-offline", "rsync-offline", "within", "within-rsync", "tar-offline"):
                 assert_tree(mnt / copy, want)
             go_online_and_sync(mnt)
         with mount_factory(remote=remote, name=f"mnt-{tag}", cache=f"cache-{tag}") as mount:
@@ -346,14 +349,20 @@ def test_cp_and_rsync_keep_them_into_out_of_and_within_the_mount(mount_factory, 
             subprocess.run(["cp", "-a", str(mnt / "within"), str(out / f"cp-{tag}")], check=True, timeout=60)
             subprocess.run(["rsync", "-aX", f"{mnt}/within-rsync/", str(out / f"rsync-{tag}")],
                            check=True, timeout=60)
-            assert_tree(out / f"cp-{tag}", want)  # out of the mount: no user.cachefs.state
-            assert_tree(out / f"rsync-{tag}", want)
+            (out / f"tar-{tag}").mkdir()
+            subprocess.run(f"tar --xattrs -cf - -C {mnt / 'tar-offline'} . | tar --xattrs "
+                           f"--xattrs-include='*' -xf - -C {out / f'tar-{tag}'}", shell=True, check=True,
+                           timeout=60)
+            for copy in ("cp", "rsync", "tar"):  # out of the mount: no user.cachefs.state
+                assert_tree(out / f"{copy}-{tag}", want)
+                assert not [n for n in os.listxattr(out / f"{copy}-{tag}" / "a.txt") if "cachefs" in n]
             if remote:  # on the share's own files
                 for copy in ("cp-online", "rsync-online", "cp-offline", "rsync-offline", "within", "within-rsync"):
                     assert_tree(share / copy, want)
         if remote:
             for copy in ("cp-online", "rsync-online", "cp-offline", "rsync-offline", "within", "within-rsync"):
                 shutil.rmtree(share / copy)
+            shutil.rmtree(share / "tar-offline")
 
 
 def test_encrypted_cache_holds_no_name_or_value_in_clear(mount_factory, share: Path, tmp_path: Path) -> None:
