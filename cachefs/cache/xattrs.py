@@ -81,17 +81,8 @@ class Xattrs:
             return found
         if not self.carried or node.base is None or node.has(ORPHAN):
             return found or XattrSet()  # (made here: none but ours)
-        try:
-            path = self.store.path_of(node.ino)
-            remote = await self._conn.call(self._conn.remote.list_xattrs, path, looks_only=True)
-        except Unavailable:
-            return found or XattrSet(complete=False)
-        except RemoteError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                log.debug("extended attributes of inode %d not read: %s", node.ino, exc)
-                return found or XattrSet(complete=False)
-            remote = []  # (a share on a file system without them: none to read)
-        except KeyError:  # (its folder went meanwhile)
+        remote = await self._remote_of(node)
+        if remote is None:
             return found or XattrSet(complete=False)
 
         def take(t: Txn) -> XattrSet:
@@ -101,6 +92,21 @@ class Xattrs:
                 t.set_xattrs(node.ino, now)
             return now
         return self.store.run_write(lambda txn: take(Txn(self.store, txn)), folders=set)
+
+    async def _remote_of(self, node: Node) -> list[tuple[bytes, bytes]] | None:
+        """The remote's attributes of the node; None when they cannot be read now."""
+        try:
+            path = self.store.path_of(node.ino)
+            found: list[tuple[bytes, bytes]] = await self._conn.call(
+                self._conn.remote.list_xattrs, path, looks_only=True)
+            return found
+        except (Unavailable, KeyError):  # (offline; or its folder went meanwhile)
+            return None
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return []  # (a share on a file system without them: none to read)
+            log.debug("extended attributes of inode %d not read: %s", node.ino, exc)
+            return None
 
     # -- changes ----------------------------------------------------------------------
     async def set(self, ino: int, name: bytes, value: bytes, *, create: bool = False,
