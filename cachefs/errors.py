@@ -66,6 +66,15 @@ class Busy(CacheError):
     errno = errno.EBUSY
 
 
+class XattrRefused(CacheError):
+    """An extended attribute request refused as ext4 refuses it (ERANGE, E2BIG, ENOSPC,
+    EEXIST, ENODATA, ENOTSUP, EPERM): the errno is the instance's."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        self.errno = code
+        super().__init__(message)
+
+
 class RemoteError(OSError):
     """The remote answered, with an error that maps to ``errno`` (ENOENT, EACCES, ...)."""
 

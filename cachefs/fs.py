@@ -535,21 +535,38 @@ class Operations(pyfuse3.Operations):
         return (mode & perms) == mode
 
     # -- extended attributes --------------------------------------------------------------
+    # ``user.`` attributes are the cache's (``cache.xattrs``); ``user.cachefs.state`` is
+    # read by name only: not listed, so that cp -a, rsync -X and tar --xattrs do not copy
+    # a state that means nothing elsewhere (and fail to set it back in a mount), and
+    # never set or removed (EPERM).
     @translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name == STATE_XATTR and not control.is_virtual(inode):
+        if not name.startswith(b"user."):
+            # (the kernel asks for security.capability before each write(2) to a file:
+            # answered here, at no cost beyond the request's)
+            raise FUSEError(errno.ENOTSUP)
+        if control.is_virtual(inode):
+            raise FUSEError(pyfuse3.ENOATTR)
+        if name == STATE_XATTR:
             return self.cache.state(inode).encode()
-        raise FUSEError(pyfuse3.ENOATTR)
+        return await self.cache.getxattr(inode, name)
 
     @translate
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return [] if control.is_virtual(inode) else [STATE_XATTR]
+        return [] if control.is_virtual(inode) else await self.cache.listxattr(inode)
 
+    @translate
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise FUSEError(errno.ENOTSUP)  # SFTP carries no extended attributes
+        # (pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself, through getxattr)
+        if control.is_virtual(inode) or name == STATE_XATTR:
+            raise FUSEError(errno.EPERM)
+        await self.cache.setxattr(inode, name, value)
 
+    @translate
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise FUSEError(pyfuse3.ENOATTR)
+        if control.is_virtual(inode) or name == STATE_XATTR:
+            raise FUSEError(errno.EPERM)
+        await self.cache.removexattr(inode, name)
 
     def handles_opened(self) -> int:
         """Files and folders opened so far (the sync schedule's sign of activity, read

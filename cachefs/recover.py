@@ -390,6 +390,8 @@ def _write_lists(to: Path, report: Report) -> None:
                 extra = f" -> {os.fsdecode(op.dst)}"
             elif op.kind == "symlink":
                 extra = f" -> {os.fsdecode(op.target)}"
+            elif op.kind == "xattr":
+                extra = f" {os.fsdecode(op.xattr)}"
             elif op.mode:
                 extra = f" mode {op.mode:o}"
             f.write(f"{op.seq}\t{op.kind}\t{os.fsdecode(op.path)}{extra}\n")

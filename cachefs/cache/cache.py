@@ -57,6 +57,7 @@ from .listing import Listings
 from .names import Names
 from .transfer import Transfers
 from .writes import Writes
+from .xattrs import Xattrs
 
 __all__ = ["CONTROL_NAME", "ROOT_INO", "Cache", "CacheConfig", "Kernel", "Node", "OpenFile",
            "is_index_error"]
@@ -90,6 +91,7 @@ class Cache:
         self._files = Files(store, conn, self.config, self._kernel, self._listings, self._content,
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
+        self._xattrs = Xattrs(store, conn, self._listings, self._writes.journal, changed or _nothing)
         self._space: SpaceInfo | None = None
         self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
@@ -117,6 +119,10 @@ class Cache:
         self.unlink = self._names.unlink
         self.rmdir = self._names.rmdir
         self.rename = self._names.rename
+        self.getxattr = self._xattrs.get
+        self.listxattr = self._xattrs.names
+        self.setxattr = self._xattrs.set
+        self.removexattr = self._xattrs.remove
         self.op_done = self._listings.op_done
         self.op_replaced = self._listings.op_replaced
         #: the replay's named store changes (``reconcile``): a node and its content
@@ -254,7 +260,14 @@ class Cache:
         return self._content.state(node)
 
     def state(self, ino: int) -> str:
-        """What ``user.cachefs.state`` says of a node: damaged, conflict, dirty, pinned,
+        """What ``user.cachefs.state`` says of a node: its ``_state``, followed by
+        ``, xattrs local`` when it has extended attributes that only this cache keeps
+        (the remote carries none)."""
+        state = self._state(ino)
+        return f"{state}, xattrs local" if self._xattrs.has_local_only(ino) else state
+
+    def _state(self, ino: int) -> str:
+        """Damaged, conflict, dirty, pinned,
         or what of it is cached (cached, partial, remote). ``conflict``: the node is
         flagged so (``CONFLICT``), or one of its paths is named by a conflict record (its
         ``path``, ``conflict_path`` or ``target``), whatever the kind: a name that came

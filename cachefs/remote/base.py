@@ -265,6 +265,23 @@ class Remote(ABC):
                 outcomes.append(exc)
         return outcomes
 
+    # -- extended attributes (only where the remote carries them) -----------------------
+    #: whether the remote keeps ``user.`` extended attributes (``list_xattrs``,
+    #: ``set_xattr``, ``remove_xattr``); where not, a mount keeps them in its cache only
+    xattrs: bool = False
+
+    def list_xattrs(self, path: bytes) -> list[tuple[bytes, bytes]]:
+        """The ``user.`` extended attributes of ``path`` (not followed), names and values."""
+        raise RemoteError(errno.ENOTSUP, "this remote keeps no extended attributes")
+
+    def set_xattr(self, path: bytes, name: bytes, value: bytes) -> None:
+        """Set one extended attribute of ``path`` (not followed)."""
+        raise RemoteError(errno.ENOTSUP, "this remote keeps no extended attributes")
+
+    def remove_xattr(self, path: bytes, name: bytes) -> None:
+        """Remove one extended attribute of ``path`` (not followed); none there is done."""
+        raise RemoteError(errno.ENOTSUP, "this remote keeps no extended attributes")
+
 
 
 Source: TypeAlias = "str | os.PathLike[str] | Callable[[], BinaryIO]"

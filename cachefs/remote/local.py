@@ -54,6 +54,32 @@ COPY_CHUNK = 1 << 20
 POOL_THREADS = 8
 
 
+def _user_xattrs(target: bytes | int) -> list[tuple[bytes, bytes]]:
+    """The ``user.`` extended attributes of a path (not followed) or an open file."""
+    follow = not isinstance(target, bytes)
+    out = []
+    for name in os.listxattr(target, follow_symlinks=follow):
+        if name.startswith("user."):
+            try:
+                out.append((os.fsencode(name), os.getxattr(target, name, follow_symlinks=follow)))
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:  # (removed meanwhile)
+                    raise
+    return out
+
+
+def _keep_xattrs(full: bytes, out: int) -> None:
+    """An upload replaces the file by a new one: the old one's ``user.`` extended
+    attributes go onto it, as a write in place would keep them (the journal's ``xattr``
+    entries change them by name, before or after)."""
+    try:
+        found = _user_xattrs(full)
+    except OSError:  # (no file there yet, or a file system without them)
+        return
+    for name, value in found:
+        os.setxattr(out, name, value)
+
+
 def _to_stat(st: os.stat_result) -> RemoteStat:
     return RemoteStat(
         mode=st.st_mode,
@@ -284,6 +310,7 @@ class LocalRemote(Remote):
                     os.fchmod(out, stat_mod.S_IMODE(mode))
                     if times is not None:
                         os.utime(out, ns=times)
+                    _keep_xattrs(full, out)
                     os.fsync(out)
                 finally:
                     os.close(out)
@@ -326,6 +353,28 @@ class LocalRemote(Remote):
     def link(self, src: bytes, dst: bytes) -> None:
         full_src, full_dst = self._path(src), self._path(dst)
         self._call(lambda: os.link(full_src, full_dst, follow_symlinks=False))
+
+    # -- extended attributes: the folder's files keep them ------------------------------
+    xattrs = True
+
+    def list_xattrs(self, path: bytes) -> list[tuple[bytes, bytes]]:
+        full = self._path(path)
+        return self._call(lambda: _user_xattrs(full))
+
+    def set_xattr(self, path: bytes, name: bytes, value: bytes) -> None:
+        full = self._path(path)
+        self._call(lambda: os.setxattr(full, name, value, follow_symlinks=False))
+
+    def remove_xattr(self, path: bytes, name: bytes) -> None:
+        full = self._path(path)
+
+        def remove() -> None:
+            try:
+                os.removexattr(full, name, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+        self._call(remove)
 
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         full = self._path(path)

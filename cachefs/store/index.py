@@ -48,6 +48,9 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
               ino u64 + b"b" -> the SHA-256 of the remote version the file last agreed with
               (whole in the cache, or uploaded): that version and the digest, compared with
               a hash the server computes before an upload replaces it (``BaseSum``)
+    xattrs    ino u64 -> the node's ``user.`` extended attributes, all in one record
+              (``xattrs.XattrSet``: names and values sealed together, none in the key);
+              deleted with the node, never by eviction (they may be on no server)
 
 Every value but ``meta/schema`` is sealed by the codec with its key (``crypto``): a
 CRC32 of key and value after the value in a plain cache, AES-GCM with the key as
@@ -81,6 +84,7 @@ from . import ranges as rangeset
 from .crypto import RecordError
 from .journal import Op
 from .opening import PROBE_CRASHED, check_private_dir, probe_index
+from .xattrs import XattrSet
 from .records import (_U64, ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FIRST_INO, FULL, INDEX_MARK, KEPT,
                       KERNEL_WRITES, LISTED, LOCAL_TRUTH, ORPHAN, PINNED, ROOT_INO, SCHEMA, TARGET,
                       WRITING, BaseSum, ContentSum, Held, Node, StoreError, _key, _sum_key,
@@ -201,9 +205,12 @@ class Store:
         self.links = self.env.open_db(b"links")
         #: content checksums (see the module's docstring, ``ContentSum``, ``BaseSum``)
         self.sums = self.env.open_db(b"sums")
+        #: each node's extended attributes (``XattrSet``), one record per node
+        self.xattrs = self.env.open_db(b"xattrs")
         #: sub-databases this open made (an older cache lacks some): taken away again when
         #: the cache is refused, which must leave it as it found it
-        self._made_dbs = [db for name, db in ((b"links", self.links), (b"sums", self.sums))
+        self._made_dbs = [db for name, db in ((b"links", self.links), (b"sums", self.sums),
+                                              (b"xattrs", self.xattrs))
                           if name not in had]
         opening.check_schema(self, remote_text)
         dirty = opening.check_integrity(self)
@@ -688,8 +695,16 @@ class Store:
         self.run_write(txn_fn, folders=set)  # (no listing shows them)
 
     def _delete_sums(self, txn: lmdb.Transaction, ino: int) -> None:
+        # (and the node's extended attributes: every node removal passes here)
         txn.delete(_sum_key(ino, b"c"), db=self.sums)
         txn.delete(_sum_key(ino, b"b"), db=self.sums)
+        txn.delete(_key(ino), db=self.xattrs)
+
+    # -- extended attributes (``xattrs.XattrSet``) ----------------------------------------
+    def get_xattrs(self, ino: int) -> XattrSet | None:
+        """The node's extended attributes; None when none were ever recorded."""
+        with self.env.begin() as txn:
+            return Txn(self, txn).xattrs(ino)
 
     def sync(self) -> None:
         """Make every commit so far durable (fsync of the index)."""
@@ -852,6 +867,17 @@ class Txn:
     def set_base_sum(self, ino: int, version: tuple[int, int, int], digest: bytes) -> None:
         key = _sum_key(ino, b"b")
         self.txn.put(key, self.store.codec.seal(BaseSum(version, digest).pack(), key), db=self.store.sums)
+
+    def xattrs(self, ino: int) -> XattrSet | None:
+        key = _key(ino)
+        data = self.txn.get(key, db=self.store.xattrs)
+        if data is None:
+            return None
+        return XattrSet.unpack(self.store._open_record(data, key, "extended attributes of node", ino))
+
+    def set_xattrs(self, ino: int, found: XattrSet) -> None:
+        key = _key(ino)
+        self.txn.put(key, self.store.codec.seal(found.pack(), key), db=self.store.xattrs)
 
     def forget_ranges(self, ino: int) -> None:
         """No byte of the node's content file counts as fetched any more."""

@@ -11,6 +11,9 @@ What each operation means at replay time:
 ``store``    content changed here: upload the node's current content to ``path``
 ``setattr``  mode or times changed here: apply the node's current mode and mtime
 ``mkdir``, ``symlink``, ``link``, ``unlink``, ``rmdir``, ``rename``: as their names say.
+``xattr``    extended attribute ``xattr`` (its full name) changed here: set it on the
+             remote to the node's value *at replay time*, or remove it there when the
+             node has it no more (journaled only where the remote carries them)
 
 Every operation carries the **base version** of what it changes (``base``: the remote's
 ``(size, mtime_ns, kind)`` when the cache last agreed with it, or None for something
@@ -28,7 +31,7 @@ from collections.abc import Callable
 _U64 = struct.Struct(">Q")
 
 CONTENT_OPS = {"create", "store"}
-KINDS = {"create", "store", "setattr", "mkdir", "symlink", "link", "unlink", "rmdir", "rename"}
+KINDS = {"create", "store", "setattr", "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "xattr"}
 
 
 def _text(path: bytes) -> str:
@@ -54,13 +57,14 @@ class Op:
     replaced_base: tuple[int, int, int] | None = None
     target: bytes = b""  # symlink
     mode: int = 0
+    xattr: bytes = b""  # xattr: the attribute's full name (an optional field: older entries lack it)
     seq: int = 0  # the journal key; set when read back
 
     def encode(self) -> bytes:
         # (not dataclasses.asdict: its deep copy was a quarter of a file create's time)
         record = {k: v for k in _FIELDS if (v := getattr(self, k)) not in (b"", 0, None)}
         record["kind"], record["ino"], record["path"] = self.kind, self.ino, self.path  # b"" is the root
-        for key in ("path", "dst", "target"):
+        for key in ("path", "dst", "target", "xattr"):
             if key in record:
                 record[key] = _text(record[key])
         record["v"] = 1
@@ -72,7 +76,7 @@ class Op:
         if record.pop("v", None) != 1 or record.get("kind") not in KINDS:
             raise ValueError(f"journal entry {seq} is not one this release reads")
         record.pop("extra", None)  # (an old field, never written with anything in it)
-        for key in ("path", "dst", "target"):
+        for key in ("path", "dst", "target", "xattr"):
             if key in record:
                 record[key] = _bytes(record[key])
         for key in ("base", "replaced_base"):
@@ -123,12 +127,19 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     begun, asked only of a create that would fold).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
     content and attributes once and skips the rest (see ``cachefs.sync.content``).
+    Extended attributes: of repeated ``xattr`` entries for one node and name only the last
+    stays (each sends the value as it is at replay time), and one of a node deleted here
+    since (removed, or created here and gone) is dropped: the removal takes them along.
     """
     created_here = {op.ino for op in ops if op.kind in ("create", "mkdir", "symlink")}
     doomed = {ino for ino in created_here if ino not in alive}
+    last_xattr = {(op.ino, op.xattr): op.seq for op in ops if op.kind == "xattr"}
     kept: list[Op] = []
     dropped: list[Op] = []
     for op in ops:
+        if op.kind == "xattr" and (op.ino not in alive or last_xattr[op.ino, op.xattr] != op.seq):
+            dropped.append(op)
+            continue
         if op.ino in doomed:
             if (removal := remains_of_deleted(op, produced)) is not None:
                 kept.append(removal)

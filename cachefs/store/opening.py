@@ -26,6 +26,7 @@ from . import journal
 from . import ranges as rangeset
 from .crypto import RecordError
 from .journal import Op
+from .xattrs import XattrSet
 from .records import (_U64, DIRTY, FIRST_INO, FULL, INDEX_MARK, INDEX_MARK_TEXT, KERNEL_WRITES, ROOT_INO,
                       SCHEMA, WRITING, Node, StoreError, _key, index_damaged)
 
@@ -236,7 +237,7 @@ def _check_keys(store: Store, txn: lmdb.Transaction) -> None:
     """Each record found by walking is found again by its key: a damaged key in a
     branch page would send lookups astray (a node "gone", a name not there)."""
     for db in (store.meta, store.nodes, store.entries, store.ranges_db, store.journal,
-               store.conflicts, store.links, store.sums):
+               store.conflicts, store.links, store.sums, store.xattrs):
         for key, value in txn.cursor(db=db):
             if txn.get(key, db=db) != value:
                 raise RecordError(f"record {bytes(key)!r} is not found by its key")
@@ -257,6 +258,8 @@ def _check_values(store: Store, txn: lmdb.Transaction) -> None:
         store._open_record(value, key, "link", _U64.unpack(key[:8])[0])
     for key, value in txn.cursor(db=store.sums):
         store._open_record(value, key, "checksum of node", _U64.unpack(key[:8])[0])
+    for key, value in txn.cursor(db=store.xattrs):
+        XattrSet.unpack(store._open_record(value, key, "extended attributes of node", _U64.unpack(key)[0]))
 
 
 def fit_dirty_content(store: Store, nodes: list[Node]) -> None:

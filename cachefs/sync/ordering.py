@@ -15,7 +15,7 @@ from ..store.journal import Op
 
 #: operations that change one object (and, for mkdir, add its name to its folder); the
 #: others (link, unlink, rmdir, rename, symlink) run alone, between the runs of these
-INDEPENDENT = {"create", "store", "setattr", "mkdir"}
+INDEPENDENT = {"create", "store", "setattr", "mkdir", "xattr"}
 
 
 def batches(ops: list[Op], width: int) -> Iterator[list[Op]]:

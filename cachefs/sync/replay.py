@@ -297,6 +297,40 @@ class Replayer:
             self.content.folder_timed(op.ino)
         return 0
 
+    async def _replay_xattr(self, op: Op) -> int:
+        """Extended attribute ``op.xattr`` of the node as it is now: set on the server,
+        or removed there when the node has it no more (a remote that keeps none never
+        gets these entries). A share that keeps none (ENOTSUP): kept here, logged.
+        Refused there (EPERM, ENOSPC ...): kept here, recorded as an ``error`` conflict,
+        without the ``KEPT`` mark of a refused content change (the node's other changes
+        go on as they are)."""
+        node = self.store.get(op.ino)
+        found = self.store.get_xattrs(op.ino) if node is not None and not node.has(ORPHAN) else None
+        if found is None and (node is None or node.has(ORPHAN)):
+            self.ledger.finish(op)  # (gone here since: its removal takes them along)
+            return 0
+        value = found.get(op.xattr) if found is not None else None
+        remote = self.side.remote
+        try:
+            if value is None:
+                await self.side.conn.call(remote.remove_xattr, op.path, op.xattr)
+            else:
+                await self.side.conn.call(remote.set_xattr, op.path, op.xattr, value)
+        except RemoteError as exc:
+            if exc.errno == errno.ENOENT:
+                self.ledger.finish(op, conflict=record(op, "attributes-of-deleted"))
+            elif exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                # (the share's file system keeps none: the attribute stays in this cache)
+                log.warning("the share keeps no extended attributes (%r): %s kept here only",
+                            op.path, op.xattr)
+                self.ledger.finish(op)
+            else:  # (refused there: kept here, recorded; the node's other changes go on)
+                log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
+                self.ledger.finish(op, conflict=record(op, "error", error=str(exc), refused=op.kind))
+            return 0
+        self.ledger.finish(op)
+        return len(value or b"")
+
     async def _mkdir(self, path: bytes, mode: int) -> None:
         await self.side.conn.call(self.side.remote.mkdir, path, stat_mod.S_IMODE(mode) or 0o755)
 

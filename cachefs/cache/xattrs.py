@@ -1,0 +1,171 @@
+"""Extended attributes: the ``user.`` namespace, kept in the cache with each node.
+
+Owns: what getxattr, listxattr, setxattr and removexattr do to a node's record
+(``store.xattrs.XattrSet``), ext4's limits and errno for them, reading the remote's
+attributes of a node once (where the remote carries them: ``Remote.xattrs``), and the
+``xattr`` journal entry of each change (only where the remote carries them; elsewhere
+they stay in the cache, local-only, and ``user.cachefs.state`` says so).
+Must not touch: the remote's write side (the replay sends them), content, names, FUSE.
+
+Namespaces other than ``user.`` (``trusted.``, ``security.``, ``system.``: POSIX ACLs,
+capabilities, SELinux labels) are ENOTSUP: nothing carries them to a server, and the
+kernel takes ENOTSUP as "this file system has none". ``user.`` attributes are for regular
+files and folders only (the kernel's VFS refuses them on the others before the request
+reaches a file system, as ext4 does: EPERM to set, ENODATA to read).
+
+A change of the server's attributes alone is not noticed: they are read once per node
+(at its first attribute request while online) and kept.
+
+Concurrency: on the trio thread; the only await is the remote read, after which the
+record is read again inside the transaction that writes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+from ..errors import RemoteError, Unavailable, XattrRefused
+from ..link.connectivity import Connectivity
+from ..store.index import ORPHAN, Node, Store, Txn
+from ..store.journal import Op
+from ..store.xattrs import USER, XattrSet, check_request
+from .listing import Listings
+
+log = logging.getLogger(__name__)
+
+
+class Xattrs:
+    def __init__(self, store: Store, conn: Connectivity, listings: Listings,
+                 journal: Callable[[Txn, Op], None], changed: Callable[[], None]) -> None:
+        self.store = store
+        self._conn = conn
+        self._listings = listings
+        self._journal = journal
+        self._changed = changed
+
+    @property
+    def carried(self) -> bool:
+        """Whether the remote keeps them (else they are this cache's only)."""
+        return bool(self._conn.remote.xattrs)
+
+    # -- reading ----------------------------------------------------------------------
+    async def get(self, ino: int, name: bytes) -> bytes:
+        _user_only(name)
+        node = self._listings.node(ino)
+        if not (node.is_file or node.is_dir):
+            raise XattrRefused(errno.ENODATA)
+        value = (await self._loaded(node)).get(name)
+        if value is None:
+            raise XattrRefused(errno.ENODATA)
+        return value
+
+    async def names(self, ino: int) -> list[bytes]:
+        node = self._listings.node(ino)
+        if not (node.is_file or node.is_dir):
+            return []
+        return (await self._loaded(node)).names()
+
+    def has_local_only(self, ino: int) -> bool:
+        """Whether the node has attributes that only this cache keeps (the remote cannot)."""
+        if self.carried:
+            return False
+        found = self.store.get_xattrs(ino)
+        return found is not None and bool(found)
+
+    async def _loaded(self, node: Node) -> XattrSet:
+        """The node's attributes, the remote's read first if they never were (online)."""
+        found = self.store.get_xattrs(node.ino)
+        if found is not None and found.complete:
+            return found
+        if not self.carried or node.base is None or node.has(ORPHAN):
+            return found or XattrSet()  # (made here: none but ours)
+        remote = await self._remote_of(node)
+        if remote is None:
+            return found or XattrSet(complete=False)
+
+        def take(t: Txn) -> XattrSet:
+            now = t.xattrs(node.ino) or XattrSet(complete=False)
+            if not now.complete and t.node(node.ino) is not None:
+                now.take_remote(remote)
+                t.set_xattrs(node.ino, now)
+            return now
+        return self.store.run_write(lambda txn: take(Txn(self.store, txn)), folders=set)
+
+    async def _remote_of(self, node: Node) -> list[tuple[bytes, bytes]] | None:
+        """The remote's attributes of the node; None when they cannot be read now."""
+        try:
+            path = self.store.path_of(node.ino)
+            found: list[tuple[bytes, bytes]] = await self._conn.call(
+                self._conn.remote.list_xattrs, path, looks_only=True)
+            return found
+        except (Unavailable, KeyError):  # (offline; or its folder went meanwhile)
+            return None
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return []  # (a share on a file system without them: none to read)
+            log.debug("extended attributes of inode %d not read: %s", node.ino, exc)
+            return None
+
+    # -- changes ----------------------------------------------------------------------
+    async def set(self, ino: int, name: bytes, value: bytes, *, create: bool = False,
+                  replace: bool = False) -> None:
+        """Set ``name`` (XATTR_CREATE: ``create``, EEXIST if it is there; XATTR_REPLACE:
+        ``replace``, ENODATA if not); ERANGE, E2BIG, ENOSPC as ext4 gives them."""
+        _user_only(name)
+        check_request(name, value)
+        node = self._changeable(ino)
+        # (not read from the remote: offline, the remote's are still to be read)
+        complete = (await self._loaded(node)).complete
+
+        def change(t: Txn) -> None:
+            found = t.xattrs(ino) or XattrSet(complete=complete)
+            there = found.get(name) is not None
+            if create and there:
+                raise XattrRefused(errno.EEXIST)
+            if replace and not there:
+                raise XattrRefused(errno.ENODATA)
+            found.set(name, value)
+            self._record(t, ino, name, found)
+        self._commit(change)
+
+    async def remove(self, ino: int, name: bytes) -> None:
+        _user_only(name)
+        check_request(name)
+        node = self._changeable(ino)
+        # (not read from the remote: offline, the remote's are still to be read)
+        complete = (await self._loaded(node)).complete
+
+        def change(t: Txn) -> None:
+            found = t.xattrs(ino) or XattrSet(complete=complete)
+            if found.get(name) is None:
+                raise XattrRefused(errno.ENODATA)
+            found.remove(name)
+            self._record(t, ino, name, found)
+        self._commit(change)
+
+    def _commit(self, change: Callable[[Txn], None]) -> None:
+        # (no listing shows extended attributes: kept listings stay valid)
+        self.store.run_write(lambda txn: change(Txn(self.store, txn)), folders=set)
+        if self.carried:
+            self._changed()  # (a journal entry for the sync manager)
+
+    def _changeable(self, ino: int) -> Node:
+        node = self._listings.node(ino)
+        if not (node.is_file or node.is_dir):
+            raise XattrRefused(errno.EPERM, "user extended attributes are for files and folders")
+        return node
+
+    def _record(self, t: Txn, ino: int, name: bytes, found: XattrSet) -> None:
+        """The new record and, where the remote keeps them, its journal entry (one
+        transaction: the change and its entry commit together)."""
+        t.set_xattrs(ino, found)
+        node = t.node(ino)
+        if self.carried and node is not None and not node.has(ORPHAN):
+            self._journal(t, Op("xattr", ino, t.path_of(ino), xattr=name))
+
+
+def _user_only(name: bytes) -> None:
+    if not name.startswith(USER):
+        raise XattrRefused(errno.ENOTSUP, "only user. extended attributes are kept")
