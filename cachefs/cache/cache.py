@@ -47,7 +47,8 @@ from ..remote import SpaceInfo
 from ..store.crypto import RecordError
 from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED, ROOT_INO, Node, Store, Txn,
                            index_damaged)
-from .common import CONTROL_NAME, CacheConfig, Kernel
+from ..store.index import LOCAL_ONLY
+from .common import CONTROL_NAME, CacheConfig, Kernel, LocalCopyName, local_copy_name
 from .callbacks import Callbacks
 from .reconcile import Reconcile
 from .content import Content
@@ -60,6 +61,7 @@ from .writes import Writes
 
 __all__ = ["CONTROL_NAME", "ROOT_INO", "Cache", "CacheConfig", "Kernel", "Node", "OpenFile",
            "is_index_error"]
+__all__ += ["LOCAL_ONLY"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,10 +71,12 @@ DAMAGE_TOLD = 100  # damaged records or pages told in the log once each, at most
 class Cache:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig | None = None,
                  kernel: Kernel | None = None, *, transfers: Transfers | None = None,
-                 changed: Callable[[], None] | None = None) -> None:
+                 changed: Callable[[], None] | None = None,
+                 local_copy_name: LocalCopyName = local_copy_name) -> None:
         """``transfers``: the blocking fetch jobs (by default run in this process);
         ``changed``: called after every journal append and each writer's release (the
-        sync manager's write-back trigger)."""
+        sync manager's write-back trigger); ``local_copy_name``: the names a local-only
+        object moves to when the server lists an object under its name."""
         self.config = config or CacheConfig()
         self._store = store
         self._conn = conn
@@ -81,7 +85,8 @@ class Cache:
         self._opens = Opens()
         self._listings = Listings(store, conn, self.config, self._kernel, jobs.list_folder,
                                   stale=self._stale, forget_content=self._forget_content,
-                                  listed=self._folder_listed, writing=self._opens.writers.__contains__)
+                                  listed=self._folder_listed, writing=self._opens.writers.__contains__,
+                                  copy_name=local_copy_name)
         self._content = Content(store, conn, self.config, self._listings, self._opens,
                                 fetch=jobs.fetch, fetch_many=jobs.fetch_many, stale=self._stale)
         self._writes = Writes(store, conn, self._listings, self._content, self._opens,
@@ -113,6 +118,7 @@ class Cache:
         self.fsync = self._writes.fsync
         self.mkdir = self._names.mkdir
         self.symlink = self._names.symlink
+        self.mknod = self._names.mknod
         self.link = self._names.link
         self.unlink = self._names.unlink
         self.rmdir = self._names.rmdir
@@ -254,12 +260,14 @@ class Cache:
         return self._content.state(node)
 
     def state(self, ino: int) -> str:
-        """What ``user.cachefs.state`` says of a node: damaged, conflict, dirty, pinned,
+        """What ``user.cachefs.state`` says of a node: local, damaged, conflict, dirty, pinned,
         or what of it is cached (cached, partial, remote). ``conflict``: the node is
         flagged so (``CONFLICT``), or one of its paths is named by a conflict record (its
         ``path``, ``conflict_path`` or ``target``), whatever the kind: a name that came
         back from the server after a deletion here has no flag of ours."""
         node = self.node(ino)
+        if node.has(LOCAL_ONLY):
+            return "local"  # (a FIFO, socket or device node: in this cache only)
         if node.has(DAMAGED):
             return "damaged"
         if node.has(CONFLICT) or self._named_in_conflict(node):
