@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.cache.listing import apply_listing
+from cachefs.remote.base import RemoteStat
+from cachefs.store.index import LOCAL_ONLY, ROOT_INO, TARGET, Node, Store
 from tests.fixtures.mount import run_recover, status
 from tests.test_cli import cachefs, ok
 from tests.test_writes import control, go_offline, sync_until_done, wait_for
@@ -266,8 +269,29 @@ def test_server_object_under_the_same_name_wins(mount_factory, share: Path) -> N
     assert stat.S_ISFIFO(os.lstat(w / copy).st_mode)
     assert state_of(w / copy) == "local"
     assert "takes the name; the local-only FIFO there is kept as" in mount.log_text()
+    # a socket a server listens on, moved aside the same way: still reached, by its new name
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.settimeout(STEP_TIMEOUT)
+    folder = -1
+    try:
+        listener.bind(str(w / "agent.sock"))
+        listener.listen(1)
+        (share / "w" / "agent.sock").write_bytes(b"a file")
+        time.sleep(1.2)
+        wait_for(lambda: len(os.listdir(w)) == 4, STEP_TIMEOUT, "the socket moved aside")
+        [moved] = [n for n in os.listdir(w) if n.startswith("agent (conflict ")]
+        assert (w / "agent.sock").read_bytes() == b"a file"
+        folder = os.open(w, os.O_PATH)  # (the full path is longer than sun_path's 108 bytes)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(STEP_TIMEOUT)
+            client.connect(f"/proc/self/fd/{folder}/{moved}")
+            listener.accept()[0].close()
+    finally:
+        listener.close()
+        if folder >= 0:
+            os.close(folder)
     sync_until_done(mount.mountpoint)
-    assert server_names(share) == {"w", "w/name.txt"}
+    assert server_names(share) == {"w", "w/name.txt", "w/agent.sock"}
 
 
 def test_device_node_by_root(mount_factory, share: Path) -> None:
@@ -322,6 +346,61 @@ def test_status_recover_and_caches_with_local_only_objects(mount_factory, share:
     sync_until_done(mount.mountpoint)
     assert server_names(share) == {"f"}
     shutil.rmtree(saved)
+
+
+# -- in-process: the record and the listing rules ------------------------------------------------
+
+def _special(store: Store, name: bytes, kind: int, rdev: int = 0) -> Node:
+    def build(t) -> Node:
+        ino = t.new_ino()
+        node = Node(ino=ino, parent=ROOT_INO, name=name, mode=kind | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                    ctime_ns=1, flags=LOCAL_ONLY, target=Node.rdev_target(rdev))
+        t.put(node)
+        t.set_entry(ROOT_INO, name, ino)
+        return node
+    return store.transact(build)
+
+
+def _rstat(kind: int, size: int = 0) -> RemoteStat:
+    return RemoteStat(mode=kind | 0o644, size=size, mtime_ns=10**9, atime_ns=0)
+
+
+def test_a_device_number_is_kept_in_the_record_and_read_only_from_local_only_nodes() -> None:
+    dev = Node(ino=20, parent=ROOT_INO, name=b"null", mode=stat.S_IFCHR | 0o666, size=0, mtime_ns=1,
+               atime_ns=1, ctime_ns=1, flags=LOCAL_ONLY, target=Node.rdev_target(os.makedev(1, 3)))
+    back = Node.unpack(20, dev.pack())
+    assert back == dev and back.rdev == os.makedev(1, 3)
+    # a symlink's 8-byte target is a target, not a device number (the flag says which)
+    link = Node(ino=21, parent=ROOT_INO, name=b"l", mode=stat.S_IFLNK | 0o777, size=8, mtime_ns=1,
+                atime_ns=1, ctime_ns=1, flags=TARGET, target=b"12345678")
+    assert Node.unpack(21, link.pack()).rdev == 0
+    assert Node.rdev_target(0) == b"" and Node(ino=22, parent=1, name=b"f", mode=stat.S_IFIFO, size=0,
+                                               mtime_ns=1, atime_ns=1, ctime_ns=1, flags=LOCAL_ONLY).rdev == 0
+
+
+def test_a_listing_keeps_local_only_objects_and_gives_their_name_to_the_server(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c", "file:///x")
+    apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5))])
+    fifo = _special(store, b"p", stat.S_IFIFO)
+    sock = _special(store, b"s", stat.S_IFSOCK)
+    # not listed by the server: kept, and the fast path (nothing new) keeps them too
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5))])
+    assert [n.name for n in store.children(ROOT_INO)] == [b"a", b"p", b"s"] and not delta.removed
+    # the server now has "p" and "s": each takes its name, the local one moves aside
+    taken = b"s (local 1)"
+    _special(store, taken, stat.S_IFIFO)  # (the first choice for "s" is taken: the second)
+    names = lambda name, n: name + f" (local {n})".encode()  # noqa: E731
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"p", _rstat(stat.S_IFREG, 3)),
+                                            (b"s", _rstat(stat.S_IFDIR))], copy_name=names)
+    assert sorted(n.name for n in delta.removed) == [b"p", b"s"]  # (the kernel forgets those names)
+    by_name = {n.name: n for n in store.children(ROOT_INO)}
+    assert sorted(by_name) == [b"a", b"p", b"p (local 1)", b"s", b"s (local 1)", b"s (local 2)"]
+    assert by_name[b"p (local 1)"].ino == fifo.ino and by_name[b"p (local 1)"].has(LOCAL_ONLY)
+    assert store.get(fifo.ino).name == b"p (local 1)"
+    assert by_name[b"s (local 2)"].ino == sock.ino and stat.S_ISSOCK(by_name[b"s (local 2)"].mode)
+    assert stat.S_ISREG(by_name[b"p"].mode) and by_name[b"p"].size == 3 and not by_name[b"p"].has(LOCAL_ONLY)
+    assert by_name[b"s"].is_dir and by_name[b"s"].base is not None
+    store.close()
 
 
 def _errno(action) -> int:
