@@ -313,7 +313,10 @@ class Operations(pyfuse3.Operations):
 
     # (pyfuse3's stub declares forget async; this pyfuse3 calls it without awaiting it)
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
-        pass  # (lookup counts are not kept: see the module's docstring)
+        # (lookup counts are not kept: see the module's docstring; the kernel forgets an
+        # inode once, when it drops it: an unlinked FIFO or socket it held may go then)
+        if self.cache.unlinked_local:
+            self.cache.forgotten([ino for ino, _count in inode_list])
 
     @translate
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

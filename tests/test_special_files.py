@@ -153,6 +153,30 @@ def test_fifo_reader_writer_and_remount(mount_factory, share: Path, offline: boo
     assert (share / "w" / "plain").read_bytes() == b"plain"
 
 
+def test_a_fifo_unlinked_while_open_works_on(mount_factory) -> None:
+    """As on a local filesystem: the open FIFO carries data, fstat and fchmod work (link
+    count 0) after its name went, past the attribute timeout."""
+    mount = mount_factory()
+    mount.start()
+    path = mount.mountpoint / "ff"
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        path.unlink()
+        assert os.listdir(mount.mountpoint) == [".cachefs"]
+        os.write(fd, b"x")
+        assert os.read(fd, 1) == b"x"
+        time.sleep(1.5)  # (past --attr-timeout: the kernel asks the mount)
+        st = os.fstat(fd)
+        assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 0
+        os.fchmod(fd, 0o600)
+        time.sleep(1.5)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+    finally:
+        os.close(fd)
+    assert status(mount.mountpoint)["pending"] == 0
+
+
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_unix_socket_bound_connected_listed_removed(mount_factory, share: Path, offline: bool) -> None:
     mount = mount_factory()
@@ -210,6 +234,7 @@ def test_rename_and_unlink_offline_then_online(mount_factory, share: Path) -> No
     (share / "w").mkdir()
     (share / "w" / "server-file").write_bytes(b"on the server")
     (share / "w" / "kept").write_bytes(b"kept")
+    (share / "w" / "gone").write_bytes(b"removed here, then a FIFO of its name made")
     mount = mount_factory()
     mount.start()
     mnt = mount.mountpoint
@@ -225,23 +250,27 @@ def test_rename_and_unlink_offline_then_online(mount_factory, share: Path) -> No
     (w / "new").write_bytes(b"new")
     os.mkfifo(w / "replaced")
     os.rename(w / "new", w / "replaced")  # a file over a local-only object: a plain rename there
+    os.unlink(w / "gone")
+    os.mkfifo(w / "gone")  # (the unlink is replayed; the FIFO stays here)
     (mnt / "d").mkdir()
     os.mkfifo(mnt / "d" / "inner")
     assert errno.ENOTEMPTY == _errno(lambda: os.rmdir(mnt / "d"))
     os.rename(mnt / "d", mnt / "d2")  # a folder carries its local-only objects along
-    assert sorted(os.listdir(w)) == ["b", "kept", "replaced", "server-file"]
+    assert sorted(os.listdir(w)) == ["b", "gone", "kept", "replaced", "server-file"]
     assert stat.S_ISFIFO(os.lstat(w / "server-file").st_mode)
     control(mnt, "online")
     sync_until_done(mnt)
     assert server_names(share) == {"w", "w/kept", "w/replaced", "d2"}
     assert (share / "w" / "replaced").read_bytes() == b"new"
     time.sleep(1.2)  # (past --attr-timeout: listed again from the server)
-    assert sorted(os.listdir(w)) == ["b", "kept", "replaced", "server-file"]
+    assert sorted(os.listdir(w)) == ["b", "gone", "kept", "replaced", "server-file"]
+    assert stat.S_ISFIFO(os.lstat(w / "gone").st_mode)
     assert os.listdir(mnt / "d2") == ["inner"] and stat.S_ISFIFO(os.lstat(mnt / "d2" / "inner").st_mode)
     # online now: rename and unlink again
     os.rename(w / "b", w / "b2")
     os.unlink(w / "server-file")
     os.unlink(mnt / "d2" / "inner")
+    os.unlink(w / "gone")
     os.rmdir(mnt / "d2")
     sync_until_done(mnt)
     assert sorted(os.listdir(w)) == ["b2", "kept", "replaced"]

@@ -182,6 +182,16 @@ class Cache:
         self._content.drop(ino)
         self._kernel.invalidate_inode(ino)
 
+    def forgotten(self, inodes: list[int]) -> None:
+        """The kernel let go of these inodes: unlinked local-only objects among them go."""
+        for ino in inodes:
+            self._listings.unlinked_local.pop(ino, None)
+
+    @property
+    def unlinked_local(self) -> bool:
+        """Whether an unlinked local-only object waits for the kernel to let go of it."""
+        return bool(self._listings.unlinked_local)
+
     def _forget_content(self, ino: int) -> None:
         self._content.forget(ino)
 
@@ -191,6 +201,9 @@ class Cache:
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       handle: OpenFile | None = None) -> Node:
+        gone = self._listings.unlinked_local.get(ino)
+        if gone is not None and self._store.get(ino) is None:  # (an unlinked FIFO still open)
+            return _set_in_memory(gone, mode, atime_ns, mtime_ns)
         node = await self._writes.setattr(self.node(ino), mode=mode, size=size, atime_ns=atime_ns,
                                           mtime_ns=mtime_ns, handle=handle)
         return node if node is not None else self.node(ino)
@@ -441,6 +454,18 @@ def is_index_error(exc: BaseException) -> bool:
 def index_full(exc: BaseException) -> bool:
     """Whether ``exc`` says the index could not grow: the cache's disk is full."""
     return isinstance(exc, lmdb.Error) and "No space left" in str(exc)
+
+
+def _set_in_memory(node: Node, mode: int | None, atime_ns: int | None, mtime_ns: int | None) -> Node:
+    """chmod or utimensat of an unlinked local-only object still open (in memory only)."""
+    if mode is not None:
+        node.mode = node.mode & ~0o7777 | mode & 0o7777
+    if atime_ns is not None:
+        node.atime_ns = atime_ns
+    if mtime_ns is not None:
+        node.mtime_ns = mtime_ns
+    node.ctime_ns = time.time_ns()
+    return node
 
 
 def _nothing() -> None:

@@ -144,6 +144,10 @@ class Listings:
         self._used: dict[int, None] = {}
         self._swept_at = -math.inf
         self._swept: set[int] = set()  # folders queued by the last sweep, not listed yet
+        #: local-only objects whose last name went while the kernel may still hold them
+        #: (a FIFO open in a process: its fstat asks for its attributes), until the kernel
+        #: forgets them (``Cache.forgotten``); in memory only, never in the index
+        self.unlinked_local: dict[int, Node] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -174,7 +178,9 @@ class Listings:
     def node(self, ino: int) -> Node:
         node = self.store.get(ino)
         if node is None:
-            raise NotFound(f"inode {ino}")
+            node = self.unlinked_local.get(ino)  # (only on a miss: no cost to the hot path)
+            if node is None:
+                raise NotFound(f"inode {ino}")
         return node
 
     async def lookup(self, parent: int, name: bytes, *, shared: bool = False) -> Node:

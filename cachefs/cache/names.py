@@ -16,6 +16,7 @@ could have made them false (a folder filled meanwhile: ``NotEmpty``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import stat as stat_mod
 import time
@@ -215,6 +216,9 @@ class Names:
         else:
             t.delete_node(node.ino)
             self.store.remove_after_commit(node.ino)
+            if node.flags & LOCAL_ONLY:  # (a FIFO may still be open: its attributes stay at hand)
+                gone = dataclasses.replace(node, nlink=0, parent=0)
+                self.store.after_commit(lambda: self._listings.unlinked_local.__setitem__(gone.ino, gone))
         self._content.forget(node.ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
