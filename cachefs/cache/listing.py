@@ -1080,11 +1080,7 @@ class _Applied:
         built: dict[int, Node] = {}
         next_ino = first_ino = None
         for name, rstat in self.listing:
-            ino = existing.pop(name, None)
-            old = t.node(ino) if ino is not None else None
-            if old is not None and old.flags & LOCAL_ONLY:
-                self._move_local_only(t, old, name)
-                ino, old = None, None
+            ino, old = self._cached(t, existing, name)
             if old is not None:
                 if old.flags & LOCAL_TRUTH:
                     continue  # local changes win until they are replayed
@@ -1109,6 +1105,16 @@ class _Applied:
         if next_ino != first_ino and next_ino is not None:
             t.set_next_ino(next_ino)
         return built
+
+    def _cached(self, t: Txn, existing: dict[bytes, int], name: bytes) -> tuple[int | None, Node | None]:
+        """The number and node cached under a listed name (taken out of ``existing``);
+        none when nothing is, or when a local-only object was and gave the name up."""
+        ino = existing.pop(name, None)
+        old = t.node(ino) if ino is not None else None
+        if old is not None and old.flags & LOCAL_ONLY:
+            self._move_local_only(t, old, name)
+            return None, None
+        return ino, old
 
     def _move_local_only(self, t: Txn, node: Node, name: bytes) -> None:
         """The server lists an object under the name of a local-only one: the server's
