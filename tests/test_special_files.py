@@ -347,7 +347,7 @@ def test_device_node_by_root(mount_factory, share: Path) -> None:
     assert sorted(os.listdir(mount.mountpoint)) == [".cachefs", "blk", "null", "null2"]
 
 
-def test_status_recover_and_caches_with_local_only_objects(mount_factory, share: Path, tmp_path: Path) -> None:
+def test_status_pin_recover_and_caches_with_local_only_objects(mount_factory, share: Path, tmp_path: Path) -> None:
     mount = mount_factory()
     mount.start()
     mnt = mount.mountpoint
@@ -356,6 +356,9 @@ def test_status_recover_and_caches_with_local_only_objects(mount_factory, share:
         s.bind(str(mnt / "sock"))
     (mnt / "f").write_bytes(b"f")
     sync_until_done(mnt)
+    ok(cachefs("pin", str(mnt)))  # (the pin walk and eviction pass them by)
+    ok(cachefs("evict", str(mnt)))
+    ok(cachefs("unpin", str(mnt)))
     go_offline(mnt)
     (mnt / "f").write_bytes(b"changed offline")
     assert state_of(mnt / "fifo") == "local" and state_of(mnt / "sock") == "local"
