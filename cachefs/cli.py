@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -705,9 +706,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the kinds of file a mount holds only as local-only objects (never from the server)
+_LOCAL_ONLY_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+
+
 def _path_state(root: Path, inside: Path) -> str:
     """``user.cachefs.state`` of a path in the mount, and for ``conflict`` the kinds of
-    the records that name it (``conflict (changed-both)``)."""
+    the records that name it (``conflict (changed-both)``). A FIFO, socket or device node
+    is ``local`` (every one in a mount is a local-only object), told without the
+    attribute: the kernel lets no ``user.`` attribute reach one (xattr_permission)."""
+    if stat.S_IFMT(os.lstat(inside).st_mode) in _LOCAL_ONLY_KINDS:
+        return "local"
     state = os.getxattr(inside, "user.cachefs.state", follow_symlinks=False).decode()
     if state != "conflict":
         return state

@@ -15,9 +15,11 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +48,7 @@ from .link.netevents import NetworkEvents
 from .link.wakeup import Wakeup
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
 from .sync.manager import SyncManager
+from .sync.naming import client_tag, conflict_name
 from .notify import BusSender, Notices, session_bus_address
 
 log = logging.getLogger(__name__)
@@ -440,6 +443,13 @@ def _serve(config: MountConfig, ready: int | None, serving: _Serving) -> int:
         # unless the mount served)
 
 
+def _local_copy_name(cache_id: str) -> Callable[[bytes, int], bytes]:
+    """The names a local-only object (FIFO, socket) moves to when the server lists an
+    object under its name: a conflict copy's form, ``NAME (conflict DATE HOST-ID N)``."""
+    client = client_tag(socket.gethostname().split(".")[0] or "host", cache_id)
+    return lambda name, n: conflict_name(name, time.time(), client, n)
+
+
 async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: FetchPool | None = None) -> int:
     try:
         store = Store(config.cache_dir, config.address.display(), key=config.cache_key)
@@ -473,7 +483,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                                                dir_timeout=config.attr_timeout,
                                                passthrough=config.passthrough,
                                                callbacks=config.callbacks), kernel,
-                      transfers=transfers, changed=wakeup.poke)
+                      transfers=transfers, changed=wakeup.poke,
+                      local_copy_name=_local_copy_name(store.cache_id))
         hoard = Hoard(cache, config.cache_size)
         sync = SyncManager(store, cache, conn, hoard, interval=config.sync_interval,
                            writeback_hold=config.write_back_hold, transfers=transfers,

@@ -26,6 +26,7 @@ from pyfuse3 import FUSEError
 
 from . import control, mounts
 from .cache.cache import CONTROL_NAME, ROOT_INO, Cache, Kernel, Node, OpenFile, index_full, is_index_error
+from .cache.cache import LOCAL_ONLY
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, CommandError, NotFound, RemoteError, SyncFailed, Unavailable
 
@@ -35,6 +36,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 STATE_XATTR = b"user.cachefs.state"
+#: what ``mknod`` makes as a local-only object (``LOCAL_ONLY``)
+_LOCAL_ONLY_KINDS = (stat_mod.S_IFIFO, stat_mod.S_IFSOCK, stat_mod.S_IFCHR, stat_mod.S_IFBLK)
 # FUSE passthrough as the pyfuse3 of scripts/build-passthrough offers it (a stock pyfuse3
 # has none of the three; docs/install.md, "The pyfuse3 fork and how it can go"). The two
 # backing calls are libfuse's fuse_passthrough_open/close for the request being answered.
@@ -259,6 +262,8 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         a.entry_timeout = self.attr_timeout
         a.attr_timeout = self.attr_timeout
+        if node.flags & LOCAL_ONLY:
+            a.st_rdev = node.rdev
         return a
 
     def _virtual_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -308,7 +313,10 @@ class Operations(pyfuse3.Operations):
 
     # (pyfuse3's stub declares forget async; this pyfuse3 calls it without awaiting it)
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
-        pass  # (lookup counts are not kept: see the module's docstring)
+        # (lookup counts are not kept: see the module's docstring; the kernel forgets an
+        # inode once, when it drops it: an unlinked FIFO or socket it held may go then)
+        if self.cache.unlinked_local:
+            self.cache.forgotten([ino for ino, _count in inode_list])
 
     @translate
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -435,9 +443,16 @@ class Operations(pyfuse3.Operations):
     @translate
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if not stat_mod.S_ISREG(mode):
-            raise FUSEError(errno.EPERM)  # fifos, sockets, devices mean nothing on a share
         self._entry_in(parent_inode, name)
+        kind = stat_mod.S_IFMT(mode)
+        if kind in _LOCAL_ONLY_KINDS:
+            # mkfifo, bind() of a unix socket, mknod of a device (the kernel sends those
+            # only for callers with CAP_MKNOD): local-only objects, never sent to the
+            # server; the kernel serves their I/O itself (their open never comes here).
+            node = await self.cache.mknod(parent_inode, name, mode & ~ctx.umask, rdev)
+            return self._attrs(node)
+        if kind not in (stat_mod.S_IFREG, 0):
+            raise FUSEError(errno.EINVAL)
         node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, 0)
         self.cache.release(handle)
         return self._attrs(node)

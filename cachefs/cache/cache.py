@@ -47,7 +47,8 @@ from ..remote import SpaceInfo
 from ..store.crypto import RecordError
 from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED, ROOT_INO, Node, Store, Txn,
                            index_damaged)
-from .common import CONTROL_NAME, CacheConfig, Kernel
+from ..store.index import LOCAL_ONLY
+from .common import CONTROL_NAME, CacheConfig, Kernel, LocalCopyName, local_copy_name
 from .callbacks import Callbacks
 from .reconcile import Reconcile
 from .content import Content
@@ -61,6 +62,7 @@ from .xattrs import Xattrs
 
 __all__ = ["CONTROL_NAME", "ROOT_INO", "Cache", "CacheConfig", "Kernel", "Node", "OpenFile",
            "is_index_error"]
+__all__ += ["LOCAL_ONLY"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,10 +72,12 @@ DAMAGE_TOLD = 100  # damaged records or pages told in the log once each, at most
 class Cache:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig | None = None,
                  kernel: Kernel | None = None, *, transfers: Transfers | None = None,
-                 changed: Callable[[], None] | None = None) -> None:
+                 changed: Callable[[], None] | None = None,
+                 local_copy_name: LocalCopyName = local_copy_name) -> None:
         """``transfers``: the blocking fetch jobs (by default run in this process);
         ``changed``: called after every journal append and each writer's release (the
-        sync manager's write-back trigger)."""
+        sync manager's write-back trigger); ``local_copy_name``: the names a local-only
+        object moves to when the server lists an object under its name."""
         self.config = config or CacheConfig()
         self._store = store
         self._conn = conn
@@ -82,7 +86,8 @@ class Cache:
         self._opens = Opens()
         self._listings = Listings(store, conn, self.config, self._kernel, jobs.list_folder,
                                   stale=self._stale, forget_content=self._forget_content,
-                                  listed=self._folder_listed, writing=self._opens.writers.__contains__)
+                                  listed=self._folder_listed, writing=self._opens.writers.__contains__,
+                                  copy_name=local_copy_name)
         self._content = Content(store, conn, self.config, self._listings, self._opens,
                                 fetch=jobs.fetch, fetch_many=jobs.fetch_many, stale=self._stale)
         self._writes = Writes(store, conn, self._listings, self._content, self._opens,
@@ -115,6 +120,7 @@ class Cache:
         self.fsync = self._writes.fsync
         self.mkdir = self._names.mkdir
         self.symlink = self._names.symlink
+        self.mknod = self._names.mknod
         self.link = self._names.link
         self.unlink = self._names.unlink
         self.rmdir = self._names.rmdir
@@ -182,6 +188,16 @@ class Cache:
         self._content.drop(ino)
         self._kernel.invalidate_inode(ino)
 
+    def forgotten(self, inodes: list[int]) -> None:
+        """The kernel let go of these inodes: unlinked local-only objects among them go."""
+        for ino in inodes:
+            self._listings.unlinked_local.pop(ino, None)
+
+    @property
+    def unlinked_local(self) -> bool:
+        """Whether an unlinked local-only object waits for the kernel to let go of it."""
+        return bool(self._listings.unlinked_local)
+
     def _forget_content(self, ino: int) -> None:
         self._content.forget(ino)
 
@@ -191,6 +207,9 @@ class Cache:
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       handle: OpenFile | None = None) -> Node:
+        gone = self._listings.unlinked_local.get(ino)
+        if gone is not None and self._store.get(ino) is None:  # (an unlinked FIFO still open)
+            return _set_in_memory(gone, mode, atime_ns, mtime_ns)
         node = await self._writes.setattr(self.node(ino), mode=mode, size=size, atime_ns=atime_ns,
                                           mtime_ns=mtime_ns, handle=handle)
         return node if node is not None else self.node(ino)
@@ -267,12 +286,14 @@ class Cache:
         return f"{state}, xattrs local" if self._xattrs.has_local_only(ino) else state
 
     def _state(self, ino: int) -> str:
-        """Damaged, conflict, dirty, pinned,
+        """Local, damaged, conflict, dirty, pinned,
         or what of it is cached (cached, partial, remote). ``conflict``: the node is
         flagged so (``CONFLICT``), or one of its paths is named by a conflict record (its
         ``path``, ``conflict_path`` or ``target``), whatever the kind: a name that came
         back from the server after a deletion here has no flag of ours."""
         node = self.node(ino)
+        if node.has(LOCAL_ONLY):
+            return "local"  # (a FIFO, socket or device node: in this cache only)
         if node.has(DAMAGED):
             return "damaged"
         if node.has(CONFLICT) or self._named_in_conflict(node):
@@ -446,6 +467,18 @@ def is_index_error(exc: BaseException) -> bool:
 def index_full(exc: BaseException) -> bool:
     """Whether ``exc`` says the index could not grow: the cache's disk is full."""
     return isinstance(exc, lmdb.Error) and "No space left" in str(exc)
+
+
+def _set_in_memory(node: Node, mode: int | None, atime_ns: int | None, mtime_ns: int | None) -> Node:
+    """chmod or utimensat of an unlinked local-only object still open (in memory only)."""
+    if mode is not None:
+        node.mode = node.mode & ~0o7777 | mode & 0o7777
+    if atime_ns is not None:
+        node.atime_ns = atime_ns
+    if mtime_ns is not None:
+        node.mtime_ns = mtime_ns
+    node.ctime_ns = time.time_ns()
+    return node
 
 
 def _nothing() -> None:

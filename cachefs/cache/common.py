@@ -7,6 +7,7 @@ Owns no state. Must not touch: anything above the cache (FUSE, sync), the remote
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CONTROL_NAME = b".cachefs"  # hidden at the root: never listed from nor sent to the remote
@@ -49,6 +50,16 @@ class Kernel:
 
     #: why backing_open cannot succeed, while it cannot (``cachefs status``)
     passthrough_off = "no FUSE mount"
+
+
+#: (name, n) -> the n-th name a local-only object moves to when the server lists an object
+#: under its name (the daemon gives ``sync.naming.conflict_name`` with the mount's client tag)
+LocalCopyName = Callable[[bytes, int], bytes]
+
+
+def local_copy_name(name: bytes, n: int) -> bytes:
+    """``LocalCopyName`` when none is given (tests): ``NAME (local N)``."""
+    return name[:240] + f" (local {n})".encode()
 
 
 def valid_name(name: bytes) -> bool:

@@ -30,6 +30,7 @@ files open for writing as they are). The listers ahead
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import math
@@ -47,8 +48,9 @@ from ..link.connectivity import Connectivity
 from ..remote import RemoteStat
 from ..store.index import (ATTR_DIRTY, DAMAGED, DIRTY, FULL, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
                            Txn)
+from ..store.index import LOCAL_ONLY
 from ..store.journal import Op
-from .common import CONTROL_NAME, CacheConfig, Freshness, Kernel, decrement, valid_name
+from .common import CONTROL_NAME, CacheConfig, Freshness, Kernel, LocalCopyName, decrement, local_copy_name, valid_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,14 +76,20 @@ CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the w
 Kept = tuple[int, list[Node], dict[str, Any]]
 #: a blocking call that lists a folder: [(name, remote stat)]
 Lister = Callable[[bytes], list[Any]]
+#: what a listing keeps of names it does not show: local changes not yet replayed, a damaged
+#: copy or a refused version (on no server), a local-only object (``LOCAL_ONLY``)
+KEPT_UNLISTED = DIRTY | DAMAGED | KEPT | LOCAL_ONLY
 
 
 class Listings:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig, kernel: Kernel,
                  list_folder: Lister, *, stale: Callable[[int], None],
                  forget_content: Callable[[int], None], listed: Callable[[int], None],
-                 writing: Callable[[int], bool] = lambda ino: False) -> None:
+                 writing: Callable[[int], bool] = lambda ino: False,
+                 copy_name: LocalCopyName = local_copy_name) -> None:
         self.store = store
+        #: the name a local-only object moves to when the server lists one of its name
+        self._copy_name = copy_name
         self.conn = conn
         self.config = config
         self.kernel = kernel
@@ -136,6 +144,10 @@ class Listings:
         self._used: dict[int, None] = {}
         self._swept_at = -math.inf
         self._swept: set[int] = set()  # folders queued by the last sweep, not listed yet
+        #: local-only objects whose last name went while the kernel may still hold them
+        #: (a FIFO open in a process: its fstat asks for its attributes), until the kernel
+        #: forgets them (``Cache.forgotten``); in memory only, never in the index
+        self.unlinked_local: dict[int, Node] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -166,7 +178,9 @@ class Listings:
     def node(self, ino: int) -> Node:
         node = self.store.get(ino)
         if node is None:
-            raise NotFound(f"inode {ino}")
+            node = self.unlinked_local.get(ino)  # (only on a miss: no cost to the hot path)
+            if node is None:
+                raise NotFound(f"inode {ino}")
         return node
 
     async def lookup(self, parent: int, name: bytes, *, shared: bool = False) -> Node:
@@ -754,7 +768,7 @@ class Listings:
         removed: list[Node] = []
         passed_over: set[int] = set()
         if children is None:
-            delta = apply_listing(self.store, ino, kept, keep=self._writing)
+            delta = apply_listing(self.store, ino, kept, keep=self._writing, copy_name=self._copy_name)
             # The opendir that asked reads them next. A listing that found nothing new
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
@@ -790,7 +804,7 @@ class Listings:
             return None
         if len(names) != len(listing):  # kept but not listed: only local names may be
             listed = {name for name, _rstat in listing}
-            if any(not node.flags & (DIRTY | DAMAGED | KEPT) or self._writing(node.ino) for name, node in names.items()
+            if any(not node.flags & KEPT_UNLISTED or self._writing(node.ino) for name, node in names.items()
                    if name not in listed):  # (apply_listing keeps local changes as they are; a
                 #  writer's file too, left out of the checks: passed_over)
                 return None
@@ -998,14 +1012,17 @@ class ListingDelta:
 
 
 def apply_listing(store: Store, parent: int, listing: list[Any],
-                  keep: Callable[[int], bool] = lambda ino: False) -> ListingDelta:
+                  keep: Callable[[int], bool] = lambda ino: False,
+                  copy_name: LocalCopyName = local_copy_name) -> ListingDelta:
     """Make the cached entries of ``parent`` equal ``listing`` [(name, remote stat)] in one
     transaction, each node as ``node_from_remote`` builds it. Entries gone from the remote
-    are removed unless local truth or ``keep(ino)`` (a file open for writing) keeps them; a
-    listed node that is local truth, or that ``keep(ino)`` keeps, is left as it is (those
-    kept though the remote's differ: ``passed_over``). Returns what changed,
-    so that the caller can drop content and invalidate the kernel's caches."""
-    applied = _Applied(parent, listing, keep)
+    are removed unless local truth, a local-only object or ``keep(ino)`` (a file open for
+    writing) keeps them; a listed node that is local truth, or that ``keep(ino)`` keeps, is
+    left as it is (those kept though the remote's differ: ``passed_over``). A local-only
+    object under a listed name gives the name up to the server's object and moves to
+    ``copy_name(name, n)``, the first of n = 1, 2 ... free in the folder. Returns what
+    changed, so that the caller can drop content and invalidate the kernel's caches."""
+    applied = _Applied(parent, listing, keep, copy_name)
     store.run_write(lambda txn: applied.run(Txn(store, txn)),
                     folders=lambda: set() if applied.delta.same else applied.folders)
     return applied.delta
@@ -1018,10 +1035,12 @@ class _Applied:
     node), and any folder dropped with its subtree; a hard-linked node, listed elsewhere
     too, makes it "all" (None); none when the listing found nothing new (``delta.same``)."""
 
-    def __init__(self, parent: int, listing: list[Any], keep: Callable[[int], bool]) -> None:
+    def __init__(self, parent: int, listing: list[Any], keep: Callable[[int], bool],
+                 copy_name: LocalCopyName = local_copy_name) -> None:
         self.parent = parent
         self.listing = listing
         self.keep = keep
+        self.copy_name = copy_name
         self.delta = ListingDelta()
         self.folders: set[int] | None = {parent}
 
@@ -1061,8 +1080,7 @@ class _Applied:
         built: dict[int, Node] = {}
         next_ino = first_ino = None
         for name, rstat in self.listing:
-            ino = existing.pop(name, None)
-            old = t.node(ino) if ino is not None else None
+            ino, old = self._cached(t, existing, name)
             if old is not None:
                 if old.flags & LOCAL_TRUTH:
                     continue  # local changes win until they are replayed
@@ -1088,6 +1106,45 @@ class _Applied:
             t.set_next_ino(next_ino)
         return built
 
+    def _cached(self, t: Txn, existing: dict[bytes, int], name: bytes) -> tuple[int | None, Node | None]:
+        """The number and node cached under a listed name (taken out of ``existing``);
+        none when nothing is, or when a local-only object was and gave the name up."""
+        ino = existing.pop(name, None)
+        old = t.node(ino) if ino is not None else None
+        if old is not None and old.flags & LOCAL_ONLY:
+            self._move_local_only(t, old, name)
+            return None, None
+        return ino, old
+
+    def _move_local_only(self, t: Txn, node: Node, name: bytes) -> None:
+        """The server lists an object under the name of a local-only one: the server's
+        object takes the name, the local one moves to a free conflict-style name in the
+        folder (kept by this listing as any local-only object it does not show)."""
+        taken = {n for n, _rstat in self.listing}
+        for n in range(1, 101):
+            new_name = self.copy_name(name, n)
+            if new_name not in taken and t.child_ino(self.parent, new_name) is None:
+                break
+        else:
+            log.error("%r: no free name to keep the local-only object under: it is removed",
+                      name)
+            t.delete_entry(self.parent, name)
+            t.drop_tree(node)
+            self.delta.removed.append(node)
+            self.delta.same = False
+            return
+        log.warning("the server has an object named %r in folder inode %d: it takes the name; the "
+                    "local-only %s there is kept as %r", name, self.parent, _kind_word(node.mode), new_name)
+        self.delta.same = False
+        self.delta.removed.append(node)  # (the kernel forgets the old name's entry)
+        t.delete_entry(self.parent, name)
+        t.set_entry(self.parent, new_name, node.ino)
+        if node.nlink > 1:
+            self.folders = None
+            t.add_link_name(node.ino, self.parent, new_name)
+        if (node.parent, node.name) == (self.parent, name):
+            t.put(dataclasses.replace(node, name=new_name))
+
     def _put(self, t: Txn, node: Node, old: Node | None) -> Node:
         if node == old:
             return node  # a folder listed again is mostly unchanged: no write
@@ -1102,8 +1159,8 @@ class _Applied:
     def _drop_unlisted(self, t: Txn, unlisted: dict[bytes, int]) -> None:
         for name, ino in unlisted.items():
             node = t.node(ino)
-            if node is not None and node.flags & (DIRTY | DAMAGED | KEPT):
-                continue  # (a damaged copy or a refused version is on no server: kept here)
+            if node is not None and node.flags & KEPT_UNLISTED:
+                continue  # (a damaged copy, a refused version, a FIFO or socket: on no server, kept here)
             if node is not None and self.keep(ino):
                 self.delta.passed_over.add(ino)  # (a writer's: its changes replayed as those of a file deleted there)
                 continue
@@ -1135,6 +1192,12 @@ class _Applied:
             pnode.flags |= LISTED
             pnode.nlink = 2 + subdirs  # as a local filesystem counts them
             t.put(pnode)
+
+
+def _kind_word(mode: int) -> str:
+    kind = stat_mod.S_IFMT(mode)
+    return {stat_mod.S_IFIFO: "FIFO", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR: "character device",
+            stat_mod.S_IFBLK: "block device"}.get(kind, "object")
 
 
 def node_from_remote(ino: int, parent: int, name: bytes, rstat: RemoteStat, old: Node | None) -> Node:

@@ -1,6 +1,8 @@
-"""Changes of the namespace made here: create, mkdir, symlink, link, unlink, rmdir, rename.
-Each checks its names against the folder's listing (fetched first when stale), then
+"""Changes of the namespace made here: create, mkdir, symlink, mknod, link, unlink, rmdir,
+rename. Each checks its names against the folder's listing (fetched first when stale), then
 changes the index and appends its journal entry in one transaction (``Writes.journal``).
+A local-only object (``LOCAL_ONLY``: a FIFO, socket or device node, ``mknod``) is changed
+in the index alone: nothing about it is journaled, but what it replaces is.
 
 Owns no state of its own. Must not touch: content beyond forgetting a removed file's
 (``Content.forget``), open handles beyond marking an unlinked open file an orphan
@@ -14,6 +16,7 @@ could have made them false (a folder filled meanwhile: ``NotEmpty``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import stat as stat_mod
 import time
@@ -23,7 +26,7 @@ from typing import Any
 from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, \
     PermissionDenied
 from ..paths import join
-from ..store.index import DIRTY, FULL, LISTED, ORPHAN, ROOT_INO, TARGET, WRITING, Node, Store, Txn
+from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
 from .common import CONTROL_NAME, valid_name
 from .content import Content
@@ -127,6 +130,24 @@ class Names:
 
         return self._new_child(parent, name, build)
 
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> Node:
+        """A FIFO, socket or device node (``mode`` says which): a local-only object, in the
+        index only (SFTP cannot make one; the kernel serves its I/O itself). Nothing is
+        journaled, so nothing of it is ever replayed."""
+        await self._listings.folder_for_change(parent)
+        now = time.time_ns()
+        kind = stat_mod.S_IFMT(mode)
+        target = Node.rdev_target(rdev) if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK) else b""
+
+        def build(t: Txn) -> Node:
+            return self._new_node(t, parent, name, kind | (mode & 0o7777), now, flags=LOCAL_ONLY,
+                                  target=target)
+
+        self.check_name(name)
+        if self.store.child(parent, name) is not None:
+            raise Exists()
+        return self.store.transact(build)
+
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Node:
         await self._listings.folder_for_change(new_parent)
         node = self._listings.node(ino)
@@ -144,8 +165,9 @@ class Names:
             t.add_link_name(ino, n.parent, n.name)
             t.add_link_name(ino, new_parent, new_name)
             self._touch_dir(t, new_parent, now)
-            self._writes.journal(t, Op("link", ino, t.path_of(ino), base=n.base,
-                                       dst=join(t.path_of(new_parent), new_name), dst_parent=new_parent))
+            if not n.has(LOCAL_ONLY):
+                self._writes.journal(t, Op("link", ino, t.path_of(ino), base=n.base,
+                                           dst=join(t.path_of(new_parent), new_name), dst_parent=new_parent))
             return n
 
         return self._new_child(new_parent, new_name, build)
@@ -160,14 +182,19 @@ class Names:
         now = time.time_ns()
 
         def change(t: Txn) -> None:
-            self._writes.journal(t, Op("unlink", node.ino, join(t.path_of(parent), name), base=node.base,
-                                       parent=parent))
+            self._journal_removal(t, node, parent, name)
             t.delete_entry(parent, name)
             self._drop_link(t, node, parent, name, now)
             self._touch_dir(t, parent, now)
 
         self.store.transact(change)
         self._writes.changed()
+
+    def _journal_removal(self, t: Txn, node: Node, parent: int, name: bytes) -> None:
+        """The unlink of ``name`` (``node``), for the server: none for a local-only object."""
+        if not node.flags & LOCAL_ONLY:
+            self._writes.journal(t, Op("unlink", node.ino, join(t.path_of(parent), name), base=node.base,
+                                       parent=parent))
 
     def _drop_link(self, t: Txn, node: Node, parent: int, name: bytes, now: int) -> None:
         """One name of ``node`` is gone (its entry already deleted)."""
@@ -189,6 +216,9 @@ class Names:
         else:
             t.delete_node(node.ino)
             self.store.remove_after_commit(node.ino)
+            if node.flags & LOCAL_ONLY:  # (a FIFO may still be open: its attributes stay at hand)
+                gone = dataclasses.replace(node, nlink=0, parent=0)
+                self.store.after_commit(lambda: self._listings.unlinked_local.__setitem__(gone.ino, gone))
         self._content.forget(node.ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -233,10 +263,7 @@ class Names:
         def change(t: Txn) -> None:
             if dst is not None and dst.is_dir and t.has_children(dst.ino):
                 raise NotEmpty()
-            self._writes.journal(t, Op("rename", src.ino, join(t.path_of(parent), name), base=src.base,
-                                       parent=parent, dst=join(t.path_of(new_parent), new_name),
-                                       dst_parent=new_parent, replaced=dst.ino if dst else 0,
-                                       replaced_base=dst.base if dst else None))
+            self._journal_rename(t, src, dst, parent, name, new_parent, new_name)
             t.delete_entry(parent, name)
             if dst is not None:
                 t.delete_entry(new_parent, new_name)
@@ -249,6 +276,21 @@ class Names:
 
         self.store.transact(change)
         self._writes.changed()
+
+    def _journal_rename(self, t: Txn, src: Node, dst: Node | None, parent: int, name: bytes,
+                        new_parent: int, new_name: bytes) -> None:
+        """A rename, for the server. A local-only object moved: only the removal of what
+        it replaces there; one replaced: on no server, so the rename replaces nothing."""
+        if dst is not None and dst.flags & LOCAL_ONLY:
+            dst = None
+        if src.flags & LOCAL_ONLY:
+            if dst is not None:
+                self._journal_removal(t, dst, new_parent, new_name)
+            return
+        self._writes.journal(t, Op("rename", src.ino, join(t.path_of(parent), name), base=src.base,
+                                   parent=parent, dst=join(t.path_of(new_parent), new_name),
+                                   dst_parent=new_parent, replaced=dst.ino if dst else 0,
+                                   replaced_base=dst.base if dst else None))
 
     def _check_move(self, src: Node, new_parent: int) -> None:
         if src.is_dir:

@@ -29,6 +29,7 @@ import trio
 
 from ..link.connectivity import Connectivity
 from ..store.index import ATTR_DIRTY, DAMAGED, DIRTY, FULL, KERNEL_WRITES, KEPT, ORPHAN, WRITING, Held, Node, Store, Txn
+from ..store.index import LOCAL_ONLY
 from ..store.journal import Op
 from ..errors import IsADirectory
 from .content import Content
@@ -306,8 +307,8 @@ class Writes:
         if mtime_ns is not None:
             n.mtime_ns = mtime_ns
         n.ctime_ns = now
-        if n.is_symlink or n.has(ORPHAN):
-            t.put(n)  # symlink times stay local (SFTP cannot set them); orphans never go
+        if n.is_symlink or n.flags & (ORPHAN | LOCAL_ONLY):
+            t.put(n)  # symlink times stay local (SFTP cannot set them); orphans and local-only objects never go
             return n
         if n.has(DIRTY):
             # The pending upload sends the mode and times (a file's upload is a new file

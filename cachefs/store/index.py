@@ -89,12 +89,14 @@ from .records import (_U64, ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FIRST_INO, FUL
                       KERNEL_WRITES, LISTED, LOCAL_TRUTH, ORPHAN, PINNED, ROOT_INO, SCHEMA, TARGET,
                       WRITING, BaseSum, ContentSum, Held, Node, StoreError, _key, _sum_key,
                       index_damaged)
+from .records import LOCAL_ONLY
 
 __all__ = ["ATTR_DIRTY", "CONFLICT", "DAMAGED", "DIRTY", "FIRST_INO", "FULL", "INDEX_MARK", "KEPT",
            "KERNEL_WRITES", "LISTED", "LOCAL_TRUTH", "ORPHAN", "PINNED", "ROOT_INO", "SCHEMA",
            "TARGET", "WRITING", "BaseSum", "ContentSum", "Held", "Node", "StoreError",
            "index_damaged", "PROBE_CRASHED", "check_private_dir", "probe_index",
            "Store", "Txn"]
+__all__ += ["LOCAL_ONLY"]
 
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""The records of the store and their binary forms: ``Node`` (one file, folder or symlink),
+"""The records of the store and their binary forms: ``Node`` (one file, folder, symlink or
+local-only special file: FIFO, socket, device node),
 its flags, ``Held`` (a file's size and times while it is written), the checksum records
 ``ContentSum`` and ``BaseSum``, the key forms, and the store's error and its message.
 
@@ -47,6 +48,11 @@ DAMAGED = 1 << 10
 #: a local version whose change the remote refused for good (permission, quota): kept here
 #: as it is, by listings too, until it changes again or its conflict is resolved
 KEPT = 1 << 11
+#: a FIFO, socket or device node made here: it lives in this cache only, never journaled nor
+#: sent (SFTP cannot make one), kept by listings that do not show its name; a server object
+#: listed under its name takes the name and it moves to a conflict-style name. A device
+#: node's number is kept in ``target`` (``Node.rdev``). The top bit of the 16-bit flags.
+LOCAL_ONLY = 1 << 15
 #: what a listing or a revalidation of the server's version must not replace: local changes
 #: not yet replayed, a damaged copy (on no server), a version the server refused
 LOCAL_TRUTH = DIRTY | ATTR_DIRTY | DAMAGED | KEPT
@@ -144,7 +150,7 @@ class Node:
     flags: int = 0
     base: tuple[int, int, int] | None = None  # remote (size, mtime_ns, kind) we agree with
     last_use: float = 0.0
-    target: bytes = b""
+    target: bytes = b""  # a symlink's target; a local-only device node's number (``rdev``)
     gen: int = 0  # content generation: +1 at each local change of content
     synced_gen: int = 0  # the generation last uploaded to the remote
 
@@ -162,6 +168,19 @@ class Node:
     @property
     def is_file(self) -> bool:
         return stat_mod.S_ISREG(self.mode)
+
+    @property
+    def rdev(self) -> int:
+        """A device node's number (``st_rdev``), kept in ``target`` (a record of the same
+        version as before: caches written by earlier releases read as they were)."""
+        if self.flags & LOCAL_ONLY and len(self.target) == 8:
+            return int(_U64.unpack(self.target)[0])
+        return 0
+
+    @staticmethod
+    def rdev_target(rdev: int) -> bytes:
+        """What ``target`` holds for a device node of number ``rdev``."""
+        return _U64.pack(rdev) if rdev else b""
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)

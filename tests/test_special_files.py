@@ -1,0 +1,444 @@
+"""FIFOs, unix sockets and device nodes in a real mount: local-only objects (issue 23).
+
+They are made, listed, stat'ed, renamed and removed in the mount like any file, kept in the
+cache across remounts, online and offline alike, and never sent to the server (SFTP cannot
+make them): after every sync the share holds nothing of them. A server object listed under
+the name of one takes the name; the local one moves to a conflict-style name. The kernel
+serves their I/O itself: a FIFO's reader and writer meet, a socket bound in the mount
+accepts a client connecting by path, gpg-agent runs with its GNUPGHOME in the mount.
+Every wait is bounded; the mounts are stopped by the fixture.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cachefs.cache.listing import apply_listing
+from cachefs.remote.base import RemoteStat
+from cachefs.store.index import LOCAL_ONLY, ROOT_INO, TARGET, Node, Store
+from tests.fixtures.mount import run_recover, status
+from tests.test_cli import cachefs, ok
+from tests.test_writes import control, go_offline, sync_until_done, wait_for
+
+STEP_TIMEOUT = 20.0
+STATE = "user.cachefs.state"
+
+
+def fifo_round_trip(folder: Path, name: str = "fifo") -> str:
+    """``mkfifo f; cat f & echo hi > f``, in a shell, bounded: what the reader read."""
+    script = f"mkfifo {name} && {{ cat {name} & echo hi > {name}; wait; }}"
+    return subprocess.run(["sh", "-c", script], cwd=folder, check=True, capture_output=True, text=True,
+                          timeout=STEP_TIMEOUT).stdout
+
+
+def fifo_again(path: Path) -> str:
+    """A reader and a writer of an existing FIFO, each in a thread (both open it)."""
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(path, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with open(path, "wb") as f:
+        f.write(b"again\n")
+    reader.join(STEP_TIMEOUT)
+    assert not reader.is_alive(), "the FIFO's reader is still waiting"
+    return got[0].decode()
+
+
+def socket_round_trip(path: Path) -> bytes:
+    """A server bound at ``path`` (in the mount) accepts a client connecting by path."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.settimeout(STEP_TIMEOUT)
+    try:
+        server.bind(str(path))
+        server.listen(1)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert path.name in os.listdir(path.parent)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(STEP_TIMEOUT)
+            client.connect(str(path))
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"ping")
+                conn.sendall(conn.recv(4)[::-1])
+                return client.recv(4)
+    finally:
+        server.close()
+
+
+def state_of(path: Path) -> str:
+    """What ``cachefs status PATH`` says of a local-only object. (``user.cachefs.state``
+    cannot say it: the kernel lets no ``user.`` attribute reach a FIFO, socket or device
+    node, and answers ENODATA itself.)"""
+    try:
+        os.getxattr(path, STATE, follow_symlinks=False)
+        raise AssertionError(f"{path}: the kernel passed a user. attribute of a special file")
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA, exc
+    shown = ok(cachefs("status", str(path))).stdout
+    first = shown.splitlines()[0]
+    assert first.startswith("path state:"), shown
+    return first.split(":", 1)[1].strip()
+
+
+def server_names(share: Path) -> set[str]:
+    found = set()
+    for folder, dirs, files in os.walk(share):
+        for name in dirs + files:
+            found.add(os.path.relpath(os.path.join(folder, name), share))
+    return found
+
+
+def remount(mount_factory, mount):
+    mount.stop()
+    again = mount_factory()
+    again.start()
+    return again
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
+def test_fifo_reader_writer_and_remount(mount_factory, share: Path, offline: bool) -> None:
+    (share / "w").mkdir()
+    (share / "w" / "plain").write_bytes(b"plain")
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    os.listdir(mnt / "w")
+    if offline:
+        go_offline(mnt)
+    w = mnt / "w"
+    assert fifo_round_trip(w) == "hi\n"
+    st = os.lstat(w / "fifo")
+    assert stat.S_ISFIFO(st.st_mode) and st.st_size == 0
+    assert state_of(w / "fifo") == "local"
+    assert sorted(os.listdir(w)) == ["fifo", "plain"]
+    assert fifo_again(w / "fifo") == "again\n"
+    os.chmod(w / "fifo", 0o600)
+    os.utime(w / "fifo", ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    assert stat.S_IMODE(os.lstat(w / "fifo").st_mode) == 0o600
+    assert os.lstat(w / "fifo").st_mtime_ns == 1_000_000_000_000_000_000
+    assert status(mnt)["pending"] == 0  # (nothing journaled)
+    if offline:
+        control(mnt, "online")
+    sync_until_done(mnt)
+    assert server_names(share) == {"w", "w/plain"}
+    mount = remount(mount_factory, mount)
+    w = mount.mountpoint / "w"
+    if offline:
+        go_offline(mount.mountpoint)
+    time.sleep(1.2)  # (past --attr-timeout: the folder is listed again from the server)
+    assert sorted(os.listdir(w)) == ["fifo", "plain"]
+    assert stat.S_ISFIFO(os.lstat(w / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(w / "fifo").st_mode) == 0o600
+    assert fifo_again(w / "fifo") == "again\n"
+    os.unlink(w / "fifo")
+    assert os.listdir(w) == ["plain"]
+    if offline:
+        control(mount.mountpoint, "online")
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == {"w", "w/plain"}
+    assert (share / "w" / "plain").read_bytes() == b"plain"
+
+
+def test_a_fifo_unlinked_while_open_works_on(mount_factory) -> None:
+    """As on a local filesystem: the open FIFO carries data, fstat and fchmod work (link
+    count 0) after its name went, past the attribute timeout."""
+    mount = mount_factory()
+    mount.start()
+    path = mount.mountpoint / "ff"
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        path.unlink()
+        assert os.listdir(mount.mountpoint) == [".cachefs"]
+        os.write(fd, b"x")
+        assert os.read(fd, 1) == b"x"
+        time.sleep(1.5)  # (past --attr-timeout: the kernel asks the mount)
+        st = os.fstat(fd)
+        assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 0
+        os.fchmod(fd, 0o600)
+        time.sleep(1.5)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+    finally:
+        os.close(fd)
+    assert status(mount.mountpoint)["pending"] == 0
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
+def test_unix_socket_bound_connected_listed_removed(mount_factory, share: Path, offline: bool) -> None:
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    (mnt / "run").mkdir()
+    if offline:
+        go_offline(mnt)
+    sock = mnt / "run" / "s.sock"
+    assert socket_round_trip(sock) == b"gnip"
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+    assert state_of(sock) == "local"
+    assert os.listdir(mnt / "run") == ["s.sock"]
+    # a stale socket left by a program that ended: removed, and bound again
+    sock.unlink()
+    assert os.listdir(mnt / "run") == []
+    assert socket_round_trip(sock) == b"gnip"
+    if offline:
+        control(mnt, "online")
+    sync_until_done(mnt)
+    assert server_names(share) == {"run"}
+    sock.unlink()
+    sync_until_done(mnt)
+    assert os.listdir(mnt / "run") == [] and server_names(share) == {"run"}
+
+
+def test_gpg_agent_with_gnupghome_in_the_mount(mount_factory, share: Path) -> None:
+    mount = mount_factory()
+    mount.start()
+    home = mount.mountpoint / "gnupg"
+    home.mkdir(mode=0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+    env.pop("GPG_AGENT_INFO", None)
+
+    def gpg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+
+    socket_path = gpg("gpgconf", "--list-dirs", "agent-socket").stdout.strip()
+    assert socket_path == str(home / "S.gpg-agent"), socket_path  # (no /run/user/UID here)
+    try:
+        launched = gpg("gpgconf", "--launch", "gpg-agent")
+        assert launched.returncode == 0, launched.stderr
+        talked = gpg("gpg-connect-agent", "GETINFO version", "/bye")
+        assert talked.returncode == 0 and talked.stdout.startswith("D "), talked.stdout + talked.stderr
+        assert stat.S_ISSOCK(os.lstat(home / "S.gpg-agent").st_mode)
+        assert state_of(home / "S.gpg-agent") == "local"
+        sync_until_done(mount.mountpoint)
+        assert not any(name.startswith("gnupg/S.") for name in server_names(share)), server_names(share)
+    finally:
+        gpg("gpgconf", "--kill", "gpg-agent")
+    wait_for(lambda: not (home / "S.gpg-agent").exists(), STEP_TIMEOUT, "gpg-agent removing its socket")
+
+
+def test_rename_and_unlink_offline_then_online(mount_factory, share: Path) -> None:
+    (share / "w").mkdir()
+    (share / "w" / "server-file").write_bytes(b"on the server")
+    (share / "w" / "kept").write_bytes(b"kept")
+    (share / "w" / "gone").write_bytes(b"removed here, then a FIFO of its name made")
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    w = mnt / "w"
+    os.listdir(w)
+    go_offline(mnt)
+    os.mkfifo(w / "a")
+    os.rename(w / "a", w / "b")  # a local-only object renamed: nothing for the server
+    os.mkfifo(w / "c")
+    os.unlink(w / "c")
+    os.mkfifo(w / "over")
+    os.rename(w / "over", w / "server-file")  # replaces a server file: its removal is replayed
+    (w / "new").write_bytes(b"new")
+    os.mkfifo(w / "replaced")
+    os.rename(w / "new", w / "replaced")  # a file over a local-only object: a plain rename there
+    os.unlink(w / "gone")
+    os.mkfifo(w / "gone")  # (the unlink is replayed; the FIFO stays here)
+    (mnt / "d").mkdir()
+    os.mkfifo(mnt / "d" / "inner")
+    assert errno.ENOTEMPTY == _errno(lambda: os.rmdir(mnt / "d"))
+    os.rename(mnt / "d", mnt / "d2")  # a folder carries its local-only objects along
+    assert sorted(os.listdir(w)) == ["b", "gone", "kept", "replaced", "server-file"]
+    assert stat.S_ISFIFO(os.lstat(w / "server-file").st_mode)
+    control(mnt, "online")
+    sync_until_done(mnt)
+    assert server_names(share) == {"w", "w/kept", "w/replaced", "d2"}
+    assert (share / "w" / "replaced").read_bytes() == b"new"
+    time.sleep(1.2)  # (past --attr-timeout: listed again from the server)
+    assert sorted(os.listdir(w)) == ["b", "gone", "kept", "replaced", "server-file"]
+    assert stat.S_ISFIFO(os.lstat(w / "gone").st_mode)
+    assert os.listdir(mnt / "d2") == ["inner"] and stat.S_ISFIFO(os.lstat(mnt / "d2" / "inner").st_mode)
+    # online now: rename and unlink again
+    os.rename(w / "b", w / "b2")
+    os.unlink(w / "server-file")
+    os.unlink(mnt / "d2" / "inner")
+    os.unlink(w / "gone")
+    os.rmdir(mnt / "d2")
+    sync_until_done(mnt)
+    assert sorted(os.listdir(w)) == ["b2", "kept", "replaced"]
+    assert server_names(share) == {"w", "w/kept", "w/replaced"}
+
+
+def test_server_object_under_the_same_name_wins(mount_factory, share: Path) -> None:
+    (share / "w").mkdir()
+    mount = mount_factory()
+    mount.start()
+    w = mount.mountpoint / "w"
+    os.mkfifo(w / "name.txt")
+    (share / "w" / "name.txt").write_bytes(b"from the server")
+    time.sleep(1.2)  # (past --attr-timeout)
+
+    def settled() -> bool:
+        return len(os.listdir(w)) == 2
+
+    wait_for(settled, STEP_TIMEOUT, "the listing to show both objects")
+    names = sorted(os.listdir(w))
+    assert "name.txt" in names, names
+    [copy] = [n for n in names if n != "name.txt"]
+    assert copy.startswith("name (conflict ") and copy.endswith(").txt"), copy
+    assert (w / "name.txt").read_bytes() == b"from the server"
+    assert stat.S_ISFIFO(os.lstat(w / copy).st_mode)
+    assert state_of(w / copy) == "local"
+    assert "takes the name; the local-only FIFO there is kept as" in mount.log_text()
+    # a socket a server listens on, moved aside the same way: still reached, by its new name
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.settimeout(STEP_TIMEOUT)
+    folder = -1
+    try:
+        listener.bind(str(w / "agent.sock"))
+        listener.listen(1)
+        (share / "w" / "agent.sock").write_bytes(b"a file")
+        time.sleep(1.2)
+        wait_for(lambda: len(os.listdir(w)) == 4, STEP_TIMEOUT, "the socket moved aside")
+        [moved] = [n for n in os.listdir(w) if n.startswith("agent (conflict ")]
+        assert (w / "agent.sock").read_bytes() == b"a file"
+        folder = os.open(w, os.O_PATH)  # (the full path is longer than sun_path's 108 bytes)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(STEP_TIMEOUT)
+            client.connect(f"/proc/self/fd/{folder}/{moved}")
+            listener.accept()[0].close()
+    finally:
+        listener.close()
+        if folder >= 0:
+            os.close(folder)
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == {"w", "w/name.txt", "w/agent.sock"}
+
+
+def test_device_node_by_root(mount_factory, share: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test makes a device node: run it as root (the kernel asks CAP_MKNOD)")
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    os.mknod(mnt / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(mnt / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
+    st = os.lstat(mnt / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(os.lstat(mnt / "blk").st_mode) and os.lstat(mnt / "blk").st_rdev == os.makedev(7, 200)
+    assert state_of(mnt / "null") == "local"
+    listed = subprocess.run(["stat", "-c", "%F %t:%T", str(mnt / "null")], capture_output=True, text=True,
+                            check=True, timeout=STEP_TIMEOUT).stdout.strip()
+    assert listed == "character special file 1:3", listed
+    os.link(mnt / "null", mnt / "null2")  # hard links of local-only objects stay local too
+    assert os.lstat(mnt / "null").st_nlink == 2
+    sync_until_done(mnt)
+    assert server_names(share) == set()
+    mount = remount(mount_factory, mount)
+    assert os.lstat(mount.mountpoint / "null").st_rdev == os.makedev(1, 3)
+    assert sorted(os.listdir(mount.mountpoint)) == [".cachefs", "blk", "null", "null2"]
+
+
+def test_status_pin_recover_and_caches_with_local_only_objects(mount_factory, share: Path, tmp_path: Path) -> None:
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    os.mkfifo(mnt / "fifo")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(mnt / "sock"))
+    (mnt / "f").write_bytes(b"f")
+    sync_until_done(mnt)
+    ok(cachefs("pin", str(mnt)))  # (the pin walk and eviction pass them by)
+    ok(cachefs("evict", str(mnt)))
+    ok(cachefs("unpin", str(mnt)))
+    go_offline(mnt)
+    (mnt / "f").write_bytes(b"changed offline")
+    assert state_of(mnt / "fifo") == "local" and state_of(mnt / "sock") == "local"
+    assert "pending changes: 1\n" in ok(cachefs("status", str(mnt))).stdout
+    ok(cachefs("conflicts", str(mnt)))
+    mount.stop()
+    saved = tmp_path / "saved"
+    result = run_recover(str(mount.cache_dir), "--to", str(saved))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert (saved / "files" / "f").read_bytes() == b"changed offline"
+    assert not (saved / "files" / "fifo").exists() and not (saved / "files" / "sock").exists()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    ok(cachefs("caches", env=env))
+    mount = mount_factory()
+    mount.start()
+    assert sorted(os.listdir(mount.mountpoint)) == [".cachefs", "f", "fifo", "sock"]
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == {"f"}
+    shutil.rmtree(saved)
+
+
+# -- in-process: the record and the listing rules ------------------------------------------------
+
+def _special(store: Store, name: bytes, kind: int, rdev: int = 0) -> Node:
+    def build(t) -> Node:
+        ino = t.new_ino()
+        node = Node(ino=ino, parent=ROOT_INO, name=name, mode=kind | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                    ctime_ns=1, flags=LOCAL_ONLY, target=Node.rdev_target(rdev))
+        t.put(node)
+        t.set_entry(ROOT_INO, name, ino)
+        return node
+    return store.transact(build)
+
+
+def _rstat(kind: int, size: int = 0) -> RemoteStat:
+    return RemoteStat(mode=kind | 0o644, size=size, mtime_ns=10**9, atime_ns=0)
+
+
+def test_a_device_number_is_kept_in_the_record_and_read_only_from_local_only_nodes() -> None:
+    dev = Node(ino=20, parent=ROOT_INO, name=b"null", mode=stat.S_IFCHR | 0o666, size=0, mtime_ns=1,
+               atime_ns=1, ctime_ns=1, flags=LOCAL_ONLY, target=Node.rdev_target(os.makedev(1, 3)))
+    back = Node.unpack(20, dev.pack())
+    assert back == dev and back.rdev == os.makedev(1, 3)
+    # a symlink's 8-byte target is a target, not a device number (the flag says which)
+    link = Node(ino=21, parent=ROOT_INO, name=b"l", mode=stat.S_IFLNK | 0o777, size=8, mtime_ns=1,
+                atime_ns=1, ctime_ns=1, flags=TARGET, target=b"12345678")
+    assert Node.unpack(21, link.pack()).rdev == 0
+    assert Node.rdev_target(0) == b"" and Node(ino=22, parent=1, name=b"f", mode=stat.S_IFIFO, size=0,
+                                               mtime_ns=1, atime_ns=1, ctime_ns=1, flags=LOCAL_ONLY).rdev == 0
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_a_listing_keeps_local_only_objects_and_gives_their_name_to_the_server(tmp_path: Path, key) -> None:
+    store = Store(tmp_path / "c", "file:///x", key=key)
+    apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5))])
+    fifo = _special(store, b"p", stat.S_IFIFO)
+    sock = _special(store, b"s", stat.S_IFSOCK)
+    # not listed by the server: kept, and the fast path (nothing new) keeps them too
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5))])
+    assert sorted(n.name for n in store.children(ROOT_INO)) == [b"a", b"p", b"s"] and not delta.removed
+    # the server now has "p" and "s": each takes its name, the local one moves aside
+    taken = b"s (local 1)"
+    _special(store, taken, stat.S_IFIFO)  # (the first choice for "s" is taken: the second)
+    names = lambda name, n: name + f" (local {n})".encode()  # noqa: E731
+    delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"p", _rstat(stat.S_IFREG, 3)),
+                                            (b"s", _rstat(stat.S_IFDIR))], copy_name=names)
+    assert sorted(n.name for n in delta.removed) == [b"p", b"s"]  # (the kernel forgets those names)
+    by_name = {n.name: n for n in store.children(ROOT_INO)}
+    assert sorted(by_name) == [b"a", b"p", b"p (local 1)", b"s", b"s (local 1)", b"s (local 2)"]
+    assert by_name[b"p (local 1)"].ino == fifo.ino and by_name[b"p (local 1)"].has(LOCAL_ONLY)
+    assert store.get(fifo.ino).name == b"p (local 1)"
+    assert by_name[b"s (local 2)"].ino == sock.ino and stat.S_ISSOCK(by_name[b"s (local 2)"].mode)
+    assert stat.S_ISREG(by_name[b"p"].mode) and by_name[b"p"].size == 3 and not by_name[b"p"].has(LOCAL_ONLY)
+    assert by_name[b"s"].is_dir and by_name[b"s"].base is not None
+    store.close()
+
+
+def _errno(action) -> int:
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
