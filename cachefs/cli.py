@@ -175,6 +175,10 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
     p.add_argument("--no-notify", dest="notify", action="store_false",
                    help="send no desktop notifications (sent by default where a session D-Bus "
                         "runs: a new conflict, the server lost and found again, a sync that fails)")
+    p.add_argument("--show-cachefs", action="store_true",
+                   help="list the mount's .cachefs folder in the listing of the mount's root "
+                        "(by default it is reached by name only, so that tar, rsync, cp -a, "
+                        "find and file indexers of the mount see the share alone)")
     p.add_argument("--encrypt-cache", action="store_true",
                    help="keep the cache encrypted at rest (AES-256-GCM; content and names); the "
                         "key comes from --cache-key-file, or the passphrase in "
@@ -272,7 +276,8 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "request_spin": "request_spin", "sync_at_mount": "sync_at_mount",
                "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
                "nonempty": "nonempty", "password_file": "password_file", "no_notify": "notify",
-               "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file"}
+               "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file",
+               "show_cachefs": "show_cachefs"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                 "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions"}
@@ -521,6 +526,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         callbacks=args.callbacks,
         request_spin=args.request_spin,
         notify=args.notify,
+        show_cachefs=args.show_cachefs,
         fuse_options=args.fuse_options,
         cache_key=key,
         nonempty=args.nonempty,

@@ -48,6 +48,11 @@ def is_virtual(ino: int) -> bool:
     return DIR_INO <= ino < 16
 
 
+def is_readable_file(ino: int) -> bool:
+    """``status`` and ``conflicts``: files whose content ``Control.read`` makes."""
+    return ino in (STATUS_INO, CONFLICTS_INO)
+
+
 def attrs(ino: int) -> VirtualAttrs:
     if ino == DIR_INO:
         return VirtualAttrs(stat_mod.S_IFDIR | 0o755, 2)

@@ -80,6 +80,7 @@ class MountConfig:
     callbacks: str = "auto"  # the server's watcher (cache.callbacks)
     request_spin: float = DEFAULT_REQUEST_SPIN  # µs the FUSE loop reads on before sleeping
     notify: bool = True  # desktop notifications, where a session bus exists (cachefs.notify)
+    show_cachefs: bool = False  # .cachefs listed in the root's readdir (reachable by name always)
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
     nonempty: bool = False  # mount over a folder that has files (hidden while mounted)
@@ -491,7 +492,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                            wakeup=wakeup, flush_timeout=config.sync_at_unmount)
         controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
         notices = _notices(config, conn, sync)
-        ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel)
+        ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel,
+                         show_control_dir=config.show_cachefs)
         sync.schedule.also_at(at_mount=config.sync_at_mount, idle=config.sync_idle,
                               activity=ops.handles_opened)
         said: list[str] = []

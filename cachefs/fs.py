@@ -38,6 +38,11 @@ R = TypeVar("R")
 STATE_XATTR = b"user.cachefs.state"
 #: what ``mknod`` makes as a local-only object (``LOCAL_ONLY``)
 _LOCAL_ONLY_KINDS = (stat_mod.S_IFIFO, stat_mod.S_IFSOCK, stat_mod.S_IFCHR, stat_mod.S_IFBLK)
+#: an open folder's entries for readdir: the few made at its opendir (``.``, ``..``, at the
+#: root ``.cachefs`` when shown), then its listing, shared with the cache's kept listing
+#: and never copied (a 10,000-entry folder costs no more to open than before)
+DirEntries = tuple[list[tuple[bytes, pyfuse3.EntryAttributes]], list[tuple[bytes, pyfuse3.EntryAttributes]]]
+_NO_ENTRIES: DirEntries = ([], [])
 # FUSE passthrough as the pyfuse3 of scripts/build-passthrough offers it (a stock pyfuse3
 # has none of the three; docs/install.md, "The pyfuse3 fork and how it can go"). The two
 # backing calls are libfuse's fuse_passthrough_open/close for the request being answered.
@@ -207,7 +212,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float,
-                 kernel: KernelNotifier | None = None) -> None:
+                 kernel: KernelNotifier | None = None, show_control_dir: bool = False) -> None:
         super().__init__()
         self.cache = cache
         #: the cache's kernel, told at FUSE_INIT whether the kernel granted passthrough
@@ -218,10 +223,14 @@ class Operations(pyfuse3.Operations):
         self.passthrough_stack_depth = 1 if mounts.is_stacked(cache.data_dir) else 0
         self.control = control_files
         self.attr_timeout = attr_timeout
+        #: list ``.cachefs`` in the root's readdir (``--show-cachefs``); by default it is
+        #: reachable by name only, as ZFS's ``.zfs`` with snapdir=hidden, so that tar,
+        #: rsync, cp -a, find and indexers of the mount see the share alone
+        self.show_control_dir = show_control_dir
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, OpenFile | bytes] = {}
-        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self._dirs: dict[int, DirEntries] = {}
         self._next_fh = 1
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
 
@@ -274,8 +283,11 @@ class Operations(pyfuse3.Operations):
         a.st_nlink = v.nlink
         a.st_uid = self.uid
         a.st_gid = self.gid
-        a.st_size = 0
+        # status and conflicts: the size of their content now (an open makes it again), so
+        # that programs that trust the size (tar, rsync, cp) copy it whole, not as empty
+        a.st_size = len(self.control.read(ino)) if control.is_readable_file(ino) else 0
         a.st_blksize = 4096
+        a.st_blocks = (a.st_size + 511) // 512
         t = int(self.control.started * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
         a.entry_timeout = 0
@@ -327,14 +339,26 @@ class Operations(pyfuse3.Operations):
         # A snapshot per handle, so that readdir's offsets stay valid while the folder changes.
         if inode == control.DIR_INO:
             entries = [(name, self._virtual_attrs(ino)) for name, ino in sorted(control.NAMES.items())]
+            root = self._attrs(self.cache.node(ROOT_INO))
+            head = [(b".", self._virtual_attrs(control.DIR_INO)), (b"..", root)]
         else:
             nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
             entries = self._entries_of(inode, nodes)
-            if inode == ROOT_INO:
-                entries = [(CONTROL_NAME, self._virtual_attrs(control.DIR_INO)), *entries]
+            head = self._dots(inode)
+            if inode == ROOT_INO and self.show_control_dir:
+                head.append((CONTROL_NAME, self._virtual_attrs(control.DIR_INO)))
         fh = self._new_fh()
-        self._dirs[fh] = entries
+        self._dirs[fh] = (head, entries)
         return fh
+
+    def _dots(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """``.`` and ``..`` of a folder (``..`` of the root is the root): made at each
+        opendir, two index reads, not kept with the listing (a rename or chmod of the folder
+        itself leaves its kept listing as it is)."""
+        node = self.cache.node(inode)
+        here = self._attrs(node)
+        parent = here if inode == ROOT_INO else self._attrs(self.cache.node(node.parent))
+        return [(b".", here), (b"..", parent)]
 
     def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """readdir's entries, kept with the cache's kept listing (and dropped with it);
@@ -344,9 +368,16 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs.get(fh, [])
-        for index in range(start_id, len(entries)):
-            name, attrs = entries[index]
+        # Offsets run over head and listing as one list: entry i is answered with offset
+        # i + 1, the start_id of the kernel's next readdir from there.
+        head, entries = self._dirs.get(fh, _NO_ENTRIES)
+        first = len(head)
+        for index in range(start_id, first):
+            name, attrs = head[index]
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                return
+        for index in range(max(start_id, first), first + len(entries)):
+            name, attrs = entries[index - first]
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
 

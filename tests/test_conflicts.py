@@ -119,7 +119,7 @@ def test_changed_on_both_sides(mount_factory, share: Path) -> None:
         assert record.get("conflict_path") == copies[0]
         assert status(mnt)["pending"] == 0
         mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
-        assert sorted(os.listdir(mnt)) == sorted([".cachefs", "report.txt", copies[0]])
+        assert sorted(os.listdir(mnt)) == sorted(["report.txt", copies[0]])
         shows_conflict(mnt / "report.txt", mnt / copies[0])
         assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
         control(mnt, "resolve report.txt both")

@@ -33,6 +33,7 @@ after a restart everything is revalidated once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from typing import Any, TypeVar
 import lmdb
 import trio
 
-from ..errors import RemoteError, Unavailable
+from ..errors import NotFound, RemoteError, Unavailable
 from ..link.connectivity import Connectivity
 from ..remote import SpaceInfo
 from ..store.crypto import RecordError
@@ -66,6 +67,8 @@ __all__ += ["LOCAL_ONLY"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: the longest the mount's first requests wait for the root's attributes (``run``)
+ROOT_STAT_WAIT = 2.0
 DAMAGE_TOLD = 100  # damaged records or pages told in the log once each, at most
 
 
@@ -149,6 +152,11 @@ class Cache:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._content.start(nursery)
+            if self.online:
+                # (the kernel's first requests wait for this: at most a round trip or two)
+                with trio.move_on_after(ROOT_STAT_WAIT):
+                    with contextlib.suppress(Unavailable, RemoteError, NotFound):
+                        await self._listings.root_attributes()
             self._listings.start(nursery)
             nursery.start_soon(self._callbacks.run)
             task_status.started()

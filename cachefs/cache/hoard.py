@@ -1,7 +1,7 @@
 """Hoarding (Coda's word; "make available offline" in Offline Files) and eviction.
 
 Owns: the pinned roots (kept in the store's ``meta`` under ``b"pinned"``), the PINNED
-mark on everything under them, walks that fetch a pinned tree whole, eviction of clean
+mark on everything under them, walks that fetch a pinned tree whole (symlink targets too), eviction of clean
 content on request (``evict``) and to stay under the cache size limit (least recently
 used first). Pinned and dirty content is never evicted.
 Must not touch: FUSE, the remote's write side. Reads go through the cache like any read.
@@ -22,7 +22,7 @@ from ..defaults import DEFAULT_CACHE_SIZE
 from ..errors import RemoteError, Unavailable
 from .cache import Cache
 from ..progress import Progress
-from ..store.index import CONFLICT, DIRTY, PINNED, Node, Txn
+from ..store.index import CONFLICT, DIRTY, PINNED, TARGET, Node, Txn
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ class Hoard:
             async def fetch(node: Node) -> None:
                 async with limiter:
                     try:
-                        await self.cache.fetch_whole(node)
+                        if node.is_symlink:
+                            await self.cache.readlink(node.ino)  # its target, kept (TARGET)
+                        else:
+                            await self.cache.fetch_whole(node)
                     except (Unavailable, RemoteError) as exc:
                         errors.append(exc)
                 progress.ops_done += 1
@@ -114,6 +117,10 @@ class Hoard:
                 for child in await self.cache.listdir(node.ino, refresh=True):
                     stack.append(child)
             elif node.is_file and self.cache.content_state(node) != "cached":
+                files.append(node)
+            elif node.is_symlink and not node.has(TARGET):
+                # a symlink's target is its content: read offline (tar, cp -a, rsync -a of
+                # a pinned tree) it must be known, not fetched at the first readlink
                 files.append(node)
 
     def _mark(self, ino: int, pinned: bool) -> None:

@@ -162,17 +162,26 @@ class Listings:
         try:
             if self.conn.online:
                 await self.conn.measure_rtt()
-            rstat = await self.conn.call(self.conn.remote.stat, b"")
-            root = self.node(ROOT_INO)
-            if root.flags & (DIRTY | ATTR_DIRTY):
-                await self.listdir(ROOT_INO)  # a local change of the root is pending
-                return
-            root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
-            root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
-            self.store.put(root)
+            await self.root_attributes()
             await self.listdir(ROOT_INO)
         except (Unavailable, RemoteError, NotFound) as exc:
             log.debug("root listing at start: %s", exc)
+
+    async def root_attributes(self) -> None:
+        """The root's mode and times as the server has them (unless a local change of
+        them is pending). ``Cache.run`` asks before the mount answers its first request:
+        until then the root shows the times of the cache's making (or of the last mount),
+        and a program that read it across the change saw it change under it (``tar cf -
+        -C MNT .`` right after the mount: "file changed as we read it", exit 1)."""
+        rstat = await self.conn.call(self.conn.remote.stat, b"")
+        root = self.node(ROOT_INO)
+        if root.flags & (DIRTY | ATTR_DIRTY):
+            return  # a local change of the root is pending: its listing says the rest
+        known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base)
+        root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
+        root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
+        if (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base) != known:
+            self.store.put(root)
 
     # -- lookups -----------------------------------------------------------------------
     def node(self, ino: int) -> Node:
