@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, \
     PermissionDenied
 from ..paths import join
-from ..store.index import DIRTY, FULL, LISTED, ORPHAN, ROOT_INO, TARGET, WRITING, Node, Store, Txn
+from ..store.index import DIRTY, FULL, LISTED, ORPHAN, OWNER_DIRTY, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
 from .common import CONTROL_NAME, valid_name
 from .content import Content
@@ -61,10 +61,14 @@ class Names:
             pnode.nlink = max(2, pnode.nlink + links)
             t.put(pnode)
 
-    def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int, **kw: Any) -> Node:
+    def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int,
+                  owner: tuple[int, int] | None, **kw: Any) -> Node:
         ino = t.new_ino()
         node = Node(ino=ino, parent=parent, name=name, mode=mode, size=0, mtime_ns=now,
                     atime_ns=now, ctime_ns=now, **kw)
+        if owner is not None:  # (--owners remote: the creator's, sent with its creation)
+            node.uid, node.gid = owner
+            node.flags |= OWNER_DIRTY
         t.put(node)
         t.set_entry(parent, name, ino)
         self._touch_dir(t, parent, now)
@@ -78,14 +82,15 @@ class Names:
         self._writes.changed()
         return node
 
-    async def create(self, parent: int, name: bytes, mode: int) -> tuple[Node, int]:
+    async def create(self, parent: int, name: bytes, mode: int,
+                     owner: tuple[int, int] | None = None) -> tuple[Node, int]:
         """A new empty file, open for writing: its node and content file descriptor
         (the caller makes the handle)."""
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFREG | (mode & 0o7777), now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFREG | (mode & 0o7777), now, owner,
                                   flags=FULL | DIRTY | WRITING, gen=1)
             self._writes.journal(t, Op("create", node.ino, t.path_of(node.ino), parent=parent,
                                        mode=node.mode))
@@ -96,12 +101,13 @@ class Names:
         self._writes.created(node)
         return node, fd
 
-    async def mkdir(self, parent: int, name: bytes, mode: int) -> Node:
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    owner: tuple[int, int] | None = None) -> Node:
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now, owner,
                                   flags=LISTED, nlink=2)
             self._touch_dir(t, parent, now, links=1)
             self._writes.journal(t, Op("mkdir", node.ino, t.path_of(node.ino), parent=parent,
@@ -112,12 +118,13 @@ class Names:
         self._listings.listed_now(node.ino)
         return node
 
-    async def symlink(self, parent: int, name: bytes, target: bytes) -> Node:
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      owner: tuple[int, int] | None = None) -> Node:
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFLNK | 0o777, now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFLNK | 0o777, now, owner,
                                   flags=TARGET, target=target)
             node.size = len(target)
             t.put(node)

@@ -47,6 +47,10 @@ DAMAGED = 1 << 10
 #: a local version whose change the remote refused for good (permission, quota): kept here
 #: as it is, by listings too, until it changes again or its conflict is resolved
 KEPT = 1 << 11
+#: the owner (uid, gid) was set here (a chown, or a creation with ``--owners remote``): sent
+#: to the server with the node's next upload, mkdir or ``setattr`` (with ATTR_DIRTY or
+#: DIRTY, which make it local truth); cleared when a ``setattr`` has sent it
+OWNER_DIRTY = 1 << 12
 #: what a listing or a revalidation of the server's version must not replace: local changes
 #: not yet replayed, a damaged copy (on no server), a version the server refused
 LOCAL_TRUTH = DIRTY | ATTR_DIRTY | DAMAGED | KEPT
