@@ -263,34 +263,93 @@ def test_the_kernel_checks_the_real_owners(remote_owners, share: Path) -> None:
         assert (share / "tmp/roots").read_bytes() == b"w"
 
 
-def test_without_default_permissions_the_mount_checks(mount_factory, share: Path) -> None:
-    """No -o default_permissions: chown's rules and access() are this mount's own."""
+def test_the_mounts_own_checks(share: Path, tmp_path: Path) -> None:
+    """The rules the kernel applies with default_permissions (which cachefs always asks
+    for), kept by the mount too for a kernel that does not (in-process: the Operations
+    object over a local share, requests with the caller's uid, gid and pid): only root
+    gives a file away; its owner may give it to a group of its own; access() answers for
+    the owner, the group (the caller's supplementary groups too) and the others."""
+    import trio
+    from types import SimpleNamespace
+
+    from cachefs.cache.cache import Cache, CacheConfig
+    from cachefs.fs import Operations
+    from cachefs.link.connectivity import Connectivity
+    from cachefs.owners import Owners
+    from cachefs.remote.local import LocalRemote
+    from cachefs.store.index import ROOT_INO, Store
+    from pyfuse3 import FUSEError
+
     (share / "theirs").write_bytes(b"theirs")
     os.chown(share / "theirs", NOBODY, NOBODY)
     os.chmod(share / "theirs", 0o640)
     (share / "grouped").write_bytes(b"g")
     os.chown(share / "grouped", 0, OTHER)
     os.chmod(share / "grouped", 0o640)
-    with mount_factory("--owners", "remote", "-o", "allow_other") as mount:
-        mnt = mount.mountpoint
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    # a process of nobody's with OTHER among its supplementary groups: its groups are read
+    # from /proc (a request carries only the primary gid)
+    member = subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                               "--groups", str(OTHER), "sleep", "60"])
 
-        def try_all() -> dict:
-            return {
-                "chown to another": errno_of(lambda: os.chown("theirs", OTHER, -1)),
-                "chgrp to a group not theirs": errno_of(lambda: os.chown("theirs", -1, OTHER + 1)),
-                "chgrp to a group of theirs": errno_of(lambda: os.chown("theirs", -1, OTHER)),
-                "access theirs rw": os.access("theirs", os.R_OK | os.W_OK),
-                "access grouped r": os.access("grouped", os.R_OK),
-                "access grouped w": os.access("grouped", os.W_OK),
-            }
+    def ctx(uid: int, gid: int, pid: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(uid=uid, gid=gid, pid=pid, umask=0o022)
 
-        assert as_user(mnt, try_all, groups=(OTHER,)) == {
-            "chown to another": "EPERM", "chgrp to a group not theirs": "EPERM",
-            "chgrp to a group of theirs": "ok", "access theirs rw": True,
-            "access grouped r": True, "access grouped w": False}
-        assert as_user(mnt, lambda: os.access("grouped", os.R_OK), uid=OTHER + 7) is False
-        synced(mnt)
-        assert owner(share / "theirs") == (NOBODY, OTHER)
+    def chown(uid: int = -1, gid: int = -1) -> tuple[SimpleNamespace, SimpleNamespace]:
+        attr = SimpleNamespace(st_uid=uid, st_gid=gid)
+        fields = SimpleNamespace(update_uid=uid != -1, update_gid=gid != -1, update_mode=False,
+                                 update_size=False, update_atime=False, update_mtime=False)
+        return attr, fields
+
+    async def main() -> dict:
+        store = Store(cache_dir, f"file://{share}")
+        conn = Connectivity(LocalRemote(str(share), 10.0))
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(owners="remote"))
+        ops = Operations(cache, None, attr_timeout=1.0,  # type: ignore[arg-type]
+                         owners=Owners("remote", 0, 0))
+        theirs = (await cache.lookup(ROOT_INO, b"theirs")).ino
+        grouped = (await cache.lookup(ROOT_INO, b"grouped")).ino
+        out: dict = {}
+
+        async def outcome(name: str, call) -> None:
+            try:
+                got = await call
+                out[name] = got if isinstance(got, bool) else "ok"
+            except FUSEError as exc:
+                out[name] = errno.errorcode[exc.errno]
+
+        nobody = ctx(NOBODY, NOBODY)
+        await outcome("chown by its owner to another", ops.setattr(theirs, *chown(OTHER), None, nobody))
+        await outcome("chgrp by its owner to a group not its", ops.setattr(theirs, *chown(-1, OTHER), None, nobody))
+        await outcome("chown by another", ops.setattr(theirs, *chown(-1, NOBODY), None, ctx(OTHER, OTHER)))
+        await outcome("access owner rw", ops.access(theirs, os.R_OK | os.W_OK, nobody))
+        await outcome("access group r", ops.access(grouped, os.R_OK, ctx(NOBODY, OTHER)))
+        await outcome("access group w", ops.access(grouped, os.W_OK, ctx(NOBODY, OTHER)))
+        await outcome("access other r", ops.access(grouped, os.R_OK, nobody))
+        await outcome("access by supplementary group", ops.access(grouped, os.R_OK,
+                                                                  ctx(NOBODY, NOBODY, member.pid)))
+        await outcome("chgrp by its owner to its group", ops.setattr(theirs, *chown(-1, OTHER), None,
+                                                                      ctx(NOBODY, NOBODY, member.pid)))
+        await outcome("chown by root", ops.setattr(grouped, *chown(OTHER, OTHER), None, ctx(0, 0)))
+        out["theirs here"] = [ops._attrs(cache.node(theirs)).st_uid, ops._attrs(cache.node(theirs)).st_gid]
+        out["grouped here"] = [ops._attrs(cache.node(grouped)).st_uid, ops._attrs(cache.node(grouped)).st_gid]
+        store.close()
+        return out
+
+    try:
+        found = trio.run(main)
+    finally:
+        member.kill()
+        member.wait()
+    assert found == {
+        "chown by its owner to another": "EPERM", "chgrp by its owner to a group not its": "EPERM",
+        "chown by another": "EPERM", "access owner rw": True, "access group r": True,
+        "access group w": False, "access other r": False,
+        "access by supplementary group": True,
+        "chgrp by its owner to its group": "ok", "chown by root": "ok",
+        "theirs here": [NOBODY, OTHER], "grouped here": [OTHER, OTHER]}
 
 
 def test_uid_and_gid_maps(remote_owners, share: Path, tmp_path: Path) -> None:
