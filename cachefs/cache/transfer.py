@@ -98,8 +98,10 @@ def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_pa
         raise LocalGone(content_path) from None
     what = f"cache content file {content_path}"
     try:
-        return remote.upload(path, lambda: cast(BinaryIO, _Checked(content.reader(fd, size), size, digest, what)),
-                             mode, temp, (atime_ns, mtime_ns), owner)
+        source = partial(_checked_reader, content, fd, size, digest, what)
+        if owner is None:  # (as before: a Remote's upload may not take an owner)
+            return remote.upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns))
+        return remote.upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns), owner)
     finally:
         os.close(fd)
 

@@ -215,8 +215,10 @@ class Remote(ABC):
                 if not upload.expect(current):
                     outcomes.append(NotExpected(current))
                     continue
+                # (the owner only when there is one: a subclass's upload may not take it)
+                owner = () if upload.owner is None else (upload.owner,)
                 outcomes.append(self.upload(upload.path, upload.source, upload.mode,
-                                            upload.temp_name, upload.times, upload.owner))
+                                            upload.temp_name, upload.times, *owner))
             except (RemoteError, ContentDamaged) as exc:
                 outcomes.append(exc)
         return outcomes
