@@ -151,6 +151,19 @@ def test_chown_reaches_the_server_and_stays(remote_owners, share: Path, offline:
         assert owner(mount.mountpoint / "d") == (NOBODY, 0)
 
 
+def test_an_offline_chown_left_pending_survives_a_remount(remote_owners, share: Path) -> None:
+    (share / "f").write_bytes(b"f")
+    with remote_owners("--sync-at-unmount", "0") as mount:
+        go_offline(mount.mountpoint)
+        os.chown(mount.mountpoint / "f", OTHER, NOBODY)
+        assert status(mount.mountpoint)["pending"] == 1
+    assert owner(share / "f") == (0, 0)
+    with remote_owners() as mount:  # shown at once, replayed once online
+        assert owner(mount.mountpoint / "f") == (OTHER, NOBODY)
+        synced(mount.mountpoint)
+        assert owner(share / "f") == (OTHER, NOBODY)
+
+
 def test_chown_of_a_file_not_yet_uploaded(remote_owners, share: Path) -> None:
     """A chown of a file created offline and written after: the create's upload and the
     owner's setattr both replayed, the file ends with its content and its owner."""
