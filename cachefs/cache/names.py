@@ -62,7 +62,7 @@ class Names:
             t.put(pnode)
 
     def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int,
-                  owner: tuple[int, int] | None, **kw: Any) -> Node:
+                  owner: tuple[int, int] | None = None, **kw: Any) -> Node:
         ino = t.new_ino()
         node = Node(ino=ino, parent=parent, name=name, mode=mode, size=0, mtime_ns=now,
                     atime_ns=now, ctime_ns=now, **kw)
