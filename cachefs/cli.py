@@ -27,6 +27,7 @@ from . import __version__, caches, mounts, registry
 from .address import RemoteAddress, parse_remote
 from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
+from .owners import OWNERS, MapError, Owners, make_owners
 from .progress import ProgressView, human_bytes
 from .remote import ConnectOptions
 from .remote.watch import WATCHERS
@@ -185,6 +186,17 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
                         "$CACHEFS_CACHE_PASSPHRASE, or is asked on the terminal")
     p.add_argument("--cache-key-file", metavar="FILE", type=Path,
                    help="a file whose content is the cache key (implies --encrypt-cache)")
+    p.add_argument("--owners", choices=OWNERS, default="local",
+                   help="whose files the mount shows: 'local', every file the mounting user's "
+                        "(a change of owner refused); 'remote', the server's owners (numbers, "
+                        "or mapped by --uid-map/--gid-map), chown and chgrp replayed onto the "
+                        "server, new files the creating user's: for a root mount serving "
+                        "several users (-o allow_other,default_permissions); default: local")
+    p.add_argument("--uid-map", metavar="FILE", type=Path,
+                   help="with --owners remote: lines 'localuser:remoteuid' (sshfs's uidfile); "
+                        "ids not in it are shown as they are")
+    p.add_argument("--gid-map", metavar="FILE", type=Path,
+                   help="with --owners remote: lines 'localgroup:remotegid' (sshfs's gidfile)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log debug messages; for an encrypted cache also the names of files, "
                         "folders and the remote, which its log otherwise leaves out")
@@ -277,7 +289,8 @@ OWN_OPTIONS = {"cache_dir": "cache_dir", "identity": "identity", "known_hosts": 
                "sync_at_unmount": "sync_at_unmount", "sync_idle": "sync_idle", "pin": "pins",
                "nonempty": "nonempty", "password_file": "password_file", "no_notify": "notify",
                "verbose": "verbose", "encrypt_cache": "encrypt_cache", "cache_key_file": "cache_key_file",
-               "show_cachefs": "show_cachefs"}
+               "show_cachefs": "show_cachefs",
+               "owners": "owners", "uid_map": "uid_map", "gid_map": "gid_map"}
 #: options handed to the kernel's FUSE mount: flags, and those that take a value
 FUSE_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                 "relatime", "allow_other", "allow_root", "auto_unmount", "default_permissions"}
@@ -359,6 +372,9 @@ SSHFS_OPTIONS: dict[str, str | tuple[str, Any] | None] = {
     "ssh_protocol": "cachefs speaks SSH protocol 2 only",
     "sftp_server": "cachefs uses the server's sftp subsystem (sshd_config's Subsystem line)",
     "directport": "cachefs speaks SSH itself; it cannot talk SFTP straight to a port",
+    "idmap": "",  # by value: _idmap
+    "uidfile": "uid_map",
+    "gidfile": "gid_map",
 }
 
 
@@ -374,10 +390,22 @@ def _apply_sshfs_option(args: argparse.Namespace, parser: argparse.ArgumentParse
         setattr(args, meaning[0], meaning[1])
     elif key.lower() == "stricthostkeychecking":
         _strict_host_key_checking(args, parser, opt, value)
+    elif key.lower() == "idmap":
+        _idmap(args, parser, opt, value)
     elif meaning in OWN_OPTIONS.values():
         _apply_own_option(args, parser, opt, meaning)
     else:
         parser.error(f"-o {opt}: not supported: {meaning}")
+
+
+def _idmap(args: argparse.Namespace, parser: argparse.ArgumentParser, opt: str, value: str) -> None:
+    """sshfs's idmap: none and file show the server's owners (--owners remote; file with
+    uidfile=/gidfile=, as --uid-map/--gid-map); user shows the files as the mounting
+    user's (--owners local)."""
+    owners = {"none": "remote", "file": "remote", "user": "local"}.get(value.lower())
+    if owners is None:
+        parser.error(f"-o {opt}: choose none, user or file")
+    args.owners = owners
 
 
 def _strict_host_key_checking(args: argparse.Namespace, parser: argparse.ArgumentParser, opt: str,
@@ -486,6 +514,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if problem is not None:
         return _fail(problem)
     try:
+        owners = _owners(args)
+    except MapError as exc:
+        return _fail(str(exc))
+    try:
         key = cache_key(args, cache_dir)
         secrets = _login_secrets(args) if address.scheme == "sftp" else None
     except (CryptoError, StoreError, OSError, RemoteRefused) as exc:
@@ -531,6 +563,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_key=key,
         nonempty=args.nonempty,
         new_cache=new_cache,
+        owners=owners,
     )
     try:
         return run(config)
@@ -540,13 +573,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 130
 
 
+def _owners(args: argparse.Namespace) -> Owners:
+    """The mount's ``Owners`` (--owners, and its maps read now: a bad line ends the
+    command before anything is mounted)."""
+    if args.owners != "remote" and (args.uid_map or args.gid_map):
+        raise MapError("--uid-map and --gid-map need --owners remote")
+    return make_owners(args.owners, os.getuid(), os.getgid(), args.uid_map, args.gid_map)
+
+
 def _refused_before_asking(args: argparse.Namespace, cache_dir: Path) -> str | None:
     """Why ``cachefs mount`` stops before anything is asked for (the cache key's
     passphrase, a password): a file option that names a folder, a cache in use."""
     from .daemon import MountError, check_cache_free
 
     for option, given in (("--identity", args.identity), ("--known-hosts", args.known_hosts),
-                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file)):
+                          ("--cache-key-file", args.cache_key_file), ("--password-file", args.password_file),
+                          ("--uid-map", args.uid_map), ("--gid-map", args.gid_map)):
         if given is not None and given.expanduser().is_dir():
             return f"{option} {given} is a directory, not a file"
     try:
@@ -962,7 +1004,7 @@ def share_mountpoint(text: str) -> str:
 
 #: the options of cachefs mount that a share keeps as paths: made absolute when added (a
 #: unit mounts from /); every option of type Path (test_every_path_option_is_made_absolute)
-_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file", "password_file"}
+_PATH_OPTIONS = {"cache_dir", "identity", "known_hosts", "cache_key_file", "password_file", "uid_map", "gid_map"}
 _OPTION_NAMES = {dest: name for name, dest in OWN_OPTIONS.items()}
 
 

@@ -50,6 +50,7 @@ from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD
 from .sync.manager import SyncManager
 from .sync.naming import client_tag, conflict_name
 from .notify import BusSender, Notices, session_bus_address
+from .owners import Owners
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class MountConfig:
     fuse_options: list[str] = field(default_factory=list)
     cache_key: bytes | None = field(default=None, repr=False)  # never logged
     nonempty: bool = False  # mount over a folder that has files (hidden while mounted)
+    #: whose files the mount shows (--owners, --uid-map, --gid-map); None: local
+    owners: Owners | None = None
     #: the cache directory did not exist before this mount: a mount that fails before it
     #: serves removes it (``caches.discard_new``), never one that existed before
     new_cache: bool = False
@@ -483,7 +486,9 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         cache = Cache(store, conn, CacheConfig(attr_timeout=config.attr_timeout,
                                                dir_timeout=config.attr_timeout,
                                                passthrough=config.passthrough,
-                                               callbacks=config.callbacks), kernel,
+                                               callbacks=config.callbacks,
+                                               owners=config.owners.mode if config.owners else "local"),
+                      kernel,
                       transfers=transfers, changed=wakeup.poke,
                       local_copy_name=_local_copy_name(store.cache_id))
         hoard = Hoard(cache, config.cache_size)
@@ -493,7 +498,8 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         controls = Control(cache, sync, hoard, config.mountpoint, config.cache_dir)
         notices = _notices(config, conn, sync)
         ops = Operations(cache, controls, attr_timeout=config.attr_timeout, kernel=kernel,
-                         show_control_dir=config.show_cachefs)
+                         show_control_dir=config.show_cachefs,
+                         owners=config.owners)
         sync.schedule.also_at(at_mount=config.sync_at_mount, idle=config.sync_idle,
                               activity=ops.handles_opened)
         said: list[str] = []

@@ -29,6 +29,7 @@ from .cache.cache import CONTROL_NAME, ROOT_INO, Cache, Kernel, Node, OpenFile, 
 from .cache.cache import LOCAL_ONLY
 from .control import Control
 from .errors import OFFLINE_ERRNO, CacheError, CommandError, NotFound, RemoteError, SyncFailed, Unavailable
+from .owners import Owners, groups_of
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, cache: Cache, control_files: Control, *, attr_timeout: float,
-                 kernel: KernelNotifier | None = None, show_control_dir: bool = False) -> None:
+                 kernel: KernelNotifier | None = None, show_control_dir: bool = False,
+                 owners: Owners | None = None) -> None:
         super().__init__()
         self.cache = cache
         #: the cache's kernel, told at FUSE_INIT whether the kernel granted passthrough
@@ -229,6 +231,11 @@ class Operations(pyfuse3.Operations):
         self.show_control_dir = show_control_dir
         self.uid = os.getuid()
         self.gid = os.getgid()
+        #: --owners: local (every file the mounting user's) or remote (the server's, mapped)
+        self.owners = owners or Owners("local", self.uid, self.gid)
+        self._remote_owners = self.owners.remote
+        self._uid_in = self.owners.uids_in.get  # (bound once: _attrs is the hot path)
+        self._gid_in = self.owners.gids_in.get
         self._handles: dict[int, OpenFile | bytes] = {}
         self._dirs: dict[int, DirEntries] = {}
         self._next_fh = 1
@@ -261,8 +268,12 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.ino
         a.st_mode = node.mode
         a.st_nlink = node.nlink
-        a.st_uid = self.uid
-        a.st_gid = self.gid
+        if self._remote_owners:
+            a.st_uid = self._uid_in(node.uid, node.uid)
+            a.st_gid = self._gid_in(node.gid, node.gid)
+        else:
+            a.st_uid = self.uid
+            a.st_gid = self.gid
         a.st_size = node.size
         a.st_blksize = 4096
         a.st_blocks = (node.size + 511) // 512
@@ -465,7 +476,8 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._entry_in(parent_inode, name)
-        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, flags)
+        owner = self._creator(parent_inode, ctx) if self._remote_owners else None
+        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, flags, owner)
         fh = self._new_fh()
         self._handles[fh] = handle
         attrs = self._attrs(node)
@@ -480,11 +492,13 @@ class Operations(pyfuse3.Operations):
             # mkfifo, bind() of a unix socket, mknod of a device (the kernel sends those
             # only for callers with CAP_MKNOD): local-only objects, never sent to the
             # server; the kernel serves their I/O itself (their open never comes here).
-            node = await self.cache.mknod(parent_inode, name, mode & ~ctx.umask, rdev)
+            owner = self._creator(parent_inode, ctx) if self._remote_owners else None
+            node = await self.cache.mknod(parent_inode, name, mode & ~ctx.umask, rdev, owner)
             return self._attrs(node)
         if kind not in (stat_mod.S_IFREG, 0):
             raise FUSEError(errno.EINVAL)
-        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, 0)
+        owner = self._creator(parent_inode, ctx) if self._remote_owners else None
+        node, handle = await self.cache.create(parent_inode, name, mode & ~ctx.umask, 0, owner)
         self.cache.release(handle)
         return self._attrs(node)
 
@@ -492,14 +506,21 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._entry_in(parent_inode, name)
-        node = await self.cache.mkdir(parent_inode, name, mode & ~ctx.umask)
+        owner = None
+        mode &= ~ctx.umask
+        if self._remote_owners:
+            owner = self._creator(parent_inode, ctx)
+            if self.cache.node(parent_inode).mode & stat_mod.S_ISGID:
+                mode |= stat_mod.S_ISGID  # (a folder in a setgid folder is setgid too)
+        node = await self.cache.mkdir(parent_inode, name, mode, owner)
         return self._attrs(node)
 
     @translate
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._entry_in(parent_inode, name)
-        node = await self.cache.symlink(parent_inode, name, target)
+        owner = self._creator(parent_inode, ctx) if self._remote_owners else None
+        node = await self.cache.symlink(parent_inode, name, target, owner)
         return self._attrs(node)
 
     @translate
@@ -541,8 +562,9 @@ class Operations(pyfuse3.Operations):
             if fields.update_size:  # "echo sync > control" opens with O_TRUNC
                 return self._virtual_attrs(inode)
             raise FUSEError(errno.EPERM)
-        if (fields.update_uid and attr.st_uid != self.uid) or (fields.update_gid and attr.st_gid != self.gid):
-            raise FUSEError(errno.EPERM)  # every file belongs to the mounting user
+        uid = gid = None
+        if fields.update_uid or fields.update_gid:
+            uid, gid = self._new_owner(inode, attr, fields, ctx)
         handle = self._handles.get(fh) if fh is not None else None
         now = None
         node = await self.cache.setattr(
@@ -552,8 +574,39 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else now,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else now,
             handle=handle if isinstance(handle, OpenFile) else None,
+            uid=uid, gid=gid,
         )
         return self._attrs(node)
+
+    # -- owners (--owners) -------------------------------------------------------------
+    def _creator(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """The owner (server ids) of what ``ctx``'s process creates in ``parent``, as a
+        local file system gives it: the creator's uid, and its gid or the folder's when
+        the folder is setgid (``--owners remote`` only)."""
+        folder = self.cache.node(parent)
+        gid = folder.gid if folder.mode & stat_mod.S_ISGID else self.owners.server_gid(ctx.gid)
+        return self.owners.server_uid(ctx.uid), gid
+
+    def _new_owner(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                   ctx: pyfuse3.RequestContext) -> tuple[int | None, int | None]:
+        """The new owner of a chown (server ids; None: unchanged), after POSIX's check of
+        who may (also made by the kernel with -o default_permissions): only root changes
+        the owner; the owner may change the group to one of its own groups."""
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        if not self._remote_owners:
+            if (uid is not None and uid != self.uid) or (gid is not None and gid != self.gid):
+                raise FUSEError(errno.EPERM)  # every file belongs to the mounting user
+            return None, None
+        node = self.cache.node(inode)
+        owner, group = self._uid_in(node.uid, node.uid), self._gid_in(node.gid, node.gid)
+        if ctx.uid != 0:
+            if ctx.uid != owner or (uid is not None and uid != owner):
+                raise FUSEError(errno.EPERM)
+            if gid is not None and gid != group and gid not in groups_of(ctx.pid, ctx.gid):
+                raise FUSEError(errno.EPERM)
+        return (None if uid is None else self.owners.server_uid(uid),
+                None if gid is None else self.owners.server_gid(gid))
 
     @translate
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -577,7 +630,12 @@ class Operations(pyfuse3.Operations):
         node = self.cache.node(inode)
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(node.mode & 0o111) or node.is_dir
-        perms = (node.mode >> 6) & 7  # every file is shown as the mounting user's
+        if not self._remote_owners or ctx.uid == self._uid_in(node.uid, node.uid):
+            perms = (node.mode >> 6) & 7  # (local: every file is shown as the mounting user's)
+        elif self._gid_in(node.gid, node.gid) in groups_of(ctx.pid, ctx.gid):
+            perms = (node.mode >> 3) & 7
+        else:
+            perms = node.mode & 7
         return (mode & perms) == mode
 
     # -- extended attributes --------------------------------------------------------------

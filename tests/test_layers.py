@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "cachefs"
 #: Lowest first. A module's layer is that of the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
     ("cachefs.errors", "cachefs.paths", "cachefs.defaults", "cachefs.progress",
-     "cachefs.address", "cachefs.mounts"),
+     "cachefs.address", "cachefs.mounts", "cachefs.owners"),
     ("cachefs.remote", "cachefs.store"),
     ("cachefs.link",),
     ("cachefs.cache",),

@@ -214,12 +214,13 @@ class Cache:
 
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: OpenFile | None = None) -> Node:
+                      handle: OpenFile | None = None, uid: int | None = None,
+                      gid: int | None = None) -> Node:
         gone = self._listings.unlinked_local.get(ino)
         if gone is not None and self._store.get(ino) is None:  # (an unlinked FIFO still open)
             return _set_in_memory(gone, mode, atime_ns, mtime_ns)
         node = await self._writes.setattr(self.node(ino), mode=mode, size=size, atime_ns=atime_ns,
-                                          mtime_ns=mtime_ns, handle=handle)
+                                          mtime_ns=mtime_ns, handle=handle, uid=uid, gid=gid)
         return node if node is not None else self.node(ino)
 
     def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False) -> None:

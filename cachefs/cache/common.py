@@ -22,6 +22,9 @@ class CacheConfig:
     checkpoint_interval: float = 1.0
     passthrough: bool = True  # let the kernel read fully cached files itself, where it can
     callbacks: str = "auto"  # the server's watcher: auto, inotifywait, python3, off
+    #: whose files: "local" (the mounting user's, owners never sent) or "remote" (the
+    #: server's; owners set here are replayed)
+    owners: str = "local"
 
 
 class Kernel:

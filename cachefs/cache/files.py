@@ -109,9 +109,10 @@ class Files:
         if not truncating or node.has(FULL) or self._content.present(node.ino, node.size):
             await self._writes.record_base_sum(node)  # (whole now, even if not yet checkpointed)
 
-    async def create(self, parent: int, name: bytes, mode: int, flags: int) -> tuple[Node, OpenFile]:
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     owner: tuple[int, int] | None = None) -> tuple[Node, OpenFile]:
         """A new empty file (``Names.create``) and its handle, open for writing."""
-        node, fd = await self._names.create(parent, name, mode)
+        node, fd = await self._names.create(parent, name, mode, owner)
         opens, ino = self.opens, node.ino  # (the open counts of Opens, kept inline: the hot path)
         opens.count[ino] = opens.count.get(ino, 0) + 1
         opens.writers[ino] = opens.writers.get(ino, 0) + 1

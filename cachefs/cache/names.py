@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, \
     PermissionDenied
 from ..paths import join
-from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, ROOT_INO, TARGET, WRITING, Node, Store, Txn
+from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, OWNER_DIRTY, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
 from .common import CONTROL_NAME, valid_name
 from .content import Content
@@ -64,10 +64,14 @@ class Names:
             pnode.nlink = max(2, pnode.nlink + links)
             t.put(pnode)
 
-    def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int, **kw: Any) -> Node:
+    def _new_node(self, t: Txn, parent: int, name: bytes, mode: int, now: int,
+                  owner: tuple[int, int] | None = None, **kw: Any) -> Node:
         ino = t.new_ino()
         node = Node(ino=ino, parent=parent, name=name, mode=mode, size=0, mtime_ns=now,
                     atime_ns=now, ctime_ns=now, **kw)
+        if owner is not None:  # (--owners remote: the creator's, sent with its creation)
+            node.uid, node.gid = owner
+            node.flags |= OWNER_DIRTY
         t.put(node)
         t.set_entry(parent, name, ino)
         self._touch_dir(t, parent, now)
@@ -81,14 +85,15 @@ class Names:
         self._writes.changed()
         return node
 
-    async def create(self, parent: int, name: bytes, mode: int) -> tuple[Node, int]:
+    async def create(self, parent: int, name: bytes, mode: int,
+                     owner: tuple[int, int] | None = None) -> tuple[Node, int]:
         """A new empty file, open for writing: its node and content file descriptor
         (the caller makes the handle)."""
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFREG | (mode & 0o7777), now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFREG | (mode & 0o7777), now, owner,
                                   flags=FULL | DIRTY | WRITING, gen=1)
             self._writes.journal(t, Op("create", node.ino, t.path_of(node.ino), parent=parent,
                                        mode=node.mode))
@@ -99,12 +104,13 @@ class Names:
         self._writes.created(node)
         return node, fd
 
-    async def mkdir(self, parent: int, name: bytes, mode: int) -> Node:
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    owner: tuple[int, int] | None = None) -> Node:
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFDIR | (mode & 0o7777), now, owner,
                                   flags=LISTED, nlink=2)
             self._touch_dir(t, parent, now, links=1)
             self._writes.journal(t, Op("mkdir", node.ino, t.path_of(node.ino), parent=parent,
@@ -115,12 +121,13 @@ class Names:
         self._listings.listed_now(node.ino)
         return node
 
-    async def symlink(self, parent: int, name: bytes, target: bytes) -> Node:
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      owner: tuple[int, int] | None = None) -> Node:
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
         def build(t: Txn) -> Node:
-            node = self._new_node(t, parent, name, stat_mod.S_IFLNK | 0o777, now,
+            node = self._new_node(t, parent, name, stat_mod.S_IFLNK | 0o777, now, owner,
                                   flags=TARGET, target=target)
             node.size = len(target)
             t.put(node)
@@ -130,7 +137,8 @@ class Names:
 
         return self._new_child(parent, name, build)
 
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> Node:
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    owner: tuple[int, int] | None = None) -> Node:
         """A FIFO, socket or device node (``mode`` says which): a local-only object, in the
         index only (SFTP cannot make one; the kernel serves its I/O itself). Nothing is
         journaled, so nothing of it is ever replayed."""
@@ -140,8 +148,8 @@ class Names:
         target = Node.rdev_target(rdev) if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK) else b""
 
         def build(t: Txn) -> Node:
-            return self._new_node(t, parent, name, kind | (mode & 0o7777), now, flags=LOCAL_ONLY,
-                                  target=target)
+            return self._new_node(t, parent, name, kind | (mode & 0o7777), now, owner,
+                                  flags=LOCAL_ONLY, target=target)
 
         self.check_name(name)
         if self.store.child(parent, name) is not None:

@@ -31,7 +31,7 @@ import trio
 
 from ..remote.base import RemoteStat
 from ..store.crypto import PlainContent
-from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, WRITING, Node,
+from ..store.index import (ATTR_DIRTY, CONFLICT, DAMAGED, DIRTY, FULL, KEPT, KERNEL_WRITES, OWNER_DIRTY, WRITING, Node,
                            Store, Txn)
 from ..store.journal import Op
 from ..store.records import Version
@@ -125,14 +125,17 @@ class Reconcile:
         t.put(n)
 
     @staticmethod
-    def attributes_sent(t: Txn, op: Op, sent: tuple[int, int, int]) -> None:
-        """The node's (mode, atime, mtime) ``sent`` are on the server: clean, unless they
-        changed again meanwhile (``ATTR_DIRTY`` is not journaled): then a new entry."""
+    def attributes_sent(t: Txn, op: Op, sent: tuple[int, int, int],
+                        owner: tuple[int, int] | None = None) -> None:
+        """The node's (mode, atime, mtime) ``sent`` (and ``owner``, when sent) are on the
+        server: clean, unless they changed again meanwhile (``ATTR_DIRTY`` is not
+        journaled): then a new entry."""
         n = t.node(op.ino)
         if n is None:
             return
-        if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent:
-            n.flags &= ~(ATTR_DIRTY | KEPT)
+        owner_same = owner is None or (n.uid, n.gid) == owner
+        if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent and owner_same:
+            n.flags &= ~(ATTR_DIRTY | KEPT | (OWNER_DIRTY if owner is not None else 0))
             t.put(n)
         else:
             t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))

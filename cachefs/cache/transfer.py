@@ -83,7 +83,8 @@ class _Checked:
 
 
 def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_path: str, mode: int,
-                temp: bytes, atime_ns: int, mtime_ns: int, digest: bytes) -> RemoteStat:
+                temp: bytes, atime_ns: int, mtime_ns: int, digest: bytes,
+                owner: tuple[int, int] | None = None) -> RemoteStat:
     """Atomic upload of a content file with its mode and times; the new remote version.
 
     ``digest``: the SHA-256 recorded when the content was committed; content that does not
@@ -97,8 +98,10 @@ def upload_file(remote: Remote, content: Any, size: int, path: bytes, content_pa
         raise LocalGone(content_path) from None
     what = f"cache content file {content_path}"
     try:
-        return remote.upload(path, lambda: cast(BinaryIO, _Checked(content.reader(fd, size), size, digest, what)),
-                             mode, temp, (atime_ns, mtime_ns))
+        source = partial(_checked_reader, content, fd, size, digest, what)
+        if owner is None:  # (as before: a Remote's upload may not take an owner)
+            return remote.upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns))
+        return remote.upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns), owner)
     finally:
         os.close(fd)
 
@@ -249,7 +252,7 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base: tup
 def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[Any, ...]]) -> list[Any]:
     """``upload_unless_changed`` of several files at once (``Remote.upload_many``: one
     connection, a few round trips for the lot of small ones). Each item: (created,
-    base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest). Per item:
+    base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest[, owner]). Per item:
     ("uploaded", new version), ("changed", what is there), ("gone", None), or the
     exception of that item alone (``RemoteError``, ``ContentDamaged``, ``LocalGone``);
     a broken connection raises for all."""
@@ -258,7 +261,9 @@ def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[A
     at: list[int] = []
     fds: list[int] = []
     try:
-        for i, (created, base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest) in enumerate(items):
+        for i, item in enumerate(items):
+            created, base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest = item[:10]
+            owner = item[10] if len(item) > 10 else None
             try:
                 fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -268,7 +273,7 @@ def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[A
             what = f"cache content file {content_path}"
             source = partial(_checked_reader, content, fd, size, digest, what)
             uploads.append(Upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns),
-                                  partial(_as_expected, created, base)))
+                                  partial(_as_expected, created, base), owner))
             at.append(i)
         for i, outcome in zip(at, remote.upload_many(uploads) if uploads else []):
             created, base = items[i][0], items[i][1]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import trio
 
 from ..link.connectivity import Connectivity
-from ..store.index import ATTR_DIRTY, DAMAGED, DIRTY, FULL, KERNEL_WRITES, KEPT, ORPHAN, WRITING, Held, Node, Store, Txn
+from ..store.index import ATTR_DIRTY, DAMAGED, DIRTY, FULL, KERNEL_WRITES, KEPT, ORPHAN, OWNER_DIRTY, WRITING, Held, Node, Store, Txn
 from ..store.index import LOCAL_ONLY
 from ..store.journal import Op
 from ..errors import IsADirectory
@@ -278,9 +278,11 @@ class Writes:
 
     async def setattr(self, node: Node, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      handle: OpenFile | None = None) -> Node | None:
+                      handle: OpenFile | None = None, uid: int | None = None,
+                      gid: int | None = None) -> Node | None:
         """The new size and attributes; the node after them, or None when only the size
-        changed (the caller reads the node again)."""
+        changed (the caller reads the node again). ``uid``, ``gid``: a new owner, in the
+        server's ids (``--owners remote``; the caller checked who may)."""
         ino = node.ino
         if size is not None:
             if node.is_dir:
@@ -289,17 +291,19 @@ class Writes:
                 await self._content.ensure_present(node, 0, min(size, node.size))
             await self._content.settle(ino)
             self.truncate(handle, size, ino)
-        if mode is None and atime_ns is None and mtime_ns is None:
+        if mode is None and atime_ns is None and mtime_ns is None and uid is None and gid is None:
             return None
         now = time.time_ns()
-        node = self.store.transact(lambda t: self._set_attrs(t, ino, mode, atime_ns, mtime_ns, now))
+        node = self.store.transact(lambda t: self._set_attrs(t, ino, mode, atime_ns, mtime_ns, now,
+                                                             uid, gid))
         self.changed()
         return node
 
     def _set_attrs(self, t: Txn, ino: int, mode: int | None, atime_ns: int | None,
-                   mtime_ns: int | None, now: int) -> Node:
+                   mtime_ns: int | None, now: int, uid: int | None = None, gid: int | None = None) -> Node:
         n = t.node(ino)
         assert n is not None, f"setattr of inode {ino}, which is not in the index"
+        owner_changed = self._set_owner(n, uid, gid)
         if mode is not None:
             n.mode = stat_mod.S_IFMT(n.mode) | (mode & 0o7777)
         if atime_ns is not None:
@@ -310,7 +314,15 @@ class Writes:
         if n.is_symlink or n.flags & (ORPHAN | LOCAL_ONLY):
             t.put(n)  # symlink times stay local (SFTP cannot set them); orphans and local-only objects never go
             return n
+        if owner_changed and not n.has(ATTR_DIRTY):
+            # A new owner is journaled even for a changed file: an upload sends the owner
+            # a file had, the setattr the one it was given (after the upload, in journal order).
+            n.flags |= ATTR_DIRTY
+            self.journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
         if n.has(DIRTY):
+            if mode is None and atime_ns is None and mtime_ns is None:
+                t.put(n)
+                return n
             # The pending upload sends the mode and times (a file's upload is a new file
             # with them, renamed over the old): it takes them when it begins, so one
             # under way now must be followed by another (``Reconcile.agree`` sees the new gen).
@@ -326,6 +338,16 @@ class Writes:
             self.journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
         t.put(n)
         return n
+
+    @staticmethod
+    def _set_owner(n: Node, uid: int | None, gid: int | None) -> bool:
+        """A new owner into ``n`` (``OWNER_DIRTY``: its setattr sends it); whether it changed."""
+        changed = (uid is not None and uid != n.uid) or (gid is not None and gid != n.gid)
+        if changed:
+            n.uid = n.uid if uid is None else uid
+            n.gid = n.gid if gid is None else gid
+            n.flags |= OWNER_DIRTY
+        return changed
 
     def settle_kept(self, ino: int, drop: bool, resend_content: bool) -> None:
         """A kept version (``KEPT``) let go: its base forgotten (``drop``: the next listing

@@ -185,10 +185,11 @@ class Remote(ABC):
     # -- writing (used only by the sync manager's replay) ---------------------------
     @abstractmethod
     def upload(self, path: bytes, source: "Source", mode: int, temp_name: bytes,
-               times: tuple[int, int] | None = None) -> RemoteStat:
+               times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
         """Atomically replace ``path`` with the content of ``source`` (a local file path,
         or a function returning a readable binary stream; see ``open_source``), with
-        ``mode`` and, when given, ``times`` = (atime_ns, mtime_ns) set before it appears.
+        ``mode`` and, when given, ``times`` = (atime_ns, mtime_ns) and ``owner`` = (uid,
+        gid) set before it appears.
 
         Writes ``temp_name`` (a name in the same remote folder) first, then renames it
         over ``path`` (posix-rename where available), so nobody sees half a file. Returns
@@ -214,8 +215,10 @@ class Remote(ABC):
                 if not upload.expect(current):
                     outcomes.append(NotExpected(current))
                     continue
+                # (the owner only when there is one: a subclass's upload may not take it)
+                owner = () if upload.owner is None else (upload.owner,)
                 outcomes.append(self.upload(upload.path, upload.source, upload.mode,
-                                            upload.temp_name, upload.times))
+                                            upload.temp_name, upload.times, *owner))
             except (RemoteError, ContentDamaged) as exc:
                 outcomes.append(exc)
         return outcomes
@@ -249,17 +252,23 @@ class Remote(ABC):
         """Hard link; ``RemoteError(EXDEV/ENOTSUP)`` when the server cannot."""
 
     @abstractmethod
-    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        """Permission bits and times at once (in one request where the remote can)."""
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                  owner: tuple[int, int] | None = None) -> None:
+        """Permission bits and times at once (in one request where the remote can), and
+        the owner (uid, gid) when given, set first (a change of owner clears setuid and
+        setgid bits on Linux, even root's)."""
 
-    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
-        """``set_attrs`` of each (path, mode, atime_ns, mtime_ns): per item None or its
-        error; a broken connection raises for all. SFTP sends them all at once (one round
-        trip); this default, one after another."""
+    def set_attrs_many(self, items: list[AttrsItem]) -> list[RemoteError | None]:
+        """``set_attrs`` of each (path, mode, atime_ns, mtime_ns, owner): per item None or
+        its error; a broken connection raises for all. SFTP sends them all at once (one
+        round trip); this default, one after another."""
         outcomes: list[RemoteError | None] = []
-        for path, mode, atime_ns, mtime_ns in items:
+        for path, mode, atime_ns, mtime_ns, owner in items:
             try:
-                self.set_attrs(path, mode, atime_ns, mtime_ns)
+                if owner is None:
+                    self.set_attrs(path, mode, atime_ns, mtime_ns)
+                else:
+                    self.set_attrs(path, mode, atime_ns, mtime_ns, owner)
                 outcomes.append(None)
             except RemoteError as exc:
                 outcomes.append(exc)
@@ -284,6 +293,9 @@ class Remote(ABC):
 
 
 
+#: one item of ``Remote.set_attrs_many``: (path, mode, atime_ns, mtime_ns, owner or None)
+AttrsItem: TypeAlias = "tuple[bytes, int, int, int, tuple[int, int] | None]"
+
 Source: TypeAlias = "str | os.PathLike[str] | Callable[[], BinaryIO]"
 
 
@@ -298,6 +310,7 @@ class Upload:
     temp_name: bytes
     times: tuple[int, int] | None
     expect: Callable[[RemoteStat | None], bool]
+    owner: tuple[int, int] | None = None  # (uid, gid) given to the file (--owners remote)
 
 
 @dataclass(frozen=True)

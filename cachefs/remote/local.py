@@ -292,7 +292,7 @@ class LocalRemote(Remote):
         return self._call(lambda: [digest(self._path(p)) for p in paths])
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
-               times: tuple[int, int] | None = None) -> RemoteStat:
+               times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
         full = self._path(path)
         parent = os.path.dirname(full)
         temp = os.path.join(parent, temp_name) if parent else temp_name
@@ -307,6 +307,8 @@ class LocalRemote(Remote):
                             while view:
                                 view = view[os.write(out, view) :]
                             progress[0] = time.monotonic()
+                    if owner is not None:
+                        os.fchown(out, *owner)
                     os.fchmod(out, stat_mod.S_IMODE(mode))
                     if times is not None:
                         os.utime(out, ns=times)
@@ -376,10 +378,13 @@ class LocalRemote(Remote):
                     raise
         self._call(remove)
 
-    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                  owner: tuple[int, int] | None = None) -> None:
         full = self._path(path)
 
         def apply() -> None:
+            if owner is not None:  # (first: a change of owner clears setuid and setgid)
+                os.lchown(full, *owner)
             os.chmod(full, stat_mod.S_IMODE(mode))
             os.utime(full, ns=(atime_ns, mtime_ns), follow_symlinks=False)
 

@@ -31,7 +31,7 @@ import paramiko
 from paramiko import SFTPAttributes
 
 from ..address import RemoteAddress
-from .base import (ContentDamaged, NotExpected, Remote, RemoteError, RemoteStat, RemoteRefused, Source,
+from .base import (AttrsItem, ContentDamaged, NotExpected, Remote, RemoteError, RemoteStat, RemoteRefused, Source,
                    SpaceInfo, Upload, UploadOutcome, open_source)
 from .options import ConnectOptions
 from .sftp_pool import SftpPool
@@ -234,8 +234,8 @@ class SftpRemote(Remote):
             sftp.request(CMD_RENAME, src, dst)
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
-               times: tuple[int, int] | None = None) -> RemoteStat:
-        [outcome] = self.upload_many([Upload(path, source, mode, temp_name, times, _anything)])
+               times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
+        [outcome] = self.upload_many([Upload(path, source, mode, temp_name, times, _anything, owner)])
         if isinstance(outcome, Exception):
             raise outcome
         assert isinstance(outcome, RemoteStat)
@@ -263,7 +263,7 @@ class SftpRemote(Remote):
                     outcomes[i] = exc
                     continue
                 if len(head) <= SMALL_UPLOAD and pipelined:
-                    small.append((i, SmallWrite(temp, full, head, _attrs(upload.mode, upload.times))))
+                    small.append((i, SmallWrite(temp, full, head, _attrs(upload.mode, upload.times, upload.owner))))
                 else:
                     large.append(i)
             if small:
@@ -297,7 +297,8 @@ class SftpRemote(Remote):
             try:
                 with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
-                    sftp.write_stream(temp, head, stream, _attrs(upload.mode, upload.times), fsync, self._pacer)
+                    sftp.write_stream(temp, head, stream, _attrs(upload.mode, upload.times, upload.owner), fsync,
+                                      self._pacer)
                 self._rename_over(sftp, temp, full)
             except (StatusError, ContentDamaged):
                 try:
@@ -471,19 +472,34 @@ class SftpRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._pool.run("link", lambda sftp: sftp.extended(b"hardlink@openssh.com", full_src, full_dst))
 
-    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        self._ensure_root()
-        full = self._path(path)
-        attrs = _attrs(mode, (atime_ns, mtime_ns))
-        self._pool.run("setstat", lambda sftp: sftp.request(CMD_SETSTAT, full, attrs))
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                  owner: tuple[int, int] | None = None) -> None:
+        [error] = self.set_attrs_many([(path, mode, atime_ns, mtime_ns, owner)])
+        if error is not None:
+            raise error
 
-    def set_attrs_many(self, items: list[tuple[bytes, int, int, int]]) -> list[RemoteError | None]:
+    def set_attrs_many(self, items: list[AttrsItem]) -> list[RemoteError | None]:
         self._ensure_root()
-        requests = [(self._path(path), _attrs(mode, (atime_ns, mtime_ns))) for path, mode, atime_ns, mtime_ns in items]
+        # One SETSTAT an item; two when an owner goes with setuid or setgid bits: the
+        # server sets the mode before the owner (OpenSSH's order), and Linux clears those
+        # bits at a change of owner, so the owner goes first, alone. All in one round trip.
+        requests: list[tuple[object, ...]] = []
+        last: list[int] = []  # per item, the index of its last request
+        for path, mode, atime_ns, mtime_ns, owner in items:
+            full = self._path(path)
+            if owner is not None and mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                requests.append((CMD_SETSTAT, full, _owner_attrs(owner)))
+                owner = None
+            requests.append((CMD_SETSTAT, full, _attrs(mode, (atime_ns, mtime_ns), owner)))
+            last.append(len(requests) - 1)
 
         def setstat(sftp: SftpSession) -> list[RemoteError | None]:
-            return [None if e is None else RemoteError(e.errno or errno.EIO, f"setstat: {e.strerror}")
-                    for e in sftp.requests_at_once([(CMD_SETSTAT, path, attrs) for path, attrs in requests])]
+            errors = sftp.requests_at_once(requests)
+            out: list[RemoteError | None] = []
+            for i, end in enumerate(last):
+                first = next((e for e in errors[last[i - 1] + 1 if i else 0:end + 1] if e is not None), None)
+                out.append(None if first is None else RemoteError(first.errno or errno.EIO, f"setstat: {first.strerror}"))
+            return out
 
         return self._pool.run("setstat", setstat)
 
@@ -534,13 +550,21 @@ def _outcome(answer: WriteOutcome) -> UploadOutcome:
     return _to_stat(answer)
 
 
-def _attrs(mode: int, times: tuple[int, int] | None) -> SFTPAttributes:
-    """Permission bits, and (atime, mtime) in ns when given, for one SETSTAT/FSETSTAT
-    (SFTP v3 carries whole seconds)."""
+def _attrs(mode: int, times: tuple[int, int] | None, owner: tuple[int, int] | None = None) -> SFTPAttributes:
+    """Permission bits, and (atime, mtime) in ns and the owner (uid, gid) when given, for
+    one SETSTAT/FSETSTAT (SFTP v3 carries whole seconds)."""
     attrs = SFTPAttributes()
     attrs.st_mode = stat_mod.S_IMODE(mode)
     if times is not None:
         attrs.st_atime, attrs.st_mtime = (t // 1_000_000_000 for t in times)
+    if owner is not None:
+        attrs.st_uid, attrs.st_gid = owner
+    return attrs
+
+
+def _owner_attrs(owner: tuple[int, int]) -> SFTPAttributes:
+    attrs = SFTPAttributes()
+    attrs.st_uid, attrs.st_gid = owner
     return attrs
 
 

@@ -48,6 +48,10 @@ DAMAGED = 1 << 10
 #: a local version whose change the remote refused for good (permission, quota): kept here
 #: as it is, by listings too, until it changes again or its conflict is resolved
 KEPT = 1 << 11
+#: the owner (uid, gid) was set here (a chown, or a creation with ``--owners remote``): sent
+#: to the server with the node's next upload, mkdir or ``setattr`` (with ATTR_DIRTY or
+#: DIRTY, which make it local truth); cleared when a ``setattr`` has sent it
+OWNER_DIRTY = 1 << 12
 #: a FIFO, socket or device node made here: it lives in this cache only, never journaled nor
 #: sent (SFTP cannot make one), kept by listings that do not show its name; a server object
 #: listed under its name takes the name and it moves to a conflict-style name. A device

@@ -221,7 +221,7 @@ class ContentReplay:
         ("gone", None) to settle."""
         args = (created, node.base, node.size, op.path, self.store.content_path(node.ino),
                 stat_mod.S_IMODE(node.mode), self.side.temp_name(op.path, op.seq), node.atime_ns,
-                node.mtime_ns, digest)
+                node.mtime_ns, digest, self.side.owner_of(node))
         try:
             found: tuple[str, RemoteStat | None]
             if self.group is not None and self.group.expects(op.seq):

@@ -85,7 +85,8 @@ class SyncManager:
         self.schedule = Schedule(self.wakeup, writeback_delay, writeback_hold, interval)
         self.status = SyncStatus()
         #: the blocking upload jobs, run in a worker thread or handed on to a worker process
-        side = RemoteSide(store, conn, transfers or Transfers.in_process(self.remote, store.content), self.client)
+        side = RemoteSide(store, conn, transfers or Transfers.in_process(self.remote, store.content), self.client,
+                          remote_owners=cache.config.owners == "remote")
         #: the store changes of the replay (a node and its content, written in one place)
         reconcile = cache.reconcile
         ledger = Ledger(store, cache)

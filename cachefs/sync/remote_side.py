@@ -25,19 +25,30 @@ from ..paths import join
 from ..link.connectivity import Connectivity
 from ..remote import Remote, RemoteStat
 from ..store.crypto import PlainContent
-from ..store.index import Node, Store
+from ..store.index import OWNER_DIRTY, Node, Store
 from .naming import temp_name
 
 log = logging.getLogger(__name__)
 
 
 class RemoteSide:
-    def __init__(self, store: Store, conn: Connectivity, transfers: Transfers, client: str) -> None:
+    def __init__(self, store: Store, conn: Connectivity, transfers: Transfers, client: str,
+                 remote_owners: bool = False) -> None:
         self.store = store
         self.conn = conn
         self.remote: Remote = conn.remote
         self.transfers = transfers
         self.client = client  # what temporary names made by this cache carry
+        #: --owners remote: owners set here go to the server, and uploads keep a file's owner
+        self.remote_owners = remote_owners
+
+    def owner_of(self, node: Node) -> tuple[int, int] | None:
+        """The owner an upload (a new file renamed over the old) gives the file: with
+        ``--owners remote``, the node's when it was set here or came from the server (the
+        new file would be the SSH user's); else none (the server's default, as before)."""
+        if self.remote_owners and (node.flags & OWNER_DIRTY or node.base is not None):
+            return node.uid, node.gid
+        return None
 
     async def stat(self, path: bytes) -> RemoteStat | None:
         try:
@@ -116,7 +127,8 @@ class RemoteSide:
             raise ContentDamaged(f"no checksum of inode {node.ino}'s content was recorded")
         stat: RemoteStat = await self.conn.call(
             self.transfers.upload, node.size, path, self.store.content_path(node.ino),
-            stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns, digest, bulk=True)
+            stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns, digest, self.owner_of(node),
+            bulk=True)
         return stat
 
     async def same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:

@@ -37,7 +37,7 @@ from ..errors import ContentDamaged, RemoteError, Unavailable
 from ..progress import Progress
 from ..remote import RemoteStat
 from ..store.crypto import RecordError
-from ..store.index import ORPHAN, Store, Txn, index_damaged
+from ..store.index import ORPHAN, OWNER_DIRTY, Store, Txn, index_damaged
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
 from .conflicts import Conflicts, record
 from .content import ContentReplay, landed_before
@@ -281,18 +281,22 @@ class Replayer:
             self.ledger.finish(op)
             return 0
         sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
+        # (an owner set here goes in the same request: no round trip more)
+        owner = (node.uid, node.gid) if self.side.remote_owners and node.has(OWNER_DIRTY) else None
         group = self.content.group
         try:
             if group is not None and group.expects(op.seq):  # (with the batch's others)
-                await group.submit_attrs(op, (op.path, *sent))
-            else:
+                await group.submit_attrs(op, (op.path, *sent, owner))
+            elif owner is None:
                 await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
+            else:
+                await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent, owner)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             self.ledger.finish(op, conflict=record(op, "attributes-of-deleted"))
             return 0
-        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent))
+        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent, owner=owner))
         if node.is_dir:
             self.content.folder_timed(op.ino)
         return 0
@@ -346,9 +350,20 @@ class Replayer:
                     raise
                 await self.side.make_parents(op.path)
                 await self._mkdir(op.path, op.mode)
-            remote = await self.side.stat(op.path)
+            remote = await self._owned(op, await self.side.stat(op.path))
         self.ledger.finish(op, self._agree(op, remote))
         return 0
+
+    async def _owned(self, op: Op, remote: RemoteStat | None) -> RemoteStat | None:
+        """A folder just made there gets the owner it was made with here (``--owners
+        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs."""
+        node = self.store.get(op.ino)
+        if remote is None or node is None or self.side.owner_of(node) is None \
+                or (remote.uid, remote.gid) == (node.uid, node.gid):
+            return remote
+        await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
+                                  node.atime_ns, node.mtime_ns, (node.uid, node.gid))
+        return await self.side.stat(op.path)
 
     async def _rename_local_aside(self, op: Op) -> int:
         """A folder or symlink made here collides with another kind of object there:

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from ..remote.base import AttrsItem
 from ..remote.sftp import SMALL_UPLOAD
 from ..store.index import Store, Txn
 from ..store.journal import Op
@@ -55,7 +56,7 @@ class _Item:
 @dataclass
 class _Attrs:
     op: Op
-    sent: tuple[bytes, int, int, int]  # (path, mode, atime_ns, mtime_ns)
+    sent: AttrsItem  # (path, mode, atime_ns, mtime_ns, owner or None)
     done: trio.Event = field(default_factory=trio.Event)
     outcome: Any = None
     error: BaseException | None = None
@@ -95,8 +96,8 @@ class UploadGroup:
             raise item.outcome
         return item.outcome
 
-    async def submit_attrs(self, op: Op, sent: tuple[bytes, int, int, int]) -> None:
-        """``set_attrs`` of (path, mode, atime_ns, mtime_ns), sent with the others of the
+    async def submit_attrs(self, op: Op, sent: AttrsItem) -> None:
+        """``set_attrs`` of (path, mode, atime_ns, mtime_ns, owner), sent with the others of the
         batch; its error raised as it would be alone."""
         item = _Attrs(op, sent)
         self._attrs.append(item)
