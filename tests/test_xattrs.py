@@ -136,6 +136,9 @@ def test_request_limits_and_record() -> None:
         check_request(b"user." + b"n" * 251)
     assert too_long.value.errno == errno.ERANGE
     check_request(b"user." + b"n" * 250)
+    with pytest.raises(XattrRefused) as empty:
+        check_request(b"user.")
+    assert empty.value.errno == errno.EINVAL
     with pytest.raises(XattrRefused) as too_big:
         check_request(b"user.a", b"v" * 65537)
     assert too_big.value.errno == errno.E2BIG
@@ -233,6 +236,9 @@ def test_sftp_keeps_them_local_with_ext4_errno(mount_factory, share: Path) -> No
         # sizes: the kernel's checks, then ext4's room
         assert errno_of(lambda: os.setxattr(f, "user." + "n" * 251, b"1")) == "ERANGE"
         assert errno_of(lambda: os.setxattr(f, "user.big", b"v" * 65537)) == "E2BIG"
+        # a name empty after its prefix: EINVAL for each, as ext4 (it was ERANGE, ENODATA)
+        assert [errno_of(lambda: os.setxattr(f, "user.", b"1")), errno_of(lambda: os.getxattr(f, "user.")),
+                errno_of(lambda: os.removexattr(f, "user."))] == ["EINVAL"] * 3
         (mnt / "full").write_bytes(b"")
         made = 0
         while (err := errno_of(lambda: os.setxattr(mnt / "full", f"user.{made:03d}", b"v"))) == "ok":

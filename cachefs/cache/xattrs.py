@@ -53,6 +53,7 @@ class Xattrs:
     # -- reading ----------------------------------------------------------------------
     async def get(self, ino: int, name: bytes) -> bytes:
         _user_only(name)
+        check_request(name)
         node = self._listings.node(ino)
         if not (node.is_file or node.is_dir):
             raise XattrRefused(errno.ENODATA)
