@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,69 @@ def test_sftp_keeps_them_local_with_ext4_errno(mount_factory, share: Path) -> No
 
 # -- a local folder as the share: replayed onto its files ---------------------------------------
 
+def test_a_file_read_online_has_the_servers_attributes_offline(mount_factory, share: Path) -> None:
+    """The server's attributes are read after a fetch of the content (in the background):
+    a file read online lists them offline; one never read answers EHOSTDOWN offline where
+    the answer depends on them (it listed [], and cp -a copied it without them)."""
+    (share / "read.txt").write_bytes(b"read online\n")
+    os.setxattr(share / "read.txt", "user.r", b"R")
+    (share / "sub").mkdir()
+    (share / "sub" / "small.txt").write_bytes(b"small\n")
+    os.setxattr(share / "sub" / "small.txt", "user.s", b"S")
+    (share / "never.txt").write_bytes(b"never read\n")
+    os.setxattr(share / "never.txt", "user.n", b"N")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "read.txt").read_bytes() == b"read online\n"
+        assert command(mnt, "pin sub") > 0
+        os.listdir(mnt)
+        time.sleep(1)  # (the read after the fetch: a local folder answers in milliseconds)
+        go_offline(mnt)
+        assert user_xattrs(mnt / "read.txt") == {"user.r": b"R"}
+        assert user_xattrs(mnt / "sub" / "small.txt") == {"user.s": b"S"}
+        never = mnt / "never.txt"
+        assert errno_of(lambda: os.listxattr(never)) == "EHOSTDOWN"
+        assert errno_of(lambda: os.getxattr(never, "user.n")) == "EHOSTDOWN"
+        assert errno_of(lambda: os.removexattr(never, "user.n")) == "EHOSTDOWN"
+        assert errno_of(lambda: os.setxattr(never, "user.x", b"1", os.XATTR_CREATE)) == "EHOSTDOWN"
+        os.setxattr(never, "user.here", b"set offline")
+        assert os.getxattr(never, "user.here") == b"set offline"
+        copy = share.parent / "copy-out"
+        assert subprocess.run(["cp", "-a", str(mnt / "read.txt"), str(copy)]).returncode == 0
+        assert user_xattrs(copy) == {"user.r": b"R"}
+        go_online_and_sync(mnt)
+        assert user_xattrs(never) == {"user.n": b"N", "user.here": b"set offline"}
+        assert user_xattrs(share / "never.txt") == {"user.n": b"N", "user.here": b"set offline"}
+
+
+def test_a_rename_still_to_replay_never_reads_the_old_files_attributes(mount_factory, share: Path) -> None:
+    """mv A B offline over the share's B, then online with the replay held back by a file
+    open for writing: B's attributes are not read from the share's old B (they were merged
+    and kept for good); after the replay B has A's."""
+    (share / "A").write_bytes(b"a\n")
+    os.setxattr(share / "A", "user.a", b"A")
+    (share / "B").write_bytes(b"b\n")
+    os.setxattr(share / "B", "user.b", b"B")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        fd = os.open(mnt / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"x")
+            os.rename(mnt / "A", mnt / "B")
+            command(mnt, "online")
+            deadline = time.monotonic() + 20
+            while status(mnt)["connectivity"] != "online":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert status(mnt)["pending"] > 0  # (held back by the open file)
+            assert "user.b" not in user_xattrs(mnt / "B")
+        finally:
+            os.close(fd)
+        sync(mnt)
+        assert user_xattrs(share / "B") == {"user.a": b"A"}
+        assert user_xattrs(mnt / "B") == {"user.a": b"A"}
+
 def test_local_share_carries_them_online_offline_and_after_a_remount(mount_factory, share: Path) -> None:
     (share / "served.txt").write_bytes(b"on the server\n")
     os.setxattr(share / "served.txt", "user.from", b"server")
@@ -298,7 +362,10 @@ def test_local_share_carries_them_online_offline_and_after_a_remount(mount_facto
         os.setxattr(mnt / "unread.txt", "user.new", b"offline")  # the server's not known yet
         os.setxattr(mnt / "unread.txt", "user.drop", b"set here")
         os.removexattr(mnt / "unread.txt", "user.drop")  # the last change here: removed
-        assert user_xattrs(mnt / "unread.txt") == {"user.new": b"offline"}
+        # the server's never read: "which there are" has no answer offline (not "none")
+        assert errno_of(lambda: os.listxattr(mnt / "unread.txt")) == "EHOSTDOWN"
+        assert os.getxattr(mnt / "unread.txt", "user.new") == b"offline"
+        assert errno_of(lambda: os.getxattr(mnt / "unread.txt", "user.drop")) == "ENODATA"  # (removed here)
         assert status(mnt)["pending"] > 0
         go_online_and_sync(mnt)
         # the server's joined what was set here, once read (online)

@@ -92,6 +92,7 @@ class Cache:
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._xattrs = Xattrs(store, conn, self._listings, self._writes.journal, changed or _nothing)
+        self._content.fetched = self._xattrs.fetched
         self._space: SpaceInfo | None = None
         self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
@@ -144,6 +145,7 @@ class Cache:
             self._nursery = nursery
             self._content.start(nursery)
             self._listings.start(nursery)
+            self._xattrs.start(nursery)
             nursery.start_soon(self._callbacks.run)
             task_status.started()
             try:
