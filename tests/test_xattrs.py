@@ -485,3 +485,59 @@ def test_a_kill_loses_no_attribute_change_and_they_follow_renames(mount_factory,
         assert user_xattrs(share / "fresh" / "f") == {"user.c": b"3"}
         assert user_xattrs(share / "fresh" / "g") == {"user.c": b"3"}
         assert user_xattrs(share / "fresh") == {"user.dir": b"d"}
+
+
+# -- conflicts: our attributes go with our version ---------------------------------------------
+
+def _conflict_copy(folder: Path, name: str) -> str:
+    copies = [n for n in os.listdir(folder) if n.startswith(f"{name} (conflict")]
+    assert len(copies) == 1, os.listdir(folder)
+    return copies[0]
+
+
+def test_changed_on_both_sides_our_attributes_go_with_our_copy_local_share(mount_factory,
+                                                                           share: Path) -> None:
+    """The copy (ours) had none, and the server's version got ours (its own unseen)."""
+    (share / "f").write_bytes(b"v1\n")
+    os.setxattr(share / "f", "user.x", b"server-orig")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        assert user_xattrs(mnt / "f") == {"user.x": b"server-orig"}
+        go_offline(mnt)
+        (mnt / "f").write_bytes(b"ours\n")
+        os.setxattr(mnt / "f", "user.mine", b"ours")
+        time.sleep(1.1)
+        (share / "f").write_bytes(b"theirs, longer\n")
+        os.setxattr(share / "f", "user.srv", b"theirs")
+        go_online_and_sync(mnt)
+        copy = _conflict_copy(mnt, "f")
+        ours = {"user.x": b"server-orig", "user.mine": b"ours"}
+        theirs = {"user.x": b"server-orig", "user.srv": b"theirs"}
+        assert (mnt / copy).read_bytes() == b"ours\n"
+        assert user_xattrs(share / copy) == ours
+        assert user_xattrs(mnt / copy) == ours
+        assert user_xattrs(share / "f") == theirs
+        assert user_xattrs(mnt / "f") == theirs
+        assert status(mnt)["pending"] == 0
+    with mount_factory(remote=str(share), name="mnt2") as again:
+        assert user_xattrs(again.mountpoint / copy) == ours
+        assert user_xattrs(again.mountpoint / "f") == theirs
+
+
+def test_changed_on_both_sides_our_attributes_go_with_our_copy_sftp(mount_factory, share: Path) -> None:
+    (share / "f").write_bytes(b"v1\n")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "f").read_bytes() == b"v1\n"
+        os.setxattr(mnt / "f", "user.l", b"local")
+        go_offline(mnt)
+        (mnt / "f").write_bytes(b"ours\n")
+        os.setxattr(mnt / "f", "user.m", b"offline")
+        time.sleep(1.1)
+        (share / "f").write_bytes(b"theirs, longer\n")
+        go_online_and_sync(mnt)
+        copy = _conflict_copy(mnt, "f")
+        assert (mnt / copy).read_bytes() == b"ours\n"
+        assert user_xattrs(mnt / copy) == {"user.l": b"local", "user.m": b"offline"}
+        assert user_xattrs(mnt / "f") == {}
+        assert os.getxattr(mnt / copy, STATE).endswith(b", xattrs local")

@@ -179,6 +179,20 @@ class Reconcile:
         copy.placed = True
 
     @staticmethod
+    def move_xattrs(t: Txn, copy: ContentCopy, ino: int, carried: bool) -> None:
+        """The extended attributes of node ``ino`` go with our version, now the conflict
+        copy ``copy``: its record, when the copy is placed; the name shows the server's
+        version, whose attributes are read again (none of ours on it; the caller drops
+        ``ino``'s ``xattr`` entries still pending: the copy's upload carried their values).
+        Over a remote that keeps none, with no copy placed here, the record stays on
+        ``ino``: the only copy."""
+        found = t.xattrs(ino)
+        if copy.placed and found is not None:
+            t.set_xattrs(copy.ino, found)
+        if copy.placed or carried:
+            t.delete_xattrs(ino)
+
+    @staticmethod
     def keep_damaged_copy(t: Txn, copy: ContentCopy, n: Node, when: float) -> bytes | None:
         """What was left of our damaged version of ``n`` (``copy``, when any) stays here
         only, under ``NAME (damaged ...)``: ``DAMAGED``, kept by listings, never evicted,

@@ -120,6 +120,11 @@ class Conflicts:
             if n is None:
                 return
             self.reconcile.keep_conflict_copy(t, kept, n, op.parent, copy_name, copy_stat.version(), gen)
+            carried = bool(self.side.remote.xattrs)
+            self.reconcile.move_xattrs(t, kept, n.ino, carried)
+            for later in t.ops_of(n.ino, op.seq) if carried else []:
+                if later.kind == "xattr":  # (they would change the server's version's)
+                    t.delete_op(later.seq)
             self.reconcile.show_server_version(t, n, remote, gen)
 
         try:
@@ -136,6 +141,7 @@ class Conflicts:
         temp = join(parent, self.side.temp_name(op.path, op.seq, b"copy") + b"-" + self.nonce.encode())
         copy_stat = await self.side.upload(node, temp, op.seq)
         try:
+            await self.side.carry_xattrs(node.ino, temp)
             copy = await self.aside(op.path, partial(self.side.rename_exclusive, temp))
         except RemoteError:
             with trio.move_on_after(self.side.conn.timeout * 2 + 1):

@@ -304,6 +304,8 @@ class Replayer:
         Refused there (EPERM, ENOSPC ...): kept here, recorded as an ``error`` conflict,
         without the ``KEPT`` mark of a refused content change (the node's other changes
         go on as they are)."""
+        if not self.store.has_op(op.seq):
+            return 0  # (dropped by a conflict of its node in this pass: Reconcile.move_xattrs)
         node = self.store.get(op.ino)
         found = self.store.get_xattrs(op.ino) if node is not None and not node.has(ORPHAN) else None
         if found is None and (node is None or node.has(ORPHAN)):
