@@ -541,3 +541,46 @@ def test_changed_on_both_sides_our_attributes_go_with_our_copy_sftp(mount_factor
         assert user_xattrs(mnt / copy) == {"user.l": b"local", "user.m": b"offline"}
         assert user_xattrs(mnt / "f") == {}
         assert os.getxattr(mnt / copy, STATE).endswith(b", xattrs local")
+
+
+@pytest.mark.parametrize("remote", ["sftp", "local"])
+def test_moved_aside_our_node_keeps_its_attributes_under_the_conflict_name(mount_factory, share: Path,
+                                                                          remote: str) -> None:
+    """Renamed here onto a name the server took meanwhile, and a folder made here where
+    the server made a file: ours goes aside under a conflict name, keeping its attributes
+    (the node was forgotten here with its record: gone from both; entries after the
+    rename were dropped), the server's keeps the name with its own."""
+    (share / "f").write_bytes(b"ours\n")
+    local = remote == "local"
+    if local:
+        os.setxattr(share / "f", "user.s", b"server")
+    with mount_factory(**({"remote": str(share)} if local else {})) as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "f").read_bytes() == b"ours\n"
+        os.setxattr(mnt / "f", "user.before", b"1")
+        go_offline(mnt)
+        os.rename(mnt / "f", mnt / "g")
+        os.setxattr(mnt / "g", "user.after", b"2")
+        (mnt / "d").mkdir()
+        os.setxattr(mnt / "d", "user.d", b"ours")
+        (share / "g").write_bytes(b"server g\n")
+        (share / "d").write_bytes(b"server d\n")
+        if local:
+            os.setxattr(share / "g", "user.theirs", b"g")
+            os.setxattr(share / "d", "user.theirs", b"d")
+        go_online_and_sync(mnt)
+        copy_g, copy_d = _conflict_copy(mnt, "g"), _conflict_copy(mnt, "d")
+        ours_g = {"user.before": b"1", "user.after": b"2", **({"user.s": b"server"} if local else {})}
+        assert (mnt / copy_g).read_bytes() == b"ours\n"
+        assert user_xattrs(mnt / copy_g) == ours_g
+        assert user_xattrs(mnt / copy_d) == {"user.d": b"ours"}
+        assert (mnt / "g").read_bytes() == b"server g\n"
+        assert (mnt / "d").read_bytes() == b"server d\n"
+        theirs = {"user.theirs": b"g"} if local else {}
+        assert user_xattrs(mnt / "g") == theirs
+        assert status(mnt)["pending"] == 0
+        if local:
+            assert user_xattrs(share / copy_g) == ours_g
+            assert user_xattrs(share / copy_d) == {"user.d": b"ours"}
+            assert user_xattrs(share / "g") == theirs
+            assert user_xattrs(share / "d") == {"user.theirs": b"d"}

@@ -197,12 +197,18 @@ class Cache:
                                           mtime_ns=mtime_ns, handle=handle)
         return node if node is not None else self.node(ino)
 
-    def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False) -> None:
+    def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False,
+                       rehomed_from: bytes | None = None) -> None:
         """The sync manager changed the remote under this node in a way the cache cannot
         follow by itself (a conflict): list the folder again, drop stale content; a node
-        moved aside on the remote is forgotten here so the listing brings both back."""
+        moved aside on the remote is forgotten here so the listing brings both back,
+        unless it was re-homed under its new name (``Reconcile.rehome``, from the name
+        ``rehomed_from``): then it keeps its content, and the kernel forgets the old name."""
         self._listings.forget_listed(parent_ino)
         self._listings.forget_checked(ino)
+        if rehomed_from is not None:
+            self._kernel.invalidate_entry(parent_ino, rehomed_from)
+            return
         if moved_aside:
             node = self._store.get(ino)
             if node is not None:

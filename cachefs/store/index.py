@@ -888,16 +888,13 @@ class Txn:
     def delete_xattrs(self, ino: int) -> None:
         self.txn.delete(_key(ino), db=self.store.xattrs)
 
-    def ops_of(self, ino: int, after: int = 0) -> list[Op]:
-        """The journal's entries about node ``ino`` after entry ``after`` (a walk of the
-        journal: for the rare conflicts that need it, never per request)."""
-        found = []
-        for k, v in self.txn.cursor(db=self.store.journal):
-            if journal.seq_of(k) > after:
-                op = self.store._op(k, v)
-                if op.ino == ino:
-                    found.append(op)
-        return found
+    def ops_after(self, seq: int) -> list[Op]:
+        """The journal's entries after entry ``seq`` (a walk of the journal's end: for the
+        rare conflicts that need it, never per request)."""
+        cur = self.txn.cursor(db=self.store.journal)
+        if not cur.set_range(journal.key(seq + 1)):
+            return []
+        return [self.store._op(k, v) for k, v in cur]
 
     def forget_ranges(self, ino: int) -> None:
         """No byte of the node's content file counts as fetched any more."""

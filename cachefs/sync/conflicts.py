@@ -122,8 +122,8 @@ class Conflicts:
             self.reconcile.keep_conflict_copy(t, kept, n, op.parent, copy_name, copy_stat.version(), gen)
             carried = bool(self.side.remote.xattrs)
             self.reconcile.move_xattrs(t, kept, n.ino, carried)
-            for later in t.ops_of(n.ino, op.seq) if carried else []:
-                if later.kind == "xattr":  # (they would change the server's version's)
+            for later in t.ops_after(op.seq) if carried else []:
+                if later.kind == "xattr" and later.ino == n.ino:  # (they would change the server's version's)
                     t.delete_op(later.seq)
             self.reconcile.show_server_version(t, n, remote, gen)
 

@@ -39,7 +39,7 @@ from ..remote import RemoteStat
 from ..store.crypto import RecordError
 from ..store.index import ORPHAN, Store, Txn, index_damaged
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
-from .conflicts import Conflicts, record
+from .conflicts import Conflicts, Record, record
 from .content import ContentReplay, landed_before
 from .ledger import Ledger
 from .ordering import batches
@@ -47,6 +47,10 @@ from .remote_side import RemoteSide
 from .status import PassResult
 from .sums import ServerSums
 from .uploads import UploadGroup
+
+#: the kinds of later entries about a node moved aside that follow it to its new name
+#: (``Replayer._moved_aside``): changes of it in place
+_REHOMED_LATER = {"store", "setattr", "xattr"}
 
 #: entries of one batch at most: their uploads go together (``UploadGroup``), the other
 #: entries side by side, as many at once as the connections allow
@@ -67,6 +71,7 @@ class Replayer:
         self.sums = sums
         self.progress = Progress()
         self._failed = False  # the running pass met a local failure (not the link's, not a writer's)
+        self._pass_ops: dict[int, Op] = {}  # the running pass's entries, by sequence number
 
     # -- a pass ---------------------------------------------------------------------------
     async def replay(self) -> PassResult:
@@ -88,6 +93,7 @@ class Replayer:
             kept = await self._optimised(ops)
         except Unavailable as exc:  # (a dropped entry's leftovers on the server: retried next pass)
             return PassResult(False, f"remote is offline: {exc}")
+        self._pass_ops = {op.seq: op for op in kept}
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
         started = time.monotonic()
@@ -362,10 +368,49 @@ class Replayer:
                 await self.side.conn.call(self.side.remote.symlink, op.target, copy)
 
         copy = await self.conflicts.aside(op.path, make)
-        self.ledger.finish(op, conflict=record(op, "created-both",
-                                               conflict_path=copy.decode("utf-8", "surrogateescape")))
-        self.cache.remote_changed(op.ino, parent_ino=op.parent, moved_aside=True)
+        self._moved_aside(op, op.path, copy, op.parent,
+                          record(op, "created-both", conflict_path=copy.decode("utf-8", "surrogateescape")))
         return 0
+
+    def _moved_aside(self, op: Op, path: bytes, copy: bytes, parent: int, found: Record) -> None:
+        """Our node of ``op``, at ``path`` here, is ``copy`` on the server now (the name
+        is another's there): the entry ends with the conflict ``found``, and the node is
+        re-homed here under the copy's name, keeping its content and extended attributes,
+        with the later entries about it at ``path`` sent to ``copy`` (one transaction).
+        Where that cannot be told safely (a later entry about it elsewhere or of another
+        kind, one inside it, a hard link, the name taken here), it is forgotten here as
+        before, and the listing brings both back."""
+        name, new_name = path.rpartition(b"/")[2], copy.rpartition(b"/")[2]
+        moved: list[Op] = []
+        rehomed = [False]
+
+        def update(t: Txn) -> None:
+            moved.clear()
+            rehomed[0] = False
+            inside = path + b"/"
+            about = [o for o in t.ops_after(op.seq)
+                     if o.ino == op.ino or o.path.startswith(inside) or o.dst.startswith(inside) or o.dst == path]
+            if any(o.ino != op.ino or o.path != path or o.dst or o.kind not in _REHOMED_LATER for o in about):
+                log.debug("not re-homed: %s", [(o.kind, o.path) for o in about])
+                return
+            if not self.cache.reconcile.rehome(t, op.ino, parent, name, new_name):
+                return
+            for o in about:
+                o.path = copy
+                t.put_op(o.seq, o)
+            moved.extend(about)
+            rehomed[0] = True
+
+        self.ledger.finish(op, update, found)
+        log.debug("%r moved aside to %r: %s", path, copy, "re-homed here" if rehomed[0] else "forgotten here")
+        if rehomed[0]:
+            for o in moved:  # (the running pass holds them too)
+                held = self._pass_ops.get(o.seq)
+                if held is not None:
+                    held.path = copy
+            self.cache.remote_changed(op.ino, parent_ino=parent, rehomed_from=name)
+        else:
+            self.cache.remote_changed(op.ino, parent_ino=parent, moved_aside=True)
 
     async def _replay_symlink(self, op: Op) -> int:
         remote = await self.side.stat(op.path)
@@ -455,9 +500,9 @@ class Replayer:
         if not await self._renamed_onto(op, dst):
             # A name that appeared there (or changed there): ours becomes a conflict copy.
             target = await self.conflicts.aside(op.dst, partial(self.side.rename_exclusive, op.path))
-            self.ledger.finish(op, conflict=record(op, "renamed-onto-new-remote",
-                                                   conflict_path=target.decode("utf-8", "surrogateescape")))
-            self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
+            self._moved_aside(op, op.dst, target, op.dst_parent,
+                              record(op, "renamed-onto-new-remote",
+                                     conflict_path=target.decode("utf-8", "surrogateescape")))
             return 0
         self.ledger.finish(op)
         return 0
