@@ -439,6 +439,13 @@ class Cache:
         if drop:  # (its content goes too, and the kernel's pages of it)
             self.remote_changed(node.ino, parent_ino=node.parent)
 
+    def settle_xattr(self, path: bytes, name: bytes, send_again: bool, drop: bool) -> None:
+        """The extended attribute ``name`` the remote refused, at a resolve: journaled
+        again (``send_again``), or ours dropped for the server's (``drop``), or left here."""
+        node = self._cached_at(path)
+        if node is not None and name:
+            self._xattrs.settle(node.ino, name, send_again=send_again, drop=drop)
+
     def clear_conflict(self, path: bytes) -> None:
         node = self._cached_at(path)
         if node is not None and node.has(CONFLICT):

@@ -197,6 +197,27 @@ class Xattrs:
             self._record(t, ino, name, found)
         self._commit(change)
 
+    def settle(self, ino: int, name: bytes, *, send_again: bool, drop: bool) -> None:
+        """A change of ``name`` the remote refused, settled: sent again as it is here
+        (a new entry), or ours forgotten (``drop``): the record is marked incomplete
+        without it, so the server's value (or its absence) is read again; names set here
+        since stay."""
+        if not self.carried or not (send_again or drop):
+            return
+
+        def change(t: Txn) -> None:
+            found = t.xattrs(ino)
+            node = t.node(ino)
+            if found is None or node is None or node.has(ORPHAN):
+                return
+            if drop:
+                found.items.pop(name, None)
+                found.complete = False
+                t.set_xattrs(ino, found)
+            else:
+                self._journal(t, Op("xattr", ino, t.path_of(ino), xattr=name))
+        self._commit(change)
+
     def _commit(self, change: Callable[[Txn], None]) -> None:
         # (no listing shows extended attributes: kept listings stay valid)
         self.store.run_write(lambda txn: change(Txn(self.store, txn)), folders=set)

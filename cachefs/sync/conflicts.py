@@ -153,12 +153,15 @@ class Conflicts:
         return copy, copy_stat
 
     # -- refusals -------------------------------------------------------------------------
-    def refused(self, op: Op, exc: RemoteError) -> None:
+    def refused(self, op: Op, exc: RemoteError, kept: bool = True) -> None:
         """The remote refuses this change for good (permission, quota...): keep the local
-        version, record it, and go on with the rest."""
+        version, record it, and go on with the rest. ``kept``: the node is marked ``KEPT``
+        (a listing does not replace it; not for an extended attribute, which leaves the
+        node's other changes as they are)."""
         log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-        self.ledger.finish(op, partial(Reconcile.refused, ino=op.ino),
-                           record(op, "error", error=str(exc), refused=op.kind))
+        details = {"xattr": op.xattr.decode("utf-8", "surrogateescape")} if op.kind == "xattr" else {}
+        self.ledger.finish(op, partial(Reconcile.refused, ino=op.ino) if kept else None,
+                           record(op, "error", error=str(exc), refused=op.kind, **details))
         self.refusal_count += 1
         if len(self._refusals) < 10:
             self._refusals.append((op.path, exc))
@@ -213,6 +216,9 @@ class Conflicts:
             await self.cache.unlink_path(original)
         elif kind == "deleted-remote-changed-local" and keep == "remote":
             await self.cache.unlink_path(original)
+        elif kind == "error" and found.get("refused") == "xattr":  # (an attribute: by its name)
+            self.cache.settle_xattr(original, found.get("xattr", "").encode("utf-8", "surrogateescape"),
+                                    send_again=keep == "local", drop=keep == "remote")
         elif kind == "error":  # the version the server refused: send again, or drop it
             self.cache.settle_kept(original, found.get("refused", "store"), send_again=keep == "local",
                                    drop=keep == "remote")

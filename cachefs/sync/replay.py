@@ -332,9 +332,8 @@ class Replayer:
                 log.warning("the share keeps no extended attributes (%r): %s kept here only",
                             op.path, op.xattr)
                 self.ledger.finish(op)
-            else:  # (refused there: kept here, recorded; the node's other changes go on)
-                log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-                self.ledger.finish(op, conflict=record(op, "error", error=str(exc), refused=op.kind))
+            else:  # (refused there: kept here, recorded, counted; the node's other changes go on)
+                self.conflicts.refused(op, exc, kept=False)
             return 0
         self.ledger.finish(op)
         return len(value or b"")
