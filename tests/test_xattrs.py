@@ -24,6 +24,7 @@ from cachefs.store.index import Store, StoreError
 from cachefs.store.journal import Op, optimise
 from cachefs.store.xattrs import BEYOND, REMOVED, XattrSet, check_request, entry_size
 from tests.fixtures.mount import run_with_timeout, status
+from tests.test_cli import cachefs, ok
 from tests.test_control import command, go_offline, go_online_and_sync
 
 STATE = "user.cachefs.state"
@@ -540,7 +541,10 @@ def test_changed_on_both_sides_our_attributes_go_with_our_copy_sftp(mount_factor
         assert (mnt / copy).read_bytes() == b"ours\n"
         assert user_xattrs(mnt / copy) == {"user.l": b"local", "user.m": b"offline"}
         assert user_xattrs(mnt / "f") == {}
-        assert os.getxattr(mnt / copy, STATE).endswith(b", xattrs local")
+        assert os.getxattr(mnt / copy, STATE) == b"conflict, xattrs local"
+        # cachefs status PATH names the conflict's kind with it (it showed the bare state)
+        shown = ok(cachefs("status", str(mnt / copy))).stdout.splitlines()[0]
+        assert shown.split(None, 2)[2] == "conflict (changed-both), xattrs local", shown
 
 
 @pytest.mark.parametrize("remote", ["sftp", "local"])
