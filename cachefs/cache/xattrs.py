@@ -160,10 +160,11 @@ class Xattrs:
             return None
 
     # -- changes ----------------------------------------------------------------------
-    async def set(self, ino: int, name: bytes, value: bytes, *, create: bool = False,
-                  replace: bool = False) -> None:
-        """Set ``name`` (XATTR_CREATE: ``create``, EEXIST if it is there; XATTR_REPLACE:
-        ``replace``, ENODATA if not); ERANGE, E2BIG, ENOSPC as ext4 gives them."""
+    async def set(self, ino: int, name: bytes, value: bytes) -> None:
+        """Set ``name``; ERANGE, E2BIG, ENOSPC as ext4 gives them. (``XATTR_CREATE`` and
+        ``XATTR_REPLACE`` are pyfuse3's to check, through ``get`` first: a set of the
+        same name by another process between the two is not seen, as on any FUSE file
+        system pyfuse3 serves.)"""
         _user_only(name)
         check_request(name, value)
         node = self._changeable(ino)
@@ -172,11 +173,6 @@ class Xattrs:
 
         def change(t: Txn) -> None:
             found = t.xattrs(ino) or XattrSet(complete=complete)
-            there = found.get(name) is not None
-            if create and there:
-                raise XattrRefused(errno.EEXIST)
-            if replace and not there:
-                raise XattrRefused(errno.ENODATA)
             found.set(name, value)
             self._record(t, ino, name, found)
         self._commit(change)
