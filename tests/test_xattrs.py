@@ -276,17 +276,31 @@ def test_a_file_read_online_has_the_servers_attributes_offline(mount_factory, sh
     (share / "sub").mkdir()
     (share / "sub" / "small.txt").write_bytes(b"small\n")
     os.setxattr(share / "sub" / "small.txt", "user.s", b"S")
+    (share / "sub" / "empty").write_bytes(b"")
+    os.setxattr(share / "sub" / "empty", "user.e", b"E")
+    os.setxattr(share / "sub", "user.pinned", b"P")
+    (share / "listed").mkdir()
+    os.setxattr(share / "listed", "user.l", b"L")
+    (share / "listed" / "empty").write_bytes(b"")
+    os.setxattr(share / "listed" / "empty", "user.le", b"LE")
     (share / "never.txt").write_bytes(b"never read\n")
     os.setxattr(share / "never.txt", "user.n", b"N")
     with mount_factory(remote=str(share)) as mount:
         mnt = mount.mountpoint
         assert (mnt / "read.txt").read_bytes() == b"read online\n"
         assert command(mnt, "pin sub") > 0
-        os.listdir(mnt)
-        time.sleep(1)  # (the read after the fetch: a local folder answers in milliseconds)
+        os.listdir(mnt / "listed")
+        time.sleep(1)  # (the reads after fetches and listings: a local folder answers in ms)
         go_offline(mnt)
         assert user_xattrs(mnt / "read.txt") == {"user.r": b"R"}
+        assert user_xattrs(mnt / "sub") == {"user.pinned": b"P"}
         assert user_xattrs(mnt / "sub" / "small.txt") == {"user.s": b"S"}
+        assert user_xattrs(mnt / "sub" / "empty") == {"user.e": b"E"}
+        assert user_xattrs(mnt / "listed") == {"user.l": b"L"}  # (a folder listed: read after)
+        assert user_xattrs(mnt / "listed" / "empty") == {"user.le": b"LE"}
+        tree = share.parent / "tree-out"
+        assert subprocess.run(["cp", "-a", str(mnt / "sub"), str(tree)]).returncode == 0
+        assert user_xattrs(tree) == {"user.pinned": b"P"} and user_xattrs(tree / "empty") == {"user.e": b"E"}
         never = mnt / "never.txt"
         assert errno_of(lambda: os.listxattr(never)) == "EHOSTDOWN"
         assert errno_of(lambda: os.getxattr(never, "user.n")) == "EHOSTDOWN"

@@ -92,7 +92,7 @@ class Cache:
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._xattrs = Xattrs(store, conn, self._listings, self._writes.journal, changed or _nothing)
-        self._content.fetched = self._xattrs.fetched
+        self._content.fetched = self._xattrs.read_ahead
         self._space: SpaceInfo | None = None
         self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
@@ -189,6 +189,12 @@ class Cache:
 
     def _folder_listed(self, folder: int) -> None:
         self._content.folder_listed(folder)
+        self._xattrs.listed(folder)
+
+    def read_xattrs_ahead(self, ino: int) -> None:
+        """The node's extended attributes read in the background, where the remote keeps
+        them and they never were (a pin walk: they are there offline)."""
+        self._xattrs.read_ahead(ino)
 
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,

@@ -14,8 +14,8 @@ files and folders only (the kernel's VFS refuses them on the others before the r
 reaches a file system, as ext4 does: EPERM to set, ENODATA to read).
 
 A change of the server's attributes is not noticed: they are read once per node (at its
-first attribute request while online, or after a fetch of its content, in the background)
-and kept. Offline, where they were never read, a request whose answer depends on them is
+first attribute request while online, or in the background after a fetch of its content,
+a listing of a folder (and its empty files), a pin walk) and kept. Offline, where they were never read, a request whose answer depends on them is
 EHOSTDOWN (not "none": ``cp -a`` would silently copy a file without them).
 
 Concurrency: on the trio thread; the only await is the remote read, after which the
@@ -93,18 +93,28 @@ class Xattrs:
         """Reads ahead (``fetched``) run in ``nursery`` from now on."""
         self._nursery = nursery
 
-    def fetched(self, node: Node) -> None:
-        """Content of ``node`` was fetched: its attributes are read too, after it in the
-        background (once per node and mount), so that a file read online has them offline.
-        Nothing where the remote keeps none."""
-        if not self.carried or self._nursery is None or node.ino in self._read_ahead:
+    def read_ahead(self, ino: int) -> None:
+        """Content of the node was fetched (or it is pinned, or a folder listed): its
+        attributes are read too, after it in the background (once per node and mount), so
+        that what was read online has them offline. Nothing where the remote keeps none."""
+        if not self.carried or self._nursery is None or ino in self._read_ahead:
             return
         if len(self._read_ahead) > 100_000:  # (a bound: at worst read again, once)
             self._read_ahead.clear()
-        self._read_ahead.add(node.ino)
-        found = self.store.get_xattrs(node.ino)
+        self._read_ahead.add(ino)
+        found = self.store.get_xattrs(ino)
         if found is None or not found.complete:
-            self._nursery.start_soon(self._read_quietly, node.ino)
+            self._nursery.start_soon(self._read_quietly, ino)
+
+    def listed(self, folder: int) -> None:
+        """A folder was listed: its attributes, and those of its empty files (which have
+        no content to fetch), are read ahead."""
+        if not self.carried or self._nursery is None:
+            return
+        self.read_ahead(folder)
+        for child in self.store.children(folder):
+            if child.is_file and child.size == 0:
+                self.read_ahead(child.ino)
 
     async def _read_quietly(self, ino: int) -> None:
         node = self.store.get(ino)
