@@ -510,17 +510,22 @@ def _conflict_copy(folder: Path, name: str) -> str:
     return copies[0]
 
 
-def test_changed_on_both_sides_our_attributes_go_with_our_copy_local_share(mount_factory,
-                                                                           share: Path) -> None:
-    """The copy (ours) had none, and the server's version got ours (its own unseen)."""
+@pytest.mark.parametrize("attribute_first", [False, True], ids=["written-then-set", "set-then-written"])
+def test_changed_on_both_sides_our_attributes_go_with_our_copy_local_share(mount_factory, share: Path,
+                                                                           attribute_first: bool) -> None:
+    """The copy (ours) had none, and the server's version got ours (its own unseen); set
+    before the write, the attribute's entry came first and went onto the server's version."""
     (share / "f").write_bytes(b"v1\n")
     os.setxattr(share / "f", "user.x", b"server-orig")
     with mount_factory(remote=str(share)) as mount:
         mnt = mount.mountpoint
         assert user_xattrs(mnt / "f") == {"user.x": b"server-orig"}
         go_offline(mnt)
+        if attribute_first:
+            os.setxattr(mnt / "f", "user.mine", b"ours")
         (mnt / "f").write_bytes(b"ours\n")
-        os.setxattr(mnt / "f", "user.mine", b"ours")
+        if not attribute_first:
+            os.setxattr(mnt / "f", "user.mine", b"ours")
         time.sleep(1.1)
         (share / "f").write_bytes(b"theirs, longer\n")
         os.setxattr(share / "f", "user.srv", b"theirs")

@@ -72,6 +72,8 @@ class Replayer:
         self.progress = Progress()
         self._failed = False  # the running pass met a local failure (not the link's, not a writer's)
         self._pass_ops: dict[int, Op] = {}  # the running pass's entries, by sequence number
+        self._last_content: dict[int, int] = {}  # node -> its last content entry in the pass
+        self._batches: list[list[Op]] = []  # the running pass's (an entry put last joins them)
 
     # -- a pass ---------------------------------------------------------------------------
     async def replay(self) -> PassResult:
@@ -97,7 +99,9 @@ class Replayer:
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
         started = time.monotonic()
-        stopped = await self._replay_batches(list(batches(kept, BATCH_WIDTH)))
+        self._last_content = {op.ino: op.seq for op in kept if op.kind in CONTENT_OPS}
+        self._batches = list(batches(kept, BATCH_WIDTH))
+        stopped = await self._replay_batches(self._batches)
         log.debug("pass: %d of %d entries replayed in %.3f s", self.progress.ops_done, len(kept),
                   time.monotonic() - started)
         if stopped is not None:
@@ -319,6 +323,10 @@ class Replayer:
             return 0
         value = found.get(op.xattr) if found is not None else None
         remote = self.side.remote
+        if node is not None and self._last_content.get(op.ino, 0) > op.seq \
+                and await self._changed_there(op, node.base):
+            self._put_last(op)
+            return 0
         try:
             if value is None:
                 await self.side.conn.call(remote.remove_xattr, op.path, op.xattr)
@@ -337,6 +345,32 @@ class Replayer:
             return 0
         self.ledger.finish(op)
         return len(value or b"")
+
+    async def _changed_there(self, op: Op, base: tuple[int, int, int] | None) -> bool:
+        """Whether the server's file at ``op.path`` is not the version our changes start
+        from (a content entry of the node follows ``op``: it will keep both versions)."""
+        expected = self.ledger.expected_base(op.ino, base)
+        there = await self.side.stat(op.path)
+        return there is not None and expected is not None and there.version() != expected
+
+    def _put_last(self, op: Op) -> None:
+        """An attribute change of a file the server changed, whose content change follows:
+        sent after that (the server's version must not get ours; if both versions are
+        kept, the copy takes it over and this entry goes: ``Conflicts.keep_both``). The
+        entry moves to the journal's end, its folders still held, and to the pass's end."""
+        moved: list[Op] = []
+
+        def change(t: Txn) -> None:
+            moved.clear()
+            t.delete_op(op.seq)
+            new = Op("xattr", op.ino, t.path_of(op.ino), parent=op.parent, xattr=op.xattr)
+            t.append(new)
+            moved.append(new)
+
+        self.store.transact(change)
+        self.cache.op_replaced(op, moved[0])
+        self._batches.append([moved[0]])
+        self.progress.ops_total += 1
 
     async def _mkdir(self, path: bytes, mode: int) -> None:
         await self.side.conn.call(self.side.remote.mkdir, path, stat_mod.S_IMODE(mode) or 0o755)
