@@ -766,13 +766,14 @@ def _path_state(root: Path, inside: Path) -> str:
     if stat.S_IFMT(os.lstat(inside).st_mode) in _LOCAL_ONLY_KINDS:
         return "local"
     state = os.getxattr(inside, "user.cachefs.state", follow_symlinks=False).decode()
-    if state != "conflict":
+    word, comma, rest = state.partition(",")  # (``conflict, xattrs local``)
+    if word != "conflict":
         return state
     rel = os.path.relpath(inside, root)
     records = json.loads((root / ".cachefs" / "conflicts").read_text())
     kinds = sorted({str(r.get("kind")) for r in records
                     if rel in (r.get("path"), r.get("conflict_path"), r.get("target"))})
-    return f"conflict ({', '.join(kinds)})" if kinds else state
+    return f"conflict ({', '.join(kinds)}){comma}{rest}" if kinds else state
 
 
 def _conflicts_text(status: dict[str, Any]) -> str:

@@ -16,12 +16,18 @@ What goes out, into ``DIR``:
     RECOVERED.txt       one line per file saved (where from, size, what was wrong)
     journal.txt         the changes that were waiting for the server, one per line
                         (renames, deletions, new folders: redo them by hand)
+    xattrs.dump         every ``user.`` extended attribute the cache records, of each file
+                        and folder whose path is known, in ``getfattr --dump`` form (over
+                        SFTP the cache holds the only copy): ``cd SHARE && setfattr
+                        --restore=DIR/xattrs.dump`` puts them back; each file saved also
+                        gets its own, where the destination's file system keeps them
 
 A clean file (its content equals the server's) is not saved when its record says so.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import os
@@ -40,6 +46,7 @@ from .store.index import DAMAGED, DIRTY, KEPT, KERNEL_WRITES, PROBE_CRASHED, ROO
 from .progress import human_bytes
 from .store import journal
 from .store.journal import Op
+from .store.xattrs import XattrSet
 
 
 #: versions that are in this cache only: changes not yet replayed, what was left of a
@@ -77,6 +84,7 @@ class _Index:
         self.nodes: dict[int, Node] = {}
         self.bad_nodes: set[int] = set()
         self.ops: list[Op] = []
+        self.xattrs: dict[int, XattrSet] = {}
         index = cache_dir / "index"
         env = _open_index(index, report)
         if env is None:
@@ -92,6 +100,7 @@ class _Index:
 
                 self._read_nodes(env, txn, opened, report)
                 self._read_journal(env, txn, opened, report)
+                self._read_xattrs(env, txn, opened, report)
         finally:
             env.close()
 
@@ -115,6 +124,18 @@ class _Index:
                 self.ops.append(Op.decode(journal.seq_of(key), opened(value, key)))
             except Exception as exc:  # noqa: BLE001 - any damage
                 report.damage.append(f"journal entry {key.hex()}: {exc}")
+
+    def _read_xattrs(self, env: lmdb.Environment, txn: lmdb.Transaction,
+                     opened: Callable[[bytes, bytes], bytes], report: Report) -> None:
+        try:  # (a cache made before extended attributes has no such sub-database)
+            env.open_db(b"xattrs", txn=txn, create=False)
+        except lmdb.NotFoundError:
+            return
+        for key, value in self._records(env, txn, b"xattrs", report):
+            try:
+                self.xattrs[int.from_bytes(key, "big")] = XattrSet.unpack(opened(value, key))
+            except Exception as exc:  # noqa: BLE001 - any damage
+                report.damage.append(f"extended attributes {key.hex()}: {exc}")
 
     @staticmethod
     def _records(env: lmdb.Environment, txn: lmdb.Transaction, name: bytes, report: Report
@@ -243,13 +264,34 @@ def _recover(cache_dir: Path, to: Path, key: bytes | None, progress: Callable[[s
         if node is not None and not node.is_file:
             continue
         dest, note = _destination(index, op_paths, have_index, to, ino, name)
-        _save(content, data_dir / name, dest, node, ino, note, report)
+        _save(content, data_dir / name, dest, node, ino, note, report, index.xattrs.get(ino))
         if progress is not None and time.monotonic() - last_shown > 0.5:
             last_shown = time.monotonic()
             progress(f"recovering: {n}/{len(names)} content files looked at, {len(report.saved)} saved")
     report.missing.extend(_missing_content(index, {int(name) for name in names}))
     _write_lists(to, report)
+    _write_xattrs(to, index)
     return report
+
+
+def _write_xattrs(to: Path, index: _Index) -> None:
+    """``xattrs.dump``: the recorded ``user.`` attributes of each node whose path is known,
+    as ``getfattr --dump`` writes them (values in base64: ``0s...``), for ``setfattr
+    --restore``; none written when the cache records none."""
+    lines = []
+    for ino, found in sorted(index.xattrs.items()):
+        path = index.path_of(ino)
+        names = found.names()
+        if path is None or not names:
+            continue
+        lines.append(f"# file: {os.fsdecode(path)}\n")
+        for name in sorted(names):
+            value = found.get(name) or b""
+            lines.append(f"{os.fsdecode(name)}=0s{base64.b64encode(value).decode()}\n")
+        lines.append("\n")
+    if lines:
+        with open(to / "xattrs.dump", "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.writelines(lines)
 
 
 def _content_names(data_dir: Path) -> list[str]:
@@ -303,7 +345,7 @@ def _missing_content(index: _Index, with_content: set[int]) -> list[str]:
 
 
 def _save(content: crypto.PlainContent, src: Path, dest: Path, node: Node | None, ino: int, note: str,
-          report: Report) -> None:
+          report: Report, xattrs: XattrSet | None = None) -> None:
     try:
         fd = _open_untouched(src)
     except OSError as exc:
@@ -320,6 +362,7 @@ def _save(content: crypto.PlainContent, src: Path, dest: Path, node: Node | None
                 size = length
         dest.parent.mkdir(parents=True, exist_ok=True)
         done, note = _write_copy(content, fd, size, dest, node, note)
+        note = _set_xattrs(dest, xattrs, note)
         if node is not None:
             os.utime(dest, ns=(node.atime_ns, node.mtime_ns))
         report.saved.append(Saved(ino, dest, done, note))
@@ -330,6 +373,19 @@ def _save(content: crypto.PlainContent, src: Path, dest: Path, node: Node | None
             report.failed.append(f"inode {ino} -> {dest}: {exc.strerror or exc}")
     finally:
         os.close(fd)
+
+
+def _set_xattrs(dest: Path, xattrs: XattrSet | None, note: str) -> str:
+    """The file's recorded ``user.`` attributes set on its copy; ``note`` says what the
+    destination refused (they are in ``xattrs.dump`` too)."""
+    if xattrs is None:
+        return note
+    for name in xattrs.names():
+        try:
+            os.setxattr(dest, name, xattrs.get(name) or b"", follow_symlinks=False)
+        except OSError as exc:
+            return _add_note(note, f"extended attributes not set ({exc.strerror or exc}): see xattrs.dump")
+    return note
 
 
 def _open_untouched(src: Path) -> int:
@@ -414,6 +470,9 @@ def summary(report: Report, to: Path) -> list[str]:
                  f"{report.skipped_clean} unchanged files left (the server has them)")
     if report.ops:
         lines.append(f"{len(report.ops)} changes were waiting for the server: see {to / 'journal.txt'}")
+    if (to / "xattrs.dump").exists():
+        lines.append(f"extended attributes of the share's files: {to / 'xattrs.dump'} "
+                     "(setfattr --restore, from the share's folder)")
     for text in report.damage[:20]:
         lines.append(f"damaged: {text}")
     if len(report.damage) > 20:

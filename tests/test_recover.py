@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import lmdb
@@ -159,3 +160,34 @@ def test_recover_refuses_a_cache_in_use_and_a_folder_with_files(mount_factory, s
     result = run_recover(str(tmp_path / "cache"), "--to", str(tmp_path / "full"))
     assert result.returncode == 1 and "not an empty folder" in result.stderr, result.stderr
     assert (tmp_path / "full" / "x").read_text() == "x"
+
+
+def test_recover_saves_extended_attributes(mount_factory, share: Path, tmp_path: Path) -> None:
+    """Over SFTP the cache holds the only copy of a file's attributes: a changed file's
+    copy gets its own, and xattrs.dump holds those of every file and folder, for
+    setfattr --restore (recover saved none)."""
+    (share / "clean.txt").write_bytes(b"clean\n")
+    (share / "d").mkdir()
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        os.setxattr(mnt / "clean.txt", "user.c", b"clean's")
+        os.setxattr(mnt / "d", "user.dir", b"\x00\xffbinary")
+        go_offline(mnt)
+        write_file(mnt / "changed.txt", b"changed\n")
+        os.setxattr(mnt / "changed.txt", "user.a", b"1")
+        os.setxattr(mnt / "changed.txt", "user.b", "été".encode())
+        cache_dir = mount.cache_dir
+    out = tmp_path / "out"
+    result = run_recover(str(cache_dir), "--to", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = out / "files" / "changed.txt"
+    assert saved.read_bytes() == b"changed\n"
+    assert {n: os.getxattr(saved, n) for n in os.listxattr(saved)} == {"user.a": b"1", "user.b": "été".encode()}
+    assert "xattrs.dump" in result.stdout
+    restored = tmp_path / "restored"
+    shutil.copytree(share, restored)
+    (restored / "changed.txt").write_bytes(b"")
+    subprocess.run(["setfattr", f"--restore={out / 'xattrs.dump'}"], cwd=restored, check=True, timeout=30)
+    assert os.getxattr(restored / "clean.txt", "user.c") == b"clean's"
+    assert os.getxattr(restored / "d", "user.dir") == b"\x00\xffbinary"
+    assert os.getxattr(restored / "changed.txt", "user.b") == "été".encode()

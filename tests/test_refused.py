@@ -116,3 +116,59 @@ def test_a_refused_change_is_kept_until_resolved(tmp_path: Path, keep: str, seen
         result = run_recover(str(cache_dir), "--to", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
         assert (out / "files" / "a.txt").read_bytes() == OURS, result.stdout
+
+
+class RefusingXattrs(LocalRemote):
+    """A local share whose files refuse extended attributes while ``refusing`` is set."""
+
+    refusing = True
+
+    def set_xattr(self, path, name, value):
+        if self.refusing:
+            raise RemoteError(errno.EPERM, "setxattr: Operation not permitted")
+        super().set_xattr(path, name, value)
+
+
+@pytest.mark.parametrize("keep", ["local", "remote", "both"])
+def test_a_refused_attribute_is_counted_and_settled(tmp_path: Path, keep: str) -> None:
+    """An attribute the share refused is an ``error`` conflict that the next sync reports
+    (it went uncounted: the sync succeeded, last_error empty); ``local`` sends it again,
+    ``remote`` shows the server's again (ours showed for good), ``both`` keeps ours here."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a.txt").write_bytes(b"a")
+    os.setxattr(share / "a.txt", "user.x", b"server")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+
+    async def main() -> None:
+        store = Store(cache_dir, f"file://{share}")
+        remote = RefusingXattrs(str(share), 10.0)
+        conn = Connectivity(remote)
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.01, dir_timeout=0.01))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            sync = SyncManager(store, cache, conn)
+            ino = (await cache.lookup(ROOT_INO, b"a.txt")).ino
+            assert await cache.getxattr(ino, b"user.x") == b"server"
+            await cache.setxattr(ino, b"user.x", b"ours")
+            with pytest.raises(SyncFailed) as failed:
+                await sync.request_sync()
+            assert failed.value.errno == errno.EPERM
+            assert sync.status.last_error
+            found = sync.conflicts()
+            assert [(r["kind"], r["refused"], r["xattr"]) for r in found] == [("error", "xattr", "user.x")]
+            assert not store.get(ino).has(KEPT)  # (the node's other changes go on)
+            await sync.request_sync()  # reported once
+            remote.refusing = False
+            await sync.resolve(b"a.txt", keep)
+            await sync.request_sync()
+            want_share = b"ours" if keep == "local" else b"server"
+            assert os.getxattr(share / "a.txt", "user.x") == want_share
+            assert await cache.getxattr(ino, b"user.x") == (b"server" if keep == "remote" else b"ours")
+            assert sync.conflicts() == []
+            nursery.cancel_scope.cancel()
+        store.close()
+
+    trio.run(main)

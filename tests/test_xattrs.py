@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from cachefs.store.index import Store, StoreError
 from cachefs.store.journal import Op, optimise
 from cachefs.store.xattrs import BEYOND, REMOVED, XattrSet, check_request, entry_size
 from tests.fixtures.mount import run_with_timeout, status
+from tests.test_cli import cachefs, ok
 from tests.test_control import command, go_offline, go_online_and_sync
 
 STATE = "user.cachefs.state"
@@ -136,6 +138,9 @@ def test_request_limits_and_record() -> None:
         check_request(b"user." + b"n" * 251)
     assert too_long.value.errno == errno.ERANGE
     check_request(b"user." + b"n" * 250)
+    with pytest.raises(XattrRefused) as empty:
+        check_request(b"user.")
+    assert empty.value.errno == errno.EINVAL
     with pytest.raises(XattrRefused) as too_big:
         check_request(b"user.a", b"v" * 65537)
     assert too_big.value.errno == errno.E2BIG
@@ -233,6 +238,9 @@ def test_sftp_keeps_them_local_with_ext4_errno(mount_factory, share: Path) -> No
         # sizes: the kernel's checks, then ext4's room
         assert errno_of(lambda: os.setxattr(f, "user." + "n" * 251, b"1")) == "ERANGE"
         assert errno_of(lambda: os.setxattr(f, "user.big", b"v" * 65537)) == "E2BIG"
+        # a name empty after its prefix: EINVAL for each, as ext4 (it was ERANGE, ENODATA)
+        assert [errno_of(lambda: os.setxattr(f, "user.", b"1")), errno_of(lambda: os.getxattr(f, "user.")),
+                errno_of(lambda: os.removexattr(f, "user."))] == ["EINVAL"] * 3
         (mnt / "full").write_bytes(b"")
         made = 0
         while (err := errno_of(lambda: os.setxattr(mnt / "full", f"user.{made:03d}", b"v"))) == "ok":
@@ -258,6 +266,83 @@ def test_sftp_keeps_them_local_with_ext4_errno(mount_factory, share: Path) -> No
 
 
 # -- a local folder as the share: replayed onto its files ---------------------------------------
+
+def test_a_file_read_online_has_the_servers_attributes_offline(mount_factory, share: Path) -> None:
+    """The server's attributes are read after a fetch of the content (in the background):
+    a file read online lists them offline; one never read answers EHOSTDOWN offline where
+    the answer depends on them (it listed [], and cp -a copied it without them)."""
+    (share / "read.txt").write_bytes(b"read online\n")
+    os.setxattr(share / "read.txt", "user.r", b"R")
+    (share / "sub").mkdir()
+    (share / "sub" / "small.txt").write_bytes(b"small\n")
+    os.setxattr(share / "sub" / "small.txt", "user.s", b"S")
+    (share / "sub" / "empty").write_bytes(b"")
+    os.setxattr(share / "sub" / "empty", "user.e", b"E")
+    os.setxattr(share / "sub", "user.pinned", b"P")
+    (share / "listed").mkdir()
+    os.setxattr(share / "listed", "user.l", b"L")
+    (share / "listed" / "empty").write_bytes(b"")
+    os.setxattr(share / "listed" / "empty", "user.le", b"LE")
+    (share / "never.txt").write_bytes(b"never read\n")
+    os.setxattr(share / "never.txt", "user.n", b"N")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "read.txt").read_bytes() == b"read online\n"
+        assert command(mnt, "pin sub") > 0
+        os.listdir(mnt / "listed")
+        time.sleep(1)  # (the reads after fetches and listings: a local folder answers in ms)
+        go_offline(mnt)
+        assert user_xattrs(mnt / "read.txt") == {"user.r": b"R"}
+        assert user_xattrs(mnt / "sub") == {"user.pinned": b"P"}
+        assert user_xattrs(mnt / "sub" / "small.txt") == {"user.s": b"S"}
+        assert user_xattrs(mnt / "sub" / "empty") == {"user.e": b"E"}
+        assert user_xattrs(mnt / "listed") == {"user.l": b"L"}  # (a folder listed: read after)
+        assert user_xattrs(mnt / "listed" / "empty") == {"user.le": b"LE"}
+        tree = share.parent / "tree-out"
+        assert subprocess.run(["cp", "-a", str(mnt / "sub"), str(tree)]).returncode == 0
+        assert user_xattrs(tree) == {"user.pinned": b"P"} and user_xattrs(tree / "empty") == {"user.e": b"E"}
+        never = mnt / "never.txt"
+        assert errno_of(lambda: os.listxattr(never)) == "EHOSTDOWN"
+        assert errno_of(lambda: os.getxattr(never, "user.n")) == "EHOSTDOWN"
+        assert errno_of(lambda: os.removexattr(never, "user.n")) == "EHOSTDOWN"
+        assert errno_of(lambda: os.setxattr(never, "user.x", b"1", os.XATTR_CREATE)) == "EHOSTDOWN"
+        os.setxattr(never, "user.here", b"set offline")
+        assert os.getxattr(never, "user.here") == b"set offline"
+        copy = share.parent / "copy-out"
+        assert subprocess.run(["cp", "-a", str(mnt / "read.txt"), str(copy)]).returncode == 0
+        assert user_xattrs(copy) == {"user.r": b"R"}
+        go_online_and_sync(mnt)
+        assert user_xattrs(never) == {"user.n": b"N", "user.here": b"set offline"}
+        assert user_xattrs(share / "never.txt") == {"user.n": b"N", "user.here": b"set offline"}
+
+
+def test_a_rename_still_to_replay_never_reads_the_old_files_attributes(mount_factory, share: Path) -> None:
+    """mv A B offline over the share's B, then online with the replay held back by a file
+    open for writing: B's attributes are not read from the share's old B (they were merged
+    and kept for good); after the replay B has A's."""
+    (share / "A").write_bytes(b"a\n")
+    os.setxattr(share / "A", "user.a", b"A")
+    (share / "B").write_bytes(b"b\n")
+    os.setxattr(share / "B", "user.b", b"B")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        fd = os.open(mnt / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"x")
+            os.rename(mnt / "A", mnt / "B")
+            command(mnt, "online")
+            deadline = time.monotonic() + 20
+            while status(mnt)["connectivity"] != "online":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert status(mnt)["pending"] > 0  # (held back by the open file)
+            assert "user.b" not in user_xattrs(mnt / "B")
+        finally:
+            os.close(fd)
+        sync(mnt)
+        assert user_xattrs(share / "B") == {"user.a": b"A"}
+        assert user_xattrs(mnt / "B") == {"user.a": b"A"}
 
 def test_local_share_carries_them_online_offline_and_after_a_remount(mount_factory, share: Path) -> None:
     (share / "served.txt").write_bytes(b"on the server\n")
@@ -292,7 +377,10 @@ def test_local_share_carries_them_online_offline_and_after_a_remount(mount_facto
         os.setxattr(mnt / "unread.txt", "user.new", b"offline")  # the server's not known yet
         os.setxattr(mnt / "unread.txt", "user.drop", b"set here")
         os.removexattr(mnt / "unread.txt", "user.drop")  # the last change here: removed
-        assert user_xattrs(mnt / "unread.txt") == {"user.new": b"offline"}
+        # the server's never read: "which there are" has no answer offline (not "none")
+        assert errno_of(lambda: os.listxattr(mnt / "unread.txt")) == "EHOSTDOWN"
+        assert os.getxattr(mnt / "unread.txt", "user.new") == b"offline"
+        assert errno_of(lambda: os.getxattr(mnt / "unread.txt", "user.drop")) == "ENODATA"  # (removed here)
         assert status(mnt)["pending"] > 0
         go_online_and_sync(mnt)
         # the server's joined what was set here, once read (online)
@@ -412,3 +500,110 @@ def test_a_kill_loses_no_attribute_change_and_they_follow_renames(mount_factory,
         assert user_xattrs(share / "fresh" / "f") == {"user.c": b"3"}
         assert user_xattrs(share / "fresh" / "g") == {"user.c": b"3"}
         assert user_xattrs(share / "fresh") == {"user.dir": b"d"}
+
+
+# -- conflicts: our attributes go with our version ---------------------------------------------
+
+def _conflict_copy(folder: Path, name: str) -> str:
+    copies = [n for n in os.listdir(folder) if n.startswith(f"{name} (conflict")]
+    assert len(copies) == 1, os.listdir(folder)
+    return copies[0]
+
+
+@pytest.mark.parametrize("attribute_first", [False, True], ids=["written-then-set", "set-then-written"])
+def test_changed_on_both_sides_our_attributes_go_with_our_copy_local_share(mount_factory, share: Path,
+                                                                           attribute_first: bool) -> None:
+    """The copy (ours) had none, and the server's version got ours (its own unseen); set
+    before the write, the attribute's entry came first and went onto the server's version."""
+    (share / "f").write_bytes(b"v1\n")
+    os.setxattr(share / "f", "user.x", b"server-orig")
+    with mount_factory(remote=str(share)) as mount:
+        mnt = mount.mountpoint
+        assert user_xattrs(mnt / "f") == {"user.x": b"server-orig"}
+        go_offline(mnt)
+        if attribute_first:
+            os.setxattr(mnt / "f", "user.mine", b"ours")
+        (mnt / "f").write_bytes(b"ours\n")
+        if not attribute_first:
+            os.setxattr(mnt / "f", "user.mine", b"ours")
+        time.sleep(1.1)
+        (share / "f").write_bytes(b"theirs, longer\n")
+        os.setxattr(share / "f", "user.srv", b"theirs")
+        go_online_and_sync(mnt)
+        copy = _conflict_copy(mnt, "f")
+        ours = {"user.x": b"server-orig", "user.mine": b"ours"}
+        theirs = {"user.x": b"server-orig", "user.srv": b"theirs"}
+        assert (mnt / copy).read_bytes() == b"ours\n"
+        assert user_xattrs(share / copy) == ours
+        assert user_xattrs(mnt / copy) == ours
+        assert user_xattrs(share / "f") == theirs
+        assert user_xattrs(mnt / "f") == theirs
+        assert status(mnt)["pending"] == 0
+    with mount_factory(remote=str(share), name="mnt2") as again:
+        assert user_xattrs(again.mountpoint / copy) == ours
+        assert user_xattrs(again.mountpoint / "f") == theirs
+
+
+def test_changed_on_both_sides_our_attributes_go_with_our_copy_sftp(mount_factory, share: Path) -> None:
+    (share / "f").write_bytes(b"v1\n")
+    with mount_factory() as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "f").read_bytes() == b"v1\n"
+        os.setxattr(mnt / "f", "user.l", b"local")
+        go_offline(mnt)
+        (mnt / "f").write_bytes(b"ours\n")
+        os.setxattr(mnt / "f", "user.m", b"offline")
+        time.sleep(1.1)
+        (share / "f").write_bytes(b"theirs, longer\n")
+        go_online_and_sync(mnt)
+        copy = _conflict_copy(mnt, "f")
+        assert (mnt / copy).read_bytes() == b"ours\n"
+        assert user_xattrs(mnt / copy) == {"user.l": b"local", "user.m": b"offline"}
+        assert user_xattrs(mnt / "f") == {}
+        assert os.getxattr(mnt / copy, STATE) == b"conflict, xattrs local"
+        # cachefs status PATH names the conflict's kind with it (it showed the bare state)
+        shown = ok(cachefs("status", str(mnt / copy))).stdout.splitlines()[0]
+        assert shown.split(None, 2)[2] == "conflict (changed-both), xattrs local", shown
+
+
+@pytest.mark.parametrize("remote", ["sftp", "local"])
+def test_moved_aside_our_node_keeps_its_attributes_under_the_conflict_name(mount_factory, share: Path,
+                                                                          remote: str) -> None:
+    """Renamed here onto a name the server took meanwhile, and a folder made here where
+    the server made a file: ours goes aside under a conflict name, keeping its attributes
+    (the node was forgotten here with its record: gone from both; entries after the
+    rename were dropped), the server's keeps the name with its own."""
+    (share / "f").write_bytes(b"ours\n")
+    local = remote == "local"
+    if local:
+        os.setxattr(share / "f", "user.s", b"server")
+    with mount_factory(**({"remote": str(share)} if local else {})) as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "f").read_bytes() == b"ours\n"
+        os.setxattr(mnt / "f", "user.before", b"1")
+        go_offline(mnt)
+        os.rename(mnt / "f", mnt / "g")
+        os.setxattr(mnt / "g", "user.after", b"2")
+        (mnt / "d").mkdir()
+        os.setxattr(mnt / "d", "user.d", b"ours")
+        (share / "g").write_bytes(b"server g\n")
+        (share / "d").write_bytes(b"server d\n")
+        if local:
+            os.setxattr(share / "g", "user.theirs", b"g")
+            os.setxattr(share / "d", "user.theirs", b"d")
+        go_online_and_sync(mnt)
+        copy_g, copy_d = _conflict_copy(mnt, "g"), _conflict_copy(mnt, "d")
+        ours_g = {"user.before": b"1", "user.after": b"2", **({"user.s": b"server"} if local else {})}
+        assert (mnt / copy_g).read_bytes() == b"ours\n"
+        assert user_xattrs(mnt / copy_g) == ours_g
+        assert user_xattrs(mnt / copy_d) == {"user.d": b"ours"}
+        assert (mnt / "g").read_bytes() == b"server g\n"
+        assert (mnt / "d").read_bytes() == b"server d\n"
+        theirs = {"user.theirs": b"g"} if local else {}
+        assert user_xattrs(mnt / "g") == theirs
+        assert status(mnt)["pending"] == 0
+        if local:
+            assert user_xattrs(share / copy_g) == ours_g
+            assert user_xattrs(share / copy_d) == {"user.d": b"ours"}
+            assert user_xattrs(share / "g") == theirs
+            assert user_xattrs(share / "d") == {"user.theirs": b"d"}

@@ -100,6 +100,7 @@ class Cache:
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._xattrs = Xattrs(store, conn, self._listings, self._writes.journal, changed or _nothing)
+        self._content.fetched = self._xattrs.read_ahead
         self._space: SpaceInfo | None = None
         self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
@@ -158,6 +159,7 @@ class Cache:
                     with contextlib.suppress(Unavailable, RemoteError, NotFound):
                         await self._listings.root_attributes()
             self._listings.start(nursery)
+            self._xattrs.start(nursery)
             nursery.start_soon(self._callbacks.run)
             task_status.started()
             try:
@@ -211,6 +213,12 @@ class Cache:
 
     def _folder_listed(self, folder: int) -> None:
         self._content.folder_listed(folder)
+        self._xattrs.listed(folder)
+
+    def read_xattrs_ahead(self, ino: int) -> None:
+        """The node's extended attributes read in the background, where the remote keeps
+        them and they never were (a pin walk: they are there offline)."""
+        self._xattrs.read_ahead(ino)
 
     async def setattr(self, ino: int, *, mode: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
@@ -223,12 +231,18 @@ class Cache:
                                           mtime_ns=mtime_ns, handle=handle, uid=uid, gid=gid)
         return node if node is not None else self.node(ino)
 
-    def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False) -> None:
+    def remote_changed(self, ino: int, parent_ino: int, moved_aside: bool = False,
+                       rehomed_from: bytes | None = None) -> None:
         """The sync manager changed the remote under this node in a way the cache cannot
         follow by itself (a conflict): list the folder again, drop stale content; a node
-        moved aside on the remote is forgotten here so the listing brings both back."""
+        moved aside on the remote is forgotten here so the listing brings both back,
+        unless it was re-homed under its new name (``Reconcile.rehome``, from the name
+        ``rehomed_from``): then it keeps its content, and the kernel forgets the old name."""
         self._listings.forget_listed(parent_ino)
         self._listings.forget_checked(ino)
+        if rehomed_from is not None:
+            self._kernel.invalidate_entry(parent_ino, rehomed_from)
+            return
         if moved_aside:
             node = self._store.get(ino)
             if node is not None:
@@ -460,6 +474,13 @@ class Cache:
         self._writes.settle_kept(node.ino, drop, resend_content)
         if drop:  # (its content goes too, and the kernel's pages of it)
             self.remote_changed(node.ino, parent_ino=node.parent)
+
+    def settle_xattr(self, path: bytes, name: bytes, send_again: bool, drop: bool) -> None:
+        """The extended attribute ``name`` the remote refused, at a resolve: journaled
+        again (``send_again``), or ours dropped for the server's (``drop``), or left here."""
+        node = self._cached_at(path)
+        if node is not None and name:
+            self._xattrs.settle(node.ino, name, send_again=send_again, drop=drop)
 
     def clear_conflict(self, path: bytes) -> None:
         node = self._cached_at(path)

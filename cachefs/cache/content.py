@@ -82,6 +82,9 @@ class Content:
         self._wanted_lot = trio.lowlevel.ParkingLot()
         self.usage = store.usage()  # content bytes in the cache, kept as a running count
         self._nursery: trio.Nursery | None = None
+        #: told of each node some content of which was fetched (``Xattrs.read_ahead``: its
+        #: extended attributes are read after it)
+        self.fetched: Callable[[int], None] = _nothing
 
     def start(self, nursery: trio.Nursery) -> None:
         """Fetches run in ``nursery`` from now on."""
@@ -298,6 +301,7 @@ class Content:
                 self._ranges[ino] = rangeset.add(self.known_ranges(ino), gap_start, gap_start + got)
                 self._unsaved.add(ino)
                 self.usage += got
+                self.fetched(ino)
             if got < gap_end - gap_start:
                 break
         if small and not self.conn.slow:
@@ -441,6 +445,7 @@ class Content:
                     self._ranges[node.ino] = rangeset.add(self.known_ranges(node.ino), 0, got)
                     self._unsaved.add(node.ino)
                     self.usage += got
+                    self.fetched(node.ino)
         finally:  # (cancelled too: a reader or writer waiting on one must never wait on)
             for node, _path in batch:
                 ev = self._inflight.pop((node.ino, 0), None)
@@ -480,3 +485,7 @@ def _fdatasync_all(paths: list[str], data_dir: str) -> None:
             os.fdatasync(fd)
         finally:
             os.close(fd)
+
+
+def _nothing(ino: int) -> None:
+    pass

@@ -113,6 +113,7 @@ class Hoard:
         while stack:
             node = stack.pop()
             self._mark(node.ino, True)
+            self.cache.read_xattrs_ahead(node.ino)
             if node.is_dir:
                 for child in await self.cache.listdir(node.ino, refresh=True):
                     stack.append(child)

@@ -182,6 +182,36 @@ class Reconcile:
         copy.placed = True
 
     @staticmethod
+    def move_xattrs(t: Txn, copy: ContentCopy, ino: int, carried: bool) -> None:
+        """The extended attributes of node ``ino`` go with our version, now the conflict
+        copy ``copy``: its record, when the copy is placed; the name shows the server's
+        version, whose attributes are read again (none of ours on it; the caller drops
+        ``ino``'s ``xattr`` entries still pending: the copy's upload carried their values).
+        Over a remote that keeps none, with no copy placed here, the record stays on
+        ``ino``: the only copy."""
+        found = t.xattrs(ino)
+        if copy.placed and found is not None:
+            t.set_xattrs(copy.ino, found)
+        if copy.placed or carried:
+            t.delete_xattrs(ino)
+
+    @staticmethod
+    def rehome(t: Txn, ino: int, parent: int, name: bytes, new_name: bytes) -> bool:
+        """The server moved our node ``ino`` (at ``name`` in ``parent``) aside to
+        ``new_name``, its name there now another's: it keeps its number, content and
+        extended attributes under ``new_name`` here too. False (nothing changed) when that
+        name is taken here, the node is gone, or it has other names (hard links)."""
+        n = t.node(ino)
+        if n is None or (n.is_file and n.nlink > 1) or n.parent != parent or n.name != name \
+                or t.child_ino(parent, name) != ino or t.child_ino(parent, new_name) is not None:
+            return False
+        t.delete_entry(parent, name)
+        t.set_entry(parent, new_name, ino)
+        n.name = new_name
+        t.put(n)
+        return True
+
+    @staticmethod
     def keep_damaged_copy(t: Txn, copy: ContentCopy, n: Node, when: float) -> bytes | None:
         """What was left of our damaged version of ``n`` (``copy``, when any) stays here
         only, under ``NAME (damaged ...)``: ``DAMAGED``, kept by listings, never evicted,

@@ -13,8 +13,10 @@ kernel takes ENOTSUP as "this file system has none". ``user.`` attributes are fo
 files and folders only (the kernel's VFS refuses them on the others before the request
 reaches a file system, as ext4 does: EPERM to set, ENODATA to read).
 
-A change of the server's attributes alone is not noticed: they are read once per node
-(at its first attribute request while online) and kept.
+A change of the server's attributes is not noticed: they are read once per node (at its
+first attribute request while online, or in the background after a fetch of its content,
+a listing of a folder (and its empty files), a pin walk) and kept. Offline, where they were never read, a request whose answer depends on them is
+EHOSTDOWN (not "none": ``cp -a`` would silently copy a file without them).
 
 Concurrency: on the trio thread; the only await is the remote read, after which the
 record is read again inside the transaction that writes it.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
+
+import trio
 
 from ..errors import RemoteError, Unavailable, XattrRefused
 from ..link.connectivity import Connectivity
@@ -44,6 +48,9 @@ class Xattrs:
         self._listings = listings
         self._journal = journal
         self._changed = changed
+        self._nursery: trio.Nursery | None = None
+        #: nodes whose attributes were read (or found known) after a fetch of their content
+        self._read_ahead: set[int] = set()
 
     @property
     def carried(self) -> bool:
@@ -53,11 +60,14 @@ class Xattrs:
     # -- reading ----------------------------------------------------------------------
     async def get(self, ino: int, name: bytes) -> bytes:
         _user_only(name)
+        check_request(name)
         node = self._listings.node(ino)
         if not (node.is_file or node.is_dir):
             raise XattrRefused(errno.ENODATA)
-        value = (await self._loaded(node)).get(name)
+        found = await self._loaded(node)
+        value = found.get(name)
         if value is None:
+            self._unknown_offline(found, name)
             raise XattrRefused(errno.ENODATA)
         return value
 
@@ -65,7 +75,55 @@ class Xattrs:
         node = self._listings.node(ino)
         if not (node.is_file or node.is_dir):
             return []
-        return (await self._loaded(node)).names()
+        found = await self._loaded(node)
+        self._unknown_offline(found)
+        return found.names()
+
+    def _unknown_offline(self, found: XattrSet, name: bytes | None = None) -> None:
+        """EHOSTDOWN (the mount's offline errno) where the answer depends on the server's
+        attributes, never read and unreadable now: "none" would be a guess (``cp -a`` and
+        ``rsync -X`` would copy the file silently without them). Online (a rename still
+        to replay, a read that failed), what is known here is the answer meanwhile."""
+        if not found.complete and (name is None or name not in found.items) and not self._conn.online:
+            raise XattrRefused(errno.EHOSTDOWN, "the server's extended attributes were not read "
+                                                "before going offline")
+
+    # -- reading them ahead --------------------------------------------------------------
+    def start(self, nursery: trio.Nursery) -> None:
+        """Reads ahead (``fetched``) run in ``nursery`` from now on."""
+        self._nursery = nursery
+
+    def read_ahead(self, ino: int) -> None:
+        """Content of the node was fetched (or it is pinned, or a folder listed): its
+        attributes are read too, after it in the background (once per node and mount), so
+        that what was read online has them offline. Nothing where the remote keeps none."""
+        if not self.carried or self._nursery is None or ino in self._read_ahead:
+            return
+        if len(self._read_ahead) > 100_000:  # (a bound: at worst read again, once)
+            self._read_ahead.clear()
+        self._read_ahead.add(ino)
+        found = self.store.get_xattrs(ino)
+        if found is None or not found.complete:
+            self._nursery.start_soon(self._read_quietly, ino)
+
+    def listed(self, folder: int) -> None:
+        """A folder was listed: its attributes, and those of its empty files (which have
+        no content to fetch), are read ahead."""
+        if not self.carried or self._nursery is None:
+            return
+        self.read_ahead(folder)
+        for child in self.store.children(folder):
+            if child.is_file and child.size == 0:
+                self.read_ahead(child.ino)
+
+    async def _read_quietly(self, ino: int) -> None:
+        node = self.store.get(ino)
+        if node is None:
+            return
+        try:
+            await self._loaded(node)
+        except Exception as exc:  # (a background task must never end the mount)
+            log.debug("extended attributes of inode %d not read ahead: %s", ino, exc)
 
     def has_local_only(self, ino: int) -> bool:
         """Whether the node has attributes that only this cache keeps (the remote cannot)."""
@@ -81,6 +139,9 @@ class Xattrs:
             return found
         if not self.carried or node.base is None or node.has(ORPHAN):
             return found or XattrSet()  # (made here: none but ours)
+        if self._listings.path_pending(node):
+            # (a rename still to replay: the node's path may name another file there)
+            return found or XattrSet(complete=False)
         remote = await self._remote_of(node)
         if remote is None:
             return found or XattrSet(complete=False)
@@ -109,10 +170,11 @@ class Xattrs:
             return None
 
     # -- changes ----------------------------------------------------------------------
-    async def set(self, ino: int, name: bytes, value: bytes, *, create: bool = False,
-                  replace: bool = False) -> None:
-        """Set ``name`` (XATTR_CREATE: ``create``, EEXIST if it is there; XATTR_REPLACE:
-        ``replace``, ENODATA if not); ERANGE, E2BIG, ENOSPC as ext4 gives them."""
+    async def set(self, ino: int, name: bytes, value: bytes) -> None:
+        """Set ``name``; ERANGE, E2BIG, ENOSPC as ext4 gives them. (``XATTR_CREATE`` and
+        ``XATTR_REPLACE`` are pyfuse3's to check, through ``get`` first: a set of the
+        same name by another process between the two is not seen, as on any FUSE file
+        system pyfuse3 serves.)"""
         _user_only(name)
         check_request(name, value)
         node = self._changeable(ino)
@@ -121,11 +183,6 @@ class Xattrs:
 
         def change(t: Txn) -> None:
             found = t.xattrs(ino) or XattrSet(complete=complete)
-            there = found.get(name) is not None
-            if create and there:
-                raise XattrRefused(errno.EEXIST)
-            if replace and not there:
-                raise XattrRefused(errno.ENODATA)
             found.set(name, value)
             self._record(t, ino, name, found)
         self._commit(change)
@@ -140,9 +197,31 @@ class Xattrs:
         def change(t: Txn) -> None:
             found = t.xattrs(ino) or XattrSet(complete=complete)
             if found.get(name) is None:
+                self._unknown_offline(found, name)
                 raise XattrRefused(errno.ENODATA)
             found.remove(name)
             self._record(t, ino, name, found)
+        self._commit(change)
+
+    def settle(self, ino: int, name: bytes, *, send_again: bool, drop: bool) -> None:
+        """A change of ``name`` the remote refused, settled: sent again as it is here
+        (a new entry), or ours forgotten (``drop``): the record is marked incomplete
+        without it, so the server's value (or its absence) is read again; names set here
+        since stay."""
+        if not self.carried or not (send_again or drop):
+            return
+
+        def change(t: Txn) -> None:
+            found = t.xattrs(ino)
+            node = t.node(ino)
+            if found is None or node is None or node.has(ORPHAN):
+                return
+            if drop:
+                found.items.pop(name, None)
+                found.complete = False
+                t.set_xattrs(ino, found)
+            else:
+                self._journal(t, Op("xattr", ino, t.path_of(ino), xattr=name))
         self._commit(change)
 
     def _commit(self, change: Callable[[Txn], None]) -> None:

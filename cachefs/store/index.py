@@ -405,6 +405,12 @@ class Store:
         with self.env.begin() as txn:
             return [self._op(k, v) for k, v in txn.cursor(db=self.journal)]
 
+    def has_op(self, seq: int) -> bool:
+        """Whether journal entry ``seq`` is still there (a conflict may drop later ones
+        of its node while a pass holds them)."""
+        with self.env.begin() as txn:
+            return txn.get(journal.key(seq), db=self.journal) is not None
+
     def journal_ops_until_damaged(self) -> tuple[list[Op], str | None]:
         """The journal's entries before the first that fails its check, and what is
         wrong with that one (None when none fails): a replay stops there, never applies
@@ -880,6 +886,17 @@ class Txn:
     def set_xattrs(self, ino: int, found: XattrSet) -> None:
         key = _key(ino)
         self.txn.put(key, self.store.codec.seal(found.pack(), key), db=self.store.xattrs)
+
+    def delete_xattrs(self, ino: int) -> None:
+        self.txn.delete(_key(ino), db=self.store.xattrs)
+
+    def ops_after(self, seq: int) -> list[Op]:
+        """The journal's entries after entry ``seq`` (a walk of the journal's end: for the
+        rare conflicts that need it, never per request)."""
+        cur = self.txn.cursor(db=self.store.journal)
+        if not cur.set_range(journal.key(seq + 1)):
+            return []
+        return [self.store._op(k, v) for k, v in cur]
 
     def forget_ranges(self, ino: int) -> None:
         """No byte of the node's content file counts as fetched any more."""

@@ -52,10 +52,12 @@ def entry_size(name: bytes, value: bytes) -> int:
 
 
 def check_request(name: bytes, value: bytes | None = None) -> None:
-    """ERANGE for a name too long (or empty after its prefix), E2BIG for a value too
-    large, as the kernel gives them."""
-    if len(name) > NAME_MAX or name == USER:
+    """ERANGE for a name too long, EINVAL for one empty after its prefix (ext4 gives that
+    to set, get and remove alike), E2BIG for a value too large, as the kernel gives them."""
+    if len(name) > NAME_MAX:
         raise XattrRefused(errno.ERANGE, "extended attribute name too long")
+    if name == USER:
+        raise XattrRefused(errno.EINVAL, "extended attribute name empty after user.")
     if value is not None and len(value) > SIZE_MAX:
         raise XattrRefused(errno.E2BIG, "extended attribute value too large")
 

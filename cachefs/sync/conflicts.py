@@ -120,6 +120,11 @@ class Conflicts:
             if n is None:
                 return
             self.reconcile.keep_conflict_copy(t, kept, n, op.parent, copy_name, copy_stat.version(), gen)
+            carried = bool(self.side.remote.xattrs)
+            self.reconcile.move_xattrs(t, kept, n.ino, carried)
+            for later in t.ops_after(op.seq) if carried else []:
+                if later.kind == "xattr" and later.ino == n.ino:  # (they would change the server's version's)
+                    t.delete_op(later.seq)
             self.reconcile.show_server_version(t, n, remote, gen)
 
         try:
@@ -136,6 +141,7 @@ class Conflicts:
         temp = join(parent, self.side.temp_name(op.path, op.seq, b"copy") + b"-" + self.nonce.encode())
         copy_stat = await self.side.upload(node, temp, op.seq)
         try:
+            await self.side.carry_xattrs(node.ino, temp)
             copy = await self.aside(op.path, partial(self.side.rename_exclusive, temp))
         except RemoteError:
             with trio.move_on_after(self.side.conn.timeout * 2 + 1):
@@ -147,12 +153,15 @@ class Conflicts:
         return copy, copy_stat
 
     # -- refusals -------------------------------------------------------------------------
-    def refused(self, op: Op, exc: RemoteError) -> None:
+    def refused(self, op: Op, exc: RemoteError, kept: bool = True) -> None:
         """The remote refuses this change for good (permission, quota...): keep the local
-        version, record it, and go on with the rest."""
+        version, record it, and go on with the rest. ``kept``: the node is marked ``KEPT``
+        (a listing does not replace it; not for an extended attribute, which leaves the
+        node's other changes as they are)."""
         log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-        self.ledger.finish(op, partial(Reconcile.refused, ino=op.ino),
-                           record(op, "error", error=str(exc), refused=op.kind))
+        details = {"xattr": op.xattr.decode("utf-8", "surrogateescape")} if op.kind == "xattr" else {}
+        self.ledger.finish(op, partial(Reconcile.refused, ino=op.ino) if kept else None,
+                           record(op, "error", error=str(exc), refused=op.kind, **details))
         self.refusal_count += 1
         if len(self._refusals) < 10:
             self._refusals.append((op.path, exc))
@@ -207,6 +216,9 @@ class Conflicts:
             await self.cache.unlink_path(original)
         elif kind == "deleted-remote-changed-local" and keep == "remote":
             await self.cache.unlink_path(original)
+        elif kind == "error" and found.get("refused") == "xattr":  # (an attribute: by its name)
+            self.cache.settle_xattr(original, found.get("xattr", "").encode("utf-8", "surrogateescape"),
+                                    send_again=keep == "local", drop=keep == "remote")
         elif kind == "error":  # the version the server refused: send again, or drop it
             self.cache.settle_kept(original, found.get("refused", "store"), send_again=keep == "local",
                                    drop=keep == "remote")

@@ -131,6 +131,22 @@ class RemoteSide:
             bulk=True)
         return stat
 
+    async def carry_xattrs(self, ino: int, path: bytes) -> None:
+        """The node's ``user.`` extended attributes set on ``path`` (a new file of ours:
+        a conflict copy on its way), where the remote keeps them. A refusal is logged: the
+        attributes stay in this cache with the copy."""
+        found = self.store.get_xattrs(ino) if self.remote.xattrs else None
+        for name in found.names() if found is not None else []:
+            value = found.get(name) if found is not None else None
+            if value is None:
+                continue
+            try:
+                await self.conn.call(self.remote.set_xattr, path, name, value)
+            except RemoteError as exc:
+                log.warning("extended attribute %r not set on %r (kept here): %s", name, path, exc)
+                if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    return
+
     async def same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:
         """Whether the remote file holds our content: compared with our content's
         checksum as committed (never with bytes read back from a content file that may be

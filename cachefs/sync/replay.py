@@ -39,7 +39,7 @@ from ..remote import RemoteStat
 from ..store.crypto import RecordError
 from ..store.index import ORPHAN, OWNER_DIRTY, Store, Txn, index_damaged
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
-from .conflicts import Conflicts, record
+from .conflicts import Conflicts, Record, record
 from .content import ContentReplay, landed_before
 from .ledger import Ledger
 from .ordering import batches
@@ -47,6 +47,10 @@ from .remote_side import RemoteSide
 from .status import PassResult
 from .sums import ServerSums
 from .uploads import UploadGroup
+
+#: the kinds of later entries about a node moved aside that follow it to its new name
+#: (``Replayer._moved_aside``): changes of it in place
+_REHOMED_LATER = {"store", "setattr", "xattr"}
 
 #: entries of one batch at most: their uploads go together (``UploadGroup``), the other
 #: entries side by side, as many at once as the connections allow
@@ -67,6 +71,9 @@ class Replayer:
         self.sums = sums
         self.progress = Progress()
         self._failed = False  # the running pass met a local failure (not the link's, not a writer's)
+        self._pass_ops: dict[int, Op] = {}  # the running pass's entries, by sequence number
+        self._last_content: dict[int, int] = {}  # node -> its last content entry in the pass
+        self._batches: list[list[Op]] = []  # the running pass's (an entry put last joins them)
 
     # -- a pass ---------------------------------------------------------------------------
     async def replay(self) -> PassResult:
@@ -88,10 +95,13 @@ class Replayer:
             kept = await self._optimised(ops)
         except Unavailable as exc:  # (a dropped entry's leftovers on the server: retried next pass)
             return PassResult(False, f"remote is offline: {exc}")
+        self._pass_ops = {op.seq: op for op in kept}
         self.progress = Progress(0, len(kept), 0, self._bytes_to_send(kept), time.time())
         self.sums.reset()
         started = time.monotonic()
-        stopped = await self._replay_batches(list(batches(kept, BATCH_WIDTH)))
+        self._last_content = {op.ino: op.seq for op in kept if op.kind in CONTENT_OPS}
+        self._batches = list(batches(kept, BATCH_WIDTH))
+        stopped = await self._replay_batches(self._batches)
         log.debug("pass: %d of %d entries replayed in %.3f s", self.progress.ops_done, len(kept),
                   time.monotonic() - started)
         if stopped is not None:
@@ -308,6 +318,8 @@ class Replayer:
         Refused there (EPERM, ENOSPC ...): kept here, recorded as an ``error`` conflict,
         without the ``KEPT`` mark of a refused content change (the node's other changes
         go on as they are)."""
+        if not self.store.has_op(op.seq):
+            return 0  # (dropped by a conflict of its node in this pass: Reconcile.move_xattrs)
         node = self.store.get(op.ino)
         found = self.store.get_xattrs(op.ino) if node is not None and not node.has(ORPHAN) else None
         if found is None and (node is None or node.has(ORPHAN)):
@@ -315,6 +327,10 @@ class Replayer:
             return 0
         value = found.get(op.xattr) if found is not None else None
         remote = self.side.remote
+        if node is not None and self._last_content.get(op.ino, 0) > op.seq \
+                and await self._changed_there(op, node.base):
+            self._put_last(op)
+            return 0
         try:
             if value is None:
                 await self.side.conn.call(remote.remove_xattr, op.path, op.xattr)
@@ -328,12 +344,37 @@ class Replayer:
                 log.warning("the share keeps no extended attributes (%r): %s kept here only",
                             op.path, op.xattr)
                 self.ledger.finish(op)
-            else:  # (refused there: kept here, recorded; the node's other changes go on)
-                log.error("cannot replay %s %r: %s", op.kind, op.path, exc)
-                self.ledger.finish(op, conflict=record(op, "error", error=str(exc), refused=op.kind))
+            else:  # (refused there: kept here, recorded, counted; the node's other changes go on)
+                self.conflicts.refused(op, exc, kept=False)
             return 0
         self.ledger.finish(op)
         return len(value or b"")
+
+    async def _changed_there(self, op: Op, base: tuple[int, int, int] | None) -> bool:
+        """Whether the server's file at ``op.path`` is not the version our changes start
+        from (a content entry of the node follows ``op``: it will keep both versions)."""
+        expected = self.ledger.expected_base(op.ino, base)
+        there = await self.side.stat(op.path)
+        return there is not None and expected is not None and there.version() != expected
+
+    def _put_last(self, op: Op) -> None:
+        """An attribute change of a file the server changed, whose content change follows:
+        sent after that (the server's version must not get ours; if both versions are
+        kept, the copy takes it over and this entry goes: ``Conflicts.keep_both``). The
+        entry moves to the journal's end, its folders still held, and to the pass's end."""
+        moved: list[Op] = []
+
+        def change(t: Txn) -> None:
+            moved.clear()
+            t.delete_op(op.seq)
+            new = Op("xattr", op.ino, t.path_of(op.ino), parent=op.parent, xattr=op.xattr)
+            t.append(new)
+            moved.append(new)
+
+        self.store.transact(change)
+        self.cache.op_replaced(op, moved[0])
+        self._batches.append([moved[0]])
+        self.progress.ops_total += 1
 
     async def _mkdir(self, path: bytes, mode: int) -> None:
         await self.side.conn.call(self.side.remote.mkdir, path, stat_mod.S_IMODE(mode) or 0o755)
@@ -375,10 +416,49 @@ class Replayer:
                 await self.side.conn.call(self.side.remote.symlink, op.target, copy)
 
         copy = await self.conflicts.aside(op.path, make)
-        self.ledger.finish(op, conflict=record(op, "created-both",
-                                               conflict_path=copy.decode("utf-8", "surrogateescape")))
-        self.cache.remote_changed(op.ino, parent_ino=op.parent, moved_aside=True)
+        self._moved_aside(op, op.path, copy, op.parent,
+                          record(op, "created-both", conflict_path=copy.decode("utf-8", "surrogateescape")))
         return 0
+
+    def _moved_aside(self, op: Op, path: bytes, copy: bytes, parent: int, found: Record) -> None:
+        """Our node of ``op``, at ``path`` here, is ``copy`` on the server now (the name
+        is another's there): the entry ends with the conflict ``found``, and the node is
+        re-homed here under the copy's name, keeping its content and extended attributes,
+        with the later entries about it at ``path`` sent to ``copy`` (one transaction).
+        Where that cannot be told safely (a later entry about it elsewhere or of another
+        kind, one inside it, a hard link, the name taken here), it is forgotten here as
+        before, and the listing brings both back."""
+        name, new_name = path.rpartition(b"/")[2], copy.rpartition(b"/")[2]
+        moved: list[Op] = []
+        rehomed = [False]
+
+        def update(t: Txn) -> None:
+            moved.clear()
+            rehomed[0] = False
+            inside = path + b"/"
+            about = [o for o in t.ops_after(op.seq)
+                     if o.ino == op.ino or o.path.startswith(inside) or o.dst.startswith(inside) or o.dst == path]
+            if any(o.ino != op.ino or o.path != path or o.dst or o.kind not in _REHOMED_LATER for o in about):
+                log.debug("not re-homed: %s", [(o.kind, o.path) for o in about])
+                return
+            if not self.cache.reconcile.rehome(t, op.ino, parent, name, new_name):
+                return
+            for o in about:
+                o.path = copy
+                t.put_op(o.seq, o)
+            moved.extend(about)
+            rehomed[0] = True
+
+        self.ledger.finish(op, update, found)
+        log.debug("%r moved aside to %r: %s", path, copy, "re-homed here" if rehomed[0] else "forgotten here")
+        if rehomed[0]:
+            for o in moved:  # (the running pass holds them too)
+                held = self._pass_ops.get(o.seq)
+                if held is not None:
+                    held.path = copy
+            self.cache.remote_changed(op.ino, parent_ino=parent, rehomed_from=name)
+        else:
+            self.cache.remote_changed(op.ino, parent_ino=parent, moved_aside=True)
 
     async def _replay_symlink(self, op: Op) -> int:
         remote = await self.side.stat(op.path)
@@ -468,9 +548,9 @@ class Replayer:
         if not await self._renamed_onto(op, dst):
             # A name that appeared there (or changed there): ours becomes a conflict copy.
             target = await self.conflicts.aside(op.dst, partial(self.side.rename_exclusive, op.path))
-            self.ledger.finish(op, conflict=record(op, "renamed-onto-new-remote",
-                                                   conflict_path=target.decode("utf-8", "surrogateescape")))
-            self.cache.remote_changed(op.ino, parent_ino=op.dst_parent, moved_aside=True)
+            self._moved_aside(op, op.dst, target, op.dst_parent,
+                              record(op, "renamed-onto-new-remote",
+                                     conflict_path=target.decode("utf-8", "surrogateescape")))
             return 0
         self.ledger.finish(op)
         return 0
