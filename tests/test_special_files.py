@@ -12,6 +12,7 @@ Every wait is bounded; the mounts are stopped by the fixture.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -28,7 +29,7 @@ from cachefs.remote.base import RemoteStat
 from cachefs.store.index import LOCAL_ONLY, ROOT_INO, TARGET, Node, Store
 from tests.fixtures.mount import run_recover, status
 from tests.test_cli import cachefs, ok
-from tests.test_writes import control, go_offline, sync_until_done, wait_for
+from tests.test_writes import control, go_offline, sync_until_done, wait_for, wait_state
 
 STEP_TIMEOUT = 20.0
 STATE = "user.cachefs.state"
@@ -442,3 +443,44 @@ def _errno(action) -> int:
     except OSError as exc:
         return exc.errno or 0
     return 0
+
+
+def test_resolve_local_of_a_deletion_where_a_fifo_took_the_name(mount_factory, share: Path) -> None:
+    """``rm P; mkfifo P`` offline while the server changes P: the replay keeps the server's
+    P (deleted-local-changed-remote). ``resolve P local`` made offline, before the folder
+    is listed again, removes the server's P (journaled) and leaves the FIFO alone."""
+    (share / "w").mkdir()
+    (share / "w" / "P").write_bytes(b"server version 1")
+    mount = mount_factory(attr_timeout="60")  # (w's listing stays fresh: no listing moves the FIFO aside)
+    mount.start()
+    mnt = mount.mountpoint
+    w = mnt / "w"
+    assert (w / "P").read_bytes() == b"server version 1"
+    go_offline(mnt)
+    os.unlink(w / "P")
+    os.mkfifo(w / "P")
+    (share / "w" / "P").write_bytes(b"server version 2, changed there")
+    control(mnt, "online")
+    wait_state(mnt, "online")  # (the probe's connection made: none in flight to undo the offline below)
+    sync_until_done(mnt)
+    control(mnt, "offline")  # (before the folder is listed again: the FIFO still holds P)
+    [found] = json_conflicts(mnt)
+    assert found["kind"] == "deleted-local-changed-remote" and found["path"] == "w/P", found
+    assert found["version"][0] == len(b"server version 2, changed there"), found  # (what the resolve expects there)
+    assert stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    ok(cachefs("resolve", str(w / "P"), "--keep", "local"))
+    assert stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    assert status(mnt)["pending"] == 1  # (the server's P is to go)
+    assert json_conflicts(mnt) == []
+    control(mnt, "online")
+    sync_until_done(mnt)
+    assert server_names(share) == {"w"}
+    assert json_conflicts(mnt) == []
+    mount = remount(mount_factory, mount)  # (w listed again from the server)
+    w = mount.mountpoint / "w"
+    assert os.listdir(w) == ["P"] and stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    assert fifo_again(w / "P") == "again\n"
+
+
+def json_conflicts(mnt: Path) -> list[dict]:
+    return json.loads(ok(cachefs("conflicts", "--json", str(mnt))).stdout)

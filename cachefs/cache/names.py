@@ -28,6 +28,7 @@ from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADir
 from ..paths import join
 from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
+from ..store.records import Version
 from .common import CONTROL_NAME, valid_name
 from .content import Content
 from .handles import Opens
@@ -186,6 +187,17 @@ class Names:
             t.delete_entry(parent, name)
             self._drop_link(t, node, parent, name, now)
             self._touch_dir(t, parent, now)
+
+        self.store.transact(change)
+        self._writes.changed()
+
+    def unlink_server_object(self, parent: int, name: bytes, ino: int, base: Version | None) -> None:
+        """The server's object under ``name`` goes while the local-only object that holds
+        the name here stays (resolve ``local`` of a deletion made here, a FIFO made under
+        the name since): the unlink journaled as the deleted node's (``ino``), expecting
+        ``base``, the server's version the conflict saw (None: whatever is there)."""
+        def change(t: Txn) -> None:
+            self._writes.journal(t, Op("unlink", ino, join(t.path_of(parent), name), base=base, parent=parent))
 
         self.store.transact(change)
         self._writes.changed()
