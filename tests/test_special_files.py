@@ -484,3 +484,69 @@ def test_resolve_local_of_a_deletion_where_a_fifo_took_the_name(mount_factory, s
 
 def json_conflicts(mnt: Path) -> list[dict]:
     return json.loads(ok(cachefs("conflicts", "--json", str(mnt))).stdout)
+
+
+def _link_special(store: Store, parent: int, name: bytes, kind: int, *more: tuple[int, bytes]) -> Node:
+    """A local-only object at ``parent/name``, hard-linked at each of ``more`` too."""
+    def build(t) -> Node:
+        ino = t.new_ino()
+        node = Node(ino=ino, parent=parent, name=name, mode=kind | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                    ctime_ns=1, nlink=1 + len(more), flags=LOCAL_ONLY)
+        t.put(node)
+        for p, n in ((parent, name), *more):
+            t.set_entry(p, n, ino)
+            if more:
+                t.add_link_name(ino, p, n)
+        return node
+    return store.transact(build)
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_a_hard_linked_fifo_outlives_a_folder_the_server_removed(tmp_path: Path, key) -> None:
+    """a/p linked as b/q: the server removes a, b/q stays (link count 1, its name now b/q).
+    Both names under the removed folder: the object goes with it."""
+    store = Store(tmp_path / "c", "file:///x", key=key)
+    dirs = [(b"a", _rstat(stat.S_IFDIR)), (b"b", _rstat(stat.S_IFDIR))]
+    apply_listing(store, ROOT_INO, dirs)
+    a, b = store.child(ROOT_INO, b"a").ino, store.child(ROOT_INO, b"b").ino
+    server_linked = RemoteStat(mode=stat.S_IFREG | 0o644, size=1, mtime_ns=10**9, atime_ns=0, nlink=2)
+    apply_listing(store, a, [(b"sub", _rstat(stat.S_IFDIR)), (b"hl", server_linked)])
+    apply_listing(store, b, [])
+    sub, hl = store.child(a, b"sub").ino, store.child(a, b"hl").ino
+    assert store.get(hl).nlink == 2  # (a local share's link count: its one name here)
+    kept = _link_special(store, a, b"p", stat.S_IFIFO, (b, b"q"))
+    inner = _link_special(store, a, b"x", stat.S_IFSOCK, (sub, b"y"), (a, b"z"))
+    apply_listing(store, ROOT_INO, dirs[1:])  # (the server removed a)
+    left = store.child(b, b"q")
+    assert left is not None and left.ino == kept.ino and left.has(LOCAL_ONLY), left
+    assert (left.parent, left.name, left.nlink) == (b, b"q", 1)
+    assert store.get(kept.ino) == left and store.get(inner.ino) is None
+    assert store.get(a) is None and store.get(sub) is None and store.get(hl) is None
+    apply_listing(store, b, [])  # (listed again: still kept, as any local-only object)
+    assert [n.name for n in store.children(b)] == [b"q"]
+    assert store.path_of(kept.ino) == b"b/q"
+    store.close()
+
+
+def test_a_fifo_linked_into_another_folder_outlives_the_first(mount_factory, share: Path) -> None:
+    (share / "a").mkdir()
+    (share / "b").mkdir()
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    os.mkfifo(mnt / "a" / "p")
+    os.link(mnt / "a" / "p", mnt / "b" / "q")
+    assert os.lstat(mnt / "b" / "q").st_nlink == 2
+    (share / "a").rmdir()  # (removed on the server by someone else: p was never there)
+    time.sleep(1.2)  # (past --attr-timeout)
+    wait_for(lambda: sorted(os.listdir(mnt)) == [".cachefs", "b"], STEP_TIMEOUT, "a listing without a")
+    time.sleep(1.2)
+    assert os.listdir(mnt / "b") == ["q"]
+    st = os.lstat(mnt / "b" / "q")
+    assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 1
+    assert fifo_again(mnt / "b" / "q") == "again\n"
+    mount = remount(mount_factory, mount)
+    assert os.listdir(mount.mountpoint / "b") == ["q"]
+    assert stat.S_ISFIFO(os.lstat(mount.mountpoint / "b" / "q").st_mode)
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == {"b"}

@@ -532,7 +532,9 @@ class Store:
             return _path_of(self, txn, ino)
 
     def _drop_node(self, txn: lmdb.Transaction, node: Node) -> None:
-        """Forget a node and, for a folder, everything under it (content files too)."""
+        """Forget a node and, for a folder, everything under it (content files too). A
+        hard-linked file (or FIFO, socket) under it loses that name only, while it has a
+        name left (as an unlink would): its other folders still hold it."""
         stack = [node]
         while stack:
             n = stack.pop()
@@ -547,14 +549,32 @@ class Store:
                         keys.append(bytes(key))
                         child = self._entry_ino(key, value)
                         data = txn.get(_key(child), db=self.nodes)
-                        if data is not None:
-                            stack.append(self._unpack(child, data))
+                        if data is None:
+                            continue
+                        c = self._unpack(child, data)
+                        if not (c.nlink > 1 and not c.is_dir and self._drop_link_name(txn, c, n.ino, key, value)):
+                            stack.append(c)
                 for key in keys:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
             txn.delete(_key(n.ino), db=self.ranges_db)
             self._delete_sums(txn, n.ino)
             self.remove_after_commit(n.ino)
+
+    def _drop_link_name(self, txn: lmdb.Transaction, node: Node, parent: int, key: bytes, value: bytes) -> bool:
+        """``_drop_node``: one name of a hard-linked node goes with its folder (the entry
+        deleted by the caller): one link fewer, its main name another one if that was it.
+        False when no other name is recorded (``add_link_name``; a server's link count
+        of a file with one name here): the node goes too."""
+        name = self._entry(key, value)[0]
+        others = [other for other in Txn(self, txn).names_of(node.ino, scan=False) if other != (parent, name)]
+        if not others:
+            return False
+        node.nlink -= 1
+        if (node.parent, node.name) == (parent, name):
+            node.parent, node.name = others[0]
+        txn.put(_key(node.ino), self._pack(node), db=self.nodes)
+        return True
 
     def drop_content(self, ino: int) -> None:
         """Forget cached content of a clean file (remote changed, or eviction)."""
@@ -762,10 +782,11 @@ class Txn:
         key = _key(ino) + self.store._ekey(parent, name)
         self.txn.put(key, self.store.codec.seal(b"", key), db=self.store.links)
 
-    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+    def names_of(self, ino: int, scan: bool = True) -> list[tuple[int, bytes]]:
         """Every (parent, name) that leads to ``ino`` (hard links). git links and unlinks
         every object it writes: the names recorded by ``add_link_name`` spare a scan of
-        every entry, which only links made before that record existed still need."""
+        every entry, which only links made before that record existed still need (none
+        without ``scan``: the recorded names only)."""
         target = _key(ino)
         found = []
         cur = self.txn.cursor(db=self.store.links)
@@ -780,7 +801,7 @@ class Txn:
                     name, child = self.store._entry(ekey, value)
                     if child == ino:
                         found.append((_U64.unpack(ekey[:8])[0], name))
-        if found:
+        if found or not scan:
             return found
         out = []
         for k, v in self.txn.cursor(db=self.store.entries):
