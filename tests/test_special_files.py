@@ -11,6 +11,7 @@ Every wait is bounded; the mounts are stopped by the fixture.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.cache.listing import apply_listing
+from cachefs.cache.listing import UNLINKED_LOCAL_MOST, apply_listing, hold_unlinked
 from cachefs.remote.base import RemoteStat
 from cachefs.store.index import LOCAL_ONLY, ROOT_INO, TARGET, Node, Store
 from tests.fixtures.mount import run_recover, status
@@ -426,7 +427,7 @@ def test_a_listing_keeps_local_only_objects_and_gives_their_name_to_the_server(t
     names = lambda name, n: name + f" (local {n})".encode()  # noqa: E731
     delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"p", _rstat(stat.S_IFREG, 3)),
                                             (b"s", _rstat(stat.S_IFDIR))], copy_name=names)
-    assert sorted(n.name for n in delta.removed) == [b"p", b"s"]  # (the kernel forgets those names)
+    assert sorted(delta.names_gone) == [b"p", b"s"] and not delta.removed  # (the kernel forgets those names)
     by_name = {n.name: n for n in store.children(ROOT_INO)}
     assert sorted(by_name) == [b"a", b"p", b"p (local 1)", b"s", b"s (local 1)", b"s (local 2)"]
     assert by_name[b"p (local 1)"].ino == fifo.ino and by_name[b"p (local 1)"].has(LOCAL_ONLY)
@@ -528,6 +529,31 @@ def test_a_hard_linked_fifo_outlives_a_folder_the_server_removed(tmp_path: Path,
     store.close()
 
 
+def test_the_kernel_forgets_the_listed_name_of_a_hard_linked_object_moved_aside(tmp_path: Path) -> None:
+    """A FIFO whose main name is b/q, linked as c/p: the server lists a p in c. The name
+    the kernel is told to forget is c's p (the node's own name is q, in b)."""
+    store = Store(tmp_path / "c", "file:///x")
+    dirs = [(b"b", _rstat(stat.S_IFDIR)), (b"c", _rstat(stat.S_IFDIR))]
+    apply_listing(store, ROOT_INO, dirs)
+    b, c = store.child(ROOT_INO, b"b").ino, store.child(ROOT_INO, b"c").ino
+    apply_listing(store, b, [])
+    apply_listing(store, c, [])
+    fifo = _link_special(store, b, b"q", stat.S_IFIFO, (c, b"p"))
+    delta = apply_listing(store, c, [(b"p", _rstat(stat.S_IFREG, 4))])
+    assert delta.names_gone == [b"p"] and not delta.removed
+    moved = store.get(fifo.ino)
+    assert (moved.parent, moved.name, moved.nlink) == (b, b"q", 2)
+    assert sorted(n.name for n in store.children(c)) == [b"p", b"p (local 1)"]
+    # a name of a hard-linked object the server no longer lists (a file's link made here):
+    # the node stays, the kernel forgets the name
+    linked = store.child(c, b"p")
+    store.transact(lambda t: (t.set_entry(b, b"r", linked.ino), t.add_link_name(linked.ino, b, b"r"),
+                              t.add_link_name(linked.ino, c, b"p"), t.put(dataclasses.replace(linked, nlink=2))))
+    delta = apply_listing(store, b, [])
+    assert delta.names_gone == [b"r"] and not delta.removed and store.get(linked.ino).nlink == 1
+    store.close()
+
+
 def test_a_fifo_linked_into_another_folder_outlives_the_first(mount_factory, share: Path) -> None:
     (share / "a").mkdir()
     (share / "b").mkdir()
@@ -550,3 +576,18 @@ def test_a_fifo_linked_into_another_folder_outlives_the_first(mount_factory, sha
     assert stat.S_ISFIFO(os.lstat(mount.mountpoint / "b" / "q").st_mode)
     sync_until_done(mount.mountpoint)
     assert server_names(share) == {"b"}
+
+
+def test_unlinked_local_only_objects_held_for_the_kernel_are_bounded() -> None:
+    """Those unlinked through the control file may be held by no kernel (never forgotten):
+    past the bound the oldest go; one held again moves to the end."""
+    held: dict[int, Node] = {}
+    nodes = [Node(ino=100 + i, parent=0, name=b"p", mode=stat.S_IFIFO | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                  ctime_ns=1, nlink=0, flags=LOCAL_ONLY) for i in range(UNLINKED_LOCAL_MOST + 5)]
+    for node in nodes:
+        hold_unlinked(held, node)
+        if len(held) == UNLINKED_LOCAL_MOST and node.ino == 100 + UNLINKED_LOCAL_MOST - 1:
+            hold_unlinked(held, nodes[0])  # (100, the oldest, again: now the latest)
+    assert len(held) == UNLINKED_LOCAL_MOST
+    assert 100 in held and not any(ino in held for ino in range(101, 106)) and 106 in held
+    assert list(held)[-1] == nodes[-1].ino

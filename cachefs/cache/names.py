@@ -32,7 +32,7 @@ from ..store.records import Version
 from .common import CONTROL_NAME, valid_name
 from .content import Content
 from .handles import Opens
-from .listing import Listings
+from .listing import Listings, hold_unlinked
 from .writes import Writes
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Names:
             self.store.remove_after_commit(node.ino)
             if node.flags & LOCAL_ONLY:  # (a FIFO may still be open: its attributes stay at hand)
                 gone = dataclasses.replace(node, nlink=0, parent=0)
-                self.store.after_commit(lambda: self._listings.unlinked_local.__setitem__(gone.ino, gone))
+                self.store.after_commit(lambda: hold_unlinked(self._listings.unlinked_local, gone))
         self._content.forget(node.ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
