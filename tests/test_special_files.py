@@ -325,12 +325,17 @@ def test_server_object_under_the_same_name_wins(mount_factory, share: Path) -> N
     assert server_names(share) == {"w", "w/name.txt", "w/agent.sock"}
 
 
-def test_device_node_by_root(mount_factory, share: Path) -> None:
+@pytest.mark.parametrize("remote", ["sftp", "local-path"])
+def test_device_node_by_root(mount_factory, share: Path, remote: str) -> None:
+    """Local-only on every remote: a local-path share, whose filesystem could hold a
+    device node or a FIFO, gets none either (docs/posix.md, Special files)."""
     if os.geteuid() != 0:
         pytest.fail("this test makes a device node: run it as root (the kernel asks CAP_MKNOD)")
-    mount = mount_factory()
+    on = {"remote": str(share)} if remote == "local-path" else {}
+    mount = mount_factory(**on)
     mount.start()
     mnt = mount.mountpoint
+    os.mkfifo(mnt / "fifo")
     os.mknod(mnt / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(mnt / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
     st = os.lstat(mnt / "null")
@@ -344,9 +349,13 @@ def test_device_node_by_root(mount_factory, share: Path) -> None:
     assert os.lstat(mnt / "null").st_nlink == 2
     sync_until_done(mnt)
     assert server_names(share) == set()
-    mount = remount(mount_factory, mount)
+    mount.stop()
+    mount = mount_factory(name="mnt2", **on)
+    mount.start()
     assert os.lstat(mount.mountpoint / "null").st_rdev == os.makedev(1, 3)
-    assert sorted(os.listdir(mount.mountpoint)) == [".cachefs", "blk", "null", "null2"]
+    assert sorted(os.listdir(mount.mountpoint)) == [".cachefs", "blk", "fifo", "null", "null2"]
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == set()
 
 
 def test_status_pin_recover_and_caches_with_local_only_objects(mount_factory, share: Path, tmp_path: Path) -> None:
