@@ -526,7 +526,9 @@ def test_a_hard_linked_fifo_outlives_a_folder_the_server_removed(tmp_path: Path,
     assert store.get(hl).nlink == 2  # (a local share's link count: its one name here)
     kept = _link_special(store, a, b"p", stat.S_IFIFO, (b, b"q"))
     inner = _link_special(store, a, b"x", stat.S_IFSOCK, (sub, b"y"), (a, b"z"))
+    generation = store.generation
     apply_listing(store, ROOT_INO, dirs[1:])  # (the server removed a)
+    assert store.generation == generation + 1  # (every kept listing counts as changed: b's too)
     left = store.child(b, b"q")
     assert left is not None and left.ino == kept.ino and left.has(LOCAL_ONLY), left
     assert (left.parent, left.name, left.nlink) == (b, b"q", 1)

@@ -1111,7 +1111,8 @@ class _Applied:
                     # A different kind of object under the same name: a new node.
                     self.delta.removed.append(old)
                     self.delta.names_gone.append(name)
-                    t.drop_tree(old)
+                    if t.drop_tree(old):
+                        self.folders = None  # (a hard-linked node under it, kept in another folder)
                     ino, old = None, None
                 elif (old.parent, old.name) == (self.parent, name) and rebuilt_as_is(old, rstat):
                     built[old.ino] = old  # (the common case, tested without building a node)
@@ -1199,7 +1200,8 @@ class _Applied:
                 t.put(node)
             elif node is not None:
                 self.delta.removed.append(node)
-                t.drop_tree(node)
+                if t.drop_tree(node):
+                    self.folders = None  # (a hard-linked node under it, kept in another folder)
 
     def _count_subfolders(self, t: Txn) -> None:
         """The folder is LISTED, its link count that of a local filesystem's folder."""

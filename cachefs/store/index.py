@@ -531,10 +531,12 @@ class Store:
         with self.env.begin() as txn:
             return _path_of(self, txn, ino)
 
-    def _drop_node(self, txn: lmdb.Transaction, node: Node) -> None:
+    def _drop_node(self, txn: lmdb.Transaction, node: Node) -> bool:
         """Forget a node and, for a folder, everything under it (content files too). A
         hard-linked file (or FIFO, socket) under it loses that name only, while it has a
-        name left (as an unlink would): its other folders still hold it."""
+        name left (as an unlink would): its other folders still hold it. Whether one did
+        (a node in another folder changed)."""
+        kept = False
         stack = [node]
         while stack:
             n = stack.pop()
@@ -552,7 +554,9 @@ class Store:
                         if data is None:
                             continue
                         c = self._unpack(child, data)
-                        if not (c.nlink > 1 and not c.is_dir and self._drop_link_name(txn, c, n.ino, key, value)):
+                        if c.nlink > 1 and not c.is_dir and self._drop_link_name(txn, c, n.ino, key, value):
+                            kept = True
+                        else:
                             stack.append(c)
                 for key in keys:
                     txn.delete(key, db=self.entries)
@@ -560,6 +564,7 @@ class Store:
             txn.delete(_key(n.ino), db=self.ranges_db)
             self._delete_sums(txn, n.ino)
             self.remove_after_commit(n.ino)
+        return kept
 
     def _drop_link_name(self, txn: lmdb.Transaction, node: Node, parent: int, key: bytes, value: bytes) -> bool:
         """``_drop_node``: one name of a hard-linked node goes with its folder (the entry
@@ -934,10 +939,11 @@ class Txn:
             [(ekey, evalue(ekey, node.ino, node.name)) for ekey, node in keyed])
         return [node for _ekey, node in keyed]
 
-    def drop_tree(self, node: Node) -> None:
+    def drop_tree(self, node: Node) -> bool:
         """Forget a node and, for a folder, everything under it (content files too, once
-        the transaction has committed)."""
-        self.store._drop_node(self.txn, node)
+        the transaction has committed). True when a hard-linked node under it kept a
+        name in another folder (``Store._drop_node``): that folder's listing changed too."""
+        return self.store._drop_node(self.txn, node)
 
     def next_ino(self) -> int:
         """The number the next new node takes (``set_next_ino`` moves it on)."""
