@@ -11,7 +11,9 @@ Every wait is bounded; the mounts are stopped by the fixture.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import shutil
 import socket
@@ -23,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.cache.listing import apply_listing
+from cachefs.cache.listing import UNLINKED_LOCAL_MOST, apply_listing, hold_unlinked
 from cachefs.remote.base import RemoteStat
 from cachefs.store.index import LOCAL_ONLY, ROOT_INO, TARGET, Node, Store
 from tests.fixtures.mount import run_recover, status
 from tests.test_cli import cachefs, ok
-from tests.test_writes import control, go_offline, sync_until_done, wait_for
+from tests.test_writes import control, go_offline, sync_until_done, wait_for, wait_state
 
 STEP_TIMEOUT = 20.0
 STATE = "user.cachefs.state"
@@ -323,12 +325,17 @@ def test_server_object_under_the_same_name_wins(mount_factory, share: Path) -> N
     assert server_names(share) == {"w", "w/name.txt", "w/agent.sock"}
 
 
-def test_device_node_by_root(mount_factory, share: Path) -> None:
+@pytest.mark.parametrize("remote", ["sftp", "local-path"])
+def test_device_node_by_root(mount_factory, share: Path, remote: str) -> None:
+    """Local-only on every remote: a local-path share, whose filesystem could hold a
+    device node or a FIFO, gets none either (docs/posix.md, Special files)."""
     if os.geteuid() != 0:
         pytest.fail("this test makes a device node: run it as root (the kernel asks CAP_MKNOD)")
-    mount = mount_factory()
+    on = {"remote": str(share)} if remote == "local-path" else {}
+    mount = mount_factory(**on)
     mount.start()
     mnt = mount.mountpoint
+    os.mkfifo(mnt / "fifo")
     os.mknod(mnt / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(mnt / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
     st = os.lstat(mnt / "null")
@@ -342,9 +349,13 @@ def test_device_node_by_root(mount_factory, share: Path) -> None:
     assert os.lstat(mnt / "null").st_nlink == 2
     sync_until_done(mnt)
     assert server_names(share) == set()
-    mount = remount(mount_factory, mount)
+    mount.stop()
+    mount = mount_factory(name="mnt2", **on)
+    mount.start()
     assert os.lstat(mount.mountpoint / "null").st_rdev == os.makedev(1, 3)
-    assert sorted(os.listdir(mount.mountpoint)) == ["blk", "null", "null2"]
+    assert sorted(os.listdir(mount.mountpoint)) == ["blk", "fifo", "null", "null2"]
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == set()
 
 
 def test_status_pin_recover_and_caches_with_local_only_objects(mount_factory, share: Path, tmp_path: Path) -> None:
@@ -425,7 +436,7 @@ def test_a_listing_keeps_local_only_objects_and_gives_their_name_to_the_server(t
     names = lambda name, n: name + f" (local {n})".encode()  # noqa: E731
     delta = apply_listing(store, ROOT_INO, [(b"a", _rstat(stat.S_IFREG, 5)), (b"p", _rstat(stat.S_IFREG, 3)),
                                             (b"s", _rstat(stat.S_IFDIR))], copy_name=names)
-    assert sorted(n.name for n in delta.removed) == [b"p", b"s"]  # (the kernel forgets those names)
+    assert sorted(delta.names_gone) == [b"p", b"s"] and not delta.removed  # (the kernel forgets those names)
     by_name = {n.name: n for n in store.children(ROOT_INO)}
     assert sorted(by_name) == [b"a", b"p", b"p (local 1)", b"s", b"s (local 1)", b"s (local 2)"]
     assert by_name[b"p (local 1)"].ino == fifo.ino and by_name[b"p (local 1)"].has(LOCAL_ONLY)
@@ -442,3 +453,152 @@ def _errno(action) -> int:
     except OSError as exc:
         return exc.errno or 0
     return 0
+
+
+def test_resolve_local_of_a_deletion_where_a_fifo_took_the_name(mount_factory, share: Path) -> None:
+    """``rm P; mkfifo P`` offline while the server changes P: the replay keeps the server's
+    P (deleted-local-changed-remote). ``resolve P local`` made offline, before the folder
+    is listed again, removes the server's P (journaled) and leaves the FIFO alone."""
+    (share / "w").mkdir()
+    (share / "w" / "P").write_bytes(b"server version 1")
+    mount = mount_factory(attr_timeout="60")  # (w's listing stays fresh: no listing moves the FIFO aside)
+    mount.start()
+    mnt = mount.mountpoint
+    w = mnt / "w"
+    assert (w / "P").read_bytes() == b"server version 1"
+    go_offline(mnt)
+    os.unlink(w / "P")
+    os.mkfifo(w / "P")
+    (share / "w" / "P").write_bytes(b"server version 2, changed there")
+    control(mnt, "online")
+    wait_state(mnt, "online")  # (the probe's connection made: none in flight to undo the offline below)
+    sync_until_done(mnt)
+    control(mnt, "offline")  # (before the folder is listed again: the FIFO still holds P)
+    [found] = json_conflicts(mnt)
+    assert found["kind"] == "deleted-local-changed-remote" and found["path"] == "w/P", found
+    assert found["version"][0] == len(b"server version 2, changed there"), found  # (what the resolve expects there)
+    assert stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    ok(cachefs("resolve", str(w / "P"), "--keep", "local"))
+    assert stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    assert status(mnt)["pending"] == 1  # (the server's P is to go)
+    assert json_conflicts(mnt) == []
+    control(mnt, "online")
+    sync_until_done(mnt)
+    assert server_names(share) == {"w"}
+    assert json_conflicts(mnt) == []
+    mount = remount(mount_factory, mount)  # (w listed again from the server)
+    w = mount.mountpoint / "w"
+    assert os.listdir(w) == ["P"] and stat.S_ISFIFO(os.lstat(w / "P").st_mode)
+    assert fifo_again(w / "P") == "again\n"
+
+
+def json_conflicts(mnt: Path) -> list[dict]:
+    return json.loads(ok(cachefs("conflicts", "--json", str(mnt))).stdout)
+
+
+def _link_special(store: Store, parent: int, name: bytes, kind: int, *more: tuple[int, bytes]) -> Node:
+    """A local-only object at ``parent/name``, hard-linked at each of ``more`` too."""
+    def build(t) -> Node:
+        ino = t.new_ino()
+        node = Node(ino=ino, parent=parent, name=name, mode=kind | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                    ctime_ns=1, nlink=1 + len(more), flags=LOCAL_ONLY)
+        t.put(node)
+        for p, n in ((parent, name), *more):
+            t.set_entry(p, n, ino)
+            if more:
+                t.add_link_name(ino, p, n)
+        return node
+    return store.transact(build)
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["plain", "sealed"])
+def test_a_hard_linked_fifo_outlives_a_folder_the_server_removed(tmp_path: Path, key) -> None:
+    """a/p linked as b/q: the server removes a, b/q stays (link count 1, its name now b/q).
+    Both names under the removed folder: the object goes with it."""
+    store = Store(tmp_path / "c", "file:///x", key=key)
+    dirs = [(b"a", _rstat(stat.S_IFDIR)), (b"b", _rstat(stat.S_IFDIR))]
+    apply_listing(store, ROOT_INO, dirs)
+    a, b = store.child(ROOT_INO, b"a").ino, store.child(ROOT_INO, b"b").ino
+    server_linked = RemoteStat(mode=stat.S_IFREG | 0o644, size=1, mtime_ns=10**9, atime_ns=0, nlink=2)
+    apply_listing(store, a, [(b"sub", _rstat(stat.S_IFDIR)), (b"hl", server_linked)])
+    apply_listing(store, b, [])
+    sub, hl = store.child(a, b"sub").ino, store.child(a, b"hl").ino
+    assert store.get(hl).nlink == 2  # (a local share's link count: its one name here)
+    kept = _link_special(store, a, b"p", stat.S_IFIFO, (b, b"q"))
+    inner = _link_special(store, a, b"x", stat.S_IFSOCK, (sub, b"y"), (a, b"z"))
+    generation = store.generation
+    apply_listing(store, ROOT_INO, dirs[1:])  # (the server removed a)
+    assert store.generation == generation + 1  # (every kept listing counts as changed: b's too)
+    left = store.child(b, b"q")
+    assert left is not None and left.ino == kept.ino and left.has(LOCAL_ONLY), left
+    assert (left.parent, left.name, left.nlink) == (b, b"q", 1)
+    assert store.get(kept.ino) == left and store.get(inner.ino) is None
+    assert store.get(a) is None and store.get(sub) is None and store.get(hl) is None
+    apply_listing(store, b, [])  # (listed again: still kept, as any local-only object)
+    assert [n.name for n in store.children(b)] == [b"q"]
+    assert store.path_of(kept.ino) == b"b/q"
+    store.close()
+
+
+def test_the_kernel_forgets_the_listed_name_of_a_hard_linked_object_moved_aside(tmp_path: Path) -> None:
+    """A FIFO whose main name is b/q, linked as c/p: the server lists a p in c. The name
+    the kernel is told to forget is c's p (the node's own name is q, in b)."""
+    store = Store(tmp_path / "c", "file:///x")
+    dirs = [(b"b", _rstat(stat.S_IFDIR)), (b"c", _rstat(stat.S_IFDIR))]
+    apply_listing(store, ROOT_INO, dirs)
+    b, c = store.child(ROOT_INO, b"b").ino, store.child(ROOT_INO, b"c").ino
+    apply_listing(store, b, [])
+    apply_listing(store, c, [])
+    fifo = _link_special(store, b, b"q", stat.S_IFIFO, (c, b"p"))
+    delta = apply_listing(store, c, [(b"p", _rstat(stat.S_IFREG, 4))])
+    assert delta.names_gone == [b"p"] and not delta.removed
+    moved = store.get(fifo.ino)
+    assert (moved.parent, moved.name, moved.nlink) == (b, b"q", 2)
+    assert sorted(n.name for n in store.children(c)) == [b"p", b"p (local 1)"]
+    # a name of a hard-linked object the server no longer lists (a file's link made here):
+    # the node stays, the kernel forgets the name
+    linked = store.child(c, b"p")
+    store.transact(lambda t: (t.set_entry(b, b"r", linked.ino), t.add_link_name(linked.ino, b, b"r"),
+                              t.add_link_name(linked.ino, c, b"p"), t.put(dataclasses.replace(linked, nlink=2))))
+    delta = apply_listing(store, b, [])
+    assert delta.names_gone == [b"r"] and not delta.removed and store.get(linked.ino).nlink == 1
+    store.close()
+
+
+def test_a_fifo_linked_into_another_folder_outlives_the_first(mount_factory, share: Path) -> None:
+    (share / "a").mkdir()
+    (share / "b").mkdir()
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    os.mkfifo(mnt / "a" / "p")
+    os.link(mnt / "a" / "p", mnt / "b" / "q")
+    assert os.lstat(mnt / "b" / "q").st_nlink == 2
+    (share / "a").rmdir()  # (removed on the server by someone else: p was never there)
+    time.sleep(1.2)  # (past --attr-timeout)
+    wait_for(lambda: sorted(os.listdir(mnt)) == [".cachefs", "b"], STEP_TIMEOUT, "a listing without a")
+    time.sleep(1.2)
+    assert os.listdir(mnt / "b") == ["q"]
+    st = os.lstat(mnt / "b" / "q")
+    assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 1
+    assert fifo_again(mnt / "b" / "q") == "again\n"
+    mount = remount(mount_factory, mount)
+    assert os.listdir(mount.mountpoint / "b") == ["q"]
+    assert stat.S_ISFIFO(os.lstat(mount.mountpoint / "b" / "q").st_mode)
+    sync_until_done(mount.mountpoint)
+    assert server_names(share) == {"b"}
+
+
+def test_unlinked_local_only_objects_held_for_the_kernel_are_bounded() -> None:
+    """Those unlinked through the control file may be held by no kernel (never forgotten):
+    past the bound the oldest go; one held again moves to the end."""
+    held: dict[int, Node] = {}
+    nodes = [Node(ino=100 + i, parent=0, name=b"p", mode=stat.S_IFIFO | 0o644, size=0, mtime_ns=1, atime_ns=1,
+                  ctime_ns=1, nlink=0, flags=LOCAL_ONLY) for i in range(UNLINKED_LOCAL_MOST + 5)]
+    for node in nodes:
+        hold_unlinked(held, node)
+        if len(held) == UNLINKED_LOCAL_MOST and node.ino == 100 + UNLINKED_LOCAL_MOST - 1:
+            hold_unlinked(held, nodes[0])  # (100, the oldest, again: now the latest)
+    assert len(held) == UNLINKED_LOCAL_MOST
+    assert 100 in held and not any(ino in held for ino in range(101, 106)) and 106 in held
+    assert list(held)[-1] == nodes[-1].ino

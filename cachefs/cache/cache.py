@@ -49,6 +49,7 @@ from ..store.crypto import RecordError
 from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED, ROOT_INO, Node, Store, Txn,
                            index_damaged)
 from ..store.index import LOCAL_ONLY
+from ..store.records import Version
 from .common import CONTROL_NAME, CacheConfig, Kernel, LocalCopyName, local_copy_name
 from .callbacks import Callbacks
 from .reconcile import Reconcile
@@ -443,9 +444,16 @@ class Cache:
         self._kernel.invalidate_entry(sp, sn)
         self._kernel.invalidate_entry(dp, dn)
 
-    async def unlink_path(self, path: bytes) -> None:
+    async def unlink_path(self, path: bytes, *, server: tuple[int, Version | None] | None = None) -> None:
+        """An unlink (or rmdir) asked for by the control file. ``server``: the number and
+        version of the server's object at ``path`` (a resolve keeping a deletion made here):
+        where a local-only object holds the name here (a FIFO made after the deletion),
+        only the server's object goes (journaled); the local-only one stays."""
         parent, name = await self._parent_and_name(path)
         node = await self.lookup(parent, name)
+        if server is not None and node.has(LOCAL_ONLY):
+            self._names.unlink_server_object(parent, name, *server)
+            return
         if node.is_dir:
             await self.rmdir(parent, name)
         else:

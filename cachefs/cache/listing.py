@@ -76,9 +76,22 @@ CHECK_BY_LISTING = 1000  # folders up to this many entries: an open checks the w
 Kept = tuple[int, list[Node], dict[str, Any]]
 #: a blocking call that lists a folder: [(name, remote stat)]
 Lister = Callable[[bytes], list[Any]]
+#: unlinked local-only objects held for the kernel at most (``Listings.unlinked_local``):
+#: one unlinked through the control file (a resolve) may be held by no kernel, which then
+#: never forgets it; past this many the oldest go (an fstat of one still open: ENOENT)
+UNLINKED_LOCAL_MOST = 1000
 #: what a listing keeps of names it does not show: local changes not yet replayed, a damaged
 #: copy or a refused version (on no server), a local-only object (``LOCAL_ONLY``)
 KEPT_UNLISTED = DIRTY | DAMAGED | KEPT | LOCAL_ONLY
+
+
+def hold_unlinked(held: dict[int, Node], node: Node, most: int = UNLINKED_LOCAL_MOST) -> None:
+    """Hold ``node`` in ``held`` (``Listings.unlinked_local``), the latest last, at most
+    ``most`` of them: the oldest go first."""
+    held.pop(node.ino, None)
+    held[node.ino] = node
+    while len(held) > most:
+        del held[next(iter(held))]
 
 
 class Listings:
@@ -775,6 +788,7 @@ class Listings:
         children = self._unchanged_listing(ino, kept)
         changed: list[Node] = []
         removed: list[Node] = []
+        names_gone: list[bytes] = []
         passed_over: set[int] = set()
         if children is None:
             delta = apply_listing(self.store, ino, kept, keep=self._writing, copy_name=self._copy_name)
@@ -782,6 +796,7 @@ class Listings:
             # keeps the kept list, and with it what opendir derived from it.
             children = self._keep_children(ino, delta.children, same=delta.same)
             changed, removed, passed_over = delta.changed, delta.removed, delta.passed_over
+            names_gone = delta.names_gone
         self._listed.mark(ino, started)
         if self._passed_over:  # (those the listing found current are checked now)
             self._passed_over.difference_update(child.ino for child in children)
@@ -795,7 +810,8 @@ class Listings:
             self._stale(node.ino)
         for node in removed:
             self._forget_content(node.ino)
-            self.kernel.invalidate_entry(ino, node.name)
+        for name in names_gone:
+            self.kernel.invalidate_entry(ino, name)
 
     def _unchanged_listing(self, ino: int, listing: list[Any]) -> list[Node] | None:
         """The folder's kept children, when the remote's listing says nothing they do not
@@ -1013,6 +1029,9 @@ def _derived(kept: Kept, key: str, make: Callable[[list[Node]], T]) -> T:
 class ListingDelta:
     changed: list[Node] = field(default_factory=list)  # base version differs from before
     removed: list[Node] = field(default_factory=list)
+    #: names of the folder that went or now lead to another object: the kernel forgets
+    #: its entries of them (a hard-linked node's ``name`` may be another folder's)
+    names_gone: list[bytes] = field(default_factory=list)
     children: list[Node] = field(default_factory=list)  # the folder's entries afterwards
     same: bool = True  # nothing written: the listing matched the cached entries
     #: files left as they were for a writer (``keep``) though the listing differs from
@@ -1100,7 +1119,9 @@ class _Applied:
                 if stat_mod.S_IFMT(old.mode) != rstat.kind:
                     # A different kind of object under the same name: a new node.
                     self.delta.removed.append(old)
-                    t.drop_tree(old)
+                    self.delta.names_gone.append(name)
+                    if t.drop_tree(old):
+                        self.folders = None  # (a hard-linked node under it, kept in another folder)
                     ino, old = None, None
                 elif (old.parent, old.name) == (self.parent, name) and rebuilt_as_is(old, rstat):
                     built[old.ino] = old  # (the common case, tested without building a node)
@@ -1140,12 +1161,13 @@ class _Applied:
             t.delete_entry(self.parent, name)
             t.drop_tree(node)
             self.delta.removed.append(node)
+            self.delta.names_gone.append(name)
             self.delta.same = False
             return
         log.warning("the server has an object named %r in folder inode %d: it takes the name; the "
                     "local-only %s there is kept as %r", name, self.parent, _kind_word(node.mode), new_name)
         self.delta.same = False
-        self.delta.removed.append(node)  # (the kernel forgets the old name's entry)
+        self.delta.names_gone.append(name)  # (the kernel forgets the name's entry; the node stays)
         t.delete_entry(self.parent, name)
         t.set_entry(self.parent, new_name, node.ino)
         if node.nlink > 1:
@@ -1175,6 +1197,7 @@ class _Applied:
                 continue
             self.delta.same = False
             t.delete_entry(self.parent, name)
+            self.delta.names_gone.append(name)
             if node is not None and node.nlink > 1 and not node.is_dir:
                 # One name of a hard-linked file went away; the node lives on.
                 self.folders = None
@@ -1186,7 +1209,8 @@ class _Applied:
                 t.put(node)
             elif node is not None:
                 self.delta.removed.append(node)
-                t.drop_tree(node)
+                if t.drop_tree(node):
+                    self.folders = None  # (a hard-linked node under it, kept in another folder)
 
     def _count_subfolders(self, t: Txn) -> None:
         """The folder is LISTED, its link count that of a local filesystem's folder."""

@@ -28,10 +28,11 @@ from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADir
 from ..paths import join
 from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, OWNER_DIRTY, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
+from ..store.records import Version
 from .common import CONTROL_NAME, valid_name
 from .content import Content
 from .handles import Opens
-from .listing import Listings
+from .listing import Listings, hold_unlinked
 from .writes import Writes
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,17 @@ class Names:
         self.store.transact(change)
         self._writes.changed()
 
+    def unlink_server_object(self, parent: int, name: bytes, ino: int, base: Version | None) -> None:
+        """The server's object under ``name`` goes while the local-only object that holds
+        the name here stays (resolve ``local`` of a deletion made here, a FIFO made under
+        the name since): the unlink journaled as the deleted node's (``ino``), expecting
+        ``base``, the server's version the conflict saw (None: whatever is there)."""
+        def change(t: Txn) -> None:
+            self._writes.journal(t, Op("unlink", ino, join(t.path_of(parent), name), base=base, parent=parent))
+
+        self.store.transact(change)
+        self._writes.changed()
+
     def _journal_removal(self, t: Txn, node: Node, parent: int, name: bytes) -> None:
         """The unlink of ``name`` (``node``), for the server: none for a local-only object."""
         if not node.flags & LOCAL_ONLY:
@@ -226,7 +238,7 @@ class Names:
             self.store.remove_after_commit(node.ino)
             if node.flags & LOCAL_ONLY:  # (a FIFO may still be open: its attributes stay at hand)
                 gone = dataclasses.replace(node, nlink=0, parent=0)
-                self.store.after_commit(lambda: self._listings.unlinked_local.__setitem__(gone.ino, gone))
+                self.store.after_commit(lambda: hold_unlinked(self._listings.unlinked_local, gone))
         self._content.forget(node.ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:

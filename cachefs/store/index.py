@@ -537,8 +537,12 @@ class Store:
         with self.env.begin() as txn:
             return _path_of(self, txn, ino)
 
-    def _drop_node(self, txn: lmdb.Transaction, node: Node) -> None:
-        """Forget a node and, for a folder, everything under it (content files too)."""
+    def _drop_node(self, txn: lmdb.Transaction, node: Node) -> bool:
+        """Forget a node and, for a folder, everything under it (content files too). A
+        hard-linked file (or FIFO, socket) under it loses that name only, while it has a
+        name left (as an unlink would): its other folders still hold it. Whether one did
+        (a node in another folder changed)."""
+        kept = False
         stack = [node]
         while stack:
             n = stack.pop()
@@ -553,14 +557,35 @@ class Store:
                         keys.append(bytes(key))
                         child = self._entry_ino(key, value)
                         data = txn.get(_key(child), db=self.nodes)
-                        if data is not None:
-                            stack.append(self._unpack(child, data))
+                        if data is None:
+                            continue
+                        c = self._unpack(child, data)
+                        if c.nlink > 1 and not c.is_dir and self._drop_link_name(txn, c, n.ino, key, value):
+                            kept = True
+                        else:
+                            stack.append(c)
                 for key in keys:
                     txn.delete(key, db=self.entries)
             txn.delete(_key(n.ino), db=self.nodes)
             txn.delete(_key(n.ino), db=self.ranges_db)
             self._delete_sums(txn, n.ino)
             self.remove_after_commit(n.ino)
+        return kept
+
+    def _drop_link_name(self, txn: lmdb.Transaction, node: Node, parent: int, key: bytes, value: bytes) -> bool:
+        """``_drop_node``: one name of a hard-linked node goes with its folder (the entry
+        deleted by the caller): one link fewer, its main name another one if that was it.
+        False when no other name is recorded (``add_link_name``; a server's link count
+        of a file with one name here): the node goes too."""
+        name = self._entry(key, value)[0]
+        others = [other for other in Txn(self, txn).names_of(node.ino, scan=False) if other != (parent, name)]
+        if not others:
+            return False
+        node.nlink -= 1
+        if (node.parent, node.name) == (parent, name):
+            node.parent, node.name = others[0]
+        txn.put(_key(node.ino), self._pack(node), db=self.nodes)
+        return True
 
     def drop_content(self, ino: int) -> None:
         """Forget cached content of a clean file (remote changed, or eviction)."""
@@ -768,10 +793,11 @@ class Txn:
         key = _key(ino) + self.store._ekey(parent, name)
         self.txn.put(key, self.store.codec.seal(b"", key), db=self.store.links)
 
-    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+    def names_of(self, ino: int, scan: bool = True) -> list[tuple[int, bytes]]:
         """Every (parent, name) that leads to ``ino`` (hard links). git links and unlinks
         every object it writes: the names recorded by ``add_link_name`` spare a scan of
-        every entry, which only links made before that record existed still need."""
+        every entry, which only links made before that record existed still need (none
+        without ``scan``: the recorded names only)."""
         target = _key(ino)
         found = []
         cur = self.txn.cursor(db=self.store.links)
@@ -786,7 +812,7 @@ class Txn:
                     name, child = self.store._entry(ekey, value)
                     if child == ino:
                         found.append((_U64.unpack(ekey[:8])[0], name))
-        if found:
+        if found or not scan:
             return found
         out = []
         for k, v in self.txn.cursor(db=self.store.entries):
@@ -930,10 +956,11 @@ class Txn:
             [(ekey, evalue(ekey, node.ino, node.name)) for ekey, node in keyed])
         return [node for _ekey, node in keyed]
 
-    def drop_tree(self, node: Node) -> None:
+    def drop_tree(self, node: Node) -> bool:
         """Forget a node and, for a folder, everything under it (content files too, once
-        the transaction has committed)."""
-        self.store._drop_node(self.txn, node)
+        the transaction has committed). True when a hard-linked node under it kept a
+        name in another folder (``Store._drop_node``): that folder's listing changed too."""
+        return self.store._drop_node(self.txn, node)
 
     def next_ino(self) -> int:
         """The number the next new node takes (``set_next_ino`` moves it on)."""

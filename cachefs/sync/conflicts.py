@@ -33,6 +33,7 @@ from ..paths import join
 from ..remote import RemoteStat
 from ..store.index import Node, Store, Txn
 from ..store.journal import Op
+from ..store.records import Version
 from .ledger import Ledger
 from .naming import CONFLICT_KINDS, CONFLICT_NAME_TRIES, conflict_name
 from .remote_side import RemoteSide
@@ -53,6 +54,14 @@ def record(op: Op, kind: str, **details: Any) -> Record:
         found["target"] = op.dst.decode("utf-8", "surrogateescape")
     log.warning("conflict (%s) on %r", kind, op.path)
     return found
+
+
+def _version(recorded: Any) -> Version | None:
+    """The server's version a record keeps (``version``: JSON's list), or None (a record
+    of an earlier release has none)."""
+    if isinstance(recorded, list) and len(recorded) == 3 and all(type(v) is int for v in recorded):
+        return (recorded[0], recorded[1], recorded[2])
+    return None
 
 
 def _text_path(path: bytes) -> str:
@@ -213,7 +222,7 @@ class Conflicts:
             elif keep == "remote":
                 await self.cache.unlink_path(copy_path)
         elif kind == "deleted-local-changed-remote" and keep == "local":
-            await self.cache.unlink_path(original)
+            await self.cache.unlink_path(original, server=(found.get("ino", 0), _version(found.get("version"))))
         elif kind == "deleted-remote-changed-local" and keep == "remote":
             await self.cache.unlink_path(original)
         elif kind == "error" and found.get("refused") == "xattr":  # (an attribute: by its name)

@@ -499,7 +499,7 @@ class Replayer:
         base = self.ledger.expected_base(op.ino, op.base)
         if base is not None and remote.version() != base:
             # Deleted here, changed there: the changed version survives.
-            self.ledger.finish(op, conflict=record(op, "deleted-local-changed-remote"))
+            self.ledger.finish(op, conflict=record(op, "deleted-local-changed-remote", version=list(remote.version())))
             return 0
         if stat_mod.S_ISDIR(remote.mode):
             return await self._replay_rmdir(op)
