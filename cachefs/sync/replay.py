@@ -52,6 +52,12 @@ from .uploads import UploadGroup
 #: (``Replayer._moved_aside``): changes of it in place
 _REHOMED_LATER = {"store", "setattr", "xattr"}
 
+
+def _moved_to(p: bytes, path: bytes, copy: bytes) -> bytes:
+    """``p`` after the node at ``path`` became ``copy``: ``copy`` itself, or the same
+    place under it (``p`` inside a folder), or ``p`` unchanged (elsewhere, or empty)."""
+    return copy + p[len(path):] if p == path or p.startswith(path + b"/") else p
+
 #: entries of one batch at most: their uploads go together (``UploadGroup``), the other
 #: entries side by side, as many at once as the connections allow
 BATCH_WIDTH = 256
@@ -423,11 +429,12 @@ class Replayer:
     def _moved_aside(self, op: Op, path: bytes, copy: bytes, parent: int, found: Record) -> None:
         """Our node of ``op``, at ``path`` here, is ``copy`` on the server now (the name
         is another's there): the entry ends with the conflict ``found``, and the node is
-        re-homed here under the copy's name, keeping its content and extended attributes,
-        with the later entries about it at ``path`` sent to ``copy`` (one transaction).
-        Where that cannot be told safely (a later entry about it elsewhere or of another
-        kind, one inside it, a hard link, the name taken here), it is forgotten here as
-        before, and the listing brings both back."""
+        re-homed here under the copy's name, keeping its content and extended attributes
+        (a folder: its children, local-only objects too), with the later entries about it
+        at ``path`` sent to ``copy`` and those inside it to the same place under ``copy``
+        (one transaction). Where that cannot be told safely (a later entry about it
+        elsewhere or of another kind, one onto ``path``, a hard link, the name taken here),
+        it is forgotten here as before, and the listing brings both back."""
         name, new_name = path.rpartition(b"/")[2], copy.rpartition(b"/")[2]
         moved: list[Op] = []
         rehomed = [False]
@@ -438,13 +445,14 @@ class Replayer:
             inside = path + b"/"
             about = [o for o in t.ops_after(op.seq)
                      if o.ino == op.ino or o.path.startswith(inside) or o.dst.startswith(inside) or o.dst == path]
-            if any(o.ino != op.ino or o.path != path or o.dst or o.kind not in _REHOMED_LATER for o in about):
+            if any(o.dst == path or (o.ino == op.ino and (o.path != path or o.dst or o.kind not in _REHOMED_LATER))
+                   for o in about):
                 log.debug("not re-homed: %s", [(o.kind, o.path) for o in about])
                 return
             if not self.cache.reconcile.rehome(t, op.ino, parent, name, new_name):
                 return
-            for o in about:
-                o.path = copy
+            for o in about:  # (changes inside a folder follow it: their paths under the copy)
+                o.path, o.dst = _moved_to(o.path, path, copy), _moved_to(o.dst, path, copy)
                 t.put_op(o.seq, o)
             moved.extend(about)
             rehomed[0] = True
@@ -455,7 +463,7 @@ class Replayer:
             for o in moved:  # (the running pass holds them too)
                 held = self._pass_ops.get(o.seq)
                 if held is not None:
-                    held.path = copy
+                    held.path, held.dst = o.path, o.dst
             self.cache.remote_changed(op.ino, parent_ino=parent, rehomed_from=name)
         else:
             self.cache.remote_changed(op.ino, parent_ino=parent, moved_aside=True)
