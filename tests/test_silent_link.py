@@ -448,3 +448,39 @@ def test_busy_slots_make_no_link_suspect(share: Path, width: int) -> None:
             assert conn._rtts[-1] < 0.5, conn._rtts
 
     trio.run(main)
+
+
+def test_offline_asked_while_a_connection_attempt_runs_stays_offline(tmp_path: Path) -> None:
+    """``offline`` written while the probe's connect is under way: the attempt succeeds
+    after it, and the mount stays offline by request (it went online, undoing the user's
+    word, and an offline test then synced against the server)."""
+    import trio
+
+    from cachefs.link.connectivity import Connectivity, State
+    from cachefs.remote.local import LocalRemote
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    class SlowConnect(LocalRemote):
+        def connect(self) -> None:
+            entered.set()
+            release.wait(10)
+            super().connect()
+
+    (tmp_path / "share").mkdir()
+    conn = Connectivity(SlowConnect(str(tmp_path / "share"), 10.0), heartbeat=0.1, max_backoff=0.1)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            while not entered.is_set():
+                await trio.sleep(0.01)
+            conn.work_offline()
+            release.set()
+            await trio.sleep(0.5)
+            assert conn.state is State.WORK_OFFLINE
+            assert not await conn.try_connect()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -332,6 +332,15 @@ class Connectivity:
             for scope in self._looking:  # (their callers: Unavailable now, see ``call``)
                 scope.cancel()
 
+    def _connected(self) -> bool:
+        """A connection attempt succeeded: online, unless offline was asked for while it
+        ran (the user's word wins over an attempt already under way)."""
+        if self.state is State.WORK_OFFLINE:
+            log.debug("connected, but offline by request meanwhile: staying offline")
+            return False
+        self._set_online()
+        return True
+
     def _set_online(self) -> None:
         changed = self.state is not State.ONLINE
         if changed:
@@ -385,7 +394,7 @@ class Connectivity:
             await self._run(self.remote.connect, refusals=True)
         except Unavailable:
             return
-        self._set_online()
+        self._connected()
 
     async def try_connect(self) -> bool:
         """One attempt to (re)connect now, unless offline by request; True if online."""
@@ -400,8 +409,7 @@ class Connectivity:
         except RemoteRefused as exc:
             self.last_error = str(exc)
             return False
-        self._set_online()
-        return True
+        return self._connected()
 
     # -- background ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -439,7 +447,7 @@ class Connectivity:
                 log.error("remote refused: %s", exc)
                 backoff = self.max_backoff
             else:
-                self._set_online()
+                self._connected()
                 continue
             log.debug("offline: next attempt to connect in %g s", backoff)
             with trio.move_on_after(backoff):
