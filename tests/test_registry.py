@@ -195,7 +195,8 @@ def test_every_path_option_is_made_absolute() -> None:
     assert paths == cli._PATH_OPTIONS
     assert {name for name, dest in cli.SSHFS_OPTIONS.items()
             if isinstance(dest, str) and cli._OPTION_NAMES.get(dest) in paths} == {"identityfile",
-                                                                                "userknownhostsfile"}
+                                                                                "userknownhostsfile",
+                                                                                "uidfile", "gidfile"}
 
 
 def test_mount_of_unknown_name_is_one_line(tmp_path: Path) -> None:
