@@ -114,6 +114,21 @@ def test_stat_shows_the_servers_owners(remote_owners, mount_factory, share: Path
         assert errno_of(lambda: os.chown(mount.mountpoint / "f", OTHER, OTHER)) == "EPERM"
 
 
+def test_the_roots_owner_is_the_shares(remote_owners, share: Path) -> None:
+    """A share owned by another user with mode 0700: the mount's root is that user's, who
+    can list it, and no one else (the root's record held 0:0 and only its mode and times
+    were taken from the server: its owner got EACCES on their own share)."""
+    (share / "f").write_bytes(b"f")
+    os.chown(share, NOBODY, NOBODY)
+    os.chmod(share, 0o700)
+    os.chmod(share.parent, 0o755)  # (the mount point's folder: for the child's lookup)
+    with remote_owners() as mount:
+        mnt = mount.mountpoint
+        assert owner(mnt) == (NOBODY, NOBODY)
+        assert as_user(mnt.parent, lambda: os.listdir(mnt.name)) == ["f"]
+        assert as_user(mnt.parent, lambda: os.listdir(mnt.name), uid=OTHER) == "EACCES"
+
+
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_chown_reaches_the_server_and_stays(remote_owners, share: Path, offline: bool) -> None:
     (share / "f").write_bytes(b"first")

@@ -181,7 +181,7 @@ class Listings:
             log.debug("root listing at start: %s", exc)
 
     async def root_attributes(self) -> None:
-        """The root's mode and times as the server has them (unless a local change of
+        """The root's mode, owner and times as the server has them (unless a local change of
         them is pending). ``Cache.run`` asks before the mount answers its first request:
         until then the root shows the times of the cache's making (or of the last mount),
         and a program that read it across the change saw it change under it (``tar cf -
@@ -190,10 +190,11 @@ class Listings:
         root = self.node(ROOT_INO)
         if root.flags & (DIRTY | ATTR_DIRTY):
             return  # a local change of the root is pending: its listing says the rest
-        known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base)
+        known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base, root.uid, root.gid)
         root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
         root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
-        if (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base) != known:
+        root.uid, root.gid = rstat.uid, rstat.gid  # (shown with --owners remote only)
+        if (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base, root.uid, root.gid) != known:
             self.store.put(root)
 
     # -- lookups -----------------------------------------------------------------------
