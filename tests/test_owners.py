@@ -207,6 +207,16 @@ def test_a_change_of_owner_clears_setuid_as_linux_does(remote_owners, share: Pat
         synced(mnt)
         assert owner(share / "x") == (OTHER, OTHER)
         assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o4755
+        # a change of content (root's write keeps the bit here): the upload carries the
+        # owner as well, sent before the mode, which keeps the bit there too
+        for size in (10, 300_000):  # (a small file's upload and a large one's)
+            with open(mnt / "x", "ab") as f:
+                f.write(b"#" * size + b"\n")
+            assert stat.S_IMODE(os.stat(mnt / "x").st_mode) == 0o4755
+            synced(mnt)
+            assert owner(share / "x") == (OTHER, OTHER)
+            assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o4755
+            assert (share / "x").read_bytes() == (mnt / "x").read_bytes()
 
 
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])

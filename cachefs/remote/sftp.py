@@ -263,7 +263,7 @@ class SftpRemote(Remote):
                     outcomes[i] = exc
                     continue
                 if len(head) <= SMALL_UPLOAD and pipelined:
-                    small.append((i, SmallWrite(temp, full, head, _attrs(upload.mode, upload.times, upload.owner))))
+                    small.append((i, SmallWrite(temp, full, head, _upload_attrs(upload))))
                 else:
                     large.append(i)
             if small:
@@ -297,7 +297,7 @@ class SftpRemote(Remote):
             try:
                 with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
-                    sftp.write_stream(temp, head, stream, _attrs(upload.mode, upload.times, upload.owner), fsync,
+                    sftp.write_stream(temp, head, stream, _upload_attrs(upload), fsync,
                                       self._pacer)
                 self._rename_over(sftp, temp, full)
             except (StatusError, ContentDamaged):
@@ -560,6 +560,16 @@ def _attrs(mode: int, times: tuple[int, int] | None, owner: tuple[int, int] | No
     if owner is not None:
         attrs.st_uid, attrs.st_gid = owner
     return attrs
+
+
+def _upload_attrs(upload: Upload) -> tuple[SFTPAttributes, ...]:
+    """The FSETSTATs of an upload: one, or the owner alone first when it goes with setuid
+    or setgid bits (as ``set_attrs_many``: the server sets the mode before the owner, and
+    Linux clears those bits at a change of owner). Pipelined: no round trip more."""
+    mode, owner = upload.mode, upload.owner
+    if owner is not None and mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+        return _owner_attrs(owner), _attrs(mode, upload.times)
+    return (_attrs(mode, upload.times, owner),)
 
 
 def _owner_attrs(owner: tuple[int, int]) -> SFTPAttributes:
