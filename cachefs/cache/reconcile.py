@@ -126,16 +126,18 @@ class Reconcile:
 
     @staticmethod
     def attributes_sent(t: Txn, op: Op, sent: tuple[int, int, int],
-                        owner: tuple[int, int] | None = None) -> None:
-        """The node's (mode, atime, mtime) ``sent`` (and ``owner``, when sent) are on the
-        server: clean, unless they changed again meanwhile (``ATTR_DIRTY`` is not
-        journaled): then a new entry."""
+                        owner: tuple[int, int] | None = None, owner_sent: bool = False) -> None:
+        """The node's (mode, atime, mtime) ``sent`` (and ``owner``, when ``owner_sent``) are
+        on the server: clean, unless they changed again meanwhile (``ATTR_DIRTY`` is not
+        journaled): then a new entry. ``owner``: the node's owner when they were read
+        (``--owners remote``), sent or not: a chown made while they were on the way is
+        not journaled either (``ATTR_DIRTY`` was set), so it too needs the new entry."""
         n = t.node(op.ino)
         if n is None:
             return
         owner_same = owner is None or (n.uid, n.gid) == owner
         if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent and owner_same:
-            n.flags &= ~(ATTR_DIRTY | KEPT | (OWNER_DIRTY if owner is not None else 0))
+            n.flags &= ~(ATTR_DIRTY | KEPT | (OWNER_DIRTY if owner_sent else 0))
             t.put(n)
         else:
             t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))

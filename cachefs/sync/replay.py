@@ -292,7 +292,8 @@ class Replayer:
             return 0
         sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
         # (an owner set here goes in the same request: no round trip more)
-        owner = (node.uid, node.gid) if self.side.remote_owners and node.has(OWNER_DIRTY) else None
+        seen = (node.uid, node.gid) if self.side.remote_owners else None  # (compared once sent)
+        owner = seen if node.has(OWNER_DIRTY) else None
         group = self.content.group
         try:
             if group is not None and group.expects(op.seq):  # (with the batch's others)
@@ -306,7 +307,8 @@ class Replayer:
                 raise
             self.ledger.finish(op, conflict=record(op, "attributes-of-deleted"))
             return 0
-        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent, owner=owner))
+        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent, owner=seen,
+                                           owner_sent=owner is not None))
         if node.is_dir:
             self.content.folder_timed(op.ino)
         return 0
