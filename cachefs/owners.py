@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OWNERS = ("local", "remote")
+#: the largest id a map may name: 2**32 - 1 is the "no change" of chown, not an id
+MAX_ID = 4294967294
 
 
 class MapError(ValueError):
@@ -82,21 +84,31 @@ def read_map(path: Path, local_id: Callable[[str], int | None], what: str) -> di
         if not line:
             continue
         name, colon, remote = line.rpartition(":")
-        if not colon or not name or not remote.isdigit():
+        server = _id(remote)
+        if not colon or not name or server is None:
             raise MapError(f"{path} line {number}: expected localname:remoteid, found {line!r}")
+        if server > MAX_ID:
+            raise MapError(f"{path} line {number}: {remote} is not an id (0 to {MAX_ID})")
         local = local_id(name)
         if local is None:
             raise MapError(f"{path} line {number}: no {what} {name!r} on this machine")
-        server = int(remote)
+        if local > MAX_ID:
+            raise MapError(f"{path} line {number}: {name} is not an id (0 to {MAX_ID})")
         if local in out or server in taken:
             raise MapError(f"{path} line {number}: {name if local in out else remote} is mapped twice")
         out[local], taken[server] = server, number
     return out
 
 
+def _id(text: str) -> int | None:
+    """The number ``text`` spells in ASCII digits only (``str.isdigit`` takes "²", which
+    ``int`` refuses), else None."""
+    return int(text) if text and text.isascii() and text.isdigit() else None
+
+
 def _user_id(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
+    if (number := _id(name)) is not None:
+        return number
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
@@ -104,8 +116,8 @@ def _user_id(name: str) -> int | None:
 
 
 def _group_id(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
+    if (number := _id(name)) is not None:
+        return number
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:

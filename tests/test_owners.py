@@ -425,6 +425,11 @@ def test_sshfs_idmap_spelling(remote_owners, share: Path, tmp_path: Path) -> Non
     ("no-such-user-here:5", "line 2: no user 'no-such-user-here' on this machine"),
     ("root:7", "line 2: 7 is mapped twice"),
     ("nobody:8", "line 2: nobody is mapped twice"),
+    ("root:\u00b2", "line 2: expected localname:remoteid, found 'root:\u00b2'"),  # (isdigit() says yes)
+    ("\u00b2:5", "line 2: no user '\u00b2' on this machine"),
+    ("root:4294967296", "line 2: 4294967296 is not an id (0 to 4294967294)"),
+    ("root:4294967295", "line 2: 4294967295 is not an id (0 to 4294967294)"),
+    ("4294967296:5", "line 2: 4294967296 is not an id (0 to 4294967294)"),
 ])
 def test_a_bad_map_is_a_one_line_error(share: Path, tmp_path: Path, line: str, says: str) -> None:
     uids = tmp_path / "uids"
