@@ -410,6 +410,36 @@ def test_uid_and_gid_maps(remote_owners, share: Path, tmp_path: Path) -> None:
         assert owner(share / "g") == (1234, 2345)
 
 
+def test_a_map_never_shows_one_id_for_two(remote_owners, share: Path, tmp_path: Path) -> None:
+    """Local 4321 is the server's 1000: the server's own 4321 (not mapped) must not show as
+    4321, whose files they are not (with allow_other,default_permissions the local 4321
+    would own them): shown as 65534, the kernel's overflow id. Local 1000 (not mapped)
+    would come back as 4321: no file can be given to it (chown EINVAL, as an idmapped
+    mount; a creation by it EOVERFLOW)."""
+    uids, gids = tmp_path / "uids", tmp_path / "gids"
+    uids.write_text(f"{OTHER}:1000\n")
+    gids.write_text(f"{OTHER}:1000\n")
+    for name, server_id in (("mine", 1000), ("bobs", OTHER), ("plain", 77)):
+        (share / name).write_bytes(name.encode())
+        os.chown(share / name, server_id, server_id)
+    os.chmod(share, 0o777)
+    os.chmod(share.parent, 0o755)
+    with remote_owners("--uid-map", str(uids), "--gid-map", str(gids)) as mount:
+        mnt = mount.mountpoint
+        assert owner(mnt / "mine") == (OTHER, OTHER)
+        assert owner(mnt / "bobs") == (NOBODY, NOBODY)
+        assert owner(mnt / "plain") == (77, 77)
+        assert errno_of(lambda: os.chown(mnt / "plain", 1000, -1)) == "EINVAL"
+        assert errno_of(lambda: os.chown(mnt / "plain", -1, 1000)) == "EINVAL"
+        assert as_user(mnt, lambda: os.open("new", os.O_CREAT | os.O_WRONLY, 0o644), uid=1000) == "EOVERFLOW"
+        assert as_user(mnt, lambda: os.mkdir("newdir"), uid=1000) == "EOVERFLOW"
+        os.chown(mnt / "plain", OTHER, OTHER)
+        assert owner(mnt / "plain") == (OTHER, OTHER)
+        synced(mnt)
+        assert owner(share / "plain") == (1000, 1000)
+        assert not (share / "new").exists() and not (share / "newdir").exists()
+
+
 def test_sshfs_idmap_spelling(remote_owners, share: Path, tmp_path: Path) -> None:
     uids = tmp_path / "uids"
     uids.write_text("nobody:1234\n")
@@ -438,6 +468,8 @@ def test_a_bad_map_is_a_one_line_error(share: Path, tmp_path: Path, line: str, s
     done = subprocess.run([sys.executable, "-m", "cachefs.cli", "mount", str(share), str(tmp_path / "mnt"),
                            "--cache-dir", str(tmp_path / "cache"), "--owners", "remote", "--uid-map", str(uids)],
                           cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode == 0:  # (mounted all the same: not left behind)
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert done.returncode != 0
     assert done.stderr.strip() == f"cachefs: {uids} {says}", done.stderr
     assert not (tmp_path / "cache").exists()
