@@ -219,6 +219,38 @@ def test_a_change_of_owner_clears_setuid_as_linux_does(remote_owners, share: Pat
             assert (share / "x").read_bytes() == (mnt / "x").read_bytes()
 
 
+@pytest.mark.parametrize("local_share", [False, True], ids=["sftp", "local-path"])
+def test_a_symlinks_owner_reaches_the_server(remote_owners, share: Path, local_share: bool) -> None:
+    """chown -h of a symlink, and a symlink another user makes: their owners go to the
+    server (lsetstat@openssh.com, or lchown on a local share: the link, not its target) and
+    stay after the folder is listed again (the chown was not journaled, and a new link
+    went back to the SSH account's owner)."""
+    (share / "d").mkdir()
+    os.chmod(share / "d", 0o777)
+    (share / "d/t").write_bytes(b"t")
+    os.symlink("t", share / "d/l")
+    os.chmod(share.parent, 0o755)
+    with remote_owners(**({"remote": str(share)} if local_share else {})) as mount:
+        mnt = mount.mountpoint
+        os.listdir(mnt / "d")
+        os.lchown(mnt / "d/l", OTHER, OTHER)
+        assert owner(mnt / "d/l") == (OTHER, OTHER)
+        assert status(mnt)["pending"] == 1
+        assert as_user(mnt, lambda: os.symlink("t", "d/made")) is None
+        assert owner(mnt / "d/made") == (NOBODY, NOBODY)
+        synced(mnt)
+        assert owner(share / "d/l") == (OTHER, OTHER)
+        assert owner(share / "d/made") == (NOBODY, NOBODY)
+        assert owner(share / "d/t") == (0, 0)  # (the target untouched)
+        (share / "d/new").write_bytes(b"n")  # the folder changes there: listed again
+        deadline = time.monotonic() + 15
+        while "new" not in os.listdir(mnt / "d") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "new" in os.listdir(mnt / "d")
+        assert owner(mnt / "d/l") == (OTHER, OTHER)
+        assert owner(mnt / "d/made") == (NOBODY, NOBODY)
+
+
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_what_another_user_creates_is_theirs(remote_owners, share: Path, offline: bool) -> None:
     (share / "pub").mkdir()

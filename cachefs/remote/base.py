@@ -258,6 +258,11 @@ class Remote(ABC):
         the owner (uid, gid) when given, set first (a change of owner clears setuid and
         setgid bits on Linux, even root's)."""
 
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        """The owner (uid, gid) of symlink ``path`` itself (``lchown``); ``RemoteError(
+        ENOTSUP)`` where the remote cannot (this default: SFTP's SETSTAT follows links)."""
+        raise RemoteError(errno.ENOTSUP, "cannot change the owner of a symlink there")
+
     def set_attrs_many(self, items: list[AttrsItem]) -> list[RemoteError | None]:
         """``set_attrs`` of each (path, mode, atime_ns, mtime_ns, owner): per item None or
         its error; a broken connection raises for all. SFTP sends them all at once (one

@@ -472,6 +472,15 @@ class SftpRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._pool.run("link", lambda sftp: sftp.extended(b"hardlink@openssh.com", full_src, full_dst))
 
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        """``lsetstat@openssh.com`` (OpenSSH 8.0 on) with the owner only; ENOTSUP where the
+        server does not offer it."""
+        self._ensure_root()
+        if not self._has(b"lsetstat@openssh.com"):
+            raise RemoteError(errno.ENOTSUP, "the server cannot change the owner of a symlink")
+        full = self._path(path)
+        self._pool.run("lsetstat", lambda sftp: sftp.extended(b"lsetstat@openssh.com", full, _owner_attrs(owner)))
+
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
                   owner: tuple[int, int] | None = None) -> None:
         [error] = self.set_attrs_many([(path, mode, atime_ns, mtime_ns, owner)])

@@ -296,7 +296,11 @@ class Replayer:
         owner = seen if node.has(OWNER_DIRTY) else None
         group = self.content.group
         try:
-            if group is not None and group.expects(op.seq):  # (with the batch's others)
+            if node.is_symlink:  # (only its owner goes: SETSTAT would follow the link)
+                if owner is not None and not await self._set_link_owner(op.path, owner):
+                    log.info("%r: the server cannot change the owner of a symlink: kept here until "
+                             "its folder is listed again", op.path)
+            elif group is not None and group.expects(op.seq):  # (with the batch's others)
                 await group.submit_attrs(op, (op.path, *sent, owner))
             elif owner is None:
                 await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
@@ -312,6 +316,17 @@ class Replayer:
         if node.is_dir:
             self.content.folder_timed(op.ino)
         return 0
+
+    async def _set_link_owner(self, path: bytes, owner: tuple[int, int]) -> bool:
+        """The owner of symlink ``path`` there (lchown, lsetstat@openssh.com); False where
+        the remote cannot change it (ENOTSUP)."""
+        try:
+            await self.side.conn.call(self.side.remote.set_link_owner, path, owner)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOTSUP:
+                raise
+            return False
+        return True
 
     async def _replay_xattr(self, op: Op) -> int:
         """Extended attribute ``op.xattr`` of the node as it is now: set on the server,
@@ -474,6 +489,17 @@ class Replayer:
         await self.side.make_parents(op.path)
         await self.side.conn.call(self.side.remote.symlink, op.target, op.path)
         remote = await self.side.stat(op.path)
+        node = self.store.get(op.ino)
+        owner = self.side.owner_of(node) if node is not None else None
+        if remote is not None and owner is not None and (remote.uid, remote.gid) != owner:
+            # (--owners remote: its creator's, as a file's upload gives it; no round trip more
+            # when the SSH account is the creator)
+            try:
+                if await self._set_link_owner(op.path, owner):
+                    remote = remote._replace(uid=owner[0], gid=owner[1])
+            except RemoteError as exc:
+                log.info("%r: its owner was refused there, kept here until its folder is listed again: %s",
+                         op.path, exc)
         self.ledger.finish(op, self._agree(op, remote))
         return 0
 
