@@ -166,6 +166,31 @@ def test_chown_reaches_the_server_and_stays(remote_owners, share: Path, offline:
         assert owner(mount.mountpoint / "d") == (NOBODY, 0)
 
 
+def test_an_upload_keeps_a_chown_made_on_the_server(remote_owners, share: Path) -> None:
+    """A chown made there changes no version (size, mtime): an upload of a change made
+    here gives the file the owner it finds there, not the one the cache last saw (which
+    silently undid the chown)."""
+    for name, size in (("small", 10), ("large", 300_000)):  # (both upload paths)
+        (share / name).write_bytes(b"x" * size)
+        os.chown(share / name, OTHER, OTHER)
+    with remote_owners() as mount:
+        mnt = mount.mountpoint
+        for name in ("small", "large"):
+            assert owner(mnt / name) == (OTHER, OTHER)
+            (mnt / name).read_bytes()  # (cached whole: changed offline)
+        go_offline(mnt)  # (so that no listing sees the chown before the upload)
+        for name in ("small", "large"):
+            os.chown(share / name, NOBODY, NOBODY)
+            with open(mnt / name, "ab") as f:
+                f.write(b"more")
+        control(mnt, "online")
+        synced(mnt)
+        for name in ("small", "large"):
+            assert owner(share / name) == (NOBODY, NOBODY), name
+            assert (share / name).read_bytes().endswith(b"more")
+            assert owner(mnt / name) == (NOBODY, NOBODY), name  # (the record took it)
+
+
 def test_an_offline_chown_left_pending_survives_a_remount(remote_owners, share: Path) -> None:
     (share / "f").write_bytes(b"f")
     with remote_owners("--sync-at-unmount", "0") as mount:

@@ -217,6 +217,8 @@ class Remote(ABC):
                     continue
                 # (the owner only when there is one: a subclass's upload may not take it)
                 owner = () if upload.owner is None else (upload.owner,)
+                if owner and upload.keep_owner and current is not None:
+                    owner = ((current.uid, current.gid),)
                 outcomes.append(self.upload(upload.path, upload.source, upload.mode,
                                             upload.temp_name, upload.times, *owner))
             except (RemoteError, ContentDamaged) as exc:
@@ -316,6 +318,9 @@ class Upload:
     times: tuple[int, int] | None
     expect: Callable[[RemoteStat | None], bool]
     owner: tuple[int, int] | None = None  # (uid, gid) given to the file (--owners remote)
+    #: ``owner`` is only the one last seen there: the one ``expect`` is shown wins (a chown
+    #: made on the server changes no version: an upload must not undo it)
+    keep_owner: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Quirks handled here:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -266,11 +267,18 @@ class SftpRemote(Remote):
                     small.append((i, SmallWrite(temp, full, head, _upload_attrs(upload))))
                 else:
                     large.append(i)
+            def expect(j: int, found: SFTPAttributes | None) -> bool:
+                upload = uploads[small[j][0]]
+                if not upload.expect(None if found is None else _to_stat(found)):
+                    return False
+                if upload.keep_owner and found is not None and found.st_uid is not None:  # (the owner there wins)
+                    for attrs in small[j][1].attrs:
+                        if attrs.st_uid is not None:
+                            attrs.st_uid, attrs.st_gid = found.st_uid, found.st_gid
+                return True
+
             if small:
-                answers = sftp.write_small_files([item for _i, item in small], fsync,
-                                                 lambda j, found: uploads[small[j][0]].expect(
-                                                     None if found is None else _to_stat(found)),
-                                                 self._pacer)
+                answers = sftp.write_small_files([item for _i, item in small], fsync, expect, self._pacer)
                 for (i, _item), answer in zip(small, answers):
                     outcomes[i] = _outcome(answer)
             for i in large:
@@ -294,6 +302,8 @@ class SftpRemote(Remote):
                     current = None
                 if not upload.expect(current):
                     return NotExpected(current)
+                if upload.keep_owner and upload.owner is not None and current is not None:
+                    upload = dataclasses.replace(upload, owner=(current.uid, current.gid))  # (the owner there wins)
             try:
                 with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)

@@ -274,9 +274,11 @@ class Replayer:
         except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
             return await self.content.damaged(op, str(exc))
 
-    def _agree(self, op: Op, remote: RemoteStat | None) -> partial[None] | None:
-        """The update that records ``remote`` (when had) as the node's base version."""
-        return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None)
+    def _agree(self, op: Op, remote: RemoteStat | None, sent: tuple[int, int] | None = None) -> partial[None] | None:
+        """The update that records ``remote`` (when had) as the node's base version, and
+        its owner (``sent``: the owner given it, as ``Reconcile.agree``)."""
+        return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None,
+                                                   owner=(remote.uid, remote.gid), sent=sent)
 
     async def _replay_setattr(self, op: Op) -> int:
         try:
@@ -408,20 +410,42 @@ class Replayer:
                     raise
                 await self.side.make_parents(op.path)
                 await self._mkdir(op.path, op.mode)
-            remote = await self._owned(op, await self.side.stat(op.path))
+            remote = await self.side.stat(op.path)
+            owner, refused = await self._owned(op, remote)
+            if owner is not None and remote is not None:
+                remote = remote._replace(uid=owner[0], gid=owner[1])
+            agree = self._agree(op, remote, owner)
+            if refused:  # (the folder is there: its owner goes as a change of attributes)
+                def update(t: Txn) -> None:
+                    if agree is not None:
+                        agree(t)
+                    Reconcile.owner_pending(t, op.ino)
+                self.ledger.finish(op, update)
+            else:
+                self.ledger.finish(op, agree)
+            return 0
         self.ledger.finish(op, self._agree(op, remote))
         return 0
 
-    async def _owned(self, op: Op, remote: RemoteStat | None) -> RemoteStat | None:
+    async def _owned(self, op: Op, remote: RemoteStat | None) -> tuple[tuple[int, int] | None, bool]:
         """A folder just made there gets the owner it was made with here (``--owners
-        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs."""
+        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs. The
+        owner given (None: none), and whether the server refused it."""
         node = self.store.get(op.ino)
-        if remote is None or node is None or self.side.owner_of(node) is None \
-                or (remote.uid, remote.gid) == (node.uid, node.gid):
-            return remote
-        await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
-                                  node.atime_ns, node.mtime_ns, (node.uid, node.gid))
-        return await self.side.stat(op.path)
+        owner = self.side.owner_of(node) if node is not None else None
+        if remote is None or node is None or owner is None:
+            return None, False
+        if (remote.uid, remote.gid) == owner:
+            return owner, False
+        try:
+            await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
+                                      node.atime_ns, node.mtime_ns, owner)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            log.info("%r: made there, its owner to be sent again as a change of attributes: %s", op.path, exc)
+            return None, True
+        return owner, False
 
     async def _rename_local_aside(self, op: Op) -> int:
         """A folder or symlink made here collides with another kind of object there:
@@ -491,16 +515,18 @@ class Replayer:
         remote = await self.side.stat(op.path)
         node = self.store.get(op.ino)
         owner = self.side.owner_of(node) if node is not None else None
+        sent = None
         if remote is not None and owner is not None and (remote.uid, remote.gid) != owner:
             # (--owners remote: its creator's, as a file's upload gives it; no round trip more
             # when the SSH account is the creator)
             try:
                 if await self._set_link_owner(op.path, owner):
                     remote = remote._replace(uid=owner[0], gid=owner[1])
+                    sent = owner
             except RemoteError as exc:
                 log.info("%r: its owner was refused there, kept here until its folder is listed again: %s",
                          op.path, exc)
-        self.ledger.finish(op, self._agree(op, remote))
+        self.ledger.finish(op, self._agree(op, remote, sent))
         return 0
 
     async def _replay_link(self, op: Op) -> int:
