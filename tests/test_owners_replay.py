@@ -45,9 +45,10 @@ class RefusingOwners(LocalRemote):
         super().set_attrs(path, mode, atime_ns, mtime_ns, owner)
 
 
-def _run(tmp_path: Path, remote_class: type[LocalRemote], body) -> None:  # type: ignore[no-untyped-def]
+def _run(tmp_path: Path, remote_class: type[LocalRemote], body, made: bool = False) -> None:  # type: ignore[no-untyped-def]
     share = tmp_path / "share"
-    share.mkdir()
+    if not made:
+        share.mkdir()
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     store = Store(cache_dir, f"file://{share}")
@@ -130,3 +131,46 @@ def test_a_conflict_copy_has_the_owner_of_our_version(tmp_path: Path) -> None:
         assert copy is not None and (copy.uid, copy.gid) == (OTHER, OTHER), copy
 
     _run(tmp_path, RefusingOwners, body)
+
+
+class CountingRoot(LocalRemote):
+    """A local share that counts the STATs of its root (its pings aside) and the listings
+    of it."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.root_stats = 0
+        self.root_listings = 0
+
+    def stat(self, path: bytes):  # type: ignore[no-untyped-def]
+        if path == b"":
+            self.root_stats += 1
+        return super().stat(path)
+
+    def ping(self) -> None:  # (the link's heartbeat: not counted)
+        super().stat(b"")
+
+    def listdir(self, path: bytes):  # type: ignore[no-untyped-def]
+        if path == b"":
+            self.root_listings += 1
+        return super().listdir(path)
+
+
+def test_the_root_is_read_once_at_start(tmp_path: Path) -> None:
+    """Its attributes (owner included) before the first request, then its listing: one
+    STAT of it, not a second one in the start's listing."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(10):
+                while not remote.root_listings:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert remote.root_stats == 1
+        root = store.get(ROOT_INO)
+        assert root is not None and (root.uid, root.gid) == (OTHER, OTHER + 1)
+
+    os.makedirs(tmp_path / "share")
+    os.chown(tmp_path / "share", OTHER, OTHER + 1)
+    _run(tmp_path, CountingRoot, body, made=True)

@@ -161,6 +161,7 @@ class Listings:
         #: (a FIFO open in a process: its fstat asks for its attributes), until the kernel
         #: forgets them (``Cache.forgotten``); in memory only, never in the index
         self.unlinked_local: dict[int, Node] = {}
+        self._root_read = False  # the root's attributes read from the server (``root_attributes``)
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -175,7 +176,8 @@ class Listings:
         try:
             if self.conn.online:
                 await self.conn.measure_rtt()
-            await self.root_attributes()
+            if not self._root_read:  # (else ``Cache.run`` read them: no round trip more)
+                await self.root_attributes()
             await self.listdir(ROOT_INO)
         except (Unavailable, RemoteError, NotFound) as exc:
             log.debug("root listing at start: %s", exc)
@@ -187,6 +189,7 @@ class Listings:
         and a program that read it across the change saw it change under it (``tar cf -
         -C MNT .`` right after the mount: "file changed as we read it", exit 1)."""
         rstat = await self.conn.call(self.conn.remote.stat, b"")
+        self._root_read = True
         root = self.node(ROOT_INO)
         if root.flags & (DIRTY | ATTR_DIRTY):
             return  # a local change of the root is pending: its listing says the rest
