@@ -114,6 +114,21 @@ def test_stat_shows_the_servers_owners(remote_owners, mount_factory, share: Path
         assert errno_of(lambda: os.chown(mount.mountpoint / "f", OTHER, OTHER)) == "EPERM"
 
 
+def test_the_roots_owner_is_the_shares(remote_owners, share: Path) -> None:
+    """A share owned by another user with mode 0700: the mount's root is that user's, who
+    can list it, and no one else (the root's record held 0:0 and only its mode and times
+    were taken from the server: its owner got EACCES on their own share)."""
+    (share / "f").write_bytes(b"f")
+    os.chown(share, NOBODY, NOBODY)
+    os.chmod(share, 0o700)
+    os.chmod(share.parent, 0o755)  # (the mount point's folder: for the child's lookup)
+    with remote_owners() as mount:
+        mnt = mount.mountpoint
+        assert owner(mnt) == (NOBODY, NOBODY)
+        assert as_user(mnt.parent, lambda: os.listdir(mnt.name)) == ["f"]
+        assert as_user(mnt.parent, lambda: os.listdir(mnt.name), uid=OTHER) == "EACCES"
+
+
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_chown_reaches_the_server_and_stays(remote_owners, share: Path, offline: bool) -> None:
     (share / "f").write_bytes(b"first")
@@ -149,6 +164,31 @@ def test_chown_reaches_the_server_and_stays(remote_owners, share: Path, offline:
     with remote_owners() as mount:  # a remount shows what the server and the cache hold
         assert owner(mount.mountpoint / "f") == (OTHER, OTHER)
         assert owner(mount.mountpoint / "d") == (NOBODY, 0)
+
+
+def test_an_upload_keeps_a_chown_made_on_the_server(remote_owners, share: Path) -> None:
+    """A chown made there changes no version (size, mtime): an upload of a change made
+    here gives the file the owner it finds there, not the one the cache last saw (which
+    silently undid the chown)."""
+    for name, size in (("small", 10), ("large", 300_000)):  # (both upload paths)
+        (share / name).write_bytes(b"x" * size)
+        os.chown(share / name, OTHER, OTHER)
+    with remote_owners() as mount:
+        mnt = mount.mountpoint
+        for name in ("small", "large"):
+            assert owner(mnt / name) == (OTHER, OTHER)
+            (mnt / name).read_bytes()  # (cached whole: changed offline)
+        go_offline(mnt)  # (so that no listing sees the chown before the upload)
+        for name in ("small", "large"):
+            os.chown(share / name, NOBODY, NOBODY)
+            with open(mnt / name, "ab") as f:
+                f.write(b"more")
+        control(mnt, "online")
+        synced(mnt)
+        for name in ("small", "large"):
+            assert owner(share / name) == (NOBODY, NOBODY), name
+            assert (share / name).read_bytes().endswith(b"more")
+            assert owner(mnt / name) == (NOBODY, NOBODY), name  # (the record took it)
 
 
 def test_an_offline_chown_left_pending_survives_a_remount(remote_owners, share: Path) -> None:
@@ -192,6 +232,48 @@ def test_a_change_of_owner_clears_setuid_as_linux_does(remote_owners, share: Pat
         synced(mnt)
         assert owner(share / "x") == (OTHER, OTHER)
         assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o4755
+        # a change of content (root's write keeps the bit here): the upload carries the
+        # owner as well, sent before the mode, which keeps the bit there too
+        for size in (10, 300_000):  # (a small file's upload and a large one's)
+            with open(mnt / "x", "ab") as f:
+                f.write(b"#" * size + b"\n")
+            assert stat.S_IMODE(os.stat(mnt / "x").st_mode) == 0o4755
+            synced(mnt)
+            assert owner(share / "x") == (OTHER, OTHER)
+            assert stat.S_IMODE(os.stat(share / "x").st_mode) == 0o4755
+            assert (share / "x").read_bytes() == (mnt / "x").read_bytes()
+
+
+@pytest.mark.parametrize("local_share", [False, True], ids=["sftp", "local-path"])
+def test_a_symlinks_owner_reaches_the_server(remote_owners, share: Path, local_share: bool) -> None:
+    """chown -h of a symlink, and a symlink another user makes: their owners go to the
+    server (lsetstat@openssh.com, or lchown on a local share: the link, not its target) and
+    stay after the folder is listed again (the chown was not journaled, and a new link
+    went back to the SSH account's owner)."""
+    (share / "d").mkdir()
+    os.chmod(share / "d", 0o777)
+    (share / "d/t").write_bytes(b"t")
+    os.symlink("t", share / "d/l")
+    os.chmod(share.parent, 0o755)
+    with remote_owners(**({"remote": str(share)} if local_share else {})) as mount:
+        mnt = mount.mountpoint
+        os.listdir(mnt / "d")
+        os.lchown(mnt / "d/l", OTHER, OTHER)
+        assert owner(mnt / "d/l") == (OTHER, OTHER)
+        assert status(mnt)["pending"] == 1
+        assert as_user(mnt, lambda: os.symlink("t", "d/made")) is None
+        assert owner(mnt / "d/made") == (NOBODY, NOBODY)
+        synced(mnt)
+        assert owner(share / "d/l") == (OTHER, OTHER)
+        assert owner(share / "d/made") == (NOBODY, NOBODY)
+        assert owner(share / "d/t") == (0, 0)  # (the target untouched)
+        (share / "d/new").write_bytes(b"n")  # the folder changes there: listed again
+        deadline = time.monotonic() + 15
+        while "new" not in os.listdir(mnt / "d") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "new" in os.listdir(mnt / "d")
+        assert owner(mnt / "d/l") == (OTHER, OTHER)
+        assert owner(mnt / "d/made") == (NOBODY, NOBODY)
 
 
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
@@ -385,6 +467,36 @@ def test_uid_and_gid_maps(remote_owners, share: Path, tmp_path: Path) -> None:
         assert owner(share / "g") == (1234, 2345)
 
 
+def test_a_map_never_shows_one_id_for_two(remote_owners, share: Path, tmp_path: Path) -> None:
+    """Local 4321 is the server's 1000: the server's own 4321 (not mapped) must not show as
+    4321, whose files they are not (with allow_other,default_permissions the local 4321
+    would own them): shown as 65534, the kernel's overflow id. Local 1000 (not mapped)
+    would come back as 4321: no file can be given to it (chown EINVAL, as an idmapped
+    mount; a creation by it EOVERFLOW)."""
+    uids, gids = tmp_path / "uids", tmp_path / "gids"
+    uids.write_text(f"{OTHER}:1000\n")
+    gids.write_text(f"{OTHER}:1000\n")
+    for name, server_id in (("mine", 1000), ("bobs", OTHER), ("plain", 77)):
+        (share / name).write_bytes(name.encode())
+        os.chown(share / name, server_id, server_id)
+    os.chmod(share, 0o777)
+    os.chmod(share.parent, 0o755)
+    with remote_owners("--uid-map", str(uids), "--gid-map", str(gids)) as mount:
+        mnt = mount.mountpoint
+        assert owner(mnt / "mine") == (OTHER, OTHER)
+        assert owner(mnt / "bobs") == (NOBODY, NOBODY)
+        assert owner(mnt / "plain") == (77, 77)
+        assert errno_of(lambda: os.chown(mnt / "plain", 1000, -1)) == "EINVAL"
+        assert errno_of(lambda: os.chown(mnt / "plain", -1, 1000)) == "EINVAL"
+        assert as_user(mnt, lambda: os.open("new", os.O_CREAT | os.O_WRONLY, 0o644), uid=1000) == "EOVERFLOW"
+        assert as_user(mnt, lambda: os.mkdir("newdir"), uid=1000) == "EOVERFLOW"
+        os.chown(mnt / "plain", OTHER, OTHER)
+        assert owner(mnt / "plain") == (OTHER, OTHER)
+        synced(mnt)
+        assert owner(share / "plain") == (1000, 1000)
+        assert not (share / "new").exists() and not (share / "newdir").exists()
+
+
 def test_sshfs_idmap_spelling(remote_owners, share: Path, tmp_path: Path) -> None:
     uids = tmp_path / "uids"
     uids.write_text("nobody:1234\n")
@@ -400,6 +512,11 @@ def test_sshfs_idmap_spelling(remote_owners, share: Path, tmp_path: Path) -> Non
     ("no-such-user-here:5", "line 2: no user 'no-such-user-here' on this machine"),
     ("root:7", "line 2: 7 is mapped twice"),
     ("nobody:8", "line 2: nobody is mapped twice"),
+    ("root:\u00b2", "line 2: expected localname:remoteid, found 'root:\u00b2'"),  # (isdigit() says yes)
+    ("\u00b2:5", "line 2: no user '\u00b2' on this machine"),
+    ("root:4294967296", "line 2: 4294967296 is not an id (0 to 4294967294)"),
+    ("root:4294967295", "line 2: 4294967295 is not an id (0 to 4294967294)"),
+    ("4294967296:5", "line 2: 4294967296 is not an id (0 to 4294967294)"),
 ])
 def test_a_bad_map_is_a_one_line_error(share: Path, tmp_path: Path, line: str, says: str) -> None:
     uids = tmp_path / "uids"
@@ -408,6 +525,8 @@ def test_a_bad_map_is_a_one_line_error(share: Path, tmp_path: Path, line: str, s
     done = subprocess.run([sys.executable, "-m", "cachefs.cli", "mount", str(share), str(tmp_path / "mnt"),
                            "--cache-dir", str(tmp_path / "cache"), "--owners", "remote", "--uid-map", str(uids)],
                           cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode == 0:  # (mounted all the same: not left behind)
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert done.returncode != 0
     assert done.stderr.strip() == f"cachefs: {uids} {says}", done.stderr
     assert not (tmp_path / "cache").exists()

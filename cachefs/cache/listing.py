@@ -161,6 +161,7 @@ class Listings:
         #: (a FIFO open in a process: its fstat asks for its attributes), until the kernel
         #: forgets them (``Cache.forgotten``); in memory only, never in the index
         self.unlinked_local: dict[int, Node] = {}
+        self._root_read = False  # the root's attributes read from the server (``root_attributes``)
 
     def start(self, nursery: trio.Nursery) -> None:
         """List the root, and start the listers ahead of readers, in ``nursery``."""
@@ -175,25 +176,28 @@ class Listings:
         try:
             if self.conn.online:
                 await self.conn.measure_rtt()
-            await self.root_attributes()
+            if not self._root_read:  # (else ``Cache.run`` read them: no round trip more)
+                await self.root_attributes()
             await self.listdir(ROOT_INO)
         except (Unavailable, RemoteError, NotFound) as exc:
             log.debug("root listing at start: %s", exc)
 
     async def root_attributes(self) -> None:
-        """The root's mode and times as the server has them (unless a local change of
+        """The root's mode, owner and times as the server has them (unless a local change of
         them is pending). ``Cache.run`` asks before the mount answers its first request:
         until then the root shows the times of the cache's making (or of the last mount),
         and a program that read it across the change saw it change under it (``tar cf -
         -C MNT .`` right after the mount: "file changed as we read it", exit 1)."""
         rstat = await self.conn.call(self.conn.remote.stat, b"")
+        self._root_read = True
         root = self.node(ROOT_INO)
         if root.flags & (DIRTY | ATTR_DIRTY):
             return  # a local change of the root is pending: its listing says the rest
-        known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base)
+        known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base, root.uid, root.gid)
         root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
         root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()
-        if (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base) != known:
+        root.uid, root.gid = rstat.uid, rstat.gid  # (shown with --owners remote only)
+        if (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base, root.uid, root.gid) != known:
             self.store.put(root)
 
     # -- lookups -----------------------------------------------------------------------

@@ -100,17 +100,23 @@ class Reconcile:
 
     # -- agreement -------------------------------------------------------------------------
     @staticmethod
-    def agree(t: Txn, ino: int, version: Version, gen: int | None) -> None:
+    def agree(t: Txn, ino: int, version: Version, gen: int | None, owner: tuple[int, int] | None = None,
+              sent: tuple[int, int] | None = None) -> None:
         """The server holds ``version`` of the node (produced by the replay): its new base.
         ``gen``: the version of our content that is now there (None: not a content
         change), whose checksum becomes the base version's (what ``sync.sums`` compares
         the server's hash with); a file written again during the upload gets one more
-        ``store`` entry."""
+        ``store`` entry. ``owner``: that version's there, taken (the owner a later upload
+        keeps) unless an owner set here is still to go (``OWNER_DIRTY``, other than the
+        ``sent`` one, which is then on the server: no longer to send)."""
         t.set_produced(ino, version)
         n = t.node(ino)
         if n is None:
             return
         n.base = version
+        if owner is not None and (not n.flags & OWNER_DIRTY or (n.uid, n.gid) == sent):
+            n.uid, n.gid = owner
+            n.flags &= ~OWNER_DIRTY
         if gen is not None:
             found = t.content_sum(ino)
             if found is not None and found.gen == gen:
@@ -126,19 +132,32 @@ class Reconcile:
 
     @staticmethod
     def attributes_sent(t: Txn, op: Op, sent: tuple[int, int, int],
-                        owner: tuple[int, int] | None = None) -> None:
-        """The node's (mode, atime, mtime) ``sent`` (and ``owner``, when sent) are on the
-        server: clean, unless they changed again meanwhile (``ATTR_DIRTY`` is not
-        journaled): then a new entry."""
+                        owner: tuple[int, int] | None = None, owner_sent: bool = False) -> None:
+        """The node's (mode, atime, mtime) ``sent`` (and ``owner``, when ``owner_sent``) are
+        on the server: clean, unless they changed again meanwhile (``ATTR_DIRTY`` is not
+        journaled): then a new entry. ``owner``: the node's owner when they were read
+        (``--owners remote``), sent or not: a chown made while they were on the way is
+        not journaled either (``ATTR_DIRTY`` was set), so it too needs the new entry."""
         n = t.node(op.ino)
         if n is None:
             return
         owner_same = owner is None or (n.uid, n.gid) == owner
         if (stat_mod.S_IMODE(n.mode), n.atime_ns, n.mtime_ns) == sent and owner_same:
-            n.flags &= ~(ATTR_DIRTY | KEPT | (OWNER_DIRTY if owner is not None else 0))
+            n.flags &= ~(ATTR_DIRTY | KEPT | (OWNER_DIRTY if owner_sent else 0))
             t.put(n)
         else:
             t.append(Op("setattr", op.ino, t.path_of(op.ino), base=n.base, parent=n.parent))
+
+    @staticmethod
+    def owner_pending(t: Txn, ino: int) -> None:
+        """The owner set here (``OWNER_DIRTY``) did not go with the node's creation: one
+        ``setattr`` entry sends it (a refusal is then recorded as any setattr's)."""
+        n = t.node(ino)
+        if n is None or n.flags & ATTR_DIRTY or not n.flags & OWNER_DIRTY:
+            return
+        n.flags |= ATTR_DIRTY
+        t.put(n)
+        t.append(Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
 
     @staticmethod
     def refused(t: Txn, ino: int) -> None:
@@ -177,7 +196,7 @@ class Reconcile:
             return
         t.put(Node(ino=copy.ino, parent=parent, name=name, mode=n.mode, size=n.size,
                    mtime_ns=n.mtime_ns, atime_ns=n.atime_ns, ctime_ns=n.ctime_ns,
-                   flags=FULL, base=base, gen=gen, synced_gen=gen))
+                   uid=n.uid, gid=n.gid, flags=FULL, base=base, gen=gen, synced_gen=gen))
         t.set_entry(parent, name, copy.ino)
         copy.placed = True
 

@@ -246,13 +246,18 @@ def upload_unless_changed(remote: Remote, content: Any, created: bool, base: tup
         return ("changed", current)
     if current is None and not created and base is not None:
         return ("gone", None)
+    if len(args) > 9:  # (owner, keep_owner: as ``Upload``'s)
+        owner = args[8]
+        if args[9] and owner is not None and current is not None:
+            owner = (current.uid, current.gid)  # (the owner there wins: a chown there is no new version)
+        args = (*args[:8], owner)
     return ("uploaded", upload_file(remote, content, *args))
 
 
 def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[Any, ...]]) -> list[Any]:
     """``upload_unless_changed`` of several files at once (``Remote.upload_many``: one
     connection, a few round trips for the lot of small ones). Each item: (created,
-    base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest[, owner]). Per item:
+    base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest[, owner[, keep_owner]]). Per item:
     ("uploaded", new version), ("changed", what is there), ("gone", None), or the
     exception of that item alone (``RemoteError``, ``ContentDamaged``, ``LocalGone``);
     a broken connection raises for all."""
@@ -264,6 +269,7 @@ def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[A
         for i, item in enumerate(items):
             created, base, size, path, content_path, mode, temp, atime_ns, mtime_ns, digest = item[:10]
             owner = item[10] if len(item) > 10 else None
+            keep_owner = bool(item[11]) if len(item) > 11 else False
             try:
                 fd = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -273,7 +279,7 @@ def upload_many_unless_changed(remote: Remote, content: Any, items: list[tuple[A
             what = f"cache content file {content_path}"
             source = partial(_checked_reader, content, fd, size, digest, what)
             uploads.append(Upload(path, cast(Any, source), mode, temp, (atime_ns, mtime_ns),
-                                  partial(_as_expected, created, base), owner))
+                                  partial(_as_expected, created, base), owner, keep_owner))
             at.append(i)
         for i, outcome in zip(at, remote.upload_many(uploads) if uploads else []):
             created, base = items[i][0], items[i][1]

@@ -312,7 +312,12 @@ class Writes:
             n.mtime_ns = mtime_ns
         n.ctime_ns = now
         if n.is_symlink or n.flags & (ORPHAN | LOCAL_ONLY):
-            t.put(n)  # symlink times stay local (SFTP cannot set them); orphans and local-only objects never go
+            # symlink times stay local (SFTP cannot set them); orphans and local-only objects
+            # never go; a symlink's new owner goes alone (``Remote.set_link_owner``)
+            if owner_changed and n.is_symlink and not n.flags & (ORPHAN | LOCAL_ONLY | ATTR_DIRTY):
+                n.flags |= ATTR_DIRTY
+                self.journal(t, Op("setattr", ino, t.path_of(ino), base=n.base, parent=n.parent))
+            t.put(n)
             return n
         if owner_changed and not n.has(ATTR_DIRTY):
             # A new owner is journaled even for a changed file: an upload sends the owner

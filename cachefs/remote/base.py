@@ -217,6 +217,8 @@ class Remote(ABC):
                     continue
                 # (the owner only when there is one: a subclass's upload may not take it)
                 owner = () if upload.owner is None else (upload.owner,)
+                if owner and upload.keep_owner and current is not None:
+                    owner = ((current.uid, current.gid),)
                 outcomes.append(self.upload(upload.path, upload.source, upload.mode,
                                             upload.temp_name, upload.times, *owner))
             except (RemoteError, ContentDamaged) as exc:
@@ -257,6 +259,11 @@ class Remote(ABC):
         """Permission bits and times at once (in one request where the remote can), and
         the owner (uid, gid) when given, set first (a change of owner clears setuid and
         setgid bits on Linux, even root's)."""
+
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        """The owner (uid, gid) of symlink ``path`` itself (``lchown``); ``RemoteError(
+        ENOTSUP)`` where the remote cannot (this default: SFTP's SETSTAT follows links)."""
+        raise RemoteError(errno.ENOTSUP, "cannot change the owner of a symlink there")
 
     def set_attrs_many(self, items: list[AttrsItem]) -> list[RemoteError | None]:
         """``set_attrs`` of each (path, mode, atime_ns, mtime_ns, owner): per item None or
@@ -311,6 +318,9 @@ class Upload:
     times: tuple[int, int] | None
     expect: Callable[[RemoteStat | None], bool]
     owner: tuple[int, int] | None = None  # (uid, gid) given to the file (--owners remote)
+    #: ``owner`` is only the one last seen there: the one ``expect`` is shown wins (a chown
+    #: made on the server changes no version: an upload must not undo it)
+    keep_owner: bool = False
 
 
 @dataclass(frozen=True)

@@ -378,6 +378,10 @@ class LocalRemote(Remote):
                     raise
         self._call(remove)
 
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        full = self._path(path)
+        self._call(lambda: os.lchown(full, *owner))
+
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
                   owner: tuple[int, int] | None = None) -> None:
         full = self._path(path)

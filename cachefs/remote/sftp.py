@@ -19,6 +19,7 @@ Quirks handled here:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -263,14 +264,21 @@ class SftpRemote(Remote):
                     outcomes[i] = exc
                     continue
                 if len(head) <= SMALL_UPLOAD and pipelined:
-                    small.append((i, SmallWrite(temp, full, head, _attrs(upload.mode, upload.times, upload.owner))))
+                    small.append((i, SmallWrite(temp, full, head, _upload_attrs(upload))))
                 else:
                     large.append(i)
+            def expect(j: int, found: SFTPAttributes | None) -> bool:
+                upload = uploads[small[j][0]]
+                if not upload.expect(None if found is None else _to_stat(found)):
+                    return False
+                if upload.keep_owner and found is not None and found.st_uid is not None:  # (the owner there wins)
+                    for attrs in small[j][1].attrs:
+                        if attrs.st_uid is not None:
+                            attrs.st_uid, attrs.st_gid = found.st_uid, found.st_gid
+                return True
+
             if small:
-                answers = sftp.write_small_files([item for _i, item in small], fsync,
-                                                 lambda j, found: uploads[small[j][0]].expect(
-                                                     None if found is None else _to_stat(found)),
-                                                 self._pacer)
+                answers = sftp.write_small_files([item for _i, item in small], fsync, expect, self._pacer)
                 for (i, _item), answer in zip(small, answers):
                     outcomes[i] = _outcome(answer)
             for i in large:
@@ -294,10 +302,12 @@ class SftpRemote(Remote):
                     current = None
                 if not upload.expect(current):
                     return NotExpected(current)
+                if upload.keep_owner and upload.owner is not None and current is not None:
+                    upload = dataclasses.replace(upload, owner=(current.uid, current.gid))  # (the owner there wins)
             try:
                 with open_source(upload.source) as stream:
                     head = _read_upto(stream, SMALL_UPLOAD + 1)
-                    sftp.write_stream(temp, head, stream, _attrs(upload.mode, upload.times, upload.owner), fsync,
+                    sftp.write_stream(temp, head, stream, _upload_attrs(upload), fsync,
                                       self._pacer)
                 self._rename_over(sftp, temp, full)
             except (StatusError, ContentDamaged):
@@ -472,6 +482,15 @@ class SftpRemote(Remote):
         full_src, full_dst = self._path(src), self._path(dst)
         self._pool.run("link", lambda sftp: sftp.extended(b"hardlink@openssh.com", full_src, full_dst))
 
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        """``lsetstat@openssh.com`` (OpenSSH 8.0 on) with the owner only; ENOTSUP where the
+        server does not offer it."""
+        self._ensure_root()
+        if not self._has(b"lsetstat@openssh.com"):
+            raise RemoteError(errno.ENOTSUP, "the server cannot change the owner of a symlink")
+        full = self._path(path)
+        self._pool.run("lsetstat", lambda sftp: sftp.extended(b"lsetstat@openssh.com", full, _owner_attrs(owner)))
+
     def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
                   owner: tuple[int, int] | None = None) -> None:
         [error] = self.set_attrs_many([(path, mode, atime_ns, mtime_ns, owner)])
@@ -560,6 +579,16 @@ def _attrs(mode: int, times: tuple[int, int] | None, owner: tuple[int, int] | No
     if owner is not None:
         attrs.st_uid, attrs.st_gid = owner
     return attrs
+
+
+def _upload_attrs(upload: Upload) -> tuple[SFTPAttributes, ...]:
+    """The FSETSTATs of an upload: one, or the owner alone first when it goes with setuid
+    or setgid bits (as ``set_attrs_many``: the server sets the mode before the owner, and
+    Linux clears those bits at a change of owner). Pipelined: no round trip more."""
+    mode, owner = upload.mode, upload.owner
+    if owner is not None and mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+        return _owner_attrs(owner), _attrs(mode, upload.times)
+    return (_attrs(mode, upload.times, owner),)
 
 
 def _owner_attrs(owner: tuple[int, int]) -> SFTPAttributes:

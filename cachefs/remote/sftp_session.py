@@ -399,7 +399,7 @@ class SftpSession(paramiko.SFTPClient):
         """Whole small files, each to a temporary name then renamed over its target, in
         three round trips for the lot (the server runs one channel's requests in order):
         an LSTAT of every target and an OPEN of every temporary name; then, for the
-        files ``expect(index, what is at the target)`` accepts, their WRITEs, FSETSTAT,
+        files ``expect(index, what is at the target)`` accepts, their WRITEs, FSETSTATs,
         fsync and CLOSE (the others' temporary files closed and removed); then, for each
         file all of whose requests succeeded, a posix-rename over the target and an
         LSTAT of it. Per file: its attributes at the target, ``Skipped`` (not accepted:
@@ -430,7 +430,7 @@ class SftpSession(paramiko.SFTPClient):
             item = items[i]
             if results[i] is None and expect(i, found[i]):
                 steps[i] = pipe.write_all(handle, item.data)
-                steps[i].append(pipe.send(CMD_FSETSTAT, handle, item.attrs))
+                steps[i] += [pipe.send(CMD_FSETSTAT, handle, attrs) for attrs in item.attrs]
                 if fsync:
                     steps[i].append(pipe.send(CMD_EXTENDED, b"fsync@openssh.com", handle))
                 steps[i].append(pipe.send(CMD_CLOSE, handle))
@@ -469,11 +469,11 @@ class SftpSession(paramiko.SFTPClient):
         pipe.collect(nums)
         return [pipe.first_error([num]) for num in nums]
 
-    def write_stream(self, temp: bytes, head: bytes, stream: BinaryIO, attrs: SFTPAttributes,
+    def write_stream(self, temp: bytes, head: bytes, stream: BinaryIO, attrs: tuple[SFTPAttributes, ...],
                      fsync: bool, pacer: Pacer | None = None) -> None:
         """A file of any size to ``temp``: ``head`` then the rest of ``stream``, the
         WRITEs pipelined within the session's ``WriteWindow`` (and paced by ``pacer``),
-        then FSETSTAT, fsync and CLOSE. The first error is raised (the caller removes
+        then an FSETSTAT for each of ``attrs`` (in order), fsync and CLOSE. The first error is raised (the caller removes
         ``temp``); a read of ``stream`` that raises stops the upload (handle closed)."""
         handle = self._open_for_write(temp)
         pipe = _Pipe(self, pacer)
@@ -494,7 +494,7 @@ class SftpSession(paramiko.SFTPClient):
             pipe.send(CMD_CLOSE, handle)  # (a server error, or the source failed)
             pipe.finish()
             raise
-        nums.append(pipe.send(CMD_FSETSTAT, handle, attrs))
+        nums += [pipe.send(CMD_FSETSTAT, handle, one) for one in attrs]
         if fsync:
             nums.append(pipe.send(CMD_EXTENDED, b"fsync@openssh.com", handle))
         nums.append(pipe.send(CMD_CLOSE, handle))
@@ -531,7 +531,7 @@ class SmallWrite(NamedTuple):
     temp: bytes
     final: bytes
     data: bytes
-    attrs: SFTPAttributes
+    attrs: tuple[SFTPAttributes, ...]  # one FSETSTAT each, in order
 
 
 class Skipped(NamedTuple):

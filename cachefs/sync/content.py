@@ -221,7 +221,7 @@ class ContentReplay:
         ("gone", None) to settle."""
         args = (created, node.base, node.size, op.path, self.store.content_path(node.ino),
                 stat_mod.S_IMODE(node.mode), self.side.temp_name(op.path, op.seq), node.atime_ns,
-                node.mtime_ns, digest, self.side.owner_of(node))
+                node.mtime_ns, digest, self.side.owner_of(node), self.side.owner_kept(node))
         try:
             found: tuple[str, RemoteStat | None]
             if self.group is not None and self.group.expects(op.seq):
@@ -265,8 +265,8 @@ class ContentReplay:
         """Our version ``gen`` of the file is on the remote under ``op.path`` as ``remote``:
         its other names there follow it, then the entry is done."""
         await self._relink(node, op, remote)
-        version = remote.version()
-        self.ledger.finish(op, lambda t: Reconcile.agree(t, op.ino, version, gen), conflict)
+        version, owner, sent = remote.version(), (remote.uid, remote.gid), self.side.owner_of(node)
+        self.ledger.finish(op, lambda t: Reconcile.agree(t, op.ino, version, gen, owner, sent), conflict)
         if op.kind == "store" and op.parent in self.timed_folders:
             await self._keep_folder_times(op)
 

@@ -50,6 +50,12 @@ class RemoteSide:
             return node.uid, node.gid
         return None
 
+    def owner_kept(self, node: Node) -> bool:
+        """Whether ``owner_of`` is only the owner last seen there (none set here): an upload
+        that looks at the file first gives it the owner it finds instead (a chown made on
+        the server changes no version)."""
+        return self.remote_owners and not node.flags & OWNER_DIRTY
+
     async def stat(self, path: bytes) -> RemoteStat | None:
         try:
             return await self.conn.call(self.remote.stat, path)

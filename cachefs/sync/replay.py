@@ -280,9 +280,11 @@ class Replayer:
         except ContentDamaged as exc:  # (an upload beside the replay's own: a relink's copy)
             return await self.content.damaged(op, str(exc))
 
-    def _agree(self, op: Op, remote: RemoteStat | None) -> partial[None] | None:
-        """The update that records ``remote`` (when had) as the node's base version."""
-        return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None)
+    def _agree(self, op: Op, remote: RemoteStat | None, sent: tuple[int, int] | None = None) -> partial[None] | None:
+        """The update that records ``remote`` (when had) as the node's base version, and
+        its owner (``sent``: the owner given it, as ``Reconcile.agree``)."""
+        return None if remote is None else partial(Reconcile.agree, ino=op.ino, version=remote.version(), gen=None,
+                                                   owner=(remote.uid, remote.gid), sent=sent)
 
     async def _replay_setattr(self, op: Op) -> int:
         try:
@@ -298,10 +300,15 @@ class Replayer:
             return 0
         sent = (stat_mod.S_IMODE(node.mode), node.atime_ns, node.mtime_ns)
         # (an owner set here goes in the same request: no round trip more)
-        owner = (node.uid, node.gid) if self.side.remote_owners and node.has(OWNER_DIRTY) else None
+        seen = (node.uid, node.gid) if self.side.remote_owners else None  # (compared once sent)
+        owner = seen if node.has(OWNER_DIRTY) else None
         group = self.content.group
         try:
-            if group is not None and group.expects(op.seq):  # (with the batch's others)
+            if node.is_symlink:  # (only its owner goes: SETSTAT would follow the link)
+                if owner is not None and not await self._set_link_owner(op.path, owner):
+                    log.info("%r: the server cannot change the owner of a symlink: kept here until "
+                             "its folder is listed again", op.path)
+            elif group is not None and group.expects(op.seq):  # (with the batch's others)
                 await group.submit_attrs(op, (op.path, *sent, owner))
             elif owner is None:
                 await self.side.conn.call(self.side.remote.set_attrs, op.path, *sent)
@@ -312,10 +319,22 @@ class Replayer:
                 raise
             self.ledger.finish(op, conflict=record(op, "attributes-of-deleted"))
             return 0
-        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent, owner=owner))
+        self.ledger.finish(op, partial(Reconcile.attributes_sent, op=op, sent=sent, owner=seen,
+                                           owner_sent=owner is not None))
         if node.is_dir:
             self.content.folder_timed(op.ino)
         return 0
+
+    async def _set_link_owner(self, path: bytes, owner: tuple[int, int]) -> bool:
+        """The owner of symlink ``path`` there (lchown, lsetstat@openssh.com); False where
+        the remote cannot change it (ENOTSUP)."""
+        try:
+            await self.side.conn.call(self.side.remote.set_link_owner, path, owner)
+        except RemoteError as exc:
+            if exc.errno != errno.ENOTSUP:
+                raise
+            return False
+        return True
 
     async def _replay_xattr(self, op: Op) -> int:
         """Extended attribute ``op.xattr`` of the node as it is now: set on the server,
@@ -397,20 +416,42 @@ class Replayer:
                     raise
                 await self.side.make_parents(op.path)
                 await self._mkdir(op.path, op.mode)
-            remote = await self._owned(op, await self.side.stat(op.path))
+            remote = await self.side.stat(op.path)
+            owner, refused = await self._owned(op, remote)
+            if owner is not None and remote is not None:
+                remote = remote._replace(uid=owner[0], gid=owner[1])
+            agree = self._agree(op, remote, owner)
+            if refused:  # (the folder is there: its owner goes as a change of attributes)
+                def update(t: Txn) -> None:
+                    if agree is not None:
+                        agree(t)
+                    Reconcile.owner_pending(t, op.ino)
+                self.ledger.finish(op, update)
+            else:
+                self.ledger.finish(op, agree)
+            return 0
         self.ledger.finish(op, self._agree(op, remote))
         return 0
 
-    async def _owned(self, op: Op, remote: RemoteStat | None) -> RemoteStat | None:
+    async def _owned(self, op: Op, remote: RemoteStat | None) -> tuple[tuple[int, int] | None, bool]:
         """A folder just made there gets the owner it was made with here (``--owners
-        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs."""
+        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs. The
+        owner given (None: none), and whether the server refused it."""
         node = self.store.get(op.ino)
-        if remote is None or node is None or self.side.owner_of(node) is None \
-                or (remote.uid, remote.gid) == (node.uid, node.gid):
-            return remote
-        await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
-                                  node.atime_ns, node.mtime_ns, (node.uid, node.gid))
-        return await self.side.stat(op.path)
+        owner = self.side.owner_of(node) if node is not None else None
+        if remote is None or node is None or owner is None:
+            return None, False
+        if (remote.uid, remote.gid) == owner:
+            return owner, False
+        try:
+            await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
+                                      node.atime_ns, node.mtime_ns, owner)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            log.info("%r: made there, its owner to be sent again as a change of attributes: %s", op.path, exc)
+            return None, True
+        return owner, False
 
     async def _rename_local_aside(self, op: Op) -> int:
         """A folder or symlink made here collides with another kind of object there:
@@ -480,7 +521,20 @@ class Replayer:
         await self.side.make_parents(op.path)
         await self.side.conn.call(self.side.remote.symlink, op.target, op.path)
         remote = await self.side.stat(op.path)
-        self.ledger.finish(op, self._agree(op, remote))
+        node = self.store.get(op.ino)
+        owner = self.side.owner_of(node) if node is not None else None
+        sent = None
+        if remote is not None and owner is not None and (remote.uid, remote.gid) != owner:
+            # (--owners remote: its creator's, as a file's upload gives it; no round trip more
+            # when the SSH account is the creator)
+            try:
+                if await self._set_link_owner(op.path, owner):
+                    remote = remote._replace(uid=owner[0], gid=owner[1])
+                    sent = owner
+            except RemoteError as exc:
+                log.info("%r: its owner was refused there, kept here until its folder is listed again: %s",
+                         op.path, exc)
+        self.ledger.finish(op, self._agree(op, remote, sent))
         return 0
 
     async def _replay_link(self, op: Op) -> int:

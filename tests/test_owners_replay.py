@@ -1,0 +1,176 @@
+"""``--owners remote`` at replay, in-process: a real store, cache and sync manager over a
+real local share (the test runs as root, so owners can be given). An owner set here is
+no longer "to send" once a creation carried it (``OWNER_DIRTY`` cleared: later SETSTATs
+go without it); a folder made there whose owner the server refuses stays made, its owner
+then sent and refused as a change of attributes (an ``error`` conflict, nothing lost);
+the record of an uploaded file takes the owner the server gave it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from cachefs.cache.cache import Cache, CacheConfig
+from cachefs.errors import RemoteError
+from cachefs.link.connectivity import Connectivity
+from cachefs.remote.local import LocalRemote
+from cachefs.store.index import ATTR_DIRTY, OWNER_DIRTY, ROOT_INO, Store
+from cachefs.sync.manager import SyncManager
+
+if os.geteuid() != 0:
+    pytest.skip("owners other than one's own need root", allow_module_level=True)
+
+OTHER = 4321
+
+
+class RefusingOwners(LocalRemote):
+    """A local share that refuses every change of owner (an SSH account not root), and
+    counts the SETSTATs that carried one."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.owners_sent = 0
+        self.refuse = True
+
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                  owner: tuple[int, int] | None = None) -> None:
+        if owner is not None:
+            self.owners_sent += 1
+            if self.refuse:
+                raise RemoteError(errno.EPERM, "setstat: Permission denied")
+        super().set_attrs(path, mode, atime_ns, mtime_ns, owner)
+
+
+def _run(tmp_path: Path, remote_class: type[LocalRemote], body, made: bool = False) -> None:  # type: ignore[no-untyped-def]
+    share = tmp_path / "share"
+    if not made:
+        share.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    remote = remote_class(str(share))
+    conn = Connectivity(remote)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(owners="remote"))
+        sync = SyncManager(store, cache, conn)
+        await body(share, store, cache, sync, remote)
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_an_owner_sent_with_a_creation_is_no_longer_to_send(tmp_path: Path) -> None:
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.refuse = False
+        node, handle = await cache.create(ROOT_INO, b"f", 0o4755, os.O_WRONLY, (OTHER, OTHER))
+        cache.write(handle, 0, b"#!/bin/sh\n")
+        cache.release(handle)
+        folder = await cache.mkdir(ROOT_INO, b"d", 0o755, (OTHER, OTHER))
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        for name, ino in ((b"f", node.ino), (b"d", folder.ino)):
+            st = os.lstat(share / name.decode())
+            assert (st.st_uid, st.st_gid) == (OTHER, OTHER)
+            record = store.get(ino)
+            assert record is not None and (record.uid, record.gid) == (OTHER, OTHER)
+            assert not record.flags & OWNER_DIRTY, name
+        sent = remote.owners_sent  # (the folder's SETSTAT after its MKDIR)
+        await cache.setattr(node.ino, mode=0o4750)  # a chmod: no owner with it now
+        await sync.reintegrate()
+        assert sync.pending() == 0 and remote.owners_sent == sent
+        assert os.stat(share / "f").st_mode & 0o7777 == 0o4750
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+def test_a_folder_made_there_whose_owner_is_refused_stays_made(tmp_path: Path) -> None:
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        folder = await cache.mkdir(ROOT_INO, b"d", 0o755, (OTHER, OTHER))
+        node, handle = await cache.create(folder.ino, b"inside", 0o644, os.O_WRONLY)
+        cache.write(handle, 0, b"x")
+        cache.release(handle)
+        await sync.reintegrate()
+        await sync.reintegrate()  # (the owner's setattr, journaled by the first pass)
+        assert (share / "d").is_dir() and (share / "d/inside").read_bytes() == b"x"
+        assert [(c["kind"], c.get("refused"), c["path"]) for c in sync.conflicts()] == [("error", "setattr", "d")]
+        record = store.get(folder.ino)
+        assert record is not None and (record.uid, record.gid) == (OTHER, OTHER)  # (kept here)
+        assert sync.pending() == 0
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+def test_a_conflict_copy_has_the_owner_of_our_version(tmp_path: Path) -> None:
+    """Our version of a file the server changed meanwhile goes to a conflict copy: its
+    record has the file's owner (it had 0:0, shown until the folder was listed again, and
+    sent by the copy's next upload)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        (share / "f").write_bytes(b"base")
+        os.chown(share / "f", OTHER, OTHER)
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"ours, longer")
+        cache.release(handle)
+        (share / "f").write_bytes(b"theirs")
+        os.utime(share / "f", (2_000_000_000, 2_000_000_000))
+        await sync.reintegrate()
+        copies = [c for c in os.listdir(share) if c != "f"]
+        assert len(copies) == 1, copies
+        assert (share / copies[0]).read_bytes() == b"ours, longer"
+        assert os.lstat(share / copies[0]).st_uid == OTHER
+        ino = store.child_ino(ROOT_INO, copies[0].encode())  # (the record, not a listing)
+        copy = store.get(ino) if ino is not None else None
+        assert copy is not None and (copy.uid, copy.gid) == (OTHER, OTHER), copy
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+class CountingRoot(LocalRemote):
+    """A local share that counts the STATs of its root (its pings aside) and the listings
+    of it."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 10.0)
+        self.root_stats = 0
+        self.root_listings = 0
+
+    def stat(self, path: bytes):  # type: ignore[no-untyped-def]
+        if path == b"":
+            self.root_stats += 1
+        return super().stat(path)
+
+    def ping(self) -> None:  # (the link's heartbeat: not counted)
+        super().stat(b"")
+
+    def listdir(self, path: bytes):  # type: ignore[no-untyped-def]
+        if path == b"":
+            self.root_listings += 1
+        return super().listdir(path)
+
+
+def test_the_root_is_read_once_at_start(tmp_path: Path) -> None:
+    """Its attributes (owner included) before the first request, then its listing: one
+    STAT of it, not a second one in the start's listing."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(10):
+                while not remote.root_listings:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert remote.root_stats == 1
+        root = store.get(ROOT_INO)
+        assert root is not None and (root.uid, root.gid) == (OTHER, OTHER + 1)
+
+    os.makedirs(tmp_path / "share")
+    os.chown(tmp_path / "share", OTHER, OTHER + 1)
+    _run(tmp_path, CountingRoot, body, made=True)
