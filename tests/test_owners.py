@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.mount import REPO, status
+from tests.test_posix import as_user as posix_as_user
 from tests.test_writes import control, go_offline, sync_until_done
 
 if os.geteuid() != 0:
@@ -29,7 +30,6 @@ if os.geteuid() != 0:
 
 NOBODY = 65534
 OTHER = 4321  # a uid and gid no account of this machine has
-CHILD_TIMEOUT = 30.0
 
 
 def as_user(root: Path, function: Callable[[], object], uid: int = NOBODY, gid: int | None = None,
@@ -37,34 +37,12 @@ def as_user(root: Path, function: Callable[[], object], uid: int = NOBODY, gid: 
     """``function()``'s result (JSON) in a forked child that entered ``root`` and then
     became ``uid`` (``gid``, supplementary ``groups``); an OSError there comes back as its
     errno name."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
+    def guarded() -> object:
         try:
-            os.close(read_end)
-            os.chdir(root)
-            os.setgroups(list(groups))
-            os.setgid(uid if gid is None else gid)
-            os.setuid(uid)
-            try:
-                result = function()
-            except OSError as exc:
-                result = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            os.write(write_end, json.dumps(result).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-        assert time.monotonic() < deadline
-    os.close(read_end)
-    _, code = os.waitpid(pid, 0)
-    assert code == 0, f"the child failed: {b''.join(chunks)!r}"
-    return json.loads(b"".join(chunks))
+            return function()
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return posix_as_user(root, guarded, uid, gid, groups)
 
 
 def errno_of(action: Callable[[], object]) -> str:

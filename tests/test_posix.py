@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,8 +115,10 @@ def pair(request, mount_factory, share: Path, tmp_path: Path):
         p.replay()
 
 
-def as_user(root: Path, function: Callable[[], dict], uid: int = NOBODY) -> dict:
-    """Run ``function`` in a forked child that entered ``root`` and then became ``uid``."""
+def as_user(root: Path, function: Callable[[], Any], uid: int = NOBODY, gid: int | None = None,
+            groups: tuple[int, ...] = ()) -> Any:
+    """Run ``function`` in a forked child that entered ``root`` and then became ``uid``
+    (``gid``, default ``uid``; supplementary ``groups``); its result comes back as JSON."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -123,8 +126,8 @@ def as_user(root: Path, function: Callable[[], dict], uid: int = NOBODY) -> dict
         try:
             os.close(read_end)
             os.chdir(root)
-            os.setgroups([])
-            os.setgid(uid)
+            os.setgroups(list(groups))
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             os.write(write_end, json.dumps(function()).encode())
             code = 0
@@ -154,7 +157,7 @@ def as_user(root: Path, function: Callable[[], dict], uid: int = NOBODY) -> dict
         os.close(read_end)
         os.waitpid(pid, 0)
     result = json.loads(b"".join(chunks) or b"{}")
-    assert "child error" not in result, result
+    assert not (isinstance(result, dict) and "child error" in result), result
     return result
 
 
