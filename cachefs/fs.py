@@ -350,8 +350,7 @@ class Operations(pyfuse3.Operations):
         # A snapshot per handle, so that readdir's offsets stay valid while the folder changes.
         if inode == control.DIR_INO:
             entries = [(name, self._virtual_attrs(ino)) for name, ino in sorted(control.NAMES.items())]
-            root = self._attrs(self.cache.node(ROOT_INO))
-            head = [(b".", self._virtual_attrs(control.DIR_INO)), (b"..", root)]
+            head = [(b".", _dot(control.DIR_INO)), (b"..", _dot(ROOT_INO))]
         else:
             nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
             entries = self._entries_of(inode, nodes)
@@ -364,12 +363,12 @@ class Operations(pyfuse3.Operations):
 
     def _dots(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """``.`` and ``..`` of a folder (``..`` of the root is the root): made at each
-        opendir, two index reads, not kept with the listing (a rename or chmod of the folder
-        itself leaves its kept listing as it is)."""
-        node = self.cache.node(inode)
-        here = self._attrs(node)
-        parent = here if inode == ROOT_INO else self._attrs(self.cache.node(node.parent))
-        return [(b".", here), (b"..", parent)]
+        opendir from one index read, not kept with the listing (a rename of the folder
+        itself leaves its kept listing as it is). Only their inode numbers and type are
+        made: a readdir takes no more of them, and a readdirplus uses no attributes of
+        ``.`` or ``..`` (fs/fuse/readdir.c, ``fuse_direntplus_link``)."""
+        parent = ROOT_INO if inode == ROOT_INO else self.cache.node(inode).parent
+        return [(b".", _dot(inode)), (b"..", _dot(parent))]
 
     def _entries_of(self, inode: int, nodes: list[Node]) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """readdir's entries, kept with the cache's kept listing (and dropped with it);
@@ -687,6 +686,14 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+
+def _dot(ino: int) -> pyfuse3.EntryAttributes:
+    """A folder's entry as ``.`` and ``..`` need it: its number and its type."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.st_mode = stat_mod.S_IFDIR
+    return a
 
 
 class ControlWrite(bytes):
