@@ -37,7 +37,15 @@ class PausingRemote(LocalRemote):
         super().set_attrs(path, mode, atime_ns, mtime_ns, owner)
 
 
-def test_mode_changed_while_its_earlier_change_is_sent_reaches_the_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", [
+    "mode",
+    pytest.param("owner", marks=pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")),
+])
+def test_attributes_changed_while_an_earlier_change_is_sent_reach_the_server(tmp_path: Path, change: str) -> None:
+    """A chmod, or (--owners remote) a chown, while an earlier chmod's SETSTAT is on the
+    way is not journaled again (the earlier entry is pending): the end of that entry must
+    see what changed meanwhile and journal the node again, or it never goes (an owner sent
+    without one: the next listing would take it back)."""
     share = tmp_path / "share"
     share.mkdir()
     (share / "f.txt").write_bytes(b"x")
@@ -50,55 +58,23 @@ def test_mode_changed_while_its_earlier_change_is_sent_reaches_the_server(tmp_pa
 
     async def main() -> None:
         await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
+        cache = Cache(store, conn, CacheConfig(owners="remote" if change == "owner" else "local"))
         sync = SyncManager(store, cache, conn)
         ino = (await cache.lookup(ROOT_INO, b"f.txt")).ino
         await cache.setattr(ino, mode=0o640)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sync.reintegrate)
             await trio.to_thread.run_sync(remote.entered.wait, 10)
-            await cache.setattr(ino, mode=0o600)  # while 0o640 is on the way
-            remote.go.set()
-        await sync.reintegrate()
-        assert sync.pending() == 0
-        assert stat.S_IMODE(os.stat(share / "f.txt").st_mode) == 0o600
-
-    try:
-        trio.run(main)
-    finally:
-        store.close()
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")
-def test_owner_changed_while_a_mode_change_is_sent_reaches_the_server(tmp_path: Path) -> None:
-    """--owners remote: a chown while a chmod's SETSTAT (without an owner) is on the way is
-    not journaled (the chmod's entry is pending): its end must see the owner changed and
-    journal the node again, or the owner never goes and the next listing takes it back."""
-    share = tmp_path / "share"
-    share.mkdir()
-    (share / "f.txt").write_bytes(b"x")
-    os.chmod(share / "f.txt", 0o644)
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    remote = PausingRemote(str(share))
-    conn = Connectivity(remote)
-
-    async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig(owners="remote"))
-        sync = SyncManager(store, cache, conn)
-        ino = (await cache.lookup(ROOT_INO, b"f.txt")).ino
-        await cache.setattr(ino, mode=0o640)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sync.reintegrate)
-            await trio.to_thread.run_sync(remote.entered.wait, 10)
-            await cache.setattr(ino, uid=4321, gid=4322)  # while 0o640 is on the way
+            if change == "mode":  # while 0o640 is on the way
+                await cache.setattr(ino, mode=0o600)
+            else:
+                await cache.setattr(ino, uid=4321, gid=4322)
             remote.go.set()
         await sync.reintegrate()
         assert sync.pending() == 0
         st = os.stat(share / "f.txt")
-        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 4321, 4322)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == \
+            ((0o600, os.getuid(), os.getgid()) if change == "mode" else (0o640, 4321, 4322))
 
     try:
         trio.run(main)
