@@ -653,3 +653,36 @@ def test_a_folder_made_where_the_server_made_a_file_keeps_its_fifo(mount_factory
     assert "p" in os.listdir(copy) and stat.S_ISFIFO(os.lstat(copy / "p").st_mode), os.listdir(copy)
     # (the review's pre-existing part: D/f, left as an error conflict, is not visible either)
     assert (copy / "f").read_bytes() == b"f", os.listdir(copy)
+
+
+def test_a_folder_set_aside_follows_a_later_rename_of_its_parent(mount_factory, share: Path) -> None:
+    """Offline: X renamed to A/D (the server made a folder A/D meanwhile), then A renamed
+    to B, then B/D/x and a FIFO made: the server keeps ours as ``A/D (conflict ...)``, and
+    what was made after A's rename goes into that copy (now under B), never into the
+    server's folder D."""
+    (share / "X").mkdir()
+    (share / "A").mkdir()
+    mount = mount_factory()
+    mount.start()
+    mnt = mount.mountpoint
+    assert os.listdir(mnt / "A") == [] and os.listdir(mnt / "X") == []
+    go_offline(mnt)
+    os.rename(mnt / "X", mnt / "A" / "D")
+    os.rename(mnt / "A", mnt / "B")
+    (mnt / "B" / "D" / "x").write_bytes(b"ours")
+    (mnt / "B" / "D" / "sub").mkdir()
+    (mnt / "B" / "D" / "sub" / "y").write_bytes(b"deeper")
+    os.mkfifo(mnt / "B" / "D" / "p")
+    (share / "A" / "D").mkdir()
+    (share / "A" / "D" / "theirs").write_bytes(b"theirs")
+    control(mnt, "online")
+    sync_until_done(mnt)
+    copy = _aside(share / "B", "D")
+    assert sorted(os.listdir(share / "B" / "D")) == ["theirs"]
+    assert sorted(os.listdir(share / "B" / copy)) == ["sub", "x"]
+    assert (share / "B" / copy / "sub" / "y").read_bytes() == b"deeper"
+    time.sleep(1.2)
+    assert sorted(os.listdir(mnt / "B" / copy)) == ["p", "sub", "x"]
+    assert stat.S_ISFIFO(os.lstat(mnt / "B" / copy / "p").st_mode)
+    assert sorted(os.listdir(mnt / "B" / "D")) == ["theirs"]
+    assert status(mnt)["pending"] == 0

@@ -53,6 +53,28 @@ from .uploads import UploadGroup
 _REHOMED_LATER = {"store", "setattr", "xattr"}
 
 
+def _entries_about(later: list[Op], ino: int, path: bytes, copy: bytes) -> list[tuple[Op, bytes, bytes]] | None:
+    """The entries after one whose node ``ino``, at ``path``, the server now has at
+    ``copy`` (a sibling name): those about the node or inside it (a folder), each with
+    where the node is by then here and there (a later rename of a folder above it moves
+    both alike). None when the node cannot follow safely: a later entry renames or links
+    it, changes it other than in place, or puts something onto its name."""
+    here, there = path, copy
+    about: list[tuple[Op, bytes, bytes]] = []
+    for o in later:
+        if o.kind == "rename" and o.ino != ino and here.startswith(o.path + b"/"):
+            here, there = o.dst + here[len(o.path):], o.dst + there[len(o.path):]
+            continue  # (a folder above it moved: it moved along)
+        inside = here + b"/"
+        if not (o.ino == ino or o.path.startswith(inside) or o.dst.startswith(inside) or o.dst == here):
+            continue
+        if o.dst == here or (o.ino == ino and (o.path != here or o.dst or o.kind not in _REHOMED_LATER)):
+            log.debug("not re-homed: %s %r", o.kind, o.path)
+            return None
+        about.append((o, here, there))
+    return about
+
+
 def _moved_to(p: bytes, path: bytes, copy: bytes) -> bytes:
     """``p`` after the node at ``path`` became ``copy``: ``copy`` itself, or the same
     place under it (``p`` inside a folder), or ``p`` unchanged (elsewhere, or empty)."""
@@ -220,7 +242,7 @@ class Replayer:
             failures.append(str(exc))
             return
         except RemoteError as exc:
-            self.conflicts.refused(op, exc)  # (for good: recorded, and the rest goes on)
+            self.conflicts.refused(op, exc, kept=op.kind != "xattr")  # (for good: recorded, the rest goes on)
         except (OSError, ValueError, KeyError, lmdb.Error) as exc:
             # A local failure (disk, a record that went away, a damaged record): stop
             # here, the entry stays in the journal and the next pass retries it.
@@ -398,6 +420,7 @@ class Replayer:
 
         self.store.transact(change)
         self.cache.op_replaced(op, moved[0])
+        self._pass_ops[moved[0].seq] = moved[0]  # (a later re-homing rewrites it there too)
         self._batches.append([moved[0]])
         self.progress.ops_total += 1
 
@@ -483,19 +506,15 @@ class Replayer:
         def update(t: Txn) -> None:
             moved.clear()
             rehomed[0] = False
-            inside = path + b"/"
-            about = [o for o in t.ops_after(op.seq)
-                     if o.ino == op.ino or o.path.startswith(inside) or o.dst.startswith(inside) or o.dst == path]
-            if any(o.dst == path or (o.ino == op.ino and (o.path != path or o.dst or o.kind not in _REHOMED_LATER))
-                   for o in about):
-                log.debug("not re-homed: %s", [(o.kind, o.path) for o in about])
+            about = _entries_about(t.ops_after(op.seq), op.ino, path, copy)
+            if about is None:
                 return
             if not self.cache.reconcile.rehome(t, op.ino, parent, name, new_name):
                 return
-            for o in about:  # (changes inside a folder follow it: their paths under the copy)
-                o.path, o.dst = _moved_to(o.path, path, copy), _moved_to(o.dst, path, copy)
+            for o, here, there in about:  # (changes inside a folder follow it: under the copy)
+                o.path, o.dst = _moved_to(o.path, here, there), _moved_to(o.dst, here, there)
                 t.put_op(o.seq, o)
-            moved.extend(about)
+            moved.extend(o for o, _here, _there in about)
             rehomed[0] = True
 
         self.ledger.finish(op, update, found)
