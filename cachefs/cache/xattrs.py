@@ -39,6 +39,9 @@ from .listing import Listings
 
 log = logging.getLogger(__name__)
 
+#: background reads of a remote's attributes running at once (``Xattrs.start``)
+READ_AHEAD_AT_ONCE = 2
+
 
 class Xattrs:
     def __init__(self, store: Store, conn: Connectivity, listings: Listings,
@@ -51,6 +54,7 @@ class Xattrs:
         self._nursery: trio.Nursery | None = None
         #: nodes whose attributes were read (or found known) after a fetch of their content
         self._read_ahead: set[int] = set()
+        self._reading = trio.CapacityLimiter(READ_AHEAD_AT_ONCE)  # (made again in ``start``)
 
     @property
     def carried(self) -> bool:
@@ -90,8 +94,10 @@ class Xattrs:
 
     # -- reading them ahead --------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
-        """Reads ahead (``fetched``) run in ``nursery`` from now on."""
+        """Reads ahead (``fetched``) run in ``nursery`` from now on, two at a time (a
+        folder of 10,000 empty files must not queue 10,000 calls before a user's stat)."""
         self._nursery = nursery
+        self._reading = trio.CapacityLimiter(READ_AHEAD_AT_ONCE)
 
     def read_ahead(self, ino: int) -> None:
         """Content of the node was fetched (or it is pinned, or a folder listed): its
@@ -109,17 +115,22 @@ class Xattrs:
     def listed(self, folder: int) -> None:
         """A folder was listed: its attributes, and those of its empty files (which have
         no content to fetch), are read ahead."""
-        if not self.carried or self._nursery is None:
-            return
+        if not self.carried or self._nursery is None or folder in self._read_ahead:
+            return  # (once per folder and mount: a listing again reads no index range)
         self.read_ahead(folder)
         for child in self.store.children(folder):
             if child.is_file and child.size == 0:
                 self.read_ahead(child.ino)
 
     async def _read_quietly(self, ino: int) -> None:
-        node = self.store.get(ino)
-        if node is None:
-            return
+        async with self._reading:
+            node = self.store.get(ino)
+            if node is None:
+                return
+            await self._read_logged(node)
+
+    async def _read_logged(self, node: Node) -> None:
+        ino = node.ino
         try:
             await self._loaded(node)
         except Exception as exc:  # (a background task must never end the mount)

@@ -34,6 +34,7 @@ from ..remote import RemoteStat
 from ..store.index import Node, Store, Txn
 from ..store.journal import Op
 from ..store.records import Version
+from ..store.xattrs import XattrSet
 from .ledger import Ledger
 from .naming import CONFLICT_KINDS, CONFLICT_NAME_TRIES, conflict_name
 from .remote_side import RemoteSide
@@ -115,7 +116,7 @@ class Conflicts:
         version is uploaded under a temporary name of this cache's, then renamed to its
         conflict name without replacing anything there (another client's copy of the
         same file, made in the same second, keeps its name: ours takes the next)."""
-        copy, copy_stat = await self._upload_aside(op, node)
+        copy, copy_stat, carried_set = await self._upload_aside(op, node)
         copy_name = copy.rpartition(b"/")[2]
         found = record(op, "changed-both", conflict_path=_text_path(copy),
                        local={"size": node.size, "mtime_ns": node.mtime_ns},
@@ -129,11 +130,17 @@ class Conflicts:
             if n is None:
                 return
             self.reconcile.keep_conflict_copy(t, kept, n, op.parent, copy_name, copy_stat.version(), gen)
-            carried = bool(self.side.remote.xattrs)
+            # Carried: the copy has all of the record as it is now (none set meanwhile).
+            carried = carried_set is not None and t.xattrs(n.ino) == carried_set
             self.reconcile.move_xattrs(t, kept, n.ino, carried)
-            for later in t.ops_after(op.seq) if carried else []:
-                if later.kind == "xattr" and later.ino == n.ino:  # (they would change the server's version's)
+            for later in t.ops_after(op.seq):
+                if later.kind != "xattr" or later.ino != n.ino:
+                    continue  # (the node's pending ones would change the server's version's)
+                if carried:
                     t.delete_op(later.seq)
+                elif kept.placed:  # (the copy holds the record: they go to it)
+                    later.ino, later.path = kept.ino, copy
+                    t.put_op(later.seq, later)
             self.reconcile.show_server_version(t, n, remote, gen)
 
         try:
@@ -143,14 +150,15 @@ class Conflicts:
         self.cache.remote_changed(op.ino, parent_ino=op.parent)
         return node.size
 
-    async def _upload_aside(self, op: Op, node: Node) -> tuple[bytes, RemoteStat]:
+    async def _upload_aside(self, op: Op, node: Node) -> tuple[bytes, RemoteStat, XattrSet | None]:
         """Our version uploaded to a temporary name, then renamed to a free conflict name
-        (the temporary file removed again when none is had): the copy's path and stat."""
+        (the temporary file removed again when none is had): the copy's path and stat,
+        and the attributes it carries (``RemoteSide.carry_xattrs``)."""
         parent = op.path.rpartition(b"/")[0]
         temp = join(parent, self.side.temp_name(op.path, op.seq, b"copy") + b"-" + self.nonce.encode())
         copy_stat = await self.side.upload(node, temp, op.seq)
         try:
-            await self.side.carry_xattrs(node.ino, temp)
+            carried = await self.side.carry_xattrs(node.ino, temp)
             copy = await self.aside(op.path, partial(self.side.rename_exclusive, temp))
         except RemoteError:
             with trio.move_on_after(self.side.conn.timeout * 2 + 1):
@@ -159,7 +167,7 @@ class Conflicts:
                 except (RemoteError, Unavailable) as exc:
                     log.debug("could not remove %r: %s", temp, exc)
             raise
-        return copy, copy_stat
+        return copy, copy_stat, carried
 
     # -- refusals -------------------------------------------------------------------------
     def refused(self, op: Op, exc: RemoteError, kept: bool = True) -> None:

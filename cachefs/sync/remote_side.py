@@ -26,6 +26,7 @@ from ..link.connectivity import Connectivity
 from ..remote import Remote, RemoteStat
 from ..store.crypto import PlainContent
 from ..store.index import OWNER_DIRTY, Node, Store
+from ..store.xattrs import XattrSet
 from .naming import temp_name
 
 log = logging.getLogger(__name__)
@@ -137,21 +138,24 @@ class RemoteSide:
             bulk=True)
         return stat
 
-    async def carry_xattrs(self, ino: int, path: bytes) -> None:
+    async def carry_xattrs(self, ino: int, path: bytes) -> XattrSet | None:
         """The node's ``user.`` extended attributes set on ``path`` (a new file of ours:
-        a conflict copy on its way), where the remote keeps them. A refusal is logged: the
-        attributes stay in this cache with the copy."""
+        a conflict copy on its way), where the remote keeps them: the record carried, all
+        of it set there; None when not (none kept there, or one refused: logged, and the
+        attributes stay in this cache with the copy, their entries going to it)."""
         found = self.store.get_xattrs(ino) if self.remote.xattrs else None
-        for name in found.names() if found is not None else []:
-            value = found.get(name) if found is not None else None
+        if found is None:
+            return None
+        for name in found.names():
+            value = found.get(name)
             if value is None:
                 continue
             try:
                 await self.conn.call(self.remote.set_xattr, path, name, value)
             except RemoteError as exc:
                 log.warning("extended attribute %r not set on %r (kept here): %s", name, path, exc)
-                if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                    return
+                return None
+        return found
 
     async def same_content(self, node: Node, path: bytes, remote: RemoteStat) -> bool:
         """Whether the remote file holds our content: compared with our content's
