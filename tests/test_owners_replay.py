@@ -133,6 +133,64 @@ def test_a_conflict_copy_has_the_owner_of_our_version(tmp_path: Path) -> None:
     _run(tmp_path, RefusingOwners, body)
 
 
+def test_the_base_of_a_folder_given_its_owner_is_the_servers_version_after(tmp_path: Path) -> None:
+    """The SETSTAT that gives a folder made there its owner carries the node's times too:
+    the base recorded is the server's version after it (it kept the MKDIR's time, and a
+    rename over the empty folder, offline, then made a false conflict and a copy)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.refuse = False
+        d1 = await cache.mkdir(ROOT_INO, b"d1", 0o755, (OTHER, OTHER))
+        d2 = await cache.mkdir(ROOT_INO, b"d2", 0o755, (OTHER, OTHER))
+        await trio.sleep(1.1)  # (the MKDIR's time differs from the node's)
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        for name, ino in ((b"d1", d1.ino), (b"d2", d2.ino)):
+            record, st = store.get(ino), remote.stat(name)
+            assert record is not None and record.base == st.version(), (record.base, st.version())
+            assert (st.uid, st.gid) == (OTHER, OTHER)
+        sync.conn.work_offline()
+        await cache.rename(ROOT_INO, b"d1", ROOT_INO, b"d2")
+        sync.conn.work_online()
+        await sync.conn.try_connect()
+        await sync.reintegrate()
+        assert sorted(os.listdir(share)) == ["d2"]
+        assert sync.conflicts() == []
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+class CutAfterCreation(RefusingOwners):
+    """A share where a pass was killed after a folder's MKDIR or a symlink's SYMLINK, before
+    its owner went: the object is there already (the SSH account's) when the pass runs."""
+
+    def mkdir(self, path: bytes, mode: int) -> None:
+        raise AssertionError("made already")
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        raise AssertionError("made already")
+
+
+@pytest.mark.parametrize("kind", ["folder"])
+def test_an_owner_goes_after_a_crash_between_creation_and_owner(tmp_path: Path, kind: str) -> None:
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.refuse = False
+        if kind == "folder":
+            node = await cache.mkdir(ROOT_INO, b"o", 0o755, (OTHER, OTHER))
+            os.mkdir(share / "o")
+        else:
+            node = await cache.symlink(ROOT_INO, b"o", b"t", (OTHER, OTHER))
+            os.symlink("t", share / "o")
+        await sync.reintegrate()
+        st = os.lstat(share / "o")
+        assert (st.st_uid, st.st_gid) == (OTHER, OTHER)
+        record = store.get(node.ino)
+        assert record is not None and not record.has(OWNER_DIRTY) and (record.uid, record.gid) == (OTHER, OTHER)
+        assert record.base == remote.stat(b"o").version()
+        assert sync.pending() == 0 and sync.conflicts() == []
+
+    _run(tmp_path, CutAfterCreation, body)
+
+
 class CountingRoot(LocalRemote):
     """A local share that counts the STATs of its root (its pings aside) and the listings
     of it."""

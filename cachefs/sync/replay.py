@@ -440,32 +440,33 @@ class Replayer:
                 await self.side.make_parents(op.path)
                 await self._mkdir(op.path, op.mode)
             remote = await self.side.stat(op.path)
-            owner, refused = await self._owned(op, remote)
-            if owner is not None and remote is not None:
-                remote = remote._replace(uid=owner[0], gid=owner[1])
-            agree = self._agree(op, remote, owner)
-            if refused:  # (the folder is there: its owner goes as a change of attributes)
-                def update(t: Txn) -> None:
-                    if agree is not None:
-                        agree(t)
-                    Reconcile.owner_pending(t, op.ino)
-                self.ledger.finish(op, update)
-            else:
-                self.ledger.finish(op, agree)
-            return 0
-        self.ledger.finish(op, self._agree(op, remote))
+        # (there already: made by a pass cut before its owner went, or by another; the
+        # owner step is the same, free when the owners match)
+        remote, owner, refused = await self._owned(op, remote)
+        agree = self._agree(op, remote, owner)
+        if refused:  # (the folder is there: its owner goes as a change of attributes)
+            def update(t: Txn) -> None:
+                if agree is not None:
+                    agree(t)
+                Reconcile.owner_pending(t, op.ino)
+            self.ledger.finish(op, update)
+        else:
+            self.ledger.finish(op, agree)
         return 0
 
-    async def _owned(self, op: Op, remote: RemoteStat | None) -> tuple[tuple[int, int] | None, bool]:
-        """A folder just made there gets the owner it was made with here (``--owners
-        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs. The
-        owner given (None: none), and whether the server refused it."""
+    async def _owned(self, op: Op, remote: RemoteStat | None
+                     ) -> tuple[RemoteStat | None, tuple[int, int] | None, bool]:
+        """A folder made there gets the owner it was made with here (``--owners remote``;
+        SFTP's MKDIR takes none): one SETSTAT more, only when it differs (it carries the
+        node's mode and times too: the folder is read again, so that the recorded base is
+        the server's version after it). The server's folder, the owner given (None:
+        none), and whether the server refused it."""
         node = self.store.get(op.ino)
         owner = self.side.owner_of(node) if node is not None else None
         if remote is None or node is None or owner is None:
-            return None, False
+            return remote, None, False
         if (remote.uid, remote.gid) == owner:
-            return owner, False
+            return remote, owner, False
         try:
             await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
                                       node.atime_ns, node.mtime_ns, owner)
@@ -473,8 +474,8 @@ class Replayer:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise
             log.info("%r: made there, its owner to be sent again as a change of attributes: %s", op.path, exc)
-            return None, True
-        return owner, False
+            return remote, None, True
+        return await self.side.stat(op.path), owner, False
 
     async def _rename_local_aside(self, op: Op) -> int:
         """A folder or symlink made here collides with another kind of object there:
