@@ -170,7 +170,7 @@ class CutAfterCreation(RefusingOwners):
         raise AssertionError("made already")
 
 
-@pytest.mark.parametrize("kind", ["folder"])
+@pytest.mark.parametrize("kind", ["folder", "symlink"])
 def test_an_owner_goes_after_a_crash_between_creation_and_owner(tmp_path: Path, kind: str) -> None:
     async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
         remote.refuse = False
@@ -189,6 +189,49 @@ def test_an_owner_goes_after_a_crash_between_creation_and_owner(tmp_path: Path, 
         assert sync.pending() == 0 and sync.conflicts() == []
 
     _run(tmp_path, CutAfterCreation, body)
+
+
+class RefusingLinkOwners(RefusingOwners):
+    """A share that refuses the owner of a symlink too (EPERM), or cannot change it at all
+    (ENOTSUP: an SFTP server without lsetstat@openssh.com)."""
+
+    link_errno = errno.EPERM
+
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        self.owners_sent += 1
+        raise RemoteError(self.link_errno, "lsetstat: refused")
+
+
+def test_a_symlink_made_there_whose_owner_is_refused_is_recorded(tmp_path: Path) -> None:
+    """As a folder's: it stays made, its owner is sent again as a change of attributes and
+    that refusal is an ``error`` conflict (it was only logged, its owner to send forever)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        link = await cache.symlink(ROOT_INO, b"l", b"t", (OTHER, OTHER))
+        await sync.reintegrate()
+        await sync.reintegrate()  # (the owner's setattr, journaled by the first pass)
+        assert os.readlink(share / "l") == "t"
+        assert [(c["kind"], c.get("refused"), c["path"]) for c in sync.conflicts()] == [("error", "setattr", "l")]
+        record = store.get(link.ino)
+        assert record is not None and (record.uid, record.gid) == (OTHER, OTHER)  # (kept here)
+        assert sync.pending() == 0 and remote.owners_sent == 2
+
+    _run(tmp_path, RefusingLinkOwners, body)
+
+
+def test_a_symlink_whose_owner_the_server_cannot_change_shows_the_servers(tmp_path: Path) -> None:
+    """ENOTSUP (no lsetstat there): the owner is not to send any more, the record shows the
+    server's owner, no conflict, nothing left in the journal."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.link_errno = errno.ENOTSUP
+        link = await cache.symlink(ROOT_INO, b"l", b"t", (OTHER, OTHER))
+        await sync.reintegrate()
+        record = store.get(link.ino)
+        st = os.lstat(share / "l")
+        assert record is not None and not record.has(OWNER_DIRTY)
+        assert (record.uid, record.gid) == (st.st_uid, st.st_gid) == (0, 0)
+        assert sync.pending() == 0 and sync.conflicts() == []
+
+    _run(tmp_path, RefusingLinkOwners, body)
 
 
 class CountingRoot(LocalRemote):
