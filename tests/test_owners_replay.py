@@ -234,6 +234,31 @@ def test_a_symlink_whose_owner_the_server_cannot_change_shows_the_servers(tmp_pa
     _run(tmp_path, RefusingLinkOwners, body)
 
 
+def test_an_older_upload_sent_again_keeps_the_owner_there(tmp_path: Path) -> None:
+    """Our older upload of the entry landed (a cut pass), the file was written here again
+    since, and chown'ed on the server meanwhile (no new version): sent again, it keeps
+    that owner, as any upload of a file whose owner was not set here (it put back the
+    one last seen, OTHER)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        (share / "f").write_bytes(b"base")
+        os.chown(share / "f", OTHER, OTHER)
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"ours, written again")
+        cache.release(handle)
+        [op] = [o for o in store.journal_ops() if o.ino == node.ino]
+        store.transact(lambda t: t.mark_upload(op.seq, 5, 1_900_000_000_000_000_000))  # (its size, mtime)
+        (share / "f").write_bytes(b"older")
+        os.utime(share / "f", ns=(1_900_000_000_000_000_000, 1_900_000_000_000_000_000))
+        os.chown(share / "f", OTHER + 1, OTHER + 1)  # (a chown there, after it landed)
+        await sync.reintegrate()
+        assert (share / "f").read_bytes() == b"ours, written again" and sync.conflicts() == []
+        st = os.stat(share / "f")
+        assert (st.st_uid, st.st_gid) == (OTHER + 1, OTHER + 1)
+
+    _run(tmp_path, RefusingOwners, body)
+
+
 class CountingRoot(LocalRemote):
     """A local share that counts the STATs of its root (its pings aside) and the listings
     of it."""
