@@ -259,6 +259,24 @@ def test_an_older_upload_sent_again_keeps_the_owner_there(tmp_path: Path) -> Non
     _run(tmp_path, RefusingOwners, body)
 
 
+def test_the_roots_refused_owner_is_kept_at_the_next_start(tmp_path: Path) -> None:
+    """A chown of the mount root the server refused is kept here (``KEPT``, an ``error``
+    conflict): the start's read of the root's attributes leaves it (it put the server's
+    owner back, as only a pending change was spared)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        await cache.setattr(ROOT_INO, uid=OTHER, gid=OTHER)
+        await sync.reintegrate()
+        assert [(c["kind"], c.get("refused")) for c in sync.conflicts()] == [("error", "setattr")]
+        async with trio.open_nursery() as nursery:  # (the next start: the root read first)
+            await nursery.start(cache.run)
+            nursery.cancel_scope.cancel()
+        root = store.get(ROOT_INO)
+        assert root is not None and (root.uid, root.gid) == (OTHER, OTHER)
+        assert (os.stat(share).st_uid, os.stat(share).st_gid) == (0, 0)
+
+    _run(tmp_path, RefusingOwners, body)
+
+
 class CountingRoot(LocalRemote):
     """A local share that counts the STATs of its root (its pings aside) and the listings
     of it."""
