@@ -584,10 +584,7 @@ class Operations(pyfuse3.Operations):
         the folder is setgid (``--owners remote`` only)."""
         folder = self.cache.node(parent)
         gid = folder.gid if folder.mode & stat_mod.S_ISGID else self.owners.server_gid(ctx.gid)
-        uid = self.owners.server_uid(ctx.uid)
-        if uid is None or gid is None:  # (the maps would show it as another's)
-            raise FUSEError(errno.EOVERFLOW)
-        return uid, gid
+        return self.owners.server_uid(ctx.uid), gid
 
     def _new_owner(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                    ctx: pyfuse3.RequestContext) -> tuple[int | None, int | None]:
@@ -607,11 +604,8 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EPERM)
             if gid is not None and gid != group and gid not in groups_of(ctx.pid, ctx.gid):
                 raise FUSEError(errno.EPERM)
-        server_uid = None if uid is None else self.owners.server_uid(uid)
-        server_gid = None if gid is None else self.owners.server_gid(gid)
-        if (uid is not None and server_uid is None) or (gid is not None and server_gid is None):
-            raise FUSEError(errno.EINVAL)  # (the maps would show it as another id)
-        return server_uid, server_gid
+        return (None if uid is None else self.owners.server_uid(uid),
+                None if gid is None else self.owners.server_gid(gid))
 
     @translate
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -9,11 +9,11 @@ Must not touch: the cache, the remote, FUSE (plain helper, no state beyond the m
 A map file has one ``localname:remoteid`` a line (``#`` comments and blank lines
 allowed), as sshfs's ``uidfile``/``gidfile``: ``localname`` is a user (group) of this
 machine, by name or number; ``remoteid`` the server's number for it. Ids the map does
-not name are shown as they are, unless that would show them as another id the map names
-(``alice:1000`` with alice local 1001: the server's 1001 is not alice): those are shown as
-``OVERFLOW_ID`` (as the kernel shows an id a user namespace cannot map), and a local id
-that the server's would come back as another one (local 1000 there) cannot be given to a
-file (``server_uid`` None: chown EINVAL, create EOVERFLOW, as an idmapped mount does).
+not name are shown as they are; so a map must not leave out a server id that is a local id
+it maps (``alice:1000`` with alice local 1001: the server's 1001 would be shown as alice,
+and with ``default_permissions`` alice would own its files): such a map is refused at
+mount (``MapError`` naming that id, to be mapped too). The ids a map names, local and
+server, are then the same set: the map is one-to-one both ways, every id shown as one id.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pathlib import Path
 OWNERS = ("local", "remote")
 #: the largest id a map may name: 2**32 - 1 is the "no change" of chown, not an id
 MAX_ID = 4294967294
-#: what an id the maps cannot show as itself is shown as (the kernel's overflowuid, nobody)
-OVERFLOW_ID = 65534
 
 
 class MapError(ValueError):
@@ -43,14 +41,11 @@ class Owners:
     mode: str = "local"
     uid: int = 0  # the mounting user (shown for every file in ``local``)
     gid: int = 0
-    #: server id -> local id (with the server's ids shown as ``OVERFLOW_ID``), and back
+    #: server id -> local id, and back (one-to-one: ``read_map``)
     uids_in: dict[int, int] = field(default_factory=dict)
     uids_out: dict[int, int] = field(default_factory=dict)
     gids_in: dict[int, int] = field(default_factory=dict)
     gids_out: dict[int, int] = field(default_factory=dict)
-    #: local ids no file can be given (they would be shown as another)
-    uids_refused: frozenset[int] = frozenset()
-    gids_refused: frozenset[int] = frozenset()
 
     @property
     def remote(self) -> bool:
@@ -62,12 +57,11 @@ class Owners:
     def local_gid(self, server_gid: int) -> int:
         return self.gids_in.get(server_gid, server_gid)
 
-    def server_uid(self, local_uid: int) -> int | None:
-        """The server's id for ``local_uid``; None: none (it would be shown as another)."""
-        return None if local_uid in self.uids_refused else self.uids_out.get(local_uid, local_uid)
+    def server_uid(self, local_uid: int) -> int:
+        return self.uids_out.get(local_uid, local_uid)
 
-    def server_gid(self, local_gid: int) -> int | None:
-        return None if local_gid in self.gids_refused else self.gids_out.get(local_gid, local_gid)
+    def server_gid(self, local_gid: int) -> int:
+        return self.gids_out.get(local_gid, local_gid)
 
 
 def make_owners(mode: str, uid: int, gid: int, uid_map: Path | None = None,
@@ -77,31 +71,22 @@ def make_owners(mode: str, uid: int, gid: int, uid_map: Path | None = None,
         raise MapError(f"--owners {mode}: choose local or remote")
     uids_out = read_map(uid_map, _user_id, "user") if uid_map is not None else {}
     gids_out = read_map(gid_map, _group_id, "group") if gid_map is not None else {}
-    uids_in, uids_refused = _inverse(uids_out)
-    gids_in, gids_refused = _inverse(gids_out)
-    return Owners(mode, uid, gid, uids_in, uids_out, gids_in, gids_out, uids_refused, gids_refused)
-
-
-def _inverse(out: dict[int, int]) -> tuple[dict[int, int], frozenset[int]]:
-    """The server -> local map of a local -> server one, one-to-one for every id: a server
-    id not mapped that is a mapped local id is shown as ``OVERFLOW_ID``; and the local ids
-    not mapped that are mapped server ids (shown as another local id) refused."""
-    inverse = {server: local for local, server in out.items()}
-    refused = frozenset(server for server in inverse if server not in out)
-    for local in out:
-        if local not in inverse:
-            inverse[local] = OVERFLOW_ID
-    return inverse, refused
+    uids_in = {server: local for local, server in uids_out.items()}
+    gids_in = {server: local for local, server in gids_out.items()}
+    return Owners(mode, uid, gid, uids_in, uids_out, gids_in, gids_out)
 
 
 def read_map(path: Path, local_id: Callable[[str], int | None], what: str) -> dict[int, int]:
-    """local id -> server id, from a ``localname:remoteid`` file."""
+    """local id -> server id, from a ``localname:remoteid`` file; one-to-one, and closed:
+    a local id it maps that is not a server id it maps is refused (that server id, not
+    mapped, would be shown as the local one's user)."""
     try:
         text = path.expanduser().read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise MapError(f"{path}: {exc.strerror or exc}") from None
     out: dict[int, int] = {}
     taken: dict[int, int] = {}  # server id -> its line
+    lines: dict[int, tuple[int, str]] = {}  # local id -> its line and name
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -119,7 +104,14 @@ def read_map(path: Path, local_id: Callable[[str], int | None], what: str) -> di
             raise MapError(f"{path} line {number}: {name} is not an id (0 to {MAX_ID})")
         if local in out or server in taken:
             raise MapError(f"{path} line {number}: {name if local in out else remote} is mapped twice")
-        out[local], taken[server] = server, number
+        out[local], taken[server], lines[local] = server, number, (number, name)
+    free = sorted(server for server in taken if server not in out)  # (local ids no server id shows as)
+    kind = "uid" if what == "user" else "gid"
+    for local in out:
+        if local not in taken:
+            number, name = lines[local]
+            raise MapError(f"{path} line {number}: the server's {kind} {local}, not in the map, would be shown "
+                           f"as {name} (local {kind} {local}): map it too (e.g. '{free[0]}:{local}')")
     return out
 
 

@@ -429,8 +429,8 @@ def test_uid_and_gid_maps(remote_owners, share: Path, tmp_path: Path) -> None:
     """The server's 1234 is this machine's nobody, its 2345 nogroup (sshfs's idmap=file
     format): shown mapped, and a chown to nobody sends 1234; ids not mapped as they are."""
     uids, gids = tmp_path / "uids", tmp_path / "gids"
-    uids.write_text("# local:remote\nnobody:1234\n")
-    gids.write_text("nogroup:2345\n\n")
+    uids.write_text("# local:remote\nnobody:1234\n1234:65534\n")
+    gids.write_text("nogroup:2345\n\n2345:65534\n")
     (share / "f").write_bytes(b"f")
     os.chown(share / "f", 1234, 2345)
     (share / "g").write_bytes(b"g")
@@ -446,14 +446,12 @@ def test_uid_and_gid_maps(remote_owners, share: Path, tmp_path: Path) -> None:
 
 
 def test_a_map_never_shows_one_id_for_two(remote_owners, share: Path, tmp_path: Path) -> None:
-    """Local 4321 is the server's 1000: the server's own 4321 (not mapped) must not show as
-    4321, whose files they are not (with allow_other,default_permissions the local 4321
-    would own them): shown as 65534, the kernel's overflow id. Local 1000 (not mapped)
-    would come back as 4321: no file can be given to it (chown EINVAL, as an idmapped
-    mount; a creation by it EOVERFLOW)."""
+    """Local 4321 is the server's 1000, so local 1000 must be the server's 4321: the
+    server's ids are shown one-to-one (the server's 4321 never as local 4321, whose files
+    they are not), and local 1000 owns what it creates there as the server's 4321."""
     uids, gids = tmp_path / "uids", tmp_path / "gids"
-    uids.write_text(f"{OTHER}:1000\n")
-    gids.write_text(f"{OTHER}:1000\n")
+    uids.write_text(f"{OTHER}:1000\n1000:{OTHER}\n")
+    gids.write_text(f"{OTHER}:1000\n1000:{OTHER}\n")
     for name, server_id in (("mine", 1000), ("bobs", OTHER), ("plain", 77)):
         (share / name).write_bytes(name.encode())
         os.chown(share / name, server_id, server_id)
@@ -462,22 +460,41 @@ def test_a_map_never_shows_one_id_for_two(remote_owners, share: Path, tmp_path: 
     with remote_owners("--uid-map", str(uids), "--gid-map", str(gids)) as mount:
         mnt = mount.mountpoint
         assert owner(mnt / "mine") == (OTHER, OTHER)
-        assert owner(mnt / "bobs") == (NOBODY, NOBODY)
+        assert owner(mnt / "bobs") == (1000, 1000)
         assert owner(mnt / "plain") == (77, 77)
-        assert errno_of(lambda: os.chown(mnt / "plain", 1000, -1)) == "EINVAL"
-        assert errno_of(lambda: os.chown(mnt / "plain", -1, 1000)) == "EINVAL"
-        assert as_user(mnt, lambda: os.open("new", os.O_CREAT | os.O_WRONLY, 0o644), uid=1000) == "EOVERFLOW"
-        assert as_user(mnt, lambda: os.mkdir("newdir"), uid=1000) == "EOVERFLOW"
-        os.chown(mnt / "plain", OTHER, OTHER)
-        assert owner(mnt / "plain") == (OTHER, OTHER)
+        os.chown(mnt / "plain", 1000, 1000)
+        assert owner(mnt / "plain") == (1000, 1000)
+        assert as_user(mnt, lambda: os.mkdir("newdir"), uid=1000, gid=1000) is None
+        assert owner(mnt / "newdir") == (1000, 1000)
         synced(mnt)
-        assert owner(share / "plain") == (1000, 1000)
-        assert not (share / "new").exists() and not (share / "newdir").exists()
+        assert owner(share / "plain") == (OTHER, OTHER)
+        assert owner(share / "newdir") == (OTHER, OTHER)
+
+
+@pytest.mark.parametrize("what", ["uid", "gid"])
+def test_a_map_that_would_show_a_server_id_as_a_mapped_user_is_refused(share: Path, tmp_path: Path,
+                                                                        what: str) -> None:
+    """``4321:1000`` alone: the server's 4321 (not mapped) would be shown as local 4321,
+    which with default_permissions would own its files (and a chown to it would give them
+    to the server's 4321): refused at mount, in one line naming that id."""
+    ids = tmp_path / "ids"
+    ids.write_text(f"# ours\n{OTHER}:1000\n")
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run([sys.executable, "-m", "cachefs.cli", "mount", str(share), str(tmp_path / "mnt"),
+                           "--cache-dir", str(tmp_path / "cache"), "--owners", "remote", f"--{what}-map", str(ids)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode == 0:  # (mounted all the same: not left behind)
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    assert done.returncode != 0
+    assert done.stderr.strip() == (f"cachefs: {ids} line 2: the server's {what} {OTHER}, not in the map, would be "
+                                   f"shown as {OTHER} (local {what} {OTHER}): map it too (e.g. '1000:{OTHER}')"), \
+        done.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 def test_sshfs_idmap_spelling(remote_owners, share: Path, tmp_path: Path) -> None:
     uids = tmp_path / "uids"
-    uids.write_text("nobody:1234\n")
+    uids.write_text("nobody:1234\n1234:65534\n")
     (share / "f").write_bytes(b"f")
     os.chown(share / "f", 1234, 0)
     with remote_owners("-o", f"idmap=file,uidfile={uids}") as mount:

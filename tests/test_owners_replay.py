@@ -133,6 +133,150 @@ def test_a_conflict_copy_has_the_owner_of_our_version(tmp_path: Path) -> None:
     _run(tmp_path, RefusingOwners, body)
 
 
+def test_the_base_of_a_folder_given_its_owner_is_the_servers_version_after(tmp_path: Path) -> None:
+    """The SETSTAT that gives a folder made there its owner carries the node's times too:
+    the base recorded is the server's version after it (it kept the MKDIR's time, and a
+    rename over the empty folder, offline, then made a false conflict and a copy)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.refuse = False
+        d1 = await cache.mkdir(ROOT_INO, b"d1", 0o755, (OTHER, OTHER))
+        d2 = await cache.mkdir(ROOT_INO, b"d2", 0o755, (OTHER, OTHER))
+        await trio.sleep(1.1)  # (the MKDIR's time differs from the node's)
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        for name, ino in ((b"d1", d1.ino), (b"d2", d2.ino)):
+            record, st = store.get(ino), remote.stat(name)
+            assert record is not None and record.base == st.version(), (record.base, st.version())
+            assert (st.uid, st.gid) == (OTHER, OTHER)
+        sync.conn.work_offline()
+        await cache.rename(ROOT_INO, b"d1", ROOT_INO, b"d2")
+        sync.conn.work_online()
+        await sync.conn.try_connect()
+        await sync.reintegrate()
+        assert sorted(os.listdir(share)) == ["d2"]
+        assert sync.conflicts() == []
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+class CutAfterCreation(RefusingOwners):
+    """A share where a pass was killed after a folder's MKDIR or a symlink's SYMLINK, before
+    its owner went: the object is there already (the SSH account's) when the pass runs."""
+
+    def mkdir(self, path: bytes, mode: int) -> None:
+        raise AssertionError("made already")
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        raise AssertionError("made already")
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink"])
+def test_an_owner_goes_after_a_crash_between_creation_and_owner(tmp_path: Path, kind: str) -> None:
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.refuse = False
+        if kind == "folder":
+            node = await cache.mkdir(ROOT_INO, b"o", 0o755, (OTHER, OTHER))
+            os.mkdir(share / "o")
+        else:
+            node = await cache.symlink(ROOT_INO, b"o", b"t", (OTHER, OTHER))
+            os.symlink("t", share / "o")
+        await sync.reintegrate()
+        st = os.lstat(share / "o")
+        assert (st.st_uid, st.st_gid) == (OTHER, OTHER)
+        record = store.get(node.ino)
+        assert record is not None and not record.has(OWNER_DIRTY) and (record.uid, record.gid) == (OTHER, OTHER)
+        assert record.base == remote.stat(b"o").version()
+        assert sync.pending() == 0 and sync.conflicts() == []
+
+    _run(tmp_path, CutAfterCreation, body)
+
+
+class RefusingLinkOwners(RefusingOwners):
+    """A share that refuses the owner of a symlink too (EPERM), or cannot change it at all
+    (ENOTSUP: an SFTP server without lsetstat@openssh.com)."""
+
+    link_errno = errno.EPERM
+
+    def set_link_owner(self, path: bytes, owner: tuple[int, int]) -> None:
+        self.owners_sent += 1
+        raise RemoteError(self.link_errno, "lsetstat: refused")
+
+
+def test_a_symlink_made_there_whose_owner_is_refused_is_recorded(tmp_path: Path) -> None:
+    """As a folder's: it stays made, its owner is sent again as a change of attributes and
+    that refusal is an ``error`` conflict (it was only logged, its owner to send forever)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        link = await cache.symlink(ROOT_INO, b"l", b"t", (OTHER, OTHER))
+        await sync.reintegrate()
+        await sync.reintegrate()  # (the owner's setattr, journaled by the first pass)
+        assert os.readlink(share / "l") == "t"
+        assert [(c["kind"], c.get("refused"), c["path"]) for c in sync.conflicts()] == [("error", "setattr", "l")]
+        record = store.get(link.ino)
+        assert record is not None and (record.uid, record.gid) == (OTHER, OTHER)  # (kept here)
+        assert sync.pending() == 0 and remote.owners_sent == 2
+
+    _run(tmp_path, RefusingLinkOwners, body)
+
+
+def test_a_symlink_whose_owner_the_server_cannot_change_shows_the_servers(tmp_path: Path) -> None:
+    """ENOTSUP (no lsetstat there): the owner is not to send any more, the record shows the
+    server's owner, no conflict, nothing left in the journal."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        remote.link_errno = errno.ENOTSUP
+        link = await cache.symlink(ROOT_INO, b"l", b"t", (OTHER, OTHER))
+        await sync.reintegrate()
+        record = store.get(link.ino)
+        st = os.lstat(share / "l")
+        assert record is not None and not record.has(OWNER_DIRTY)
+        assert (record.uid, record.gid) == (st.st_uid, st.st_gid) == (0, 0)
+        assert sync.pending() == 0 and sync.conflicts() == []
+
+    _run(tmp_path, RefusingLinkOwners, body)
+
+
+def test_an_older_upload_sent_again_keeps_the_owner_there(tmp_path: Path) -> None:
+    """Our older upload of the entry landed (a cut pass), the file was written here again
+    since, and chown'ed on the server meanwhile (no new version): sent again, it keeps
+    that owner, as any upload of a file whose owner was not set here (it put back the
+    one last seen, OTHER)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        (share / "f").write_bytes(b"base")
+        os.chown(share / "f", OTHER, OTHER)
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"ours, written again")
+        cache.release(handle)
+        [op] = [o for o in store.journal_ops() if o.ino == node.ino]
+        store.transact(lambda t: t.mark_upload(op.seq, 5, 1_900_000_000_000_000_000))  # (its size, mtime)
+        (share / "f").write_bytes(b"older")
+        os.utime(share / "f", ns=(1_900_000_000_000_000_000, 1_900_000_000_000_000_000))
+        os.chown(share / "f", OTHER + 1, OTHER + 1)  # (a chown there, after it landed)
+        await sync.reintegrate()
+        assert (share / "f").read_bytes() == b"ours, written again" and sync.conflicts() == []
+        st = os.stat(share / "f")
+        assert (st.st_uid, st.st_gid) == (OTHER + 1, OTHER + 1)
+
+    _run(tmp_path, RefusingOwners, body)
+
+
+def test_the_roots_refused_owner_is_kept_at_the_next_start(tmp_path: Path) -> None:
+    """A chown of the mount root the server refused is kept here (``KEPT``, an ``error``
+    conflict): the start's read of the root's attributes leaves it (it put the server's
+    owner back, as only a pending change was spared)."""
+    async def body(share, store, cache, sync, remote) -> None:  # type: ignore[no-untyped-def]
+        await cache.setattr(ROOT_INO, uid=OTHER, gid=OTHER)
+        await sync.reintegrate()
+        assert [(c["kind"], c.get("refused")) for c in sync.conflicts()] == [("error", "setattr")]
+        async with trio.open_nursery() as nursery:  # (the next start: the root read first)
+            await nursery.start(cache.run)
+            nursery.cancel_scope.cancel()
+        root = store.get(ROOT_INO)
+        assert root is not None and (root.uid, root.gid) == (OTHER, OTHER)
+        assert (os.stat(share).st_uid, os.stat(share).st_gid) == (0, 0)
+
+    _run(tmp_path, RefusingOwners, body)
+
+
 class CountingRoot(LocalRemote):
     """A local share that counts the STATs of its root (its pings aside) and the listings
     of it."""

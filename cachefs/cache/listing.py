@@ -46,7 +46,7 @@ import trio
 from ..errors import CacheError, NotADirectory, NameTooLong, NotFound, RemoteError, Unavailable, InvalidArgument
 from ..link.connectivity import Connectivity
 from ..remote import RemoteStat
-from ..store.index import (ATTR_DIRTY, DAMAGED, DIRTY, FULL, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
+from ..store.index import (DAMAGED, DIRTY, FULL, KEPT, LISTED, LOCAL_TRUTH, ROOT_INO, TARGET, Node, Store,
                            Txn)
 from ..store.index import LOCAL_ONLY
 from ..store.journal import Op
@@ -184,15 +184,15 @@ class Listings:
 
     async def root_attributes(self) -> None:
         """The root's mode, owner and times as the server has them (unless a local change of
-        them is pending). ``Cache.run`` asks before the mount answers its first request:
+        them is pending, or one the server refused is kept: ``LOCAL_TRUTH``). ``Cache.run`` asks before the mount answers its first request:
         until then the root shows the times of the cache's making (or of the last mount),
         and a program that read it across the change saw it change under it (``tar cf -
         -C MNT .`` right after the mount: "file changed as we read it", exit 1)."""
         rstat = await self.conn.call(self.conn.remote.stat, b"")
         self._root_read = True
         root = self.node(ROOT_INO)
-        if root.flags & (DIRTY | ATTR_DIRTY):
-            return  # a local change of the root is pending: its listing says the rest
+        if root.flags & LOCAL_TRUTH:
+            return  # a local change of the root is pending or kept: its listing says the rest
         known = (root.mode, root.mtime_ns, root.atime_ns, root.ctime_ns, root.base, root.uid, root.gid)
         root.mode, root.mtime_ns, root.atime_ns = rstat.mode, rstat.mtime_ns, rstat.atime_ns
         root.ctime_ns, root.base = rstat.mtime_ns, rstat.version()

@@ -249,14 +249,15 @@ class ContentReplay:
         return await self.conflicts.keep_both(op, node, remote, gen)
 
     async def _send(self, op: Op, node: Node, gen: int, conflict: dict[str, Any] | None) -> int:
+        keep = self.side.owner_kept(node)  # (as ``_upload_if_expected``'s)
         try:
-            new = await self.side.upload(node, op.path, op.seq)
+            new = await self.side.upload(node, op.path, op.seq, keep)
         except RemoteError as exc:
             if exc.errno != errno.ENOENT or not await self.side.make_parents(op.path):
                 raise
             # Created here inside a folder that was removed there: re-create it.
             conflict = conflict or record(op, "folder-recreated")
-            new = await self.side.upload(node, op.path, op.seq)
+            new = await self.side.upload(node, op.path, op.seq, keep)
         await self._landed(op, node, new, gen, conflict)
         return node.size
 

@@ -125,16 +125,22 @@ class RemoteSide:
             return None
         return found.digest
 
-    async def upload(self, node: Node, path: bytes, seq: int) -> RemoteStat:
+    async def upload(self, node: Node, path: bytes, seq: int, keep_owner: bool = False) -> RemoteStat:
         """The node's content to ``path`` (through a temporary name), checked against its
-        recorded checksum as it is read (``ContentDamaged``)."""
+        recorded checksum as it is read (``ContentDamaged``). ``keep_owner``: the file
+        there keeps its owner (``owner_kept``; one STAT more, only then)."""
         temp = self.temp_name(path, seq)
         digest = self.sum_of(node)
         if digest is None:
             raise ContentDamaged(f"no checksum of inode {node.ino}'s content was recorded")
+        owner = self.owner_of(node)
+        if owner is not None and keep_owner:
+            there = await self.stat(path)  # (a chown made there is no new version)
+            if there is not None:
+                owner = (there.uid, there.gid)
         stat: RemoteStat = await self.conn.call(
             self.transfers.upload, node.size, path, self.store.content_path(node.ino),
-            stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns, digest, self.owner_of(node),
+            stat_mod.S_IMODE(node.mode), temp, node.atime_ns, node.mtime_ns, digest, owner,
             bulk=True)
         return stat
 

@@ -99,6 +99,7 @@ class Replayer:
         self.sums = sums
         self.progress = Progress()
         self._failed = False  # the running pass met a local failure (not the link's, not a writer's)
+        self._link_owner_told = False  # the server's refusal of every symlink's owner was logged
         self._pass_ops: dict[int, Op] = {}  # the running pass's entries, by sequence number
         self._last_content: dict[int, int] = {}  # node -> its last content entry in the pass
         self._batches: list[list[Op]] = []  # the running pass's (an entry put last joins them)
@@ -440,32 +441,33 @@ class Replayer:
                 await self.side.make_parents(op.path)
                 await self._mkdir(op.path, op.mode)
             remote = await self.side.stat(op.path)
-            owner, refused = await self._owned(op, remote)
-            if owner is not None and remote is not None:
-                remote = remote._replace(uid=owner[0], gid=owner[1])
-            agree = self._agree(op, remote, owner)
-            if refused:  # (the folder is there: its owner goes as a change of attributes)
-                def update(t: Txn) -> None:
-                    if agree is not None:
-                        agree(t)
-                    Reconcile.owner_pending(t, op.ino)
-                self.ledger.finish(op, update)
-            else:
-                self.ledger.finish(op, agree)
-            return 0
-        self.ledger.finish(op, self._agree(op, remote))
+        # (there already: made by a pass cut before its owner went, or by another; the
+        # owner step is the same, free when the owners match)
+        remote, owner, refused = await self._owned(op, remote)
+        agree = self._agree(op, remote, owner)
+        if refused:  # (the folder is there: its owner goes as a change of attributes)
+            def update(t: Txn) -> None:
+                if agree is not None:
+                    agree(t)
+                Reconcile.owner_pending(t, op.ino)
+            self.ledger.finish(op, update)
+        else:
+            self.ledger.finish(op, agree)
         return 0
 
-    async def _owned(self, op: Op, remote: RemoteStat | None) -> tuple[tuple[int, int] | None, bool]:
-        """A folder just made there gets the owner it was made with here (``--owners
-        remote``; SFTP's MKDIR takes none): one SETSTAT more, only when it differs. The
-        owner given (None: none), and whether the server refused it."""
+    async def _owned(self, op: Op, remote: RemoteStat | None
+                     ) -> tuple[RemoteStat | None, tuple[int, int] | None, bool]:
+        """A folder made there gets the owner it was made with here (``--owners remote``;
+        SFTP's MKDIR takes none): one SETSTAT more, only when it differs (it carries the
+        node's mode and times too: the folder is read again, so that the recorded base is
+        the server's version after it). The server's folder, the owner given (None:
+        none), and whether the server refused it."""
         node = self.store.get(op.ino)
         owner = self.side.owner_of(node) if node is not None else None
         if remote is None or node is None or owner is None:
-            return None, False
+            return remote, None, False
         if (remote.uid, remote.gid) == owner:
-            return owner, False
+            return remote, owner, False
         try:
             await self.side.conn.call(self.side.remote.set_attrs, op.path, stat_mod.S_IMODE(node.mode),
                                       node.atime_ns, node.mtime_ns, owner)
@@ -473,8 +475,8 @@ class Replayer:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise
             log.info("%r: made there, its owner to be sent again as a change of attributes: %s", op.path, exc)
-            return None, True
-        return owner, False
+            return remote, None, True
+        return await self.side.stat(op.path), owner, False
 
     async def _rename_local_aside(self, op: Op) -> int:
         """A folder or symlink made here collides with another kind of object there:
@@ -531,29 +533,42 @@ class Replayer:
     async def _replay_symlink(self, op: Op) -> int:
         remote = await self.side.stat(op.path)
         if remote is not None:
-            if stat_mod.S_ISLNK(remote.mode):
-                target = await self.side.conn.call(self.side.remote.readlink, op.path)
-                if target == op.target:
-                    self.ledger.finish(op, self._agree(op, remote))
-                    return 0
-            return await self._rename_local_aside(op)
-        await self.side.make_parents(op.path)
-        await self.side.conn.call(self.side.remote.symlink, op.target, op.path)
-        remote = await self.side.stat(op.path)
+            if not stat_mod.S_ISLNK(remote.mode) \
+                    or await self.side.conn.call(self.side.remote.readlink, op.path) != op.target:
+                return await self._rename_local_aside(op)
+            # (there already: made by a pass cut before its owner went, or by another; the
+            # owner step is the same, free when the owners match)
+        else:
+            await self.side.make_parents(op.path)
+            await self.side.conn.call(self.side.remote.symlink, op.target, op.path)
+            remote = await self.side.stat(op.path)
         node = self.store.get(op.ino)
         owner = self.side.owner_of(node) if node is not None else None
-        sent = None
         if remote is not None and owner is not None and (remote.uid, remote.gid) != owner:
             # (--owners remote: its creator's, as a file's upload gives it; no round trip more
             # when the SSH account is the creator)
             try:
                 if await self._set_link_owner(op.path, owner):
-                    remote = remote._replace(uid=owner[0], gid=owner[1])
-                    sent = owner
+                    remote = remote._replace(uid=owner[0], gid=owner[1])  # (a chown keeps its times)
+                else:  # (the server keeps the SSH account's owner: shown as it is)
+                    if not self._link_owner_told:
+                        self._link_owner_told = True
+                        log.warning("the server cannot change the owner of a symlink: "
+                                    "symlinks made here get the SSH account's (%r first)", op.path)
             except RemoteError as exc:
-                log.info("%r: its owner was refused there, kept here until its folder is listed again: %s",
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                log.info("%r: made there, its owner to be sent again as a change of attributes: %s",
                          op.path, exc)
-        self.ledger.finish(op, self._agree(op, remote, sent))
+                agree = self._agree(op, remote)
+
+                def update(t: Txn) -> None:  # (refused again there: recorded as any setattr's)
+                    if agree is not None:
+                        agree(t)
+                    Reconcile.owner_pending(t, op.ino)
+                self.ledger.finish(op, update)
+                return 0
+        self.ledger.finish(op, self._agree(op, remote, owner))
         return 0
 
     async def _replay_link(self, op: Op) -> int:
