@@ -18,7 +18,7 @@ from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.errors import RemoteError
 from cachefs.link.connectivity import Connectivity
 from cachefs.remote.local import LocalRemote
-from cachefs.store.index import ATTR_DIRTY, OWNER_DIRTY, ROOT_INO, Store
+from cachefs.store.index import OWNER_DIRTY, ROOT_INO, Store
 from cachefs.sync.manager import SyncManager
 
 if os.geteuid() != 0:
