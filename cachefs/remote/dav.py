@@ -240,8 +240,9 @@ class DavRemote(Remote):
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
               content: bytes | Iterator[bytes] | None = None, auth: httpx.Auth | None = None,
-              stream: bool = False) -> httpx.Response:
-        """One request; transport failures and 5xx (but 507) → ``RemoteUnreachable``."""
+              stream: bool = False, answered_500: bool = False) -> httpx.Response:
+        """One request; transport failures and 5xx (but 507; and 500 where
+        ``answered_500``: an answer about the request) → ``RemoteUnreachable``."""
         client = self._client_now()
         try:
             request = client.build_request(method, url, headers=headers, content=content)
@@ -254,7 +255,8 @@ class DavRemote(Remote):
                 raise RemoteRefused(f"{self.description}: the server's certificate is not trusted "
                                     f"({_root_cause(exc)})") from None
             raise RemoteUnreachable(f"{self.description}: {_root_cause(exc)}") from None
-        if response.status_code >= 500 and response.status_code != 507:
+        if response.status_code >= 500 and response.status_code != 507 and not (
+                answered_500 and response.status_code == 500):
             response.close()
             raise RemoteUnreachable(f"{self.description}: the server answered {response.status_code} "
                                     f"{response.reason_phrase} to {method}")
@@ -262,11 +264,12 @@ class DavRemote(Remote):
 
     def _request(self, method: str, path: bytes, headers: dict[str, str] | None = None,
                  content: bytes | Iterator[bytes] | None = None, ok: tuple[int, ...] = (200, 201, 204, 207),
-                 stream: bool = False) -> httpx.Response:
+                 stream: bool = False, answered_500: bool = False) -> httpx.Response:
         """A request on ``path`` once logged in; an answer not in ``ok`` raised as the
         ``RemoteError`` it means (412 as ``_Status``, for the callers that expect it)."""
         self._ensure_login()
-        response = self._send(method, self._url(path), headers, content, stream=stream)
+        response = self._send(method, self._url(path), headers, content, stream=stream,
+                              answered_500=answered_500)
         if response.status_code in ok:
             return response
         if stream:
@@ -625,9 +628,22 @@ class DavRemote(Remote):
     def _move(self, src: bytes, dst: bytes, overwrite: bool) -> None:
         headers = {"Destination": self._url(dst), "Overwrite": "T" if overwrite else "F"}
         try:
-            self._request("MOVE", src, headers, ok=(201, 204))
+            self._request("MOVE", src, headers, ok=(201, 204), answered_500=True)
         except _Status:
             raise RemoteError(errno.EEXIST, f"{dst!r} exists") from None
+        except RemoteError as exc:
+            # Apache answers a MOVE into a folder that is not there with 500 ("Could not
+            # rename resource"), not 409: an answer about this request, not a server down
+            parent = dst.rpartition(b"/")[0]
+            if exc.errno == errno.EIO and parent:
+                try:
+                    if not self._entry(parent).is_dir:
+                        raise RemoteError(errno.ENOTDIR, f"{parent!r} is not a folder") from None
+                except RemoteError as missing:
+                    if missing.errno == errno.ENOENT:
+                        raise RemoteError(errno.ENOENT, f"{parent!r} is gone") from None
+                    raise
+            raise
 
     def rename(self, src: bytes, dst: bytes) -> None:
         """MOVE with Overwrite: T, after the checks POSIX makes (a MOVE over a folder would
