@@ -474,3 +474,69 @@ def test_mount_sees_a_same_size_same_second_server_change_as_a_conflict(
         assert_recorded(mnt, "report.txt", "changed-both")
         wait_for(lambda: (mnt / "report.txt").read_bytes() == b"server edit!", 6,
                  "the server's version in the mount")
+
+
+def test_digest_auth_when_the_server_asks_for_it(tmp_path: Path, share: Path) -> None:
+    server = DavServer(tmp_path / "digest", share=share, auth="digest")
+    server.start()
+    try:
+        (share / "f").write_bytes(b"behind digest")
+        remote = remote_of(server)
+        remote.connect()
+        assert remote.read(b"f", 0, 100) == b"behind digest"
+        remote.close()
+        wrong = remote_of(server, password="wrong")
+        with pytest.raises(RemoteRefused, match="password refused"):
+            wrong.connect()
+        wrong.close()
+    finally:
+        server.stop()
+
+
+def test_davs_checks_the_certificate(tmp_path: Path, share: Path) -> None:
+    """davs:// is https with the certificate verified: a self-signed one is refused
+    (a RemoteRefused, not an outage) unless its CA is given."""
+    server = DavServer(tmp_path / "tls", share=share, tls=True)
+    server.start()
+    try:
+        (share / "f").write_bytes(b"over tls")
+        assert server.address().startswith("davs://")
+        untrusted = remote_of(server, scheme="davs")
+        with pytest.raises(RemoteRefused, match="certificate"):
+            untrusted.connect()
+        untrusted.close()
+        trusted = remote_of(server, scheme="davs", verify=str(server.cert))
+        trusted.connect()
+        assert trusted.read(b"f", 0, 100) == b"over tls"
+        trusted.close()
+    finally:
+        server.stop()
+
+
+def test_a_damaged_source_stops_the_upload_and_leaves_the_old_content(
+        dav: DavRemote, share: Path) -> None:
+    from cachefs.errors import ContentDamaged
+    import io
+
+    (share / "f").write_bytes(b"old content")
+
+    class Damaged(io.RawIOBase):
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            if self.sent >= 3 << 20:
+                raise ContentDamaged("checksum mismatch")
+            n = min(len(buffer), 1 << 20)
+            buffer[:n] = b"n" * n
+            self.sent += n
+            return n
+
+    [outcome] = dav.upload_many([Upload(b"f", lambda: io.BufferedReader(Damaged()), 0o644, b".tmp",
+                                        None, lambda found: True)])
+    assert isinstance(outcome, ContentDamaged), outcome
+    assert (share / "f").read_bytes() == b"old content"
+    wait_for(lambda: sorted(os.listdir(share)) == ["f"], 5, "the server's temporary file removed")

@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from .ssh_secrets import Secrets
 
 log = logging.getLogger(__name__)
+# httpx logs every request's URL at INFO, and httpcore every step at DEBUG: file names in
+# a log that must name none without --verbose (an encrypted cache), and noise with it
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
@@ -234,9 +238,18 @@ class DavRemote(Remote):
                     limits=httpx.Limits(max_connections=self.parallelism * 4,
                                         max_keepalive_connections=self.parallelism * 2,
                                         keepalive_expiry=30),
-                    verify=self._verify, follow_redirects=False, trust_env=False,
+                    verify=self._ssl_context(), follow_redirects=False, trust_env=False,
                     headers={"User-Agent": "cachefs"})
             return self._client
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        """Certificates checked against the system's store (``SSL_CERT_FILE`` and
+        ``SSL_CERT_DIR`` honoured), or the CA file given; ``verify=False`` checks none."""
+        if self._verify is False or self.scheme != "davs":
+            return False if self._verify is False else True
+        if isinstance(self._verify, str):
+            return ssl.create_default_context(cafile=self._verify)
+        return ssl.create_default_context()
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
               content: bytes | Iterator[bytes] | None = None, auth: httpx.Auth | None = None,
