@@ -424,6 +424,7 @@ def test_mount_reads_and_writes_through(davd: DavServer, share: Path, tmp_path: 
         assert status(mnt)["pending"] == 0
     assert (share / "docs" / "new.txt").read_bytes() == b"made here\n"
     assert (share / "folder").is_dir()
+    assert davd.password not in mount.log_text()  # (a -v log, every request in it)
 
 
 def test_mount_works_offline_and_replays_when_the_server_is_back(davd: DavServer, share: Path,
@@ -540,3 +541,23 @@ def test_a_damaged_source_stops_the_upload_and_leaves_the_old_content(
     assert isinstance(outcome, ContentDamaged), outcome
     assert (share / "f").read_bytes() == b"old content"
     wait_for(lambda: sorted(os.listdir(share)) == ["f"], 5, "the server's temporary file removed")
+
+
+def test_a_mount_with_a_wrong_password_fails_in_one_line(davd: DavServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.fixtures.mount import MOUNT_SCRIPT, REPO
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, str(MOUNT_SCRIPT), davd.address(), str(tmp_path / "mnt"),
+                             "--cache-dir", str(tmp_path / "cache"), "--password-file", str(wrong),
+                             "--timeout", "3"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cachefs: ") and "password refused" in lines[0], lines
+    assert "not-the-password" not in result.stderr + result.stdout
