@@ -561,3 +561,41 @@ def test_a_mount_with_a_wrong_password_fails_in_one_line(davd: DavServer, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cachefs: ") and "password refused" in lines[0], lines
     assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_a_read_gives_the_version_its_bytes_are_of(dav: DavRemote, share: Path) -> None:
+    data = os.urandom(9 << 20)
+    (share / "v").write_bytes(data)
+    time.sleep(1.1)  # (Apache's ETag turns strong a second after a change)
+    seen: dict[int, bytes] = {}
+    got, version = dav.read_version_into(b"v", 0, 9 << 20, seen.__setitem__)
+    assert got == 9 << 20 and b"".join(seen[p] for p in sorted(seen)) == data
+    assert version.version() == dav.stat(b"v").version() and version.size == 9 << 20
+    got, version = dav.read_version_into(b"v", 100, 10, lambda _p, _d: None)
+    assert (got, version.version()) == (10, dav.stat(b"v").version())
+    assert [len(x) if isinstance(x, list) else x.errno for x in dav.listdir_many([b"", b"gone", b""])] \
+        == [1, errno.ENOENT, 1]
+    dav.rename(b"v", b"v")
+    assert (share / "v").exists()
+
+
+def test_a_file_changed_midway_through_a_read_is_told(dav: DavRemote, share: Path) -> None:
+    """The pieces after the first are bound to the first's ETag (If-Match): a change on
+    the server between them is never mixed in unnoticed, whatever size and time it keeps."""
+    (share / "m").write_bytes(b"a" * (9 << 20))
+    time.sleep(1.1)
+    before = dav.stat(b"m")
+    calls = []
+
+    def sink(pos: int, data: bytes) -> None:
+        if not calls:
+            same_second_rewrite(share / "m", b"b" * (9 << 20))
+        calls.append(pos)
+
+    _got, version = dav.read_version_into(b"m", 0, 9 << 20, sink)
+    assert version.version() != before.version()
+    assert version.version() == dav.stat(b"m").version()
+    calls.clear()  # (the rewrite kept the old mtime second: the ETag is strong again)
+    with pytest.raises(RemoteError) as caught:
+        dav.read_into(b"m", 0, 9 << 20, sink)
+    assert caught.value.errno == errno.EIO
