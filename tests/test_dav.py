@@ -599,3 +599,22 @@ def test_a_file_changed_midway_through_a_read_is_told(dav: DavRemote, share: Pat
     with pytest.raises(RemoteError) as caught:
         dav.read_into(b"m", 0, 9 << 20, sink)
     assert caught.value.errno == errno.EIO
+
+
+def test_a_full_server_disk_is_enospc(tmp_path: Path) -> None:
+    from tests.fixtures.mount import tmpfs
+
+    with tmpfs(tmp_path / "small", 1) as small:
+        server = DavServer(tmp_path / "full", share=small)
+        server.start()
+        try:
+            remote = remote_of(server)
+            source = tmp_path / "big"
+            source.write_bytes(b"x" * (3 << 20))
+            with pytest.raises(RemoteError) as caught:
+                remote.upload(b"big", str(source), 0o644, b".tmp")
+            assert caught.value.errno == errno.ENOSPC
+            assert not any(n != "lost+found" for n in os.listdir(small))
+            remote.close()
+        finally:
+            server.stop()
