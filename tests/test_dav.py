@@ -618,3 +618,15 @@ def test_a_full_server_disk_is_enospc(tmp_path: Path) -> None:
             remote.close()
         finally:
             server.stop()
+
+
+def test_a_source_gone_is_content_damaged_for_that_upload_only(dav: DavRemote, share: Path,
+                                                              tmp_path: Path) -> None:
+    from cachefs.errors import ContentDamaged
+
+    good = tmp_path / "good"
+    good.write_bytes(b"fine")
+    outcomes = dav.upload_many([Upload(b"a", str(tmp_path / "gone"), 0o644, b".t", None, lambda f: True),
+                                Upload(b"b", str(good), 0o644, b".t", None, lambda f: True)])
+    assert isinstance(outcomes[0], ContentDamaged) and isinstance(outcomes[1], RemoteStat)
+    assert sorted(os.listdir(share)) == ["b"]

@@ -584,7 +584,13 @@ class DavRemote(Remote):
         headers = {"Content-Type": "application/octet-stream", **condition}
         if times is not None:
             headers["X-OC-Mtime"] = str(times[1] // 1_000_000_000)
-        with open_source(source) as stream:
+        try:
+            stream = open_source(source)
+        except RemoteError:
+            raise
+        except OSError as exc:
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+        with stream:
             size = _stream_size(stream)
             if size is not None:
                 headers["Content-Length"] = str(size)
@@ -817,5 +823,15 @@ def _stream_size(stream: BinaryIO) -> int | None:
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(UPLOAD_CHUNK):
+    """The stream's bytes; a local read failure stops the PUT (the server then drops
+    what it had of the body) as ``ContentDamaged``, not as a fault of the server."""
+    while True:
+        try:
+            chunk = stream.read(UPLOAD_CHUNK)
+        except RemoteError:
+            raise
+        except OSError as exc:
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+        if not chunk:
+            return
         yield chunk
