@@ -101,32 +101,6 @@ def mount_shows(mnt: Path, expected: dict[str, bytes], folder: str = "") -> None
         raise AssertionError(f"the mount shows {seen}, expected {expected}") from None
 
 
-def test_changed_on_both_sides(mount_factory, share: Path) -> None:
-    (share / "report.txt").write_bytes(b"base version")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "report.txt", b"local version, longer")
-        change_on_server(share / "report.txt", b"remote version")
-        control(mnt, "online")
-        sync(mnt)
-        assert (share / "report.txt").read_bytes() == b"remote version"
-        copies = copies_of(share, "report.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"local version, longer"
-        record = assert_recorded(mnt, "report.txt", "changed-both")
-        assert record.get("conflict_path") == copies[0]
-        assert status(mnt)["pending"] == 0
-        mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
-        assert sorted(os.listdir(mnt)) == sorted(["report.txt", copies[0]])
-        shows_conflict(mnt / "report.txt", mnt / copies[0])
-        assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
-        control(mnt, "resolve report.txt both")
-        assert state_of(mnt / "report.txt") != "conflict"
-        assert state_of(mnt / copies[0]) != "conflict"
-
-
 def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
     """Offline because the server went away (sshd stopped)."""
     (share / "notes.txt").write_bytes(b"base")

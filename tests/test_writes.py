@@ -353,7 +353,6 @@ def test_write_back_online_within_two_seconds(mount_factory, share: Path) -> Non
         assert no_temp_leftovers(share) == []
 
 
-
 def test_write_back_during_a_burst_of_changes(mount_factory, share: Path) -> None:
     """Write-back waits for a burst to settle, but not for ever: while files keep coming
     (one every 50 ms for 5 s), the first ones reach the server after ``--write-back-hold``
@@ -483,40 +482,6 @@ def test_unlink_open_file_online(mount_factory, share: Path) -> None:
 
 
 # -- crashes -------------------------------------------------------------------------------
-
-def test_kill9_during_offline_writes(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
-    """Offline because the server stopped; the mount is killed; everything survives."""
-    (share / "existing.txt").write_bytes(b"old content")
-    model = tmp_path / "model"
-    shutil.copytree(share, model)
-    mount = mount_factory(check_log=False)
-    mount.start()
-    mnt = mount.mountpoint
-    read_all(mnt)
-    sshd.stop()
-    wait_state(mnt, "offline")
-
-    def work(root: Path) -> None:
-        for i in range(8):
-            write_file(root / f"f{i}.bin", bytes([i]) * (1000 * (i + 1)), fsync=i % 2 == 0)
-        os.mkdir(root / "sub")
-        write_file(root / "sub" / "inner.txt", b"inner", fsync=True)
-        with open(root / "existing.txt", "ab") as f:
-            f.write(b" + appended")
-
-    work(mnt)
-    work(model)
-    mount.kill9()
-    assert "Traceback" not in mount.log_text()
-    assert not (share / "f0.bin").exists()
-    sshd.start()
-    with mount_factory(name="mnt", allowed_errors=()) as again:
-        control(again.mountpoint, "online")
-        sync_until_done(again.mountpoint)
-        assert status(again.mountpoint)["pending"] == 0
-        assert_same_tree(share, model, "the server")
-        assert_same_tree(again.mountpoint, model, "the mount")
-    assert no_temp_leftovers(share) == []
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
