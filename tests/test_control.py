@@ -32,7 +32,7 @@ MiB = 1 << 20
 SERVER_STOPPED = [r"paramiko\.transport: Socket exception"]
 
 
-# -- helpers (also used by test_cli) -------------------------------------------------------
+# -- helpers (also used by test_cli, test_any_backend) --------------------------------------
 
 def bounded(function: Callable[[], Any], what: str, timeout: float = OP_TIMEOUT) -> Any:
     """Run a call that could block on a hung mount; AssertionError-like TimeoutError after
@@ -173,20 +173,6 @@ def make_changed_both(mount_factory_mnt: Path, share: Path, files: dict[str, tup
 
 
 # -- offline, online, sync ----------------------------------------------------------------
-
-
-def test_sync_with_server_stopped_fails_and_says_why(mount_factory, sshd, share: Path) -> None:
-    (share / "f.txt").write_bytes(b"x")
-    with mount_factory(allowed_errors=SERVER_STOPPED) as mount:
-        mnt = mount.mountpoint
-        read(mnt / "f.txt")
-        sshd.stop()
-        wait_state(mnt, "offline")  # the heartbeat (1 s) notices
-        last_error = refused(mnt, "sync", errno.EHOSTDOWN)
-        assert "offline" in last_error or "reach" in last_error, last_error
-        assert status(mnt)["state"] == "offline"
-        assert status(mnt)["connectivity"] == "offline"  # detected, not by request
-        assert read(mnt / "f.txt") == b"x"
 
 
 def test_sync_right_after_the_server_stopped_does_not_claim_success(mount_factory, sshd, share: Path) -> None:

@@ -110,41 +110,6 @@ def check_reader(reader: ChunkReader) -> None:
 
 # -- the network -----------------------------------------------------------------------------
 
-def test_stall_during_replay(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
-    files = {f"up{i}.bin": os.urandom(6 << 20) for i in range(4)}
-    with TcpProxy(sshd.host, sshd.port) as proxy:
-        with proxied(mount_factory, sshd, proxy, tmp_path, check_log=False) as mount:
-            mnt = mount.mountpoint
-            go_offline(mnt)
-            for name, data in files.items():
-                write_file(mnt / name, data)
-            control(mnt, "online")
-            wait_for(lambda: any(".cachefs-tmp-" in n for n in os.listdir(share)), 15,
-                     "the replay to start uploading", interval=0.005)
-            proxy.stall()
-            try:
-                partial = []
-                end = time.monotonic() + 4
-                while time.monotonic() < end:
-                    for name, data in files.items():
-                        try:
-                            size = (share / name).stat().st_size
-                        except FileNotFoundError:
-                            continue
-                        if size != len(data):
-                            partial.append((name, size))
-                    time.sleep(0.02)
-                assert not partial, f"partial files under their real names: {partial[:5]}"
-                assert status(mnt)["pending"] > 0, "the replay finished before the stall"
-            finally:
-                proxy.resume()
-            sync_until_done(mnt, 60)
-            for name, data in files.items():
-                assert sha((share / name).read_bytes()) == sha(data), name
-            assert status(mnt)["pending"] == 0
-            assert no_temp_leftovers(share) == []
-
-
 def test_server_restart_mid_read(mount_factory, sshd, share: Path) -> None:
     data = os.urandom(40 << 20)
     (share / "big.bin").write_bytes(data)
