@@ -100,8 +100,8 @@ CAPS = {
     "smb": Caps(symlinks=False, hard_links=False, modes=False, refuses=_smb_refuses, why={
         "symlinks": "SMB 2/3 carries no POSIX symlinks by default (Samba's unix extensions "
                     "are SMB1 only, and Windows reparse-point links are off on a Samba share)",
-        "hard_links": "cachefs's SMB handler makes no hard links (Windows links are not "
-                      "shown as one file with two names by a listing)",
+        "hard_links": "SMB 2/3 has no POSIX link call (cachefs's SMB handler does not use "
+                      "Windows' FileLinkInformation)",
         "modes": "SMB keeps Windows attributes, not POSIX permission bits",
     }),
     # Any bytes are carried in a name, percent-encoded in the URL (Apache stores them as

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -693,3 +694,27 @@ def test_hard_links_where_carried_else_eperm_at_once(backend: Backend) -> None:
         sync_until_done(mnt)
         assert os.stat(share / "first.txt").st_ino == os.stat(share / "second.txt").st_ino
         assert (share / "second.txt").read_bytes() == b"one file"
+
+
+def test_modes_reach_the_server_where_kept(backend: Backend) -> None:
+    """chmod reaches the server on a protocol that keeps permission bits. Elsewhere it is
+    accepted and kept in the cache, nothing is refused or left pending, the server's file
+    is untouched, and the server's answer wins at its next listing (docs/handlers.md)."""
+    share = backend.share
+    (share / "f.txt").write_bytes(b"mode")
+    os.chmod(share / "f.txt", 0o644)
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        os.chmod(mnt / "f.txt", 0o600)
+        sync_until_done(mnt)
+        shown = status(mnt)
+        assert shown["pending"] == 0 and shown["conflicts"] == 0, shown
+        time.sleep(ATTR_TIMEOUT + 0.5)  # the server's attributes are read again
+        os.listdir(mnt)
+        here = stat.S_IMODE(os.stat(mnt / "f.txt").st_mode)
+        there = stat.S_IMODE(os.stat(share / "f.txt").st_mode)
+        if backend.caps.modes:
+            assert (here, there) == (0o600, 0o600), (oct(here), oct(there))
+        else:  # the protocol has no chmod
+            assert (here, there) == (0o644, 0o644), (oct(here), oct(there))
