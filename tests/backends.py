@@ -216,6 +216,12 @@ class Backend:
             self.server.start()
         self.offline = False
 
+    @property
+    def server_side(self) -> Path:
+        """Where the server's files are now: ``share``, or where a local share was moved
+        while offline (a test changes the server's files meanwhile through this)."""
+        return self._away() if self.offline and self.server is None else self.share
+
     def proxied(self) -> TcpProxy:
         """A TCP relay to the server (``mount(through=relay)``) that a test can cut,
         stall or throttle; closed after the test."""

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tests.backends import Backend
 from tests.fixtures.mount import run_with_timeout, status
-from tests.test_conflicts import (assert_recorded, change_on_server, copies_of, mount_shows,
-                                  path_state_line, shows_conflict, state_of)
+from tests.test_conflicts import (REFRESH, assert_recorded, change_on_server, conflict_records,
+                                  copies_of, mount_shows, path_state_line, shows_conflict,
+                                  state_of)
 from tests.test_control import MiB, command, errno_of, listdir, refused, state, wait_state
 from tests.test_control import go_offline as offline_by_request
 from tests.test_control import read as read_bounded
@@ -288,6 +289,94 @@ def test_changed_on_both_sides(backend: Backend) -> None:
         control(mnt, "resolve report.txt both")
         assert state_of(mnt / "report.txt") != "conflict"
         assert state_of(mnt / copies[0]) != "conflict"
+
+
+def test_deleted_here_changed_there(backend: Backend) -> None:
+    """Offline because the server went away."""
+    (backend.share / "notes.txt").write_bytes(b"base")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        backend.go_offline()
+        wait_state(mnt, "offline")
+        os.unlink(mnt / "notes.txt")
+        change_on_server(backend.server_side / "notes.txt", b"changed there")
+        backend.come_back()
+        wait_state(mnt, "online")
+        sync(mnt)
+        share = backend.share
+        assert (share / "notes.txt").read_bytes() == b"changed there"
+        assert copies_of(share, "notes.txt") == []
+        assert_recorded(mnt, "notes.txt", "deleted-local-changed-remote")
+        mount_shows(mnt, {"notes.txt": b"changed there"})
+        # (the server's version came back: its name carries the state)
+        shows_conflict(mnt / "notes.txt")
+        assert path_state_line(mnt / "notes.txt").endswith("conflict (deleted-local-changed-remote)")
+
+
+def test_changed_here_deleted_there(backend: Backend) -> None:
+    share = backend.share
+    (share / "draft.md").write_bytes(b"base")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "draft.md", b"changed here")
+        (share / "draft.md").unlink()
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "draft.md").read_bytes() == b"changed here"
+        assert_recorded(mnt, "draft.md", "deleted-remote-changed-local")
+        mount_shows(mnt, {"draft.md": b"changed here"})
+        shows_conflict(mnt / "draft.md")
+        control(mnt, "resolve draft.md local")
+        assert state_of(mnt / "draft.md") != "conflict"
+
+
+def test_created_here_onto_name_that_appeared_there(backend: Backend) -> None:
+    share = backend.share
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        write_file(mnt / "new.txt", b"made here")
+        (share / "new.txt").write_bytes(b"made there!")
+        control(mnt, "online")
+        sync(mnt)
+        assert (share / "new.txt").read_bytes() == b"made there!"
+        copies = copies_of(share, "new.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"made here"
+        assert_recorded(mnt, "new.txt", "changed-both")
+        mount_shows(mnt, {"new.txt": b"made there!", copies[0]: b"made here"})
+        shows_conflict(mnt / "new.txt", mnt / copies[0])
+
+
+def test_renamed_here_onto_name_that_appeared_there(backend: Backend) -> None:
+    """A rename here onto a name that was free, made there meanwhile: the server's file
+    keeps the name (the rename refuses an existing target on every protocol)."""
+    share = backend.share
+    (share / "a.txt").write_bytes(b"content of a")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        os.rename(mnt / "a.txt", mnt / "b.txt")
+        (share / "b.txt").write_bytes(b"b made there")
+        control(mnt, "online")
+        sync(mnt)
+        assert not (share / "a.txt").exists()
+        assert (share / "b.txt").read_bytes() == b"b made there"
+        copies = copies_of(share, "b.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"content of a"
+        assert status(mnt)["conflicts"] >= 1
+        assert any(r.get("conflict_path") == copies[0] for r in conflict_records(mnt)), \
+            conflict_records(mnt)
+        mount_shows(mnt, {"b.txt": b"b made there", copies[0]: b"content of a"})
+        wait_for(lambda: "a.txt" not in os.listdir(mnt), REFRESH, "a.txt gone from the mount")
+        record = assert_recorded(mnt, "a.txt", "renamed-onto-new-remote")
+        assert record.get("target") == "b.txt", record
+        shows_conflict(mnt / "b.txt", mnt / copies[0])
 
 
 # -- pin and eviction ---------------------------------------------------------------------------
