@@ -1,14 +1,17 @@
 """The behaviours every share must have, whatever protocol carries it: one test each, run
 over every backend by the ``backend`` fixture (tests/backends.py: sftp, local, smb, webdav).
 
-Offline reads (the server stopped, and a remount with it stopped), the journal and its
-replay, a conflict and its names, pin, eviction, the control file's sync/offline/online, a
-kill -9 with changes journaled, a link cut mid-upload, hostile names as far as the protocol
-carries them (a name it refuses fails at once, not at replay), symlinks and hard links where
-carried. A test that a protocol cannot pass skips with that protocol's reason.
+Offline reads (the server stopped, a silent network, a remount with the server stopped),
+the control file's sync/offline/online, the journal and its replay, conflicts and their
+names, pin, eviction, kill -9 with changes journaled and during a replay, faults through a
+TCP relay (cut mid-read and mid-upload, stalled, a 1 MB/s link), hostile names as far as
+the protocol carries them (a name it refuses fails at once with its errno, not at replay),
+symlinks, hard links and modes where carried. A test that a protocol cannot pass skips with
+that protocol's reason (tests/backends.py's ``Caps``).
 
-These tests were SFTP's (test_mount_read, test_control, test_conflicts, test_writes,
-test_faults): moved here onto the fixture, not copied. The helpers stay where they were.
+Most of these tests were SFTP's (test_mount_read, test_control, test_conflicts,
+test_writes, test_faults): moved here onto the fixture, not copied. The helpers stay where
+they were and are imported from there.
 """
 
 from __future__ import annotations
