@@ -41,6 +41,8 @@ class RemoteStat(NamedTuple):
     uid: int = 0
     gid: int = 0
     nlink: int = 1  # SFTP v3 does not report it; the local backend does
+    #: a strong version tag folded into 63 bits (0: none); see ``version``
+    tag: int = 0
 
     @property
     def kind(self) -> int:
@@ -52,7 +54,24 @@ class RemoteStat(NamedTuple):
         Size, mtime (SFTP v3 gives whole seconds; the local backend nanoseconds) and the
         file type. Equal versions mean the cached copy may be kept.
         """
+        if self.tag:
+            return (self.size, self.tag, self.mode & 0o170000)
         return (self.size, self.mtime_ns, self.mode & 0o170000)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kind of remote can keep (the class attribute ``Remote.capabilities``)."""
+
+    symlinks: bool = True
+    hard_links: bool = True
+    atomic_replace: bool = True
+    xattrs: bool = False
+    modes: bool = True
+    owners: bool = True
+    notify: bool = False
+    strong_versions: bool = False
+    case_insensitive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +98,11 @@ class Remote(ABC):
     timeout: float
     #: How many calls may usefully run at once (connections in the pool).
     parallelism: int = 4
+    capabilities: Capabilities = Capabilities()
+
+    def name_error(self, name: bytes) -> int | None:
+        """The errno for a name this remote cannot carry; None: it can."""
+        return None
 
     # -- connection ----------------------------------------------------------------
     @abstractmethod
