@@ -302,15 +302,14 @@ class _Link:
         return [self.wait(request) for request in requests]
 
     def close(self) -> None:
+        """Close the socket, without a logoff (smbprotocol waits for the answers to a
+        logoff without a bound; the server ends the session with the connection)."""
         self.dead = True
         try:
-            self.connection.disconnect(True, timeout=1)
-        except Exception as exc:  # (gone already, or never answered: the socket is closed either way)
+            self.connection.disconnect(False)
+        except Exception as exc:
             log.debug("SMB disconnect: %s", exc)
-            try:
-                self.connection.transport.close()
-            except Exception:
-                pass
+            _close_quietly(self.connection)
 
 
 # -- request builders -----------------------------------------------------------------------
