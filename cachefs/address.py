@@ -1,4 +1,5 @@
-"""Parsing REMOTE arguments: sftp://[user@]host[:port]/path, [user@]host:path, file:///path, DIR.
+"""Parsing REMOTE arguments: sftp://[user@]host[:port]/path, [user@]host:path, file:///path, DIR,
+smb://, dav://, davs:// and any scheme://[user@]host[:port]/path of a handler.
 
 Owns: turning what a user types into a ``RemoteAddress`` and back (``display``).
 Must not touch: the network, the filesystem (beyond making a local path absolute) and
@@ -13,6 +14,9 @@ Rules, as scp/sshfs and URL users expect them:
 - ``[user@]host:path`` (sshfs style) — a relative path is taken from the login folder,
   an empty one is the login folder; ``[::1]:path`` for IPv6.
 - ``file:///abs/path`` (or ``file://localhost/abs/path``), percent-decoded.
+- any other ``scheme://[user@]host[:port]/path`` (``smb://host/share/dir``,
+  ``dav://host/dir``, ``davs://``, a third-party handler's): the path absolute on the
+  server, percent-decoded; the registry says whether a handler serves the scheme.
 - anything else with no ``:``, or starting with ``/`` or ``.``, is a local directory
   (made absolute; ``~`` expanded). Write ``./a:b`` for a local name with a colon.
 """
@@ -36,8 +40,11 @@ _HOST_BAD_CHARS = re.compile(r"[\s/\\@?#%]")
 
 @dataclass(frozen=True)
 class RemoteAddress:
-    scheme: str  # "sftp" or "file"
-    path: str  # sftp: path on the server ("" = login folder; relative = from login folder); file: absolute local path
+    scheme: str  # "sftp", "file", or a handler's ("smb", "dav", "davs", ...)
+    #: sftp: path on the server ("" = login folder; relative = from login folder); file: an
+    #: absolute local path; any other scheme: an absolute path on the server ("/share/dir"
+    #: for smb, "/dir" for dav)
+    path: str
     host: str | None = None
     user: str | None = None
     port: int | None = None  # None: from ~/.ssh/config or 22
@@ -52,7 +59,7 @@ class RemoteAddress:
         host = self.host or ""
         if ":" in host:
             host = f"[{host}]"
-        text = "sftp://"
+        text = f"{self.scheme}://"
         if self.user:
             text += quote_from_bytes(self.user.encode("utf-8", "surrogateescape"), safe="") + "@"
         text += host
@@ -60,7 +67,7 @@ class RemoteAddress:
             text += f":{self.port}"
         if self.path.startswith("/"):
             text += _quote_path(self.path)
-        elif self.path:
+        elif self.path and self.scheme == "sftp":
             text += "/~/" + _quote_path(self.path)
         return text
 
@@ -194,7 +201,24 @@ def _parse_url(scheme: str, text: str, port: int | None) -> RemoteAddress:
         if port is not None:
             raise ValueError("--port makes no sense for a local directory")
         return _parse_file_url(text)
-    raise ValueError(f"unsupported scheme {scheme!r} in {text!r} (use sftp://, file:// or a path)")
+    return _parse_generic_url(scheme, text, port)
+
+
+def _parse_generic_url(scheme: str, text: str, port: int | None) -> RemoteAddress:
+    """``scheme://[user@]host[:port]/path`` of any other handler (smb, dav, davs and those
+    of third-party handlers): the path absolute on the server, percent-decoded. Whether a
+    handler serves ``scheme`` is the registry's to say (``cachefs.remote.handler_for``)."""
+    rest = text[len(scheme) + 3 :]
+    if "?" in rest or "#" in rest:
+        raise ValueError(f"'?' and '#' are not allowed in {text!r}; percent-encode them (%3F, %23)")
+    slash = rest.find("/")
+    netloc, url_path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    user, netloc = _url_user(netloc, text)
+    host, url_port = _url_host_port(netloc, text)
+    _check_host(host, text)
+    path = _unquote_path(url_path)
+    return RemoteAddress(scheme=scheme, path=os.path.normpath(path) if path != "/" else "/",
+                         host=host, user=user, port=_check_port(port if port is not None else url_port))
 
 
 def _parse_sshfs_style(text: str, port: int | None) -> RemoteAddress:

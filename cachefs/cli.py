@@ -29,7 +29,7 @@ from .defaults import DEFAULT_CACHE_SIZE, DEFAULT_WRITEBACK_HOLD, parse_size
 from .mounts import DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN
 from .owners import OWNERS, MapError, Owners, make_owners
 from .progress import ProgressView, human_bytes
-from .remote import ConnectOptions
+from .remote import ConnectOptions, handler_for
 from .remote.watch import WATCHERS
 
 DEFAULT_TIMEOUT = 10.0
@@ -348,8 +348,9 @@ def _apply_own_option(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def _add_login_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password-file", metavar="FILE", type=Path,
-                   help="a file (mode 0600) whose first line is the SSH password, or the "
-                        "passphrase of the key, for mounts with no terminal to ask on (fstab, "
+                   help="a file (mode 0600) whose first line is the password (SSH, SMB, "
+                        "WebDAV; or CACHEFS_PASSWORD in the environment), or the SSH key's "
+                        "passphrase, for mounts with no terminal to ask on (fstab, "
                         "systemd); on a terminal a missing password or passphrase is asked for "
                         "once, before the mount detaches")
     p.set_defaults(password_stdin=False)
@@ -425,14 +426,17 @@ def _strict_host_key_checking(args: argparse.Namespace, parser: argparse.Argumen
 
 
 def _login_secrets(args: argparse.Namespace) -> Any:
-    """The ``Secrets`` of an SSH mount: the password file's or standard input's secret
-    read now (before the mount detaches), kept in memory only."""
+    """The ``Secrets`` of a mount over a network (SSH, SMB, WebDAV, ...): the password
+    file's, standard input's or ``CACHEFS_PASSWORD``'s secret read now (before the mount
+    detaches), kept in memory only."""
     from .remote.ssh_secrets import Secrets, read_password_file, read_password_stdin
 
     if args.password_file is not None:
         return Secrets(read_password_file(args.password_file), f"--password-file {args.password_file}")
     if args.password_stdin:
         return Secrets(read_password_stdin(), "-o password_stdin")
+    if os.environ.get("CACHEFS_PASSWORD"):
+        return Secrets(os.environ["CACHEFS_PASSWORD"], "CACHEFS_PASSWORD")
     return Secrets()
 
 
@@ -502,6 +506,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     apply_dash_o(args, args.parser)
     try:
         address = parse_remote(args.remote, port=args.port)
+        handler_for(address.scheme)
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
@@ -519,7 +524,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         key = cache_key(args, cache_dir)
-        secrets = _login_secrets(args) if address.scheme == "sftp" else None
+        secrets = _login_secrets(args) if address.scheme != "file" else None
     except (CryptoError, StoreError, OSError, RemoteRefused) as exc:
         if new_cache:
             caches.discard_new(cache_dir)
@@ -1019,7 +1024,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         return _fail("--foreground is not kept with a share: give it to 'cachefs mount NAME'")
     apply_dash_o(args, args.parser)  # a bad -o item is a usage error, as for mount
     try:
-        parse_remote(args.remote, port=args.port)
+        handler_for(parse_remote(args.remote, port=args.port).scheme)
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
     options, pins = _given_options(args.argv)

@@ -41,7 +41,7 @@ from .mounts import (DEFAULT_READAHEAD, DEFAULT_REQUEST_SPIN, LIVE, PROBE_TIMEOU
                      mount_type_at, note_unmounted, probe, set_readahead, stale_message, stuck_message)
 from .redact import Redactor
 from .errors import CommandError, RemoteRefused, RemoteUnreachable, SyncFailed
-from .remote import ConnectOptions, log_in_ahead, open_remote
+from .remote import ConnectOptions, handler_for, log_in_ahead, open_remote
 from .cache.transfer import FetchPool, Transfers
 from .link.connectivity import Connectivity
 from .link.netevents import NetworkEvents
@@ -343,7 +343,7 @@ def log_in_once(config: MountConfig) -> None:
     and every later connection, theirs included, logs in with it without asking again.
     A refusal ends the mount here; an unreachable server is the mount's to judge."""
     secrets = config.connect.secrets
-    if secrets is None or config.address.scheme != "sftp":
+    if secrets is None or config.address.scheme == "file":
         return
     with secrets.asking() as can_ask:
         if not can_ask:
@@ -410,7 +410,7 @@ def _serve(config: MountConfig, ready: int | None, serving: _Serving) -> int:
             print(f"cachefs: {message}", file=sys.stderr)
 
     fetch_pool = None
-    if config.address.scheme == "sftp" and config.connect.connections > 1:
+    if handler_for(config.address.scheme).fetch_processes and config.connect.connections > 1:
         # Large reads go to processes of their own (paramiko is GIL-bound in threads),
         # forked now, while this process has a single thread and nothing open.
         fetch_pool = FetchPool(config.address, config.connect, config.cache_key,

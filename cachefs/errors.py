@@ -66,6 +66,16 @@ class Busy(CacheError):
     errno = errno.EBUSY
 
 
+class NotCarried(CacheError):
+    """A name or an object the remote cannot carry (``Remote.name_error``, a symlink or a
+    hard link where ``Capabilities`` say none), refused at once: the errno is the
+    instance's (EPERM for links, as vfat answers; EINVAL, EILSEQ for names)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        self.errno = code
+        super().__init__(message)
+
+
 class XattrRefused(CacheError):
     """An extended attribute request refused as ext4 refuses it (ERANGE, E2BIG, ENOSPC,
     EEXIST, ENODATA, ENOTSUP, EPERM): the errno is the instance's."""

@@ -29,6 +29,11 @@ from cachefs.address import RemoteAddress, parse_remote
         ("[::1]:data", RemoteAddress("sftp", "data", "::1")),
         ("bob@[::1]:/d", RemoteAddress("sftp", "/d", "::1", "bob")),
         ("file:///srv/share", RemoteAddress("file", "/srv/share")),
+        ("smb://alice@nas.example:4450/team/docs", RemoteAddress("smb", "/team/docs", "nas.example", "alice", 4450)),
+        ("smb://nas/team", RemoteAddress("smb", "/team", "nas")),
+        ("dav://cloud.example/remote.php/dav/files/bob/", RemoteAddress("dav", "/remote.php/dav/files/bob", "cloud.example")),
+        ("davs://bob@cloud.example:8443", RemoteAddress("davs", "/", "cloud.example", "bob", 8443)),
+        ("DAVS://h/a%20b", RemoteAddress("davs", "/a b", "h")),
         ("file://localhost/srv/share", RemoteAddress("file", "/srv/share")),
         ("file:///a%20b/", RemoteAddress("file", "/a b")),
         ("/mnt/nfs/share", RemoteAddress("file", "/mnt/nfs/share")),
@@ -76,7 +81,6 @@ def test_port_argument_overrides() -> None:
         ("sftp://[::1/p", None, "unclosed"),
         ("file://relative/path", None, "absolute path"),
         ("file://", None, "absolute path"),
-        ("http://h/p", None, "unsupported scheme"),
         (":path", None, "no host"),
         ("@h:p", None, "empty user"),
         ("/local", 22, "--port"),
@@ -104,7 +108,8 @@ def test_display(address: RemoteAddress, shown: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["sftp://u@h:1/x/y", "h:rel/dir", "[::1]:d", "sftp://h/%25%3F%23", "file:///t/a%25b", "/x/y"],
+    ["sftp://u@h:1/x/y", "h:rel/dir", "[::1]:d", "sftp://h/%25%3F%23", "file:///t/a%25b", "/x/y",
+     "smb://u@h:4450/share/d%20x", "dav://h/", "davs://[::1]:8443/caf%E9"],
 )
 def test_display_round_trips(text: str) -> None:
     address = parse_remote(text)

@@ -17,15 +17,17 @@ could have made them false (a folder filled meanwhile: ``NotEmpty``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import stat as stat_mod
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotEmpty, NotFound, \
-    PermissionDenied
+from ..errors import Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory, NotCarried, NotEmpty, \
+    NotFound, PermissionDenied
 from ..paths import join
+from ..remote.base import Capabilities
 from ..store.index import DIRTY, FULL, LISTED, LOCAL_ONLY, ORPHAN, OWNER_DIRTY, ROOT_INO, TARGET, WRITING, Node, Store, Txn
 from ..store.journal import Op
 from ..store.records import Version
@@ -40,21 +42,30 @@ log = logging.getLogger(__name__)
 
 class Names:
     def __init__(self, store: Store, listings: Listings, content: Content, opens: Opens,
-                 writes: Writes) -> None:
+                 writes: Writes, capabilities: Capabilities = Capabilities(),
+                 name_error: Callable[[bytes], int | None] | None = None) -> None:
+        """``capabilities``: what the remote carries (a symlink or hard link it cannot
+        carry is refused at once, not at replay); ``name_error``: the remote's rule for
+        names it cannot carry (``Remote.name_error``, pure: no network), None: any."""
         self.store = store
         self._listings = listings
         self._content = content
         self._opens = opens
         self._writes = writes
+        self._capabilities = capabilities
+        self._name_error = name_error
 
-    @staticmethod
-    def check_name(name: bytes) -> None:
+    def check_name(self, name: bytes) -> None:
         if len(name) > 255:
             raise NameTooLong()
         if not valid_name(name):
             raise InvalidArgument("bad name")
         if name == CONTROL_NAME:
             raise PermissionDenied("the name .cachefs is reserved")
+        if self._name_error is not None:
+            code = self._name_error(name)
+            if code is not None:
+                raise NotCarried(code, "the remote cannot carry this name")
 
     def _touch_dir(self, t: Txn, parent: int, now: int, links: int = 0) -> None:
         """A folder's entries changed: its times, and its link count when subfolders
@@ -124,6 +135,8 @@ class Names:
 
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       owner: tuple[int, int] | None = None) -> Node:
+        if not self._capabilities.symlinks:
+            raise NotCarried(errno.EPERM, "the remote keeps no symlinks")
         await self._listings.folder_for_change(parent)
         now = time.time_ns()
 
@@ -158,6 +171,8 @@ class Names:
         return self.store.transact(build)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Node:
+        if not self._capabilities.hard_links:
+            raise NotCarried(errno.EPERM, "the remote keeps no hard links")
         await self._listings.folder_for_change(new_parent)
         node = self._listings.node(ino)
         if node.is_dir:

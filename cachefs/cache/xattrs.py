@@ -2,7 +2,7 @@
 
 Owns: what getxattr, listxattr, setxattr and removexattr do to a node's record
 (``store.xattrs.XattrSet``), ext4's limits and errno for them, reading the remote's
-attributes of a node once (where the remote carries them: ``Remote.xattrs``), and the
+attributes of a node once (where the remote carries them: ``Capabilities.xattrs``), and the
 ``xattr`` journal entry of each change (only where the remote carries them; elsewhere
 they stay in the cache, local-only, and ``user.cachefs.state`` says so).
 Must not touch: the remote's write side (the replay sends them), content, names, FUSE.
@@ -59,7 +59,7 @@ class Xattrs:
     @property
     def carried(self) -> bool:
         """Whether the remote keeps them (else they are this cache's only)."""
-        return bool(self._conn.remote.xattrs)
+        return self._conn.remote.capabilities.xattrs
 
     # -- reading ----------------------------------------------------------------------
     async def get(self, ino: int, name: bytes) -> bytes:

@@ -1,8 +1,12 @@
-"""Remote backends. ``open_remote`` picks one for a parsed address.
+"""Remote backends (handlers). ``open_remote`` picks one for a parsed address by its scheme:
+the built-ins (``BUILTIN_HANDLERS``) and third-party handlers registered in the
+``cachefs.remotes`` entry point group (docs/handlers.md: the contract they keep).
 
 Owns nothing itself; the modules, each importing only those listed after it:
 
     local          a directory as the share (LocalRemote)
+    smb            a folder of an SMB 2/3 share (SmbRemote, smbprotocol)
+    dav            a WebDAV folder (DavRemote, httpx)
     sftp           a folder on an SSH server (SftpRemote): the share's root and the operations
     sftp_pool      SSH connections and their pool; failures translated
     ssh_auth       authentication: keys, keyboard-interactive, password
@@ -20,12 +24,14 @@ Backends know nothing of the cache, the sync manager, trio or FUSE.
 from __future__ import annotations
 
 from ..address import RemoteAddress
-from .base import Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
+from .base import Capabilities, Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, SpaceInfo
 from .watch import Watch, WatchEnded
 from .options import ConnectOptions
 from .pacing import Pacer
 
 __all__ = [
+    "BUILTIN_HANDLERS",
+    "Capabilities",
     "ConnectOptions",
     "Remote",
     "RemoteError",
@@ -35,31 +41,71 @@ __all__ = [
     "SpaceInfo",
     "Watch",
     "WatchEnded",
+    "handler_for",
+    "handlers",
     "log_in_ahead",
     "open_remote",
 ]
 
 
+#: the handlers that come with cachefs, by scheme: "module:Class" (imported only when used)
+BUILTIN_HANDLERS = {
+    "file": "cachefs.remote.local:LocalRemote",
+    "sftp": "cachefs.remote.sftp:SftpRemote",
+    "smb": "cachefs.remote.smb:SmbRemote",
+    "dav": "cachefs.remote.dav:DavRemote",
+    "davs": "cachefs.remote.dav:DavRemote",
+}
+#: the Python entry point group third-party handlers register in (name: the scheme)
+ENTRY_POINT_GROUP = "cachefs.remotes"
+
+
+def handlers() -> dict[str, str]:
+    """Every scheme a handler serves, and its "module:Class": the built-ins, then those
+    registered in the ``cachefs.remotes`` entry point group (a built-in scheme cannot be
+    taken over: what ``sftp://`` means does not depend on what else is installed)."""
+    from importlib.metadata import entry_points
+
+    found = dict(BUILTIN_HANDLERS)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(point.name.lower(), point.value)
+    return found
+
+
+def handler_for(scheme: str) -> type[Remote]:
+    """The ``Remote`` subclass serving ``scheme``; ``ValueError`` (a one-line reason) when
+    none does or its module cannot be loaded."""
+    from importlib import import_module
+
+    known = handlers()
+    target = known.get(scheme)
+    if target is None:
+        raise ValueError(f"no handler for {scheme}:// (known: {', '.join(sorted(known))}; a "
+                         f"third-party handler registers in the {ENTRY_POINT_GROUP!r} entry point group)")
+    module_name, _, attribute = target.partition(":")
+    try:
+        handler = getattr(import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"the handler of {scheme}:// ({target}) cannot be loaded: {exc}") from None
+    if not (isinstance(handler, type) and issubclass(handler, Remote)):
+        raise ValueError(f"the handler of {scheme}:// ({target}) is not a cachefs.remote.Remote")
+    return handler
+
+
 def open_remote(address: RemoteAddress, options: ConnectOptions, pacer: Pacer | None = None) -> Remote:
     """Build (not yet connect) the backend for ``address``; ``pacer``: the upload cap
     shared with other processes (else the backend makes its own from ``options``)."""
-    if address.scheme == "file":
-        from .local import LocalRemote
-
-        return LocalRemote(address.path, timeout=options.timeout)
-    from .sftp import SftpRemote
-
-    return SftpRemote(address, options, pacer)
+    try:
+        handler = handler_for(address.scheme)
+    except ValueError as exc:
+        raise RemoteRefused(str(exc)) from None
+    return handler.from_address(address, options, pacer)
 
 
 def log_in_ahead(address: RemoteAddress, options: ConnectOptions) -> None:
-    """For an SSH address: log in once, asking (within ``options.secrets.asking()``) for a
-    password or passphrase the login needs, so that later connections need not ask."""
-    if address.scheme != "sftp":
-        return
-    from .sftp import SftpRemote
-
-    remote = SftpRemote(address, options)
+    """Log in once, asking (within ``options.secrets.asking()``) for a password or
+    passphrase the login needs, so that later connections need not ask."""
+    remote = open_remote(address, options)
     try:
         remote.log_in()
     finally:

@@ -16,14 +16,19 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import BinaryIO, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, TypeAlias
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ..errors import ContentDamaged, RemoteError, RemoteRefused, RemoteUnreachable
 from .watch import Watch, WatchEnded
 
-__all__ = ["ContentDamaged", "NotExpected", "RemoteError", "RemoteRefused", "RemoteUnreachable",
+if TYPE_CHECKING:
+    from ..address import RemoteAddress
+    from .options import ConnectOptions
+    from .pacing import Pacer
+
+__all__ = ["Capabilities", "ContentDamaged", "fold_tag", "NotExpected", "RemoteError", "RemoteRefused", "RemoteUnreachable",
            "Remote", "RemoteStat", "SpaceInfo", "Source", "Upload", "UploadOutcome", "open_source"]
 
 
@@ -41,7 +46,8 @@ class RemoteStat(NamedTuple):
     uid: int = 0
     gid: int = 0
     nlink: int = 1  # SFTP v3 does not report it; the local backend does
-    #: a strong version tag folded into 63 bits (0: none); see ``version``
+    #: a strong version tag folded into 63 bits (0: none): a hash of an ETag, of an SMB
+    #: file's id and change time; given by remotes with ``Capabilities.strong_versions``
     tag: int = 0
 
     @property
@@ -52,26 +58,39 @@ class RemoteStat(NamedTuple):
         """The base version: what identifies this content on the remote.
 
         Size, mtime (SFTP v3 gives whole seconds; the local backend nanoseconds) and the
-        file type. Equal versions mean the cached copy may be kept.
+        file type; where the remote gives a strong tag (``tag``), the tag in the mtime's
+        place, so that a rewrite keeping size and mtime second is seen. Equal versions mean
+        the cached copy may be kept.
         """
-        if self.tag:
-            return (self.size, self.tag, self.mode & 0o170000)
-        return (self.size, self.mtime_ns, self.mode & 0o170000)
+        return (self.size, self.tag or self.mtime_ns, self.mode & 0o170000)
 
 
-@dataclass(frozen=True)
+def fold_tag(text: bytes) -> int:
+    """A strong version tag (an ETag, an id and a change time) as ``RemoteStat.tag``: 63
+    bits of its SHA-256, never 0 (0 means "no tag")."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1 or 1
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a kind of remote can keep (the class attribute ``Remote.capabilities``)."""
+    """What a remote carries, declared by each handler (``Remote.capabilities``). The
+    cache, journal and sync manager decide by these, never by a backend's type: a symlink
+    or hard link on a remote without them fails at once (EPERM, as vfat answers), modes
+    and owners a remote does not keep stay in the cache, and so do xattrs."""
 
-    symlinks: bool = True
-    hard_links: bool = True
+    symlinks: bool = True  # symlink/readlink
+    hard_links: bool = True  # link
+    #: ``upload`` replaces a file in one step: a reader there never sees half of it
     atomic_replace: bool = True
-    xattrs: bool = False
-    modes: bool = True
-    owners: bool = True
-    notify: bool = False
+    xattrs: bool = False  # ``user.`` extended attributes (list_xattrs, set_xattr, ...)
+    modes: bool = True  # permission bits are kept (chmod reaches the server)
+    owners: bool = True  # uid and gid are kept (--owners remote)
+    notify: bool = False  # ``watch()`` streams the changes made there
+    #: ``RemoteStat.tag`` is set: a change is seen whatever size and mtime it keeps
     strong_versions: bool = False
-    case_insensitive: bool = False
+    case_insensitive: bool = False  # "A" and "a" name the same object there
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +117,28 @@ class Remote(ABC):
     timeout: float
     #: How many calls may usefully run at once (connections in the pool).
     parallelism: int = 4
+    #: Whether large reads go faster from processes of their own (``FetchPool``): a
+    #: client library that holds the GIL while it decrypts (paramiko) does.
+    fetch_processes: bool = False
+    #: What this remote carries (the defaults: a POSIX server over SFTP).
     capabilities: Capabilities = Capabilities()
 
+    # -- making one ------------------------------------------------------------------
+    @classmethod
+    def from_address(cls, address: RemoteAddress, options: ConnectOptions,
+                     pacer: Pacer | None = None) -> Remote:
+        """The remote for a parsed address of this handler's scheme (not yet connected);
+        ``pacer``: the upload cap shared with other processes, or None."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to open an address")
+
+    def log_in(self) -> None:
+        """Log in once, before the mount detaches, where a password may be asked for on a
+        terminal: what is typed is remembered (``options.secrets``) for every later
+        connection. Raises ``RemoteRefused`` for a refused login. Default: nothing."""
+
     def name_error(self, name: bytes) -> int | None:
-        """The errno for a name this remote cannot carry; None: it can."""
+        """The errno for a file name this remote cannot carry (None: it can). A create or
+        rename to such a name fails at once with it, rather than at replay."""
         return None
 
     # -- connection ----------------------------------------------------------------
@@ -305,11 +342,8 @@ class Remote(ABC):
                 outcomes.append(exc)
         return outcomes
 
-    # -- extended attributes (only where the remote carries them) -----------------------
-    #: whether the remote keeps ``user.`` extended attributes (``list_xattrs``,
-    #: ``set_xattr``, ``remove_xattr``); where not, a mount keeps them in its cache only
-    xattrs: bool = False
-
+    # -- extended attributes (only where ``capabilities.xattrs``; else a mount keeps them
+    # in its cache only) --------------------------------------------------------------
     def list_xattrs(self, path: bytes) -> list[tuple[bytes, bytes]]:
         """The ``user.`` extended attributes of ``path`` (not followed), names and values."""
         raise RemoteError(errno.ENOTSUP, "this remote keeps no extended attributes")

@@ -22,11 +22,16 @@ import os
 import time
 import stat as stat_mod
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from .base import (Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Source,
+from .base import (Capabilities, Remote, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Source,
                    SpaceInfo, open_source)
 from .watch import ProcessWatch, Watch, WatchEnded
+
+if TYPE_CHECKING:
+    from ..address import RemoteAddress
+    from .options import ConnectOptions
+    from .pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,14 @@ def _rename_noreplace(src: bytes, dst: bytes) -> None:
 
 class LocalRemote(Remote):
     """A directory as the share. Thread-safe: it holds no per-call state."""
+
+    #: a folder here keeps what this file system keeps (xattrs: ext4, xfs, btrfs, tmpfs)
+    capabilities = Capabilities(xattrs=True, notify=True)
+
+    @classmethod
+    def from_address(cls, address: RemoteAddress, options: ConnectOptions,
+                     pacer: Pacer | None = None) -> LocalRemote:
+        return cls(address.path, timeout=options.timeout)
 
     def __init__(self, root: str, timeout: float) -> None:
         self.root = os.path.abspath(root)
@@ -357,8 +370,6 @@ class LocalRemote(Remote):
         self._call(lambda: os.link(full_src, full_dst, follow_symlinks=False))
 
     # -- extended attributes: the folder's files keep them ------------------------------
-    xattrs = True
-
     def list_xattrs(self, path: bytes) -> list[tuple[bytes, bytes]]:
         full = self._path(path)
         return self._call(lambda: _user_xattrs(full))

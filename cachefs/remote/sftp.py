@@ -32,7 +32,7 @@ import paramiko
 from paramiko import SFTPAttributes
 
 from ..address import RemoteAddress
-from .base import (AttrsItem, ContentDamaged, NotExpected, Remote, RemoteError, RemoteStat, RemoteRefused, Source,
+from .base import (AttrsItem, Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteStat, RemoteRefused, Source,
                    SpaceInfo, Upload, UploadOutcome, open_source)
 from .options import ConnectOptions
 from .sftp_pool import SftpPool
@@ -54,6 +54,16 @@ FALLBACK_SPACE = SpaceInfo(
 
 class SftpRemote(Remote):
     """A folder on an SSH server, reached with paramiko."""
+
+    #: modes and owners as the server keeps them; changes streamed by a watcher run over
+    #: an exec channel (where the server runs commands); versions by size and mtime second
+    capabilities = Capabilities(notify=True)
+    fetch_processes = True  # paramiko holds the GIL while it decrypts
+
+    @classmethod
+    def from_address(cls, address: RemoteAddress, options: ConnectOptions,
+                     pacer: Pacer | None = None) -> SftpRemote:
+        return cls(address, options, pacer)
 
     def __init__(self, address: RemoteAddress, options: ConnectOptions, pacer: Pacer | None = None) -> None:
         if address.scheme != "sftp" or not address.host:

@@ -149,7 +149,7 @@ class RemoteSide:
         a conflict copy on its way), where the remote keeps them: the record carried, all
         of it set there; None when not (none kept there, or one refused: logged, and the
         attributes stay in this cache with the copy, their entries going to it)."""
-        found = self.store.get_xattrs(ino) if self.remote.xattrs else None
+        found = self.store.get_xattrs(ino) if self.remote.capabilities.xattrs else None
         if found is None:
             return None
         for name in found.names():
