@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import socket
+import os
 import stat as stat_mod
 import struct
 import threading
@@ -1078,8 +1078,6 @@ def _reason(exc: BaseException) -> str:
 
 
 def _os_strerror(code: int) -> str:
-    import os
-
     return os.strerror(code)
 
 
@@ -1091,16 +1089,14 @@ def _kerberos_possible() -> bool:
     and a credential cache seems to exist."""
     global _kerberos
     if _kerberos is None:
-        try:
-            import gssapi  # type: ignore[import-not-found]  # noqa: F401
+        import importlib.util
 
-            _kerberos = True
-        except ImportError:
-            _kerberos = False
+        # (pyspnego does the Kerberos exchange through python-gssapi, an optional extra:
+        # looked for, never imported here)
+        _kerberos = importlib.util.find_spec("gssapi") is not None
     if not _kerberos:
         return False
-    import os
-
-    cache = os.environ.get("KRB5CCNAME", f"/tmp/krb5cc_{os.getuid()}")
-    return not cache.startswith("FILE:") and not cache.startswith("/") or os.path.exists(
-        cache.removeprefix("FILE:"))
+    cache = os.environ.get("KRB5CCNAME", f"FILE:/tmp/krb5cc_{os.getuid()}")
+    if cache.startswith(("FILE:", "/")):
+        return os.path.exists(cache.removeprefix("FILE:"))
+    return True  # (KEYRING:, KCM:, DIR:: GSSAPI finds out)
