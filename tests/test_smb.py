@@ -24,7 +24,10 @@ from cachefs.remote.smb import SmbRemote, smb_name_error
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
+from tests.fixtures.mount import Mount, status
 from tests.fixtures.proxy import TcpProxy
+from tests.test_conflicts import assert_recorded, copies_of
+from tests.test_writes import control, go_offline, read_all, sync, sync_until_done, wait_for, wait_state, write_file
 
 TIMEOUT = 3.0
 
@@ -465,3 +468,132 @@ def test_watch_ends_when_the_server_stops(remote: SmbRemote, smbd: SmbServer) ->
         assert caught.value.retry
     finally:
         watch.close()
+
+
+# -- mounts through mount.py -----------------------------------------------------------------
+def smb_mount(server: SmbServer, tmp_path: Path, *extra: str, name: str = "mnt") -> Mount:
+    return Mount(server.address(), tmp_path / name, tmp_path / f"cache-{name}", *server.mount_args(),
+                 "--timeout", "2", "--heartbeat", "1", "-v", *extra)
+
+
+def test_mount_reads_and_writes_through(smbd: SmbServer, share: Path, tmp_path: Path) -> None:
+    write(share / "hello.txt", b"from the server\n")
+    write(share / "docs" / "été.txt", b"1")
+    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "hello.txt").read_bytes() == b"from the server\n"
+        assert os.listdir(mnt / "docs") == ["été.txt"]
+        assert status(mnt)["remote"] == smbd.address()
+        write_file(mnt / "docs" / "new.txt", b"made here\n")
+        os.mkdir(mnt / "folder")
+        os.rename(mnt / "hello.txt", mnt / "folder" / "hello.txt")
+        for attempt, code in ((lambda: os.symlink("hello.txt", mnt / "link"), errno.EPERM),
+                              (lambda: os.link(mnt / "docs" / "new.txt", mnt / "hard"), errno.EPERM),
+                              (lambda: write_file(mnt / "a:b", b"x"), errno.EINVAL),
+                              (lambda: os.mkdir(mnt / "CON"), errno.EINVAL),
+                              (lambda: os.mkdir(os.fsencode(mnt) + b"/caf\xe9"), errno.EILSEQ)):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == code
+        sync(mnt)
+        assert status(mnt)["pending"] == 0
+    assert (share / "docs" / "new.txt").read_bytes() == b"made here\n"
+    assert (share / "folder" / "hello.txt").read_bytes() == b"from the server\n"
+    assert sorted(os.listdir(share)) == ["docs", "folder"]
+    assert smbd.password not in mount.log_text()
+
+
+def test_mount_works_offline_and_replays_when_the_server_is_back(smbd: SmbServer, share: Path,
+                                                               tmp_path: Path) -> None:
+    write(share / "a.txt", b"kept offline\n")
+    write(share / "old.txt", b"to remove\n")
+    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        smbd.stop()
+        wait_state(mnt, "offline")
+        assert (mnt / "a.txt").read_bytes() == b"kept offline\n"
+        write_file(mnt / "b.txt", b"written offline\n")
+        os.mkdir(mnt / "dir")
+        write_file(mnt / "dir" / "c.txt", b"in a new folder\n")
+        os.rename(mnt / "a.txt", mnt / "a2.txt")
+        os.unlink(mnt / "old.txt")
+        assert status(mnt)["pending"] > 0
+        assert (share / "a.txt").exists() and not (share / "b.txt").exists()
+        smbd.start()
+        wait_state(mnt, "online")
+        sync_until_done(mnt)
+        assert status(mnt)["pending"] == 0
+    assert (share / "b.txt").read_bytes() == b"written offline\n"
+    assert (share / "dir" / "c.txt").read_bytes() == b"in a new folder\n"
+    assert (share / "a2.txt").read_bytes() == b"kept offline\n"
+    assert sorted(os.listdir(share)) == ["a2.txt", "b.txt", "dir"]
+
+
+def test_mount_sees_a_same_second_server_change_as_a_conflict(smbd: SmbServer, share: Path,
+                                                             tmp_path: Path) -> None:
+    """Changed here offline and on the server in the same second, same size: the tag
+    tells, the replay does not overwrite it, a conflict copy keeps this side's version."""
+    write(share / "report.txt", b"base version")
+    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "report.txt", b"local version, longer")
+        before = (share / "report.txt").stat()
+        with open(share / "report.txt", "r+b") as f:
+            f.write(b"server edit!")
+        second, fraction = divmod(before.st_mtime_ns, 10**9)
+        os.utime(share / "report.txt", ns=(before.st_atime_ns, second * 10**9 + (fraction + 500) % 10**9))
+        control(mnt, "online")
+        sync_until_done(mnt)
+        assert (share / "report.txt").read_bytes() == b"server edit!"
+        copies = copies_of(share, "report.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"local version, longer"
+        assert_recorded(mnt, "report.txt", "changed-both")
+
+
+def test_an_online_mount_sees_server_changes_within_2s(smbd: SmbServer, share: Path, tmp_path: Path) -> None:
+    """With --attr-timeout 60 only the change notifications can bring these in time: made
+    by another SMB client anywhere in the share, and on the server's disk in the top
+    folder (Samba watches its own disk one folder deep: docs/handlers-smb.md)."""
+    write(share / "d" / "f0", b"x" * 100)
+    write(share / "top.txt", b"top")
+    other = make_remote(smbd)
+    try:
+        with smb_mount(smbd, tmp_path, "--attr-timeout", "60") as mount:
+            mnt = mount.mountpoint
+            assert os.listdir(mnt / "d") == ["f0"] and (mnt / "top.txt").read_bytes() == b"top"
+            wait_for(lambda: (status(mnt).get("callbacks") or {}).get("live"), 10, "callbacks live")
+            other.upload(b"d/new", lambda: open(os.devnull, "rb"), 0o644, b".new.tmp")
+            wait_for(lambda: os.path.exists(mnt / "d" / "new"), 2, "a file another client made")
+            other.upload(b"d/f0", lambda: __import__("io").BytesIO(b"changed!"), 0o644, b".f0.tmp")
+            wait_for(lambda: (mnt / "d" / "f0").read_bytes() == b"changed!", 2, "content another client changed")
+            other.unlink(b"d/new")
+            wait_for(lambda: not os.path.exists(mnt / "d" / "new"), 2, "a removal by another client")
+            write(share / "top.txt", b"server!")
+            wait_for(lambda: (mnt / "top.txt").read_bytes() == b"server!", 2, "a change on the server's disk")
+            assert status(mnt)["callbacks"]["changes"] > 0
+    finally:
+        other.close()
+
+
+def test_a_mount_with_a_wrong_password_fails_in_one_line(smbd: SmbServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.fixtures.mount import MOUNT_SCRIPT, REPO
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, str(MOUNT_SCRIPT), smbd.address(), str(tmp_path / "mnt"),
+                             "--cache-dir", str(tmp_path / "cache"), "--password-file", str(wrong),
+                             "--timeout", "3"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cachefs: ") and "password was refused" in lines[0], lines
+    assert "not-the-password" not in result.stderr + result.stdout
