@@ -131,6 +131,23 @@ def test_reads_whole_ranged_and_past_the_end(remote: SmbRemote, share: Path) -> 
     assert version == remote.stat(b"big")
 
 
+def test_many_folders_and_small_files_at_once(remote: SmbRemote, share: Path) -> None:
+    for i in range(30):
+        write(share / f"d{i}" / "f", b"%d" % i)
+    write(share / "big", os.urandom(3 << 20))
+    listings = remote.listdir_many([b"d0", b"missing", b"d29", b"big"])
+    assert [name for name, _ in listings[0]] == [b"f"]  # type: ignore[union-attr]
+    assert isinstance(listings[1], RemoteError) and listings[1].errno == errno.ENOENT
+    assert isinstance(listings[3], RemoteError) and listings[3].errno == errno.ENOTDIR
+    items = [(f"d{i}/f".encode(), len(b"%d" % i)) for i in range(30)] + [(b"missing", 1), (b"big", 3 << 20)]
+    answers = remote.read_many(items)
+    for i in range(30):
+        data, version = answers[i]  # type: ignore[misc]
+        assert data == b"%d" % i and version == remote.stat(f"d{i}/f".encode())
+    assert isinstance(answers[30], RemoteError) and answers[30].errno == errno.ENOENT
+    assert answers[31][0] == (share / "big").read_bytes()  # type: ignore[index]
+
+
 def test_threads_share_the_connection(remote: SmbRemote, share: Path) -> None:
     blobs = {f"f{i}".encode(): os.urandom(300_000 + i) for i in range(8)}
     for name, blob in blobs.items():
@@ -287,6 +304,18 @@ def test_mkdir_rename_remove(remote: SmbRemote, share: Path) -> None:
     assert caught.value.errno == errno.EEXIST
     assert (share / "h").read_bytes() == b"3" and (share / "d" / "f").read_bytes() == b"2"
     remote.rename_noreplace(b"h", b"d/h")
+    (share / "empty").mkdir()
+    write(share / "full" / "x", b"x")
+    for src, dst, code in ((b"g2", b"empty", errno.EISDIR), (b"empty", b"d/h", errno.ENOTDIR),
+                           (b"empty", b"full", errno.ENOTEMPTY)):
+        write(share / "g2", b"g2")
+        with pytest.raises(RemoteError) as caught:
+            remote.rename(src, dst)
+        assert caught.value.errno == code, (src, dst)
+    remote.unlink(b"g2")
+    remote.unlink(b"full/x")
+    remote.rmdir(b"full")
+    remote.rmdir(b"empty")
     remote.rename(b"d", b"e")  # a folder with its files
     assert sorted(os.listdir(share / "e")) == ["f", "h"]
     remote.unlink(b"e/f")

@@ -605,12 +605,7 @@ class SmbRemote(Remote):
         try:
             return work(link)
         except _Status as exc:
-            if exc.status in STATUS_UNREACHABLE:
-                link.dead = True
-                raise RemoteUnreachable(f"{self.description}: the server ended the session "
-                                        f"(0x{exc.status:08X})") from None
-            code = STATUS_ERRNO.get(exc.status, errno.EIO)
-            raise RemoteError(code, f"{_os_strerror(code)} (SMB status 0x{exc.status:08X})") from None
+            raise self._error(exc, link) from None
         except _Closed as exc:
             link.dead = True
             with self._lock:
@@ -618,6 +613,17 @@ class SmbRemote(Remote):
                     self._link = None
             link.close()
             raise RemoteUnreachable(f"{self.description}: {exc}") from None
+
+    def _error(self, exc: _Status, link: _Link | None = None) -> RemoteError:
+        """The ``RemoteError`` for an error status (``RemoteUnreachable`` for one that means
+        the session is gone: raised, for every item of a batch)."""
+        if exc.status in STATUS_UNREACHABLE:
+            if link is not None:
+                link.dead = True
+            raise RemoteUnreachable(f"{self.description}: the server ended the session "
+                                    f"(0x{exc.status:08X})") from None
+        code = STATUS_ERRNO.get(exc.status, errno.EIO)
+        return RemoteError(code, f"{_os_strerror(code)} (SMB status 0x{exc.status:08X})")
 
     def connect(self) -> None:
         with self._lock:
@@ -651,23 +657,42 @@ class SmbRemote(Remote):
         return self._call(work)
 
     def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
-        name = self._name(path)
+        [found] = self.listdir_many([path])
+        if isinstance(found, RemoteError):
+            raise found
+        return found
 
-        def work(link: _Link) -> list[tuple[bytes, RemoteStat]]:
-            answers = link.exchange([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
-                                             options=DIRECTORY_FILE),
-                                     _query_directory(RELATED, True)])
-            handle = _parse_create(_check(answers[0]))[6]
-            entries: list[tuple[bytes, RemoteStat]] = []
-            try:
+    def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+        """Every folder's open and first QUERY_DIRECTORY sent before the first answer is
+        awaited (one compound each): a few round trips for the lot."""
+        names = [self._name(path) for path in paths]
+
+        def work(link: _Link) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+            sent = [link.send([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                       options=DIRECTORY_FILE), _query_directory(RELATED, True)], related=True)
+                    for name in names]
+            out: list[list[tuple[bytes, RemoteStat]] | RemoteError] = []
+            closing = []
+            for requests in sent:
+                answers = [link.wait(request) for request in requests]
+                try:
+                    handle = _parse_create(_check(answers[0]))[6]
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                    continue
+                entries: list[tuple[bytes, RemoteStat]] = []
                 answer = answers[1]
-                while answer["status"].get_value() != STATUS_NO_MORE_FILES:
-                    body = _check(answer)
-                    _parse_listing(_query_body(body), entries)
-                    answer = link.exchange([_query_directory(handle, False)])[0]
-            finally:
-                link.exchange([_close(handle)])
-            return entries
+                try:
+                    while answer["status"].get_value() != STATUS_NO_MORE_FILES:
+                        _parse_listing(_query_body(_check(answer)), entries)
+                        answer = link.exchange([_query_directory(handle, False)])[0]
+                    out.append(entries)
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                closing.append(link.send([_close(handle)])[0])
+            for request in closing:
+                link.wait(request)
+            return out
 
         return self._call(work)
 
@@ -714,6 +739,48 @@ class SmbRemote(Remote):
                 return got, None
             attributes, size, atime, mtime, ctime = _parse_close(closed)
             return got, _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+        return self._call(work)
+
+    def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
+        """Small files whole: per file one compound (open, file id, READ, close with its
+        attributes), all sent before the first answer is awaited."""
+        names = [self._name(path) for path, _size in items]
+
+        def work(link: _Link) -> list[tuple[bytes, RemoteStat] | RemoteError]:
+            sent: list[list[Any] | None] = []
+            for name, (_path, size) in zip(names, items):
+                if size > link.max_read:
+                    sent.append(None)  # (read the ordinary way below)
+                    continue
+                sent.append(link.send([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                               options=NON_DIRECTORY_FILE),
+                                       _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8),
+                                       _read_request(RELATED, 0, max(1, size)), _close(postquery=True)],
+                                      related=True))
+            out: list[tuple[bytes, RemoteStat] | RemoteError] = []
+            for requests, (path, size) in zip(sent, items):
+                if requests is None:
+                    try:
+                        data = self.read(path, 0, size)
+                        out.append((data, self.stat(path)))
+                    except RemoteError as exc:
+                        if isinstance(exc, RemoteUnreachable):
+                            raise
+                        out.append(exc)
+                    continue
+                answers = [link.wait(request) for request in requests]
+                try:
+                    _check(answers[0])
+                    file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                    read = answers[2]
+                    data = b"" if read["status"].get_value() == STATUS_END_OF_FILE else _read_data(_check(read))
+                    attributes, eof, atime, mtime, ctime = _parse_close(_check(answers[3]))
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                    continue
+                out.append((data, _make_stat(attributes, eof, atime, mtime, ctime, file_id)))
+            return out
 
         return self._call(work)
 
@@ -872,7 +939,18 @@ class SmbRemote(Remote):
             _all_ok(link.exchange([_create(source, DELETE | FILE_READ_ATTRIBUTES | SYNCHRONIZE),
                                    _set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace)), _close()]))
 
-        self._call(work)
+        try:
+            self._call(work)
+        except RemoteError as exc:
+            if not replace or exc.errno != errno.EEXIST or isinstance(exc, RemoteUnreachable):
+                raise
+            # (SMB refuses a file over a folder and the other way round as a collision:
+            # POSIX says which)
+            if stat_mod.S_ISDIR(self.stat(dst).mode):
+                if not stat_mod.S_ISDIR(self.stat(src).mode):
+                    raise RemoteError(errno.EISDIR, "a file cannot replace a folder") from None
+                raise RemoteError(errno.ENOTEMPTY, "the folder to replace is not empty") from None
+            raise RemoteError(errno.ENOTDIR, "a folder cannot replace a file") from None
 
     def rename(self, src: bytes, dst: bytes) -> None:
         self._rename(src, dst, True)
