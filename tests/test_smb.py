@@ -626,3 +626,19 @@ def test_a_mount_with_a_wrong_password_fails_in_one_line(smbd: SmbServer, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cachefs: ") and "password was refused" in lines[0], lines
     assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_names_differing_only_in_case_made_offline_meet_as_a_conflict(smbd: SmbServer, share: Path,
+                                                                      tmp_path: Path) -> None:
+    """The cache is case-sensitive, the share is not: the second of two such names finds
+    the first there at replay; nothing is overwritten, both contents are kept."""
+    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
+        mnt = mount.mountpoint
+        go_offline(mnt)
+        write_file(mnt / "Notes.txt", b"first\n")
+        write_file(mnt / "notes.txt", b"second\n")
+        control(mnt, "online")
+        sync_until_done(mnt)
+    contents = sorted((share / name).read_bytes() for name in os.listdir(share))
+    assert contents == [b"first\n", b"second\n"], os.listdir(share)
+    assert len(copies_of(share, "notes.txt") + copies_of(share, "Notes.txt")) == 1, os.listdir(share)

@@ -33,7 +33,6 @@ Lock order: ``SmbRemote._lock`` (which link is current) before ``_Link._send_loc
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import stat as stat_mod
@@ -54,7 +53,7 @@ from smbprotocol.session import Session  # type: ignore[import-untyped]
 from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
 
 from .base import (Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
-                   RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, open_source)
+                   RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, fold_tag, open_source)
 from .options import ConnectOptions
 from .watch import Watch, WatchEnded
 
@@ -200,8 +199,7 @@ def _filetime(ns: int) -> int:
 
 def _tag(file_id: int, change_time: int) -> int:
     """(file id, change time in 100 ns) folded into 63 bits, never 0."""
-    digest = hashlib.blake2b(struct.pack("<Qq", file_id & (2**64 - 1), change_time), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
+    return fold_tag(struct.pack("<Qq", file_id & (2**64 - 1), change_time))
 
 
 def _make_stat(attributes: int, size: int, atime: int, mtime: int, ctime: int, file_id: int) -> RemoteStat:
