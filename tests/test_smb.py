@@ -642,3 +642,66 @@ def test_names_differing_only_in_case_made_offline_meet_as_a_conflict(smbd: SmbS
     contents = sorted((share / name).read_bytes() for name in os.listdir(share))
     assert contents == [b"first\n", b"second\n"], os.listdir(share)
     assert len(copies_of(share, "notes.txt") + copies_of(share, "Notes.txt")) == 1, os.listdir(share)
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_silently(remote: SmbRemote,
+                                                                         smbd: SmbServer, share: Path) -> None:
+    """A server (or a NAT) that drops an idle connection: the next call notices before
+    it sends anything and makes a new one, without an outage for the caller."""
+    from devtools.devserver import descendants
+
+    write(share / "f", b"data")
+    assert remote.stat(b"f").size == 4
+    assert smbd._process is not None
+    for pid in descendants(smbd._process.pid):  # the per-connection smbd holding ours
+        if b"smbd" in Path(f"/proc/{pid}/cmdline").read_bytes() and pid_serves(pid, remote):
+            os.kill(pid, 9)
+    wait_for(lambda: not remote._link.alive(), 5, "the client to see its connection closed")  # type: ignore[union-attr]
+    started = time.monotonic()
+    assert remote.read(b"f", 0, 10) == b"data"
+    assert time.monotonic() - started < 1.0
+
+
+def pid_serves(pid: int, remote: SmbRemote) -> bool:
+    """Whether smbd process ``pid`` holds the TCP connection of ``remote``."""
+    link = remote._link
+    assert link is not None
+    local_port = link.connection.transport._sock.getsockname()[1]
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and int(fields[2].split(":")[1], 16) == local_port:
+            return True
+    return False
+
+
+def test_a_password_typed_slowly_is_asked_before_a_connection_waits(smbd: SmbServer, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked (askpass here, a terminal for a user) for longer than the timeout: no
+    connection is open meanwhile, so none times out; the first wrong answer is asked
+    again, and the right one is remembered for later connections."""
+    answers = tmp_path / "answers"
+    answers.write_text("wrong\n" + smbd.password + "\n")
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\nsleep 1.5\nhead -n1 {answers}; sed -i 1d {answers}\n")
+    askpass.chmod(0o700)
+    monkeypatch.setenv("SSH_ASKPASS", str(askpass))
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
+    secrets = Secrets(None)
+    remote = SmbRemote(smbd.host, "cachefs", "", smbd.user, smbd.port, ConnectOptions(timeout=1.0, secrets=secrets))
+    try:
+        with secrets.asking():
+            remote.log_in()
+        remote.close()
+        remote.connect()  # (outside asking(): the remembered password, nothing asked)
+        assert stat.S_ISDIR(remote.stat(b"").mode)
+        assert answers.read_text() == ""
+    finally:
+        remote.close()

@@ -215,6 +215,20 @@ class _Closed(Exception):
     """The connection ended, or a server answer did not come in time."""
 
 
+class _LoginFailed(Exception):
+    """A session setup or tree connect refused (``status``: its NTSTATUS, if any)."""
+
+    def __init__(self, status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _session(connection: Any, user: str, password: str | None, protocol: str) -> Any:
+    session = Session(connection, user, password, auth_protocol=protocol)
+    session.connect()
+    return session
+
+
 class _Status(Exception):
     """A server answer with an error status."""
 
@@ -244,6 +258,8 @@ class _Link:
         self.tree = tree
         self.timeout = timeout
         self.dead = False
+        self.sent = 0  # sends tried on it (see SmbRemote._call)
+        self.failed_send = False  # a send itself failed (nothing went out)
         self._send_lock = threading.Lock()
         self.max_read = min(CHUNK, int(connection.max_read_size))
         self.max_write = min(CHUNK, int(connection.max_write_size))
@@ -254,6 +270,10 @@ class _Link:
         deadline = time.monotonic() + self.timeout
         with self._send_lock:
             while True:
+                if not self.alive():  # (the server closed it, maybe while idle: nothing sent)
+                    self.dead = self.failed_send = True
+                    self.sent += 1
+                    raise _Closed("the server closed the connection")
                 window = connection.sequence_window
                 available = window["high"] - window["low"]
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
@@ -272,7 +292,17 @@ class _Link:
                                              credit_request=want))
             except (SMBException, OSError, ValueError) as exc:
                 self.dead = True
-                raise _Closed(str(exc)) from exc
+                self.failed_send = True
+                raise _Closed(_reason(exc)) from exc
+            finally:
+                self.sent += 1
+
+    def alive(self) -> bool:
+        """Whether smbprotocol's receiver thread still reads the connection (it ends at
+        the server's close; a request sent after that would never be answered)."""
+        worker = self.connection._t_worker
+        return (not self.dead and worker is not None and worker.is_alive()
+                and self.connection._t_exc is None and self.connection.transport.connected)
 
     def wait(self, request: Any, timeout: float | None = None) -> Any:
         """The final answer to ``request`` (an interim STATUS_PENDING is waited past)."""
@@ -499,87 +529,94 @@ class SmbRemote(Remote):
 
     # -- connection -----------------------------------------------------------------
     def _connect_link(self) -> _Link:
-        connection = Connection(uuid.uuid4(), self.host, self.port)
-        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
-        watchdog.daemon = True
-        try:
-            try:
-                connection.connect(timeout=self.timeout)
-            except (ValueError, OSError, SMBException) as exc:
-                raise RemoteUnreachable(f"{self.description}: cannot connect: {_reason(exc)}") from None
-            # (the session setup and tree connect wait without a bound in smbprotocol: a
-            # watchdog closes the socket if the server stalls there)
-            watchdog.start()
-            session = self._log_in(connection)
-            try:
-                tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
-                tree.connect()
-            except SMBException as exc:
-                status = getattr(exc, "status", None)
-                if status == 0xC00000CC:  # BAD_NETWORK_NAME
-                    raise RemoteRefused(f"{self.description}: the server has no share named "
-                                        f"{self.share!r}") from None
-                if status == 0xC0000022:
-                    raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
-                                        f"{self.share!r}") from None
-                raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-            watchdog.cancel()
-            if not watchdog.is_alive() and not connection.transport.connected:
-                raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s")
-            sock = getattr(connection.transport, "_sock", None)
-            if sock is not None:  # (a send that cannot go out blocks at most this long)
-                sock.settimeout(self.timeout)
-            return _Link(connection, session, tree, self.timeout)
-        except BaseException:
-            watchdog.cancel()
-            _close_quietly(connection)
-            raise
-
-    def _log_in(self, connection: Any) -> Any:
-        """A session: Kerberos first where it can work, then each password in turn."""
-
-        def attempt(password: str | None, protocol: str) -> Any:
-            session = Session(connection, self.user, password, auth_protocol=protocol)
-            session.connect()
-            return session
-
-        refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
+        """A new connection, logged in, with the share connected: Kerberos first where it
+        can work, then each password in turn (a password asked for on the terminal is
+        asked before a connection is opened for it: no server waits on someone typing)."""
         if _kerberos_possible():
+            connection = self._open()
             try:
-                return attempt(None, "kerberos")
-            except (SMBException, Exception) as exc:
-                if not connection.transport.connected:
-                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-                log.debug("Kerberos login not possible: %s", _reason(exc))
+                session = self._bounded(connection, lambda: _session(connection, self.user, None, "kerberos"))
+                return self._tree(connection, session)
+            except _LoginFailed as exc:
+                _close_quietly(connection)
+                log.debug("Kerberos login not possible: %s", exc)
+            except BaseException:
+                _close_quietly(connection)
+                raise
+        refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
         secrets = self.options.secrets
         passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
             f"Password for {self.user} on {self.host} (SMB): ")
         for password in passwords:
             for protocol in ("negotiate", "ntlm"):
+                connection = self._open()
                 try:
-                    session = attempt(password, protocol)
-                except SMBException as exc:
-                    status = getattr(exc, "status", None)
-                    if status in STATUS_LOGON:
-                        refused = STATUS_LOGON[status]
+                    session = self._bounded(connection, lambda: _session(connection, self.user, password, protocol))
+                except _LoginFailed as exc:
+                    _close_quietly(connection)
+                    if exc.status in STATUS_LOGON:
+                        refused = STATUS_LOGON[exc.status]
                         break  # (the next password)
-                    if not connection.transport.connected:
-                        raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
                     if protocol == "ntlm":
-                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
-                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
+                        raise RemoteRefused(f"{self.description}: login failed: {exc}") from None
+                    log.debug("SMB negotiate login failed (%s): trying NTLM", exc)
                     continue
-                except (OSError, ValueError) as exc:
-                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-                except Exception as exc:  # (pyspnego's own errors: try plain NTLM once)
-                    if protocol == "ntlm":
-                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
-                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
-                    continue
+                except BaseException:
+                    _close_quietly(connection)
+                    raise
                 if secrets is not None:
                     secrets.password_worked(password)
-                return session
+                try:
+                    return self._tree(connection, session)
+                except BaseException:
+                    _close_quietly(connection)
+                    raise
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
+
+    def _open(self) -> Any:
+        """A TCP connection with the dialect negotiated (bounded by the timeout)."""
+        connection = Connection(uuid.uuid4(), self.host, self.port)
+        try:
+            connection.connect(timeout=self.timeout)
+        except (ValueError, OSError, SMBException) as exc:
+            _close_quietly(connection)
+            raise RemoteUnreachable(f"{self.description}: cannot connect: {_reason(exc)}") from None
+        return connection
+
+    def _bounded(self, connection: Any, work: Callable[[], T]) -> T:
+        """``work`` (a session setup, a tree connect: smbprotocol waits for their answers
+        without a bound) with a watchdog that closes the socket after the timeout."""
+        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return work()
+        except Exception as exc:  # (smbprotocol's, the socket's, pyspnego's own)
+            if not connection.transport.connected or isinstance(exc, (OSError, ValueError)):
+                late = not watchdog.is_alive()
+                raise RemoteUnreachable(f"{self.description}: " + (f"no answer within {self.timeout:g} s"
+                                                                   if late else _reason(exc))) from None
+            raise _LoginFailed(getattr(exc, "status", None), _reason(exc)) from None
+        finally:
+            watchdog.cancel()
+
+    def _tree(self, connection: Any, session: Any) -> _Link:
+        """The share connected: the link."""
+        tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
+        try:
+            self._bounded(connection, tree.connect)
+        except _LoginFailed as exc:
+            if exc.status == 0xC00000CC:  # BAD_NETWORK_NAME
+                raise RemoteRefused(f"{self.description}: the server has no share named "
+                                    f"{self.share!r}") from None
+            if exc.status == 0xC0000022:  # ACCESS_DENIED
+                raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
+                                    f"{self.share!r}") from None
+            raise RemoteUnreachable(f"{self.description}: {exc}") from None
+        sock = getattr(connection.transport, "_sock", None)
+        if sock is not None:  # (a send that cannot go out blocks at most this long)
+            sock.settimeout(self.timeout)
+        return _Link(connection, session, tree, self.timeout)
 
     def log_in(self) -> None:
         """Connect once now (a password is asked for here, if it must be)."""
@@ -598,19 +635,29 @@ class SmbRemote(Remote):
             return link
 
     def _call(self, work: Callable[[_Link], T]) -> T:
-        """``work`` on the current link; answers and failures translated."""
-        link = self._get_link()
-        try:
-            return work(link)
-        except _Status as exc:
-            raise self._error(exc, link) from None
-        except _Closed as exc:
-            link.dead = True
-            with self._lock:
-                if self._link is link:
-                    self._link = None
-            link.close()
-            raise RemoteUnreachable(f"{self.description}: {exc}") from None
+        """``work`` on the current link; answers and failures translated. A link found
+        closed before anything of ``work`` went out (the server dropped it while idle)
+        is replaced and ``work`` tried once more."""
+        for attempt in (1, 2):
+            link = self._get_link()
+            sent_before = link.sent
+            try:
+                return work(link)
+            except _Status as exc:
+                raise self._error(exc, link) from None
+            except _Closed as exc:
+                link.dead = True
+                with self._lock:
+                    if self._link is link:
+                        self._link = None
+                link.close()
+                # (the first send of this call failed, nothing else went out meanwhile, on
+                # a connection that had worked: safe to send again on a new one)
+                if attempt == 1 and sent_before > 0 and link.sent == sent_before + 1 and link.failed_send:
+                    log.debug("SMB connection found closed: a new one")
+                    continue
+                raise RemoteUnreachable(f"{self.description}: {exc}") from None
+        raise AssertionError("unreachable")
 
     def _error(self, exc: _Status, link: _Link | None = None) -> RemoteError:
         """The ``RemoteError`` for an error status (``RemoteUnreachable`` for one that means
