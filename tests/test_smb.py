@@ -705,3 +705,26 @@ def test_a_password_typed_slowly_is_asked_before_a_connection_waits(smbd: SmbSer
         assert answers.read_text() == ""
     finally:
         remote.close()
+
+
+def test_a_connection_reset_logs_no_error_and_no_login_tokens(smbd: SmbServer, share: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A link cut with a reset is an outage (RemoteUnreachable), not an ERROR in the
+    mount's log; smbprotocol's request and login dumps stay out of it."""
+    import logging
+
+    write(share / "f", b"data")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            remote.connect()
+            proxy.cut()
+            with pytest.raises(RemoteUnreachable):
+                wait_for(lambda: remote.stat(b"f") and False, 5, "the cut seen")
+    finally:
+        remote.close()
+        proxy.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not [r for r in caplog.records if r.name.startswith(("smbprotocol", "spnego"))
+                and r.levelno < logging.WARNING], caplog.text

@@ -64,6 +64,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+class _WorkerDeath(logging.Filter):
+    """smbprotocol logs the end of its receiver by an error (keep-alives unanswered, an
+    answer it cannot read) as an ERROR with a traceback; here that is an outage, told as
+    ``RemoteUnreachable``: kept at DEBUG, without the traceback. (A reset it logs as a
+    warning.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("SMB receive worker died"):
+            log.debug("SMB connection ended: %s", record.exc_info[1] if record.exc_info else "")
+            return False
+        return True
+
+
+# smbprotocol and pyspnego log every request at INFO and dump messages (login tokens among
+# them) at DEBUG: only their warnings go to a mount's log
+logging.getLogger("smbprotocol").setLevel(logging.WARNING)
+logging.getLogger("spnego").setLevel(logging.WARNING)
+logging.getLogger("smbprotocol.connection").addFilter(_WorkerDeath())
+
 DEFAULT_PORT = 445
 
 # -- SMB2 constants ([MS-SMB2], [MS-FSCC]) ----------------------------------------------------
