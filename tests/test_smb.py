@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.address import RemoteAddress
-from cachefs.remote.base import NotExpected, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Upload
+from cachefs.remote.base import ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Upload
 from cachefs.remote.options import ConnectOptions
 from cachefs.remote.smb import SmbRemote, smb_name_error
 from cachefs.remote.ssh_secrets import Secrets
@@ -245,10 +245,19 @@ def test_a_failed_upload_source_leaves_the_target(remote: SmbRemote, share: Path
         def __exit__(self, *exc: object) -> None:
             pass
 
-    with pytest.raises(OSError):
+    with pytest.raises(ContentDamaged):
         remote.upload(b"f", lambda: Broken(), 0o644, b".f.tmp")  # type: ignore[arg-type, return-value]
     assert (share / "f").read_bytes() == b"keep me"
     assert os.listdir(share) == ["f"]
+    # in a batch: that upload alone fails; a source gone too
+    outcomes = remote.upload_many([
+        Upload(b"f", lambda: Broken(), 0o644, b".f.tmp", None, lambda found: True),  # type: ignore[arg-type, return-value]
+        Upload(b"g", str(share / "no-such-source"), 0o644, b".g.tmp", None, lambda found: True),
+        Upload(b"h", lambda: open(os.devnull, "rb"), 0o644, b".h.tmp", None, lambda found: True),
+    ])
+    assert isinstance(outcomes[0], ContentDamaged) and isinstance(outcomes[1], ContentDamaged)
+    assert isinstance(outcomes[2], RemoteStat)
+    assert sorted(os.listdir(share)) == ["f", "h"] and (share / "f").read_bytes() == b"keep me"
 
 
 def test_upload_many_refuses_what_it_has_not_seen(remote: SmbRemote, share: Path, tmp_path: Path) -> None:

@@ -874,7 +874,11 @@ class SmbRemote(Remote):
                                          ATTR_NORMAL)])
         handle = _parse_create(_check(answers[0]))[6]
         try:
-            with open_source(source) as stream:
+            try:
+                stream = open_source(source)
+            except OSError as exc:
+                raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+            with stream:
                 _write_all(link, handle, stream)
             attributes = ATTR_READONLY if not mode & 0o200 else ATTR_NORMAL
             atime, mtime = times if times is not None else (0, 0)
@@ -1176,7 +1180,10 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
     pending: list[Any] = []
     position = 0
     while True:
-        data = stream.read(link.max_write)
+        try:
+            data = stream.read(link.max_write)
+        except OSError as exc:  # (the local content, not the server: that upload alone fails)
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
         if data:
             pending.append(link.send([_write_request(handle, position, data)])[0])
             position += len(data)
