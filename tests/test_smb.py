@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cachefs.address import RemoteAddress
-from cachefs.remote.base import ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Upload
+from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat,
+                                 RemoteUnreachable, Upload)
 from cachefs.remote.options import ConnectOptions
 from cachefs.remote.smb import SmbRemote, smb_name_error
 from cachefs.remote.ssh_secrets import Secrets
@@ -251,7 +252,8 @@ def test_a_failed_upload_source_leaves_the_target(remote: SmbRemote, share: Path
     assert os.listdir(share) == ["f"]
     # in a batch: that upload alone fails; a source gone too
     outcomes = remote.upload_many([
-        Upload(b"f", lambda: Broken(), 0o644, b".f.tmp", None, lambda found: True),  # type: ignore[arg-type, return-value]
+        Upload(b"f", lambda: Broken(), 0o644, b".f.tmp", None,  # type: ignore[arg-type, return-value]
+               lambda found: True),
         Upload(b"g", str(share / "no-such-source"), 0o644, b".g.tmp", None, lambda found: True),
         Upload(b"h", lambda: open(os.devnull, "rb"), 0o644, b".h.tmp", None, lambda found: True),
     ])
