@@ -429,6 +429,15 @@ def test_a_missing_share_is_refused(smbd: SmbServer) -> None:
         remote.connect()
 
 
+def test_a_folder_that_is_not_there_is_refused(smbd: SmbServer, share: Path) -> None:
+    write(share / "file", b"x")
+    for path, reason in (("missing", "No such file"), ("file", "not a folder")):
+        remote = make_remote(smbd, path=path)
+        with pytest.raises(RemoteRefused, match=reason):
+            remote.connect()
+        remote.close()
+
+
 def test_a_stopped_server_is_unreachable_then_back(smbd: SmbServer, share: Path) -> None:
     write(share / "f", b"data")
     remote = make_remote(smbd)

@@ -695,7 +695,13 @@ class SmbRemote(Remote):
             if self._link is not None:
                 self._link.close()
                 self._link = None
-        found = self.stat(b"")
+        try:
+            found = self.stat(b"")
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            raise RemoteRefused(f"{self.description}: the folder cannot be used: "
+                                f"{exc.strerror or exc}") from None
         if not stat_mod.S_ISDIR(found.mode):
             raise RemoteRefused(f"{self.description} is not a folder")
 
