@@ -232,7 +232,12 @@ def _make_stat(attributes: int, size: int, atime: int, mtime: int, ctime: int, f
 
 
 class _Closed(Exception):
-    """The connection ended, or a server answer did not come in time."""
+    """The connection ended, or a server answer did not come in time. ``unsent``: found
+    before the calling operation had sent anything (see ``SmbRemote._call``)."""
+
+    def __init__(self, reason: str, unsent: bool = False) -> None:
+        super().__init__(reason)
+        self.unsent = unsent
 
 
 class _LoginFailed(Exception):
@@ -278,8 +283,8 @@ class _Link:
         self.tree = tree
         self.timeout = timeout
         self.dead = False
-        self.sent = 0  # sends tried on it (see SmbRemote._call)
-        self.failed_send = False  # a send itself failed (nothing went out)
+        self.sent = 0  # sends made on it, all threads
+        self.calls = threading.local()  # .sent: sends made by the current operation
         self._send_lock = threading.Lock()
         self.max_read = min(CHUNK, int(connection.max_read_size))
         self.max_write = min(CHUNK, int(connection.max_write_size))
@@ -291,9 +296,9 @@ class _Link:
         with self._send_lock:
             while True:
                 if not self.alive():  # (the server closed it, maybe while idle: nothing sent)
-                    self.dead = self.failed_send = True
-                    self.sent += 1
-                    raise _Closed("the server closed the connection")
+                    self.dead = True
+                    raise _Closed("the server closed the connection",
+                                  unsent=getattr(self.calls, "sent", 1) == 0)
                 window = connection.sequence_window
                 available = window["high"] - window["low"]
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
@@ -312,10 +317,10 @@ class _Link:
                                              credit_request=want))
             except (SMBException, OSError, ValueError) as exc:
                 self.dead = True
-                self.failed_send = True
                 raise _Closed(_reason(exc)) from exc
             finally:
                 self.sent += 1
+                self.calls.sent = getattr(self.calls, "sent", 0) + 1
 
     def alive(self) -> bool:
         """Whether smbprotocol's receiver thread still reads the connection (it ends at
@@ -660,7 +665,8 @@ class SmbRemote(Remote):
         is replaced and ``work`` tried once more."""
         for attempt in (1, 2):
             link = self._get_link()
-            sent_before = link.sent
+            worked = link.sent > 0
+            link.calls.sent = 0
             try:
                 return work(link)
             except _Status as exc:
@@ -671,9 +677,9 @@ class SmbRemote(Remote):
                     if self._link is link:
                         self._link = None
                 link.close()
-                # (the first send of this call failed, nothing else went out meanwhile, on
-                # a connection that had worked: safe to send again on a new one)
-                if attempt == 1 and sent_before > 0 and link.sent == sent_before + 1 and link.failed_send:
+                # (a connection that had worked, found closed before this operation sent
+                # anything: safe to send it on a new one)
+                if attempt == 1 and worked and exc.unsent:
                     log.debug("SMB connection found closed: a new one")
                     continue
                 raise RemoteUnreachable(f"{self.description}: {exc}") from None
