@@ -26,8 +26,11 @@ target just before that rename (SMB has no conditional rename: the window is one
 trip) and, for a target that must not exist, renames with ReplaceIfExists off, which the
 server refuses atomically when one appeared.
 
-Lock order: ``SmbRemote._lock`` (which link is current) before ``_Link._send_lock``
-(message ids and credits of one connection); neither is held while waiting for an answer.
+Locks: ``SmbRemote._lock`` (which link is current) is held while a new connection is
+made (bounded by the timeout; other threads wait for that one rather than each making
+their own); ``_Link._send_lock`` while message ids are given and credits awaited
+(bounded). Neither is taken under the other, and no lock is held while waiting for the
+answer to a request.
 """
 
 from __future__ import annotations
