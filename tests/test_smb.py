@@ -21,7 +21,7 @@ from cachefs.address import RemoteAddress
 from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat,
                                  RemoteUnreachable, Upload)
 from cachefs.remote.options import ConnectOptions
-from cachefs.remote.smb import SmbRemote, smb_name_error
+from cachefs.remote.smb import FILE_WRITE_DATA, SmbRemote, _close, _create, _parse_create, smb_name_error
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
@@ -297,6 +297,33 @@ def test_upload_many_replaces_the_version_it_expects(remote: SmbRemote, share: P
                                            lambda found: found is not None and found.version() == base)])
     assert isinstance(outcome, RemoteStat) and outcome == remote.stat(b"doc")
     assert (share / "doc").read_bytes() == b"mine now"
+
+
+def test_unlink_if_removes_only_the_version_seen(remote: SmbRemote, smbd: SmbServer, share: Path) -> None:
+    path = write(share / "doc", b"version 1")
+    seen = remote.stat(b"doc").version()
+    with open(path, "r+b") as f:  # changed on the server after the replay looked
+        f.write(b"version 2")
+    with pytest.raises(RemoteError) as caught:
+        remote.unlink_if(b"doc", seen)
+    assert caught.value.errno == errno.ESTALE and path.read_bytes() == b"version 2"
+    remote.set_attrs(b"doc", 0o444, 0, 0)  # (read-only: removed all the same, as POSIX does)
+    remote.unlink_if(b"doc", remote.stat(b"doc").version())
+    assert not path.exists()
+    with pytest.raises(RemoteError) as caught:
+        remote.unlink_if(b"doc", seen)
+    assert caught.value.errno == errno.ENOENT
+    # open for writing by another client: removed after the check, as the default does
+    write(share / "busy", b"x")
+    other = make_remote(smbd)
+    try:
+        link = other._get_link()
+        held = _parse_create(link.exchange([_create("busy", FILE_WRITE_DATA)])[0]["data"].get_value())[6]
+        remote.unlink_if(b"busy", remote.stat(b"busy").version())
+        link.exchange([_close(held)])
+        assert not (share / "busy").exists()
+    finally:
+        other.close()
 
 
 def test_mkdir_rename_remove(remote: SmbRemote, share: Path) -> None:

@@ -97,6 +97,7 @@ FILE_WRITE_ATTRIBUTES = 0x100
 DELETE = 0x10000
 SYNCHRONIZE = 0x100000
 SHARE_ALL = 0x7  # read | write | delete
+SHARE_READ = 0x1
 OPEN, CREATE, OVERWRITE_IF = 1, 2, 5
 DIRECTORY_FILE, NON_DIRECTORY_FILE = 0x1, 0x40
 IMPERSONATION = 2
@@ -134,6 +135,7 @@ STATUS_NO_MORE_FILES = 0x80000006
 STATUS_END_OF_FILE = 0xC0000011
 STATUS_OBJECT_NAME_COLLISION = 0xC0000035
 STATUS_CANNOT_DELETE = 0xC0000121
+STATUS_SHARING_VIOLATION = 0xC0000043
 STATUS_ERRNO: dict[int, int] = {
     0xC000000F: errno.ENOENT,  # NO_SUCH_FILE
     0xC0000034: errno.ENOENT,  # OBJECT_NAME_NOT_FOUND
@@ -369,12 +371,13 @@ class _Link:
 
 
 # -- request builders -----------------------------------------------------------------------
-def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, attributes: int = 0) -> Any:
+def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, attributes: int = 0,
+            share: int = SHARE_ALL) -> Any:
     request = SMB2CreateRequest()
     request["impersonation_level"] = IMPERSONATION
     request["desired_access"] = access
     request["file_attributes"] = attributes
-    request["share_access"] = SHARE_ALL
+    request["share_access"] = share
     request["create_disposition"] = disposition
     request["create_options"] = options
     request["buffer_path"] = name.encode("utf-16-le") if name else b"\x00\x00"
@@ -986,6 +989,39 @@ class SmbRemote(Remote):
         name = self._new_name(path)
         self._call(lambda link: _all_ok(link.exchange([
             _create(name, FILE_READ_ATTRIBUTES | SYNCHRONIZE, CREATE, DIRECTORY_FILE, ATTR_DIRECTORY), _close()])))
+
+    def unlink_if(self, path: bytes, expect: tuple[int, int, int]) -> None:
+        """The file is opened denying others write access, its version checked on that
+        handle, and removed through it: no SMB client can change it in between (a
+        program on the server's own disk still can). Where another client has it open
+        for writing, that open cannot be had: the check is then one round trip before
+        the removal, as the contract's default."""
+        name = self._name(path)
+        access = DELETE | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE
+
+        def work(link: _Link) -> None:
+            for share in (SHARE_READ, SHARE_ALL):
+                answers = link.exchange([_create(name, access, options=NON_DIRECTORY_FILE, share=share),
+                                         _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8)])
+                if answers[0]["status"].get_value() != STATUS_SHARING_VIOLATION or share == SHARE_ALL:
+                    break
+            attributes, size, atime, mtime, ctime, _c, handle = _parse_create(_check(answers[0]))
+            try:
+                file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                if _make_stat(attributes, size, atime, mtime, ctime, file_id).version() != expect:
+                    raise RemoteError(errno.ESTALE, "the file changed on the server: not removed")
+                answers = link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle)], related=False)
+                if answers[0]["status"].get_value() == STATUS_CANNOT_DELETE:  # (read-only)
+                    _check(link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(attributes=ATTR_NORMAL),
+                                                    handle),
+                                          _set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle)],
+                                         related=False)[1])
+                else:
+                    _check(answers[0])
+            finally:
+                link.exchange([_close(handle)])
+
+        self._call(work)
 
     def rmdir(self, path: bytes) -> None:
         if not path:
