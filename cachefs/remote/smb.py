@@ -611,7 +611,11 @@ class SmbRemote(Remote):
             connection.connect(timeout=self.timeout)
         except (ValueError, OSError, SMBException) as exc:
             _close_quietly(connection)
-            raise RemoteUnreachable(f"{self.description}: cannot connect: {_reason(exc)}") from None
+            reason = _reason(exc)
+            if reason.startswith("Failed to connect to ") and "': " in reason:  # (smbprotocol's words)
+                reason = reason.split("': ", 1)[1]
+            shown = self.host if ":" not in self.host else f"[{self.host}]"
+            raise RemoteUnreachable(f"cannot connect to {shown}:{self.port}: {reason}") from None
         return connection
 
     def _bounded(self, connection: Any, work: Callable[[], T]) -> T:
