@@ -294,6 +294,28 @@ def test_changed_on_both_sides(backend: Backend) -> None:
         assert state_of(mnt / copies[0]) != "conflict"
 
 
+def test_a_change_of_letter_case_is_a_rename_not_a_conflict(backend: Backend) -> None:
+    """``mv readme README``, online and replayed from offline: one file under the new
+    name, no conflict copy — on a case-insensitive server (SMB) too, where the new name
+    already names the file itself."""
+    share = backend.share
+    (share / "readme").write_bytes(b"one")
+    (share / "notes").write_bytes(b"two")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        os.rename(mnt / "readme", mnt / "README")
+        sync(mnt)
+        go_offline(mnt)
+        os.rename(mnt / "notes", mnt / "Notes")
+        control(mnt, "online")
+        sync(mnt)
+        assert sorted(os.listdir(share)) == ["Notes", "README"]
+        assert (share / "README").read_bytes() == b"one" and (share / "Notes").read_bytes() == b"two"
+        assert sorted(os.listdir(mnt)) == ["Notes", "README"]
+        assert status(mnt)["conflicts"] == 0 and status(mnt)["pending"] == 0
+
+
 def test_deleted_here_changed_there(backend: Backend) -> None:
     """Offline because the server went away."""
     (backend.share / "notes.txt").write_bytes(b"base")

@@ -664,6 +664,12 @@ class Replayer:
         """Renamed to ``op.dst`` on the server, unless the name is taken there by
         something we did not know (False: nothing was renamed)."""
         replaced_base = self.ledger.expected_base(op.replaced, op.replaced_base) if op.replaced else None
+        if dst is not None and self.side.remote.capabilities.case_insensitive \
+                and op.path.decode("utf-8", "surrogateescape").lower() == op.dst.decode("utf-8", "surrogateescape").lower():
+            # A change of letter case only (readme -> README) on a server where both name
+            # one object: what is "there" is the source itself.
+            await self.side.conn.call(self.side.remote.rename, op.path, op.dst)
+            return True
         if dst is not None and (replaced_base is None or dst.version() != replaced_base):
             return False
         try:
