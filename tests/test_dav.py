@@ -687,12 +687,15 @@ def test_the_version_recorded_after_an_upload_is_that_of_our_bytes(
     source.write_bytes(b"ours")
     target = share / "doc"
     target.write_bytes(b"base")
-    after_request(monkeypatch, dav, "PUT", lambda _path: target.write_bytes(b"theirs, longer"))
+    saves = [b"theirs, longer"]  # (once: a later try of ours is not raced again)
+    after_request(monkeypatch, dav, "PUT", lambda _path: saves and target.write_bytes(saves.pop()))
 
     outcome = dav.upload(b"doc", str(source), 0o644, b".doc.tmp")
     now = dav.stat(b"doc")
     assert now.version() != outcome.version() or target.read_bytes() == b"ours"
     assert outcome.version() == (4, outcome.tag, 0o100000) and outcome.tag != 0
+
+    saves.append(b"theirs, longer")
 
     target.write_bytes(b"base")
     base = dav.stat(b"doc")
@@ -705,6 +708,12 @@ def test_the_version_recorded_after_an_upload_is_that_of_our_bytes(
         assert isinstance(result, NotExpected), result
         assert target.read_bytes() == b"theirs, longer"
     assert sorted(os.listdir(share)) == ["doc"]
+
+    (share / "folder").mkdir()  # (a MOVE over a folder would replace it with all it holds)
+    (share / "folder" / "inside").write_bytes(b"1")
+    with pytest.raises(RemoteError) as caught:
+        dav.upload(b"folder", str(source), 0o644, b".folder.tmp")
+    assert caught.value.errno == errno.EISDIR and (share / "folder" / "inside").exists()
 
 
 def test_an_upload_costs_four_round_trips(dav: DavRemote, share: Path, tmp_path: Path,

@@ -729,15 +729,15 @@ class DavRemote(Remote):
         raise AssertionError("not reached")
 
     def _replace(self, path: bytes, source: Source, times: tuple[int, int] | None,
-                 temp_name: bytes, current: _Entry | None, conditional: bool) -> UploadOutcome:
+                 temp_name: bytes, current: _Entry | None) -> UploadOutcome:
         """``path`` replaced by ``source``: a PUT to ``temp_name`` beside it (a name no one
         else writes), its version taken there (the PUT's ETag or a PROPFIND of the temporary
         file: our bytes' version, not whatever a writer may have put at ``path`` since), then
         a MOVE over ``path`` (a rename: atomic; Apache keeps the ETag across it, measured),
-        conditional on ``current`` where ``conditional``: its ETag in an ``If`` header, or
-        ``Overwrite: F`` where nothing was there. A failed condition: ``NotExpected`` with
+        conditional on ``current``, the entry the caller's check saw: its ETag in an ``If``
+        header, or ``Overwrite: F`` where nothing was there. A failed condition: ``NotExpected`` with
         what is there now, the temporary file removed."""
-        if conditional and current is not None and not current.etag:
+        if current is not None and not current.etag:
             return self._replace_by_date(path, source, times, current)
         parent = path.rpartition(b"/")[0]
         temp = parent + b"/" + temp_name if parent else temp_name
@@ -753,9 +753,7 @@ class DavRemote(Remote):
             else:
                 ours = self._entry(temp).stat()
             headers = {"Destination": self._url(path)}
-            if not conditional:
-                headers["Overwrite"] = "T"
-            elif current is None:
+            if current is None:
                 headers["Overwrite"] = "F"
             else:
                 assert current.etag is not None
@@ -797,11 +795,18 @@ class DavRemote(Remote):
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
-        """A PUT to ``temp_name``, then a MOVE over ``path`` (see ``_replace``): the version
-        returned is that of the bytes sent. ``mode`` and ``owner`` are not kept."""
-        outcome = self._replace(path, source, times, temp_name, None, conditional=False)
-        assert isinstance(outcome, RemoteStat)
-        return outcome
+        """A PUT to ``temp_name``, then a MOVE over ``path`` (see ``_replace``), conditional
+        on what a PROPFIND just before found there (a folder: EISDIR, never replaced with
+        all it holds; a change in between: the whole tried again, up to three times): the
+        version returned is that of the bytes sent. ``mode`` and ``owner`` are not kept."""
+        for _attempt in range(3):
+            current = self._entry_or_none(path)
+            if current is not None and current.is_dir:
+                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+            outcome = self._replace(path, source, times, temp_name, current)
+            if isinstance(outcome, RemoteStat):
+                return outcome
+        raise RemoteError(errno.EIO, f"{path!r} kept changing on the server while it was uploaded")
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
         """Each upload made only over the version ``expect`` accepted (see ``_replace``: an
@@ -814,8 +819,10 @@ class DavRemote(Remote):
                 found = current.stat() if current is not None else None
                 if not upload.expect(found):
                     return NotExpected(found)
+                if current is not None and current.is_dir:  # (a MOVE would replace it all)
+                    return RemoteError(errno.EISDIR, f"{upload.path!r} is a folder")
                 return self._replace(upload.path, upload.source, upload.times, upload.temp_name,
-                                     current, conditional=True)
+                                     current)
             except (RemoteError, ContentDamaged) as exc:
                 return exc
 
