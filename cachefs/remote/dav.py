@@ -623,13 +623,14 @@ class DavRemote(Remote):
             path, size = item
             try:
                 data, response = self._get_range(path, 0, max(1, size))
-                if response.status_code == 416:
+                as_read = _stat_of_get(response) if response.status_code != 416 else None
+                if as_read is None:  # (Apache answers 416, without them, for an empty file)
                     return data, self.stat(path)
             except RemoteError as exc:
                 return exc
             except _Status as exc:
                 return RemoteError(_errno_of(exc.code), f"GET {path!r}: {exc.code}")
-            return data, _stat_of_get(response)
+            return data, as_read
 
         return self._side_by_side(one, items)
 
@@ -1049,16 +1050,19 @@ class _NoAuth(httpx.Auth):
         yield request
 
 
-def _stat_of_get(response: httpx.Response) -> RemoteStat:
+def _stat_of_get(response: httpx.Response) -> RemoteStat | None:
     """A file's attributes from a GET's answer: its whole size (``Content-Range``'s total
-    for a part), ``Last-Modified``, ``ETag``."""
+    for a part, ``Content-Length`` for the whole), ``Last-Modified``, ``ETag``; None where
+    the answer does not tell the size (a whole file sent in chunks)."""
     size = -1
     total = response.headers.get("Content-Range", "").rpartition("/")[2].strip()
     if total.isdigit():
         size = int(total)
     elif response.headers.get("Content-Length", "").isdigit() and response.status_code == 200:
         size = int(response.headers["Content-Length"])
-    return _make_stat(False, max(size, 0), _http_time_ns(response.headers.get("Last-Modified")),
+    if size < 0:
+        return None
+    return _make_stat(False, size, _http_time_ns(response.headers.get("Last-Modified")),
                       response.headers.get("ETag"))
 
 
