@@ -622,6 +622,29 @@ def test_a_file_changed_midway_through_a_read_is_told(dav: DavRemote, share: Pat
     assert caught.value.errno == errno.EIO
 
 
+def test_a_weak_etag_read_gives_its_version_and_tells_a_change_midway(dav: DavRemote,
+                                                                      share: Path) -> None:
+    """The same without waiting for strong ETags: a file whose mtime is in the future
+    keeps a weak one on Apache. The version read is the one the bytes are of, and a
+    change between the pieces (If-Match cannot bind them to a weak tag) is told."""
+    path = share / "w"
+    path.write_bytes(b"a" * (9 << 20))
+    future = time.time_ns() + 60 * 10**9
+    os.utime(path, ns=(future, future))
+    got, version = dav.read_version_into(b"w", 0, 9 << 20, lambda _p, _d: None)
+    assert got == 9 << 20 and version.version() == dav.stat(b"w").version()
+    calls: list[int] = []
+
+    def sink(pos: int, data: bytes) -> None:
+        if not calls:
+            same_second_rewrite(path, b"b" * (9 << 20))
+        calls.append(pos)
+
+    with pytest.raises(RemoteError) as caught:
+        dav.read_into(b"w", 0, 9 << 20, sink)
+    assert caught.value.errno == errno.EIO
+
+
 def test_a_full_server_disk_is_enospc(tmp_path: Path) -> None:
     from tests.fixtures.mount import tmpfs
 

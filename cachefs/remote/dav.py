@@ -563,9 +563,10 @@ class DavRemote(Remote):
 
     def read_version_into(self, path: bytes, offset: int, length: int,
                           sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
-        """The version is the one the GETs were bound to (their ETag, strong: every piece
-        after the first asked ``If-Match`` it), so no PROPFIND follows; where the server
-        gave a weak ETag, or the file changed midway, a PROPFIND after the reads."""
+        """The version is the one the GETs were bound to (their ETag: every piece after the
+        first asked ``If-Match`` it where it is strong, and answered with the same one
+        where it is weak), so no PROPFIND follows; where the answers gave no ETag or size,
+        or the file changed midway, a PROPFIND after the reads."""
         got, as_read, changed = self._read(path, offset, length, sink)
         if as_read is None or changed:
             return got, self.stat(path)
@@ -583,7 +584,9 @@ class DavRemote(Remote):
             sink(offset, data)
         etag = response.headers.get("ETag")
         strong = etag if etag and not etag.startswith("W/") else None
-        as_read = _stat_of_get(response) if strong else None
+        # (a weak ETag, Apache's during the second after a change, names the version as
+        # well: its value is the strong one to come; the pieces then compare theirs)
+        as_read = _stat_of_get(response) if etag else None
         if len(data) < first or length == first:
             return len(data), as_read, False
         # the rest side by side, each bound to the version the first piece came from
@@ -599,11 +602,14 @@ class DavRemote(Remote):
         try:
             for (pos, size), future in zip(pieces, futures):
                 try:
-                    piece, _ = future.result()
+                    piece, answer = future.result()
                 except _Status:
                     return total, None, True
                 except concurrent.futures.CancelledError:  # (``close`` meanwhile)
                     raise RemoteUnreachable(f"{self.description}: closed") from None
+                theirs = answer.headers.get("ETag")
+                if etag and theirs and _strip_weak(theirs) != _strip_weak(etag):
+                    return total, None, True
                 if piece:
                     sink(pos, piece)
                 if not short:
