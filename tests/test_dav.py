@@ -993,3 +993,31 @@ def test_a_stopped_server_keeps_the_mount_offline_and_the_log_quiet(davd: DavSer
         assert len(grown) < 20, "\n".join(grown[-40:])
         davd.start()
         wait_state(mnt, "online")
+
+
+def test_conditions_hold_for_awkward_names(dav: DavRemote, share: Path, tmp_path: Path) -> None:
+    """The ``If`` header names the resource it tests by URL: one Apache did not take for
+    the resource asked would not be evaluated at all (the request then unconditional).
+    Each name's condition is seen failing: a change after the check, none removed."""
+    source = tmp_path / "src"
+    source.write_bytes(b"mine")
+    names = [b"caf\xc3\xa9", b"lat\xe9", b"sp ace", b"q?x", b"h#x", b"pc%41", b"semi;colon",
+             b"+plus&amp", b"a<b>c", b"br(ack)et", b"sq[u]are"]
+    for name in names:
+        path = os.path.join(os.fsencode(share), name)
+        with open(path, "wb") as f:
+            f.write(b"aaaa")
+        seen = dav.stat(name).version()  # (its ETag kept: unlink_if sends no PROPFIND)
+        same_second_rewrite(Path(os.fsdecode(path)), b"bbbb")
+        with pytest.raises(RemoteError) as caught:
+            dav.unlink_if(name, seen)
+        assert caught.value.errno == errno.ESTALE, name
+
+        def expect(_found: RemoteStat | None, path: bytes = path) -> bool:
+            same_second_rewrite(Path(os.fsdecode(path)), b"cccc")
+            return True
+
+        [outcome] = dav.upload_many([Upload(name, str(source), 0o644, b".t.tmp", None, expect)])
+        assert isinstance(outcome, NotExpected), (name, outcome)
+        with open(path, "rb") as f:
+            assert f.read() == b"cccc", name
