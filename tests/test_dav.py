@@ -1021,3 +1021,27 @@ def test_conditions_hold_for_awkward_names(dav: DavRemote, share: Path, tmp_path
         assert isinstance(outcome, NotExpected), (name, outcome)
         with open(path, "rb") as f:
             assert f.read() == b"cccc", name
+
+
+def test_an_upload_longer_than_the_timeout_on_a_slow_link_completes(davd: DavServer,
+                                                                   tmp_path: Path) -> None:
+    """3 MiB through a 1 MB/s link with a 2 s timeout: the body is handed over to socket
+    buffers at once and its answer comes 3 s later; the wait for it allows for the bytes
+    still on their way (before: 'no answer within 2 s', each try, the mount offline)."""
+    from tests.fixtures.proxy import TcpProxy
+    proxy = TcpProxy(davd.host, davd.port)
+    remote = DavRemote("127.0.0.1", "/", port=proxy.port, user=davd.user, password=davd.password,
+                       timeout=2.0)
+    try:
+        remote.connect()
+        source = tmp_path / "src"
+        source.write_bytes(os.urandom(3 << 20))
+        proxy.throttle(1_000_000)
+        start = time.monotonic()
+        [outcome] = remote.upload_many([Upload(b"slow", str(source), 0o644, b".s.tmp", None, lambda f: True)])
+        assert isinstance(outcome, RemoteStat), outcome
+        assert time.monotonic() - start > 2  # (the link was slow)
+        assert (davd.share / "slow").read_bytes() == source.read_bytes()
+    finally:
+        remote.close()
+        proxy.close()

@@ -91,6 +91,13 @@ XML_HEADERS = {"Content-Type": 'application/xml; charset="utf-8"'}
 #: a read larger than this goes as several ranged GETs side by side
 READ_PIECE = 4 << 20
 UPLOAD_CHUNK = 1 << 20
+#: the most of a PUT's body that may still be on its way when httpx has handed over its
+#: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
+#: tests' throttling proxy: a 3 MiB PUT at 1 MB/s was all handed over at once, and its
+#: answer came 3 s later), and the slowest link whose uploads must not time out for it:
+#: the wait for a PUT's answer is the timeout plus up to 8 MiB / 256 kB/s = 33 s more
+IN_FLIGHT_MAX = 8 << 20
+SLOW_LINK = 256_000
 #: the temporary files Apache's mod_dav_fs writes a PUT's body to, beside the target
 #: (``.davfs.tmp`` and apr_file_mktemp's six letters or digits): hidden from listings, a
 #: user's file of another name that begins so is not
@@ -304,16 +311,23 @@ class DavRemote(Remote):
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
               content: bytes | Iterator[bytes] | None = None, auth: httpx.Auth | None = None,
-              stream: bool = False, answered_500: bool = False) -> httpx.Response:
+              stream: bool = False, answered_500: bool = False, in_flight: int = 0) -> httpx.Response:
         """One request; transport failures and 5xx (but 507; and 500 where
-        ``answered_500``: an answer about the request) → ``RemoteUnreachable``."""
+        ``answered_500``: an answer about the request) → ``RemoteUnreachable``.
+        ``in_flight``: the size of the body sent, of which up to ``IN_FLIGHT_MAX`` may still
+        sit in buffers along the way when the last byte is handed over (socket buffers grow
+        to megabytes): the wait for the answer is longer by their time at ``SLOW_LINK``."""
         client = self._client_now()
+        wait = self.timeout + min(in_flight, IN_FLIGHT_MAX) / SLOW_LINK
         try:
-            request = client.build_request(method, url, headers=headers, content=content)
+            request = client.build_request(
+                method, url, headers=headers, content=content,
+                timeout=httpx.Timeout(self.timeout, read=wait, pool=self.timeout * 3) if in_flight
+                else httpx.USE_CLIENT_DEFAULT)
             response = client.send(request, auth=auth or self._auth or httpx.USE_CLIENT_DEFAULT,
                                    stream=stream)
         except httpx.TimeoutException:
-            raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s") from None
+            raise RemoteUnreachable(f"{self.description}: no answer within {wait:g} s") from None
         except RuntimeError as exc:  # (httpx: "the client has been closed": ``close`` meanwhile)
             if "closed" not in str(exc):
                 raise
@@ -332,12 +346,12 @@ class DavRemote(Remote):
 
     def _request(self, method: str, path: bytes, headers: dict[str, str] | None = None,
                  content: bytes | Iterator[bytes] | None = None, ok: tuple[int, ...] = (200, 201, 204, 207),
-                 stream: bool = False, answered_500: bool = False) -> httpx.Response:
+                 stream: bool = False, answered_500: bool = False, in_flight: int = 0) -> httpx.Response:
         """A request on ``path`` once logged in; an answer not in ``ok`` raised as the
         ``RemoteError`` it means (412 as ``_Status``, for the callers that expect it)."""
         self._ensure_login()
         response = self._send(method, self._url(path), headers, content, stream=stream,
-                              answered_500=answered_500)
+                              answered_500=answered_500, in_flight=in_flight)
         if response.status_code in ok:
             return response
         if stream:
@@ -723,7 +737,8 @@ class DavRemote(Remote):
                 if size is not None:
                     headers["Content-Length"] = str(size)
                 try:
-                    return self._request("PUT", path, headers, _chunks(stream), answered_500=True)
+                    return self._request("PUT", path, headers, _chunks(stream), answered_500=True,
+                                         in_flight=IN_FLIGHT_MAX if size is None else size)
                 except httpx.StreamError:
                     if attempt == 2:
                         raise RemoteError(errno.EIO, f"PUT {path!r}: the request could not be "
