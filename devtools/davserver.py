@@ -78,13 +78,18 @@ class DavServer:
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
                  user: str = USER, password: str | None = None, auth: str = "basic",
-                 tls: bool = False) -> None:
+                 tls: bool = False, nonce_lifetime: int | None = None, ranges: bool = True) -> None:
         """``auth``: "basic" or "digest" (RFC 7616, MD5). ``tls``: serve https with a
-        self-signed certificate (``cert``, for ``davs://``; clients must be given it)."""
+        self-signed certificate (``cert``, for ``davs://``; clients must be given it).
+        ``nonce_lifetime``: seconds a digest nonce lasts (Apache's default: 300), for
+        tests of its expiry. ``ranges=False``: Range headers ignored (``MaxRanges none``:
+        every GET answers the whole file, as some servers and proxies do)."""
         if auth not in ("basic", "digest"):
             raise ValueError(f"auth must be basic or digest, not {auth!r}")
         self.auth = auth
         self.tls = tls
+        self.nonce_lifetime = nonce_lifetime
+        self.ranges = ranges
         if not os.path.exists(APACHE):
             raise RuntimeError(f"{APACHE} is missing: install the Debian package apache2")
         self.workdir = Path(workdir).absolute()
@@ -156,6 +161,9 @@ class DavServer:
             f"  AuthType {self.auth.capitalize()}",
             f"  AuthName {REALM}",
             *(["  AuthDigestDomain /"] if self.auth == "digest" else []),
+            *([f"  AuthDigestNonceLifetime {self.nonce_lifetime}"]
+              if self.auth == "digest" and self.nonce_lifetime is not None else []),
+            *(["  MaxRanges none"] if not self.ranges else []),
             f"  AuthUserFile {self.htpasswd}",
             "  Require valid-user",
             "  Options None",

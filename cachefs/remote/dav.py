@@ -8,25 +8,30 @@ PUT, MKCOL, DELETE, MOVE, PROPPATCH), the login (a password from ``options.secre
 Must not touch: the cache, LMDB, trio, FUSE.
 
 Versions are ETags: ``RemoteStat.tag`` folds the server's ETag (``fold_tag``; a weak
-``W/`` mark is dropped, so that a tag does not change when it turns strong), and
-``upload_many`` makes each write conditional on the very ETag its ``expect`` was shown
-(``If-Match``; ``If-None-Match: *`` where nothing was there): a change made on the
-server between the check and the write fails the PUT with 412 and nothing is
-overwritten, whatever size and mtime the change kept. Apache marks an ETag weak while
-the file's mtime is less than a second old, and If-Match never matches a weak tag: a
-conditional write first waits that second out (``_strong_stat``).
+``W/`` mark is dropped, so that a tag does not change when it turns strong). Writes are
+conditional on the very ETag the caller's check saw, in an ``If`` header (RFC 4918
+10.4: ``If: <url> (["etag"])``), which Apache honours on PUT, MOVE (on the destination
+named) and DELETE with a weak comparison, so a weak tag (a file changed less than a
+second ago) needs no waiting, and which sabre/dav (Nextcloud, ownCloud) compares as
+strings: a change made between the check and the write fails it with 412 and nothing is
+overwritten or removed, whatever size and mtime the change kept. ``unlink_if`` and
+``rename_over`` find the ETag of the version they are given among those the last stats
+and listings saw (a bounded map), else with a PROPFIND.
 
-Uploads are one PUT to the target itself, not a PUT to a temporary name then a MOVE:
-the servers this was measured on store a PUT's body aside and rename it into place
-(Apache's mod_dav_fs; Nextcloud and ownCloud write ``.part`` files), so a reader never
-sees half a file and a cut transfer leaves the old content, and the condition then sits
-on the request that replaces the file (a MOVE's ``If-Match`` tests its source; the
-``If: <dest>`` header that tests its destination was ignored by wsgidav, which
-overwrote). The ``X-OC-Mtime`` header asks Nextcloud and ownCloud to keep the file's
-mtime; Apache ignores it and lets no client set ``getlastmodified`` (PROPPATCH: 409
-read-only), so there times stay in the cache only (``set_attrs`` tries once, then
-stops asking). Modes and owners are not kept; symlinks and hard links do not exist
-(EPERM).
+An upload is a PUT to its temporary name beside the target (no one else writes that
+name), the version taken there (the PUT's own ETag where the server answers with one,
+else a PROPFIND of the temporary file), then a MOVE over the target conditional on the
+version the check saw (``If``; ``Overwrite: F`` where there was nothing). The version
+recorded is thus that of our bytes, never that of a writer who saved right after us (a
+stat after the write could not tell them apart), and the MOVE is a rename: readers never
+see half a file, a cut transfer leaves the old content. Apache keeps a file's ETag across
+a MOVE (measured); a server that did not would show the next check a version it does not
+know: a conflict copy, nothing lost. A server without ETags: the PUT goes to the target
+conditional on the mtime second (``If-Unmodified-Since``), with a warning in the log.
+The ``X-OC-Mtime`` header asks Nextcloud and ownCloud to keep the file's mtime; Apache
+ignores it and lets no client set ``getlastmodified`` (PROPPATCH: 409 read-only), so there
+times stay in the cache only (``set_attrs`` tries once, then stops asking). Modes and
+owners are not kept; symlinks and hard links do not exist (EPERM).
 
 Names: any byte, percent-encoded in URLs; names in listings are decoded from the hrefs
 back to bytes (a server storing non-UTF-8 names, as Apache does, gives them back as
@@ -42,10 +47,12 @@ import getpass
 import logging
 import netrc
 import os
+import re
 import ssl
 import stat as stat_mod
 import threading
 import time
+from collections import OrderedDict
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
@@ -71,6 +78,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 DAV = "{DAV:}"
 #: the properties a stat or a listing asks for
@@ -83,11 +91,20 @@ XML_HEADERS = {"Content-Type": 'application/xml; charset="utf-8"'}
 #: a read larger than this goes as several ranged GETs side by side
 READ_PIECE = 4 << 20
 UPLOAD_CHUNK = 1 << 20
-#: how long a conditional write waits for a weak ETag (a file changed less than a second
-#: ago, on Apache) to turn strong
-WEAK_WAIT = 2.5
+#: the most of a PUT's body that may still be on its way when httpx has handed over its
+#: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
+#: tests' throttling proxy: a 3 MiB PUT at 1 MB/s was all handed over at once, and its
+#: answer came 3 s later), and the slowest link whose uploads must not time out for it:
+#: the wait for a PUT's answer is the timeout plus up to 8 MiB / 256 kB/s = 33 s more
+IN_FLIGHT_MAX = 8 << 20
+SLOW_LINK = 256_000
 #: the temporary files Apache's mod_dav_fs writes a PUT's body to, beside the target
-SERVER_TEMP_PREFIX = b".davfs.tmp"
+#: (``.davfs.tmp`` and apr_file_mktemp's six letters or digits): hidden from listings, a
+#: user's file of another name that begins so is not
+SERVER_TEMP_NAME = re.compile(rb"\.davfs\.tmp[A-Za-z0-9]{6}\Z")
+#: how many paths' ETags (as the server sent them) are kept for ``unlink_if`` and
+#: ``rename_over``: the replay stats a path just before
+ETAGS_KEPT = 4096
 FALLBACK_SPACE = SpaceInfo(
     block_size=4096, blocks=1 << 28, blocks_free=1 << 28, blocks_avail=1 << 28,
     files=1 << 24, files_free=1 << 24, name_max=255,
@@ -109,9 +126,13 @@ class _Entry:
 
 
 def _make_stat(is_dir: bool, size: int, mtime_ns: int, etag: str | None) -> RemoteStat:
-    tag = fold_tag(_strip_weak(etag).encode("utf-8", "surrogateescape")) if etag else 0
+    tag = _fold(etag) if etag else 0
     return RemoteStat(mode=DIR_MODE if is_dir else FILE_MODE, size=0 if is_dir else size,
                       mtime_ns=mtime_ns, atime_ns=mtime_ns, nlink=2 if is_dir else 1, tag=tag)
+
+
+def _fold(etag: str) -> int:
+    return fold_tag(_strip_weak(etag).encode("utf-8", "surrogateescape"))
 
 
 def _strip_weak(etag: str) -> str:
@@ -176,6 +197,14 @@ class _Status(Exception):
         self.code = code
 
 
+class _HttpError(RemoteError):
+    """A ``RemoteError`` from an HTTP status, which it keeps (``code``)."""
+
+    def __init__(self, err: int, message: str, code: int) -> None:
+        super().__init__(err, message)
+        self.code = code
+
+
 class DavRemote(Remote):
     """A folder on a WebDAV server. Thread-safe: one ``httpx.Client`` (a pool of
     keep-alive connections) shared by every thread; the login is made once, under a lock."""
@@ -222,6 +251,9 @@ class DavRemote(Remote):
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._times_settable: bool | None = None  # PROPPATCH getlastmodified: unknown yet
+        #: path -> (ETag as sent, (size, kind)) of what a stat or a listing saw last
+        self._etags: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()
+        self._warned_no_etags = False
 
     # -- plumbing -------------------------------------------------------------------
     def _url(self, path: bytes) -> str:
@@ -229,6 +261,32 @@ class DavRemote(Remote):
             raise RemoteError(errno.EINVAL, f"not a share-relative path: {path!r}")
         full = self._root + b"/" + path if path else (self._root or b"/")
         return self._origin + quote_from_bytes(full, safe="/")
+
+    def _href_of(self, path: bytes) -> bytes:
+        """``path``'s href as ``_parse_multistatus`` gives it (decoded, no final '/')."""
+        return unquote_to_bytes(urlsplit(self._url(path)).path).rstrip(b"/") or b"/"
+
+    def _remember(self, path: bytes, entry: _Entry) -> None:
+        if not entry.etag:
+            return
+        kind = stat_mod.S_IFDIR if entry.is_dir else stat_mod.S_IFREG
+        with self._lock:
+            self._etags[path] = (entry.etag, (0 if entry.is_dir else entry.size, kind))
+            self._etags.move_to_end(path)
+            while len(self._etags) > ETAGS_KEPT:
+                self._etags.popitem(last=False)
+
+    def _side_by_side(self, one: Callable[[T], U], items: list[T]) -> list[U]:
+        """``one`` of each item, ``parallelism`` at a time; a pool shut down by ``close``
+        meanwhile: ``RemoteUnreachable``."""
+        if len(items) <= 1:
+            return [one(item) for item in items]
+        try:
+            return list(self._threads().map(one, items))
+        except (concurrent.futures.CancelledError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "shutdown" not in str(exc):
+                raise
+            raise RemoteUnreachable(f"{self.description}: closed") from None
 
     def _client_now(self) -> httpx.Client:
         with self._lock:
@@ -253,16 +311,27 @@ class DavRemote(Remote):
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
               content: bytes | Iterator[bytes] | None = None, auth: httpx.Auth | None = None,
-              stream: bool = False, answered_500: bool = False) -> httpx.Response:
+              stream: bool = False, answered_500: bool = False, in_flight: int = 0) -> httpx.Response:
         """One request; transport failures and 5xx (but 507; and 500 where
-        ``answered_500``: an answer about the request) → ``RemoteUnreachable``."""
+        ``answered_500``: an answer about the request) → ``RemoteUnreachable``.
+        ``in_flight``: the size of the body sent, of which up to ``IN_FLIGHT_MAX`` may still
+        sit in buffers along the way when the last byte is handed over (socket buffers grow
+        to megabytes): the wait for the answer is longer by their time at ``SLOW_LINK``."""
         client = self._client_now()
+        wait = self.timeout + min(in_flight, IN_FLIGHT_MAX) / SLOW_LINK
         try:
-            request = client.build_request(method, url, headers=headers, content=content)
+            request = client.build_request(
+                method, url, headers=headers, content=content,
+                timeout=httpx.Timeout(self.timeout, read=wait, pool=self.timeout * 3) if in_flight
+                else httpx.USE_CLIENT_DEFAULT)
             response = client.send(request, auth=auth or self._auth or httpx.USE_CLIENT_DEFAULT,
                                    stream=stream)
         except httpx.TimeoutException:
-            raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s") from None
+            raise RemoteUnreachable(f"{self.description}: no answer within {wait:g} s") from None
+        except RuntimeError as exc:  # (httpx: "the client has been closed": ``close`` meanwhile)
+            if "closed" not in str(exc):
+                raise
+            raise RemoteUnreachable(f"{self.description}: closed") from None
         except httpx.TransportError as exc:
             if _certificate_refused(exc):
                 raise RemoteRefused(f"{self.description}: the server's certificate is not trusted "
@@ -277,12 +346,12 @@ class DavRemote(Remote):
 
     def _request(self, method: str, path: bytes, headers: dict[str, str] | None = None,
                  content: bytes | Iterator[bytes] | None = None, ok: tuple[int, ...] = (200, 201, 204, 207),
-                 stream: bool = False, answered_500: bool = False) -> httpx.Response:
+                 stream: bool = False, answered_500: bool = False, in_flight: int = 0) -> httpx.Response:
         """A request on ``path`` once logged in; an answer not in ``ok`` raised as the
         ``RemoteError`` it means (412 as ``_Status``, for the callers that expect it)."""
         self._ensure_login()
         response = self._send(method, self._url(path), headers, content, stream=stream,
-                              answered_500=answered_500)
+                              answered_500=answered_500, in_flight=in_flight)
         if response.status_code in ok:
             return response
         if stream:
@@ -290,15 +359,22 @@ class DavRemote(Remote):
         code = response.status_code
         if code == 412:
             raise _Status(code)
-        raise RemoteError(_errno_of(code), f"{method} {path!r}: {code} {response.reason_phrase}")
+        raise _HttpError(_errno_of(code), f"{method} {path!r}: {code} {response.reason_phrase}", code)
 
     # -- login ----------------------------------------------------------------------
     def _netrc_entry(self) -> tuple[str | None, str] | None:
         try:
             found = netrc.netrc(self._netrc_file).authenticators(self.host)
-        except (OSError, netrc.NetrcParseError) as exc:
+        except netrc.NetrcParseError as exc:
+            # (the file and line only: the parser's message quotes the file's words, a
+            # password among them)
+            log.warning("cannot read %s: a syntax error at line %s", exc.filename or self._netrc_file
+                        or "~/.netrc", exc.lineno)
+            return None
+        except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
-                log.warning("cannot read %s: %s", self._netrc_file or "~/.netrc", exc)
+                log.warning("cannot read %s: %s", self._netrc_file or "~/.netrc",
+                            exc.strerror or type(exc).__name__)
             return None
         if found is None or not found[2]:
             return None
@@ -333,10 +409,10 @@ class DavRemote(Remote):
             self.connect()
 
     def connect(self) -> None:
-        """Log in (trying each candidate password) and check the share root is a folder."""
+        """Log in (trying each candidate password) and check the share root is a folder: a
+        depth-0 PROPFIND of the root every time, logged in or not (the reconnect probe
+        calls this: it must not say "back" without the server having answered)."""
         with self._login_lock:
-            if self._logged_in:
-                return
             url = self._url(b"")
             response = self._send("PROPFIND", url, {"Depth": "0", **XML_HEADERS}, PROPFIND_BODY,
                                   auth=None if self._auth else _NoAuth())
@@ -410,14 +486,17 @@ class DavRemote(Remote):
         entries = self._propfind(path, "0")
         if not entries:
             raise RemoteError(errno.EIO, f"PROPFIND {path!r}: an empty answer")
-        return entries[0]
+        href = self._href_of(path)
+        entry = next((e for e in entries if e.href == href), entries[0])
+        self._remember(path, entry)
+        return entry
 
     def stat(self, path: bytes) -> RemoteStat:
         return self._entry(path).stat()
 
     def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
         entries = self._propfind(path, "1")
-        folder = unquote_to_bytes(urlsplit(self._url(path)).path).rstrip(b"/") or b"/"
+        folder = self._href_of(path)
         out: list[tuple[bytes, RemoteStat]] = []
         own: _Entry | None = None
         for entry in entries:
@@ -425,11 +504,17 @@ class DavRemote(Remote):
                 own = entry
                 continue
             parent, _, name = entry.href.rpartition(b"/")
-            if (parent or b"/") != folder or not name or name.startswith(SERVER_TEMP_PREFIX):
+            if (parent or b"/") != folder or not name or SERVER_TEMP_NAME.match(name):
                 continue
+            self._remember(path + b"/" + name if path else name, entry)
             out.append((name, entry.stat()))
-        if own is not None and not own.is_dir:
+        if own is None:
+            if len(entries) == 1 and not entries[0].is_dir:
+                raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
+            raise self._no_own_entry(path)
+        if not own.is_dir:
             raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
+        self._remember(path, own)
         return out
 
     def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
@@ -440,9 +525,7 @@ class DavRemote(Remote):
             except RemoteError as exc:
                 return exc
 
-        if len(paths) <= 1:
-            return [one(p) for p in paths]
-        return list(self._threads().map(one, paths))
+        return self._side_by_side(one, paths)
 
     def readlink(self, path: bytes) -> bytes:
         raise RemoteError(errno.EINVAL, "WebDAV has no symlinks")
@@ -452,13 +535,33 @@ class DavRemote(Remote):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         if if_match:
             headers["If-Match"] = if_match
-        response = self._request("GET", path, headers, ok=(200, 206, 416))
-        if response.status_code == 416:
-            return b"", response
-        data = response.content
-        if response.status_code == 200:  # the server sent it all: take our part
-            data = data[offset:offset + length]
-        return data, response
+        response = self._request("GET", path, headers, ok=(200, 206, 416), stream=True)
+        try:
+            if response.status_code == 416:
+                return b"", response
+            if response.status_code == 206:
+                return response.read()[:length], response
+            # the server ignored the Range and sends it all: what is asked is taken, and
+            # the rest not read (the connection is dropped rather than drained)
+            chunks: list[bytes] = []
+            skip, left = offset, length
+            for chunk in response.iter_bytes(UPLOAD_CHUNK):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                piece = chunk[skip:skip + left]
+                skip = 0
+                chunks.append(piece)
+                left -= len(piece)
+                if left <= 0:
+                    break
+            return b"".join(chunks), response
+        except httpx.TimeoutException:
+            raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s") from None
+        except httpx.TransportError as exc:
+            raise RemoteUnreachable(f"{self.description}: {_root_cause(exc)}") from None
+        finally:
+            response.close()
 
     def read(self, path: bytes, offset: int, length: int) -> bytes:
         parts: dict[int, bytes] = {}
@@ -474,9 +577,10 @@ class DavRemote(Remote):
 
     def read_version_into(self, path: bytes, offset: int, length: int,
                           sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
-        """The version is the one the GETs were bound to (their ETag, strong: every piece
-        after the first asked ``If-Match`` it), so no PROPFIND follows; where the server
-        gave a weak ETag, or the file changed midway, a PROPFIND after the reads."""
+        """The version is the one the GETs were bound to (their ETag: every piece after the
+        first asked ``If-Match`` it where it is strong, and answered with the same one
+        where it is weak), so no PROPFIND follows; where the answers gave no ETag or size,
+        or the file changed midway, a PROPFIND after the reads."""
         got, as_read, changed = self._read(path, offset, length, sink)
         if as_read is None or changed:
             return got, self.stat(path)
@@ -494,21 +598,31 @@ class DavRemote(Remote):
             sink(offset, data)
         etag = response.headers.get("ETag")
         strong = etag if etag and not etag.startswith("W/") else None
-        as_read = _stat_of_get(response) if strong else None
+        # (a weak ETag, Apache's during the second after a change, names the version as
+        # well: its value is the strong one to come; the pieces then compare theirs)
+        as_read = _stat_of_get(response) if etag else None
         if len(data) < first or length == first:
             return len(data), as_read, False
         # the rest side by side, each bound to the version the first piece came from
         pieces = [(pos, min(READ_PIECE, offset + length - pos))
                   for pos in range(offset + first, offset + length, READ_PIECE)]
-        futures = [self._threads().submit(self._get_range, path, pos, size, strong)
-                   for pos, size in pieces]
+        try:
+            futures = [self._threads().submit(self._get_range, path, pos, size, strong)
+                       for pos, size in pieces]
+        except RuntimeError:  # (the pool shut down by ``close`` meanwhile)
+            raise RemoteUnreachable(f"{self.description}: closed") from None
         total = len(data)
         short = False
         try:
             for (pos, size), future in zip(pieces, futures):
                 try:
-                    piece, _ = future.result()
+                    piece, answer = future.result()
                 except _Status:
+                    return total, None, True
+                except concurrent.futures.CancelledError:  # (``close`` meanwhile)
+                    raise RemoteUnreachable(f"{self.description}: closed") from None
+                theirs = answer.headers.get("ETag")
+                if etag and theirs and _strip_weak(theirs) != _strip_weak(etag):
                     return total, None, True
                 if piece:
                     sink(pos, piece)
@@ -521,20 +635,24 @@ class DavRemote(Remote):
         return total, as_read, False
 
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
-        """Small files whole, side by side: each GET's headers (ETag, Last-Modified,
-        length) give its attributes, so no PROPFIND is needed."""
-        def one(path: bytes) -> tuple[bytes, RemoteStat] | RemoteError:
+        """Small files side by side, each a GET of the size given (a Range: a file grown
+        since gives that much, and its whole size in the attributes); each GET's headers
+        (ETag, Last-Modified, Content-Range) give its attributes, so no PROPFIND is
+        needed (but for an empty file: Apache answers 416 without them)."""
+        def one(item: tuple[bytes, int]) -> tuple[bytes, RemoteStat] | RemoteError:
+            path, size = item
             try:
-                response = self._request("GET", path)
+                data, response = self._get_range(path, 0, max(1, size))
+                as_read = _stat_of_get(response) if response.status_code != 416 else None
+                if as_read is None:  # (Apache answers 416, without them, for an empty file)
+                    return data, self.stat(path)
             except RemoteError as exc:
                 return exc
             except _Status as exc:
                 return RemoteError(_errno_of(exc.code), f"GET {path!r}: {exc.code}")
-            return response.content, _stat_of_get(response)
+            return data, as_read
 
-        if len(items) <= 1:
-            return [one(path) for path, _ in items]
-        return list(self._threads().map(one, [path for path, _ in items]))
+        return self._side_by_side(one, items)
 
     def statvfs(self) -> SpaceInfo:
         """RFC 4331 quota properties of the share root where the server gives them (Apache
@@ -563,78 +681,174 @@ class DavRemote(Remote):
                          files=1 << 24, files_free=1 << 24, name_max=255)
 
     # -- writing --------------------------------------------------------------------
-    def _strong_entry(self, path: bytes) -> _Entry | None:
-        """The entry at ``path`` (None: nothing there) with a strong ETag: a weak one (a file
-        changed less than a second ago, on Apache) is asked again until it turns strong,
-        for a condition on it can only be strong."""
-        deadline = time.monotonic() + WEAK_WAIT
-        while True:
-            try:
-                entry = self._entry(path)
-            except RemoteError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    return None
-                raise
-            if not (entry.etag or "").startswith("W/") or time.monotonic() > deadline:
-                return entry
-            time.sleep(0.25)
+    def _entry_or_none(self, path: bytes) -> _Entry | None:
+        try:
+            return self._entry(path)
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    def _if_tag(self, path: bytes, etag: str) -> dict[str, str]:
+        """A condition on ``path``'s ETag in an ``If`` header (RFC 4918 10.4): a tagged
+        list naming ``path``, so that on a MOVE it tests the destination, not the source.
+        The ETag goes as the server gave it: Apache compares it weakly there (a weak tag,
+        a file changed less than a second ago, needs no waiting: measured), sabre/dav
+        (Nextcloud, ownCloud) compares the strings."""
+        return {"If": f"<{self._url(path)}> ([{etag}])"}
+
+    def _no_etags(self, what: str) -> None:
+        if not self._warned_no_etags:
+            self._warned_no_etags = True
+            log.warning("%s: the server gives no ETags: %s is conditional on the mtime second "
+                        "only (a same-second change made meanwhile is not seen)",
+                        self.description, what)
+
+    def _server_500(self, path: bytes, exc: RemoteError) -> RemoteError:
+        """What a 500 to a write means (Apache answers 500 to a PUT or a MOVE into a folder
+        it cannot write, or into one that is not there): the parent's state says."""
+        parent = path.rpartition(b"/")[0]
+        try:
+            entry = self._entry(parent)
+        except RemoteError as missing:
+            if missing.errno in (errno.ENOENT, errno.ENOTDIR):
+                return RemoteError(missing.errno, f"{parent!r} is gone")
+            return missing
+        if not entry.is_dir:
+            return RemoteError(errno.ENOTDIR, f"{parent!r} is not a folder")
+        return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
 
     def _put(self, path: bytes, source: Source, times: tuple[int, int] | None,
-             condition: dict[str, str]) -> None:
+             condition: dict[str, str]) -> httpx.Response:
+        """One PUT of ``source``; opened again and sent once more where httpx found its
+        body used up (digest auth with an expired nonce re-sends the request)."""
         headers = {"Content-Type": "application/octet-stream", **condition}
         if times is not None:
             headers["X-OC-Mtime"] = str(times[1] // 1_000_000_000)
+        for attempt in (1, 2):
+            try:
+                stream = open_source(source)
+            except RemoteError:
+                raise
+            except OSError as exc:
+                raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+            with stream:
+                size = _stream_size(stream)
+                if size is not None:
+                    headers["Content-Length"] = str(size)
+                try:
+                    return self._request("PUT", path, headers, _chunks(stream), answered_500=True,
+                                         in_flight=IN_FLIGHT_MAX if size is None else size)
+                except httpx.StreamError:
+                    if attempt == 2:
+                        raise RemoteError(errno.EIO, f"PUT {path!r}: the request could not be "
+                                          "sent again (its body was used up twice)") from None
+                    log.debug("%s: PUT sent again with its body read afresh", self.description)
+                except RemoteError as exc:
+                    if isinstance(exc, _HttpError) and exc.code == 500:
+                        raise self._server_500(path, exc) from None
+                    raise
+        raise AssertionError("not reached")
+
+    def _replace(self, path: bytes, source: Source, times: tuple[int, int] | None,
+                 temp_name: bytes, current: _Entry | None) -> UploadOutcome:
+        """``path`` replaced by ``source``: a PUT to ``temp_name`` beside it (a name no one
+        else writes), its version taken there (the PUT's ETag or a PROPFIND of the temporary
+        file: our bytes' version, not whatever a writer may have put at ``path`` since), then
+        a MOVE over ``path`` (a rename: atomic; Apache keeps the ETag across it, measured),
+        conditional on ``current``, the entry the caller's check saw: its ETag in an ``If``
+        header, or ``Overwrite: F`` where nothing was there. A failed condition: ``NotExpected`` with
+        what is there now, the temporary file removed."""
+        if current is not None and not current.etag:
+            return self._replace_by_date(path, source, times, current)
+        parent = path.rpartition(b"/")[0]
+        temp = parent + b"/" + temp_name if parent else temp_name
+        response = self._put(temp, source, times, {})
         try:
-            stream = open_source(source)
-        except RemoteError:
+            etag = response.headers.get("OC-ETag") or response.headers.get("ETag")
+            if etag:
+                size = _stream_size_of(source)
+                mtime = _http_time_ns(response.headers.get("Last-Modified")) or (
+                    times[1] if times is not None else time.time_ns())
+                ours = _make_stat(False, size if size is not None else self._entry(temp).size,
+                                  mtime, etag)
+            else:
+                ours = self._entry(temp).stat()
+            headers = {"Destination": self._url(path)}
+            if current is None:
+                headers["Overwrite"] = "F"
+            else:
+                assert current.etag is not None
+                headers.update({"Overwrite": "T", **self._if_tag(path, current.etag)})
+            try:
+                self._request("MOVE", temp, headers, ok=(201, 204), answered_500=True)
+            except RemoteError as exc:
+                if isinstance(exc, _HttpError) and exc.code == 500:
+                    raise self._server_500(path, exc) from None
+                raise
+        except _Status:
+            self._remove_quietly(temp)
+            now = self._entry_or_none(path)
+            return NotExpected(now.stat() if now is not None else None)
+        except BaseException:
+            self._remove_quietly(temp)
             raise
-        except OSError as exc:
-            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
-        with stream:
-            size = _stream_size(stream)
-            if size is not None:
-                headers["Content-Length"] = str(size)
-            self._request("PUT", path, headers, _chunks(stream))
+        return ours
+
+    def _replace_by_date(self, path: bytes, source: Source, times: tuple[int, int] | None,
+                         current: _Entry) -> UploadOutcome:
+        """A server that gives no ETag: a PUT to ``path`` itself, conditional on its mtime
+        second (``If-Unmodified-Since``), the version a PROPFIND after it."""
+        self._no_etags("an upload")
+        condition = {"If-Unmodified-Since": email.utils.formatdate(
+            current.mtime_ns // 1_000_000_000, usegmt=True)}
+        try:
+            self._put(path, source, times, condition)
+        except _Status:
+            now = self._entry_or_none(path)
+            return NotExpected(now.stat() if now is not None else None)
+        return self.stat(path)
+
+    def _remove_quietly(self, temp: bytes) -> None:
+        try:
+            self._send("DELETE", self._url(temp)).close()
+        except (RemoteError, RemoteUnreachable):
+            pass  # (left behind: the sync removes a temporary file left on its next try)
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
-        """One PUT (the server writes the body aside and renames it into place; see the
-        module's docstring): ``temp_name``, ``mode`` and ``owner`` are not used."""
-        try:
-            self._put(path, source, times, {})
-        except _Status as exc:
-            raise RemoteError(errno.EIO, f"PUT {path!r}: {exc.code}") from None
-        return self.stat(path)
+        """A PUT to ``temp_name``, then a MOVE over ``path`` (see ``_replace``), conditional
+        on what a PROPFIND just before found there (a folder: EISDIR, never replaced with
+        all it holds; a change in between: the whole tried again, up to three times): the
+        version returned is that of the bytes sent. ``mode`` and ``owner`` are not kept."""
+        for _attempt in range(3):
+            current = self._entry_or_none(path)
+            if current is not None and current.is_dir:
+                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+            outcome = self._replace(path, source, times, temp_name, current)
+            if isinstance(outcome, RemoteStat):
+                return outcome
+        raise RemoteError(errno.EIO, f"{path!r} kept changing on the server while it was uploaded")
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
-        """Each upload a PUT conditional on the ETag ``expect`` accepted (``If-Match``), or
-        on there being nothing (``If-None-Match: *``); a 412 is ``NotExpected`` with what
-        the server has now. Side by side, ``parallelism`` at a time."""
+        """Each upload made only over the version ``expect`` accepted (see ``_replace``: an
+        ``If`` on its ETag, or ``Overwrite: F`` where there was nothing); a failed condition
+        is ``NotExpected`` with what the server has now. Side by side, ``parallelism`` at a
+        time."""
         def one(upload: Upload) -> UploadOutcome:
             try:
-                current = self._strong_entry(upload.path)
+                current = self._entry_or_none(upload.path)
                 found = current.stat() if current is not None else None
                 if not upload.expect(found):
                     return NotExpected(found)
-                if current is None:
-                    condition = {"If-None-Match": "*"}
-                elif current.etag and not current.etag.startswith("W/"):
-                    condition = {"If-Match": current.etag}
-                else:  # (a server without strong ETags: the mtime second is all there is)
-                    condition = {"If-Unmodified-Since": email.utils.formatdate(
-                        current.mtime_ns // 1_000_000_000, usegmt=True)}
-                try:
-                    self._put(upload.path, upload.source, upload.times, condition)
-                except _Status:
-                    now = self._strong_entry(upload.path)
-                    return NotExpected(now.stat() if now is not None else None)
-                return self.stat(upload.path)
+                if current is not None and current.is_dir:  # (a MOVE would replace it all)
+                    return RemoteError(errno.EISDIR, f"{upload.path!r} is a folder")
+                return self._replace(upload.path, upload.source, upload.times, upload.temp_name,
+                                     current)
             except (RemoteError, ContentDamaged) as exc:
                 return exc
 
-        if len(uploads) <= 1:
-            return [one(u) for u in uploads]
-        return list(self._threads().map(one, uploads))
+        return self._side_by_side(one, uploads)
 
     def mkdir(self, path: bytes, mode: int) -> None:
         try:
@@ -644,77 +858,174 @@ class DavRemote(Remote):
                 raise RemoteError(errno.EEXIST, f"{path!r} exists") from None
             raise
 
+    def _listing(self, path: bytes) -> tuple[_Entry | None, list[_Entry]]:
+        """A depth-1 PROPFIND: the folder's own entry (by its href; None: not a folder or
+        gone) and its children's."""
+        try:
+            entries = self._propfind(path, "1")
+        except RemoteError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None, []
+            raise
+        href = self._href_of(path)
+        own = next((e for e in entries if e.href == href), None)
+        if own is None:
+            if len(entries) == 1:  # (a file: only itself, under whatever href)
+                return entries[0], []
+            raise self._no_own_entry(path)
+        return own, [e for e in entries if e is not own]
+
+    def _no_own_entry(self, path: bytes) -> RemoteError:
+        return RemoteError(errno.EIO, f"PROPFIND {path!r}: the server's answer names no entry "
+                           f"for the folder asked (a proxy that rewrites paths? give the "
+                           f"address the server itself uses)")
+
     def rmdir(self, path: bytes) -> None:
         """DELETE of an empty folder only (a DELETE of a folder removes all it holds): a
-        listing first, then a DELETE conditional on the folder's ETag, so that nothing
-        added in between is removed with it."""
-        deadline = time.monotonic() + WEAK_WAIT
-        while True:
-            entries = self._propfind(path, "1")
-            folder = unquote_to_bytes(urlsplit(self._url(path)).path).rstrip(b"/") or b"/"
-            own = next((e for e in entries if e.href == folder), None)
-            if own is None:
-                raise RemoteError(errno.ENOENT, f"{path!r} is gone")
-            if not own.is_dir:
-                raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
-            if len(entries) > 1:
-                raise RemoteError(errno.ENOTEMPTY, f"{path!r} is not empty")
-            if not (own.etag or "").startswith("W/") or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
-        condition = {"If-Match": own.etag} if own.etag and not own.etag.startswith("W/") else {}
+        listing first, then a DELETE conditional on the folder's ETag (``If``; adding an
+        entry changes it), so that nothing added in between is removed with it."""
+        own, children = self._listing(path)
+        if own is None:
+            raise RemoteError(errno.ENOENT, f"{path!r} is gone")
+        if not own.is_dir:
+            raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
+        if children:
+            raise RemoteError(errno.ENOTEMPTY, f"{path!r} is not empty")
+        if own.etag:
+            condition = self._if_tag(path, own.etag)
+        else:
+            self._no_etags("removing a folder")
+            condition = {"If-Unmodified-Since": email.utils.formatdate(
+                own.mtime_ns // 1_000_000_000, usegmt=True)}
         try:
             self._request("DELETE", path, condition, ok=(200, 204))
         except _Status:
             raise RemoteError(errno.ENOTEMPTY, f"{path!r} changed while it was removed") from None
 
     def unlink(self, path: bytes) -> None:
-        if self._entry(path).is_dir:  # (a DELETE would remove the folder and all it holds)
-            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-        self._request("DELETE", path, ok=(200, 204))
+        """DELETE of a file, conditional on the ETag its check saw: had a folder replaced it
+        meanwhile, an unconditional DELETE would remove the folder and all it holds (a
+        change meanwhile: checked again, up to three times)."""
+        for _attempt in range(3):
+            entry = self._entry(path)
+            if entry.is_dir:
+                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+            condition = self._if_tag(path, entry.etag) if entry.etag else {}
+            try:
+                self._request("DELETE", path, condition, ok=(200, 204))
+                return
+            except _Status:
+                continue
+        raise RemoteError(errno.EIO, f"{path!r} kept changing while it was removed")
 
-    def _move(self, src: bytes, dst: bytes, overwrite: bool) -> None:
-        headers = {"Destination": self._url(dst), "Overwrite": "T" if overwrite else "F"}
+    def _known_etag(self, path: bytes, version: tuple[int, int, int], code: int) -> _Entry:
+        """The entry at ``path`` whose version is ``version``, with its ETag as the server
+        sent it: the one a stat or listing just saw (no round trip), else a PROPFIND. Any
+        other version (or nothing) there: ``RemoteError(code)``."""
+        size, tag, kind = version
+        with self._lock:
+            known = self._etags.get(path)
+        if known is not None and tag and _fold(known[0]) == tag and known[1] == (size, kind):
+            return _Entry(self._href_of(path), kind == stat_mod.S_IFDIR, size, 0, known[0])
+        entry = self._entry_or_none(path)
+        if entry is None or entry.stat().version() != version:
+            raise RemoteError(code, f"{path!r} is no longer the version seen")
+        return entry
+
+    def unlink_if(self, path: bytes, expect: tuple[int, int, int]) -> None:
+        """DELETE conditional on the ETag of version ``expect`` (``If``; a 412: ESTALE,
+        nothing removed)."""
+        entry = self._known_etag(path, expect, errno.ESTALE)
+        if entry.is_dir:
+            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+        if entry.etag:
+            condition = self._if_tag(path, entry.etag)
+        else:
+            self._no_etags("a removal")
+            condition = {"If-Unmodified-Since": email.utils.formatdate(
+                entry.mtime_ns // 1_000_000_000, usegmt=True)}
+        try:
+            self._request("DELETE", path, condition, ok=(200, 204))
+        except _Status:
+            raise RemoteError(errno.ESTALE, f"{path!r} changed on the server") from None
+        except RemoteError as exc:
+            if exc.errno == errno.ENOENT:
+                raise RemoteError(errno.ESTALE, f"{path!r} is gone") from None
+            raise
+
+    def _move(self, src: bytes, dst: bytes, overwrite: bool,
+              condition: dict[str, str] | None = None) -> None:
+        headers = {"Destination": self._url(dst), "Overwrite": "T" if overwrite else "F",
+                   **(condition or {})}
         try:
             self._request("MOVE", src, headers, ok=(201, 204), answered_500=True)
         except _Status:
             raise RemoteError(errno.EEXIST, f"{dst!r} exists") from None
         except RemoteError as exc:
-            # Apache answers a MOVE into a folder that is not there with 500 ("Could not
-            # rename resource"), not 409: an answer about this request, not a server down
-            parent = dst.rpartition(b"/")[0]
-            if exc.errno == errno.EIO and parent:
-                try:
-                    if not self._entry(parent).is_dir:
-                        raise RemoteError(errno.ENOTDIR, f"{parent!r} is not a folder") from None
-                except RemoteError as missing:
-                    if missing.errno == errno.ENOENT:
-                        raise RemoteError(errno.ENOENT, f"{parent!r} is gone") from None
-                    raise
+            # Apache answers a MOVE into a folder that is not there, or that it cannot
+            # write, with 500 ("Could not rename resource"), not 409 or 403: an answer
+            # about this request, not a server down
+            if isinstance(exc, _HttpError) and exc.code == 500:
+                raise self._server_500(dst, exc) from None
             raise
 
-    def rename(self, src: bytes, dst: bytes) -> None:
-        """MOVE with Overwrite: T, after the checks POSIX makes (a MOVE over a folder would
-        remove the folder and all it holds): a file over a folder EISDIR, a folder over a
-        file ENOTDIR, over a folder with entries ENOTEMPTY."""
+    def _check_target(self, src: bytes, dst: bytes) -> tuple[_Entry, _Entry | None]:
+        """The POSIX checks of a rename (a MOVE over a folder would remove the folder and all
+        it holds): a file over a folder EISDIR, a folder over a file ENOTDIR, over a folder
+        with entries ENOTEMPTY. The source's entry and the target's (None: nothing)."""
         source = self._entry(src)
-        if src == dst:
-            return  # (POSIX: nothing to do; a MOVE onto itself is refused)
-        try:
-            entries = self._propfind(dst, "1")
-        except RemoteError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                raise
-            entries = []
-        if entries:
-            target = entries[0]
+        target, children = self._listing(dst)
+        if target is not None:
             if target.is_dir and not source.is_dir:
                 raise RemoteError(errno.EISDIR, f"{dst!r} is a folder")
             if source.is_dir and not target.is_dir:
                 raise RemoteError(errno.ENOTDIR, f"{dst!r} is not a folder")
-            if target.is_dir and len(entries) > 1:
+            if target.is_dir and children:
                 raise RemoteError(errno.ENOTEMPTY, f"{dst!r} is not empty")
-        self._move(src, dst, overwrite=True)
+        return source, target
+
+    def rename(self, src: bytes, dst: bytes) -> None:
+        """MOVE with Overwrite: T after ``_check_target``'s checks, conditional on the
+        target they saw (its ETag: a folder that got an entry since is not removed; a
+        change meanwhile: checked again, up to three times)."""
+        if src == dst:
+            self._entry(src)
+            return  # (POSIX: nothing to do; a MOVE onto itself is refused)
+        for _attempt in range(3):
+            _source, target = self._check_target(src, dst)
+            if target is None:
+                condition = None
+            elif target.etag:
+                condition = self._if_tag(dst, target.etag)
+            else:
+                self._no_etags("a rename over a file")
+                condition = None
+            try:
+                self._move(src, dst, overwrite=True, condition=condition)
+                return
+            except RemoteError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+        raise RemoteError(errno.EIO, f"{dst!r} kept changing while it was renamed over")
+
+    def rename_over(self, src: bytes, dst: bytes, replaces: tuple[int, int, int]) -> None:
+        """MOVE over ``dst`` conditional on the ETag of version ``replaces`` (``If`` on the
+        destination; a 412, or another version there: EEXIST, nothing renamed)."""
+        target = self._known_etag(dst, replaces, errno.EEXIST)
+        source = self._entry(src)
+        if target.is_dir and not source.is_dir:
+            raise RemoteError(errno.EISDIR, f"{dst!r} is a folder")
+        if source.is_dir and not target.is_dir:
+            raise RemoteError(errno.ENOTDIR, f"{dst!r} is not a folder")
+        if target.is_dir:
+            _own, children = self._listing(dst)
+            if children:
+                raise RemoteError(errno.ENOTEMPTY, f"{dst!r} is not empty")
+        if not target.etag:
+            self._no_etags("a rename over a file")
+            self._move(src, dst, overwrite=True)
+            return
+        self._move(src, dst, overwrite=True, condition=self._if_tag(dst, target.etag))
 
     def rename_noreplace(self, src: bytes, dst: bytes) -> None:
         self._move(src, dst, overwrite=False)
@@ -760,16 +1071,19 @@ class _NoAuth(httpx.Auth):
         yield request
 
 
-def _stat_of_get(response: httpx.Response) -> RemoteStat:
+def _stat_of_get(response: httpx.Response) -> RemoteStat | None:
     """A file's attributes from a GET's answer: its whole size (``Content-Range``'s total
-    for a part), ``Last-Modified``, ``ETag``."""
+    for a part, ``Content-Length`` for the whole), ``Last-Modified``, ``ETag``; None where
+    the answer does not tell the size (a whole file sent in chunks)."""
     size = -1
     total = response.headers.get("Content-Range", "").rpartition("/")[2].strip()
     if total.isdigit():
         size = int(total)
-    elif response.status_code == 200:
-        size = len(response.content)
-    return _make_stat(False, max(size, 0), _http_time_ns(response.headers.get("Last-Modified")),
+    elif response.headers.get("Content-Length", "").isdigit() and response.status_code == 200:
+        size = int(response.headers["Content-Length"])
+    if size < 0:
+        return None
+    return _make_stat(False, size, _http_time_ns(response.headers.get("Last-Modified")),
                       response.headers.get("ETag"))
 
 
@@ -813,6 +1127,16 @@ def _certificate_refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _stream_size_of(source: Source) -> int | None:
+    """The size of a source that is a file path (None: not known without reading it)."""
+    if isinstance(source, (str, bytes, os.PathLike)):
+        try:
+            return os.stat(source).st_size
+        except OSError:
+            return None
+    return None
 
 
 def _stream_size(stream: BinaryIO) -> int | None:
