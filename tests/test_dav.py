@@ -184,7 +184,7 @@ def test_upload_many_is_conditional_on_what_expect_was_shown(dav: DavRemote, sha
         def expect(found: RemoteStat | None) -> bool:
             shown[path] = found
             return (found is None) == (wanted is None) and (found is None or found.version() == wanted.version())
-        return Upload(path, str(source), 0o644, b".tmp", None, expect)
+        return Upload(path, str(source), 0o644, b"." + path + b".tmp", None, expect)  # (each its own, as the replay names them)
 
     outcomes = dav.upload_many([expecting(b"new", None), expecting(b"replaced", base),
                                 expecting(b"kept", None)])
