@@ -502,6 +502,97 @@ def test_a_silent_server_is_unreachable_within_the_timeout(smbd: SmbServer, shar
         proxy.close()
 
 
+def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: Path) -> None:
+    """Calls that wait for a connection while one is tried on a silent network fail with
+    that try, each within about one timeout, not one timeout after another."""
+    write(share / "f", b"data")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.stall()
+        with pytest.raises(RemoteUnreachable):  # (the connection is dropped: the next calls make one)
+            remote.stat(b"f")
+        took: list[float] = []
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            started = time.monotonic()
+            try:
+                remote.stat(b"f")
+            except BaseException as exc:
+                errors.append(exc)
+            took.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(errors) == 4 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+        assert max(took) < 2.0 + 1.0, f"calls on a silent network took {sorted(took)} s"
+        proxy.resume()
+        assert remote.read(b"f", 0, 10) == b"data"
+    finally:
+        remote.close()
+        proxy.close()
+
+
+def test_a_slow_link_transfers_whole_and_answers_between(smbd: SmbServer, share: Path) -> None:
+    """On a 1 MB/s link with a 2 s timeout, three 2 MiB reads at once (as the cache
+    fetches blocks) and a 3 MiB upload take longer than the timeout and complete: the
+    timeout bounds how long nothing moves, not a transfer. A stat made while the reads
+    are under way is answered well within the timeout (what is in flight is sized to
+    the link's rate, so a call queued behind it is not late)."""
+    import hashlib
+    import io
+
+    files = {f"big{i}".encode(): os.urandom(2 << 20) for i in range(3)}
+    for name, data in files.items():
+        write(share / name.decode(), data)
+    upload = os.urandom(3 << 20)
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.throttle(1_000_000)
+        got: dict[bytes, bytes] = {}
+        failed: list[BaseException] = []
+
+        def read(name: bytes) -> None:
+            try:
+                got[name] = remote.read(name, 0, 2 << 20)
+            except BaseException as exc:
+                failed.append(exc)
+
+        started = time.monotonic()
+        readers = [threading.Thread(target=read, args=(name,)) for name in files]
+        for reader in readers:
+            reader.start()
+        time.sleep(2.5)  # (the reads under way, the link's rate measured)
+        assert any(reader.is_alive() for reader in readers) or failed, "the reads ended early: the link was not slow"
+        asked = time.monotonic()
+        assert stat.S_ISREG(remote.stat(b"big0").mode)
+        waited = time.monotonic() - asked
+        for reader in readers:
+            reader.join(60)
+        took = time.monotonic() - started
+        assert not failed, f"a read failed on a slow link: {failed[0]!r}"
+        assert {name: hashlib.sha256(data).digest() for name, data in got.items()} == \
+            {name: hashlib.sha256(data).digest() for name, data in files.items()}
+        assert took > 4.0, f"the reads took {took:.1f} s: the link was not slow"
+        print(f"reads {took:.1f} s, a stat behind them {waited:.2f} s")
+        assert waited < 1.5, f"a stat waited {waited:.2f} s behind the reads"
+
+        started = time.monotonic()
+        remote.upload(b"up", lambda: io.BytesIO(upload), 0o644, b".up.tmp")
+        took = time.monotonic() - started
+        assert took > 2.0, f"the upload took {took:.1f} s: the link was not slow"
+        assert hashlib.sha256((share / "up").read_bytes()).digest() == hashlib.sha256(upload).digest()
+    finally:
+        remote.close()
+        proxy.close()
+
 # -- change notification ---------------------------------------------------------------------
 def read_until(watch: object, wanted: bytes, seconds: float) -> float:
     """Seconds until ``wanted`` is told (fails after ``seconds``)."""
