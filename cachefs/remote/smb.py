@@ -628,7 +628,7 @@ class SmbRemote(Remote):
                             + ("/" + "/".join(parts) if parts else ""))
         self._lock = threading.Lock()
         self._link: _Link | None = None
-        self._tries = 0  # connections tried (under ``_lock``)
+        self._tried = 0  # tries to connect that ended (under ``_lock``)
         self._failure: RemoteUnreachable | None = None  # why the last one could not be made
 
     @classmethod
@@ -782,7 +782,7 @@ class SmbRemote(Remote):
         """The current link, or a new one. A call that waited while another thread tried
         to connect, and failed, fails with it rather than try again after it: on a silent
         network calls queued here would otherwise each wait a ``timeout`` in turn."""
-        tries = self._tries
+        tried = self._tried  # (read before waiting for the lock)
         with self._lock:
             link = self._link
             if link is not None and not link.dead:
@@ -790,14 +790,18 @@ class SmbRemote(Remote):
             if link is not None:
                 link.close()
             self._link = None
-            if self._tries != tries and self._failure is not None:
+            if self._tried != tried and self._failure is not None:  # (one ended while this call waited)
                 raise RemoteUnreachable(str(self._failure))
-            self._tries += 1
             try:
                 link = self._connect_link()
             except RemoteUnreachable as exc:
                 self._failure = exc
                 raise
+            except BaseException:
+                self._failure = None  # (a refusal: each call finds out for itself)
+                raise
+            finally:
+                self._tried += 1
             self._failure = None
             self._link = link
             return link
