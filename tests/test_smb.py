@@ -21,7 +21,8 @@ from cachefs.address import RemoteAddress
 from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat,
                                  RemoteUnreachable, Upload)
 from cachefs.remote.options import ConnectOptions
-from cachefs.remote.smb import FILE_WRITE_DATA, SmbRemote, _close, _create, _parse_create, smb_name_error
+from cachefs.remote.smb import (FILE_WRITE_DATA, SmbRemote, SmbWatch, _close, _create, _parse_create,
+                                smb_name_error)
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
@@ -623,6 +624,48 @@ def test_watch_tells_changes_within_two_seconds(remote: SmbRemote, smbd: SmbServ
         other.close()
         watch.close()
 
+
+def test_the_watch_says_it_is_incomplete_as_samba_misses_deep_disk_changes(remote: SmbRemote, smbd: SmbServer,
+                                                                          share: Path) -> None:
+    """Samba tells a change made on its own disk only in a folder someone watches itself
+    (its inotify watches are not recursive), though it tells changes made through SMB
+    anywhere in the tree: so the watch says it is not complete (``complete``), and the
+    cache keeps its checks by time while applying what is told at once. Once a
+    CHANGE_NOTIFY is held on the deep folder itself, the change is told to it, and to
+    the tree's watch too (measured here: the reason it is not done is its cost, one
+    handle per folder)."""
+    (share / "a" / "b").mkdir(parents=True)
+    watch = remote.watch()
+    other = make_remote(smbd)
+    deep = None
+
+    def told_within(seconds: float) -> list[bytes]:
+        told: list[bytes] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            told += watch.read(0.2)
+        return told
+
+    try:
+        watch.read(0.5)
+        assert watch.complete is False
+        write(share / "a" / "b" / "on-disk", b"x")  # on the server's disk, two folders deep
+        write(share / "on-disk-top", b"x")  # and in the watched folder
+        other.upload(b"a/b/by-a-client", lambda: open(os.devnull, "rb"), 0o644, b".tmp")
+        told = told_within(2.0)
+        assert b"on-disk-top" in told and b"a/b/by-a-client" in told, told
+        assert b"a/b/on-disk" not in told, "Samba told a deep change on its disk: the watch may say it is complete"
+
+        deep = SmbWatch(remote._connect_link(), "a\\b")
+        deep.read(0.5)
+        write(share / "a" / "b" / "on-disk-2", b"x")
+        assert read_until(deep, b"on-disk-2", 2.0) < 2.0
+        assert b"a/b/on-disk-2" in told_within(1.0)
+    finally:
+        other.close()
+        if deep is not None:
+            deep.close()
+        watch.close()
 
 def test_watch_ends_when_the_server_stops(remote: SmbRemote, smbd: SmbServer) -> None:
     watch = remote.watch()

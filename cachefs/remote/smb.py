@@ -1261,7 +1261,19 @@ class SmbRemote(Remote):
 class SmbWatch(Watch):
     """Paths changing in the share, as the server tells them (CHANGE_NOTIFY, re-armed
     after each answer; the server keeps the changes made in between for the open
-    folder). A path b"" means "anything may have changed" (the server's list overflowed)."""
+    folder). A path b"" means "anything may have changed" (the server's list overflowed).
+
+    ``complete`` is False: what is told is applied at once, but the cache must go on
+    checking by time. Samba (4.17, measured; ``kernel change notify`` and
+    ``notify:inotify`` on, their defaults) tells every change made through SMB anywhere
+    in the tree, but a change made on its own disk only when it is in the watched folder
+    itself: its inotify watch is not recursive, WATCH_TREE or not. (A CHANGE_NOTIFY held
+    on each folder would see them: one open handle, one inotify watch and one credit per
+    folder of the share, a cost this backend does not take.) A Windows server tells
+    everything, but cannot be told from Samba here."""
+
+    #: every change in the tree is told (see the class's docstring)
+    complete = False
 
     def __init__(self, link: _Link, root: str) -> None:
         self._link = link
