@@ -123,9 +123,9 @@ NOTIFY_FILTER = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x100 | 0x200 | 0x800
 FILETIME_EPOCH = 116444736000000000  # 1601-01-01 to 1970-01-01, in 100 ns
 CHUNK = 1 << 20  # bytes per READ/WRITE at most (Samba allows 8 MiB; 1 MiB keeps many in flight)
 CHUNK_MIN = 64 << 10  # at least (one credit)
-IN_FLIGHT = 8  # READs or WRITEs sent ahead of the first answer, at most
+IN_FLIGHT = 8  # whole CHUNKs in flight at most (8 MiB: a fast link)
 #: bytes of READs or WRITEs in flight before the link's rate is measured, and at least
-#: (``_Rate.window``): 1 MiB is answered within 1 s on a 1 MB/s link
+#: (``_Flow.window``): 1 MiB is answered within 1 s on a 1 MB/s link
 WINDOW_START = 1 << 20
 WINDOW_MIN = 128 << 10
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
@@ -288,20 +288,17 @@ def _check(response: Any) -> bytes:
 
 class _Meter:
     """The connection's socket (smbprotocol's transport reads and writes through it),
-    noting when bytes last moved either way (``moved``, monotonic) and how many came in
-    (``received``): a wait for an answer is bounded by how long nothing moved, not by
-    how long the answer takes (on a 1 MB/s link eight 1 MiB READs in flight take 8 s to
-    answer, and none is late)."""
+    noting when bytes last moved either way (``moved``, monotonic): a wait for an answer
+    is bounded by how long nothing moved, not by how long the answer takes (on a 1 MB/s
+    link eight 1 MiB READs in flight take 8 s to answer, and none is late)."""
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self.moved = time.monotonic()
-        self.received = 0
 
     def recv(self, size: int) -> bytes:
         data: bytes = self._sock.recv(size)
         if data:
-            self.received += len(data)
             self.moved = time.monotonic()
         return data
 
