@@ -21,7 +21,8 @@ from cachefs.address import RemoteAddress
 from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat,
                                  RemoteUnreachable, Upload)
 from cachefs.remote.options import ConnectOptions
-from cachefs.remote.smb import FILE_WRITE_DATA, SmbRemote, _close, _create, _parse_create, smb_name_error
+from cachefs.remote.smb import (FILE_WRITE_DATA, SmbRemote, SmbWatch, _close, _create, _parse_create,
+                                smb_name_error)
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
@@ -502,6 +503,98 @@ def test_a_silent_server_is_unreachable_within_the_timeout(smbd: SmbServer, shar
         proxy.close()
 
 
+def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: Path) -> None:
+    """Calls that wait for a connection while one is tried on a silent network fail with
+    that try, each within about one timeout, not one timeout after another."""
+    write(share / "f", b"data")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.stall()
+        with pytest.raises(RemoteUnreachable):  # (the connection is dropped: the next calls make one)
+            remote.stat(b"f")
+        took: list[float] = []
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            started = time.monotonic()
+            try:
+                remote.stat(b"f")
+            except BaseException as exc:
+                errors.append(exc)
+            took.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(errors) == 4 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+        print("calls on a silent network took", sorted(round(t, 2) for t in took))
+        assert max(took) < 2.0 + 1.0, f"calls on a silent network took {sorted(took)} s"
+        proxy.resume()
+        assert remote.read(b"f", 0, 10) == b"data"
+    finally:
+        remote.close()
+        proxy.close()
+
+
+def test_a_slow_link_transfers_whole_and_answers_between(smbd: SmbServer, share: Path) -> None:
+    """On a 1 MB/s link with a 2 s timeout, three 2 MiB reads at once (as the cache
+    fetches blocks) and a 3 MiB upload take longer than the timeout and complete: the
+    timeout bounds how long nothing moves, not a transfer. A stat made while the reads
+    are under way is answered well within the timeout (what is in flight is sized to
+    the link's rate, so a call queued behind it is not late)."""
+    import hashlib
+    import io
+
+    files = {f"big{i}".encode(): os.urandom(2 << 20) for i in range(3)}
+    for name, data in files.items():
+        write(share / name.decode(), data)
+    upload = os.urandom(3 << 20)
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.throttle(1_000_000)
+        got: dict[bytes, bytes] = {}
+        failed: list[BaseException] = []
+
+        def read(name: bytes) -> None:
+            try:
+                got[name] = remote.read(name, 0, 2 << 20)
+            except BaseException as exc:
+                failed.append(exc)
+
+        started = time.monotonic()
+        readers = [threading.Thread(target=read, args=(name,)) for name in files]
+        for reader in readers:
+            reader.start()
+        time.sleep(2.5)  # (the reads under way, the link's rate measured)
+        assert any(reader.is_alive() for reader in readers) or failed, "the reads ended early: the link was not slow"
+        asked = time.monotonic()
+        assert stat.S_ISREG(remote.stat(b"big0").mode)
+        waited = time.monotonic() - asked
+        for reader in readers:
+            reader.join(60)
+        took = time.monotonic() - started
+        assert not failed, f"a read failed on a slow link: {failed[0]!r}"
+        assert {name: hashlib.sha256(data).digest() for name, data in got.items()} == \
+            {name: hashlib.sha256(data).digest() for name, data in files.items()}
+        assert took > 4.0, f"the reads took {took:.1f} s: the link was not slow"
+        print(f"reads {took:.1f} s, a stat behind them {waited:.2f} s")
+        assert waited < 1.5, f"a stat waited {waited:.2f} s behind the reads"
+
+        started = time.monotonic()
+        remote.upload(b"up", lambda: io.BytesIO(upload), 0o644, b".up.tmp")
+        took = time.monotonic() - started
+        assert took > 2.0, f"the upload took {took:.1f} s: the link was not slow"
+        assert hashlib.sha256((share / "up").read_bytes()).digest() == hashlib.sha256(upload).digest()
+    finally:
+        remote.close()
+        proxy.close()
+
 # -- change notification ---------------------------------------------------------------------
 def read_until(watch: object, wanted: bytes, seconds: float) -> float:
     """Seconds until ``wanted`` is told (fails after ``seconds``)."""
@@ -531,6 +624,48 @@ def test_watch_tells_changes_within_two_seconds(remote: SmbRemote, smbd: SmbServ
         other.close()
         watch.close()
 
+
+def test_the_watch_says_it_is_incomplete_as_samba_misses_deep_disk_changes(remote: SmbRemote, smbd: SmbServer,
+                                                                          share: Path) -> None:
+    """Samba tells a change made on its own disk only in a folder someone watches itself
+    (its inotify watches are not recursive), though it tells changes made through SMB
+    anywhere in the tree: so the watch says it is not complete (``complete``), and the
+    cache keeps its checks by time while applying what is told at once. Once a
+    CHANGE_NOTIFY is held on the deep folder itself, the change is told to it, and to
+    the tree's watch too (measured here: the reason it is not done is its cost, one
+    handle per folder)."""
+    (share / "a" / "b").mkdir(parents=True)
+    watch = remote.watch()
+    other = make_remote(smbd)
+    deep = None
+
+    def told_within(seconds: float) -> list[bytes]:
+        told: list[bytes] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            told += watch.read(0.2)
+        return told
+
+    try:
+        watch.read(0.5)
+        assert watch.complete is False
+        write(share / "a" / "b" / "on-disk", b"x")  # on the server's disk, two folders deep
+        write(share / "on-disk-top", b"x")  # and in the watched folder
+        other.upload(b"a/b/by-a-client", lambda: open(os.devnull, "rb"), 0o644, b".tmp")
+        told = told_within(2.0)
+        assert b"on-disk-top" in told and b"a/b/by-a-client" in told, told
+        assert b"a/b/on-disk" not in told, "Samba told a deep change on its disk: the watch may say it is complete"
+
+        deep = SmbWatch(remote._connect_link(), "a\\b")
+        deep.read(0.5)
+        write(share / "a" / "b" / "on-disk-2", b"x")
+        assert read_until(deep, b"on-disk-2", 2.0) < 2.0
+        assert b"a/b/on-disk-2" in told_within(1.0)
+    finally:
+        other.close()
+        if deep is not None:
+            deep.close()
+        watch.close()
 
 def test_watch_ends_when_the_server_stops(remote: SmbRemote, smbd: SmbServer) -> None:
     watch = remote.watch()

@@ -13,10 +13,14 @@ connections and sessions per process (shared with any other user of it in the pr
 waits without a bound in its session setup and in every response, and cannot send
 several READs or WRITEs before the first answer. Here each ``SmbRemote`` has its own
 connection (``_Link``): requests from several threads are multiplexed on it (SMB2 message
-ids and credits), every answer is awaited at most ``timeout`` seconds (a silent server
-then counts as gone: the connection is dropped and the next call makes a new one), the
-login is bounded by a watchdog that closes the socket, and related requests travel as one
-compound (open + query + close: one round trip for a ``stat``).
+ids and credits), an answer is awaited until nothing has moved on the connection for
+``timeout`` seconds (``_Meter``: a transfer on a slow link may take longer, a silent
+server counts as gone: the connection is dropped and the next call makes a new one), the
+connection and login together are bounded by one ``timeout`` (a watchdog closes the
+socket), and related requests travel as one compound (open + query + close: one round
+trip for a ``stat``). READs and WRITEs in flight, of all threads, are kept to what the
+link answers within a quarter of the timeout at the rate measured (``_Flow``): a call
+queued behind a transfer on a slow link is not late.
 
 Versions: ``RemoteStat.tag`` is a 63-bit hash of the file id and the change time (100 ns),
 so a rewrite that keeps the size and the mtime second is seen, and so is a file replaced
@@ -38,6 +42,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat as stat_mod
 import struct
 import threading
@@ -116,8 +121,13 @@ WATCH_TREE = 0x1
 NOTIFY_FILTER = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x100 | 0x200 | 0x800
 
 FILETIME_EPOCH = 116444736000000000  # 1601-01-01 to 1970-01-01, in 100 ns
-CHUNK = 1 << 20  # bytes per READ/WRITE (Samba allows 8 MiB; 1 MiB keeps many in flight)
-IN_FLIGHT = 8  # READs or WRITEs sent ahead of the first answer
+CHUNK = 1 << 20  # bytes per READ/WRITE at most (Samba allows 8 MiB; 1 MiB keeps many in flight)
+CHUNK_MIN = 64 << 10  # at least (one credit)
+IN_FLIGHT = 8  # whole CHUNKs in flight at most (8 MiB: a fast link)
+#: bytes of READs or WRITEs in flight before the link's rate is measured, and at least
+#: (``_Flow.window``): 1 MiB is answered within 1 s on a 1 MB/s link
+WINDOW_START = 1 << 20
+WINDOW_MIN = 128 << 10
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
@@ -276,18 +286,106 @@ def _check(response: Any) -> bytes:
     return body
 
 
+class _Meter:
+    """The connection's socket (smbprotocol's transport reads and writes through it),
+    noting when bytes last moved either way (``moved``, monotonic): a wait for an answer
+    is bounded by how long nothing moved, not by how long the answer takes (on a 1 MB/s
+    link eight 1 MiB READs in flight take 8 s to answer, and none is late)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.moved = time.monotonic()
+
+    def recv(self, size: int) -> bytes:
+        data: bytes = self._sock.recv(size)
+        if data:
+            self.moved = time.monotonic()
+        return data
+
+    def send(self, data: bytes) -> int:
+        sent: int = self._sock.send(data)
+        if sent:
+            self.moved = time.monotonic()
+        return sent
+
+    def fileno(self) -> int:  # (select)
+        return int(self._sock.fileno())
+
+    def __getattr__(self, name: str) -> Any:  # settimeout, shutdown, close
+        return getattr(self._sock, name)
+
+
+class _Flow:
+    """One direction of a link's transfers (READ data coming, WRITE data going): the
+    bytes in flight, of every thread's transfer, and the rate the link carries them (an
+    average over the last second or so of answers while requests were in flight; 0
+    before any). What is in flight is kept to what the link answers within a quarter of
+    the timeout: a request queued behind it (a ping, a stat) is not late."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self.in_flight = 0
+        self.done = 0  # bytes answered
+        self._lock = threading.Lock()
+
+    def window(self, timeout: float) -> tuple[int, int]:
+        """(bytes in flight, bytes a request): ``rate * timeout / 4``, at least
+        ``WINDOW_MIN``, at most ``IN_FLIGHT`` whole chunks; before any measure
+        ``WINDOW_START``. A request is a quarter of the window (several in flight: the
+        link stays busy while one is answered), a multiple of ``CHUNK_MIN``."""
+        if not self.rate:
+            window = WINDOW_START
+        else:
+            window = int(min(IN_FLIGHT * CHUNK, max(WINDOW_MIN, self.rate * timeout / 4)))
+        chunk = max(CHUNK_MIN, min(CHUNK, window // 4) // CHUNK_MIN * CHUNK_MIN)
+        return window, chunk
+
+    def take(self, size: int, window: int, first: bool) -> bool:
+        """Whether ``size`` more bytes may be sent now (counted in flight if so);
+        ``first``: the transfer has nothing in flight (it may always send one)."""
+        with self._lock:
+            if not first and self.in_flight + size > window:
+                return False
+            self.in_flight += size
+            return True
+
+    def give(self, size: int, answered: bool = True) -> None:
+        with self._lock:
+            self.in_flight -= size
+            if answered:
+                self.done += size
+
+    def sample(self, since: tuple[float, int]) -> tuple[float, int]:
+        """The rate since ``since`` (the time and ``done`` at a previous answer of a
+        transfer that had requests in flight all along); the new mark."""
+        now, done = time.monotonic(), self.done
+        seconds = now - since[0]
+        if seconds > 0.001:
+            rate = (done - since[1]) / seconds
+            weight = min(1.0, seconds)  # (a long sample says more than a short one)
+            self.rate = rate if not self.rate else (1 - weight) * self.rate + weight * rate
+        return now, done
+
+
 class _Link:
     """One SMB connection with its session and tree connect, shared by threads.
 
     ``send`` gives message ids and waits for credits under ``_send_lock``; ``wait`` waits
-    for one answer at most ``timeout`` seconds without a lock."""
+    for one answer without a lock, until nothing moved on the connection for ``timeout``
+    seconds (``_Meter``)."""
 
     def __init__(self, connection: Any, session: Any, tree: Any, timeout: float) -> None:
         self.connection = connection
         self.session = session
         self.tree = tree
         self.timeout = timeout
+        self.meter: _Meter = connection.transport._sock
+        self.reads = _Flow()
+        self.writes = _Flow()
         self.dead = False
+        #: ended because an answer did not come in time (not by the server: a call that
+        #: finds it so does not try a new connection, see ``SmbRemote._call``)
+        self.timed_out = False
         self.sent = 0  # sends made on it, all threads
         self.calls = threading.local()  # .sent: sends made by the current operation
         self._send_lock = threading.Lock()
@@ -297,11 +395,13 @@ class _Link:
     def send(self, messages: list[Any], related: bool = False) -> list[Any]:
         """Send ``messages`` (one compound when several), waiting for credits."""
         connection = self.connection
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
         with self._send_lock:
             while True:
                 if not self.alive():  # (the server closed it, maybe while idle: nothing sent)
                     self.dead = True
+                    if self.timed_out:  # (another call's answer did not come: the network)
+                        raise _Closed(f"no answer from the server within {self.timeout:g} s")
                     raise _Closed("the server closed the connection",
                                   unsent=getattr(self.calls, "sent", 1) == 0)
                 window = connection.sequence_window
@@ -309,7 +409,8 @@ class _Link:
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
                 if available >= needed:
                     break
-                if self.dead or time.monotonic() > deadline:
+                if self.dead or time.monotonic() > max(start, self.meter.moved) + self.timeout:
+                    self.timed_out = True
                     raise _Closed(f"no credits from the server within {self.timeout:g} s")
                 time.sleep(0.001)  # (answers grant credits: the receiver thread adds them)
             # (each request asks for more credits until the window is wide enough)
@@ -334,14 +435,18 @@ class _Link:
         return (not self.dead and worker is not None and worker.is_alive()
                 and self.connection._t_exc is None and self.connection.transport.connected)
 
-    def wait(self, request: Any, timeout: float | None = None) -> Any:
-        """The final answer to ``request`` (an interim STATUS_PENDING is waited past)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    def wait(self, request: Any) -> Any:
+        """The final answer to ``request`` (an interim STATUS_PENDING is waited past),
+        waited for while bytes keep coming: until nothing moved on the connection for
+        ``timeout`` seconds since the wait began (then the link is dead: a silent network)."""
+        start = time.monotonic()
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not request.response_event.wait(left):
-                self.dead = True
+            left = max(start, self.meter.moved) + self.timeout - time.monotonic()
+            if left <= 0:
+                self.dead = self.timed_out = True
                 raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            if not request.response_event.wait(left):
+                continue  # (bytes may have moved meanwhile: the deadline is looked at again)
             with request.response_event_lock:
                 response = request.response
                 if response is None or self.connection._t_exc is not None:
@@ -363,6 +468,10 @@ class _Link:
         """Close the socket, without a logoff (smbprotocol waits for the answers to a
         logoff without a bound; the server ends the session with the connection)."""
         self.dead = True
+        try:  # (at once: a send blocked on a silent network ends, as does the receiver)
+            self.meter.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.connection.disconnect(False)
         except Exception as exc:
@@ -516,6 +625,8 @@ class SmbRemote(Remote):
                             + ("/" + "/".join(parts) if parts else ""))
         self._lock = threading.Lock()
         self._link: _Link | None = None
+        self._tried = 0  # tries to connect that ended (under ``_lock``)
+        self._failure: RemoteUnreachable | None = None  # why the last one could not be made
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -564,10 +675,12 @@ class SmbRemote(Remote):
         can work, then each password in turn (a password asked for on the terminal is
         asked before a connection is opened for it: no server waits on someone typing)."""
         if _kerberos_possible():
-            connection = self._open()
+            deadline = time.monotonic() + self.timeout
+            connection = self._open(deadline)
             try:
-                session = self._bounded(connection, lambda: _session(connection, self.user, None, "kerberos"))
-                return self._tree(connection, session)
+                session = self._bounded(connection, deadline,
+                                        lambda: _session(connection, self.user, None, "kerberos"))
+                return self._tree(connection, session, deadline)
             except _LoginFailed as exc:
                 _close_quietly(connection)
                 log.debug("Kerberos login not possible: %s", exc)
@@ -580,9 +693,11 @@ class SmbRemote(Remote):
             f"Password for {self.user} on {self.host} (SMB): ")
         for password in passwords:
             for protocol in ("negotiate", "ntlm"):
-                connection = self._open()
+                deadline = time.monotonic() + self.timeout
+                connection = self._open(deadline)
                 try:
-                    session = self._bounded(connection, lambda: _session(connection, self.user, password, protocol))
+                    session = self._bounded(connection, deadline,
+                                            lambda: _session(connection, self.user, password, protocol))
                 except _LoginFailed as exc:
                     _close_quietly(connection)
                     if exc.status in STATUS_LOGON:
@@ -598,17 +713,18 @@ class SmbRemote(Remote):
                 if secrets is not None:
                     secrets.password_worked(password)
                 try:
-                    return self._tree(connection, session)
+                    return self._tree(connection, session, deadline)
                 except BaseException:
                     _close_quietly(connection)
                     raise
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
 
-    def _open(self) -> Any:
-        """A TCP connection with the dialect negotiated (bounded by the timeout)."""
+    def _open(self, deadline: float) -> Any:
+        """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
+        the login and the share's connect together take at most one ``timeout``)."""
         connection = Connection(uuid.uuid4(), self.host, self.port)
         try:
-            connection.connect(timeout=self.timeout)
+            connection.connect(timeout=max(0.1, deadline - time.monotonic()))
         except (ValueError, OSError, SMBException) as exc:
             _close_quietly(connection)
             reason = _reason(exc)
@@ -616,12 +732,14 @@ class SmbRemote(Remote):
                 reason = reason.split("': ", 1)[1]
             shown = self.host if ":" not in self.host else f"[{self.host}]"
             raise RemoteUnreachable(f"cannot connect to {shown}:{self.port}: {reason}") from None
+        # (smbprotocol's receiver looks the socket up at each recv: from now on it is metered)
+        connection.transport._sock = _Meter(connection.transport._sock)
         return connection
 
-    def _bounded(self, connection: Any, work: Callable[[], T]) -> T:
+    def _bounded(self, connection: Any, deadline: float, work: Callable[[], T]) -> T:
         """``work`` (a session setup, a tree connect: smbprotocol waits for their answers
         without a bound) with a watchdog that closes the socket after the timeout."""
-        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), lambda: _close_quietly(connection))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -635,11 +753,11 @@ class SmbRemote(Remote):
         finally:
             watchdog.cancel()
 
-    def _tree(self, connection: Any, session: Any) -> _Link:
+    def _tree(self, connection: Any, session: Any, deadline: float) -> _Link:
         """The share connected: the link."""
         tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
         try:
-            self._bounded(connection, tree.connect)
+            self._bounded(connection, deadline, tree.connect)
         except _LoginFailed as exc:
             if exc.status == 0xC00000CC:  # BAD_NETWORK_NAME
                 raise RemoteRefused(f"{self.description}: the server has no share named "
@@ -658,6 +776,10 @@ class SmbRemote(Remote):
         self.connect()
 
     def _get_link(self) -> _Link:
+        """The current link, or a new one. A call that waited while another thread tried
+        to connect, and failed, fails with it rather than try again after it: on a silent
+        network calls queued here would otherwise each wait a ``timeout`` in turn."""
+        tried = self._tried  # (read before waiting for the lock)
         with self._lock:
             link = self._link
             if link is not None and not link.dead:
@@ -665,7 +787,19 @@ class SmbRemote(Remote):
             if link is not None:
                 link.close()
             self._link = None
-            link = self._connect_link()
+            if self._tried != tried and self._failure is not None:  # (one ended while this call waited)
+                raise RemoteUnreachable(str(self._failure))
+            try:
+                link = self._connect_link()
+            except RemoteUnreachable as exc:
+                self._failure = exc
+                raise
+            except BaseException:
+                self._failure = None  # (a refusal: each call finds out for itself)
+                raise
+            finally:
+                self._tried += 1
+            self._failure = None
             self._link = link
             return link
 
@@ -689,7 +823,7 @@ class SmbRemote(Remote):
                 link.close()
                 # (a connection that had worked, found closed before this operation sent
                 # anything: safe to send it on a new one)
-                if attempt == 1 and worked and exc.unsent:
+                if attempt == 1 and worked and exc.unsent and not link.timed_out:
                     log.debug("SMB connection found closed: a new one")
                     continue
                 raise RemoteUnreachable(f"{self.description}: {exc}") from None
@@ -1124,7 +1258,19 @@ class SmbRemote(Remote):
 class SmbWatch(Watch):
     """Paths changing in the share, as the server tells them (CHANGE_NOTIFY, re-armed
     after each answer; the server keeps the changes made in between for the open
-    folder). A path b"" means "anything may have changed" (the server's list overflowed)."""
+    folder). A path b"" means "anything may have changed" (the server's list overflowed).
+
+    ``complete`` is False: what is told is applied at once, but the cache must go on
+    checking by time. Samba (4.17, measured; ``kernel change notify`` and
+    ``notify:inotify`` on, their defaults) tells every change made through SMB anywhere
+    in the tree, but a change made on its own disk only when it is in the watched folder
+    itself: its inotify watch is not recursive, WATCH_TREE or not. (A CHANGE_NOTIFY held
+    on each folder would see them: one open handle, one inotify watch and one credit per
+    folder of the share, a cost this backend does not take.) A Windows server tells
+    everything, but cannot be told from Samba here."""
+
+    #: every change in the tree is told (see the class's docstring)
+    complete = False
 
     def __init__(self, link: _Link, root: str) -> None:
         self._link = link
@@ -1205,47 +1351,87 @@ def _parse_notify(buffer: bytes) -> list[bytes]:
 # -- helpers ----------------------------------------------------------------------------------
 def _read_range(link: _Link, handle: bytes, offset: int, length: int,
                 sink: Callable[[int, bytes], object]) -> int:
-    """READs of ``length`` bytes at ``offset``, up to ``IN_FLIGHT`` sent ahead; each
-    piece to ``sink``. The count of bytes up to the first short answer (end of file)."""
-    chunk = link.max_read
+    """READs of ``length`` bytes at ``offset``, sent ahead as the link's read window
+    allows (``_Flow``); each piece to ``sink``. The count of bytes up to the first short
+    answer (end of file)."""
+    flow = link.reads
     pending: list[tuple[int, int, Any]] = []
     position, end, got, at_end = offset, offset + length, 0, False
-    while pending or (position < end and not at_end):
-        while not at_end and position < end and len(pending) < IN_FLIGHT:
-            size = min(chunk, end - position)
-            pending.append((position, size, link.send([_read_request(handle, position, size)])[0]))
-            position += size
-        start, size, request = pending.pop(0)
-        answer = link.wait(request)
-        if answer["status"].get_value() == STATUS_END_OF_FILE:
-            at_end = True
-            continue
-        data = _read_data(_check(answer))
-        if data:
-            sink(start, data)
-        if not at_end and start == offset + got:
-            got += len(data)
-        if len(data) < size:
-            at_end = True
+    mark: tuple[float, int] | None = None  # (time, flow.done) at the previous answer
+    try:
+        while pending or (position < end and not at_end):
+            window, chunk = flow.window(link.timeout)
+            while not at_end and position < end:
+                size = min(chunk, link.max_read, end - position)
+                if not flow.take(size, window, first=not pending):
+                    break
+                try:
+                    pending.append((position, size, link.send([_read_request(handle, position, size)])[0]))
+                except BaseException:
+                    flow.give(size, answered=False)
+                    raise
+                position += size
+            start, size, request = pending[0]
+            answer = link.wait(request)
+            pending.pop(0)
+            flow.give(size)
+            if mark is not None and pending:  # (requests in flight since the previous answer)
+                mark = flow.sample(mark)
+            else:
+                mark = (time.monotonic(), flow.done)
+            if answer["status"].get_value() == STATUS_END_OF_FILE:
+                at_end = True
+                continue
+            data = _read_data(_check(answer))
+            if data:
+                sink(start, data)
+            if not at_end and start == offset + got:
+                got += len(data)
+            if len(data) < size:
+                at_end = True
+    finally:
+        for _start, size, _request in pending:  # (a failure: their answers are not awaited)
+            flow.give(size, answered=False)
     return got
 
 
 def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
-    """WRITEs of the whole stream, up to ``IN_FLIGHT`` sent ahead."""
-    pending: list[Any] = []
+    """WRITEs of the whole stream, sent ahead as the link's write window allows (see
+    ``_read_range``)."""
+    flow = link.writes
+    pending: list[tuple[int, Any]] = []
     position = 0
-    while True:
-        try:
-            data = stream.read(link.max_write)
-        except OSError as exc:  # (the local content, not the server: that upload alone fails)
-            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
-        if data:
-            pending.append(link.send([_write_request(handle, position, data)])[0])
+    mark: tuple[float, int] | None = None
+    try:
+        while True:
+            window, chunk = flow.window(link.timeout)
+            try:
+                data = stream.read(min(chunk, link.max_write))
+            except OSError as exc:  # (the local content, not the server: that upload alone fails)
+                raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+            while pending and (not data or not flow.take(len(data), window, first=False)):
+                size, request = pending[0]
+                answer = link.wait(request)
+                pending.pop(0)
+                flow.give(size)
+                if mark is not None and pending:
+                    mark = flow.sample(mark)
+                else:
+                    mark = (time.monotonic(), flow.done)
+                _check(answer)
+            if not data:
+                return
+            if not pending:
+                flow.take(len(data), window, first=True)  # (a first request is always taken)
+            try:
+                pending.append((len(data), link.send([_write_request(handle, position, data)])[0]))
+            except BaseException:
+                flow.give(len(data), answered=False)
+                raise
             position += len(data)
-        while pending and (len(pending) >= IN_FLIGHT or not data):
-            _check(link.wait(pending.pop(0)))
-        if not data:
-            return
+    finally:
+        for size, _request in pending:
+            flow.give(size, answered=False)
 
 
 def _discard(link: _Link, handle: bytes, closed: bool = False) -> None:
