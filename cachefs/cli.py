@@ -799,6 +799,9 @@ def _passthrough_text(state: dict[str, Any]) -> str:
 
 
 def _callbacks_text(state: dict[str, Any]) -> str:
+    if state.get("live") and state.get("partial"):
+        return (f"live, partial ({state.get('changes', 0)} changes told by the server; "
+                "what it does not tell is checked after --attr-timeout)")
     if state.get("live"):
         return f"live ({state.get('changes', 0)} changes told by the server)"
     return f"off ({state.get('off') or 'not running'}; checks after --attr-timeout)"

@@ -790,6 +790,24 @@ def test_an_online_mount_sees_server_changes_within_2s(smbd: SmbServer, share: P
         other.close()
 
 
+def test_a_disk_change_samba_does_not_tell_is_still_seen_by_time(smbd: SmbServer, share: Path,
+                                                                   tmp_path: Path) -> None:
+    """Samba tells no change made on its own disk two folders below the watch: the
+    callbacks are live but partial, so the listings are not trusted and such a change is
+    seen once --attr-timeout (here 1 s) has passed, as without callbacks."""
+    write(share / "a" / "b" / "deep.txt", b"before")
+    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
+        mnt = mount.mountpoint
+        assert (mnt / "a" / "b" / "deep.txt").read_bytes() == b"before"
+        wait_for(lambda: (status(mnt).get("callbacks") or {}).get("live"), 10, "callbacks live")
+        assert status(mnt)["callbacks"]["partial"] is True
+        write(share / "a" / "b" / "deep.txt", b"after, longer")
+        write(share / "a" / "b" / "new.txt", b"new")
+        wait_for(lambda: (mnt / "a" / "b" / "deep.txt").read_bytes() == b"after, longer", 5,
+                 "a deep disk change, by time")
+        wait_for(lambda: os.path.exists(mnt / "a" / "b" / "new.txt"), 5, "a deep disk creation, by time")
+
+
 def test_a_mount_with_a_wrong_password_fails_in_one_line(smbd: SmbServer, tmp_path: Path) -> None:
     import subprocess
     import sys

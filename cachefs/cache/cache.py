@@ -374,7 +374,8 @@ class Cache:
         callbacks = self._callbacks
         return {"connectivity": conn.state.value, "remote": conn.remote.description,
                 "last_online": conn.last_online, "last_error": conn.last_error,
-                "callbacks": {"live": callbacks.live, "off": callbacks.why_not, "changes": callbacks.changes}}
+                "callbacks": {"live": callbacks.live, "off": callbacks.why_not, "changes": callbacks.changes,
+                              "partial": callbacks.live and callbacks.partial}}
 
     def work_offline(self) -> None:
         self._conn.work_offline()

@@ -58,6 +58,8 @@ class Callbacks:
         self.why_not: str | None = "not started" if using != "off" else "turned off (--callbacks off)"
         self.changes = 0  # changes told since the mount started
         self.went_live = False  # the last watcher started went live
+        #: the live watcher tells only some changes (``Watch.complete`` False): not trusted
+        self.partial = False
         self._pending: dict[int, set[bytes]] = {}  # folder -> names changed, not yet refreshed
         self._online = trio.Event()
         conn.on_online(lambda: self._online.set())
@@ -129,6 +131,14 @@ class Callbacks:
                 self.went_live = True
                 self.live_since = time.monotonic()
                 self.why_not = None
+                self.partial = not watch.complete
+                if self.partial:
+                    # Some changes go untold (Samba: disk changes below the folder watched):
+                    # what is told is applied at once, the rest is still checked by time.
+                    log.info("callbacks live, partial: the server tells changes made through it; "
+                             "checks by time go on for the rest (%.1f s to watch the share)",
+                             self.live_since - started)
+                    continue
                 self.listings.trust(self.live_since)
                 # What was listed just before counts as current by time only: listed
                 # again now, it stays current while the callbacks live, and its next use

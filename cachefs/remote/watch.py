@@ -192,6 +192,10 @@ class Watch(ABC):
 
     started = False
     ready = False
+    #: whether every change there is told (False: some are not, e.g. Samba's disk changes
+    #: below the folder watched; the cache then applies what is told and goes on checking
+    #: by time)
+    complete = True
 
     @abstractmethod
     def read(self, timeout: float) -> list[bytes]:
