@@ -8,7 +8,14 @@ docs' names are real, as a reader's own machine would have them:
   ``~/.ssh/known_hosts`` that already has its key (as after a first ``ssh fileserver``);
   ``~/.ssh/id_ed25519`` is a key it takes;
 - its SFTP login folder holds ``projects``, the demo's sample share
-  (``devtools.demo.make_share``: README.txt, docs/notes.txt, docs/plan.md, photos/, ...);
+  (``devtools.demo.make_share``: README.txt, docs/notes.txt, docs/plan.md, photos/, ...),
+  its ``/srv/share``;
+- the docs' SMB and WebDAV addresses (``smb://``, ``dav://``, ``davs://``, whatever the
+  host) are this test's own servers serving that same folder, each started when a block
+  first needs it: a private smbd (``devtools.smbserver``), an Apache for ``dav://`` and
+  one with TLS for ``davs://`` (``devtools.davserver``), whose certificate
+  ``SSL_CERT_FILE`` trusts; their password is in ``CACHEFS_PASSWORD``, and in any
+  ``--password-file`` a block names;
 - ``~`` is a fresh home (``HOME``) with the empty mount points the docs use;
 - ``cachefs`` and ``python`` are on ``PATH`` (the venv's), the working folder is the checkout.
 
@@ -26,7 +33,8 @@ markdown:
 - ``<!-- run: WORD[, WORD] -->`` with ``offline`` (the mount offline by request),
   ``conflict`` (``docs/notes.txt`` changed on both sides and replayed: a ``changed-both``
   conflict), ``stale`` (the mount's process killed), and ``each line`` (the lines are
-  alternatives: each runs alone, from the state).
+  alternatives: each runs alone, from the state); and ``smb``, ``dav``, ``davs`` (the block
+  runs once for each named, on ``~/projects`` mounted from that server instead of SFTP).
 
 What a block shows is checked: every command's exit status (``set -e``); a command whose
 comment has a double-quoted text shows that text (``# "pending": 1``; a comment with
@@ -41,6 +49,7 @@ import getpass
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -52,16 +61,22 @@ from pathlib import Path
 
 import pytest
 
+from devtools.davserver import DavServer
 from devtools.demo import make_share
 from devtools.devserver import SshServer
+from devtools.smbserver import SmbServer
 from tests.fixtures.mount import fusermount_unmount, is_mounted
 from tests.test_docs import SHELL_LANGS, code_blocks, markdown_files, shell_lines
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_TIMEOUT = 60.0
+#: the empty mount points the docs use, under ~
+MOUNT_POINTS = ("projects", "share", "projects-offline", "documents", "files", "cloud", "dav")
 
 #: (pattern in a block's text, what runs instead, why): the docs' names that cannot be real
 SUBSTITUTIONS: list[tuple[str, str, str]] = [
+    (r"\b(smb|davs?)://alice@[\w.-]+(?::\d+)?(?:/\S*)?", r"{\1}",
+     "the docs' SMB and WebDAV hosts, ports and shares: this test's smbd or Apache (free port)"),
     (r"sftp://alice@fileserver(:2222)?/home/alice/", "sftp://{user}@fileserver{port_part}{server_home}/",
      "an absolute path on the server: its login folder"),
     (r"/srv/share\b", "{server_home}/projects", "an absolute path on the server: the share"),
@@ -77,6 +92,7 @@ MOUNT_LINE = re.compile(r"^(?:cachefs\s+mount|python3?\s+mount\.py|mkdir)\b")
 RECOVER_LINE = re.compile(r"^cachefs\s+recover\b")
 MARK = re.compile(r"<!--\s*(not run|run):\s*(.*?)\s*-->")
 STATES = {"offline", "conflict", "stale"}
+PROTOCOLS = ("smb", "dav", "davs")  # run words: the block runs on ~/projects mounted from each
 
 
 @dataclass
@@ -126,7 +142,7 @@ def doc_blocks() -> list[Block]:
             else:
                 lines, outputs = [t for _, t in shell_lines(body, console=False)], {}
             words = {w.strip() for w in arg.split(",")} if kind == "run" else set()
-            unknown = words - STATES - {"each line"}
+            unknown = words - STATES - set(PROTOCOLS) - {"each line"}
             assert not unknown, f"{path.name}:{first}: unknown words in <!-- run: {arg} -->: {unknown}"
             found.append(Block(f"{path.relative_to(REPO)}:{first}", lang, lines, outputs,
                                arg if kind == "not run" else None, words))
@@ -146,6 +162,10 @@ class World:
         self.local_share = root / "nfs" / "projects"
         self.server = SshServer(root / "sshd", share=self.share, sftp_start_dir=self.server_home)
         self.user = getpass.getuser()
+        self.password = secrets.token_urlsafe(12)  # the SMB and WebDAV servers'
+        self.others: dict[str, SmbServer | DavServer] = {}  # scheme -> server, started when needed
+        self.davs_cert = root / "davs" / "cert.pem"
+        self.protocol = ""  # what ~/projects was mounted from by ``mounted`` ("" for none)
         self.bin = root / "bin"
         self.ending: list[int] = []  # mount processes unmounted, not yet waited for
 
@@ -171,6 +191,7 @@ class World:
         """No mount, no cache, the demo's share as it was made, the mount points empty, the
         server's key known (as after a first ``ssh fileserver``: under its HostKeyAlias)."""
         self.unmount_all(wait=False)
+        self.protocol = ""  # (a block may mount ~/projects itself)
         key_type, key = self.server.host_key_pub.read_text().split()[:2]
         (self.home / ".ssh" / "known_hosts").write_text(f"fileserver {key_type} {key}\n")
         if (self.home / ".cache").exists():
@@ -181,12 +202,14 @@ class World:
         for share in (self.share, self.local_share):
             shutil.rmtree(share, ignore_errors=True)
             make_share(share)
-        for name in ("projects", "share", "projects-offline", "rescued"):
+        target = self.home / "rescued"
+        if target.exists():
+            shutil.rmtree(target)
+        for name in MOUNT_POINTS:
             target = self.home / name
             if target.exists() and not is_mounted(target):
                 shutil.rmtree(target)
-        for name in ("projects", "share", "projects-offline"):
-            (self.home / name).mkdir()
+            target.mkdir(exist_ok=True)
         config = self.home / ".config"
         config.mkdir(exist_ok=True)
         (config / "cachefs.key").write_text("a key file for the docs' encrypted cache\n")
@@ -196,16 +219,37 @@ class World:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("XDG_", "SSH_", "CACHEFS_")) and k not in ("PYTHONPATH",)}
-        env.update(HOME=str(self.home), PYTHONPATH=str(REPO),
+        env.update(HOME=str(self.home), PYTHONPATH=str(REPO), CACHEFS_PASSWORD=self.password,
                    PATH=f"{self.bin}:{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        if self.davs_cert.exists():
+            env["SSL_CERT_FILE"] = str(self.davs_cert)
         return env
 
+    def other(self, scheme: str) -> SmbServer | DavServer:
+        """The SMB or WebDAV server of ``scheme`` (smb, dav, davs), started at first need:
+        the sftp share's folder served as its share, this world's password."""
+        if scheme not in self.others:
+            workdir = self.root / scheme
+            if scheme == "smb":
+                server: SmbServer | DavServer = SmbServer(workdir, self.share, password=self.password)
+            else:
+                server = DavServer(workdir, self.share, user=self.user, password=self.password,
+                                   tls=scheme == "davs")
+            server.start()
+            self.others[scheme] = server
+        return self.others[scheme]
+
+    def stop(self) -> None:
+        for server in self.others.values():
+            server.stop()
+        self.server.stop()
+
     def substitute(self, text: str) -> str:
-        values = {"user": self.user, "port": str(self.server.port), "port_part": f":{self.server.port}",
-                  "server_home": str(self.server_home), "local_share": str(self.local_share),
-                  "cache_dir": str(self.cache_dir()), "home": str(self.home)}
+        values = _Values(self, user=self.user, port=str(self.server.port), port_part=f":{self.server.port}",
+                         server_home=str(self.server_home), local_share=str(self.local_share),
+                         cache_dir=str(self.cache_dir()), home=str(self.home))
         for pattern, replacement, _why in SUBSTITUTIONS:
-            text = re.sub(pattern, lambda m: replacement.format(**values), text)
+            text = re.sub(pattern, lambda m: m.expand(replacement).format_map(values), text)
         return text
 
     def cache_dir(self) -> Path:
@@ -264,10 +308,11 @@ class World:
         self.ending = []
         shutil.rmtree(self.root / "trash", ignore_errors=True)
 
-    def mounted(self) -> Path:
-        """~/projects mounted from fileserver:projects, online, nothing pending."""
+    def mounted(self, protocol: str = "sftp") -> Path:
+        """~/projects mounted from fileserver:projects (or the ``protocol``'s server),
+        online, nothing pending."""
         mnt = self.home / "projects"
-        if mnt in self.mounts():
+        if mnt in self.mounts() and self.protocol == protocol:
             try:
                 s = self.status(mnt)
                 if s["state"] == "online" and s["pending"] and not s["conflicts"]:
@@ -278,17 +323,22 @@ class World:
             except (OSError, ValueError):
                 pass
         self.reset()
-        self.cachefs("mount", f"{self.user}@fileserver:projects", str(mnt))
+        if protocol == "sftp":
+            self.cachefs("mount", f"{self.user}@fileserver:projects", str(mnt))
+        else:
+            server = self.other(protocol)
+            self.cachefs("mount", server.address(), str(mnt), *server.mount_args())
+        self.protocol = protocol
         return mnt
 
-    def prepare(self, state: str) -> None:
+    def prepare(self, state: str, protocol: str = "sftp") -> None:
         if state == "fresh":
             self.reset()
         elif state == "unmounted":
-            self.mounted()
+            self.mounted(protocol)
             self.unmount_all()
         else:
-            mnt = self.mounted()
+            mnt = self.mounted(protocol)
             if state == "offline":
                 self.control(mnt, "offline")
             elif state == "conflict":
@@ -306,6 +356,20 @@ class World:
                 pid = self.status(mnt)["pid"]
                 os.kill(pid, signal.SIGKILL)
                 _end(pid)
+
+
+class _Values(dict[str, str]):
+    """A substitution's values; ``smb``, ``dav``, ``davs``: that server's address (of its
+    share's top), the server started at first need."""
+
+    def __init__(self, world: World, **values: str) -> None:
+        super().__init__(**values)
+        self.world = world
+
+    def __missing__(self, key: str) -> str:
+        if key not in PROTOCOLS:
+            raise KeyError(key)
+        return self.world.other(key).address()
 
 
 def _end(pid: int, within: float = 20.0) -> None:
@@ -330,7 +394,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         try:
             world.unmount_all()
         finally:
-            world.server.stop()
+            world.stop()
 
 
 # -- running a block ----------------------------------------------------------------------
@@ -358,15 +422,23 @@ def _state_of(block: Block, lines: list[str]) -> str:
     return "mounted"
 
 
-def run_lines(world: World, block: Block, indexes: list[int]) -> None:
+def run_lines(world: World, block: Block, indexes: list[int], protocol: str = "sftp") -> None:
     lines = [block.lines[i] for i in indexes]
-    world.prepare(_state_of(block, lines))
+    where = block.where if protocol == "sftp" else f"{block.where} (on {protocol})"
+    world.prepare(_state_of(block, lines), protocol)
     out = world.root / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     script = ["set -e"]
     for n, line in enumerate(lines):
         command = world.substitute(line)
+        for password_file in re.findall(r"--password-file[= ](\S+)", command):
+            # a reader's own password file, holding the SMB and WebDAV servers' password
+            path = world.home / password_file[2:] if password_file.startswith("~/") else Path(password_file)
+            if not path.exists() and path.is_relative_to(world.home):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(world.password + "\n")
+                path.chmod(0o600)
         if re.match(r"^cachefs\s+mount\b.*\s(--foreground|-f)\b", command):
             # stays attached until unmounted: run it as a reader would in another terminal
             command = (f"{command} & for i in $(seq 100); do grep -q ' {world.home}/' /proc/self/mountinfo "
@@ -384,12 +456,12 @@ def run_lines(world: World, block: Block, indexes: list[int]) -> None:
     shown = {n: (out / str(n)).read_text(errors="replace") for n in range(len(lines)) if (out / str(n)).exists()}
     last = max(shown) if shown else 0
     assert result.returncode == 0, (
-        f"{block.where}: exit status {result.returncode} at {lines[last]!r}\n"
+        f"{where}: exit status {result.returncode} at {lines[last]!r}\n"
         f"ran: {world.substitute(lines[last])}\noutput:\n{shown.get(last, '')}{result.stderr}")
     for n, (index, line) in enumerate(zip(indexes, lines)):
         _, expected = _expectation(line)
         if expected is not None:
-            assert expected in shown[n], f"{block.where}: {line!r} should show {expected!r}; it showed:\n{shown[n]}"
+            assert expected in shown[n], f"{where}: {line!r} should show {expected!r}; it showed:\n{shown[n]}"
         for want in block.outputs.get(index, []):
             _check_console_line(world, block, line, world.substitute(want), shown[n])
 
@@ -443,8 +515,9 @@ def test_blocks_not_run_say_why() -> None:
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.not_run is None], ids=lambda b: b.where)
 def test_block_runs_as_written(world: World, block: Block) -> None:
     assert block.lines, f"{block.where}: a shell block with no command"
-    if "each line" in block.words:
-        for i in range(len(block.lines)):
-            run_lines(world, block, [i])
-    else:
-        run_lines(world, block, list(range(len(block.lines))))
+    for protocol in [p for p in PROTOCOLS if p in block.words] or ["sftp"]:
+        if "each line" in block.words:
+            for i in range(len(block.lines)):
+                run_lines(world, block, [i], protocol)
+        else:
+            run_lines(world, block, list(range(len(block.lines))), protocol)
