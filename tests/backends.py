@@ -8,8 +8,8 @@ after the test, even when it fails. Touches no cachefs internals: only the comma
 tests/fixtures/mount.py's ``Mount``.
 
 What a protocol cannot carry is written down once here (``Caps``), with the protocol's
-reason, so that a test skips with that reason (``backend.skip_unless("symlinks")``) instead
-of each test knowing a backend's type. When a backend's class declares
+reason, so that a test checks the refusal where the protocol cannot carry a thing (EPERM
+at once for a symlink on SMB) instead of each test knowing a backend's type. When a backend's class declares
 ``capabilities`` (cachefs.remote.base.Capabilities), that declaration is what is tested;
 the table below is the fallback for classes that declare none yet.
 
@@ -80,8 +80,8 @@ def _smb_refuses(name: bytes) -> tuple[int, str] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Caps:
-    """What a protocol carries; ``why`` holds, for each thing it does not, the reason a
-    test's skip states."""
+    """What a protocol carries; ``why`` holds, for each thing it does not, the protocol's
+    reason (for the messages of the tests that check the refusal)."""
 
     symlinks: bool
     hard_links: bool
@@ -156,11 +156,6 @@ class Backend:
 
     # -- what tests call -------------------------------------------------------------------
 
-    def skip_unless(self, what: str) -> None:
-        """Skip the test, with the protocol's reason, when ``what`` is not carried."""
-        if not getattr(self.caps, what):
-            pytest.skip(f"{self.name}: {self.caps.reason(what)}")
-
     def address(self, through: TcpProxy | None = None) -> str:
         if self.server is None:
             return str(self.share)
@@ -225,8 +220,8 @@ class Backend:
     def proxied(self) -> TcpProxy:
         """A TCP relay to the server (``mount(through=relay)``) that a test can cut,
         stall or throttle; closed after the test."""
-        if self.server is None:
-            pytest.skip(f"{self.name}: a local path has no network to cut")
+        if self.server is None:  # (the tests of a network's faults are made for the others only)
+            raise AssertionError(f"{self.name}: a local path has no network to cut")
         proxy = TcpProxy(self.server.host, self.server.port)
         self._proxies.append(proxy)
         return proxy

@@ -6,8 +6,10 @@ the control file's sync/offline/online, the journal and its replay, conflicts an
 names, pin, eviction, kill -9 with changes journaled and during a replay, faults through a
 TCP relay (cut mid-read and mid-upload, stalled, a 1 MB/s link), hostile names as far as
 the protocol carries them (a name it refuses fails at once with its errno, not at replay),
-symlinks, hard links and modes where carried. A test that a protocol cannot pass skips with
-that protocol's reason (tests/backends.py's ``Caps``).
+symlinks, hard links and modes where carried; where a protocol carries no symlinks or hard
+links, that they are refused at once (EPERM), online and offline, with nothing journaled
+(tests/backends.py's ``Caps`` say which and why). The faults of a network are tested on
+the protocols that have one (``NETWORK_ONLY``).
 
 Most of these tests were SFTP's (test_mount_read, test_control, test_conflicts,
 test_writes, test_faults): moved here onto the fixture, not copied. The helpers stay where
@@ -25,7 +27,13 @@ import threading
 import time
 from pathlib import Path
 
-from tests.backends import Backend
+import pytest
+
+from tests.backends import BACKENDS, Backend
+
+#: the tests of a network's faults run over the protocols that have one (a local path has
+#: no link to cut, stall or slow down: those tests are not made for it, rather than skipped)
+NETWORK_ONLY = pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "local"], indirect=True)
 from tests.fixtures.mount import run_with_timeout, status
 from tests.test_conflicts import (REFRESH, assert_recorded, change_on_server, conflict_records,
                                   copies_of, mount_shows, path_state_line, shows_conflict,
@@ -95,6 +103,7 @@ def test_remount_while_server_down(backend: Backend) -> None:
         assert read(mnt / "later.txt") == files["later.txt"]
 
 
+@NETWORK_ONLY
 def test_offline_after_silent_network_loss(backend: Backend) -> None:
     """The network goes silent (no reset: only a timeout can tell): cached reads go on,
     uncached ones fail with EHOSTDOWN within the timeout, the mount goes offline, and
@@ -557,6 +566,7 @@ def test_kill9_during_replay(backend: Backend, tmp_path: Path) -> None:
 
 # -- faults through the relay -------------------------------------------------------------------
 
+@NETWORK_ONLY
 def test_cut_mid_read_of_large_file(backend: Backend) -> None:
     """The link is cut while a large file is read: every read returns the right bytes or
     an errno, never wrong bytes, and the file reads whole once the link is back."""
@@ -577,6 +587,7 @@ def test_cut_mid_read_of_large_file(backend: Backend) -> None:
         assert "Traceback" not in mount.log_text()
 
 
+@NETWORK_ONLY
 def test_trickle_link_transfers_complete_and_stay_online(backend: Backend) -> None:
     """A link of 1 MB/s: reading 4 MiB and uploading 3 MiB each take longer than the
     2-second timeout; both complete, correct, and the mount never goes offline."""
@@ -617,6 +628,7 @@ def test_trickle_link_transfers_complete_and_stay_online(backend: Backend) -> No
         assert set(states) == {"online"}, f"went offline on a slow link: {states}"
 
 
+@NETWORK_ONLY
 def test_link_cut_mid_upload_leaves_no_half_file(backend: Backend) -> None:
     """The link is cut while a file written offline is being uploaded: nobody sees half of
     it under its name on the server, and it is uploaded whole once the link is back."""
@@ -660,6 +672,7 @@ def test_link_cut_mid_upload_leaves_no_half_file(backend: Backend) -> None:
     assert no_temp_leftovers(share) == [], "temporary upload files left on the server"
 
 
+@NETWORK_ONLY
 def test_stall_during_replay(backend: Backend) -> None:
     """The link goes silent while files are replayed: none is seen half written under its
     name, and all are replayed whole once the link moves again."""
@@ -777,7 +790,10 @@ def test_symlinks_where_carried_else_eperm_at_once(backend: Backend) -> None:
             assert errno_of(lambda: os.symlink("target.txt", mnt / "link"), "symlink") == errno.EPERM
             assert time.monotonic() - began < 2.0
             assert status(mnt)["pending"] == 0
-            backend.skip_unless("symlinks")
+            go_offline(mnt)  # (offline too: refused at once, nothing journaled)
+            assert errno_of(lambda: os.symlink("target.txt", mnt / "link"), "symlink") == errno.EPERM
+            assert status(mnt)["pending"] == 0 and not os.path.lexists(mnt / "link")
+            return
         go_offline(mnt)
         os.symlink("target.txt", mnt / "link")
         os.symlink("../no/such/thing", mnt / "dangling")
@@ -800,7 +816,10 @@ def test_hard_links_where_carried_else_eperm_at_once(backend: Backend) -> None:
             assert errno_of(lambda: os.link(mnt / "first.txt", mnt / "second.txt"), "link") == errno.EPERM
             assert time.monotonic() - began < 2.0
             assert status(mnt)["pending"] == 0
-            backend.skip_unless("hard_links")
+            go_offline(mnt)  # (offline too: refused at once, nothing journaled)
+            assert errno_of(lambda: os.link(mnt / "first.txt", mnt / "second.txt"), "link") == errno.EPERM
+            assert status(mnt)["pending"] == 0 and not os.path.lexists(mnt / "second.txt")
+            return
         go_offline(mnt)
         os.link(mnt / "first.txt", mnt / "second.txt")
         assert os.stat(mnt / "first.txt").st_ino == os.stat(mnt / "second.txt").st_ino
