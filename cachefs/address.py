@@ -104,21 +104,10 @@ def _strip_brackets(host: str, text: str) -> str:
 
 
 def _parse_sftp_url(text: str, port: int | None) -> RemoteAddress:
-    rest = text[len("sftp://") :]
-    if "?" in rest or "#" in rest:
-        raise ValueError(f"'?' and '#' are not allowed in {text!r}; percent-encode them (%3F, %23)")
-    slash = rest.find("/")
-    netloc, url_path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-    user, netloc = _url_user(netloc, text)
-    host, url_port = _url_host_port(netloc, text)
-    _check_host(host, text)
-    return RemoteAddress(
-        scheme="sftp",
-        path=_home_relative(_unquote_path(url_path), "/~"),
-        host=host,
-        user=user,
-        port=_check_port(port if port is not None else url_port),
-    )
+    url = _parse_server_url("sftp", text, port)
+    # (the path as typed: "" and "/~" name the login folder, "/~/x" a folder in it)
+    return RemoteAddress(scheme="sftp", path=_home_relative(url.path, "/~"), host=url.host,
+                         user=url.user, port=url.port)
 
 
 def _url_user(netloc: str, text: str) -> tuple[str | None, str]:
@@ -208,17 +197,25 @@ def _parse_generic_url(scheme: str, text: str, port: int | None) -> RemoteAddres
     """``scheme://[user@]host[:port]/path`` of any other handler (smb, dav, davs and those
     of third-party handlers): the path absolute on the server, percent-decoded. Whether a
     handler serves ``scheme`` is the registry's to say (``cachefs.remote.handler_for``)."""
+    url = _parse_server_url(scheme, text, port)
+    path = url.path or "/"
+    return RemoteAddress(scheme=scheme, path=os.path.normpath(path) if path != "/" else "/",
+                         host=url.host, user=url.user, port=url.port)
+
+
+def _parse_server_url(scheme: str, text: str, port: int | None) -> RemoteAddress:
+    """The parts of ``scheme://[user@]host[:port][/path]``, the path percent-decoded as
+    typed ("" when there is none); ``port`` (from --port) overrides the URL's."""
     rest = text[len(scheme) + 3 :]
     if "?" in rest or "#" in rest:
         raise ValueError(f"'?' and '#' are not allowed in {text!r}; percent-encode them (%3F, %23)")
     slash = rest.find("/")
-    netloc, url_path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    netloc, url_path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
     user, netloc = _url_user(netloc, text)
     host, url_port = _url_host_port(netloc, text)
     _check_host(host, text)
-    path = _unquote_path(url_path)
-    return RemoteAddress(scheme=scheme, path=os.path.normpath(path) if path != "/" else "/",
-                         host=host, user=user, port=_check_port(port if port is not None else url_port))
+    return RemoteAddress(scheme=scheme, path=_unquote_path(url_path), host=host, user=user,
+                         port=_check_port(port if port is not None else url_port))
 
 
 def _parse_sshfs_style(text: str, port: int | None) -> RemoteAddress:
