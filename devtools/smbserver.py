@@ -1,0 +1,229 @@
+"""A real Samba ``smbd`` on 127.0.0.1 for tests, the demo and benchmarks.
+
+Owns: one private smbd (its ``smb.conf``, a passdb holding one user and a random
+password, its state, lock, cache, pid and private folders, all inside ``workdir``), one
+share named ``cachefs`` serving ``share``, and the processes that smbd starts.
+Must not touch: the system's Samba (``/etc/samba``, ``/var/lib/samba``, ``/run/samba``),
+the system's users or passwords, or any process it did not start. Processes are stopped
+by their PID only.
+
+The user is the current one (root where the tests run: Samba lets root log in when the
+passdb knows it and ``invalid users`` does not name it, as here); files written through
+the server are the user's (``force user``), so a test reads and writes them directly in
+``share`` and the other way round. ``stop()`` also ends the per-connection smbd
+processes, so that a stopped server looks to clients like a server that went away
+(connections reset), not like a listener that merely stopped accepting; ``start()``
+again listens on the same port.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from devtools.devserver import _free_port, descendants
+
+log = logging.getLogger(__name__)
+
+SMBD_CANDIDATES = ("/usr/sbin/smbd", "/usr/local/sbin/smbd")
+SMBPASSWD_CANDIDATES = ("/usr/bin/smbpasswd", "/usr/local/bin/smbpasswd")
+START_TIMEOUT = 15.0
+SHARE_NAME = "cachefs"
+
+
+def _find(candidates: tuple[str, ...], what: str) -> str:
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(os.path.basename(candidates[0]))
+    if found:
+        return found
+    raise FileNotFoundError(f"{what} not found (Debian package samba; looked in {', '.join(candidates)})")
+
+
+class SmbServer:
+    """A throw-away Samba server sharing ``share`` as ``\\\\127.0.0.1\\cachefs`` to the
+    current user, with a password of its own (``password``, also in ``password_file``)."""
+
+    def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
+                 password: str | None = None, case_sensitive: bool = False) -> None:
+        """``case_sensitive``: Samba's ``case sensitive`` for the share (off by default,
+        as on Windows and most Samba servers: names differing in case are one file)."""
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.share = Path(share).absolute() if share is not None else self.workdir / "share"
+        self.share.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or _free_port()
+        self.user = getpass.getuser()
+        self.password = password or secrets.token_urlsafe(12)
+        self.password_file = self.workdir / "password"
+        self.config = self.workdir / "smb.conf"
+        self.log_file = self.workdir / "smbd.log"
+        self.case_sensitive = case_sensitive
+        self._smbd = _find(SMBD_CANDIDATES, "smbd")
+        self._smbpasswd = _find(SMBPASSWD_CANDIDATES, "smbpasswd")
+        self._process: subprocess.Popen[bytes] | None = None
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
+        self._write_config()
+        self._add_user()
+
+    # -- setup ----------------------------------------------------------------------
+    def _write_config(self) -> None:
+        folders = {}
+        for name in ("lock", "state", "cache", "private", "pid", "ncalrpc"):
+            folders[name] = self.workdir / name
+            folders[name].mkdir(exist_ok=True)
+        lines = [
+            "[global]",
+            "server role = standalone server",
+            f"smb ports = {self.port}",
+            f"interfaces = {self.host}",
+            "bind interfaces only = yes",
+            "disable netbios = yes",
+            f"lock directory = {folders['lock']}",
+            f"state directory = {folders['state']}",
+            f"cache directory = {folders['cache']}",
+            f"private dir = {folders['private']}",
+            f"pid directory = {folders['pid']}",
+            f"ncalrpc dir = {folders['ncalrpc']}",
+            f"passdb backend = tdbsam:{self.workdir / 'passdb.tdb'}",
+            f"log file = {self.log_file}",
+            "max log size = 0",
+            "log level = 1",
+            "load printers = no",
+            "printing = bsd",
+            "printcap name = /dev/null",
+            "disable spoolss = yes",
+            "map to guest = never",
+            "server min protocol = SMB2_02",
+            # (what clients other than cachefs's see of the share does not matter here)
+            "unix extensions = no",
+            "",
+            f"[{SHARE_NAME}]",
+            f"path = {self.share}",
+            "read only = no",
+            "browseable = yes",
+            f"valid users = {self.user}",
+            f"force user = {self.user}",
+            "create mask = 0644",
+            "directory mask = 0755",
+            f"case sensitive = {'yes' if self.case_sensitive else 'no'}",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def _add_user(self) -> None:
+        """The user into the private passdb (smbpasswd reads the password twice)."""
+        result = subprocess.run(
+            [self._smbpasswd, "-c", str(self.config), "-a", "-s", self.user],
+            input=(self.password + "\n" + self.password + "\n").encode(),
+            capture_output=True, timeout=30,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"smbpasswd could not add {self.user}: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        log_handle = open(self.workdir / "smbd.out", "ab")
+        try:
+            self._process = subprocess.Popen(
+                [self._smbd, "-F", "--no-process-group", "-s", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle,
+                # (a session of its own: smbd's parent, told to stop, signals its whole
+                # process group, which would otherwise be the caller's)
+                start_new_session=True,
+            )
+        finally:
+            log_handle.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._process.poll() is not None:
+                status = self._process.returncode
+                self._process = None
+                raise RuntimeError(f"smbd exited with status {status}: {self._log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"smbd did not accept connections on {self.host}:{self.port} "
+                                       f"within {START_TIMEOUT:.0f} s: {self._log_tail()}") from None
+                time.sleep(0.02)
+        log.debug("smbd pid %d listening on %s:%d", self._process.pid, self.host, self.port)
+
+    def _log_tail(self) -> str:
+        text = ""
+        for name in ("smbd.out", "smbd.log"):
+            try:
+                text += (self.workdir / name).read_text(errors="replace")[-1500:]
+            except OSError:
+                pass
+        return text.strip() or "(no output)"
+
+    def stop(self) -> None:
+        """Stop smbd and every process it forked (per-connection servers, notifyd,
+        cleanupd); idempotent."""
+        process = self._process
+        if process is None:
+            return
+        self._process = None
+        if process.poll() is None:
+            helpers = descendants(process.pid)
+            process.send_signal(signal.SIGTERM)
+            for pid in helpers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            # (helpers started between the listing and the signal)
+            for pid in descendants(process.pid) if process.poll() is None else []:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> SmbServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- helpers for tests and the demo ---------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def address(self, path: str = "") -> str:
+        """``smb://USER@127.0.0.1:PORT/cachefs[/path]``."""
+        tail = "/" + path.strip("/") if path.strip("/") else ""
+        return f"smb://{self.user}@{self.host}:{self.port}/{SHARE_NAME}{tail}"
+
+    def mount_args(self) -> list[str]:
+        """The cachefs options a mount of ``address()`` needs."""
+        return ["--password-file", str(self.password_file)]
