@@ -1,0 +1,236 @@
+"""A real WebDAV server on 127.0.0.1 for tests, the demo and benchmarks: Debian's Apache
+httpd with ``mod_dav`` and ``mod_dav_fs``, basic authentication, one share folder.
+
+Owns: one private ``apache2`` (its configuration, password file, lock database, logs
+and pid file, all inside ``workdir``) and the process that runs it.
+Must not touch: the system's Apache (``/etc/apache2``, ``/var/www``, its service), any
+process it did not start (stopped by PID only), the share's files beyond serving them.
+
+Why Apache and not wsgidav (both were measured here, December 2026, Apache 2.4.71 and
+wsgidav 4.4.0, against what cachefs needs of a server):
+
+- It is what users run: Apache's ``mod_dav`` is the WebDAV server of most Linux
+  distributions, NAS firmwares and hosting panels; wsgidav is a Python library that
+  few people serve a share with.
+- ETags: Apache's are "size-mtime in microseconds", so a same-size rewrite within the
+  same second changes them (measured: a 100-byte in-place rewrite with the mtime kept
+  in the same second got a new ETag). wsgidav's are "inode-mtime in whole seconds-size":
+  the same rewrite kept its ETag, the very gap ETags are meant to close.
+- Atomic PUT: mod_dav_fs writes the body to a temporary file and renames it over the
+  target; a reader looping on the file during three slow 32 MiB PUTs saw only the old
+  and the new content whole. wsgidav truncates the file and writes in place: the same
+  reader saw 120 different sizes (0 bytes, half files).
+- Conditions: both honour ``If-Match`` / ``If-None-Match: *`` on PUT (412), and
+  ``Overwrite: F`` on MOVE (412). A MOVE's ``If-Match`` applies to its source; the
+  condition on its destination is the ``If: <dest> (["etag"])`` header, which Apache
+  honours (412, nothing moved) and wsgidav ignored (the target was overwritten).
+- Names: Apache stores any byte (a Latin-1 ``lat\\xe9`` PUT gave 201, listed as
+  ``lat%e9``); wsgidav answered 500.
+- Both serve ranged GETs (206) and PROPFIND depth 1; neither lets a client set
+  ``getlastmodified`` (PROPPATCH: Apache 409 "read-only", wsgidav 403). Only wsgidav
+  reports RFC 4331 quota properties.
+- One caveat of Apache's: an ETag is *weak* (``W/"..."``) while the file's mtime is
+  less than a second before the request (Apache's rule: the file might change again
+  within the same second), and If-Match never matches a weak tag; the client waits out
+  that second before a conditional write (``cachefs.remote.dav``).
+
+Apache will not serve as root: started as root it switches to its ``User``, whose files
+the share would then have to be, while the tests write the share as root. So as root
+the server runs in a user namespace (``unshare --user``) where it is an ordinary user
+mapped onto root outside: it never switches, and every file it makes belongs to the
+test's user, as with a server run by that user. Started by another user it runs as is.
+
+``stop()`` ends the server and its worker processes (their connections are cut, as when
+a server goes away); ``start()`` again serves on the same port.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote_from_bytes
+
+from .devserver import START_TIMEOUT, _free_port, descendants
+
+log = logging.getLogger(__name__)
+
+APACHE = "/usr/sbin/apache2"
+MODULES = "/usr/lib/apache2/modules"
+UNSHARE = "/usr/bin/unshare"
+#: the user id Apache has inside its namespace when started as root (any but 0 will do)
+NAMESPACE_UID = 1000
+USER = "cachefs"
+
+
+class DavServer:
+    """A throw-away Apache WebDAV server sharing ``share`` to one user (basic auth)."""
+
+    def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
+                 user: str = USER, password: str | None = None) -> None:
+        if not os.path.exists(APACHE):
+            raise RuntimeError(f"{APACHE} is missing: install the Debian package apache2")
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.share = Path(share).absolute() if share is not None else self.workdir / "share"
+        self.share.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or _free_port()
+        self.user = user
+        self.password = password or secrets.token_urlsafe(12)
+        self.password_file = self.workdir / "password"
+        self.htpasswd = self.workdir / "htpasswd"
+        self.config = self.workdir / "httpd.conf"
+        self.pid_file = self.workdir / "httpd.pid"
+        self.log_file = self.workdir / "error.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        (self.workdir / "lock").mkdir(exist_ok=True)
+        self._write_password()
+        self._write_config()
+
+    # -- setup ----------------------------------------------------------------------
+    def _write_password(self) -> None:
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
+        # {SHA}: cheap to check on every request (a bcrypt hash would cost each request a
+        # few milliseconds of CPU, and the benchmarks measure requests); a test password
+        digest = base64.b64encode(hashlib.sha1(self.password.encode()).digest()).decode()
+        fd = os.open(self.htpasswd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{self.user}:{{SHA}}{digest}\n")
+
+    def _write_config(self) -> None:
+        modules = ["mpm_event", "authn_core", "authz_core", "auth_basic", "authn_file",
+                   "authz_user", "dav", "dav_fs"]
+        lines = [f"ServerRoot {self.workdir}", f"PidFile {self.pid_file}",
+                 f"Listen {self.host}:{self.port}", f"ServerName {self.host}",
+                 f"ErrorLog {self.log_file}", "LogLevel warn"]
+        lines += [f"LoadModule {m}_module {MODULES}/mod_{m}.so" for m in modules]
+        lines += [
+            "StartServers 1", "ServerLimit 4", "ThreadsPerChild 16", "MaxRequestWorkers 64",
+            "MinSpareThreads 4", "MaxSpareThreads 32",
+            "KeepAlive On", "MaxKeepAliveRequests 0", "KeepAliveTimeout 30",
+            f"DavLockDB {self.workdir}/lock/DavLock",
+            f"DocumentRoot {self.share}",
+            f'<Directory "{self.share}">',
+            "  Dav On",
+            "  AuthType Basic",
+            "  AuthName cachefs",
+            f"  AuthUserFile {self.htpasswd}",
+            "  Require valid-user",
+            "  Options None",
+            "  AllowOverride None",
+            "  LimitRequestBody 0",
+            "</Directory>",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def _command(self) -> list[str]:
+        apache = [APACHE, "-f", str(self.config), "-DFOREGROUND"]
+        if os.geteuid() != 0:
+            return apache
+        return [UNSHARE, "--user", f"--map-user={NAMESPACE_UID}", f"--map-group={NAMESPACE_UID}",
+                *apache]
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        self.pid_file.unlink(missing_ok=True)
+        log_handle = open(self.log_file, "ab")
+        try:
+            self._process = subprocess.Popen(
+                self._command(), stdin=subprocess.DEVNULL, stdout=log_handle,
+                stderr=log_handle, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
+            )
+        finally:
+            log_handle.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"apache2 exited with status {self._process.returncode}: "
+                                   f"{self._log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"apache2 did not accept connections on {self.host}:"
+                                       f"{self.port} within {START_TIMEOUT:.0f} s: "
+                                       f"{self._log_tail()}") from None
+                time.sleep(0.02)
+        log.debug("apache2 pid %d serving WebDAV on %s:%d", self._process.pid, self.host, self.port)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-2000:].strip() or "(no output)"
+        except OSError:
+            return "(no output)"
+
+    def stop(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        self._process = None
+        if process.poll() is None:
+            # the workers first, so that clients see their connections cut at once
+            workers = descendants(process.pid)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.pid_file.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> DavServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- helpers for tests, the demo and benchmarks ----------------------------------
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def url(self, path: str | bytes = "") -> str:
+        """The http URL of ``path`` (relative to the share) on this server."""
+        raw = os.fsencode(path).lstrip(b"/")
+        return f"http://{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
+
+    def address(self, path: str | bytes = "") -> str:
+        """The cachefs address of ``path`` in the share: dav://USER@127.0.0.1:PORT/path."""
+        raw = os.fsencode(path).lstrip(b"/")
+        return f"dav://{self.user}@{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
+
+    def mount_args(self) -> list[str]:
+        """The cachefs options a mount of this server needs."""
+        return ["--password-file", str(self.password_file)]
+
+    def remove(self) -> None:
+        """Stop, and remove ``workdir`` (the share too, when it lies inside)."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
