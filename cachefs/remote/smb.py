@@ -1,0 +1,1107 @@
+"""The SMB 2/3 backend: a folder in a Windows or Samba share (``smb://[user@]host[:port]/share/path``).
+
+Owns: the ``Remote`` contract mapped onto SMB2 requests (``smbprotocol``'s low-level
+connection, session and tree; no ``smbclient``), the login (Kerberos where a ticket and
+python-gssapi exist, else NTLM with the password from ``options.secrets``), the one table
+from NTSTATUS to errno (``STATUS_ERRNO``), SMB's name rules (``name_error``) and the
+change notifications of the share (``SmbWatch``: SMB2 CHANGE_NOTIFY with WATCH_TREE).
+Must not touch: the cache, LMDB, trio, FUSE. Never puts the password in a log, message or
+exception.
+
+Why the low level and not ``smbclient``: ``smbclient`` keeps one global pool of
+connections and sessions per process (shared with any other user of it in the process),
+waits without a bound in its session setup and in every response, and cannot send
+several READs or WRITEs before the first answer. Here each ``SmbRemote`` has its own
+connection (``_Link``): requests from several threads are multiplexed on it (SMB2 message
+ids and credits), every answer is awaited at most ``timeout`` seconds (a silent server
+then counts as gone: the connection is dropped and the next call makes a new one), the
+login is bounded by a watchdog that closes the socket, and related requests travel as one
+compound (open + query + close: one round trip for a ``stat``).
+
+Versions: ``RemoteStat.tag`` is a 63-bit hash of the file id and the change time (100 ns),
+so a rewrite that keeps the size and the mtime second is seen, and so is a file replaced
+by another (a new id). Uploads write a temporary name in the same folder and rename it
+over the target with FileRenameInformation (ReplaceIfExists); ``upload_many`` checks the
+target just before that rename (SMB has no conditional rename: the window is one round
+trip) and, for a target that must not exist, renames with ReplaceIfExists off, which the
+server refuses atomically when one appeared.
+
+Lock order: ``SmbRemote._lock`` (which link is current) before ``_Link._send_lock``
+(message ids and credits of one connection); neither is held while waiting for an answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import socket
+import stat as stat_mod
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from smbprotocol.change_notify import SMB2ChangeNotifyRequest  # type: ignore[import-untyped]
+from smbprotocol.connection import Connection  # type: ignore[import-untyped]
+from smbprotocol.exceptions import SMBException  # type: ignore[import-untyped]
+from smbprotocol.open import (SMB2CloseRequest, SMB2CreateRequest,  # type: ignore[import-untyped]
+                              SMB2QueryDirectoryRequest, SMB2QueryInfoRequest, SMB2ReadRequest,
+                              SMB2SetInfoRequest, SMB2WriteRequest)
+from smbprotocol.session import Session  # type: ignore[import-untyped]
+from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
+
+from .base import (Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
+                   RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, open_source)
+from .options import ConnectOptions
+from .watch import Watch, WatchEnded
+
+if TYPE_CHECKING:
+    from ..address import RemoteAddress
+    from .pacing import Pacer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PORT = 445
+
+# -- SMB2 constants ([MS-SMB2], [MS-FSCC]) ----------------------------------------------------
+FILE_READ_DATA = 0x1  # (FILE_LIST_DIRECTORY on a folder)
+FILE_WRITE_DATA = 0x2
+FILE_READ_ATTRIBUTES = 0x80
+FILE_WRITE_ATTRIBUTES = 0x100
+DELETE = 0x10000
+SYNCHRONIZE = 0x100000
+SHARE_ALL = 0x7  # read | write | delete
+OPEN, CREATE, OVERWRITE_IF = 1, 2, 5
+DIRECTORY_FILE, NON_DIRECTORY_FILE = 0x1, 0x40
+IMPERSONATION = 2
+INFO_FILE, INFO_FILESYSTEM = 1, 2
+FILE_BASIC_INFORMATION = 4
+FILE_INTERNAL_INFORMATION = 6
+FILE_RENAME_INFORMATION = 10
+FILE_DISPOSITION_INFORMATION = 13
+FILE_ID_FULL_DIRECTORY_INFORMATION = 38
+FILE_FS_FULL_SIZE_INFORMATION = 7
+ATTR_READONLY, ATTR_DIRECTORY, ATTR_NORMAL = 0x1, 0x10, 0x80
+CLOSE_POSTQUERY = 0x1
+RELATED = b"\xff" * 16  # the file id of the previous request in a related compound
+WATCH_TREE = 0x1
+#: file name, folder name, attributes, size, last write, creation, security, streams
+NOTIFY_FILTER = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x100 | 0x200 | 0x800
+
+FILETIME_EPOCH = 116444736000000000  # 1601-01-01 to 1970-01-01, in 100 ns
+CHUNK = 1 << 20  # bytes per READ/WRITE (Samba allows 8 MiB; 1 MiB keeps many in flight)
+IN_FLIGHT = 8  # READs or WRITEs sent ahead of the first answer
+LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
+CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
+STAT_BUFFER = 64
+
+_CREATE_RESPONSE = struct.Struct("<HBBIqqqqqqII16sII")
+_CLOSE_RESPONSE = struct.Struct("<HHIqqqqqqI")
+_DIR_ENTRY = struct.Struct("<IIqqqqqqIIIIQ")
+_FS_FULL_SIZE = struct.Struct("<QQQII")
+_BASIC_INFO = struct.Struct("<qqqqII")
+
+# -- NTSTATUS -> errno, in one table ----------------------------------------------------------
+STATUS_PENDING = 0x00000103
+STATUS_NOTIFY_ENUM_DIR = 0x0000010C
+STATUS_NO_MORE_FILES = 0x80000006
+STATUS_END_OF_FILE = 0xC0000011
+STATUS_OBJECT_NAME_COLLISION = 0xC0000035
+STATUS_CANNOT_DELETE = 0xC0000121
+STATUS_ERRNO: dict[int, int] = {
+    0xC000000F: errno.ENOENT,  # NO_SUCH_FILE
+    0xC0000034: errno.ENOENT,  # OBJECT_NAME_NOT_FOUND
+    0xC000003A: errno.ENOENT,  # OBJECT_PATH_NOT_FOUND (Samba: also a file as a parent)
+    0xC0000225: errno.ENOENT,  # NOT_FOUND
+    0xC0000056: errno.ENOENT,  # DELETE_PENDING (being removed)
+    0xC0000035: errno.EEXIST,  # OBJECT_NAME_COLLISION
+    0xC0000022: errno.EACCES,  # ACCESS_DENIED
+    0xC0000121: errno.EACCES,  # CANNOT_DELETE (read-only)
+    0xC0000061: errno.EPERM,  # PRIVILEGE_NOT_HELD
+    0xC0000043: errno.EBUSY,  # SHARING_VIOLATION (open elsewhere without sharing)
+    0xC0000054: errno.EBUSY,  # FILE_LOCK_CONFLICT
+    0xC00000BA: errno.EISDIR,  # FILE_IS_A_DIRECTORY
+    0xC0000103: errno.ENOTDIR,  # NOT_A_DIRECTORY
+    0xC0000101: errno.ENOTEMPTY,  # DIRECTORY_NOT_EMPTY
+    0xC0000033: errno.EINVAL,  # OBJECT_NAME_INVALID
+    0xC0000039: errno.EINVAL,  # OBJECT_PATH_INVALID
+    0xC000003B: errno.EINVAL,  # OBJECT_PATH_SYNTAX_BAD
+    0xC000000D: errno.EINVAL,  # INVALID_PARAMETER
+    0xC0000106: errno.ENAMETOOLONG,  # NAME_TOO_LONG
+    0xC000007F: errno.ENOSPC,  # DISK_FULL
+    0xC0000044: errno.EDQUOT,  # QUOTA_EXCEEDED
+    0xC00000A2: errno.EROFS,  # MEDIA_WRITE_PROTECTED
+    0xC00000D4: errno.EXDEV,  # NOT_SAME_DEVICE
+    0xC00000BB: errno.ENOTSUP,  # NOT_SUPPORTED
+    0xC0000010: errno.ENOTSUP,  # INVALID_DEVICE_REQUEST
+    0xC0000002: errno.ENOTSUP,  # NOT_IMPLEMENTED
+    0x8000002D: errno.ELOOP,  # STOPPED_ON_SYMLINK (a server-side link not followed)
+    0xC0000011: errno.EIO,  # END_OF_FILE (handled where it is expected)
+}
+#: statuses that mean the connection, session or share is gone: try later
+STATUS_UNREACHABLE = frozenset({
+    0xC00000C9,  # NETWORK_NAME_DELETED
+    0xC0000203,  # USER_SESSION_DELETED
+    0xC000035C,  # NETWORK_SESSION_EXPIRED
+    0xC00000B5,  # IO_TIMEOUT
+    0xC0000466,  # SERVER_UNAVAILABLE
+    0xC0000205,  # INSUFF_SERVER_RESOURCES
+    0xC000009A,  # INSUFFICIENT_RESOURCES
+    0xC0000128,  # FILE_CLOSED (a handle of a connection made again)
+    0xC0000008,  # INVALID_HANDLE
+})
+#: statuses of a refused login
+STATUS_LOGON = {
+    0xC000006D: "the user name or password was refused",  # LOGON_FAILURE
+    0xC000006A: "the password was refused",  # WRONG_PASSWORD
+    0xC0000071: "the password has expired",  # PASSWORD_EXPIRED
+    0xC0000224: "the password must be changed",  # PASSWORD_MUST_CHANGE
+    0xC0000072: "the account is disabled",  # ACCOUNT_DISABLED
+    0xC0000234: "the account is locked out",  # ACCOUNT_LOCKED_OUT
+    0xC000006E: "the account may not log in now",  # ACCOUNT_RESTRICTION
+}
+
+#: characters Windows (and Samba) refuse in a name
+_BAD_CHARS = frozenset(b'\\:*?"<>|') | frozenset(range(32))
+_RESERVED = frozenset([b"CON", b"PRN", b"AUX", b"NUL"] + [b"COM%d" % i for i in range(1, 10)]
+                      + [b"LPT%d" % i for i in range(1, 10)])
+NAME_MAX_UNITS = 255  # UTF-16 code units in one name
+
+
+def smb_name_error(name: bytes) -> int | None:
+    """The errno for a name an SMB share cannot carry: EILSEQ for bytes that are not
+    UTF-8 (SMB names are UTF-16), EINVAL for ``\\ : * ? " < > |``, control characters, a
+    trailing dot or space and the reserved device names (CON, NUL, COM1, ... with any
+    extension), ENAMETOOLONG past 255 UTF-16 units."""
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return errno.EILSEQ
+    if not name or any(byte in _BAD_CHARS for byte in name) or name[-1:] in (b".", b" "):
+        return errno.EINVAL
+    if name.split(b".", 1)[0].rstrip(b" ").upper() in _RESERVED:
+        return errno.EINVAL
+    if len(text.encode("utf-16-le")) // 2 > NAME_MAX_UNITS:
+        return errno.ENAMETOOLONG
+    return None
+
+
+def _ns(filetime: int) -> int:
+    return (filetime - FILETIME_EPOCH) * 100 if filetime > 0 else 0
+
+
+def _filetime(ns: int) -> int:
+    return ns // 100 + FILETIME_EPOCH
+
+
+def _tag(file_id: int, change_time: int) -> int:
+    """(file id, change time in 100 ns) folded into 63 bits, never 0."""
+    digest = hashlib.blake2b(struct.pack("<Qq", file_id & (2**64 - 1), change_time), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
+
+
+def _make_stat(attributes: int, size: int, atime: int, mtime: int, ctime: int, file_id: int) -> RemoteStat:
+    if attributes & ATTR_DIRECTORY:
+        mode = stat_mod.S_IFDIR | 0o755  # (read-only on a folder means something else on Windows)
+        size = 0
+    else:
+        mode = stat_mod.S_IFREG | (0o444 if attributes & ATTR_READONLY else 0o644)
+    return RemoteStat(mode=mode, size=size, mtime_ns=_ns(mtime), atime_ns=_ns(atime), tag=_tag(file_id, ctime))
+
+
+class _Closed(Exception):
+    """The connection ended, or a server answer did not come in time."""
+
+
+class _Status(Exception):
+    """A server answer with an error status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"NTSTATUS 0x{status:08X}")
+        self.status = status
+
+
+def _check(response: Any) -> bytes:
+    """The body of an answer; raises ``_Status`` for an error status."""
+    status = response["status"].get_value()
+    if status != 0:
+        raise _Status(status)
+    body: bytes = response["data"].get_value()
+    return body
+
+
+class _Link:
+    """One SMB connection with its session and tree connect, shared by threads.
+
+    ``send`` gives message ids and waits for credits under ``_send_lock``; ``wait`` waits
+    for one answer at most ``timeout`` seconds without a lock."""
+
+    def __init__(self, connection: Any, session: Any, tree: Any, timeout: float) -> None:
+        self.connection = connection
+        self.session = session
+        self.tree = tree
+        self.timeout = timeout
+        self.dead = False
+        self._send_lock = threading.Lock()
+        self.max_read = min(CHUNK, int(connection.max_read_size))
+        self.max_write = min(CHUNK, int(connection.max_write_size))
+
+    def send(self, messages: list[Any], related: bool = False) -> list[Any]:
+        """Send ``messages`` (one compound when several), waiting for credits."""
+        connection = self.connection
+        deadline = time.monotonic() + self.timeout
+        with self._send_lock:
+            while True:
+                window = connection.sequence_window
+                available = window["high"] - window["low"]
+                needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
+                if available >= needed:
+                    break
+                if self.dead or time.monotonic() > deadline:
+                    raise _Closed(f"no credits from the server within {self.timeout:g} s")
+                time.sleep(0.001)  # (answers grant credits: the receiver thread adds them)
+            # (each request asks for more credits until the window is wide enough)
+            want = needed + 64 if available < CREDIT_TARGET else None
+            sid, tid = self.session.session_id, self.tree.tree_connect_id
+            try:
+                if len(messages) == 1:
+                    return [connection.send(messages[0], sid=sid, tid=tid, credit_request=want)]
+                return list(connection._send(messages, session_id=sid, tree_id=tid, related=related,
+                                             credit_request=want))
+            except (SMBException, OSError, ValueError) as exc:
+                self.dead = True
+                raise _Closed(str(exc)) from exc
+
+    def wait(self, request: Any, timeout: float | None = None) -> Any:
+        """The final answer to ``request`` (an interim STATUS_PENDING is waited past)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not request.response_event.wait(left):
+                self.dead = True
+                raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            with request.response_event_lock:
+                response = request.response
+                if response is None or self.connection._t_exc is not None:
+                    self.dead = True
+                    raise _Closed("the connection was closed")
+                if response["status"].get_value() == STATUS_PENDING:
+                    request.response_event.clear()
+                    continue
+                self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
+                return response
+
+    def exchange(self, messages: list[Any], related: bool = True) -> list[Any]:
+        """Send ``messages`` as one compound and wait for every answer (error statuses
+        included: the caller checks them in order)."""
+        requests = self.send(messages, related)
+        return [self.wait(request) for request in requests]
+
+    def close(self) -> None:
+        self.dead = True
+        try:
+            self.connection.disconnect(True, timeout=1)
+        except Exception as exc:  # (gone already, or never answered: the socket is closed either way)
+            log.debug("SMB disconnect: %s", exc)
+            try:
+                self.connection.transport.close()
+            except Exception:
+                pass
+
+
+# -- request builders -----------------------------------------------------------------------
+def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, attributes: int = 0) -> Any:
+    request = SMB2CreateRequest()
+    request["impersonation_level"] = IMPERSONATION
+    request["desired_access"] = access
+    request["file_attributes"] = attributes
+    request["share_access"] = SHARE_ALL
+    request["create_disposition"] = disposition
+    request["create_options"] = options
+    request["buffer_path"] = name.encode("utf-16-le") if name else b"\x00\x00"
+    return request
+
+
+def _close(file_id: bytes = RELATED, postquery: bool = False) -> Any:
+    request = SMB2CloseRequest()
+    request["file_id"] = file_id
+    if postquery:
+        request["flags"] = CLOSE_POSTQUERY
+    return request
+
+
+def _query_info(info_type: int, info_class: int, size: int, file_id: bytes = RELATED) -> Any:
+    request = SMB2QueryInfoRequest()
+    request["info_type"] = info_type
+    request["file_info_class"] = info_class
+    request["output_buffer_length"] = size
+    request["file_id"] = file_id
+    return request
+
+
+def _set_info(info_class: int, buffer: bytes, file_id: bytes = RELATED) -> Any:
+    request = SMB2SetInfoRequest()
+    request["info_type"] = INFO_FILE
+    request["file_info_class"] = info_class
+    request["file_id"] = file_id
+    request["buffer"] = buffer
+    return request
+
+
+def _query_directory(file_id: bytes, restart: bool) -> Any:
+    request = SMB2QueryDirectoryRequest()
+    request["file_information_class"] = FILE_ID_FULL_DIRECTORY_INFORMATION
+    request["flags"] = 0x1 if restart else 0  # RESTART_SCANS
+    request["file_id"] = file_id
+    request["output_buffer_length"] = LIST_BUFFER
+    request["buffer"] = "*".encode("utf-16-le")
+    return request
+
+
+def _read_request(file_id: bytes, offset: int, length: int) -> Any:
+    request = SMB2ReadRequest()
+    request["length"] = length
+    request["offset"] = offset
+    request["file_id"] = file_id
+    request["padding"] = b"\x50"
+    return request
+
+
+def _write_request(file_id: bytes, offset: int, data: bytes) -> Any:
+    request = SMB2WriteRequest()
+    request["offset"] = offset
+    request["file_id"] = file_id
+    request["buffer"] = data
+    return request
+
+
+def _rename_info(target: str, replace: bool) -> bytes:
+    name = target.encode("utf-16-le")
+    return struct.pack("<B7xQI", 1 if replace else 0, 0, len(name)) + name
+
+
+def _basic_info(atime_ns: int = 0, mtime_ns: int = 0, attributes: int = 0) -> bytes:
+    """FileBasicInformation: 0 leaves a time (or the attributes) as they are."""
+    return _BASIC_INFO.pack(0, _filetime(atime_ns) if atime_ns else 0, _filetime(mtime_ns) if mtime_ns else 0,
+                            0, attributes, 0)
+
+
+def _read_data(body: bytes) -> bytes:
+    """The bytes of a READ answer (the offset counts from the SMB2 header, 64 bytes)."""
+    data_offset = body[2]
+    length = struct.unpack_from("<I", body, 4)[0]
+    start = data_offset - 64
+    return body[start:start + length]
+
+
+def _parse_create(body: bytes) -> tuple[int, int, int, int, int, int, bytes]:
+    """(attributes, size, atime, mtime, ctime, creation, handle) of a CREATE answer."""
+    (_size, _oplock, _flags, _action, creation, atime, mtime, ctime, _alloc, eof, attributes, _r,
+     handle, _co, _cl) = _CREATE_RESPONSE.unpack_from(body)
+    return attributes, eof, atime, mtime, ctime, creation, handle
+
+
+def _parse_close(body: bytes) -> tuple[int, int, int, int, int]:
+    """(attributes, size, atime, mtime, ctime) of a CLOSE answer asked with POSTQUERY."""
+    _size, _flags, _r, _creation, atime, mtime, ctime, _alloc, eof, attributes = _CLOSE_RESPONSE.unpack_from(body)
+    return attributes, eof, atime, mtime, ctime
+
+
+def _query_body(body: bytes) -> bytes:
+    """The buffer of a QUERY_INFO answer."""
+    offset, length = struct.unpack_from("<HI", body, 2)
+    return body[offset - 64:offset - 64 + length]
+
+
+def _parse_listing(buffer: bytes, out: list[tuple[bytes, RemoteStat]]) -> None:
+    position = 0
+    size = _DIR_ENTRY.size
+    while True:
+        (next_entry, _index, _creation, atime, mtime, ctime, eof, _alloc, attributes, name_length,
+         _ea, _reserved, file_id) = _DIR_ENTRY.unpack_from(buffer, position)
+        name = buffer[position + size:position + size + name_length].decode("utf-16-le", "surrogatepass")
+        if name not in (".", ".."):
+            out.append((name.encode("utf-8", "surrogateescape"),
+                        _make_stat(attributes, eof, atime, mtime, ctime, file_id)))
+        if not next_entry:
+            return
+        position += next_entry
+
+
+class SmbRemote(Remote):
+    """A folder in an SMB share. Thread-safe: one connection, requests multiplexed."""
+
+    capabilities = Capabilities(symlinks=False, hard_links=False, atomic_replace=True, xattrs=False,
+                                modes=False, owners=False, notify=True, strong_versions=True,
+                                case_insensitive=True)
+
+    def __init__(self, host: str, share: str, path: str = "", user: str | None = None,
+                 port: int | None = None, options: ConnectOptions | None = None) -> None:
+        """``share``: the share's name; ``path``: the folder in it ("" or "a/b")."""
+        import getpass
+
+        self.options = options or ConnectOptions()
+        self.host = host
+        self.port = port or DEFAULT_PORT
+        self.share = share
+        self.user = user or getpass.getuser()
+        self.timeout = self.options.timeout
+        self.parallelism = max(4, self.options.connections)
+        parts = [p for p in path.replace("\\", "/").split("/") if p]
+        self._root = "\\".join(parts)
+        shown = self.host if ":" not in self.host else f"[{self.host}]"
+        self.description = (f"smb://{self.user}@{shown}:{self.port}/{share}"
+                            + ("/" + "/".join(parts) if parts else ""))
+        self._lock = threading.Lock()
+        self._link: _Link | None = None
+
+    @classmethod
+    def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
+                     pacer: "Pacer | None" = None) -> "SmbRemote":
+        """``smb://[user@]host[:port]/share/path``: the first component is the share."""
+        parts = [p for p in address.path.split("/") if p]
+        if not parts:
+            raise RemoteRefused(f"smb://{address.host}: no share named in the address "
+                                "(smb://host/SHARE/folder)")
+        if not address.host:
+            raise RemoteRefused("an smb:// address needs a host")
+        for part in parts:
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RemoteRefused(f"{address.path!r}: SMB names are Unicode; this path is not UTF-8") from None
+        return cls(address.host, parts[0], "/".join(parts[1:]), address.user, address.port, options)
+
+    # -- paths ----------------------------------------------------------------------
+    def name_error(self, name: bytes) -> int | None:
+        return smb_name_error(name)
+
+    def _name(self, path: bytes) -> str:
+        """The share-relative SMB name (backslashes) of a path relative to our folder."""
+        if path.startswith(b"/") or b"\0" in path or b"\\" in path:
+            raise RemoteError(errno.EINVAL, f"not a name this share can carry: {path!r}")
+        try:
+            text = path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError(errno.EILSEQ, "SMB names are Unicode: this name is not UTF-8") from None
+        text = text.replace("/", "\\")
+        if not self._root:
+            return text
+        return self._root + "\\" + text if text else self._root
+
+    def _new_name(self, path: bytes) -> str:
+        """``_name`` of a path about to be created: its last name must pass SMB's rules."""
+        code = smb_name_error(path.rsplit(b"/", 1)[-1])
+        if code is not None:
+            raise RemoteError(code, f"a name this share cannot carry: {path!r}")
+        return self._name(path)
+
+    # -- connection -----------------------------------------------------------------
+    def _connect_link(self) -> _Link:
+        connection = Connection(uuid.uuid4(), self.host, self.port)
+        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
+        watchdog.daemon = True
+        try:
+            try:
+                connection.connect(timeout=self.timeout)
+            except (ValueError, OSError, SMBException) as exc:
+                raise RemoteUnreachable(f"{self.description}: cannot connect: {_reason(exc)}") from None
+            # (the session setup and tree connect wait without a bound in smbprotocol: a
+            # watchdog closes the socket if the server stalls there)
+            watchdog.start()
+            session = self._log_in(connection)
+            try:
+                tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
+                tree.connect()
+            except SMBException as exc:
+                status = getattr(exc, "status", None)
+                if status == 0xC00000CC:  # BAD_NETWORK_NAME
+                    raise RemoteRefused(f"{self.description}: the server has no share named "
+                                        f"{self.share!r}") from None
+                if status == 0xC0000022:
+                    raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
+                                        f"{self.share!r}") from None
+                raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
+            watchdog.cancel()
+            if not watchdog.is_alive() and not connection.transport.connected:
+                raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s")
+            sock = getattr(connection.transport, "_sock", None)
+            if sock is not None:  # (a send that cannot go out blocks at most this long)
+                sock.settimeout(self.timeout)
+            return _Link(connection, session, tree, self.timeout)
+        except BaseException:
+            watchdog.cancel()
+            _close_quietly(connection)
+            raise
+
+    def _log_in(self, connection: Any) -> Any:
+        """A session: Kerberos first where it can work, then each password in turn."""
+
+        def attempt(password: str | None, protocol: str) -> Any:
+            session = Session(connection, self.user, password, auth_protocol=protocol)
+            session.connect()
+            return session
+
+        refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
+        if _kerberos_possible():
+            try:
+                return attempt(None, "kerberos")
+            except (SMBException, Exception) as exc:
+                if not connection.transport.connected:
+                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
+                log.debug("Kerberos login not possible: %s", _reason(exc))
+        secrets = self.options.secrets
+        passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
+            f"Password for {self.user} on {self.host} (SMB): ")
+        for password in passwords:
+            for protocol in ("negotiate", "ntlm"):
+                try:
+                    session = attempt(password, protocol)
+                except SMBException as exc:
+                    status = getattr(exc, "status", None)
+                    if status in STATUS_LOGON:
+                        refused = STATUS_LOGON[status]
+                        break  # (the next password)
+                    if not connection.transport.connected:
+                        raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
+                    if protocol == "ntlm":
+                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
+                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
+                    continue
+                except (OSError, ValueError) as exc:
+                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
+                except Exception as exc:  # (pyspnego's own errors: try plain NTLM once)
+                    if protocol == "ntlm":
+                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
+                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
+                    continue
+                if secrets is not None:
+                    secrets.password_worked(password)
+                return session
+        raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
+
+    def log_in(self) -> None:
+        """Connect once now (a password is asked for here, if it must be)."""
+        self.connect()
+
+    def _get_link(self) -> _Link:
+        with self._lock:
+            link = self._link
+            if link is not None and not link.dead:
+                return link
+            if link is not None:
+                link.close()
+            self._link = None
+            link = self._connect_link()
+            self._link = link
+            return link
+
+    def _call(self, work: Callable[[_Link], T]) -> T:
+        """``work`` on the current link; answers and failures translated."""
+        link = self._get_link()
+        try:
+            return work(link)
+        except _Status as exc:
+            if exc.status in STATUS_UNREACHABLE:
+                link.dead = True
+                raise RemoteUnreachable(f"{self.description}: the server ended the session "
+                                        f"(0x{exc.status:08X})") from None
+            code = STATUS_ERRNO.get(exc.status, errno.EIO)
+            raise RemoteError(code, f"{_os_strerror(code)} (SMB status 0x{exc.status:08X})") from None
+        except _Closed as exc:
+            link.dead = True
+            with self._lock:
+                if self._link is link:
+                    self._link = None
+            link.close()
+            raise RemoteUnreachable(f"{self.description}: {exc}") from None
+
+    def connect(self) -> None:
+        with self._lock:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+        found = self.stat(b"")
+        if not stat_mod.S_ISDIR(found.mode):
+            raise RemoteRefused(f"{self.description} is not a folder")
+
+    def ping(self) -> None:
+        self.stat(b"")
+
+    def close(self) -> None:
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+    # -- reading --------------------------------------------------------------------
+    def stat(self, path: bytes) -> RemoteStat:
+        name = self._name(path)
+
+        def work(link: _Link) -> RemoteStat:
+            answers = link.exchange([_create(name, FILE_READ_ATTRIBUTES | SYNCHRONIZE),
+                                     _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8), _close()])
+            attributes, size, atime, mtime, ctime, _creation, _h = _parse_create(_check(answers[0]))
+            file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+            return _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+        return self._call(work)
+
+    def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
+        name = self._name(path)
+
+        def work(link: _Link) -> list[tuple[bytes, RemoteStat]]:
+            answers = link.exchange([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                             options=DIRECTORY_FILE),
+                                     _query_directory(RELATED, True)])
+            handle = _parse_create(_check(answers[0]))[6]
+            entries: list[tuple[bytes, RemoteStat]] = []
+            try:
+                answer = answers[1]
+                while answer["status"].get_value() != STATUS_NO_MORE_FILES:
+                    body = _check(answer)
+                    _parse_listing(_query_body(body), entries)
+                    answer = link.exchange([_query_directory(handle, False)])[0]
+            finally:
+                link.exchange([_close(handle)])
+            return entries
+
+        return self._call(work)
+
+    def readlink(self, path: bytes) -> bytes:
+        self.stat(path)  # (ENOENT where nothing is there)
+        raise RemoteError(errno.EINVAL, "an SMB share shows no symlinks")
+
+    def read(self, path: bytes, offset: int, length: int) -> bytes:
+        pieces: dict[int, bytes] = {}
+        got = self.read_into(path, offset, length, lambda at, data: pieces.__setitem__(at, data))
+        out = b"".join(pieces[at] for at in sorted(pieces))
+        return out[:got]
+
+    def read_into(self, path: bytes, offset: int, length: int,
+                  sink: Callable[[int, bytes], object]) -> int:
+        return self._read(path, offset, length, sink, want_stat=False)[0]
+
+    def read_version_into(self, path: bytes, offset: int, length: int,
+                          sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
+        got, found = self._read(path, offset, length, sink, want_stat=True)
+        assert found is not None
+        return got, found
+
+    def _read(self, path: bytes, offset: int, length: int, sink: Callable[[int, bytes], object],
+              want_stat: bool) -> tuple[int, RemoteStat | None]:
+        name = self._name(path)
+
+        def work(link: _Link) -> tuple[int, RemoteStat | None]:
+            answers = link.exchange([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                             options=NON_DIRECTORY_FILE),
+                                     _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8)])
+            handle = _parse_create(_check(answers[0]))[6]
+            try:
+                file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                got = _read_range(link, handle, offset, length, sink)
+            except BaseException:
+                try:
+                    link.exchange([_close(handle)])
+                except Exception:
+                    pass
+                raise
+            closed = _check(link.exchange([_close(handle, postquery=want_stat)])[0])
+            if not want_stat:
+                return got, None
+            attributes, size, atime, mtime, ctime = _parse_close(closed)
+            return got, _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+        return self._call(work)
+
+    def statvfs(self) -> SpaceInfo:
+        name = self._name(b"")
+
+        def work(link: _Link) -> SpaceInfo:
+            answers = link.exchange([_create(name, FILE_READ_ATTRIBUTES | SYNCHRONIZE, options=DIRECTORY_FILE),
+                                     _query_info(INFO_FILESYSTEM, FILE_FS_FULL_SIZE_INFORMATION, 32), _close()])
+            _check(answers[0])
+            total, caller_free, free, per_unit, sector = _FS_FULL_SIZE.unpack_from(_query_body(_check(answers[1])))
+            # (SMB tells no file counts: a plausible fixed answer)
+            return SpaceInfo(block_size=max(1, per_unit * sector), blocks=total, blocks_free=free,
+                             blocks_avail=caller_free, files=1 << 24, files_free=1 << 23,
+                             name_max=NAME_MAX_UNITS)
+
+        return self._call(work)
+
+    # -- writing --------------------------------------------------------------------
+    def _write_temp(self, link: _Link, temp: str, source: Source, mode: int,
+                    times: tuple[int, int] | None) -> bytes:
+        """Create ``temp``, write the content, set times and the read-only attribute;
+        the open handle (DELETE access: the caller renames or removes it)."""
+        answers = link.exchange([_create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES
+                                         | DELETE | SYNCHRONIZE, OVERWRITE_IF, NON_DIRECTORY_FILE,
+                                         ATTR_NORMAL)])
+        handle = _parse_create(_check(answers[0]))[6]
+        try:
+            with open_source(source) as stream:
+                _write_all(link, handle, stream)
+            attributes = ATTR_READONLY if not mode & 0o200 else ATTR_NORMAL
+            atime, mtime = times if times is not None else (0, 0)
+            _check(link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, attributes),
+                                            handle)])[0])
+        except BaseException:
+            _discard(link, handle)
+            raise
+        return handle
+
+    def _finish(self, link: _Link, handle: bytes, target: str, replace: bool) -> RemoteStat:
+        """Rename the open temporary file over ``target`` and close it: its new stat."""
+        answers = link.exchange([_set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace), handle),
+                                 _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8, handle),
+                                 _close(handle, postquery=True)], related=False)
+        try:
+            _check(answers[0])
+        except _Status:
+            _discard(link, handle, closed=answers[2]["status"].get_value() == 0)
+            raise
+        file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+        attributes, size, atime, mtime, ctime = _parse_close(_check(answers[2]))
+        return _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+    def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
+               times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
+        target = self._new_name(path)
+        temp = self._name(_sibling(path, temp_name))
+
+        def work(link: _Link) -> RemoteStat:
+            handle = self._write_temp(link, temp, source, mode, times)
+            return self._finish(link, handle, target, replace=True)
+
+        return self._call(work)
+
+    def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
+        """Each upload written to its temporary name first, then the target checked just
+        before the rename: the window where a server change can be overwritten is one
+        round trip (none for a target that must not exist: that rename does not replace)."""
+        outcomes: list[UploadOutcome] = []
+        for upload in uploads:
+            try:
+                outcomes.append(self._upload_checked(upload))
+            except (RemoteError, ContentDamaged) as exc:
+                if isinstance(exc, RemoteUnreachable):
+                    raise
+                outcomes.append(exc)
+        return outcomes
+
+    def _upload_checked(self, upload: Upload) -> UploadOutcome:
+        target = self._new_name(upload.path)
+        temp = self._name(_sibling(upload.path, upload.temp_name))
+        try:
+            current: RemoteStat | None = self.stat(upload.path)
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable) or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            current = None
+        if not upload.expect(current):  # (nothing written when it is already refused)
+            return NotExpected(current)
+
+        def work(link: _Link) -> UploadOutcome:
+            handle = self._write_temp(link, temp, upload.source, upload.mode, upload.times)
+            try:
+                answers = link.exchange([_create(target, FILE_READ_ATTRIBUTES | SYNCHRONIZE),
+                                         _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8), _close()])
+                if answers[0]["status"].get_value() in (0xC0000034, 0xC000003A, 0xC000000F):
+                    now: RemoteStat | None = None
+                else:
+                    attributes, size, atime, mtime, ctime, _c, _h = _parse_create(_check(answers[0]))
+                    file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                    now = _make_stat(attributes, size, atime, mtime, ctime, file_id)
+                if not upload.expect(now):
+                    _discard(link, handle)
+                    return NotExpected(now)
+            except BaseException:
+                _discard(link, handle)
+                raise
+            try:
+                return self._finish(link, handle, target, replace=now is not None)
+            except _Status as exc:
+                if exc.status != STATUS_OBJECT_NAME_COLLISION:
+                    raise
+            # (one appeared between the check and the rename: not replaced)
+            return NotExpected(self.stat(upload.path))
+
+        return self._call(work)
+
+    def mkdir(self, path: bytes, mode: int) -> None:
+        name = self._new_name(path)
+        self._call(lambda link: _all_ok(link.exchange([
+            _create(name, FILE_READ_ATTRIBUTES | SYNCHRONIZE, CREATE, DIRECTORY_FILE, ATTR_DIRECTORY), _close()])))
+
+    def rmdir(self, path: bytes) -> None:
+        if not path:
+            raise RemoteError(errno.EBUSY, "the share's root cannot be removed")
+        self._remove(path, DIRECTORY_FILE)
+
+    def unlink(self, path: bytes) -> None:
+        self._remove(path, NON_DIRECTORY_FILE)
+
+    def _remove(self, path: bytes, kind: int) -> None:
+        name = self._name(path)
+
+        def work(link: _Link) -> None:
+            messages = [_create(name, DELETE | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE,
+                                options=kind),
+                        _set_info(FILE_DISPOSITION_INFORMATION, b"\x01"), _close()]
+            answers = link.exchange(messages)
+            if answers[1]["status"].get_value() == STATUS_CANNOT_DELETE:
+                # read-only: POSIX removes it all the same (the folder's permission decides)
+                messages.insert(1, _set_info(FILE_BASIC_INFORMATION,
+                                             _basic_info(attributes=ATTR_DIRECTORY if kind == DIRECTORY_FILE
+                                                         else ATTR_NORMAL)))
+                answers = link.exchange(messages)
+            _all_ok(answers)
+
+        self._call(work)
+
+    def _rename(self, src: bytes, dst: bytes, replace: bool) -> None:
+        source = self._name(src)
+        target = self._new_name(dst)
+        if not src:
+            raise RemoteError(errno.EBUSY, "the share's root cannot be renamed")
+
+        def work(link: _Link) -> None:
+            _all_ok(link.exchange([_create(source, DELETE | FILE_READ_ATTRIBUTES | SYNCHRONIZE),
+                                   _set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace)), _close()]))
+
+        self._call(work)
+
+    def rename(self, src: bytes, dst: bytes) -> None:
+        self._rename(src, dst, True)
+
+    def rename_noreplace(self, src: bytes, dst: bytes) -> None:
+        """ReplaceIfExists off: the server refuses atomically when ``dst`` exists."""
+        self._rename(src, dst, False)
+
+    def symlink(self, target: bytes, path: bytes) -> None:
+        raise RemoteError(errno.EPERM, "an SMB share keeps no symlinks")
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        raise RemoteError(errno.EPERM, "an SMB share keeps no hard links here")
+
+    def set_attrs(self, path: bytes, mode: int, atime_ns: int, mtime_ns: int,
+                  owner: tuple[int, int] | None = None) -> None:
+        """Times, and of the mode only whether the owner may write (SMB's read-only
+        attribute, files only); owners are not kept."""
+        name = self._name(path)
+
+        def work(link: _Link) -> None:
+            answers = link.exchange([_create(name, FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE)])
+            attributes, _s, _a, _m, _c, _cr, handle = _parse_create(_check(answers[0]))
+            wanted = 0
+            if not attributes & ATTR_DIRECTORY:
+                wanted = attributes | ATTR_READONLY if not mode & 0o200 else attributes & ~ATTR_READONLY
+                wanted = wanted or ATTR_NORMAL
+            _all_ok(link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(atime_ns, mtime_ns, wanted), handle),
+                                   _close(handle)], related=False))
+
+        self._call(work)
+
+    # -- change notification ---------------------------------------------------------
+    def watch(self, using: str = "auto") -> Watch:
+        """SMB2 CHANGE_NOTIFY on our folder with WATCH_TREE, on a connection of its own."""
+        try:
+            link = self._connect_link()
+        except (RemoteUnreachable, RemoteRefused) as exc:
+            raise WatchEnded(f"cannot connect for change notifications: {exc}") from exc
+        try:
+            return SmbWatch(link, self._name(b""))
+        except (_Status, _Closed) as exc:
+            link.close()
+            raise WatchEnded(f"the server refused change notifications: {exc}") from exc
+
+
+class SmbWatch(Watch):
+    """Paths changing in the share, as the server tells them (CHANGE_NOTIFY, re-armed
+    after each answer; the server keeps the changes made in between for the open
+    folder). A path b"" means "anything may have changed" (the server's list overflowed)."""
+
+    def __init__(self, link: _Link, root: str) -> None:
+        self._link = link
+        self._request_type = SMB2ChangeNotifyRequest
+        answers = link.exchange([_create(root, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                         options=DIRECTORY_FILE)])
+        self._handle = _parse_create(_check(answers[0]))[6]
+        self.started = True
+        self._pending = self._arm()
+        self._ended: WatchEnded | None = None
+
+    def _arm(self) -> Any:
+        request = self._request_type()
+        request["flags"] = WATCH_TREE
+        request["output_buffer_length"] = 65536
+        request["file_id"] = self._handle
+        request["completion_filter"] = NOTIFY_FILTER
+        return self._link.send([request])[0]
+
+    def read(self, timeout: float) -> list[bytes]:
+        if self._ended is not None:
+            raise self._ended
+        request = self._pending
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not request.response_event.wait(left):
+                return []
+            with request.response_event_lock:
+                response = request.response
+                if response is None or self._link.connection._t_exc is not None \
+                        or not self._link.connection.transport.connected:
+                    self._ended = WatchEnded("the SMB connection for change notifications ended")
+                    raise self._ended
+                status = response["status"].get_value()
+                if status == STATUS_PENDING:  # (the server holds it: every folder is watched)
+                    self.ready = True
+                    request.response_event.clear()
+                    continue
+                self._link.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
+                break
+        self.ready = True
+        try:
+            self._pending = self._arm()
+        except _Closed as exc:
+            self._ended = WatchEnded(f"the SMB connection for change notifications ended: {exc}")
+        if status == STATUS_NOTIFY_ENUM_DIR:
+            return [b""]
+        if status != 0:
+            self._ended = WatchEnded(f"the server stopped change notifications (0x{status:08X})",
+                                     retry=status not in STATUS_ERRNO)
+            raise self._ended
+        return _parse_notify(_query_body(response["data"].get_value()))
+
+    def close(self) -> None:
+        self._ended = WatchEnded("closed", retry=False)
+        try:
+            self._pending.cancel()
+        except Exception:
+            pass
+        self._link.close()
+
+
+def _parse_notify(buffer: bytes) -> list[bytes]:
+    """FILE_NOTIFY_INFORMATION entries: share-relative paths (our folder's), as bytes."""
+    out: list[bytes] = []
+    position = 0
+    while position + 12 <= len(buffer):
+        next_entry, _action, length = struct.unpack_from("<III", buffer, position)
+        name = buffer[position + 12:position + 12 + length].decode("utf-16-le", "surrogatepass")
+        out.append(name.replace("\\", "/").encode("utf-8", "surrogateescape"))
+        if not next_entry:
+            break
+        position += next_entry
+    return out or [b""]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _read_range(link: _Link, handle: bytes, offset: int, length: int,
+                sink: Callable[[int, bytes], object]) -> int:
+    """READs of ``length`` bytes at ``offset``, up to ``IN_FLIGHT`` sent ahead; each
+    piece to ``sink``. The count of bytes up to the first short answer (end of file)."""
+    chunk = link.max_read
+    pending: list[tuple[int, int, Any]] = []
+    position, end, got, at_end = offset, offset + length, 0, False
+    while pending or (position < end and not at_end):
+        while not at_end and position < end and len(pending) < IN_FLIGHT:
+            size = min(chunk, end - position)
+            pending.append((position, size, link.send([_read_request(handle, position, size)])[0]))
+            position += size
+        start, size, request = pending.pop(0)
+        answer = link.wait(request)
+        if answer["status"].get_value() == STATUS_END_OF_FILE:
+            at_end = True
+            continue
+        data = _read_data(_check(answer))
+        if data:
+            sink(start, data)
+        if not at_end and start == offset + got:
+            got += len(data)
+        if len(data) < size:
+            at_end = True
+    return got
+
+
+def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
+    """WRITEs of the whole stream, up to ``IN_FLIGHT`` sent ahead."""
+    pending: list[Any] = []
+    position = 0
+    while True:
+        data = stream.read(link.max_write)
+        if data:
+            pending.append(link.send([_write_request(handle, position, data)])[0])
+            position += len(data)
+        while pending and (len(pending) >= IN_FLIGHT or not data):
+            _check(link.wait(pending.pop(0)))
+        if not data:
+            return
+
+
+def _discard(link: _Link, handle: bytes, closed: bool = False) -> None:
+    """Remove an open temporary file (best effort: a broken link leaves it behind, as an
+    interrupted SFTP upload does)."""
+    try:
+        if closed:
+            return
+        link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle), _close(handle)], related=False)
+    except Exception as exc:
+        log.debug("could not remove a temporary file: %s", exc)
+
+
+def _all_ok(answers: list[Any]) -> None:
+    for answer in answers:
+        _check(answer)
+
+
+def _sibling(path: bytes, name: bytes) -> bytes:
+    parent = path.rsplit(b"/", 1)[0] if b"/" in path else b""
+    return parent + b"/" + name if parent else name
+
+
+def _close_quietly(connection: Any) -> None:
+    try:
+        connection.transport.close()
+    except Exception:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's text for a message, without smbprotocol's multi-line dumps."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def _os_strerror(code: int) -> str:
+    import os
+
+    return os.strerror(code)
+
+
+_kerberos: bool | None = None
+
+
+def _kerberos_possible() -> bool:
+    """Whether a Kerberos login can be tried: python-gssapi is there (pyspnego needs it)
+    and a credential cache seems to exist."""
+    global _kerberos
+    if _kerberos is None:
+        try:
+            import gssapi  # type: ignore[import-not-found]  # noqa: F401
+
+            _kerberos = True
+        except ImportError:
+            _kerberos = False
+    if not _kerberos:
+        return False
+    import os
+
+    cache = os.environ.get("KRB5CCNAME", f"/tmp/krb5cc_{os.getuid()}")
+    return not cache.startswith("FILE:") and not cache.startswith("/") or os.path.exists(
+        cache.removeprefix("FILE:"))
