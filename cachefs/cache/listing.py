@@ -1272,7 +1272,7 @@ def _new_node(ino: int, parent: int, name: bytes, rstat: RemoteStat) -> Node:
         nlink = 2
     mtime = rstat.mtime_ns
     return Node(ino, parent, name, mode, rstat.size, mtime, rstat.atime_ns, mtime, rstat.uid, rstat.gid,
-                nlink, 0, (rstat.size, mtime, mode & 0o170000), 0.0, b"", 0, 0)
+                nlink, 0, (rstat.size, rstat.tag or mtime, mode & 0o170000), 0.0, b"", 0, 0)
 
 
 def _link_count(rstat: RemoteStat, old: Node | None) -> int:
