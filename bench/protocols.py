@@ -20,7 +20,8 @@ any other mount, process or server; the system's davfs2, Samba and Apache config
 (davfs2 gets a configuration file, secrets file and cache folder of its own; only its pid
 file lands in the system's /run/mount.davfs, and goes with its daemon).
 
-Workloads (names for --only): seqread smallread create git.
+Workloads (names for --only): backend (a reference: cachefs's handler reading the big file
+on its own) seqread smallread create git.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.harness import (MOUNT_TIMEOUT, STOP_TIMEOUT, Mount, MountFailed, Watchdog,  # noqa: E402
-                           drop_caches, log, machine_line, read_whole)
+                           drop_caches, log, machine_line, poll_until, read_whole)
 from bench.run import Bench, Metric, Sizes, build_tables, fmt, raw_samples, write_control  # noqa: E402
 from cachefs.mounts import is_mounted  # noqa: E402
 
@@ -56,7 +57,7 @@ PROTOCOLS = ("smb", "webdav")
 PEERS = ("cachefs", "rclone", "davfs2", "share")
 PEERS_OF = {"smb": ("cachefs", "rclone", "share"),
             "webdav": ("cachefs", "rclone", "davfs2", "share")}
-WORKLOADS = ("seqread", "smallread", "create", "git")
+WORKLOADS = ("backend", "seqread", "smallread", "create", "git")
 # judged as the issue asks: cachefs ahead of each peer where it works from its cache, no
 # slower than the best peer cold (the share folder, the floor, is never a peer to beat)
 CACHED = ("read_cached", "small_warm", "small_cached", "create", "git")
@@ -76,6 +77,7 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
 
 def metric_list(s: Sizes) -> list[Metric]:
     return [
+        Metric("backend", "backend", f"the handler alone (SmbRemote / DavRemote read_into {s.big_mb} MiB, page cache dropped)", "MiB/s", True),
         Metric("read_cold", "seqread", f"seq read {s.big_mb} MiB, cold (fresh mount, empty cache, page cache dropped)", "MiB/s", True),
         Metric("read_cached", "seqread", "  again from the cache (remount, same cache, page cache dropped)", "MiB/s", True),
         Metric("small_cold", "smallread", f"read {s.small_files} x 4 KiB files, cold", "files/s", True),
@@ -150,16 +152,28 @@ class ProtocolMount(Mount):
             r = subprocess.run(["mount.davfs", b.server.url(), str(self.mnt), "-o", f"conf={conf}"],
                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                timeout=MOUNT_TIMEOUT)
-        pid_file = DAVFS2_RUN / (str(self.mnt).strip("/").replace("/", "-") + ".pid")
-        try:
-            self.daemon_pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            self.daemon_pid = None
+        # (the daemon writes its pid file a moment after mount.davfs has returned)
+        poll_until(lambda: self._find_daemon() is not None, timeout=10, interval=0.05)
         if r.returncode != 0 or not is_mounted(self.mnt):
             raise MountFailed(f"mount.davfs exited with status {r.returncode}: {self.log_tail()}")
-        if self.daemon_pid is None or str(self.mnt) not in _cmdline(self.daemon_pid):
-            raise MountFailed(f"davfs2 mounted {self.mnt} but its daemon was not found by {pid_file}")
+        if self.daemon_pid is None:
+            raise MountFailed(f"davfs2 mounted {self.mnt} but its daemon was not found by "
+                              f"{self._pid_file()} within 10 s")
         return self
+
+    def _pid_file(self) -> Path:
+        return DAVFS2_RUN / (str(self.mnt).strip("/").replace("/", "-") + ".pid")
+
+    def _find_daemon(self) -> int | None:
+        """The PID in davfs2's pid file for our mount point, if that process serves it."""
+        try:
+            pid = int(self._pid_file().read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if str(self.mnt) not in _cmdline(pid):
+            return None
+        self.daemon_pid = pid
+        return pid
 
     def abort(self) -> None:
         if self.peer != "davfs2":
@@ -172,10 +186,8 @@ class ProtocolMount(Mount):
     def stop(self) -> None:
         if self.peer != "davfs2":
             return super().stop()
-        if self.daemon_pid is None:
-            if self in self.bench.live_mounts:
-                self.bench.live_mounts.remove(self)
-            return
+        if self.daemon_pid is None and self.mnt is not None:
+            self._find_daemon()  # (a start that failed after mounting)
         try:
             # umount.davfs waits for the daemon to upload what is dirty and end
             if self.mnt is not None and is_mounted(self.mnt):
@@ -293,6 +305,36 @@ class ProtocolBench(Bench):
             for peer in self.peers:
                 self.measure(name, peer, rep, fn, guard, keys)
 
+    def w_backend(self) -> None:
+        """Reference: cachefs's handler for this scheme reading big.bin on its own (no cache,
+        no FUSE), what a cold read through the mount is bounded by."""
+        from cachefs.address import parse_remote
+        from cachefs.remote import handler_for
+        from cachefs.remote.options import ConnectOptions
+        from cachefs.remote.ssh_secrets import Secrets
+
+        log(f"{self.protocol}: workload backend (reference)")
+        address = parse_remote(self.server.address())
+        size = self.sizes.big_mb * MiB
+        for rep in range(self.args.repeats):
+            remote = handler_for(address.scheme).from_address(
+                address, ConnectOptions(secrets=Secrets(self.server.password)), None)
+            try:
+                remote.connect()
+                drop_caches()
+                t0 = time.perf_counter()
+                got = remote.read_into(b"big.bin", 0, size, lambda at, data: None)
+                dt = time.perf_counter() - t0
+                if got != size:
+                    raise RuntimeError(f"read {got} bytes of {size}")
+                self.add("backend", "cachefs", size / MiB / dt)
+                log(f"  backend rep {rep + 1}: {size / MiB / dt:.1f} MiB/s")
+            except Exception as exc:  # noqa: BLE001
+                log(f"  backend rep {rep + 1}: ERROR {type(exc).__name__}: {exc}")
+                self.error("backend", "cachefs", f"{type(exc).__name__}: {exc}")
+            finally:
+                remote.close()
+
     def remount(self, m: Mount) -> Mount:
         """``m`` taken down and mounted again on the same mount point with the same cache
         (the share folder: itself)."""
@@ -306,6 +348,19 @@ class ProtocolBench(Bench):
             again.stop()
             raise
         return again
+
+    def done_with(self, again: Mount, first: Mount) -> None:
+        """Take down a remount and note errors in its log (Bench.measure reads the first
+        mount's only)."""
+        if again is first:
+            return
+        again.stop()
+        if again.log_path.exists():
+            text = again.log_path.read_text(errors="replace")
+            bad = next((ln for ln in text.splitlines() if "Traceback" in ln or " ERROR " in ln), None)
+            if bad is not None:
+                self.notes.append(f"{again.tag}: the {again.peer} log has errors, e.g. "
+                                  f"`{bad.strip()[:200]}` (see {again.log_path})")
 
     def guarded(self, m: Mount, seconds: float, what: str) -> Watchdog:
         return Watchdog(m if m.peer != "share" else None, seconds, f"{what}/{m.peer}")
@@ -331,8 +386,7 @@ class ProtocolBench(Bench):
                     raise RuntimeError(f"read from the cache: {n} bytes, expected {size}")
                 self.verify_big(again)
         finally:
-            if again is not m:
-                again.stop()
+            self.done_with(again, m)
         return out
 
     def verify_big(self, m: Mount) -> None:
@@ -368,8 +422,7 @@ class ProtocolBench(Bench):
                 if count != len(self.small_files):
                     raise RuntimeError(f"from the cache: read {count} files, expected {len(self.small_files)}")
         finally:
-            if again is not m:
-                again.stop()
+            self.done_with(again, m)
         return out
 
     def w_creates(self, m: Mount) -> dict[str, float]:
@@ -501,6 +554,9 @@ The SFTP figures (sshfs, rclone sftp) are in [performance.md](performance.md).
   there at its full size. `create_done` counts both. git: `git init`, copy the tree in,
   `add -A`, `commit`, `status`, then the same "until the server has it" (cachefs:
   `sync`, then a poll of the server's copy for the same files at the same sizes).
+- "The handler alone": cachefs's handler for the scheme (`SmbRemote`, `DavRemote`) reading
+  `big.bin` with `read_into` in this process, no cache and no FUSE, after dropping the page
+  cache: what a cold read through the mount is bounded by.
 - Each figure is the median of {args.repeats} run(s) (peers interleaved per run).
   Ratios are cachefs/peer of the medians: for ↑ figures >1 means cachefs is faster, for ↓
   figures (times) <1 means cachefs is faster.
@@ -564,9 +620,13 @@ def run_protocol(b: ProtocolBench) -> None:
     log(f"{b.protocol}: server on {b.server.host}:{b.server.port}, share {b.server.share}")
     if "rclone" in b.peers:
         b.write_rclone_conf()
-    b.fill_share(args.workloads)
+    b.fill_share(args.workloads + (["seqread"] if "backend" in args.workloads else []))
     for w in args.workloads:
         try:
+            if w == "backend":
+                if "cachefs" in b.peers:
+                    b.w_backend()
+                continue
             b.run_workload(w)
         except KeyboardInterrupt:
             raise
