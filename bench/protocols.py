@@ -467,7 +467,8 @@ def tool_versions() -> str:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             first = (r.stdout + r.stderr).strip().splitlines()
-            out.append(first[0].replace("Server version: ", "") if first else "?")
+            text = first[0].replace("Server version: ", "").split(" <")[0].strip() if first else "?"
+            out.append(f"Samba {text.removeprefix('Version ')}" if "smbd" in cmd[0] else text)
         except (OSError, subprocess.SubprocessError):
             pass
     try:
