@@ -579,6 +579,8 @@ def parse_args() -> argparse.Namespace:
                    help=f"workloads to run (comma or space separated): {' '.join(WORKLOADS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma separated (default: all)")
     p.add_argument("--size-mb", type=int, default=64, help="size of the big file (default 64)")
+    p.add_argument("--cachefs-options", default="", metavar="OPTIONS",
+                   help="more options for every cachefs mount, e.g. '--connections 8'")
     p.add_argument("--max-minutes", type=float, default=50.0,
                    help="skip what is left after this long (default 50)")
     p.add_argument("--output", type=Path, default=REPO / "docs" / "performance-protocols.md")
@@ -669,7 +671,8 @@ def main() -> int:
                 peers.append(p)
             # (endpoint: the SSH peers' address in bench/run.py; none here)
             b = ProtocolBench(args, sizes, folder, server, peers, None,
-                              deadline=deadline, protocol=protocol)
+                              deadline=deadline, protocol=protocol,
+                              cachefs_options=shlex.split(args.cachefs_options))
             benches.append(b)
             try:
                 run_protocol(b)
