@@ -93,14 +93,17 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
     NAME, and MOUNTPOINT is then optional; ``cachefs add`` takes both, always)."""
     if share_names:
         p.add_argument("remote", metavar="REMOTE",
-                       help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, a "
-                            "directory, or the NAME of a share registered with 'cachefs add'")
+                       help="sftp://[user@]host[:port]/path, [user@]host:path, "
+                            "smb://[user@]host[:port]/share/path, dav:// or davs://[user@]host[:port]/path, "
+                            "file:///path, a directory, or the NAME of a share registered with 'cachefs add'")
         p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
                        help="an existing empty directory (see --nonempty; default for a NAME: "
                             "its registered one)")
     else:
         p.add_argument("remote", metavar="REMOTE",
-                       help="sftp://[user@]host[:port]/path, [user@]host:path, file:///path, or a directory")
+                       help="sftp://[user@]host[:port]/path, [user@]host:path, "
+                            "smb://[user@]host[:port]/share/path, dav:// or davs://[user@]host[:port]/path, "
+                            "file:///path, or a directory")
         p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory (see --nonempty)")
     p.add_argument("--cache-dir", metavar="DIR", type=Path,
                    help="where the cache lives (default: one folder per remote under "

@@ -70,13 +70,21 @@ UNSHARE = "/usr/bin/unshare"
 #: the user id Apache has inside its namespace when started as root (any but 0 will do)
 NAMESPACE_UID = 1000
 USER = "cachefs"
+REALM = "cachefs"
 
 
 class DavServer:
     """A throw-away Apache WebDAV server sharing ``share`` to one user (basic auth)."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
-                 user: str = USER, password: str | None = None) -> None:
+                 user: str = USER, password: str | None = None, auth: str = "basic",
+                 tls: bool = False) -> None:
+        """``auth``: "basic" or "digest" (RFC 7616, MD5). ``tls``: serve https with a
+        self-signed certificate (``cert``, for ``davs://``; clients must be given it)."""
+        if auth not in ("basic", "digest"):
+            raise ValueError(f"auth must be basic or digest, not {auth!r}")
+        self.auth = auth
+        self.tls = tls
         if not os.path.exists(APACHE):
             raise RuntimeError(f"{APACHE} is missing: install the Debian package apache2")
         self.workdir = Path(workdir).absolute()
@@ -92,9 +100,13 @@ class DavServer:
         self.config = self.workdir / "httpd.conf"
         self.pid_file = self.workdir / "httpd.pid"
         self.log_file = self.workdir / "error.log"
+        self.cert = self.workdir / "cert.pem"
+        self.cert_key = self.workdir / "key.pem"
         self._process: subprocess.Popen[bytes] | None = None
         (self.workdir / "lock").mkdir(exist_ok=True)
         self._write_password()
+        if tls and not self.cert.exists():
+            self._make_certificate()
         self._write_config()
 
     # -- setup ----------------------------------------------------------------------
@@ -104,14 +116,28 @@ class DavServer:
             f.write(self.password + "\n")
         # {SHA}: cheap to check on every request (a bcrypt hash would cost each request a
         # few milliseconds of CPU, and the benchmarks measure requests); a test password
-        digest = base64.b64encode(hashlib.sha1(self.password.encode()).digest()).decode()
+        if self.auth == "digest":  # (htdigest's format)
+            secret = hashlib.md5(f"{self.user}:{REALM}:{self.password}".encode()).hexdigest()
+            line = f"{self.user}:{REALM}:{secret}\n"
+        else:
+            digest = base64.b64encode(hashlib.sha1(self.password.encode()).digest()).decode()
+            line = f"{self.user}:{{SHA}}{digest}\n"
         fd = os.open(self.htpasswd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as f:
-            f.write(f"{self.user}:{{SHA}}{digest}\n")
+            f.write(line)
+
+    def _make_certificate(self) -> None:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+             "-subj", f"/CN={self.host}", "-addext", f"subjectAltName=IP:{self.host}",
+             "-keyout", str(self.cert_key), "-out", str(self.cert)],
+            check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
     def _write_config(self) -> None:
-        modules = ["mpm_event", "authn_core", "authz_core", "auth_basic", "authn_file",
+        modules = ["mpm_event", "authn_core", "authz_core", f"auth_{self.auth}", "authn_file",
                    "authz_user", "dav", "dav_fs"]
+        if self.tls:
+            modules += ["socache_shmcb", "ssl"]
         lines = [f"ServerRoot {self.workdir}", f"PidFile {self.pid_file}",
                  f"Listen {self.host}:{self.port}", f"ServerName {self.host}",
                  f"ErrorLog {self.log_file}", "LogLevel warn"]
@@ -121,11 +147,15 @@ class DavServer:
             "MinSpareThreads 4", "MaxSpareThreads 32",
             "KeepAlive On", "MaxKeepAliveRequests 0", "KeepAliveTimeout 30",
             f"DavLockDB {self.workdir}/lock/DavLock",
+            *(["SSLEngine on", f"SSLCertificateFile {self.cert}",
+               f"SSLCertificateKeyFile {self.cert_key}",
+               f"SSLSessionCache shmcb:{self.workdir}/ssl_scache(512000)"] if self.tls else []),
             f"DocumentRoot {self.share}",
             f'<Directory "{self.share}">',
             "  Dav On",
-            "  AuthType Basic",
-            "  AuthName cachefs",
+            f"  AuthType {self.auth.capitalize()}",
+            f"  AuthName {REALM}",
+            *(["  AuthDigestDomain /"] if self.auth == "digest" else []),
             f"  AuthUserFile {self.htpasswd}",
             "  Require valid-user",
             "  Options None",
@@ -219,12 +249,14 @@ class DavServer:
     def url(self, path: str | bytes = "") -> str:
         """The http URL of ``path`` (relative to the share) on this server."""
         raw = os.fsencode(path).lstrip(b"/")
-        return f"http://{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
 
     def address(self, path: str | bytes = "") -> str:
         """The cachefs address of ``path`` in the share: dav://USER@127.0.0.1:PORT/path."""
         raw = os.fsencode(path).lstrip(b"/")
-        return f"dav://{self.user}@{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
+        scheme = "davs" if self.tls else "dav"
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/" + quote_from_bytes(raw, safe="/")
 
     def mount_args(self) -> list[str]:
         """The cachefs options a mount of this server needs."""

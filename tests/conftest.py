@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from devtools.devserver import SshServer
+from tests.backends import backend  # noqa: F401 - the fixture over every protocol
 
 # ---------------------------------------------------------------------------------------
 # Remote fixtures: a share folder and a private OpenSSH sshd serving it on 127.0.0.1.

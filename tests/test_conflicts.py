@@ -4,6 +4,10 @@ mount shows (after its listing refresh, ``--attr-timeout 1``), and what status a
 Every kind marks the names it concerns: ``user.cachefs.state`` is ``conflict`` for each
 name still there that a record names (the original, the copy, a rename's target), and
 status counts the records by kind (``conflict_kinds``).
+
+The commonest cases (changed on both sides, deleted on one side and changed on the other,
+made on both sides, renamed onto a name made there) are tests/test_any_backend.py's, run
+over every protocol; the helpers here serve both files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 
 from tests.fixtures.mount import REPO, _run_with_timeout, status
-from tests.test_writes import control, go_offline, read_all, sync, wait_for, wait_state, write_file
+from tests.test_writes import control, go_offline, read_all, sync, wait_for, write_file
 
 CONFLICT_RE = re.compile(r"^(?P<stem>.*) \(conflict \d{4}-\d\d-\d\d \d{6} [^)]+\)(?P<ext>.*)$")
 REFRESH = 6.0  # bound on waiting for the mount's view (attr timeout is 1 s)
@@ -99,114 +103,6 @@ def mount_shows(mnt: Path, expected: dict[str, bytes], folder: str = "") -> None
         seen = {n: (here / n).read_bytes()[:60] for n in os.listdir(here)
                 if n != ".cachefs" and (here / n).is_file()}
         raise AssertionError(f"the mount shows {seen}, expected {expected}") from None
-
-
-def test_changed_on_both_sides(mount_factory, share: Path) -> None:
-    (share / "report.txt").write_bytes(b"base version")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "report.txt", b"local version, longer")
-        change_on_server(share / "report.txt", b"remote version")
-        control(mnt, "online")
-        sync(mnt)
-        assert (share / "report.txt").read_bytes() == b"remote version"
-        copies = copies_of(share, "report.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"local version, longer"
-        record = assert_recorded(mnt, "report.txt", "changed-both")
-        assert record.get("conflict_path") == copies[0]
-        assert status(mnt)["pending"] == 0
-        mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
-        assert sorted(os.listdir(mnt)) == sorted(["report.txt", copies[0]])
-        shows_conflict(mnt / "report.txt", mnt / copies[0])
-        assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
-        control(mnt, "resolve report.txt both")
-        assert state_of(mnt / "report.txt") != "conflict"
-        assert state_of(mnt / copies[0]) != "conflict"
-
-
-def test_deleted_here_changed_there(mount_factory, sshd, share: Path) -> None:
-    """Offline because the server went away (sshd stopped)."""
-    (share / "notes.txt").write_bytes(b"base")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        sshd.stop()
-        wait_state(mnt, "offline")
-        os.unlink(mnt / "notes.txt")
-        change_on_server(share / "notes.txt", b"changed there")
-        sshd.start()
-        wait_state(mnt, "online")
-        sync(mnt)
-        assert (share / "notes.txt").read_bytes() == b"changed there"
-        assert copies_of(share, "notes.txt") == []
-        assert_recorded(mnt, "notes.txt", "deleted-local-changed-remote")
-        mount_shows(mnt, {"notes.txt": b"changed there"})
-        # (the server's version came back: its name carries the state)
-        shows_conflict(mnt / "notes.txt")
-        assert path_state_line(mnt / "notes.txt").endswith("conflict (deleted-local-changed-remote)")
-
-
-def test_changed_here_deleted_there(mount_factory, share: Path) -> None:
-    (share / "draft.md").write_bytes(b"base")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "draft.md", b"changed here")
-        (share / "draft.md").unlink()
-        control(mnt, "online")
-        sync(mnt)
-        assert (share / "draft.md").read_bytes() == b"changed here"
-        assert_recorded(mnt, "draft.md", "deleted-remote-changed-local")
-        mount_shows(mnt, {"draft.md": b"changed here"})
-        shows_conflict(mnt / "draft.md")
-        control(mnt, "resolve draft.md local")
-        assert state_of(mnt / "draft.md") != "conflict"
-
-
-def test_created_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        go_offline(mnt)
-        write_file(mnt / "new.txt", b"made here")
-        (share / "new.txt").write_bytes(b"made there!")
-        control(mnt, "online")
-        sync(mnt)
-        assert (share / "new.txt").read_bytes() == b"made there!"
-        copies = copies_of(share, "new.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"made here"
-        assert_recorded(mnt, "new.txt", "changed-both")
-        mount_shows(mnt, {"new.txt": b"made there!", copies[0]: b"made here"})
-        shows_conflict(mnt / "new.txt", mnt / copies[0])
-
-
-def test_renamed_here_onto_name_that_appeared_there(mount_factory, share: Path) -> None:
-    (share / "a.txt").write_bytes(b"content of a")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        os.rename(mnt / "a.txt", mnt / "b.txt")
-        (share / "b.txt").write_bytes(b"b made there")
-        control(mnt, "online")
-        sync(mnt)
-        assert not (share / "a.txt").exists()
-        assert (share / "b.txt").read_bytes() == b"b made there"
-        copies = copies_of(share, "b.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"content of a"
-        assert status(mnt)["conflicts"] >= 1
-        assert any(r.get("conflict_path") == copies[0] for r in conflict_records(mnt)), \
-            conflict_records(mnt)
-        mount_shows(mnt, {"b.txt": b"b made there", copies[0]: b"content of a"})
-        wait_for(lambda: "a.txt" not in os.listdir(mnt), REFRESH, "a.txt gone from the mount")
-        record = assert_recorded(mnt, "a.txt", "renamed-onto-new-remote")
-        assert record.get("target") == "b.txt", record
-        shows_conflict(mnt / "b.txt", mnt / copies[0])
 
 
 def test_created_in_folder_removed_there(mount_factory, share: Path) -> None:

@@ -32,7 +32,7 @@ MiB = 1 << 20
 SERVER_STOPPED = [r"paramiko\.transport: Socket exception"]
 
 
-# -- helpers (also used by test_cli) -------------------------------------------------------
+# -- helpers (also used by test_cli, test_any_backend) --------------------------------------
 
 def bounded(function: Callable[[], Any], what: str, timeout: float = OP_TIMEOUT) -> Any:
     """Run a call that could block on a hung mount; AssertionError-like TimeoutError after
@@ -174,58 +174,6 @@ def make_changed_both(mount_factory_mnt: Path, share: Path, files: dict[str, tup
 
 # -- offline, online, sync ----------------------------------------------------------------
 
-def test_offline_journals_and_online_sync_replays(mount_factory, share: Path) -> None:
-    (share / "seen.txt").write_bytes(b"seen before\n")
-    (share / "unseen.txt").write_bytes(b"never read\n")
-    with mount_factory() as mount:
-        mnt = mount.mountpoint
-        assert read(mnt / "seen.txt") == b"seen before\n"
-        before = status(mnt)
-        assert before["state"] == "online" and before["connectivity"] == "online", before
-        assert before["pending"] == 0
-
-        go_offline(mnt)
-        now = status(mnt)
-        assert now["state"] == "offline" and now["connectivity"] == "offline-by-request", now
-        # No remote access while the server is up: content never read is not fetched.
-        assert errno_of(lambda: (mnt / "unseen.txt").read_bytes(), "read unseen") == errno.EHOSTDOWN
-        assert read(mnt / "seen.txt") == b"seen before\n"
-
-        write(mnt / "seen.txt", b"changed offline\n")
-        write(mnt / "new.txt", b"created offline\n")
-        assert status(mnt)["pending"] > 0
-        time.sleep(1.5)  # a heartbeat or two: still nothing may reach the server
-        assert (share / "seen.txt").read_bytes() == b"seen before\n"
-        assert not (share / "new.txt").exists()
-
-        last_error = refused(mnt, "sync", errno.EHOSTDOWN)
-        assert "offline" in last_error, last_error
-        assert status(mnt)["pending"] > 0
-
-        command(mnt, "online")
-        wait_state(mnt, "online")
-        command(mnt, "sync")
-        after = status(mnt)
-        assert after["pending"] == 0, after
-        assert after["last_sync"], after
-        assert (share / "seen.txt").read_bytes() == b"changed offline\n"
-        assert (share / "new.txt").read_bytes() == b"created offline\n"
-        assert read(mnt / "unseen.txt") == b"never read\n"
-
-
-def test_sync_with_server_stopped_fails_and_says_why(mount_factory, sshd, share: Path) -> None:
-    (share / "f.txt").write_bytes(b"x")
-    with mount_factory(allowed_errors=SERVER_STOPPED) as mount:
-        mnt = mount.mountpoint
-        read(mnt / "f.txt")
-        sshd.stop()
-        wait_state(mnt, "offline")  # the heartbeat (1 s) notices
-        last_error = refused(mnt, "sync", errno.EHOSTDOWN)
-        assert "offline" in last_error or "reach" in last_error, last_error
-        assert status(mnt)["state"] == "offline"
-        assert status(mnt)["connectivity"] == "offline"  # detected, not by request
-        assert read(mnt / "f.txt") == b"x"
-
 
 def test_sync_right_after_the_server_stopped_does_not_claim_success(mount_factory, sshd, share: Path) -> None:
     """``sync`` succeeds only if the remote answered: nothing pending is no excuse."""
@@ -239,42 +187,6 @@ def test_sync_right_after_the_server_stopped_does_not_claim_success(mount_factor
 
 
 # -- pin ------------------------------------------------------------------------------------
-
-def test_pinned_folder_reads_whole_with_server_stopped(mount_factory, sshd, share: Path) -> None:
-    docs = share / "docs"
-    (docs / "sub").mkdir(parents=True)
-    files = {
-        "docs/a.txt": b"alpha\n",
-        "docs/big.bin": os.urandom(5 * MiB + 17),
-        "docs/empty": b"",
-        "docs/sub/c.txt": b"gamma\n" * 1000,
-    }
-    for rel, data in files.items():
-        (share / rel).write_bytes(data)
-    (share / "outside.txt").write_bytes(b"not pinned\n")
-    with mount_factory(allowed_errors=SERVER_STOPPED) as mount:
-        mnt = mount.mountpoint
-        listdir(mnt)
-        assert state(mnt / "docs/big.bin") == "remote"
-        command(mnt, "pin docs")
-        current = status(mnt)
-        assert current["pinned"] == ["/docs"], current
-        for rel in files:
-            assert state(mnt / rel) == "pinned", rel
-        assert state(mnt / "outside.txt") == "remote"
-
-        # Appears on the server after the pin: fetched at the next sync.
-        files["docs/sub/later.txt"] = b"added on the server later\n"
-        (share / "docs/sub/later.txt").write_bytes(files["docs/sub/later.txt"])
-        command(mnt, "sync")
-
-        sshd.stop()
-        for rel, data in files.items():
-            assert read(mnt / rel) == data, f"{rel} differs with the server stopped"
-            assert state(mnt / rel) == "pinned", rel
-        assert errno_of(lambda: (mnt / "outside.txt").read_bytes(), "read outside") == errno.EHOSTDOWN
-        assert status(mnt)["state"] == "offline"
-        assert status(mnt)["pinned"] == ["/docs"]
 
 
 def test_pin_offline_of_unknown_content_fails(mount_factory, share: Path) -> None:
@@ -380,40 +292,6 @@ def test_evict_right_after_a_read_drops_it(mount_factory, share: Path) -> None:
         assert status(mnt)["cache_bytes"] == 0, status(mnt)
 
 
-def test_cache_size_limit_evicts_lru_but_not_pinned_or_dirty(mount_factory, sshd, share: Path) -> None:
-    limit = 2 * MiB
-    data = {}
-    for i in range(5):
-        data[f"a{i}.bin"] = os.urandom(MiB)
-    (share / "pinned").mkdir()
-    for i in range(3):
-        data[f"pinned/p{i}.bin"] = os.urandom(MiB)
-    for rel, content in data.items():
-        (share / rel).write_bytes(content)
-    with mount_factory("--cache-size", "2M", allowed_errors=SERVER_STOPPED) as mount:
-        mnt = mount.mountpoint
-        assert status(mnt)["cache_limit"] == limit
-        listdir(mnt)
-        for i in range(5):
-            assert read(mnt / f"a{i}.bin") == data[f"a{i}.bin"]
-            wait_for(lambda: status(mnt)["cache_bytes"] <= limit, 10,
-                     f"usage under the limit after reading a{i}.bin ({status(mnt)})")
-        assert state(mnt / "a4.bin") == "cached"  # the most recent stays
-        assert state(mnt / "a0.bin") == "remote"  # the least recent went
-        assert status(mnt)["over_limit_pinned"] is False
-
-        # Pinned data alone beyond the limit: kept whole, and reported.
-        command(mnt, "pin pinned")
-        wait_for(lambda: status(mnt)["over_limit_pinned"] is True, 10,
-                 f"over_limit_pinned with 3 MiB pinned ({status(mnt)})")
-        assert status(mnt)["cache_bytes"] >= 3 * MiB
-        sshd.stop()
-        for i in range(3):
-            rel = f"pinned/p{i}.bin"
-            assert state(mnt / rel) == "pinned"
-            assert read(mnt / rel) == data[rel], rel
-
-
 def test_cache_size_limit_keeps_changed_files_and_says_so(mount_factory, share: Path) -> None:
     limit = 2 * MiB
     (share / "seed.txt").write_bytes(b"seed")
@@ -439,7 +317,6 @@ def test_cache_size_limit_keeps_changed_files_and_says_so(mount_factory, share: 
         wait_for(lambda: status(mnt)["cache_bytes"] <= limit and not status(mnt)["over_limit_pinned"],
                  10, f"clean again and back under the limit ({status(mnt)})")
         assert reported is None, reported
-
 
 
 # -- resolve ------------------------------------------------------------------------------

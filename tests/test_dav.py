@@ -424,6 +424,7 @@ def test_mount_reads_and_writes_through(davd: DavServer, share: Path, tmp_path: 
         assert status(mnt)["pending"] == 0
     assert (share / "docs" / "new.txt").read_bytes() == b"made here\n"
     assert (share / "folder").is_dir()
+    assert davd.password not in mount.log_text()  # (a -v log, every request in it)
 
 
 def test_mount_works_offline_and_replays_when_the_server_is_back(davd: DavServer, share: Path,
@@ -474,3 +475,158 @@ def test_mount_sees_a_same_size_same_second_server_change_as_a_conflict(
         assert_recorded(mnt, "report.txt", "changed-both")
         wait_for(lambda: (mnt / "report.txt").read_bytes() == b"server edit!", 6,
                  "the server's version in the mount")
+
+
+def test_digest_auth_when_the_server_asks_for_it(tmp_path: Path, share: Path) -> None:
+    server = DavServer(tmp_path / "digest", share=share, auth="digest")
+    server.start()
+    try:
+        (share / "f").write_bytes(b"behind digest")
+        remote = remote_of(server)
+        remote.connect()
+        assert remote.read(b"f", 0, 100) == b"behind digest"
+        remote.close()
+        wrong = remote_of(server, password="wrong")
+        with pytest.raises(RemoteRefused, match="password refused"):
+            wrong.connect()
+        wrong.close()
+    finally:
+        server.stop()
+
+
+def test_davs_checks_the_certificate(tmp_path: Path, share: Path) -> None:
+    """davs:// is https with the certificate verified: a self-signed one is refused
+    (a RemoteRefused, not an outage) unless its CA is given."""
+    server = DavServer(tmp_path / "tls", share=share, tls=True)
+    server.start()
+    try:
+        (share / "f").write_bytes(b"over tls")
+        assert server.address().startswith("davs://")
+        untrusted = remote_of(server, scheme="davs")
+        with pytest.raises(RemoteRefused, match="certificate"):
+            untrusted.connect()
+        untrusted.close()
+        trusted = remote_of(server, scheme="davs", verify=str(server.cert))
+        trusted.connect()
+        assert trusted.read(b"f", 0, 100) == b"over tls"
+        trusted.close()
+    finally:
+        server.stop()
+
+
+def test_a_damaged_source_stops_the_upload_and_leaves_the_old_content(
+        dav: DavRemote, share: Path) -> None:
+    from cachefs.errors import ContentDamaged
+    import io
+
+    (share / "f").write_bytes(b"old content")
+
+    class Damaged(io.RawIOBase):
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            if self.sent >= 3 << 20:
+                raise ContentDamaged("checksum mismatch")
+            n = min(len(buffer), 1 << 20)
+            buffer[:n] = b"n" * n
+            self.sent += n
+            return n
+
+    [outcome] = dav.upload_many([Upload(b"f", lambda: io.BufferedReader(Damaged()), 0o644, b".tmp",
+                                        None, lambda found: True)])
+    assert isinstance(outcome, ContentDamaged), outcome
+    assert (share / "f").read_bytes() == b"old content"
+    wait_for(lambda: sorted(os.listdir(share)) == ["f"], 5, "the server's temporary file removed")
+
+
+def test_a_mount_with_a_wrong_password_fails_in_one_line(davd: DavServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.fixtures.mount import MOUNT_SCRIPT, REPO
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, str(MOUNT_SCRIPT), davd.address(), str(tmp_path / "mnt"),
+                             "--cache-dir", str(tmp_path / "cache"), "--password-file", str(wrong),
+                             "--timeout", "3"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cachefs: ") and "password refused" in lines[0], lines
+    assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_a_read_gives_the_version_its_bytes_are_of(dav: DavRemote, share: Path) -> None:
+    data = os.urandom(9 << 20)
+    (share / "v").write_bytes(data)
+    time.sleep(1.1)  # (Apache's ETag turns strong a second after a change)
+    seen: dict[int, bytes] = {}
+    got, version = dav.read_version_into(b"v", 0, 9 << 20, seen.__setitem__)
+    assert got == 9 << 20 and b"".join(seen[p] for p in sorted(seen)) == data
+    assert version.version() == dav.stat(b"v").version() and version.size == 9 << 20
+    got, version = dav.read_version_into(b"v", 100, 10, lambda _p, _d: None)
+    assert (got, version.version()) == (10, dav.stat(b"v").version())
+    assert [len(x) if isinstance(x, list) else x.errno for x in dav.listdir_many([b"", b"gone", b""])] \
+        == [1, errno.ENOENT, 1]
+    dav.rename(b"v", b"v")
+    assert (share / "v").exists()
+
+
+def test_a_file_changed_midway_through_a_read_is_told(dav: DavRemote, share: Path) -> None:
+    """The pieces after the first are bound to the first's ETag (If-Match): a change on
+    the server between them is never mixed in unnoticed, whatever size and time it keeps."""
+    (share / "m").write_bytes(b"a" * (9 << 20))
+    time.sleep(1.1)
+    before = dav.stat(b"m")
+    calls = []
+
+    def sink(pos: int, data: bytes) -> None:
+        if not calls:
+            same_second_rewrite(share / "m", b"b" * (9 << 20))
+        calls.append(pos)
+
+    _got, version = dav.read_version_into(b"m", 0, 9 << 20, sink)
+    assert version.version() != before.version()
+    assert version.version() == dav.stat(b"m").version()
+    calls.clear()  # (the rewrite kept the old mtime second: the ETag is strong again)
+    with pytest.raises(RemoteError) as caught:
+        dav.read_into(b"m", 0, 9 << 20, sink)
+    assert caught.value.errno == errno.EIO
+
+
+def test_a_full_server_disk_is_enospc(tmp_path: Path) -> None:
+    from tests.fixtures.mount import tmpfs
+
+    with tmpfs(tmp_path / "small", 1) as small:
+        server = DavServer(tmp_path / "full", share=small)
+        server.start()
+        try:
+            remote = remote_of(server)
+            source = tmp_path / "big"
+            source.write_bytes(b"x" * (3 << 20))
+            with pytest.raises(RemoteError) as caught:
+                remote.upload(b"big", str(source), 0o644, b".tmp")
+            assert caught.value.errno == errno.ENOSPC
+            assert not any(n != "lost+found" for n in os.listdir(small))
+            remote.close()
+        finally:
+            server.stop()
+
+
+def test_a_source_gone_is_content_damaged_for_that_upload_only(dav: DavRemote, share: Path,
+                                                              tmp_path: Path) -> None:
+    from cachefs.errors import ContentDamaged
+
+    good = tmp_path / "good"
+    good.write_bytes(b"fine")
+    outcomes = dav.upload_many([Upload(b"a", str(tmp_path / "gone"), 0o644, b".t", None, lambda f: True),
+                                Upload(b"b", str(good), 0o644, b".t", None, lambda f: True)])
+    assert isinstance(outcomes[0], ContentDamaged) and isinstance(outcomes[1], RemoteStat)
+    assert sorted(os.listdir(share)) == ["b"]

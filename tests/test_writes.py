@@ -30,7 +30,7 @@ A_NS = 1_500_000_000_123_456_789
 M_NS = 1_600_000_000_987_654_321
 
 
-# -- helpers (also used by test_conflicts) -----------------------------------------------
+# -- helpers (also used by test_conflicts, test_any_backend) -----------------------------
 
 def control(mnt: Path, command: str, timeout: float = CONTROL_TIMEOUT) -> None:
     """One command to ``.cachefs/control``; raises OSError as the write does."""
@@ -353,7 +353,6 @@ def test_write_back_online_within_two_seconds(mount_factory, share: Path) -> Non
         assert no_temp_leftovers(share) == []
 
 
-
 def test_write_back_during_a_burst_of_changes(mount_factory, share: Path) -> None:
     """Write-back waits for a burst to settle, but not for ever: while files keep coming
     (one every 50 ms for 5 s), the first ones reach the server after ``--write-back-hold``
@@ -484,40 +483,6 @@ def test_unlink_open_file_online(mount_factory, share: Path) -> None:
 
 # -- crashes -------------------------------------------------------------------------------
 
-def test_kill9_during_offline_writes(mount_factory, sshd, share: Path, tmp_path: Path) -> None:
-    """Offline because the server stopped; the mount is killed; everything survives."""
-    (share / "existing.txt").write_bytes(b"old content")
-    model = tmp_path / "model"
-    shutil.copytree(share, model)
-    mount = mount_factory(check_log=False)
-    mount.start()
-    mnt = mount.mountpoint
-    read_all(mnt)
-    sshd.stop()
-    wait_state(mnt, "offline")
-
-    def work(root: Path) -> None:
-        for i in range(8):
-            write_file(root / f"f{i}.bin", bytes([i]) * (1000 * (i + 1)), fsync=i % 2 == 0)
-        os.mkdir(root / "sub")
-        write_file(root / "sub" / "inner.txt", b"inner", fsync=True)
-        with open(root / "existing.txt", "ab") as f:
-            f.write(b" + appended")
-
-    work(mnt)
-    work(model)
-    mount.kill9()
-    assert "Traceback" not in mount.log_text()
-    assert not (share / "f0.bin").exists()
-    sshd.start()
-    with mount_factory(name="mnt", allowed_errors=()) as again:
-        control(again.mountpoint, "online")
-        sync_until_done(again.mountpoint)
-        assert status(again.mountpoint)["pending"] == 0
-        assert_same_tree(share, model, "the server")
-        assert_same_tree(again.mountpoint, model, "the mount")
-    assert no_temp_leftovers(share) == []
-
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_kill9_with_files_open_for_writing(mount_factory, share: Path, tmp_path: Path,
@@ -586,39 +551,6 @@ def test_kill9_with_files_open_for_writing(mount_factory, share: Path, tmp_path:
             assert (share / name).read_bytes() == data, f"{name} on the server"
 
 
-def test_kill9_during_replay(mount_factory, share: Path, tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    count = 300
-    mount = mount_factory(check_log=False)
-    mount.start()
-    mnt = mount.mountpoint
-    go_offline(mnt)
-    for root in (mnt, model):
-        os.mkdir(root / "many")
-        for i in range(count):
-            write_file(root / "many" / f"n{i:03d}.txt", f"file {i}\n".encode() * (i % 7 + 1))
-    start_pending = status(mnt)["pending"]
-    assert start_pending >= count
-    control(mnt, "online")
-    began = time.monotonic()
-    seen = start_pending
-    while time.monotonic() - began < 10:
-        seen = status(mnt)["pending"]
-        if 0 < seen < start_pending - 20 or (time.monotonic() - began > 0.2 and seen < start_pending):
-            break
-        time.sleep(0.01)
-    mount.kill9()
-    on_server = len(os.listdir(share / "many")) if (share / "many").exists() else 0
-    assert on_server < count, "the replay finished before the kill: the test proves nothing"
-    with mount_factory(name="mnt") as again:
-        sync_until_done(again.mountpoint)
-        assert status(again.mountpoint)["pending"] == 0
-        assert_same_tree(share, model, "the server")
-        assert_same_tree(again.mountpoint, model, "the mount")
-    assert no_temp_leftovers(share) == []
-
-
 def _upload_under_way(mnt: Path, share: Path, name: str, data: bytes) -> None:
     """Write ``name`` offline, go online, and return once its upload has begun (the
     temporary file on the server grows)."""
@@ -682,21 +614,6 @@ def test_times_set_while_the_upload_is_under_way_reach_the_server(mount_factory,
             assert int((share / "dated.bin").stat().st_mtime) == 1_500_000_000
             assert int((mnt / "dated.bin").stat().st_mtime) == 1_500_000_000
             assert status(mnt)["pending"] == 0
-
-
-def test_unmount_online_flushes_journal(mount_factory, share: Path) -> None:
-    mount = mount_factory()
-    mount.start()
-    mnt = mount.mountpoint
-    go_offline(mnt)
-    write_file(mnt / "flushed.txt", b"must reach the server")
-    os.mkdir(mnt / "flushed_dir")
-    control(mnt, "online")
-    mount.stop()
-    assert mount.process is not None and mount.process.poll() is not None
-    assert (share / "flushed.txt").read_bytes() == b"must reach the server"
-    assert (share / "flushed_dir").is_dir()
-    mount.assert_clean_log()
 
 
 # -- property test: random offline sequences replay to the model ---------------------------

@@ -299,6 +299,22 @@ class Remote(ABC):
     def rename(self, src: bytes, dst: bytes) -> None:
         """Rename, replacing ``dst`` if it exists (POSIX semantics)."""
 
+    def unlink_if(self, path: bytes, expect: tuple[int, int, int]) -> None:
+        """``unlink`` of a file whose version (``RemoteStat.version()``) is still
+        ``expect``; another version there: ``RemoteError(ESTALE)`` and nothing removed.
+        A remote with conditional requests makes the removal itself conditional (WebDAV:
+        ``If-Match``); this default removes it, the caller having seen ``expect`` one
+        round trip before (the window a remote without conditions leaves)."""
+        self.unlink(path)
+
+    def rename_over(self, src: bytes, dst: bytes, replaces: tuple[int, int, int]) -> None:
+        """``rename`` of ``src`` over ``dst`` where ``dst``'s version is still
+        ``replaces``; another version (or nothing) there: ``RemoteError(EEXIST)`` and
+        nothing renamed. Conditional where the remote can (WebDAV: ``If`` on the MOVE's
+        destination); this default renames, the caller having seen ``replaces`` one round
+        trip before."""
+        self.rename(src, dst)
+
     @abstractmethod
     def rename_noreplace(self, src: bytes, dst: bytes) -> None:
         """Rename ``src`` to ``dst`` only where ``dst`` does not exist; when it does,

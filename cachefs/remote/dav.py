@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from .ssh_secrets import Secrets
 
 log = logging.getLogger(__name__)
+# httpx logs every request's URL at INFO, and httpcore every step at DEBUG: file names in
+# a log that must name none without --verbose (an encrypted cache), and noise with it
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
@@ -234,9 +238,18 @@ class DavRemote(Remote):
                     limits=httpx.Limits(max_connections=self.parallelism * 4,
                                         max_keepalive_connections=self.parallelism * 2,
                                         keepalive_expiry=30),
-                    verify=self._verify, follow_redirects=False, trust_env=False,
+                    verify=self._ssl_context(), follow_redirects=False, trust_env=False,
                     headers={"User-Agent": "cachefs"})
             return self._client
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        """Certificates checked against the system's store (``SSL_CERT_FILE`` and
+        ``SSL_CERT_DIR`` honoured), or the CA file given; ``verify=False`` checks none."""
+        if self._verify is False or self.scheme != "davs":
+            return False if self._verify is False else True
+        if isinstance(self._verify, str):
+            return ssl.create_default_context(cafile=self._verify)
+        return ssl.create_default_context()
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
               content: bytes | Iterator[bytes] | None = None, auth: httpx.Auth | None = None,
@@ -419,6 +432,18 @@ class DavRemote(Remote):
             raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
         return out
 
+    def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+        """Several PROPFINDs side by side (``parallelism`` at a time)."""
+        def one(path: bytes) -> list[tuple[bytes, RemoteStat]] | RemoteError:
+            try:
+                return self.listdir(path)
+            except RemoteError as exc:
+                return exc
+
+        if len(paths) <= 1:
+            return [one(p) for p in paths]
+        return list(self._threads().map(one, paths))
+
     def readlink(self, path: bytes) -> bytes:
         raise RemoteError(errno.EINVAL, "WebDAV has no symlinks")
 
@@ -442,20 +467,40 @@ class DavRemote(Remote):
 
     def read_into(self, path: bytes, offset: int, length: int,
                   sink: Callable[[int, bytes], object]) -> int:
+        got, _as_read, changed = self._read(path, offset, length, sink)
+        if changed:
+            raise RemoteError(errno.EIO, f"{path!r} changed on the server while it was read")
+        return got
+
+    def read_version_into(self, path: bytes, offset: int, length: int,
+                          sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat]:
+        """The version is the one the GETs were bound to (their ETag, strong: every piece
+        after the first asked ``If-Match`` it), so no PROPFIND follows; where the server
+        gave a weak ETag, or the file changed midway, a PROPFIND after the reads."""
+        got, as_read, changed = self._read(path, offset, length, sink)
+        if as_read is None or changed:
+            return got, self.stat(path)
+        return got, as_read
+
+    def _read(self, path: bytes, offset: int, length: int,
+              sink: Callable[[int, bytes], object]) -> tuple[int, RemoteStat | None, bool]:
+        """The bytes to ``sink``; their count, the version they are of (None: not known
+        for sure) and whether the file changed on the server midway."""
         if length <= 0:
-            return 0
+            return 0, None, False
         first = min(length, READ_PIECE)
         data, response = self._get_range(path, offset, first)
         if data:
             sink(offset, data)
-        if len(data) < first or length == first:
-            return len(data)
-        # the rest side by side, each bound to the version the first piece came from
         etag = response.headers.get("ETag")
-        if_match = etag if etag and not etag.startswith("W/") else None
+        strong = etag if etag and not etag.startswith("W/") else None
+        as_read = _stat_of_get(response) if strong else None
+        if len(data) < first or length == first:
+            return len(data), as_read, False
+        # the rest side by side, each bound to the version the first piece came from
         pieces = [(pos, min(READ_PIECE, offset + length - pos))
                   for pos in range(offset + first, offset + length, READ_PIECE)]
-        futures = [self._threads().submit(self._get_range, path, pos, size, if_match)
+        futures = [self._threads().submit(self._get_range, path, pos, size, strong)
                    for pos, size in pieces]
         total = len(data)
         short = False
@@ -464,7 +509,7 @@ class DavRemote(Remote):
                 try:
                     piece, _ = future.result()
                 except _Status:
-                    raise RemoteError(errno.EAGAIN, f"{path!r} changed on the server while it was read") from None
+                    return total, None, True
                 if piece:
                     sink(pos, piece)
                 if not short:
@@ -473,7 +518,7 @@ class DavRemote(Remote):
         finally:
             for future in futures:
                 future.cancel()
-        return total
+        return total, as_read, False
 
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Small files whole, side by side: each GET's headers (ETag, Last-Modified,
@@ -485,10 +530,7 @@ class DavRemote(Remote):
                 return exc
             except _Status as exc:
                 return RemoteError(_errno_of(exc.code), f"GET {path!r}: {exc.code}")
-            data = response.content
-            stat = _make_stat(False, len(data), _http_time_ns(response.headers.get("Last-Modified")),
-                              response.headers.get("ETag"))
-            return data, stat
+            return response.content, _stat_of_get(response)
 
         if len(items) <= 1:
             return [one(path) for path, _ in items]
@@ -542,7 +584,13 @@ class DavRemote(Remote):
         headers = {"Content-Type": "application/octet-stream", **condition}
         if times is not None:
             headers["X-OC-Mtime"] = str(times[1] // 1_000_000_000)
-        with open_source(source) as stream:
+        try:
+            stream = open_source(source)
+        except RemoteError:
+            raise
+        except OSError as exc:
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+        with stream:
             size = _stream_size(stream)
             if size is not None:
                 headers["Content-Length"] = str(size)
@@ -650,6 +698,8 @@ class DavRemote(Remote):
         remove the folder and all it holds): a file over a folder EISDIR, a folder over a
         file ENOTDIR, over a folder with entries ENOTEMPTY."""
         source = self._entry(src)
+        if src == dst:
+            return  # (POSIX: nothing to do; a MOVE onto itself is refused)
         try:
             entries = self._propfind(dst, "1")
         except RemoteError as exc:
@@ -710,6 +760,19 @@ class _NoAuth(httpx.Auth):
         yield request
 
 
+def _stat_of_get(response: httpx.Response) -> RemoteStat:
+    """A file's attributes from a GET's answer: its whole size (``Content-Range``'s total
+    for a part), ``Last-Modified``, ``ETag``."""
+    size = -1
+    total = response.headers.get("Content-Range", "").rpartition("/")[2].strip()
+    if total.isdigit():
+        size = int(total)
+    elif response.status_code == 200:
+        size = len(response.content)
+    return _make_stat(False, max(size, 0), _http_time_ns(response.headers.get("Last-Modified")),
+                      response.headers.get("ETag"))
+
+
 def _wants_digest(response: httpx.Response) -> bool:
     offers = [h.split(None, 1)[0].lower() for h in response.headers.get_list("WWW-Authenticate") if h]
     return "digest" in offers and "basic" not in offers
@@ -760,5 +823,15 @@ def _stream_size(stream: BinaryIO) -> int | None:
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(UPLOAD_CHUNK):
+    """The stream's bytes; a local read failure stops the PUT (the server then drops
+    what it had of the body) as ``ContentDamaged``, not as a fault of the server."""
+    while True:
+        try:
+            chunk = stream.read(UPLOAD_CHUNK)
+        except RemoteError:
+            raise
+        except OSError as exc:
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+        if not chunk:
+            return
         yield chunk

@@ -26,16 +26,18 @@ target just before that rename (SMB has no conditional rename: the window is one
 trip) and, for a target that must not exist, renames with ReplaceIfExists off, which the
 server refuses atomically when one appeared.
 
-Lock order: ``SmbRemote._lock`` (which link is current) before ``_Link._send_lock``
-(message ids and credits of one connection); neither is held while waiting for an answer.
+Locks: ``SmbRemote._lock`` (which link is current) is held while a new connection is
+made (bounded by the timeout; other threads wait for that one rather than each making
+their own); ``_Link._send_lock`` while message ids are given and credits awaited
+(bounded). Neither is taken under the other, and no lock is held while waiting for the
+answer to a request.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
-import socket
+import os
 import stat as stat_mod
 import struct
 import threading
@@ -54,7 +56,7 @@ from smbprotocol.session import Session  # type: ignore[import-untyped]
 from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
 
 from .base import (Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
-                   RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, open_source)
+                   RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, fold_tag, open_source)
 from .options import ConnectOptions
 from .watch import Watch, WatchEnded
 
@@ -64,6 +66,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class _WorkerDeath(logging.Filter):
+    """smbprotocol logs the end of its receiver by an error (keep-alives unanswered, an
+    answer it cannot read) as an ERROR with a traceback; here that is an outage, told as
+    ``RemoteUnreachable``: kept at DEBUG, without the traceback. (A reset it logs as a
+    warning.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("SMB receive worker died"):
+            log.debug("SMB connection ended: %s", record.exc_info[1] if record.exc_info else "")
+            return False
+        return True
+
+
+# smbprotocol and pyspnego log every request at INFO and dump messages (login tokens among
+# them) at DEBUG: only their warnings go to a mount's log
+logging.getLogger("smbprotocol").setLevel(logging.WARNING)
+logging.getLogger("spnego").setLevel(logging.WARNING)
+logging.getLogger("smbprotocol.connection").addFilter(_WorkerDeath())
 
 DEFAULT_PORT = 445
 
@@ -75,6 +97,7 @@ FILE_WRITE_ATTRIBUTES = 0x100
 DELETE = 0x10000
 SYNCHRONIZE = 0x100000
 SHARE_ALL = 0x7  # read | write | delete
+SHARE_READ = 0x1
 OPEN, CREATE, OVERWRITE_IF = 1, 2, 5
 DIRECTORY_FILE, NON_DIRECTORY_FILE = 0x1, 0x40
 IMPERSONATION = 2
@@ -112,6 +135,7 @@ STATUS_NO_MORE_FILES = 0x80000006
 STATUS_END_OF_FILE = 0xC0000011
 STATUS_OBJECT_NAME_COLLISION = 0xC0000035
 STATUS_CANNOT_DELETE = 0xC0000121
+STATUS_SHARING_VIOLATION = 0xC0000043
 STATUS_ERRNO: dict[int, int] = {
     0xC000000F: errno.ENOENT,  # NO_SUCH_FILE
     0xC0000034: errno.ENOENT,  # OBJECT_NAME_NOT_FOUND
@@ -200,8 +224,7 @@ def _filetime(ns: int) -> int:
 
 def _tag(file_id: int, change_time: int) -> int:
     """(file id, change time in 100 ns) folded into 63 bits, never 0."""
-    digest = hashlib.blake2b(struct.pack("<Qq", file_id & (2**64 - 1), change_time), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
+    return fold_tag(struct.pack("<Qq", file_id & (2**64 - 1), change_time))
 
 
 def _make_stat(attributes: int, size: int, atime: int, mtime: int, ctime: int, file_id: int) -> RemoteStat:
@@ -214,7 +237,26 @@ def _make_stat(attributes: int, size: int, atime: int, mtime: int, ctime: int, f
 
 
 class _Closed(Exception):
-    """The connection ended, or a server answer did not come in time."""
+    """The connection ended, or a server answer did not come in time. ``unsent``: found
+    before the calling operation had sent anything (see ``SmbRemote._call``)."""
+
+    def __init__(self, reason: str, unsent: bool = False) -> None:
+        super().__init__(reason)
+        self.unsent = unsent
+
+
+class _LoginFailed(Exception):
+    """A session setup or tree connect refused (``status``: its NTSTATUS, if any)."""
+
+    def __init__(self, status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _session(connection: Any, user: str, password: str | None, protocol: str) -> Any:
+    session = Session(connection, user, password, auth_protocol=protocol)
+    session.connect()
+    return session
 
 
 class _Status(Exception):
@@ -246,6 +288,8 @@ class _Link:
         self.tree = tree
         self.timeout = timeout
         self.dead = False
+        self.sent = 0  # sends made on it, all threads
+        self.calls = threading.local()  # .sent: sends made by the current operation
         self._send_lock = threading.Lock()
         self.max_read = min(CHUNK, int(connection.max_read_size))
         self.max_write = min(CHUNK, int(connection.max_write_size))
@@ -256,6 +300,10 @@ class _Link:
         deadline = time.monotonic() + self.timeout
         with self._send_lock:
             while True:
+                if not self.alive():  # (the server closed it, maybe while idle: nothing sent)
+                    self.dead = True
+                    raise _Closed("the server closed the connection",
+                                  unsent=getattr(self.calls, "sent", 1) == 0)
                 window = connection.sequence_window
                 available = window["high"] - window["low"]
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
@@ -274,7 +322,17 @@ class _Link:
                                              credit_request=want))
             except (SMBException, OSError, ValueError) as exc:
                 self.dead = True
-                raise _Closed(str(exc)) from exc
+                raise _Closed(_reason(exc)) from exc
+            finally:
+                self.sent += 1
+                self.calls.sent = getattr(self.calls, "sent", 0) + 1
+
+    def alive(self) -> bool:
+        """Whether smbprotocol's receiver thread still reads the connection (it ends at
+        the server's close; a request sent after that would never be answered)."""
+        worker = self.connection._t_worker
+        return (not self.dead and worker is not None and worker.is_alive()
+                and self.connection._t_exc is None and self.connection.transport.connected)
 
     def wait(self, request: Any, timeout: float | None = None) -> Any:
         """The final answer to ``request`` (an interim STATUS_PENDING is waited past)."""
@@ -302,24 +360,24 @@ class _Link:
         return [self.wait(request) for request in requests]
 
     def close(self) -> None:
+        """Close the socket, without a logoff (smbprotocol waits for the answers to a
+        logoff without a bound; the server ends the session with the connection)."""
         self.dead = True
         try:
-            self.connection.disconnect(True, timeout=1)
-        except Exception as exc:  # (gone already, or never answered: the socket is closed either way)
+            self.connection.disconnect(False)
+        except Exception as exc:
             log.debug("SMB disconnect: %s", exc)
-            try:
-                self.connection.transport.close()
-            except Exception:
-                pass
+            _close_quietly(self.connection)
 
 
 # -- request builders -----------------------------------------------------------------------
-def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, attributes: int = 0) -> Any:
+def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, attributes: int = 0,
+            share: int = SHARE_ALL) -> Any:
     request = SMB2CreateRequest()
     request["impersonation_level"] = IMPERSONATION
     request["desired_access"] = access
     request["file_attributes"] = attributes
-    request["share_access"] = SHARE_ALL
+    request["share_access"] = share
     request["create_disposition"] = disposition
     request["create_options"] = options
     request["buffer_path"] = name.encode("utf-16-le") if name else b"\x00\x00"
@@ -502,87 +560,98 @@ class SmbRemote(Remote):
 
     # -- connection -----------------------------------------------------------------
     def _connect_link(self) -> _Link:
-        connection = Connection(uuid.uuid4(), self.host, self.port)
-        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
-        watchdog.daemon = True
-        try:
-            try:
-                connection.connect(timeout=self.timeout)
-            except (ValueError, OSError, SMBException) as exc:
-                raise RemoteUnreachable(f"{self.description}: cannot connect: {_reason(exc)}") from None
-            # (the session setup and tree connect wait without a bound in smbprotocol: a
-            # watchdog closes the socket if the server stalls there)
-            watchdog.start()
-            session = self._log_in(connection)
-            try:
-                tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
-                tree.connect()
-            except SMBException as exc:
-                status = getattr(exc, "status", None)
-                if status == 0xC00000CC:  # BAD_NETWORK_NAME
-                    raise RemoteRefused(f"{self.description}: the server has no share named "
-                                        f"{self.share!r}") from None
-                if status == 0xC0000022:
-                    raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
-                                        f"{self.share!r}") from None
-                raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-            watchdog.cancel()
-            if not watchdog.is_alive() and not connection.transport.connected:
-                raise RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s")
-            sock = getattr(connection.transport, "_sock", None)
-            if sock is not None:  # (a send that cannot go out blocks at most this long)
-                sock.settimeout(self.timeout)
-            return _Link(connection, session, tree, self.timeout)
-        except BaseException:
-            watchdog.cancel()
-            _close_quietly(connection)
-            raise
-
-    def _log_in(self, connection: Any) -> Any:
-        """A session: Kerberos first where it can work, then each password in turn."""
-
-        def attempt(password: str | None, protocol: str) -> Any:
-            session = Session(connection, self.user, password, auth_protocol=protocol)
-            session.connect()
-            return session
-
-        refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
+        """A new connection, logged in, with the share connected: Kerberos first where it
+        can work, then each password in turn (a password asked for on the terminal is
+        asked before a connection is opened for it: no server waits on someone typing)."""
         if _kerberos_possible():
+            connection = self._open()
             try:
-                return attempt(None, "kerberos")
-            except (SMBException, Exception) as exc:
-                if not connection.transport.connected:
-                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-                log.debug("Kerberos login not possible: %s", _reason(exc))
+                session = self._bounded(connection, lambda: _session(connection, self.user, None, "kerberos"))
+                return self._tree(connection, session)
+            except _LoginFailed as exc:
+                _close_quietly(connection)
+                log.debug("Kerberos login not possible: %s", exc)
+            except BaseException:
+                _close_quietly(connection)
+                raise
+        refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
         secrets = self.options.secrets
         passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
             f"Password for {self.user} on {self.host} (SMB): ")
         for password in passwords:
             for protocol in ("negotiate", "ntlm"):
+                connection = self._open()
                 try:
-                    session = attempt(password, protocol)
-                except SMBException as exc:
-                    status = getattr(exc, "status", None)
-                    if status in STATUS_LOGON:
-                        refused = STATUS_LOGON[status]
+                    session = self._bounded(connection, lambda: _session(connection, self.user, password, protocol))
+                except _LoginFailed as exc:
+                    _close_quietly(connection)
+                    if exc.status in STATUS_LOGON:
+                        refused = STATUS_LOGON[exc.status]
                         break  # (the next password)
-                    if not connection.transport.connected:
-                        raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
                     if protocol == "ntlm":
-                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
-                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
+                        raise RemoteRefused(f"{self.description}: login failed: {exc}") from None
+                    log.debug("SMB negotiate login failed (%s): trying NTLM", exc)
                     continue
-                except (OSError, ValueError) as exc:
-                    raise RemoteUnreachable(f"{self.description}: {_reason(exc)}") from None
-                except Exception as exc:  # (pyspnego's own errors: try plain NTLM once)
-                    if protocol == "ntlm":
-                        raise RemoteRefused(f"{self.description}: login failed: {_reason(exc)}") from None
-                    log.debug("SMB negotiate login failed (%s): trying NTLM", _reason(exc))
-                    continue
+                except BaseException:
+                    _close_quietly(connection)
+                    raise
                 if secrets is not None:
                     secrets.password_worked(password)
-                return session
+                try:
+                    return self._tree(connection, session)
+                except BaseException:
+                    _close_quietly(connection)
+                    raise
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
+
+    def _open(self) -> Any:
+        """A TCP connection with the dialect negotiated (bounded by the timeout)."""
+        connection = Connection(uuid.uuid4(), self.host, self.port)
+        try:
+            connection.connect(timeout=self.timeout)
+        except (ValueError, OSError, SMBException) as exc:
+            _close_quietly(connection)
+            reason = _reason(exc)
+            if reason.startswith("Failed to connect to ") and "': " in reason:  # (smbprotocol's words)
+                reason = reason.split("': ", 1)[1]
+            shown = self.host if ":" not in self.host else f"[{self.host}]"
+            raise RemoteUnreachable(f"cannot connect to {shown}:{self.port}: {reason}") from None
+        return connection
+
+    def _bounded(self, connection: Any, work: Callable[[], T]) -> T:
+        """``work`` (a session setup, a tree connect: smbprotocol waits for their answers
+        without a bound) with a watchdog that closes the socket after the timeout."""
+        watchdog = threading.Timer(self.timeout, lambda: _close_quietly(connection))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return work()
+        except Exception as exc:  # (smbprotocol's, the socket's, pyspnego's own)
+            if not connection.transport.connected or isinstance(exc, (OSError, ValueError)):
+                late = not watchdog.is_alive()
+                raise RemoteUnreachable(f"{self.description}: " + (f"no answer within {self.timeout:g} s"
+                                                                   if late else _reason(exc))) from None
+            raise _LoginFailed(getattr(exc, "status", None), _reason(exc)) from None
+        finally:
+            watchdog.cancel()
+
+    def _tree(self, connection: Any, session: Any) -> _Link:
+        """The share connected: the link."""
+        tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
+        try:
+            self._bounded(connection, tree.connect)
+        except _LoginFailed as exc:
+            if exc.status == 0xC00000CC:  # BAD_NETWORK_NAME
+                raise RemoteRefused(f"{self.description}: the server has no share named "
+                                    f"{self.share!r}") from None
+            if exc.status == 0xC0000022:  # ACCESS_DENIED
+                raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
+                                    f"{self.share!r}") from None
+            raise RemoteUnreachable(f"{self.description}: {exc}") from None
+        sock = getattr(connection.transport, "_sock", None)
+        if sock is not None:  # (a send that cannot go out blocks at most this long)
+            sock.settimeout(self.timeout)
+        return _Link(connection, session, tree, self.timeout)
 
     def log_in(self) -> None:
         """Connect once now (a password is asked for here, if it must be)."""
@@ -601,31 +670,54 @@ class SmbRemote(Remote):
             return link
 
     def _call(self, work: Callable[[_Link], T]) -> T:
-        """``work`` on the current link; answers and failures translated."""
-        link = self._get_link()
-        try:
-            return work(link)
-        except _Status as exc:
-            if exc.status in STATUS_UNREACHABLE:
+        """``work`` on the current link; answers and failures translated. A link found
+        closed before anything of ``work`` went out (the server dropped it while idle)
+        is replaced and ``work`` tried once more."""
+        for attempt in (1, 2):
+            link = self._get_link()
+            worked = link.sent > 0
+            link.calls.sent = 0
+            try:
+                return work(link)
+            except _Status as exc:
+                raise self._error(exc, link) from None
+            except _Closed as exc:
                 link.dead = True
-                raise RemoteUnreachable(f"{self.description}: the server ended the session "
-                                        f"(0x{exc.status:08X})") from None
-            code = STATUS_ERRNO.get(exc.status, errno.EIO)
-            raise RemoteError(code, f"{_os_strerror(code)} (SMB status 0x{exc.status:08X})") from None
-        except _Closed as exc:
-            link.dead = True
-            with self._lock:
-                if self._link is link:
-                    self._link = None
-            link.close()
-            raise RemoteUnreachable(f"{self.description}: {exc}") from None
+                with self._lock:
+                    if self._link is link:
+                        self._link = None
+                link.close()
+                # (a connection that had worked, found closed before this operation sent
+                # anything: safe to send it on a new one)
+                if attempt == 1 and worked and exc.unsent:
+                    log.debug("SMB connection found closed: a new one")
+                    continue
+                raise RemoteUnreachable(f"{self.description}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _error(self, exc: _Status, link: _Link | None = None) -> RemoteError:
+        """The ``RemoteError`` for an error status (``RemoteUnreachable`` for one that means
+        the session is gone: raised, for every item of a batch)."""
+        if exc.status in STATUS_UNREACHABLE:
+            if link is not None:
+                link.dead = True
+            raise RemoteUnreachable(f"{self.description}: the server ended the session "
+                                    f"(0x{exc.status:08X})") from None
+        code = STATUS_ERRNO.get(exc.status, errno.EIO)
+        return RemoteError(code, f"{_os_strerror(code)} (SMB status 0x{exc.status:08X})")
 
     def connect(self) -> None:
         with self._lock:
             if self._link is not None:
                 self._link.close()
                 self._link = None
-        found = self.stat(b"")
+        try:
+            found = self.stat(b"")
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            raise RemoteRefused(f"{self.description}: the folder cannot be used: "
+                                f"{exc.strerror or exc}") from None
         if not stat_mod.S_ISDIR(found.mode):
             raise RemoteRefused(f"{self.description} is not a folder")
 
@@ -652,23 +744,42 @@ class SmbRemote(Remote):
         return self._call(work)
 
     def listdir(self, path: bytes) -> list[tuple[bytes, RemoteStat]]:
-        name = self._name(path)
+        [found] = self.listdir_many([path])
+        if isinstance(found, RemoteError):
+            raise found
+        return found
 
-        def work(link: _Link) -> list[tuple[bytes, RemoteStat]]:
-            answers = link.exchange([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
-                                             options=DIRECTORY_FILE),
-                                     _query_directory(RELATED, True)])
-            handle = _parse_create(_check(answers[0]))[6]
-            entries: list[tuple[bytes, RemoteStat]] = []
-            try:
+    def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+        """Every folder's open and first QUERY_DIRECTORY sent before the first answer is
+        awaited (one compound each): a few round trips for the lot."""
+        names = [self._name(path) for path in paths]
+
+        def work(link: _Link) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
+            sent = [link.send([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                       options=DIRECTORY_FILE), _query_directory(RELATED, True)], related=True)
+                    for name in names]
+            out: list[list[tuple[bytes, RemoteStat]] | RemoteError] = []
+            closing = []
+            for requests in sent:
+                answers = [link.wait(request) for request in requests]
+                try:
+                    handle = _parse_create(_check(answers[0]))[6]
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                    continue
+                entries: list[tuple[bytes, RemoteStat]] = []
                 answer = answers[1]
-                while answer["status"].get_value() != STATUS_NO_MORE_FILES:
-                    body = _check(answer)
-                    _parse_listing(_query_body(body), entries)
-                    answer = link.exchange([_query_directory(handle, False)])[0]
-            finally:
-                link.exchange([_close(handle)])
-            return entries
+                try:
+                    while answer["status"].get_value() != STATUS_NO_MORE_FILES:
+                        _parse_listing(_query_body(_check(answer)), entries)
+                        answer = link.exchange([_query_directory(handle, False)])[0]
+                    out.append(entries)
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                closing.append(link.send([_close(handle)])[0])
+            for request in closing:
+                link.wait(request)
+            return out
 
         return self._call(work)
 
@@ -718,6 +829,48 @@ class SmbRemote(Remote):
 
         return self._call(work)
 
+    def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
+        """Small files whole: per file one compound (open, file id, READ, close with its
+        attributes), all sent before the first answer is awaited."""
+        names = [self._name(path) for path, _size in items]
+
+        def work(link: _Link) -> list[tuple[bytes, RemoteStat] | RemoteError]:
+            sent: list[list[Any] | None] = []
+            for name, (_path, size) in zip(names, items):
+                if size > link.max_read:
+                    sent.append(None)  # (read the ordinary way below)
+                    continue
+                sent.append(link.send([_create(name, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
+                                               options=NON_DIRECTORY_FILE),
+                                       _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8),
+                                       _read_request(RELATED, 0, max(1, size)), _close(postquery=True)],
+                                      related=True))
+            out: list[tuple[bytes, RemoteStat] | RemoteError] = []
+            for requests, (path, size) in zip(sent, items):
+                if requests is None:
+                    try:
+                        data = self.read(path, 0, size)
+                        out.append((data, self.stat(path)))
+                    except RemoteError as exc:
+                        if isinstance(exc, RemoteUnreachable):
+                            raise
+                        out.append(exc)
+                    continue
+                answers = [link.wait(request) for request in requests]
+                try:
+                    _check(answers[0])
+                    file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                    read = answers[2]
+                    data = b"" if read["status"].get_value() == STATUS_END_OF_FILE else _read_data(_check(read))
+                    attributes, eof, atime, mtime, ctime = _parse_close(_check(answers[3]))
+                except _Status as exc:
+                    out.append(self._error(exc, link))
+                    continue
+                out.append((data, _make_stat(attributes, eof, atime, mtime, ctime, file_id)))
+            return out
+
+        return self._call(work)
+
     def statvfs(self) -> SpaceInfo:
         name = self._name(b"")
 
@@ -743,7 +896,11 @@ class SmbRemote(Remote):
                                          ATTR_NORMAL)])
         handle = _parse_create(_check(answers[0]))[6]
         try:
-            with open_source(source) as stream:
+            try:
+                stream = open_source(source)
+            except OSError as exc:
+                raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+            with stream:
                 _write_all(link, handle, stream)
             attributes = ATTR_READONLY if not mode & 0o200 else ATTR_NORMAL
             atime, mtime = times if times is not None else (0, 0)
@@ -837,6 +994,39 @@ class SmbRemote(Remote):
         self._call(lambda link: _all_ok(link.exchange([
             _create(name, FILE_READ_ATTRIBUTES | SYNCHRONIZE, CREATE, DIRECTORY_FILE, ATTR_DIRECTORY), _close()])))
 
+    def unlink_if(self, path: bytes, expect: tuple[int, int, int]) -> None:
+        """The file is opened denying others write access, its version checked on that
+        handle, and removed through it: no SMB client can change it in between (a
+        program on the server's own disk still can). Where another client has it open
+        for writing, that open cannot be had: the check is then one round trip before
+        the removal, as the contract's default."""
+        name = self._name(path)
+        access = DELETE | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE
+
+        def work(link: _Link) -> None:
+            for share in (SHARE_READ, SHARE_ALL):
+                answers = link.exchange([_create(name, access, options=NON_DIRECTORY_FILE, share=share),
+                                         _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8)])
+                if answers[0]["status"].get_value() != STATUS_SHARING_VIOLATION or share == SHARE_ALL:
+                    break
+            attributes, size, atime, mtime, ctime, _c, handle = _parse_create(_check(answers[0]))
+            try:
+                file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
+                if _make_stat(attributes, size, atime, mtime, ctime, file_id).version() != expect:
+                    raise RemoteError(errno.ESTALE, "the file changed on the server: not removed")
+                answers = link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle)], related=False)
+                if answers[0]["status"].get_value() == STATUS_CANNOT_DELETE:  # (read-only)
+                    _check(link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(attributes=ATTR_NORMAL),
+                                                    handle),
+                                          _set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle)],
+                                         related=False)[1])
+                else:
+                    _check(answers[0])
+            finally:
+                link.exchange([_close(handle)])
+
+        self._call(work)
+
     def rmdir(self, path: bytes) -> None:
         if not path:
             raise RemoteError(errno.EBUSY, "the share's root cannot be removed")
@@ -873,7 +1063,18 @@ class SmbRemote(Remote):
             _all_ok(link.exchange([_create(source, DELETE | FILE_READ_ATTRIBUTES | SYNCHRONIZE),
                                    _set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace)), _close()]))
 
-        self._call(work)
+        try:
+            self._call(work)
+        except RemoteError as exc:
+            if not replace or exc.errno != errno.EEXIST or isinstance(exc, RemoteUnreachable):
+                raise
+            # (SMB refuses a file over a folder and the other way round as a collision:
+            # POSIX says which)
+            if stat_mod.S_ISDIR(self.stat(dst).mode):
+                if not stat_mod.S_ISDIR(self.stat(src).mode):
+                    raise RemoteError(errno.EISDIR, "a file cannot replace a folder") from None
+                raise RemoteError(errno.ENOTEMPTY, "the folder to replace is not empty") from None
+            raise RemoteError(errno.ENOTDIR, "a folder cannot replace a file") from None
 
     def rename(self, src: bytes, dst: bytes) -> None:
         self._rename(src, dst, True)
@@ -1034,7 +1235,10 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
     pending: list[Any] = []
     position = 0
     while True:
-        data = stream.read(link.max_write)
+        try:
+            data = stream.read(link.max_write)
+        except OSError as exc:  # (the local content, not the server: that upload alone fails)
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
         if data:
             pending.append(link.send([_write_request(handle, position, data)])[0])
             position += len(data)
@@ -1079,8 +1283,6 @@ def _reason(exc: BaseException) -> str:
 
 
 def _os_strerror(code: int) -> str:
-    import os
-
     return os.strerror(code)
 
 
@@ -1092,16 +1294,14 @@ def _kerberos_possible() -> bool:
     and a credential cache seems to exist."""
     global _kerberos
     if _kerberos is None:
-        try:
-            import gssapi  # type: ignore[import-not-found]  # noqa: F401
+        import importlib.util
 
-            _kerberos = True
-        except ImportError:
-            _kerberos = False
+        # (pyspnego does the Kerberos exchange through python-gssapi, an optional extra:
+        # looked for, never imported here)
+        _kerberos = importlib.util.find_spec("gssapi") is not None
     if not _kerberos:
         return False
-    import os
-
-    cache = os.environ.get("KRB5CCNAME", f"/tmp/krb5cc_{os.getuid()}")
-    return not cache.startswith("FILE:") and not cache.startswith("/") or os.path.exists(
-        cache.removeprefix("FILE:"))
+    cache = os.environ.get("KRB5CCNAME", f"FILE:/tmp/krb5cc_{os.getuid()}")
+    if cache.startswith(("FILE:", "/")):
+        return os.path.exists(cache.removeprefix("FILE:"))
+    return True  # (KEYRING:, KCM:, DIR:: GSSAPI finds out)

@@ -599,7 +599,16 @@ class Replayer:
             return 0
         if stat_mod.S_ISDIR(remote.mode):
             return await self._replay_rmdir(op)
-        await self.side.conn.call(self.side.remote.unlink, op.path)
+        try:  # (only the version just seen: a change made since is never removed)
+            await self.side.conn.call(self.side.remote.unlink_if, op.path, remote.version())
+        except RemoteError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+            now = await self.side.stat(op.path)
+            if now is not None:
+                self.ledger.finish(op, conflict=record(op, "deleted-local-changed-remote",
+                                                       version=list(now.version())))
+                return 0
         self.ledger.finish(op)
         return 0
 
@@ -660,8 +669,8 @@ class Replayer:
         try:
             if dst is None:  # nothing there: nothing that appears meanwhile is replaced
                 await self.side.rename_exclusive(op.path, op.dst)
-            else:  # replacing the object we knew there
-                await self.side.conn.call(self.side.remote.rename, op.path, op.dst)
+            else:  # replacing the object we knew there, only while it is still that one
+                await self.side.conn.call(self.side.remote.rename_over, op.path, op.dst, dst.version())
         except RemoteError as exc:
             if exc.errno != errno.EEXIST:
                 raise
