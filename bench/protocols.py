@@ -460,6 +460,15 @@ def verdict(b: ProtocolBench, metrics: list[Metric]) -> list[str]:
     return lines
 
 
+def load_average() -> str:
+    """The 1-minute load average (other work on the machine slows every peer, the Python
+    ones most)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
 def tool_versions() -> str:
     out = []
     for cmd in (["rclone", "version"], ["mount.davfs", "-V"], ["/usr/sbin/smbd", "-V"],
@@ -519,7 +528,8 @@ Notes from the run:
 
 Produced by `{command}` on {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} in
 {(time.monotonic() - started) / 60:.1f} min.
-Machine: {machine_line()}. A shared, noisy machine: treat differences under ~20 % as noise.
+Machine: {machine_line()}. A shared, noisy machine: treat differences under ~20 % as noise
+(load average at the start {args.load_at_start}, at the end {load_average()}).
 Tools: {tool_versions()}.
 The SFTP figures (sshfs, rclone sftp) are in [performance.md](performance.md).
 
@@ -642,6 +652,7 @@ def run_protocol(b: ProtocolBench) -> None:
 def main() -> int:
     args = parse_args()
     started = time.monotonic()
+    args.load_at_start = load_average()
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
