@@ -148,13 +148,16 @@ class MountFailed(Exception):
 class Mount:
     """One fresh mount of one peer; ``path`` is where to work. Always taken down by stop()."""
 
-    def __init__(self, bench: MountHost, peer: str, tag: str) -> None:
+    def __init__(self, bench: MountHost, peer: str, tag: str, again: Mount | None = None) -> None:
+        """``again``: a mount of the same peer, stopped, whose mount point and cache this
+        one takes over (a remount: what the peer's cache kept; davfs2 finds its cache by
+        the mount point's name)."""
         self.bench = bench
         self.peer = peer
         self.tag = tag
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cache_dir: Path | None = None
-        self.mnt: Path | None = None
+        self.cache_dir: Path | None = again.cache_dir if again else None
+        self.mnt: Path | None = again.mnt if again else None
         self.log_path = bench.workdir / "logs" / f"{tag}.log"
         self.killed = False
 
@@ -192,9 +195,10 @@ class Mount:
         if self.peer == "share":
             return self
         b = self.bench
-        self.mnt = b.workdir / "mnt" / self.tag
-        self.mnt.mkdir(parents=True)
-        self.cache_dir = b.workdir / "caches" / self.tag
+        if self.mnt is None:
+            self.mnt = b.workdir / "mnt" / self.tag
+            self.mnt.mkdir(parents=True)
+            self.cache_dir = b.workdir / "caches" / self.tag
         self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as logf:
