@@ -862,6 +862,30 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_silently(remote: 
     assert time.monotonic() - started < 1.0
 
 
+def test_connects_at_once_keep_each_others_connection(remote: SmbRemote, share: Path) -> None:
+    """``cachefs online`` starts a check (a connect) while ``sync`` connects too: a
+    connect that closed the live link ended the other's requests ("Bad file descriptor")
+    and the sync failed as if the host were down (8 cycles in 30 before the mend)."""
+    write(share / "f", b"data" * 1000)
+    errors: list[BaseException] = []
+
+    def connect_and_read() -> None:
+        try:
+            remote.connect()
+            assert remote.read(b"f", 0, 4000) == b"data" * 1000
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(20):
+        threads = [threading.Thread(target=connect_and_read) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive()
+    assert not errors, errors
+
+
 def pid_serves(pid: int, remote: SmbRemote) -> bool:
     """Whether smbd process ``pid`` holds the TCP connection of ``remote``."""
     link = remote._link

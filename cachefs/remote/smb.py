@@ -842,7 +842,7 @@ class SmbRemote(Remote):
 
     def connect(self) -> None:
         with self._lock:
-            if self._link is not None:
+            if self._link is not None and not self._link.alive():
                 self._link.close()
                 self._link = None
         try:
