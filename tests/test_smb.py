@@ -290,6 +290,38 @@ def test_upload_many_refuses_what_it_has_not_seen(remote: SmbRemote, share: Path
     assert sorted(os.listdir(share)) == ["doc", "fresh", "taken"]  # no temporary files left
 
 
+def test_a_refused_final_rename_leaves_no_temporary_file(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """The rename that ends an upload refused (a file appeared after the last check; a
+    name the server's disk refuses): the temporary file is removed all the same (the
+    compound that tried the rename had closed its handle: it was left behind)."""
+    source = write(tmp_path / "mine", b"my content")
+    checks: list[RemoteStat | None] = []
+
+    def appears_after_the_last_check(found: RemoteStat | None) -> bool:
+        checks.append(found)
+        if len(checks) == 2:  # (the check just before the rename: someone creates it now)
+            write(share / "new", b"theirs")
+        return found is None
+
+    [outcome] = remote.upload_many([Upload(b"new", str(source), 0o644, b".new.cachefs-tmp-1", None,
+                                           appears_after_the_last_check)])
+    assert checks == [None, None]
+    assert isinstance(outcome, NotExpected) and outcome.found is not None and outcome.found.size == 6
+    assert (share / "new").read_bytes() == b"theirs"
+    assert os.listdir(share) == ["new"]
+    # 150 UTF-16 units (SMB's limit is 255) but 300 bytes of UTF-8: the server's disk refuses it
+    long_name = ("\u00e9" * 150).encode()
+    assert remote.name_error(long_name) is None
+    with pytest.raises(RemoteError) as caught:
+        remote.upload(long_name, str(source), 0o644, b".l.tmp")
+    assert not isinstance(caught.value, RemoteUnreachable)
+    assert os.listdir(share) == ["new"]
+    # a read-only temporary file (mode 0o444) is removed too
+    with pytest.raises(RemoteError):
+        remote.upload(long_name, str(source), 0o444, b".l.tmp")
+    assert os.listdir(share) == ["new"]
+
+
 def test_upload_many_replaces_the_version_it_expects(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
     write(share / "doc", b"base")
     base = remote.stat(b"doc").version()
@@ -409,6 +441,20 @@ def test_names_smb_cannot_carry(remote: SmbRemote, share: Path) -> None:
     remote.mkdir("été".encode(), 0o755)
     assert os.listdir(share) == ["été"]
     assert remote.listdir(b"") == [("été".encode(), remote.stat("été".encode()))]
+
+
+def test_every_windows_device_name_is_refused_at_once(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """COM0, LPT0, COM and LPT with superscript digits, CONIN$ and CONOUT$ are device
+    names on Windows too (they failed only at the replay, on a Windows server)."""
+    source = write(tmp_path / "src", b"x")
+    for name in ["COM0", "lpt0.txt", "COM\u00b9", "LPT\u00b3.log", "CONIN$", "conout$.txt", "con", "Aux.c"]:
+        assert remote.name_error(name.encode()) == errno.EINVAL, name
+        with pytest.raises(RemoteError) as caught:
+            remote.upload(name.encode(), str(source), 0o644, b".tmp")
+        assert caught.value.errno == errno.EINVAL, name
+    for name in ["COM10", "CONSOLE", "LPT", "COM\u2074", "CONIN"]:
+        assert remote.name_error(name.encode()) is None, name
+    assert os.listdir(share) == []
 
 
 def test_names_differing_in_case_are_one_file(remote: SmbRemote, share: Path) -> None:

@@ -201,23 +201,26 @@ STATUS_LOGON = {
 
 #: characters Windows (and Samba) refuse in a name
 _BAD_CHARS = frozenset(b'\\:*?"<>|') | frozenset(range(32))
-_RESERVED = frozenset([b"CON", b"PRN", b"AUX", b"NUL"] + [b"COM%d" % i for i in range(1, 10)]
-                      + [b"LPT%d" % i for i in range(1, 10)])
+#: Windows' device names (with any extension): COM and LPT with 0-9 and the superscripts
+#: ¹ ² ³ (Windows 10 and later refuse those too), CONIN$ and CONOUT$
+_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+                      + [f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"])
 NAME_MAX_UNITS = 255  # UTF-16 code units in one name
 
 
 def smb_name_error(name: bytes) -> int | None:
     """The errno for a name an SMB share cannot carry: EILSEQ for bytes that are not
     UTF-8 (SMB names are UTF-16), EINVAL for ``\\ : * ? " < > |``, control characters, a
-    trailing dot or space and the reserved device names (CON, NUL, COM1, ... with any
-    extension), ENAMETOOLONG past 255 UTF-16 units."""
+    trailing dot or space and the reserved device names (CON, NUL, COM0-9, COM¹²³,
+    LPT likewise, CONIN$, ... with any extension), ENAMETOOLONG past 255 UTF-16 units.
+    Unicode normalisation is not looked at: Samba keeps the bytes it is given."""
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return errno.EILSEQ
     if not name or any(byte in _BAD_CHARS for byte in name) or name[-1:] in (b".", b" "):
         return errno.EINVAL
-    if name.split(b".", 1)[0].rstrip(b" ").upper() in _RESERVED:
+    if text.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
         return errno.EINVAL
     if len(text.encode("utf-16-le")) // 2 > NAME_MAX_UNITS:
         return errno.ENAMETOOLONG
@@ -1045,15 +1048,21 @@ class SmbRemote(Remote):
             raise
         return handle
 
-    def _finish(self, link: _Link, handle: bytes, target: str, replace: bool) -> RemoteStat:
-        """Rename the open temporary file over ``target`` and close it: its new stat."""
+    def _finish(self, link: _Link, handle: bytes, temp: str, target: str, replace: bool) -> RemoteStat:
+        """Rename the open temporary file ``temp`` over ``target`` and close it: its new
+        stat. A refused rename (a name the server refuses, a file appeared or held open
+        elsewhere) removes the temporary file: the same compound has closed its handle,
+        so it is removed by its name (ours alone)."""
         answers = link.exchange([_set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace), handle),
                                  _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8, handle),
                                  _close(handle, postquery=True)], related=False)
         try:
             _check(answers[0])
         except _Status:
-            _discard(link, handle, closed=answers[2]["status"].get_value() == 0)
+            if answers[2]["status"].get_value() == 0:
+                _remove_temp(link, temp)
+            else:
+                _discard(link, handle)
             raise
         file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
         attributes, size, atime, mtime, ctime = _parse_close(_check(answers[2]))
@@ -1066,7 +1075,7 @@ class SmbRemote(Remote):
 
         def work(link: _Link) -> RemoteStat:
             handle = self._write_temp(link, temp, source, mode, times)
-            return self._finish(link, handle, target, replace=True)
+            return self._finish(link, handle, temp, target, replace=True)
 
         return self._call(work)
 
@@ -1114,7 +1123,7 @@ class SmbRemote(Remote):
                 _discard(link, handle)
                 raise
             try:
-                return self._finish(link, handle, target, replace=now is not None)
+                return self._finish(link, handle, temp, target, replace=now is not None)
             except _Status as exc:
                 if exc.status != STATUS_OBJECT_NAME_COLLISION:
                     raise
@@ -1434,13 +1443,22 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
             flow.give(size, answered=False)
 
 
-def _discard(link: _Link, handle: bytes, closed: bool = False) -> None:
+def _discard(link: _Link, handle: bytes) -> None:
     """Remove an open temporary file (best effort: a broken link leaves it behind, as an
     interrupted SFTP upload does)."""
     try:
-        if closed:
-            return
         link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle), _close(handle)], related=False)
+    except Exception as exc:
+        log.debug("could not remove a temporary file: %s", exc)
+
+
+def _remove_temp(link: _Link, temp: str) -> None:
+    """Remove a closed temporary file by its name (best effort, as ``_discard``)."""
+    try:
+        _all_ok(link.exchange([_create(temp, DELETE | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE,
+                                       options=NON_DIRECTORY_FILE),
+                               _set_info(FILE_BASIC_INFORMATION, _basic_info(attributes=ATTR_NORMAL)),
+                               _set_info(FILE_DISPOSITION_INFORMATION, b"\x01"), _close()]))
     except Exception as exc:
         log.debug("could not remove a temporary file: %s", exc)
 
