@@ -457,6 +457,33 @@ def test_every_windows_device_name_is_refused_at_once(remote: SmbRemote, share: 
     assert os.listdir(share) == []
 
 
+def test_a_name_with_an_unpaired_surrogate_is_listed_and_told(remote: SmbRemote, share: Path) -> None:
+    """A name whose UTF-16 holds an unpaired surrogate (Windows allows it; Samba shows a
+    disk name b"\\xed\\xa0\\x80..." so) raised UnicodeEncodeError from a listing and from
+    the watch (not a RemoteError: it could end the callbacks or the mount). It is shown as
+    the 3 bytes Python's surrogatepass writes, and sent back as the same UTF-16 when used
+    (a Windows server opens it so; Samba lists it but opens it never: EILSEQ)."""
+    odd = b"\xed\xa0\x80y"
+    watch = remote.watch()
+    try:
+        watch.read(0.5)
+        (share / os.fsdecode(odd)).mkdir()
+        write(share / os.fsdecode(odd) / "f", b"inside")
+        assert read_until(watch, odd, 2.0) < 2.0
+    finally:
+        watch.close()
+    [(name, found)] = remote.listdir(b"")
+    assert name == odd and stat.S_ISDIR(found.mode)
+    for call in (lambda: remote.stat(odd), lambda: remote.listdir(odd), lambda: remote.read(odd + b"/f", 0, 9),
+                 lambda: remote.rename(odd, b"plain")):
+        with pytest.raises(RemoteError) as caught:
+            call()
+        assert caught.value.errno == errno.EILSEQ and not isinstance(caught.value, RemoteUnreachable)
+    assert remote._name(odd) == "\ud800y"  # (what a Windows server would be asked for)
+    assert remote.name_error(odd) == errno.EILSEQ  # (not made by us)
+    assert remote.listdir(b"") == [(name, found)]
+
+
 def test_names_differing_in_case_are_one_file(remote: SmbRemote, share: Path) -> None:
     write(share / "Readme.TXT", b"x")
     assert remote.capabilities.case_insensitive

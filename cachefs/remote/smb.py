@@ -161,6 +161,7 @@ STATUS_ERRNO: dict[int, int] = {
     0xC00000BA: errno.EISDIR,  # FILE_IS_A_DIRECTORY
     0xC0000103: errno.ENOTDIR,  # NOT_A_DIRECTORY
     0xC0000101: errno.ENOTEMPTY,  # DIRECTORY_NOT_EMPTY
+    0xC0000161: errno.EILSEQ,  # UNMAPPABLE_CHARACTER (Samba: a name it lists but cannot open)
     0xC0000033: errno.EINVAL,  # OBJECT_NAME_INVALID
     0xC0000039: errno.EINVAL,  # OBJECT_PATH_INVALID
     0xC000003B: errno.EINVAL,  # OBJECT_PATH_SYNTAX_BAD
@@ -492,7 +493,7 @@ def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, a
     request["share_access"] = share
     request["create_disposition"] = disposition
     request["create_options"] = options
-    request["buffer_path"] = name.encode("utf-16-le") if name else b"\x00\x00"
+    request["buffer_path"] = name.encode("utf-16-le", "surrogatepass") if name else b"\x00\x00"
     return request
 
 
@@ -550,7 +551,7 @@ def _write_request(file_id: bytes, offset: int, data: bytes) -> Any:
 
 
 def _rename_info(target: str, replace: bool) -> bytes:
-    name = target.encode("utf-16-le")
+    name = target.encode("utf-16-le", "surrogatepass")
     return struct.pack("<B7xQI", 1 if replace else 0, 0, len(name)) + name
 
 
@@ -587,6 +588,16 @@ def _query_body(body: bytes) -> bytes:
     return body[offset - 64:offset - 64 + length]
 
 
+def _name_bytes(name: str) -> bytes:
+    """A name from the server (UTF-16, decoded with its unpaired surrogates kept) as the
+    bytes of a local name: UTF-8, an unpaired surrogate as its 3 bytes (as Python's
+    "surrogatepass" and WTF-8 write it), which ``SmbRemote._name`` reads back into the
+    same UTF-16: a Windows server may hold such names, and opens them by it; Samba
+    shows a disk name holding these bytes so, but refuses to open it (EILSEQ). Such
+    names are not created here (``smb_name_error``)."""
+    return name.encode("utf-8", "surrogatepass")
+
+
 def _parse_listing(buffer: bytes, out: list[tuple[bytes, RemoteStat]]) -> None:
     position = 0
     size = _DIR_ENTRY.size
@@ -595,7 +606,7 @@ def _parse_listing(buffer: bytes, out: list[tuple[bytes, RemoteStat]]) -> None:
          _ea, _reserved, file_id) = _DIR_ENTRY.unpack_from(buffer, position)
         name = buffer[position + size:position + size + name_length].decode("utf-16-le", "surrogatepass")
         if name not in (".", ".."):
-            out.append((name.encode("utf-8", "surrogateescape"),
+            out.append((_name_bytes(name),
                         _make_stat(attributes, eof, atime, mtime, ctime, file_id)))
         if not next_entry:
             return
@@ -657,7 +668,7 @@ class SmbRemote(Remote):
         if path.startswith(b"/") or b"\0" in path or b"\\" in path:
             raise RemoteError(errno.EINVAL, f"not a name this share can carry: {path!r}")
         try:
-            text = path.decode("utf-8")
+            text = path.decode("utf-8", "surrogatepass")  # (a name from the server: see _name_bytes)
         except UnicodeDecodeError:
             raise RemoteError(errno.EILSEQ, "SMB names are Unicode: this name is not UTF-8") from None
         text = text.replace("/", "\\")
@@ -913,6 +924,8 @@ class SmbRemote(Remote):
                     out.append(entries)
                 except _Status as exc:
                     out.append(self._error(exc, link))
+                except (struct.error, ValueError) as exc:  # (not as [MS-FSCC] says)
+                    out.append(RemoteError(errno.EIO, f"a listing from the server could not be read: {exc}"))
                 closing.append(link.send([_close(handle)])[0])
             for request in closing:
                 link.wait(request)
@@ -1332,7 +1345,11 @@ class SmbWatch(Watch):
             self._ended = WatchEnded(f"the server stopped change notifications (0x{status:08X})",
                                      retry=status not in STATUS_ERRNO)
             raise self._ended
-        return _parse_notify(_query_body(response["data"].get_value()))
+        try:
+            return _parse_notify(_query_body(response["data"].get_value()))
+        except (struct.error, ValueError) as exc:  # (an answer not as [MS-FSCC] says: anything may have changed)
+            log.debug("an SMB change notification could not be read: %s", exc)
+            return [b""]
 
     def close(self) -> None:
         self._ended = WatchEnded("closed", retry=False)
@@ -1350,7 +1367,7 @@ def _parse_notify(buffer: bytes) -> list[bytes]:
     while position + 12 <= len(buffer):
         next_entry, _action, length = struct.unpack_from("<III", buffer, position)
         name = buffer[position + 12:position + 12 + length].decode("utf-16-le", "surrogatepass")
-        out.append(name.replace("\\", "/").encode("utf-8", "surrogateescape"))
+        out.append(_name_bytes(name.replace("\\", "/")))
         if not next_entry:
             break
         position += next_entry
