@@ -75,13 +75,17 @@ T = TypeVar("T")
 
 class _WorkerDeath(logging.Filter):
     """smbprotocol logs the end of its receiver by an error (keep-alives unanswered, an
-    answer it cannot read) as an ERROR with a traceback; here that is an outage, told as
-    ``RemoteUnreachable``: kept at DEBUG, without the traceback. (A reset it logs as a
-    warning.)"""
+    answer it cannot read) as an ERROR with a traceback, and a connection reset as a
+    WARNING; here either is an outage, told as ``RemoteUnreachable`` (the mount says it
+    is offline): kept at DEBUG, without the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("SMB receive worker died"):
+        message = record.getMessage()
+        if message.startswith("SMB receive worker died"):
             log.debug("SMB connection ended: %s", record.exc_info[1] if record.exc_info else "")
+            return False
+        if message.startswith("socket aborted by peer"):
+            log.debug("SMB connection ended: %s", message)
             return False
         return True
 
@@ -91,6 +95,7 @@ class _WorkerDeath(logging.Filter):
 logging.getLogger("smbprotocol").setLevel(logging.WARNING)
 logging.getLogger("spnego").setLevel(logging.WARNING)
 logging.getLogger("smbprotocol.connection").addFilter(_WorkerDeath())
+logging.getLogger("smbprotocol.transport").addFilter(_WorkerDeath())
 
 DEFAULT_PORT = 445
 
