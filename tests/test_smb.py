@@ -769,6 +769,38 @@ def test_the_watch_says_it_is_incomplete_as_samba_misses_deep_disk_changes(remot
             deep.close()
         watch.close()
 
+def test_a_watch_on_a_silent_connection_ends(smbd: SmbServer, share: Path) -> None:
+    """A watch connection gone silent (a NAT that dropped it while idle: stalled here)
+    returned nothing forever and never ended: the callbacks stayed live, the listings
+    trusted, changes unseen. After ``echo_after`` s of silence an ECHO is sent; not
+    answered within the timeout, the watch ends (to be made again). An answered ECHO
+    keeps it."""
+    assert SmbWatch.echo_after <= 30
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    watch = remote.watch()
+    try:
+        assert isinstance(watch, SmbWatch)
+        watch.echo_after = 1.5
+        started = time.monotonic()
+        while time.monotonic() - started < 5:  # idle but there: echoes answered
+            assert watch.read(0.5) == []
+        write(share / "told", b"x")
+        assert read_until(watch, b"told", 2.0) < 2.0
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(WatchEnded) as caught:
+            while time.monotonic() - started < 15:
+                watch.read(0.5)
+        took = time.monotonic() - started
+        print(f"a silent watch ended after {took:.1f} s")
+        assert caught.value.retry and 1.5 + 2.0 - 0.5 < took < 1.5 + 2.0 + 1.5, took
+    finally:
+        watch.close()
+        remote.close()
+        proxy.close()
+
+
 def test_watch_ends_when_the_server_stops(remote: SmbRemote, smbd: SmbServer) -> None:
     watch = remote.watch()
     try:

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smbprotocol.change_notify import SMB2ChangeNotifyRequest  # type: ignore[import-untyped]
-from smbprotocol.connection import Connection  # type: ignore[import-untyped]
+from smbprotocol.connection import Connection, SMB2Echo  # type: ignore[import-untyped]
 from smbprotocol.exceptions import SMBException  # type: ignore[import-untyped]
 from smbprotocol.open import (SMB2CloseRequest, SMB2CreateRequest,  # type: ignore[import-untyped]
                               SMB2QueryDirectoryRequest, SMB2QueryInfoRequest, SMB2ReadRequest,
@@ -1298,9 +1298,17 @@ class SmbWatch(Watch):
 
     #: every change in the tree is told (see the class's docstring)
     complete = False
+    #: seconds without a byte on the watch's connection before an ECHO asks whether the
+    #: server is still there (unanswered within the timeout: the watch ends, to be made
+    #: again). A NAT or a firewall that drops the idle connection, or a server that went
+    #: away without a reset, would otherwise leave the watch silent, its listings trusted,
+    #: for as long as TCP takes to notice (smbprotocol's own echo: after 10 minutes).
+    echo_after = 25.0
 
     def __init__(self, link: _Link, root: str) -> None:
         self._link = link
+        self._echo: Any = None  # the ECHO awaiting its answer
+        self._echo_sent = 0.0
         self._request_type = SMB2ChangeNotifyRequest
         answers = link.exchange([_create(root, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
                                          options=DIRECTORY_FILE)])
@@ -1317,15 +1325,44 @@ class SmbWatch(Watch):
         request["completion_filter"] = NOTIFY_FILTER
         return self._link.send([request])[0]
 
+    def _end(self, reason: str) -> WatchEnded:
+        self._ended = WatchEnded(reason)
+        self._link.close()
+        return self._ended
+
+    def _still_there(self) -> None:
+        """Raise ``WatchEnded`` when the connection ended, or was silent for
+        ``echo_after`` and then did not answer an ECHO within the timeout."""
+        link = self._link
+        now = time.monotonic()
+        if not link.alive():
+            raise self._end("the SMB connection for change notifications ended")
+        if self._echo is not None:
+            if self._echo.response_event.is_set():
+                link.connection.outstanding_requests.pop(self._echo.message["message_id"].get_value(), None)
+                self._echo = None
+            elif now - self._echo_sent > link.timeout:
+                raise self._end(f"the server did not answer on the connection for change notifications "
+                                f"within {link.timeout:g} s")
+        elif now - link.meter.moved > self.echo_after:
+            try:
+                self._echo = link.send([SMB2Echo()])[0]
+            except _Closed as exc:
+                raise self._end(f"the SMB connection for change notifications ended: {exc}") from None
+            self._echo_sent = now
+
     def read(self, timeout: float) -> list[bytes]:
         if self._ended is not None:
             raise self._ended
         request = self._pending
         deadline = time.monotonic() + timeout
         while True:
+            self._still_there()
             left = deadline - time.monotonic()
-            if left <= 0 or not request.response_event.wait(left):
+            if left <= 0:
                 return []
+            if not request.response_event.wait(min(left, 1.0)):
+                continue
             with request.response_event_lock:
                 response = request.response
                 if response is None or self._link.connection._t_exc is not None \
