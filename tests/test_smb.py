@@ -642,6 +642,53 @@ def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: 
         proxy.close()
 
 
+def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another client holds a batch oplock on a file and goes silent: the server answers
+    our open "pending" and waits for that client (Samba 30-35 s) before breaking the
+    oplock itself. That wait counted against the timeout and dropped the one shared
+    connection: "no answer within 3 s" on every try, the mount offline, other threads'
+    calls failing with it. Now it is awaited up to PENDING_WAIT (then that call alone
+    fails, EBUSY), the connection is kept and serves other calls meanwhile."""
+    import cachefs.remote.smb as smb
+
+    write(share / "doc", b"hello")
+    write(share / "other", b"x")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    holder = make_remote(smbd, port=proxy.port)
+    remote = make_remote(smbd)
+    try:
+        request = _create("doc", FILE_WRITE_DATA)
+        request["requested_oplock_level"] = 0x09  # BATCH
+        answer = holder._get_link().exchange([request])[0]
+        assert answer["status"].get_value() == 0 and answer["data"].get_value()[2] == 0x09
+        proxy.stall()  # (the holder never answers the oplock break)
+        remote.connect()
+        link = remote._link
+        monkeypatch.setattr(smb, "PENDING_WAIT", 4.0)
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as caught:
+            remote.read(b"doc", 0, 10)
+        assert caught.value.errno == errno.EBUSY and not isinstance(caught.value, RemoteUnreachable)
+        assert 4.0 <= time.monotonic() - started < 4.0 + 2.0
+        assert remote.stat(b"other").size == 1 and remote._link is link
+        monkeypatch.setattr(smb, "PENDING_WAIT", 45.0)
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(remote.read(b"doc", 0, 10)))
+        started = time.monotonic()
+        reader.start()
+        while reader.is_alive() and time.monotonic() - started < 50:
+            assert remote.stat(b"other").size == 1  # (the connection serves others meanwhile)
+            time.sleep(0.5)
+        reader.join(1)
+        print(f"the held file was read after {time.monotonic() - started:.1f} s")
+        assert not reader.is_alive() and got == [b"hello"] and remote._link is link
+    finally:
+        remote.close()
+        holder.close()
+        proxy.close()
+
+
 def test_a_slow_link_transfers_whole_and_answers_between(smbd: SmbServer, share: Path) -> None:
     """On a 1 MB/s link with a 2 s timeout, three 2 MiB reads at once (as the cache
     fetches blocks) and a 3 MiB upload take longer than the timeout and complete: the

@@ -133,6 +133,11 @@ IN_FLIGHT = 8  # whole CHUNKs in flight at most (8 MiB: a fast link)
 #: (``_Flow.window``): 1 MiB is answered within 1 s on a 1 MB/s link
 WINDOW_START = 1 << 20
 WINDOW_MIN = 128 << 10
+#: seconds an answer the server said it is working on (an interim STATUS_PENDING) is
+#: awaited: an open of a file another client holds an oplock or lease on waits for that
+#: client to let go, and the server gives it 30 s (Samba) or 35 s (Windows) before it
+#: breaks it itself. Longer, the request alone fails (EBUSY), the connection is kept.
+PENDING_WAIT = 45.0
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
@@ -262,6 +267,11 @@ class _Closed(Exception):
     def __init__(self, reason: str, unsent: bool = False) -> None:
         super().__init__(reason)
         self.unsent = unsent
+
+
+class _Busy(Exception):
+    """An answer the server said was pending did not come within ``PENDING_WAIT``: the
+    request was cancelled, the connection is fine."""
 
 
 class _LoginFailed(Exception):
@@ -445,15 +455,39 @@ class _Link:
                 and self.connection._t_exc is None and self.connection.transport.connected)
 
     def wait(self, request: Any) -> Any:
-        """The final answer to ``request`` (an interim STATUS_PENDING is waited past),
-        waited for while bytes keep coming: until nothing moved on the connection for
-        ``timeout`` seconds since the wait began (then the link is dead: a silent network)."""
+        """The final answer to ``request``, waited for while bytes keep coming: until
+        nothing moved on the connection for ``timeout`` seconds since the wait began (then
+        the link is dead: a silent network). After an interim STATUS_PENDING (the server
+        works on it: an open waiting for another client to give up its oplock) the answer
+        is awaited up to ``PENDING_WAIT``, the connection checked meanwhile by an ECHO
+        when it is silent for ``timeout``; then the request alone fails (``_Busy``)."""
         start = time.monotonic()
+        pending_since: float | None = None
+        echo: Any = None
+        echo_sent = 0.0
         while True:
-            left = max(start, self.meter.moved) + self.timeout - time.monotonic()
-            if left <= 0:
-                self.dead = self.timed_out = True
-                raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            now = time.monotonic()
+            if pending_since is None:
+                left = max(start, self.meter.moved) + self.timeout - now
+                if left <= 0:
+                    self.dead = self.timed_out = True
+                    raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            else:
+                if self.dead:
+                    raise _Closed("the connection was closed")
+                if echo is not None and echo.response_event.is_set():
+                    self.connection.outstanding_requests.pop(echo.message["message_id"].get_value(), None)
+                    echo = None
+                if echo is not None and now - echo_sent > self.timeout:
+                    self.dead = self.timed_out = True
+                    raise _Closed(f"no answer from the server within {self.timeout:g} s")
+                if echo is None and now - max(pending_since, self.meter.moved) > self.timeout:
+                    echo, echo_sent = self.send([SMB2Echo()])[0], now
+                if now - pending_since > PENDING_WAIT:
+                    self._cancel(request)
+                    raise _Busy(f"the server did not answer within {PENDING_WAIT:g} s "
+                                "(the file is held by another client)")
+                left = min(1.0, PENDING_WAIT + 0.01 - (now - pending_since))
             if not request.response_event.wait(left):
                 continue  # (bytes may have moved meanwhile: the deadline is looked at again)
             with request.response_event_lock:
@@ -463,9 +497,19 @@ class _Link:
                     raise _Closed("the connection was closed")
                 if response["status"].get_value() == STATUS_PENDING:
                     request.response_event.clear()
+                    if pending_since is None:
+                        pending_since = time.monotonic()
                     continue
                 self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
                 return response
+
+    def _cancel(self, request: Any) -> None:
+        """Ask the server to drop a pending request (its answer, if any, is not awaited)."""
+        try:
+            with self._send_lock:
+                request.cancel()
+        except Exception as exc:
+            log.debug("SMB cancel: %s", exc)
 
     def exchange(self, messages: list[Any], related: bool = True) -> list[Any]:
         """Send ``messages`` as one compound and wait for every answer (error statuses
@@ -834,6 +878,8 @@ class SmbRemote(Remote):
                 return work(link)
             except _Status as exc:
                 raise self._error(exc, link) from None
+            except _Busy as exc:
+                raise RemoteError(errno.EBUSY, f"{_os_strerror(errno.EBUSY)}: {exc}") from None
             except _Closed as exc:
                 link.dead = True
                 with self._lock:
