@@ -26,9 +26,10 @@ Versions: ``RemoteStat.tag`` is a 63-bit hash of the file id and the change time
 so a rewrite that keeps the size and the mtime second is seen, and so is a file replaced
 by another (a new id). Uploads write a temporary name in the same folder and rename it
 over the target with FileRenameInformation (ReplaceIfExists); ``upload_many`` checks the
-target just before that rename (SMB has no conditional rename: the window is one round
-trip) and, for a target that must not exist, renames with ReplaceIfExists off, which the
-server refuses atomically when one appeared.
+target just before that rename (SMB has no conditional rename: the window is about one
+round trip, more behind a busy connection's transfers: docs/handlers-smb.md has the
+figures) and, for a target that must not exist, renames with ReplaceIfExists off, which
+the server refuses atomically when one appeared.
 
 Locks: ``SmbRemote._lock`` (which link is current) is held while a new connection is
 made (bounded by the timeout; other threads wait for that one rather than each making
@@ -1145,8 +1146,9 @@ class SmbRemote(Remote):
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
         """Each upload written to its temporary name first, then the target checked just
-        before the rename: the window where a server change can be overwritten is one
-        round trip (none for a target that must not exist: that rename does not replace)."""
+        before the rename: the window where a server change can be overwritten is about
+        one round trip (none for a target that must not exist: that rename does not
+        replace)."""
         outcomes: list[UploadOutcome] = []
         for upload in uploads:
             try:
