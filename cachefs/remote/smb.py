@@ -26,9 +26,10 @@ Versions: ``RemoteStat.tag`` is a 63-bit hash of the file id and the change time
 so a rewrite that keeps the size and the mtime second is seen, and so is a file replaced
 by another (a new id). Uploads write a temporary name in the same folder and rename it
 over the target with FileRenameInformation (ReplaceIfExists); ``upload_many`` checks the
-target just before that rename (SMB has no conditional rename: the window is one round
-trip) and, for a target that must not exist, renames with ReplaceIfExists off, which the
-server refuses atomically when one appeared.
+target just before that rename (SMB has no conditional rename: the window is about one
+round trip, more behind a busy connection's transfers: docs/handlers-smb.md has the
+figures) and, for a target that must not exist, renames with ReplaceIfExists off, which
+the server refuses atomically when one appeared.
 
 Locks: ``SmbRemote._lock`` (which link is current) is held while a new connection is
 made (bounded by the timeout; other threads wait for that one rather than each making
@@ -52,7 +53,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smbprotocol.change_notify import SMB2ChangeNotifyRequest  # type: ignore[import-untyped]
-from smbprotocol.connection import Connection  # type: ignore[import-untyped]
+from smbprotocol.connection import Connection, SMB2Echo  # type: ignore[import-untyped]
 from smbprotocol.exceptions import SMBException  # type: ignore[import-untyped]
 from smbprotocol.open import (SMB2CloseRequest, SMB2CreateRequest,  # type: ignore[import-untyped]
                               SMB2QueryDirectoryRequest, SMB2QueryInfoRequest, SMB2ReadRequest,
@@ -75,13 +76,17 @@ T = TypeVar("T")
 
 class _WorkerDeath(logging.Filter):
     """smbprotocol logs the end of its receiver by an error (keep-alives unanswered, an
-    answer it cannot read) as an ERROR with a traceback; here that is an outage, told as
-    ``RemoteUnreachable``: kept at DEBUG, without the traceback. (A reset it logs as a
-    warning.)"""
+    answer it cannot read) as an ERROR with a traceback, and a connection reset as a
+    WARNING; here either is an outage, told as ``RemoteUnreachable`` (the mount says it
+    is offline): kept at DEBUG, without the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("SMB receive worker died"):
+        message = record.getMessage()
+        if message.startswith("SMB receive worker died"):
             log.debug("SMB connection ended: %s", record.exc_info[1] if record.exc_info else "")
+            return False
+        if message.startswith("socket aborted by peer"):
+            log.debug("SMB connection ended: %s", message)
             return False
         return True
 
@@ -91,6 +96,7 @@ class _WorkerDeath(logging.Filter):
 logging.getLogger("smbprotocol").setLevel(logging.WARNING)
 logging.getLogger("spnego").setLevel(logging.WARNING)
 logging.getLogger("smbprotocol.connection").addFilter(_WorkerDeath())
+logging.getLogger("smbprotocol.transport").addFilter(_WorkerDeath())
 
 DEFAULT_PORT = 445
 
@@ -128,6 +134,11 @@ IN_FLIGHT = 8  # whole CHUNKs in flight at most (8 MiB: a fast link)
 #: (``_Flow.window``): 1 MiB is answered within 1 s on a 1 MB/s link
 WINDOW_START = 1 << 20
 WINDOW_MIN = 128 << 10
+#: seconds an answer the server said it is working on (an interim STATUS_PENDING) is
+#: awaited: an open of a file another client holds an oplock or lease on waits for that
+#: client to let go, and the server gives it 30 s (Samba) or 35 s (Windows) before it
+#: breaks it itself. Longer, the request alone fails (EBUSY), the connection is kept.
+PENDING_WAIT = 45.0
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
@@ -161,6 +172,7 @@ STATUS_ERRNO: dict[int, int] = {
     0xC00000BA: errno.EISDIR,  # FILE_IS_A_DIRECTORY
     0xC0000103: errno.ENOTDIR,  # NOT_A_DIRECTORY
     0xC0000101: errno.ENOTEMPTY,  # DIRECTORY_NOT_EMPTY
+    0xC0000161: errno.EILSEQ,  # UNMAPPABLE_CHARACTER (Samba: a name it lists but cannot open)
     0xC0000033: errno.EINVAL,  # OBJECT_NAME_INVALID
     0xC0000039: errno.EINVAL,  # OBJECT_PATH_INVALID
     0xC000003B: errno.EINVAL,  # OBJECT_PATH_SYNTAX_BAD
@@ -201,23 +213,26 @@ STATUS_LOGON = {
 
 #: characters Windows (and Samba) refuse in a name
 _BAD_CHARS = frozenset(b'\\:*?"<>|') | frozenset(range(32))
-_RESERVED = frozenset([b"CON", b"PRN", b"AUX", b"NUL"] + [b"COM%d" % i for i in range(1, 10)]
-                      + [b"LPT%d" % i for i in range(1, 10)])
+#: Windows' device names (with any extension): COM and LPT with 0-9 and the superscripts
+#: ¹ ² ³ (Windows 10 and later refuse those too), CONIN$ and CONOUT$
+_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+                      + [f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"])
 NAME_MAX_UNITS = 255  # UTF-16 code units in one name
 
 
 def smb_name_error(name: bytes) -> int | None:
     """The errno for a name an SMB share cannot carry: EILSEQ for bytes that are not
     UTF-8 (SMB names are UTF-16), EINVAL for ``\\ : * ? " < > |``, control characters, a
-    trailing dot or space and the reserved device names (CON, NUL, COM1, ... with any
-    extension), ENAMETOOLONG past 255 UTF-16 units."""
+    trailing dot or space and the reserved device names (CON, NUL, COM0-9, COM¹²³,
+    LPT likewise, CONIN$, ... with any extension), ENAMETOOLONG past 255 UTF-16 units.
+    Unicode normalisation is not looked at: Samba keeps the bytes it is given."""
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return errno.EILSEQ
     if not name or any(byte in _BAD_CHARS for byte in name) or name[-1:] in (b".", b" "):
         return errno.EINVAL
-    if name.split(b".", 1)[0].rstrip(b" ").upper() in _RESERVED:
+    if text.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
         return errno.EINVAL
     if len(text.encode("utf-16-le")) // 2 > NAME_MAX_UNITS:
         return errno.ENAMETOOLONG
@@ -253,6 +268,11 @@ class _Closed(Exception):
     def __init__(self, reason: str, unsent: bool = False) -> None:
         super().__init__(reason)
         self.unsent = unsent
+
+
+class _Busy(Exception):
+    """An answer the server said was pending did not come within ``PENDING_WAIT``: the
+    request was cancelled, the connection is fine."""
 
 
 class _LoginFailed(Exception):
@@ -436,15 +456,39 @@ class _Link:
                 and self.connection._t_exc is None and self.connection.transport.connected)
 
     def wait(self, request: Any) -> Any:
-        """The final answer to ``request`` (an interim STATUS_PENDING is waited past),
-        waited for while bytes keep coming: until nothing moved on the connection for
-        ``timeout`` seconds since the wait began (then the link is dead: a silent network)."""
+        """The final answer to ``request``, waited for while bytes keep coming: until
+        nothing moved on the connection for ``timeout`` seconds since the wait began (then
+        the link is dead: a silent network). After an interim STATUS_PENDING (the server
+        works on it: an open waiting for another client to give up its oplock) the answer
+        is awaited up to ``PENDING_WAIT``, the connection checked meanwhile by an ECHO
+        when it is silent for ``timeout``; then the request alone fails (``_Busy``)."""
         start = time.monotonic()
+        pending_since: float | None = None
+        echo: Any = None
+        echo_sent = 0.0
         while True:
-            left = max(start, self.meter.moved) + self.timeout - time.monotonic()
-            if left <= 0:
-                self.dead = self.timed_out = True
-                raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            now = time.monotonic()
+            if pending_since is None:
+                left = max(start, self.meter.moved) + self.timeout - now
+                if left <= 0:
+                    self.dead = self.timed_out = True
+                    raise _Closed(f"no answer from the server within {self.timeout:g} s")
+            else:
+                if self.dead:
+                    raise _Closed("the connection was closed")
+                if echo is not None and echo.response_event.is_set():
+                    self.connection.outstanding_requests.pop(echo.message["message_id"].get_value(), None)
+                    echo = None
+                if echo is not None and now - echo_sent > self.timeout:
+                    self.dead = self.timed_out = True
+                    raise _Closed(f"no answer from the server within {self.timeout:g} s")
+                if echo is None and now - max(pending_since, self.meter.moved) > self.timeout:
+                    echo, echo_sent = self.send([SMB2Echo()])[0], now
+                if now - pending_since > PENDING_WAIT:
+                    self._cancel(request)
+                    raise _Busy(f"the server did not answer within {PENDING_WAIT:g} s "
+                                "(the file is held by another client)")
+                left = min(1.0, PENDING_WAIT + 0.01 - (now - pending_since))
             if not request.response_event.wait(left):
                 continue  # (bytes may have moved meanwhile: the deadline is looked at again)
             with request.response_event_lock:
@@ -454,9 +498,19 @@ class _Link:
                     raise _Closed("the connection was closed")
                 if response["status"].get_value() == STATUS_PENDING:
                     request.response_event.clear()
+                    if pending_since is None:
+                        pending_since = time.monotonic()
                     continue
                 self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
                 return response
+
+    def _cancel(self, request: Any) -> None:
+        """Ask the server to drop a pending request (its answer, if any, is not awaited)."""
+        try:
+            with self._send_lock:
+                request.cancel()
+        except Exception as exc:
+            log.debug("SMB cancel: %s", exc)
 
     def exchange(self, messages: list[Any], related: bool = True) -> list[Any]:
         """Send ``messages`` as one compound and wait for every answer (error statuses
@@ -489,7 +543,7 @@ def _create(name: str, access: int, disposition: int = OPEN, options: int = 0, a
     request["share_access"] = share
     request["create_disposition"] = disposition
     request["create_options"] = options
-    request["buffer_path"] = name.encode("utf-16-le") if name else b"\x00\x00"
+    request["buffer_path"] = name.encode("utf-16-le", "surrogatepass") if name else b"\x00\x00"
     return request
 
 
@@ -547,7 +601,7 @@ def _write_request(file_id: bytes, offset: int, data: bytes) -> Any:
 
 
 def _rename_info(target: str, replace: bool) -> bytes:
-    name = target.encode("utf-16-le")
+    name = target.encode("utf-16-le", "surrogatepass")
     return struct.pack("<B7xQI", 1 if replace else 0, 0, len(name)) + name
 
 
@@ -584,6 +638,16 @@ def _query_body(body: bytes) -> bytes:
     return body[offset - 64:offset - 64 + length]
 
 
+def _name_bytes(name: str) -> bytes:
+    """A name from the server (UTF-16, decoded with its unpaired surrogates kept) as the
+    bytes of a local name: UTF-8, an unpaired surrogate as its 3 bytes (as Python's
+    "surrogatepass" and WTF-8 write it), which ``SmbRemote._name`` reads back into the
+    same UTF-16: a Windows server may hold such names, and opens them by it; Samba
+    shows a disk name holding these bytes so, but refuses to open it (EILSEQ). Such
+    names are not created here (``smb_name_error``)."""
+    return name.encode("utf-8", "surrogatepass")
+
+
 def _parse_listing(buffer: bytes, out: list[tuple[bytes, RemoteStat]]) -> None:
     position = 0
     size = _DIR_ENTRY.size
@@ -592,7 +656,7 @@ def _parse_listing(buffer: bytes, out: list[tuple[bytes, RemoteStat]]) -> None:
          _ea, _reserved, file_id) = _DIR_ENTRY.unpack_from(buffer, position)
         name = buffer[position + size:position + size + name_length].decode("utf-16-le", "surrogatepass")
         if name not in (".", ".."):
-            out.append((name.encode("utf-8", "surrogateescape"),
+            out.append((_name_bytes(name),
                         _make_stat(attributes, eof, atime, mtime, ctime, file_id)))
         if not next_entry:
             return
@@ -654,7 +718,7 @@ class SmbRemote(Remote):
         if path.startswith(b"/") or b"\0" in path or b"\\" in path:
             raise RemoteError(errno.EINVAL, f"not a name this share can carry: {path!r}")
         try:
-            text = path.decode("utf-8")
+            text = path.decode("utf-8", "surrogatepass")  # (a name from the server: see _name_bytes)
         except UnicodeDecodeError:
             raise RemoteError(errno.EILSEQ, "SMB names are Unicode: this name is not UTF-8") from None
         text = text.replace("/", "\\")
@@ -815,6 +879,8 @@ class SmbRemote(Remote):
                 return work(link)
             except _Status as exc:
                 raise self._error(exc, link) from None
+            except _Busy as exc:
+                raise RemoteError(errno.EBUSY, f"{_os_strerror(errno.EBUSY)}: {exc}") from None
             except _Closed as exc:
                 link.dead = True
                 with self._lock:
@@ -842,7 +908,7 @@ class SmbRemote(Remote):
 
     def connect(self) -> None:
         with self._lock:
-            if self._link is not None:
+            if self._link is not None and not self._link.alive():
                 self._link.close()
                 self._link = None
         try:
@@ -910,6 +976,8 @@ class SmbRemote(Remote):
                     out.append(entries)
                 except _Status as exc:
                     out.append(self._error(exc, link))
+                except (struct.error, ValueError) as exc:  # (not as [MS-FSCC] says)
+                    out.append(RemoteError(errno.EIO, f"a listing from the server could not be read: {exc}"))
                 closing.append(link.send([_close(handle)])[0])
             for request in closing:
                 link.wait(request)
@@ -1045,15 +1113,21 @@ class SmbRemote(Remote):
             raise
         return handle
 
-    def _finish(self, link: _Link, handle: bytes, target: str, replace: bool) -> RemoteStat:
-        """Rename the open temporary file over ``target`` and close it: its new stat."""
+    def _finish(self, link: _Link, handle: bytes, temp: str, target: str, replace: bool) -> RemoteStat:
+        """Rename the open temporary file ``temp`` over ``target`` and close it: its new
+        stat. A refused rename (a name the server refuses, a file appeared or held open
+        elsewhere) removes the temporary file: the same compound has closed its handle,
+        so it is removed by its name (ours alone)."""
         answers = link.exchange([_set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace), handle),
                                  _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8, handle),
                                  _close(handle, postquery=True)], related=False)
         try:
             _check(answers[0])
         except _Status:
-            _discard(link, handle, closed=answers[2]["status"].get_value() == 0)
+            if answers[2]["status"].get_value() == 0:
+                _remove_temp(link, temp)
+            else:
+                _discard(link, handle)
             raise
         file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
         attributes, size, atime, mtime, ctime = _parse_close(_check(answers[2]))
@@ -1066,14 +1140,15 @@ class SmbRemote(Remote):
 
         def work(link: _Link) -> RemoteStat:
             handle = self._write_temp(link, temp, source, mode, times)
-            return self._finish(link, handle, target, replace=True)
+            return self._finish(link, handle, temp, target, replace=True)
 
         return self._call(work)
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
         """Each upload written to its temporary name first, then the target checked just
-        before the rename: the window where a server change can be overwritten is one
-        round trip (none for a target that must not exist: that rename does not replace)."""
+        before the rename: the window where a server change can be overwritten is about
+        one round trip (none for a target that must not exist: that rename does not
+        replace)."""
         outcomes: list[UploadOutcome] = []
         for upload in uploads:
             try:
@@ -1114,7 +1189,7 @@ class SmbRemote(Remote):
                 _discard(link, handle)
                 raise
             try:
-                return self._finish(link, handle, target, replace=now is not None)
+                return self._finish(link, handle, temp, target, replace=now is not None)
             except _Status as exc:
                 if exc.status != STATUS_OBJECT_NAME_COLLISION:
                     raise
@@ -1271,9 +1346,17 @@ class SmbWatch(Watch):
 
     #: every change in the tree is told (see the class's docstring)
     complete = False
+    #: seconds without a byte on the watch's connection before an ECHO asks whether the
+    #: server is still there (unanswered within the timeout: the watch ends, to be made
+    #: again). A NAT or a firewall that drops the idle connection, or a server that went
+    #: away without a reset, would otherwise leave the watch silent, its listings trusted,
+    #: for as long as TCP takes to notice (smbprotocol's own echo: after 10 minutes).
+    echo_after = 25.0
 
     def __init__(self, link: _Link, root: str) -> None:
         self._link = link
+        self._echo: Any = None  # the ECHO awaiting its answer
+        self._echo_sent = 0.0
         self._request_type = SMB2ChangeNotifyRequest
         answers = link.exchange([_create(root, FILE_READ_DATA | FILE_READ_ATTRIBUTES | SYNCHRONIZE,
                                          options=DIRECTORY_FILE)])
@@ -1290,15 +1373,44 @@ class SmbWatch(Watch):
         request["completion_filter"] = NOTIFY_FILTER
         return self._link.send([request])[0]
 
+    def _end(self, reason: str) -> WatchEnded:
+        self._ended = WatchEnded(reason)
+        self._link.close()
+        return self._ended
+
+    def _still_there(self) -> None:
+        """Raise ``WatchEnded`` when the connection ended, or was silent for
+        ``echo_after`` and then did not answer an ECHO within the timeout."""
+        link = self._link
+        now = time.monotonic()
+        if not link.alive():
+            raise self._end("the SMB connection for change notifications ended")
+        if self._echo is not None:
+            if self._echo.response_event.is_set():
+                link.connection.outstanding_requests.pop(self._echo.message["message_id"].get_value(), None)
+                self._echo = None
+            elif now - self._echo_sent > link.timeout:
+                raise self._end(f"the server did not answer on the connection for change notifications "
+                                f"within {link.timeout:g} s")
+        elif now - link.meter.moved > self.echo_after:
+            try:
+                self._echo = link.send([SMB2Echo()])[0]
+            except _Closed as exc:
+                raise self._end(f"the SMB connection for change notifications ended: {exc}") from None
+            self._echo_sent = now
+
     def read(self, timeout: float) -> list[bytes]:
         if self._ended is not None:
             raise self._ended
         request = self._pending
         deadline = time.monotonic() + timeout
         while True:
+            self._still_there()
             left = deadline - time.monotonic()
-            if left <= 0 or not request.response_event.wait(left):
+            if left <= 0:
                 return []
+            if not request.response_event.wait(min(left, 1.0)):
+                continue
             with request.response_event_lock:
                 response = request.response
                 if response is None or self._link.connection._t_exc is not None \
@@ -1323,7 +1435,11 @@ class SmbWatch(Watch):
             self._ended = WatchEnded(f"the server stopped change notifications (0x{status:08X})",
                                      retry=status not in STATUS_ERRNO)
             raise self._ended
-        return _parse_notify(_query_body(response["data"].get_value()))
+        try:
+            return _parse_notify(_query_body(response["data"].get_value()))
+        except (struct.error, ValueError) as exc:  # (an answer not as [MS-FSCC] says: anything may have changed)
+            log.debug("an SMB change notification could not be read: %s", exc)
+            return [b""]
 
     def close(self) -> None:
         self._ended = WatchEnded("closed", retry=False)
@@ -1341,7 +1457,7 @@ def _parse_notify(buffer: bytes) -> list[bytes]:
     while position + 12 <= len(buffer):
         next_entry, _action, length = struct.unpack_from("<III", buffer, position)
         name = buffer[position + 12:position + 12 + length].decode("utf-16-le", "surrogatepass")
-        out.append(name.replace("\\", "/").encode("utf-8", "surrogateescape"))
+        out.append(_name_bytes(name.replace("\\", "/")))
         if not next_entry:
             break
         position += next_entry
@@ -1434,13 +1550,22 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
             flow.give(size, answered=False)
 
 
-def _discard(link: _Link, handle: bytes, closed: bool = False) -> None:
+def _discard(link: _Link, handle: bytes) -> None:
     """Remove an open temporary file (best effort: a broken link leaves it behind, as an
     interrupted SFTP upload does)."""
     try:
-        if closed:
-            return
         link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle), _close(handle)], related=False)
+    except Exception as exc:
+        log.debug("could not remove a temporary file: %s", exc)
+
+
+def _remove_temp(link: _Link, temp: str) -> None:
+    """Remove a closed temporary file by its name (best effort, as ``_discard``)."""
+    try:
+        _all_ok(link.exchange([_create(temp, DELETE | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | SYNCHRONIZE,
+                                       options=NON_DIRECTORY_FILE),
+                               _set_info(FILE_BASIC_INFORMATION, _basic_info(attributes=ATTR_NORMAL)),
+                               _set_info(FILE_DISPOSITION_INFORMATION, b"\x01"), _close()]))
     except Exception as exc:
         log.debug("could not remove a temporary file: %s", exc)
 
