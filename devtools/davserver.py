@@ -35,10 +35,12 @@ wsgidav 4.4.0, against what cachefs needs of a server):
   that second before a conditional write (``cachefs.remote.dav``).
 
 Apache will not serve as root: started as root it switches to its ``User``, whose files
-the share would then have to be, while the tests write the share as root. So as root
-the server runs in a user namespace (``unshare --user``) where it is an ordinary user
-mapped onto root outside: it never switches, and every file it makes belongs to the
-test's user, as with a server run by that user. Started by another user it runs as is.
+the share would then have to be, while the tests write the share as root. So as root the
+server is started as nobody (``setpriv``) keeping two capabilities, CAP_DAC_OVERRIDE and
+CAP_FOWNER, so that it reads and writes the share's files whoever owns them; the files it
+makes are nobody's. (A user namespace, tried first, is refused inside a chroot, e.g.
+scripts/fresh-machine-check, and by container runtimes' seccomp filters.) Started by
+another user it runs as is.
 
 ``stop()`` ends the server and its worker processes (their connections are cut, as when
 a server goes away); ``start()`` again serves on the same port.
@@ -66,9 +68,11 @@ log = logging.getLogger(__name__)
 
 APACHE = "/usr/sbin/apache2"
 MODULES = "/usr/lib/apache2/modules"
-UNSHARE = "/usr/bin/unshare"
-#: the user id Apache has inside its namespace when started as root (any but 0 will do)
-NAMESPACE_UID = 1000
+SETPRIV = "/usr/bin/setpriv"  # (util-linux)
+#: the user id Apache runs as when started by root (nobody's: any but 0 will do), and the
+#: capabilities it keeps so as to read and write the share's files whoever owns them
+SERVER_UID = 65534
+CAPS = "+dac_override,+fowner"
 USER = "cachefs"
 REALM = "cachefs"
 
@@ -177,8 +181,8 @@ class DavServer:
         apache = [APACHE, "-f", str(self.config), "-DFOREGROUND"]
         if os.geteuid() != 0:
             return apache
-        return [UNSHARE, "--user", f"--map-user={NAMESPACE_UID}", f"--map-group={NAMESPACE_UID}",
-                *apache]
+        return [SETPRIV, f"--reuid={SERVER_UID}", f"--regid={SERVER_UID}", "--clear-groups",
+                f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}", "--", *apache]
 
     # -- life cycle -----------------------------------------------------------------
     def start(self) -> None:

@@ -10,6 +10,7 @@ import base64
 import errno
 import http.server
 import os
+import subprocess
 import socket
 import threading
 import time
@@ -807,7 +808,10 @@ def test_a_write_into_a_folder_the_server_cannot_write_is_eacces(dav: DavRemote,
     source.write_bytes(b"x")
     (share / "ro").mkdir()
     (share / "f").write_bytes(b"y")
-    os.chmod(share / "ro", 0o555)
+    # A folder no one may write (read-only mounted on itself): the server keeps
+    # CAP_DAC_OVERRIDE (devtools/davserver.py), so a mode of 0555 would not stop it.
+    subprocess.run(["mount", "--bind", str(share / "ro"), str(share / "ro")], check=True, timeout=30)
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(share / "ro")], check=True, timeout=30)
     try:
         with pytest.raises(RemoteError) as caught:
             dav.upload(b"ro/f", str(source), 0o644, b".f.tmp")
@@ -819,7 +823,7 @@ def test_a_write_into_a_folder_the_server_cannot_write_is_eacces(dav: DavRemote,
         assert caught.value.errno == errno.EACCES
         assert os.listdir(share / "ro") == []
     finally:
-        os.chmod(share / "ro", 0o755)
+        subprocess.run(["umount", str(share / "ro")], check=True, timeout=30)
 
 
 def test_an_expired_digest_nonce_does_not_lose_the_upload(tmp_path: Path, share: Path) -> None:
