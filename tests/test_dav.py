@@ -1045,3 +1045,176 @@ def test_an_upload_longer_than_the_timeout_on_a_slow_link_completes(davd: DavSer
     finally:
         remote.close()
         proxy.close()
+
+
+class Relay:
+    """A small HTTP reverse proxy in front of the test's Apache, on another port (as nginx,
+    Caddy or PHP-FPM's front are): it forwards each request and its answer. ``chunked``:
+    what it does with a chunked request body ("keep", or "drop": PHP-FPM behind Nextcloud
+    receives it as empty, nextcloud/server#7995); ``drop_puts``: every PUT's body replaced
+    by nothing (a body lost on the way); ``fix_destination``: a MOVE's Destination
+    rewritten to the server's own origin (Apache's documented ``RequestHeader edit
+    Destination``; without it Apache refuses a Destination naming another scheme or port
+    with 502)."""
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+           "proxy-connection", "content-length", "host"}
+
+    def __init__(self, server: DavServer, chunked: str = "keep", drop_puts: bool = False,
+                 fix_destination: bool = True) -> None:
+        import httpx
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        upstream = f"http://{server.host}:{server.port}"
+        client = httpx.Client(timeout=30)
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline().strip():
+                                pass
+                            break
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(parts) if chunked == "keep" else b""
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _any(self) -> None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in Relay.HOP}
+                relay.requests.append((self.command, dict(self.headers.items())))
+                body = self._body()
+                if self.command == "PUT" and drop_puts:
+                    body = b""
+                if fix_destination and "Destination" in headers:
+                    split = headers["Destination"].split("/", 3)
+                    headers["Destination"] = upstream + "/" + (split[3] if len(split) > 3 else "")
+                answer = client.request(self.command, upstream + self.path, headers=headers,
+                                        content=body)
+                self.send_response(answer.status_code, answer.reason_phrase)
+                for key, value in answer.headers.multi_items():
+                    if key.lower() not in Relay.HOP:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(answer.content)
+
+            do_GET = do_PUT = do_PROPFIND = do_MOVE = do_DELETE = do_MKCOL = _any  # noqa: N815
+            do_PROPPATCH = do_HEAD = _any  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._client = client
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._client.close()
+
+
+def checked_source(tmp_path: Path, data: bytes) -> tuple[object, int]:
+    """What the sync uploads: a content file read through its checksum check
+    (``cachefs.cache.transfer._Checked``, no file descriptor of its own); and the fd."""
+    import hashlib
+    from functools import partial
+    from cachefs.cache.transfer import _checked_reader
+    from cachefs.store.crypto import PlainContent
+    path = tmp_path / f"content-{len(data)}"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return partial(_checked_reader, PlainContent(), fd, len(data), hashlib.sha256(data).digest(),
+                   "content"), fd
+
+
+def test_the_syncs_uploads_tell_their_size(davd: DavServer, share: Path, tmp_path: Path) -> None:
+    """Review 2, finding 2: the sync's source (a checked reader, no fileno) went chunked:
+    Nextcloud behind PHP-FPM stores a chunked PUT as an empty file, which was then
+    recorded as our version. A relay that drops chunked bodies as PHP-FPM does: the bytes
+    arrive whole, sent with their Content-Length."""
+    relay = Relay(davd, chunked="drop")
+    remote = DavRemote("127.0.0.1", "/", port=relay.port, user=davd.user, password=davd.password,
+                       timeout=TIMEOUT)
+    (share / "f").write_bytes(b"old")
+    source, fd = checked_source(tmp_path, b"hello world\n")
+    try:
+        [outcome] = remote.upload_many([Upload(b"f", source, 0o644, b".f.tmp",  # type: ignore[arg-type]
+                                               None, lambda found: True)])
+        assert isinstance(outcome, RemoteStat), outcome
+        assert (share / "f").read_bytes() == b"hello world\n"
+        assert outcome.size == 12
+        puts = [headers for method, headers in relay.requests if method == "PUT"]
+        assert puts and all(h.get("Content-Length") == "12" for h in puts), puts
+    finally:
+        os.close(fd)
+        remote.close()
+        relay.close()
+
+
+def test_a_body_lost_on_the_way_is_never_moved_over_the_file(davd: DavServer, share: Path,
+                                                             tmp_path: Path) -> None:
+    """Review 2, finding 2: the temporary file's size is checked against the bytes sent
+    before the MOVE; an empty one (the body dropped on the way) is removed, an error told,
+    the file on the server kept (before: the empty file replaced it, recorded as ours)."""
+    relay = Relay(davd, drop_puts=True)
+    remote = DavRemote("127.0.0.1", "/", port=relay.port, user=davd.user, password=davd.password,
+                       timeout=TIMEOUT)
+    (share / "f").write_bytes(b"old")
+    source = tmp_path / "src"
+    source.write_bytes(b"hello world\n")
+    try:
+        [outcome] = remote.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None,
+                                               lambda found: True)])
+        assert isinstance(outcome, RemoteError) and outcome.errno == errno.EIO, outcome
+        assert "kept 0 of the 12 bytes" in str(outcome)
+        assert (share / "f").read_bytes() == b"old"
+        assert sorted(os.listdir(share)) == ["f"]
+        with pytest.raises(RemoteError):
+            remote.upload(b"g", str(source), 0o644, b".g.tmp")
+        assert sorted(os.listdir(share)) == ["f"]
+    finally:
+        remote.close()
+        relay.close()
+
+
+def test_a_small_upload_over_a_stalled_link_gives_up_within_its_timeout(
+        davd: DavServer, tmp_path: Path) -> None:
+    """Review 2, finding 2: a 12-byte upload of the sync's over a link stalled mid-PUT,
+    --timeout 2: its size known, the wait for its answer is the timeout, not 2 + 8 MiB
+    at 256 kB/s (34.8 s measured before)."""
+    from tests.fixtures.proxy import TcpProxy
+    proxy = TcpProxy(davd.host, davd.port)
+    remote = DavRemote("127.0.0.1", "/", port=proxy.port, user=davd.user, password=davd.password,
+                       timeout=2.0)
+    source, fd = checked_source(tmp_path, b"hello world\n")
+    try:
+        remote.connect()
+        real = remote._send
+
+        def stall_at_put(method: str, *args: object, **kwargs: object) -> object:
+            if method == "PUT":
+                proxy.stall()
+            return real(method, *args, **kwargs)  # type: ignore[arg-type]
+
+        remote._send = stall_at_put  # type: ignore[method-assign,assignment]
+        start = time.monotonic()
+        with pytest.raises(RemoteUnreachable) as caught:
+            remote.upload_many([Upload(b"f", source, 0o644, b".f.tmp",  # type: ignore[arg-type]
+                                       None, lambda found: True)])
+        assert time.monotonic() - start < 8
+        assert "no answer within 2" in str(caught.value)
+    finally:
+        os.close(fd)
+        remote.close()
+        proxy.close()

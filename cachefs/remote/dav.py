@@ -19,8 +19,9 @@ overwritten or removed, whatever size and mtime the change kept. ``unlink_if`` a
 and listings saw (a bounded map), else with a PROPFIND.
 
 An upload is a PUT to its temporary name beside the target (no one else writes that
-name), the version taken there (the PUT's own ETag where the server answers with one,
-else a PROPFIND of the temporary file), then a MOVE over the target conditional on the
+name), always with its ``Content-Length`` (Nextcloud behind PHP-FPM stores a chunked body
+as an empty file), the version taken there by a PROPFIND of the temporary file, whose size
+must be that of the bytes sent (else it is removed, an error, nothing replaced), then a MOVE over the target conditional on the
 version the check saw (``If``; ``Overwrite: F`` where there was nothing). The version
 recorded is thus that of our bytes, never that of a writer who saved right after us (a
 stat after the write could not tell them apart), and the MOVE is a rename: readers never
@@ -719,9 +720,12 @@ class DavRemote(Remote):
         return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
 
     def _put(self, path: bytes, source: Source, times: tuple[int, int] | None,
-             condition: dict[str, str]) -> httpx.Response:
-        """One PUT of ``source``; opened again and sent once more where httpx found its
-        body used up (digest auth with an expired nonce re-sends the request)."""
+             condition: dict[str, str]) -> tuple[httpx.Response, int]:
+        """One PUT of ``source``, its size in ``Content-Length`` (a chunked body arrives as
+        an empty file on Nextcloud and ownCloud behind PHP-FPM, and the wait for the answer
+        is sized to it); opened again and sent once more where httpx found its body used up
+        (digest auth with an expired nonce re-sends the request). The answer and the number
+        of bytes sent."""
         headers = {"Content-Type": "application/octet-stream", **condition}
         if times is not None:
             headers["X-OC-Mtime"] = str(times[1] // 1_000_000_000)
@@ -736,9 +740,12 @@ class DavRemote(Remote):
                 size = _stream_size(stream)
                 if size is not None:
                     headers["Content-Length"] = str(size)
+                sent = [0]
                 try:
-                    return self._request("PUT", path, headers, _chunks(stream), answered_500=True,
-                                         in_flight=IN_FLIGHT_MAX if size is None else size)
+                    response = self._request("PUT", path, headers, _chunks(stream, sent),
+                                             answered_500=True,
+                                             in_flight=IN_FLIGHT_MAX if size is None else size)
+                    return response, sent[0]
                 except httpx.StreamError:
                     if attempt == 2:
                         raise RemoteError(errno.EIO, f"PUT {path!r}: the request could not be "
@@ -763,17 +770,12 @@ class DavRemote(Remote):
             return self._replace_by_date(path, source, times, current)
         parent = path.rpartition(b"/")[0]
         temp = parent + b"/" + temp_name if parent else temp_name
-        response = self._put(temp, source, times, {})
+        _response, sent = self._put(temp, source, times, {})
         try:
-            etag = response.headers.get("OC-ETag") or response.headers.get("ETag")
-            if etag:
-                size = _stream_size_of(source)
-                mtime = _http_time_ns(response.headers.get("Last-Modified")) or (
-                    times[1] if times is not None else time.time_ns())
-                ours = _make_stat(False, size if size is not None else self._entry(temp).size,
-                                  mtime, etag)
-            else:
-                ours = self._entry(temp).stat()
+            landed = self._entry(temp)
+            if landed.size != sent:  # (never renamed over the file: remove, try later)
+                raise self._short(temp, landed.size, sent)
+            ours = landed.stat()
             headers = {"Destination": self._url(path)}
             if current is None:
                 headers["Overwrite"] = "F"
@@ -803,11 +805,18 @@ class DavRemote(Remote):
         condition = {"If-Unmodified-Since": email.utils.formatdate(
             current.mtime_ns // 1_000_000_000, usegmt=True)}
         try:
-            self._put(path, source, times, condition)
+            _response, sent = self._put(path, source, times, condition)
         except _Status:
             now = self._entry_or_none(path)
             return NotExpected(now.stat() if now is not None else None)
-        return self.stat(path)
+        landed = self._entry(path)
+        if landed.size != sent:
+            raise self._short(path, landed.size, sent)
+        return landed.stat()
+
+    def _short(self, path: bytes, kept: int, sent: int) -> RemoteError:
+        return RemoteError(errno.EIO, f"PUT {path!r}: the server kept {kept} of the {sent} bytes "
+                           "sent (a proxy or server that dropped the body?)")
 
     def _remove_quietly(self, temp: bytes) -> None:
         try:
@@ -1129,26 +1138,22 @@ def _certificate_refused(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
-def _stream_size_of(source: Source) -> int | None:
-    """The size of a source that is a file path (None: not known without reading it)."""
-    if isinstance(source, (str, bytes, os.PathLike)):
-        try:
-            return os.stat(source).st_size
-        except OSError:
-            return None
-    return None
-
-
 def _stream_size(stream: BinaryIO) -> int | None:
+    """The bytes left to read: a stream's ``length`` where it tells it (the sync's checked
+    reader of a content file, read from its start), else its file's size past its position."""
+    length = getattr(stream, "length", None)
+    if isinstance(length, int):
+        return length
     try:
         return os.fstat(stream.fileno()).st_size - stream.tell()
     except (OSError, AttributeError, ValueError):
         return None
 
 
-def _chunks(stream: BinaryIO) -> Iterator[bytes]:
-    """The stream's bytes; a local read failure stops the PUT (the server then drops
-    what it had of the body) as ``ContentDamaged``, not as a fault of the server."""
+def _chunks(stream: BinaryIO, sent: list[int]) -> Iterator[bytes]:
+    """The stream's bytes (counted in ``sent[0]``); a local read failure stops the PUT (the
+    server then drops what it had of the body) as ``ContentDamaged``, not as a fault of the
+    server."""
     while True:
         try:
             chunk = stream.read(UPLOAD_CHUNK)
@@ -1158,4 +1163,5 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
             raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
         if not chunk:
             return
+        sent[0] += len(chunk)
         yield chunk
