@@ -713,10 +713,14 @@ def test_the_version_recorded_after_an_upload_is_that_of_our_bytes(
     saves = [b"theirs, longer"]  # (once: a later try of ours is not raced again)
     after_request(monkeypatch, dav, "PUT", lambda _path: saves and target.write_bytes(saves.pop()))
 
-    outcome = dav.upload(b"doc", str(source), 0o644, b".doc.tmp")
-    now = dav.stat(b"doc")
-    assert now.version() != outcome.version() or target.read_bytes() == b"ours"
-    assert outcome.version() == (4, outcome.tag, 0o100000) and outcome.tag != 0
+    with pytest.raises(RemoteError) as caught:  # (review 2, finding 4: never retried over theirs)
+        dav.upload(b"doc", str(source), 0o644, b".doc.tmp")
+    assert caught.value.errno == errno.EEXIST
+    assert target.read_bytes() == b"theirs, longer" and sorted(os.listdir(share)) == ["doc"]
+    outcome = dav.upload(b"doc", str(source), 0o644, b".doc.tmp")  # (no save meanwhile)
+    assert target.read_bytes() == b"ours"
+    assert outcome.version() == dav.stat(b"doc").version() == (4, outcome.tag, 0o100000)
+    assert outcome.tag != 0
 
     saves.append(b"theirs, longer")
 
@@ -1218,3 +1222,45 @@ def test_a_small_upload_over_a_stalled_link_gives_up_within_its_timeout(
         os.close(fd)
         remote.close()
         proxy.close()
+
+
+def test_plain_unlink_and_rename_never_act_on_a_change_they_did_not_see(
+        dav: DavRemote, share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2, finding 4: after a 412 (a change between their check and their request)
+    unlink() deleted a same-second edit and rename() overwrote a target rewritten just
+    before the MOVE (they checked again and acted on what was there then). Now: ESTALE /
+    EEXIST, nothing removed or overwritten; the sync still calls them."""
+    (share / "u").write_bytes(b"aaaa")
+    (share / "src").write_bytes(b"mine")
+    (share / "dst").write_bytes(b"bbbb")
+    edits = [b"edit"]
+    after_request(monkeypatch, dav, "DELETE",
+                  lambda path: edits and same_second_rewrite(share / "u", edits.pop()), before=True)
+    with pytest.raises(RemoteError) as caught:
+        dav.unlink(b"u")
+    assert caught.value.errno == errno.ESTALE
+    assert (share / "u").read_bytes() == b"edit"
+    monkeypatch.undo()
+
+    edits.append(b"edit")
+    after_request(monkeypatch, dav, "MOVE",
+                  lambda path: edits and same_second_rewrite(share / "dst", edits.pop()), before=True)
+    with pytest.raises(RemoteError) as caught:
+        dav.rename(b"src", b"dst")
+    assert caught.value.errno == errno.EEXIST
+    assert (share / "dst").read_bytes() == b"edit" and (share / "src").read_bytes() == b"mine"
+    monkeypatch.undo()
+
+    # nothing at the target when checked, a file saved there before the MOVE: kept
+    made = [b"new one"]
+    after_request(monkeypatch, dav, "MOVE",
+                  lambda path: made and (share / "fresh").write_bytes(made.pop()), before=True)
+    with pytest.raises(RemoteError) as caught:
+        dav.rename(b"src", b"fresh")
+    assert caught.value.errno == errno.EEXIST
+    assert (share / "fresh").read_bytes() == b"new one" and (share / "src").read_bytes() == b"mine"
+    monkeypatch.undo()
+
+    dav.unlink(b"u")  # (unchanged since its check: removed, renamed)
+    dav.rename(b"src", b"dst")
+    assert sorted(os.listdir(share)) == ["dst", "fresh"] and (share / "dst").read_bytes() == b"mine"

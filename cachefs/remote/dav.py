@@ -828,16 +828,17 @@ class DavRemote(Remote):
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
         """A PUT to ``temp_name``, then a MOVE over ``path`` (see ``_replace``), conditional
         on what a PROPFIND just before found there (a folder: EISDIR, never replaced with
-        all it holds; a change in between: the whole tried again, up to three times): the
-        version returned is that of the bytes sent. ``mode`` and ``owner`` are not kept."""
-        for _attempt in range(3):
-            current = self._entry_or_none(path)
-            if current is not None and current.is_dir:
-                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-            outcome = self._replace(path, source, times, temp_name, current)
-            if isinstance(outcome, RemoteStat):
-                return outcome
-        raise RemoteError(errno.EIO, f"{path!r} kept changing on the server while it was uploaded")
+        all it holds): the version returned is that of the bytes sent. A change made in
+        between (a save during our PUT) is EEXIST, never tried again over what is there
+        now: the caller decided on what it had seen. ``mode`` and ``owner`` are not kept."""
+        current = self._entry_or_none(path)
+        if current is not None and current.is_dir:
+            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+        outcome = self._replace(path, source, times, temp_name, current)
+        if isinstance(outcome, NotExpected):
+            raise RemoteError(errno.EEXIST, f"{path!r} changed on the server while it was uploaded")
+        assert isinstance(outcome, RemoteStat)
+        return outcome
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
         """Each upload made only over the version ``expect`` accepted (see ``_replace``: an
@@ -913,19 +914,18 @@ class DavRemote(Remote):
 
     def unlink(self, path: bytes) -> None:
         """DELETE of a file, conditional on the ETag its check saw: had a folder replaced it
-        meanwhile, an unconditional DELETE would remove the folder and all it holds (a
-        change meanwhile: checked again, up to three times)."""
-        for _attempt in range(3):
-            entry = self._entry(path)
-            if entry.is_dir:
-                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-            condition = self._if_tag(path, entry.etag) if entry.etag else {}
-            try:
-                self._request("DELETE", path, condition, ok=(200, 204))
-                return
-            except _Status:
-                continue
-        raise RemoteError(errno.EIO, f"{path!r} kept changing while it was removed")
+        meanwhile, an unconditional DELETE would remove the folder and all it holds. A
+        change meanwhile (an edit just saved) is ESTALE, nothing removed: never checked
+        again and removed as it is now."""
+        entry = self._entry(path)
+        if entry.is_dir:
+            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+        condition = self._if_tag(path, entry.etag) if entry.etag else {}
+        try:
+            self._request("DELETE", path, condition, ok=(200, 204))
+        except _Status:
+            raise RemoteError(errno.ESTALE, f"{path!r} changed on the server while it was "
+                              "removed") from None
 
     def _known_etag(self, path: bytes, version: tuple[int, int, int], code: int) -> _Entry:
         """The entry at ``path`` whose version is ``version``, with its ETag as the server
@@ -994,28 +994,24 @@ class DavRemote(Remote):
         return source, target
 
     def rename(self, src: bytes, dst: bytes) -> None:
-        """MOVE with Overwrite: T after ``_check_target``'s checks, conditional on the
-        target they saw (its ETag: a folder that got an entry since is not removed; a
-        change meanwhile: checked again, up to three times)."""
+        """MOVE after ``_check_target``'s checks, conditional on the target they saw: its
+        ETag (``If``; a folder that got an entry since is not removed, a file rewritten
+        since is not overwritten), or ``Overwrite: F`` where nothing was there. A change
+        meanwhile is EEXIST, nothing renamed: never checked again and moved over what is
+        there now."""
         if src == dst:
             self._entry(src)
             return  # (POSIX: nothing to do; a MOVE onto itself is refused)
-        for _attempt in range(3):
-            _source, target = self._check_target(src, dst)
-            if target is None:
-                condition = None
-            elif target.etag:
-                condition = self._if_tag(dst, target.etag)
-            else:
-                self._no_etags("a rename over a file")
-                condition = None
-            try:
-                self._move(src, dst, overwrite=True, condition=condition)
-                return
-            except RemoteError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise
-        raise RemoteError(errno.EIO, f"{dst!r} kept changing while it was renamed over")
+        _source, target = self._check_target(src, dst)
+        if target is None:
+            self._move(src, dst, overwrite=False)
+            return
+        if target.etag:
+            condition: dict[str, str] | None = self._if_tag(dst, target.etag)
+        else:
+            self._no_etags("a rename over a file")
+            condition = None
+        self._move(src, dst, overwrite=True, condition=condition)
 
     def rename_over(self, src: bytes, dst: bytes, replaces: tuple[int, int, int]) -> None:
         """MOVE over ``dst`` conditional on the ETag of version ``replaces`` (``If`` on the
