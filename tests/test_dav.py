@@ -1065,8 +1065,12 @@ class Relay:
            "proxy-connection", "content-length", "host"}
 
     def __init__(self, server: DavServer, chunked: str = "keep", drop_puts: bool = False,
-                 fix_destination: bool = True) -> None:
+                 fix_destination: bool = True, tls: Path | None = None) -> None:
+        """``tls``: a folder for a self-signed certificate (``cert``): the relay then
+        speaks https to its clients, http to the server (a TLS-terminating proxy)."""
         import httpx
+        import ssl
+        import subprocess
         self.requests: list[tuple[str, dict[str, str]]] = []
         upstream = f"http://{server.host}:{server.port}"
         client = httpx.Client(timeout=30)
@@ -1118,6 +1122,15 @@ class Relay:
         self._client = client
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
+        if tls is not None:
+            self.cert, key = tls / "relay-cert.pem", tls / "relay-key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(key), "-out", str(self.cert)],
+                           check=True, stdin=subprocess.DEVNULL, capture_output=True)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.cert, key)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -1264,3 +1277,41 @@ def test_plain_unlink_and_rename_never_act_on_a_change_they_did_not_see(
     dav.unlink(b"u")  # (unchanged since its check: removed, renamed)
     dav.rename(b"src", b"dst")
     assert sorted(os.listdir(share)) == ["dst", "fresh"] and (share / "dst").read_bytes() == b"mine"
+
+
+def test_a_tls_proxy_that_apache_refuses_moves_behind_is_a_clear_error(
+        davd: DavServer, share: Path, tmp_path: Path) -> None:
+    """Review 2, finding 1: behind a TLS-terminating proxy (https outside, http inside)
+    Apache refuses a MOVE whose Destination is https: 502 "Destination URI refers to
+    different scheme". Taken for an outage, the mount went offline, came back, met it
+    again: nothing ever landed. Now an error naming the fix, the mount online, the
+    temporary file removed, the server's file kept. Through a real https relay."""
+    relay = Relay(davd, fix_destination=False, tls=tmp_path)
+    remote = DavRemote("127.0.0.1", "/", scheme="davs", port=relay.port, user=davd.user,
+                       password=davd.password, timeout=TIMEOUT, verify=str(relay.cert))
+    (share / "f").write_bytes(b"old")
+    source = tmp_path / "src"
+    source.write_bytes(b"new")
+    try:
+        [outcome] = remote.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None,
+                                               lambda found: True)])
+        assert isinstance(outcome, RemoteError), outcome  # (an outage would raise RemoteUnreachable)
+        text = str(outcome)
+        assert "RequestHeader edit Destination ^https: http: early" in text and "\n" not in text
+        assert (share / "f").read_bytes() == b"old" and sorted(os.listdir(share)) == ["f"]
+        with pytest.raises(RemoteError, match="RequestHeader"):
+            remote.rename(b"f", b"g")
+        assert (share / "f").exists()
+        (tmp_path / "fixed").mkdir()
+        fixed = Relay(davd, fix_destination=True, tls=tmp_path / "fixed")
+        healed = DavRemote("127.0.0.1", "/", scheme="davs", port=fixed.port, user=davd.user,
+                           password=davd.password, timeout=TIMEOUT, verify=str(fixed.cert))
+        try:  # (with the header edited, as the error says: it lands)
+            healed.rename(b"f", b"g")
+            assert (share / "g").read_bytes() == b"old"
+        finally:
+            healed.close()
+            fixed.close()
+    finally:
+        remote.close()
+        relay.close()

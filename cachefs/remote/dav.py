@@ -338,6 +338,16 @@ class DavRemote(Remote):
                 raise RemoteRefused(f"{self.description}: the server's certificate is not trusted "
                                     f"({_root_cause(exc)})") from None
             raise RemoteUnreachable(f"{self.description}: {_root_cause(exc)}") from None
+        if response.status_code == 502 and method == "MOVE" and not stream \
+                and "Destination" in response.text:
+            # Apache's answer to a Destination of another scheme (https from the client,
+            # http where it listens: a TLS-terminating proxy in front): an answer, not an
+            # outage (as one the mount went offline, came back, met it again: nothing landed)
+            response.close()
+            raise RemoteError(errno.EIO, f"{self.description}: the server refuses to MOVE: its "
+                              "Destination names another scheme than the one it listens on (a TLS "
+                              "proxy in front of Apache? give Apache 'RequestHeader edit "
+                              "Destination ^https: http: early')")
         if response.status_code >= 500 and response.status_code != 507 and not (
                 answered_500 and response.status_code == 500):
             response.close()
