@@ -1315,3 +1315,25 @@ def test_a_tls_proxy_that_apache_refuses_moves_behind_is_a_clear_error(
     finally:
         remote.close()
         relay.close()
+
+
+@pytest.mark.parametrize("path", ["/sub//inner", "/sub/./inner", "/sub/x/../inner", "//sub/inner/"])
+def test_an_address_with_empty_or_dot_segments_keeps_its_conditions(
+        davd: DavServer, share: Path, path: str) -> None:
+    """Review 2, finding 5: Apache evaluates an ``If`` header only for the resource its
+    URL maps to, and ignores it otherwise (the request then unconditional): with the share
+    path as written in the address ('//' or '.' inside), a DELETE conditional on a stale
+    ETag removed the file. The share path is normalised when the remote is made."""
+    (share / "sub" / "inner").mkdir(parents=True)
+    (share / "sub" / "inner" / "kept").write_bytes(b"aaaa")
+    remote = remote_of(davd, path)
+    try:
+        seen = remote.stat(b"kept").version()
+        same_second_rewrite(share / "sub" / "inner" / "kept", b"bbbb")
+        with pytest.raises(RemoteError) as caught:
+            remote.unlink_if(b"kept", seen)
+        assert caught.value.errno == errno.ESTALE
+        assert (share / "sub" / "inner" / "kept").read_bytes() == b"bbbb"
+        assert remote.description.endswith(":%d/sub/inner" % davd.port), remote.description
+    finally:
+        remote.close()

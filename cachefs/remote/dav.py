@@ -48,6 +48,7 @@ import getpass
 import logging
 import netrc
 import os
+import posixpath
 import re
 import ssl
 import stat as stat_mod
@@ -240,8 +241,11 @@ class DavRemote(Remote):
         self._password = password
         self._netrc_file = netrc_file
         self._verify = verify
-        root = os.fsencode(path or "/")
-        self._root = b"/" + root.strip(b"/") if root.strip(b"/") else b""
+        # normalised ('//', '.' and '..' segments gone): Apache evaluates an ``If`` header
+        # only for the resource its URL maps to, and ignores one naming '/a//b' (the
+        # request then unconditional: measured, a DELETE with a stale ETag removed the file)
+        root = posixpath.normpath(b"//" + os.fsencode(path or "/"))  # ('///': one '/')
+        self._root = b"" if root == b"/" else root
         host_text = f"[{host}]" if ":" in host else host
         self._origin = f"{'https' if scheme == 'davs' else 'http'}://{host_text}:{self.port}"
         self.description = (f"{scheme}://{self.user}@{host_text}:{self.port}"
