@@ -1065,13 +1065,20 @@ class Relay:
            "proxy-connection", "content-length", "host"}
 
     def __init__(self, server: DavServer, chunked: str = "keep", drop_puts: bool = False,
-                 fix_destination: bool = True, tls: Path | None = None) -> None:
+                 fix_destination: bool = True, tls: Path | None = None,
+                 put_etag: bool = False) -> None:
         """``tls``: a folder for a self-signed certificate (``cert``): the relay then
-        speaks https to its clients, http to the server (a TLS-terminating proxy)."""
+        speaks https to its clients, http to the server (a TLS-terminating proxy).
+        ``put_etag``: a PUT's answer gets the new file's ETag as Nextcloud's and ownCloud's
+        do (Apache's do not): the real one, from a PROPFIND the relay sends right after
+        (no other writer in these tests in between)."""
+        import html
+        import re
         import httpx
         import ssl
         import subprocess
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.answers: list[tuple[str, int, dict[str, str]]] = []
         upstream = f"http://{server.host}:{server.port}"
         client = httpx.Client(timeout=30)
         relay = self
@@ -1104,8 +1111,16 @@ class Relay:
                     headers["Destination"] = upstream + "/" + (split[3] if len(split) > 3 else "")
                 answer = client.request(self.command, upstream + self.path, headers=headers,
                                         content=body)
+                extra = {}
+                if put_etag and self.command == "PUT" and answer.status_code in (200, 201, 204):
+                    found = client.request("PROPFIND", upstream + self.path, headers={
+                        "Depth": "0", "Authorization": headers.get("Authorization", "")})
+                    match = re.search(rb"getetag>([^<]+)<", found.content)
+                    assert match, found.content
+                    extra["ETag"] = html.unescape(match.group(1).decode())
+                relay.answers.append((self.command, answer.status_code, extra))
                 self.send_response(answer.status_code, answer.reason_phrase)
-                for key, value in answer.headers.multi_items():
+                for key, value in [*answer.headers.multi_items(), *extra.items()]:
                     if key.lower() not in Relay.HOP:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(answer.content)))
@@ -1337,3 +1352,64 @@ def test_an_address_with_empty_or_dot_segments_keeps_its_conditions(
         assert remote.description.endswith(":%d/sub/inner" % davd.port), remote.description
     finally:
         remote.close()
+
+
+def test_a_server_whose_put_answers_give_the_etag_is_written_in_place(
+        davd: DavServer, share: Path, tmp_path: Path) -> None:
+    """Review 2, finding 6: on Nextcloud and ownCloud a MOVE over a file replaces it by
+    another (new file id: its shares, versions, comments lost on every edit). Their PUT
+    answers give the new ETag: once the first (temporary) PUT's answer has shown one,
+    uploads are a PUT in place, conditional on the version seen (``If``; nothing there:
+    ``If-None-Match: *``), the version recorded that of the answer. Emulated by a relay
+    that adds Apache's real ETag to its PUT answers; a server without them (Apache
+    itself) keeps temporary names and MOVEs (test_an_upload_costs_four_round_trips)."""
+    relay = Relay(davd, put_etag=True)
+    remote = DavRemote("127.0.0.1", "/", port=relay.port, user=davd.user, password=davd.password,
+                       timeout=TIMEOUT)
+    source = tmp_path / "src"
+    source.write_bytes(b"mine")
+    (share / "f").write_bytes(b"old")
+    try:
+        [first] = remote.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None, lambda f: True)])
+        assert isinstance(first, RemoteStat) and (share / "f").read_bytes() == b"mine"
+        assert [m for m, _h in relay.requests][-4:] == ["PROPFIND", "PUT", "PROPFIND", "MOVE"]
+
+        del relay.requests[:]
+        [first_etag] = [extra["ETag"] for m, _c, extra in relay.answers if m == "PUT"]
+        source.write_bytes(b"mine, again")
+        [second] = remote.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None,
+                                              lambda f: f is not None and f.version() == first.version())])
+        assert isinstance(second, RemoteStat), second
+        assert [m for m, _h in relay.requests] == ["PROPFIND", "PUT"]
+        assert relay.requests[1][1]["If"].endswith(f"/f> ([{first_etag}])")
+        assert (share / "f").read_bytes() == b"mine, again"
+        assert second.version() == remote.stat(b"f").version()  # (the answer's ETag: the real one)
+        assert sorted(os.listdir(share)) == ["f"]
+
+        # a change after the check (same size, same second): refused, theirs kept
+        seen = remote.stat(b"f").version()
+
+        def changed_meanwhile(found: RemoteStat | None) -> bool:
+            same_second_rewrite(share / "f", b"THEIRS SAME")
+            return found is not None and found.version() == seen
+
+        [third] = remote.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None, changed_meanwhile)])
+        assert isinstance(third, NotExpected) and third.found is not None, third
+        assert (share / "f").read_bytes() == b"THEIRS SAME"
+
+        # a new file: in place too, refused where one appeared after the check
+        [fourth] = remote.upload_many([Upload(b"g", str(source), 0o644, b".g.tmp", None,
+                                              lambda f: f is None)])
+        assert isinstance(fourth, RemoteStat) and fourth.version() == remote.stat(b"g").version()
+
+        def appeared(found: RemoteStat | None) -> bool:
+            (share / "h").write_bytes(b"someone else's")
+            return found is None
+
+        [fifth] = remote.upload_many([Upload(b"h", str(source), 0o644, b".h.tmp", None, appeared)])
+        assert isinstance(fifth, NotExpected), fifth
+        assert (share / "h").read_bytes() == b"someone else's"
+        assert sorted(os.listdir(share)) == ["f", "g", "h"]
+    finally:
+        remote.close()
+        relay.close()

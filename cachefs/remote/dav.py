@@ -259,6 +259,8 @@ class DavRemote(Remote):
         #: path -> (ETag as sent, (size, kind)) of what a stat or a listing saw last
         self._etags: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()
         self._warned_no_etags = False
+        #: whether the server's PUT answers give the new file's ETag (None: not known yet)
+        self._put_tells_etag: bool | None = None
 
     # -- plumbing -------------------------------------------------------------------
     def _url(self, path: bytes) -> str:
@@ -779,12 +781,23 @@ class DavRemote(Remote):
         a MOVE over ``path`` (a rename: atomic; Apache keeps the ETag across it, measured),
         conditional on ``current``, the entry the caller's check saw: its ETag in an ``If``
         header, or ``Overwrite: F`` where nothing was there. A failed condition: ``NotExpected`` with
-        what is there now, the temporary file removed."""
+        what is there now, the temporary file removed.
+
+        A server whose PUT answers gave an ETag (Nextcloud, ownCloud: ``OC-ETag``/``ETag``;
+        Apache gives none), learnt from the first temporary PUT, gets a PUT to ``path``
+        itself instead (``_put_in_place``): there a MOVE over a file replaces it by another
+        (a new file id: shares, versions and comments of the old one lost on every edit)."""
         if current is not None and not current.etag:
             return self._replace_by_date(path, source, times, current)
+        if self._put_tells_etag:
+            return self._put_in_place(path, source, times, current)
         parent = path.rpartition(b"/")[0]
         temp = parent + b"/" + temp_name if parent else temp_name
-        _response, sent = self._put(temp, source, times, {})
+        response, sent = self._put(temp, source, times, {})
+        if self._put_tells_etag is None:
+            self._put_tells_etag = _put_etag(response) is not None
+            log.debug("%s: PUT answers %s an ETag", self.description,
+                      "give" if self._put_tells_etag else "do not give")
         try:
             landed = self._entry(temp)
             if landed.size != sent:  # (never renamed over the file: remove, try later)
@@ -809,6 +822,36 @@ class DavRemote(Remote):
         except BaseException:
             self._remove_quietly(temp)
             raise
+        return ours
+
+    def _put_in_place(self, path: bytes, source: Source, times: tuple[int, int] | None,
+                      current: _Entry | None) -> UploadOutcome:
+        """A PUT to ``path`` conditional on ``current`` (its ETag in an ``If`` header;
+        ``If-None-Match: *`` where nothing was there), the version that of the PUT's answer
+        (its ETag, the bytes sent): the server's own write is atomic and its answer names
+        our bytes' version. An answer without an ETag after all: a PROPFIND, and temporary
+        names again from then on."""
+        if current is None:
+            condition = {"If-None-Match": "*"}
+        else:
+            assert current.etag is not None
+            condition = self._if_tag(path, current.etag)
+        try:
+            response, sent = self._put(path, source, times, condition)
+        except _Status:
+            now = self._entry_or_none(path)
+            return NotExpected(now.stat() if now is not None else None)
+        etag = _put_etag(response)
+        if etag is None:
+            self._put_tells_etag = False
+            landed = self._entry(path)
+            if landed.size != sent:
+                raise self._short(path, landed.size, sent)
+            return landed.stat()
+        mtime = _http_time_ns(response.headers.get("Last-Modified")) or (
+            times[1] // 1_000_000_000 * 1_000_000_000 if times is not None else time.time_ns())
+        ours = _make_stat(False, sent, mtime, etag)
+        self._remember(path, _Entry(self._href_of(path), False, sent, mtime, etag))
         return ours
 
     def _replace_by_date(self, path: bytes, source: Source, times: tuple[int, int] | None,
@@ -1104,6 +1147,12 @@ def _stat_of_get(response: httpx.Response) -> RemoteStat | None:
         return None
     return _make_stat(False, size, _http_time_ns(response.headers.get("Last-Modified")),
                       response.headers.get("ETag"))
+
+
+def _put_etag(response: httpx.Response) -> str | None:
+    """The new file's ETag in a PUT's answer (ownCloud's and Nextcloud's ``OC-ETag``, or
+    ``ETag``), None where it gives none (Apache)."""
+    return response.headers.get("OC-ETag") or response.headers.get("ETag") or None
 
 
 def _wants_digest(response: httpx.Response) -> bool:
