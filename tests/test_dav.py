@@ -896,6 +896,11 @@ def test_a_listing_without_the_folders_own_entry_is_an_error(tmp_path: Path) -> 
         with pytest.raises(RemoteError) as caught:
             remote.listdir(b"")
         assert caught.value.errno == errno.EIO and "proxy" in str(caught.value)
+        # review 2, finding 7: a stat whose answer names another path (here the root, a
+        # folder) took the first entry for the file asked
+        with pytest.raises(RemoteError) as caught:
+            remote.stat(b"a.txt")
+        assert caught.value.errno == errno.EIO and "proxy" in str(caught.value)
     finally:
         remote.close()
         server.shutdown()

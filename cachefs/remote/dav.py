@@ -504,7 +504,9 @@ class DavRemote(Remote):
         if not entries:
             raise RemoteError(errno.EIO, f"PROPFIND {path!r}: an empty answer")
         href = self._href_of(path)
-        entry = next((e for e in entries if e.href == href), entries[0])
+        entry = next((e for e in entries if e.href == href), None)
+        if entry is None:  # (another resource's entry is not this one's: never taken for it)
+            raise self._no_own_entry(path)
         self._remember(path, entry)
         return entry
 
@@ -944,7 +946,7 @@ class DavRemote(Remote):
 
     def _no_own_entry(self, path: bytes) -> RemoteError:
         return RemoteError(errno.EIO, f"PROPFIND {path!r}: the server's answer names no entry "
-                           f"for the folder asked (a proxy that rewrites paths? give the "
+                           f"for the path asked (a proxy that rewrites paths? give the "
                            f"address the server itself uses)")
 
     def rmdir(self, path: bytes) -> None:
