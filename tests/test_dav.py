@@ -1071,12 +1071,14 @@ class Relay:
 
     def __init__(self, server: DavServer, chunked: str = "keep", drop_puts: bool = False,
                  fix_destination: bool = True, tls: Path | None = None,
-                 put_etag: bool = False) -> None:
+                 put_etag: bool = False, fail: object = None) -> None:
         """``tls``: a folder for a self-signed certificate (``cert``): the relay then
         speaks https to its clients, http to the server (a TLS-terminating proxy).
         ``put_etag``: a PUT's answer gets the new file's ETag as Nextcloud's and ownCloud's
         do (Apache's do not): the real one, from a PROPFIND the relay sends right after
-        (no other writer in these tests in between)."""
+        (no other writer in these tests in between). ``fail(method, path, headers)``: True
+        answers 500 Internal Server Error itself, the server not asked (a passing fault of
+        a server's script)."""
         import html
         import re
         import httpx
@@ -1109,6 +1111,12 @@ class Relay:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in Relay.HOP}
                 relay.requests.append((self.command, dict(self.headers.items())))
                 body = self._body()
+                if fail is not None and fail(self.command, self.path, headers):  # type: ignore[operator]
+                    relay.answers.append((self.command, 500, {}))
+                    self.send_response(500, "Internal Server Error")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.command == "PUT" and drop_puts:
                     body = b""
                 if fix_destination and "Destination" in headers:
@@ -1415,6 +1423,50 @@ def test_a_server_whose_put_answers_give_the_etag_is_written_in_place(
         assert isinstance(fifth, NotExpected), fifth
         assert (share / "h").read_bytes() == b"someone else's"
         assert sorted(os.listdir(share)) == ["f", "g", "h"]
+    finally:
+        remote.close()
+        relay.close()
+
+
+def test_a_passing_500_to_a_write_is_tried_again_later_once(davd: DavServer, share: Path,
+                                                           tmp_path: Path) -> None:
+    """Review 2, finding 7: a 500 to a PUT or a MOVE was EACCES (refused for good) since
+    Apache answers 500 to a write into a folder it cannot write. Now the folder is tried
+    with a new empty file (removed): it takes one, so the 500 was a passing fault, the
+    server unreachable for now (tried again later); a second 500 in a row for the same
+    path is an error (EIO), not an endless offline/online loop. A read-only folder stays
+    EACCES (test_a_write_into_a_folder_the_server_cannot_write_is_eacces)."""
+    failed: list[str] = []
+
+    def fail(method: str, path: str, headers: dict[str, str]) -> bool:
+        if method == "PUT" and path == "/.f.tmp" and "/.f.tmp" not in failed:
+            failed.append(path)  # (once)
+            return True
+        return method == "MOVE" and headers.get("Destination", "").endswith("/stuck")
+
+    relay = Relay(davd, fail=fail)
+    remote = DavRemote("127.0.0.1", "/", port=relay.port, user=davd.user, password=davd.password,
+                       timeout=TIMEOUT)
+    source = tmp_path / "src"
+    source.write_bytes(b"new")
+    (share / "f").write_bytes(b"old")
+    (share / "stuck").write_bytes(b"old")
+    try:
+        upload = Upload(b"f", str(source), 0o644, b".f.tmp", None, lambda found: True)
+        with pytest.raises(RemoteUnreachable, match="500"):
+            remote.upload_many([upload])
+        assert (share / "f").read_bytes() == b"old"
+        [outcome] = remote.upload_many([upload])  # (later: it lands)
+        assert isinstance(outcome, RemoteStat) and (share / "f").read_bytes() == b"new"
+
+        stuck = Upload(b"stuck", str(source), 0o644, b".stuck.tmp", None, lambda found: True)
+        with pytest.raises(RemoteUnreachable, match="500"):
+            remote.upload_many([stuck])
+        [outcome] = remote.upload_many([stuck])
+        assert isinstance(outcome, RemoteError) and outcome.errno == errno.EIO, outcome
+        assert "twice" in str(outcome)
+        assert (share / "stuck").read_bytes() == b"old"
+        assert sorted(os.listdir(share)) == ["f", "stuck"]  # (no temporary file, no probe left)
     finally:
         remote.close()
         relay.close()

@@ -259,6 +259,8 @@ class DavRemote(Remote):
         #: path -> (ETag as sent, (size, kind)) of what a stat or a listing saw last
         self._etags: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()
         self._warned_no_etags = False
+        #: the paths whose last write got a 500 with their folder writable (``_server_500``)
+        self._failed_500: OrderedDict[bytes, None] = OrderedDict()
         #: whether the server's PUT answers give the new file's ETag (None: not known yet)
         self._put_tells_etag: bool | None = None
 
@@ -723,9 +725,15 @@ class DavRemote(Remote):
                         "only (a same-second change made meanwhile is not seen)",
                         self.description, what)
 
-    def _server_500(self, path: bytes, exc: RemoteError) -> RemoteError:
-        """What a 500 to a write means (Apache answers 500 to a PUT or a MOVE into a folder
-        it cannot write, or into one that is not there): the parent's state says."""
+    def _server_500(self, path: bytes, exc: RemoteError) -> RemoteError | RemoteUnreachable:
+        """What a 500 to a write means. Apache answers 500 to a PUT or a MOVE into a folder
+        it cannot write, or into one that is not there: the parent's state says (gone:
+        ENOENT; a file: ENOTDIR; refusing a new empty file of ours: EACCES). A folder that
+        takes that file (removed at once) had no such reason: a passing fault (a server
+        script's error, a database busy), ``RemoteUnreachable`` to be tried again later,
+        once: a second 500 in a row for the same path is an error (EIO, recorded by the
+        sync), so that a write the server keeps failing does not take the mount offline
+        again and again."""
         parent = path.rpartition(b"/")[0]
         try:
             entry = self._entry(parent)
@@ -735,7 +743,38 @@ class DavRemote(Remote):
             return missing
         if not entry.is_dir:
             return RemoteError(errno.ENOTDIR, f"{parent!r} is not a folder")
-        return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
+        if not self._takes_a_file(parent):
+            return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
+        with self._lock:
+            again = path in self._failed_500
+            if again:
+                del self._failed_500[path]
+            else:
+                self._failed_500[path] = None
+                while len(self._failed_500) > ETAGS_KEPT:
+                    self._failed_500.popitem(last=False)
+        if again:
+            return RemoteError(errno.EIO, f"the server failed to write {path!r} twice in a row "
+                               f"({exc}; its folder is writable)")
+        return RemoteUnreachable(f"{self.description}: {exc} (its folder is writable: tried "
+                                 "again later)")
+
+    def _takes_a_file(self, folder: bytes) -> bool:
+        """Whether the server creates a new empty file in ``folder`` (removed at once)."""
+        probe = (folder + b"/" if folder else b"") + b".cachefs-probe-" + os.urandom(6).hex().encode()
+        try:
+            self._request("PUT", probe, {"If-None-Match": "*"}, b"", ok=(200, 201, 204),
+                          answered_500=True)
+        except (RemoteError, _Status):
+            return False
+        self._remove_quietly(probe)
+        return True
+
+    def _wrote(self, path: bytes) -> None:
+        """A write of ``path`` succeeded: a 500 before it was a passing one."""
+        if self._failed_500:
+            with self._lock:
+                self._failed_500.pop(path, None)
 
     def _put(self, path: bytes, source: Source, times: tuple[int, int] | None,
              condition: dict[str, str]) -> tuple[httpx.Response, int]:
@@ -763,6 +802,7 @@ class DavRemote(Remote):
                     response = self._request("PUT", path, headers, _chunks(stream, sent),
                                              answered_500=True,
                                              in_flight=IN_FLIGHT_MAX if size is None else size)
+                    self._wrote(path)
                     return response, sent[0]
                 except httpx.StreamError:
                     if attempt == 2:
@@ -817,6 +857,7 @@ class DavRemote(Remote):
                 if isinstance(exc, _HttpError) and exc.code == 500:
                     raise self._server_500(path, exc) from None
                 raise
+            self._wrote(path)
         except _Status:
             self._remove_quietly(temp)
             now = self._entry_or_none(path)
@@ -1027,6 +1068,7 @@ class DavRemote(Remote):
                    **(condition or {})}
         try:
             self._request("MOVE", src, headers, ok=(201, 204), answered_500=True)
+            self._wrote(dst)
         except _Status:
             raise RemoteError(errno.EEXIST, f"{dst!r} exists") from None
         except RemoteError as exc:
