@@ -44,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import errno
+import fcntl
 import getpass
 import logging
 import netrc
@@ -52,14 +53,17 @@ import posixpath
 import re
 import ssl
 import stat as stat_mod
+import struct
+import termios
 import threading
 import time
 from collections import OrderedDict
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
+import httpcore
 import httpx
 
 from ..errors import ContentDamaged
@@ -96,8 +100,10 @@ UPLOAD_CHUNK = 1 << 20
 #: the most of a PUT's body that may still be on its way when httpx has handed over its
 #: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
 #: tests' throttling proxy: a 3 MiB PUT at 1 MB/s was all handed over at once, and its
-#: answer came 3 s later), and the slowest link whose uploads must not time out for it:
-#: the wait for a PUT's answer is the timeout plus up to 8 MiB / 256 kB/s = 33 s more
+#: answer came 3 s later), and a rate for it: the wait for a PUT's answer is the timeout
+#: plus up to 8 MiB / 256 kB/s = 33 s more, for bytes held beyond our socket (a proxy's
+#: buffers). On our own socket a slower uplink is seen moving (``_MeteredStream``: the
+#: wait goes on while its send queue shrinks), whatever its speed
 IN_FLIGHT_MAX = 8 << 20
 SLOW_LINK = 256_000
 #: the temporary files Apache's mod_dav_fs writes a PUT's body to, beside the target
@@ -300,13 +306,19 @@ class DavRemote(Remote):
     def _client_now(self) -> httpx.Client:
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(
-                    timeout=httpx.Timeout(self.timeout, pool=self.timeout * 3),
+                transport = httpx.HTTPTransport(
+                    verify=self._ssl_context(),
                     limits=httpx.Limits(max_connections=self.parallelism * 4,
                                         max_keepalive_connections=self.parallelism * 2,
-                                        keepalive_expiry=30),
-                    verify=self._ssl_context(), follow_redirects=False, trust_env=False,
-                    headers={"User-Agent": "cachefs"})
+                                        keepalive_expiry=30))
+                pool = getattr(transport, "_pool", None)  # (httpcore's ConnectionPool)
+                if isinstance(getattr(pool, "_network_backend", None), httpcore.SyncBackend):
+                    pool._network_backend = _MeteredBackend()  # type: ignore[union-attr]
+                else:  # (another httpx inside: the fixed allowance alone)
+                    log.debug("httpx's connection pool not as known: no send-queue metering")
+                self._client = httpx.Client(
+                    timeout=httpx.Timeout(self.timeout, pool=self.timeout * 3), transport=transport,
+                    follow_redirects=False, trust_env=False, headers={"User-Agent": "cachefs"})
             return self._client
 
     def _ssl_context(self) -> ssl.SSLContext | bool:
@@ -1168,6 +1180,66 @@ class DavRemote(Remote):
             log.debug("%s: the server %s getlastmodified", self.description,
                       "sets" if settable else "does not set")
         self._times_settable = settable
+
+
+def _unacknowledged(sock: object) -> int:
+    """The bytes sent on ``sock`` not yet acknowledged by the other end (Linux
+    ``SIOCOUTQ``: queued and in flight); -1 where it cannot be told."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[attr-defined]
+    except (OSError, AttributeError, ValueError):
+        return -1
+    return int(struct.unpack("i", answer)[0])
+
+
+class _MeteredStream(httpcore.NetworkStream):
+    """A connection whose reads wait as long as the bytes we sent are still moving: a read
+    that times out while the socket's send queue (``_unacknowledged``) shrinks goes on, so
+    the timeout bounds how long nothing moves, on any uplink (a PUT's body handed to the
+    kernel at once sits there for as long as the link takes), not how long an answer takes."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        sock = self._inner.get_extra_info("socket")
+        queued = _unacknowledged(sock) if timeout is not None and sock is not None else -1
+        if queued <= 0:
+            return self._inner.read(max_bytes, timeout)
+        assert timeout is not None
+        moved = time.monotonic()
+        while True:
+            try:
+                return self._inner.read(max_bytes, max(0.01, min(0.5, moved + timeout - time.monotonic())))
+            except httpcore.ReadTimeout:
+                now = _unacknowledged(sock)
+                if 0 <= now < queued:
+                    moved = time.monotonic()
+                queued = now
+                if time.monotonic() - moved >= timeout:
+                    raise
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _MeteredStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class _MeteredBackend(httpcore.SyncBackend):
+    """httpcore's own sockets, each read metered (``_MeteredStream``)."""
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
+        return _MeteredStream(super().connect_tcp(host, port, timeout, local_address, socket_options))
 
 
 class _NoAuth(httpx.Auth):
