@@ -27,7 +27,11 @@ recorded is thus that of our bytes, never that of a writer who saved right after
 stat after the write could not tell them apart), and the MOVE is a rename: readers never
 see half a file, a cut transfer leaves the old content. Apache keeps a file's ETag across
 a MOVE (measured); a server that did not would show the next check a version it does not
-know: a conflict copy, nothing lost. A server without ETags: the PUT goes to the target
+know: a conflict copy, nothing lost. A server whose PUT answers give the new ETag
+(Nextcloud, ownCloud; learnt from the first one) is written by a PUT in place, conditional
+the same way: there a MOVE over a file makes it another file (shares, versions lost).
+Plain ``upload``, ``unlink`` and ``rename`` too fail on a change made after their own
+check (EEXIST, ESTALE), never acting on what is there then. A server without ETags: the PUT goes to the target
 conditional on the mtime second (``If-Unmodified-Since``), with a warning in the log.
 The ``X-OC-Mtime`` header asks Nextcloud and ownCloud to keep the file's mtime; Apache
 ignores it and lets no client set ``getlastmodified`` (PROPPATCH: 409 read-only), so there
