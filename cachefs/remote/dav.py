@@ -55,6 +55,7 @@ import netrc
 import os
 import posixpath
 import re
+import select
 import ssl
 import stat as stat_mod
 import struct
@@ -63,11 +64,10 @@ import threading
 import time
 from collections import OrderedDict
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
-import httpcore
 import httpx
 
 from ..errors import ContentDamaged
@@ -316,8 +316,9 @@ class DavRemote(Remote):
                                         max_keepalive_connections=self.parallelism * 2,
                                         keepalive_expiry=30))
                 pool = getattr(transport, "_pool", None)  # (httpcore's ConnectionPool)
-                if isinstance(getattr(pool, "_network_backend", None), httpcore.SyncBackend):
-                    pool._network_backend = _MeteredBackend()  # type: ignore[union-attr]
+                backend = getattr(pool, "_network_backend", None)
+                if backend is not None and hasattr(backend, "connect_tcp"):
+                    setattr(pool, "_network_backend", _MeteredBackend(backend))
                 else:  # (another httpx inside: the fixed allowance alone)
                     log.debug("httpx's connection pool not as known: no send-queue metering")
                 self._client = httpx.Client(
@@ -1196,32 +1197,40 @@ def _unacknowledged(sock: object) -> int:
     return int(struct.unpack("i", answer)[0])
 
 
-class _MeteredStream(httpcore.NetworkStream):
-    """A connection whose reads wait as long as the bytes we sent are still moving: a read
-    that times out while the socket's send queue (``_unacknowledged``) shrinks goes on, so
-    the timeout bounds how long nothing moves, on any uplink (a PUT's body handed to the
-    kernel at once sits there for as long as the link takes), not how long an answer takes."""
+class _MeteredStream:
+    """A connection of httpcore's (duck-typed: httpcore is httpx's, not imported here)
+    whose reads wait as long as the bytes we sent are still moving: while the socket's
+    send queue (``_unacknowledged``) shrinks, the wait for an answer goes on, so the
+    timeout bounds how long nothing moves, on any uplink (a PUT's body handed to the
+    kernel at once sits there for as long as the link takes), not how long an answer
+    takes. Nothing moving for the timeout: the inner read's own timeout error."""
 
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
+    def __init__(self, inner: Any) -> None:
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         sock = self._inner.get_extra_info("socket")
         queued = _unacknowledged(sock) if timeout is not None and sock is not None else -1
-        if queued <= 0:
-            return self._inner.read(max_bytes, timeout)
-        assert timeout is not None
-        moved = time.monotonic()
-        while True:
-            try:
-                return self._inner.read(max_bytes, max(0.01, min(0.5, moved + timeout - time.monotonic())))
-            except httpcore.ReadTimeout:
+        if queued > 0:
+            assert timeout is not None
+            moved = time.monotonic()
+            while not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                left = moved + timeout - time.monotonic()
+                if left <= 0:
+                    timeout = 0.001  # (the inner read times out as it would have)
+                    break
+                try:
+                    readable, _w, _x = select.select([sock], [], [], min(0.5, left))
+                except (OSError, ValueError):
+                    break
+                if readable:
+                    break
                 now = _unacknowledged(sock)
                 if 0 <= now < queued:
                     moved = time.monotonic()
                 queued = now
-                if time.monotonic() - moved >= timeout:
-                    raise
+        data: bytes = self._inner.read(max_bytes, timeout)
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, timeout)
@@ -1230,20 +1239,24 @@ class _MeteredStream(httpcore.NetworkStream):
         self._inner.close()
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+                  timeout: float | None = None) -> _MeteredStream:
         return _MeteredStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
 
-    def get_extra_info(self, info: str) -> object:
+    def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
-class _MeteredBackend(httpcore.SyncBackend):
-    """httpcore's own sockets, each read metered (``_MeteredStream``)."""
+class _MeteredBackend:
+    """httpcore's network backend (duck-typed), each TCP connection metered."""
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
-        return _MeteredStream(super().connect_tcp(host, port, timeout, local_address, socket_options))
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _MeteredStream:
+        return _MeteredStream(self._inner.connect_tcp(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:  # (connect_unix_socket, sleep)
+        return getattr(self._inner, name)
 
 
 class _NoAuth(httpx.Auth):
