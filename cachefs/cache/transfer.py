@@ -49,6 +49,8 @@ class _Checked:
 
     def __init__(self, stream: Any, size: int, digest: bytes, what: str) -> None:
         self._stream, self._size, self._digest, self._what = stream, size, digest, what
+        #: the whole size, read from the start (an HTTP upload sends it as Content-Length)
+        self.length = size
         self._hash = hashlib.sha256()
         self._done = 0
         self._checked = False

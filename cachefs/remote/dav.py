@@ -19,14 +19,19 @@ overwritten or removed, whatever size and mtime the change kept. ``unlink_if`` a
 and listings saw (a bounded map), else with a PROPFIND.
 
 An upload is a PUT to its temporary name beside the target (no one else writes that
-name), the version taken there (the PUT's own ETag where the server answers with one,
-else a PROPFIND of the temporary file), then a MOVE over the target conditional on the
+name), always with its ``Content-Length`` (Nextcloud behind PHP-FPM stores a chunked body
+as an empty file), the version taken there by a PROPFIND of the temporary file, whose size
+must be that of the bytes sent (else it is removed, an error, nothing replaced), then a MOVE over the target conditional on the
 version the check saw (``If``; ``Overwrite: F`` where there was nothing). The version
 recorded is thus that of our bytes, never that of a writer who saved right after us (a
 stat after the write could not tell them apart), and the MOVE is a rename: readers never
 see half a file, a cut transfer leaves the old content. Apache keeps a file's ETag across
 a MOVE (measured); a server that did not would show the next check a version it does not
-know: a conflict copy, nothing lost. A server without ETags: the PUT goes to the target
+know: a conflict copy, nothing lost. A server whose PUT answers give the new ETag
+(Nextcloud, ownCloud; learnt from the first one) is written by a PUT in place, conditional
+the same way: there a MOVE over a file makes it another file (shares, versions lost).
+Plain ``upload``, ``unlink`` and ``rename`` too fail on a change made after their own
+check (EEXIST, ESTALE), never acting on what is there then. A server without ETags: the PUT goes to the target
 conditional on the mtime second (``If-Unmodified-Since``), with a warning in the log.
 The ``X-OC-Mtime`` header asks Nextcloud and ownCloud to keep the file's mtime; Apache
 ignores it and lets no client set ``getlastmodified`` (PROPPATCH: 409 read-only), so there
@@ -43,19 +48,24 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import errno
+import fcntl
 import getpass
 import logging
 import netrc
 import os
+import posixpath
 import re
+import select
 import ssl
 import stat as stat_mod
+import struct
+import termios
 import threading
 import time
 from collections import OrderedDict
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
 import httpx
@@ -94,8 +104,10 @@ UPLOAD_CHUNK = 1 << 20
 #: the most of a PUT's body that may still be on its way when httpx has handed over its
 #: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
 #: tests' throttling proxy: a 3 MiB PUT at 1 MB/s was all handed over at once, and its
-#: answer came 3 s later), and the slowest link whose uploads must not time out for it:
-#: the wait for a PUT's answer is the timeout plus up to 8 MiB / 256 kB/s = 33 s more
+#: answer came 3 s later), and a rate for it: the wait for a PUT's answer is the timeout
+#: plus up to 8 MiB / 256 kB/s = 33 s more, for bytes held beyond our socket (a proxy's
+#: buffers). On our own socket a slower uplink is seen moving (``_MeteredStream``: the
+#: wait goes on while its send queue shrinks), whatever its speed
 IN_FLIGHT_MAX = 8 << 20
 SLOW_LINK = 256_000
 #: the temporary files Apache's mod_dav_fs writes a PUT's body to, beside the target
@@ -239,8 +251,11 @@ class DavRemote(Remote):
         self._password = password
         self._netrc_file = netrc_file
         self._verify = verify
-        root = os.fsencode(path or "/")
-        self._root = b"/" + root.strip(b"/") if root.strip(b"/") else b""
+        # normalised ('//', '.' and '..' segments gone): Apache evaluates an ``If`` header
+        # only for the resource its URL maps to, and ignores one naming '/a//b' (the
+        # request then unconditional: measured, a DELETE with a stale ETag removed the file)
+        root = posixpath.normpath(b"//" + os.fsencode(path or "/"))  # ('///': one '/')
+        self._root = b"" if root == b"/" else root
         host_text = f"[{host}]" if ":" in host else host
         self._origin = f"{'https' if scheme == 'davs' else 'http'}://{host_text}:{self.port}"
         self.description = (f"{scheme}://{self.user}@{host_text}:{self.port}"
@@ -254,6 +269,10 @@ class DavRemote(Remote):
         #: path -> (ETag as sent, (size, kind)) of what a stat or a listing saw last
         self._etags: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()
         self._warned_no_etags = False
+        #: the paths whose last write got a 500 with their folder writable (``_server_500``)
+        self._failed_500: OrderedDict[bytes, None] = OrderedDict()
+        #: whether the server's PUT answers give the new file's ETag (None: not known yet)
+        self._put_tells_etag: bool | None = None
 
     # -- plumbing -------------------------------------------------------------------
     def _url(self, path: bytes) -> str:
@@ -291,13 +310,20 @@ class DavRemote(Remote):
     def _client_now(self) -> httpx.Client:
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(
-                    timeout=httpx.Timeout(self.timeout, pool=self.timeout * 3),
+                transport = httpx.HTTPTransport(
+                    verify=self._ssl_context(),
                     limits=httpx.Limits(max_connections=self.parallelism * 4,
                                         max_keepalive_connections=self.parallelism * 2,
-                                        keepalive_expiry=30),
-                    verify=self._ssl_context(), follow_redirects=False, trust_env=False,
-                    headers={"User-Agent": "cachefs"})
+                                        keepalive_expiry=30))
+                pool = getattr(transport, "_pool", None)  # (httpcore's ConnectionPool)
+                backend = getattr(pool, "_network_backend", None)
+                if backend is not None and hasattr(backend, "connect_tcp"):
+                    setattr(pool, "_network_backend", _MeteredBackend(backend))
+                else:  # (another httpx inside: the fixed allowance alone)
+                    log.debug("httpx's connection pool not as known: no send-queue metering")
+                self._client = httpx.Client(
+                    timeout=httpx.Timeout(self.timeout, pool=self.timeout * 3), transport=transport,
+                    follow_redirects=False, trust_env=False, headers={"User-Agent": "cachefs"})
             return self._client
 
     def _ssl_context(self) -> ssl.SSLContext | bool:
@@ -337,6 +363,16 @@ class DavRemote(Remote):
                 raise RemoteRefused(f"{self.description}: the server's certificate is not trusted "
                                     f"({_root_cause(exc)})") from None
             raise RemoteUnreachable(f"{self.description}: {_root_cause(exc)}") from None
+        if response.status_code == 502 and method == "MOVE" and not stream \
+                and "Destination" in response.text:
+            # Apache's answer to a Destination of another scheme (https from the client,
+            # http where it listens: a TLS-terminating proxy in front): an answer, not an
+            # outage (as one the mount went offline, came back, met it again: nothing landed)
+            response.close()
+            raise RemoteError(errno.EIO, f"{self.description}: the server refuses to MOVE: its "
+                              "Destination names another scheme than the one it listens on (a TLS "
+                              "proxy in front of Apache? give Apache 'RequestHeader edit "
+                              "Destination ^https: http: early')")
         if response.status_code >= 500 and response.status_code != 507 and not (
                 answered_500 and response.status_code == 500):
             response.close()
@@ -487,7 +523,9 @@ class DavRemote(Remote):
         if not entries:
             raise RemoteError(errno.EIO, f"PROPFIND {path!r}: an empty answer")
         href = self._href_of(path)
-        entry = next((e for e in entries if e.href == href), entries[0])
+        entry = next((e for e in entries if e.href == href), None)
+        if entry is None:  # (another resource's entry is not this one's: never taken for it)
+            raise self._no_own_entry(path)
         self._remember(path, entry)
         return entry
 
@@ -704,9 +742,15 @@ class DavRemote(Remote):
                         "only (a same-second change made meanwhile is not seen)",
                         self.description, what)
 
-    def _server_500(self, path: bytes, exc: RemoteError) -> RemoteError:
-        """What a 500 to a write means (Apache answers 500 to a PUT or a MOVE into a folder
-        it cannot write, or into one that is not there): the parent's state says."""
+    def _server_500(self, path: bytes, exc: RemoteError) -> RemoteError | RemoteUnreachable:
+        """What a 500 to a write means. Apache answers 500 to a PUT or a MOVE into a folder
+        it cannot write, or into one that is not there: the parent's state says (gone:
+        ENOENT; a file: ENOTDIR; refusing a new empty file of ours: EACCES). A folder that
+        takes that file (removed at once) had no such reason: a passing fault (a server
+        script's error, a database busy), ``RemoteUnreachable`` to be tried again later,
+        once: a second 500 in a row for the same path is an error (EIO, recorded by the
+        sync), so that a write the server keeps failing does not take the mount offline
+        again and again."""
         parent = path.rpartition(b"/")[0]
         try:
             entry = self._entry(parent)
@@ -716,12 +760,46 @@ class DavRemote(Remote):
             return missing
         if not entry.is_dir:
             return RemoteError(errno.ENOTDIR, f"{parent!r} is not a folder")
-        return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
+        if not self._takes_a_file(parent):
+            return RemoteError(errno.EACCES, f"the server could not write {path!r} ({exc})")
+        with self._lock:
+            again = path in self._failed_500
+            if again:
+                del self._failed_500[path]
+            else:
+                self._failed_500[path] = None
+                while len(self._failed_500) > ETAGS_KEPT:
+                    self._failed_500.popitem(last=False)
+        if again:
+            return RemoteError(errno.EIO, f"the server failed to write {path!r} twice in a row "
+                               f"({exc}; its folder is writable)")
+        return RemoteUnreachable(f"{self.description}: {exc} (its folder is writable: tried "
+                                 "again later)")
+
+    def _takes_a_file(self, folder: bytes) -> bool:
+        """Whether the server creates a new empty file in ``folder`` (removed at once)."""
+        probe = (folder + b"/" if folder else b"") + b".cachefs-probe-" + os.urandom(6).hex().encode()
+        try:
+            self._request("PUT", probe, {"If-None-Match": "*"}, b"", ok=(200, 201, 204),
+                          answered_500=True)
+        except (RemoteError, _Status):
+            return False
+        self._remove_quietly(probe)
+        return True
+
+    def _wrote(self, path: bytes) -> None:
+        """A write of ``path`` succeeded: a 500 before it was a passing one."""
+        if self._failed_500:
+            with self._lock:
+                self._failed_500.pop(path, None)
 
     def _put(self, path: bytes, source: Source, times: tuple[int, int] | None,
-             condition: dict[str, str]) -> httpx.Response:
-        """One PUT of ``source``; opened again and sent once more where httpx found its
-        body used up (digest auth with an expired nonce re-sends the request)."""
+             condition: dict[str, str]) -> tuple[httpx.Response, int]:
+        """One PUT of ``source``, its size in ``Content-Length`` (a chunked body arrives as
+        an empty file on Nextcloud and ownCloud behind PHP-FPM, and the wait for the answer
+        is sized to it); opened again and sent once more where httpx found its body used up
+        (digest auth with an expired nonce re-sends the request). The answer and the number
+        of bytes sent."""
         headers = {"Content-Type": "application/octet-stream", **condition}
         if times is not None:
             headers["X-OC-Mtime"] = str(times[1] // 1_000_000_000)
@@ -736,9 +814,13 @@ class DavRemote(Remote):
                 size = _stream_size(stream)
                 if size is not None:
                     headers["Content-Length"] = str(size)
+                sent = [0]
                 try:
-                    return self._request("PUT", path, headers, _chunks(stream), answered_500=True,
-                                         in_flight=IN_FLIGHT_MAX if size is None else size)
+                    response = self._request("PUT", path, headers, _chunks(stream, sent),
+                                             answered_500=True,
+                                             in_flight=IN_FLIGHT_MAX if size is None else size)
+                    self._wrote(path)
+                    return response, sent[0]
                 except httpx.StreamError:
                     if attempt == 2:
                         raise RemoteError(errno.EIO, f"PUT {path!r}: the request could not be "
@@ -758,22 +840,28 @@ class DavRemote(Remote):
         a MOVE over ``path`` (a rename: atomic; Apache keeps the ETag across it, measured),
         conditional on ``current``, the entry the caller's check saw: its ETag in an ``If``
         header, or ``Overwrite: F`` where nothing was there. A failed condition: ``NotExpected`` with
-        what is there now, the temporary file removed."""
+        what is there now, the temporary file removed.
+
+        A server whose PUT answers gave an ETag (Nextcloud, ownCloud: ``OC-ETag``/``ETag``;
+        Apache gives none), learnt from the first temporary PUT, gets a PUT to ``path``
+        itself instead (``_put_in_place``): there a MOVE over a file replaces it by another
+        (a new file id: shares, versions and comments of the old one lost on every edit)."""
         if current is not None and not current.etag:
             return self._replace_by_date(path, source, times, current)
+        if self._put_tells_etag:
+            return self._put_in_place(path, source, times, current)
         parent = path.rpartition(b"/")[0]
         temp = parent + b"/" + temp_name if parent else temp_name
-        response = self._put(temp, source, times, {})
+        response, sent = self._put(temp, source, times, {})
+        if self._put_tells_etag is None:
+            self._put_tells_etag = _put_etag(response) is not None
+            log.debug("%s: PUT answers %s an ETag", self.description,
+                      "give" if self._put_tells_etag else "do not give")
         try:
-            etag = response.headers.get("OC-ETag") or response.headers.get("ETag")
-            if etag:
-                size = _stream_size_of(source)
-                mtime = _http_time_ns(response.headers.get("Last-Modified")) or (
-                    times[1] if times is not None else time.time_ns())
-                ours = _make_stat(False, size if size is not None else self._entry(temp).size,
-                                  mtime, etag)
-            else:
-                ours = self._entry(temp).stat()
+            landed = self._entry(temp)
+            if landed.size != sent:  # (never renamed over the file: remove, try later)
+                raise self._short(temp, landed.size, sent)
+            ours = landed.stat()
             headers = {"Destination": self._url(path)}
             if current is None:
                 headers["Overwrite"] = "F"
@@ -786,6 +874,7 @@ class DavRemote(Remote):
                 if isinstance(exc, _HttpError) and exc.code == 500:
                     raise self._server_500(path, exc) from None
                 raise
+            self._wrote(path)
         except _Status:
             self._remove_quietly(temp)
             now = self._entry_or_none(path)
@@ -793,6 +882,36 @@ class DavRemote(Remote):
         except BaseException:
             self._remove_quietly(temp)
             raise
+        return ours
+
+    def _put_in_place(self, path: bytes, source: Source, times: tuple[int, int] | None,
+                      current: _Entry | None) -> UploadOutcome:
+        """A PUT to ``path`` conditional on ``current`` (its ETag in an ``If`` header;
+        ``If-None-Match: *`` where nothing was there), the version that of the PUT's answer
+        (its ETag, the bytes sent): the server's own write is atomic and its answer names
+        our bytes' version. An answer without an ETag after all: a PROPFIND, and temporary
+        names again from then on."""
+        if current is None:
+            condition = {"If-None-Match": "*"}
+        else:
+            assert current.etag is not None
+            condition = self._if_tag(path, current.etag)
+        try:
+            response, sent = self._put(path, source, times, condition)
+        except _Status:
+            now = self._entry_or_none(path)
+            return NotExpected(now.stat() if now is not None else None)
+        etag = _put_etag(response)
+        if etag is None:
+            self._put_tells_etag = False
+            landed = self._entry(path)
+            if landed.size != sent:
+                raise self._short(path, landed.size, sent)
+            return landed.stat()
+        mtime = _http_time_ns(response.headers.get("Last-Modified")) or (
+            times[1] // 1_000_000_000 * 1_000_000_000 if times is not None else time.time_ns())
+        ours = _make_stat(False, sent, mtime, etag)
+        self._remember(path, _Entry(self._href_of(path), False, sent, mtime, etag))
         return ours
 
     def _replace_by_date(self, path: bytes, source: Source, times: tuple[int, int] | None,
@@ -803,11 +922,18 @@ class DavRemote(Remote):
         condition = {"If-Unmodified-Since": email.utils.formatdate(
             current.mtime_ns // 1_000_000_000, usegmt=True)}
         try:
-            self._put(path, source, times, condition)
+            _response, sent = self._put(path, source, times, condition)
         except _Status:
             now = self._entry_or_none(path)
             return NotExpected(now.stat() if now is not None else None)
-        return self.stat(path)
+        landed = self._entry(path)
+        if landed.size != sent:
+            raise self._short(path, landed.size, sent)
+        return landed.stat()
+
+    def _short(self, path: bytes, kept: int, sent: int) -> RemoteError:
+        return RemoteError(errno.EIO, f"PUT {path!r}: the server kept {kept} of the {sent} bytes "
+                           "sent (a proxy or server that dropped the body?)")
 
     def _remove_quietly(self, temp: bytes) -> None:
         try:
@@ -819,16 +945,17 @@ class DavRemote(Remote):
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
         """A PUT to ``temp_name``, then a MOVE over ``path`` (see ``_replace``), conditional
         on what a PROPFIND just before found there (a folder: EISDIR, never replaced with
-        all it holds; a change in between: the whole tried again, up to three times): the
-        version returned is that of the bytes sent. ``mode`` and ``owner`` are not kept."""
-        for _attempt in range(3):
-            current = self._entry_or_none(path)
-            if current is not None and current.is_dir:
-                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-            outcome = self._replace(path, source, times, temp_name, current)
-            if isinstance(outcome, RemoteStat):
-                return outcome
-        raise RemoteError(errno.EIO, f"{path!r} kept changing on the server while it was uploaded")
+        all it holds): the version returned is that of the bytes sent. A change made in
+        between (a save during our PUT) is EEXIST, never tried again over what is there
+        now: the caller decided on what it had seen. ``mode`` and ``owner`` are not kept."""
+        current = self._entry_or_none(path)
+        if current is not None and current.is_dir:
+            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+        outcome = self._replace(path, source, times, temp_name, current)
+        if isinstance(outcome, NotExpected):
+            raise RemoteError(errno.EEXIST, f"{path!r} changed on the server while it was uploaded")
+        assert isinstance(outcome, RemoteStat)
+        return outcome
 
     def upload_many(self, uploads: list[Upload]) -> list[UploadOutcome]:
         """Each upload made only over the version ``expect`` accepted (see ``_replace``: an
@@ -877,7 +1004,7 @@ class DavRemote(Remote):
 
     def _no_own_entry(self, path: bytes) -> RemoteError:
         return RemoteError(errno.EIO, f"PROPFIND {path!r}: the server's answer names no entry "
-                           f"for the folder asked (a proxy that rewrites paths? give the "
+                           f"for the path asked (a proxy that rewrites paths? give the "
                            f"address the server itself uses)")
 
     def rmdir(self, path: bytes) -> None:
@@ -904,19 +1031,18 @@ class DavRemote(Remote):
 
     def unlink(self, path: bytes) -> None:
         """DELETE of a file, conditional on the ETag its check saw: had a folder replaced it
-        meanwhile, an unconditional DELETE would remove the folder and all it holds (a
-        change meanwhile: checked again, up to three times)."""
-        for _attempt in range(3):
-            entry = self._entry(path)
-            if entry.is_dir:
-                raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-            condition = self._if_tag(path, entry.etag) if entry.etag else {}
-            try:
-                self._request("DELETE", path, condition, ok=(200, 204))
-                return
-            except _Status:
-                continue
-        raise RemoteError(errno.EIO, f"{path!r} kept changing while it was removed")
+        meanwhile, an unconditional DELETE would remove the folder and all it holds. A
+        change meanwhile (an edit just saved) is ESTALE, nothing removed: never checked
+        again and removed as it is now."""
+        entry = self._entry(path)
+        if entry.is_dir:
+            raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
+        condition = self._if_tag(path, entry.etag) if entry.etag else {}
+        try:
+            self._request("DELETE", path, condition, ok=(200, 204))
+        except _Status:
+            raise RemoteError(errno.ESTALE, f"{path!r} changed on the server while it was "
+                              "removed") from None
 
     def _known_etag(self, path: bytes, version: tuple[int, int, int], code: int) -> _Entry:
         """The entry at ``path`` whose version is ``version``, with its ETag as the server
@@ -959,6 +1085,7 @@ class DavRemote(Remote):
                    **(condition or {})}
         try:
             self._request("MOVE", src, headers, ok=(201, 204), answered_500=True)
+            self._wrote(dst)
         except _Status:
             raise RemoteError(errno.EEXIST, f"{dst!r} exists") from None
         except RemoteError as exc:
@@ -985,28 +1112,24 @@ class DavRemote(Remote):
         return source, target
 
     def rename(self, src: bytes, dst: bytes) -> None:
-        """MOVE with Overwrite: T after ``_check_target``'s checks, conditional on the
-        target they saw (its ETag: a folder that got an entry since is not removed; a
-        change meanwhile: checked again, up to three times)."""
+        """MOVE after ``_check_target``'s checks, conditional on the target they saw: its
+        ETag (``If``; a folder that got an entry since is not removed, a file rewritten
+        since is not overwritten), or ``Overwrite: F`` where nothing was there. A change
+        meanwhile is EEXIST, nothing renamed: never checked again and moved over what is
+        there now."""
         if src == dst:
             self._entry(src)
             return  # (POSIX: nothing to do; a MOVE onto itself is refused)
-        for _attempt in range(3):
-            _source, target = self._check_target(src, dst)
-            if target is None:
-                condition = None
-            elif target.etag:
-                condition = self._if_tag(dst, target.etag)
-            else:
-                self._no_etags("a rename over a file")
-                condition = None
-            try:
-                self._move(src, dst, overwrite=True, condition=condition)
-                return
-            except RemoteError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise
-        raise RemoteError(errno.EIO, f"{dst!r} kept changing while it was renamed over")
+        _source, target = self._check_target(src, dst)
+        if target is None:
+            self._move(src, dst, overwrite=False)
+            return
+        if target.etag:
+            condition: dict[str, str] | None = self._if_tag(dst, target.etag)
+        else:
+            self._no_etags("a rename over a file")
+            condition = None
+        self._move(src, dst, overwrite=True, condition=condition)
 
     def rename_over(self, src: bytes, dst: bytes, replaces: tuple[int, int, int]) -> None:
         """MOVE over ``dst`` conditional on the ETag of version ``replaces`` (``If`` on the
@@ -1064,6 +1187,78 @@ class DavRemote(Remote):
         self._times_settable = settable
 
 
+def _unacknowledged(sock: object) -> int:
+    """The bytes sent on ``sock`` not yet acknowledged by the other end (Linux
+    ``SIOCOUTQ``: queued and in flight); -1 where it cannot be told."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[attr-defined]
+    except (OSError, AttributeError, ValueError):
+        return -1
+    return int(struct.unpack("i", answer)[0])
+
+
+class _MeteredStream:
+    """A connection of httpcore's (duck-typed: httpcore is httpx's, not imported here)
+    whose reads wait as long as the bytes we sent are still moving: while the socket's
+    send queue (``_unacknowledged``) shrinks, the wait for an answer goes on, so the
+    timeout bounds how long nothing moves, on any uplink (a PUT's body handed to the
+    kernel at once sits there for as long as the link takes), not how long an answer
+    takes. Nothing moving for the timeout: the inner read's own timeout error."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        sock = self._inner.get_extra_info("socket")
+        queued = _unacknowledged(sock) if timeout is not None and sock is not None else -1
+        if queued > 0:
+            assert timeout is not None
+            moved = time.monotonic()
+            while not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                left = moved + timeout - time.monotonic()
+                if left <= 0:
+                    timeout = 0.001  # (the inner read times out as it would have)
+                    break
+                try:
+                    readable, _w, _x = select.select([sock], [], [], min(0.5, left))
+                except (OSError, ValueError):
+                    break
+                if readable:
+                    break
+                now = _unacknowledged(sock)
+                if 0 <= now < queued:
+                    moved = time.monotonic()
+                queued = now
+        data: bytes = self._inner.read(max_bytes, timeout)
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> _MeteredStream:
+        return _MeteredStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _MeteredBackend:
+    """httpcore's network backend (duck-typed), each TCP connection metered."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _MeteredStream:
+        return _MeteredStream(self._inner.connect_tcp(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:  # (connect_unix_socket, sleep)
+        return getattr(self._inner, name)
+
+
 class _NoAuth(httpx.Auth):
     """No credentials: the first PROPFIND learns what the server asks for."""
 
@@ -1085,6 +1280,12 @@ def _stat_of_get(response: httpx.Response) -> RemoteStat | None:
         return None
     return _make_stat(False, size, _http_time_ns(response.headers.get("Last-Modified")),
                       response.headers.get("ETag"))
+
+
+def _put_etag(response: httpx.Response) -> str | None:
+    """The new file's ETag in a PUT's answer (ownCloud's and Nextcloud's ``OC-ETag``, or
+    ``ETag``), None where it gives none (Apache)."""
+    return response.headers.get("OC-ETag") or response.headers.get("ETag") or None
 
 
 def _wants_digest(response: httpx.Response) -> bool:
@@ -1129,26 +1330,22 @@ def _certificate_refused(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
-def _stream_size_of(source: Source) -> int | None:
-    """The size of a source that is a file path (None: not known without reading it)."""
-    if isinstance(source, (str, bytes, os.PathLike)):
-        try:
-            return os.stat(source).st_size
-        except OSError:
-            return None
-    return None
-
-
 def _stream_size(stream: BinaryIO) -> int | None:
+    """The bytes left to read: a stream's ``length`` where it tells it (the sync's checked
+    reader of a content file, read from its start), else its file's size past its position."""
+    length = getattr(stream, "length", None)
+    if isinstance(length, int):
+        return length
     try:
         return os.fstat(stream.fileno()).st_size - stream.tell()
     except (OSError, AttributeError, ValueError):
         return None
 
 
-def _chunks(stream: BinaryIO) -> Iterator[bytes]:
-    """The stream's bytes; a local read failure stops the PUT (the server then drops
-    what it had of the body) as ``ContentDamaged``, not as a fault of the server."""
+def _chunks(stream: BinaryIO, sent: list[int]) -> Iterator[bytes]:
+    """The stream's bytes (counted in ``sent[0]``); a local read failure stops the PUT (the
+    server then drops what it had of the body) as ``ContentDamaged``, not as a fault of the
+    server."""
     while True:
         try:
             chunk = stream.read(UPLOAD_CHUNK)
@@ -1158,4 +1355,5 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
             raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
         if not chunk:
             return
+        sent[0] += len(chunk)
         yield chunk
