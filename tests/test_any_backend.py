@@ -38,6 +38,7 @@ from tests.fixtures.mount import run_with_timeout, status
 from tests.test_conflicts import (REFRESH, assert_recorded, change_on_server, conflict_records,
                                   copies_of, mount_shows, path_state_line, shows_conflict,
                                   state_of)
+from tests.test_dav import same_second_rewrite
 from tests.test_control import MiB, command, errno_of, listdir, refused, state, wait_state
 from tests.test_control import go_offline as offline_by_request
 from tests.test_control import read as read_bounded
@@ -301,6 +302,31 @@ def test_changed_on_both_sides(backend: Backend) -> None:
         control(mnt, "resolve report.txt both")
         assert state_of(mnt / "report.txt") != "conflict"
         assert state_of(mnt / copies[0]) != "conflict"
+
+
+def test_a_server_change_keeping_size_and_mtime_second_is_a_conflict(backend: Backend) -> None:
+    """Changed here offline and on the server, the server's change keeping the size and
+    the mtime's second (a fix of one character saved twice in a second): each protocol's
+    version tells it (SFTP: the SHA-256 the server computes before a replace; a local
+    path: the mtime's nanoseconds; WebDAV: the ETag; SMB: file id and change time), the
+    replay does not overwrite it, and a conflict copy keeps this side's version."""
+    share = backend.share
+    (share / "report.txt").write_bytes(b"base version")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        read_all(mnt)
+        go_offline(mnt)
+        write_file(mnt / "report.txt", b"local version, longer")
+        same_second_rewrite(share / "report.txt", b"server edit!")
+        control(mnt, "online")
+        sync_until_done(mnt)
+        assert (share / "report.txt").read_bytes() == b"server edit!"
+        copies = copies_of(share, "report.txt")
+        assert len(copies) == 1, os.listdir(share)
+        assert (share / copies[0]).read_bytes() == b"local version, longer"
+        assert_recorded(mnt, "report.txt", "changed-both")
+
+
 
 
 def test_a_change_of_letter_case_is_a_rename_not_a_conflict(backend: Backend) -> None:

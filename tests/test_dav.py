@@ -26,8 +26,7 @@ from cachefs.remote.dav import DavRemote
 from cachefs.remote.ssh_secrets import Secrets
 from devtools.davserver import DavServer
 from tests.fixtures.mount import Mount, status
-from tests.test_conflicts import assert_recorded, copies_of
-from tests.test_writes import control, go_offline, read_all, sync, sync_until_done, wait_for, wait_state, write_file
+from tests.test_writes import read_all, sync, wait_for, wait_state, write_file
 
 TIMEOUT = 3.0
 
@@ -449,54 +448,8 @@ def test_mount_reads_and_writes_through(davd: DavServer, share: Path, tmp_path: 
     assert base64.b64encode(f"{davd.user}:{davd.password}".encode()).decode() not in log_text
 
 
-def test_mount_works_offline_and_replays_when_the_server_is_back(davd: DavServer, share: Path,
-                                                               tmp_path: Path) -> None:
-    (share / "a.txt").write_bytes(b"kept offline\n")
-    (share / "old.txt").write_bytes(b"to remove\n")
-    with dav_mount(davd, tmp_path) as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        davd.stop()
-        wait_state(mnt, "offline")
-        assert (mnt / "a.txt").read_bytes() == b"kept offline\n"
-        write_file(mnt / "b.txt", b"written offline\n")
-        os.mkdir(mnt / "dir")
-        write_file(mnt / "dir" / "c.txt", b"in a new folder\n")
-        os.rename(mnt / "a.txt", mnt / "a2.txt")
-        os.unlink(mnt / "old.txt")
-        assert status(mnt)["pending"] > 0
-        assert (share / "a.txt").exists() and not (share / "b.txt").exists()
-        davd.start()
-        wait_state(mnt, "online")
-        sync_until_done(mnt)
-        assert status(mnt)["pending"] == 0
-    assert (share / "b.txt").read_bytes() == b"written offline\n"
-    assert (share / "dir" / "c.txt").read_bytes() == b"in a new folder\n"
-    assert (share / "a2.txt").read_bytes() == b"kept offline\n"
-    assert sorted(os.listdir(share)) == ["a2.txt", "b.txt", "dir"]
 
 
-def test_mount_sees_a_same_size_same_second_server_change_as_a_conflict(
-        davd: DavServer, share: Path, tmp_path: Path) -> None:
-    """Changed here offline and on the server, the server's change keeping size and mtime
-    second: the ETag tells, the replay does not overwrite it, and a conflict copy keeps
-    this side's version (as on SFTP with a change it can see)."""
-    (share / "report.txt").write_bytes(b"base version")
-    with dav_mount(davd, tmp_path) as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "report.txt", b"local version, longer")
-        same_second_rewrite(share / "report.txt", b"server edit!")
-        control(mnt, "online")
-        sync(mnt)
-        assert (share / "report.txt").read_bytes() == b"server edit!"
-        copies = copies_of(share, "report.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"local version, longer"
-        assert_recorded(mnt, "report.txt", "changed-both")
-        wait_for(lambda: (mnt / "report.txt").read_bytes() == b"server edit!", 6,
-                 "the server's version in the mount")
 
 
 def test_digest_auth_when_the_server_asks_for_it(tmp_path: Path, share: Path) -> None:

@@ -31,8 +31,8 @@ from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
 from tests.fixtures.mount import Mount, status
 from tests.fixtures.proxy import TcpProxy
-from tests.test_conflicts import assert_recorded, copies_of
-from tests.test_writes import control, go_offline, read_all, sync, sync_until_done, wait_for, wait_state, write_file
+from tests.test_conflicts import copies_of
+from tests.test_writes import control, go_offline, sync, sync_until_done, wait_for, write_file
 
 TIMEOUT = 3.0
 
@@ -897,55 +897,8 @@ def test_mount_reads_and_writes_through(smbd: SmbServer, share: Path, tmp_path: 
     assert smbd.password not in mount.log_text()
 
 
-def test_mount_works_offline_and_replays_when_the_server_is_back(smbd: SmbServer, share: Path,
-                                                               tmp_path: Path) -> None:
-    write(share / "a.txt", b"kept offline\n")
-    write(share / "old.txt", b"to remove\n")
-    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        smbd.stop()
-        wait_state(mnt, "offline")
-        assert (mnt / "a.txt").read_bytes() == b"kept offline\n"
-        write_file(mnt / "b.txt", b"written offline\n")
-        os.mkdir(mnt / "dir")
-        write_file(mnt / "dir" / "c.txt", b"in a new folder\n")
-        os.rename(mnt / "a.txt", mnt / "a2.txt")
-        os.unlink(mnt / "old.txt")
-        assert status(mnt)["pending"] > 0
-        assert (share / "a.txt").exists() and not (share / "b.txt").exists()
-        smbd.start()
-        wait_state(mnt, "online")
-        sync_until_done(mnt)
-        assert status(mnt)["pending"] == 0
-    assert (share / "b.txt").read_bytes() == b"written offline\n"
-    assert (share / "dir" / "c.txt").read_bytes() == b"in a new folder\n"
-    assert (share / "a2.txt").read_bytes() == b"kept offline\n"
-    assert sorted(os.listdir(share)) == ["a2.txt", "b.txt", "dir"]
 
 
-def test_mount_sees_a_same_second_server_change_as_a_conflict(smbd: SmbServer, share: Path,
-                                                             tmp_path: Path) -> None:
-    """Changed here offline and on the server in the same second, same size: the tag
-    tells, the replay does not overwrite it, a conflict copy keeps this side's version."""
-    write(share / "report.txt", b"base version")
-    with smb_mount(smbd, tmp_path, "--attr-timeout", "1") as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "report.txt", b"local version, longer")
-        before = (share / "report.txt").stat()
-        with open(share / "report.txt", "r+b") as f:
-            f.write(b"server edit!")
-        second, fraction = divmod(before.st_mtime_ns, 10**9)
-        os.utime(share / "report.txt", ns=(before.st_atime_ns, second * 10**9 + (fraction + 500) % 10**9))
-        control(mnt, "online")
-        sync_until_done(mnt)
-        assert (share / "report.txt").read_bytes() == b"server edit!"
-        copies = copies_of(share, "report.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"local version, longer"
-        assert_recorded(mnt, "report.txt", "changed-both")
 
 
 def test_an_online_mount_sees_server_changes_within_2s(smbd: SmbServer, share: Path, tmp_path: Path) -> None:
