@@ -54,15 +54,11 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote_from_bytes
 
-from .devserver import START_TIMEOUT, _free_port, descendants
+from .devserver import ServerProcess, _free_port
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ USER = "cachefs"
 REALM = "cachefs"
 
 
-class DavServer:
+class DavServer(ServerProcess):
     """A throw-away Apache WebDAV server sharing ``share`` to one user (basic auth)."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
@@ -184,35 +180,19 @@ class DavServer:
         return [SETPRIV, f"--reuid={SERVER_UID}", f"--regid={SERVER_UID}", "--clear-groups",
                 f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}", "--", *apache]
 
-    # -- life cycle -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            return
+    # -- life cycle (``ServerProcess``) ---------------------------------------------
+    name = "apache2"
+
+    def _before_start(self) -> None:
         self.pid_file.unlink(missing_ok=True)
-        log_handle = open(self.log_file, "ab")
-        try:
-            self._process = subprocess.Popen(
-                self._command(), stdin=subprocess.DEVNULL, stdout=log_handle,
-                stderr=log_handle, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
-            )
-        finally:
-            log_handle.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"apache2 exited with status {self._process.returncode}: "
-                                   f"{self._log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"apache2 did not accept connections on {self.host}:"
-                                       f"{self.port} within {START_TIMEOUT:.0f} s: "
-                                       f"{self._log_tail()}") from None
-                time.sleep(0.02)
-        log.debug("apache2 pid %d serving WebDAV on %s:%d", self._process.pid, self.host, self.port)
+
+    def _launch(self) -> "subprocess.Popen[bytes]":
+        with open(self.log_file, "ab") as log_handle:
+            return subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=log_handle,
+                                    stderr=log_handle, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"})
+
+    def _after_stop(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
 
     def _log_tail(self) -> str:
         try:
@@ -220,44 +200,7 @@ class DavServer:
         except OSError:
             return "(no output)"
 
-    def stop(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            # the workers first, so that clients see their connections cut at once
-            workers = descendants(process.pid)
-            for pid in workers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.pid_file.unlink(missing_ok=True)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> DavServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
     # -- helpers for tests, the demo and benchmarks ----------------------------------
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def url(self, path: str | bytes = "") -> str:
         """The http URL of ``path`` (relative to the share) on this server."""
         raw = os.fsencode(path).lstrip(b"/")

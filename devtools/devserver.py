@@ -22,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import quote_from_bytes
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,91 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-class SshServer:
+class ServerProcess:
+    """What the throw-away servers share (``SshServer``, ``smbserver.SmbServer``,
+    ``davserver.DavServer``): one server process in the foreground, started and waited for
+    until its port accepts (bounded), stopped with every process it forked (its
+    per-connection children first, so that clients see their connections cut, as when a
+    server goes away), and started again on the same port. A subclass gives ``name``,
+    ``host``, ``port`` and ``_launch`` (the process, its output to its log), and may
+    override ``_log_tail`` and ``_before_start``/``_after_stop``."""
+
+    name = "server"
+    start_timeout = START_TIMEOUT  # seconds until the port accepts
+    host: str
+    port: int
+    _process: "subprocess.Popen[bytes] | None" = None
+
+    def _launch(self) -> "subprocess.Popen[bytes]":
+        raise NotImplementedError
+
+    def _log_tail(self) -> str:
+        return "(no output)"
+
+    def _before_start(self) -> None:
+        """Called before each launch."""
+
+    def _after_stop(self) -> None:
+        """Called after each stop."""
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._before_start()
+        self._process = process = self._launch()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if process.poll() is not None:
+                self._process = None
+                raise RuntimeError(f"{self.name} exited with status {process.returncode}: {self._log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"{self.name} did not accept connections on {self.host}:{self.port} within "
+                        f"{self.start_timeout:.0f} s: {self._log_tail()}") from None
+                time.sleep(0.02)
+        log.debug("%s pid %d listening on %s:%d", self.name, process.pid, self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop the server and every process it forked; idempotent."""
+        process = self._process
+        self._process = None
+        if process is not None and process.poll() is None:
+            for pid in descendants(process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._after_stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "Self":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+class SshServer(ServerProcess):
     """A throw-away OpenSSH server sharing ``share`` to the current user over SFTP."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
@@ -203,37 +288,16 @@ class SshServer:
         if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
-    # -- life cycle -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            return
+    # -- life cycle (``ServerProcess``) ---------------------------------------------
+    name = "sshd"
+
+    def _before_start(self) -> None:
         self._ensure_privsep_dir()
-        log_handle = open(self.log_file, "ab")
-        try:
-            self._process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_handle,
-                stderr=log_handle,
-            )
-        finally:
-            log_handle.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"sshd exited with status {self._process.returncode}: {self._log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"sshd did not accept connections on {self.host}:{self.port} within "
-                        f"{START_TIMEOUT:.0f} s: {self._log_tail()}"
-                    ) from None
-                time.sleep(0.02)
-        log.debug("sshd pid %d listening on %s:%d", self._process.pid, self.host, self.port)
+
+    def _launch(self) -> "subprocess.Popen[bytes]":
+        with open(self.log_file, "ab") as log_handle:
+            return subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
+                                    stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle)
 
     def _log_tail(self) -> str:
         try:
@@ -241,48 +305,7 @@ class SshServer:
         except OSError:
             return "(no output)"
 
-    def stop(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            # the per-connection children first, so that clients see their connections end
-            sessions = descendants(process.pid)
-            process.send_signal(signal.SIGTERM)
-            for pid in sessions:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.pid_file.unlink(missing_ok=True)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> SshServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- helpers for tests and the demo ---------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def address(self) -> str:
         path = quote_from_bytes(os.fsencode(self.share), safe="/~!$&'()*+,;=:@-._")
         return f"sftp://{self.user}@{self.host}:{self.port}{path}"

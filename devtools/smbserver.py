@@ -23,14 +23,10 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
 
-from devtools.devserver import _free_port, descendants
+from devtools.devserver import ServerProcess, _free_port
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,7 @@ def _find(candidates: tuple[str, ...], what: str) -> str:
     raise FileNotFoundError(f"{what} not found (Debian package samba; looked in {', '.join(candidates)})")
 
 
-class SmbServer:
+class SmbServer(ServerProcess):
     """A throw-away Samba server sharing ``share`` as ``\\\\127.0.0.1\\cachefs`` to the
     current user, with a password of its own (``password``, also in ``password_file``)."""
 
@@ -134,37 +130,17 @@ class SmbServer:
             raise RuntimeError(f"smbpasswd could not add {self.user}: "
                                f"{result.stderr.decode(errors='replace').strip()}")
 
-    # -- life cycle -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            return
-        log_handle = open(self.workdir / "smbd.out", "ab")
-        try:
-            self._process = subprocess.Popen(
-                [self._smbd, "-F", "--no-process-group", "-s", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle,
-                # (a session of its own: smbd's parent, told to stop, signals its whole
-                # process group, which would otherwise be the caller's)
-                start_new_session=True,
-            )
-        finally:
-            log_handle.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._process.poll() is not None:
-                status = self._process.returncode
-                self._process = None
-                raise RuntimeError(f"smbd exited with status {status}: {self._log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"smbd did not accept connections on {self.host}:{self.port} "
-                                       f"within {START_TIMEOUT:.0f} s: {self._log_tail()}") from None
-                time.sleep(0.02)
-        log.debug("smbd pid %d listening on %s:%d", self._process.pid, self.host, self.port)
+    # -- life cycle (``ServerProcess``) ---------------------------------------------
+    name = "smbd"
+    start_timeout = START_TIMEOUT
+
+    def _launch(self) -> "subprocess.Popen[bytes]":
+        with open(self.workdir / "smbd.out", "ab") as log_handle:
+            # (a session of its own: smbd's parent, told to stop, signals its whole process
+            # group, which would otherwise be the caller's)
+            return subprocess.Popen([self._smbd, "-F", "--no-process-group", "-s", str(self.config)],
+                                    stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle,
+                                    start_new_session=True)
 
     def _log_tail(self) -> str:
         text = ""
@@ -175,50 +151,7 @@ class SmbServer:
                 pass
         return text.strip() or "(no output)"
 
-    def stop(self) -> None:
-        """Stop smbd and every process it forked (per-connection servers, notifyd,
-        cleanupd); idempotent."""
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            helpers = descendants(process.pid)
-            process.send_signal(signal.SIGTERM)
-            for pid in helpers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            # (helpers started between the listing and the signal)
-            for pid in descendants(process.pid) if process.poll() is None else []:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> SmbServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
     # -- helpers for tests and the demo ---------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def address(self, path: str = "") -> str:
         """``smb://USER@127.0.0.1:PORT/cachefs[/path]``."""
         tail = "/" + path.strip("/") if path.strip("/") else ""
