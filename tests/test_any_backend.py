@@ -277,54 +277,42 @@ def test_each_change_offline_is_journaled_then_replayed(backend: Backend, tmp_pa
 
 # -- conflicts ----------------------------------------------------------------------------------
 
-def test_changed_on_both_sides(backend: Backend) -> None:
+@pytest.mark.parametrize("server_change", ["plain", "keeping size and mtime second"])
+def test_changed_on_both_sides(backend: Backend, server_change: str) -> None:
+    """Changed here offline and on the server: the server's version keeps the name, this
+    side's goes to a conflict copy, recorded. ``keeping size and mtime second``: the
+    server's change keeps both (a fix of one character saved twice in a second), which
+    each protocol's version still tells (SFTP: the SHA-256 the server computes before a
+    replace; a local path: the mtime's nanoseconds; WebDAV: the ETag; SMB: file id and
+    change time)."""
     share = backend.share
     (share / "report.txt").write_bytes(b"base version")
+    theirs = b"remote version" if server_change == "plain" else b"server edit!"
     with backend.mount() as mount:
         mnt = mount.mountpoint
         read_all(mnt)
         go_offline(mnt)
         write_file(mnt / "report.txt", b"local version, longer")
-        change_on_server(share / "report.txt", b"remote version")
+        if server_change == "plain":
+            change_on_server(share / "report.txt", theirs)
+        else:
+            same_second_rewrite(share / "report.txt", theirs)
         control(mnt, "online")
         sync(mnt)
-        assert (share / "report.txt").read_bytes() == b"remote version"
+        assert (share / "report.txt").read_bytes() == theirs
         copies = copies_of(share, "report.txt")
         assert len(copies) == 1, os.listdir(share)
         assert (share / copies[0]).read_bytes() == b"local version, longer"
         record = assert_recorded(mnt, "report.txt", "changed-both")
         assert record.get("conflict_path") == copies[0]
         assert status(mnt)["pending"] == 0
-        mount_shows(mnt, {"report.txt": b"remote version", copies[0]: b"local version, longer"})
+        mount_shows(mnt, {"report.txt": theirs, copies[0]: b"local version, longer"})
         assert sorted(os.listdir(mnt)) == sorted(["report.txt", copies[0]])
         shows_conflict(mnt / "report.txt", mnt / copies[0])
         assert path_state_line(mnt / copies[0]).split(None, 2)[2] == "conflict (changed-both)"
         control(mnt, "resolve report.txt both")
         assert state_of(mnt / "report.txt") != "conflict"
         assert state_of(mnt / copies[0]) != "conflict"
-
-
-def test_a_server_change_keeping_size_and_mtime_second_is_a_conflict(backend: Backend) -> None:
-    """Changed here offline and on the server, the server's change keeping the size and
-    the mtime's second (a fix of one character saved twice in a second): each protocol's
-    version tells it (SFTP: the SHA-256 the server computes before a replace; a local
-    path: the mtime's nanoseconds; WebDAV: the ETag; SMB: file id and change time), the
-    replay does not overwrite it, and a conflict copy keeps this side's version."""
-    share = backend.share
-    (share / "report.txt").write_bytes(b"base version")
-    with backend.mount() as mount:
-        mnt = mount.mountpoint
-        read_all(mnt)
-        go_offline(mnt)
-        write_file(mnt / "report.txt", b"local version, longer")
-        same_second_rewrite(share / "report.txt", b"server edit!")
-        control(mnt, "online")
-        sync_until_done(mnt)
-        assert (share / "report.txt").read_bytes() == b"server edit!"
-        copies = copies_of(share, "report.txt")
-        assert len(copies) == 1, os.listdir(share)
-        assert (share / copies[0]).read_bytes() == b"local version, longer"
-        assert_recorded(mnt, "report.txt", "changed-both")
 
 
 
