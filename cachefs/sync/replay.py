@@ -87,6 +87,9 @@ BATCH_WIDTH = 256
 log = logging.getLogger(__name__)
 
 
+#: passes an entry the server answers "busy" is tried before it is refused (recorded, kept)
+BUSY_PASSES = 5
+
 class Replayer:
     def __init__(self, store: Store, cache: Cache, side: RemoteSide, ledger: Ledger, conflicts: Conflicts,
                  content: ContentReplay, sums: ServerSums) -> None:
@@ -103,6 +106,9 @@ class Replayer:
         self._pass_ops: dict[int, Op] = {}  # the running pass's entries, by sequence number
         self._last_content: dict[int, int] = {}  # node -> its last content entry in the pass
         self._batches: list[list[Op]] = []  # the running pass's (an entry put last joins them)
+        #: entry -> passes the server answered it "busy" (a file another client holds: SMB's
+        #: sharing violation or oplock break not given up): retried, then refused
+        self._busy: dict[int, int] = {}
 
     # -- a pass ---------------------------------------------------------------------------
     async def replay(self) -> PassResult:
@@ -243,6 +249,14 @@ class Replayer:
             failures.append(str(exc))
             return
         except RemoteError as exc:
+            if exc.errno in (errno.EBUSY, errno.EAGAIN) and self._busy.get(op.seq, 0) < BUSY_PASSES:
+                # Held by another client for now: the entry stays, the next pass tries again
+                # (in order: what follows it waits too), and after BUSY_PASSES it is refused.
+                self._busy[op.seq] = self._busy.get(op.seq, 0) + 1
+                failures.append(f"{op.path!r} is busy on the server (held by another client): "
+                                f"tried again at the next pass ({exc})")
+                return
+            self._busy.pop(op.seq, None)
             self.conflicts.refused(op, exc, kept=op.kind != "xattr")  # (for good: recorded, the rest goes on)
         except (OSError, ValueError, KeyError, lmdb.Error) as exc:
             # A local failure (disk, a record that went away, a damaged record): stop
@@ -650,7 +664,7 @@ class Replayer:
                 self.ledger.finish(op)
             return 0
         await self.side.make_parents(op.dst)
-        if not await self._renamed_onto(op, dst):
+        if not await self._renamed_onto(op, dst, src):
             # A name that appeared there (or changed there): ours becomes a conflict copy.
             target = await self.conflicts.aside(op.dst, partial(self.side.rename_exclusive, op.path))
             self._moved_aside(op, op.dst, target, op.dst_parent,
@@ -660,15 +674,17 @@ class Replayer:
         self.ledger.finish(op)
         return 0
 
-    async def _renamed_onto(self, op: Op, dst: RemoteStat | None) -> bool:
+    async def _renamed_onto(self, op: Op, dst: RemoteStat | None, src: RemoteStat | None = None) -> bool:
         """Renamed to ``op.dst`` on the server, unless the name is taken there by
         something we did not know (False: nothing was renamed)."""
         replaced_base = self.ledger.expected_base(op.replaced, op.replaced_base) if op.replaced else None
-        if dst is not None and self.side.remote.capabilities.case_insensitive \
+        if dst is not None and src is not None and dst == src and self.side.remote.capabilities.case_insensitive \
                 and op.path.decode("utf-8", "surrogateescape").lower() == op.dst.decode("utf-8", "surrogateescape").lower():
             # A change of letter case only (readme -> README) on a server where both name
-            # one object: what is "there" is the source itself.
-            await self.side.conn.call(self.side.remote.rename, op.path, op.dst)
+            # one object: what is "there" is the source itself (the same attributes, tag
+            # included: file id and change time; else two objects, on a share that is case
+            # sensitive after all, and the checked way below applies).
+            await self.side.conn.call(self.side.remote.rename_over, op.path, op.dst, dst.version())
             return True
         if dst is not None and (replaced_base is None or dst.version() != replaced_base):
             return False
