@@ -513,6 +513,40 @@ def test_a_name_with_an_unpaired_surrogate_is_listed_and_told(remote: SmbRemote,
     assert remote.listdir(b"") == [(name, found)]
 
 
+def test_a_file_there_under_a_name_smb_refuses_is_written_back_not_refused_at_once(
+        remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """A file listed under a name holding an unpaired surrogate (a Windows server has
+    them) could be read but never written back: upload and upload_many refused its name
+    before asking the server, as for a name being created. The name rules are now for
+    names being created only: a name the folder's listing holds is sent to the server
+    (Samba then refuses it itself: it never opens such a name; Windows writes it); a new
+    such name is still refused at once, nothing sent."""
+    odd = b"\xed\xa0\x80y"
+    write(share / os.fsdecode(odd), b"old")
+    source = write(tmp_path / "src", b"new content")
+    link = remote._get_link()
+    for path, there in ((odd, True), (b"\xed\xa0\x80new", False)):
+        sent = link.sent
+        with pytest.raises(RemoteError) as caught:
+            remote.upload(path, str(source), 0o644, b".tmp-odd")
+        # (Samba's own answers: INVALID_PARAMETER to the rename, EILSEQ to an open)
+        assert caught.value.errno in (errno.EILSEQ, errno.EINVAL) and not isinstance(caught.value,
+                                                                                     RemoteUnreachable)
+        [outcome] = remote.upload_many([Upload(path, str(source), 0o644, b".tmp-odd", None, lambda found: True)])
+        assert isinstance(outcome, RemoteError) and outcome.errno == errno.EILSEQ
+        with pytest.raises(RemoteError) as renamed:
+            remote.rename(b"plain-missing", path)
+        if there:  # (asked of the server: its listing, the temporary file, the rename)
+            assert "SMB status" in str(caught.value) and link.sent - sent > 3, (str(caught.value), link.sent - sent)
+            assert renamed.value.errno == errno.ENOENT  # (the server was asked: no source)
+        else:  # (the listing only: nothing written)
+            assert caught.value.errno == errno.EILSEQ and "cannot carry" in str(caught.value)
+            assert "cannot carry" in str(outcome)
+            assert renamed.value.errno == errno.EILSEQ
+    assert sorted(os.listdir(share)) == [os.fsdecode(odd)]  # (no temporary file left)
+    assert (share / os.fsdecode(odd)).read_bytes() == b"old"
+
+
 def test_names_differing_in_case_are_one_file(remote: SmbRemote, share: Path) -> None:
     write(share / "Readme.TXT", b"x")
     assert remote.capabilities.case_insensitive

@@ -733,6 +733,27 @@ class SmbRemote(Remote):
             raise RemoteError(code, f"a name this share cannot carry: {path!r}")
         return self._name(path)
 
+    def _target_name(self, path: bytes) -> str:
+        """``_name`` of a path written or renamed onto: a name SMB's rules refuse passes
+        when it is there already (a Windows server holds names with an unpaired
+        surrogate, which ``listdir`` gave; writing the file back must work): the rules
+        are for names being created. Such a name costs a listing of its folder."""
+        last = path.rsplit(b"/", 1)[-1]
+        code = smb_name_error(last)
+        if code is None:
+            return self._name(path)
+        name = self._name(path)  # (EINVAL, EILSEQ for what no SMB name can be)
+        folder = path.rsplit(b"/", 1)[0] if b"/" in path else b""
+        try:
+            there = any(found == last for found, _stat in self.listdir(folder))
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            there = False
+        if not there:
+            raise RemoteError(code, f"a name this share cannot carry: {path!r}")
+        return name
+
     # -- connection -----------------------------------------------------------------
     def _connect_link(self) -> _Link:
         """A new connection, logged in, with the share connected: Kerberos first where it
@@ -1135,7 +1156,7 @@ class SmbRemote(Remote):
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
-        target = self._new_name(path)
+        target = self._target_name(path)
         temp = self._name(_sibling(path, temp_name))
 
         def work(link: _Link) -> RemoteStat:
@@ -1160,7 +1181,7 @@ class SmbRemote(Remote):
         return outcomes
 
     def _upload_checked(self, upload: Upload) -> UploadOutcome:
-        target = self._new_name(upload.path)
+        target = self._target_name(upload.path)
         temp = self._name(_sibling(upload.path, upload.temp_name))
         try:
             current: RemoteStat | None = self.stat(upload.path)
@@ -1264,7 +1285,7 @@ class SmbRemote(Remote):
 
     def _rename(self, src: bytes, dst: bytes, replace: bool) -> None:
         source = self._name(src)
-        target = self._new_name(dst)
+        target = self._target_name(dst) if replace else self._new_name(dst)
         if not src:
             raise RemoteError(errno.EBUSY, "the share's root cannot be renamed")
 
