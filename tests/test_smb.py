@@ -678,21 +678,25 @@ def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: 
         proxy.close()
 
 
-def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path) -> None:
     """Another client holds a batch oplock on a file and goes silent: the server answers
     our open "pending" and waits for that client (Samba 30-35 s) before breaking the
     oplock itself. That wait counted against the timeout and dropped the one shared
     connection: "no answer within 3 s" on every try, the mount offline, other threads'
-    calls failing with it. Now it is awaited up to PENDING_WAIT (then that call alone
-    fails, EBUSY), the connection is kept and serves other calls meanwhile."""
-    import cachefs.remote.smb as smb
+    calls failing with it. Now it is awaited while the mount would wait for the call
+    (it abandons one after 2 x timeout + 1 s and goes offline; the abandoned rename then
+    happened on the server after all): past that budget the request is cancelled and that
+    call alone fails, EBUSY, and the rename never happens; the connection is kept and
+    serves other calls meanwhile. With a timeout long enough (20 s: 37 s), the wait ends
+    when Samba breaks the oplock."""
+    from cachefs.remote.smb import pending_budget
 
     write(share / "doc", b"hello")
     write(share / "other", b"x")
     proxy = TcpProxy(smbd.host, smbd.port)
     holder = make_remote(smbd, port=proxy.port)
-    remote = make_remote(smbd)
+    remote = make_remote(smbd)  # (timeout 3 s: the mount would abandon a call after 7 s)
+    patient = make_remote(smbd, timeout=20.0)
     try:
         request = _create("doc", FILE_WRITE_DATA)
         request["requested_oplock_level"] = 0x09  # BATCH
@@ -701,16 +705,18 @@ def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share
         proxy.stall()  # (the holder never answers the oplock break)
         remote.connect()
         link = remote._link
-        monkeypatch.setattr(smb, "PENDING_WAIT", 4.0)
-        started = time.monotonic()
-        with pytest.raises(RemoteError) as caught:
-            remote.read(b"doc", 0, 10)
-        assert caught.value.errno == errno.EBUSY and not isinstance(caught.value, RemoteUnreachable)
-        assert 4.0 <= time.monotonic() - started < 4.0 + 2.0
-        assert remote.stat(b"other").size == 1 and remote._link is link
-        monkeypatch.setattr(smb, "PENDING_WAIT", 45.0)
+        budget, _grace = pending_budget(TIMEOUT)
+        for call in (lambda: remote.rename(b"doc", b"moved"), lambda: remote.read(b"doc", 0, 10)):
+            started = time.monotonic()
+            with pytest.raises(RemoteError) as caught:
+                call()
+            took = time.monotonic() - started
+            print(f"a call on the held file failed after {took:.1f} s")
+            assert caught.value.errno == errno.EBUSY and not isinstance(caught.value, RemoteUnreachable)
+            assert budget <= took < 2 * TIMEOUT + 1
+            assert remote.stat(b"other").size == 1 and remote._link is link
         got: list[object] = []
-        reader = threading.Thread(target=lambda: got.append(remote.read(b"doc", 0, 10)))
+        reader = threading.Thread(target=lambda: got.append(patient.read(b"doc", 0, 10)))
         started = time.monotonic()
         reader.start()
         while reader.is_alive() and time.monotonic() - started < 50:
@@ -719,8 +725,12 @@ def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share
         reader.join(1)
         print(f"the held file was read after {time.monotonic() - started:.1f} s")
         assert not reader.is_alive() and got == [b"hello"] and remote._link is link
+        # (the oplock is broken now: a cancelled rename that would complete has done so)
+        time.sleep(1)
+        assert sorted(os.listdir(share)) == ["doc", "other"]
     finally:
         remote.close()
+        patient.close()
         holder.close()
         proxy.close()
 

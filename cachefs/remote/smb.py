@@ -139,6 +139,17 @@ WINDOW_MIN = 128 << 10
 #: client to let go, and the server gives it 30 s (Samba) or 35 s (Windows) before it
 #: breaks it itself. Longer, the request alone fails (EBUSY), the connection is kept.
 PENDING_WAIT = 45.0
+STATUS_CANCELLED = 0xC0000120
+
+
+def pending_budget(timeout: float) -> tuple[float, float]:
+    """(seconds a pending answer is awaited, seconds the answer to its CANCEL is): the
+    mount abandons a call after ``2 * timeout + 1`` s (cachefs/link/connectivity.py) and
+    goes offline; the two together stay a second under that (at the default 10 s: 17 s
+    and 2 s, so an oplock Samba breaks after 30 s is not waited for, and that call alone
+    fails), the first at most ``PENDING_WAIT``."""
+    grace = min(2.0, timeout / 2)
+    return max(0.5, min(PENDING_WAIT, 2 * timeout - 1.0 - grace)), grace
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
@@ -271,7 +282,7 @@ class _Closed(Exception):
 
 
 class _Busy(Exception):
-    """An answer the server said was pending did not come within ``PENDING_WAIT``: the
+    """An answer the server said was pending did not come within ``pending_budget``: the
     request was cancelled, the connection is fine."""
 
 
@@ -460,8 +471,9 @@ class _Link:
         nothing moved on the connection for ``timeout`` seconds since the wait began (then
         the link is dead: a silent network). After an interim STATUS_PENDING (the server
         works on it: an open waiting for another client to give up its oplock) the answer
-        is awaited up to ``PENDING_WAIT``, the connection checked meanwhile by an ECHO
-        when it is silent for ``timeout``; then the request alone fails (``_Busy``)."""
+        is awaited up to ``pending_budget`` (below the mount's cap on a call), the
+        connection checked meanwhile by an ECHO when it is silent for ``timeout``; then
+        the request is cancelled and alone fails (``_Busy``, see ``_cancelled``)."""
         start = time.monotonic()
         pending_since: float | None = None
         echo: Any = None
@@ -484,11 +496,10 @@ class _Link:
                     raise _Closed(f"no answer from the server within {self.timeout:g} s")
                 if echo is None and now - max(pending_since, self.meter.moved) > self.timeout:
                     echo, echo_sent = self.send([SMB2Echo()])[0], now
-                if now - pending_since > PENDING_WAIT:
-                    self._cancel(request)
-                    raise _Busy(f"the server did not answer within {PENDING_WAIT:g} s "
-                                "(the file is held by another client)")
-                left = min(1.0, PENDING_WAIT + 0.01 - (now - pending_since))
+                budget, grace = pending_budget(self.timeout)
+                if now - pending_since > budget:
+                    return self._cancelled(request, budget, grace)
+                left = min(1.0, budget + 0.01 - (now - pending_since))
             if not request.response_event.wait(left):
                 continue  # (bytes may have moved meanwhile: the deadline is looked at again)
             with request.response_event_lock:
@@ -504,13 +515,33 @@ class _Link:
                 self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
                 return response
 
-    def _cancel(self, request: Any) -> None:
-        """Ask the server to drop a pending request (its answer, if any, is not awaited)."""
+    def _cancelled(self, request: Any, budget: float, grace: float) -> Any:
+        """A pending request given up on: a CANCEL sent, and its final answer awaited
+        ``grace`` s. A CANCEL is a request, not a guarantee (MS-SMB2 3.3.5.16: a server
+        may finish the operation all the same, when it was under way), so what the answer
+        says is what happened: STATUS_CANCELLED, nothing was done (``_Busy``); any other
+        answer is the operation's own, returned as if it had come in time. No answer: the
+        connection is closed (the server drops a closed connection's pending opens, Samba
+        with the process serving it), so that the operation cannot happen later, after
+        this call said it failed; this call fails (``_Busy``), the next one reconnects."""
         try:
             with self._send_lock:
                 request.cancel()
         except Exception as exc:
             log.debug("SMB cancel: %s", exc)
+        held = f"the server did not answer within {budget:g} s (the file is held by another client)"
+        if request.response_event.wait(grace):
+            with request.response_event_lock:
+                response = request.response
+                if response is not None and response["status"].get_value() != STATUS_PENDING:
+                    self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
+                    if response["status"].get_value() == STATUS_CANCELLED:
+                        raise _Busy(held)
+                    return response
+        log.info("SMB: a cancelled request was not answered within %g s: its connection is closed "
+                 "so that it cannot complete later", grace)
+        self.close()
+        raise _Busy(held)
 
     def exchange(self, messages: list[Any], related: bool = True) -> list[Any]:
         """Send ``messages`` as one compound and wait for every answer (error statuses
