@@ -580,6 +580,66 @@ def test_a_wrong_password_is_refused_clearly(smbd: SmbServer) -> None:
     remote.close()
 
 
+def test_a_refused_password_is_not_tried_again_until_told(smbd: SmbServer, share: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password changed on the server: every probe and each queued call logged in
+    again with the known-bad one (4 failed logins in 70 s; an account lockout policy,
+    Windows' 10 in 10 minutes or AD's, would lock the user out). Now one refusal is
+    remembered: calls fail at once with RemoteRefused saying why, no login tried, until
+    ``allow_login_again`` (``cachefs online``)."""
+    import subprocess
+
+    import cachefs.remote.smb as smb
+
+    write(share / "f", b"data")
+    logins: list[str] = []
+    real_session = smb._session
+
+    def counted(connection: Any, user: str, password: str | None, protocol: str) -> Any:
+        logins.append(protocol)
+        return real_session(connection, user, password, protocol)
+
+    monkeypatch.setattr(smb, "_session", counted)
+
+    def set_password(password: str) -> None:
+        subprocess.run(["smbpasswd", "-c", str(smbd.config), "-s", smbd.user],
+                       input=f"{password}\n{password}\n".encode(), check=True, capture_output=True, timeout=30)
+
+    remote = make_remote(smbd)
+    try:
+        remote.connect()
+        assert len(logins) == 1
+        set_password("a-changed-password-456")
+        smbd.stop()
+        smbd.start()
+        errors: list[BaseException] = []
+        started = time.monotonic()
+
+        def calls() -> None:
+            while time.monotonic() - started < 10:
+                try:
+                    remote.stat(b"f")
+                except BaseException as exc:
+                    errors.append(exc)
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=calls) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        print(f"{len(logins) - 1} login(s) in 10 s of {len(errors)} calls")
+        assert len(logins) - 1 == 1  # (the one refused; not once a call)
+        assert len(errors) > 30 and all(isinstance(e, RemoteRefused) for e in errors)
+        message = str(errors[-1])
+        assert "refused" in message and "cachefs online" in message and smbd.password not in message
+        set_password(smbd.password)  # (mended on the server; told)
+        remote.allow_login_again()
+        assert remote.stat(b"f").size == 4 and len(logins) == 3
+    finally:
+        remote.close()
+
+
 def test_no_password_is_refused_with_where_to_give_it(smbd: SmbServer) -> None:
     remote = SmbRemote(smbd.host, "cachefs", "", smbd.user, smbd.port, ConnectOptions(timeout=TIMEOUT))
     with pytest.raises(RemoteRefused, match="--password-file"):

@@ -41,6 +41,7 @@ answer to a request.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import socket
@@ -722,6 +723,11 @@ class SmbRemote(Remote):
         self._link: _Link | None = None
         self._tried = 0  # tries to connect that ended (under ``_lock``)
         self._failure: RemoteUnreachable | None = None  # why the last one could not be made
+        #: passwords the server refused (salted hashes -> why): not tried again until
+        #: ``allow_login_again`` (an account lockout policy counts every failed login:
+        #: Windows' 10 in 10 minutes, AD's; the probe's retries would lock the account)
+        self._refused: dict[bytes, str] = {}
+        self._salt = os.urandom(16)
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -807,7 +813,14 @@ class SmbRemote(Remote):
         secrets = self.options.secrets
         passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
             f"Password for {self.user} on {self.host} (SMB): ")
+        tried = False
+        refused_before: str | None = None
         for password in passwords:
+            key = hashlib.sha256(self._salt + password.encode("utf-8", "surrogatepass")).digest()
+            if key in self._refused:
+                refused_before = self._refused[key]
+                continue
+            tried = True
             for protocol in ("negotiate", "ntlm"):
                 deadline = time.monotonic() + self.timeout
                 connection = self._open(deadline)
@@ -817,7 +830,7 @@ class SmbRemote(Remote):
                 except _LoginFailed as exc:
                     _close_quietly(connection)
                     if exc.status in STATUS_LOGON:
-                        refused = STATUS_LOGON[exc.status]
+                        refused = self._refused[key] = STATUS_LOGON[exc.status]
                         break  # (the next password)
                     if protocol == "ntlm":
                         raise RemoteRefused(f"{self.description}: login failed: {exc}") from None
@@ -833,7 +846,18 @@ class SmbRemote(Remote):
                 except BaseException:
                     _close_quietly(connection)
                     raise
+        if refused_before is not None and not tried:
+            raise RemoteRefused(f"{self.description}: {refused_before} (SMB login as {self.user}); not tried "
+                                "again with the same password, as each failed login counts towards "
+                                "locking the account: give the right one and run `cachefs online`, or "
+                                "mount again")
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
+
+    def allow_login_again(self) -> None:
+        """Forget the passwords the server refused: the user says the matter is mended
+        (``cachefs online``; a new mount starts with nothing refused)."""
+        with self._lock:
+            self._refused.clear()
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
