@@ -738,6 +738,50 @@ def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: 
         proxy.close()
 
 
+def test_calls_made_every_second_on_a_stalled_relay_each_fail_within_the_timeout(smbd: SmbServer,
+                                                                                share: Path) -> None:
+    """Sends counted as progress: each new call's request, landing in our own kernel's
+    buffer, kept every waiting call alive (the first waited 13 s, calls ended only when
+    callers stopped). Only received bytes and a shrinking send queue count now, and no
+    request waits more than twice the timeout: on a relay that stalls, a call started
+    every second fails within about the timeout, each."""
+    write(share / "f", b"data")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.stall()
+        took: list[float] = []
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            started = time.monotonic()
+            try:
+                remote.stat(b"f")
+            except BaseException as exc:
+                errors.append(exc)
+            took.append(time.monotonic() - started)
+            print(f"a call started at {started - begun:.2f} s took {took[-1]:.2f} s")
+
+        threads = []
+        begun = time.monotonic()
+        for _ in range(8):
+            threads.append(threading.Thread(target=call))
+            threads[-1].start()
+            time.sleep(1.0)
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive()
+        print("calls on a stalled relay took", [round(t, 2) for t in took])
+        assert len(errors) == 8 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+        assert max(took) < 2.0 + 1.0, took
+        proxy.resume()
+        assert remote.read(b"f", 0, 10) == b"data"
+    finally:
+        remote.close()
+        proxy.close()
+
+
 def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path) -> None:
     """Another client holds a batch oplock on a file and goes silent: the server answers
     our open "pending" and waits for that client (Samba 30-35 s) before breaking the

@@ -41,12 +41,14 @@ answer to a request.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import socket
 import stat as stat_mod
 import struct
+import termios
 import threading
 import time
 import uuid
@@ -154,6 +156,7 @@ def pending_budget(timeout: float) -> tuple[float, float]:
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
+QUEUED_MOVING = 32 << 10  # bytes queued to send, at least, whose shrinking is progress
 
 _CREATE_RESPONSE = struct.Struct("<HBBIqqqqqqII16sII")
 _CLOSE_RESPONSE = struct.Struct("<HHIqqqqqqI")
@@ -320,13 +323,18 @@ def _check(response: Any) -> bytes:
 
 class _Meter:
     """The connection's socket (smbprotocol's transport reads and writes through it),
-    noting when bytes last moved either way (``moved``, monotonic): a wait for an answer
-    is bounded by how long nothing moved, not by how long the answer takes (on a 1 MB/s
-    link eight 1 MiB READs in flight take 8 s to answer, and none is late)."""
+    noting when bytes last moved (``moved``, monotonic): received, or taken by the other
+    end from our send queue (``progress`` looks at it: Linux SIOCOUTQ shrinking). A send
+    is not progress: it lands in our own kernel's buffer whether or not the link moves
+    (with a stalled relay and a new call every second, each call's send kept every
+    waiting call alive: the first waited 13 s). A wait for an answer is bounded by how
+    long nothing moved, not by how long the answer takes (on a 1 MB/s link eight 1 MiB
+    READs in flight take 8 s to answer, and none is late)."""
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self.moved = time.monotonic()
+        self._queued = -1  # the send queue at the last look (-1: not known)
 
     def recv(self, size: int) -> bytes:
         data: bytes = self._sock.recv(size)
@@ -336,15 +344,34 @@ class _Meter:
 
     def send(self, data: bytes) -> int:
         sent: int = self._sock.send(data)
-        if sent:
-            self.moved = time.monotonic()
         return sent
+
+    def progress(self) -> float:
+        """``moved``, after looking whether the send queue shrank since the last look
+        (our bytes reaching the other end: a large WRITE on a slow uplink). Only a queue
+        longer than ``QUEUED_MOVING`` counts: a call's small request is taken at once by
+        a stalled relay's kernel, and seen queued then gone it would count as progress."""
+        queued = _unacknowledged(self._sock)
+        if 0 <= queued < self._queued and self._queued > QUEUED_MOVING:
+            self.moved = time.monotonic()
+        self._queued = queued
+        return self.moved
 
     def fileno(self) -> int:  # (select)
         return int(self._sock.fileno())
 
     def __getattr__(self, name: str) -> Any:  # settimeout, shutdown, close
         return getattr(self._sock, name)
+
+
+def _unacknowledged(sock: Any) -> int:
+    """The bytes sent on ``sock`` the other end has not acknowledged yet (Linux
+    ``SIOCOUTQ``); -1 where it cannot be told."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return -1
+    return int(struct.unpack("i", answer)[0])
 
 
 class _Flow:
@@ -441,7 +468,7 @@ class _Link:
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
                 if available >= needed:
                     break
-                if self.dead or time.monotonic() > max(start, self.meter.moved) + self.timeout:
+                if self.dead or time.monotonic() > max(start, self.meter.progress()) + self.timeout:
                     self.timed_out = True
                     raise _Closed(f"no credits from the server within {self.timeout:g} s")
                 time.sleep(0.001)  # (answers grant credits: the receiver thread adds them)
@@ -482,10 +509,13 @@ class _Link:
         while True:
             now = time.monotonic()
             if pending_since is None:
-                left = max(start, self.meter.moved) + self.timeout - now
-                if left <= 0:
+                left = max(start, self.meter.progress()) + self.timeout - now
+                if left <= 0 or now - start > 2 * self.timeout:
+                    # (bytes of other requests moving, this one not answered in twice the
+                    # timeout: the mount abandons such a call at 2 x timeout + 1 s)
                     self.dead = self.timed_out = True
                     raise _Closed(f"no answer from the server within {self.timeout:g} s")
+                left = min(0.5, left)  # (the send queue looked at meanwhile)
             else:
                 if self.dead:
                     raise _Closed("the connection was closed")
@@ -495,7 +525,7 @@ class _Link:
                 if echo is not None and now - echo_sent > self.timeout:
                     self.dead = self.timed_out = True
                     raise _Closed(f"no answer from the server within {self.timeout:g} s")
-                if echo is None and now - max(pending_since, self.meter.moved) > self.timeout:
+                if echo is None and now - max(pending_since, self.meter.progress()) > self.timeout:
                     echo, echo_sent = self.send([SMB2Echo()])[0], now
                 budget, grace = pending_budget(self.timeout)
                 if now - pending_since > budget:
