@@ -513,6 +513,40 @@ def test_a_name_with_an_unpaired_surrogate_is_listed_and_told(remote: SmbRemote,
     assert remote.listdir(b"") == [(name, found)]
 
 
+def test_a_file_there_under_a_name_smb_refuses_is_written_back_not_refused_at_once(
+        remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """A file listed under a name holding an unpaired surrogate (a Windows server has
+    them) could be read but never written back: upload and upload_many refused its name
+    before asking the server, as for a name being created. The name rules are now for
+    names being created only: a name the folder's listing holds is sent to the server
+    (Samba then refuses it itself: it never opens such a name; Windows writes it); a new
+    such name is still refused at once, nothing sent."""
+    odd = b"\xed\xa0\x80y"
+    write(share / os.fsdecode(odd), b"old")
+    source = write(tmp_path / "src", b"new content")
+    link = remote._get_link()
+    for path, there in ((odd, True), (b"\xed\xa0\x80new", False)):
+        sent = link.sent
+        with pytest.raises(RemoteError) as caught:
+            remote.upload(path, str(source), 0o644, b".tmp-odd")
+        # (Samba's own answers: INVALID_PARAMETER to the rename, EILSEQ to an open)
+        assert caught.value.errno in (errno.EILSEQ, errno.EINVAL) and not isinstance(caught.value,
+                                                                                     RemoteUnreachable)
+        [outcome] = remote.upload_many([Upload(path, str(source), 0o644, b".tmp-odd", None, lambda found: True)])
+        assert isinstance(outcome, RemoteError) and outcome.errno == errno.EILSEQ
+        with pytest.raises(RemoteError) as renamed:
+            remote.rename(b"plain-missing", path)
+        if there:  # (asked of the server: its listing, the temporary file, the rename)
+            assert "SMB status" in str(caught.value) and link.sent - sent > 3, (str(caught.value), link.sent - sent)
+            assert renamed.value.errno == errno.ENOENT  # (the server was asked: no source)
+        else:  # (the listing only: nothing written)
+            assert caught.value.errno == errno.EILSEQ and "cannot carry" in str(caught.value)
+            assert "cannot carry" in str(outcome)
+            assert renamed.value.errno == errno.EILSEQ
+    assert sorted(os.listdir(share)) == [os.fsdecode(odd)]  # (no temporary file left)
+    assert (share / os.fsdecode(odd)).read_bytes() == b"old"
+
+
 def test_names_differing_in_case_are_one_file(remote: SmbRemote, share: Path) -> None:
     write(share / "Readme.TXT", b"x")
     assert remote.capabilities.case_insensitive
@@ -544,6 +578,66 @@ def test_a_wrong_password_is_refused_clearly(smbd: SmbServer) -> None:
     assert "refused" in message and smbd.user in message
     assert "not-the-password-123" not in message and smbd.password not in message
     remote.close()
+
+
+def test_a_refused_password_is_not_tried_again_until_told(smbd: SmbServer, share: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password changed on the server: every probe and each queued call logged in
+    again with the known-bad one (4 failed logins in 70 s; an account lockout policy,
+    Windows' 10 in 10 minutes or AD's, would lock the user out). Now one refusal is
+    remembered: calls fail at once with RemoteRefused saying why, no login tried, until
+    ``allow_login_again`` (``cachefs online``)."""
+    import subprocess
+
+    import cachefs.remote.smb as smb
+
+    write(share / "f", b"data")
+    logins: list[str] = []
+    real_session = smb._session
+
+    def counted(connection: Any, user: str, password: str | None, protocol: str) -> Any:
+        logins.append(protocol)
+        return real_session(connection, user, password, protocol)
+
+    monkeypatch.setattr(smb, "_session", counted)
+
+    def set_password(password: str) -> None:
+        subprocess.run(["smbpasswd", "-c", str(smbd.config), "-s", smbd.user],
+                       input=f"{password}\n{password}\n".encode(), check=True, capture_output=True, timeout=30)
+
+    remote = make_remote(smbd)
+    try:
+        remote.connect()
+        assert len(logins) == 1
+        set_password("a-changed-password-456")
+        smbd.stop()
+        smbd.start()
+        errors: list[BaseException] = []
+        started = time.monotonic()
+
+        def calls() -> None:
+            while time.monotonic() - started < 10:
+                try:
+                    remote.stat(b"f")
+                except BaseException as exc:
+                    errors.append(exc)
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=calls) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        print(f"{len(logins) - 1} login(s) in 10 s of {len(errors)} calls")
+        assert len(logins) - 1 == 1  # (the one refused; not once a call)
+        assert len(errors) > 30 and all(isinstance(e, RemoteRefused) for e in errors)
+        message = str(errors[-1])
+        assert "refused" in message and "cachefs online" in message and smbd.password not in message
+        set_password(smbd.password)  # (mended on the server; told)
+        remote.allow_login_again()
+        assert remote.stat(b"f").size == 4 and len(logins) == 3
+    finally:
+        remote.close()
 
 
 def test_no_password_is_refused_with_where_to_give_it(smbd: SmbServer) -> None:
@@ -644,21 +738,69 @@ def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: 
         proxy.close()
 
 
-def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calls_made_every_second_on_a_stalled_relay_each_fail_within_the_timeout(smbd: SmbServer,
+                                                                                share: Path) -> None:
+    """Sends counted as progress: each new call's request, landing in our own kernel's
+    buffer, kept every waiting call alive (the first waited 13 s, calls ended only when
+    callers stopped). Only received bytes and a shrinking send queue count now, and no
+    request waits more than twice the timeout: on a relay that stalls, a call started
+    every second fails within about the timeout, each."""
+    write(share / "f", b"data")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.stall()
+        took: list[float] = []
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            started = time.monotonic()
+            try:
+                remote.stat(b"f")
+            except BaseException as exc:
+                errors.append(exc)
+            took.append(time.monotonic() - started)
+            print(f"a call started at {started - begun:.2f} s took {took[-1]:.2f} s")
+
+        threads = []
+        begun = time.monotonic()
+        for _ in range(8):
+            threads.append(threading.Thread(target=call))
+            threads[-1].start()
+            time.sleep(1.0)
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive()
+        print("calls on a stalled relay took", [round(t, 2) for t in took])
+        assert len(errors) == 8 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+        assert max(took) < 2.0 + 1.0, took
+        proxy.resume()
+        assert remote.read(b"f", 0, 10) == b"data"
+    finally:
+        remote.close()
+        proxy.close()
+
+
+def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path) -> None:
     """Another client holds a batch oplock on a file and goes silent: the server answers
     our open "pending" and waits for that client (Samba 30-35 s) before breaking the
     oplock itself. That wait counted against the timeout and dropped the one shared
     connection: "no answer within 3 s" on every try, the mount offline, other threads'
-    calls failing with it. Now it is awaited up to PENDING_WAIT (then that call alone
-    fails, EBUSY), the connection is kept and serves other calls meanwhile."""
-    import cachefs.remote.smb as smb
+    calls failing with it. Now it is awaited while the mount would wait for the call
+    (it abandons one after 2 x timeout + 1 s and goes offline; the abandoned rename then
+    happened on the server after all): past that budget the request is cancelled and that
+    call alone fails, EBUSY, and the rename never happens; the connection is kept and
+    serves other calls meanwhile. With a timeout long enough (20 s: 37 s), the wait ends
+    when Samba breaks the oplock."""
+    from cachefs.remote.smb import pending_budget
 
     write(share / "doc", b"hello")
     write(share / "other", b"x")
     proxy = TcpProxy(smbd.host, smbd.port)
     holder = make_remote(smbd, port=proxy.port)
-    remote = make_remote(smbd)
+    remote = make_remote(smbd)  # (timeout 3 s: the mount would abandon a call after 7 s)
+    patient = make_remote(smbd, timeout=20.0)
     try:
         request = _create("doc", FILE_WRITE_DATA)
         request["requested_oplock_level"] = 0x09  # BATCH
@@ -667,16 +809,18 @@ def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share
         proxy.stall()  # (the holder never answers the oplock break)
         remote.connect()
         link = remote._link
-        monkeypatch.setattr(smb, "PENDING_WAIT", 4.0)
-        started = time.monotonic()
-        with pytest.raises(RemoteError) as caught:
-            remote.read(b"doc", 0, 10)
-        assert caught.value.errno == errno.EBUSY and not isinstance(caught.value, RemoteUnreachable)
-        assert 4.0 <= time.monotonic() - started < 4.0 + 2.0
-        assert remote.stat(b"other").size == 1 and remote._link is link
-        monkeypatch.setattr(smb, "PENDING_WAIT", 45.0)
+        budget, _grace = pending_budget(TIMEOUT)
+        for call in (lambda: remote.rename(b"doc", b"moved"), lambda: remote.read(b"doc", 0, 10)):
+            started = time.monotonic()
+            with pytest.raises(RemoteError) as caught:
+                call()
+            took = time.monotonic() - started
+            print(f"a call on the held file failed after {took:.1f} s")
+            assert caught.value.errno == errno.EBUSY and not isinstance(caught.value, RemoteUnreachable)
+            assert budget <= took < 2 * TIMEOUT + 1
+            assert remote.stat(b"other").size == 1 and remote._link is link
         got: list[object] = []
-        reader = threading.Thread(target=lambda: got.append(remote.read(b"doc", 0, 10)))
+        reader = threading.Thread(target=lambda: got.append(patient.read(b"doc", 0, 10)))
         started = time.monotonic()
         reader.start()
         while reader.is_alive() and time.monotonic() - started < 50:
@@ -685,8 +829,12 @@ def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share
         reader.join(1)
         print(f"the held file was read after {time.monotonic() - started:.1f} s")
         assert not reader.is_alive() and got == [b"hello"] and remote._link is link
+        # (the oplock is broken now: a cancelled rename that would complete has done so)
+        time.sleep(1)
+        assert sorted(os.listdir(share)) == ["doc", "other"]
     finally:
         remote.close()
+        patient.close()
         holder.close()
         proxy.close()
 

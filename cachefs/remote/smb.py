@@ -41,11 +41,14 @@ answer to a request.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import logging
 import os
 import socket
 import stat as stat_mod
 import struct
+import termios
 import threading
 import time
 import uuid
@@ -139,9 +142,21 @@ WINDOW_MIN = 128 << 10
 #: client to let go, and the server gives it 30 s (Samba) or 35 s (Windows) before it
 #: breaks it itself. Longer, the request alone fails (EBUSY), the connection is kept.
 PENDING_WAIT = 45.0
+STATUS_CANCELLED = 0xC0000120
+
+
+def pending_budget(timeout: float) -> tuple[float, float]:
+    """(seconds a pending answer is awaited, seconds the answer to its CANCEL is): the
+    mount abandons a call after ``2 * timeout + 1`` s (cachefs/link/connectivity.py) and
+    goes offline; the two together stay a second under that (at the default 10 s: 17 s
+    and 2 s, so an oplock Samba breaks after 30 s is not waited for, and that call alone
+    fails), the first at most ``PENDING_WAIT``."""
+    grace = min(2.0, timeout / 2)
+    return max(0.5, min(PENDING_WAIT, 2 * timeout - 1.0 - grace)), grace
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
+QUEUED_MOVING = 32 << 10  # bytes queued to send, at least, whose shrinking is progress
 
 _CREATE_RESPONSE = struct.Struct("<HBBIqqqqqqII16sII")
 _CLOSE_RESPONSE = struct.Struct("<HHIqqqqqqI")
@@ -271,7 +286,7 @@ class _Closed(Exception):
 
 
 class _Busy(Exception):
-    """An answer the server said was pending did not come within ``PENDING_WAIT``: the
+    """An answer the server said was pending did not come within ``pending_budget``: the
     request was cancelled, the connection is fine."""
 
 
@@ -308,13 +323,18 @@ def _check(response: Any) -> bytes:
 
 class _Meter:
     """The connection's socket (smbprotocol's transport reads and writes through it),
-    noting when bytes last moved either way (``moved``, monotonic): a wait for an answer
-    is bounded by how long nothing moved, not by how long the answer takes (on a 1 MB/s
-    link eight 1 MiB READs in flight take 8 s to answer, and none is late)."""
+    noting when bytes last moved (``moved``, monotonic): received, or taken by the other
+    end from our send queue (``progress`` looks at it: Linux SIOCOUTQ shrinking). A send
+    is not progress: it lands in our own kernel's buffer whether or not the link moves
+    (with a stalled relay and a new call every second, each call's send kept every
+    waiting call alive: the first waited 13 s). A wait for an answer is bounded by how
+    long nothing moved, not by how long the answer takes (on a 1 MB/s link eight 1 MiB
+    READs in flight take 8 s to answer, and none is late)."""
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self.moved = time.monotonic()
+        self._queued = -1  # the send queue at the last look (-1: not known)
 
     def recv(self, size: int) -> bytes:
         data: bytes = self._sock.recv(size)
@@ -324,15 +344,34 @@ class _Meter:
 
     def send(self, data: bytes) -> int:
         sent: int = self._sock.send(data)
-        if sent:
-            self.moved = time.monotonic()
         return sent
+
+    def progress(self) -> float:
+        """``moved``, after looking whether the send queue shrank since the last look
+        (our bytes reaching the other end: a large WRITE on a slow uplink). Only a queue
+        longer than ``QUEUED_MOVING`` counts: a call's small request is taken at once by
+        a stalled relay's kernel, and seen queued then gone it would count as progress."""
+        queued = _unacknowledged(self._sock)
+        if 0 <= queued < self._queued and self._queued > QUEUED_MOVING:
+            self.moved = time.monotonic()
+        self._queued = queued
+        return self.moved
 
     def fileno(self) -> int:  # (select)
         return int(self._sock.fileno())
 
     def __getattr__(self, name: str) -> Any:  # settimeout, shutdown, close
         return getattr(self._sock, name)
+
+
+def _unacknowledged(sock: Any) -> int:
+    """The bytes sent on ``sock`` the other end has not acknowledged yet (Linux
+    ``SIOCOUTQ``); -1 where it cannot be told."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return -1
+    return int(struct.unpack("i", answer)[0])
 
 
 class _Flow:
@@ -429,7 +468,7 @@ class _Link:
                 needed = sum(max(1, connection._calculate_credit_charge(m)) for m in messages)
                 if available >= needed:
                     break
-                if self.dead or time.monotonic() > max(start, self.meter.moved) + self.timeout:
+                if self.dead or time.monotonic() > max(start, self.meter.progress()) + self.timeout:
                     self.timed_out = True
                     raise _Closed(f"no credits from the server within {self.timeout:g} s")
                 time.sleep(0.001)  # (answers grant credits: the receiver thread adds them)
@@ -460,8 +499,9 @@ class _Link:
         nothing moved on the connection for ``timeout`` seconds since the wait began (then
         the link is dead: a silent network). After an interim STATUS_PENDING (the server
         works on it: an open waiting for another client to give up its oplock) the answer
-        is awaited up to ``PENDING_WAIT``, the connection checked meanwhile by an ECHO
-        when it is silent for ``timeout``; then the request alone fails (``_Busy``)."""
+        is awaited up to ``pending_budget`` (below the mount's cap on a call), the
+        connection checked meanwhile by an ECHO when it is silent for ``timeout``; then
+        the request is cancelled and alone fails (``_Busy``, see ``_cancelled``)."""
         start = time.monotonic()
         pending_since: float | None = None
         echo: Any = None
@@ -469,10 +509,13 @@ class _Link:
         while True:
             now = time.monotonic()
             if pending_since is None:
-                left = max(start, self.meter.moved) + self.timeout - now
-                if left <= 0:
+                left = max(start, self.meter.progress()) + self.timeout - now
+                if left <= 0 or now - start > 2 * self.timeout:
+                    # (bytes of other requests moving, this one not answered in twice the
+                    # timeout: the mount abandons such a call at 2 x timeout + 1 s)
                     self.dead = self.timed_out = True
                     raise _Closed(f"no answer from the server within {self.timeout:g} s")
+                left = min(0.5, left)  # (the send queue looked at meanwhile)
             else:
                 if self.dead:
                     raise _Closed("the connection was closed")
@@ -482,13 +525,12 @@ class _Link:
                 if echo is not None and now - echo_sent > self.timeout:
                     self.dead = self.timed_out = True
                     raise _Closed(f"no answer from the server within {self.timeout:g} s")
-                if echo is None and now - max(pending_since, self.meter.moved) > self.timeout:
+                if echo is None and now - max(pending_since, self.meter.progress()) > self.timeout:
                     echo, echo_sent = self.send([SMB2Echo()])[0], now
-                if now - pending_since > PENDING_WAIT:
-                    self._cancel(request)
-                    raise _Busy(f"the server did not answer within {PENDING_WAIT:g} s "
-                                "(the file is held by another client)")
-                left = min(1.0, PENDING_WAIT + 0.01 - (now - pending_since))
+                budget, grace = pending_budget(self.timeout)
+                if now - pending_since > budget:
+                    return self._cancelled(request, budget, grace)
+                left = min(1.0, budget + 0.01 - (now - pending_since))
             if not request.response_event.wait(left):
                 continue  # (bytes may have moved meanwhile: the deadline is looked at again)
             with request.response_event_lock:
@@ -504,13 +546,33 @@ class _Link:
                 self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
                 return response
 
-    def _cancel(self, request: Any) -> None:
-        """Ask the server to drop a pending request (its answer, if any, is not awaited)."""
+    def _cancelled(self, request: Any, budget: float, grace: float) -> Any:
+        """A pending request given up on: a CANCEL sent, and its final answer awaited
+        ``grace`` s. A CANCEL is a request, not a guarantee (MS-SMB2 3.3.5.16: a server
+        may finish the operation all the same, when it was under way), so what the answer
+        says is what happened: STATUS_CANCELLED, nothing was done (``_Busy``); any other
+        answer is the operation's own, returned as if it had come in time. No answer: the
+        connection is closed (the server drops a closed connection's pending opens, Samba
+        with the process serving it), so that the operation cannot happen later, after
+        this call said it failed; this call fails (``_Busy``), the next one reconnects."""
         try:
             with self._send_lock:
                 request.cancel()
         except Exception as exc:
             log.debug("SMB cancel: %s", exc)
+        held = f"the server did not answer within {budget:g} s (the file is held by another client)"
+        if request.response_event.wait(grace):
+            with request.response_event_lock:
+                response = request.response
+                if response is not None and response["status"].get_value() != STATUS_PENDING:
+                    self.connection.outstanding_requests.pop(request.message["message_id"].get_value(), None)
+                    if response["status"].get_value() == STATUS_CANCELLED:
+                        raise _Busy(held)
+                    return response
+        log.info("SMB: a cancelled request was not answered within %g s: its connection is closed "
+                 "so that it cannot complete later", grace)
+        self.close()
+        raise _Busy(held)
 
     def exchange(self, messages: list[Any], related: bool = True) -> list[Any]:
         """Send ``messages`` as one compound and wait for every answer (error statuses
@@ -691,6 +753,11 @@ class SmbRemote(Remote):
         self._link: _Link | None = None
         self._tried = 0  # tries to connect that ended (under ``_lock``)
         self._failure: RemoteUnreachable | None = None  # why the last one could not be made
+        #: passwords the server refused (salted hashes -> why): not tried again until
+        #: ``allow_login_again`` (an account lockout policy counts every failed login:
+        #: Windows' 10 in 10 minutes, AD's; the probe's retries would lock the account)
+        self._refused: dict[bytes, str] = {}
+        self._salt = os.urandom(16)
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -733,6 +800,27 @@ class SmbRemote(Remote):
             raise RemoteError(code, f"a name this share cannot carry: {path!r}")
         return self._name(path)
 
+    def _target_name(self, path: bytes) -> str:
+        """``_name`` of a path written or renamed onto: a name SMB's rules refuse passes
+        when it is there already (a Windows server holds names with an unpaired
+        surrogate, which ``listdir`` gave; writing the file back must work): the rules
+        are for names being created. Such a name costs a listing of its folder."""
+        last = path.rsplit(b"/", 1)[-1]
+        code = smb_name_error(last)
+        if code is None:
+            return self._name(path)
+        name = self._name(path)  # (EINVAL, EILSEQ for what no SMB name can be)
+        folder = path.rsplit(b"/", 1)[0] if b"/" in path else b""
+        try:
+            there = any(found == last for found, _stat in self.listdir(folder))
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            there = False
+        if not there:
+            raise RemoteError(code, f"a name this share cannot carry: {path!r}")
+        return name
+
     # -- connection -----------------------------------------------------------------
     def _connect_link(self) -> _Link:
         """A new connection, logged in, with the share connected: Kerberos first where it
@@ -755,7 +843,14 @@ class SmbRemote(Remote):
         secrets = self.options.secrets
         passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
             f"Password for {self.user} on {self.host} (SMB): ")
+        tried = False
+        refused_before: str | None = None
         for password in passwords:
+            key = hashlib.sha256(self._salt + password.encode("utf-8", "surrogatepass")).digest()
+            if key in self._refused:
+                refused_before = self._refused[key]
+                continue
+            tried = True
             for protocol in ("negotiate", "ntlm"):
                 deadline = time.monotonic() + self.timeout
                 connection = self._open(deadline)
@@ -765,7 +860,7 @@ class SmbRemote(Remote):
                 except _LoginFailed as exc:
                     _close_quietly(connection)
                     if exc.status in STATUS_LOGON:
-                        refused = STATUS_LOGON[exc.status]
+                        refused = self._refused[key] = STATUS_LOGON[exc.status]
                         break  # (the next password)
                     if protocol == "ntlm":
                         raise RemoteRefused(f"{self.description}: login failed: {exc}") from None
@@ -781,7 +876,18 @@ class SmbRemote(Remote):
                 except BaseException:
                     _close_quietly(connection)
                     raise
+        if refused_before is not None and not tried:
+            raise RemoteRefused(f"{self.description}: {refused_before} (SMB login as {self.user}); not tried "
+                                "again with the same password, as each failed login counts towards "
+                                "locking the account: give the right one and run `cachefs online`, or "
+                                "mount again")
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
+
+    def allow_login_again(self) -> None:
+        """Forget the passwords the server refused: the user says the matter is mended
+        (``cachefs online``; a new mount starts with nothing refused)."""
+        with self._lock:
+            self._refused.clear()
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
@@ -1135,7 +1241,7 @@ class SmbRemote(Remote):
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
-        target = self._new_name(path)
+        target = self._target_name(path)
         temp = self._name(_sibling(path, temp_name))
 
         def work(link: _Link) -> RemoteStat:
@@ -1160,7 +1266,7 @@ class SmbRemote(Remote):
         return outcomes
 
     def _upload_checked(self, upload: Upload) -> UploadOutcome:
-        target = self._new_name(upload.path)
+        target = self._target_name(upload.path)
         temp = self._name(_sibling(upload.path, upload.temp_name))
         try:
             current: RemoteStat | None = self.stat(upload.path)
@@ -1264,7 +1370,7 @@ class SmbRemote(Remote):
 
     def _rename(self, src: bytes, dst: bytes, replace: bool) -> None:
         source = self._name(src)
-        target = self._new_name(dst)
+        target = self._target_name(dst) if replace else self._new_name(dst)
         if not src:
             raise RemoteError(errno.EBUSY, "the share's root cannot be renamed")
 
