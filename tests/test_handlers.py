@@ -41,6 +41,11 @@ class FolderRemote(LocalRemote):
 
     def name_error(self, name):
         return errno.EINVAL if b":" in name else None
+
+    def allow_login_again(self):
+        import os
+        with open(os.environ["XDIR_TOLD"], "a") as told:
+            told.write("allow_login_again" + chr(10))
 '''
 
 
@@ -73,7 +78,7 @@ def test_a_third_party_handler_serves_its_scheme_and_its_capabilities_hold(
         tmp_path: Path, share: Path, plugin: dict[str, str]) -> None:
     (share / "hello.txt").write_bytes(b"from the share\n")
     with Mount(f"xdir://localhost{share}", tmp_path / "mnt", tmp_path / "cache", "--timeout", "2",
-               env=plugin) as mount:
+               env={**plugin, "XDIR_TOLD": str(tmp_path / "told")}) as mount:
         mnt = mount.mountpoint
         assert (mnt / "hello.txt").read_bytes() == b"from the share\n"
         assert status(mnt)["remote"] == f"xdir://localhost{share}"
@@ -91,6 +96,9 @@ def test_a_third_party_handler_serves_its_scheme_and_its_capabilities_hold(
         assert caught.value.errno == errno.EINVAL
         (mnt / ".cachefs" / "control").write_text("sync\n")
         assert status(mnt)["pending"] == 0
+        # "online" lets a handler try a refused login again
+        (mnt / ".cachefs" / "control").write_text("online\n")
+        assert (tmp_path / "told").read_text() == "allow_login_again\n"
     assert (share / "new.txt").read_bytes() == b"made here\n"
     assert sorted(os.listdir(share)) == ["hello.txt", "new.txt"]
 
@@ -106,3 +114,24 @@ def test_the_entry_point_group_lists_built_ins_and_third_party_handlers(plugin: 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["['dav', 'davs', 'file', 'sftp', 'smb', 'xdir']",
                                           "FolderRemote SftpRemote LocalRemote"]
+
+
+def test_a_handler_that_fails_to_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A third party's module that raises as it is imported (a syntax error, a missing
+    dependency, anything): one line naming the handler and the error, no traceback."""
+    site = tmp_path / "site"
+    (site / "broken_handler-1.0.dist-info").mkdir(parents=True)
+    (site / "broken_handler.py").write_text("raise RuntimeError('needs libfoo')\n")
+    (site / "broken_handler-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-handler\nVersion: 1.0\n")
+    (site / "broken_handler-1.0.dist-info" / "entry_points.txt").write_text(
+        "[cachefs.remotes]\nbroken = broken_handler:Remote\n")
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, str(MOUNT_SCRIPT), "broken://h/x", str(tmp_path / "mnt"),
+                             "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines() == [
+        "cachefs: bad REMOTE 'broken://h/x': the handler of broken:// (broken_handler:Remote) cannot be "
+        "loaded: RuntimeError: needs libfoo"], result.stderr

@@ -363,6 +363,7 @@ class Connectivity:
         log.info("working offline by request")
 
     def work_online(self) -> None:
+        self.remote.allow_login_again()  # (a refused password may be tried once more)
         if self.state is State.WORK_OFFLINE:
             self.state = State.OFFLINE
             self._tell()

@@ -85,8 +85,9 @@ def handler_for(scheme: str) -> type[Remote]:
     module_name, _, attribute = target.partition(":")
     try:
         handler = getattr(import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"the handler of {scheme}:// ({target}) cannot be loaded: {exc}") from None
+    except Exception as exc:  # (a third party's module: any error it raises on import)
+        raise ValueError(f"the handler of {scheme}:// ({target}) cannot be loaded: "
+                         f"{type(exc).__name__}: {exc}") from None
     if not (isinstance(handler, type) and issubclass(handler, Remote)):
         raise ValueError(f"the handler of {scheme}:// ({target}) is not a cachefs.remote.Remote")
     return handler

@@ -136,6 +136,12 @@ class Remote(ABC):
         terminal: what is typed is remembered (``options.secrets``) for every later
         connection. Raises ``RemoteRefused`` for a refused login. Default: nothing."""
 
+    def allow_login_again(self) -> None:
+        """The user asked to go online (``cachefs online``): a login the server refused
+        may be tried once more at the next connect. A handler that stops trying a refused
+        password (an account lockout policy counts every failed login) forgets that here.
+        Must not block (called on the event loop). Default: nothing."""
+
     def name_error(self, name: bytes) -> int | None:
         """The errno for a file name this remote cannot carry (None: it can). A create or
         rename to such a name fails at once with it, rather than at replay."""

@@ -886,8 +886,8 @@ class SmbRemote(Remote):
     def allow_login_again(self) -> None:
         """Forget the passwords the server refused: the user says the matter is mended
         (``cachefs online``; a new mount starts with nothing refused)."""
-        with self._lock:
-            self._refused.clear()
+        self._refused = {}  # (one assignment, no lock: called on the event loop, and the
+        # lock may be held by a connect under way)
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
