@@ -362,8 +362,6 @@ def test_unknown_dash_o_option_is_refused_clearly(tmp_path: Path, sshd) -> None:
         _stop_daemon(mnt)
 
 
-@pytest.mark.skipif(not Path("/sbin/mount.fuse3").exists() or os.geteuid() != 0,
-                    reason="needs /sbin/mount.fuse3 and root for mount(8)")
 def test_mount_t_fuse_cachefs(tmp_path: Path, sshd, share: Path) -> None:
     (share / "f.txt").write_bytes(b"via mount(8)\n")
     mnt, cache = tmp_path / "tmnt", tmp_path / "tcache"

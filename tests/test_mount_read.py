@@ -33,8 +33,6 @@ import pytest
 from devtools.devserver import SshServer
 from tests.fixtures.mount import MOUNT_SCRIPT, REPO, Mount, fusermount_unmount, is_mounted, status
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
 HEARTBEAT = 1.0
 TIMEOUT = 2.0
 ATTR_TIMEOUT = 1.0

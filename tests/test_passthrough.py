@@ -26,8 +26,6 @@ import pytest
 from tests.fixtures.mount import status
 from tests.test_writes import sync, wait_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
 SIZE = 3 << 20  # above PASSTHROUGH_MIN (1 MiB)
 STOPPED_READ = 10.0  # a read the kernel serves itself is done well within this
 

@@ -265,8 +265,6 @@ def test_fstab_form_with_a_name(tmp_path: Path, sshd, share: Path) -> None:
         _stop_daemon(mnt)
 
 
-@pytest.mark.skipif(not Path("/sbin/mount.fuse3").exists() or os.geteuid() != 0,
-                    reason="needs /sbin/mount.fuse3 and root for mount(8)")
 def test_mount_t_fuse_with_a_name(tmp_path: Path, sshd, share: Path) -> None:
     env = _config(tmp_path)
     (share / "f.txt").write_bytes(b"via mount(8)\n")

@@ -21,8 +21,6 @@ from tests.fixtures import stock_venv
 from tests.fixtures.mount import Mount, status
 from tests.test_writes import sync
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
 NO_FORK = "this pyfuse3 cannot ask for it; see scripts/build-passthrough"
 
 
