@@ -509,7 +509,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     apply_dash_o(args, args.parser)
     try:
         address = parse_remote(args.remote, port=args.port)
-        handler_for(address.scheme)
+        handler = handler_for(address.scheme)
     except ValueError as exc:
         return _fail(f"bad REMOTE {args.remote!r}: {exc}")
     cache_dir = (args.cache_dir or default_cache_dir(address)).expanduser().absolute()
@@ -525,6 +525,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         owners = _owners(args)
     except MapError as exc:
         return _fail(str(exc))
+    if owners.remote and not handler.capabilities.owners:
+        return _fail(f"--owners remote: {address.scheme}:// keeps no owners (files there are the "
+                     "login's): use --owners local")
     try:
         key = cache_key(args, cache_dir)
         secrets = _login_secrets(args) if address.scheme != "file" else None

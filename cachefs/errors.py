@@ -66,23 +66,23 @@ class Busy(CacheError):
     errno = errno.EBUSY
 
 
-class NotCarried(CacheError):
+class CodedError(CacheError):
+    """A refusal whose errno is the instance's (its kinds below say which)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        self.errno = code
+        super().__init__(message)
+
+
+class NotCarried(CodedError):
     """A name or an object the remote cannot carry (``Remote.name_error``, a symlink or a
-    hard link where ``Capabilities`` say none), refused at once: the errno is the
-    instance's (EPERM for links, as vfat answers; EINVAL, EILSEQ for names)."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        self.errno = code
-        super().__init__(message)
+    hard link where ``Capabilities`` say none), refused at once (EPERM for links, as vfat
+    answers; EINVAL, EILSEQ for names)."""
 
 
-class XattrRefused(CacheError):
+class XattrRefused(CodedError):
     """An extended attribute request refused as ext4 refuses it (ERANGE, E2BIG, ENOSPC,
-    EEXIST, ENODATA, ENOTSUP, EPERM): the errno is the instance's."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        self.errno = code
-        super().__init__(message)
+    EEXIST, ENODATA, ENOTSUP, EPERM)."""
 
 
 class RemoteError(OSError):

@@ -45,7 +45,7 @@ from tests.test_control import read as read_bounded
 from tests.test_faults import ChunkReader, check_reader, read_whole_eventually
 from tests.test_mount_read import (ATTR_TIMEOUT, HEARTBEAT, SLACK, TIMEOUT, assert_offline_error,
                                    make_tree, ok, read, sha, timed, wait_for_state)
-from tests.test_writes import (assert_same_tree, control, go_offline, no_temp_leftovers, read_all,
+from tests.test_writes import (assert_same_tree, partial_sizes, control, go_offline, no_temp_leftovers, read_all,
                                sync, sync_until_done, wait_for, write_file)
 
 # -- offline reads ----------------------------------------------------------------------------
@@ -663,16 +663,7 @@ def test_link_cut_mid_upload_leaves_no_half_file(backend: Backend) -> None:
         time.sleep(1.0)
         proxy.cut()
         try:
-            seen_partial = []
-            end = time.monotonic() + 3
-            while time.monotonic() < end:
-                try:
-                    got = (share / "big.bin").stat().st_size
-                except FileNotFoundError:
-                    got = None
-                if got is not None and got != size:
-                    seen_partial.append(got)
-                time.sleep(0.02)
+            seen_partial = partial_sizes(share, {"big.bin": size}, 3)
             assert not seen_partial, f"big.bin seen with partial sizes {seen_partial[:5]}"
             assert not (share / "big.bin").exists(), "the upload finished before the cut"
             assert status(mnt)["pending"] > 0
@@ -705,17 +696,7 @@ def test_stall_during_replay(backend: Backend) -> None:
         time.sleep(0.5)
         proxy.stall()
         try:
-            partial = []
-            end = time.monotonic() + 4
-            while time.monotonic() < end:
-                for name, data in files.items():
-                    try:
-                        size = (share / name).stat().st_size
-                    except FileNotFoundError:
-                        continue
-                    if size != len(data):
-                        partial.append((name, size))
-                time.sleep(0.02)
+            partial = partial_sizes(share, {name: len(data) for name, data in files.items()}, 4)
             assert not partial, f"partial files under their real names: {partial[:5]}"
             assert status(mnt)["pending"] > 0, "the replay finished before the stall"
         finally:

@@ -31,7 +31,7 @@ class FolderRemote(LocalRemote):
     """xdir://host/path: the folder /path here, carrying neither symlinks nor hard links,
     refusing names with a colon (as an SMB server does)."""
 
-    capabilities = Capabilities(symlinks=False, hard_links=False, xattrs=False)
+    capabilities = Capabilities(symlinks=False, hard_links=False, xattrs=False, owners=False)
 
     @classmethod
     def from_address(cls, address, options, pacer=None):
@@ -135,3 +135,18 @@ def test_a_handler_that_fails_to_load_is_refused_in_one_line(tmp_path: Path) -> 
     assert result.stderr.strip().splitlines() == [
         "cachefs: bad REMOTE 'broken://h/x': the handler of broken:// (broken_handler:Remote) cannot be "
         "loaded: RuntimeError: needs libfoo"], result.stderr
+
+
+def test_owners_remote_on_a_remote_that_keeps_none_is_refused(tmp_path: Path, share: Path,
+                                                             plugin: dict[str, str]) -> None:
+    """``--owners remote`` asks for the server's owners: a handler whose capabilities
+    keep none (SMB, WebDAV, here xdir) is refused in one line, nothing mounted or made."""
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, str(MOUNT_SCRIPT), f"xdir://localhost{share}", str(tmp_path / "mnt"),
+                             "--cache-dir", str(tmp_path / "cache"), "--owners", "remote"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **plugin})
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines() == [
+        "cachefs: --owners remote: xdir:// keeps no owners (files there are the login's): use --owners local"]
+    assert not (tmp_path / "cache").exists()

@@ -561,6 +561,23 @@ def _upload_under_way(mnt: Path, share: Path, name: str, data: bytes) -> None:
                          for n in os.listdir(share)), 15, "the upload to start", interval=0.005)
 
 
+def partial_sizes(share: Path, sizes: dict[str, int], seconds: float) -> list[tuple[str, int]]:
+    """For ``seconds``, every 20 ms: the files of ``sizes`` (name -> whole size) seen on the
+    server under their names at another size (half written), as (name, size)."""
+    seen: list[tuple[str, int]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, whole in sizes.items():
+            try:
+                got = (share / name).stat().st_size
+            except FileNotFoundError:
+                continue
+            if got != whole:
+                seen.append((name, got))
+        time.sleep(0.02)
+    return seen
+
+
 def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path,
                                                 tmp_path: Path) -> None:
     size = 50 << 20
@@ -572,16 +589,7 @@ def test_stalled_connection_during_large_upload(mount_factory, sshd, share: Path
             _upload_under_way(mnt, share, "big.bin", data)
             proxy.stall()
             try:
-                seen_partial = []
-                end = time.monotonic() + 4
-                while time.monotonic() < end:
-                    try:
-                        got = (share / "big.bin").stat().st_size
-                    except FileNotFoundError:
-                        got = None
-                    if got is not None and got != size:
-                        seen_partial.append(got)
-                    time.sleep(0.02)
+                seen_partial = partial_sizes(share, {"big.bin": size}, 4)
                 assert not seen_partial, f"big.bin seen with partial sizes {seen_partial[:5]}"
                 if (share / "big.bin").exists():
                     assert hashlib.sha256((share / "big.bin").read_bytes()).hexdigest() == digest

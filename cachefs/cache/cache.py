@@ -44,7 +44,7 @@ import trio
 
 from ..errors import NotFound, RemoteError, Unavailable
 from ..link.connectivity import Connectivity
-from ..remote import Remote, SpaceInfo
+from ..remote import SpaceInfo
 from ..store.crypto import RecordError
 from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED, ROOT_INO, Node, Store, Txn,
                            index_damaged)
@@ -96,10 +96,8 @@ class Cache:
                                 fetch=jobs.fetch, fetch_many=jobs.fetch_many, stale=self._stale)
         self._writes = Writes(store, conn, self._listings, self._content, self._opens,
                               changed=changed or _nothing)
-        remote = conn.remote
-        name_rule = remote.name_error if type(remote).name_error is not Remote.name_error else None
         self._names = Names(store, self._listings, self._content, self._opens, self._writes,
-                            remote.capabilities, name_rule)
+                            conn.remote.capabilities, conn.remote.name_error)
         self._files = Files(store, conn, self.config, self._kernel, self._listings, self._content,
                             self._writes, self._names, self._opens)
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)

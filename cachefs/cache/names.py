@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 class Names:
     def __init__(self, store: Store, listings: Listings, content: Content, opens: Opens,
                  writes: Writes, capabilities: Capabilities = Capabilities(),
-                 name_error: Callable[[bytes], int | None] | None = None) -> None:
+                 name_error: Callable[[bytes], int | None] = lambda name: None) -> None:
         """``capabilities``: what the remote carries (a symlink or hard link it cannot
         carry is refused at once, not at replay); ``name_error``: the remote's rule for
-        names it cannot carry (``Remote.name_error``, pure: no network), None: any."""
+        names it cannot carry (``Remote.name_error``, pure: no network)."""
         self.store = store
         self._listings = listings
         self._content = content
@@ -62,10 +62,9 @@ class Names:
             raise InvalidArgument("bad name")
         if name == CONTROL_NAME:
             raise PermissionDenied("the name .cachefs is reserved")
-        if self._name_error is not None:
-            code = self._name_error(name)
-            if code is not None:
-                raise NotCarried(code, "the remote cannot carry this name")
+        code = self._name_error(name)
+        if code is not None:
+            raise NotCarried(code, "the remote cannot carry this name")
 
     def _touch_dir(self, t: Txn, parent: int, now: int, links: int = 0) -> None:
         """A folder's entries changed: its times, and its link count when subfolders

@@ -735,6 +735,14 @@ class DavRemote(Remote):
         (Nextcloud, ownCloud) compares the strings."""
         return {"If": f"<{self._url(path)}> ([{etag}])"}
 
+    def _unchanged_since(self, path: bytes, entry: _Entry, what: str) -> dict[str, str]:
+        """The condition of a request about ``entry`` as seen: its ETag (``If``), or, on a
+        server that gives none, its mtime second (``If-Unmodified-Since``, logged once)."""
+        if entry.etag:
+            return self._if_tag(path, entry.etag)
+        self._no_etags(what)
+        return {"If-Unmodified-Since": email.utils.formatdate(entry.mtime_ns // 1_000_000_000, usegmt=True)}
+
     def _no_etags(self, what: str) -> None:
         if not self._warned_no_etags:
             self._warned_no_etags = True
@@ -918,9 +926,7 @@ class DavRemote(Remote):
                          current: _Entry) -> UploadOutcome:
         """A server that gives no ETag: a PUT to ``path`` itself, conditional on its mtime
         second (``If-Unmodified-Since``), the version a PROPFIND after it."""
-        self._no_etags("an upload")
-        condition = {"If-Unmodified-Since": email.utils.formatdate(
-            current.mtime_ns // 1_000_000_000, usegmt=True)}
+        condition = self._unchanged_since(path, current, "an upload")  # (no ETag: by the date)
         try:
             _response, sent = self._put(path, source, times, condition)
         except _Status:
@@ -1018,14 +1024,8 @@ class DavRemote(Remote):
             raise RemoteError(errno.ENOTDIR, f"{path!r} is not a folder")
         if children:
             raise RemoteError(errno.ENOTEMPTY, f"{path!r} is not empty")
-        if own.etag:
-            condition = self._if_tag(path, own.etag)
-        else:
-            self._no_etags("removing a folder")
-            condition = {"If-Unmodified-Since": email.utils.formatdate(
-                own.mtime_ns // 1_000_000_000, usegmt=True)}
         try:
-            self._request("DELETE", path, condition, ok=(200, 204))
+            self._request("DELETE", path, self._unchanged_since(path, own, "removing a folder"), ok=(200, 204))
         except _Status:
             raise RemoteError(errno.ENOTEMPTY, f"{path!r} changed while it was removed") from None
 
@@ -1064,14 +1064,8 @@ class DavRemote(Remote):
         entry = self._known_etag(path, expect, errno.ESTALE)
         if entry.is_dir:
             raise RemoteError(errno.EISDIR, f"{path!r} is a folder")
-        if entry.etag:
-            condition = self._if_tag(path, entry.etag)
-        else:
-            self._no_etags("a removal")
-            condition = {"If-Unmodified-Since": email.utils.formatdate(
-                entry.mtime_ns // 1_000_000_000, usegmt=True)}
         try:
-            self._request("DELETE", path, condition, ok=(200, 204))
+            self._request("DELETE", path, self._unchanged_since(path, entry, "a removal"), ok=(200, 204))
         except _Status:
             raise RemoteError(errno.ESTALE, f"{path!r} changed on the server") from None
         except RemoteError as exc:

@@ -674,11 +674,11 @@ class Replayer:
         self.ledger.finish(op)
         return 0
 
-    async def _renamed_onto(self, op: Op, dst: RemoteStat | None, src: RemoteStat | None = None) -> bool:
+    async def _renamed_onto(self, op: Op, dst: RemoteStat | None, src: RemoteStat) -> bool:
         """Renamed to ``op.dst`` on the server, unless the name is taken there by
         something we did not know (False: nothing was renamed)."""
         replaced_base = self.ledger.expected_base(op.replaced, op.replaced_base) if op.replaced else None
-        if dst is not None and src is not None and dst == src and self.side.remote.capabilities.case_insensitive \
+        if dst is not None and dst == src and self.side.remote.capabilities.case_insensitive \
                 and op.path.decode("utf-8", "surrogateescape").lower() == op.dst.decode("utf-8", "surrogateescape").lower():
             # A change of letter case only (readme -> README) on a server where both name
             # one object: what is "there" is the source itself (the same attributes, tag
