@@ -78,18 +78,24 @@ class DavServer(ServerProcess):
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
                  user: str = USER, password: str | None = None, auth: str = "basic",
-                 tls: bool = False, nonce_lifetime: int | None = None, ranges: bool = True) -> None:
+                 tls: bool = False, nonce_lifetime: int | None = None, ranges: bool = True,
+                 keepalive_requests: int = 100, keepalive_timeout: int = 5) -> None:
         """``auth``: "basic" or "digest" (RFC 7616, MD5). ``tls``: serve https with a
         self-signed certificate (``cert``, for ``davs://``; clients must be given it).
         ``nonce_lifetime``: seconds a digest nonce lasts (Apache's default: 300), for
         tests of its expiry. ``ranges=False``: Range headers ignored (``MaxRanges none``:
-        every GET answers the whole file, as some servers and proxies do)."""
+        every GET answers the whole file, as some servers and proxies do).
+        ``keepalive_requests``, ``keepalive_timeout``: how many requests a connection serves
+        and how long it may stay idle before Apache ends it (0: no limit); the defaults are
+        those of Debian's apache2.conf."""
         if auth not in ("basic", "digest"):
             raise ValueError(f"auth must be basic or digest, not {auth!r}")
         self.auth = auth
         self.tls = tls
         self.nonce_lifetime = nonce_lifetime
         self.ranges = ranges
+        self.keepalive_requests = keepalive_requests
+        self.keepalive_timeout = keepalive_timeout
         if not os.path.exists(APACHE):
             raise RuntimeError(f"{APACHE} is missing: install the Debian package apache2")
         self.workdir = Path(workdir).absolute()
@@ -150,7 +156,8 @@ class DavServer(ServerProcess):
         lines += [
             "StartServers 1", "ServerLimit 4", "ThreadsPerChild 16", "MaxRequestWorkers 64",
             "MinSpareThreads 4", "MaxSpareThreads 32",
-            "KeepAlive On", "MaxKeepAliveRequests 0", "KeepAliveTimeout 30",
+            "KeepAlive On", f"MaxKeepAliveRequests {self.keepalive_requests}",
+            f"KeepAliveTimeout {self.keepalive_timeout}",
             f"DavLockDB {self.workdir}/lock/DavLock",
             *(["SSLEngine on", f"SSLCertificateFile {self.cert}",
                f"SSLCertificateKeyFile {self.cert_key}",

@@ -26,6 +26,7 @@ from cachefs.remote.dav import DavRemote
 from cachefs.remote.ssh_secrets import Secrets
 from devtools.davserver import DavServer
 from tests.fixtures.mount import Mount, status
+from tests.fixtures.proxy import TcpProxy
 from tests.test_writes import read_all, sync, wait_for, wait_state, write_file
 
 TIMEOUT = 3.0
@@ -902,6 +903,64 @@ def test_close_during_reads_is_unreachable_not_a_crash(dav: DavRemote, share: Pa
         escaped += [repr(exc) for exc in errors if not isinstance(exc, RemoteUnreachable)]
     assert escaped == []
     assert dav.read(b"big", 0, 3) == (share / "big").read_bytes()[:3]  # (usable again)
+
+
+def test_read_many_is_pipelined_on_one_connection_through_ended_connections(
+        tmp_path: Path, share: Path) -> None:
+    """read_many sends its GETs on one connection without waiting for each answer
+    (``http_get.Getter.get_many``); Apache ending each connection after 7 requests (its
+    ``MaxKeepAliveRequests``: 100 by default) costs new connections, never an answer: every
+    file's bytes and version in order, a missing one ENOENT in its place."""
+    files = {b"d/f%02d" % i: os.urandom(100 + i) for i in range(40)}
+    (share / "d").mkdir()
+    for name, data in files.items():
+        (share / os.fsdecode(name)).write_bytes(data)
+    for limit, most in ((0, 41), (7, 7)):
+        server = DavServer(tmp_path / f"davd-{limit}", share=share, keepalive_requests=limit)
+        server.start()
+        proxy = TcpProxy(server.host, server.port)
+        remote = remote_of(server, port=proxy.port)
+        try:
+            remote.connect()
+            before = proxy.accepted_connections
+            items = [(name, len(data)) for name, data in files.items()]
+            items.insert(20, (b"d/gone", 5))
+            got = remote.read_many(items)
+            made = proxy.accepted_connections - before
+            assert isinstance(got[20], RemoteError) and got[20].errno == errno.ENOENT
+            del got[20]
+            for (name, data), answer in zip(files.items(), got):
+                assert not isinstance(answer, RemoteError)
+                assert answer[0] == data and answer[1] == remote.stat(name)
+            # 41 GETs: on one connection where Apache lets it serve them all, else one per 7
+            assert made <= -(-41 // most), made
+        finally:
+            remote.close()
+            proxy.close()
+            server.stop()
+
+
+def test_a_kept_connection_the_server_ended_is_not_an_error(tmp_path: Path, share: Path) -> None:
+    """Connections kept for the next GET that the server ended while idle (its keep-alive
+    timeout, a restart) are dropped, not failed on: reads right after go through."""
+    (share / "f").write_bytes(b"abc")
+    server = DavServer(tmp_path / "davd", share=share, keepalive_timeout=1)
+    server.start()
+    remote = remote_of(server)
+    try:
+        for pause in ("timeout", "restart"):
+            assert remote.read(b"f", 0, 3) == b"abc"
+            assert [a[0] for a in remote.read_many([(b"f", 3), (b"f", 3)])] == [b"abc", b"abc"]  # type: ignore[index]
+            if pause == "timeout":
+                time.sleep(2)  # (Apache ends idle connections after 1 s)
+            else:
+                server.stop()
+                server.start()
+            assert remote.read(b"f", 1, 2) == b"bc"
+            assert [a[0] for a in remote.read_many([(b"f", 3), (b"f", 3)])] == [b"abc", b"abc"]  # type: ignore[index]
+    finally:
+        remote.close()
+        server.stop()
 
 
 def test_read_many_reads_the_size_given_and_a_server_ignoring_ranges_is_cut_short(
