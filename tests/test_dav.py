@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import errno
+import http.client
 import http.server
 import os
 import subprocess
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from cachefs.address import parse_remote
 from cachefs.remote import ConnectOptions, handler_for
 from cachefs.remote.base import NotExpected, RemoteError, RemoteRefused, RemoteStat, RemoteUnreachable, Upload
 from cachefs.remote.dav import DavRemote
+from cachefs.remote.http_get import Getter, Request
 from cachefs.remote.ssh_secrets import Secrets
 from devtools.davserver import DavServer
 from tests.fixtures.mount import Mount, status
@@ -961,6 +963,189 @@ def test_a_kept_connection_the_server_ended_is_not_an_error(tmp_path: Path, shar
     finally:
         remote.close()
         server.stop()
+
+
+class Cut(bytes):
+    """Bytes ``RawHttp`` sends, then closes the connection."""
+
+
+class RawHttp:
+    """A small HTTP/1.1 server on 127.0.0.1 for what Apache will not do: every request head
+    of a connection goes to ``answer(connection_number, request_number, path)``, whose bytes
+    are sent back (None: nothing, the connection held open; b"": the connection closed;
+    ``Cut``: sent, then the connection closed)."""
+
+    def __init__(self, answer: Callable[[int, int, str], bytes | None], drop_pipelined: bool = False) -> None:
+        """``drop_pipelined``: requests that came behind the one being answered are lost."""
+        self._answer = answer
+        self._drop_pipelined = drop_pipelined
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            self._held.append(sock)
+            threading.Thread(target=self._serve, args=(sock, self.connections), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        buf, served = b"", 0
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                if self._drop_pipelined:
+                    buf = b""
+                served += 1
+                reply = self._answer(number, served, head.split(b" ")[1].decode())
+                if reply is None:
+                    self._stop.wait()
+                    return
+                if not reply:
+                    sock.close()
+                    return
+                sock.sendall(reply)
+                if isinstance(reply, Cut):
+                    sock.close()
+                    return
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        for sock in self._held:
+            sock.close()
+
+
+def http_answer(body: bytes, status: str = "206 Partial Content", length: int | None = None,
+                extra: str = "") -> bytes:
+    """An answer with ``body`` (``length``: the Content-Length claimed, the body's own by default)."""
+    return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body) if length is None else length}\r\n"
+            f"Content-Range: bytes 0-{len(body) - 1}/{len(body)}\r\nETag: \"e\"\r\n{extra}\r\n").encode() + body
+
+
+def getter_of(server: RawHttp, timeout: float = 1.0) -> Getter:
+    return Getter("127.0.0.1", server.port, None, timeout, keep=4)
+
+
+def request_of(path: str, length: int = 4096) -> Request:
+    return Request(path, {"Range": f"bytes=0-{length - 1}"}, 0, length)
+
+
+def test_a_body_cut_midway_is_an_error_not_a_short_file() -> None:
+    """A connection that ends before the Content-Length promised (a Wi-Fi drop, a server
+    restart): the read fails as a broken link (the mount goes offline), it never gives
+    the bytes that came as the whole file."""
+    server = RawHttp(lambda _c, _r, _path: Cut(http_answer(b"x" * 100_000)[:30_000]))
+    getter = getter_of(server)
+    try:
+        with pytest.raises(http.client.IncompleteRead):
+            getter.get(request_of("/f", 100_000))
+        answers = getter.get_many([request_of("/a", 100_000), request_of("/b", 100_000)])
+        assert all(isinstance(a, http.client.IncompleteRead) for a in answers), answers
+    finally:
+        getter.close()
+        server.close()
+
+
+def test_interim_answers_are_passed_over_and_answers_stay_with_their_requests() -> None:
+    """A 102 Processing or 103 Early Hints before each answer (WebDAV servers may send
+    them): each file gets its own bytes, pipelined or not, and the connection is reused."""
+    bodies = {f"/f{i}": os.urandom(50 + i) for i in range(12)}
+    server = RawHttp(lambda _c, _r, path: b"HTTP/1.1 102 Processing\r\n\r\n"
+                     b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + http_answer(bodies[path]))
+    getter = getter_of(server)
+    try:
+        answers = getter.get_many([request_of(path) for path in bodies])
+        assert [a.body for a in answers] == list(bodies.values())  # type: ignore[union-attr]
+        assert getter.get(request_of("/f3")).body == bodies["/f3"]
+        assert server.connections == 1
+    finally:
+        getter.close()
+        server.close()
+
+
+def test_a_connection_ended_before_answering_is_tried_again_on_a_new_one() -> None:
+    """A kept connection the server ends when the next request comes, unanswered (as a
+    server does whose keep-alive ran out as the request crossed): sent again on a new
+    connection, no error."""
+    server = RawHttp(lambda _c, request, path: http_answer(path.encode()) if request == 1 else b"")
+    getter = getter_of(server)
+    try:
+        for path in ("/a", "/b", "/c"):
+            assert getter.get(request_of(path)).body == path.encode()
+        assert server.connections == 3
+    finally:
+        getter.close()
+        server.close()
+
+
+def test_a_server_that_leaves_pipelined_requests_unanswered_gets_one_at_a_time() -> None:
+    """A server (or a box on the way) that loses the requests sent behind the one it is
+    answering: one timeout, the rest answered one at a time, and no more pipelining from
+    then on (each answer with its own request's bytes)."""
+    server = RawHttp(lambda _c, _r, path: http_answer(path.encode()), drop_pipelined=True)
+    getter = getter_of(server, timeout=1.0)
+    try:
+        start = time.monotonic()
+        answers = getter.get_many([request_of(f"/f{i}") for i in range(6)])
+        assert time.monotonic() - start < 2.5
+        assert [a.body for a in answers] == [f"/f{i}".encode() for i in range(6)]  # type: ignore[union-attr]
+        assert getter.window == 1
+        start = time.monotonic()
+        answers = getter.get_many([request_of(f"/g{i}") for i in range(6)])
+        assert time.monotonic() - start < 0.5
+        assert [a.body for a in answers] == [f"/g{i}".encode() for i in range(6)]  # type: ignore[union-attr]
+    finally:
+        getter.close()
+        server.close()
+
+
+def test_gets_are_pipelined_on_a_distant_server(davd: DavServer, share: Path) -> None:
+    """40 small files through a 100 ms link: pipelined, a few round trips for them all
+    (one after another they would take 40)."""
+    from devtools.wanrelay import WanRelay
+
+    for i in range(40):
+        (share / f"f{i}").write_bytes(b"%d" % i)
+    with WanRelay(target=(davd.host, davd.port), rtt_ms=100, rate_bit=100e6) as relay:
+        remote = remote_of(davd, port=relay.port, timeout=5.0)
+        try:
+            remote.connect()
+            remote.read(b"f0", 0, 1)  # (the connection made)
+            start = time.monotonic()
+            got = remote.read_many([(b"f%d" % i, len(b"%d" % i)) for i in range(40)])
+            took = time.monotonic() - start
+            assert [a[0] for a in got] == [b"%d" % i for i in range(40)]  # type: ignore[index]
+            assert took < 1.0, f"{took:.2f} s: 10 round trips or more"
+        finally:
+            remote.close()
+
+
+def test_read_many_with_the_server_gone_is_unreachable(davd: DavServer, dav: DavRemote, share: Path) -> None:
+    """The server gone between two reads: read_many, like read, says the link is down
+    (the mount goes offline), never a bare socket error."""
+    (share / "f").write_bytes(b"x")
+    dav.read_many([(b"f", 1), (b"f", 1)])
+    davd.stop()
+    with pytest.raises(RemoteUnreachable):
+        dav.read_many([(b"f", 1), (b"f", 1)])
+    with pytest.raises(RemoteUnreachable):
+        dav.read(b"f", 0, 1)
 
 
 def test_read_many_reads_the_size_given_and_a_server_ignoring_ranges_is_cut_short(

@@ -7,11 +7,15 @@ Why not httpx, which ``DavRemote`` uses for every other request: a 4 KiB GET cos
 loopback against Apache, 1,000 GETs: 590, 210 and 90 us each, wall clock), and a cold read
 of small files is a GET per file. Pipelining (RFC 9112 9.3: a server answers in the order
 asked) keeps up to ``WINDOW`` requests on their way; a server that ends the connection
-midway (Apache after ``MaxKeepAliveRequests``) gets the rest on a new one.
+midway (Apache after ``MaxKeepAliveRequests``) gets the rest on a new one; one that leaves
+pipelined requests unanswered until the timeout gets no more pipelining (logged once).
+An answer is taken only whole: a body shorter than its ``Content-Length`` (a connection cut
+midway) is ``http.client.IncompleteRead``, never a short file; interim answers (1xx) are
+passed over; a connection with bytes left over after its answers is not used again.
 
-Owns: its connections (at most ``keep`` kept idle; one the server closed while idle is
-dropped before use, and requests whose kept connection turns out closed before any answer
-are sent once more on a new one), their socket timeout (every connect, send and receive
+Owns: its connections (at most ``keep`` kept idle, none longer than ``IDLE_MOST``; one the
+server closed while idle is dropped before use, and requests whose kept connection turns
+out closed before any answer are sent once more on a new one), their socket timeout (every connect, send and receive
 bounded by it), the reading of an answer's body.
 Must not touch: authentication (the caller gives the header), what a status means (``dav.py``
 maps them), anything but its own sockets.
@@ -19,19 +23,26 @@ maps them), anything but its own sockets.
 from __future__ import annotations
 
 import http.client
-import io
+import logging
 import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 #: an error answer's body is read up to this much (for the connection to be reused), no more
 ERROR_BODY_MOST = 64 << 10
 CHUNK = 1 << 20
 #: requests sent ahead of the answer being read, on one connection
 WINDOW = 16
+#: a connection idle longer than this is not used again (httpx's keep-alive expiry: a NAT
+#: or firewall may have forgotten it without a word)
+IDLE_MOST = 30.0
+READ_BUFFER = 256 << 10
 #: what a kept connection closed by the server meanwhile shows before any answer
 _CLOSED_MEANWHILE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                      ConnectionAbortedError)
@@ -88,6 +99,8 @@ class Getter:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._closed = False
+        #: requests sent ahead on a connection (1 once the server left some unanswered)
+        self.window = WINDOW
 
     def get(self, request: Request) -> Answer:
         """One GET. Of a 206 answer the body (at most ``length`` bytes); of a 200 answer
@@ -103,45 +116,62 @@ class Getter:
 
     def get_many(self, requests: list[Request]) -> list[Answer | BaseException]:
         """GETs pipelined on one connection, their answers in order (each as ``get`` gives
-        it). Those the server ends the connection before: sent again on a new one. A
-        failure with nothing answered on a new connection is that request's and the
-        rest's (they are not tried once more); ``GetterClosed`` is raised."""
+        it). Those the server ends the connection before (``Connection: close``, or closed
+        without a word): sent again on a new one. Answers that stop coming midway (no byte
+        within the timeout): the rest sent again one at a time on a new connection, and if
+        that one answers, the server is taken to leave pipelined requests unanswered (one
+        at a time from then on, logged once). A failure with nothing answered is that
+        request's and the rest's: not tried again (a silent link costs one timeout, or two
+        where it fell silent midway through a pipeline). ``GetterClosed`` is raised."""
         out: list[Answer | BaseException] = []
+        window = self.window
+        doubted = False  # (answers stopped midway: the rest go one at a time)
         while len(out) < len(requests):
-            conn, reused = self._take()
             before = len(out)
             try:
-                self._pipeline(conn, requests[before:], out)
-            except GetterClosed:
-                self._give_back(conn, reusable=False)
-                raise
+                conn, reused = self._take()
             except (OSError, http.client.HTTPException) as exc:
-                self._give_back(conn, reusable=False)
-                if len(out) > before:
-                    continue  # (answers came: the rest on a new connection)
-                if reused and isinstance(exc, _CLOSED_MEANWHILE):
-                    continue  # (an idle connection the server had ended: once more)
-                out.extend(exc for _ in requests[len(out):])
+                out.extend(exc for _ in requests[before:])
                 break
-            except BaseException:
-                self._give_back(conn, reusable=False)
-                raise
-            self._give_back(conn, reusable=conn.clean)
+            failed: OSError | http.client.HTTPException | None = None
+            try:
+                self._pipeline(conn, requests[before:], out, window)
+            except (OSError, http.client.HTTPException) as exc:
+                failed = exc
+            finally:  # (whatever escapes: the connection is dropped)
+                self._give_back(conn, reusable=failed is None and conn.clean and len(out) == len(requests))
+            if doubted and len(out) > before and self.window > 1:
+                self.window = 1
+                log.warning("the server leaves pipelined requests unanswered: one request at a "
+                            "time from now on")
+            if failed is None:
+                continue
+            if isinstance(failed, TimeoutError):
+                if len(out) > before and window > 1:
+                    window, doubted = 1, True
+                    continue
+            elif len(out) > before or (reused and isinstance(failed, _CLOSED_MEANWHILE)):
+                continue  # (ended midway, or an idle connection the server had ended)
+            out.extend(failed for _ in requests[len(out):])
+            break
         return out
 
-    def _pipeline(self, conn: _Connection, requests: list[Request], out: list[Answer | BaseException]) -> None:
-        """Answers of ``requests`` sent on ``conn``, appended to ``out`` as they come; stops
-        early (``conn.clean`` False) where the server says it closes the connection."""
-        sent = min(WINDOW, len(requests))
+    def _pipeline(self, conn: _Connection, requests: list[Request], out: list[Answer | BaseException],
+                  window: int) -> None:
+        """Answers of ``requests`` sent on ``conn`` (``window`` ahead), appended to ``out``
+        as they come; stops early (``conn.clean`` False) where the server says it closes
+        the connection."""
+        sent = min(window, len(requests))
         conn.send(b"".join(self._encode(r) for r in requests[:sent]))
-        for i, request in enumerate(requests):
-            answer = conn.answer(request)
-            out.append(answer)
+        for request in requests:
+            out.append(conn.answer(request))
             if not conn.clean:
                 return
             if sent < len(requests):
                 conn.send(self._encode(requests[sent]))
                 sent += 1
+        if conn.reader.buffered():  # (answers no request was for: never used again)
+            conn.clean = False
 
     def _encode(self, request: Request) -> bytes:
         lines = [f"GET {request.target} HTTP/1.1", f"Host: {self._host_header}"]
@@ -157,9 +187,10 @@ class Getter:
         with self._lock:
             if self._closed:
                 raise GetterClosed()
+            now = time.monotonic()
             while self._idle:
                 conn = self._idle.pop()
-                if conn.still_open():
+                if now - conn.idle_since < IDLE_MOST and conn.still_open():
                     self._busy.add(conn)
                     return conn, True
                 conn.close()
@@ -175,6 +206,7 @@ class Getter:
         with self._lock:
             self._busy.discard(conn)
             if reusable and not self._closed and len(self._idle) < self._keep:
+                conn.idle_since = time.monotonic()
                 self._idle.append(conn)
                 return
         conn.close()
@@ -192,24 +224,89 @@ class Getter:
             conn.shut_down()
 
 
-class _KeptReader(io.BufferedReader):
-    """The connection's buffered reader, shared by its answers: an answer that is read to
-    its end closes its reader, which must stay open for the next answer."""
+class _Reader:
+    """A connection's buffered reader, shared by its answers (``http.client.HTTPResponse``
+    reads a status line and headers by ``readline``, a body by ``read`` or ``readinto``):
+    unlike ``io.BufferedReader`` it tells how many bytes it holds (``buffered``), and an
+    answer read to its end does not close it (``close``: nothing; ``really_close``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def _fill(self, most: int) -> bool:
+        data = self._sock.recv(max(most, READ_BUFFER))
+        if not data:
+            return False
+        self._buf += data
+        return True
+
+    def readline(self, limit: int = -1) -> bytes:
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0 or (0 <= limit <= len(self._buf)) or not self._fill(READ_BUFFER):
+                break
+        if end < 0:
+            end = len(self._buf) - 1
+        end = end + 1 if limit < 0 else min(end + 1, limit)
+        line = bytes(self._buf[:end])
+        del self._buf[:end]
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill(READ_BUFFER):
+                pass
+            size = len(self._buf)
+        if len(self._buf) >= size:
+            data = bytes(self._buf[:size])
+            del self._buf[:size]
+            return data
+        out = bytearray(size)  # (a large body: received straight into its buffer)
+        view = memoryview(out)
+        got = len(self._buf)
+        view[:got] = self._buf
+        self._buf.clear()
+        while got < size:
+            n = self._sock.recv_into(view[got:])
+            if not n:
+                break
+            got += n
+        return bytes(view[:got]) if got < size else bytes(out)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def peek(self, size: int = 0) -> bytes:
+        if not self._buf:
+            self._fill(READ_BUFFER)
+        return bytes(self._buf)
+
+    def read1(self, size: int = -1) -> bytes:
+        if not self._buf:
+            self._fill(READ_BUFFER)
+        size = len(self._buf) if size < 0 else min(size, len(self._buf))
+        return self.read(size)
 
     def close(self) -> None:
         pass
 
     def really_close(self) -> None:
-        super().close()
+        self._buf = bytearray()
 
 
 class _Source:
     """What ``http.client.HTTPResponse`` reads from: the connection's one reader."""
 
-    def __init__(self, reader: _KeptReader) -> None:
+    def __init__(self, reader: _Reader) -> None:
         self._reader = reader
 
-    def makefile(self, *_args: Any, **_kwargs: Any) -> _KeptReader:
+    def makefile(self, *_args: Any, **_kwargs: Any) -> _Reader:
         return self._reader
 
 
@@ -226,24 +323,38 @@ class _Connection:
             sock.close()
             raise
         self.sock = sock
-        self.reader = _KeptReader(socket.SocketIO(sock, "rb"), 256 << 10)
+        self.reader = _Reader(sock)
         self.source = _Source(self.reader)
         #: every answer so far read to its end, and none said it closes the connection
         self.clean = True
+        self.idle_since = 0.0
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def answer(self, request: Request) -> Answer:
-        response = http.client.HTTPResponse(self.source, method="GET")  # type: ignore[arg-type]
-        response.begin()
+        """The answer to ``request``, the next on this connection (interim ones passed
+        over); its body as ``Getter.get`` says, whole or ``IncompleteRead``."""
+        while True:
+            response = http.client.HTTPResponse(self.source, method="GET")  # type: ignore[arg-type]
+            response.begin()
+            if not 100 <= response.status < 200:
+                break
+            if response.status == 101:  # (no protocol switch was asked for)
+                raise http.client.HTTPException("the server switched protocols unasked")
         status = response.status
+        promised = response.length  # (None: chunked, or until the connection ends)
         if status == 206:
-            body = response.read(request.length)
+            want = request.length if promised is None else min(request.length, promised)
+            body = response.read(want)
         elif status == 200:
+            want = request.length if promised is None else max(0, min(request.length, promised - request.offset))
             body = take(iter(lambda: response.read(CHUNK), b""), request.offset, request.length)
         else:
+            want = 0
             body = response.read(ERROR_BODY_MOST)
+        if len(body) < want and promised is not None:
+            raise http.client.IncompleteRead(body, want - len(body))  # (cut midway: not the end)
         if not response.isclosed() or response.will_close:
             self.clean = False
         return Answer(status, response.reason, response.msg, body)
@@ -251,6 +362,8 @@ class _Connection:
     def still_open(self) -> bool:
         """An idle connection readable (the server closed it, or sent what was not asked
         for) is not reused."""
+        if self.reader.buffered():
+            return False
         try:
             readable, _w, _x = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
