@@ -467,6 +467,36 @@ def test_pinned_folder_reads_whole_with_server_stopped(backend: Backend) -> None
         assert status(mnt)["pinned"] == ["/docs"]
 
 
+def test_a_walk_through_small_files_brings_the_next_folders_ahead(backend: Backend) -> None:
+    """On a fast link too: the second small file read in a folder looks like a program
+    going through a tree (grep -r, tar, a build); the folder's other small files and those
+    of its listed sibling folders are fetched in the background (the same cap as on a slow
+    link, 4 MiB), so the next folders do not each begin with a wait. The bytes that come
+    are the server's; a folder not listed yet is not fetched; a big file is not."""
+    share = backend.share
+    folders = [f"d{i:02d}" for i in range(8)]
+    files = {f"{name}/f{j}": os.urandom(500 + j) for name in folders for j in range(4)}
+    for rel, data in files.items():
+        (share / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (share / "tree" / rel).write_bytes(data)
+    (share / "tree" / "d00" / "big.bin").write_bytes(os.urandom(2 * MiB))
+    (share / "other").mkdir()
+    (share / "other" / "f").write_bytes(b"not listed")
+    with backend.mount() as mount:
+        tree = mount.mountpoint / "tree"
+        for name in folders:  # (listed: what a walk's look-ahead does)
+            listdir(tree / name)
+        for rel in ("d00/f0", "d00/f1"):
+            assert (tree / rel).read_bytes() == files[rel]
+        wait_for(lambda: all(state(tree / rel) == "cached" for rel in files), 10,
+                 "the small files of the folder and of its siblings to be cached")
+        assert state(tree / "d00" / "big.bin") == "remote"
+        assert state(mount.mountpoint / "other" / "f") == "remote"
+        backend.go_offline()
+        for rel, data in files.items():
+            assert read_bounded(tree / rel) == data, rel
+
+
 def test_cache_size_limit_evicts_lru_but_not_pinned(backend: Backend) -> None:
     share = backend.share
     limit = 2 * MiB

@@ -315,19 +315,20 @@ class Content:
 
     def _note_small_read(self, folder: int, at_once: bool = False) -> None:
         """A second small file read whole in a folder looks like a program going through
-        its files (a build, grep -r, tar): fetch the rest of its small files at once.
+        its files (a build, grep -r, tar): fetch the rest of its small files at once, and
+        those of its sibling folders (those listed already, the next ones in listing order
+        first, then those before, up to ``CHAIN_FOLDERS`` folders and ``CHAIN_BYTES``): a
+        program going through a tree's files reads those next (a build; git's
+        objects/xx/, read in hash order), and each folder would otherwise begin with a
+        wait (on loopback WebDAV, 1,000 files of 4 KiB in 100 folders read cold:
+        1,112-1,168 files/s with the folder alone, 1,693-1,968 with its siblings).
 
         ``at_once`` (a slow link, where a round trip costs more than the bytes): the
-        first read does, and the small files of its sibling folders come too (those
-        listed already, the next ones in listing order first, then those before, up to
-        ``CHAIN_FOLDERS`` folders and ``CHAIN_BYTES``): a program going through a tree's
-        files reads those next (a build; git's objects/xx/, read in hash order), and each
-        folder would otherwise begin with a wait."""
+        first read does."""
         count = self._small_reads[folder] = self._small_reads.get(folder, 0) + 1
         if count == (1 if at_once else 2) and self._nursery is not None:
             self._prefetch(folder, first=True)
-            if at_once:  # (the siblings' files are looked at once the read's own fetch is sent)
-                self._nursery.start_soon(self._prefetch_siblings, folder)
+            self._nursery.start_soon(self._prefetch_siblings, folder)
 
     async def _prefetch_siblings(self, folder: int) -> None:
         """Queue the small files of ``folder``'s listed sibling folders, up to
