@@ -353,6 +353,7 @@ class Operations(pyfuse3.Operations):
             head = [(b".", _dot(control.DIR_INO)), (b"..", _dot(ROOT_INO))]
         else:
             nodes = await self.cache.listdir(inode, prefetch_subfolders=True)
+            self.cache.folder_opened(inode, nodes)  # (its small files' contents read ahead)
             entries = self._entries_of(inode, nodes)
             head = self._dots(inode)
             if inode == ROOT_INO and self.show_control_dir:

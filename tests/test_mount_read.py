@@ -32,6 +32,7 @@ import pytest
 
 from devtools.devserver import SshServer
 from tests.fixtures.mount import MOUNT_SCRIPT, REPO, Mount, fusermount_unmount, is_mounted, status
+from tests.test_writes import wait_for
 
 HEARTBEAT = 1.0
 TIMEOUT = 2.0
@@ -604,3 +605,57 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return int(out.stdout.strip())
+
+
+def _drop_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # (dirty pages are not dropped)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_folder_opened_after_a_remount_has_its_small_files_read_ahead(
+        mount_factory, share: Path, tmp_path: Path, encrypted: bool) -> None:
+    """The first opendir of a folder by the mount process reads the content files of its
+    small whole files into the page cache in the background (an encrypted cache's too: its
+    reads decrypt them from there), so that a program reading them next waits for no disk;
+    a large file's is left alone."""
+    args: list[str] = []
+    if encrypted:
+        (tmp_path / "key").write_bytes(os.urandom(32).hex().encode())
+        os.chmod(tmp_path / "key", 0o600)
+        args = ["--cache-key-file", str(tmp_path / "key")]
+    datas = {f"f{i}": os.urandom(4096 + i) for i in range(5)}
+    datas["large"] = os.urandom(1 << 20)
+    (share / "tree").mkdir()
+    for name, data in datas.items():
+        (share / "tree" / name).write_bytes(data)
+    first = mount_factory(*args).start()
+    for name, data in datas.items():
+        assert (first.mountpoint / "tree" / name).read_bytes() == data
+    time.sleep(1.5)  # the checkpoint marks the contents whole
+    first.stop()
+    contents = sorted((p for p in (first.cache_dir / "data").rglob("*") if p.is_file()),
+                      key=lambda p: p.stat().st_size)
+    assert len(contents) == len(datas), f"not one content file per file: {contents}"
+    large = contents.pop()
+    for path in [*contents, large]:
+        _drop_pages(path)
+    assert sum(_resident(p) for p in [*contents, large]) == 0, "the page cache kept them"
+    mount = mount_factory(*args).start()
+    assert sorted(os.listdir(mount.mountpoint / "tree")) == sorted(datas)
+    wait_for(lambda: all(_resident(p) >= p.stat().st_size for p in contents), 10,
+             "the small files' content files read ahead after the opendir")
+    assert _resident(large) == 0, "a large file's content was read ahead"
+    for name, data in datas.items():
+        assert (mount.mountpoint / "tree" / name).read_bytes() == data

@@ -12,7 +12,9 @@ part owns its state; see their modules:
 - ``files.Files``: open files, reads, release, orphans, passthrough backings (with
   ``handles.Opens``, the open counts);
 - ``writes.Writes``: the write path, held sizes, truncation, attributes, commits and
-  checksums; ``names.Names``: create, mkdir, symlink, link, unlink, rmdir, rename.
+  checksums; ``names.Names``: create, mkdir, symlink, link, unlink, rmdir, rename;
+- ``ahead.ContentsAhead``: the contents of a folder's small files read into the page
+  cache in the background at its first opendir.
 
 Parts are built listings, content, writes, names, files (with ``Opens`` first); a part
 calls only parts built before it, and reaches
@@ -51,6 +53,7 @@ from ..store.index import (CONFLICT, DAMAGED, DIRTY, FULL, KEPT, LISTED, PINNED,
 from ..store.index import LOCAL_ONLY
 from ..store.records import Version
 from .common import CONTROL_NAME, CacheConfig, Kernel, LocalCopyName, local_copy_name
+from .ahead import ContentsAhead
 from .callbacks import Callbacks
 from .reconcile import Reconcile
 from .content import Content
@@ -103,6 +106,8 @@ class Cache:
         self._callbacks = Callbacks(store, conn, self._listings, self._kernel, self.config.callbacks)
         self._xattrs = Xattrs(store, conn, self._listings, self._writes.journal, changed or _nothing)
         self._content.fetched = self._xattrs.read_ahead
+        self._ahead = ContentsAhead(store, self._opens, self._listings.children,
+                                    self._listings.sibling_folders)
         self._space: SpaceInfo | None = None
         self._nursery: trio.Nursery | None = None  # (the background work of ``run``)
         self._space_at = 0.0
@@ -116,6 +121,7 @@ class Cache:
         self.listdir = self._listings.listdir
         self.derived = self._listings.derived
         self.readlink = self._listings.readlink
+        self.folder_opened = self._ahead.opened
         self.open = self._files.open
         self.create = self._files.create
         self.read = self._files.read
@@ -163,6 +169,7 @@ class Cache:
             self._listings.start(nursery)
             self._xattrs.start(nursery)
             nursery.start_soon(self._callbacks.run)
+            nursery.start_soon(self._ahead.run)
             task_status.started()
             try:
                 while True:
