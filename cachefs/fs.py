@@ -166,6 +166,18 @@ class KernelNotifier(Kernel):
         except OSError as exc:
             log.warning("closing backing file %d failed: %s", backing_id, exc)
 
+    def store(self, ino: int, data: bytes) -> bool:
+        # Called while the open request is answered, on the trio thread: the kernel copies
+        # the bytes into the inode's pages at once (the opener holds no lock on them).
+        if self._nursery is None:
+            return False
+        try:
+            pyfuse3.notify_store(ino, 0, data)
+        except OSError as exc:
+            log.debug("kernel store of inode %d: %s", ino, exc)
+            return False
+        return True
+
     def invalidate_inode(self, ino: int) -> None:
         self._spawn(pyfuse3.invalidate_inode, ino)
 

@@ -7,6 +7,7 @@ and a conflict that only an ETag can see (same size, same mtime second).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import http.client
 import http.server
@@ -707,8 +708,9 @@ def test_an_upload_costs_four_round_trips(dav: DavRemote, share: Path, tmp_path:
     source.write_bytes(b"x")
     (share / "f").write_bytes(b"y")
     sent: list[str] = []
-    real = dav._request
-    monkeypatch.setattr(dav, "_request", lambda m, *a, **k: (sent.append(m), real(m, *a, **k))[1])
+    real, encode = dav._send, Getter._encode
+    monkeypatch.setattr(dav, "_send", lambda m, *a, **k: (sent.append(m), real(m, *a, **k))[1])
+    monkeypatch.setattr(Getter, "_encode", lambda g, r: (sent.append(r.method), encode(g, r))[1])
     [outcome] = dav.upload_many([Upload(b"f", str(source), 0o644, b".f.tmp", None, lambda f: True)])
     assert isinstance(outcome, RemoteStat)
     assert sent == ["PROPFIND", "PUT", "PROPFIND", "MOVE"]
@@ -1717,7 +1719,9 @@ class SlowUplink:
                 continue
             except OSError:
                 return
-            if not data:
+            if not data:  # (the end passed on, as a TCP path does: the other side sees it)
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
                 return
             try:
                 sink.sendall(data)

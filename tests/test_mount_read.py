@@ -659,3 +659,46 @@ def test_a_folder_opened_after_a_remount_has_its_small_files_read_ahead(
     assert _resident(large) == 0, "a large file's content was read ahead"
     for name, data in datas.items():
         assert (mount.mountpoint / "tree" / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_small_file_opened_first_after_a_remount_comes_with_its_open(
+        mount_factory, share: Path, tmp_path: Path, encrypted: bool) -> None:
+    """The first open of a small cached file by the mount process puts its bytes in the
+    kernel's page cache with the open's answer (FUSE notify_store): the program's read asks
+    nothing more of the mount. The bytes are the file's; a larger file's are not stored; a
+    change on the server is read, not the pages stored before it."""
+    args: list[str] = []
+    if encrypted:
+        (tmp_path / "key").write_bytes(os.urandom(32).hex().encode())
+        os.chmod(tmp_path / "key", 0o600)
+        args = ["--cache-key-file", str(tmp_path / "key")]
+    datas = {f"f{i}": os.urandom(3000 + i) for i in range(5)}
+    datas["large"] = os.urandom(200 << 10)  # (over the size stored, under passthrough's)
+    (share / "tree").mkdir()
+    for name, data in datas.items():
+        (share / "tree" / name).write_bytes(data)
+    first = mount_factory(*args).start()
+    for name, data in datas.items():
+        assert (first.mountpoint / "tree" / name).read_bytes() == data
+    time.sleep(1.5)  # the checkpoint marks the contents whole
+    first.stop()
+    mount = mount_factory(*args).start()
+    tree = mount.mountpoint / "tree"
+    assert sorted(os.listdir(tree)) == sorted(datas)
+    contents = [p for p in (mount.cache_dir / "data").rglob("*") if p.is_file() and p.stat().st_size < 64 << 10]
+    wait_for(lambda: all(_resident(p) >= p.stat().st_size for p in contents), 10,
+             "the small files' content files read ahead after the opendir")
+    for name in sorted(datas):
+        # (fincore opens the file, then asks which of its pages the kernel holds: no read)
+        resident = _resident(tree / name)
+        if name == "large":
+            assert resident == 0, "a large file's bytes were stored with its open"
+        else:
+            pages = -(-len(datas[name]) // 4096) * 4096
+            assert resident == pages, f"{name}: {resident} bytes came with the open"
+    for name, data in datas.items():
+        assert (tree / name).read_bytes() == data
+    (share / "tree" / "f0").write_bytes(b"changed on the server")
+    time.sleep(float(ATTR_TIMEOUT) + 0.5)
+    assert (tree / "f0").read_bytes() == b"changed on the server"

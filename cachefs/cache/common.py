@@ -47,6 +47,11 @@ class Kernel:
     def backing_close(self, backing_id: int) -> None:
         pass
 
+    def store(self, ino: int, data: bytes) -> bool:
+        """Put ``data`` into the kernel's page cache of ``ino`` from offset 0 (FUSE
+        notify_store), so that reads of it ask nothing of this process; whether it went."""
+        return False
+
     @property
     def passthrough(self) -> bool:  # whether backing_open may succeed
         return False

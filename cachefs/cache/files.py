@@ -44,6 +44,9 @@ READ_BUFFER = 1 << 20  # the largest read FUSE sends (max_pages 256)
 #: ``Files._pass_through``); smaller ones are served once and then from the FUSE page cache,
 #: which passthrough would bypass for two more system calls per open
 PASSTHROUGH_MIN = 1 << 20
+#: files up to this size have their bytes given to the kernel at their first open by this
+#: process (``Files._store_in_kernel``)
+STORE_MOST = 64 << 10
 
 
 class Files:
@@ -89,6 +92,9 @@ class Files:
             os.close(fd)
             raise
         opens = self.opens  # (the open counts of Opens, kept inline: the hot path)
+        if not writable and not handle.backing and not handle.changed and 0 < node.size <= STORE_MOST \
+                and ino not in opens.last_use:
+            self._store_in_kernel(handle, node)
         opens.count[ino] = opens.count.get(ino, 0) + 1
         opens.last_use[ino] = time.time()
         if writable:
@@ -98,6 +104,20 @@ class Files:
             elif not node.has(FULL):
                 self._writes.mark_full(ino)
         return handle
+
+    def _store_in_kernel(self, handle: OpenFile, node: Node) -> None:
+        """The first open of a small file by this process (the kernel has none of its
+        pages: after a remount, say): its bytes go into the kernel's page cache with the
+        open's answer (``Kernel.store``), where the content file has them in memory, so
+        that the program's read asks nothing of this process: one FUSE request (and its
+        wake-ups) less per file. The same bytes a read would get; opens after it keep the
+        kernel's pages as any other (``keep_cache``), and a remote change drops them as
+        any other."""
+        if not node.has(FULL) and not self._content.present(node.ino, node.size):
+            return
+        data = self.store.content.pread_cached(handle.fd, node.size, 0)
+        if data is not None and len(data) == node.size:
+            self.kernel.store(node.ino, bytes(data))
 
     async def _prepare_writer(self, node: Node, truncating: bool) -> None:
         """Before a writer's open: the file whole here (unless cut to nothing), no fetch

@@ -1,6 +1,7 @@
-"""GETs for the WebDAV backend (``dav.py``) on plain sockets and the standard library's HTTP
-answer parser: a small pool of keep-alive connections, each used by one thread at a time,
-and several GETs pipelined on one connection (``get_many``).
+"""The WebDAV backend's reads (``dav.py``: GETs, and PROPFINDs, which change nothing either)
+on plain sockets and the standard library's HTTP answer parser: a small pool of keep-alive
+connections, each used by one thread at a time, and several requests pipelined on one
+connection (``get_many``).
 
 Why not httpx, which ``DavRemote`` uses for every other request: a 4 KiB GET costs about
 0.50 ms of CPU through httpx, 0.10 ms through ``http.client``, 0.04 ms pipelined (measured on
@@ -73,15 +74,19 @@ class GetterClosed(Exception):
 
 class Request:
     """One GET: its target (path and query, percent-encoded), headers, and the part of the
-    file wanted (``offset``, ``length``: see ``Getter.get``)."""
+    file wanted (``offset``, ``length``: see ``Getter.get``); or another request that reads
+    (``method``: PROPFIND), with its ``body``, whose answer's body is taken whole."""
 
-    __slots__ = ("target", "headers", "offset", "length")
+    __slots__ = ("target", "headers", "offset", "length", "method", "body")
 
-    def __init__(self, target: str, headers: dict[str, str], offset: int, length: int) -> None:
+    def __init__(self, target: str, headers: dict[str, str], offset: int = 0, length: int = 0,
+                 method: str = "GET", body: bytes = b"") -> None:
         self.target = target
         self.headers = headers
         self.offset = offset
         self.length = length
+        self.method = method
+        self.body = body
 
 
 class Getter:
@@ -174,14 +179,16 @@ class Getter:
             conn.clean = False
 
     def _encode(self, request: Request) -> bytes:
-        lines = [f"GET {request.target} HTTP/1.1", f"Host: {self._host_header}"]
+        lines = [f"{request.method} {request.target} HTTP/1.1", f"Host: {self._host_header}"]
+        if request.body:
+            lines.append(f"Content-Length: {len(request.body)}")
         for name, value in request.headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise http.client.InvalidURL(f"a line break in the header {name!r}")
             lines.append(f"{name}: {value}")
         if any(c in request.target for c in " \r\n"):
             raise http.client.InvalidURL("a space or line break in the target")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
 
     def _take(self) -> tuple[_Connection, bool]:
         with self._lock:
@@ -336,7 +343,7 @@ class _Connection:
         """The answer to ``request``, the next on this connection (interim ones passed
         over); its body as ``Getter.get`` says, whole or ``IncompleteRead``."""
         while True:
-            response = http.client.HTTPResponse(self.source, method="GET")  # type: ignore[arg-type]
+            response = http.client.HTTPResponse(self.source, method=request.method)  # type: ignore[arg-type]
             response.begin()
             if not 100 <= response.status < 200:
                 break
@@ -344,7 +351,10 @@ class _Connection:
                 raise http.client.HTTPException("the server switched protocols unasked")
         status = response.status
         promised = response.length  # (None: chunked, or until the connection ends)
-        if status == 206:
+        if request.method != "GET" and 200 <= status < 300:
+            want = promised or 0
+            body = response.read()  # (chunked: a cut one is IncompleteRead)
+        elif status == 206:
             want = request.length if promised is None else min(request.length, promised)
             body = response.read(want)
         elif status == 200:
