@@ -623,20 +623,15 @@ def _drop_pages(path: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-def test_a_folder_opened_after_a_remount_has_its_small_files_read_ahead(
-        mount_factory, share: Path, tmp_path: Path, encrypted: bool) -> None:
-    """The first opendir of a folder by the mount process reads the content files of its
-    small whole files into the page cache in the background (an encrypted cache's too: its
-    reads decrypt them from there), so that a program reading them next waits for no disk;
-    a large file's is left alone."""
+def _cached_then_stopped(mount_factory, share: Path, tmp_path: Path, encrypted: bool,
+                         datas: dict[str, bytes]) -> tuple[list[str], Mount]:
+    """``datas`` as files of ``share/tree``, read whole through a first mount (plain or
+    encrypted cache), checkpointed and stopped: its options and that mount."""
     args: list[str] = []
     if encrypted:
         (tmp_path / "key").write_bytes(os.urandom(32).hex().encode())
         os.chmod(tmp_path / "key", 0o600)
         args = ["--cache-key-file", str(tmp_path / "key")]
-    datas = {f"f{i}": os.urandom(4096 + i) for i in range(5)}
-    datas["large"] = os.urandom(1 << 20)
     (share / "tree").mkdir()
     for name, data in datas.items():
         (share / "tree" / name).write_bytes(data)
@@ -645,6 +640,19 @@ def test_a_folder_opened_after_a_remount_has_its_small_files_read_ahead(
         assert (first.mountpoint / "tree" / name).read_bytes() == data
     time.sleep(1.5)  # the checkpoint marks the contents whole
     first.stop()
+    return args, first
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_folder_opened_after_a_remount_has_its_small_files_read_ahead(
+        mount_factory, share: Path, tmp_path: Path, encrypted: bool) -> None:
+    """The first opendir of a folder by the mount process reads the content files of its
+    small whole files into the page cache in the background (an encrypted cache's too: its
+    reads decrypt them from there), so that a program reading them next waits for no disk;
+    a large file's is left alone."""
+    datas = {f"f{i}": os.urandom(4096 + i) for i in range(5)}
+    datas["large"] = os.urandom(1 << 20)
+    args, first = _cached_then_stopped(mount_factory, share, tmp_path, encrypted, datas)
     contents = sorted((p for p in (first.cache_dir / "data").rglob("*") if p.is_file()),
                       key=lambda p: p.stat().st_size)
     assert len(contents) == len(datas), f"not one content file per file: {contents}"
@@ -668,21 +676,9 @@ def test_a_small_file_opened_first_after_a_remount_comes_with_its_open(
     kernel's page cache with the open's answer (FUSE notify_store): the program's read asks
     nothing more of the mount. The bytes are the file's; a larger file's are not stored; a
     change on the server is read, not the pages stored before it."""
-    args: list[str] = []
-    if encrypted:
-        (tmp_path / "key").write_bytes(os.urandom(32).hex().encode())
-        os.chmod(tmp_path / "key", 0o600)
-        args = ["--cache-key-file", str(tmp_path / "key")]
     datas = {f"f{i}": os.urandom(3000 + i) for i in range(5)}
     datas["large"] = os.urandom(200 << 10)  # (over the size stored, under passthrough's)
-    (share / "tree").mkdir()
-    for name, data in datas.items():
-        (share / "tree" / name).write_bytes(data)
-    first = mount_factory(*args).start()
-    for name, data in datas.items():
-        assert (first.mountpoint / "tree" / name).read_bytes() == data
-    time.sleep(1.5)  # the checkpoint marks the contents whole
-    first.stop()
+    args, _first = _cached_then_stopped(mount_factory, share, tmp_path, encrypted, datas)
     mount = mount_factory(*args).start()
     tree = mount.mountpoint / "tree"
     assert sorted(os.listdir(tree)) == sorted(datas)
