@@ -698,3 +698,74 @@ def test_a_small_file_opened_first_after_a_remount_comes_with_its_open(
     (share / "tree" / "f0").write_bytes(b"changed on the server")
     time.sleep(float(ATTR_TIMEOUT) + 0.5)
     assert (tree / "f0").read_bytes() == b"changed on the server"
+
+
+WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)
+os.pwrite(fd, b"\\0" * 4096, 0)
+print("ready", flush=True)
+end, k = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    k += 1
+    page = bytes([k % 251 + 1]) * 4096
+    os.pwrite(fd, page, 0)
+    os.pwrite(fd, b"w" * 10, 4096 + k % 1000)  # (and a write inside the next page)
+    if os.pread(fd, 4096, 0) != page:
+        print("STALE", k, flush=True)
+        break
+os.close(fd)
+print("last", k % 251 + 1, flush=True)
+"""
+
+
+def test_a_file_being_written_opened_by_another_program_loses_nothing_and_hangs_nothing(
+        mount_factory, share: Path) -> None:
+    """Review of the bytes given with a first open: a file created here and still being
+    written, opened for the first time by another program (a log being tailed): no bytes
+    are put over the writer's (its next read gives what it wrote, the server gets its last
+    page) and the mount does not hang (the kernel holds a page locked while its write is
+    answered: a store into it from the answering thread waited for ever)."""
+    mount = mount_factory().start()
+    for trial in range(6):
+        path = mount.mountpoint / f"log{trial}"
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "1.5"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:  # (each open in a new program: a first open)
+                reader = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'rb').read()"])
+                deadline = time.monotonic() + 10
+                while reader.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if reader.poll() is None:  # (hung in the kernel: only an abort frees it)
+                    _abort_fuse_connection(mount.mountpoint)
+                    pytest.fail(f"trial {trial}: a reader's open hung with the writer writing")
+                assert reader.returncode == 0
+            out, _ = writer.communicate(timeout=20)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        assert "STALE" not in out, f"trial {trial}: a write was lost: {out}"
+        last = int(out.split()[-1])
+        assert path.read_bytes()[:4096] == bytes([last]) * 4096
+        command_sync = mount.mountpoint / ".cachefs" / "control"
+        command_sync.write_bytes(b"sync")
+        assert (share / path.name).read_bytes()[:4096] == bytes([last]) * 4096
+
+
+def _abort_fuse_connection(mountpoint: Path) -> None:
+    """Abort the FUSE connection of ``mountpoint`` (its fusectl ``abort``, fusectl mounted
+    for it when it is not): what frees programs and a mount process stuck in the kernel."""
+    device = next(line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(mountpoint))
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = not any(connections.iterdir())
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=False)
+    try:
+        (connections / device.split(":")[1] / "abort").write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], check=False)

@@ -103,6 +103,8 @@ QUOTA_BODY = (b'<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"
 XML_HEADERS = {"Content-Type": 'application/xml; charset="utf-8"'}
 #: a read larger than this goes as several ranged GETs side by side
 READ_PIECE = 4 << 20
+#: requests that share one pipeline at least (``DavRemote._pipelined``)
+PIPELINE_LEAST = 8
 UPLOAD_CHUNK = 1 << 20
 #: the most of a PUT's body that may still be on its way when httpx has handed over its
 #: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
@@ -534,13 +536,27 @@ class DavRemote(Remote):
             response = self._request("PROPFIND", path, {"Depth": depth, **XML_HEADERS}, PROPFIND_BODY,
                                      ok=(207,))
             return _parse_multistatus(response.content)
+        request = self._propfind_request(path, depth)  # (a bad path: its EINVAL, not the link's)
         try:
-            answer = getter.get(self._propfind_request(path, depth))
+            answer = getter.get(request)
         except GetterClosed:
             raise RemoteUnreachable(f"{self.description}: closed") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._get_failed(exc) from None
         return _parse_multistatus(self._answered(path, answer, "PROPFIND", (207,)).body)
+
+    def _pipelined(self, getter: Getter, requests: list[Request]) -> list[Answer | BaseException]:
+        """``requests`` pipelined, their answers in order: on up to ``parallelism``
+        connections side by side, ``PIPELINE_LEAST`` requests at least on each (a server
+        slow to answer each, as PHP ones are, must not make one pipeline of many outlast
+        the caller's bound on a call)."""
+        groups = max(1, min(self.parallelism, len(requests) // PIPELINE_LEAST))
+        if groups == 1:
+            return getter.get_many(requests)
+        size = -(-len(requests) // groups)
+        parts = self._side_by_side(getter.get_many, [requests[i:i + size]
+                                                     for i in range(0, len(requests), size)])
+        return [answer for part in parts for answer in part]
 
     def _propfind_request(self, path: bytes, depth: str) -> Request:
         return Request(self._url(path)[len(self._origin):],
@@ -601,7 +617,7 @@ class DavRemote(Remote):
         if getter is None or len(paths) <= 1:
             return self._side_by_side(one, paths)
         try:
-            answers = getter.get_many([self._propfind_request(path, "1") for path in paths])
+            answers = self._pipelined(getter, [self._propfind_request(path, "1") for path in paths])
         except GetterClosed:
             raise RemoteUnreachable(f"{self.description}: closed") from None
         out: list[list[tuple[bytes, RemoteStat]] | RemoteError] = []
@@ -666,8 +682,9 @@ class DavRemote(Remote):
     def _lean_get(self, getter: Getter, path: bytes, headers: dict[str, str], offset: int,
                   length: int) -> tuple[bytes, Answer]:
         """``_get_range`` through ``getter``; errors and statuses as ``_request`` gives them."""
+        request = self._get_request(path, headers, offset, length)  # (a bad path: its EINVAL)
         try:
-            answer = getter.get(self._get_request(path, headers, offset, length))
+            answer = getter.get(request)
         except GetterClosed:
             raise RemoteUnreachable(f"{self.description}: closed") from None
         except (OSError, http.client.HTTPException) as exc:
@@ -799,7 +816,7 @@ class DavRemote(Remote):
         if getter is None or len(items) <= 1:
             return self._side_by_side(one, items)
         try:
-            answers = getter.get_many([self._get_request(path, _range_of(0, max(1, size)), 0, max(1, size))
+            answers = self._pipelined(getter, [self._get_request(path, _range_of(0, max(1, size)), 0, max(1, size))
                                        for path, size in items])
         except GetterClosed:
             raise RemoteUnreachable(f"{self.description}: closed") from None
