@@ -923,7 +923,7 @@ def test_read_many_is_pipelined_on_one_connection_through_ended_connections(
         server = DavServer(tmp_path / f"davd-{limit}", share=share, keepalive_requests=limit)
         server.start()
         proxy = TcpProxy(server.host, server.port)
-        remote = remote_of(server, port=proxy.port)
+        remote = remote_of(server, port=proxy.port, connections=1)  # (one pipeline)
         try:
             remote.connect()
             before = proxy.accepted_connections
@@ -1136,6 +1136,57 @@ def test_gets_are_pipelined_on_a_distant_server(davd: DavServer, share: Path) ->
             assert took < 1.0, f"{took:.2f} s: 10 round trips or more"
         finally:
             remote.close()
+
+
+def test_many_files_from_a_server_slow_to_answer_each_go_on_several_connections() -> None:
+    """A server that takes 0.2 s over each answer (PHP behind the web server): 32 small
+    files in one read_many are pipelined on --connections connections side by side, not
+    one pipeline of 32 (6.4 s, past the bound on a call with a short timeout)."""
+    root = (b'<?xml version="1.0"?><D:multistatus xmlns:D="DAV:"><D:response><D:href>/</D:href>'
+            b"<D:propstat><D:prop><D:resourcetype><D:collection/></D:resourcetype></D:prop>"
+            b"<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>")
+
+    def answer(_connection: int, _request: int, path: str) -> bytes:
+        if path == "/":
+            return (f"HTTP/1.1 207 Multi-Status\r\nContent-Length: {len(root)}\r\n\r\n").encode() + root
+        time.sleep(0.2)
+        return http_answer(path.encode())
+
+    server = RawHttp(answer)
+    remote = DavRemote("127.0.0.1", "/", port=server.port, password="x", timeout=2.0, connections=4)
+    try:
+        remote.connect()
+        start = time.monotonic()
+        got = remote.read_many([(b"f%d" % i, len(b"/f%d" % i)) for i in range(32)])
+        took = time.monotonic() - start
+        assert [a[0] for a in got] == [b"/f%d" % i for i in range(32)]  # type: ignore[index]
+        assert took < 4.5, f"{took:.1f} s: one pipeline (6.4 s), not four side by side (1.6 s)"
+    finally:
+        remote.close()
+        server.close()
+
+
+def test_listings_do_not_wait_behind_uploads_and_large_reads(davd: DavServer, share: Path) -> None:
+    """Review: the pipelines of a listing went to the pool that uploads and the pieces of
+    large reads use, and waited behind them against the bound on a listing. Here the
+    pool's workers are held 3 s (as by uploads on a slow link): 16 folders are listed in
+    well under that."""
+    for i in range(16):
+        (share / f"d{i}").mkdir()
+        (share / f"d{i}" / "f").write_bytes(b"x")
+    remote = remote_of(davd, connections=2)
+    try:
+        remote.connect()
+        held = [remote._threads().submit(time.sleep, 3) for _ in range(2)]  # (the pool's 2 workers)
+        start = time.monotonic()
+        listings = remote.listdir_many([b"d%d" % i for i in range(16)])
+        took = time.monotonic() - start
+        assert all(not isinstance(one, RemoteError) and [n for n, _ in one] == [b"f"] for one in listings)
+        assert took < 1.5, f"the listing waited {took:.1f} s behind the pool"
+        for future in held:
+            future.result()
+    finally:
+        remote.close()
 
 
 def test_read_many_with_the_server_gone_is_unreachable(davd: DavServer, dav: DavRemote, share: Path) -> None:

@@ -275,6 +275,7 @@ class DavRemote(Remote):
         self._getter: Getter | None = None
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pipes: concurrent.futures.ThreadPoolExecutor | None = None  # (``_pipelined``)
         self._times_settable: bool | None = None  # PROPPATCH getlastmodified: unknown yet
         #: path -> (ETag as sent, (size, kind)) of what a stat or a listing saw last
         self._etags: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()
@@ -513,9 +514,11 @@ class DavRemote(Remote):
         with self._lock:
             client, self._client = self._client, None
             pool, self._pool = self._pool, None
+            pipes, self._pipes = self._pipes, None
             getter, self._getter = self._getter, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for executor in (pool, pipes):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         if client is not None:
             client.close()
         if getter is not None:
@@ -549,14 +552,32 @@ class DavRemote(Remote):
         """``requests`` pipelined, their answers in order: on up to ``parallelism``
         connections side by side, ``PIPELINE_LEAST`` requests at least on each (a server
         slow to answer each, as PHP ones are, must not make one pipeline of many outlast
-        the caller's bound on a call)."""
+        the caller's bound on a call). The first group on the calling thread, the others
+        on threads of their own (``_pipe_threads``): not behind uploads and large reads in
+        the pool they use, whose wait would count against a listing's bound (reviewed)."""
         groups = max(1, min(self.parallelism, len(requests) // PIPELINE_LEAST))
         if groups == 1:
             return getter.get_many(requests)
         size = -(-len(requests) // groups)
-        parts = self._side_by_side(getter.get_many, [requests[i:i + size]
-                                                     for i in range(0, len(requests), size)])
-        return [answer for part in parts for answer in part]
+        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
+        try:
+            futures = [self._pipe_threads().submit(getter.get_many, chunk) for chunk in chunks[1:]]
+        except RuntimeError:  # (the pool shut down by ``close`` meanwhile)
+            raise RemoteUnreachable(f"{self.description}: closed") from None
+        answers = getter.get_many(chunks[0])
+        for future in futures:
+            try:
+                answers += future.result()
+            except concurrent.futures.CancelledError:  # (``close`` meanwhile)
+                raise RemoteUnreachable(f"{self.description}: closed") from None
+        return answers
+
+    def _pipe_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pipes is None:
+                self._pipes = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.parallelism * 2, thread_name_prefix="cachefs-dav-pipe")
+            return self._pipes
 
     def _propfind_request(self, path: bytes, depth: str) -> Request:
         return Request(self._url(path)[len(self._origin):],
