@@ -167,8 +167,9 @@ class KernelNotifier(Kernel):
             log.warning("closing backing file %d failed: %s", backing_id, exc)
 
     def store(self, ino: int, data: bytes) -> bool:
-        # Called while the open request is answered, on the trio thread: the kernel copies
-        # the bytes into the inode's pages at once (the opener holds no lock on them).
+        # Called while the open request is answered, on the trio thread, only while no
+        # other open of the inode exists (``Files._store_in_kernel``): the kernel copies the
+        # bytes into its pages at once, none of them being locked by a request in flight.
         if self._nursery is None:
             return False
         try:

@@ -539,14 +539,19 @@ class DavRemote(Remote):
             response = self._request("PROPFIND", path, {"Depth": depth, **XML_HEADERS}, PROPFIND_BODY,
                                      ok=(207,))
             return _parse_multistatus(response.content)
-        request = self._propfind_request(path, depth)  # (a bad path: its EINVAL, not the link's)
+        return _parse_multistatus(self._ask(getter, path, self._propfind_request(path, depth), (207,)).body)
+
+    def _ask(self, getter: Getter, path: bytes, request: Request, ok: tuple[int, ...]) -> Answer:
+        """One request through ``getter`` (built by the caller: a bad path's EINVAL is the
+        path's, not the link's): its answer where its status is in ``ok``, else the error
+        the status or the failure means."""
         try:
             answer = getter.get(request)
         except GetterClosed:
             raise RemoteUnreachable(f"{self.description}: closed") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._get_failed(exc) from None
-        return _parse_multistatus(self._answered(path, answer, "PROPFIND", (207,)).body)
+        return self._answered(path, answer, request.method, ok)
 
     def _pipelined(self, getter: Getter, requests: list[Request]) -> list[Answer | BaseException]:
         """``requests`` pipelined, their answers in order: on up to ``parallelism``
@@ -625,8 +630,8 @@ class DavRemote(Remote):
         return out
 
     def listdir_many(self, paths: list[bytes]) -> list[list[tuple[bytes, RemoteStat]] | RemoteError]:
-        """Several PROPFINDs pipelined on one connection (``Getter.get_many``; side by side,
-        ``parallelism`` at a time, through httpx where requests cannot go so: digest)."""
+        """Several PROPFINDs pipelined (``_pipelined``; side by side, ``parallelism`` at a
+        time, through httpx where requests cannot go so: digest)."""
         def one(path: bytes) -> list[tuple[bytes, RemoteStat]] | RemoteError:
             try:
                 return self.listdir(path)
@@ -703,14 +708,7 @@ class DavRemote(Remote):
     def _lean_get(self, getter: Getter, path: bytes, headers: dict[str, str], offset: int,
                   length: int) -> tuple[bytes, Answer]:
         """``_get_range`` through ``getter``; errors and statuses as ``_request`` gives them."""
-        request = self._get_request(path, headers, offset, length)  # (a bad path: its EINVAL)
-        try:
-            answer = getter.get(request)
-        except GetterClosed:
-            raise RemoteUnreachable(f"{self.description}: closed") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._get_failed(exc) from None
-        answered = self._answered(path, answer, "GET", (200, 206, 416))
+        answered = self._ask(getter, path, self._get_request(path, headers, offset, length), (200, 206, 416))
         return (b"" if answered.status_code == 416 else answered.body), answered
 
     def _get_request(self, path: bytes, headers: dict[str, str], offset: int, length: int) -> Request:
@@ -812,8 +810,8 @@ class DavRemote(Remote):
 
     def read_many(self, items: list[tuple[bytes, int]]) -> list[tuple[bytes, RemoteStat] | RemoteError]:
         """Small files, each a GET of the size given (a Range: a file grown since gives
-        that much, and its whole size in the attributes), pipelined on one connection
-        (``Getter.get_many``; side by side through httpx where GETs cannot go so: digest);
+        that much, and its whole size in the attributes), pipelined (``_pipelined``; side
+        by side through httpx where GETs cannot go so: digest);
         each GET's headers (ETag, Last-Modified, Content-Range) give its attributes, so no
         PROPFIND is needed (but for an empty file: Apache answers 416 without them)."""
         def done(path: bytes, got: tuple[bytes, Answer]) -> tuple[bytes, RemoteStat] | RemoteError:

@@ -90,7 +90,8 @@ class Request:
 
 
 class Getter:
-    """GETs on keep-alive connections to one server (``context``: https with it)."""
+    """Requests that read (GET, PROPFIND) on keep-alive connections to one server
+    (``context``: https with it)."""
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext | None, timeout: float,
                  keep: int) -> None:
@@ -108,9 +109,10 @@ class Getter:
         self.window = WINDOW
 
     def get(self, request: Request) -> Answer:
-        """One GET. Of a 206 answer the body (at most ``length`` bytes); of a 200 answer
+        """One request. Of a GET's 206 answer the body (at most ``length`` bytes); of a 200 answer
         (the whole file: a server that ignores ``Range``) the ``length`` bytes from
-        ``offset``; of any other the body up to ``ERROR_BODY_MOST``. What is not read of a
+        ``offset``; of another request's 2xx the whole body; of any other the body up to
+        ``ERROR_BODY_MOST``. What is not read of a
         body is not drained: the connection is closed instead. Raises ``OSError``
         (``TimeoutError``: no byte within the timeout; ``ssl.SSLError``),
         ``http.client.HTTPException`` or ``GetterClosed``."""
@@ -120,7 +122,7 @@ class Getter:
         return answer
 
     def get_many(self, requests: list[Request]) -> list[Answer | BaseException]:
-        """GETs pipelined on one connection, their answers in order (each as ``get`` gives
+        """Requests pipelined on one connection, their answers in order (each as ``get`` gives
         it). Those the server ends the connection before (``Connection: close``, or closed
         without a word): sent again on a new one. Answers that stop coming midway (no byte
         within the timeout): the rest sent again one at a time on a new connection, and if
