@@ -166,18 +166,16 @@ class KernelNotifier(Kernel):
         except OSError as exc:
             log.warning("closing backing file %d failed: %s", backing_id, exc)
 
-    def store(self, ino: int, data: bytes) -> bool:
+    def store(self, ino: int, data: bytes) -> None:
         # Called while the open request is answered, on the trio thread, only while no
         # other open of the inode exists (``Files._store_in_kernel``): the kernel copies the
         # bytes into its pages at once, none of them being locked by a request in flight.
         if self._nursery is None:
-            return False
+            return
         try:
             pyfuse3.notify_store(ino, 0, data)
         except OSError as exc:
             log.debug("kernel store of inode %d: %s", ino, exc)
-            return False
-        return True
 
     def invalidate_inode(self, ino: int) -> None:
         self._spawn(pyfuse3.invalidate_inode, ino)

@@ -32,7 +32,7 @@ import pytest
 
 from devtools.devserver import SshServer
 from tests.fixtures.mount import MOUNT_SCRIPT, REPO, Mount, fusermount_unmount, is_mounted, status
-from tests.test_writes import wait_for
+from tests.test_writes import sync, wait_for
 
 HEARTBEAT = 1.0
 TIMEOUT = 2.0
@@ -750,8 +750,7 @@ def test_a_file_being_written_opened_by_another_program_loses_nothing_and_hangs_
         assert "STALE" not in out, f"trial {trial}: a write was lost: {out}"
         last = int(out.split()[-1])
         assert path.read_bytes()[:4096] == bytes([last]) * 4096
-        command_sync = mount.mountpoint / ".cachefs" / "control"
-        command_sync.write_bytes(b"sync")
+        sync(mount.mountpoint)
         assert (share / path.name).read_bytes()[:4096] == bytes([last]) * 4096
 
 

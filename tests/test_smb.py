@@ -7,6 +7,7 @@ conditional upload, and change notifications.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -680,62 +681,70 @@ def test_a_stopped_server_is_unreachable_then_back(smbd: SmbServer, share: Path)
         remote.close()
 
 
-def test_a_silent_server_is_unreachable_within_the_timeout(smbd: SmbServer, share: Path) -> None:
+@contextlib.contextmanager
+def stalled(smbd: SmbServer, share: Path) -> Iterator[SmbRemote]:
+    """A remote (timeout 2 s) connected through a relay that then stalls, ``share/f``
+    holding b"data"; afterwards the relay resumes and a read of ``f`` must work again."""
     write(share / "f", b"data")
     proxy = TcpProxy(smbd.host, smbd.port)
     remote = make_remote(smbd, port=proxy.port, timeout=2.0)
     try:
         remote.connect()
         proxy.stall()
+        yield remote
+        proxy.resume()
+        assert remote.read(b"f", 0, 10) == b"data"
+    finally:
+        remote.close()
+        proxy.close()
+
+
+def test_a_silent_server_is_unreachable_within_the_timeout(smbd: SmbServer, share: Path) -> None:
+    with stalled(smbd, share) as remote:
         for call in (lambda: remote.stat(b"f"), lambda: remote.read(b"f", 0, 4), remote.connect):
             started = time.monotonic()
             with pytest.raises(RemoteUnreachable):
                 call()
             assert time.monotonic() - started < 2.0 + 1.5
-        proxy.resume()
-        assert remote.read(b"f", 0, 10) == b"data"
-    finally:
-        remote.close()
-        proxy.close()
+
+
+def stats_on_a_silent_link(remote: SmbRemote, starts: list[float]) -> list[float]:
+    """``remote.stat(b"f")`` in a thread of its own started at each of ``starts`` (seconds
+    from now), the link silent: how long each took; every one must fail as unreachable."""
+    took: list[float] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        started = time.monotonic()
+        try:
+            remote.stat(b"f")
+        except BaseException as exc:
+            errors.append(exc)
+        took.append(time.monotonic() - started)
+
+    threads = []
+    begun = time.monotonic()
+    for start in starts:
+        time.sleep(max(0.0, begun + start - time.monotonic()))
+        threads.append(threading.Thread(target=call))
+        threads[-1].start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    assert len(errors) == len(starts) and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+    return took
 
 
 def test_calls_queued_on_a_silent_network_fail_together(smbd: SmbServer, share: Path) -> None:
     """Calls that wait for a connection while one is tried on a silent network fail with
     that try, each within about one timeout, not one timeout after another."""
-    write(share / "f", b"data")
-    proxy = TcpProxy(smbd.host, smbd.port)
-    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
-    try:
-        remote.connect()
-        proxy.stall()
+    with stalled(smbd, share) as remote:
         # 6 threads on the connection that went silent (the reviewer's case: they ended
         # at 1, 2, ... 6 s), then 6 more that each need a new one (tried once for all)
         for _ in ("on the silent connection", "waiting for a new one"):
-            took: list[float] = []
-            errors: list[BaseException] = []
-
-            def call() -> None:
-                started = time.monotonic()
-                try:
-                    remote.stat(b"f")
-                except BaseException as exc:
-                    errors.append(exc)
-                took.append(time.monotonic() - started)
-
-            threads = [threading.Thread(target=call) for _ in range(6)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
-                assert not thread.is_alive()
-            assert len(errors) == 6 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
+            took = stats_on_a_silent_link(remote, [0.0] * 6)
             print("calls on a silent network took", sorted(round(t, 2) for t in took))
             assert max(took) < 2.0 + 1.0, f"calls on a silent network took {sorted(took)} s"
-        proxy.resume()
-        assert remote.read(b"f", 0, 10) == b"data"
-    finally:
-        remote.close()
-        proxy.close()
 
 
 def test_calls_made_every_second_on_a_stalled_relay_each_fail_within_the_timeout(smbd: SmbServer,
@@ -745,41 +754,10 @@ def test_calls_made_every_second_on_a_stalled_relay_each_fail_within_the_timeout
     callers stopped). Only received bytes and a shrinking send queue count now, and no
     request waits more than twice the timeout: on a relay that stalls, a call started
     every second fails within about the timeout, each."""
-    write(share / "f", b"data")
-    proxy = TcpProxy(smbd.host, smbd.port)
-    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
-    try:
-        remote.connect()
-        proxy.stall()
-        took: list[float] = []
-        errors: list[BaseException] = []
-
-        def call() -> None:
-            started = time.monotonic()
-            try:
-                remote.stat(b"f")
-            except BaseException as exc:
-                errors.append(exc)
-            took.append(time.monotonic() - started)
-            print(f"a call started at {started - begun:.2f} s took {took[-1]:.2f} s")
-
-        threads = []
-        begun = time.monotonic()
-        for _ in range(8):
-            threads.append(threading.Thread(target=call))
-            threads[-1].start()
-            time.sleep(1.0)
-        for thread in threads:
-            thread.join(30)
-            assert not thread.is_alive()
+    with stalled(smbd, share) as remote:
+        took = stats_on_a_silent_link(remote, [float(i) for i in range(8)])  # (one a second)
         print("calls on a stalled relay took", [round(t, 2) for t in took])
-        assert len(errors) == 8 and all(isinstance(e, RemoteUnreachable) for e in errors), errors
         assert max(took) < 2.0 + 1.0, took
-        proxy.resume()
-        assert remote.read(b"f", 0, 10) == b"data"
-    finally:
-        remote.close()
-        proxy.close()
 
 
 def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share: Path) -> None:

@@ -47,10 +47,10 @@ class Kernel:
     def backing_close(self, backing_id: int) -> None:
         pass
 
-    def store(self, ino: int, data: bytes) -> bool:
+    def store(self, ino: int, data: bytes) -> None:
         """Put ``data`` into the kernel's page cache of ``ino`` from offset 0 (FUSE
-        notify_store), so that reads of it ask nothing of this process; whether it went."""
-        return False
+        notify_store), so that reads of it ask nothing of this process (where it cannot,
+        the reads come as before)."""
 
     @property
     def passthrough(self) -> bool:  # whether backing_open may succeed

@@ -47,11 +47,10 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import http.client
 import email.utils
 import errno
-import fcntl
 import getpass
+import http.client
 import logging
 import netrc
 import os
@@ -60,8 +59,6 @@ import re
 import select
 import ssl
 import stat as stat_mod
-import struct
-import termios
 import threading
 import time
 from collections import OrderedDict
@@ -74,6 +71,7 @@ import httpx
 
 from ..errors import ContentDamaged
 from .http_get import Answer, Getter, GetterClosed, Request, take
+from .pacing import Pacer, unacknowledged
 from .base import (Capabilities, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
                    RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, fold_tag,
                    open_source)
@@ -81,7 +79,6 @@ from .base import (Capabilities, NotExpected, Remote, RemoteError, RemoteRefused
 if TYPE_CHECKING:
     from ..address import RemoteAddress
     from .options import ConnectOptions
-    from .pacing import Pacer
     from .ssh_secrets import Secrets
 
 log = logging.getLogger(__name__)
@@ -105,6 +102,7 @@ XML_HEADERS = {"Content-Type": 'application/xml; charset="utf-8"'}
 READ_PIECE = 4 << 20
 #: requests that share one pipeline at least (``DavRemote._pipelined``)
 PIPELINE_LEAST = 8
+GET_OK = (200, 206, 416)  # a ranged GET's answers that are answers about the bytes
 UPLOAD_CHUNK = 1 << 20
 #: the most of a PUT's body that may still be on its way when httpx has handed over its
 #: last byte (loopback and LAN socket buffers autotune to a few MiB; measured through the
@@ -561,21 +559,38 @@ class DavRemote(Remote):
         on threads of their own (``_pipe_threads``): not behind uploads and large reads in
         the pool they use, whose wait would count against a listing's bound (reviewed)."""
         groups = max(1, min(self.parallelism, len(requests) // PIPELINE_LEAST))
-        if groups == 1:
-            return getter.get_many(requests)
         size = -(-len(requests) // groups)
         chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
         try:
             futures = [self._pipe_threads().submit(getter.get_many, chunk) for chunk in chunks[1:]]
         except RuntimeError:  # (the pool shut down by ``close`` meanwhile)
             raise RemoteUnreachable(f"{self.description}: closed") from None
-        answers = getter.get_many(chunks[0])
-        for future in futures:
-            try:
+        try:
+            answers = getter.get_many(chunks[0])
+            for future in futures:
                 answers += future.result()
-            except concurrent.futures.CancelledError:  # (``close`` meanwhile)
-                raise RemoteUnreachable(f"{self.description}: closed") from None
+        except (GetterClosed, concurrent.futures.CancelledError):  # (``close`` meanwhile)
+            raise RemoteUnreachable(f"{self.description}: closed") from None
         return answers
+
+    def _each(self, getter: Getter, paths: list[bytes], requests: list[Request], ok: tuple[int, ...],
+              taken: Callable[[bytes, Answer], T]) -> list[T | RemoteError]:
+        """``requests`` (one about each of ``paths``) pipelined, and of each answer in ``ok``
+        what ``taken`` makes of it; an answer about the path (404, 412, ``taken``'s own
+        ``RemoteError``) is that path's; no answer at all (the link) raises."""
+        out: list[T | RemoteError] = []
+        for path, request, answer in zip(paths, requests, self._pipelined(getter, requests)):
+            if isinstance(answer, (OSError, http.client.HTTPException)):
+                raise self._get_failed(answer)  # (no answer: the link, not the path)
+            if isinstance(answer, BaseException):
+                raise answer
+            try:
+                out.append(taken(path, self._answered(path, answer, request.method, ok)))
+            except RemoteError as exc:
+                out.append(exc)
+            except _Status as exc:
+                out.append(RemoteError(_errno_of(exc.code), f"{request.method} {path!r}: {exc.code}"))
+        return out
 
     def _pipe_threads(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
@@ -585,9 +600,13 @@ class DavRemote(Remote):
             return self._pipes
 
     def _propfind_request(self, path: bytes, depth: str) -> Request:
+        return self._lean_request(path, {"Depth": depth, **XML_HEADERS}, method="PROPFIND",
+                                  body=PROPFIND_BODY)
+
+    def _lean_request(self, path: bytes, headers: dict[str, str], **kwargs: Any) -> Request:
+        """A ``Request`` for ``path`` with ``headers`` and the login's (``_get_headers``)."""
         return Request(self._url(path)[len(self._origin):],
-                       {"Depth": depth, **XML_HEADERS, **(self._get_headers or {}), "User-Agent": "cachefs"},
-                       method="PROPFIND", body=PROPFIND_BODY)
+                       {**headers, **(self._get_headers or {}), "User-Agent": "cachefs"}, **kwargs)
 
     def _entry(self, path: bytes) -> _Entry:
         entries = self._propfind(path, "0")
@@ -642,24 +661,8 @@ class DavRemote(Remote):
         getter = self._getter_now()
         if getter is None or len(paths) <= 1:
             return self._side_by_side(one, paths)
-        try:
-            answers = self._pipelined(getter, [self._propfind_request(path, "1") for path in paths])
-        except GetterClosed:
-            raise RemoteUnreachable(f"{self.description}: closed") from None
-        out: list[list[tuple[bytes, RemoteStat]] | RemoteError] = []
-        for path, answer in zip(paths, answers):
-            if isinstance(answer, (OSError, http.client.HTTPException)):
-                raise self._get_failed(answer)  # (no answer: the link, not the folder)
-            if isinstance(answer, BaseException):
-                raise answer
-            try:
-                body = self._answered(path, answer, "PROPFIND", (207,)).body
-                out.append(self._children_of(path, _parse_multistatus(body)))
-            except RemoteError as exc:
-                out.append(exc)
-            except _Status as exc:
-                out.append(RemoteError(_errno_of(exc.code), f"PROPFIND {path!r}: {exc.code}"))
-        return out
+        return self._each(getter, paths, [self._propfind_request(path, "1") for path in paths], (207,),
+                          lambda path, answer: self._children_of(path, _parse_multistatus(answer.body)))
 
     def readlink(self, path: bytes) -> bytes:
         raise RemoteError(errno.EINVAL, "WebDAV has no symlinks")
@@ -674,8 +677,10 @@ class DavRemote(Remote):
         self._ensure_login()
         getter = self._getter_now()
         if getter is not None:
-            return self._lean_get(getter, path, headers, offset, length)
-        response = self._request("GET", path, headers, ok=(200, 206, 416), stream=True)
+            answered = self._ask(getter, path, self._lean_request(path, headers, offset=offset, length=length),
+                                 GET_OK)
+            return _range_bytes(answered), answered
+        response = self._request("GET", path, headers, ok=GET_OK, stream=True)
         try:
             if response.status_code == 416:
                 data = b""
@@ -693,30 +698,21 @@ class DavRemote(Remote):
             response.close()
 
     def _getter_now(self) -> Getter | None:
-        """The ``Getter`` where GETs may go through it (``_get_headers``), made at first use."""
+        """The ``Getter`` where requests may go through it (``_get_headers``), made at
+        first use."""
         if self._get_headers is None:
             return None
         with self._lock:
             if self._getter is None:
-                context = self._ssl_context()
-                self._getter = Getter(self.host, self.port,
-                                      context if isinstance(context, ssl.SSLContext) else
-                                      _unverified() if self.scheme == "davs" else None,
-                                      self.timeout, keep=self.parallelism * 2)
+                context: ssl.SSLContext | None = None
+                if self.scheme == "davs":
+                    checked = self._ssl_context()  # (False: nothing checked, ``verify=False``)
+                    context = checked if isinstance(checked, ssl.SSLContext) else _unverified()
+                self._getter = Getter(self.host, self.port, context, self.timeout, keep=self.parallelism * 2)
             return self._getter
 
-    def _lean_get(self, getter: Getter, path: bytes, headers: dict[str, str], offset: int,
-                  length: int) -> tuple[bytes, Answer]:
-        """``_get_range`` through ``getter``; errors and statuses as ``_request`` gives them."""
-        answered = self._ask(getter, path, self._get_request(path, headers, offset, length), (200, 206, 416))
-        return (b"" if answered.status_code == 416 else answered.body), answered
-
-    def _get_request(self, path: bytes, headers: dict[str, str], offset: int, length: int) -> Request:
-        return Request(self._url(path)[len(self._origin):],
-                       {**headers, **(self._get_headers or {}), "User-Agent": "cachefs"}, offset, length)
-
     def _get_failed(self, exc: OSError | http.client.HTTPException) -> RemoteUnreachable | RemoteRefused:
-        """What a GET that got no answer (``Getter``'s exception) means."""
+        """What a request that got no answer (``Getter``'s exception) means."""
         if isinstance(exc, TimeoutError):
             return RemoteUnreachable(f"{self.description}: no answer within {self.timeout:g} s")
         if isinstance(exc, ssl.SSLCertVerificationError):
@@ -834,25 +830,10 @@ class DavRemote(Remote):
         getter = self._getter_now()
         if getter is None or len(items) <= 1:
             return self._side_by_side(one, items)
-        try:
-            answers = self._pipelined(getter, [self._get_request(path, _range_of(0, max(1, size)), 0, max(1, size))
-                                       for path, size in items])
-        except GetterClosed:
-            raise RemoteUnreachable(f"{self.description}: closed") from None
-        out: list[tuple[bytes, RemoteStat] | RemoteError] = []
-        for (path, _size), answer in zip(items, answers):
-            if isinstance(answer, (OSError, http.client.HTTPException)):
-                raise self._get_failed(answer)  # (no answer: the link, not the file)
-            if isinstance(answer, BaseException):
-                raise answer
-            try:
-                answered = self._answered(path, answer, "GET", (200, 206, 416))
-                out.append(done(path, (b"" if answered.status_code == 416 else answered.body, answered)))
-            except RemoteError as exc:
-                out.append(exc)
-            except _Status as exc:
-                out.append(RemoteError(_errno_of(exc.code), f"GET {path!r}: {exc.code}"))
-        return out
+        requests = [self._lean_request(path, _range_of(0, max(1, size)), offset=0, length=max(1, size))
+                    for path, size in items]
+        return self._each(getter, [path for path, _size in items], requests, GET_OK,
+                          lambda path, answer: done(path, (_range_bytes(answer), answer)))
 
     def statvfs(self) -> SpaceInfo:
         """RFC 4331 quota properties of the share root where the server gives them (Apache
@@ -1343,16 +1324,6 @@ class DavRemote(Remote):
         self._times_settable = settable
 
 
-def _unacknowledged(sock: object) -> int:
-    """The bytes sent on ``sock`` not yet acknowledged by the other end (Linux
-    ``SIOCOUTQ``: queued and in flight); -1 where it cannot be told."""
-    try:
-        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[attr-defined]
-    except (OSError, AttributeError, ValueError):
-        return -1
-    return int(struct.unpack("i", answer)[0])
-
-
 class _MeteredStream:
     """A connection of httpcore's (duck-typed: httpcore is httpx's, not imported here)
     whose reads wait as long as the bytes we sent are still moving: while the socket's
@@ -1366,7 +1337,7 @@ class _MeteredStream:
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         sock = self._inner.get_extra_info("socket")
-        queued = _unacknowledged(sock) if timeout is not None and sock is not None else -1
+        queued = unacknowledged(sock) if timeout is not None and sock is not None else -1
         if queued > 0:
             assert timeout is not None
             moved = time.monotonic()
@@ -1381,7 +1352,7 @@ class _MeteredStream:
                     break
                 if readable:
                     break
-                now = _unacknowledged(sock)
+                now = unacknowledged(sock)
                 if 0 <= now < queued:
                     moved = time.monotonic()
                 queued = now
@@ -1441,6 +1412,11 @@ def _stat_of_get(response: Answer) -> RemoteStat | None:
 
 def _range_of(offset: int, length: int) -> dict[str, str]:
     return {"Range": f"bytes={offset}-{offset + length - 1}"}
+
+
+def _range_bytes(answer: Answer) -> bytes:
+    """The bytes of a ranged GET's answer (none for a 416: the range is past the end)."""
+    return b"" if answer.status_code == 416 else answer.body
 
 
 def _basic(user: str, password: str) -> str:

@@ -56,7 +56,7 @@ class Headers(Protocol):
 
 
 class Answer:
-    """A GET's answer as ``dav.py`` reads it: ``status_code``, ``reason_phrase``, ``headers``
+    """An answer as ``dav.py`` reads it: ``status_code``, ``reason_phrase``, ``headers``
     and the bytes taken of its body (``body``)."""
 
     __slots__ = ("status_code", "reason_phrase", "headers", "body")
@@ -246,8 +246,8 @@ class _Reader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def _fill(self, most: int) -> bool:
-        data = self._sock.recv(max(most, READ_BUFFER))
+    def _fill(self) -> bool:
+        data = self._sock.recv(READ_BUFFER)
         if not data:
             return False
         self._buf += data
@@ -256,7 +256,7 @@ class _Reader:
     def readline(self, limit: int = -1) -> bytes:
         while True:
             end = self._buf.find(b"\n")
-            if end >= 0 or (0 <= limit <= len(self._buf)) or not self._fill(READ_BUFFER):
+            if end >= 0 or (0 <= limit <= len(self._buf)) or not self._fill():
                 break
         if end < 0:
             end = len(self._buf) - 1
@@ -265,26 +265,29 @@ class _Reader:
         del self._buf[:end]
         return line
 
-    def read(self, size: int | None = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytearray:
+        """Up to ``size`` bytes (all until the end: None or negative), as one ``bytearray``
+        copied once: from the buffer, or a large body received straight into it."""
         if size is None or size < 0:
-            while self._fill(READ_BUFFER):
+            while self._fill():
                 pass
             size = len(self._buf)
         if len(self._buf) >= size:
-            data = bytes(self._buf[:size])
+            data = self._buf[:size]
             del self._buf[:size]
             return data
-        out = bytearray(size)  # (a large body: received straight into its buffer)
-        view = memoryview(out)
-        got = len(self._buf)
-        view[:got] = self._buf
-        self._buf.clear()
-        while got < size:
-            n = self._sock.recv_into(view[got:])
-            if not n:
-                break
-            got += n
-        return bytes(view[:got]) if got < size else bytes(out)
+        out = bytearray(size)
+        with memoryview(out) as view:
+            got = len(self._buf)
+            view[:got] = self._buf
+            self._buf.clear()
+            while got < size:
+                n = self._sock.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+        del out[got:]
+        return out
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
@@ -293,12 +296,12 @@ class _Reader:
 
     def peek(self, size: int = 0) -> bytes:
         if not self._buf:
-            self._fill(READ_BUFFER)
+            self._fill()
         return bytes(self._buf)
 
-    def read1(self, size: int = -1) -> bytes:
+    def read1(self, size: int = -1) -> bytearray:
         if not self._buf:
-            self._fill(READ_BUFFER)
+            self._fill()
         size = len(self._buf) if size < 0 else min(size, len(self._buf))
         return self.read(size)
 

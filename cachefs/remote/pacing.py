@@ -1,5 +1,6 @@
 """``Pacer``: the upload bandwidth cap (``--upload-limit``), shared by every process of
-a mount that uploads.
+a mount that uploads; ``unacknowledged``: how much of what a socket sent has not reached
+the other end yet (the SMB and WebDAV backends' measure of an upload still moving).
 
 Owns: one clock of when the next upload bytes may go, in shared memory
 (``multiprocessing``), so that the mount process and its transfer processes together
@@ -11,7 +12,10 @@ sleeping.
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import struct
+import termios
 import time
 from typing import Any
 
@@ -36,3 +40,13 @@ class Pacer:
             self._next.value = start + size / self.rate
         if start > now:
             time.sleep(start - now)
+
+
+def unacknowledged(sock: Any) -> int:
+    """The bytes sent on ``sock`` the other end has not acknowledged yet (Linux
+    ``SIOCOUTQ``: queued and in flight); -1 where it cannot be told."""
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return -1
+    return int(struct.unpack("i", answer)[0])

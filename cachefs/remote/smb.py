@@ -41,14 +41,12 @@ answer to a request.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import socket
 import stat as stat_mod
 import struct
-import termios
 import threading
 import time
 import uuid
@@ -67,6 +65,7 @@ from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
 from .base import (Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
                    RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, fold_tag, open_source)
 from .options import ConnectOptions
+from .pacing import unacknowledged
 from .watch import Watch, WatchEnded
 
 if TYPE_CHECKING:
@@ -351,7 +350,7 @@ class _Meter:
         (our bytes reaching the other end: a large WRITE on a slow uplink). Only a queue
         longer than ``QUEUED_MOVING`` counts: a call's small request is taken at once by
         a stalled relay's kernel, and seen queued then gone it would count as progress."""
-        queued = _unacknowledged(self._sock)
+        queued = unacknowledged(self._sock)
         if 0 <= queued < self._queued and self._queued > QUEUED_MOVING:
             self.moved = time.monotonic()
         self._queued = queued
@@ -362,16 +361,6 @@ class _Meter:
 
     def __getattr__(self, name: str) -> Any:  # settimeout, shutdown, close
         return getattr(self._sock, name)
-
-
-def _unacknowledged(sock: Any) -> int:
-    """The bytes sent on ``sock`` the other end has not acknowledged yet (Linux
-    ``SIOCOUTQ``); -1 where it cannot be told."""
-    try:
-        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, AttributeError, ValueError):
-        return -1
-    return int(struct.unpack("i", answer)[0])
 
 
 class _Flow:

@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 #: passes an entry the server answers "busy" is tried before it is refused (recorded, kept)
 BUSY_PASSES = 5
 
+
 class Replayer:
     def __init__(self, store: Store, cache: Cache, side: RemoteSide, ledger: Ledger, conflicts: Conflicts,
                  content: ContentReplay, sums: ServerSums) -> None:
@@ -249,14 +250,14 @@ class Replayer:
             failures.append(str(exc))
             return
         except RemoteError as exc:
-            if exc.errno in (errno.EBUSY, errno.EAGAIN) and self._busy.get(op.seq, 0) < BUSY_PASSES:
+            passes = self._busy.pop(op.seq, 0)
+            if exc.errno in (errno.EBUSY, errno.EAGAIN) and passes < BUSY_PASSES:
                 # Held by another client for now: the entry stays, the next pass tries again
                 # (in order: what follows it waits too), and after BUSY_PASSES it is refused.
-                self._busy[op.seq] = self._busy.get(op.seq, 0) + 1
+                self._busy[op.seq] = passes + 1
                 failures.append(f"{op.path!r} is busy on the server (held by another client): "
                                 f"tried again at the next pass ({exc})")
                 return
-            self._busy.pop(op.seq, None)
             self.conflicts.refused(op, exc, kept=op.kind != "xattr")  # (for good: recorded, the rest goes on)
         except (OSError, ValueError, KeyError, lmdb.Error) as exc:
             # A local failure (disk, a record that went away, a damaged record): stop
@@ -269,6 +270,7 @@ class Replayer:
             self._failed = True
             return
         else:
+            self._busy.pop(op.seq, None)  # (busy before, done now)
             self.progress.bytes_done += sent
         self.progress.ops_done += 1
 
