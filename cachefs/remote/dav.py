@@ -1327,7 +1327,7 @@ class DavRemote(Remote):
 class _MeteredStream:
     """A connection of httpcore's (duck-typed: httpcore is httpx's, not imported here)
     whose reads wait as long as the bytes we sent are still moving: while the socket's
-    send queue (``_unacknowledged``) shrinks, the wait for an answer goes on, so the
+    send queue (``pacing.unacknowledged``) shrinks, the wait for an answer goes on, so the
     timeout bounds how long nothing moves, on any uplink (a PUT's body handed to the
     kernel at once sits there for as long as the link takes), not how long an answer
     takes. Nothing moving for the timeout: the inner read's own timeout error."""
