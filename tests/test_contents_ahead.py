@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -76,12 +77,13 @@ def test_small_whole_clean_files_only_once_per_folder(tmp_path: Path) -> None:
     trio.run(main)
 
 
-def test_a_storm_of_opendirs_keeps_one_thread_and_a_bounded_queue(tmp_path: Path) -> None:
-    """Folders opened faster than they are read ahead: one worker thread at a time, at
-    most ``QUEUED`` waiting (the oldest dropped, and read ahead at a later opendir), and
+def test_a_storm_of_opendirs_keeps_its_threads_and_a_bounded_queue(tmp_path: Path) -> None:
+    """Folders opened faster than they are read ahead: ``THREADS`` worker threads at a
+    time at most (a folder's files split among them), at most ``QUEUED`` waiting (the oldest dropped, and read ahead at a later opendir), and
     nothing left running once cancelled (at unmount)."""
     folders = 10 * ahead.QUEUED
-    children = {f: [_file(tmp_path, f * 100 + i) for i in range(3)] for f in range(1, folders + 1)}
+    per_folder = ahead.THREADS + 2
+    children = {f: [_file(tmp_path, f * 100 + i) for i in range(per_folder)] for f in range(1, folders + 1)}
     reader = ContentsAhead(_Paths(tmp_path), Opens(), _no_children, _no_siblings)  # type: ignore[arg-type]
     most = running = 0
     lock = threading.Lock()
@@ -93,7 +95,7 @@ def test_a_storm_of_opendirs_keeps_one_thread_and_a_bounded_queue(tmp_path: Path
             running += 1
             most = max(most, running)
         try:
-            time.sleep(0.01)  # (long enough for a second thread to show, were there one)
+            time.sleep(0.01)  # (long enough for the other threads to show)
             return real(paths)
         finally:
             with lock:
@@ -107,9 +109,9 @@ def test_a_storm_of_opendirs_keeps_one_thread_and_a_bounded_queue(tmp_path: Path
                 reader.opened(f, children[f])
             assert len(reader._queue) == ahead.QUEUED
             assert reader.dropped == folders - ahead.QUEUED
-            await _advised(reader, 3 * ahead.QUEUED)
+            await _advised(reader, per_folder * ahead.QUEUED)
             reader.opened(1, children[1])  # dropped before: read ahead now
-            await _advised(reader, 3 * (ahead.QUEUED + 1))
+            await _advised(reader, per_folder * (ahead.QUEUED + 1))
             nursery.cancel_scope.cancel()
         assert not reader._running and not reader._queue
         reader.opened(2, children[2])  # after the end: nothing queued
@@ -120,7 +122,7 @@ def test_a_storm_of_opendirs_keeps_one_thread_and_a_bounded_queue(tmp_path: Path
         trio.run(main)
     finally:
         ahead.will_need = real
-    assert most == 1
+    assert most == ahead.THREADS
 
 
 def test_will_need_counts_the_files_it_advised(tmp_path: Path) -> None:
@@ -128,10 +130,11 @@ def test_will_need_counts_the_files_it_advised(tmp_path: Path) -> None:
     assert ahead.will_need([str(tmp_path / "a"), str(tmp_path / "missing")]) == 1
 
 
-def test_a_walk_reads_the_next_folders_ahead(tmp_path: Path) -> None:
-    """Folders 1 to 5 beside each other: the opendir of 1 reads 1 ahead; that of 2 (the
-    next after 1: a walk) reads 2 and the ``WALK_AHEAD`` next, 3 and 4; that of 3, 5."""
-    assert ahead.WALK_AHEAD == 2
+def test_a_walk_reads_the_next_folders_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders 1 to 5 beside each other, two read ahead in a walk (``WALK_AHEAD``): the
+    opendir of 1 reads 1 ahead; that of 2 (the next after 1: a walk) reads 2 and the
+    next two, 3 and 4; that of 3, 5."""
+    monkeypatch.setattr(ahead, "WALK_AHEAD", 2)
     folders = {f: [_file(tmp_path, f * 100 + i) for i in range(2)] for f in range(1, 6)}
     asked: list[int] = []
 
