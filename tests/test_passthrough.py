@@ -199,6 +199,30 @@ def test_remote_change_while_open(mount_factory, share: Path) -> None:
     assert (share / "doc.bin").read_bytes() == b"ok" + new[2:]
 
 
+def test_a_conflict_while_open_leaves_the_open_version_whole(mount_factory, share: Path) -> None:
+    """Review: a file read by the kernel itself, a writer joined, the server's copy changed
+    too; the sync's conflict keeps both, and the handle still open reads the version it
+    had, whole: the conflict dropped the content in place and the reader found it empty."""
+    from tests.test_conflicts import change_on_server, copies_of
+    old = os.urandom(2 << 20)
+    (share / "a.bin").write_bytes(old)
+    mount = mount_factory("--write-back-hold", "60").start()
+    mnt = mount.mountpoint
+    reader = _open_through_kernel(mnt / "a.bin")
+    try:
+        with open(mnt / "a.bin", "r+b") as writer:
+            writer.write(b"LOCAL")
+        server = b"SERVER" + os.urandom(4000)
+        change_on_server(share / "a.bin", server)
+        sync(mnt)
+        assert os.pread(reader, 3 << 20, 0) == b"LOCAL" + old[5:]
+    finally:
+        os.close(reader)
+    assert (mnt / "a.bin").read_bytes() == server
+    [copy] = copies_of(mnt, "a.bin")
+    assert (mnt / copy).read_bytes() == b"LOCAL" + old[5:]
+
+
 def test_a_cache_on_overlayfs(mount_factory, share: Path, tmp_path: Path) -> None:
     """Containers keep their files on overlayfs: a backing file there is one filesystem
     deeper, which the mount must declare at FUSE_INIT or the kernel refuses it (ELOOP)."""

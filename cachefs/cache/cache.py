@@ -264,8 +264,11 @@ class Cache:
                 self._content.forget(ino)
                 self._kernel.invalidate_entry(node.parent, node.name)
             return
-        self._content.drop(ino)
-        self._kernel.invalidate_inode(ino)
+        # As any remote change: a file the kernel reads itself keeps its version whole for
+        # the handles open on it (``Files.detach``; dropping the content in place cut it to
+        # nothing under them: a reader found it empty, reviewed), those this process reads
+        # for get EIO rather than the new version's bytes after the old ones.
+        self._stale(ino)
 
     # -- content, for the hoard and the status ------------------------------------------------
     def cached_bytes(self) -> int:
