@@ -525,7 +525,7 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
                 # a link, address or route change, or a resume: check the remote at once
                 nursery.start_soon(NetworkEvents(conn.check_now).run)
                 nursery.start_soon(sync.run)
-                nursery.start_soon(_signals, nursery.cancel_scope)
+                nursery.start_soon(_signals, sync)
                 nursery.start_soon(_readahead_after_init, ops, config)
                 if config.pins:
                     nursery.start_soon(_pin_at_mount, controls, conn, config.pins)
@@ -543,6 +543,7 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
     finally:
         remote.close()
         store.close()
+        _unmounting_already.remove()
 
 
 async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) -> None:
@@ -652,9 +653,66 @@ def _notices(config: MountConfig, conn: Connectivity, sync: SyncManager) -> Noti
     return notices
 
 
-async def _signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+UNMOUNT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def _signals(sync: SyncManager) -> None:
+    """The first SIGINT, SIGTERM or SIGHUP unmounts; see ``_UnmountingAlready`` for the
+    ones after it."""
+    _unmounting_already.install(sync.cut_flush_short)  # (what the receiver puts back at its end)
+    with trio.open_signal_receiver(*UNMOUNT_SIGNALS) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+class _UnmountingAlready:
+    """The handler of the unmount signals outside ``_signals``' receiver, while the mount
+    ends: after the first signal, or once the unmount began (``fusermount -u``), until the
+    index is closed. A SIGTERM or SIGHUP then ends the replay of pending changes at unmount
+    (``--sync-at-unmount``; they stay journaled for the next mount), but not the process:
+    a ``kill`` right after ``fusermount -u`` (a session or a service being stopped) ended
+    it in its last checkpoint, before the index recorded the content fetched since the one
+    before, which the next mount had to fetch again (or had not at all, offline). A Ctrl-C
+    (SIGINT) still ends it at once, as a second Ctrl-C is meant to (KeyboardInterrupt, as
+    before: a storm of them can still cut the checkpoint short), and SIGKILL too; neither
+    loses a change (the journal and the index are transactional). The receiver hands the
+    signals pending at its end to this handler. A Python function, not SIG_IGN, which
+    programs started meanwhile would inherit; what it does goes to the trio thread
+    (``run_sync_soon``: logging from the handler could meet the log's own lock)."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, signal._HANDLER] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._cut_short: Callable[[], None] = _nothing
+
+    def install(self, cut_short: Callable[[], None]) -> None:
+        """In the trio thread: ``cut_short`` ends the replay at unmount."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._cut_short = cut_short
+        self._before = {signum: signal.signal(signum, self._handle) for signum in UNMOUNT_SIGNALS}
+
+    def remove(self) -> None:
+        for signum, before in self._before.items():
+            signal.signal(signum, before)
+        self._before = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._later, signum)
+
+    def _later(self, signum: int) -> None:
+        log.info("signal %d: unmounting already (the cache is saved first; changes not "
+                 "replayed yet are left for the next mount)", signum)
+        self._cut_short()
+
+
+def _nothing() -> None:
+    pass
+
+
+_unmounting_already = _UnmountingAlready()

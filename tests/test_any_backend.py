@@ -22,6 +22,7 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import threading
 import time
@@ -34,7 +35,7 @@ from tests.backends import BACKENDS, Backend
 #: the tests of a network's faults run over the protocols that have one (a local path has
 #: no link to cut, stall or slow down: those tests are not made for it, rather than skipped)
 NETWORK_ONLY = pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "local"], indirect=True)
-from tests.fixtures.mount import run_with_timeout, status
+from tests.fixtures.mount import fusermount_unmount, run_with_timeout, status
 from tests.test_conflicts import (REFRESH, assert_recorded, change_on_server, conflict_records,
                                   copies_of, mount_shows, path_state_line, shows_conflict,
                                   state_of)
@@ -102,6 +103,77 @@ def test_remount_while_server_down(backend: Backend) -> None:
         backend.come_back()
         wait_for_state(mnt, "online", within=HEARTBEAT + TIMEOUT + 2 * SLACK)
         assert read(mnt / "later.txt") == files["later.txt"]
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)  # (the daemon's, whatever the protocol)
+def test_signals_during_the_unmount_lose_no_cached_content(backend: Backend) -> None:
+    """``kill`` right after ``fusermount -u`` (a session or a service being stopped): the
+    mount still records what it fetched before it ends (SIGTERMs are logged, not obeyed),
+    so a remount with the server gone reads it all. Before, a SIGTERM in its last
+    checkpoint ended it with the content read since the checkpoint before unrecorded (the
+    remount offline: EHOSTDOWN)."""
+    files = {f"s/f{i:02d}": os.urandom(3000 + i) for i in range(40)}
+    for rel, data in files.items():
+        (backend.share / rel).parent.mkdir(parents=True, exist_ok=True)
+        (backend.share / rel).write_bytes(data)
+    first = backend.mount(name="mnt").start()
+    mnt = first.mountpoint
+    try:
+        for rel, data in files.items():
+            assert read(mnt / rel) == data, rel
+        process = first.process
+        assert process is not None
+        fusermount_unmount(mnt)
+        deadline = time.monotonic() + 30
+        # Again and again through all of its ending, until it says it is done (a signal
+        # after that, as its index is closed, may end it: nothing is left to save then).
+        while "unmounted" not in first.log_text() and process.poll() is None and time.monotonic() < deadline:
+            os.kill(process.pid, signal.SIGTERM)
+            time.sleep(0.002)
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        first.stop()
+    said = first.log_text()
+    assert "unmounting already" in said and "unmounted" in said, said[-2000:]
+
+    backend.go_offline()
+    with backend.mount(name="mnt"):
+        assert status(mnt)["state"] == "offline"
+        for rel, data in files.items():
+            assert read(mnt / rel, deadline=TIMEOUT + SLACK) == data, rel
+
+
+@pytest.mark.parametrize("backend", ["sftp"], indirect=True)  # (the daemon's, whatever the protocol)
+def test_a_second_sigterm_ends_the_replay_at_unmount_not_the_change(backend: Backend) -> None:
+    """Review: a slow replay at unmount (``--sync-at-unmount``) and a second SIGTERM (a
+    user insisting, a service manager): the replay ends at once, the process with status
+    0 after saving the cache, and the change is replayed by the next mount."""
+    proxy = backend.proxied()
+    data = os.urandom(6 << 20)
+    first = backend.mount("--sync-at-unmount", "120", "--write-back-hold", "60", through=proxy,
+                          name="mnt", check_log=False).start()
+    mnt = first.mountpoint
+    try:
+        write_file(mnt / "up.bin", data)
+        proxy.throttle(256 << 10)  # (24 s for the file: the replay at unmount is under way)
+        process = first.process
+        assert process is not None
+        fusermount_unmount(mnt)
+        wait_for(lambda: "replaying 1 pending" in first.log_text(), 15, "the replay at unmount")
+        os.kill(process.pid, signal.SIGTERM)  # (the first: unmounting, as it is already)
+        time.sleep(0.5)
+        os.kill(process.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        assert process.wait(30) == 0
+        assert time.monotonic() - sent < 5, "the replay at unmount went on after the second SIGTERM"
+    finally:
+        proxy.throttle(None)
+        first.stop()
+    assert "unmounting already" in first.log_text()
+    assert not (backend.share / "up.bin").exists() or (backend.share / "up.bin").read_bytes() != data
+    with backend.mount(name="mnt", through=proxy) as again:  # (the cache's remote: the relay)
+        sync_until_done(again.mountpoint, 60)
+        assert sha((backend.share / "up.bin").read_bytes()) == sha(data)
 
 
 @NETWORK_ONLY

@@ -73,6 +73,7 @@ class SyncManager:
                  transfers: Transfers | None = None, wakeup: Wakeup | None = None) -> None:
         self.store = store
         self.cache = cache
+        self._flushing: trio.CancelScope | None = None  # the replay of flush_at_unmount
         self.hoard = hoard or Hoard(cache)
         self.conn = conn
         self.remote: Remote = conn.remote
@@ -223,11 +224,18 @@ class SyncManager:
             return  # (0: --sync-at-unmount 0, changes left for the next mount)
         log.info("unmounting: replaying %d pending changes (at most %g s)",
                  self.pending(), self.flush_timeout)
-        with trio.move_on_after(self.flush_timeout):
+        with trio.move_on_after(self.flush_timeout) as self._flushing:
             await self.reintegrate()
+        self._flushing = None
         if self.pending():
             log.warning("%d changes still pending: they will be replayed by the next mount",
                         self.pending())
+
+    def cut_flush_short(self) -> None:
+        """End the replay of ``flush_at_unmount`` now, if one runs (a second signal: the
+        changes left stay journaled for the next mount)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
 
     async def reintegrate(self) -> PassResult:
         """One replay of the journal; a request during a pass waits for it and runs next
