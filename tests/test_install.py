@@ -133,7 +133,8 @@ def test_install_docs_name_the_runtime_packages_scripts_run_installs() -> None:
 
 def test_scripts_run_lists_name_each_package_once() -> None:
     lists = [_package_list(name) for name in
-             ("RUNTIME_PACKAGES", "DEMO_PACKAGES", "BUILD_PACKAGES", "TEST_PACKAGES", "BENCH_PACKAGES")]
+             ("RUNTIME_PACKAGES", "DEMO_PACKAGES", "BUILD_PACKAGES", "TEST_PACKAGES", "SERVER_PACKAGES",
+              "BENCH_PACKAGES")]
     every = [package for packages in lists for package in packages]
     assert len(every) == len(set(every)), every
     # the demo installs no test, build or bench tool
@@ -151,8 +152,8 @@ def test_each_command_sets_up_only_its_packages() -> None:
     build = _package_list("BUILD_PACKAGES")
     wanted = {
         "demo": runtime_and_demo,
-        "tests": runtime_and_demo + build + _package_list("TEST_PACKAGES"),
-        "bench": runtime_and_demo + build + _package_list("BENCH_PACKAGES"),
+        "tests": runtime_and_demo + build + _package_list("TEST_PACKAGES") + _package_list("SERVER_PACKAGES"),
+        "bench": runtime_and_demo + build + _package_list("BENCH_PACKAGES") + _package_list("SERVER_PACKAGES"),
     }
     for purpose, packages in wanted.items():
         result = _run_function(f"packages_for {purpose}")
