@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
@@ -541,9 +542,11 @@ async def _main(config: MountConfig, report: Callable[[str], None], fetch_pool: 
         log.info("unmounted %s", config.mountpoint)
         return 0
     finally:
-        remote.close()
-        store.close()
-        _unmounting_already.remove()
+        try:
+            remote.close()
+            store.close()
+        finally:
+            _unmounting_already.remove()  # (once the index is closed: see _UnmountingAlready)
 
 
 async def _pin_at_mount(controls: Control, conn: Connectivity, pins: list[str]) -> None:
@@ -683,7 +686,7 @@ class _UnmountingAlready:
     (``run_sync_soon``: logging from the handler could meet the log's own lock)."""
 
     def __init__(self) -> None:
-        self._before: dict[int, signal._HANDLER] = {}
+        self._before: dict[int, Any] = {}  # (the handlers it replaced)
         self._token: trio.lowlevel.TrioToken | None = None
         self._cut_short: Callable[[], None] = _nothing
 

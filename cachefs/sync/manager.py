@@ -224,9 +224,11 @@ class SyncManager:
             return  # (0: --sync-at-unmount 0, changes left for the next mount)
         log.info("unmounting: replaying %d pending changes (at most %g s)",
                  self.pending(), self.flush_timeout)
-        with trio.move_on_after(self.flush_timeout) as self._flushing:
-            await self.reintegrate()
-        self._flushing = None
+        try:
+            with trio.move_on_after(self.flush_timeout) as self._flushing:
+                await self.reintegrate()
+        finally:
+            self._flushing = None
         if self.pending():
             log.warning("%d changes still pending: they will be replayed by the next mount",
                         self.pending())
