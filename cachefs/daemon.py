@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote_from_bytes
 
 import lmdb

@@ -103,6 +103,10 @@ class Content:
         """Whether the file's first ``size`` bytes are known here (checkpointed or not)."""
         return rangeset.covers(self._ranges.get(ino, []), 0, size)
 
+    def whole(self, node: Node) -> bool:
+        """Whether all of the file is here: checkpointed (``FULL``) or not yet."""
+        return node.has(FULL) or self.present(node.ino, node.size)
+
     def state(self, node: Node) -> str:
         """'cached', 'partial' or 'remote' for a file (what of it is here)."""
         if node.has(FULL):

@@ -133,7 +133,7 @@ class Files:
         process gives only after this open's; the store, waiting for that page on the
         trio thread, would hang the mount, and put older bytes over a writer's
         (reviewed: both reproduced with a writer of a file created here still open)."""
-        if not node.has(FULL) and not self._content.present(node.ino, node.size):
+        if not self._content.whole(node):
             return
         data = self.store.content.pread_cached(handle.fd, node.size, 0)
         if data is not None and len(data) == node.size:
@@ -146,7 +146,7 @@ class Files:
             await self._content.ensure_present(node, 0, node.size)
         if truncating:
             await self._content.settle(node.ino)  # no fetch may land after the truncation
-        if not truncating or node.has(FULL) or self._content.present(node.ino, node.size):
+        if not truncating or self._content.whole(node):
             await self._writes.record_base_sum(node)  # (whole now, even if not yet checkpointed)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -199,7 +199,7 @@ class Files:
         if handle.writable or node.size < PASSTHROUGH_MIN or self.opens.count.get(ino) \
                 or node.flags & (DIRTY | CONFLICT) or not self.passthrough_on:
             return None
-        if not node.has(FULL) and not self._content.present(ino, node.size):
+        if not self._content.whole(node):
             return None  # (whole but not yet checkpointed is whole enough to read)
         backing_id = self.kernel.backing_open(handle.fd)
         if not backing_id:
