@@ -25,8 +25,8 @@ from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, Remot
 from cachefs.remote.options import ConnectOptions
 from smbprotocol.open import SMB2CreateRequest  # type: ignore[import-untyped]
 
-from cachefs.remote.smb import (FILE_WRITE_DATA, STATUS_SHARING_VIOLATION, SmbRemote, SmbWatch, _close, _create,
-                                _parse_create, smb_name_error)
+from cachefs.remote.smb import (FILE_WRITE_DATA, PIPELINE, SMALL_WRITE, STATUS_SHARING_VIOLATION, SmbRemote,
+                                SmbWatch, _close, _create, _parse_create, smb_name_error)
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
@@ -298,22 +298,27 @@ def test_upload_many_refuses_what_it_has_not_seen(remote: SmbRemote, share: Path
     assert sorted(os.listdir(share)) == ["doc", "fresh", "taken"]  # no temporary files left
 
 
-def test_a_refused_final_rename_leaves_no_temporary_file(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [10, SMALL_WRITE + 1])
+def test_a_refused_final_rename_leaves_no_temporary_file(remote: SmbRemote, share: Path, tmp_path: Path,
+                                                         size: int) -> None:
     """The rename that ends an upload refused (a file appeared after the last check; a
     name the server's disk refuses): the temporary file is removed all the same (the
-    compound that tried the rename had closed its handle: it was left behind)."""
-    source = write(tmp_path / "mine", b"my content")
+    compound that tried the rename had closed its handle: it was left behind). A small
+    file's target is looked at once, with its content sent; a larger one's before its
+    content is sent too."""
+    source = write(tmp_path / "mine", os.urandom(size))
     checks: list[RemoteStat | None] = []
+    before_the_rename = 1 if size <= SMALL_WRITE else 2
 
     def appears_after_the_last_check(found: RemoteStat | None) -> bool:
         checks.append(found)
-        if len(checks) == 2:  # (the check just before the rename: someone creates it now)
+        if len(checks) == before_the_rename:  # (the check just before the rename: someone creates it now)
             write(share / "new", b"theirs")
         return found is None
 
     [outcome] = remote.upload_many([Upload(b"new", str(source), 0o644, b".new.cachefs-tmp-1", None,
                                            appears_after_the_last_check)])
-    assert checks == [None, None]
+    assert checks == [None] * before_the_rename
     assert isinstance(outcome, NotExpected) and outcome.found is not None and outcome.found.size == 6
     assert (share / "new").read_bytes() == b"theirs"
     assert os.listdir(share) == ["new"]
@@ -328,6 +333,40 @@ def test_a_refused_final_rename_leaves_no_temporary_file(remote: SmbRemote, shar
     with pytest.raises(RemoteError):
         remote.upload(long_name, str(source), 0o444, b".l.tmp")
     assert os.listdir(share) == ["new"]
+
+
+def test_upload_many_sends_small_files_side_by_side_each_with_its_outcome(
+        remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """More small files than go together (``PIPELINE``), a large one among them, one
+    refused, one whose folder is missing, one read-only, one empty: each gets its own
+    outcome, in order, and the share holds exactly what was uploaded, no temporary file."""
+    (share / "d").mkdir()
+    write(share / "d" / "taken", b"theirs")
+    sources = {i: write(tmp_path / f"s{i}", os.urandom(i * 100)) for i in range(2 * PIPELINE + 3)}
+    big = write(tmp_path / "big", os.urandom(SMALL_WRITE + 4096))
+    uploads = [Upload(f"d/f{i}".encode(), str(src), 0o644, f".f{i}.tmp".encode(), (10**18, 1_600_000_000 * 10**9),
+                      lambda found: found is None) for i, src in sources.items()]
+    uploads[3] = Upload(b"d/taken", str(sources[3]), 0o644, b".t.tmp", None, lambda found: found is None)
+    uploads[5] = Upload(b"nosuch/f5", str(sources[5]), 0o644, b".f5.tmp", None, lambda found: found is None)
+    uploads[7] = Upload(b"d/ro", str(sources[7]), 0o444, b".ro.tmp", None, lambda found: found is None)
+    uploads[PIPELINE + 2] = Upload(b"d/big", str(big), 0o644, b".big.tmp", None, lambda found: found is None)
+    outcomes = remote.upload_many(uploads)
+    assert len(outcomes) == len(uploads)
+    assert isinstance(outcomes[3], NotExpected) and outcomes[3].found is not None and outcomes[3].found.size == 6
+    assert isinstance(outcomes[5], RemoteError) and outcomes[5].errno == errno.ENOENT
+    expected = {"taken": b"theirs", "ro": sources[7].read_bytes(), "big": big.read_bytes()}
+    for i, outcome in enumerate(outcomes):
+        if i in (3, 5):
+            continue
+        assert isinstance(outcome, RemoteStat), (i, outcome)
+        name = uploads[i].path.decode().split("/")[-1]
+        expected.setdefault(name, sources[i].read_bytes())
+        assert outcome == remote.stat(uploads[i].path)
+        assert outcome.size == len(expected[name])
+    assert {p.name: p.read_bytes() for p in (share / "d").iterdir()} == expected
+    assert os.listdir(share) == ["d"]
+    assert remote.stat(b"d/f1").mtime_ns == 1_600_000_000 * 10**9
+    assert not remote.stat(b"d/ro").mode & 0o200
 
 
 def test_upload_many_replaces_the_version_it_expects(remote: SmbRemote, share: Path, tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from smbprotocol.change_notify import SMB2ChangeNotifyRequest  # type: ignore[import-untyped]
 from smbprotocol.connection import Connection, SMB2Echo  # type: ignore[import-untyped]
@@ -155,6 +156,12 @@ def pending_budget(timeout: float) -> tuple[float, float]:
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
+#: an upload of up to this much is sent in one compound with its temporary file's create
+#: and times (``SmbRemote._upload_small``), several at a time: at most ``PIPELINE`` files
+#: and ``PIPELINE_BYTES`` (the link's first write window) in flight together
+SMALL_WRITE = 256 << 10
+PIPELINE = 8
+PIPELINE_BYTES = 1 << 20
 QUEUED_MOVING = 32 << 10  # bytes queued to send, at least, whose shrinking is progress
 
 _CREATE_RESPONSE = struct.Struct("<HBBIqqqqqqII16sII")
@@ -1210,23 +1217,8 @@ class SmbRemote(Remote):
 
     def _finish(self, link: _Link, handle: bytes, temp: str, target: str, replace: bool) -> RemoteStat:
         """Rename the open temporary file ``temp`` over ``target`` and close it: its new
-        stat. A refused rename (a name the server refuses, a file appeared or held open
-        elsewhere) removes the temporary file: the same compound has closed its handle,
-        so it is removed by its name (ours alone)."""
-        answers = link.exchange([_set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace), handle),
-                                 _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8, handle),
-                                 _close(handle, postquery=True)], related=False)
-        try:
-            _check(answers[0])
-        except _Status:
-            if answers[2]["status"].get_value() == 0:
-                _remove_temp(link, temp)
-            else:
-                _discard(link, handle)
-            raise
-        file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
-        attributes, size, atime, mtime, ctime = _parse_close(_check(answers[2]))
-        return _make_stat(attributes, size, atime, mtime, ctime, file_id)
+        stat (see ``_renamed``)."""
+        return _renamed(link, link.exchange(_rename_compound(handle, target, replace), related=False), handle, temp)
 
     def upload(self, path: bytes, source: Source, mode: int, temp_name: bytes,
                times: tuple[int, int] | None = None, owner: tuple[int, int] | None = None) -> RemoteStat:
@@ -1243,16 +1235,110 @@ class SmbRemote(Remote):
         """Each upload written to its temporary name first, then the target checked just
         before the rename: the window where a server change can be overwritten is about
         one round trip (none for a target that must not exist: that rename does not
-        replace)."""
-        outcomes: list[UploadOutcome] = []
-        for upload in uploads:
+        replace).
+
+        Small files (up to ``SMALL_WRITE``) go several at a time, in two round trips for
+        the lot (``_upload_small``); a larger one alone, its target looked at before its
+        content is sent (``_upload_checked``). The outcomes in the order of ``uploads``."""
+        outcomes: list[UploadOutcome | None] = [None] * len(uploads)
+        group: list[_Small] = []
+        group_bytes = 0
+        for i, upload in enumerate(uploads):
             try:
-                outcomes.append(self._upload_checked(upload))
+                data = _small_content(upload)
+                if data is None:
+                    outcomes[i] = self._upload_checked(upload)
+                    continue
+                small = _Small(i, upload, data, self._name(_sibling(upload.path, upload.temp_name)),
+                               self._target_name(upload.path))
+                if group and (len(group) >= PIPELINE or group_bytes + len(data) > PIPELINE_BYTES
+                              or small.target.casefold() in {g.target.casefold() for g in group}):
+                    self._upload_small(group, outcomes)
+                    group, group_bytes = [], 0
+                group.append(small)
+                group_bytes += len(data)
             except (RemoteError, ContentDamaged) as exc:
                 if isinstance(exc, RemoteUnreachable):
                     raise
-                outcomes.append(exc)
-        return outcomes
+                outcomes[i] = exc
+        if group:
+            self._upload_small(group, outcomes)
+        assert all(outcome is not None for outcome in outcomes)
+        return cast(list[UploadOutcome], outcomes)
+
+    def _upload_small(self, group: list["_Small"], outcomes: list[UploadOutcome | None]) -> None:
+        """Small uploads pipelined, in two round trips for the lot: for each file one
+        compound creates its temporary file, writes it and sets its times and
+        attributes, and one looks at its target, sent right behind it; as the answers
+        come, file by file, the rename of one still expected is sent. Each file's
+        outcome, its error status too, into ``outcomes``; a lost connection or session
+        is raised. (The window between a look and its rename is a round trip plus the
+        reading of the answers before it: ``PIPELINE`` bounds it.)"""
+        def work(link: _Link) -> None:
+            size = sum(len(small.data) for small in group)
+            window, _chunk = link.writes.window(link.timeout)
+            link.writes.take(size, window, first=True)
+            answered = False
+            try:
+                sent = [(small, link.send(_write_compound(small.temp, small.data, small.upload, link.max_write),
+                                          related=True),
+                         link.send(_look_compound(small.target), related=True)) for small in group]
+                renames = []
+                for small, written, looked in sent:
+                    outcome = self._small_written(link, small, _answers(link, written), _answers(link, looked))
+                    if outcome is not None:
+                        outcomes[small.index] = outcome
+                        continue
+                    assert small.handle is not None
+                    renames.append((small, link.send(_rename_compound(small.handle, small.target,
+                                                                      replace=small.found is not None))))
+                answered = True
+            finally:
+                link.writes.give(size, answered=answered)
+            for small, requests in renames:
+                outcomes[small.index] = self._small_renamed(link, small, _answers(link, requests))
+
+        self._call(work)
+
+    def _small_written(self, link: _Link, small: "_Small", written: list[Any],
+                       looked: list[Any]) -> UploadOutcome | None:
+        """After the temporary file's compound and the look at the target: None when the
+        upload goes on (``small.handle``, ``small.found`` set), else its outcome (the
+        temporary file removed)."""
+        try:
+            small.handle = _parse_create(_check(_answer(written[0])))[6]
+            for answer in written[1:]:
+                _check(_answer(answer))
+            small.found = _looked_at(looked)
+        except (_Status, _Busy) as exc:
+            if small.handle is not None:
+                _discard(link, small.handle)
+            return self._failed(exc, link)
+        if not small.upload.expect(small.found):
+            _discard(link, small.handle)
+            return NotExpected(small.found)
+        return None
+
+    def _small_renamed(self, link: _Link, small: "_Small", answers: list[Any]) -> UploadOutcome:
+        assert small.handle is not None
+        try:
+            return _renamed(link, answers, small.handle, small.temp)
+        except (_Status, _Busy) as exc:
+            if not (isinstance(exc, _Status) and exc.status == STATUS_OBJECT_NAME_COLLISION):
+                return self._failed(exc, link)
+        # (one appeared between the check and the rename: not replaced)
+        try:
+            return NotExpected(self.stat(small.upload.path))
+        except RemoteError as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            return exc
+
+    def _failed(self, exc: "_Status | _Busy", link: _Link) -> RemoteError:
+        """An error answer to one upload of a group, as ``_call`` gives it for one call."""
+        if isinstance(exc, _Busy):
+            return RemoteError(errno.EBUSY, f"{_os_strerror(errno.EBUSY)}: {exc}")
+        return self._error(exc, link)
 
     def _upload_checked(self, upload: Upload) -> UploadOutcome:
         target = self._target_name(upload.path)
@@ -1269,14 +1355,7 @@ class SmbRemote(Remote):
         def work(link: _Link) -> UploadOutcome:
             handle = self._write_temp(link, temp, upload.source, upload.mode, upload.times)
             try:
-                answers = link.exchange([_create(target, FILE_READ_ATTRIBUTES | SYNCHRONIZE),
-                                         _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8), _close()])
-                if answers[0]["status"].get_value() in (0xC0000034, 0xC000003A, 0xC000000F):
-                    now: RemoteStat | None = None
-                else:
-                    attributes, size, atime, mtime, ctime, _c, _h = _parse_create(_check(answers[0]))
-                    file_id = struct.unpack_from("<Q", _query_body(_check(answers[1])))[0]
-                    now = _make_stat(attributes, size, atime, mtime, ctime, file_id)
+                now = _looked_at(link.exchange(_look_compound(target)))
                 if not upload.expect(now):
                     _discard(link, handle)
                     return NotExpected(now)
@@ -1643,6 +1722,114 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
     finally:
         for size, _request in pending:
             flow.give(size, answered=False)
+
+
+@dataclass
+class _Small:
+    """One small upload of ``SmbRemote._upload_small``: its place in the batch, its
+    content, temporary and target names; once written, the temporary file's handle and
+    what the target was."""
+
+    index: int
+    upload: Upload
+    data: bytes
+    temp: str
+    target: str
+    handle: bytes | None = None
+    found: RemoteStat | None = None
+
+
+def _small_content(upload: Upload) -> bytes | None:
+    """The whole content of ``upload`` when it is at most ``SMALL_WRITE`` bytes (read
+    to its end, so that its checksum is checked: ``ContentDamaged``), else None (the
+    upload reads it again as it sends it)."""
+    try:
+        stream = open_source(upload.source)
+    except OSError as exc:
+        raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+    with stream:
+        try:
+            data = stream.read(SMALL_WRITE)
+            while len(data) < SMALL_WRITE and (more := stream.read(SMALL_WRITE - len(data))):
+                data += more  # (a stream may give less than asked before its end)
+            if len(data) == SMALL_WRITE and stream.read(1):
+                return None
+        except OSError as exc:
+            raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+    return data
+
+
+def _write_compound(temp: str, data: bytes, upload: Upload, max_write: int) -> list[Any]:
+    """Create (or empty) ``temp``, write ``data`` into it and set its times and the
+    read-only attribute, as one related compound: its handle stays open (DELETE access:
+    renamed or removed next)."""
+    attributes = ATTR_READONLY if not upload.mode & 0o200 else ATTR_NORMAL
+    atime, mtime = upload.times if upload.times is not None else (0, 0)
+    return [_create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | DELETE | SYNCHRONIZE,
+                    OVERWRITE_IF, NON_DIRECTORY_FILE, ATTR_NORMAL),
+            *(_write_request(RELATED, pos, data[pos:pos + max_write]) for pos in range(0, len(data), max_write)),
+            _set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, attributes))]
+
+
+def _look_compound(target: str) -> list[Any]:
+    """Open ``target``, ask its file id, close it (one related compound): ``_looked_at``."""
+    return [_create(target, FILE_READ_ATTRIBUTES | SYNCHRONIZE), _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8),
+            _close()]
+
+
+def _looked_at(answers: list[Any]) -> RemoteStat | None:
+    """What the answers to ``_look_compound`` say is at the target (None: nothing)."""
+    first = _answer(answers[0])
+    if first["status"].get_value() in (0xC0000034, 0xC000003A, 0xC000000F):
+        return None
+    attributes, size, atime, mtime, ctime, _c, _h = _parse_create(_check(first))
+    file_id = struct.unpack_from("<Q", _query_body(_check(_answer(answers[1]))))[0]
+    return _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+
+def _rename_compound(handle: bytes, target: str, replace: bool) -> list[Any]:
+    """Rename the open file over ``target``, ask its file id, close it (sent unrelated:
+    each names the handle): ``_renamed``."""
+    return [_set_info(FILE_RENAME_INFORMATION, _rename_info(target, replace), handle),
+            _query_info(INFO_FILE, FILE_INTERNAL_INFORMATION, 8, handle), _close(handle, postquery=True)]
+
+
+def _renamed(link: _Link, answers: list[Any], handle: bytes, temp: str) -> RemoteStat:
+    """The new stat of a file renamed by ``_rename_compound``. A refused rename (a name
+    the server refuses, a file appeared or held open elsewhere) removes the temporary
+    file: the same compound has closed its handle, so it is removed by its name (ours
+    alone); its error raised."""
+    try:
+        _check(_answer(answers[0]))
+    except (_Status, _Busy):
+        closed = answers[2]
+        if not isinstance(closed, _Busy) and closed["status"].get_value() == 0:
+            _remove_temp(link, temp)
+        else:
+            _discard(link, handle)
+        raise
+    file_id = struct.unpack_from("<Q", _query_body(_check(_answer(answers[1]))))[0]
+    attributes, size, atime, mtime, ctime = _parse_close(_check(_answer(answers[2])))
+    return _make_stat(attributes, size, atime, mtime, ctime, file_id)
+
+
+def _answers(link: _Link, requests: list[Any]) -> list[Any]:
+    """The answers to ``requests`` (one compound), each waited for; one given up on
+    (``_Busy``) is in its place, so that the others are still waited for."""
+    out: list[Any] = []
+    for request in requests:
+        try:
+            out.append(link.wait(request))
+        except _Busy as exc:
+            out.append(exc)
+    return out
+
+
+def _answer(answer: Any) -> Any:
+    """An answer of ``_answers``; raises the ``_Busy`` in its place."""
+    if isinstance(answer, _Busy):
+        raise answer
+    return answer
 
 
 def _discard(link: _Link, handle: bytes) -> None:
