@@ -166,3 +166,55 @@ def test_a_walk_reads_the_next_folders_ahead(tmp_path: Path, monkeypatch: pytest
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_walker_ahead_of_the_advice_gets_the_folders_ahead_of_it_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walker opens folders 2, 3 and 4 while folder 1's advice waits for the disk: the
+    newest, 4, is read ahead next, and in a walk (4 is among the folders after 1) so are
+    the three after it; 2 and 3, which the walker has gone past, come last. (Taken oldest
+    first, the advice stayed two to four folders behind a walk after a remount: 276-650
+    of 1,000 first opens found their bytes still on disk.)"""
+    monkeypatch.setattr(ahead, "WALK_AHEAD", 3)
+    folders = {f: [_file(tmp_path, f * 100 + i) for i in range(2)] for f in range(1, 9)}
+    asked: list[int] = []
+    order: list[int] = []  # folders in the order their files were advised
+    disk = threading.Event()
+    real = ahead.will_need
+
+    def children(folder: int) -> list[Node]:
+        asked.append(folder)
+        return folders[folder]
+
+    def siblings(folder: int, most: int) -> list[int]:
+        at = sorted(folders).index(folder)
+        ordered = sorted(folders)
+        return (ordered[at + 1:] + ordered[at - 1::-1] if at else ordered[1:])[:most]
+
+    def slow_first(paths: list[str]) -> int:
+        if not order:
+            disk.wait(5)
+        for path in paths:
+            folder = int(os.path.basename(path)) // 100
+            if folder not in order:
+                order.append(folder)
+        return real(paths)
+
+    monkeypatch.setattr(ahead, "will_need", slow_first)
+    reader = ContentsAhead(_Paths(tmp_path), Opens(), children, siblings)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run)
+            await trio.testing.wait_all_tasks_blocked()
+            reader.opened(1, folders[1])
+            await trio.sleep(0.05)  # (folder 1's advice under way, waiting)
+            for f in (2, 3, 4):
+                reader.opened(f, folders[f])
+            disk.set()
+            await _advised(reader, 2 * 7)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert asked == [5, 6, 7]
+    assert order[:1] == [1] and set(order[1:5]) == {4, 5, 6, 7} and set(order[5:]) == {2, 3}
