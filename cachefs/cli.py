@@ -131,7 +131,8 @@ def add_mount_arguments(p: argparse.ArgumentParser, share_names: bool = True) ->
     p.add_argument("--heartbeat", type=_positive, default=10.0, metavar="SECONDS",
                    help="how often an idle mount checks that the remote still answers (default: 10)")
     p.add_argument("--connections", type=_connections, default=4, metavar="N",
-                   help=f"SSH connections used in parallel, 1 to {MAX_CONNECTIONS} (default: 4)")
+                   help=f"transfers side by side, 1 to {MAX_CONNECTIONS} (default: 4): SSH connections; "
+                        "HTTP connections and threads (dav://); threads on one connection, at least 4 (smb://)")
     p.add_argument("--cache-size", type=_cache_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="content kept in the cache before the least recently used clean, "
                         "unpinned files are evicted, e.g. 500M, 20G; at least 1M (default: 10G)")
