@@ -369,6 +369,89 @@ def test_upload_many_sends_small_files_side_by_side_each_with_its_outcome(
     assert not remote.stat(b"d/ro").mode & 0o200
 
 
+@pytest.mark.parametrize("size", [4, SMALL_WRITE + 10])
+def test_a_refused_read_only_upload_leaves_no_temporary_file(remote: SmbRemote, share: Path, tmp_path: Path,
+                                                             size: int) -> None:
+    """A read-only file (mode 0o444) refused at the look before its rename: the temporary
+    file, read-only already, is removed all the same (a server refuses to delete a
+    read-only file: the attribute is cleared first), and the same upload, sent again
+    with the same temporary name, lands. A large one whose target appears while its
+    content is sent, too."""
+    source = write(tmp_path / "mine", os.urandom(size))
+    looks: list[RemoteStat | None] = []
+
+    def appears_meanwhile(found: RemoteStat | None) -> bool:
+        looks.append(found)
+        if len(looks) == 1 and size > SMALL_WRITE:
+            write(share / "taken", b"theirs")
+        return found is None
+
+    if size <= SMALL_WRITE:
+        write(share / "taken", b"theirs")
+    [outcome] = remote.upload_many([Upload(b"taken", str(source), 0o444, b".taken.tmp", None, appears_meanwhile)])
+    assert isinstance(outcome, NotExpected) and outcome.found is not None and outcome.found.size == 6
+    assert os.listdir(share) == ["taken"]
+    os.unlink(share / "taken")
+    [outcome] = remote.upload_many([Upload(b"taken", str(source), 0o444, b".taken.tmp", None,
+                                           lambda found: found is None)])
+    assert isinstance(outcome, RemoteStat) and not outcome.mode & 0o200
+    assert os.listdir(share) == ["taken"] and (share / "taken").read_bytes() == source.read_bytes()
+
+
+def test_upload_many_sends_in_the_order_given(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
+    """A small file, then a large one of the same name in another case (one file on a
+    case-insensitive share), both created here: the first lands, the second finds it."""
+    small = write(tmp_path / "a", b"first")
+    large = write(tmp_path / "b", os.urandom(SMALL_WRITE + 10))
+    outcomes = remote.upload_many([Upload(b"Foo", str(small), 0o644, b".Foo.tmp", None, lambda found: found is None),
+                                   Upload(b"foo", str(large), 0o644, b".foo.tmp", None, lambda found: found is None)])
+    assert isinstance(outcomes[0], RemoteStat) and isinstance(outcomes[1], NotExpected)
+    assert os.listdir(share) == ["Foo"] and (share / "Foo").read_bytes() == b"first"
+
+
+def test_small_uploads_side_by_side_keep_a_slow_link_answering(smbd: SmbServer, share: Path,
+                                                               tmp_path: Path) -> None:
+    """Three batches of small files at once over a 600 KB/s link, timeout 2 s: what they
+    send together stays within what the link answers in a fraction of the timeout
+    (``_Flow``), so a ``stat`` queued behind them is answered in time and no batch
+    counts the link as gone (sent 1 MiB at a time, each took the link down)."""
+    write(share / "other", b"x")
+    proxy = TcpProxy(smbd.host, smbd.port)
+    remote = make_remote(smbd, port=proxy.port, timeout=2.0)
+    try:
+        remote.connect()
+        proxy.throttle(600_000)
+        results: list[Any] = []
+
+        def batch(j: int) -> None:
+            sources = [write(tmp_path / f"s{j}-{i}", os.urandom(250 << 10)) for i in range(4)]
+            try:
+                results.append(remote.upload_many([
+                    Upload(f"f{j}-{i}".encode(), str(src), 0o644, f".f{j}-{i}.tmp".encode(), None,
+                           lambda found: found is None) for i, src in enumerate(sources)]))
+            except Exception as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=batch, args=(j,)) for j in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        latencies = []
+        while any(thread.is_alive() for thread in threads):
+            started = time.monotonic()
+            remote.stat(b"other")
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.2)
+        for thread in threads:
+            thread.join()
+        assert latencies and max(latencies) < 2.0, latencies
+        assert all(isinstance(r, list) and all(isinstance(o, RemoteStat) for o in r) for r in results), results
+        assert len(os.listdir(share)) == 13
+    finally:
+        remote.close()
+        proxy.close()
+
+
 def test_upload_many_replaces_the_version_it_expects(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
     write(share / "doc", b"base")
     base = remote.stat(b"doc").version()

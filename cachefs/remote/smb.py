@@ -156,12 +156,14 @@ def pending_budget(timeout: float) -> tuple[float, float]:
 LIST_BUFFER = 256 << 10  # bytes per QUERY_DIRECTORY answer (4 credits)
 CREDIT_TARGET = 512  # credits asked for until granted (32 MiB in flight)
 STAT_BUFFER = 64
-#: an upload of up to this much is sent in one compound with its temporary file's create
-#: and times (``SmbRemote._upload_small``), several at a time: at most ``PIPELINE`` files
-#: and ``PIPELINE_BYTES`` (the link's first write window) in flight together
+#: an upload of up to this much (and a request's share of the link's write window) is
+#: sent in one compound with its temporary file's create and times
+#: (``SmbRemote._upload_small``), several at a time: at most ``PIPELINE`` files and
+#: ``PIPELINE_BYTES``, and what the link carries in ``GROUP_SECONDS``
 SMALL_WRITE = 256 << 10
 PIPELINE = 8
 PIPELINE_BYTES = 1 << 20
+GROUP_SECONDS = 0.05
 QUEUED_MOVING = 32 << 10  # bytes queued to send, at least, whose shrinking is progress
 
 _CREATE_RESPONSE = struct.Struct("<HBBIqqqqqqII16sII")
@@ -1237,34 +1239,66 @@ class SmbRemote(Remote):
         one round trip (none for a target that must not exist: that rename does not
         replace).
 
-        Small files (up to ``SMALL_WRITE``) go several at a time, in two round trips for
-        the lot (``_upload_small``); a larger one alone, its target looked at before its
-        content is sent (``_upload_checked``). The outcomes in the order of ``uploads``."""
+        Small files go several at a time, in two round trips for the lot
+        (``_upload_small``), as many as ``_group_limits`` allows; a larger one alone, its
+        target looked at before its content is sent (``_upload_checked``). The uploads
+        are made in the order given; the outcomes in that order."""
         outcomes: list[UploadOutcome | None] = [None] * len(uploads)
         group: list[_Small] = []
-        group_bytes = 0
+
+        def flush() -> None:
+            if group:
+                self._upload_small(list(group), outcomes)
+                group.clear()
+
+        file_most, group_most = self._group_limits()
         for i, upload in enumerate(uploads):
             try:
-                data = _small_content(upload)
-                if data is None:
-                    outcomes[i] = self._upload_checked(upload)
-                    continue
-                small = _Small(i, upload, data, self._name(_sibling(upload.path, upload.temp_name)),
-                               self._target_name(upload.path))
-                if group and (len(group) >= PIPELINE or group_bytes + len(data) > PIPELINE_BYTES
-                              or small.target.casefold() in {g.target.casefold() for g in group}):
-                    self._upload_small(group, outcomes)
-                    group, group_bytes = [], 0
-                group.append(small)
-                group_bytes += len(data)
+                data = _small_content(upload, file_most)
+                small = None if data is None else _Small(
+                    i, upload, data, self._name(_sibling(upload.path, upload.temp_name)),
+                    self._target_name(upload.path))
             except (RemoteError, ContentDamaged) as exc:
                 if isinstance(exc, RemoteUnreachable):
                     raise
                 outcomes[i] = exc
-        if group:
-            self._upload_small(group, outcomes)
+                continue
+            if small is None:
+                flush()
+                outcomes[i] = self._upload_alone(upload)
+                file_most, group_most = self._group_limits()
+                continue
+            if group and (len(group) >= PIPELINE or sum(len(g.data) for g in group) + len(small.data) > group_most
+                          or small.target.casefold() in {g.target.casefold() for g in group}):
+                flush()
+                file_most, group_most = self._group_limits()
+            group.append(small)
+        flush()
         assert all(outcome is not None for outcome in outcomes)
         return cast(list[UploadOutcome], outcomes)
+
+    def _group_limits(self) -> tuple[int, int]:
+        """(the most bytes of a file sent whole in a group, the most bytes of a group):
+        what the link's writes allow now (``_Flow``). A file is at most a request's
+        share of the write window (on a slow link, a larger one is sent as the window
+        allows, ``_upload_checked``); a group at most what the link carries in
+        ``GROUP_SECONDS`` at the rate measured, or, before any measure, one such file's
+        worth (whatever waits behind a group, a ``stat`` or a rename of the same
+        group, waits that long at most)."""
+        link = self._link
+        flow = link.writes if link is not None else _Flow()
+        _window, chunk = flow.window(self.timeout)
+        file_most = min(SMALL_WRITE, chunk)
+        group_most = min(PIPELINE_BYTES, int(flow.rate * GROUP_SECONDS)) if flow.rate else file_most
+        return file_most, group_most
+
+    def _upload_alone(self, upload: Upload) -> UploadOutcome:
+        try:
+            return self._upload_checked(upload)
+        except (RemoteError, ContentDamaged) as exc:
+            if isinstance(exc, RemoteUnreachable):
+                raise
+            return exc
 
     def _upload_small(self, group: list["_Small"], outcomes: list[UploadOutcome | None]) -> None:
         """Small uploads pipelined, in two round trips for the lot: for each file one
@@ -1739,20 +1773,20 @@ class _Small:
     found: RemoteStat | None = None
 
 
-def _small_content(upload: Upload) -> bytes | None:
-    """The whole content of ``upload`` when it is at most ``SMALL_WRITE`` bytes (read
-    to its end, so that its checksum is checked: ``ContentDamaged``), else None (the
-    upload reads it again as it sends it)."""
+def _small_content(upload: Upload, most: int) -> bytes | None:
+    """The whole content of ``upload`` when it is at most ``most`` bytes (read to its end,
+    so that its checksum is checked: ``ContentDamaged``), else None (the upload reads
+    it again as it sends it)."""
     try:
         stream = open_source(upload.source)
     except OSError as exc:
         raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
     with stream:
         try:
-            data = stream.read(SMALL_WRITE)
-            while len(data) < SMALL_WRITE and (more := stream.read(SMALL_WRITE - len(data))):
+            data = stream.read(most)
+            while len(data) < most and (more := stream.read(most - len(data))):
                 data += more  # (a stream may give less than asked before its end)
-            if len(data) == SMALL_WRITE and stream.read(1):
+            if len(data) == most and stream.read(1):
                 return None
         except OSError as exc:
             raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
@@ -1835,8 +1869,9 @@ def _answer(answer: Any) -> Any:
 def _discard(link: _Link, handle: bytes) -> None:
     """Remove an open temporary file (best effort: a broken link leaves it behind, as an
     interrupted SFTP upload does)."""
-    try:
-        link.exchange([_set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle), _close(handle)], related=False)
+    try:  # (its read-only attribute cleared first: the server refuses to delete such a file)
+        link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(attributes=ATTR_NORMAL), handle),
+                       _set_info(FILE_DISPOSITION_INFORMATION, b"\x01", handle), _close(handle)], related=False)
     except Exception as exc:
         log.debug("could not remove a temporary file: %s", exc)
 
