@@ -23,10 +23,13 @@ from cachefs.address import RemoteAddress
 from cachefs.remote.base import (ContentDamaged, NotExpected, RemoteError, RemoteRefused, RemoteStat,
                                  RemoteUnreachable, Upload)
 from cachefs.remote.options import ConnectOptions
-from smbprotocol.open import SMB2CreateRequest  # type: ignore[import-untyped]
+from smbprotocol.open import (SMB2CloseRequest, SMB2CreateRequest,  # type: ignore[import-untyped]
+                              SMB2QueryDirectoryRequest, SMB2QueryInfoRequest, SMB2ReadRequest,
+                              SMB2SetInfoRequest, SMB2WriteRequest)
 
-from cachefs.remote.smb import (FILE_WRITE_DATA, PIPELINE, SMALL_WRITE, STATUS_SHARING_VIOLATION, SmbRemote,
-                                SmbWatch, _close, _create, _parse_create, smb_name_error)
+from cachefs.remote import smb
+from cachefs.remote.smb import (FILE_WRITE_DATA, PIPELINE, SMALL_WRITE, SMB2_CREATE, STATUS_SHARING_VIOLATION,
+                                SmbRemote, SmbWatch, _close, _create, _parse_create, smb_name_error)
 from cachefs.remote.ssh_secrets import Secrets
 from cachefs.remote.watch import WatchEnded
 from devtools.smbserver import SmbServer
@@ -298,6 +301,74 @@ def test_upload_many_refuses_what_it_has_not_seen(remote: SmbRemote, share: Path
     assert sorted(os.listdir(share)) == ["doc", "fresh", "taken"]  # no temporary files left
 
 
+def test_requests_are_packed_as_smbprotocol_packs_them() -> None:
+    """The request builders pack with ``struct`` what smbprotocol's ``Structure`` of the
+    same request packs (pure logic: byte for byte, names with surrogates and none,
+    every field set), and tell ``Connection`` the same command and credit charge."""
+    from smbprotocol.connection import Connection  # type: ignore[import-untyped]
+
+    charge = Connection.__new__(Connection)
+    charge.supports_multi_credit = True
+
+    def create(name: str, access: int, disposition: int, options: int, attributes: int, share: int,
+               oplock: int) -> Any:
+        request = SMB2CreateRequest()
+        request["requested_oplock_level"] = oplock
+        request["impersonation_level"] = smb.IMPERSONATION
+        request["desired_access"] = access
+        request["file_attributes"] = attributes
+        request["share_access"] = share
+        request["create_disposition"] = disposition
+        request["create_options"] = options
+        request["buffer_path"] = name.encode("utf-16-le", "surrogatepass") if name else b"\x00\x00"
+        return request
+
+    def reference(kind: Any, **fields: Any) -> Any:
+        request = kind()
+        for key, value in fields.items():
+            request[key] = value
+        return request
+
+    handle = bytes(range(16))
+    pairs = [
+        (_create(name, access, disposition, options, attributes, share, oplock),
+         create(name, access, disposition, options, attributes, share, oplock))
+        for name in ("", "a", "dir\\f\u00e9\ud800.tmp", "x" * 255)
+        for access, disposition, options, attributes, share, oplock in [
+            (smb.FILE_READ_ATTRIBUTES | smb.SYNCHRONIZE, smb.OPEN, 0, 0, smb.SHARE_ALL, 0),
+            (FILE_WRITE_DATA | smb.DELETE, smb.OVERWRITE_IF, smb.NON_DIRECTORY_FILE, smb.ATTR_NORMAL, 0, 0x09)]]
+    pairs += [(_close(file_id, postquery), reference(SMB2CloseRequest, file_id=file_id,
+                                                        flags=smb.CLOSE_POSTQUERY if postquery else 0))
+              for file_id in (smb.RELATED, handle) for postquery in (False, True)]
+    pairs += [(smb._query_info(smb.INFO_FILE, info_class, size, file_id),
+               reference(SMB2QueryInfoRequest, info_type=smb.INFO_FILE, file_info_class=info_class,
+                         output_buffer_length=size, file_id=file_id))
+              for info_class, size in ((smb.FILE_INTERNAL_INFORMATION, 8), (smb.FILE_FS_FULL_SIZE_INFORMATION, 64))
+              for file_id in (smb.RELATED, handle)]
+    pairs += [(smb._set_info(info_class, buffer, file_id),
+               reference(SMB2SetInfoRequest, info_type=smb.INFO_FILE, file_info_class=info_class,
+                         file_id=file_id, buffer=buffer))
+              for info_class, buffer in ((smb.FILE_BASIC_INFORMATION, smb._basic_info(1, 2, smb.ATTR_READONLY)),
+                                         (smb.FILE_RENAME_INFORMATION, smb._rename_info("a\\b", True)),
+                                         (smb.FILE_DISPOSITION_INFORMATION, b"\x01"))
+              for file_id in (smb.RELATED, handle)]
+    pairs += [(smb._query_directory(handle, restart), reference(
+        SMB2QueryDirectoryRequest, file_information_class=smb.FILE_ID_FULL_DIRECTORY_INFORMATION,
+        flags=0x1 if restart else 0, file_id=handle, output_buffer_length=smb.LIST_BUFFER,
+        buffer="*".encode("utf-16-le"))) for restart in (False, True)]
+    pairs += [(smb._read_request(handle, offset, length), reference(
+        SMB2ReadRequest, length=length, offset=offset, file_id=handle, padding=b"\x50"))
+        for offset, length in ((0, 1), (1 << 40, 65536), (12345, 1 << 20))]
+    pairs += [(smb._write_request(file_id, offset, data), reference(
+        SMB2WriteRequest, offset=offset, file_id=file_id, buffer=data))
+        for file_id in (smb.RELATED, handle) for offset, data in ((0, b""), (1 << 33, b"abc"), (7, bytes(70000)))]
+    for ours, theirs in pairs:
+        assert ours.pack() == theirs.pack(), type(theirs).__name__
+        assert len(ours) == len(theirs)
+        assert ours.COMMAND == theirs.COMMAND
+        assert charge._calculate_credit_charge(ours) == charge._calculate_credit_charge(theirs)
+
+
 @pytest.mark.parametrize("size", [10, SMALL_WRITE + 1])
 def test_a_refused_final_rename_leaves_no_temporary_file(remote: SmbRemote, share: Path, tmp_path: Path,
                                                          size: int) -> None:
@@ -485,7 +556,7 @@ def test_unlink_if_removes_only_the_version_seen(remote: SmbRemote, smbd: SmbSer
 
     def exchange_then_try_to_write(messages: list[Any], related: bool = True) -> list[Any]:
         answers = exchange(messages, related)
-        if not tried and isinstance(messages[0], SMB2CreateRequest):  # (unlink_if's open: now held)
+        if not tried and messages[0].COMMAND == SMB2_CREATE:  # (unlink_if's open: now held)
             answer = other._get_link().exchange([_create("held", FILE_WRITE_DATA), _close()])[0]
             tried.append(answer["status"].get_value())
         return answers
@@ -902,8 +973,7 @@ def test_a_file_another_client_holds_keeps_the_connection(smbd: SmbServer, share
     remote = make_remote(smbd)  # (timeout 3 s: the mount would abandon a call after 7 s)
     patient = make_remote(smbd, timeout=20.0)
     try:
-        request = _create("doc", FILE_WRITE_DATA)
-        request["requested_oplock_level"] = 0x09  # BATCH
+        request = _create("doc", FILE_WRITE_DATA, oplock=0x09)  # BATCH
         answer = holder._get_link().exchange([request])[0]
         assert answer["status"].get_value() == 0 and answer["data"].get_value()[2] == 0x09
         proxy.stall()  # (the holder never answers the oplock break)
