@@ -301,6 +301,69 @@ def test_upload_many_refuses_what_it_has_not_seen(remote: SmbRemote, share: Path
     assert sorted(os.listdir(share)) == ["doc", "fresh", "taken"]  # no temporary files left
 
 
+@pytest.mark.parametrize("cipher", ["AES_128_GCM", "AES_256_GCM", "AES_128_CCM", "dialect 3.0"])
+@pytest.mark.parametrize("dfs", [False, True])
+def test_requests_are_sent_as_smbprotocol_sends_them(cipher: str, dfs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_FastConnection._send`` puts on the wire, for a sealed session, the bytes
+    smbprotocol's ``Connection._send`` puts there for the same requests (headers, compound
+    padding, related and DFS flags, credits, message ids, the transform header and its
+    encryption with the same nonce, the TCP framing), and leaves the same pending requests
+    and sequence window behind (pure logic: a socket that keeps what it is given)."""
+    from smbprotocol.connection import Ciphers, Connection, Dialects
+    from smbprotocol.transport import Tcp
+
+    class Kept:
+        def __init__(self) -> None:
+            self.sent = b""
+
+        def send(self, data: bytes) -> int:
+            self.sent += bytes(data[:1000])  # (a short send: the rest is sent again)
+            return min(len(data), 1000)
+
+    def connection(kind: type) -> Any:
+        conn = kind.__new__(kind)
+        conn.supports_multi_credit = True
+        conn.dialect = Dialects.SMB_3_0_0 if cipher == "dialect 3.0" else Dialects.SMB_3_1_1
+        conn.cipher_id = getattr(Ciphers, cipher, Ciphers.AES_128_GCM)
+        conn.sequence_window = {"low": 7, "high": 600}
+        conn.sequence_lock = threading.Lock()
+        conn.outstanding_requests = {}
+        conn._t_exc = None
+        tree = type("Tree", (), {"encrypt_data": True, "is_dfs_share": dfs, "tree_connect_id": 5})()
+        session = type("Session", (), {"session_id": 0x1122334455, "encrypt_data": True, "signing_required": False,
+                                       "signing_key": None, "encryption_key": bytes(range(32 if "256" in cipher
+                                                                                          else 16)),
+                                       "tree_connect_table": {5: tree}})()
+        conn.session_table = {session.session_id: session}
+        conn.transport = Tcp("127.0.0.1", 445)
+        conn.transport.connected = True
+        conn.transport._sock = Kept()
+        return conn
+
+    handle = bytes(range(16))
+    batches = [([_create("a\\b.tmp", FILE_WRITE_DATA), smb._write_request(smb.RELATED, 0, b"x" * 5000),
+                 smb._set_info(smb.FILE_BASIC_INFORMATION, smb._basic_info(1, 2))], True, None),
+               ([smb._read_request(handle, 0, 1 << 20)], False, 64),
+               ([smb._set_info(smb.FILE_RENAME_INFORMATION, smb._rename_info("c", True), handle),
+                 smb._query_info(smb.INFO_FILE, smb.FILE_INTERNAL_INFORMATION, 8, handle), _close(handle, True)],
+                False, None),
+               ([smb._query_directory(handle, True)], False, None)]
+    results = []
+    for kind in (Connection, smb._FastConnection):
+        conn = connection(kind)
+        counter = iter(range(10**6))
+        monkeypatch.setattr(os, "urandom", lambda n: bytes([next(counter) % 256]) * n)
+        ids = [[(r.message["message_id"].get_value(), r.message["command"].get_value(), r.related_ids)
+                for r in conn._send(messages, session_id=0x1122334455, tree_id=5, related=related,
+                                    credit_request=credits)]
+               for messages, related, credits in batches]
+        results.append((conn.transport._sock.sent, ids, dict(conn.sequence_window),
+                        sorted(conn.outstanding_requests)))
+    theirs, ours = results
+    assert ours[0] == theirs[0]
+    assert ours[1:] == theirs[1:]
+
+
 def test_requests_are_packed_as_smbprotocol_packs_them() -> None:
     """The request builders pack with ``struct`` what smbprotocol's ``Structure`` of the
     same request packs (pure logic: byte for byte, names with surrogates and none,
