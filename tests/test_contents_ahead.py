@@ -10,6 +10,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,16 @@ def _no_children(folder: int) -> list[Node]:
 
 def _no_siblings(folder: int, most: int) -> list[int]:
     return []
+
+
+def _siblings(folders: dict[int, list[Node]]) -> Callable[[int, int], list[int]]:
+    """``Listings.sibling_folders`` over folders named by number: those after one first,
+    then those before it, nearest first."""
+    def siblings(folder: int, most: int) -> list[int]:
+        order = sorted(folders)
+        at = order.index(folder)
+        return (order[at + 1:] + order[at - 1::-1] if at else order[1:])[:most]
+    return siblings
 
 
 def _file(root: Path, ino: int, size: int = 4096, flags: int = FULL, mode: int = stat.S_IFREG | 0o644) -> Node:
@@ -143,12 +154,7 @@ def test_a_walk_reads_the_next_folders_ahead(tmp_path: Path, monkeypatch: pytest
         asked.append(folder)
         return folders[folder]
 
-    def siblings(folder: int, most: int) -> list[int]:
-        order = sorted(folders)
-        at = order.index(folder)
-        return (order[at + 1:] + order[at - 1::-1] if at else order[1:])[:most]
-
-    reader = ContentsAhead(_Paths(tmp_path), Opens(), children, siblings)  # type: ignore[arg-type]
+    reader = ContentsAhead(_Paths(tmp_path), Opens(), children, _siblings(folders))  # type: ignore[arg-type]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -186,11 +192,6 @@ def test_a_walker_ahead_of_the_advice_gets_the_folders_ahead_of_it_first(
         asked.append(folder)
         return folders[folder]
 
-    def siblings(folder: int, most: int) -> list[int]:
-        at = sorted(folders).index(folder)
-        ordered = sorted(folders)
-        return (ordered[at + 1:] + ordered[at - 1::-1] if at else ordered[1:])[:most]
-
     def slow_first(paths: list[str]) -> int:
         if not order:
             disk.wait(5)
@@ -201,7 +202,7 @@ def test_a_walker_ahead_of_the_advice_gets_the_folders_ahead_of_it_first(
         return real(paths)
 
     monkeypatch.setattr(ahead, "will_need", slow_first)
-    reader = ContentsAhead(_Paths(tmp_path), Opens(), children, siblings)  # type: ignore[arg-type]
+    reader = ContentsAhead(_Paths(tmp_path), Opens(), children, _siblings(folders))  # type: ignore[arg-type]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
