@@ -532,6 +532,44 @@ def test_a_refused_read_only_upload_leaves_no_temporary_file(remote: SmbRemote, 
     assert os.listdir(share) == ["taken"] and (share / "taken").read_bytes() == source.read_bytes()
 
 
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_read_only_temporary_file_left_by_a_cut_does_not_block_the_retry(
+        remote: SmbRemote, share: Path, tmp_path: Path, alone: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link drops after a read-only file's temporary file was written (its
+    attribute set) and before its rename: the replay's next try, under the same
+    temporary name, removes it and lands (a server refuses to open a read-only file for
+    writing: the retry failed with EACCES until someone removed it). In a group and
+    alone."""
+    source = write(tmp_path / "mine", b"content")
+    cut: list[bool] = []
+
+    def cut_once(real: Any) -> Any:
+        def cut_then(self: SmbRemote, link: Any, *args: Any, **named: Any) -> Any:
+            if not cut:
+                cut.append(True)
+                link.close()
+                raise smb._Closed("cut")
+            return real(self, link, *args, **named)
+        return cut_then
+
+    upload = Upload(b"doc", str(source), 0o444, b".doc.tmp", None, lambda found: found is None)
+    if alone:
+        monkeypatch.setattr(SmbRemote, "_finish", cut_once(SmbRemote._finish))
+        with pytest.raises(RemoteUnreachable):
+            remote.upload(b"doc", str(source), 0o444, b".doc.tmp")
+    else:
+        monkeypatch.setattr(SmbRemote, "_small_written", cut_once(SmbRemote._small_written))
+        with pytest.raises(RemoteUnreachable):
+            remote.upload_many([upload])
+    assert os.listdir(share) == [".doc.tmp"]
+    if alone:
+        outcome: Any = remote.upload(b"doc", str(source), 0o444, b".doc.tmp")
+    else:
+        [outcome] = remote.upload_many([upload])
+    assert isinstance(outcome, RemoteStat) and not outcome.mode & 0o200
+    assert os.listdir(share) == ["doc"] and (share / "doc").read_bytes() == b"content"
+
+
 def test_upload_many_sends_in_the_order_given(remote: SmbRemote, share: Path, tmp_path: Path) -> None:
     """A small file, then a large one of the same name in another case (one file on a
     case-insensitive share), both created here: the first lands, the second finds it."""

@@ -185,6 +185,7 @@ STATUS_END_OF_FILE = 0xC0000011
 STATUS_OBJECT_NAME_COLLISION = 0xC0000035
 STATUS_CANNOT_DELETE = 0xC0000121
 STATUS_SHARING_VIOLATION = 0xC0000043
+STATUS_ACCESS_DENIED = 0xC0000022
 STATUS_ERRNO: dict[int, int] = {
     0xC000000F: errno.ENOENT,  # NO_SUCH_FILE
     0xC0000034: errno.ENOENT,  # OBJECT_NAME_NOT_FOUND
@@ -1315,9 +1316,12 @@ class SmbRemote(Remote):
                     times: tuple[int, int] | None) -> bytes:
         """Create ``temp``, write the content, set times and the read-only attribute;
         the open handle (DELETE access: the caller renames or removes it)."""
-        answers = link.exchange([_create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES
-                                         | DELETE | SYNCHRONIZE, OVERWRITE_IF, NON_DIRECTORY_FILE,
-                                         ATTR_NORMAL)])
+        create = _write_compound(temp, b"", None, link.max_write)
+        answers = link.exchange(create)
+        if answers[0]["status"].get_value() == STATUS_ACCESS_DENIED:
+            # (a read-only temporary file an upload cut short left there: ours alone)
+            _remove_temp(link, temp)
+            answers = link.exchange(create)
         handle = _parse_create(_check(answers[0]))[6]
         try:
             try:
@@ -1426,39 +1430,57 @@ class SmbRemote(Remote):
         outcome, its error status too, into ``outcomes``; a lost connection or session
         is raised. (The window between a look and its rename is a round trip plus the
         reading of the answers before it: ``PIPELINE`` bounds it.)"""
+        again: list[_Small] = []
+
         def work(link: _Link) -> None:
+            flow = link.writes
             size = sum(len(small.data) for small in group)
-            window, _chunk = link.writes.window(link.timeout)
-            link.writes.take(size, window, first=True)
-            answered = False
+            window, _chunk = flow.window(link.timeout)
+            flow.take(size, window, first=True)
+            given = 0
+            mark: tuple[float, int] | None = None
             try:
                 sent = [(small, link.send(_write_compound(small.temp, small.data, small.upload, link.max_write),
                                           related=True),
                          link.send(_look_compound(small.target), related=True)) for small in group]
                 renames = []
                 for small, written, looked in sent:
-                    outcome = self._small_written(link, small, _answers(link, written), _answers(link, looked))
-                    if outcome is not None:
-                        outcomes[small.index] = outcome
-                        continue
-                    assert small.handle is not None
-                    renames.append((small, link.send(_rename_compound(small.handle, small.target,
-                                                                      replace=small.found is not None))))
-                answered = True
+                    written, looked = _answers(link, written), _answers(link, looked)
+                    flow.give(len(small.data))
+                    given += len(small.data)
+                    # (the link's rate from the answers after the first, as ``_write_all``
+                    # measures it: the group's size follows it, ``_group_limits``)
+                    mark = flow.sample(mark) if mark is not None else (time.monotonic(), flow.done)
+                    outcome = self._small_written(link, small, written, looked)
+                    if outcome is _AGAIN:
+                        again.append(small)
+                    elif outcome is not None:
+                        outcomes[small.index] = cast(UploadOutcome, outcome)
+                    else:
+                        assert small.handle is not None
+                        renames.append((small, link.send(_rename_compound(small.handle, small.target,
+                                                                          replace=small.found is not None))))
             finally:
-                link.writes.give(size, answered=answered)
+                if given < size:
+                    flow.give(size - given, answered=False)
             for small, requests in renames:
                 outcomes[small.index] = self._small_renamed(link, small, _answers(link, requests))
 
         self._call(work)
+        for small in again:  # (alone: a read-only temporary file left there is removed first)
+            outcomes[small.index] = self._upload_alone(small.upload)
 
     def _small_written(self, link: _Link, small: "_Small", written: list[Any],
-                       looked: list[Any]) -> UploadOutcome | None:
+                       looked: list[Any]) -> UploadOutcome | object | None:
         """After the temporary file's compound and the look at the target: None when the
-        upload goes on (``small.handle``, ``small.found`` set), else its outcome (the
-        temporary file removed)."""
+        upload goes on (``small.handle``, ``small.found`` set), ``_AGAIN`` when its
+        temporary file could not be opened for writing (to be sent alone), else its
+        outcome (the temporary file removed)."""
+        first = written[0]
+        if not isinstance(first, _Busy) and first["status"].get_value() == STATUS_ACCESS_DENIED:
+            return _AGAIN
         try:
-            small.handle = _parse_create(_check(_answer(written[0])))[6]
+            small.handle = _parse_create(_check(_answer(first)))[6]
             for answer in written[1:]:
                 _check(_answer(answer))
             small.found = _looked_at(looked)
@@ -1876,6 +1898,9 @@ def _write_all(link: _Link, handle: bytes, stream: Any) -> None:
             flow.give(size, answered=False)
 
 
+_AGAIN = object()  # (``SmbRemote._small_written``: that file is sent again alone)
+
+
 @dataclass
 class _Small:
     """One small upload of ``SmbRemote._upload_small``: its place in the batch, its
@@ -1911,14 +1936,17 @@ def _small_content(upload: Upload, most: int) -> bytes | None:
     return data
 
 
-def _write_compound(temp: str, data: bytes, upload: Upload, max_write: int) -> list[Any]:
-    """Create (or empty) ``temp``, write ``data`` into it and set its times and the
+def _write_compound(temp: str, data: bytes, upload: Upload | None, max_write: int) -> list[Any]:
+    """Create (or empty) ``temp``, write ``data`` into it and set the upload's times and
     read-only attribute, as one related compound: its handle stays open (DELETE access:
-    renamed or removed next)."""
+    renamed or removed next). Without an upload, the create alone."""
+    create = _create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | DELETE | SYNCHRONIZE,
+                     OVERWRITE_IF, NON_DIRECTORY_FILE, ATTR_NORMAL)
+    if upload is None:
+        return [create]
     attributes = ATTR_READONLY if not upload.mode & 0o200 else ATTR_NORMAL
     atime, mtime = upload.times if upload.times is not None else (0, 0)
-    return [_create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | DELETE | SYNCHRONIZE,
-                    OVERWRITE_IF, NON_DIRECTORY_FILE, ATTR_NORMAL),
+    return [create,
             *(_write_request(RELATED, pos, data[pos:pos + max_write]) for pos in range(0, len(data), max_write)),
             _set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, attributes))]
 
