@@ -353,7 +353,8 @@ def test_requests_are_sent_as_smbprotocol_sends_them(cipher: str, dfs: bool, mon
         conn = connection(kind)
         counter = iter(range(10**6))
         monkeypatch.setattr(os, "urandom", lambda n: bytes([next(counter) % 256]) * n)
-        ids = [[(r.message["message_id"].get_value(), r.message["command"].get_value(), r.related_ids)
+        ids = [[(r.message["message_id"].get_value(), r.message["command"].get_value(),
+                 r.message["tree_id"].get_value(), r.message["reserved"].get_value(), r.session_id, r.related_ids)
                 for r in conn._send(messages, session_id=0x1122334455, tree_id=5, related=related,
                                     credit_request=credits)]
                for messages, related, credits in batches]

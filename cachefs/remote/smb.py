@@ -452,8 +452,9 @@ class _FastConnection(Connection):  # type: ignore[misc]
     framing packed with ``struct`` (smbprotocol builds a ``Structure`` for each: 37 us a
     header, about as much for the transform header and the framing), the message ids,
     credits and pending requests kept as ``Connection._send`` keeps them. Anything else
-    (a negotiate, a session setup, a signed rather than sealed session, smbprotocol's
-    own requests, an async CANCEL) goes through ``Connection._send``. tests/test_smb.py
+    (a negotiate, a session setup, a signed rather than sealed session or one whose tree
+    alone is sealed, smbprotocol's own requests, an async CANCEL) goes through
+    ``Connection._send``. tests/test_smb.py
     checks that both send the same bytes."""
 
     def _send(self, messages: list[Any], session_id: int | None = None, tree_id: int | None = None,
@@ -462,7 +463,7 @@ class _FastConnection(Connection):  # type: ignore[misc]
         session = self.session_table.get(session_id, None) if session_id else None
         tree = session.tree_connect_table.get(tree_id) if session is not None and tree_id else None
         if (message_id is not None or async_id is not None or force_signature or session is None
-                or (tree_id and tree is None) or not (session.encrypt_data or (tree is not None and tree.encrypt_data))
+                or (tree_id and tree is None) or not session.encrypt_data
                 or not all(type(message) is _Packed for message in messages)):
             return list(super()._send(messages, session_id=session_id, tree_id=tree_id, message_id=message_id,
                                       credit_request=credit_request, related=related, async_id=async_id,
