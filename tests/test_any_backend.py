@@ -249,6 +249,33 @@ def test_offline_journals_and_online_sync_replays(backend: Backend) -> None:
         assert read_bounded(mnt / "unseen.txt") == b"never read\n"
 
 
+def test_a_file_put_in_place_by_a_rename_reaches_the_server_under_its_name_only(backend: Backend) -> None:
+    """Offline, a file written under a temporary name and renamed to its own (git's object
+    write where the remote has no hard links; many programs' saves of a new file): the
+    replay uploads it once under its final name, no temporary name and no rename on the
+    server. A rename over a file the server has is still replayed as a rename."""
+    share = backend.share
+    (share / "old.txt").write_bytes(b"server version\n")
+    with backend.mount() as mount:
+        mnt = mount.mountpoint
+        assert read_bounded(mnt / "old.txt") == b"server version\n"
+        go_offline(mnt)
+        write_file(mnt / ".new.txt.tmp", b"put in place\n")
+        os.rename(mnt / ".new.txt.tmp", mnt / "new.txt")
+        write_file(mnt / ".old.txt.tmp", b"saved over\n")
+        os.rename(mnt / ".old.txt.tmp", mnt / "old.txt")
+        command(mnt, "online")
+        wait_state(mnt, "online")
+        command(mnt, "sync")
+        assert status(mnt)["pending"] == 0
+        assert sorted(os.listdir(share)) == ["new.txt", "old.txt"]
+        assert (share / "new.txt").read_bytes() == b"put in place\n"
+        assert (share / "old.txt").read_bytes() == b"saved over\n"
+        replayed = [line for line in mount.log_text().splitlines() if "cachefs.sync.replay: replay" in line]
+        assert not any(b".new.txt.tmp" in line.encode() for line in replayed), replayed
+        assert any("rename" in line and ".old.txt.tmp" in line for line in replayed), replayed
+
+
 def test_sync_with_server_stopped_fails_and_says_why(backend: Backend) -> None:
     (backend.share / "f.txt").write_bytes(b"x")
     with backend.mount() as mount:

@@ -312,6 +312,50 @@ def test_not_folded_without_the_create() -> None:
     assert [op.kind for op in kept] == ["link", "unlink"] and dropped == []
 
 
+def _renamed_in_place(ino: int = 10) -> list[Op]:
+    """git's object write where the remote has no hard links: ``link`` fails (EPERM), git
+    renames the temporary name to the final one."""
+    return [
+        Op("create", ino, b"objects/ab/tmp_obj_x", parent=3, mode=stat.S_IFREG | 0o444),
+        Op("rename", ino, b"objects/ab/tmp_obj_x", parent=3, dst=b"objects/ab/cdef", dst_parent=3),
+    ]
+
+
+def test_create_then_rename_becomes_one_create_in_the_renames_place() -> None:
+    ops = _seq([Op("mkdir", 3, b"objects/ab", parent=2), *_renamed_in_place(),
+                Op("setattr", 10, b"objects/ab/cdef", parent=3)])
+    kept, dropped = optimise(ops, alive={3, 10})
+    assert [(op.kind, op.ino, op.path, op.parent, op.seq) for op in kept] == [
+        ("mkdir", 3, b"objects/ab", 2, 1),
+        ("create", 10, b"objects/ab/cdef", 3, 3),
+        ("setattr", 10, b"objects/ab/cdef", 3, 4),
+    ]
+    assert kept[1].mode == stat.S_IFREG | 0o444 and kept[1].base is None and not kept[1].dst
+    assert [op.seq for op in dropped] == [2]
+
+
+@pytest.mark.parametrize("case", ["replaces", "started", "between", "no create", "renamed twice"])
+def test_create_then_rename_not_folded_unless_the_first_name_never_reached_the_remote(case: str) -> None:
+    create, rename = _renamed_in_place()
+    if case == "replaces":  # the rename replaced a file at the second name: its version is checked
+        rename = Op("rename", 10, rename.path, parent=3, dst=rename.dst, dst_parent=3, replaced=20,
+                    replaced_base=(1, 2, stat.S_IFREG))
+        ops = _seq([create, rename])
+    elif case == "between":  # its upload would go to the first name
+        ops = _seq([create, Op("store", 10, create.path, parent=3), rename])
+    elif case == "renamed twice":  # the first rename folds; the second stays, from the name it gave
+        ops = _seq([create, rename, Op("rename", 10, rename.dst, parent=3, dst=b"objects/ab/last", dst_parent=3)])
+        kept, dropped = optimise(ops, alive={10, 20})
+        assert [(op.kind, op.path, op.seq) for op in kept] == [
+            ("create", b"objects/ab/cdef", 2), ("rename", b"objects/ab/cdef", 3)]
+        assert [op.seq for op in dropped] == [1]
+        return
+    else:
+        ops = _seq([create, rename])[1:] if case == "no create" else _seq([create, rename])
+    kept, dropped = optimise(ops, alive={10, 20}, started={1}.__contains__ if case == "started" else lambda s: False)
+    assert all(a is b for a, b in zip(kept, ops)) and len(kept) == len(ops) and dropped == []
+
+
 def test_placed_then_deleted_vanishes() -> None:
     ops = _seq([*_placed(), Op("unlink", 10, b"objects/ab/cdef", parent=3)])
     kept, dropped = optimise(ops, alive=set())
