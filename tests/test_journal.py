@@ -324,7 +324,8 @@ def _renamed_in_place(ino: int = 10) -> list[Op]:
 def test_create_then_rename_becomes_one_create_in_the_renames_place() -> None:
     ops = _seq([Op("mkdir", 3, b"objects/ab", parent=2), *_renamed_in_place(),
                 Op("setattr", 10, b"objects/ab/cdef", parent=3)])
-    kept, dropped = optimise(ops, alive={3, 10})
+    assert optimise(ops, alive={3, 10})[0] == ops  # (a remote without ``exclusive_create``)
+    kept, dropped = optimise(ops, alive={3, 10}, fold_renames=True)
     assert [(op.kind, op.ino, op.path, op.parent, op.seq) for op in kept] == [
         ("mkdir", 3, b"objects/ab", 2, 1),
         ("create", 10, b"objects/ab/cdef", 3, 3),
@@ -332,6 +333,19 @@ def test_create_then_rename_becomes_one_create_in_the_renames_place() -> None:
     ]
     assert kept[1].mode == stat.S_IFREG | 0o444 and kept[1].base is None and not kept[1].dst
     assert [op.seq for op in dropped] == [2]
+
+
+def test_create_then_rename_into_a_folder_made_and_removed_here_is_not_folded() -> None:
+    # mkdir stage, p.tmp -> stage/d -> e, rmdir stage: the mkdir is dropped, and a create
+    # of stage/d would find no folder (the replay made it again: a false conflict)
+    ops = _seq([Op("mkdir", 5, b"stage", parent=1),
+                Op("create", 10, b"p.tmp", parent=1, mode=stat.S_IFREG | 0o644),
+                Op("rename", 10, b"p.tmp", parent=1, dst=b"stage/d", dst_parent=5),
+                Op("rename", 10, b"stage/d", parent=5, dst=b"e", dst_parent=1),
+                Op("rmdir", 5, b"stage", parent=1)])
+    kept, dropped = optimise(ops, alive={10}, fold_renames=True)
+    assert [op.kind for op in kept] == ["create", "rename", "rename"]
+    assert [op.seq for op in dropped] == [1, 5]
 
 
 @pytest.mark.parametrize("case", ["replaces", "started", "between", "no create", "renamed twice"])
@@ -345,14 +359,15 @@ def test_create_then_rename_not_folded_unless_the_first_name_never_reached_the_r
         ops = _seq([create, Op("store", 10, create.path, parent=3), rename])
     elif case == "renamed twice":  # the first rename folds; the second stays, from the name it gave
         ops = _seq([create, rename, Op("rename", 10, rename.dst, parent=3, dst=b"objects/ab/last", dst_parent=3)])
-        kept, dropped = optimise(ops, alive={10, 20})
+        kept, dropped = optimise(ops, alive={10, 20}, fold_renames=True)
         assert [(op.kind, op.path, op.seq) for op in kept] == [
             ("create", b"objects/ab/cdef", 2), ("rename", b"objects/ab/cdef", 3)]
         assert [op.seq for op in dropped] == [1]
         return
     else:
         ops = _seq([create, rename])[1:] if case == "no create" else _seq([create, rename])
-    kept, dropped = optimise(ops, alive={10, 20}, started={1}.__contains__ if case == "started" else lambda s: False)
+    kept, dropped = optimise(ops, alive={10, 20}, started={1}.__contains__ if case == "started" else lambda s: False,
+                             fold_renames=True)
     assert all(a is b for a, b in zip(kept, ops)) and len(kept) == len(ops) and dropped == []
 
 

@@ -91,6 +91,12 @@ class Capabilities:
     #: ``RemoteStat.tag`` is set: a change is seen whatever size and mtime it keeps
     strong_versions: bool = False
     case_insensitive: bool = False  # "A" and "a" name the same object there
+    #: an upload that expects nothing at its target (``Upload.expect(None)``) puts the
+    #: file there only while the name is still free, in one step the server refuses
+    #: otherwise (SMB's rename without ReplaceIfExists, WebDAV's ``Overwrite: F``): the
+    #: journal may then fold "create P, rename P -> D" into one create of D
+    #: (``store.journal.optimise``), which elsewhere would lose the rename's no-replace
+    exclusive_create: bool = False
 
 
 @dataclass(frozen=True, slots=True)

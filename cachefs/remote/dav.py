@@ -226,7 +226,7 @@ class DavRemote(Remote):
 
     capabilities = Capabilities(symlinks=False, hard_links=False, atomic_replace=True,
                                 xattrs=False, modes=False, owners=False, notify=False,
-                                strong_versions=True)
+                                strong_versions=True, exclusive_create=True)
 
     @classmethod
     def from_address(cls, address: RemoteAddress, options: ConnectOptions,

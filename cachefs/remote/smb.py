@@ -848,7 +848,7 @@ class SmbRemote(Remote):
 
     capabilities = Capabilities(symlinks=False, hard_links=False, atomic_replace=True, xattrs=False,
                                 modes=False, owners=False, notify=True, strong_versions=True,
-                                case_insensitive=True)
+                                case_insensitive=True, exclusive_create=True)
 
     def __init__(self, host: str, share: str, path: str = "", user: str | None = None,
                  port: int | None = None, options: ConnectOptions | None = None) -> None:

@@ -110,8 +110,8 @@ def seq_of(key_bytes: bytes) -> int:
 
 
 def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = lambda seq: False,
-             produced: Callable[[int], tuple[int, int, int] | None] = lambda ino: None) \
-        -> tuple[list[Op], list[Op]]:
+             produced: Callable[[int], tuple[int, int, int] | None] = lambda ino: None,
+             fold_renames: bool = False) -> tuple[list[Op], list[Op]]:
     """Drop what need never reach the remote; returns (kept, dropped). A kept entry that
     is not the one read (``is not``) replaces the entry of its ``seq``.
 
@@ -123,7 +123,9 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     one whose upload landed after the rename that replaced it was journaled).
     A file created under one name, linked to another and unlinked from the first (how
     git and other careful writers put a file in place), or renamed to another name that
-    held nothing, becomes one create under the second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
+    held nothing (``fold_renames``: only where the remote's create of a new file refuses
+    a name taken meanwhile, as the rename refused it: ``Capabilities.exclusive_create``),
+    becomes one create under the second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
     begun, asked only of a create that would fold).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
     content and attributes once and skips the rest (see ``cachefs.sync.content``).
@@ -147,7 +149,7 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
                 dropped.append(op)
             continue
         kept.append(op)
-    return _fold_links(kept, dropped, started)
+    return _fold_links(kept, dropped, started, fold_renames, doomed)
 
 
 def remains_of_deleted(op: Op, produced: Callable[[int], tuple[int, int, int] | None] = lambda ino: None) \
@@ -171,13 +173,18 @@ def remains_of_deleted(op: Op, produced: Callable[[int], tuple[int, int, int] | 
     return Op(kind, op.replaced, op.dst, base=base, parent=op.dst_parent, seq=op.seq)
 
 
-def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]) \
+def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool],
+                fold_renames: bool = False, doomed: frozenset[int] | set[int] = frozenset()) \
         -> tuple[list[Op], list[Op]]:
     """``create P``, ``link P -> D``, ``unlink P`` of one file, with nothing else about
     that file in between, become ``create D`` in the link's place; so do ``create P``,
-    ``rename P -> D`` replacing nothing (git on a remote without hard links: the link
-    fails with EPERM and git renames; over SMB 200 objects put in place took 4.3 s of
-    renames one after another, each a barrier).
+    ``rename P -> D`` replacing nothing, where ``fold_renames`` (git on a remote without
+    hard links: the link fails with EPERM and git renames; over SMB 200 objects put in
+    place took 4.3 s of renames one after another, each a barrier). Not elsewhere: there
+    the rename refused a file another client made at D meanwhile (kept as a conflict),
+    and a create's upload looks at D, then replaces what came after the look. Nor into a
+    folder created and deleted here (``doomed``: its mkdir is dropped, and the create
+    would find no folder there).
 
     Replayed as written, that is an upload under P, a remote link and a remote unlink,
     each of the last two a barrier for concurrent replay; folded, one upload under D.
@@ -188,7 +195,7 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
     folded: a create whose upload had started (``started``; it may have landed under P,
     and only the unlink would take it away again).
     """
-    folded = _folds(ops, started)
+    folded = _folds(ops, started, fold_renames, doomed)
     if not folded:
         return ops, dropped
     kept = []
@@ -203,7 +210,8 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
     return kept, dropped
 
 
-def _folds(ops: list[Op], started: Callable[[int], bool]) -> dict[int, Op | None]:
+def _folds(ops: list[Op], started: Callable[[int], bool], fold_renames: bool,
+           doomed: frozenset[int] | set[int]) -> dict[int, Op | None]:
     """position -> its replacement (None: dropped), for each fold of ``_fold_links``."""
     about: dict[int, list[int]] = {}  # node -> positions of the entries about it
     for i, op in enumerate(ops):
@@ -220,9 +228,9 @@ def _folds(ops: list[Op], started: Callable[[int], bool]) -> dict[int, Op | None
                                mode=create.mode, seq=link.seq)
                 break
         else:
-            for a, b in zip(positions, positions[1:]):
+            for a, b in zip(positions, positions[1:]) if fold_renames else ():
                 create, rename = ops[a], ops[b]
-                if _renamed_into_create(create, rename, started):
+                if _renamed_into_create(create, rename, started) and rename.dst_parent not in doomed:
                     folded[a] = None
                     folded[b] = Op("create", create.ino, rename.dst, parent=rename.dst_parent,
                                    mode=create.mode, seq=rename.seq)

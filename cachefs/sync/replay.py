@@ -164,7 +164,7 @@ class Replayer:
         # Entries whose upload began (a crash or a cut connection stopped it) keep their
         # form: their recovery compares the remote with what was being sent.
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
-                                 self.store.produced)
+                                 self.store.produced, self.side.remote.capabilities.exclusive_create)
         for op in dropped:
             if op.kind in CONTENT_OPS and (mark := self.store.upload_mark(op.seq)) is not None:
                 await self.side.remove_temporary(op.path, op.seq)
