@@ -454,8 +454,7 @@ class _FastConnection(Connection):  # type: ignore[misc]
     credits and pending requests kept as ``Connection._send`` keeps them. Anything else
     (a negotiate, a session setup, a signed rather than sealed session or one whose tree
     alone is sealed, smbprotocol's own requests, an async CANCEL) goes through
-    ``Connection._send``. tests/test_smb.py
-    checks that both send the same bytes."""
+    ``Connection._send``. tests/test_smb.py checks that both send the same bytes."""
 
     def _send(self, messages: list[Any], session_id: int | None = None, tree_id: int | None = None,
               message_id: int | None = None, credit_request: int | None = None, related: bool = False,
