@@ -125,8 +125,8 @@ def optimise(ops: list[Op], alive: set[int], started: Callable[[int], bool] = la
     git and other careful writers put a file in place), or renamed to another name that
     held nothing (``fold_renames``: only where the remote's create of a new file refuses
     a name taken meanwhile, as the rename refused it: ``Capabilities.exclusive_create``),
-    becomes one create under the second name (see ``_fold_links``; ``started(seq)``: whether that entry's upload had
-    begun, asked only of a create that would fold).
+    becomes one create under the second name (see ``_fold_links``; ``started(seq)``:
+    whether that entry's upload had begun, asked only of a create that would fold).
     Repeated stores and attribute changes need no rewriting: replay uploads the current
     content and attributes once and skips the rest (see ``cachefs.sync.content``).
     Extended attributes: of repeated ``xattr`` entries for one node and name only the last
