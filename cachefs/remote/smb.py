@@ -54,7 +54,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from smbprotocol.change_notify import SMB2ChangeNotifyRequest  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives.ciphers import aead
@@ -1316,7 +1316,7 @@ class SmbRemote(Remote):
                     times: tuple[int, int] | None) -> bytes:
         """Create ``temp``, write the content, set times and the read-only attribute;
         the open handle (DELETE access: the caller renames or removes it)."""
-        create = _write_compound(temp, b"", None, link.max_write)
+        create = [_temp_create(temp)]
         answers = link.exchange(create)
         if answers[0]["status"].get_value() == STATUS_ACCESS_DENIED:
             # (a read-only temporary file an upload cut short left there: ours alone)
@@ -1324,16 +1324,9 @@ class SmbRemote(Remote):
             answers = link.exchange(create)
         handle = _parse_create(_check(answers[0]))[6]
         try:
-            try:
-                stream = open_source(source)
-            except OSError as exc:
-                raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
-            with stream:
+            with _opened(source) as stream:
                 _write_all(link, handle, stream)
-            attributes = ATTR_READONLY if not mode & 0o200 else ATTR_NORMAL
-            atime, mtime = times if times is not None else (0, 0)
-            _check(link.exchange([_set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, attributes),
-                                            handle)])[0])
+            _check(link.exchange([_dated(mode, times, handle)])[0])
         except BaseException:
             _discard(link, handle)
             raise
@@ -1920,11 +1913,7 @@ def _small_content(upload: Upload, most: int) -> bytes | None:
     """The whole content of ``upload`` when it is at most ``most`` bytes (read to its end,
     so that its checksum is checked: ``ContentDamaged``), else None (the upload reads
     it again as it sends it)."""
-    try:
-        stream = open_source(upload.source)
-    except OSError as exc:
-        raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
-    with stream:
+    with _opened(upload.source) as stream:
         try:
             data = stream.read(most)
             while len(data) < most and (more := stream.read(most - len(data))):
@@ -1936,19 +1925,35 @@ def _small_content(upload: Upload, most: int) -> bytes | None:
     return data
 
 
-def _write_compound(temp: str, data: bytes, upload: Upload | None, max_write: int) -> list[Any]:
+def _opened(source: Source) -> BinaryIO:
+    """A fresh stream of an upload's content; one that cannot be opened is damage of the
+    local content (``ContentDamaged``), not the server's."""
+    try:
+        return open_source(source)
+    except OSError as exc:
+        raise ContentDamaged(f"the content to upload cannot be read: {exc}") from None
+
+
+def _temp_create(temp: str) -> _Packed:
+    """Create (or empty) the temporary file ``temp``, its handle kept (DELETE access:
+    renamed or removed next)."""
+    return _create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | DELETE | SYNCHRONIZE,
+                   OVERWRITE_IF, NON_DIRECTORY_FILE, ATTR_NORMAL)
+
+
+def _dated(mode: int, times: tuple[int, int] | None, file_id: bytes = RELATED) -> _Packed:
+    """Set an uploaded file's times (none given: left) and read-only attribute."""
+    atime, mtime = times if times is not None else (0, 0)
+    return _set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, ATTR_READONLY if not mode & 0o200
+                                                          else ATTR_NORMAL), file_id)
+
+
+def _write_compound(temp: str, data: bytes, upload: Upload, max_write: int) -> list[Any]:
     """Create (or empty) ``temp``, write ``data`` into it and set the upload's times and
-    read-only attribute, as one related compound: its handle stays open (DELETE access:
-    renamed or removed next). Without an upload, the create alone."""
-    create = _create(temp, FILE_WRITE_DATA | FILE_READ_ATTRIBUTES | FILE_WRITE_ATTRIBUTES | DELETE | SYNCHRONIZE,
-                     OVERWRITE_IF, NON_DIRECTORY_FILE, ATTR_NORMAL)
-    if upload is None:
-        return [create]
-    attributes = ATTR_READONLY if not upload.mode & 0o200 else ATTR_NORMAL
-    atime, mtime = upload.times if upload.times is not None else (0, 0)
-    return [create,
+    read-only attribute, as one related compound: its handle stays open."""
+    return [_temp_create(temp),
             *(_write_request(RELATED, pos, data[pos:pos + max_write]) for pos in range(0, len(data), max_write)),
-            _set_info(FILE_BASIC_INFORMATION, _basic_info(atime, mtime, attributes))]
+            _dated(upload.mode, upload.times)]
 
 
 def _look_compound(target: str) -> list[Any]:
