@@ -14,6 +14,7 @@ import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.cache.common import Freshness
+from cachefs.cache.listing import RECHECK_BATCH, RECHECK_ENTRIES
 from cachefs.store.index import FULL, ROOT_INO, Store
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
@@ -295,6 +296,58 @@ def test_content_the_sync_manager_drops_leaves_the_count_of_cached_bytes(tmp_pat
             cache.remote_changed(node.ino, ROOT_INO)
             assert cache.content_state(store.get(node.ino)) == "remote"
             assert cache.cached_bytes() == 0
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_folders_listed_before_are_checked_again_several_to_a_call(tmp_path: Path) -> None:
+    """On a fast link the listers ahead of a reader list a folder never listed alone, and
+    check again those listed before several to a call (``Listings._next_batch``): up to
+    ``RECHECK_BATCH``, with ``RECHECK_ENTRIES`` entries between them, a larger one alone."""
+    share = tmp_path / "share"
+    for d in range(12):
+        (share / f"d{d:02}").mkdir(parents=True)
+        for i in range(3):
+            (share / f"d{d:02}" / f"f{i}").write_bytes(b"x")
+    (share / "e-big").mkdir()
+    for i in range(RECHECK_ENTRIES):
+        (share / "e-big" / f"f{i}").touch()
+    store, conn = _cache_of(tmp_path, share)
+    calls: list[list[bytes]] = []  # each call's folders (the local remote's listdir_many
+    remote = conn.remote            # calls listdir for each: those are not calls of their own)
+    remote.listdir_many = lambda paths: (calls.append(list(paths)), [one(p) for p in paths])[1]  # type: ignore[method-assign]
+    remote.listdir = lambda path: (calls.append([path]), one(path))[1]  # type: ignore[method-assign]
+
+    def one(path: bytes) -> list:
+        return type(remote).listdir(remote, path)
+    subfolders = sorted(p.name.encode() for p in share.iterdir())
+
+    async def listed_ahead(cache: Cache) -> list[list[bytes]]:
+        calls.clear()
+        await cache.listdir(ROOT_INO, refresh=True, prefetch_subfolders=True)
+        inos = [(await cache.lookup(ROOT_INO, name)).ino for name in subfolders]
+        with trio.fail_after(10):
+            while not all(cache._listings._listed.fresh(ino) for ino in inos):
+                await trio.sleep(0.01)
+        return [c for c in calls if c != [b""]]  # (the root's own listing left out)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.5, dir_timeout=0.5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            first = await listed_ahead(cache)
+            assert sorted(first) == [[name] for name in subfolders]  # never listed: one to a call
+            await trio.sleep(0.6)  # (every listing stale now)
+            again = await listed_ahead(cache)
+            assert sorted(p for c in again for p in c) == subfolders  # each once
+            assert [b"e-big"] in again  # too large to go with others
+            assert max(len(c) for c in again) == RECHECK_BATCH
+            assert len(again) <= 4  # (12 small folders: 8 + 4, or fewer at a time)
             nursery.cancel_scope.cancel()
 
     try:

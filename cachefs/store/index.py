@@ -496,6 +496,20 @@ class Store:
             out.append(node)
         return out
 
+    def entry_count(self, parent: int, most: int) -> int:
+        """How many entries the folder has, counted up to ``most`` (keys only: no record
+        is opened)."""
+        prefix = _U64.pack(parent)
+        count = 0
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.entries)
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if key[:8] != prefix or count >= most:
+                        break
+                    count += 1
+        return count
+
     def _entries_in(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int]]:
         """The folder's (name, ino) pairs, in key order (``_entry``'s work inlined)."""
         prefix = _U64.pack(parent)
