@@ -194,3 +194,21 @@ def test_a_cut_link_mid_listing_is_unreachable(sshd: SshServer, share: Path, tmp
             assert len(backend.listdir(b"big")) == 5000  # a new connection, in step
         finally:
             backend.close()
+
+
+def test_several_folders_listed_in_a_transfer_process(sshd: SshServer, share: Path) -> None:
+    """The listers' batches go to the transfer processes where there are some, as single
+    listings do (``Transfers.in_pool``: parsing is GIL-bound work): each folder's entries,
+    or its own error, come back through the process pool."""
+    from cachefs.cache.transfer import FetchPool, Transfers
+
+    made = fill(share / "d", 150)
+    fill(share / "e", 3)
+    pool = FetchPool(parse_remote(sshd.address()), sftp_options(sshd), None, 1)
+    try:
+        listings = Transfers.in_pool(pool).list_folders([b"d", b"missing", b"e"])
+    finally:
+        pool.close()
+    assert {name: st.size for name, st in listings[0]} == made
+    assert isinstance(listings[1], RemoteError) and listings[1].errno == errno.ENOENT
+    assert sorted(name for name, _st in listings[2]) == [b"f00000", b"f00001", b"f00002"]

@@ -92,8 +92,8 @@ class Cache:
         jobs = transfers or Transfers.in_process(conn.remote, store.content)
         self._opens = Opens()
         self._listings = Listings(store, conn, self.config, self._kernel, jobs.list_folder,
-                                  stale=self._stale, forget_content=self._forget_content,
-                                  listed=self._folder_listed, writing=self._opens.writers.__contains__,
+                                  list_folders=jobs.list_folders, stale=self._stale,
+                                  forget_content=self._forget_content, listed=self._folder_listed, writing=self._opens.writers.__contains__,
                                   copy_name=local_copy_name)
         self._content = Content(store, conn, self.config, self._listings, self._opens,
                                 fetch=jobs.fetch, fetch_many=jobs.fetch_many, stale=self._stale)

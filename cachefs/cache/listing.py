@@ -100,7 +100,8 @@ def hold_unlinked(held: dict[int, Node], node: Node, most: int = UNLINKED_LOCAL_
 
 class Listings:
     def __init__(self, store: Store, conn: Connectivity, config: CacheConfig, kernel: Kernel,
-                 list_folder: Lister, *, stale: Callable[[int], None],
+                 list_folder: Lister, *, list_folders: Callable[[list[bytes]], list[Any]] | None = None,
+                 stale: Callable[[int], None],
                  forget_content: Callable[[int], None], listed: Callable[[int], None],
                  writing: Callable[[int], bool] = lambda ino: False,
                  copy_name: LocalCopyName = local_copy_name) -> None:
@@ -113,6 +114,9 @@ class Listings:
         #: blocking path -> listing, for folders listed ahead of a reader: handed on to the
         #: worker processes when there are some (parsing a listing is GIL-bound work)
         self._list_folder = list_folder
+        #: several folders' listings in one call, for the listers' batches (``_next_batch``)
+        #: likewise: the remote's ``listdir_many`` by default
+        self._list_folders = list_folders or conn.remote.listdir_many
         self._stale = stale  # the remote content of a node changed
         self._forget_content = forget_content  # a node is gone: its content with it
         self._folder_listed = listed  # a folder was listed again (its small-file reads count anew)
@@ -650,7 +654,7 @@ class Listings:
                 self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
             started = time.monotonic()
             try:
-                listings = await self.conn.call(self.conn.remote.listdir_many, paths) if nodes else []
+                listings = await self.conn.call(self._list_folders, paths) if nodes else []
             finally:
                 for node in nodes:
                     decrement(self._listing, node.ino)

@@ -1,13 +1,14 @@
 """The blocking transfer jobs between the remote and the cache's content files, run in
 worker threads or worker processes.
 
-Owns: the jobs (``fetch_into`` a byte range, ``fetch_small_into``/``fetch_many_into`` small
-files whole, ``list_folder``, ``upload_file`` read through its checksum check ``_Checked``,
-``upload_unless_changed``, ``hash_content``), ``FetchPool``, a small pool of processes
-that run them with SSH connections of their own, and ``Transfers``, the jobs bound for
-the cache and the sync manager. paramiko handles its packets in Python under
-the GIL, so threads of one process do not add up (one process: 280-350 MiB/s with
-AES-GCM here); several processes read a large file at the speed of the link.
+Owns: the jobs (``fetch_into`` a byte range, ``fetch_small_into``/``fetch_many_into``
+small files whole, ``list_folder``/``list_folders``, ``upload_file`` read through its
+checksum check ``_Checked``, ``upload_unless_changed``, ``hash_content``), ``FetchPool``,
+a small pool of processes that run them with SSH connections of their own, and
+``Transfers``, the jobs bound for the cache and the sync manager. paramiko handles its
+packets in Python under the GIL, so threads of one process do not add up (one process:
+280-350 MiB/s with AES-GCM here); several processes read a large file at the speed of the
+link.
 Must not touch: the index (the caller records what was fetched), trio, FUSE.
 """
 
@@ -315,6 +316,12 @@ def list_folder(remote: Remote, content: Any, path: bytes) -> list[Any]:
     return remote.listdir(path)
 
 
+def list_folders(remote: Remote, content: Any, paths: list[bytes]) -> list[Any]:
+    """Several folders' listings in one call (``Remote.listdir_many``), parsed where they
+    are read."""
+    return remote.listdir_many(paths)
+
+
 def _call_in_worker(job: Callable[..., T], *args: Any) -> T:
     assert _worker is not None
     remote, content = _worker
@@ -404,6 +411,7 @@ class Transfers:
     fetch: Callable[..., int]  # fetch_into
     fetch_many: Callable[..., list[int | None]]  # fetch_many_into
     list_folder: Callable[..., list[Any]]  # a folder's listing for the listers ahead
+    list_folders: Callable[..., list[Any]]  # several folders' (list_folders)
     upload: Callable[..., Any]  # upload_file
     upload_unless_changed: Callable[..., Any]  # upload_unless_changed
     upload_many_unless_changed: Callable[..., list[Any]]  # upload_many_unless_changed
@@ -412,7 +420,7 @@ class Transfers:
     def in_process(cls, remote: Remote, content: Any) -> "Transfers":
         return cls(fetch=partial(fetch_into, remote, content),
                    fetch_many=partial(fetch_many_into, remote, content),
-                   list_folder=remote.listdir,
+                   list_folder=remote.listdir, list_folders=remote.listdir_many,
                    upload=partial(upload_file, remote, content),
                    upload_unless_changed=partial(upload_unless_changed, remote, content),
                    upload_many_unless_changed=partial(upload_many_unless_changed, remote, content))
@@ -420,6 +428,7 @@ class Transfers:
     @classmethod
     def in_pool(cls, pool: FetchPool) -> "Transfers":
         return cls(fetch=pool.bind(fetch_into), fetch_many=pool.bind(fetch_many_into),
-                   list_folder=pool.bind(list_folder), upload=pool.bind(upload_file),
+                   list_folder=pool.bind(list_folder), list_folders=pool.bind(list_folders),
+                   upload=pool.bind(upload_file),
                    upload_unless_changed=pool.bind(upload_unless_changed),
                    upload_many_unless_changed=pool.bind(upload_many_unless_changed))
