@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -353,4 +354,104 @@ def test_folders_listed_before_are_checked_again_several_to_a_call(tmp_path: Pat
     try:
         trio.run(main)
     finally:
+        store.close()
+
+
+_NAMES = [b"d%02d" % d for d in range(6)]
+
+
+def _six_folders(tmp_path: Path) -> tuple[Store, Connectivity]:
+    for name in _NAMES:
+        (tmp_path / "share" / name.decode()).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "share" / name.decode() / f"f{i}").write_bytes(b"x")
+    return _cache_of(tmp_path, tmp_path / "share")
+
+
+async def _listed_then_stale(cache: Cache, ttl: float) -> list[int]:
+    """Every subfolder of the root listed once, then stale; their inode numbers."""
+    await cache.listdir(ROOT_INO, refresh=True, prefetch_subfolders=True)
+    inos = [(await cache.lookup(ROOT_INO, name)).ino for name in _NAMES]
+    with trio.fail_after(10):
+        while not all(cache._listings._listed.fresh(ino) for ino in inos):
+            await trio.sleep(0.01)
+    await trio.sleep(ttl + 0.1)
+    return inos
+
+
+def test_a_folder_found_gone_by_a_check_ahead_leaves_its_parent(tmp_path: Path) -> None:
+    """A folder checked again ahead with others (``_list_together``) and found gone on the
+    server has its parent listed again, as a folder checked alone does (reviewed: the
+    batch passed over it, and the parent kept showing it until its own listing timed
+    out)."""
+    store, conn = _six_folders(tmp_path)
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=1, dir_timeout=1, callbacks="off"))
+        listings = cache._listings
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await _listed_then_stale(cache, 1)
+            await cache.listdir(ROOT_INO, refresh=True)  # the root current, its subfolders stale
+            shutil.rmtree(tmp_path / "share" / "d02")  # gone on the server since
+            await cache.listdir(ROOT_INO, prefetch_subfolders=True)  # checks ahead: one batch
+            with trio.fail_after(5):
+                while listings._prefetching or listings._queue:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            names = sorted(c.name for c in await cache.listdir(ROOT_INO))
+            assert names == [n for n in _NAMES if n != b"d02"]
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+def test_a_check_ahead_in_flight_is_given_up_when_the_mount_goes_offline(tmp_path: Path) -> None:
+    """A batch of checks ahead under way when the link goes is given up at once, and its
+    folders' locks with it (reviewed: it held them until its call's own deadline, and a
+    program's ls of one of them waited that long once the link was back)."""
+    store, conn = _six_folders(tmp_path)
+    silent, release, hung = threading.Event(), threading.Event(), []
+
+    def gated(real):  # a call that hangs while the link is silent (the root's answers)
+        def call(arg):
+            if silent.is_set() and arg != b"":
+                hung.append(arg)
+                release.wait(30)
+            return real(arg)
+        return call
+
+    conn.remote.listdir = gated(conn.remote.listdir)  # type: ignore[method-assign]
+    conn.remote.listdir_many = gated(conn.remote.listdir_many)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig(attr_timeout=0.5, dir_timeout=0.5, callbacks="off"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            inos = await _listed_then_stale(cache, 0.5)
+            silent.set()
+            await cache.listdir(ROOT_INO, refresh=True, prefetch_subfolders=True)
+            with trio.fail_after(5):
+                while not hung:
+                    await trio.sleep(0.01)
+            conn.report_failure("link cut")  # (a call timed out, say)
+            await trio.sleep(0.2)
+            silent.clear()
+            assert await conn.try_connect()
+            started = time.monotonic()
+            with trio.move_on_after(5):
+                await cache.listdir(inos[0])
+            release.set()
+            assert time.monotonic() - started < 2
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
         store.close()

@@ -633,7 +633,13 @@ class Listings:
     async def _list_together(self, folders: list[int]) -> None:
         """``ensure_listing`` of several folders in one call. A folder whose lock is taken
         is being listed already, and left out: no lock is waited for while others are
-        held. A folder the remote says is gone is left to its next use."""
+        held. A folder the remote says is gone (or no longer a folder) has its parent
+        listed again, as alone (``vanished``), once the locks are let go (its parent may
+        be one of them). The call is a look (``looks_only``): when the mount goes
+        offline it is given up at once, and its folders' locks with it (reviewed: a
+        batch on a link gone silent held them until the call's own deadline, and a
+        program's ``ls`` of one waited that long once the link was back)."""
+        gone: list[Node] = []
         nodes: list[Node] = []
         locks: list[trio.Lock] = []
         for ino in folders:
@@ -654,13 +660,16 @@ class Listings:
                 self._listing[node.ino] = self._listing.get(node.ino, 0) + 1
             started = time.monotonic()
             try:
-                listings = await self.conn.call(self._list_folders, paths) if nodes else []
+                listings = await self.conn.call(self._list_folders, paths, looks_only=True) if nodes else []
             finally:
                 for node in nodes:
                     decrement(self._listing, node.ino)
             for node, generation, listing in zip(nodes, generations, listings):
-                if isinstance(listing, RemoteError) or self.store.get(node.ino) is None \
-                        or self._changed_here(node.ino, generation):
+                if isinstance(listing, RemoteError):
+                    if listing.errno in (errno.ENOENT, errno.ENOTDIR) and node.ino != ROOT_INO:
+                        gone.append(node)
+                    continue
+                if self.store.get(node.ino) is None or self._changed_here(node.ino, generation):
                     continue
                 self._apply_listing(node.ino, listing, started)
                 depth = self._deeper.pop(node.ino, None)
@@ -670,6 +679,8 @@ class Listings:
             for node, lock in zip(nodes, locks):
                 self._locks.pop(node.ino, None)
                 lock.release()
+        for node in {node.parent: node for node in gone}.values():  # (a parent listed once)
+            await self.vanished(node)
 
     # -- kept listings -----------------------------------------------------------------
     def children(self, ino: int) -> list[Node]:
