@@ -93,8 +93,8 @@ class Cache:
         self._opens = Opens()
         self._listings = Listings(store, conn, self.config, self._kernel, jobs.list_folder,
                                   list_folders=jobs.list_folders, stale=self._stale,
-                                  forget_content=self._forget_content, listed=self._folder_listed, writing=self._opens.writers.__contains__,
-                                  copy_name=local_copy_name)
+                                  forget_content=self._forget_content, listed=self._folder_listed,
+                                  writing=self._opens.writers.__contains__, copy_name=local_copy_name)
         self._content = Content(store, conn, self.config, self._listings, self._opens,
                                 fetch=jobs.fetch, fetch_many=jobs.fetch_many, stale=self._stale)
         self._writes = Writes(store, conn, self._listings, self._content, self._opens,
