@@ -436,7 +436,8 @@ def _login_secrets(args: argparse.Namespace) -> Any:
     from .remote.ssh_secrets import Secrets, read_password_file, read_password_stdin
 
     if args.password_file is not None:
-        return Secrets(read_password_file(args.password_file), f"--password-file {args.password_file}")
+        given = Path(args.password_file).expanduser().absolute()  # (the daemon leaves the cwd)
+        return Secrets(read_password_file(given), f"--password-file {args.password_file}", given_file=given)
     if args.password_stdin:
         return Secrets(read_password_stdin(), "-o password_stdin")
     if os.environ.get("CACHEFS_PASSWORD"):

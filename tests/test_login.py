@@ -257,6 +257,34 @@ def test_password_file_logs_in_and_reconnects(server_for, login_user: LoginUser,
     assert login_user.password not in text, "the password is in the log"
 
 
+def test_a_password_changed_in_its_file_is_taken_when_the_mount_reconnects(
+        server_for, login_user: LoginUser, tmp_path: Path) -> None:
+    """--password-file is read again at each login: a password changed on the server and
+    in the file is taken by the next reconnection, without a remount (the mount kept the
+    password read when it started, was refused, and stayed offline)."""
+    server = server_for("password")
+    put(login_user, "a.txt", b"hello\n")
+    secret = password_file(tmp_path, login_user.password)
+    new = login_user.password + "-changed"
+    try:
+        with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
+                   str(server.known_hosts), "--password-file", str(secret), "--timeout", "3",
+                   "--heartbeat", "1", "--attr-timeout", "0.5", "-v") as mount:
+            assert (mount.mountpoint / "a.txt").read_bytes() == b"hello\n"
+            subprocess.run(["chpasswd"], input=f"{login_user.name}:{new}\n".encode(), check=True, timeout=30)
+            secret.write_text(new + "\n")
+            cut_sessions(server)
+            put(login_user, "b.txt", b"after the change\n")
+            wait_until(lambda: (mount.mountpoint / "b.txt").read_bytes() == b"after the change\n",
+                       "b.txt read through a new login")
+            assert status(mount.mountpoint)["state"] == "online"
+            text = mount.log_text()
+        assert new not in text and login_user.password not in text, "a password is in the log"
+    finally:
+        subprocess.run(["chpasswd"], input=f"{login_user.name}:{login_user.password}\n".encode(),
+                       check=True, timeout=30)
+
+
 def test_password_file_checks(server_for, login_user: LoginUser, tmp_path: Path) -> None:
     server = server_for("password")
     wrong = password_file(tmp_path, "not-" + login_user.password)

@@ -44,9 +44,14 @@ class Secrets:
     key's passphrase. Whatever worked is remembered: the unlocked key (and its passphrase,
     for a transfer process started afresh), the password, the answers."""
 
-    def __init__(self, password: str | None = None, given_by: str | None = None) -> None:
+    def __init__(self, password: str | None = None, given_by: str | None = None,
+                 given_file: Path | None = None) -> None:
         self._given = password
         self.given_by = given_by  # "--password-file FILE", for messages
+        #: the file the password was read from (``--password-file``): read again at each
+        #: login, so that a password changed on the server and in the file is taken by the
+        #: next reconnection (``cachefs online``) without a remount
+        self._given_file = given_file
         self._password: str | None = None  # the login password that worked
         self._passphrases: dict[Path, str] = {}
         self._keys: dict[Path, paramiko.PKey] = {}  # unlocked keys (this process only)
@@ -114,10 +119,11 @@ class Secrets:
 
     # -- passwords ------------------------------------------------------------------
     def passwords(self, prompt: str) -> Iterator[str]:
-        """Login passwords to try, best first: the one that worked, the one given, then
-        asked (up to 3 times)."""
+        """Login passwords to try, best first: the password file's line where it changed
+        since it was read, the one that worked, the one given, then asked (up to 3
+        times)."""
         tried: set[str] = set()
-        for known in (self._password, self._given):
+        for known in (self._given_now(), self._password, self._given):
             if known is not None and known not in tried:
                 tried.add(known)
                 yield known
@@ -130,6 +136,18 @@ class Secrets:
 
     def password_worked(self, password: str) -> None:
         self._password = password
+
+    def _given_now(self) -> str | None:
+        """The password file's line as it is now, where it differs from the one given (a
+        file gone or made unreadable since: None, the one given is tried)."""
+        if self._given_file is None:
+            return None
+        try:
+            now = read_password_file(self._given_file)
+        except RemoteRefused as exc:
+            log.debug("%s", exc)
+            return None
+        return None if now == self._given else now
 
     def answer(self, prompt: str, echo: bool, fresh: bool) -> str | None:
         """The answer to one keyboard-interactive prompt: remembered (unless ``fresh``:
