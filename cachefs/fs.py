@@ -423,10 +423,6 @@ class Operations(pyfuse3.Operations):
             else:
                 self._handles[fh] = self.control.read(inode)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY and self.cache.node(inode).size:
-            # Linux empties a file opened read-only with O_TRUNC too (the kernel checked the
-            # right to write it): as ``truncate -s 0``, then a reader's open.
-            await self.cache.setattr(inode, size=0)
         handle = await self.cache.open(inode, flags)
         fh = self._new_fh()
         self._handles[fh] = handle
