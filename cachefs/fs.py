@@ -423,6 +423,11 @@ class Operations(pyfuse3.Operations):
             else:
                 self._handles[fh] = self.control.read(inode)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
+            # Refused (docs/posix.md): Linux empties the file, but emptied here it would be
+            # lost when the kernel's last checks, made after this answer (ETXTBSY), refuse
+            # the open; left whole, the program could not tell.
+            raise FUSEError(errno.EINVAL)
         handle = await self.cache.open(inode, flags)
         fh = self._new_fh()
         self._handles[fh] = handle

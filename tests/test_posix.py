@@ -681,6 +681,11 @@ def test_documented_differences(pair: Pair) -> None:
     assert stat.S_ISFIFO(os.lstat(c / "fifo").st_mode)
     # (no user. attribute reaches a FIFO: the kernel answers ENODATA; cachefs status says local)
     assert errno_of(lambda: os.getxattr(c / "fifo", "user.cachefs.state")) == "ENODATA"
+    # open(O_RDONLY | O_TRUNC): Linux empties the file; a mount refuses it and keeps the file
+    # whole, for the kernel too (docs/posix.md)
+    assert errno_of(lambda: os.close(os.open(r / "g", os.O_RDONLY | os.O_TRUNC))) == "ok"
+    assert errno_of(lambda: os.close(os.open(c / "g", os.O_RDONLY | os.O_TRUNC))) == "EINVAL"
+    assert (r / "g").read_bytes() == b"" and (c / "g").read_bytes() == b"g"
     # mknod of a regular file works
     os.mknod(c / "plain", 0o640 | stat.S_IFREG)
     assert stat.S_ISREG(os.stat(c / "plain").st_mode)
