@@ -127,6 +127,7 @@ class _Login:
 
     # -- keyboard-interactive and password -------------------------------------------
     def _keyboard_interactive(self) -> bool:
+        tried: set[str] = set()  # hidden answers refused (a password changed in its file: tried once more)
         for attempt in range(PROMPTS):
             answers: dict[tuple[str, bool], str] = {}
             missing: list[bool] = []
@@ -136,7 +137,8 @@ class _Login:
                 self.secrets.tell("\n".join(t for t in (title, instructions) if t))
                 out = []
                 for prompt, echo in prompts:
-                    text = None if missing else self.secrets.answer(prompt, echo, fresh=attempt > 0)
+                    text = None if missing else self.secrets.answer(prompt, echo, fresh=attempt > 0,
+                                                                    tried=tried)
                     if text is None:
                         missing.append(True)
                         text = ""
@@ -150,7 +152,9 @@ class _Login:
                 self._refused(exc)
                 self.unanswered |= bool(missing)
                 log.debug("%s: keyboard-interactive login refused", self.description)
-                if missing or not self.secrets.can_ask or not self.transport.is_active():
+                tried.update(text for (_prompt, echo), text in answers.items() if not echo)
+                if missing or not self.transport.is_active() \
+                        or not (self.secrets.can_ask or self.secrets.untried(tried)):
                     self.refused_given |= not missing and not self.secrets.can_ask
                     return False
                 continue

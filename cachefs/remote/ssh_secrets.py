@@ -50,8 +50,9 @@ class Secrets:
         self.given_by = given_by  # "--password-file FILE", for messages
         #: the file the password was read from (``--password-file``): read again at each
         #: login, so that a password changed on the server and in the file is taken by the
-        #: next reconnection (``cachefs online``) without a remount
+        #: next reconnection (``cachefs online``) without a remount (``_known``)
         self._given_file = given_file
+        self._unreadable: str | None = None  # why the file could not be read last (logged once)
         self._password: str | None = None  # the login password that worked
         self._passphrases: dict[Path, str] = {}
         self._keys: dict[Path, paramiko.PKey] = {}  # unlocked keys (this process only)
@@ -119,14 +120,8 @@ class Secrets:
 
     # -- passwords ------------------------------------------------------------------
     def passwords(self, prompt: str) -> Iterator[str]:
-        """Login passwords to try, best first: the password file's line where it changed
-        since it was read, the one that worked, the one given, then asked (up to 3
-        times)."""
-        tried: set[str] = set()
-        for known in (self._given_now(), self._password, self._given):
-            if known is not None and known not in tried:
-                tried.add(known)
-                yield known
+        """Login passwords to try, best first (``_known``), then asked (up to 3 times)."""
+        yield from self._known()
         for _ in range(PROMPTS):
             answer = self._ask(prompt)
             if answer is None:
@@ -137,29 +132,56 @@ class Secrets:
     def password_worked(self, password: str) -> None:
         self._password = password
 
-    def _given_now(self) -> str | None:
-        """The password file's line as it is now, where it differs from the one given (a
-        file gone or made unreadable since: None, the one given is tried)."""
+    def _known(self) -> list[str]:
+        """The passwords known ahead, best first: the one that worked; the one given at
+        start while nothing else has worked; the password file's line as it is now (read
+        again at each login: a password changed on the server and in the file is taken
+        by the next one). What worked comes first: a new password written to the file
+        before the server takes it must not cost a refused login at each connection, nor
+        an outdated one once another worked (reviewed: an account lockout counts them);
+        after a change on the server, one refusal per process, then the file's line."""
+        out: list[str] = []
+        worked = self._password
+        for known in (worked, self._given if worked in (None, self._given) else None, self._file_now()):
+            if known is not None and known not in out:
+                out.append(known)
+        return out
+
+    def _file_now(self) -> str | None:
+        """The password file's first line as it is now; None without a file, or where it
+        cannot be read now (gone, others may read it), said in the log once (reviewed: a
+        replaced file left readable by others was passed over without a word, and the
+        refusal that followed blamed the password from the file)."""
         if self._given_file is None:
             return None
         try:
             now = read_password_file(self._given_file)
         except RemoteRefused as exc:
-            log.debug("%s", exc)
+            if str(exc) != self._unreadable:
+                self._unreadable = str(exc)
+                log.warning("%s: not read again", exc)
             return None
-        return None if now == self._given else now
+        self._unreadable = None
+        return now
 
-    def answer(self, prompt: str, echo: bool, fresh: bool) -> str | None:
-        """The answer to one keyboard-interactive prompt: remembered (unless ``fresh``:
-        the remembered ones failed), the given password for a hidden one, else asked."""
+    def untried(self, tried: set[str]) -> bool:
+        """Whether a password known ahead is not among ``tried`` (a login refused with
+        what was remembered tries it)."""
+        return any(known not in tried for known in self._known())
+
+    def answer(self, prompt: str, echo: bool, fresh: bool,
+               tried: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """The answer to one keyboard-interactive prompt: remembered, or for a hidden one
+        the best password known ahead (``fresh``: the remembered ones failed: the best
+        known one not among ``tried``), else asked."""
         if not fresh:
             known = self._answers.get((prompt, echo))
             if known is not None:
                 return known
-            if not echo:
-                for known in (self._password, self._given):
-                    if known is not None:
-                        return known
+        if not echo:
+            for known in self._known():
+                if not fresh or known not in tried:
+                    return known
         return self._ask(prompt, echo)
 
     def answers_worked(self, answers: dict[tuple[str, bool], str]) -> None:
