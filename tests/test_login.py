@@ -13,6 +13,7 @@ suite runs as root: not root, these tests fail with that reason rather than skip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pty
 import secrets
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -257,32 +259,26 @@ def test_password_file_logs_in_and_reconnects(server_for, login_user: LoginUser,
     assert login_user.password not in text, "the password is in the log"
 
 
-def test_a_password_changed_in_its_file_is_taken_when_the_mount_reconnects(
-        server_for, login_user: LoginUser, tmp_path: Path) -> None:
-    """--password-file is read again at each login: a password changed on the server and
-    in the file is taken by the next reconnection, without a remount (the mount kept the
-    password read when it started, was refused, and stayed offline)."""
-    server = server_for("password")
-    put(login_user, "a.txt", b"hello\n")
-    secret = password_file(tmp_path, login_user.password)
-    new = login_user.password + "-changed"
+@contextlib.contextmanager
+def _password_file_mount(server: SshServer, user: LoginUser, tmp_path: Path,
+                         **kwargs: Any) -> Iterator[tuple[Mount, Path]]:
+    """A mount of ``server`` logged in with ``--password-file`` (its file: the second item),
+    a.txt read through it; the user's password as it was once the block ends (a test may
+    change it)."""
+    put(user, "a.txt", b"hello\n")
+    secret = password_file(tmp_path, user.password)
     try:
         with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
                    str(server.known_hosts), "--password-file", str(secret), "--timeout", "3",
-                   "--heartbeat", "1", "--attr-timeout", "0.5", "-v") as mount:
+                   "--heartbeat", "1", "--attr-timeout", "0.5", "-v", **kwargs) as mount:
             assert (mount.mountpoint / "a.txt").read_bytes() == b"hello\n"
-            subprocess.run(["chpasswd"], input=f"{login_user.name}:{new}\n".encode(), check=True, timeout=30)
-            secret.write_text(new + "\n")
-            cut_sessions(server)
-            put(login_user, "b.txt", b"after the change\n")
-            wait_until(lambda: (mount.mountpoint / "b.txt").read_bytes() == b"after the change\n",
-                       "b.txt read through a new login")
-            assert status(mount.mountpoint)["state"] == "online"
-            text = mount.log_text()
-        assert new not in text and login_user.password not in text, "a password is in the log"
+            yield mount, secret
     finally:
-        subprocess.run(["chpasswd"], input=f"{login_user.name}:{login_user.password}\n".encode(),
-                       check=True, timeout=30)
+        _set_password(user, user.password)
+
+
+def _set_password(user: LoginUser, password: str) -> None:
+    subprocess.run(["chpasswd"], input=f"{user.name}:{password}\n".encode(), check=True, timeout=30)
 
 
 def _refusals(text: str) -> int:
@@ -291,31 +287,52 @@ def _refusals(text: str) -> int:
     return text.count(": password refused") + text.count(": keyboard-interactive login refused")
 
 
+def _settled(mount: Mount) -> tuple[int, int]:
+    """Once the mount's 4 connections are in: the refusals so far, and the logins. (A
+    transfer process's first login at mount, made side by side with the others, is
+    sometimes refused by this test's sshd, the right password given, before this
+    session's changes and after alike: counted from here.)"""
+    wait_until(lambda: logins(mount.log_path) >= 4, "the 4 connections logged in")
+    return _refusals(mount.log_text()), logins(mount.log_path)
+
+
+def _read_after_cuts(server: SshServer, user: LoginUser, mnt: Path, rounds: int) -> None:
+    """Cut every connection, then read a new large file (the transfer processes log in
+    again) and check it, ``rounds`` times."""
+    for round_ in range(rounds):
+        cut_sessions(server)
+        data = os.urandom(3 << 20)
+        put(user, f"b{round_}", data)
+        wait_until(lambda: (mnt / f"b{round_}").read_bytes() == data, f"b{round_} read after a cut")
+
+
+def test_a_password_changed_in_its_file_is_taken_when_the_mount_reconnects(
+        server_for, login_user: LoginUser, tmp_path: Path) -> None:
+    """--password-file is read again at each login: a password changed on the server and
+    in the file is taken by the next reconnection, without a remount (the mount kept the
+    password read when it started, was refused, and stayed offline)."""
+    server = server_for("password")
+    new = login_user.password + "-changed"
+    with _password_file_mount(server, login_user, tmp_path) as (mount, secret):
+        _set_password(login_user, new)
+        secret.write_text(new + "\n")
+        _read_after_cuts(server, login_user, mount.mountpoint, 1)
+        assert status(mount.mountpoint)["state"] == "online"
+        text = mount.log_text()
+    assert new not in text and login_user.password not in text, "a password is in the log"
+
+
 def test_a_password_written_to_its_file_before_the_server_takes_it_costs_no_refusal(
         server_for, login_user: LoginUser, tmp_path: Path) -> None:
     """The order that avoids an outage: the new password goes to the file first. What
     worked is tried first, so no login is refused meanwhile (reviewed: the file's line
     first cost a refused login at every connection, which an account lockout counts)."""
     server = server_for("password")
-    put(login_user, "a.txt", b"hello\n")
-    secret = password_file(tmp_path, login_user.password)
-    with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
-               str(server.known_hosts), "--password-file", str(secret), "--timeout", "3",
-               "--heartbeat", "1", "--attr-timeout", "0.5", "-v") as mount:
-        mnt = mount.mountpoint
-        assert (mnt / "a.txt").read_bytes() == b"hello\n"
-        # (counted from once the 4 connections are in: a transfer process's first login at
-        # mount, made side by side with the others, is sometimes refused by this test's
-        # sshd, the right password given, before and after this change alike)
-        wait_until(lambda: logins(mount.log_path) >= 4, "the 4 connections logged in")
-        before = _refusals(mount.log_text())
+    with _password_file_mount(server, login_user, tmp_path) as (mount, secret):
+        before, _logins = _settled(mount)
         secret.write_text(login_user.password + "-next\n")  # not yet on the server
-        for round_ in range(2):
-            cut_sessions(server)
-            data = os.urandom(3 << 20)  # (fetched by the transfer processes: their logins too)
-            put(login_user, f"b{round_}", data)
-            wait_until(lambda: (mnt / f"b{round_}").read_bytes() == data, f"b{round_} read")
-        assert status(mnt)["state"] == "online"
+        _read_after_cuts(server, login_user, mount.mountpoint, 2)
+        assert status(mount.mountpoint)["state"] == "online"
         assert _refusals(mount.log_text()) == before
 
 
@@ -323,36 +340,19 @@ def test_a_password_changed_in_its_file_is_answered_to_keyboard_interactive(
         server_for, login_user: LoginUser, tmp_path: Path) -> None:
     """A server that asks by keyboard-interactive only: after a change on the server and in
     the file, the refused remembered answer is followed by the file's line, once per
-    process, then remembered (reviewed: the file was never read again there, and the
-    mount stayed offline)."""
+    connection at most, then remembered (reviewed: the file was never read again there,
+    and the mount stayed offline)."""
     server = server_for("keyboard-interactive")
-    put(login_user, "a.txt", b"hello\n")
-    secret = password_file(tmp_path, login_user.password)
     new = login_user.password + "-changed"
-    try:
-        with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
-                   str(server.known_hosts), "--password-file", str(secret), "--timeout", "3",
-                   "--heartbeat", "1", "--attr-timeout", "0.5", "-v") as mount:
-            mnt = mount.mountpoint
-            assert (mnt / "a.txt").read_bytes() == b"hello\n"
-            wait_until(lambda: logins(mount.log_path) >= 4, "the 4 connections logged in")
-            before = _refusals(mount.log_text())  # (see the test above)
-            connections = logins(mount.log_path)
-            subprocess.run(["chpasswd"], input=f"{login_user.name}:{new}\n".encode(), check=True, timeout=30)
-            secret.write_text(new + "\n")
-            refused = []
-            for round_ in range(2):
-                cut_sessions(server)
-                data = os.urandom(3 << 20)
-                put(login_user, f"b{round_}", data)
-                wait_until(lambda: (mnt / f"b{round_}").read_bytes() == data, f"b{round_} read")
-                time.sleep(1)
-                refused.append(_refusals(mount.log_text()) - before)
-            assert status(mnt)["state"] == "online"
-        assert 1 <= refused[-1] <= connections, (refused, connections)  # (one a connection at most)
-    finally:
-        subprocess.run(["chpasswd"], input=f"{login_user.name}:{login_user.password}\n".encode(),
-                       check=True, timeout=30)
+    with _password_file_mount(server, login_user, tmp_path) as (mount, secret):
+        before, connections = _settled(mount)
+        _set_password(login_user, new)
+        secret.write_text(new + "\n")
+        _read_after_cuts(server, login_user, mount.mountpoint, 2)
+        time.sleep(1)
+        assert status(mount.mountpoint)["state"] == "online"
+        refused = _refusals(mount.log_text()) - before
+    assert 1 <= refused <= connections, (refused, connections)
 
 
 def test_a_password_file_others_may_read_now_is_said_in_the_log(
@@ -361,27 +361,18 @@ def test_a_password_file_others_may_read_now_is_said_in_the_log(
     says why (reviewed: it was passed over without a word, and the refusal blamed the
     password from the file)."""
     server = server_for("password")
-    put(login_user, "a.txt", b"hello\n")
-    secret = password_file(tmp_path, login_user.password)
     new = login_user.password + "-changed"
-    try:
-        with Mount(server.address(), tmp_path / "mnt", tmp_path / "cache", "--known-hosts",
-                   str(server.known_hosts), "--password-file", str(secret), "--timeout", "3",
-                   "--heartbeat", "1", "--attr-timeout", "0.5", "-v", allowed_errors=[r".*"]) as mount:
-            assert (mount.mountpoint / "a.txt").read_bytes() == b"hello\n"
-            subprocess.run(["chpasswd"], input=f"{login_user.name}:{new}\n".encode(), check=True, timeout=30)
-            aside = tmp_path / "secret.new"
-            aside.write_text(new + "\n")
-            os.chmod(aside, 0o644)
-            os.replace(aside, secret)
-            cut_sessions(server)
-            wait_until(lambda: "may be read by others" in mount.log_text(), "the warning")
-            wait_until(lambda: status(mount.mountpoint)["state"] == "offline", "offline")
-            text = mount.log_text()
-        assert new not in text and login_user.password not in text, "a password is in the log"
-    finally:
-        subprocess.run(["chpasswd"], input=f"{login_user.name}:{login_user.password}\n".encode(),
-                       check=True, timeout=30)
+    with _password_file_mount(server, login_user, tmp_path, allowed_errors=[r".*"]) as (mount, secret):
+        _set_password(login_user, new)
+        aside = tmp_path / "secret.new"
+        aside.write_text(new + "\n")
+        os.chmod(aside, 0o644)
+        os.replace(aside, secret)
+        cut_sessions(server)
+        wait_until(lambda: "may be read by others" in mount.log_text(), "the warning")
+        wait_until(lambda: status(mount.mountpoint)["state"] == "offline", "offline")
+        text = mount.log_text()
+    assert new not in text and login_user.password not in text, "a password is in the log"
 
 
 def test_password_file_checks(server_for, login_user: LoginUser, tmp_path: Path) -> None:
