@@ -666,7 +666,7 @@ class Listings:
                     decrement(self._listing, node.ino)
             for node, generation, listing in zip(nodes, generations, listings):
                 if isinstance(listing, RemoteError):
-                    if listing.errno in (errno.ENOENT, errno.ENOTDIR) and node.ino != ROOT_INO:
+                    if _says_gone(listing, node):
                         gone.append(node)
                     continue
                 if self.store.get(node.ino) is None or self._changed_here(node.ino, generation):
@@ -821,7 +821,7 @@ class Listings:
                 return None
             raise
         except RemoteError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and node.ino != ROOT_INO:
+            if _says_gone(exc, node):
                 await self.vanished(node)
                 raise NotFound() from None
             raise
@@ -1093,6 +1093,12 @@ class ListingDelta:
     #: files left as they were for a writer (``keep``) though the listing differs from
     #: them or no longer has them: not checked by it
     passed_over: set[int] = field(default_factory=set)
+
+
+def _says_gone(error: RemoteError, folder: Node) -> bool:
+    """Whether the remote's answer to a listing says the folder is gone (or no longer a
+    folder): its parent is listed again (``Listings.vanished``); the root never goes."""
+    return error.errno in (errno.ENOENT, errno.ENOTDIR) and folder.ino != ROOT_INO
 
 
 def apply_listing(store: Store, parent: int, listing: list[Any],

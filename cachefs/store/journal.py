@@ -26,7 +26,7 @@ import json
 import stat as stat_mod
 import struct
 from dataclasses import dataclass, fields
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 _U64 = struct.Struct(">Q")
 
@@ -174,7 +174,7 @@ def remains_of_deleted(op: Op, produced: Callable[[int], tuple[int, int, int] | 
 
 
 def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool],
-                fold_renames: bool = False, doomed: frozenset[int] | set[int] = frozenset()) \
+                fold_renames: bool = False, doomed: Set[int] = frozenset()) \
         -> tuple[list[Op], list[Op]]:
     """``create P``, ``link P -> D``, ``unlink P`` of one file, with nothing else about
     that file in between, become ``create D`` in the link's place; so do ``create P``,
@@ -211,8 +211,9 @@ def _fold_links(ops: list[Op], dropped: list[Op], started: Callable[[int], bool]
 
 
 def _folds(ops: list[Op], started: Callable[[int], bool], fold_renames: bool,
-           doomed: frozenset[int] | set[int]) -> dict[int, Op | None]:
-    """position -> its replacement (None: dropped), for each fold of ``_fold_links``."""
+           doomed: Set[int]) -> dict[int, Op | None]:
+    """position -> its replacement (None: dropped), for each fold of ``_fold_links``: per
+    file, its first link fold, else (``fold_renames``) its first rename fold."""
     about: dict[int, list[int]] = {}  # node -> positions of the entries about it
     for i, op in enumerate(ops):
         about.setdefault(op.ino, []).append(i)
@@ -220,22 +221,33 @@ def _folds(ops: list[Op], started: Callable[[int], bool], fold_renames: bool,
             about.setdefault(op.replaced, []).append(i)
     folded: dict[int, Op | None] = {}
     for positions in about.values():
-        for a, b, c in zip(positions, positions[1:], positions[2:]):
-            create, link = ops[a], ops[b]
-            if _folds_into_create(create, link, ops[c], started):
-                folded[a] = folded[c] = None
-                folded[b] = Op("create", create.ino, link.dst, parent=link.dst_parent,
-                               mode=create.mode, seq=link.seq)
-                break
-        else:
-            for a, b in zip(positions, positions[1:]) if fold_renames else ():
-                create, rename = ops[a], ops[b]
-                if _renamed_into_create(create, rename, started) and rename.dst_parent not in doomed:
-                    folded[a] = None
-                    folded[b] = Op("create", create.ino, rename.dst, parent=rename.dst_parent,
-                                   mode=create.mode, seq=rename.seq)
-                    break
+        folded.update(_link_fold(ops, positions, started)
+                      or (_rename_fold(ops, positions, started, doomed) if fold_renames else {}))
     return folded
+
+
+def _link_fold(ops: list[Op], positions: list[int], started: Callable[[int], bool]) -> dict[int, Op | None]:
+    """The first ``create P``, ``link P -> D``, ``unlink P`` among one file's entries
+    (``positions``), folded; {} where there is none."""
+    for a, b, c in zip(positions, positions[1:], positions[2:]):
+        if _folds_into_create(ops[a], ops[b], ops[c], started):
+            return {a: None, c: None, b: _created_at(ops[a], ops[b])}
+    return {}
+
+
+def _rename_fold(ops: list[Op], positions: list[int], started: Callable[[int], bool],
+                 doomed: Set[int]) -> dict[int, Op | None]:
+    """The first ``create P``, ``rename P -> D`` among one file's entries, D not in a
+    doomed folder, folded; {} where there is none."""
+    for a, b in zip(positions, positions[1:]):
+        if _renamed_into_create(ops[a], ops[b], started) and ops[b].dst_parent not in doomed:
+            return {a: None, b: _created_at(ops[a], ops[b])}
+    return {}
+
+
+def _created_at(create: Op, move: Op) -> Op:
+    """``create`` made where ``move`` (a link or a rename) put it, in ``move``'s place."""
+    return Op("create", create.ino, move.dst, parent=move.dst_parent, mode=create.mode, seq=move.seq)
 
 
 def _renamed_into_create(create: Op, rename: Op, started: Callable[[int], bool]) -> bool:
