@@ -1,7 +1,8 @@
 """A real Samba ``smbd`` on 127.0.0.1 for tests, the demo and benchmarks.
 
 Owns: one private smbd (its ``smb.conf``, a passdb holding one user and a random
-password, its state, lock, cache, pid and private folders, all inside ``workdir``), one
+password, its state, lock, cache, pid and private folders, and with a ``kdc`` the keytab
+of its service principal, all inside ``workdir``), one
 share named ``cachefs`` serving ``share``, and the processes that smbd starts.
 Must not touch: the system's Samba (``/etc/samba``, ``/var/lib/samba``, ``/run/samba``),
 the system's users or passwords, or any process it did not start. Processes are stopped
@@ -27,6 +28,7 @@ import subprocess
 from pathlib import Path
 
 from devtools.devserver import ServerProcess, _free_port
+from devtools.kdc import Kdc
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,12 @@ class SmbServer(ServerProcess):
     current user, with a password of its own (``password``, also in ``password_file``)."""
 
     def __init__(self, workdir: Path, share: Path | None = None, port: int = 0,
-                 password: str | None = None, case_sensitive: bool = False) -> None:
+                 password: str | None = None, case_sensitive: bool = False, kdc: Kdc | None = None) -> None:
         """``case_sensitive``: Samba's ``case sensitive`` for the share (off by default,
-        as on Windows and most Samba servers: names differing in case are one file)."""
+        as on Windows and most Samba servers: names differing in case are one file).
+        ``kdc``: Kerberos logins too, with tickets of that realm for the service
+        ``cifs/localhost`` (a client names the server ``localhost``): its key in a keytab of
+        this server's own (``kerberos method = dedicated keytab``)."""
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.share = Path(share).absolute() if share is not None else self.workdir / "share"
@@ -69,6 +74,9 @@ class SmbServer(ServerProcess):
         self._smbd = _find(SMBD_CANDIDATES, "smbd")
         self._smbpasswd = _find(SMBPASSWD_CANDIDATES, "smbpasswd")
         self._process: subprocess.Popen[bytes] | None = None
+        self.kdc = kdc
+        if kdc is not None:
+            kdc.add_service("cifs/localhost", self.workdir / "smb.keytab")
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.password + "\n")
@@ -106,6 +114,11 @@ class SmbServer(ServerProcess):
             "server min protocol = SMB2_02",
             # (what clients other than cachefs's see of the share does not matter here)
             "unix extensions = no",
+            *([] if self.kdc is None else [
+                "kerberos method = dedicated keytab",
+                f"dedicated keytab file = FILE:{self.workdir / 'smb.keytab'}",
+                f"realm = {self.kdc.realm}",
+            ]),
             "",
             f"[{SHARE_NAME}]",
             f"path = {self.share}",
@@ -140,6 +153,7 @@ class SmbServer(ServerProcess):
             # group, which would otherwise be the caller's)
             return subprocess.Popen([self._smbd, "-F", "--no-process-group", "-s", str(self.config)],
                                     stdin=subprocess.DEVNULL, stdout=log_handle, stderr=log_handle,
+                                    env=dict(os.environ, **(self.kdc.env if self.kdc else {})),
                                     start_new_session=True)
 
     def _log_tail(self) -> str:
@@ -152,10 +166,11 @@ class SmbServer(ServerProcess):
         return text.strip() or "(no output)"
 
     # -- helpers for tests and the demo ---------------------------------------------
-    def address(self, path: str = "") -> str:
-        """``smb://USER@127.0.0.1:PORT/cachefs[/path]``."""
+    def address(self, path: str = "", host: str | None = None) -> str:
+        """``smb://USER@127.0.0.1:PORT/cachefs[/path]`` (``host``: another name of the
+        server, ``localhost`` for a Kerberos login)."""
         tail = "/" + path.strip("/") if path.strip("/") else ""
-        return f"smb://{self.user}@{self.host}:{self.port}/{SHARE_NAME}{tail}"
+        return f"smb://{self.user}@{host or self.host}:{self.port}/{SHARE_NAME}{tail}"
 
     def mount_args(self) -> list[str]:
         """The cachefs options a mount of ``address()`` needs."""

@@ -46,6 +46,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import socket
 import stat as stat_mod
 import struct
@@ -875,6 +876,7 @@ class SmbRemote(Remote):
         #: Windows' 10 in 10 minutes, AD's; the probe's retries would lock the account)
         self._refused: dict[bytes, str] = {}
         self._salt = os.urandom(16)
+        self._kerberos_failed: str | None = None  # (why the last Kerberos login failed)
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -943,16 +945,25 @@ class SmbRemote(Remote):
         """A new connection, logged in, with the share connected: Kerberos first where it
         can work, then each password in turn (a password asked for on the terminal is
         asked before a connection is opened for it: no server waits on someone typing)."""
+        self._kerberos_failed = None
         if _kerberos_possible():
             deadline = time.monotonic() + self.timeout
             connection = self._open(deadline)
             try:
                 session = self._bounded(connection, deadline,
                                         lambda: _session(connection, self.user, None, "kerberos"))
-                return self._tree(connection, session, deadline)
+                link = self._tree(connection, session, deadline)
+                self._kerberos_failed = None
+                _KERBEROS_SAID.pop(self.description, None)
+                return link
             except _LoginFailed as exc:
                 _close_quietly(connection)
-                log.debug("Kerberos login not possible: %s", exc)
+                # (someone with a ticket finds out why the password is used instead; said
+                # once for each reason, not by each of the mount's connections and retries)
+                if _KERBEROS_SAID.get(self.description) != str(exc):
+                    log.info("%s: Kerberos login failed (%s): logging in with a password",
+                             self.description, exc)
+                self._kerberos_failed = _KERBEROS_SAID[self.description] = str(exc)
             except BaseException:
                 _close_quietly(connection)
                 raise
@@ -998,6 +1009,10 @@ class SmbRemote(Remote):
                                 "again with the same password, as each failed login counts towards "
                                 "locking the account: give the right one and run `cachefs online`, or "
                                 "mount again")
+        if not tried and self._kerberos_failed is not None:
+            refused += f"; the Kerberos login failed: {self._kerberos_failed}"
+        elif not tried and _kerberos_installed() and not _kerberos_possible():
+            refused += "; no Kerberos ticket either (kinit)"
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
 
     def allow_login_again(self) -> None:
@@ -2056,9 +2071,17 @@ def _close_quietly(connection: Any) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception's text for a message, without smbprotocol's multi-line dumps."""
+    """An exception's text for a message, without smbprotocol's multi-line dumps (and of a
+    Kerberos failure, GSSAPI's own words only: "Server cifs/host@REALM not found in
+    Kerberos database", not the two status codes and context around them)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    gss = _GSS_MINOR.search(text)
+    if gss:
+        text = gss.group(1)
     return text[:200]
+
+
+_GSS_MINOR = re.compile(r"Minor \(\d+\): (.+?)(?:, Context: .*)?$")
 
 
 def _os_strerror(code: int) -> str:
@@ -2066,19 +2089,27 @@ def _os_strerror(code: int) -> str:
 
 
 _kerberos: bool | None = None
+# Why a Kerberos login to each address last failed, as logged: the mount's connections
+# (the main one, the listing's, the watch's) say it once between them, not each.
+_KERBEROS_SAID: dict[str, str] = {}
 
 
-def _kerberos_possible() -> bool:
-    """Whether a Kerberos login can be tried: python-gssapi is there (pyspnego needs it)
-    and a credential cache seems to exist."""
+def _kerberos_installed() -> bool:
+    """Whether python-gssapi and pykrb5 are there (pyspnego does the Kerberos exchange
+    through both: the extra ``cachefs[kerberos]``). Looked for, never imported here; with
+    gssapi alone each login first failed on pyspnego's ImportError."""
     global _kerberos
     if _kerberos is None:
         import importlib.util
 
-        # (pyspnego does the Kerberos exchange through python-gssapi, an optional extra:
-        # looked for, never imported here)
-        _kerberos = importlib.util.find_spec("gssapi") is not None
-    if not _kerberos:
+        _kerberos = all(importlib.util.find_spec(name) is not None for name in ("gssapi", "krb5"))
+    return _kerberos
+
+
+def _kerberos_possible() -> bool:
+    """Whether a Kerberos login can be tried: the libraries are there and a credential
+    cache seems to exist."""
+    if not _kerberos_installed():
         return False
     cache = os.environ.get("KRB5CCNAME", f"FILE:/tmp/krb5cc_{os.getuid()}")
     if cache.startswith(("FILE:", "/")):
