@@ -122,13 +122,13 @@ class Kdc(ServerProcess):
         self._kadmin_query(f"ktadd -k {keytab} {principal}")
         return keytab
 
-    def kinit(self, principal: str, password: str, cache: Path) -> str:
-        """A ticket-granting ticket for ``principal`` in the credential cache ``cache``;
-        returns the ``KRB5CCNAME`` value naming it."""
+    def kinit(self, principal: str, password: str, cache: Path, lifetime: str | None = None) -> str:
+        """A ticket-granting ticket for ``principal`` in the credential cache ``cache``
+        (``lifetime``: kinit's ``-l``, "5s"); returns the ``KRB5CCNAME`` value naming it."""
         name = f"FILE:{cache}"
-        env_cache = dict(KRB5CCNAME=name)
-        result = subprocess.run([self._kinit, principal], input=(password + "\n").encode(), capture_output=True,
-                                timeout=30, env=dict(os.environ, **self.env, **env_cache))
+        command = [self._kinit, *(["-l", lifetime] if lifetime else []), principal]
+        result = subprocess.run(command, input=(password + "\n").encode(), capture_output=True,
+                                timeout=30, env=dict(os.environ, **self.env, KRB5CCNAME=name))
         if result.returncode != 0:
             raise RuntimeError(f"kinit {principal} failed: {result.stderr.decode(errors='replace').strip()}")
         return name

@@ -876,6 +876,20 @@ def test_a_wrong_password_is_refused_clearly(smbd: SmbServer) -> None:
     remote.close()
 
 
+def test_a_password_written_like_ntlm_hashes_is_a_password(tmp_path: Path, share: Path) -> None:
+    """pyspnego takes a password of the form LMHEX:NTHEX for the hashes themselves; cachefs
+    gives it the hash of what the user typed."""
+    password = "aad3b435b51404eeaad3b435b51404ee:31d6cfe0d16ae931b73c59d7e0c089c0"
+    with SmbServer(tmp_path / "hash-smbd", share=share, password=password) as server:
+        (share / "f").write_bytes(b"x")
+        remote = make_remote(server)
+        try:
+            remote.connect()
+            assert remote.read(b"f", 0, 10) == b"x"
+        finally:
+            remote.close()
+
+
 def test_a_refused_password_is_not_tried_again_until_told(smbd: SmbServer, share: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The password changed on the server: every probe and each queued call logged in

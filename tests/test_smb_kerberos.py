@@ -10,16 +10,20 @@ by a password the Kerberos tests never give (a login that works without it was K
 from __future__ import annotations
 
 import getpass
+import json
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cachefs.remote.smb import KERBEROS_WAIT
 from devtools.kdc import Kdc
 from devtools.smbserver import SmbServer
-from tests.fixtures.mount import Mount, MountError
+from tests.fixtures.mount import Mount, MountError, status
 from tests.test_writes import control, go_offline, sync_until_done, wait_for
 
 pytest.importorskip("gssapi", reason="python-gssapi is not installed (the test extra brings it)")
@@ -38,8 +42,8 @@ class Realm:
         password in the environment, whatever the one running the tests has)."""
         return {**self.kdc.env, "KRB5CCNAME": f"FILE:{self.cache}", "CACHEFS_PASSWORD": ""}
 
-    def kinit(self) -> None:
-        self.kdc.kinit(f"{self.user}@{self.kdc.realm}", self.password, self.cache)
+    def kinit(self, lifetime: str | None = None) -> None:
+        self.kdc.kinit(f"{self.user}@{self.kdc.realm}", self.password, self.cache, lifetime)
 
     def service_tickets(self) -> int:
         """How many tickets the KDC issued for the share's service."""
@@ -144,3 +148,88 @@ def test_neither_a_ticket_nor_a_password_is_one_clear_error(realm: Realm, share:
             assert "Traceback" not in text
     finally:
         server.stop()
+
+
+def test_a_kdc_that_does_not_answer_costs_one_short_wait(kerberos_smbd: SmbServer, realm: Realm, share: Path,
+                                                        tmp_path: Path) -> None:
+    """A ticket-granting ticket, then a KDC that takes requests and never answers (a laptop
+    away from the office's KDC, at home with the NAS): the mount logs in with its password
+    after KERBEROS_WAIT, not after GSSAPI's own retries (27 s, measured); a password login
+    without any ticket never asks the KDC."""
+    (share / "doc.txt").write_bytes(b"x")
+    realm.kinit()
+    realm.kdc.stop()
+    silent_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent_tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        for sock in (silent_udp, silent_tcp):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((realm.kdc.host, realm.kdc.port))
+        silent_tcp.listen(16)
+        for ticket in (True, False):
+            if not ticket:
+                realm.cache.unlink()
+            start = time.monotonic()
+            with Mount(kerberos_smbd.address(host="localhost"), tmp_path / "mnt", tmp_path / f"cache-{ticket}",
+                       *kerberos_smbd.mount_args(), env=realm.env()) as mount:
+                took = time.monotonic() - start
+                assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
+            if ticket:
+                assert KERBEROS_WAIT <= took < KERBEROS_WAIT + 4, took
+                assert f"Kerberos login failed (the Kerberos server (KDC) did not answer within " \
+                       f"{KERBEROS_WAIT:g} s)" in mount.log_text()
+            else:
+                assert took < 4, took
+                assert "Kerberos" not in mount.log_text()
+    finally:
+        silent_udp.close()
+        silent_tcp.close()
+
+
+def test_an_expired_ticket_says_so(realm: Realm, share: Path, tmp_path: Path, kerberos_smbd: SmbServer) -> None:
+    realm.kinit(lifetime="2s")
+    time.sleep(3)
+    mount = Mount(kerberos_smbd.address(host="localhost"), tmp_path / "mnt", tmp_path / "cache", env=realm.env())
+    with pytest.raises(MountError) as raised:
+        mount.start()
+    text = str(raised.value)
+    assert "the Kerberos login failed:" in text and "expired" in text and "Success" not in text, text
+
+
+def test_the_cache_krb5_conf_names_and_a_domain_user(kerberos_smbd: SmbServer, realm: Realm, share: Path,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KRB5CCNAME: the cache krb5.conf's default_ccache_name names (Fedora's KEYRING:,
+    KCM:) is used; and an address naming the user as DOMAIN\\user logs in as user."""
+    (share / "doc.txt").write_bytes(b"x")
+    config = realm.kdc.config
+    config.write_text(config.read_text().replace("[libdefaults]\n",
+                                                 f"[libdefaults]\n default_ccache_name = FILE:{realm.cache}\n"))
+    realm.kinit()
+    monkeypatch.delenv("KRB5CCNAME", raising=False)
+    env = {key: value for key, value in realm.env().items() if key != "KRB5CCNAME"}
+    address = kerberos_smbd.address(host="localhost").replace(f"smb://{realm.user}@",
+                                                              f"smb://CACHEFS%5C{realm.user}@")
+    with Mount(address, tmp_path / "mnt", tmp_path / "cache", env=env) as mount:
+        assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
+    assert "Kerberos login failed" not in mount.log_text()
+
+
+def test_a_ticket_that_expires_while_mounted_comes_back_with_kinit_and_online(
+        kerberos_smbd: SmbServer, realm: Realm, share: Path, tmp_path: Path) -> None:
+    """No password: the server ends the session when the ticket expires, the mount works
+    offline and says why, and a new ticket with `online` brings it back, the work done
+    meanwhile written to the share."""
+    (share / "doc.txt").write_bytes(b"x")
+    realm.kinit(lifetime="6s")
+    mnt = tmp_path / "mnt"
+    with Mount(kerberos_smbd.address(host="localhost"), mnt, tmp_path / "cache", env=realm.env(),
+               allowed_errors=["expired"]):
+        assert (mnt / "doc.txt").read_bytes() == b"x"
+        time.sleep(7)
+        (mnt / "later.txt").write_bytes(b"written after the ticket expired\n")
+        wait_for(lambda: "expired" in json.dumps(status(mnt)), 20, "the status saying the ticket expired")
+        assert not (share / "later.txt").exists()
+        realm.kinit()
+        control(mnt, "online")
+        sync_until_done(mnt)
+        assert (share / "later.txt").read_bytes() == b"written after the ticket expired\n"

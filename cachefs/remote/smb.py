@@ -64,6 +64,9 @@ from smbprotocol.connection import (Ciphers, Connection, Dialects, Request,  # t
 from smbprotocol.exceptions import SMBException  # type: ignore[import-untyped]
 from smbprotocol.session import Session  # type: ignore[import-untyped]
 from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
+from spnego import NTLMHash
+# (MD4, the NT hash's: not in hashlib where OpenSSL 3 leaves its legacy provider out)
+from spnego._ntlm_raw.md4 import md4
 
 from .base import (Capabilities, ContentDamaged, NotExpected, Remote, RemoteError, RemoteRefused, RemoteStat,
                    RemoteUnreachable, Source, SpaceInfo, Upload, UploadOutcome, fold_tag, open_source)
@@ -313,8 +316,17 @@ class _LoginFailed(Exception):
         self.status = status
 
 
-def _session(connection: Any, user: str, password: str | None, protocol: str) -> Any:
-    session = Session(connection, user, password, auth_protocol=protocol)
+def _session(connection: Any, user: str | None, password: str | None, protocol: str) -> Any:
+    """A session set up: with ``password`` by NTLM, as its hash (pyspnego's negotiate with
+    a plain password first asks a KDC for a ticket wherever python-gssapi is installed, 27
+    s when that KDC does not answer; a hash is NTLM's only, and a password written like
+    "LMHEX:NTHEX" stays a password); without, by Kerberos as ``user`` (None: the
+    credential cache's principal)."""
+    credential: Any = user
+    if password is not None:
+        nt_hash = md4(password.encode("utf-16-le", "surrogatepass")).hex()
+        credential = NTLMHash(username=user or "", nt_hash=nt_hash)
+    session = Session(connection, credential, None, auth_protocol=protocol)
     session.connect()
     return session
 
@@ -876,7 +888,10 @@ class SmbRemote(Remote):
         #: Windows' 10 in 10 minutes, AD's; the probe's retries would lock the account)
         self._refused: dict[bytes, str] = {}
         self._salt = os.urandom(16)
-        self._kerberos_failed: str | None = None  # (why the last Kerberos login failed)
+        #: the address's user, None where it names none (Kerberos then logs in as the
+        #: credential cache's own principal, whatever the local user's name)
+        self._named_user = user
+        self._kerberos_step: threading.Thread | None = None  # (a service ticket asked for)
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -945,28 +960,30 @@ class SmbRemote(Remote):
         """A new connection, logged in, with the share connected: Kerberos first where it
         can work, then each password in turn (a password asked for on the terminal is
         asked before a connection is opened for it: no server waits on someone typing)."""
-        self._kerberos_failed = None
+        kerberos_failed: str | None = None
         if _kerberos_possible():
             deadline = time.monotonic() + self.timeout
-            connection = self._open(deadline)
-            try:
-                session = self._bounded(connection, deadline,
-                                        lambda: _session(connection, self.user, None, "kerberos"))
-                link = self._tree(connection, session, deadline)
-                self._kerberos_failed = None
-                _KERBEROS_SAID.pop(self.description, None)
-                return link
-            except _LoginFailed as exc:
-                _close_quietly(connection)
-                # (someone with a ticket finds out why the password is used instead; said
-                # once for each reason, not by each of the mount's connections and retries)
-                if _KERBEROS_SAID.get(self.description) != str(exc):
-                    log.info("%s: Kerberos login failed (%s): logging in with a password",
-                             self.description, exc)
-                self._kerberos_failed = _KERBEROS_SAID[self.description] = str(exc)
-            except BaseException:
-                _close_quietly(connection)
-                raise
+            principal = _kerberos_principal(self._named_user)
+            kerberos_failed = self._service_ticket(principal, min(KERBEROS_WAIT, self.timeout))
+            if kerberos_failed is None:
+                connection = self._open(deadline)
+                try:
+                    session = self._bounded(connection, deadline,
+                                            lambda: _session(connection, principal, None, "kerberos"))
+                    link = self._tree(connection, session, deadline)
+                    _KERBEROS_SAID.pop(self.description, None)
+                    return link
+                except _LoginFailed as exc:
+                    _close_quietly(connection)
+                    kerberos_failed = str(exc)
+                except BaseException:
+                    _close_quietly(connection)
+                    raise
+            # (someone with a ticket finds out why the password is used instead; said once
+            # for each reason, not by each of the mount's connections and retries)
+            if _KERBEROS_SAID.get(self.description) != kerberos_failed:
+                log.info("%s: Kerberos login failed (%s)", self.description, kerberos_failed)
+            _KERBEROS_SAID[self.description] = kerberos_failed
         refused = "no password was given (--password-file, CACHEFS_PASSWORD, or a terminal to ask on)"
         secrets = self.options.secrets
         passwords: Iterator[str] = iter(()) if secrets is None else secrets.passwords(
@@ -1009,8 +1026,8 @@ class SmbRemote(Remote):
                                 "again with the same password, as each failed login counts towards "
                                 "locking the account: give the right one and run `cachefs online`, or "
                                 "mount again")
-        if not tried and self._kerberos_failed is not None:
-            refused += f"; the Kerberos login failed: {self._kerberos_failed}"
+        if not tried and kerberos_failed is not None:
+            refused += f"; the Kerberos login failed: {kerberos_failed}"
         elif not tried and _kerberos_installed() and not _kerberos_possible():
             refused += "; no Kerberos ticket either (kinit)"
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
@@ -1020,6 +1037,34 @@ class SmbRemote(Remote):
         (``cachefs online``; a new mount starts with nothing refused)."""
         self._refused = {}  # (one assignment, no lock: called on the event loop, and the
         # lock may be held by a connect under way)
+
+    def _service_ticket(self, principal: str | None, wait: float) -> str | None:
+        """Ask for the service ticket of this server (``cifs/HOST``) before a connection is
+        opened for it; None when there is one, else why not. The KDC is asked from a
+        thread of its own, waited for ``wait`` seconds: GSSAPI's own retries to a KDC that
+        does not answer took 27 s, the whole login's lock held (a session setup's socket
+        closed by the watchdog does not stop them). The ticket lands in the credential
+        cache, where the session setup finds it without asking the KDC again."""
+        step = self._kerberos_step
+        if step is not None and step.is_alive():
+            return "the Kerberos server (KDC) has not answered yet"
+        outcome: list[str | None] = []
+
+        def ask() -> None:
+            try:
+                import spnego
+
+                spnego.client(principal, None, hostname=self.host, service="cifs", protocol="kerberos").step()
+                outcome.append(None)
+            except Exception as exc:  # (pyspnego's, GSSAPI's: any is a Kerberos login that failed)
+                outcome.append(_reason(exc))
+
+        self._kerberos_step = step = threading.Thread(target=ask, name="kerberos", daemon=True)
+        step.start()
+        step.join(wait)
+        if step.is_alive():
+            return f"the Kerberos server (KDC) did not answer within {wait:g} s"
+        return outcome[0]
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
@@ -2075,13 +2120,16 @@ def _reason(exc: BaseException) -> str:
     Kerberos failure, GSSAPI's own words only: "Server cifs/host@REALM not found in
     Kerberos database", not the two status codes and context around them)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    gss = _GSS_MINOR.search(text)
+    gss = _GSS_TEXT.search(text)
     if gss:
-        text = gss.group(1)
+        major, minor = gss.group(1), gss.group(2)
+        # (an expired ticket: "Major (720896): The referenced credential has expired,
+        # Minor (100001): Success")
+        text = major if minor in ("Success", "Unknown error") or minor.startswith("Unknown code") else minor
     return text[:200]
 
 
-_GSS_MINOR = re.compile(r"Minor \(\d+\): (.+?)(?:, Context: .*)?$")
+_GSS_TEXT = re.compile(r"Major \(\d+\): (.+?), Minor \(\d+\): (.+?)(?:, Context: .*)?$")
 
 
 def _os_strerror(code: int) -> str:
@@ -2089,6 +2137,7 @@ def _os_strerror(code: int) -> str:
 
 
 _kerberos: bool | None = None
+KERBEROS_WAIT = 5.0  # seconds a KDC has to give a service ticket before the password is tried
 # Why a Kerberos login to each address last failed, as logged: the mount's connections
 # (the main one, the listing's, the watch's) say it once between them, not each.
 _KERBEROS_SAID: dict[str, str] = {}
@@ -2107,11 +2156,26 @@ def _kerberos_installed() -> bool:
 
 
 def _kerberos_possible() -> bool:
-    """Whether a Kerberos login can be tried: the libraries are there and a credential
-    cache seems to exist."""
+    """Whether a Kerberos login can be tried: the libraries are there and the default
+    credential cache (``KRB5CCNAME``, else krb5.conf's ``default_ccache_name``: a FILE,
+    KEYRING or KCM cache) holds someone's tickets."""
     if not _kerberos_installed():
         return False
-    cache = os.environ.get("KRB5CCNAME", f"FILE:/tmp/krb5cc_{os.getuid()}")
-    if cache.startswith(("FILE:", "/")):
-        return os.path.exists(cache.removeprefix("FILE:"))
-    return True  # (KEYRING:, KCM:, DIR:: GSSAPI finds out)
+    import krb5
+
+    try:
+        context = krb5.init_context()
+        krb5.cc_get_principal(context, krb5.cc_default(context))
+    except Exception:  # (krb5.Krb5Error: no cache, an empty or unreadable one)
+        return False
+    return True
+
+
+def _kerberos_principal(named: str | None) -> str | None:
+    """Who a Kerberos login is for: the address's user (``alice``, ``alice@REALM``), but
+    not as ``DOMAIN\\alice`` (a NetBIOS domain is no realm, and GSSAPI reads the
+    backslash as an escape: ``DOMAINalice``); None (the cache's own principal) where the
+    address names nobody."""
+    if named is None:
+        return None
+    return named.rsplit("\\", 1)[-1]
