@@ -115,6 +115,19 @@ def setup_logging(verbose: bool, logfile: Path | None, redact: bool = False,
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("paramiko").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("paramiko.transport").addFilter(_expected_disconnects)
+    logging.getLogger("pyfuse3").addFilter(_late_replies)
+
+
+def _late_replies(record: logging.LogRecord) -> bool:
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT: the kernel no
+    longer waits for that request (the program was interrupted, or the mount is going
+    away: a RELEASE answered just after `fusermount -u`, seen in a test that unmounted
+    right after a read). Nothing was lost; it is told at DEBUG."""
+    if (record.levelno >= logging.ERROR and "fuse_reply_* failed" in str(record.msg)
+            and any("No such file or directory" in str(arg) for arg in (record.args or ()))):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 class _ExpectedDisconnects(logging.Filter):

@@ -594,3 +594,22 @@ def test_server_closing_during_connect_is_one_warning(tmp_path: Path, verbose: b
     assert "WARNING paramiko.transport: Exception (client): Error reading SSH protocol banner" in text
     assert " ERROR " not in text, text
     assert "Traceback" not in text, text
+
+
+def test_a_reply_the_kernel_no_longer_waits_for_is_not_an_error() -> None:
+    """pyfuse3's ERROR for a reply refused with ENOENT (a RELEASE answered just after
+    `fusermount -u`, an interrupted program's request) is told at DEBUG; its other reply
+    failures stay errors. (Pure logic: the records pyfuse3's handlers make.)"""
+    import logging
+
+    from cachefs.daemon import _late_replies
+
+    def record(error: str) -> logging.LogRecord:
+        return logging.LogRecord("pyfuse3", logging.ERROR, "handlers.pxi", 1,
+                                 "fuse_release(): fuse_reply_* failed with %s", (error,), None)
+
+    late = record("No such file or directory")
+    assert _late_replies(late) is logging.getLogger().isEnabledFor(logging.DEBUG)
+    assert late.levelname == "DEBUG"
+    other = record("Invalid argument")
+    assert _late_replies(other) and other.levelname == "ERROR"

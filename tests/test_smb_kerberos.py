@@ -174,8 +174,13 @@ def test_a_kdc_that_does_not_answer_costs_one_short_wait(kerberos_smbd: SmbServe
                        *kerberos_smbd.mount_args(), env=realm.env()) as mount:
                 took = time.monotonic() - start
                 assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
+                if ticket:  # (a reconnect while GSSAPI still waits on the KDC says nothing new)
+                    kerberos_smbd.restart()
+                    (share / "new.txt").write_bytes(b"y")
+                    wait_for(lambda: (tmp_path / "mnt" / "new.txt").exists(), 30, "the reconnected mount")
             if ticket:
                 assert KERBEROS_WAIT <= took < KERBEROS_WAIT + 4, took
+                assert mount.log_text().count("Kerberos login failed") == 1, mount.log_text()
                 assert f"Kerberos login failed (the Kerberos server (KDC) did not answer within " \
                        f"{KERBEROS_WAIT:g} s)" in mount.log_text()
             else:
@@ -199,7 +204,8 @@ def test_an_expired_ticket_says_so(realm: Realm, share: Path, tmp_path: Path, ke
 def test_the_cache_krb5_conf_names_and_a_domain_user(kerberos_smbd: SmbServer, realm: Realm, share: Path,
                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No KRB5CCNAME: the cache krb5.conf's default_ccache_name names (Fedora's KEYRING:,
-    KCM:) is used; and an address naming the user as DOMAIN\\user logs in as user."""
+    KCM:) is used; and an address naming the user as DOMAIN\\user logs in as user, one
+    naming user@domain as user@DOMAIN (a realm is written in capitals)."""
     (share / "doc.txt").write_bytes(b"x")
     config = realm.kdc.config
     config.write_text(config.read_text().replace("[libdefaults]\n",
@@ -207,11 +213,11 @@ def test_the_cache_krb5_conf_names_and_a_domain_user(kerberos_smbd: SmbServer, r
     realm.kinit()
     monkeypatch.delenv("KRB5CCNAME", raising=False)
     env = {key: value for key, value in realm.env().items() if key != "KRB5CCNAME"}
-    address = kerberos_smbd.address(host="localhost").replace(f"smb://{realm.user}@",
-                                                              f"smb://CACHEFS%5C{realm.user}@")
-    with Mount(address, tmp_path / "mnt", tmp_path / "cache", env=env) as mount:
-        assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
-    assert "Kerberos login failed" not in mount.log_text()
+    for form in (f"CACHEFS%5C{realm.user}", f"{realm.user}%40cachefs.test"):
+        address = kerberos_smbd.address(host="localhost").replace(f"smb://{realm.user}@", f"smb://{form}@")
+        with Mount(address, tmp_path / "mnt", tmp_path / f"cache-{form}", env=env) as mount:
+            assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
+        assert "Kerberos login failed" not in mount.log_text()
 
 
 def test_a_ticket_that_expires_while_mounted_comes_back_with_kinit_and_online(
@@ -233,3 +239,41 @@ def test_a_ticket_that_expires_while_mounted_comes_back_with_kinit_and_online(
         control(mnt, "online")
         sync_until_done(mnt)
         assert (share / "later.txt").read_bytes() == b"written after the ticket expired\n"
+
+
+def test_with_the_server_and_the_kdc_away_a_ticket_mount_starts_offline(kerberos_smbd: SmbServer, realm: Realm,
+                                                                      share: Path, tmp_path: Path) -> None:
+    """Without a password, as with one: a server that cannot be reached is offline, not a
+    refused login, even when the KDC cannot be reached either; both back, it is online."""
+    (share / "doc.txt").write_bytes(b"cached\n")
+    mnt = tmp_path / "mnt"
+    realm.kinit()
+    with Mount(kerberos_smbd.address(host="localhost"), mnt, tmp_path / "cache", env=realm.env()):
+        assert (mnt / "doc.txt").read_bytes() == b"cached\n"
+    realm.kinit()  # (a new cache: no service ticket in it)
+    kerberos_smbd.stop()
+    realm.kdc.stop()
+    with Mount(kerberos_smbd.address(host="localhost"), mnt, tmp_path / "cache", env=realm.env(),
+               allowed_errors=["Kerberos", "cannot reach", "unreachable"]):
+        assert status(mnt)["state"] == "offline"
+        assert (mnt / "doc.txt").read_bytes() == b"cached\n"
+        (mnt / "offline.txt").write_bytes(b"written offline\n")
+        realm.kdc.start()
+        kerberos_smbd.start()
+        control(mnt, "online")
+        sync_until_done(mnt)
+        assert (share / "offline.txt").read_bytes() == b"written offline\n"
+
+
+def test_a_ticket_whose_user_may_not_use_the_share_falls_back_to_the_password(
+        kerberos_smbd: SmbServer, realm: Realm, share: Path, tmp_path: Path) -> None:
+    """The cache holds another user's ticket (daemon, a user the share does not allow):
+    that login is refused the share, the password of the address's user is used."""
+    (share / "doc.txt").write_bytes(b"x")
+    realm.kdc.add_user("daemon", realm.password)
+    realm.kdc.kinit(f"daemon@{realm.kdc.realm}", realm.password, realm.cache)
+    address = kerberos_smbd.address(host="localhost").replace(f"smb://{realm.user}@", "smb://")
+    with Mount(address, tmp_path / "mnt", tmp_path / "cache", *kerberos_smbd.mount_args(),
+               env=realm.env()) as mount:
+        assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
+    assert "Kerberos login failed (daemon@CACHEFS.TEST may not use the share 'cachefs')" in mount.log_text()

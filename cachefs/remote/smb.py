@@ -316,6 +316,37 @@ class _LoginFailed(Exception):
         self.status = status
 
 
+class _ShareDenied(RemoteRefused):
+    """The server refused the logged-in user the share (``why``: who, which share)."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+class _TicketAsk:
+    """One request for a server's service ticket, in a thread of its own (``outcome``:
+    [None] when the ticket is in the cache, [why not]; empty while the KDC is asked)."""
+
+    def __init__(self, principal: str | None, host: str) -> None:
+        self.outcome: list[str | None] = []
+        self.thread = threading.Thread(target=self._ask, args=(principal, host), name="kerberos", daemon=True)
+
+    def _ask(self, principal: str | None, host: str) -> None:
+        try:
+            import spnego
+
+            spnego.client(principal, None, hostname=host, service="cifs", protocol="kerberos").step()
+            self.outcome.append(None)
+        except Exception as exc:  # (pyspnego's, GSSAPI's: any is a Kerberos login that failed)
+            self.outcome.append(_reason(exc))
+
+
+#: GSSAPI's words for a KDC that cannot be asked (none answers, or its name is not found):
+#: the mount waits for it as for an unreachable server
+_KDC_UNREACHABLE = re.compile(r"Cannot (contact any|find) KDC")
+
+
 def _session(connection: Any, user: str | None, password: str | None, protocol: str) -> Any:
     """A session set up: with ``password`` by NTLM, as its hash (pyspnego's negotiate with
     a plain password first asks a KDC for a ticket wherever python-gssapi is installed, 27
@@ -891,7 +922,8 @@ class SmbRemote(Remote):
         #: the address's user, None where it names none (Kerberos then logs in as the
         #: credential cache's own principal, whatever the local user's name)
         self._named_user = user
-        self._kerberos_step: threading.Thread | None = None  # (a service ticket asked for)
+        self._kerberos_ask: _TicketAsk | None = None  # (a service ticket asked for)
+        self._kerberos_lock = threading.Lock()  # (``watch`` connects without ``_lock``)
 
     @classmethod
     def from_address(cls, address: "RemoteAddress", options: ConnectOptions,
@@ -961,24 +993,32 @@ class SmbRemote(Remote):
         can work, then each password in turn (a password asked for on the terminal is
         asked before a connection is opened for it: no server waits on someone typing)."""
         kerberos_failed: str | None = None
-        if _kerberos_possible():
-            deadline = time.monotonic() + self.timeout
+        kerberos_unreachable = False  # (the KDC could not be asked: the mount waits for it)
+        cache_principal = _kerberos_cache_principal()
+        if cache_principal is not None:
             principal = _kerberos_principal(self._named_user)
-            kerberos_failed = self._service_ticket(principal, min(KERBEROS_WAIT, self.timeout))
-            if kerberos_failed is None:
-                connection = self._open(deadline)
-                try:
+            deadline = time.monotonic() + self.timeout
+            # (the server first: one that cannot be reached leaves the mount offline, as
+            # with a password, whatever the KDC says)
+            connection = self._open(deadline)
+            try:
+                kerberos_failed, kerberos_unreachable = self._service_ticket(principal,
+                                                                             min(KERBEROS_WAIT, self.timeout))
+                if kerberos_failed is None:
+                    deadline = time.monotonic() + self.timeout
                     session = self._bounded(connection, deadline,
                                             lambda: _session(connection, principal, None, "kerberos"))
-                    link = self._tree(connection, session, deadline)
+                    link = self._tree(connection, session, deadline, principal or cache_principal)
                     _KERBEROS_SAID.pop(self.description, None)
                     return link
-                except _LoginFailed as exc:
-                    _close_quietly(connection)
-                    kerberos_failed = str(exc)
-                except BaseException:
-                    _close_quietly(connection)
-                    raise
+            except _LoginFailed as exc:
+                kerberos_failed = str(exc)
+            except _ShareDenied as exc:  # (the ticket's user may not; the password's may)
+                kerberos_failed = exc.why
+            except BaseException:
+                _close_quietly(connection)
+                raise
+            _close_quietly(connection)
             # (someone with a ticket finds out why the password is used instead; said once
             # for each reason, not by each of the mount's connections and retries)
             if _KERBEROS_SAID.get(self.description) != kerberos_failed:
@@ -1026,9 +1066,12 @@ class SmbRemote(Remote):
                                 "again with the same password, as each failed login counts towards "
                                 "locking the account: give the right one and run `cachefs online`, or "
                                 "mount again")
+        if not tried and kerberos_unreachable:
+            raise RemoteUnreachable(f"{self.description}: no password was given, and the Kerberos login "
+                                    f"could not be made: {kerberos_failed}")
         if not tried and kerberos_failed is not None:
             refused += f"; the Kerberos login failed: {kerberos_failed}"
-        elif not tried and _kerberos_installed() and not _kerberos_possible():
+        elif not tried and _kerberos_installed() and cache_principal is None:
             refused += "; no Kerberos ticket either (kinit)"
         raise RemoteRefused(f"{self.description}: {refused} (SMB login as {self.user})")
 
@@ -1038,33 +1081,24 @@ class SmbRemote(Remote):
         self._refused = {}  # (one assignment, no lock: called on the event loop, and the
         # lock may be held by a connect under way)
 
-    def _service_ticket(self, principal: str | None, wait: float) -> str | None:
-        """Ask for the service ticket of this server (``cifs/HOST``) before a connection is
-        opened for it; None when there is one, else why not. The KDC is asked from a
-        thread of its own, waited for ``wait`` seconds: GSSAPI's own retries to a KDC that
-        does not answer took 27 s, the whole login's lock held (a session setup's socket
-        closed by the watchdog does not stop them). The ticket lands in the credential
-        cache, where the session setup finds it without asking the KDC again."""
-        step = self._kerberos_step
-        if step is not None and step.is_alive():
-            return "the Kerberos server (KDC) has not answered yet"
-        outcome: list[str | None] = []
-
-        def ask() -> None:
-            try:
-                import spnego
-
-                spnego.client(principal, None, hostname=self.host, service="cifs", protocol="kerberos").step()
-                outcome.append(None)
-            except Exception as exc:  # (pyspnego's, GSSAPI's: any is a Kerberos login that failed)
-                outcome.append(_reason(exc))
-
-        self._kerberos_step = step = threading.Thread(target=ask, name="kerberos", daemon=True)
-        step.start()
-        step.join(wait)
-        if step.is_alive():
-            return f"the Kerberos server (KDC) did not answer within {wait:g} s"
-        return outcome[0]
+    def _service_ticket(self, principal: str | None, wait: float) -> tuple[str | None, bool]:
+        """Ask for the service ticket of this server (``cifs/HOST``); (None, False) when
+        there is one, else (why not, whether the KDC could not be asked). The KDC is
+        asked from a thread of its own, waited for ``wait`` seconds: GSSAPI's own retries
+        to a KDC that does not answer took 27 s (a session setup's watchdog, closing the
+        socket, does not stop them). A connect that finds an ask under way waits for
+        that one. The ticket lands in the credential cache, where the session setup
+        finds it without asking the KDC again."""
+        with self._kerberos_lock:
+            ask = self._kerberos_ask
+            if ask is None or not ask.thread.is_alive():  # (a finished one's answer is old)
+                ask = self._kerberos_ask = _TicketAsk(principal, self.host)
+                ask.thread.start()
+        ask.thread.join(wait)
+        if not ask.outcome:
+            return f"the Kerberos server (KDC) did not answer within {wait:g} s", True
+        why = ask.outcome[0]
+        return why, why is not None and _KDC_UNREACHABLE.search(why) is not None
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
@@ -1100,8 +1134,8 @@ class SmbRemote(Remote):
         finally:
             watchdog.cancel()
 
-    def _tree(self, connection: Any, session: Any, deadline: float) -> _Link:
-        """The share connected: the link."""
+    def _tree(self, connection: Any, session: Any, deadline: float, who: str | None = None) -> _Link:
+        """The share connected: the link (``who``: the user logged in, if not ``user``)."""
         tree = TreeConnect(session, rf"\\{self.host}\{self.share}")
         try:
             self._bounded(connection, deadline, tree.connect)
@@ -1110,8 +1144,8 @@ class SmbRemote(Remote):
                 raise RemoteRefused(f"{self.description}: the server has no share named "
                                     f"{self.share!r}") from None
             if exc.status == 0xC0000022:  # ACCESS_DENIED
-                raise RemoteRefused(f"{self.description}: {self.user} may not use the share "
-                                    f"{self.share!r}") from None
+                why = f"{who or self.user} may not use the share {self.share!r}"
+                raise _ShareDenied(f"{self.description}: {why}", why) from None
             raise RemoteUnreachable(f"{self.description}: {exc}") from None
         sock = getattr(connection.transport, "_sock", None)
         if sock is not None:  # (a send that cannot go out blocks at most this long)
@@ -2155,27 +2189,33 @@ def _kerberos_installed() -> bool:
     return _kerberos
 
 
-def _kerberos_possible() -> bool:
-    """Whether a Kerberos login can be tried: the libraries are there and the default
-    credential cache (``KRB5CCNAME``, else krb5.conf's ``default_ccache_name``: a FILE,
-    KEYRING or KCM cache) holds someone's tickets."""
+def _kerberos_cache_principal() -> str | None:
+    """Whose tickets the default credential cache holds (``KRB5CCNAME``, else krb5.conf's
+    ``default_ccache_name``: a FILE, KEYRING or KCM cache), if the Kerberos libraries are
+    there and it holds any: None says a Kerberos login cannot be tried."""
     if not _kerberos_installed():
-        return False
+        return None
     import krb5
 
     try:
         context = krb5.init_context()
-        krb5.cc_get_principal(context, krb5.cc_default(context))
+        principal = krb5.cc_get_principal(context, krb5.cc_default(context))
+        name: bytes = krb5.unparse_name_flags(context, principal)
     except Exception:  # (krb5.Krb5Error: no cache, an empty or unreadable one)
-        return False
-    return True
+        return None
+    return name.decode("utf-8", "replace")
 
 
 def _kerberos_principal(named: str | None) -> str | None:
-    """Who a Kerberos login is for: the address's user (``alice``, ``alice@REALM``), but
+    """Who a Kerberos login is for: the address's user (``alice``, ``alice@REALM``, its
+    realm in capitals), but
     not as ``DOMAIN\\alice`` (a NetBIOS domain is no realm, and GSSAPI reads the
     backslash as an escape: ``DOMAINalice``); None (the cache's own principal) where the
     address names nobody."""
     if named is None:
         return None
-    return named.rsplit("\\", 1)[-1]
+    name = named.rsplit("\\", 1)[-1]
+    if "@" in name:  # (a realm is written in capitals, AD's its DNS domain's: alice@corp.example)
+        user, realm = name.rsplit("@", 1)
+        name = f"{user}@{realm.upper()}"
+    return name
