@@ -45,6 +45,18 @@ def _find(candidates: tuple[str, ...], what: str) -> str:
     raise FileNotFoundError(f"{what} not found (looked in {', '.join(candidates)})")
 
 
+def log_tail(folder: Path, names: tuple[str, ...], size: int = 1500) -> str:
+    """The last ``size`` characters of each of a server's log files in ``folder`` (those
+    that exist), for the error of a server that would not start."""
+    text = ""
+    for name in names:
+        try:
+            text += (folder / name).read_text(errors="replace")[-size:]
+        except OSError:
+            pass
+    return text.strip() or "(no output)"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

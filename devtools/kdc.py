@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from devtools.devserver import ServerProcess, _free_port
+from devtools.devserver import ServerProcess, _free_port, log_tail
 
 REALM = "CACHEFS.TEST"
 START_TIMEOUT = 15.0
@@ -146,10 +146,4 @@ class Kdc(ServerProcess):
                                     env=env, start_new_session=True)
 
     def _log_tail(self) -> str:
-        text = ""
-        for name in ("krb5kdc.out", "kdc.log"):
-            try:
-                text += (self.workdir / name).read_text(errors="replace")[-1500:]
-            except OSError:
-                pass
-        return text.strip() or "(no output)"
+        return log_tail(self.workdir, ("krb5kdc.out", "kdc.log"))

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from devtools.devserver import ServerProcess, _free_port
+from devtools.devserver import ServerProcess, _free_port, log_tail
 from devtools.kdc import Kdc
 
 log = logging.getLogger(__name__)
@@ -157,13 +157,7 @@ class SmbServer(ServerProcess):
                                     start_new_session=True)
 
     def _log_tail(self) -> str:
-        text = ""
-        for name in ("smbd.out", "smbd.log"):
-            try:
-                text += (self.workdir / name).read_text(errors="replace")[-1500:]
-            except OSError:
-                pass
-        return text.strip() or "(no output)"
+        return log_tail(self.workdir, ("smbd.out", "smbd.log"))
 
     # -- helpers for tests and the demo ---------------------------------------------
     def address(self, path: str = "", host: str | None = None) -> str:
