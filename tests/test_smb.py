@@ -956,6 +956,30 @@ def test_no_password_is_refused_with_where_to_give_it(smbd: SmbServer) -> None:
         remote.connect()
 
 
+def test_the_same_refusal_again_is_logged_once(smbd: SmbServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The probe meets the same refusal at each try while offline (no password; an
+    expired Kerberos ticket until a new kinit): one ERROR, then DEBUG."""
+    import logging
+
+    import trio
+
+    from cachefs.link.connectivity import Connectivity
+
+    remote = SmbRemote(smbd.host, "cachefs", "", smbd.user, smbd.port, ConnectOptions(timeout=TIMEOUT))
+    conn = Connectivity(remote, max_backoff=0.1)
+
+    async def probe_for_a_while() -> None:
+        with trio.move_on_after(1.5):
+            await conn.run()
+
+    with caplog.at_level(logging.DEBUG, logger="cachefs.link.connectivity"):
+        trio.run(probe_for_a_while)
+    refusals = [r for r in caplog.records if r.getMessage().startswith("remote refused: ")]
+    assert len(refusals) >= 3, [r.getMessage() for r in caplog.records]
+    assert [r.levelname for r in refusals].count("ERROR") == 1
+    remote.close()
+
+
 def test_a_missing_share_is_refused(smbd: SmbServer) -> None:
     remote = SmbRemote(smbd.host, "nosuchshare", "", smbd.user, smbd.port,
                        ConnectOptions(timeout=TIMEOUT, secrets=Secrets(smbd.password)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.remote.smb import KERBEROS_WAIT
+from cachefs.remote.smb import KDC_UNREACHABLE, KERBEROS_WAIT
 from devtools.kdc import Kdc
 from devtools.smbserver import SmbServer
 from tests.fixtures.mount import Mount, MountError, status
@@ -174,15 +174,16 @@ def test_a_kdc_that_does_not_answer_costs_one_short_wait(kerberos_smbd: SmbServe
                        *kerberos_smbd.mount_args(), env=realm.env()) as mount:
                 took = time.monotonic() - start
                 assert (tmp_path / "mnt" / "doc.txt").read_bytes() == b"x"
-                if ticket:  # (a reconnect while GSSAPI still waits on the KDC says nothing new)
+                if ticket:  # (a reconnect while GSSAPI still waits on the KDC: no new wait,
+                    # nothing new said)
                     kerberos_smbd.restart()
                     (share / "new.txt").write_bytes(b"y")
-                    wait_for(lambda: (tmp_path / "mnt" / "new.txt").exists(), 30, "the reconnected mount")
+                    again = wait_for(lambda: (tmp_path / "mnt" / "new.txt").exists(), 30, "the reconnected mount")
+                    assert again < KERBEROS_WAIT - 1, again
             if ticket:
-                assert KERBEROS_WAIT <= took < KERBEROS_WAIT + 4, took
+                assert KERBEROS_WAIT - 0.1 <= took < KERBEROS_WAIT + 4, took
                 assert mount.log_text().count("Kerberos login failed") == 1, mount.log_text()
-                assert f"Kerberos login failed (the Kerberos server (KDC) did not answer within " \
-                       f"{KERBEROS_WAIT:g} s)" in mount.log_text()
+                assert f"Kerberos login failed ({KDC_UNREACHABLE})" in mount.log_text()
             else:
                 assert took < 4, took
                 assert "Kerberos" not in mount.log_text()

@@ -444,8 +444,11 @@ class Connectivity:
             except Unavailable:
                 pass
             except RemoteRefused as exc:
+                # (the same refusal again, each max_backoff while offline, as an expired
+                # Kerberos ticket gives until a new kinit: said once, then at DEBUG)
+                said = log.debug if self.last_error == str(exc) else log.error
                 self.last_error = str(exc)
-                log.error("remote refused: %s", exc)
+                said("remote refused: %s", exc)
                 backoff = self.max_backoff
             else:
                 self._connected()

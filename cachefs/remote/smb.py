@@ -328,8 +328,9 @@ class _TicketAsk:
     """One request for a server's service ticket, in a thread of its own (``outcome``:
     [None] when the ticket is in the cache, [why not]; empty while the KDC is asked)."""
 
-    def __init__(self, principal: str | None, host: str) -> None:
+    def __init__(self, principal: str | None, host: str, deadline: float) -> None:
         self.outcome: list[str | None] = []
+        self.deadline = deadline  # (monotonic: no connect waits for it longer)
         self.thread = threading.Thread(target=self._ask, args=(principal, host), name="kerberos", daemon=True)
 
     def _ask(self, principal: str | None, host: str) -> None:
@@ -342,9 +343,11 @@ class _TicketAsk:
             self.outcome.append(_reason(exc))
 
 
-#: GSSAPI's words for a KDC that cannot be asked (none answers, or its name is not found):
-#: the mount waits for it as for an unreachable server
-_KDC_UNREACHABLE = re.compile(r"Cannot (contact any|find) KDC")
+#: GSSAPI's words for a KDC that does not answer: the mount waits for it as for a server
+#: that cannot be reached. ("Cannot find KDC for realm" is left out: it is also what a
+#: realm with no KDC configured gets, which no waiting mends.)
+_KDC_UNREACHABLE = re.compile(r"Cannot contact any KDC")
+KDC_UNREACHABLE = "the Kerberos server (KDC) cannot be reached"
 
 
 def _session(connection: Any, user: str | None, password: str | None, protocol: str) -> Any:
@@ -1002,10 +1005,11 @@ class SmbRemote(Remote):
             # with a password, whatever the KDC says)
             connection = self._open(deadline)
             try:
-                kerberos_failed, kerberos_unreachable = self._service_ticket(principal,
-                                                                             min(KERBEROS_WAIT, self.timeout))
+                # (the KDC's wait inside the one timeout, half of what is left at most: the
+                # session and the share's connect get the rest)
+                wait = min(KERBEROS_WAIT, max(0.0, deadline - time.monotonic()) / 2)
+                kerberos_failed, kerberos_unreachable = self._service_ticket(principal, wait)
                 if kerberos_failed is None:
-                    deadline = time.monotonic() + self.timeout
                     session = self._bounded(connection, deadline,
                                             lambda: _session(connection, principal, None, "kerberos"))
                     link = self._tree(connection, session, deadline, principal or cache_principal)
@@ -1092,17 +1096,20 @@ class SmbRemote(Remote):
         with self._kerberos_lock:
             ask = self._kerberos_ask
             if ask is None or not ask.thread.is_alive():  # (a finished one's answer is old)
-                ask = self._kerberos_ask = _TicketAsk(principal, self.host)
+                ask = self._kerberos_ask = _TicketAsk(principal, self.host, time.monotonic() + wait)
                 ask.thread.start()
-        ask.thread.join(wait)
-        if not ask.outcome:
-            return f"the Kerberos server (KDC) did not answer within {wait:g} s", True
-        why = ask.outcome[0]
-        return why, why is not None and _KDC_UNREACHABLE.search(why) is not None
+        # (an ask under way is waited for until its own end: connects one after another
+        # to a silent KDC each waited a whole `wait` on the one request)
+        ask.thread.join(max(0.0, ask.deadline - time.monotonic()))
+        why = ask.outcome[0] if ask.outcome else KDC_UNREACHABLE
+        if why is not None and _KDC_UNREACHABLE.search(why):
+            return KDC_UNREACHABLE, True  # (one wording for one cause: said once)
+        return why, False
 
     def _open(self, deadline: float) -> Any:
         """A TCP connection with the dialect negotiated (by ``deadline``: the connection,
-        the login and the share's connect together take at most one ``timeout``)."""
+        the login (with a Kerberos service ticket asked for) and the share's connect
+        together take at most one ``timeout``)."""
         connection = _FastConnection(uuid.uuid4(), self.host, self.port)
         try:
             connection.connect(timeout=max(0.1, deadline - time.monotonic()))
