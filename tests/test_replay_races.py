@@ -474,3 +474,63 @@ def test_a_landed_upload_then_a_change_of_same_size_and_second_is_sent_again(tmp
         trio.run(main)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("created", [False, True])
+def test_a_landed_upload_then_a_second_cut_before_landing_is_still_ours(tmp_path: Path, created: bool) -> None:
+    """A kill after an upload had landed (its entry not marked done); the next mount's
+    replay began sending a changed version and was cut before it landed; the file changed
+    again. The server's file is the first upload, ours: the latest version is sent, no
+    conflict (the crash loop met this: the second mark replaced the first, the landed
+    upload looked like a change of the server's, and the latest version became a conflict
+    copy beside the first)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    if not created:
+        (share / "f").write_bytes(b"old content on the server")
+        os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        if created:
+            node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
+        else:
+            node = await cache.lookup(ROOT_INO, b"f")
+            handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"first version")
+        cache.release(handle)
+        await cache.setattr(node.ino, mtime_ns=1_700_000_000_000_000_000)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        first = store.get(node.ino)
+        # The first upload landed; its mark stayed.
+        store.transact(lambda t: t.mark_upload(op.seq, first.size, first.mtime_ns))
+        (share / "f").write_bytes(b"first version")
+        os.utime(share / "f", ns=(first.mtime_ns, first.mtime_ns))
+        for text, mtime_ns, cut in [(b"second, longer version", 1_700_000_010_000_000_000, True),
+                                    (b"third and last version here", 1_700_000_020_000_000_000, False)]:
+            handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+            cache.write(handle, 0, text)
+            cache.release(handle)
+            await cache.setattr(node.ino, mtime_ns=mtime_ns)
+            await cache.checkpoint()
+            if cut:  # (the second mount's upload, marked, cut before it landed)
+                now = store.get(node.ino)
+                store.transact(lambda t: t.mark_upload(op.seq, now.size, now.mtime_ns))
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["f"]
+        assert (share / "f").read_bytes() == b"third and last version here"
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

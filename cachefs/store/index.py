@@ -26,9 +26,11 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
               copies, so that two caches on one host never pick the same name);
               b"last_seq" -> u64, the highest journal sequence number ever given (numbers
               are never reused, so a mark kept by number never matches a newer entry);
-              b"u:" + seq u64 -> JSON [size, mtime_ns], the mark of an upload under way for
-              that journal entry (a retry that finds it and a remote of the upload's size and mtime
-              knows the upload landed);
+              b"u:" + seq u64 -> JSON [[size, mtime_ns], ...], the marks of the uploads begun
+              for that journal entry, oldest first (a retry that finds a remote of one's size
+              and mtime knows that upload landed; each is kept, as a later upload cut before
+              it landed leaves an earlier one's there; a cache of before keeps one, [size,
+              mtime_ns]);
               b"v:" + ino u64 -> JSON [size, mtime_ns, kind], the remote version the replay
               itself produced for the node (later entries compare the remote with it);
               b"pinned" -> JSON list of the pinned roots' inode numbers (``cache.hoard``)
@@ -689,15 +691,15 @@ class Store:
             return entries
 
     def upload_mark(self, seq: int) -> tuple[int, int] | None:
-        """(size, mtime) of an upload started for ``seq`` and not known to have finished."""
-        data = self.get_meta(b"u:" + _key(seq))
-        if data is None:
-            return None
-        try:
-            size, mtime = json.loads(data)
-            return int(size), int(mtime)
-        except (ValueError, TypeError):
-            return None
+        """(size, mtime) of the last upload started for ``seq`` and not known to have
+        finished."""
+        marks = self.upload_marks(seq)
+        return marks[-1] if marks else None
+
+    def upload_marks(self, seq: int) -> list[tuple[int, int]]:
+        """(size, mtime) of each upload started for ``seq`` and not known to have
+        finished, oldest first: any of them may be the one that landed."""
+        return _marks(self.get_meta(b"u:" + _key(seq)))
 
     def produced(self, ino: int) -> tuple[int, int, int] | None:
         data = self.get_meta(b"v:" + _key(ino))
@@ -871,8 +873,14 @@ class Txn:
     # An upload under way for journal entry ``seq``: after a crash, a remote file with
     # our size and mtime is recognised as that upload, not as someone else's change.
     def mark_upload(self, seq: int, size: int, mtime_ns: int) -> None:
-        """Record (size, mtime) of the content being uploaded for ``seq``."""
-        self.store._meta_put(self.txn, b"u:" + _key(seq), json.dumps([size, mtime_ns]).encode())
+        """Record (size, mtime) of the content being uploaded for ``seq``, beside the marks
+        of uploads begun before for it (one of those may have landed, and this one be cut
+        before it does: the crash loop then met our landed upload as a change of the
+        server's, and kept the latest version as a conflict copy)."""
+        key = b"u:" + _key(seq)
+        marks = [mark for mark in _marks(self.store._meta_get(self.txn, key)) if mark != (size, mtime_ns)]
+        marks = (marks + [(size, mtime_ns)])[-UPLOAD_MARKS:]
+        self.store._meta_put(self.txn, key, json.dumps(marks).encode())
 
     def clear_upload(self, seq: int) -> None:
         self.txn.delete(b"u:" + _key(seq), db=self.store.meta)
@@ -992,3 +1000,20 @@ class Txn:
         self.store.conflict_generation += 1
         self.txn.put(_key(cid), self.store.codec.seal(json.dumps(record).encode(), _key(cid)), db=self.store.conflicts)
         return cid
+
+
+UPLOAD_MARKS = 16  # marks kept per journal entry (the uploads begun for it, newest kept)
+
+
+def _marks(data: bytes | None) -> list[tuple[int, int]]:
+    """The upload marks of a ``u:`` record (one [size, mtime] pair as a cache of before
+    wrote it, or a list of them); [] for none or a damaged record."""
+    if data is None:
+        return []
+    try:
+        value = json.loads(data)
+        if len(value) == 2 and all(isinstance(item, int) for item in value):
+            value = [value]  # (one mark, as written before)
+        return [(int(size), int(mtime)) for size, mtime in value]
+    except (ValueError, TypeError):
+        return []

@@ -45,11 +45,15 @@ def _same_second(a_ns: int, b_ns: int) -> bool:
     return a_ns // 1_000_000_000 == b_ns // 1_000_000_000
 
 
-def landed_before(earlier: tuple[int, int] | None, remote: RemoteStat) -> bool:
-    """An earlier upload of this entry was under way when a crash or a cut connection
-    stopped it, and it had landed (its size and mtime are there)."""
-    return earlier is not None and stat_mod.S_ISREG(remote.mode) \
-        and remote.size == earlier[0] and _same_second(remote.mtime_ns, earlier[1])
+def landed_before(marks: list[tuple[int, int]], remote: RemoteStat) -> tuple[int, int] | None:
+    """The mark of an earlier upload of this entry that a crash or a cut connection
+    stopped after it had landed (its size and mtime are there), if one did."""
+    if not stat_mod.S_ISREG(remote.mode):
+        return None
+    for size, mtime_ns in reversed(marks):
+        if remote.size == size and _same_second(remote.mtime_ns, mtime_ns):
+            return size, mtime_ns
+    return None
 
 
 class ContentReplay:
@@ -130,9 +134,9 @@ class ContentReplay:
         there). Of a file created here, nothing else would remove it: it goes now."""
         if created:
             self.ledger.gone.add(op.ino)
-        mark = self.store.upload_mark(op.seq)
+        marks = self.store.upload_marks(op.seq)
         landed: RemoteStat | None = None
-        if mark is not None:
+        if marks:
             await self.side.remove_temporary(op.path, op.seq)
             try:
                 found = await self.side.stat(op.path)
@@ -140,7 +144,7 @@ class ContentReplay:
                 log.warning("could not look at %r, perhaps left by an upload before a crash: %s",
                             op.path, exc)
                 found = None
-            if found is not None and landed_before(mark, found):
+            if found is not None and landed_before(marks, found):
                 landed = found
         if landed is not None and created:
             log.info("removing %r: the upload of a file deleted here since had landed before a crash",
@@ -168,9 +172,9 @@ class ContentReplay:
     async def _replay_checked(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int:
         """``replay`` of content whose checksum is ``digest``: every upload of it is
         checked against it as it is sent (``ContentDamaged``, ``LocalGone``)."""
-        # Was an upload of this entry started before (a crash or a cut connection since)?
-        # Then (size, mtime) of what it was sending.
-        earlier = self.store.upload_mark(op.seq)
+        # Were uploads of this entry started before (a crash or a cut connection since)?
+        # Then (size, mtime) of what each was sending.
+        earlier = self.store.upload_marks(op.seq)
         done = await self._changed_in_place(op, node, gen, digest, created)
         if done is not None:
             return done
@@ -186,11 +190,11 @@ class ContentReplay:
             if not created and node.base is not None:
                 conflict = record(op, "deleted-remote-changed-local")
         elif created or remote.version() != node.base:
-            ours = landed_before(earlier, remote)
+            landed = landed_before(earlier, remote)
             # Our older upload is there but the file changed here since: send it again.
-            if not (ours and earlier is not None and (
-                    node.size != earlier[0] or not _same_second(node.mtime_ns, earlier[1]))):
-                return await self._theirs_or_ours(op, node, remote, gen, ours)
+            if not (landed is not None and (
+                    node.size != landed[0] or not _same_second(node.mtime_ns, landed[1]))):
+                return await self._theirs_or_ours(op, node, remote, gen, landed is not None)
         return await self._send(op, node, gen, conflict)
 
     async def _changed_in_place(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int | None:

@@ -166,25 +166,25 @@ class Replayer:
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
                                  self.store.produced, self.side.remote.capabilities.exclusive_create)
         for op in dropped:
-            if op.kind in CONTENT_OPS and (mark := self.store.upload_mark(op.seq)) is not None:
+            if op.kind in CONTENT_OPS and (marks := self.store.upload_marks(op.seq)):
                 await self.side.remove_temporary(op.path, op.seq)
-                await self._remove_landed(op, mark)
+                await self._remove_landed(op, marks)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
 
-    async def _remove_landed(self, op: Op, mark: tuple[int, int]) -> None:
+    async def _remove_landed(self, op: Op, marks: list[tuple[int, int]]) -> None:
         """An upload of dropped entry ``op`` may have landed under its name, the kill or
         cut coming before the entry was marked done (its object was deleted here since,
         so nothing else would take it away, and the name's next user here would meet it
         as a change of the server's: a false conflict). It is ours if its size and mtime
-        are the mark's, as the replay of a kept entry tells (``landed_before``)."""
+        are a mark's, as the replay of a kept entry tells (``landed_before``)."""
         try:
             found = await self.side.stat(op.path)
         except RemoteError as exc:  # (never a reason to stop the replay)
             log.warning("could not look at %r, perhaps left by an upload before a crash: %s", op.path, exc)
             return
-        if found is not None and landed_before(mark, found):
+        if found is not None and landed_before(marks, found):
             log.info("removing %r: the upload of a file deleted here since had landed before a crash",
                      op.path)
             await self.side.remove_left(op.path, "the upload of a file deleted here since")
