@@ -534,3 +534,68 @@ def test_a_landed_upload_then_a_second_cut_before_landing_is_still_ours(tmp_path
         trio.run(main)
     finally:
         store.close()
+
+
+def test_a_found_landed_upload_leaves_its_mark_and_the_resend_s_only(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Marks of uploads cut before they landed do not pile up: once the replay finds
+    which upload landed, the entry's marks are that one's and the resend's only (any other
+    one, kept, could later take a change of the server's for ours). The resend is cut
+    (the link goes while it is sent: the remote side's upload fails); the next pass sends
+    the latest version, with no conflict."""
+    from cachefs.errors import Unavailable
+    from cachefs.sync.remote_side import RemoteSide
+
+    share = tmp_path / "share"
+    share.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    conn = Connectivity(LocalRemote(str(share), 10.0))
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
+        cache.write(handle, 0, b"first version")
+        cache.release(handle)
+        await cache.setattr(node.ino, mtime_ns=1_700_000_000_000_000_000)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        first = store.get(node.ino)
+        landed = (first.size, first.mtime_ns)
+        # The first upload landed, then uploads of two other versions were begun and cut.
+        store.transact(lambda t: t.mark_upload(op.seq, *landed))
+        (share / "f").write_bytes(b"first version")
+        os.utime(share / "f", ns=(first.mtime_ns, first.mtime_ns))
+        for i in range(2):
+            store.transact(lambda t, i=i: t.mark_upload(op.seq, 100 + i, 1_700_000_005_000_000_000 + i))
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        cache.write(handle, 0, b"the latest version")
+        cache.release(handle)
+        await cache.setattr(node.ino, mtime_ns=1_700_000_020_000_000_000)
+        await cache.checkpoint()
+        latest = store.get(node.ino)
+        assert len(store.upload_marks(op.seq)) == 3
+
+        async def cut(*args: object, **kwargs: object) -> None:
+            raise Unavailable("the link went while the file was sent")
+
+        monkeypatch.setattr(RemoteSide, "upload", cut)
+        await sync.reintegrate()
+        assert store.upload_marks(op.seq) == [landed, (latest.size, latest.mtime_ns)]
+        assert (share / "f").read_bytes() == b"first version"
+        monkeypatch.undo()
+        await sync.reintegrate()
+        assert sync.pending() == 0
+        assert sync.conflicts() == []
+        assert sorted(os.listdir(share)) == ["f"]
+        assert (share / "f").read_bytes() == b"the latest version"
+        assert store.upload_marks(op.seq) == []
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -29,8 +29,9 @@ Sub-databases (all keys big-endian so cursors iterate in numeric order):
               b"u:" + seq u64 -> JSON [[size, mtime_ns], ...], the marks of the uploads begun
               for that journal entry, oldest first (a retry that finds a remote of one's size
               and mtime knows that upload landed; each is kept, as a later upload cut before
-              it landed leaves an earlier one's there; a cache of before keeps one, [size,
-              mtime_ns]);
+              it landed leaves an earlier one's there; 16 at most, and only the landed
+              one's and the next once the replay has found which landed; a cache of
+              before keeps one, [size, mtime_ns]);
               b"v:" + ino u64 -> JSON [size, mtime_ns, kind], the remote version the replay
               itself produced for the node (later entries compare the remote with it);
               b"pinned" -> JSON list of the pinned roots' inode numbers (``cache.hoard``)
@@ -870,8 +871,8 @@ class Txn:
     def delete_op(self, seq: int) -> None:
         self.txn.delete(journal.key(seq), db=self.store.journal)
 
-    # An upload under way for journal entry ``seq``: after a crash, a remote file with
-    # our size and mtime is recognised as that upload, not as someone else's change.
+    # The uploads under way for journal entry ``seq``: after a crash, a remote file with
+    # the size and mtime of one is recognised as that upload, not as someone else's change.
     def mark_upload(self, seq: int, size: int, mtime_ns: int) -> None:
         """Record (size, mtime) of the content being uploaded for ``seq``, beside the marks
         of uploads begun before for it (one of those may have landed, and this one be cut
@@ -881,6 +882,10 @@ class Txn:
         marks = [mark for mark in _marks(self.store._meta_get(self.txn, key)) if mark != (size, mtime_ns)]
         marks = (marks + [(size, mtime_ns)])[-UPLOAD_MARKS:]
         self.store._meta_put(self.txn, key, json.dumps(marks).encode())
+
+    def keep_upload_marks(self, seq: int, marks: list[tuple[int, int]]) -> None:
+        """The marks of ``seq`` are these only (the replay found which upload landed)."""
+        self.store._meta_put(self.txn, b"u:" + _key(seq), json.dumps(marks[-UPLOAD_MARKS:]).encode())
 
     def clear_upload(self, seq: int) -> None:
         self.txn.delete(b"u:" + _key(seq), db=self.store.meta)
@@ -1015,5 +1020,5 @@ def _marks(data: bytes | None) -> list[tuple[int, int]]:
         if len(value) == 2 and all(isinstance(item, int) for item in value):
             value = [value]  # (one mark, as written before)
         return [(int(size), int(mtime)) for size, mtime in value]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, ArithmeticError):  # (ArithmeticError: 1e999, int(inf))
         return []

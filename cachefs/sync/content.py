@@ -127,7 +127,7 @@ class ContentReplay:
         the journal): nothing to send, the entry ends. But an upload of this entry may
         have begun before a kill or a cut link stopped it (its mark is set): its temporary
         file on the server goes (nothing else would remove it), and it may have landed (the
-        server has a file of the mark's size and mtime under the name): that version is ours.
+        server has a file of a mark's size and mtime under the name): that version is ours.
         Of a file the server had (``store``), it is recorded as the version the replay
         produced, which the unlink or the rename over it then expects (else they took it
         for a change of the server's: a false conflict, a conflict copy or the file kept
@@ -191,10 +191,13 @@ class ContentReplay:
                 conflict = record(op, "deleted-remote-changed-local")
         elif created or remote.version() != node.base:
             landed = landed_before(earlier, remote)
-            # Our older upload is there but the file changed here since: send it again.
-            if not (landed is not None and (
-                    node.size != landed[0] or not _same_second(node.mtime_ns, landed[1]))):
+            if landed is None or (node.size == landed[0] and _same_second(node.mtime_ns, landed[1])):
                 return await self._theirs_or_ours(op, node, remote, gen, landed is not None)
+            # Our older upload is there but the file changed here since: send it again. The
+            # marks are that upload's and this one's from now on: those of uploads cut
+            # before they landed cannot be there, and none is later taken for ours when the
+            # server's file comes to have its size and mtime second.
+            self.store.transact(lambda t: t.keep_upload_marks(op.seq, [landed, (node.size, node.mtime_ns)]))
         return await self._send(op, node, gen, conflict)
 
     async def _changed_in_place(self, op: Op, node: Node, gen: int, digest: bytes, created: bool) -> int | None:
@@ -242,7 +245,7 @@ class ContentReplay:
 
     async def _theirs_or_ours(self, op: Op, node: Node, remote: RemoteStat, gen: int, ours: bool) -> int:
         """The server has another version than expected: ours (the same content, as an
-        upload that landed before a crash left it), an older upload of ours (``ours``: the
+        upload that landed before a crash left it), an older upload of ours (``ours``: a
         mark's size and mtime second, but the file was written here again since, keeping
         both: sent again), or another one (both kept)."""
         if await self.side.same_content(node, op.path, remote):
