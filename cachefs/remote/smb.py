@@ -2215,10 +2215,9 @@ def _kerberos_cache_principal() -> str | None:
 
 def _kerberos_principal(named: str | None) -> str | None:
     """Who a Kerberos login is for: the address's user (``alice``, ``alice@REALM``, its
-    realm in capitals), but
-    not as ``DOMAIN\\alice`` (a NetBIOS domain is no realm, and GSSAPI reads the
-    backslash as an escape: ``DOMAINalice``); None (the cache's own principal) where the
-    address names nobody."""
+    realm in capitals), but not as ``DOMAIN\\alice`` (a NetBIOS domain is no realm, and
+    GSSAPI reads the backslash as an escape: ``DOMAINalice``); None (the cache's own
+    principal) where the address names nobody."""
     if named is None:
         return None
     name = named.rsplit("\\", 1)[-1]
