@@ -10,6 +10,7 @@ import re
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -419,6 +420,36 @@ def test_a_cut_upload_of_a_changed_file_deleted_here_since_leaves_nothing(tmp_pa
         store.close()
 
 
+def _share_and_cache(tmp_path: Path, server_has_f: bool) -> tuple[Path, Store, Connectivity]:
+    """A share (with a file ``f`` of its own, if asked) and a new cache of it."""
+    share = tmp_path / "share"
+    share.mkdir()
+    if server_has_f:
+        (share / "f").write_bytes(b"old content on the server")
+        os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, f"file://{share}")
+    return share, store, Connectivity(LocalRemote(str(share), 10.0))
+
+
+async def _f_written(store: Store, conn: Connectivity, created: bool,
+                     text: bytes) -> tuple[Cache, SyncManager, Any]:
+    """Online, ``f`` written with ``text`` (created here, or the server's emptied first)."""
+    await conn.first_connect()
+    cache = Cache(store, conn, CacheConfig())
+    sync = SyncManager(store, cache, conn)
+    await cache.listdir(ROOT_INO)
+    if created:
+        node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
+    else:
+        node = await cache.lookup(ROOT_INO, b"f")
+        handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+    cache.write(handle, 0, text)
+    cache.release(handle)
+    return cache, sync, node
+
+
 @pytest.mark.parametrize("created", [False, True])
 def test_a_landed_upload_then_a_change_of_same_size_and_second_is_sent_again(tmp_path: Path, created: bool) -> None:
     """A kill came after an upload had landed, before its entry was marked done; the next
@@ -427,28 +458,10 @@ def test_a_landed_upload_then_a_change_of_same_size_and_second_is_sent_again(tmp
     is the older upload of ours, but it is not our content now: it is sent again (never
     taken as landed, which left the server with the older content and the file marked
     synced here: a change lost), and it is no conflict either."""
-    share = tmp_path / "share"
-    share.mkdir()
-    if not created:
-        (share / "f").write_bytes(b"old content on the server")
-        os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
+    share, store, conn = _share_and_cache(tmp_path, server_has_f=not created)
 
     async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        if created:
-            node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
-        else:
-            node = await cache.lookup(ROOT_INO, b"f")
-            handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
-        cache.write(handle, 0, b"first version, ours")
-        cache.release(handle)
+        cache, sync, node = await _f_written(store, conn, created, b"first version, ours")
         await cache.checkpoint()
         [op] = [op for op in store.journal_ops() if op.ino == node.ino]
         first = store.get(node.ino)
@@ -484,28 +497,10 @@ def test_a_landed_upload_then_a_second_cut_before_landing_is_still_ours(tmp_path
     conflict (the crash loop met this: the second mark replaced the first, the landed
     upload looked like a change of the server's, and the latest version became a conflict
     copy beside the first)."""
-    share = tmp_path / "share"
-    share.mkdir()
-    if not created:
-        (share / "f").write_bytes(b"old content on the server")
-        os.utime(share / "f", ns=(1_600_000_000_000_000_000,) * 2)
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
+    share, store, conn = _share_and_cache(tmp_path, server_has_f=not created)
 
     async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        if created:
-            node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
-        else:
-            node = await cache.lookup(ROOT_INO, b"f")
-            handle = await cache.open(node.ino, os.O_WRONLY | os.O_TRUNC)
-        cache.write(handle, 0, b"first version")
-        cache.release(handle)
+        cache, sync, node = await _f_written(store, conn, created, b"first version")
         await cache.setattr(node.ino, mtime_ns=1_700_000_000_000_000_000)
         await cache.checkpoint()
         [op] = [op for op in store.journal_ops() if op.ino == node.ino]
@@ -546,21 +541,10 @@ def test_a_found_landed_upload_leaves_its_mark_and_the_resend_s_only(tmp_path: P
     from cachefs.errors import Unavailable
     from cachefs.sync.remote_side import RemoteSide
 
-    share = tmp_path / "share"
-    share.mkdir()
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir(mode=0o700)
-    store = Store(cache_dir, f"file://{share}")
-    conn = Connectivity(LocalRemote(str(share), 10.0))
+    share, store, conn = _share_and_cache(tmp_path, server_has_f=False)
 
     async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        node, handle = await cache.create(ROOT_INO, b"f", 0o644, os.O_WRONLY)
-        cache.write(handle, 0, b"first version")
-        cache.release(handle)
+        cache, sync, node = await _f_written(store, conn, True, b"first version")
         await cache.setattr(node.ino, mtime_ns=1_700_000_000_000_000_000)
         await cache.checkpoint()
         [op] = [op for op in store.journal_ops() if op.ino == node.ino]
