@@ -352,7 +352,10 @@ def test_a_password_changed_in_its_file_is_answered_to_keyboard_interactive(
         time.sleep(1)
         assert status(mount.mountpoint)["state"] == "online"
         refused = _refusals(mount.log_text()) - before
-    assert 1 <= refused <= connections, (refused, connections)
+    # (at most once per connection, plus one: this test sshd now and then refuses one of
+    # several logins made side by side with the right answer, as at mount (``_settled``):
+    # CI on f14b9d3 counted 6 for 5 connections; a refusal loop would count many more)
+    assert 1 <= refused <= connections + 1, (refused, connections)
 
 
 def test_a_password_file_others_may_read_now_is_said_in_the_log(
