@@ -880,8 +880,7 @@ class Txn:
         server's, and kept the latest version as a conflict copy)."""
         key = b"u:" + _key(seq)
         marks = [mark for mark in _marks(self.store._meta_get(self.txn, key)) if mark != (size, mtime_ns)]
-        marks = (marks + [(size, mtime_ns)])[-UPLOAD_MARKS:]
-        self.store._meta_put(self.txn, key, json.dumps(marks).encode())
+        self.keep_upload_marks(seq, marks + [(size, mtime_ns)])
 
     def keep_upload_marks(self, seq: int, marks: list[tuple[int, int]]) -> None:
         """The marks of ``seq`` are these only (the replay found which upload landed)."""
