@@ -17,10 +17,13 @@ import trio
 
 from cachefs.cache.cache import Cache, CacheConfig
 from cachefs.store.index import ROOT_INO, Store
+from cachefs.remote.dav import DavRemote
 from cachefs.remote.local import LocalRemote
 from cachefs.link.connectivity import Connectivity
 from cachefs.sync.manager import SyncManager
 from cachefs.sync.naming import temp_name
+from cachefs.sync.remote_side import RemoteSide
+from devtools.davserver import DavServer
 
 
 class PausingRemote(LocalRemote):
@@ -354,6 +357,57 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path:
         trio.run(main)
     finally:
         store.close()
+
+
+def test_a_landed_upload_changed_there_while_looked_at_stays(tmp_path: Path, share: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the ``landed`` case above, on a WebDAV server, whose removals can be made
+    conditional: another client rewrites the file there between the replay's look (which
+    found our landed upload) and its removal. The removal is of the version looked at only
+    (``unlink_if``): theirs stays. (It was removed unconditionally: their change lost.)"""
+    server = DavServer(tmp_path / "davd", share=share)
+    server.start()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    store = Store(cache_dir, server.address())
+    conn = Connectivity(DavRemote(server.host, "/", port=server.port, user=server.user,
+                                  password=server.password, timeout=5.0))
+    mtime_ns = 1_700_000_000_000_000_000
+    looked = RemoteSide.stat
+
+    async def look_then_theirs(side: RemoteSide, path: bytes) -> Any:
+        found = await looked(side, path)
+        if path == b"g1" and found is not None and found.size == 7:  # (our landed upload)
+            (share / "g1").write_bytes(b"theirs, written just now")
+        return found
+
+    async def main() -> None:
+        await conn.first_connect()
+        cache = Cache(store, conn, CacheConfig())
+        sync = SyncManager(store, cache, conn)
+        await cache.listdir(ROOT_INO)
+        node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
+        cache.write(handle, 0, b"content")
+        cache.release(handle)
+        await cache.checkpoint()
+        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+        store.transact(lambda t: t.mark_upload(op.seq, 7, mtime_ns))
+        (share / "g1").write_bytes(b"content")  # our upload, landed before the kill
+        os.utime(share / "g1", ns=(mtime_ns, mtime_ns))
+        await cache.unlink(ROOT_INO, b"g1")
+        monkeypatch.setattr(RemoteSide, "stat", look_then_theirs)
+        await sync.reintegrate()
+        monkeypatch.setattr(RemoteSide, "stat", looked)
+        assert sync.pending() == 0
+        assert (share / "g1").read_bytes() == b"theirs, written just now"
+        assert store.upload_mark(op.seq) is None
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+        conn.remote.close()
+        server.stop()
 
 
 @pytest.mark.parametrize("left", ["landed", "temporary"])

@@ -134,25 +134,28 @@ class ContentReplay:
         there). Of a file created here, nothing else would remove it: it goes now."""
         if created:
             self.ledger.gone.add(op.ino)
-        marks = self.store.upload_marks(op.seq)
-        landed: RemoteStat | None = None
-        if marks:
-            await self.side.remove_temporary(op.path, op.seq)
-            try:
-                found = await self.side.stat(op.path)
-            except RemoteError as exc:  # (never a reason to stop the replay)
-                log.warning("could not look at %r, perhaps left by an upload before a crash: %s",
-                            op.path, exc)
-                found = None
-            if found is not None and landed_before(marks, found):
-                landed = found
+        landed = await self.left_by_cut_upload(op)
         if landed is not None and created:
-            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
-                     op.path)
-            await self.side.remove_left(op.path, "the upload of a file deleted here since")
+            await self.side.remove_landed(op.path, landed)
             landed = None
         version = landed.version() if landed is not None else None
         self.ledger.finish(op, None if version is None else (lambda t: t.set_produced(op.ino, version)))
+
+    async def left_by_cut_upload(self, op: Op) -> RemoteStat | None:
+        """Where an upload of entry ``op`` began (its mark is set) and a kill or a cut link
+        stopped it: its temporary file on the server removed, and the file under its name
+        if it is that upload landed (a mark's size and mtime: ``landed_before``), else
+        None. A failed look is logged, never a reason to stop the replay."""
+        marks = self.store.upload_marks(op.seq)
+        if not marks:
+            return None
+        await self.side.remove_temporary(op.path, op.seq)
+        try:
+            found = await self.side.stat(op.path)
+        except RemoteError as exc:
+            log.warning("could not look at %r, perhaps left by an upload before a crash: %s", op.path, exc)
+            return None
+        return found if found is not None and landed_before(marks, found) else None
 
     async def _check_failed(self, op: Op, gen: int, created: bool, exc: Exception) -> int:
         """An upload stopped by its check: the file was deleted or written meanwhile, or

@@ -80,6 +80,19 @@ class RemoteSide:
             if exc.errno != errno.ENOENT:
                 log.warning("could not remove %r (%s): %s", path, what, exc)
 
+    async def remove_landed(self, path: bytes, found: RemoteStat) -> None:
+        """Remove ``found``, our upload that landed at ``path`` before a crash (its file
+        deleted here since), only while it is still that version (``unlink_if``): a
+        version written there since stays. Never a reason to stop the replay."""
+        log.info("removing %r: the upload of a file deleted here since had landed before a crash", path)
+        try:
+            await self.conn.call(self.remote.unlink_if, path, found.version())
+        except RemoteError as exc:
+            if exc.errno == errno.ESTALE:
+                log.info("left %r: it changed on the server since it was looked at", path)
+            elif exc.errno != errno.ENOENT:
+                log.warning("could not remove %r (the upload of a file deleted here since): %s", path, exc)
+
     async def make_parents(self, path: bytes) -> bool:
         """Re-create missing folders above ``path``; True if any was missing."""
         parts = path.split(b"/")[:-1]

@@ -40,7 +40,7 @@ from ..store.crypto import RecordError
 from ..store.index import ORPHAN, OWNER_DIRTY, Store, Txn, index_damaged
 from ..store.journal import CONTENT_OPS, Op, folder_times_last, optimise, remains_of_deleted
 from .conflicts import Conflicts, Record, record
-from .content import ContentReplay, landed_before
+from .content import ContentReplay
 from .ledger import Ledger
 from .ordering import batches
 from .remote_side import RemoteSide
@@ -152,8 +152,8 @@ class Replayer:
         """The journal optimised (the rewrite stored), in replay order. An entry dropped
         whose upload had begun (a kill or a cut link stopped it; the object was deleted
         here since) first has its temporary file on the server removed, and the file
-        itself where that upload had landed (``_remove_landed``): nothing else would ever
-        remove them (its mark goes with the entry)."""
+        itself where that upload had landed (``ContentReplay.left_by_cut_upload``): nothing
+        else would ever remove them (its mark goes with the entry)."""
         alive, folders = set(), set()
         for ino in {op.ino for op in ops}:
             node = self.store.get(ino)
@@ -166,28 +166,13 @@ class Replayer:
         kept, dropped = optimise(ops, alive, lambda seq: self.store.upload_mark(seq) is not None,
                                  self.store.produced, self.side.remote.capabilities.exclusive_create)
         for op in dropped:
-            if op.kind in CONTENT_OPS and (marks := self.store.upload_marks(op.seq)):
-                await self.side.remove_temporary(op.path, op.seq)
-                await self._remove_landed(op, marks)
+            if op.kind in CONTENT_OPS and (landed := await self.content.left_by_cut_upload(op)) is not None:
+                # (its object was deleted here since: nothing else would take it away, and
+                # the name's next user here would meet it as a change of the server's)
+                await self.side.remove_landed(op.path, landed)
         if dropped or len(kept) != len(ops) or any(a is not b for a, b in zip(kept, ops)):
             self._rewrite(ops, kept, dropped)
         return folder_times_last(kept, folders)  # (a folder's times land after its contents)
-
-    async def _remove_landed(self, op: Op, marks: list[tuple[int, int]]) -> None:
-        """An upload of dropped entry ``op`` may have landed under its name, the kill or
-        cut coming before the entry was marked done (its object was deleted here since,
-        so nothing else would take it away, and the name's next user here would meet it
-        as a change of the server's: a false conflict). It is ours if its size and mtime
-        are a mark's, as the replay of a kept entry tells (``landed_before``)."""
-        try:
-            found = await self.side.stat(op.path)
-        except RemoteError as exc:  # (never a reason to stop the replay)
-            log.warning("could not look at %r, perhaps left by an upload before a crash: %s", op.path, exc)
-            return
-        if found is not None and landed_before(marks, found):
-            log.info("removing %r: the upload of a file deleted here since had landed before a crash",
-                     op.path)
-            await self.side.remove_left(op.path, "the upload of a file deleted here since")
 
     async def _replay_batches(self, batches: list[list[Op]]) -> str | None:
         """Each batch in turn; why the pass stopped, or None."""
