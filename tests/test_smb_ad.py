@@ -131,14 +131,14 @@ def test_without_a_ticket_the_password_logs_in(dc: AdDc, login: Login, tmp_path:
 
 @pytest.mark.parametrize("ticket", [True, False], ids=["ticket", "password"])
 def test_the_user_as_windows_writes_it(dc: AdDc, login: Login, tmp_path: Path, ticket: bool) -> None:
-    """``CACHEFSAD\\alice`` (the NetBIOS domain, as Windows shows a user) and
-    ``alice@ad.cachefs.test`` (the user principal name, the domain in small letters) are
-    the one domain user, with a ticket (for ``alice@AD.CACHEFS.TEST``) and with the
-    password."""
+    """``CACHEFSAD\\alice`` (the NetBIOS domain, as Windows shows a user),
+    ``alice@ad.cachefs.test`` (the user principal name, the domain in small letters) and
+    ``Alice`` (AD's names know no case: Windows takes any) are the one domain user, with a
+    ticket (for ``alice@AD.CACHEFS.TEST``) and with the password."""
     (dc.share / "doc.txt").write_bytes(b"x")
     if ticket:
         login.kinit()
-    for form in (f"{dc.domain}%5C{dc.user}", f"{dc.user}%40{dc.realm.lower()}"):
+    for form in (f"{dc.domain}%5C{dc.user}", f"{dc.user}%40{dc.realm.lower()}", dc.user.capitalize()):
         start = len(dc.log_text())
         with Mount(dc.address(user=form), tmp_path / "mnt", tmp_path / f"cache-{form}",
                    *([] if ticket else dc.mount_args()), env=login.env()) as mount:

@@ -999,7 +999,7 @@ class SmbRemote(Remote):
         kerberos_unreachable = False  # (the KDC could not be asked: the mount waits for it)
         cache_principal = _kerberos_cache_principal()
         if cache_principal is not None:
-            principal = _kerberos_principal(self._named_user)
+            principal = _kerberos_principal(self._named_user, cache_principal)
             deadline = time.monotonic() + self.timeout
             # (the server first: one that cannot be reached leaves the mount offline, as
             # with a password, whatever the KDC says)
@@ -2213,15 +2213,35 @@ def _kerberos_cache_principal() -> str | None:
     return name.decode("utf-8", "replace")
 
 
-def _kerberos_principal(named: str | None) -> str | None:
+def _kerberos_principal(named: str | None, cached: str | None = None) -> str | None:
     """Who a Kerberos login is for: the address's user (``alice``, ``alice@REALM``, its
     realm in capitals), but not as ``DOMAIN\\alice`` (a NetBIOS domain is no realm, and
     GSSAPI reads the backslash as an escape: ``DOMAINalice``); None (the cache's own
-    principal) where the address names nobody."""
+    principal) where the address names nobody. The cache's principal ``cached`` as it is
+    spelt there where the address's user is that one but for case (``Alice`` with a ticket
+    for ``alice@AD.EXAMPLE``: AD's names know no case, and Windows takes any; GSSAPI looks
+    the name up as written and found no ticket)."""
     if named is None:
         return None
     name = named.rsplit("\\", 1)[-1]
     if "@" in name:  # (a realm is written in capitals, AD's its DNS domain's: alice@corp.example)
         user, realm = name.rsplit("@", 1)
         name = f"{user}@{realm.upper()}"
+    if cached is not None and name != cached:
+        full = _full_principal(name)
+        if full != cached and full.casefold() == cached.casefold():
+            return cached
     return name
+
+
+def _full_principal(name: str) -> str:
+    """``name`` with its realm (the default realm where it has none), as Kerberos writes
+    it; ``name`` itself where the libraries cannot say."""
+    import krb5
+
+    try:
+        context = krb5.init_context()
+        full: bytes = krb5.unparse_name_flags(context, krb5.parse_name_flags(context, name.encode("utf-8")))
+    except Exception:  # (krb5.Krb5Error: no default realm, a name it cannot parse)
+        return name
+    return full.decode("utf-8", "replace")
