@@ -44,13 +44,13 @@ import glob
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from devtools.devserver import ServerProcess, _free_port, log_tail
+from devtools.kdc import RealmClient, _find
 
 REALM = "AD.CACHEFS.TEST"
 DNS_DOMAIN = REALM.lower()
@@ -64,17 +64,6 @@ START_TIMEOUT = 30.0
 SETUP_DIR = "/usr/share/samba/setup"  # provisioning's schema and templates
 
 
-def _find(program: str, package: str) -> str:
-    for folder in ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"):
-        candidate = os.path.join(folder, program)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which(program)
-    if found:
-        return found
-    raise FileNotFoundError(f"{program} not found (Debian package {package})")
-
-
 def _nss_wrapper() -> str:
     for candidate in sorted(glob.glob("/usr/lib/*/libnss_wrapper.so")) + ["/usr/lib/libnss_wrapper.so"]:
         if os.path.exists(candidate):
@@ -82,7 +71,7 @@ def _nss_wrapper() -> str:
     raise FileNotFoundError("libnss_wrapper.so not found (Debian package libnss-wrapper)")
 
 
-class AdDc(ServerProcess):
+class AdDc(ServerProcess, RealmClient):
     """A throw-away Samba AD DC for the realm ``REALM``: its KDC on
     ``127.0.0.1:kdc_port``, its file server on ``127.0.0.1:port`` sharing ``share`` as
     ``\\\\localhost\\cachefs``, one domain user ``user`` with ``password`` (also in
@@ -116,44 +105,20 @@ class AdDc(ServerProcess):
         self._samba = _find("samba", "samba")
         self._samba_tool = _find("samba-tool", "samba-common-bin")
         _find("winbindd", "winbind, which samba-ad-dc brings")
-        self._kinit = _find("kinit", "krb5-user")
-        self._kdestroy = _find("kdestroy", "krb5-user")
+        self._client_tools()
         self._nss_wrapper = _nss_wrapper()
         if not os.path.isdir(SETUP_DIR):
             raise FileNotFoundError(f"{SETUP_DIR} not found (Debian package samba-ad-provision)")
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.password + "\n")
-        self._write_krb5_config()
+        self._write_krb5_config(self.kdc_port, [f".{DNS_DOMAIN}", SERVICE_HOST], self.kpasswd_port)
         started = time.monotonic()
         self._provision()
         #: seconds the provisioning took (the domain, the user, the alias's SPN)
         self.provision_seconds = time.monotonic() - started
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {"KRB5_CONFIG": str(self.krb5_config)}
-
     # -- setup ----------------------------------------------------------------------
-    def _write_krb5_config(self) -> None:
-        self.krb5_config.write_text("\n".join([
-            "[libdefaults]",
-            f" default_realm = {self.realm}",
-            " dns_lookup_kdc = false",
-            " dns_lookup_realm = false",
-            " rdns = false",
-            " dns_canonicalize_hostname = false",
-            "[realms]",
-            f" {self.realm} = {{",
-            f"  kdc = {self.host}:{self.kdc_port}",
-            f"  kpasswd_server = {self.host}:{self.kpasswd_port}",
-            " }",
-            "[domain_realm]",
-            f" .{DNS_DOMAIN} = {self.realm}",
-            f" {SERVICE_HOST} = {self.realm}",
-            "",
-        ]))
-
     def _provision(self) -> None:
         # (an empty configuration to start from: else provisioning copies the system
         # smb.conf's globals into the domain's)
@@ -239,21 +204,6 @@ class AdDc(ServerProcess):
         """Another domain user; returns its principal."""
         self._tool("user", "create", name, password)
         return f"{name}@{self.realm}"
-
-    def kinit(self, principal: str, password: str, cache: Path) -> str:
-        """A ticket-granting ticket for ``principal`` from the DC's KDC, in the credential
-        cache ``cache``; returns the ``KRB5CCNAME`` value naming it."""
-        name = f"FILE:{cache}"
-        result = subprocess.run([self._kinit, principal], input=(password + "\n").encode(),
-                                capture_output=True, timeout=30,
-                                env=dict(os.environ, **self.env, KRB5CCNAME=name))
-        if result.returncode != 0:
-            raise RuntimeError(f"kinit {principal} failed: {result.stderr.decode(errors='replace').strip()}")
-        return name
-
-    def kdestroy(self, cache: str) -> None:
-        subprocess.run([self._kdestroy, "-c", cache], capture_output=True, timeout=30,
-                       env=dict(os.environ, **self.env))
 
     def log_text(self) -> str:
         try:

@@ -327,24 +327,9 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path:
     cache_dir.mkdir(mode=0o700)
     store = Store(cache_dir, f"file://{share}")
     conn = Connectivity(LocalRemote(str(share), 10.0))
-    mtime_ns = 1_700_000_000_000_000_000
 
     async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
-        cache.write(handle, 0, b"content")
-        cache.release(handle)
-        await cache.checkpoint()
-        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
-        # What the cut upload left: its mark here, its temporary file or the file there.
-        store.transact(lambda t: t.mark_upload(op.seq, 7, mtime_ns))
-        there = share / (temp_name(b"g1", op.seq, sync.client).decode() if left == "temporary" else "g1")
-        there.write_bytes(b"theirs!!" if left == "theirs" else b"content")
-        os.utime(there, ns=(mtime_ns, mtime_ns))
-        await cache.unlink(ROOT_INO, b"g1")
+        sync, op = await _g1_cut_then_deleted_here(store, conn, share, left)
         await sync.reintegrate()
         assert sync.pending() == 0
         if left == "theirs":
@@ -357,6 +342,30 @@ def test_an_upload_cut_before_its_file_was_deleted_here_leaves_nothing(tmp_path:
         trio.run(main)
     finally:
         store.close()
+
+
+async def _g1_cut_then_deleted_here(store: Store, conn: Connectivity, share: Path,
+                                    left: str) -> tuple[SyncManager, Any]:
+    """A file ``g1`` of 7 bytes created here, its upload cut by a kill (its mark set), then
+    deleted here: the sync manager and its create entry. What the cut upload ``left`` on
+    the server: its ``temporary`` file, the file ``landed`` under its name, or a file there
+    that is ``theirs`` (another size and mtime)."""
+    mtime_ns = 1_700_000_000_000_000_000
+    await conn.first_connect()
+    cache = Cache(store, conn, CacheConfig())
+    sync = SyncManager(store, cache, conn)
+    await cache.listdir(ROOT_INO)
+    node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
+    cache.write(handle, 0, b"content")
+    cache.release(handle)
+    await cache.checkpoint()
+    [op] = [op for op in store.journal_ops() if op.ino == node.ino]
+    store.transact(lambda t: t.mark_upload(op.seq, 7, mtime_ns))
+    there = share / (temp_name(b"g1", op.seq, sync.client).decode() if left == "temporary" else "g1")
+    there.write_bytes(b"theirs!!" if left == "theirs" else b"content")
+    os.utime(there, ns=(mtime_ns, mtime_ns))
+    await cache.unlink(ROOT_INO, b"g1")
+    return sync, op
 
 
 def test_a_landed_upload_changed_there_while_looked_at_stays(tmp_path: Path, share: Path,
@@ -372,7 +381,6 @@ def test_a_landed_upload_changed_there_while_looked_at_stays(tmp_path: Path, sha
     store = Store(cache_dir, server.address())
     conn = Connectivity(DavRemote(server.host, "/", port=server.port, user=server.user,
                                   password=server.password, timeout=5.0))
-    mtime_ns = 1_700_000_000_000_000_000
     looked = RemoteSide.stat
 
     async def look_then_theirs(side: RemoteSide, path: bytes) -> Any:
@@ -382,19 +390,7 @@ def test_a_landed_upload_changed_there_while_looked_at_stays(tmp_path: Path, sha
         return found
 
     async def main() -> None:
-        await conn.first_connect()
-        cache = Cache(store, conn, CacheConfig())
-        sync = SyncManager(store, cache, conn)
-        await cache.listdir(ROOT_INO)
-        node, handle = await cache.create(ROOT_INO, b"g1", 0o644, os.O_WRONLY)
-        cache.write(handle, 0, b"content")
-        cache.release(handle)
-        await cache.checkpoint()
-        [op] = [op for op in store.journal_ops() if op.ino == node.ino]
-        store.transact(lambda t: t.mark_upload(op.seq, 7, mtime_ns))
-        (share / "g1").write_bytes(b"content")  # our upload, landed before the kill
-        os.utime(share / "g1", ns=(mtime_ns, mtime_ns))
-        await cache.unlink(ROOT_INO, b"g1")
+        sync, op = await _g1_cut_then_deleted_here(store, conn, share, "landed")
         monkeypatch.setattr(RemoteSide, "stat", look_then_theirs)
         await sync.reintegrate()
         monkeypatch.setattr(RemoteSide, "stat", looked)

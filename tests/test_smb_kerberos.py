@@ -208,7 +208,7 @@ def test_the_cache_krb5_conf_names_and_a_domain_user(kerberos_smbd: SmbServer, r
     KCM:) is used; and an address naming the user as DOMAIN\\user logs in as user, one
     naming user@domain as user@DOMAIN (a realm is written in capitals)."""
     (share / "doc.txt").write_bytes(b"x")
-    config = realm.kdc.config
+    config = realm.kdc.krb5_config
     config.write_text(config.read_text().replace("[libdefaults]\n",
                                                  f"[libdefaults]\n default_ccache_name = FILE:{realm.cache}\n"))
     realm.kinit()
