@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from devtools.addc import AdDc
-from tests.fixtures.mount import Mount
+from tests.fixtures.mount import Mount, MountError
 from tests.test_writes import sync_until_done
 
 pytest.importorskip("gssapi", reason="python-gssapi is not installed (the test extra brings it)")
@@ -147,3 +147,31 @@ def test_the_user_as_windows_writes_it(dc: AdDc, login: Login, tmp_path: Path, t
         log = dc.log_text()[start:]
         assert dc.logins(log, "krb5" if ticket else "NTLMSSP"), (form, log[-3000:])
         assert not dc.logins(log, "NTLMSSP" if ticket else "krb5"), form
+
+
+def test_a_ticket_of_another_user_whose_name_folds_alike_is_not_used(dc: AdDc, login: Login,
+                                                                      tmp_path: Path) -> None:
+    """``straße`` and ``strasse`` are two domain users (the DC makes both: AD's names ignore
+    case one letter for one letter, and ß is no ss). A mount whose address names
+    ``straße``, with only a ticket of ``strasse`` in the cache, must not log in as
+    ``strasse``: ``_kerberos_principal`` compares names by Python's ``casefold`` (full
+    case folding: ß -> ss, the Kelvin sign -> k, ſ -> s), which made them one. (Before
+    dcf77bf: "Can't find client principal straße@...", no login.)"""
+    for name in ("strasse", "straße"):
+        try:
+            dc.add_user(name, "Pw-Strasse-1a!")
+        except Exception as exc:  # (made by an earlier test of this module's DC)
+            if "already exists" not in str(exc):
+                raise
+    dc.kinit(f"strasse@{dc.realm}", "Pw-Strasse-1a!", login.cache)
+    (dc.share / "doc.txt").write_bytes(b"x")
+    start = len(dc.log_text())
+    try:
+        with Mount(dc.address(user="stra%C3%9Fe"), tmp_path / "mnt", tmp_path / "cache", env=login.env()):
+            (tmp_path / "mnt" / "doc.txt").read_bytes()
+    except MountError:
+        pass  # (no password for straße: no login at all is right)
+    log = dc.log_text()[start:]
+    wrong = re.escape(f"[{dc.domain}]\\[strasse]")
+    assert not re.search(rf"Successful AuthZ: \[SMB2,krb5\] user {wrong} ", log), \
+        "logged in as strasse (the cache's ticket) although the address names straße"
