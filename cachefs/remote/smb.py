@@ -2229,9 +2229,18 @@ def _kerberos_principal(named: str | None, cached: str | None = None) -> str | N
         name = f"{user}@{realm.upper()}"
     if cached is not None and name != cached:
         full = _full_principal(name)
-        if full != cached and full.casefold() == cached.casefold():
+        if full != cached and _same_but_case(full, cached):
             return cached
     return name
+
+
+def _same_but_case(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ in the case of letters only, one letter for one
+    letter as AD compares names (``Alice``, ``alice``; ``Müller``, ``MÜLLER``): never by
+    ``str.casefold``'s full folding, which makes other users' names one (``straße`` and
+    ``strasse``, the Kelvin sign and ``k``, ``ſ`` and ``s``: each pair two accounts)."""
+    return len(a) == len(b) and all(x == y or (x.lower() == y.lower() and x.upper() == y.upper())
+                                    for x, y in zip(a, b))
 
 
 def _full_principal(name: str) -> str:
