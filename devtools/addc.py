@@ -49,7 +49,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from devtools.devserver import ServerProcess, _free_port, log_tail
+from devtools.devserver import ServerProcess, _free_port, log_tail, write_private
 from devtools.kdc import RealmClient, _find
 
 REALM = "AD.CACHEFS.TEST"
@@ -109,9 +109,7 @@ class AdDc(ServerProcess, RealmClient):
         self._nss_wrapper = _nss_wrapper()
         if not os.path.isdir(SETUP_DIR):
             raise FileNotFoundError(f"{SETUP_DIR} not found (Debian package samba-ad-provision)")
-        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.password + "\n")
+        write_private(self.password_file, self.password + "\n")
         self._write_krb5_config(self.kdc_port, [f".{DNS_DOMAIN}", SERVICE_HOST], self.kpasswd_port)
         started = time.monotonic()
         self._provision()
@@ -129,7 +127,7 @@ class AdDc(ServerProcess, RealmClient):
                    f"--host-name={NETBIOS_NAME.lower()}", "--server-role=dc", "--dns-backend=NONE",
                    f"--host-ip={self.host}", f"--adminpass=Adm-{secrets.token_urlsafe(12)}"])
         self._write_config()
-        self._tool("user", "create", self.user, self.password)
+        self.add_user(self.user, self.password)
         self._tool("spn", "add", f"cifs/{SERVICE_HOST}", f"{NETBIOS_NAME}$")
 
     def _write_config(self) -> None:

@@ -58,7 +58,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-from .devserver import ServerProcess, _free_port
+from .devserver import ServerProcess, _free_port, write_private
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,7 @@ class DavServer(ServerProcess):
 
     # -- setup ----------------------------------------------------------------------
     def _write_password(self) -> None:
-        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.password + "\n")
+        write_private(self.password_file, self.password + "\n")
         # {SHA}: cheap to check on every request (a bcrypt hash would cost each request a
         # few milliseconds of CPU, and the benchmarks measure requests); a test password
         if self.auth == "digest":  # (htdigest's format)

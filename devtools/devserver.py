@@ -57,6 +57,14 @@ def log_tail(folder: Path, names: tuple[str, ...], size: int = 1500) -> str:
     return text.strip() or "(no output)"
 
 
+def write_private(path: Path, text: str) -> None:
+    """``text`` as the whole of ``path``, a file only its owner may read (0600 from its
+    creation on): a test server's password file, which cachefs refuses otherwise."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from devtools.devserver import ServerProcess, _free_port, log_tail
+from devtools.devserver import ServerProcess, _free_port, log_tail, write_private
 from devtools.kdc import Kdc
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ class SmbServer(ServerProcess):
         self.kdc = kdc
         if kdc is not None:
             kdc.add_service("cifs/localhost", self.workdir / "smb.keytab")
-        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.password + "\n")
+        write_private(self.password_file, self.password + "\n")
         self._write_config()
         self._add_user()
 

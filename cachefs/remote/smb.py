@@ -2202,13 +2202,19 @@ def _kerberos_cache_principal() -> str | None:
     there and it holds any: None says a Kerberos login cannot be tried."""
     if not _kerberos_installed():
         return None
+    # (no cache, an empty or unreadable one: None)
+    return _krb5_name(lambda krb5, context: krb5.cc_get_principal(context, krb5.cc_default(context)))
+
+
+def _krb5_name(principal_of: Callable[[Any, Any], Any]) -> str | None:
+    """The principal ``principal_of(krb5, context)`` gives, as Kerberos writes it; None
+    where the libraries cannot say (``krb5.Krb5Error``)."""
     import krb5
 
     try:
         context = krb5.init_context()
-        principal = krb5.cc_get_principal(context, krb5.cc_default(context))
-        name: bytes = krb5.unparse_name_flags(context, principal)
-    except Exception:  # (krb5.Krb5Error: no cache, an empty or unreadable one)
+        name: bytes = krb5.unparse_name_flags(context, principal_of(krb5, context))
+    except Exception:
         return None
     return name.decode("utf-8", "replace")
 
@@ -2245,12 +2251,6 @@ def _same_but_case(a: str, b: str) -> bool:
 
 def _full_principal(name: str) -> str:
     """``name`` with its realm (the default realm where it has none), as Kerberos writes
-    it; ``name`` itself where the libraries cannot say."""
-    import krb5
-
-    try:
-        context = krb5.init_context()
-        full: bytes = krb5.unparse_name_flags(context, krb5.parse_name_flags(context, name.encode("utf-8")))
-    except Exception:  # (krb5.Krb5Error: no default realm, a name it cannot parse)
-        return name
-    return full.decode("utf-8", "replace")
+    it; ``name`` itself where the libraries cannot say (no default realm, a name they
+    cannot parse)."""
+    return _krb5_name(lambda krb5, context: krb5.parse_name_flags(context, name.encode("utf-8"))) or name

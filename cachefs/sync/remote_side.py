@@ -71,27 +71,27 @@ class RemoteSide:
         await self.remove_left(join(path.rpartition(b"/")[0], self.temp_name(path, seq)),
                                "the temporary file of a cut upload")
 
-    async def remove_left(self, path: bytes, what: str) -> None:
+    async def remove_left(self, path: bytes, what: str, found: RemoteStat | None = None) -> None:
         """Remove ``path``, ``what`` an upload cut by a crash left on the server: gone
-        already is fine, and a refusal is logged, never a reason to stop the replay."""
+        already is fine, and a refusal is logged, never a reason to stop the replay.
+        ``found``: only while it is still that version (``unlink_if``; a version written
+        there since stays)."""
         try:
-            await self.conn.call(self.remote.unlink, path)
+            if found is None:
+                await self.conn.call(self.remote.unlink, path)
+            else:
+                await self.conn.call(self.remote.unlink_if, path, found.version())
         except RemoteError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno == errno.ESTALE and found is not None:
+                log.info("left %r (%s): it changed on the server since it was looked at", path, what)
+            elif exc.errno != errno.ENOENT:
                 log.warning("could not remove %r (%s): %s", path, what, exc)
 
     async def remove_landed(self, path: bytes, found: RemoteStat) -> None:
         """Remove ``found``, our upload that landed at ``path`` before a crash (its file
-        deleted here since), only while it is still that version (``unlink_if``): a
-        version written there since stays. Never a reason to stop the replay."""
+        deleted here since), only while it is still that version."""
         log.info("removing %r: the upload of a file deleted here since had landed before a crash", path)
-        try:
-            await self.conn.call(self.remote.unlink_if, path, found.version())
-        except RemoteError as exc:
-            if exc.errno == errno.ESTALE:
-                log.info("left %r: it changed on the server since it was looked at", path)
-            elif exc.errno != errno.ENOENT:
-                log.warning("could not remove %r (the upload of a file deleted here since): %s", path, exc)
+        await self.remove_left(path, "the upload of a file deleted here since", found)
 
     async def make_parents(self, path: bytes) -> bool:
         """Re-create missing folders above ``path``; True if any was missing."""
